@@ -1,0 +1,189 @@
+"""The client side: register definitions, start instances, read, list, cancel and wait for them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+from . import payloads, transition
+from .definitions import register
+from .errors import Compacted, ConflictError, NotFound, StoreUnavailable
+from .graph import Graph
+from .keys import Keys, WorkInfo
+from .records import (
+    STATUSES,
+    HistoryEntry,
+    Instance,
+    dump_instance,
+    load_history,
+    load_instance,
+    new_id,
+    public_record,
+)
+from .store import Compare, Delete, Put, Store, Txn, prefix_end
+
+log = logging.getLogger(__name__)
+
+SUBMIT_BATCH = 64
+
+
+class Client:
+    def __init__(self, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time):
+        self.store = store
+        self.keys = keys or Keys()
+        self.wall = wall
+
+    async def register(self, graph: Graph) -> None:
+        await register(self.store, self.keys, graph)
+
+    def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str) -> Txn:
+        inst = transition.start(graph, instance_id, payload, self.wall())
+        key = self.keys.instance(instance_id)
+        ops: list = [Put(key, dump_instance(inst))]
+        for token in inst.tokens.values():
+            info = WorkInfo(graph.machine, graph.digest, token.state, token.not_before)
+            ops.append(Put(self.keys.work(instance_id, token.id), info.dump()))
+        return Txn([Compare.create(key, "==", 0)], ops)
+
+    async def submit(self, graph: Graph, payload: dict[str, Any] | None = None, *,
+                     instance_id: str | None = None) -> str:
+        """Register the definition (once) and start one instance; return its id."""
+        (iid,) = await self.submit_many(graph, [payload or {}], ids=[instance_id] if instance_id else None)
+        return iid
+
+    async def submit_many(self, graph: Graph, batch: Iterable[dict[str, Any]], *,
+                          ids: list[str] | None = None) -> list[str]:
+        """Start many instances, up to SUBMIT_BATCH per transaction."""
+        await self.register(graph)
+        out: list[str] = []
+        pending: list[tuple[str, Txn]] = []
+        for i, payload in enumerate(batch):
+            checked, _ = payloads.check(payload)
+            iid = ids[i] if ids else new_id()
+            pending.append((iid, self._create_txn(graph, checked, iid)))
+            if len(pending) >= SUBMIT_BATCH:
+                out.extend(await self._send(pending))
+                pending = []
+        if pending:
+            out.extend(await self._send(pending))
+        return out
+
+    async def _send(self, pending: list[tuple[str, Txn]]) -> list[str]:
+        if len(pending) == 1:
+            iid, txn = pending[0]
+            result = await self.store.txn(txn.compare, txn.success, txn.failure)
+            if not result.succeeded:
+                raise ConflictError(f"instance {iid} already exists")
+            return [iid]
+        result = await self.store.txn([], [txn for _, txn in pending])
+        for (iid, _), sub in zip(pending, result.responses):
+            if not sub.succeeded:
+                raise ConflictError(f"instance {iid} already exists")
+        return [iid for iid, _ in pending]
+
+    async def instance(self, instance_id: str) -> Instance:
+        kv = await self.store.get(self.keys.instance(instance_id))
+        if kv is None:
+            raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
+        return load_instance(kv.value)
+
+    async def history(self, instance_id: str, *, after: int = 0) -> list[HistoryEntry]:
+        prefix = self.keys.history_prefix(instance_id)
+        start = self.keys.history(instance_id, after + 1) if after else prefix
+        end = prefix_end(prefix)
+        out: list[HistoryEntry] = []
+        while True:
+            page = await self.store.range(start, end, limit=1000)
+            out.extend(load_history(kv.value) for kv in page.kvs)
+            if not page.more or not page.kvs:
+                return out
+            start = page.kvs[-1].key + "\0"
+
+    async def record(self, instance_id: str, *, history: bool = True) -> dict[str, Any]:
+        inst = await self.instance(instance_id)
+        return public_record(inst, await self.history(instance_id) if history else None)
+
+    async def list(self, *, status: str | None = None, machine: str | None = None) -> list[Instance]:
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+        start, end = self.keys.instances, prefix_end(self.keys.instances)
+        out: list[Instance] = []
+        while True:
+            page = await self.store.range(start, end, limit=500)
+            for kv in page.kvs:
+                inst = load_instance(kv.value)
+                if (status is None or inst.status == status) and (machine is None or inst.machine == machine):
+                    out.append(inst)
+            if not page.more or not page.kvs:
+                return out
+            start = page.kvs[-1].key + "\0"
+
+    async def cancel(self, instance_id: str) -> Instance:
+        """Cancel a running instance (a finished one is returned unchanged)."""
+        key = self.keys.instance(instance_id)
+        while True:
+            kv = await self.store.get(key)
+            if kv is None:
+                raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
+            inst = load_instance(kv.value)
+            if inst.finished:
+                return inst
+            step = transition.cancel(inst, self.wall())
+            ops: list = [Put(key, dump_instance(step.instance))]
+            for tok in step.removed:
+                ops += [Delete(self.keys.work(instance_id, tok)), Delete(self.keys.claim(instance_id, tok))]
+            result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
+            if result.succeeded:
+                return step.instance
+
+    async def wait(self, instance_id: str, *, timeout: float | None = None,
+                   on_history: Callable[[HistoryEntry], None] | None = None) -> Instance:
+        """Wait until the instance finishes; report each committed transition as it happens.
+
+        Raises asyncio.TimeoutError when `timeout` passes first.
+        """
+        return await asyncio.wait_for(self._wait(instance_id, on_history), timeout)
+
+    async def _wait(self, instance_id: str, on_history: Callable[[HistoryEntry], None] | None) -> Instance:
+        key = self.keys.instance(instance_id)
+        seen = 0
+        delay = 0.2
+        while True:
+            try:
+                kv = await self.store.get(key)
+                if kv is None:
+                    raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
+                inst = load_instance(kv.value)
+                seen = await self._report(instance_id, inst, seen, on_history)
+                if inst.finished:
+                    return inst
+                watch = await self.store.watch(key, start_revision=kv.mod_revision + 1)
+                try:
+                    async for batch in watch:
+                        for event in batch.events:
+                            if not event.kv.value:
+                                raise NotFound(f"instance {instance_id!r} was deleted")
+                            inst = load_instance(event.kv.value)
+                        seen = await self._report(instance_id, inst, seen, on_history)
+                        if inst.finished:
+                            return inst
+                finally:
+                    await watch.cancel()
+            except Compacted:
+                continue  # re-read the record and watch from its revision
+            except StoreUnavailable as exc:
+                log.warning("waiting for %s: %s; retrying", instance_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _report(self, instance_id: str, inst: Instance, seen: int,
+                      on_history: Callable[[HistoryEntry], None] | None) -> int:
+        if on_history is None or inst.transitions <= seen:
+            return max(seen, inst.transitions)
+        for entry in await self.history(instance_id, after=seen):
+            if entry.seq > seen:
+                on_history(entry)
+                seen = entry.seq
+        return seen

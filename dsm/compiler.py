@@ -1,0 +1,462 @@
+"""From a parsed document to a checked, frozen Graph, reporting every problem with file:line:col.
+
+Checks run even when the schema already failed somewhere, on whatever parts are well formed, so
+that one run of `dsm validate` shows every problem of a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import deque
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable
+
+from . import handlers, loader, schema
+from .durations import parse_duration
+from .errors import DefinitionError, InputError, Problem
+from .graph import (
+    DEFAULT_MAX_TRANSITIONS,
+    Choice,
+    Fork,
+    Frame,
+    Graph,
+    Handler,
+    Kind,
+    RetryPolicy,
+    State,
+    digest_of,
+)
+from .guards import GuardError, compile_guard
+from .loader import Document
+
+ROUTING = ("next", "on", "choose", "fork", "terminal")
+TICK_ONLY = ("timeout", "retry", "catch")
+
+
+class _Compiler:
+    def __init__(self, doc: Document, import_handlers: bool, allow: handlers.Allowlist):
+        self.doc = doc
+        self.import_handlers = import_handlers
+        self.allow = allow
+        self.problems: list[Problem] = []
+        data = doc.data if isinstance(doc.data, dict) else {}
+        raw_states = data.get("states")
+        self.raw: dict[str, dict[str, Any]] = {
+            name: body for name, body in (raw_states.items() if isinstance(raw_states, dict) else ())
+            if isinstance(name, str) and isinstance(body, dict)
+        }
+        self.data = data
+
+    # -- reporting ---------------------------------------------------------------------------
+    def report(self, path: tuple, message: str, *, key: bool = False) -> None:
+        self.problems.append(self.doc.problem(path, message, key=key))
+
+    def state_key(self, name: str) -> tuple:
+        return ("states", name)
+
+    def check_ref(self, path: tuple, target: Any, what: str) -> bool:
+        if not isinstance(target, str):
+            return False
+        if target in self.raw:
+            return True
+        hint = difflib.get_close_matches(target, list(self.raw), n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        self.report(path, f"{what} refers to unknown state {target!r}{suggestion}")
+        return False
+
+    # -- per state ---------------------------------------------------------------------------
+    def defaults(self) -> tuple[float | None, dict[str, Any] | None]:
+        raw = self.data.get("defaults")
+        if not isinstance(raw, dict):
+            return None, None
+        timeout = self.duration(("defaults", "timeout"), raw.get("timeout"))
+        retry = raw.get("retry") if isinstance(raw.get("retry"), dict) else None
+        return timeout, retry
+
+    def duration(self, path: tuple, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value, what=loader.dotted(path))
+        except InputError:
+            return None  # the schema reported it at this node already
+
+    def retry_policy(self, path: tuple, raw: dict[str, Any] | None) -> RetryPolicy:
+        if not raw:
+            return RetryPolicy()
+        base = RetryPolicy()
+        attempts = raw.get("max_attempts")
+        multiplier = raw.get("multiplier")
+        jitter = raw.get("jitter")
+        names = raw.get("non_retryable")
+        return RetryPolicy(
+            max_attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 1
+            else base.max_attempts,
+            backoff=_or(self.duration(path + ("backoff",), raw.get("backoff")), base.backoff),
+            multiplier=float(multiplier) if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool)
+            and multiplier >= 1 else base.multiplier,
+            max_backoff=_or(self.duration(path + ("max_backoff",), raw.get("max_backoff")), base.max_backoff),
+            jitter=jitter if isinstance(jitter, bool) else base.jitter,
+            non_retryable=tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else (),
+        )
+
+    def handler(self, path: tuple, ref: Any) -> Handler | None:
+        if not isinstance(ref, str):
+            return None
+        try:
+            if self.import_handlers:
+                return handlers.resolve(ref, allow=self.allow)
+            module, function = handlers.split_ref(ref)
+            reason = handlers.refusal(module, function, self.allow)
+            if reason:
+                raise handlers.HandlerImportError(reason)
+            return handlers.unresolved(ref)
+        except handlers.HandlerImportError as exc:
+            self.report(path, f"{loader.dotted(path)}: {exc}")
+            return None
+
+    def state(self, name: str, body: dict[str, Any], defaults: tuple) -> State | None:
+        path = self.state_key(name)
+        routing = [k for k in ROUTING if k in body and not (k == "terminal" and body.get("terminal") is not True)]
+        ok = True
+        if "join" in body and "fork" not in body:
+            self.report(path + ("join",), f"state {name!r} has a join but no fork", key=True)
+            ok = False
+        if "fork" in body and "join" not in body:
+            self.report(path + ("fork",), f"malformed fork in state {name!r}: missing join", key=True)
+            ok = False
+        if not routing:
+            if "terminal" in body:
+                hint = "terminal: false is not a route"
+            else:
+                hint = "no routing key"
+            self.report(path, f"state {name!r} has {hint}: give it one of next, on, choose, fork + join, "
+                              "or terminal: true", key=True)
+            return None
+        if len(routing) > 1:
+            self.report(path + (routing[1],), f"state {name!r} has several routing keys "
+                        f"({', '.join(routing)}): keep exactly one", key=True)
+            return None
+        kind = Kind(routing[0])
+        has_tick = "tick" in body
+        if kind is Kind.TERMINAL:
+            for key in ("tick",) + TICK_ONLY:
+                if key in body:
+                    what = "a tick" if key == "tick" else f"{key!r}"
+                    self.report(path + (key,), f"terminal state {name!r} cannot have {what}", key=True)
+                    ok = False
+        else:
+            if "status" in body:
+                self.report(path + ("status",), f"state {name!r} is not terminal: 'status' applies to "
+                            "terminal states only", key=True)
+                ok = False
+            if not has_tick:
+                for key in TICK_ONLY:
+                    if key in body:
+                        self.report(path + (key,), f"state {name!r} has {key!r} but no tick to apply it to",
+                                    key=True)
+                        ok = False
+        if kind is Kind.ON and not has_tick:
+            self.report(path + ("on",), f"state {name!r} routes with 'on' but has no tick to return a label",
+                        key=True)
+            ok = False
+        if "merge" in body and kind is not Kind.FORK:
+            self.report(path + ("merge",), f"state {name!r} has 'merge' but is not a fork", key=True)
+            ok = False
+
+        # references
+        refs_ok = True
+        if kind is Kind.NEXT:
+            refs_ok &= self.check_ref(path + ("next",), body.get("next"), f"state {name!r}: next")
+        elif kind is Kind.ON:
+            on = body.get("on")
+            if isinstance(on, dict):
+                for label, target in on.items():
+                    refs_ok &= self.check_ref(path + ("on", label), target, f"state {name!r}: on {label!r}")
+            else:
+                refs_ok = False
+        elif kind is Kind.FORK:
+            fork = body.get("fork")
+            if isinstance(fork, list):
+                for i, target in enumerate(fork):
+                    refs_ok &= self.check_ref(path + ("fork", i), target, f"state {name!r}: fork branch")
+            else:
+                refs_ok = False
+            if "join" in body:
+                refs_ok &= self.check_ref(path + ("join",), body.get("join"), f"state {name!r}: join")
+        if "catch" in body:
+            refs_ok &= self.check_ref(path + ("catch",), body.get("catch"), f"state {name!r}: catch")
+
+        choices: list[Choice] = []
+        if kind is Kind.CHOOSE:
+            entries = body.get("choose")
+            if isinstance(entries, list):
+                default_at = None
+                for i, entry in enumerate(entries):
+                    if not isinstance(entry, dict):
+                        refs_ok = False
+                        continue
+                    refs_ok &= self.check_ref(path + ("choose", i, "next"), entry.get("next"),
+                                              f"state {name!r}: choose[{i}].next")
+                    when = entry.get("when")
+                    guard = None
+                    if "when" not in entry:
+                        if default_at is not None:
+                            self.report(path + ("choose", i), f"state {name!r}: choose has a second default "
+                                        f"entry (the first is choose[{default_at}])")
+                            ok = False
+                        default_at = i
+                    elif isinstance(when, str):
+                        try:
+                            guard = compile_guard(when)
+                        except GuardError as exc:
+                            self.report(path + ("choose", i, "when"), f"state {name!r}: {exc}")
+                            ok = False
+                    if default_at is not None and default_at < i and "when" in entry:
+                        self.report(path + ("choose", i), f"state {name!r}: choose[{i}] follows the default "
+                                    f"entry choose[{default_at}] and can never be chosen")
+                        ok = False
+                    if isinstance(entry.get("next"), str):
+                        choices.append(Choice(next=entry["next"], guard=guard))
+            else:
+                refs_ok = False
+
+        tick = self.handler(path + ("tick",), body.get("tick")) if has_tick else None
+        if has_tick and tick is None:
+            ok = False
+        if not (ok and refs_ok):
+            return None
+        default_timeout, default_retry = defaults
+        timeout = self.duration(path + ("timeout",), body.get("timeout")) if "timeout" in body else None
+        retry_raw = body.get("retry") if isinstance(body.get("retry"), dict) else None
+        line, col = self.doc.where(path, key=True)
+        on = body.get("on") if kind is Kind.ON else {}
+        return State(
+            name=name,
+            kind=kind,
+            line=line,
+            col=col,
+            description=body.get("description", "") if isinstance(body.get("description"), str) else "",
+            tick=tick,
+            next=body.get("next") if kind is Kind.NEXT else None,
+            on=MappingProxyType(dict(on)),
+            choose=tuple(choices),
+            fork=tuple(body.get("fork", ())) if kind is Kind.FORK else (),
+            join=body.get("join") if kind is Kind.FORK else None,
+            merge=body.get("merge", "keys") if kind is Kind.FORK else "keys",
+            status=body.get("status", "succeeded") if kind is Kind.TERMINAL else "succeeded",
+            timeout=(timeout if timeout is not None else default_timeout) if has_tick else None,
+            retry=self.retry_policy(path + ("retry",), retry_raw if retry_raw is not None else default_retry)
+            if has_tick else RetryPolicy(),
+            catch=body.get("catch"),
+        )
+
+    # -- whole graph -------------------------------------------------------------------------
+    def compile(self) -> Graph | None:
+        self.problems.extend(schema.validate(self.doc))
+        defaults = self.defaults()
+        states: dict[str, State] = {}
+        for name, body in self.raw.items():
+            built = self.state(name, body, defaults)
+            if built is not None:
+                states[name] = built
+        start = self.data.get("start")
+        if isinstance(start, str):
+            self.check_ref(("start",), start, "start")
+        if not isinstance(start, str) or start not in states or len(states) != len(self.raw):
+            return None  # structure checks need every state compiled; what is wrong was reported
+        forks, frames, join_of = self.structure(states)
+        self.reachability(states, start)
+        if self.problems:
+            return None
+        max_transitions = self.data.get("max_transitions", DEFAULT_MAX_TRANSITIONS)
+        return Graph(
+            machine=self.data["machine"],
+            start=start,
+            states=MappingProxyType(states),
+            forks=MappingProxyType(forks),
+            frames=MappingProxyType(frames),
+            join_of=MappingProxyType(join_of),
+            version=self.data.get("version"),
+            description=self.data.get("description", ""),
+            max_transitions=max_transitions,
+            digest=digest_of(self.doc.text),
+            file=self.doc.file,
+            source=self.doc.text,
+        )
+
+    def structure(self, states: dict[str, State]) -> tuple[dict[str, Fork], dict[str, tuple[Frame, ...]],
+                                                        dict[str, str]]:
+        forks: dict[str, Fork] = {}
+        join_of: dict[str, str] = {}
+        for name, st in states.items():
+            if st.kind is not Kind.FORK:
+                continue
+            path = self.state_key(name)
+            join = st.join
+            assert join is not None
+            broken = False
+            if len(st.fork) < 2:
+                self.report(path + ("fork",), f"malformed fork in state {name!r}: a fork needs at least two "
+                            f"branches, got {len(st.fork)}")
+                broken = True
+            dupes = sorted({b for b in st.fork if st.fork.count(b) > 1})
+            if dupes:
+                self.report(path + ("fork",), f"malformed fork in state {name!r}: branch {dupes[0]!r} is "
+                            "listed twice")
+                broken = True
+            if join == name or join in st.fork:
+                self.report(path + ("join",), f"malformed fork in state {name!r}: the join {join!r} cannot be "
+                            "the fork state or one of its branches")
+                broken = True
+            if name in st.fork:
+                self.report(path + ("fork",), f"malformed fork in state {name!r}: a branch cannot start at "
+                            "the fork state itself")
+                broken = True
+            if join in join_of:
+                self.report(path + ("join",), f"state {join!r} is the join of two forks, {join_of[join]!r} and "
+                            f"{name!r}; give each fork its own join")
+                broken = True
+            else:
+                join_of[join] = name
+            if broken:
+                continue
+            members = {b: self.branch_members(states, b, join) for b in st.fork}
+            forks[name] = Fork(state=name, branches=st.fork, join=join, merge=st.merge,
+                               members=MappingProxyType({b: frozenset(m) for b, m in members.items()}))
+
+        predecessors: dict[str, set[str]] = {n: set() for n in states}
+        for name, st in states.items():
+            for target in self.edges(st):
+                predecessors.setdefault(target, set()).add(name)
+
+        for name, fk in forks.items():
+            self.check_branches(states, fk, predecessors)
+        frames: dict[str, tuple[Frame, ...]] = {}
+        for name in states:
+            enclosing = [(fk.state, b, len(m)) for fk in forks.values() for b, m in fk.members.items() if name in m]
+            enclosing.sort(key=lambda item: -item[2])
+            frames[name] = tuple((f, b) for f, b, _ in enclosing)
+        for name, fk in forks.items():
+            # a nested fork's join must sit in the same branch as the fork itself
+            if frames.get(fk.join, ()) != frames.get(name, ()):
+                self.report(self.state_key(name) + ("join",), f"malformed fork in state {name!r}: its join "
+                            f"{fk.join!r} is not in the same branch as the fork")
+        return forks, frames, join_of
+
+    @staticmethod
+    def edges(st: State) -> tuple[str, ...]:
+        """Routing edges plus a virtual fork->join edge, for reachability questions."""
+        out = st.targets()
+        if st.kind is Kind.FORK and st.join:
+            out = out + (st.join,)
+        return out
+
+    def branch_members(self, states: dict[str, State], first: str, join: str) -> set[str]:
+        seen = {first}
+        queue = deque([first])
+        while queue:
+            current = states.get(queue.popleft())
+            if current is None:
+                continue
+            for target in self.edges(current):
+                if target != join and target not in seen and target in states:
+                    seen.add(target)
+                    queue.append(target)
+        return seen
+
+    def check_branches(self, states: dict[str, State], fk: Fork, predecessors: dict[str, set[str]]) -> None:
+        name = fk.state
+        path = self.state_key(name)
+        for i, b in enumerate(fk.branches):
+            members = fk.members[b]
+            where = f"branch {b!r} of fork {name!r}"
+            if name in members:
+                self.report(path + ("fork", i), f"malformed fork: {where} leads back to the fork state "
+                            f"{name!r} without passing the join {fk.join!r}")
+            for other in fk.branches[i + 1:]:
+                shared = sorted(members & fk.members[other])
+                if shared:
+                    self.report(path + ("fork", i), f"malformed fork: branches {b!r} and {other!r} of fork "
+                                f"{name!r} overlap at state {shared[0]!r}")
+            for m in sorted(members):
+                st = states[m]
+                if st.terminal:
+                    self.report(self.state_key(m), f"malformed fork: terminal state {m!r} is inside {where}; "
+                                f"branches must end at the join {fk.join!r}", key=True)
+                allowed = members | ({name} if m == b else set())
+                outside = sorted(predecessors.get(m, set()) - allowed)
+                if outside and name not in members:
+                    self.report(self.state_key(m), f"malformed fork: state {m!r} in {where} is also entered "
+                                f"from {outside[0]!r}, outside the branch", key=True)
+            # every state of the branch must be able to reach the join
+            reach = {fk.join}
+            changed = True
+            while changed:
+                changed = False
+                for m in members:
+                    if m not in reach and any(t in reach for t in self.edges(states[m])):
+                        reach.add(m)
+                        changed = True
+            for m in sorted(members - reach):
+                if not states[m].terminal:
+                    self.report(self.state_key(m), f"malformed fork: state {m!r} in {where} never reaches the "
+                                f"join {fk.join!r}", key=True)
+
+    def reachability(self, states: dict[str, State], start: str) -> None:
+        seen = {start}
+        queue = deque([start])
+        while queue:
+            for target in self.edges(states[queue.popleft()]):
+                if target in states and target not in seen:
+                    seen.add(target)
+                    queue.append(target)
+        for name in states:
+            if name not in seen:
+                self.report(self.state_key(name), f"state {name!r} is unreachable from start {start!r}", key=True)
+        finishing = {n for n, st in states.items() if st.terminal}
+        if not finishing:
+            self.report(("states",), "the machine has no terminal state (add one with terminal: true)", key=True)
+            return
+        changed = True
+        while changed:
+            changed = False
+            for name, st in states.items():
+                if name not in finishing and any(t in finishing for t in self.edges(st)):
+                    finishing.add(name)
+                    changed = True
+        for name in states:
+            if name in seen and name not in finishing:
+                self.report(self.state_key(name), f"no terminal state can be reached from state {name!r}",
+                            key=True)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def compile_document(doc: Document, *, import_handlers: bool = True,
+                     allow: handlers.Allowlist = handlers.ANY) -> Graph:
+    """Check a parsed document and build its Graph; raise DefinitionError listing every problem."""
+    compiler = _Compiler(doc, import_handlers, allow)
+    graph = compiler.compile()
+    if compiler.problems or graph is None:
+        problems = compiler.problems or [doc.problem((), "definition could not be compiled")]
+        raise DefinitionError(problems)
+    return graph
+
+
+def compile_text(text: str, file: str = "<string>", *, import_handlers: bool = True,
+                 allow: handlers.Allowlist = handlers.ANY, search_path: Iterable[str | Path] = ()) -> Graph:
+    if import_handlers:
+        handlers.add_search_path(search_path)
+    return compile_document(loader.parse(text, file), import_handlers=import_handlers, allow=allow)
+
+
+def load(path: str | Path, *, import_handlers: bool = True, allow: handlers.Allowlist = handlers.ANY,
+         search_path: Iterable[str | Path] = ()) -> Graph:
+    """Read, check and compile a machine file; its folder goes first on the import path."""
+    if import_handlers:
+        handlers.add_search_path([*search_path, Path(path).resolve().parent])
+    return compile_document(loader.read(path), import_handlers=import_handlers, allow=allow)

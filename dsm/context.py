@@ -1,0 +1,67 @@
+"""What a tick handler is told about the attempt it runs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AttemptAbandoned
+
+handler_log = logging.getLogger("dsm.handler")
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The handler's view of one attempt.
+
+    `idempotency_key` is the same for every attempt of one visit of a state and different for
+    the next visit: use it to make side effects happen once even when a tick runs twice.
+    `deadline` is a `time.time()` value (None without a timeout). `heartbeat()` raises
+    AttemptAbandoned once the attempt no longer counts (timed out, instance cancelled or failed
+    elsewhere, claim lost), so long handlers can stop early.
+    """
+
+    instance_id: str
+    machine: str
+    state: str
+    attempt: int
+    branch: tuple[str, ...]
+    idempotency_key: str
+    deadline: float | None
+    logger: logging.LoggerAdapter
+    _abandoned: threading.Event = field(default_factory=threading.Event, repr=False)
+    _reason: list[str] = field(default_factory=list, repr=False)
+    _beats: list[float] = field(default_factory=list, repr=False)
+
+    def heartbeat(self, details: Any = None) -> None:
+        """Report progress; raise AttemptAbandoned if the attempt should stop."""
+        now = time.time()
+        if len(self._beats) < 1:
+            self._beats.append(now)
+        else:
+            self._beats[0] = now
+        if self._abandoned.is_set():
+            raise AttemptAbandoned(self._reason[0] if self._reason else "attempt abandoned")
+        if self.deadline is not None and now > self.deadline:
+            raise AttemptAbandoned(f"attempt {self.attempt} of state {self.state!r} passed its deadline")
+
+    @property
+    def last_heartbeat(self) -> float | None:
+        return self._beats[0] if self._beats else None
+
+    def abandon(self, reason: str) -> None:
+        """Called by the worker, never by handlers."""
+        if not self._abandoned.is_set():
+            self._reason.append(reason)
+            self._abandoned.set()
+
+
+def make_context(*, instance_id: str, machine: str, state: str, attempt: int, branch: tuple[str, ...],
+                 token: str, deadline: float | None) -> Context:
+    extra = {"instance": instance_id, "machine": machine, "state": state, "attempt": attempt}
+    logger = logging.LoggerAdapter(handler_log, extra)
+    return Context(instance_id=instance_id, machine=machine, state=state, attempt=attempt, branch=branch,
+                   idempotency_key=f"{instance_id}/{token}", deadline=deadline, logger=logger)

@@ -1,0 +1,83 @@
+"""The error tree of dsm: one small hierarchy, so callers catch by meaning, not by module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DsmError(Exception):
+    """Base of every error dsm raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem found in a definition, located at a line and column of its file."""
+
+    file: str
+    line: int
+    col: int
+    message: str
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: error: {self.message}"
+
+
+class DefinitionError(DsmError):
+    """A machine definition is invalid; carries every problem found, each with file:line:col."""
+
+    def __init__(self, problems: list[Problem] | Problem):
+        if isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = sorted(problems, key=lambda p: (p.file, p.line, p.col))
+        first = self.problems[0] if self.problems else None
+        self.file = first.file if first else ""
+        self.line = first.line if first else 0
+        self.col = first.col if first else 0
+        self.path = first.path if first else ""
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class InputError(DsmError):
+    """Input given on the command line or to the API is invalid (a payload, a duration, an id)."""
+
+
+class StoreError(DsmError):
+    """The store failed an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (etcd down, wrong endpoint, TLS or auth refused)."""
+
+
+class ConflictError(StoreError):
+    """A compare-and-swap lost to a concurrent writer."""
+
+
+class LeaseLost(StoreError):
+    """A lease expired or was revoked: every claim bound to it is gone."""
+
+
+class Compacted(StoreError):
+    """A watch asked for revisions the store has already compacted away."""
+
+    def __init__(self, compact_revision: int):
+        self.compact_revision = compact_revision
+        super().__init__(f"revisions below {compact_revision} were compacted")
+
+
+class NotFound(DsmError):
+    """An instance or definition asked for by id does not exist."""
+
+
+class HandlerError(DsmError):
+    """A tick handler failed an attempt; carries the error type name recorded in the instance."""
+
+    def __init__(self, type_name: str, message: str, *, retryable: bool = True):
+        self.type_name = type_name
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class AttemptAbandoned(DsmError):
+    """Raised by ctx.heartbeat() when the attempt no longer counts (claim lost, cancelled, timed out)."""

@@ -1,0 +1,162 @@
+"""The compiled machine: a frozen graph that the transition function and the workers read."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from .guards import Guard
+
+DEFAULT_MAX_TRANSITIONS = 10_000
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Kind(str, Enum):
+    """How a state routes: the one routing key it has."""
+
+    NEXT = "next"
+    ON = "on"
+    CHOOSE = "choose"
+    FORK = "fork"
+    TERMINAL = "terminal"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how often a failed tick is tried again; the waits are kept in the store."""
+
+    max_attempts: int = 1
+    backoff: float = 1.0
+    multiplier: float = 2.0
+    max_backoff: float = 300.0
+    jitter: bool = True
+    non_retryable: tuple[str, ...] = ()
+
+    def delay(self, failed_attempt: int, seed: str) -> float:
+        """Wait before the attempt after `failed_attempt` (1-based).
+
+        Jitter spreads the wait over [d/2, d] with a fraction derived from `seed` (instance,
+        token and attempt), so the transition stays a pure function and replays identically.
+        """
+        base = self.backoff * (self.multiplier ** (failed_attempt - 1))
+        wait = min(base, self.max_backoff)
+        if self.jitter and wait > 0:
+            digest = hashlib.blake2b(seed.encode(), digest_size=8).digest()
+            fraction = int.from_bytes(digest, "big") / 2**64
+            wait = wait * (0.5 + 0.5 * fraction)
+        return wait
+
+    def retries(self, error_type: str, error_mro: tuple[str, ...] = ()) -> bool:
+        """Whether an error of this type may be retried under this policy."""
+        names = {error_type, *error_mro}
+        return not names.intersection(self.non_retryable)
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A tick handler by dotted path; `func` is None when the definition was compiled without imports."""
+
+    ref: str
+    module: str
+    function: str
+    func: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+    is_async: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One entry of a `choose` list; `guard` is None for the default entry."""
+
+    next: str
+    guard: Guard | None = None
+
+    @property
+    def when(self) -> str | None:
+        return self.guard.source if self.guard else None
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    name: str
+    kind: Kind
+    line: int = 0
+    col: int = 0
+    description: str = ""
+    tick: Handler | None = None
+    next: str | None = None
+    on: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    choose: tuple[Choice, ...] = ()
+    fork: tuple[str, ...] = ()
+    join: str | None = None
+    merge: str = "keys"
+    status: str = "succeeded"
+    timeout: float | None = None
+    retry: RetryPolicy = RetryPolicy()
+    catch: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind is Kind.TERMINAL
+
+    def targets(self) -> tuple[str, ...]:
+        """States this one can route to directly (fork branches, not the join; catch included)."""
+        if self.kind is Kind.NEXT:
+            out: tuple[str, ...] = (self.next,)  # type: ignore[assignment]
+        elif self.kind is Kind.ON:
+            out = tuple(dict.fromkeys(self.on.values()))
+        elif self.kind is Kind.CHOOSE:
+            out = tuple(dict.fromkeys(c.next for c in self.choose))
+        elif self.kind is Kind.FORK:
+            out = self.fork
+        else:
+            out = ()
+        if self.catch and self.catch not in out:
+            out = out + (self.catch,)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """A fork state's structure: its branches (by first state), their members, and the join."""
+
+    state: str
+    branches: tuple[str, ...]
+    join: str
+    merge: str
+    members: Mapping[str, frozenset[str]]
+
+
+Frame = tuple[str, str]  # (fork state, branch name)
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    machine: str
+    start: str
+    states: Mapping[str, State]
+    forks: Mapping[str, Fork] = field(default_factory=lambda: EMPTY)
+    # state -> enclosing (fork, branch) pairs, outermost first
+    frames: Mapping[str, tuple[Frame, ...]] = field(default_factory=lambda: EMPTY)
+    join_of: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # join state -> its fork state
+    version: int | str | None = None
+    description: str = ""
+    max_transitions: int = DEFAULT_MAX_TRANSITIONS
+    digest: str = ""
+    file: str = ""
+    source: str = field(default="", repr=False, compare=False)
+
+    def state(self, name: str) -> State:
+        return self.states[name]
+
+    def modules(self) -> tuple[str, ...]:
+        """Handler modules this machine needs, in order of first use."""
+        return tuple(dict.fromkeys(s.tick.module for s in self.states.values() if s.tick))
+
+
+def digest_of(source: str) -> str:
+    """Content digest that pins an instance to the exact definition text it started with."""
+    return "sha256:" + hashlib.sha256(source.encode("utf-8")).hexdigest()

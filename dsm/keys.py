@@ -1,0 +1,104 @@
+"""The key layout of a namespace, shared by every store (memory and etcd alike).
+
+    /<ns>/def/<digest>                  definition source by content digest (written once)
+    /<ns>/inst/<id>                     instance record: status, payload, tokens, fork activations
+    /<ns>/hist/<id>/<seq>               one committed transition (seq zero-padded, commit order)
+    /<ns>/work/<id>/<token>             work marker: exists exactly while the token is pending;
+                                        value {machine, digest, state, not_before}
+    /<ns>/work/<id>/<token>/claim       claim on that token, bound to the claiming worker's lease
+
+Invariants, kept because every change is one transaction:
+- a running instance's record lists token T  <=>  work/<id>/T exists;
+- a claim exists only beside its work marker, and only while its worker's lease lives;
+- a commit for token T compares the record's mod revision and the claim's create revision, so a
+  worker whose lease expired (its claim deleted by etcd) or who was overtaken can never commit.
+
+Workers watch /<ns>/work/ only: a work marker put without a claim is new work, a claim deleted
+without its marker is work orphaned by a dead or departing worker. Markers and claims of one
+token change in the same revision, so one watch stream tells the two cases apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .store import prefix_end
+
+CLAIM = "/claim"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str = "dsm"
+
+    @property
+    def root(self) -> str:
+        return f"/{self.namespace}/"
+
+    def definition(self, digest: str) -> str:
+        return f"{self.root}def/{digest}"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.root}inst/{instance_id}"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.root}inst/"
+
+    def history(self, instance_id: str, seq: int) -> str:
+        return f"{self.root}hist/{instance_id}/{seq:010d}"
+
+    def history_prefix(self, instance_id: str) -> str:
+        return f"{self.root}hist/{instance_id}/"
+
+    @property
+    def work_prefix(self) -> str:
+        return f"{self.root}work/"
+
+    def work(self, instance_id: str, token: str) -> str:
+        return f"{self.root}work/{instance_id}/{token}"
+
+    def claim(self, instance_id: str, token: str) -> str:
+        return f"{self.root}work/{instance_id}/{token}{CLAIM}"
+
+    def work_of_instance(self, instance_id: str) -> str:
+        return f"{self.root}work/{instance_id}/"
+
+    def parse_work(self, key: str) -> tuple[str, str, bool] | None:
+        """work/<id>/<token>[/claim] -> (id, token, is_claim); None for anything else."""
+        if not key.startswith(self.work_prefix):
+            return None
+        rest = key[len(self.work_prefix):]
+        is_claim = rest.endswith(CLAIM)
+        if is_claim:
+            rest = rest[: -len(CLAIM)]
+        instance_id, sep, token = rest.partition("/")
+        if not sep or not token or "/" in token:
+            return None
+        return instance_id, token, is_claim
+
+
+def range_of(prefix: str) -> tuple[str, str]:
+    return prefix, prefix_end(prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkInfo:
+    """The value of a work marker: enough to decide whether and when to claim, without the record."""
+
+    machine: str
+    digest: str
+    state: str
+    not_before: float = 0.0
+
+    def dump(self) -> bytes:
+        return json.dumps({"machine": self.machine, "digest": self.digest, "state": self.state,
+                           "not_before": self.not_before}, separators=(",", ":")).encode()
+
+    @staticmethod
+    def load(raw: bytes) -> "WorkInfo":
+        d: dict[str, Any] = json.loads(raw)
+        return WorkInfo(machine=d["machine"], digest=d["digest"], state=d["state"],
+                        not_before=d.get("not_before", 0.0))

@@ -1,0 +1,119 @@
+"""Payloads are JSON objects: checked, copied and sized here, once, for every door they pass.
+
+The fast path is C all the way (json.dumps, json.loads, ==); only when it disagrees does a
+slower walk find the exact path of the offending value for the error message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+DEFAULT_LIMIT = 1024 * 1024  # serialized bytes
+MAX_DEPTH = 256
+
+
+def default_limit() -> int:
+    """The payload limit: DSM_PAYLOAD_LIMIT (bytes) or 1 MiB."""
+    raw = os.environ.get("DSM_PAYLOAD_LIMIT")
+    if raw and raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return DEFAULT_LIMIT
+
+
+class PayloadError(ValueError):
+    """A payload is not a JSON object, or is too large; `kind` names which."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+def _path(parts: list[Any]) -> str:
+    out = "payload"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if isinstance(p, str) and p.isidentifier() else f"[{p!r}]"
+    return out
+
+
+def _explain(value: Any) -> str | None:
+    """Find the first value that is not JSON; None when everything is (tuples count as lists)."""
+    if not isinstance(value, dict):
+        return f"expected a JSON object (dict), got {type(value).__name__}"
+    stack: list[tuple[Any, list[Any]]] = [(value, [])]
+    while stack:
+        item, where = stack.pop()
+        if len(where) > MAX_DEPTH:
+            return f"{_path(where[:3])}... is nested deeper than {MAX_DEPTH} levels"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return f"{_path(where)} has a key {key!r} of type {type(key).__name__}; JSON keys are strings"
+                stack.append((child, where + [key]))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, where + [i]) for i, child in enumerate(item))
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{_path(where)} is {item!r}, which JSON cannot represent"
+        elif item is None or isinstance(item, (str, int, bool)):
+            continue
+        else:
+            return f"{_path(where)} is a {type(item).__name__}, which is not a JSON value"
+    return None
+
+
+def check(value: Any, *, limit: int | None = None) -> tuple[dict[str, Any], int]:
+    """Return (a private canonical copy, serialized size) or raise PayloadError."""
+    limit = default_limit() if limit is None else limit
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        copy = json.loads(text)
+        exact = isinstance(value, dict) and copy == value
+    except (TypeError, ValueError, RecursionError):
+        exact, text, copy = False, "", None
+    if not exact:
+        problem = _explain(value)
+        if problem is not None:
+            raise PayloadError("InvalidPayload", problem)
+        if copy is None:
+            raise PayloadError("InvalidPayload", "payload could not be serialized as JSON")
+    size = len(text.encode("utf-8"))
+    if size > limit:
+        raise PayloadError("PayloadTooLarge", f"payload is {size} bytes serialized; the limit is {limit} bytes")
+    return copy, size
+
+
+def parse(text: str, *, what: str = "payload", limit: int | None = None) -> dict[str, Any]:
+    """Parse user-given JSON text (--payload, a JSONL line) into a checked payload."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise PayloadError("InvalidPayload", f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError("InvalidPayload", f"{what} is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise PayloadError("InvalidPayload", f"{what} must be a JSON object, got {_json_kind(value)}")
+    return check(value, limit=limit)[0]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def copy(value: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a payload already known to be JSON, for a handler to mutate freely."""
+    return json.loads(json.dumps(value, separators=(",", ":")))

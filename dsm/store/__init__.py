@@ -1,0 +1,183 @@
+"""The Store protocol: etcd v3's own model (revisions, multi-key compare-and-swap, leases, watches).
+
+Speaking etcd's terms keeps the etcd store a thin adapter and makes the memory store a faithful
+model: code that works against `MemoryStore` meets the same rules on etcd (duplicate keys in a
+transaction, operation and size limits, values compared on missing keys, leases that delete
+their keys when they expire).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, Sequence, Union
+
+from ..errors import StoreError
+
+PUT = "put"
+DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """One condition of a transaction, on a key or (with `end`) on every key of a range.
+
+    As in etcd, comparing the value of a missing key is false; other targets of a missing key
+    compare as 0.
+    """
+
+    key: str
+    target: str  # "version" | "create" | "mod" | "value" | "lease"
+    op: str  # "==" | "!=" | "<" | ">"
+    value: int | bytes
+    end: str | None = None
+
+    @staticmethod
+    def version(key: str, op: str, value: int) -> "Compare":
+        return Compare(key, "version", op, value)
+
+    @staticmethod
+    def create(key: str, op: str, value: int) -> "Compare":
+        return Compare(key, "create", op, value)
+
+    @staticmethod
+    def mod(key: str, op: str, value: int) -> "Compare":
+        return Compare(key, "mod", op, value)
+
+    @staticmethod
+    def value_of(key: str, op: str, value: bytes) -> "Compare":
+        return Compare(key, "value", op, value)
+
+    @staticmethod
+    def lease_of(key: str, op: str, value: int) -> "Compare":
+        return Compare(key, "lease", op, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+    end: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    key: str
+    end: str | None = None
+    limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Txn:
+    """A nested transaction: its own compares and branches, applied within the outer one."""
+
+    compare: Sequence[Compare]
+    success: Sequence["Op"] = ()
+    failure: Sequence["Op"] = ()
+
+
+Op = Union[Put, Delete, Get, Txn]
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    """`responses` follow the ops of the branch taken: Get -> list[KeyValue], Delete -> count,
+    Put -> None, Txn -> TxnResult."""
+
+    succeeded: bool
+    revision: int
+    responses: list = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RangeResult:
+    kvs: list[KeyValue]
+    more: bool
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str  # PUT | DELETE
+    kv: KeyValue  # for DELETE: the key with mod_revision set to the deletion's revision
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """Events of one or more revisions, in order; `revision` is the store's revision at sending."""
+
+    revision: int
+    events: list[Event]
+
+
+class Watch(Protocol):
+    def __aiter__(self) -> AsyncIterator[WatchBatch]: ...
+
+    async def cancel(self) -> None: ...
+
+
+class Store(Protocol):
+    """What dsm needs from a coordination store, in etcd v3's terms."""
+
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    async def range(self, start: str, end: str | None = None, *, limit: int = 0, revision: int = 0,
+                    keys_only: bool = False) -> RangeResult: ...
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int: ...
+
+    async def delete(self, key: str, end: str | None = None) -> int: ...
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op] = (),
+                  failure: Sequence[Op] = ()) -> TxnResult: ...
+
+    async def lease_grant(self, ttl: float) -> int: ...
+
+    async def lease_keepalive(self, lease: int) -> float:
+        """Refresh a lease; return its remaining TTL. Raise LeaseLost when it has expired."""
+
+    async def lease_revoke(self, lease: int) -> None: ...
+
+    async def watch(self, start: str, end: str | None = None, *, start_revision: int = 0) -> Watch:
+        """Watch [start, end) from a revision (0: from now). Raise Compacted when it is gone."""
+
+    async def compact(self, revision: int) -> None: ...
+
+    async def revision(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def prefix_end(prefix: str) -> str:
+    """The end of the range holding every key that starts with `prefix`."""
+    raw = bytearray(prefix.encode())
+    for i in reversed(range(len(raw))):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return raw[: i + 1].decode("latin-1")
+    return "\0"
+
+
+class TxnRejected(StoreError):
+    """The store refused a transaction as malformed (duplicate keys, too many operations, too large)."""
+
+
+__all__ = [
+    "Compare", "Delete", "Event", "Get", "KeyValue", "Op", "Put", "RangeResult", "Store", "Txn", "TxnRejected",
+    "TxnResult", "Watch", "WatchBatch", "prefix_end", "PUT", "DELETE",
+]

@@ -1,0 +1,431 @@
+"""MemoryStore: a faithful in-process model of etcd v3 with an injectable clock.
+
+It keeps real revisions (one per write transaction), create/mod revisions and versions per key,
+an event log for watches from a revision (with compaction), and leases that delete their keys
+when the clock passes their deadline. It also refuses what etcd refuses: a key written twice in
+one transaction, more operations than `max_txn_ops`, requests over `max_request_bytes`, and puts
+bound to a lease that does not exist. Tests expire a lease by advancing the clock, not sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import random
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable, Sequence
+
+from ..errors import Compacted, LeaseLost, StoreUnavailable
+from . import (
+    DELETE,
+    PUT,
+    Compare,
+    Delete,
+    Event,
+    Get,
+    KeyValue,
+    Op,
+    Put,
+    RangeResult,
+    Txn,
+    TxnRejected,
+    TxnResult,
+    WatchBatch,
+)
+
+_OPS = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+}
+
+
+class ManualClock:
+    """A clock for tests: time moves only when told to."""
+
+    def __init__(self, start: float = 1_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class _Lease:
+    id: int
+    ttl: float
+    deadline: float
+    keys: set[str] = field(default_factory=set)
+
+
+class _MemoryWatch:
+    def __init__(self, store: "MemoryStore", start: str, end: str | None, loop: asyncio.AbstractEventLoop):
+        self.store = store
+        self.start = start
+        self.end = end
+        self.loop = loop
+        self.queue: asyncio.Queue[WatchBatch | None] = asyncio.Queue()
+        self.closed = False
+
+    def matches(self, key: str) -> bool:
+        if self.end is None:
+            return key == self.start
+        return self.start <= key and (self.end == "\0" or key < self.end)
+
+    def deliver(self, batch: WatchBatch | None) -> None:
+        if self.closed:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.queue.put_nowait(batch)
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, batch)
+
+    async def cancel(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.store._unwatch(self)
+            self.queue.put_nowait(None)
+
+    def __aiter__(self) -> AsyncIterator[WatchBatch]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[WatchBatch]:
+        while True:
+            batch = await self.queue.get()
+            if batch is None:
+                if self.store._closed and not self.closed:
+                    raise StoreUnavailable("memory store closed")
+                return
+            yield batch
+
+
+class MemoryStore:
+    """In-process store for embedded runs and tests; see the module docstring for its fidelity."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_txn_ops: int = 128,
+                 max_request_bytes: int = 1536 * 1024, history_limit: int = 100_000):
+        self.clock = clock
+        self.max_txn_ops = max_txn_ops
+        self.max_request_bytes = max_request_bytes
+        self.history_limit = history_limit
+        self._data: dict[str, KeyValue] = {}
+        self._keys: list[str] = []
+        self._rev = 1
+        self._compacted = 0
+        self._log: list[tuple[int, list[Event]]] = []
+        self._leases: dict[int, _Lease] = {}
+        self._watches: list[_MemoryWatch] = []
+        self._lock = threading.RLock()
+        self._lease_ids = itertools.count(random.randrange(1 << 40, 1 << 50))
+        self._closed = False
+
+    # -- reads ------------------------------------------------------------------------------
+    async def get(self, key: str) -> KeyValue | None:
+        with self._lock:
+            self._check()
+            return self._data.get(key)
+
+    async def range(self, start: str, end: str | None = None, *, limit: int = 0, revision: int = 0,
+                    keys_only: bool = False) -> RangeResult:
+        with self._lock:
+            self._check()
+            if revision and revision != self._rev:
+                raise TxnRejected("the memory store serves ranges at the current revision only")
+            kvs, more = self._range(start, end, limit)
+            if keys_only:
+                kvs = [replace(kv, value=b"") for kv in kvs]
+            return RangeResult(kvs=kvs, more=more, revision=self._rev)
+
+    def _range(self, start: str, end: str | None, limit: int = 0) -> tuple[list[KeyValue], bool]:
+        if end is None:
+            kv = self._data.get(start)
+            return ([kv] if kv else []), False
+        lo = bisect.bisect_left(self._keys, start)
+        hi = len(self._keys) if end == "\0" else bisect.bisect_left(self._keys, end)
+        keys = self._keys[lo:hi]
+        more = bool(limit) and len(keys) > limit
+        if limit:
+            keys = keys[:limit]
+        return [self._data[k] for k in keys], more
+
+    async def revision(self) -> int:
+        with self._lock:
+            self._check()
+            return self._rev
+
+    # -- writes -----------------------------------------------------------------------------
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        result = await self.txn([], [Put(key, value, lease)])
+        return result.revision
+
+    async def delete(self, key: str, end: str | None = None) -> int:
+        result = await self.txn([], [Delete(key, end)])
+        return result.responses[0]
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op] = (),
+                  failure: Sequence[Op] = ()) -> TxnResult:
+        with self._lock:
+            self._check()
+            self._validate(compare, success, failure)
+            changes: dict[str, KeyValue | None] = {}
+            events: list[Event] = []
+            ok, responses = self._apply(compare, success, failure, changes, events)
+            if events:
+                self._commit(changes, events)
+            return TxnResult(succeeded=ok, revision=self._rev, responses=responses)
+
+    def _validate(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> None:
+        size = 0
+        self._count_ops(compare, success, failure)
+        for op in itertools.chain(success, failure):
+            size += self._size(op)
+        for c in compare:
+            size += len(c.key) + (len(c.value) if isinstance(c.value, bytes) else 8)
+        if size > self.max_request_bytes:
+            raise TxnRejected(f"request is too large ({size} bytes > {self.max_request_bytes})")
+        self._intervals(success)
+        self._intervals(failure)
+
+    def _count_ops(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> None:
+        count = max(len(compare), len(success), len(failure))
+        if count > self.max_txn_ops:
+            raise TxnRejected(f"too many operations in txn request ({count} > {self.max_txn_ops})")
+        for op in itertools.chain(success, failure):
+            if isinstance(op, Txn):
+                self._count_ops(op.compare, op.success, op.failure)
+
+    def _size(self, op: Op) -> int:
+        if isinstance(op, Put):
+            return len(op.key) + len(op.value) + 8
+        if isinstance(op, Txn):
+            return sum(self._size(o) for o in itertools.chain(op.success, op.failure)) + 16 * len(op.compare)
+        return len(op.key) + 8
+
+    def _intervals(self, ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
+        """etcd's checkIntervals: a key may be written once per transaction, nested ones included
+        (the two branches of one nested transaction exclude each other, so they may share keys)."""
+        dels = [(op.key, op.end) for op in ops if isinstance(op, Delete)]
+        puts: set[str] = set()
+
+        def deleted(key: str) -> bool:
+            return any(key == s if e is None else (s <= key and (e == "\0" or key < e)) for s, e in dels)
+
+        def duplicate() -> TxnRejected:
+            return TxnRejected("duplicate key given in txn request")
+
+        for op in ops:
+            if not isinstance(op, Txn):
+                continue
+            puts_then, dels_then = self._intervals(op.success)
+            puts_else, dels_else = self._intervals(op.failure)
+            for k in puts_then:
+                if k in puts or deleted(k):
+                    raise duplicate()
+                puts.add(k)
+            for k in puts_else:
+                if (k in puts and k not in puts_then) or deleted(k):
+                    raise duplicate()
+                puts.add(k)
+            dels.extend(dels_then)
+            dels.extend(dels_else)
+        for op in ops:
+            if isinstance(op, Put):
+                if op.key in puts or deleted(op.key):
+                    raise duplicate()
+                puts.add(op.key)
+        return puts, dels
+
+    def _current(self, key: str, changes: dict[str, KeyValue | None]) -> KeyValue | None:
+        return changes[key] if key in changes else self._data.get(key)
+
+    def _compare(self, c: Compare, changes: dict[str, KeyValue | None]) -> bool:
+        if c.end is None:
+            kvs = [kv] if (kv := self._current(c.key, changes)) else []
+        else:
+            kvs, _ = self._range(c.key, c.end)
+        if not kvs:
+            if c.target == "value":
+                return False
+            kvs = [KeyValue(c.key, b"", 0, 0, 0, 0)]
+        fn = _OPS[c.op]
+        for kv in kvs:
+            actual = {"version": kv.version, "create": kv.create_revision, "mod": kv.mod_revision,
+                      "value": kv.value, "lease": kv.lease}[c.target]
+            if not fn(actual, c.value):
+                return False
+        return True
+
+    def _apply(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op],
+               changes: dict[str, KeyValue | None], events: list[Event]) -> tuple[bool, list]:
+        ok = all(self._compare(c, changes) for c in compare)
+        responses: list = []
+        rev = self._rev + 1
+        for op in success if ok else failure:
+            if isinstance(op, Put):
+                if op.lease and op.lease not in self._leases:
+                    raise LeaseLost(f"requested lease not found: {op.lease:x}")
+                old = self._current(op.key, changes)
+                kv = KeyValue(op.key, op.value, old.create_revision if old else rev, rev,
+                              (old.version if old else 0) + 1, op.lease)
+                changes[op.key] = kv
+                events.append(Event(PUT, kv))
+                responses.append(None)
+            elif isinstance(op, Delete):
+                if op.end is None:
+                    targets = [op.key] if self._current(op.key, changes) else []
+                else:
+                    targets = [kv.key for kv in self._range(op.key, op.end)[0]]
+                    targets += [k for k, v in changes.items() if v is not None and k not in targets
+                                and op.key <= k and (op.end == "\0" or k < op.end)]
+                count = 0
+                for key in targets:
+                    if self._current(key, changes) is not None:
+                        changes[key] = None
+                        events.append(Event(DELETE, KeyValue(key, b"", 0, rev, 0, 0)))
+                        count += 1
+                responses.append(count)
+            elif isinstance(op, Get):
+                kvs, _ = self._range(op.key, op.end, op.limit)
+                responses.append([self._current(kv.key, changes) for kv in kvs
+                                  if self._current(kv.key, changes) is not None])
+            elif isinstance(op, Txn):
+                sub_ok, sub_responses = self._apply(op.compare, op.success, op.failure, changes, events)
+                responses.append(TxnResult(sub_ok, rev, sub_responses))
+            else:
+                raise TypeError(f"unknown operation {op!r}")
+        return ok, responses
+
+    def _commit(self, changes: dict[str, KeyValue | None], events: list[Event]) -> None:
+        self._rev += 1
+        for key, kv in changes.items():
+            old = self._data.get(key)
+            if old is not None and old.lease and old.lease in self._leases:
+                self._leases[old.lease].keys.discard(key)
+            if kv is None:
+                if old is not None:
+                    del self._data[key]
+                    i = bisect.bisect_left(self._keys, key)
+                    del self._keys[i]
+            else:
+                if old is None:
+                    bisect.insort(self._keys, key)
+                self._data[key] = kv
+                if kv.lease:
+                    self._leases[kv.lease].keys.add(key)
+        self._publish(events)
+
+    def _publish(self, events: list[Event]) -> None:
+        self._log.append((self._rev, events))
+        if len(self._log) > self.history_limit:
+            drop = len(self._log) - self.history_limit
+            self._compacted = self._log[drop][0] - 1
+            del self._log[:drop]
+        for watch in list(self._watches):
+            mine = [e for e in events if watch.matches(e.kv.key)]
+            if mine:
+                watch.deliver(WatchBatch(self._rev, mine))
+
+    # -- leases -----------------------------------------------------------------------------
+    def _expire(self) -> None:
+        now = self.clock()
+        for lease in [lease for lease in self._leases.values() if lease.deadline <= now]:
+            self._drop_lease(lease)
+
+    def _drop_lease(self, lease: _Lease) -> None:
+        del self._leases[lease.id]
+        if lease.keys:
+            rev = self._rev + 1
+            events = []
+            for key in sorted(lease.keys):
+                if key in self._data:
+                    events.append(Event(DELETE, KeyValue(key, b"", 0, rev, 0, 0)))
+            if events:
+                self._commit({e.kv.key: None for e in events}, events)
+
+    def expire(self) -> None:
+        """Apply lease expiry now (every operation does this first)."""
+        with self._lock:
+            self._expire()
+
+    async def lease_grant(self, ttl: float) -> int:
+        with self._lock:
+            self._check()
+            lease = _Lease(next(self._lease_ids), ttl, self.clock() + ttl)
+            self._leases[lease.id] = lease
+            return lease.id
+
+    async def lease_keepalive(self, lease: int) -> float:
+        with self._lock:
+            self._check()
+            found = self._leases.get(lease)
+            if found is None:
+                raise LeaseLost(f"lease {lease:x} expired or was revoked")
+            found.deadline = self.clock() + found.ttl
+            return found.ttl
+
+    async def lease_revoke(self, lease: int) -> None:
+        with self._lock:
+            self._check()
+            found = self._leases.get(lease)
+            if found is not None:
+                self._drop_lease(found)
+
+    async def lease_ttl(self, lease: int) -> float:
+        """Remaining time of a lease, -1 when it no longer exists (as etcd's TimeToLive)."""
+        with self._lock:
+            self._check()
+            found = self._leases.get(lease)
+            return -1 if found is None else max(0.0, found.deadline - self.clock())
+
+    # -- watches ----------------------------------------------------------------------------
+    async def watch(self, start: str, end: str | None = None, *, start_revision: int = 0) -> _MemoryWatch:
+        with self._lock:
+            self._check()
+            if start_revision and start_revision <= self._compacted:
+                raise Compacted(self._compacted + 1 if self._compacted else self._compacted)
+            watch = _MemoryWatch(self, start, end, asyncio.get_running_loop())
+            if start_revision:
+                for rev, events in self._log:
+                    if rev >= start_revision:
+                        mine = [e for e in events if watch.matches(e.kv.key)]
+                        if mine:
+                            watch.queue.put_nowait(WatchBatch(rev, mine))
+            self._watches.append(watch)
+            return watch
+
+    def _unwatch(self, watch: _MemoryWatch) -> None:
+        with self._lock:
+            if watch in self._watches:
+                self._watches.remove(watch)
+
+    async def compact(self, revision: int) -> None:
+        with self._lock:
+            self._check()
+            if revision > self._rev:
+                raise TxnRejected(f"cannot compact to future revision {revision} (current {self._rev})")
+            self._compacted = max(self._compacted, revision - 1)
+            self._log = [(r, e) for r, e in self._log if r >= revision]
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("memory store closed")
+        self._expire()
+
+    async def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.deliver(None)

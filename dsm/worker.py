@@ -1,0 +1,762 @@
+"""The worker loop: claim runnable tokens under a lease, tick, commit, repeat.
+
+This is the one module that sleeps, retries I/O and talks to a lease. Everything it decides about
+an instance comes from `transition.advance`; everything it writes is one transaction per commit
+(batched with other instances' commits) that compares the record's mod revision and the claim's
+create revision, so a worker that lost its lease, paused past it, or was overtaken never commits.
+
+Work discovery is push, not poll: one watch on the work prefix. A work marker put without its
+claim is new work; a claim deleted without its marker is work orphaned by a dead or departing
+worker. Candidates are kept in a bounded set; when more work waits than fits, the worker pages
+through the store for the rest once the set drains, so memory stays flat however long the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import payloads, transition
+from .batching import Batcher
+from .context import Context, make_context
+from .definitions import Registry
+from .errors import AttemptAbandoned, Compacted, HandlerError, LeaseLost, NotFound, StoreError, StoreUnavailable
+from .graph import Graph, State
+from .keys import Keys, WorkInfo
+from .records import ErrorInfo, Instance, Token, dump_history, dump_instance, load_instance
+from .store import DELETE, Compare, Delete, Event, Get, KeyValue, Put, Store, Txn, TxnRejected, prefix_end
+from .transition import Failure, Outcome, Step
+
+log = logging.getLogger(__name__)
+
+TokenRef = tuple[str, str]  # (instance id, token id)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class _Job:
+    """One claimed token being worked on by this worker."""
+
+    ref: TokenRef
+    claim_rev: int
+    ctx: Context | None = None
+    task: asyncio.Task | None = None
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    committed: int = 0
+    transitions: int = 0
+    conflicts: int = 0
+    lost: int = 0
+    ticks: int = 0
+    failures: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class _HandlerLoop:
+    """A private event loop thread for `async def` handlers, so user code never stalls the
+    worker's own loop (lease keep-alives, watches and commits)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="dsm-async-handlers", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+def _call_sync(func: Callable[..., Any], payload: dict, ctx: Context) -> Any:
+    return func(payload, ctx)
+
+
+def _failure_of(exc: BaseException) -> Failure:
+    if isinstance(exc, HandlerError):
+        return Failure(exc.type_name, str(exc), retryable=exc.retryable)
+    bases = tuple(c.__name__ for c in type(exc).__mro__[1:] if c not in (object, BaseException))
+    message = str(exc) or repr(exc)
+    return Failure(type(exc).__name__, message, retryable=True, bases=bases)
+
+
+class Worker:
+    """Runs ticks for every instance in a namespace that its registry can serve."""
+
+    def __init__(self, store: Store, registry: Registry, *, keys: Keys | None = None, concurrency: int = 8,
+                 lease_ttl: float = 10.0, worker_id: str | None = None, payload_limit: int | None = None,
+                 max_record_bytes: int = 1_400_000, candidate_cap: int = 10_000, page_size: int = 1000,
+                 sweep_interval: float = 30.0, batch_ops: int = 64, wall: Callable[[], float] = time.time,
+                 on_commit: Callable[[Step], None] | None = None):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.store = store
+        self.registry = registry
+        self.keys = keys or registry.keys
+        self.concurrency = concurrency
+        self.lease_ttl = lease_ttl
+        self.id = worker_id or default_worker_id()
+        self.payload_limit = payload_limit if payload_limit is not None else payloads.default_limit()
+        self.max_record_bytes = max_record_bytes
+        self.candidate_cap = candidate_cap
+        self.page_size = page_size
+        self.sweep_interval = sweep_interval
+        self.wall = wall
+        self.on_commit = on_commit
+        self.stats = WorkerStats()
+        self.lease: int | None = None
+        self._lease_ready = asyncio.Event()
+        self._candidates: dict[TokenRef, WorkInfo | None] = {}
+        self._delayed: list[tuple[float, TokenRef]] = []
+        self._overflow = False
+        self._cursor: str | None = None
+        self._jobs: dict[TokenRef, _Job] = {}
+        self._busy = 0
+        self._records: dict[str, tuple[Instance, int]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._commits = Batcher(store, max_ops=batch_ops)
+        self._claims = Batcher(store, max_ops=batch_ops)
+        self._executor = ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="dsm-tick")
+        self._handler_loop: _HandlerLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None, *, grace: float = 30.0) -> None:
+        """Work until `stop` is set, then finish or release what is held and revoke the lease."""
+        stop = stop or asyncio.Event()
+        await self._grant()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._keepalive(), name="dsm-keepalive"),
+                       loop.create_task(self._watch(), name="dsm-watch"),
+                       loop.create_task(self._dispatch(), name="dsm-dispatch")]
+        stopper = loop.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            stopper.cancel()
+            await self._shutdown(grace)
+
+    async def _shutdown(self, grace: float) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            if task.get_name() != "dsm-keepalive":
+                task.cancel()
+        if self._jobs:
+            log.info("worker %s: stopping, finishing %d tick(s) (up to %.0fs)", self.id, len(self._jobs), grace)
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("worker %s: %d tick(s) still running after %.0fs; releasing their claims",
+                            self.id, len(self._jobs), grace)
+        for job in list(self._jobs.values()):
+            if job.ctx is not None:
+                job.ctx.abandon("worker is shutting down")
+            if job.task is not None:
+                job.task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.lease is not None:
+            try:
+                await self.store.lease_revoke(self.lease)  # every claim still held goes at once
+            except StoreError as exc:
+                log.warning("worker %s: could not revoke lease (%s); claims expire in %.0fs", self.id, exc,
+                            self.lease_ttl)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._handler_loop is not None:
+            self._handler_loop.stop()
+
+    async def _grant(self) -> None:
+        self._lease_ready.clear()
+        delay = 0.2
+        while True:
+            try:
+                self.lease = await self.store.lease_grant(self.lease_ttl)
+                self._lease_ready.set()
+                log.debug("worker %s: lease %x granted (ttl %.0fs)", self.id, self.lease, self.lease_ttl)
+                return
+            except StoreUnavailable as exc:
+                if self._stopping:
+                    raise
+                log.warning("worker %s: store unavailable (%s); retrying", self.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _keepalive(self) -> None:
+        interval = max(self.lease_ttl / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.lease_keepalive(self.lease)  # type: ignore[arg-type]
+            except LeaseLost:
+                log.warning("worker %s: lease %x lost; its claims are gone, taking a new lease", self.id,
+                            self.lease or 0)
+                self._lose_all("the worker's lease expired")
+                await self._grant()
+            except StoreUnavailable as exc:
+                log.warning("worker %s: keep-alive failed (%s)", self.id, exc)
+
+    def _lose_all(self, reason: str) -> None:
+        for job in self._jobs.values():
+            if job.ctx is not None:
+                job.ctx.abandon(reason)
+
+    # -- discovering work --------------------------------------------------------------------
+    async def _watch(self) -> None:
+        revision = await self._resync()
+        delay = 0.2
+        while True:
+            try:
+                watch = await self.store.watch(self.keys.work_prefix, prefix_end(self.keys.work_prefix),
+                                               start_revision=revision + 1)
+                delay = 0.2
+                async for batch in watch:
+                    if batch.events:
+                        self._apply_events(batch.events)
+                        revision = max(revision, batch.events[-1].kv.mod_revision)
+                raise StoreUnavailable("watch ended")
+            except Compacted as exc:
+                log.info("worker %s: watch revision %d compacted (%s); resyncing", self.id, revision + 1, exc)
+                revision = await self._resync()
+            except StoreUnavailable as exc:
+                log.warning("worker %s: watch interrupted (%s); resuming from revision %d", self.id, exc,
+                            revision + 1)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except asyncio.CancelledError:
+                raise
+
+    async def _resync(self) -> int:
+        """Rebuild the candidate set from the store; return the revision it reflects."""
+        delay = 0.2
+        while True:
+            try:
+                self._candidates.clear()
+                self._delayed.clear()
+                self._overflow = False
+                self._cursor = self.keys.work_prefix
+                return await self._scan()
+            except StoreUnavailable as exc:
+                log.warning("worker %s: cannot read work (%s); retrying", self.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _scan(self) -> int:
+        """Page through work markers from the cursor, adding unclaimed ones until the set is full."""
+        end = prefix_end(self.keys.work_prefix)
+        revision = 0
+        cursor = self._cursor or self.keys.work_prefix
+        pending: tuple[TokenRef, WorkInfo] | None = None
+        while True:
+            page = await self.store.range(cursor, end, limit=self.page_size)
+            revision = page.revision
+            for kv in page.kvs:
+                parsed = self.keys.parse_work(kv.key)
+                if parsed is None:
+                    continue
+                iid, tok, is_claim = parsed
+                if is_claim:
+                    if pending is not None and pending[0] == (iid, tok):
+                        pending = None
+                    continue
+                if pending is not None:
+                    self._add(*pending)
+                pending = ((iid, tok), _load_info(kv.value))
+                if self._full():
+                    self._cursor = kv.key
+                    self._overflow = True
+                    return revision
+            if not page.more or not page.kvs:
+                break
+            cursor = page.kvs[-1].key + "\0"
+        if pending is not None:
+            self._add(*pending)
+        self._cursor = None
+        self._overflow = False
+        self._wake.set()
+        return revision
+
+    def _full(self) -> bool:
+        return len(self._candidates) >= self.candidate_cap
+
+    def _add(self, ref: TokenRef, info: WorkInfo | None) -> None:
+        if info is not None and self.registry.refusal(info.digest):
+            return
+        if ref not in self._candidates and self._full():
+            self._overflow = True
+            return
+        self._candidates[ref] = info
+        if info is not None and info.not_before > self.wall():
+            heapq.heappush(self._delayed, (info.not_before, ref))
+        self._wake.set()
+
+    def _apply_events(self, events: list[Event]) -> None:
+        for _, group in itertools.groupby(events, key=lambda e: e.kv.mod_revision):
+            works: dict[TokenRef, WorkInfo | None] = {}
+            gone: set[TokenRef] = set()
+            claimed: set[TokenRef] = set()
+            released: set[TokenRef] = set()
+            for event in group:
+                parsed = self.keys.parse_work(event.kv.key)
+                if parsed is None:
+                    continue
+                ref = (parsed[0], parsed[1])
+                if parsed[2]:
+                    (released if event.type == DELETE else claimed).add(ref)
+                elif event.type == DELETE:
+                    gone.add(ref)
+                else:
+                    works[ref] = _load_info(event.kv.value)
+            for ref in gone:
+                self._candidates.pop(ref, None)
+                job = self._jobs.get(ref)
+                if job is not None and job.ctx is not None:
+                    # Our own commit removes the token too, but by then its tick has returned and
+                    # abandoning it changes nothing; otherwise it was cancelled or failed elsewhere.
+                    job.ctx.abandon("the token was removed (instance cancelled or failed elsewhere)")
+            for ref in claimed:
+                self._candidates.pop(ref, None)
+            for ref, info in works.items():
+                if ref not in claimed and ref not in gone:
+                    self._add(ref, info)
+            for ref in released - gone - claimed:
+                job = self._jobs.get(ref)
+                if job is not None:
+                    if job.ctx is not None:
+                        job.ctx.abandon("the claim was lost (lease expired)")
+                    continue
+                self._add(ref, works.get(ref))
+
+    # -- claiming ----------------------------------------------------------------------------
+    def _due(self, limit: int) -> list[TokenRef]:
+        now = self.wall()
+        picked: list[TokenRef] = []
+        for ref, info in self._candidates.items():
+            if len(picked) >= limit:
+                break
+            if ref in self._jobs:
+                continue
+            if info is not None and info.not_before > now:
+                continue
+            picked.append(ref)
+        return picked
+
+    def _next_delay(self) -> float | None:
+        now = self.wall()
+        while self._delayed:
+            at, ref = self._delayed[0]
+            info = self._candidates.get(ref)
+            if info is None or info.not_before != at or ref in self._jobs:
+                heapq.heappop(self._delayed)
+                continue
+            return max(0.0, at - now)
+        return None
+
+    async def _dispatch(self) -> None:
+        last_sweep = time.monotonic()
+        while not self._stopping:
+            free = self.concurrency - self._busy
+            picked = self._due(free) if free > 0 and not self._stopping else []
+            if not picked:
+                if free > 0 and self._overflow and not self._due(1):
+                    try:
+                        await self._scan()
+                    except StoreUnavailable as exc:
+                        log.warning("worker %s: cannot page work (%s)", self.id, exc)
+                        await asyncio.sleep(0.5)
+                    continue
+                if free > 0 and not self._candidates and time.monotonic() - last_sweep > self.sweep_interval:
+                    last_sweep = time.monotonic()
+                    self._cursor = self.keys.work_prefix
+                    try:
+                        await self._scan()
+                    except StoreUnavailable:
+                        pass
+                    continue
+                self._wake.clear()
+                delay = self._next_delay()
+                timeout = min(delay if delay is not None else self.sweep_interval, self.sweep_interval)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.001))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            for ref in picked:
+                self._candidates.pop(ref, None)
+            self._busy += len(picked)
+            self._idle.clear()
+            asyncio.get_running_loop().create_task(self._claim(picked))
+
+    async def _claim(self, refs: list[TokenRef]) -> None:
+        await self._lease_ready.wait()
+        lease = self.lease
+        started: set[TokenRef] = set()
+        try:
+            results = await asyncio.gather(*(self._claims.submit(self._claim_txn(ref, lease)) for ref in refs),
+                                           return_exceptions=True)
+            for ref, result in zip(refs, results):
+                if isinstance(result, BaseException):
+                    if isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
+                        # It may have been applied: adopt the claim if it is ours, never leave it held.
+                        if await self._adopt(ref, lease):
+                            started.add(ref)
+                    elif isinstance(result, LeaseLost):
+                        self._wake.set()
+                    else:
+                        log.error("worker %s: claim of %s/%s failed: %s", self.id, ref[0], ref[1], result)
+                    continue
+                if not result.succeeded:
+                    continue
+                _, inst_kvs, work_kvs = result.responses
+                if not inst_kvs or not work_kvs:
+                    await self._release(ref, result.revision)
+                    continue
+                self._remember(inst_kvs[0])
+                self.stats.claimed += 1
+                self._start(ref, result.revision)
+                started.add(ref)
+        finally:
+            unused = len(refs) - len(started)
+            if unused:
+                self._free(unused)
+
+    def _claim_txn(self, ref: TokenRef, lease: int | None) -> Txn:
+        iid, tok = ref
+        work, claim = self.keys.work(iid, tok), self.keys.claim(iid, tok)
+        return Txn([Compare.version(work, ">", 0), Compare.create(claim, "==", 0)],
+                   [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
+
+    async def _adopt(self, ref: TokenRef, lease: int | None) -> bool:
+        """After an ambiguous claim or commit: if the claim on `ref` is ours, run it; else let it be."""
+        iid, tok = ref
+        while True:
+            try:
+                claim = await self.store.get(self.keys.claim(iid, tok))
+                record = await self.store.get(self.keys.instance(iid))
+                break
+            except StoreUnavailable:
+                if self._stopping:
+                    return False
+                await asyncio.sleep(0.5)
+        if claim is None or lease is None or claim.lease != lease or record is None:
+            return False
+        self._remember(record)
+        self._start(ref, claim.create_revision)
+        return True
+
+    async def _release(self, ref: TokenRef, claim_rev: int) -> None:
+        claim = self.keys.claim(*ref)
+        try:
+            await self.store.txn([Compare.create(claim, "==", claim_rev)], [Delete(claim)])
+        except StoreError as exc:
+            log.warning("worker %s: could not release %s/%s (%s); it frees when the lease ends", self.id,
+                        ref[0], ref[1], exc)
+
+    def _free(self, slots: int) -> None:
+        self._busy -= slots
+        if self._busy <= 0:
+            self._busy = 0
+            self._idle.set()
+        self._wake.set()
+
+    def _remember(self, kv: KeyValue) -> None:
+        inst = load_instance(kv.value)
+        cached = self._records.get(inst.id)
+        if cached is None or cached[1] < kv.mod_revision:
+            self._records[inst.id] = (inst, kv.mod_revision)
+
+    def _start(self, ref: TokenRef, claim_rev: int) -> None:
+        """Start a job on a claimed token; its slot is already counted in _busy."""
+        job = _Job(ref, claim_rev)
+        self._jobs[ref] = job
+        self._users[ref[0]] = self._users.get(ref[0], 0) + 1
+        job.task = asyncio.get_running_loop().create_task(self._run_job(job))
+
+    # -- running -----------------------------------------------------------------------------
+    async def _run_job(self, job: _Job) -> None:
+        iid, tok = job.ref
+        try:
+            await self._work_on(job)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("worker %s: internal error on instance %s token %s", self.id, iid, tok)
+        finally:
+            self._jobs.pop(job.ref, None)
+            users = self._users.get(iid, 1) - 1
+            if users <= 0:
+                self._users.pop(iid, None)
+                self._records.pop(iid, None)
+                self._locks.pop(iid, None)
+            else:
+                self._users[iid] = users
+            self._free(1)
+
+    async def _work_on(self, job: _Job) -> None:
+        iid, tok = job.ref
+        inst, _ = self._records[iid]
+        token = inst.tokens.get(tok)
+        if token is None or inst.finished:
+            await self._release(job.ref, job.claim_rev)
+            return
+        try:
+            graph = await self.registry.get(inst.digest)
+        except NotFound as exc:
+            log.error("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+            await self._release(job.ref, job.claim_rev)
+            return
+        wait = token.not_before - self.wall()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        outcome = await self._attempt(graph, inst, token, job)
+        await self._commit(graph, job, outcome)
+
+    async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: _Job) -> Outcome:
+        state = graph.states[token.state]
+        if state.tick is None:
+            return Outcome()
+        handler = state.tick
+        if handler.func is None:
+            return Outcome(failure=Failure("HandlerUnavailable", f"state {state.name!r}: handler {handler.ref!r} "
+                                           "was not imported by this worker", retryable=True))
+        payload = payloads.copy(inst.payload_of(token))
+        timeout = state.timeout
+        ctx = make_context(instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
+                           branch=token.branch, token=token.id,
+                           deadline=self.wall() + timeout if timeout else None)
+        job.ctx = ctx
+        self.stats.ticks += 1
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future
+        concurrent = None
+        if handler.is_async:
+            if self._handler_loop is None:
+                self._handler_loop = _HandlerLoop()
+            concurrent = asyncio.run_coroutine_threadsafe(handler.func(payload, ctx), self._handler_loop.loop)
+            future = asyncio.wrap_future(concurrent)
+        else:
+            future = loop.run_in_executor(self._executor, _call_sync, handler.func, payload, ctx)
+        try:
+            result = await asyncio.wait_for(future, timeout) if timeout else await future
+        except asyncio.TimeoutError:
+            ctx.abandon(f"attempt timed out after {timeout:g}s")
+            if concurrent is not None:
+                concurrent.cancel()
+            failure = Failure("TimeoutError", f"state {state.name!r}: attempt {token.attempt} timed out after "
+                              f"{timeout:g}s", retryable=True, bases=("Exception",))
+            self._log_failure(inst, state, token, failure)
+            return Outcome(failure=failure)
+        except AttemptAbandoned as exc:
+            failure = Failure("AttemptAbandoned", str(exc), retryable=True)
+            return Outcome(failure=failure)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            failure = _failure_of(exc)
+            self._log_failure(inst, state, token, failure, exc)
+            return Outcome(failure=failure)
+        return self._outcome(result, payload, state)
+
+    def _log_failure(self, inst: Instance, state: State, token: Token, failure: Failure,
+                     exc: BaseException | None = None) -> None:
+        self.stats.failures += 1
+        log.warning("instance %s state %s attempt %d failed: %s: %s", inst.id, state.name, token.attempt,
+                    failure.type, failure.message, exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
+
+    def _outcome(self, result: Any, payload: dict, state: State) -> Outcome:
+        label: str | None = None
+        new: Any
+        if result is None:
+            new = payload
+        elif isinstance(result, dict):
+            new = result
+        elif isinstance(result, str):
+            label, new = result, payload
+        elif (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
+              and isinstance(result[1], dict)):
+            label, new = result
+        else:
+            return Outcome(failure=Failure("InvalidResult", f"state {state.name!r}: the handler returned "
+                                           f"{type(result).__name__}; expected None, a dict, an outcome label "
+                                           "(str) or a (label, dict) pair", retryable=False))
+        try:
+            checked, _ = payloads.check(new, limit=self.payload_limit)
+        except payloads.PayloadError as exc:
+            return Outcome(failure=Failure(exc.kind, f"state {state.name!r}: {exc}", retryable=False))
+        return Outcome(payload=checked, label=label)
+
+    # -- committing --------------------------------------------------------------------------
+    def _lock(self, iid: str) -> asyncio.Lock:
+        lock = self._locks.get(iid)
+        if lock is None:
+            lock = self._locks[iid] = asyncio.Lock()
+        return lock
+
+    async def _commit(self, graph: Graph, job: _Job, outcome: Outcome) -> None:
+        iid, tok = job.ref
+        rejected = 0
+        async with self._lock(iid):
+            while True:
+                inst, rev = self._records[iid]
+                step = transition.advance(graph, inst, tok, outcome, now=self.wall(), worker=self.id)
+                if step.instance is inst:
+                    await self._release(job.ref, job.claim_rev)
+                    return
+                record = dump_instance(step.instance)
+                if len(record) > self.max_record_bytes:
+                    step = self._oversized(inst, graph, tok, len(record))
+                    record = dump_instance(step.instance)
+                keep = self._keep(step)
+                txn = self._commit_txn(inst, rev, job, step, record, keep)
+                self._busy += len(keep)  # slots for the tokens claimed in the commit
+                try:
+                    result = await self._commits.submit(txn)
+                except (StoreUnavailable, asyncio.TimeoutError) as exc:
+                    self._free(len(keep))
+                    log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
+                    if await self._settle_doubt(job, rev, step, keep):
+                        return
+                    continue
+                except LeaseLost:
+                    self._free(len(keep))
+                    self.stats.lost += 1
+                    log.warning("worker %s: lease lost before committing instance %s", self.id, iid)
+                    return
+                except TxnRejected as exc:
+                    self._free(len(keep))
+                    rejected += 1
+                    if rejected > 1:
+                        log.error("worker %s: the store refused the commit of instance %s twice (%s); leaving "
+                                  "it to another worker", self.id, iid, exc)
+                        await self._release(job.ref, job.claim_rev)
+                        return
+                    log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
+                    outcome = Outcome(failure=Failure("StoreRejected", f"the store refused the commit: {exc}",
+                                                      retryable=False))
+                    continue
+                if result.succeeded:
+                    self._committed(step, result.revision, keep)
+                    return
+                self._free(len(keep))
+                record_kvs, claim_kvs = result.responses
+                claim = claim_kvs[0] if claim_kvs else None
+                if claim is None or claim.create_revision != job.claim_rev:
+                    self.stats.lost += 1
+                    log.info("worker %s: claim on %s/%s lost before commit; another worker takes over",
+                             self.id, iid, tok)
+                    return
+                if not record_kvs:
+                    return
+                self.stats.conflicts += 1
+                self._remember(record_kvs[0])
+
+    def _oversized(self, inst: Instance, graph: Graph, tok: str, size: int) -> Step:
+        token = inst.tokens[tok]
+        error = ErrorInfo(type="PayloadTooLarge", message=f"state {token.state!r}: the instance record would be "
+                          f"{size} bytes (its live payloads together); the store accepts {self.max_record_bytes}",
+                          state=token.state, attempts=token.attempt)
+        return transition.fail(inst, error, self.wall())
+
+    def _keep(self, step: Step) -> list[Token]:
+        """New tokens to claim in the commit itself, as far as free slots allow (one is this job's)."""
+        if self._stopping:
+            return []
+        now = self.wall()
+        avail = self.concurrency - self._busy + 1
+        fresh = [t for t in step.upserted if t.not_before <= now and t.id not in step.removed
+                 and t.attempt == 1]
+        return fresh[:max(0, avail)]
+
+    def _commit_txn(self, inst: Instance, rev: int, job: _Job, step: Step, record: bytes,
+                    keep: list[Token]) -> Txn:
+        iid, tok = job.ref
+        keys = self.keys
+        ops: list = [Put(keys.instance(iid), record)]
+        for entry in step.history:
+            ops.append(Put(keys.history(iid, entry.seq), dump_history(entry)))
+        upserted = {t.id for t in step.upserted}
+        for gone in step.removed:
+            ops.append(Delete(keys.work(iid, gone)))
+            ops.append(Delete(keys.claim(iid, gone)))
+        if tok not in step.removed:
+            ops.append(Delete(keys.claim(iid, tok)))  # a retry: give the token back until it is due
+        kept = {t.id for t in keep}
+        for token in step.upserted:
+            info = WorkInfo(inst.machine, inst.digest, token.state, token.not_before)
+            ops.append(Put(keys.work(iid, token.id), info.dump()))
+            if token.id in kept:
+                ops.append(Put(keys.claim(iid, token.id), self.id.encode(), self.lease or 0))
+        assert not (upserted & set(step.removed))
+        compare = [Compare.mod(keys.instance(iid), "==", rev), Compare.create(keys.claim(iid, tok), "==", job.claim_rev)]
+        failure = [Get(keys.instance(iid)), Get(keys.claim(iid, tok))]
+        return Txn(compare, ops, failure)
+
+    def _committed(self, step: Step, revision: int, keep: list[Token]) -> None:
+        inst = step.instance
+        self._records[inst.id] = (inst, revision)
+        self.stats.committed += 1
+        self.stats.transitions += len(step.history)
+        for entry in step.history:
+            log.debug("instance %s: %s -> %s (branch %s)", inst.id, entry.state, ",".join(entry.next),
+                      "/".join(entry.branch) or "-")
+        if inst.finished:
+            log.info("instance %s %s%s", inst.id, inst.status,
+                     f" at {inst.state}" if inst.state else f": {inst.error.type}: {inst.error.message}"
+                     if inst.error else "")
+        if self.on_commit is not None:
+            self.on_commit(step)
+        for token in keep:
+            self._start((inst.id, token.id), revision)
+
+    async def _settle_doubt(self, job: _Job, rev: int, step: Step, keep: list[Token]) -> bool:
+        """A commit timed out: find out whether it applied. True when the job is done."""
+        iid, tok = job.ref
+        while True:
+            try:
+                record = await self.store.get(self.keys.instance(iid))
+                claim = await self.store.get(self.keys.claim(iid, tok))
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.5)
+        if record is None:
+            return True
+        if claim is not None and claim.create_revision == job.claim_rev and record.mod_revision == rev:
+            return False  # not applied: try again
+        if claim is None and record.mod_revision != rev:
+            # Applied by us, or another worker took over. Run the tokens we claimed, if they are ours.
+            self._remember(record)
+            for token in keep:
+                self._busy += 1
+                if not await self._adopt((iid, token.id), self.lease):
+                    self._free(1)
+            return True
+        self._remember(record)
+        return claim is None or claim.create_revision != job.claim_rev
+
+
+def _load_info(raw: bytes) -> WorkInfo | None:
+    try:
+        return WorkInfo.load(raw)
+    except (ValueError, KeyError, TypeError):
+        return None

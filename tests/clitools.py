@@ -1,0 +1,38 @@
+"""Run the dsm command as a user would: a real process, its exit code, stdout and stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dsm_command() -> list[str]:
+    """The installed `dsm` script beside this interpreter, else cli.py run by it."""
+    script = Path(sys.executable).parent / "dsm"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, str(ROOT / "cli.py")]
+
+
+def dsm_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("DSM_ETCD", None)
+    env.pop("DSM_NAMESPACE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def dsm(*args: str, timeout: float = 120, input: str | None = None, cwd: Path | None = None,
+        **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*dsm_command(), *args], capture_output=True, text=True, timeout=timeout,
+                          input=input, cwd=cwd or ROOT, env=dsm_env(**env))
+
+
+def spawn(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([*dsm_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd or ROOT, env=dsm_env(**env), start_new_session=True)

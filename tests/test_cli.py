@@ -1,0 +1,252 @@
+"""The dsm command end to end (embedded): exit codes, the --json record, validate's output format."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+
+import pytest
+
+from clitools import ROOT, dsm, spawn
+
+RECORD_KEYS = ["id", "machine", "version", "digest", "status", "state", "active", "payload", "error",
+               "created_at", "finished_at", "transitions", "history"]
+HISTORY_KEYS = ["seq", "state", "next", "branch", "attempt", "outcome", "worker", "at"]
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+ORDER = "definitions/order.yaml"
+
+
+def test_validate_good_files_and_folders():
+    result = dsm("validate", "definitions", ORDER)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "definitions/order.yaml: ok" in result.stderr
+
+
+def test_validate_prints_every_problem_as_path_line_col(write):
+    path = write("bad.yaml", """
+        machine: bad
+        start: a
+        states:
+          a:
+            next: dnoe
+          b:
+            tick: m:f
+          done:
+            terminal: true
+            tick: m:f
+        """)
+    result = dsm("validate", "--no-import", str(path))
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"{path}:5:11: error: state 'a': next refers to unknown state 'dnoe' (did you mean 'done'?)",
+        f"{path}:6:3: error: state 'b' has no routing key: give it one of next, on, choose, fork + join, "
+        "or terminal: true",
+        f"{path}:10:5: error: terminal state 'done' cannot have a tick",
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_schema_error_names_the_key_path(write):
+    path = write("bad.yaml", """
+        machine: bad
+        start: a
+        states:
+          a:
+            tick: m:f
+            retry: {max_attempts: zero}
+            next: done
+          done:
+            terminal: true
+        """)
+    result = dsm("validate", "--no-import", str(path))
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [
+        f'{path}:6:27: error: states.a.retry.max_attempts: expected an integer, got string "zero"']
+
+
+def test_validate_malformed_yaml_and_missing_file(write, tmp_path):
+    path = write("broken.yaml", "machine: x\nstates: [a, b\n")
+    result = dsm("validate", str(path), str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    out = result.stdout.splitlines()
+    assert out[0].startswith(f"{path}:") and "invalid YAML" in out[0]
+    assert out[1].startswith(f"{tmp_path / 'nope.yaml'}:1:1: error: cannot read file")
+
+
+def test_graph_mermaid_and_dot(tmp_path):
+    mermaid = dsm("graph", ORDER)
+    assert mermaid.returncode == 0
+    text = mermaid.stdout
+    assert text.startswith("stateDiagram-v2\n")
+    assert "state fulfil__fork <<fork>>" in text and "state ship__join <<join>>" in text
+    assert "fulfil__fork --> pick" in text and "bill --> ship__join" in text
+    assert "check --> cancelled: rejected" in text and "ship --> refund: catch" in text
+    assert "done --> [*]" in text and "class cancelled failed" in text
+    out = tmp_path / "order.dot"
+    dot = dsm("graph", ORDER, "--format", "dot", "-o", str(out))
+    assert dot.returncode == 0 and dot.stdout == ""
+    text = out.read_text()
+    assert text.startswith('digraph "order" {') and '"fulfil__fork" [shape=box, style=filled' in text
+    assert '"cancelled" [shape=doublecircle, color="#cc0000"' in text
+    bad = dsm("graph", ORDER, "--format", "svg")
+    assert bad.returncode == 2 and "--format must be one of mermaid, dot" in bad.stderr
+
+
+def test_schema_command_prints_the_schema():
+    result = dsm("schema")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == json.loads((ROOT / "schemas" / "machine.schema.json").read_text())
+
+
+def test_run_json_record_matches_the_contract():
+    result = dsm("run", ORDER, "--json", "--payload", '{"total": 120, "address": "1 Main St"}')
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert list(record) == RECORD_KEYS
+    assert (record["machine"], record["version"], record["status"], record["state"]) == ("order", 1, "succeeded",
+                                                                                        "done")
+    assert record["digest"].startswith("sha256:") and record["active"] == [] and record["error"] is None
+    assert TIMESTAMP.match(record["created_at"]) and TIMESTAMP.match(record["finished_at"])
+    assert record["transitions"] == 7 == len(record["history"])
+    assert [list(h) for h in record["history"]] == [HISTORY_KEYS] * 7
+    assert [h["seq"] for h in record["history"]] == list(range(1, 8))
+    assert record["history"][1]["outcome"] == "approved"
+    assert record["history"][2]["next"] == ["pick", "bill"]
+    assert {tuple(h["branch"]) for h in record["history"][3:5]} == {("pick",), ("bill",)}
+    assert record["payload"]["insured"] == 1.2 and record["payload"]["tracking"].startswith("TRK-")
+    assert "receive -> check" in result.stderr  # progress on stderr
+
+
+def test_run_failed_instance_exits_1():
+    result = dsm("run", ORDER, "--json", "--payload", '{"total": 0}')
+    assert result.returncode == 1
+    record = json.loads(result.stdout)
+    assert (record["status"], record["state"]) == ("failed", "cancelled")
+
+
+def test_run_loop_guard_exits_1_with_error():
+    result = dsm("run", "definitions/poll.yaml", "--json", "--payload", '{"ready_after": 1000}')
+    assert result.returncode == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "LoopGuard" and "max_transitions=30" in error["message"]
+
+
+def test_run_payload_file(tmp_path):
+    payload = tmp_path / "p.json"
+    payload.write_text('{"text": "teh wrold", "images": 1}')
+    result = dsm("run", "definitions/document.yaml", "--payload-file", str(payload), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["payload"]["clean_text"] == "the world"
+
+
+@pytest.mark.parametrize("payload,words", [
+    ("{not json", "--payload is not valid JSON"),
+    ("[1, 2]", "--payload must be a JSON object, got an array"),
+    ('{"x": NaN}', "--payload is not valid JSON"),
+])
+def test_run_bad_payload_exits_2(payload, words):
+    result = dsm("run", ORDER, "--payload", payload)
+    assert result.returncode == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_invalid_definition_exits_2(write):
+    path = write("bad.yaml", "machine: x\nstart: a\nstates:\n  a:\n    next: b\n")
+    result = dsm("run", str(path))
+    assert result.returncode == 2
+    assert f"{path}:5:11: error: state 'a': next refers to unknown state 'b'" in result.stdout
+
+
+def test_run_timeout_exits_4(write):
+    path = write("slow.yaml", """
+        machine: slow
+        start: s
+        states:
+          s:
+            tick: slowmod:nap
+            next: done
+          done:
+            terminal: true
+        """, slowmod="import time\n\ndef nap(payload, ctx):\n    time.sleep(5)\n")
+    started = time.monotonic()
+    result = dsm("run", str(path), "--timeout", "500ms", "--json")
+    assert result.returncode == 4
+    assert time.monotonic() - started < 4.5
+    assert json.loads(result.stdout)["status"] == "running"
+    assert "--timeout 500ms passed" in result.stderr
+
+
+def test_run_interrupted_exits_130(write):
+    path = write("slow.yaml", """
+        machine: slow
+        start: s
+        states:
+          s:
+            tick: slowmod2:nap
+            next: done
+          done:
+            terminal: true
+        """, slowmod2="import time\n\ndef nap(payload, ctx):\n    time.sleep(3)\n")
+    proc = spawn("run", str(path))
+    deadline = time.monotonic() + 20
+    line = ""
+    while "started" not in line and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=20)
+    assert proc.returncode == 130
+
+
+def test_handler_that_raises_is_a_clean_failure_not_a_traceback(write):
+    path = write("raise.yaml", """
+        machine: raiser
+        start: s
+        states:
+          s:
+            tick: raisemod:boom
+            next: done
+          done:
+            terminal: true
+        """, raisemod="def boom(payload, ctx):\n    raise RuntimeError('kaboom')\n")
+    result = dsm("run", str(path), "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"] == {"type": "RuntimeError", "message": "kaboom", "state": "s",
+                                                  "attempts": 1}
+    assert "Traceback" not in result.stderr and "kaboom" in result.stderr
+    verbose = dsm("-v", "run", str(path))
+    assert "Traceback" in verbose.stderr  # tracebacks go to the log with --verbose
+
+
+def test_etcd_commands_need_an_endpoint():
+    for args in (["status", "x"], ["list"], ["cancel", "x"], ["submit", ORDER], ["worker", ORDER]):
+        result = dsm(*args)
+        assert result.returncode == 2, args
+        assert "needs an etcd endpoint" in result.stderr
+
+
+def test_unreachable_etcd_exits_3():
+    from etcd_server import free_port
+
+    result = dsm("list", "--etcd", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 3
+    assert "etcd unreachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_2():
+    assert dsm("run").returncode == 2
+    assert dsm("frobnicate").returncode == 2
+    assert dsm("run", ORDER, "--workers", "-1").returncode == 2
+    result = dsm("run", ORDER, "--timeout", "soon")
+    assert result.returncode == 2 and "--timeout" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "definitions").glob("*.yaml")))
+def test_every_example_validates_and_runs(path):
+    assert dsm("validate", f"definitions/{path}").returncode == 0
+    result = dsm("run", f"definitions/{path}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "succeeded"

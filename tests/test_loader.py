@@ -1,0 +1,91 @@
+"""YAML 1.2 scalars, duplicate keys, positions, and hostile documents."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsm import loader
+from dsm.errors import DefinitionError
+
+
+def test_yaml_12_scalars_keep_on_off_yes_no_as_strings():
+    doc = loader.parse("a: on\nb: off\nc: yes\nd: no\ne: true\nf: 010\ng: 0o10\nh: 0x1F\ni: 1.5\nj: ~\nk: 12:30\n")
+    assert doc.data == {"a": "on", "b": "off", "c": "yes", "d": "no", "e": True, "f": 10, "g": 8, "h": 31,
+                        "i": 1.5, "j": None, "k": "12:30"}
+
+
+def test_yaml_11_only_forms_are_strings():
+    doc = loader.parse("a: 1_000\nb: 0b101\nc: 2001-12-14\nd: Yes\n")
+    assert doc.data == {"a": "1_000", "b": "0b101", "c": "2001-12-14", "d": "Yes"}
+
+
+def test_on_as_a_mapping_key_is_the_string_on():
+    doc = loader.parse("states:\n  s:\n    on:\n      yes: a\n      no: b\n")
+    assert doc.data["states"]["s"]["on"] == {"yes": "a", "no": "b"}
+
+
+def test_positions_of_keys_and_values():
+    doc = loader.parse("machine: m\nstates:\n  first:\n    next: second\n")
+    assert doc.keys[("states", "first")] == (3, 3)
+    assert doc.values[("states", "first", "next")] == (4, 11)
+    assert doc.where(("states", "first", "missing")) == (4, 5)  # the mapping that lacks it
+
+
+def test_duplicate_key_is_reported_at_the_second_occurrence():
+    with pytest.raises(DefinitionError) as info:
+        loader.parse("machine: a\nstates:\n  s: {}\n  s: {}\n", "x.yaml")
+    (problem,) = info.value.problems
+    assert (problem.line, problem.col) == (4, 3)
+    assert "duplicate key 's'" in problem.message and "line 3" in problem.message
+    assert str(problem).startswith("x.yaml:4:3: error: ")
+
+
+def test_every_duplicate_is_reported():
+    with pytest.raises(DefinitionError) as info:
+        loader.parse("a: 1\na: 2\nb: 1\nb: 2\n")
+    assert [p.line for p in info.value.problems] == [2, 4]
+
+
+def test_syntax_error_has_a_position():
+    with pytest.raises(DefinitionError) as info:
+        loader.parse("a: [1, 2\nb: 3\n", "bad.yaml")
+    problem = info.value.problems[0]
+    assert problem.file == "bad.yaml" and problem.line == 2
+    assert "invalid YAML" in problem.message
+
+
+def test_alias_bomb_is_refused():
+    text = "a: &a [1,2,3,4,5,6,7,8,9]\n"
+    for i, name in enumerate("bcdefgh"):
+        prev = "abcdefgh"[i]
+        text += f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]\n"
+    with pytest.raises(DefinitionError) as info:
+        loader.parse(text)
+    assert "too large" in info.value.problems[0].message
+
+
+def test_non_string_keys_and_second_documents_are_refused():
+    with pytest.raises(DefinitionError) as info:
+        loader.parse("1: a\n")
+    assert "must be a string" in info.value.problems[0].message
+    with pytest.raises(DefinitionError) as info:
+        loader.parse("a: 1\n---\nb: 2\n")
+    assert "second YAML document" in info.value.problems[0].message
+    assert info.value.problems[0].line == 3
+
+
+def test_unreadable_and_non_utf8_files(tmp_path):
+    with pytest.raises(DefinitionError) as info:
+        loader.read(tmp_path / "missing.yaml")
+    assert "cannot read file" in str(info.value)
+    bad = tmp_path / "latin.yaml"
+    bad.write_bytes(b"machine: m\ndescription: caf\xe9\n")
+    with pytest.raises(DefinitionError) as info:
+        loader.read(bad)
+    assert info.value.problems[0].line == 2 and "UTF-8" in info.value.problems[0].message
+
+
+def test_empty_file():
+    with pytest.raises(DefinitionError) as info:
+        loader.parse("")
+    assert "empty" in info.value.problems[0].message

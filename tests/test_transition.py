@@ -1,0 +1,411 @@
+"""The transition function on its own: no store, no worker, no clock."""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+
+import pytest
+
+from dsm import compile_text
+from dsm.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, Instance
+from dsm.transition import Failure, Outcome, advance, cancel, merge, MergeConflict, start
+
+NOW = 1_000_000.0
+
+
+def machine(text: str):
+    return compile_text(textwrap.dedent(text).lstrip("\n"), "m.yaml", import_handlers=False)
+
+
+def ok(payload=None, label=None):
+    return Outcome(payload=payload, label=label)
+
+
+def token_at(inst: Instance, state: str, branch: tuple[str, ...] | None = None) -> str:
+    found = [t.id for t in inst.tokens.values() if t.state == state and (branch is None or t.branch == branch)]
+    assert len(found) == 1, f"{state}: {inst.tokens}"
+    return found[0]
+
+
+def step(graph, inst, state, outcome=None, branch=None, now=NOW):
+    return advance(graph, inst, token_at(inst, state, branch), outcome or ok(), now=now, worker="w")
+
+
+LINEAR = machine("""
+    machine: lin
+    start: a
+    states:
+      a: {tick: m:f, next: b}
+      b: {next: c}
+      c: {tick: m:f, on: {yes: done, no: failed}}
+      done: {terminal: true}
+      failed: {terminal: true, status: failed}
+""")
+
+
+def test_linear_path_payload_history_and_terminal():
+    inst = start(LINEAR, "i1", {"n": 1}, NOW)
+    assert [t.state for t in inst.tokens.values()] == ["a"] and inst.status == RUNNING
+    s1 = step(LINEAR, inst, "a", ok({"n": 2}))
+    assert s1.instance.payload == {"n": 2} and s1.instance.transitions == 1
+    assert s1.removed == ("t1",) and [t.state for t in s1.upserted] == ["b"]
+    (h,) = s1.history
+    assert (h.seq, h.state, h.next, h.branch, h.attempt, h.outcome) == (1, "a", ("b",), (), 1, None)
+    s2 = step(LINEAR, s1.instance, "b")
+    s3 = step(LINEAR, s2.instance, "c", ok(label="yes"))
+    done = s3.instance
+    assert (done.status, done.state, done.transitions, done.tokens) == (SUCCEEDED, "done", 3, {})
+    assert done.finished_at == NOW and s3.history[0].outcome == "yes" and s3.history[0].next == ("done",)
+
+
+def test_failed_terminal_status():
+    inst = step(LINEAR, step(LINEAR, start(LINEAR, "i", {}, NOW), "a").instance, "b").instance
+    end = step(LINEAR, inst, "c", ok(label="no")).instance
+    assert (end.status, end.state, end.error) == (FAILED, "failed", None)
+
+
+def test_inputs_are_not_mutated():
+    inst = start(LINEAR, "i", {"n": 1}, NOW)
+    before = (dict(inst.tokens), inst.payload, inst.transitions)
+    step(LINEAR, inst, "a", ok({"n": 5}))
+    assert (dict(inst.tokens), inst.payload, inst.transitions) == before
+
+
+def test_unknown_label_and_missing_label_fail_without_retry():
+    graph = machine("""
+        machine: m
+        start: c
+        states:
+          c: {tick: m:f, on: {yes: done}, retry: {max_attempts: 5}}
+          done: {terminal: true}
+    """)
+    inst = start(graph, "i", {}, NOW)
+    bad = step(graph, inst, "c", ok(label="maybe")).instance
+    assert bad.status == FAILED and bad.error.type == "InvalidOutcome" and bad.error.attempts == 1
+    assert "unknown outcome label 'maybe'" in bad.error.message and "'yes'" in bad.error.message
+    none = step(graph, inst, "c", ok()).instance
+    assert none.error.type == "InvalidOutcome" and "must return an outcome label" in none.error.message
+
+
+def test_label_on_a_state_without_on_is_an_error():
+    end = step(LINEAR, start(LINEAR, "i", {}, NOW), "a", ok(label="yes")).instance
+    assert end.status == FAILED and end.error.type == "InvalidOutcome" and end.error.state == "a"
+
+
+CHOOSE = machine("""
+    machine: m
+    start: s
+    states:
+      s:
+        tick: m:f
+        choose:
+          - when: "payload.total > 100"
+            next: big
+          - when: "payload.total > 10 and instance.machine == 'm' and state == 's'"
+            next: medium
+          - next: small
+      big: {terminal: true}
+      medium: {terminal: true}
+      small: {terminal: true}
+""")
+
+
+@pytest.mark.parametrize("total,expected", [(500, "big"), (50, "medium"), (5, "small")])
+def test_choose_first_true_guard_wins_after_the_tick(total, expected):
+    inst = start(CHOOSE, "i", {"total": 0}, NOW)
+    end = step(CHOOSE, inst, "s", ok({"total": total})).instance
+    assert end.state == expected
+
+
+def test_choose_guard_error_and_no_match():
+    graph = machine("""
+        machine: m
+        start: s
+        states:
+          s:
+            choose:
+              - when: "payload.total > 100"
+                next: done
+          done: {terminal: true}
+    """)
+    missing = step(graph, start(graph, "i", {}, NOW), "s").instance
+    assert missing.status == FAILED and missing.error.type == "GuardError"
+    nomatch = step(graph, start(graph, "i", {"total": 1}, NOW), "s").instance
+    assert nomatch.error.type == "NoGuardMatched"
+
+
+FORK = machine("""
+    machine: m
+    start: f
+    states:
+      f:
+        tick: m:f
+        fork: [a, b, c]
+        join: j
+      a: {tick: m:f, next: j}
+      b: {tick: m:f, next: b2}
+      b2: {tick: m:f, next: j}
+      c: {tick: m:f, next: j}
+      j: {tick: m:f, next: done}
+      done: {terminal: true}
+""")
+
+
+def run_fork(order, payloads=None, graph=FORK):
+    payloads = payloads or {}
+    inst = start(graph, "i", {"base": 1}, NOW)
+    s = step(graph, inst, "f")
+    inst = s.instance
+    assert {t.state for t in s.upserted} == {"a", "b", "c"}
+    assert all(t.payload == {"base": 1} for t in s.upserted)
+    inst = step(graph, inst, "b", ok(payloads.get("b"))).instance  # b continues to b2 first
+    joins = []
+    for name in order:
+        state = "b2" if name == "b" else name
+        s = step(graph, inst, state, ok(payloads.get(name)), branch=(name,))
+        inst = s.instance
+        joins.append([t.state for t in s.upserted])
+    return inst, joins
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations("abc")))
+def test_join_fires_exactly_once_when_the_last_branch_arrives(order):
+    inst, joins = run_fork(order)
+    assert joins[:2] == [[], []]  # never earlier
+    assert joins[2] == ["j"]  # exactly once
+    assert [t.state for t in inst.tokens.values()] == ["j"] and not inst.activations
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations("abc")))
+def test_merge_keys_is_independent_of_arrival_order(order):
+    payloads = {"a": {"base": 1, "a": 1}, "b": {"base": 1, "b": 2}, "c": {"c": 3}}  # c deleted base
+    inst, _ = run_fork(order, payloads)
+    assert inst.payload == {"a": 1, "b": 2, "c": 3}
+    assert list(inst.payload) == ["a", "b", "c"]
+
+
+def test_merge_conflict_names_key_and_both_branches():
+    payloads = {"a": {"base": 1, "x": 1}, "b": {"base": 1, "x": 2}, "c": {"base": 1}}
+    inst, _ = run_fork("cab", payloads)
+    assert inst.status == FAILED and inst.error.type == "MergeConflict"
+    assert "'a'" in inst.error.message and "'b'" in inst.error.message and "'x'" in inst.error.message
+
+
+def test_same_change_in_two_branches_is_not_a_conflict():
+    assert merge("keys", {"k": 0}, {"a": {"k": 1}, "b": {"k": 1}}, ("a", "b"), "f") == {"k": 1}
+    assert merge("keys", {"k": 0}, {"a": {}, "b": {}}, ("a", "b"), "f") == {}
+    with pytest.raises(MergeConflict):
+        merge("keys", {"k": 0}, {"a": {}, "b": {"k": 2}}, ("a", "b"), "f")
+
+
+def test_merge_branches_mode():
+    graph = machine("""
+        machine: m
+        start: f
+        states:
+          f: {fork: [a, b], join: j, merge: branches}
+          a: {tick: m:f, next: j}
+          b: {tick: m:f, next: j}
+          j: {next: done}
+          done: {terminal: true}
+    """)
+    inst = step(graph, start(graph, "i", {"x": 0}, NOW), "f").instance
+    inst = step(graph, inst, "b", ok({"x": 2})).instance
+    inst = step(graph, inst, "a", ok({"x": 1})).instance
+    assert inst.payload == {"x": 0, "branches": {"a": {"x": 1}, "b": {"x": 2}}}
+    assert list(inst.payload["branches"]) == ["a", "b"]
+
+
+NESTED = machine("""
+    machine: m
+    start: f
+    states:
+      f: {fork: [a, b], join: j}
+      a: {fork: [a1, a2], join: aj, merge: branches}
+      a1: {tick: m:f, next: aj}
+      a2: {tick: m:f, next: aj}
+      aj: {tick: m:f, next: j}
+      b: {tick: m:f, next: j}
+      j: {next: done}
+      done: {terminal: true}
+""")
+
+
+def test_nested_fork_frames_and_joins():
+    inst = step(NESTED, start(NESTED, "i", {}, NOW), "f").instance
+    inst = step(NESTED, inst, "a").instance
+    a1 = inst.tokens[token_at(inst, "a1")]
+    assert a1.branch == ("a", "a1") and len(a1.frames) == 2
+    inst = step(NESTED, inst, "b", ok({"b": True})).instance
+    inst = step(NESTED, inst, "a1", ok({"v": 1})).instance
+    assert len(inst.activations) == 2
+    s = step(NESTED, inst, "a2", ok({"v": 2}))
+    (aj,) = s.upserted
+    assert aj.state == "aj" and aj.branch == ("a",)
+    assert aj.payload == {"branches": {"a1": {"v": 1}, "a2": {"v": 2}}}
+    inst = step(NESTED, s.instance, "aj").instance
+    end = step(NESTED, inst, "j").instance
+    assert end.status == SUCCEEDED
+    assert end.payload == {"branches": {"a1": {"v": 1}, "a2": {"v": 2}}, "b": True}
+
+
+def test_fork_inside_a_loop_gets_a_new_activation_each_pass():
+    graph = machine("""
+        machine: m
+        start: f
+        states:
+          f: {fork: [a, b], join: j}
+          a: {tick: m:f, next: j}
+          b: {tick: m:f, next: j}
+          j: {tick: m:f, on: {again: f, stop: done}}
+          done: {terminal: true}
+    """)
+    inst = start(graph, "i", {"n": 0}, NOW)
+    seen = set()
+    for n in range(3):
+        inst = step(graph, inst, "f").instance
+        (act,) = inst.activations
+        seen.add(act)
+        inst = step(graph, inst, "a").instance
+        inst = step(graph, inst, "b").instance
+        inst = step(graph, inst, "j", ok(label="again" if n < 2 else "stop")).instance
+    assert inst.status == SUCCEEDED and len(seen) == 3 and inst.transitions == 12
+
+
+RETRY = machine("""
+    machine: m
+    start: s
+    states:
+      s:
+        tick: m:f
+        retry: {max_attempts: 4, backoff: 2s, multiplier: 3, max_backoff: 10s, jitter: false,
+                non_retryable: [LookupError]}
+        next: done
+      done: {terminal: true}
+""")
+
+
+def test_retry_schedule_is_durable_and_backs_off():
+    inst = start(RETRY, "i", {}, NOW)
+    waits = []
+    for attempt in (1, 2, 3):
+        s = step(RETRY, inst, "s", Outcome(failure=Failure("IOError", "down")), now=NOW)
+        (again,) = s.upserted
+        assert again.id == "t1" and again.attempt == attempt + 1 and not s.history and not s.removed
+        waits.append(again.not_before - NOW)
+        inst = s.instance
+    assert waits == [2.0, 6.0, 10.0]
+    end = step(RETRY, inst, "s", Outcome(failure=Failure("IOError", "down"))).instance
+    assert end.status == FAILED
+    assert end.error.as_dict() == {"type": "IOError", "message": "down", "state": "s", "attempts": 4}
+
+
+def test_non_retryable_by_name_or_base_class_and_by_flag():
+    inst = start(RETRY, "i", {}, NOW)
+    by_base = step(RETRY, inst, "s", Outcome(failure=Failure("KeyError", "k", bases=("LookupError",)))).instance
+    assert by_base.status == FAILED and by_base.error.attempts == 1
+    flagged = step(RETRY, inst, "s", Outcome(failure=Failure("InvalidPayload", "x", retryable=False))).instance
+    assert flagged.status == FAILED
+
+
+def test_jitter_is_deterministic_and_within_half_to_full():
+    from dsm.graph import RetryPolicy
+
+    policy = RetryPolicy(max_attempts=10, backoff=4.0, multiplier=2.0, max_backoff=100.0, jitter=True)
+    waits = [policy.delay(n, f"i/t1/{n}") for n in range(1, 6)]
+    assert waits == [policy.delay(n, f"i/t1/{n}") for n in range(1, 6)]
+    for n, wait in enumerate(waits, 1):
+        full = min(4.0 * 2 ** (n - 1), 100.0)
+        assert full / 2 <= wait <= full
+    assert len({policy.delay(1, f"i/t{k}/1") for k in range(20)}) > 10
+
+
+def test_catch_routes_with_payload_error():
+    graph = machine("""
+        machine: m
+        start: s
+        states:
+          s: {tick: m:f, retry: {max_attempts: 2, backoff: 0}, catch: handle, next: done}
+          handle: {tick: m:f, next: done}
+          done: {terminal: true}
+    """)
+    inst = start(graph, "i", {"keep": 1}, NOW)
+    inst = step(graph, inst, "s", Outcome(failure=Failure("ValueError", "bad"))).instance
+    s = step(graph, inst, "s", Outcome(failure=Failure("ValueError", "bad")))
+    (tok,) = s.upserted
+    assert tok.state == "handle"
+    assert s.instance.payload == {"keep": 1, "error": {"type": "ValueError", "message": "bad", "state": "s",
+                                                       "attempts": 2}}
+    assert s.history[0].next == ("handle",) and s.history[0].attempt == 2
+
+
+def test_branch_failure_fails_the_instance_and_stops_siblings():
+    inst = step(FORK, start(FORK, "i", {}, NOW), "f").instance
+    s = step(FORK, inst, "c", Outcome(failure=Failure("RuntimeError", "boom")))
+    assert s.instance.status == FAILED and s.instance.error.state == "c"
+    assert set(s.removed) == set(inst.tokens) and not s.instance.tokens and not s.instance.activations
+
+
+def test_catch_inside_a_branch_stays_in_the_branch():
+    graph = machine("""
+        machine: m
+        start: f
+        states:
+          f: {fork: [a, b], join: j}
+          a: {tick: m:f, catch: a_failed, next: j}
+          a_failed: {next: j}
+          b: {tick: m:f, next: j}
+          j: {next: done}
+          done: {terminal: true}
+    """)
+    inst = step(graph, start(graph, "i", {}, NOW), "f").instance
+    inst = step(graph, inst, "a", Outcome(failure=Failure("E", "x"))).instance
+    assert inst.tokens[token_at(inst, "a_failed")].branch == ("a",)
+    inst = step(graph, inst, "a_failed").instance
+    inst = step(graph, inst, "b").instance
+    end = step(graph, inst, "j").instance
+    assert end.status == SUCCEEDED and end.payload["error"]["state"] == "a"
+
+
+def test_loop_guard():
+    graph = machine("""
+        machine: m
+        start: s
+        max_transitions: 5
+        states:
+          s: {tick: m:f, on: {again: s, stop: done}}
+          done: {terminal: true}
+    """)
+    inst = start(graph, "i", {}, NOW)
+    for _ in range(5):
+        inst = step(graph, inst, "s", ok(label="again")).instance
+    assert inst.status == RUNNING and inst.transitions == 5
+    end = step(graph, inst, "s", ok(label="again")).instance
+    assert end.status == FAILED and end.error.type == "LoopGuard" and "max_transitions=5" in end.error.message
+    assert end.transitions == 5
+
+
+def test_cancel_removes_every_token():
+    inst = step(FORK, start(FORK, "i", {}, NOW), "f").instance
+    s = cancel(inst, NOW + 1)
+    assert s.instance.status == CANCELLED and not s.instance.tokens and set(s.removed) == set(inst.tokens)
+    assert cancel(s.instance, NOW + 2).instance is s.instance
+
+
+def test_stale_token_or_finished_instance_is_a_no_op():
+    inst = start(LINEAR, "i", {}, NOW)
+    assert advance(LINEAR, inst, "t999", ok(), now=NOW, worker="w").instance is inst
+    done = cancel(inst, NOW).instance
+    assert advance(LINEAR, done, "t1", ok(), now=NOW, worker="w").instance is done
+
+
+def test_start_at_a_terminal_state_finishes_at_once():
+    graph = machine("""
+        machine: m
+        start: done
+        states:
+          done: {terminal: true}
+    """)
+    inst = start(graph, "i", {"a": 1}, NOW)
+    assert inst.status == SUCCEEDED and inst.state == "done" and inst.transitions == 0
