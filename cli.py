@@ -136,11 +136,15 @@ def _print_json(value: Any) -> None:
 
 
 class _Progress:
-    """Transitions as they commit, one line each on stderr (coloured on a terminal)."""
+    """Transitions as they commit, one line each on stderr; on a terminal, coloured, with a live
+    status line of the states still active."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.started = time.monotonic()
+        self.live = err.status("starting", spinner="dots") if enabled and err.is_terminal else None
+        if self.live is not None:
+            self.live.start()
 
     def history(self, entry: records.HistoryEntry) -> None:
         if not self.enabled:
@@ -151,7 +155,13 @@ class _Progress:
         targets = ", ".join(entry.next)
         err.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
 
+    def update(self, inst: records.Instance) -> None:
+        if self.live is not None:
+            took = time.monotonic() - self.started
+            self.live.update(f"{inst.transitions} transitions, {took:.1f}s; active: {', '.join(inst.active) or '-'}")
+
     def finished(self, inst: records.Instance) -> None:
+        self.stop()
         if not self.enabled:
             return
         took = time.monotonic() - self.started
@@ -164,6 +174,11 @@ class _Progress:
             err.print(f"[red]error[/red]: {e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}",
                       markup=True)
         err.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False)
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 def _exit_for(inst: records.Instance) -> ExitCode:
@@ -290,11 +305,15 @@ def run(path: Path = typer.Argument(..., help="Definition file."),
         raise Fail(ExitCode.INVALID, "--workers 0 needs --etcd: embedded runs have no workers elsewhere")
     graph_ = _load(path, no_import=no_import)
     progress = _Progress()
-    if etcd:
-        options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-        result = _run_async(lambda: _run_etcd(graph_, body, options, workers, limit, progress))
-    else:
-        result = _run_async(lambda: _run_embedded(graph_, body, workers, limit, progress))
+    try:
+        if etcd:
+            options = _etcd_options(etcd, namespace, cacert, cert, key, user)
+            result = _run_async(lambda: _run_etcd(graph_, body, options, workers, limit, progress))
+        else:
+            result = _run_async(lambda: _run_embedded(graph_, body, workers, limit, progress))
+    finally:
+        progress.stop()
+    progress.stop()
     inst, history, timed_out = result
     if as_json:
         _print_json(records.public_record(inst, history))
@@ -312,6 +331,7 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: Optional
 
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
+                                          on_update=progress.update,
                                           on_start=lambda iid: err.print(f"instance {iid} started", markup=False))
         return result.instance, result.history, False
     except asyncio.TimeoutError as exc:
@@ -338,7 +358,8 @@ async def _run_etcd(graph_: Graph, body: dict, options: Any, workers: int, limit
             worker = Worker(store, registry, concurrency=workers)
             runner = asyncio.get_running_loop().create_task(worker.run(stop, grace=5))
         try:
-            inst = await client.wait(instance_id, timeout=limit, on_history=progress.history)
+            inst = await client.wait(instance_id, timeout=limit, on_history=progress.history,
+                                     on_update=progress.update)
             return inst, await client.history(instance_id), False
         except asyncio.TimeoutError:
             return await client.instance(instance_id), await client.history(instance_id), True

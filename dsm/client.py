@@ -139,14 +139,14 @@ class Client:
                 return step.instance
 
     async def wait(self, instance_id: str, *, timeout: float | None = None,
-                   on_history: Callable[[HistoryEntry], None] | None = None) -> Instance:
-        """Wait until the instance finishes; report each committed transition as it happens.
+                   on_history: Callable[[HistoryEntry], None] | None = None,
+                   on_update: Callable[[Instance], None] | None = None) -> Instance:
+        """Wait until the instance finishes; report each committed transition and each new
+        version of the record as they happen. Raises asyncio.TimeoutError when `timeout` passes."""
+        return await asyncio.wait_for(self._wait(instance_id, on_history, on_update), timeout)
 
-        Raises asyncio.TimeoutError when `timeout` passes first.
-        """
-        return await asyncio.wait_for(self._wait(instance_id, on_history), timeout)
-
-    async def _wait(self, instance_id: str, on_history: Callable[[HistoryEntry], None] | None) -> Instance:
+    async def _wait(self, instance_id: str, on_history: Callable[[HistoryEntry], None] | None,
+                    on_update: Callable[[Instance], None] | None) -> Instance:
         key = self.keys.instance(instance_id)
         seen = 0
         delay = 0.2
@@ -156,7 +156,7 @@ class Client:
                 if kv is None:
                     raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
                 inst = load_instance(kv.value)
-                seen = await self._report(instance_id, inst, seen, on_history)
+                seen = await self._report(instance_id, inst, seen, on_history, on_update)
                 if inst.finished:
                     return inst
                 watch = await self.store.watch(key, start_revision=kv.mod_revision + 1)
@@ -166,7 +166,7 @@ class Client:
                             if not event.kv.value:
                                 raise NotFound(f"instance {instance_id!r} was deleted")
                             inst = load_instance(event.kv.value)
-                        seen = await self._report(instance_id, inst, seen, on_history)
+                        seen = await self._report(instance_id, inst, seen, on_history, on_update)
                         if inst.finished:
                             return inst
                 finally:
@@ -179,7 +179,10 @@ class Client:
                 delay = min(delay * 2, 2.0)
 
     async def _report(self, instance_id: str, inst: Instance, seen: int,
-                      on_history: Callable[[HistoryEntry], None] | None) -> int:
+                      on_history: Callable[[HistoryEntry], None] | None,
+                      on_update: Callable[[Instance], None] | None) -> int:
+        if on_update is not None:
+            on_update(inst)
         if on_history is None or inst.transitions <= seen:
             return max(seen, inst.transitions)
         for entry in await self.history(instance_id, after=seen):

@@ -35,6 +35,7 @@ class Result:
 
 async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, workers: int = 4,
                     timeout: float | None = None, on_history: Callable[[HistoryEntry], None] | None = None,
+                    on_update: Callable[[Instance], None] | None = None,
                     on_start: Callable[[str], None] | None = None) -> Result:
     """Run one instance to its end in a fresh in-process store.
 
@@ -54,7 +55,7 @@ async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, work
         if on_start is not None:
             on_start(instance_id)
         try:
-            inst = await client.wait(instance_id, timeout=timeout, on_history=on_history)
+            inst = await client.wait(instance_id, timeout=timeout, on_history=on_history, on_update=on_update)
         except asyncio.TimeoutError:
             partial = Result(await client.instance(instance_id), await client.history(instance_id))
             raise asyncio.TimeoutError(partial) from None
