@@ -461,6 +461,9 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
            cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
            user: Optional[str] = UserOpt) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT."""
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
+        signal.signal(signum, lambda number, frame: received.append(number))
     options = _etcd_options(etcd, namespace, cacert, cert, key, user)
     files = _definition_files(list(paths or []))
     search = tuple(str(p.resolve()) for p in (path or []))
@@ -472,31 +475,34 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
         log.warning("no definitions and no --allow: this worker can only run machines without ticks")
 
     async def go() -> None:
-        from dsm.definitions import Registry
+        from dsm.definitions import Registry, register
         from dsm.worker import Worker
 
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        if received:
+            return
         async with _connect(options) as store:
             registry = Registry(store, options.keys, allow=allowlist, search_path=search + folders)
             for g in graphs:
                 registry.add(g)
-                await _register(store, options, g)
+                await register(store, options.keys, g)
             w = Worker(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl))
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
             err.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                       f"(concurrency {concurrency}, modules: {allowlist.describe()})", markup=False)
             await w.run(stop, grace=grace)
             err.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
     _run_async(go)
-
-
-async def _register(store: Any, options: Any, graph_: Graph) -> None:
-    from dsm.definitions import register
-
-    await register(store, options.keys, graph_)
+    if signal.SIGINT in received:
+        raise Fail(ExitCode.INTERRUPTED)  # SIGTERM is the ordinary way to stop a worker: exit 0
 
 
 @app.command()

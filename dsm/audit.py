@@ -1,0 +1,96 @@
+"""Check a stored history against its graph: the proof, after the fact, of dsm's guarantees.
+
+Replays the committed transitions of one instance: each one must consume a pending token of the
+state it names (so no transition is committed twice), go where that state can route, and a join
+must fire exactly once per fork activation, and only after every branch arrived. Used by the
+end-to-end and chaos tests and by anyone who wants to verify a store.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .graph import Graph, Kind
+from .records import FINISHED, SUCCEEDED, HistoryEntry, Instance
+
+
+def allowed_targets(graph: Graph, state: str) -> set[tuple[str, ...]]:
+    """Every `next` list a committed transition out of `state` may carry."""
+    st = graph.states[state]
+    out: set[tuple[str, ...]] = set()
+    if st.kind is Kind.NEXT:
+        out.add((st.next,))  # type: ignore[arg-type]
+    elif st.kind is Kind.ON:
+        out.update((t,) for t in st.on.values())
+    elif st.kind is Kind.CHOOSE:
+        out.update((c.next,) for c in st.choose)
+    elif st.kind is Kind.FORK:
+        out.add(st.fork)
+    if st.catch:
+        out.add((st.catch,))
+    return out
+
+
+def audit(graph: Graph, inst: Instance, history: list[HistoryEntry]) -> list[str]:
+    """Problems found in one instance's history (an empty list when it is a valid run)."""
+    problems: list[str] = []
+    say = problems.append
+    seqs = [h.seq for h in history]
+    if seqs != list(range(1, len(history) + 1)):
+        say(f"history seqs are not 1..{len(history)}: {seqs[:10]}...")
+    if inst.transitions != len(history):
+        say(f"record counts {inst.transitions} transitions, history has {len(history)}")
+    pending: Counter[tuple[str, tuple[str, ...]]] = Counter({(graph.start, ()): 1})
+    arrivals: dict[tuple[str, tuple[str, ...]], Counter[str]] = {}
+    joins_fired: Counter[tuple[str, tuple[str, ...]]] = Counter()
+    for h in history:
+        key = (h.state, tuple(h.branch))
+        if pending[key] <= 0:
+            say(f"seq {h.seq}: {h.state} {list(h.branch)} committed without a pending token "
+                "(a transition committed twice, or out of order)")
+            continue
+        pending[key] -= 1
+        targets = tuple(h.next)
+        if targets not in allowed_targets(graph, h.state):
+            say(f"seq {h.seq}: {h.state} cannot route to {list(targets)}")
+            continue
+        st = graph.states[h.state]
+        if st.kind is Kind.FORK and targets == st.fork:
+            for b in st.fork:
+                pending[(b, tuple(h.branch) + (b,))] += 1
+            continue
+        (target,) = targets
+        fork = graph.join_of.get(target)
+        if fork is not None and h.branch and graph.frames.get(h.state) and any(
+                f == fork for f, _ in graph.frames[h.state][-1:]):
+            outer = tuple(h.branch[:-1])
+            counter = arrivals.setdefault((fork, outer), Counter())
+            counter[h.branch[-1]] += 1
+            if counter[h.branch[-1]] > 1:
+                say(f"seq {h.seq}: branch {h.branch[-1]} of fork {fork} arrived twice in one activation")
+            if all(counter[b] >= 1 for b in graph.forks[fork].branches):
+                joins_fired[(fork, outer)] += 1
+                del arrivals[(fork, outer)]
+                pending[(target, outer)] += 1
+            continue
+        if graph.states[target].terminal:
+            if h is not history[-1]:
+                say(f"seq {h.seq}: reached terminal {target} before the end of the history")
+            continue
+        pending[(target, tuple(h.branch))] += 1
+    if inst.status in FINISHED:
+        left = +pending
+        if inst.status == SUCCEEDED or (inst.state is not None):
+            if history and left and inst.state is not None:
+                say(f"instance ended at {inst.state} with tokens still pending: {dict(left)}")
+            if inst.state is not None and history and tuple(history[-1].next) != (inst.state,):
+                say(f"last transition goes to {history[-1].next}, the record ends at {inst.state}")
+        if arrivals and inst.status == SUCCEEDED:
+            say(f"joins never fired: {sorted(arrivals)}")
+    return problems
+
+
+def summary(problems_by_instance: dict[str, list[str]]) -> dict[str, Any]:
+    bad = {iid: p for iid, p in problems_by_instance.items() if p}
+    return {"instances": len(problems_by_instance), "invalid": len(bad), "problems": bad}

@@ -1,0 +1,95 @@
+"""The deployment files: the compose file's structure, and its own commands run without Docker."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+import yaml
+
+from clitools import ROOT, dsm, spawn
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def test_services_are_etcd_worker_and_client():
+    assert set(SERVICES) == {"etcd", "worker", "client"}
+
+
+def test_official_etcd_image_of_version_3_5_or_newer():
+    image = SERVICES["etcd"]["image"]
+    repo, _, tag = image.rpartition(":")
+    assert repo in ("quay.io/coreos/etcd", "gcr.io/etcd-development/etcd")
+    major, minor = map(int, re.match(r"v(\d+)\.(\d+)\.\d+$", tag).groups())
+    assert (major, minor) >= (3, 5)
+
+
+def test_etcd_healthcheck_is_exec_form():
+    test = SERVICES["etcd"]["healthcheck"]["test"]
+    assert isinstance(test, list) and test[0] == "CMD" and "etcdctl" in test[1]
+    assert "health" in test
+
+
+def test_no_container_names_and_no_fixed_host_ports():
+    for name, service in SERVICES.items():
+        assert "container_name" not in service, name
+        for port in service.get("ports", []):
+            assert ":" not in str(port), f"{name} publishes a fixed host port: {port}"
+
+
+def test_worker_scales_and_waits_for_a_healthy_etcd():
+    worker = SERVICES["worker"]
+    assert worker["build"] == "."
+    assert worker["command"][:2] == ["dsm", "worker"]
+    assert worker["environment"]["DSM_ETCD"] == "http://etcd:2379"
+    assert worker["depends_on"]["etcd"]["condition"] == "service_healthy"
+    assert worker["stop_signal"] == "SIGTERM"
+    assert "container_name" not in worker and "ports" not in worker
+
+
+def test_client_runs_an_example_against_the_workers():
+    client = SERVICES["client"]
+    assert client["command"][:2] == ["dsm", "run"] and "--workers" in client["command"]
+    assert client["command"][client["command"].index("--workers") + 1] == "0"
+    assert client["environment"]["DSM_ETCD"] == "http://etcd:2379"
+
+
+def test_every_definition_the_compose_file_names_exists_and_validates():
+    named = [arg for s in SERVICES.values() for arg in s.get("command", []) if str(arg).endswith(".yaml")]
+    assert named
+    for path in named:
+        assert (ROOT / path).is_file(), path
+    assert dsm("validate", *named).returncode == 0
+
+
+def test_dockerfile_installs_the_project_and_ships_the_definitions():
+    assert re.search(r"^FROM python:3\.1\d", DOCKERFILE, re.M)
+    for needed in ("pyproject.toml", "cli.py", "dsm", "schemas", "definitions"):
+        assert re.search(rf"^COPY .*\b{re.escape(needed)}\b", DOCKERFILE, re.M), needed
+        assert (ROOT / needed).exists()
+    assert "pip install ." in DOCKERFILE and re.search(r"^USER ", DOCKERFILE, re.M)
+
+
+@pytest.mark.etcd
+def test_the_compose_topology_without_docker(etcd, namespace):
+    """etcd + three workers + the client, as separate processes, running the compose file's own commands."""
+    env = {"DSM_ETCD": etcd.endpoint, "DSM_NAMESPACE": namespace}
+    workers = [spawn(*SERVICES["worker"]["command"][1:], **env) for _ in range(3)]
+    try:
+        client = dsm(*SERVICES["client"]["command"][1:], timeout=90, **env)
+        for w in workers:  # a process signalled before Python set up its handlers would just die
+            assert "serving namespace" in w.stderr.readline()
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        errors = [w.communicate(timeout=60)[1] for w in workers]
+    assert client.returncode == 0, client.stderr
+    record = json.loads(client.stdout)
+    assert record["status"] == "succeeded" and record["state"] == "done"
+    worker_pids = {str(w.pid) for w in workers}
+    assert {h["worker"].rpartition(":")[2] for h in record["history"]} <= worker_pids  # the client ran nothing
+    assert [w.returncode for w in workers] == [0, 0, 0], errors  # SIGTERM is a graceful stop
