@@ -1,0 +1,108 @@
+"""The worker's recovery paths, driven by a store that fails on purpose (around a faithful model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dsm import compiler, handlers
+from dsm.audit import audit
+from dsm.client import Client
+from dsm.definitions import Registry
+from dsm.errors import StoreUnavailable
+from dsm.keys import Keys
+from dsm.records import SUCCEEDED
+from dsm.store import Put
+from dsm.store.memory import MemoryStore
+from dsm.worker import Worker
+
+ORDER = compiler.load("definitions/order.yaml")
+
+
+class AmbiguousCommits(MemoryStore):
+    """Applies every third commit and then reports a timeout: the worker cannot know it applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits = 0
+        self.lied = 0
+
+    async def txn(self, compare, success=(), failure=()):
+        result = await super().txn(compare, success, failure)
+        writes_record = any(isinstance(op, Put) and "/inst/" in op.key for op in success)
+        nested = [op for op in success if hasattr(op, "compare")]
+        if writes_record and compare and not nested:
+            self.commits += 1
+            if self.commits % 3 == 0:
+                self.lied += 1
+                raise StoreUnavailable("deadline exceeded (applied anyway)")
+        return result
+
+
+class BrokenWatches(MemoryStore):
+    """Breaks each work watch after a few batches; compacts history while it is down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.breaks = 0
+
+    async def watch(self, start, end=None, *, start_revision=0):
+        inner = await super().watch(start, end, start_revision=start_revision)
+        if "/work/" not in start:
+            return inner
+        store = self
+
+        class Flaky:
+            async def cancel(self):
+                await inner.cancel()
+
+            def __aiter__(self):
+                return self.iterate()
+
+            async def iterate(self):
+                count = 0
+                async for batch in inner:
+                    yield batch
+                    count += 1
+                    if count == 3 and store.breaks < 5:
+                        store.breaks += 1
+                        await inner.cancel()
+                        await store.put("/filler", b"x")
+                        await store.compact(await store.revision())  # the revision it resumes from is gone
+                        raise StoreUnavailable("watch stream reset")
+
+        return Flaky()
+
+
+async def run_many(store: MemoryStore, count: int = 30) -> tuple[list, Worker]:
+    keys = Keys()
+    registry = Registry(store, keys, allow=handlers.Allowlist(ORDER.modules()))
+    registry.add(ORDER)
+    client = Client(store, keys)
+    worker = Worker(store, registry, concurrency=6)
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(worker.run(stop))
+    ids = await client.submit_many(ORDER, [{"total": 50 + i, "pick_seconds": 0.001, "bill_seconds": 0.001}
+                                           for i in range(count)])
+    done = await asyncio.gather(*(client.wait(i, timeout=60) for i in ids))
+    histories = [await client.history(i) for i in ids]
+    stop.set()
+    await task
+    return list(zip(done, histories)), worker
+
+
+def test_a_commit_in_doubt_is_re_read_not_repeated():
+    store = AmbiguousCommits()
+    results, worker = asyncio.run(run_many(store))
+    assert store.lied >= 5
+    for inst, history in results:
+        assert inst.status == SUCCEEDED and inst.state == "done"
+        assert audit(ORDER, inst, history) == []
+        assert [h.seq for h in history] == list(range(1, 7))
+
+
+def test_a_watch_resumed_from_a_compacted_revision_resyncs():
+    store = BrokenWatches()
+    results, worker = asyncio.run(run_many(store))
+    assert store.breaks >= 1
+    for inst, history in results:
+        assert inst.status == SUCCEEDED and audit(ORDER, inst, history) == []
