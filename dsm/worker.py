@@ -214,7 +214,7 @@ class Worker:
                             self.lease or 0)
                 self._lose_all("the worker's lease expired")
                 await self._grant()
-            except StoreUnavailable as exc:
+            except StoreError as exc:  # unavailable, or refused for now: the lease may still be alive
                 log.warning("worker %s: keep-alive failed (%s)", self.id, exc)
 
     def _lose_all(self, reason: str) -> None:

