@@ -60,8 +60,8 @@ class Context:
 
 
 def make_context(*, instance_id: str, machine: str, state: str, attempt: int, branch: tuple[str, ...],
-                 token: str, deadline: float | None) -> Context:
+                 visit: int, deadline: float | None) -> Context:
     extra = {"instance": instance_id, "machine": machine, "state": state, "attempt": attempt}
     logger = logging.LoggerAdapter(handler_log, extra)
     return Context(instance_id=instance_id, machine=machine, state=state, attempt=attempt, branch=branch,
-                   idempotency_key=f"{instance_id}/{token}", deadline=deadline, logger=logger)
+                   idempotency_key=f"{instance_id}/{visit}", deadline=deadline, logger=logger)

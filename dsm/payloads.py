@@ -11,6 +11,8 @@ import math
 import os
 from typing import Any
 
+from . import codec
+
 DEFAULT_LIMIT = 1024 * 1024  # serialized bytes
 MAX_DEPTH = 256
 
@@ -68,18 +70,22 @@ def check(value: Any, *, limit: int | None = None) -> tuple[dict[str, Any], int]
     """Return (a private canonical copy, serialized size) or raise PayloadError."""
     limit = default_limit() if limit is None else limit
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-        copy = json.loads(text)
-        exact = isinstance(value, dict) and copy == value
+        raw = codec.dumps(value)
+        copy = codec.loads(raw)
+        exact = isinstance(value, dict) and copy == value  # NaN written as null, tuples as lists: not exact
     except (TypeError, ValueError, RecursionError):
-        exact, text, copy = False, "", None
+        exact, raw, copy = False, b"", None
     if not exact:
         problem = _explain(value)
         if problem is not None:
             raise PayloadError("InvalidPayload", problem)
-        if copy is None:
-            raise PayloadError("InvalidPayload", "payload could not be serialized as JSON")
-    size = len(text.encode("utf-8"))
+        try:  # JSON after all (tuples, integers beyond 64 bits): the strict stdlib encoder decides
+            text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError):
+            raise PayloadError("InvalidPayload", "payload could not be serialized as JSON") from None
+        raw = text.encode("utf-8")
+        copy = json.loads(text)
+    size = len(raw)
     if size > limit:
         raise PayloadError("PayloadTooLarge", f"payload is {size} bytes serialized; the limit is {limit} bytes")
     return copy, size
@@ -116,4 +122,7 @@ def _json_kind(value: Any) -> str:
 
 def copy(value: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of a payload already known to be JSON, for a handler to mutate freely."""
-    return json.loads(json.dumps(value, separators=(",", ":")))
+    try:
+        return codec.loads(codec.dumps(value))
+    except TypeError:  # integers beyond 64 bits: the stdlib handles any size
+        return json.loads(json.dumps(value))

@@ -7,13 +7,14 @@ Serialization happens at the store boundary only (`dump_instance` / `load_instan
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, Mapping
+
+from . import codec
 
 RUNNING = "running"
 SUCCEEDED = "succeeded"
@@ -40,11 +41,13 @@ class ErrorInfo:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """A unit of pending work: one visit of one state, possibly inside fork branches.
+    """A unit of pending work: one line of execution, at one state, possibly inside fork branches.
 
+    A token keeps its id while it moves along a line (so its work marker and its claim stay put);
+    forks and joins make new ones. `visit` numbers each entry into a state, uniquely within the
+    instance, and stays the same across retries: with the instance id it is the idempotency key.
     `payload` is None on the main line, where the instance's own payload is the token's; branch
-    tokens carry their own copy. The token id never changes across retries of one visit, so it
-    doubles as the visit's idempotency key.
+    tokens carry their own copy.
     """
 
     id: str
@@ -53,6 +56,7 @@ class Token:
     payload: dict[str, Any] | None = None
     attempt: int = 1
     not_before: float = 0.0
+    visit: int = 1
 
     @property
     def branch(self) -> tuple[str, ...]:
@@ -143,7 +147,8 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
         "payload": inst.payload, "error": inst.error.as_dict() if inst.error else None, "state": inst.state,
         "transitions": inst.transitions, "seq": inst.seq,
         "tokens": {tid: {"state": t.state, "frames": [list(f) for f in t.frames], "payload": t.payload,
-                         "attempt": t.attempt, "not_before": t.not_before} for tid, t in inst.tokens.items()},
+                         "attempt": t.attempt, "not_before": t.not_before, "visit": t.visit}
+                   for tid, t in inst.tokens.items()},
         "activations": {aid: {"fork": a.fork, "frames": [list(f) for f in a.frames], "base": a.base,
                               "arrived": dict(a.arrived)} for aid, a in inst.activations.items()},
     }
@@ -158,7 +163,7 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         transitions=raw["transitions"], seq=raw["seq"],
         tokens=MappingProxyType({
             tid: Token(id=tid, state=t["state"], frames=_frames(t["frames"]), payload=t["payload"],
-                       attempt=t["attempt"], not_before=t["not_before"])
+                       attempt=t["attempt"], not_before=t["not_before"], visit=t.get("visit", 1))
             for tid, t in raw["tokens"].items()}),
         activations=MappingProxyType({
             aid: Activation(id=aid, fork=a["fork"], frames=_frames(a["frames"]), base=a["base"],
@@ -168,21 +173,20 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
 
 
 def dump_instance(inst: Instance) -> bytes:
-    return json.dumps(instance_to_dict(inst), separators=(",", ":"), allow_nan=False).encode()
+    return codec.dumps(instance_to_dict(inst))
 
 
 def load_instance(raw: bytes) -> Instance:
-    return instance_from_dict(json.loads(raw))
+    return instance_from_dict(codec.loads(raw))
 
 
 def dump_history(entry: HistoryEntry) -> bytes:
-    return json.dumps({"seq": entry.seq, "state": entry.state, "next": entry.next, "branch": entry.branch,
-                       "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker,
-                       "at": entry.at}, separators=(",", ":")).encode()
+    return codec.dumps({"seq": entry.seq, "state": entry.state, "next": entry.next, "branch": entry.branch,
+                        "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker, "at": entry.at})
 
 
 def load_history(raw: bytes) -> HistoryEntry:
-    d = json.loads(raw)
+    d = codec.loads(raw)
     return HistoryEntry(seq=d["seq"], state=d["state"], next=tuple(d["next"]), branch=tuple(d["branch"]),
                         attempt=d["attempt"], outcome=d["outcome"], worker=d["worker"], at=d["at"])
 

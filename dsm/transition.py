@@ -52,8 +52,8 @@ class Step:
     """The result of a transition: the new instance and what changed in its set of tokens.
 
     `removed` lists token ids that are gone; `upserted` lists tokens that are new or changed (a
-    retry keeps its token id with a new attempt and not_before). `history` holds the committed
-    transitions this step makes (none for a retry scheduling or a failure).
+    token moving along a line, or a retry with a new attempt and not_before, keeps its id).
+    `history` holds the committed transitions this step makes (none for a retry or a failure).
     """
 
     instance: Instance
@@ -192,7 +192,8 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
         activations[act.id] = act
         for branch in state.fork:
             seq += 1
-            child = Token(id=f"t{seq}", state=branch, frames=token.frames + ((act.id, branch),), payload=payload)
+            child = Token(id=f"t{seq}", state=branch, frames=token.frames + ((act.id, branch),), payload=payload,
+                          visit=seq)
             tokens[child.id] = child
             upserted.append(child)
         if not token.frames:
@@ -220,7 +221,7 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
                     return failed
                 seq += 1
                 outer = act.frames
-                child = Token(id=f"t{seq}", state=target, frames=outer, payload=merged if outer else None)
+                child = Token(id=f"t{seq}", state=target, frames=outer, payload=merged if outer else None, visit=seq)
                 if not outer:
                     main_payload = merged
                 tokens[child.id] = child
@@ -231,13 +232,16 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
             done = _finish(replace(inst, payload=payload, transitions=inst.transitions + 1), target_state, now)
             return Step(done, removed=tuple(inst.tokens), history=(entry,))
         else:
+            # Along a line the token keeps its id: its work marker and claim stay where they are.
             seq += 1
-            child = Token(id=f"t{seq}", state=target, frames=token.frames,
-                          payload=payload if token.frames else None)
+            moved = Token(id=token.id, state=target, frames=token.frames, payload=payload if token.frames else None,
+                          visit=seq)
             if not token.frames:
                 main_payload = payload
-            tokens[child.id] = child
-            upserted.append(child)
+            tokens[moved.id] = moved
+            new = replace(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
+                          tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))
+            return Step(new, upserted=(moved,), history=(entry,))
 
     new = replace(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
                   tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))

@@ -338,7 +338,9 @@ class Worker:
             for ref in claimed:
                 self._candidates.pop(ref, None)
             for ref, info in works.items():
-                if ref not in claimed and ref not in gone:
+                if ref in claimed or ref in gone or (info is not None and info.owner is not None):
+                    self._candidates.pop(ref, None)
+                else:
                     self._add(ref, info)
             for ref in released - gone - claimed:
                 job = self._jobs.get(ref)
@@ -514,23 +516,27 @@ class Worker:
             self._free(1)
 
     async def _work_on(self, job: _Job) -> None:
+        """Run the job's token, and keep running it while it moves along a line and stays ours."""
         iid, tok = job.ref
-        inst, _ = self._records[iid]
-        token = inst.tokens.get(tok)
-        if token is None or inst.finished:
-            await self._release(job.ref, job.claim_rev)
-            return
-        try:
-            graph = await self.registry.get(inst.digest)
-        except NotFound as exc:
-            log.error("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
-            await self._release(job.ref, job.claim_rev)
-            return
-        wait = token.not_before - self.wall()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        outcome = await self._attempt(graph, inst, token, job)
-        await self._commit(graph, job, outcome)
+        while True:
+            inst, _ = self._records[iid]
+            token = inst.tokens.get(tok)
+            if token is None or inst.finished:
+                await self._release(job.ref, job.claim_rev)
+                return
+            try:
+                graph = await self.registry.get(inst.digest)
+            except NotFound as exc:
+                log.error("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                await self._release(job.ref, job.claim_rev)
+                return
+            wait = token.not_before - self.wall()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            outcome = await self._attempt(graph, inst, token, job)
+            if not await self._commit(graph, job, token, outcome):
+                return
+            job.ctx = None
 
     async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: _Job) -> Outcome:
         state = graph.states[token.state]
@@ -543,7 +549,7 @@ class Worker:
         payload = payloads.copy(inst.payload_of(token))
         timeout = state.timeout
         ctx = make_context(instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
-                           branch=token.branch, token=token.id,
+                           branch=token.branch, visit=token.visit,
                            deadline=self.wall() + timeout if timeout else None)
         job.ctx = ctx
         self.stats.ticks += 1
@@ -613,7 +619,9 @@ class Worker:
             lock = self._locks[iid] = asyncio.Lock()
         return lock
 
-    async def _commit(self, graph: Graph, job: _Job, outcome: Outcome) -> None:
+    async def _commit(self, graph: Graph, job: _Job, token: Token, outcome: Outcome) -> bool:
+        """Commit one attempt's outcome. True when the job's own token moved on and is still ours
+        to run (the caller continues it); False when the job is done with it."""
         iid, tok = job.ref
         rejected = 0
         async with self._lock(iid):
@@ -622,52 +630,52 @@ class Worker:
                 step = transition.advance(graph, inst, tok, outcome, now=self.wall(), worker=self.id)
                 if step.instance is inst:
                     await self._release(job.ref, job.claim_rev)
-                    return
+                    return False
                 record = dump_instance(step.instance)
                 if len(record) > self.max_record_bytes:
                     step = self._oversized(inst, graph, tok, len(record))
                     record = dump_instance(step.instance)
-                keep = self._keep(step)
-                txn = self._commit_txn(inst, rev, job, step, record, keep)
-                self._busy += len(keep)  # slots for the tokens claimed in the commit
+                keep = self._keep(step, tok)
+                others = sum(1 for t in keep if t.id != tok)
+                self._busy += others  # slots for new tokens claimed in the commit; ours passes on
                 try:
-                    result = await self._commits.submit(txn)
+                    result = await self._commits.submit(self._commit_txn(inst, rev, job, step, record, keep))
                 except (StoreUnavailable, asyncio.TimeoutError) as exc:
-                    self._free(len(keep))
+                    self._free(others)
                     log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
-                    if await self._settle_doubt(job, rev, step, keep):
-                        return
-                    continue
+                    verdict = await self._settle_doubt(job, rev, token, step, keep)
+                    if verdict == "retry":
+                        continue
+                    return verdict == "continue"
                 except LeaseLost:
-                    self._free(len(keep))
+                    self._free(others)
                     self.stats.lost += 1
                     log.warning("worker %s: lease lost before committing instance %s", self.id, iid)
-                    return
+                    return False
                 except TxnRejected as exc:
-                    self._free(len(keep))
+                    self._free(others)
                     rejected += 1
                     if rejected > 1:
                         log.error("worker %s: the store refused the commit of instance %s twice (%s); leaving "
                                   "it to another worker", self.id, iid, exc)
                         await self._release(job.ref, job.claim_rev)
-                        return
+                        return False
                     log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
                     outcome = Outcome(failure=Failure("StoreRejected", f"the store refused the commit: {exc}",
                                                       retryable=False))
                     continue
                 if result.succeeded:
-                    self._committed(step, result.revision, keep)
-                    return
-                self._free(len(keep))
+                    return self._committed(step, result.revision, keep, tok)
+                self._free(others)
                 record_kvs, claim_kvs = result.responses
                 claim = claim_kvs[0] if claim_kvs else None
                 if claim is None or claim.create_revision != job.claim_rev:
                     self.stats.lost += 1
                     log.info("worker %s: claim on %s/%s lost before commit; another worker takes over",
                              self.id, iid, tok)
-                    return
+                    return False
                 if not record_kvs:
-                    return
+                    return False
                 self.stats.conflicts += 1
                 self._remember(record_kvs[0])
 
@@ -678,15 +686,16 @@ class Worker:
                           state=token.state, attempts=token.attempt)
         return transition.fail(inst, error, self.wall())
 
-    def _keep(self, step: Step) -> list[Token]:
-        """New tokens to claim in the commit itself, as far as free slots allow (one is this job's)."""
+    def _keep(self, step: Step, tok: str) -> list[Token]:
+        """Tokens to run here next, claimed in the commit itself: the job's own token if it moved on
+        (it keeps its claim and slot), then new ones as far as free slots allow."""
         if self._stopping:
             return []
         now = self.wall()
-        avail = self.concurrency - self._busy + 1
-        fresh = [t for t in step.upserted if t.not_before <= now and t.id not in step.removed
-                 and t.attempt == 1]
-        return fresh[:max(0, avail)]
+        fresh = [t for t in step.upserted if t.not_before <= now and t.attempt == 1]
+        fresh.sort(key=lambda t: t.id != tok)
+        own = 1 if fresh and fresh[0].id == tok else 0
+        return fresh[:own + max(0, self.concurrency - self._busy)]
 
     def _commit_txn(self, inst: Instance, rev: int, job: _Job, step: Step, record: bytes,
                     keep: list[Token]) -> Txn:
@@ -695,42 +704,52 @@ class Worker:
         ops: list = [Put(keys.instance(iid), record)]
         for entry in step.history:
             ops.append(Put(keys.history(iid, entry.seq), dump_history(entry)))
-        upserted = {t.id for t in step.upserted}
         for gone in step.removed:
             ops.append(Delete(keys.work(iid, gone)))
             ops.append(Delete(keys.claim(iid, gone)))
-        if tok not in step.removed:
-            ops.append(Delete(keys.claim(iid, tok)))  # a retry: give the token back until it is due
         kept = {t.id for t in keep}
         for token in step.upserted:
-            info = WorkInfo(inst.machine, inst.digest, token.state, token.not_before)
+            owner = self.id if token.id in kept else None
+            info = WorkInfo(inst.machine, inst.digest, token.state, token.not_before, owner)
             ops.append(Put(keys.work(iid, token.id), info.dump()))
-            if token.id in kept:
+            if token.id == tok:
+                if owner is None:  # a retry waiting, or no slot for it here: give it back
+                    ops.append(Delete(keys.claim(iid, tok)))
+            elif owner is not None:
                 ops.append(Put(keys.claim(iid, token.id), self.id.encode(), self.lease or 0))
-        assert not (upserted & set(step.removed))
         compare = [Compare.mod(keys.instance(iid), "==", rev), Compare.create(keys.claim(iid, tok), "==", job.claim_rev)]
         failure = [Get(keys.instance(iid)), Get(keys.claim(iid, tok))]
         return Txn(compare, ops, failure)
 
-    def _committed(self, step: Step, revision: int, keep: list[Token]) -> None:
+    def _committed(self, step: Step, revision: int, keep: list[Token], tok: str) -> bool:
         inst = step.instance
         self._records[inst.id] = (inst, revision)
         self.stats.committed += 1
         self.stats.transitions += len(step.history)
-        for entry in step.history:
-            log.debug("instance %s: %s -> %s (branch %s)", inst.id, entry.state, ",".join(entry.next),
-                      "/".join(entry.branch) or "-")
+        if log.isEnabledFor(logging.DEBUG):
+            for entry in step.history:
+                log.debug("instance %s: %s -> %s (branch %s)", inst.id, entry.state, ",".join(entry.next),
+                          "/".join(entry.branch) or "-")
         if inst.finished:
             log.info("instance %s %s%s", inst.id, inst.status,
                      f" at {inst.state}" if inst.state else f": {inst.error.type}: {inst.error.message}"
                      if inst.error else "")
         if self.on_commit is not None:
             self.on_commit(step)
+        own = False
         for token in keep:
-            self._start((inst.id, token.id), revision)
+            if token.id == tok:
+                own = True
+            else:
+                self._start((inst.id, token.id), revision)
+        return own
 
-    async def _settle_doubt(self, job: _Job, rev: int, step: Step, keep: list[Token]) -> bool:
-        """A commit timed out: find out whether it applied. True when the job is done."""
+    async def _settle_doubt(self, job: _Job, rev: int, token: Token, step: Step, keep: list[Token]) -> str:
+        """A commit's answer was lost: find out whether it applied, never blindly repeat it.
+
+        Returns "retry" (it did not apply and the claim is still ours), "continue" (it applied and
+        the job's token moved on, still ours) or "done".
+        """
         iid, tok = job.ref
         while True:
             try:
@@ -738,21 +757,27 @@ class Worker:
                 claim = await self.store.get(self.keys.claim(iid, tok))
                 break
             except StoreUnavailable:
+                if self._stopping:
+                    return "done"
                 await asyncio.sleep(0.5)
         if record is None:
-            return True
-        if claim is not None and claim.create_revision == job.claim_rev and record.mod_revision == rev:
-            return False  # not applied: try again
-        if claim is None and record.mod_revision != rev:
-            # Applied by us, or another worker took over. Run the tokens we claimed, if they are ours.
-            self._remember(record)
-            for token in keep:
-                self._busy += 1
-                if not await self._adopt((iid, token.id), self.lease):
-                    self._free(1)
-            return True
+            return "done"
+        ours = claim is not None and claim.create_revision == job.claim_rev
+        if ours and record.mod_revision == rev:
+            return "retry"
         self._remember(record)
-        return claim is None or claim.create_revision != job.claim_rev
+        current = self._records[iid][0].tokens.get(tok)
+        applied_and_kept = ours and current is not None and current.visit != token.visit
+        for other in keep:  # new tokens claimed by the commit, if it applied: run them
+            if other.id != tok:
+                self._busy += 1
+                if not await self._adopt((iid, other.id), self.lease):
+                    self._free(1)
+        if applied_and_kept:
+            return "continue"
+        if ours:
+            return "retry"  # someone else moved the record on; ours did not apply: try again
+        return "done"
 
 
 def _load_info(raw: bytes) -> WorkInfo | None:

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from etcd_server import EtcdCluster, etcd_binary, make_cluster  # noqa: E402
+from dsm.testing import EtcdCluster, etcd_binary, make_cluster  # noqa: E402
 
 from dsm.store.memory import ManualClock, MemoryStore  # noqa: E402
 

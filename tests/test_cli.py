@@ -229,7 +229,7 @@ def test_etcd_commands_need_an_endpoint():
 
 
 def test_unreachable_etcd_exits_3():
-    from etcd_server import free_port
+    from dsm.testing import free_port
 
     result = dsm("list", "--etcd", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 3

@@ -14,7 +14,7 @@ import pytest
 
 from clitools import ROOT, dsm
 from cluster import MACHINES, Workers, audit_all, invocations, load_graph, wait_all_finished
-from etcd_server import make_cluster
+from dsm.testing import make_cluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 

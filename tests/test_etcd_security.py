@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clitools import dsm, spawn
-from etcd_server import etcd_binary, etcdctl_binary, make_cluster
+from dsm.testing import etcd_binary, etcdctl_binary, make_cluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 

@@ -71,6 +71,8 @@ def test_range_prefix_limit_and_paging(store_factory):
         assert seen == [str(i).encode() for i in range(7)]
         keys = await store.range(p, prefix_end(p), keys_only=True)
         assert len(keys.kvs) == 8 and all(kv.value == b"" for kv in keys.kvs)
+        assert await store.count(p + "k/", prefix_end(p + "k/")) == 7
+        assert await store.count(p + "l") == 1 and await store.count(p + "nope") == 0
         assert await store.delete(p + "k/", prefix_end(p + "k/")) == 7
         assert [kv.key for kv in (await store.range(p, prefix_end(p))).kvs] == [p + "l"]
 

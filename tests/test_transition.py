@@ -49,7 +49,8 @@ def test_linear_path_payload_history_and_terminal():
     assert [t.state for t in inst.tokens.values()] == ["a"] and inst.status == RUNNING
     s1 = step(LINEAR, inst, "a", ok({"n": 2}))
     assert s1.instance.payload == {"n": 2} and s1.instance.transitions == 1
-    assert s1.removed == ("t1",) and [t.state for t in s1.upserted] == ["b"]
+    # along a line the token keeps its id (and its claim); each visit gets a new number
+    assert s1.removed == () and [(t.id, t.state, t.visit) for t in s1.upserted] == [("t1", "b", 2)]
     (h,) = s1.history
     assert (h.seq, h.state, h.next, h.branch, h.attempt, h.outcome) == (1, "a", ("b",), (), 1, None)
     s2 = step(LINEAR, s1.instance, "b")

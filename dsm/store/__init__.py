@@ -139,6 +139,9 @@ class Store(Protocol):
     async def range(self, start: str, end: str | None = None, *, limit: int = 0, revision: int = 0,
                     keys_only: bool = False) -> RangeResult: ...
 
+    async def count(self, start: str, end: str | None = None) -> int:
+        """How many keys [start, end) holds, without reading them."""
+
     async def put(self, key: str, value: bytes, lease: int = 0) -> int: ...
 
     async def delete(self, key: str, end: str | None = None) -> int: ...

@@ -408,6 +408,12 @@ class EtcdStore:
         resp = await self._call(self._kv.Range, req, "range")
         return RangeResult(kvs=[_kv(kv) for kv in resp.kvs], more=resp.more, revision=resp.header.revision)
 
+    async def count(self, start: str, end: str | None = None) -> int:
+        req = rpc.RangeRequest(key=_encode(start), count_only=True)
+        if end is not None:
+            req.range_end = _encode(end)
+        return (await self._call(self._kv.Range, req, "count")).count
+
     async def revision(self) -> int:
         # A read inside the namespace: a user whose role covers only its prefix may ask this too.
         root = _encode(self.options.keys.root)

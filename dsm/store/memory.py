@@ -159,6 +159,15 @@ class MemoryStore:
             keys = keys[:limit]
         return [self._data[k] for k in keys], more
 
+    async def count(self, start: str, end: str | None = None) -> int:
+        with self._lock:
+            self._check()
+            if end is None:
+                return int(start in self._data)
+            lo = bisect.bisect_left(self._keys, start)
+            hi = len(self._keys) if end == "\0" else bisect.bisect_left(self._keys, end)
+            return max(0, hi - lo)
+
     async def revision(self) -> int:
         with self._lock:
             self._check()

@@ -1,0 +1,431 @@
+"""dsm benchmarks: where dsm stands against the limit of its coordination layer.
+
+    python bench/run.py                 # all six, one etcd, one run: a table and bench/results/latest.json
+    python bench/run.py throughput      # one of: reference throughput naive scale recovery embedded
+    python bench/run.py --quick         # smaller sizes, for a smoke run
+
+Every ratio compares numbers measured in this run, against this etcd, on this machine.
+1 reference   raw etcd compare-and-swap transactions/s from one Python process at dsm's concurrency
+2 throughput  dsm transitions/s with 1 and 2 worker processes (linear and fork/join machines), / (1)
+3 naive       the seed design (poll all, etcd lock, tick, put, unlock) on the same machine; dsm / naive
+4 scale       throughput with 500 vs 50,000 instances waiting in etcd, and worker memory
+5 recovery    SIGKILL of a worker holding claims -> its instances moving again (vs the lease TTL)
+6 embedded    embedded transitions/s of many instances vs the `transitions` library, same machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from dsm import compiler, handlers  # noqa: E402
+from dsm.client import Client  # noqa: E402
+from dsm.definitions import Registry  # noqa: E402
+from dsm.keys import Keys  # noqa: E402
+from dsm.store import prefix_end  # noqa: E402
+from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
+from dsm.store.memory import MemoryStore  # noqa: E402
+from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
+from dsm.worker import Worker  # noqa: E402
+
+LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
+FORKJOIN = BENCH / "forkjoin.yaml"  # 6 transitions per instance
+PER_INSTANCE = {LINEAR: 4, FORKJOIN: 6}
+CONCURRENCY = 64
+
+
+def dsm_command() -> list[str]:
+    script = Path(sys.executable).parent / "dsm"
+    return [str(script)] if script.exists() else [sys.executable, str(ROOT / "cli.py")]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def connect(env: EtcdCluster, namespace: str) -> EtcdStore:
+    return await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace))
+
+
+def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *, concurrency: int = CONCURRENCY,
+                  lease_ttl: int = 10, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    procs = []
+    for _ in range(count):
+        procs.append(subprocess.Popen(
+            [*dsm_command(), "-q", "worker", str(definition), "--etcd", env.endpoint, "--namespace", namespace,
+             "--concurrency", str(concurrency), "--lease-ttl", str(lease_ttl), "--grace", "2"],
+            stderr=subprocess.PIPE, text=True, env={**os.environ, **(extra_env or {})}, start_new_session=True))
+    for p in procs:  # wait until each is serving: start-up is not throughput
+        while "serving namespace" not in (line := p.stderr.readline()):
+            if not line:
+                raise RuntimeError(f"worker exited: {p.wait()}")
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def committed(store: EtcdStore, keys: Keys) -> int:
+    return await store.count(f"{keys.root}hist/", prefix_end(f"{keys.root}hist/"))
+
+
+async def sample_until(store: EtcdStore, keys: Keys, total: int, timeout: float = 600) -> list[tuple[float, int]]:
+    """(time, committed transitions) every 50ms until `total` are committed."""
+    samples = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        count = await committed(store, keys)
+        samples.append((time.monotonic(), count))
+        if count >= total:
+            return samples
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"only {samples[-1][1]} of {total} transitions after {timeout}s")
+
+
+def window_rate(samples: list[tuple[float, int]], lo: int, hi: int) -> float:
+    """Transitions/s between the first samples at or above `lo` and `hi` committed transitions."""
+    t0 = next((t, c) for t, c in samples if c >= lo)
+    t1 = next((t, c) for t, c in samples if c >= hi)
+    return (t1[1] - t0[1]) / max(t1[0] - t0[0], 1e-9)
+
+
+async def clear(env: EtcdCluster, namespace: str) -> None:
+    store = await connect(env, namespace)
+    try:
+        root = f"/{namespace}/"
+        await store.delete(root, prefix_end(root))
+        await store.compact(await store.revision())
+    finally:
+        await store.close()
+
+
+# -- 1 reference -------------------------------------------------------------------------------
+
+async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
+    """Raw CAS transactions through aetcd's generated gRPC stubs: no dsm code in the loop."""
+    import grpc
+    from aetcd import rpc
+
+    seconds = 2.0 if quick else 5.0
+    channel = grpc.aio.insecure_channel(env.endpoint.split("://")[1])
+    kv = rpc.KVStub(channel)
+    value = b"x" * 300
+    count = 0
+
+    async def loop(i: int, stop_at: float) -> None:
+        nonlocal count
+        key = f"/reference/{i}".encode()
+        rev = (await kv.Put(rpc.PutRequest(key=key, value=value))).header.revision
+        while time.monotonic() < stop_at:
+            req = rpc.TxnRequest(
+                compare=[rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=rev)],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))])
+            resp = await kv.Txn(req)
+            assert resp.succeeded
+            rev = resp.header.revision
+            count += 1
+
+    out: dict[str, Any] = {}
+    for concurrency in (1, CONCURRENCY):
+        count = 0
+        started = time.monotonic()
+        await asyncio.gather(*(loop(i, started + seconds) for i in range(concurrency)))
+        out[f"cas_per_s_c{concurrency}"] = count / (time.monotonic() - started)
+    await channel.close()
+    out["cas_per_s"] = out[f"cas_per_s_c{CONCURRENCY}"]
+    return out
+
+
+# -- 2 throughput ------------------------------------------------------------------------------
+
+async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instances: int, namespace: str,
+                        **worker_kw: Any) -> dict[str, Any]:
+    graph = compiler.load(definition)
+    total = instances * PER_INSTANCE[definition]
+    procs = start_workers(env, workers, definition, namespace, **worker_kw)
+    store = await connect(env, namespace)
+    keys = Keys(namespace)
+    try:
+        sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total))
+        started = time.monotonic()
+        await Client(store, keys).submit_many(graph, ({} for _ in range(instances)))
+        samples = await sampler
+        rate = window_rate(samples, total // 10, total * 9 // 10)
+        return {"instances": instances, "transitions": total, "workers": workers, "transitions_per_s": rate,
+                "wall_s": samples[-1][0] - started, "worker_rss_mb": max(rss_mb(p.pid) for p in procs)}
+    finally:
+        stop_workers(procs)
+        await store.close()
+        await clear(env, namespace)
+
+
+async def throughput(env: EtcdCluster, quick: bool) -> dict[str, Any]:
+    instances = {LINEAR: 1000 if quick else 5000, FORKJOIN: 600 if quick else 3000}
+    out: dict[str, Any] = {}
+    for definition in (LINEAR, FORKJOIN):
+        for workers in (1, 2):
+            name = f"{definition.stem}_w{workers}"
+            out[name] = await throughput_of(env, definition, workers, instances[definition], f"tp-{name}")
+    return out
+
+
+# -- 3 naive -----------------------------------------------------------------------------------
+
+async def naive(env: EtcdCluster, quick: bool) -> dict[str, Any]:
+    instances = 100 if quick else 300
+    total = instances * PER_INSTANCE[LINEAR]
+    cmd = [sys.executable, str(BENCH / "naive.py"), str(LINEAR), "--etcd", env.endpoint, "--namespace", "naive"]
+    subprocess.run([*cmd, "--submit", str(instances)], check=True)
+    started = time.monotonic()
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    took = time.monotonic() - started
+    assert int(done.stdout.strip()) == total, done.stdout
+    await clear(env, "naive")
+    return {"instances": instances, "transitions": total, "workers": 1, "transitions_per_s": total / took,
+            "wall_s": took}
+
+
+# -- 4 scale -----------------------------------------------------------------------------------
+
+async def scale(env: EtcdCluster, quick: bool) -> dict[str, Any]:
+    graph = compiler.load(LINEAR)
+    window = 2000 if quick else 8000
+    out: dict[str, Any] = {}
+    for backlog in ((500, 5000) if quick else (500, 50_000)):
+        namespace = f"scale-{backlog}"
+        store = await connect(env, namespace)
+        keys = Keys(namespace)
+        await Client(store, keys).submit_many(graph, ({} for _ in range(backlog)))
+        measure = min(window, backlog * PER_INSTANCE[LINEAR])
+        procs = start_workers(env, 1, LINEAR, namespace)
+        try:
+            samples = await sample_until(store, keys, measure)
+            out[f"backlog_{backlog}"] = {
+                "waiting_instances": backlog, "measured_transitions": measure,
+                "transitions_per_s": window_rate(samples, measure // 10, measure * 9 // 10),
+                "worker_rss_mb": rss_mb(procs[0].pid)}
+        finally:
+            stop_workers(procs)
+            await store.close()
+            await clear(env, namespace)
+    small, large = out[f"backlog_{500}"], out[next(k for k in out if k != "backlog_500")]
+    out["large_over_small"] = large["transitions_per_s"] / small["transitions_per_s"]
+    return out
+
+
+# -- 5 recovery --------------------------------------------------------------------------------
+
+async def recovery(env: EtcdCluster, quick: bool) -> dict[str, Any]:
+    ttl = 5 if quick else 10
+    namespace = "recovery"
+    graph = compiler.load(LINEAR)
+    keys = Keys(namespace)
+    slow = {"BENCH_TICK_SECONDS": "0.2"}
+    victim, = start_workers(env, 1, LINEAR, namespace, concurrency=16, lease_ttl=ttl, extra_env=slow)
+    survivor, = start_workers(env, 1, LINEAR, namespace, concurrency=64, lease_ttl=ttl, extra_env=slow)
+    store = await connect(env, namespace)
+    try:
+        client = Client(store, keys)
+        await client.submit_many(graph, ({} for _ in range(60)))
+        victim_id = f"{platform.node()}:{victim.pid}".encode()
+        held: set[str] = set()
+        for _ in range(200):
+            page = await store.range(keys.work_prefix, prefix_end(keys.work_prefix))
+            held = {kv.key.split("/")[3] for kv in page.kvs if kv.key.endswith("/claim") and kv.value == victim_id}
+            if len(held) >= 8:
+                break
+            await asyncio.sleep(0.02)
+        before = {iid: len(await client.history(iid)) for iid in held}
+        victim.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        moved: dict[str, float] = {}
+        while len(moved) < len(held) and time.monotonic() - killed < ttl * 4:
+            for iid in held - set(moved):
+                inst = await client.instance(iid)
+                if inst.transitions > before[iid] or inst.finished:
+                    moved[iid] = time.monotonic() - killed
+            await asyncio.sleep(0.02)
+        times = sorted(moved.values())
+        return {"lease_ttl_s": ttl, "claims_held_by_killed_worker": len(held), "recovered": len(moved),
+                "first_moved_s": times[0] if times else None, "all_moved_s": times[-1] if times else None,
+                "within_ttl_plus_1s": bool(times) and len(moved) == len(held) and times[-1] <= ttl + 1}
+    finally:
+        stop_workers([victim, survivor])
+        await store.close()
+        await clear(env, namespace)
+
+
+# -- 6 embedded --------------------------------------------------------------------------------
+
+async def embedded_dsm(instances: int) -> dict[str, Any]:
+    graph = compiler.load(LINEAR)
+    store = MemoryStore()
+    keys = Keys()
+    registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+    registry.add(graph)
+    finished = asyncio.Event()
+    count = 0
+
+    def on_commit(step: Any) -> None:
+        nonlocal count
+        if step.instance.finished:
+            count += 1
+            if count == instances:
+                finished.set()
+
+    worker = Worker(store, registry, concurrency=8, on_commit=on_commit, worker_id="embedded")
+    stop = asyncio.Event()
+    runner = asyncio.get_running_loop().create_task(worker.run(stop))
+    started = time.monotonic()
+    await Client(store, keys).submit_many(graph, ({} for _ in range(instances)))
+    await finished.wait()
+    took = time.monotonic() - started
+    stop.set()
+    await runner
+    return {"instances": instances, "transitions": worker.stats.transitions,
+            "transitions_per_s": worker.stats.transitions / took}
+
+
+def transitions_library(instances: int) -> dict[str, Any]:
+    from transitions import Machine
+
+    from bench_handlers import noop
+
+    class Order:
+        def __init__(self) -> None:
+            self.payload: dict = {}
+
+        def tick(self) -> None:
+            noop(self.payload, None)
+
+    models = [Order() for _ in range(instances)]
+    Machine(model=models, states=["s1", "s2", "s3", "s4", "s5"], initial="s1", auto_transitions=False,
+            transitions=[{"trigger": "next", "source": f"s{i}", "dest": f"s{i + 1}", "before": "tick"}
+                         for i in range(1, 5)])
+    started = time.monotonic()
+    for model in models:
+        for _ in range(4):
+            model.next()
+    took = time.monotonic() - started
+    assert all(m.state == "s5" for m in models)
+    return {"instances": instances, "transitions": instances * 4, "transitions_per_s": instances * 4 / took}
+
+
+async def embedded(env: EtcdCluster | None, quick: bool) -> dict[str, Any]:
+    instances = 1000 if quick else 5000
+    mine = await embedded_dsm(instances)
+    theirs = transitions_library(instances)
+    return {"dsm": mine, "transitions_library": theirs,
+            "dsm_over_transitions": mine["transitions_per_s"] / theirs["transitions_per_s"]}
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+BENCHMARKS: dict[str, Callable[..., Any]] = {"reference": reference, "throughput": throughput, "naive": naive,
+                                             "scale": scale, "recovery": recovery, "embedded": embedded}
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_mb": mem, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def table(results: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str]] = []
+    ref = results.get("reference", {}).get("cas_per_s")
+
+    def ratio(value: float | None) -> str:
+        return f"{value / ref:.2f}x ref" if ref and value else ""
+
+    if "reference" in results:
+        r = results["reference"]
+        rows.append(("raw etcd CAS txn/s, 1 in flight", f"{r['cas_per_s_c1']:,.0f}", ""))
+        rows.append((f"raw etcd CAS txn/s, {CONCURRENCY} in flight (ref)", f"{r['cas_per_s']:,.0f}", "1.00x ref"))
+    for name, r in results.get("throughput", {}).items():
+        rows.append((f"dsm {name.replace('_w', ', workers=')} transitions/s", f"{r['transitions_per_s']:,.0f}",
+                     ratio(r["transitions_per_s"])))
+    if "naive" in results:
+        r = results["naive"]
+        best = results.get("throughput", {}).get("linear_w1", {}).get("transitions_per_s")
+        extra = f"dsm/naive {best / r['transitions_per_s']:.1f}x" if best else ""
+        rows.append(("naive poll+lock transitions/s (linear, 1 worker)", f"{r['transitions_per_s']:,.0f}", extra))
+    if "scale" in results:
+        s = results["scale"]
+        for key, r in s.items():
+            if key.startswith("backlog_"):
+                rows.append((f"dsm with {r['waiting_instances']:,} instances waiting, transitions/s",
+                             f"{r['transitions_per_s']:,.0f}", f"worker RSS {r['worker_rss_mb']:.0f} MB"))
+        rows.append(("large backlog / small backlog", f"{s['large_over_small']:.2f}", ""))
+    if "recovery" in results:
+        r = results["recovery"]
+        rows.append((f"recovery after SIGKILL (lease TTL {r['lease_ttl_s']}s), all moved", f"{r['all_moved_s']:.2f}s",
+                     f"first {r['first_moved_s']:.2f}s, {r['recovered']}/{r['claims_held_by_killed_worker']}"))
+    if "embedded" in results:
+        e = results["embedded"]
+        rows.append(("embedded dsm transitions/s", f"{e['dsm']['transitions_per_s']:,.0f}",
+                     f"{e['dsm_over_transitions']:.3f}x transitions lib"))
+        rows.append(("`transitions` library, same machine", f"{e['transitions_library']['transitions_per_s']:,.0f}",
+                     ""))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'benchmark':<{width}}  {'value':>12}  note", "-" * (width + 30)]
+    lines += [f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="dsm benchmarks", epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--json", type=Path, default=BENCH / "results" / "latest.json", help="where to write JSON")
+    args = parser.parse_args()
+    names = args.names or list(BENCHMARKS)
+    if any(n != "embedded" for n in names) and "reference" not in names:
+        names = ["reference", *names]  # every ratio is against a reference of this run
+    env = make_cluster(1)
+    env.start()
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                                  time.gmtime())}
+    try:
+        for name in names:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            results[name] = await BENCHMARKS[name](env, args.quick)
+    finally:
+        env.stop()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,32 @@
+"""JSON at the store boundary: orjson when installed (several times faster), the stdlib otherwise.
+
+Everything dsm writes to a store goes through here. Payloads are checked separately
+(dsm.payloads) before they get this far, so NaN or non-string keys never reach `dumps`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the fallback keeps dsm importable
+    orjson = None  # type: ignore[assignment]
+
+
+if orjson is not None:
+    def dumps(value: Any) -> bytes:
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # integers beyond 64 bits, which payloads may hold: the stdlib writes any size
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def loads(raw: bytes | str) -> Any:
+        return orjson.loads(raw)
+else:
+    def dumps(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def loads(raw: bytes | str) -> Any:
+        return json.loads(raw)
