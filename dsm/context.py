@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,7 @@ class Context:
     idempotency_key: str
     deadline: float | None
     logger: logging.LoggerAdapter
-    _abandoned: threading.Event = field(default_factory=threading.Event, repr=False)
-    _reason: list[str] = field(default_factory=list, repr=False)
+    _reason: list[str] = field(default_factory=list, repr=False)  # set once: why the attempt was abandoned
     _beats: list[float] = field(default_factory=list, repr=False)
 
     def heartbeat(self, details: Any = None) -> None:
@@ -43,8 +41,8 @@ class Context:
             self._beats.append(now)
         else:
             self._beats[0] = now
-        if self._abandoned.is_set():
-            raise AttemptAbandoned(self._reason[0] if self._reason else "attempt abandoned")
+        if self._reason:
+            raise AttemptAbandoned(self._reason[0])
         if self.deadline is not None and now > self.deadline:
             raise AttemptAbandoned(f"attempt {self.attempt} of state {self.state!r} passed its deadline")
 
@@ -53,10 +51,9 @@ class Context:
         return self._beats[0] if self._beats else None
 
     def abandon(self, reason: str) -> None:
-        """Called by the worker, never by handlers."""
-        if not self._abandoned.is_set():
+        """Called by the worker, never by handlers (list.append is atomic across threads)."""
+        if not self._reason:
             self._reason.append(reason)
-            self._abandoned.set()
 
 
 def make_context(*, instance_id: str, machine: str, state: str, attempt: int, branch: tuple[str, ...],

@@ -248,6 +248,13 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
     return Step(new, removed=(token.id,), upserted=tuple(upserted), history=(entry,))
 
 
+def changes(before: Instance, after: Instance) -> tuple[tuple[str, ...], tuple[Token, ...]]:
+    """The net effect of any number of steps on the set of tokens: (removed ids, new or changed)."""
+    removed = tuple(tid for tid in before.tokens if tid not in after.tokens)
+    changed = tuple(t for tid, t in after.tokens.items() if before.tokens.get(tid) != t)
+    return removed, changed
+
+
 class MergeConflict(Exception):
     """Two branches changed one key to different values."""
 
@@ -281,4 +288,5 @@ def merge(mode: str, base: dict[str, Any], arrived: dict[str, dict[str, Any]], o
     return out
 
 
-__all__ = ["Failure", "Outcome", "Step", "advance", "cancel", "fail", "merge", "start", "MergeConflict"]
+__all__ = ["Failure", "Outcome", "Step", "advance", "cancel", "changes", "fail", "merge", "start",
+           "MergeConflict"]

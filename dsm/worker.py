@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ from .graph import Graph, State
 from .keys import Keys, WorkInfo
 from .records import ErrorInfo, Instance, Token, dump_history, dump_instance, load_instance
 from .store import DELETE, Compare, Delete, Event, Get, KeyValue, Put, Store, Txn, TxnRejected, prefix_end
+from .ticks import TickRunner
 from .transition import Failure, Outcome, Step
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,14 @@ class Worker:
         self._jobs: dict[TokenRef, _Job] = {}
         self._busy = 0
         self._records: dict[str, tuple[Instance, int]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, list[_Pending]] = {}
+        self._committing: set[str] = set()
         self._users: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self._commits = Batcher(store, max_ops=batch_ops)
         self._claims = Batcher(store, max_ops=batch_ops)
-        self._executor = ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="dsm-tick")
+        self._ticks: TickRunner | None = None
         self._handler_loop: _HandlerLoop | None = None
         self._tasks: list[asyncio.Task] = []
         self._idle = asyncio.Event()
@@ -183,7 +184,8 @@ class Worker:
             except StoreError as exc:
                 log.warning("worker %s: could not revoke lease (%s); claims expire in %.0fs", self.id, exc,
                             self.lease_ttl)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._ticks is not None:
+            self._ticks.shutdown()
         if self._handler_loop is not None:
             self._handler_loop.stop()
 
@@ -510,7 +512,6 @@ class Worker:
             if users <= 0:
                 self._users.pop(iid, None)
                 self._records.pop(iid, None)
-                self._locks.pop(iid, None)
             else:
                 self._users[iid] = users
             self._free(1)
@@ -562,7 +563,9 @@ class Worker:
             concurrent = asyncio.run_coroutine_threadsafe(handler.func(payload, ctx), self._handler_loop.loop)
             future = asyncio.wrap_future(concurrent)
         else:
-            future = loop.run_in_executor(self._executor, _call_sync, handler.func, payload, ctx)
+            if self._ticks is None:
+                self._ticks = TickRunner(loop, self.concurrency + 4)
+            future = self._ticks.submit(_call_sync, handler.func, payload, ctx)
         try:
             result = await asyncio.wait_for(future, timeout) if timeout else await future
         except asyncio.TimeoutError:
@@ -613,115 +616,178 @@ class Worker:
         return Outcome(payload=checked, label=label)
 
     # -- committing --------------------------------------------------------------------------
-    def _lock(self, iid: str) -> asyncio.Lock:
-        lock = self._locks.get(iid)
-        if lock is None:
-            lock = self._locks[iid] = asyncio.Lock()
-        return lock
-
     async def _commit(self, graph: Graph, job: _Job, token: Token, outcome: Outcome) -> bool:
-        """Commit one attempt's outcome. True when the job's own token moved on and is still ours
-        to run (the caller continues it); False when the job is done with it."""
-        iid, tok = job.ref
-        rejected = 0
-        async with self._lock(iid):
-            while True:
-                inst, rev = self._records[iid]
-                step = transition.advance(graph, inst, tok, outcome, now=self.wall(), worker=self.id)
-                if step.instance is inst:
-                    await self._release(job.ref, job.claim_rev)
-                    return False
-                record = dump_instance(step.instance)
-                if len(record) > self.max_record_bytes:
-                    step = self._oversized(inst, graph, tok, len(record))
-                    record = dump_instance(step.instance)
-                keep = self._keep(step, tok)
-                others = sum(1 for t in keep if t.id != tok)
-                self._busy += others  # slots for new tokens claimed in the commit; ours passes on
+        """Commit one attempt's outcome, folded with whatever else of this instance is ready.
+
+        True when the job's own token moved on and is still ours to run (the caller continues it
+        without another claim); False when the job is done with it.
+        """
+        iid = job.ref[0]
+        pending = _Pending(job, token, outcome, asyncio.get_running_loop().create_future())
+        self._pending.setdefault(iid, []).append(pending)
+        if iid not in self._committing:  # nobody commits for this instance: this job does, inline
+            self._committing.add(iid)
+            await self._commit_loop(iid, graph)
+        return await pending.future
+
+    async def _commit_loop(self, iid: str, graph: Graph) -> None:
+        """One committer per instance: outcomes that arrive while a commit is in flight go together
+        in the next one (branches arriving at a join cost one round trip, not one each)."""
+        try:
+            while self._pending.get(iid):
+                batch = self._pending.pop(iid)
                 try:
-                    result = await self._commits.submit(self._commit_txn(inst, rev, job, step, record, keep))
-                except (StoreUnavailable, asyncio.TimeoutError) as exc:
-                    self._free(others)
-                    log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
-                    verdict = await self._settle_doubt(job, rev, token, step, keep)
-                    if verdict == "retry":
-                        continue
-                    return verdict == "continue"
-                except LeaseLost:
-                    self._free(others)
-                    self.stats.lost += 1
-                    log.warning("worker %s: lease lost before committing instance %s", self.id, iid)
-                    return False
-                except TxnRejected as exc:
-                    self._free(others)
-                    rejected += 1
-                    if rejected > 1:
-                        log.error("worker %s: the store refused the commit of instance %s twice (%s); leaving "
-                                  "it to another worker", self.id, iid, exc)
-                        await self._release(job.ref, job.claim_rev)
-                        return False
-                    log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
-                    outcome = Outcome(failure=Failure("StoreRejected", f"the store refused the commit: {exc}",
-                                                      retryable=False))
-                    continue
-                if result.succeeded:
-                    return self._committed(step, result.revision, keep, tok)
-                self._free(others)
-                record_kvs, claim_kvs = result.responses
-                claim = claim_kvs[0] if claim_kvs else None
-                if claim is None or claim.create_revision != job.claim_rev:
+                    await self._commit_batch(iid, graph, batch)
+                except Exception:
+                    log.exception("worker %s: internal error committing instance %s", self.id, iid)
+                finally:
+                    for p in batch:
+                        _settle(p.future, False)
+        finally:
+            self._committing.discard(iid)
+
+    async def _commit_batch(self, iid: str, graph: Graph, batch: list[_Pending]) -> None:
+        rejected = 0
+        while batch:
+            inst, rev = self._records[iid]
+            now = self.wall()
+            after, history = inst, []
+            for p in batch:
+                tok = p.job.ref[1]
+                current = after.tokens.get(tok)
+                if current is None or current.visit != p.token.visit or current.attempt != p.token.attempt:
+                    continue  # stale: the token moved on or went away; its claim is released below
+                step = transition.advance(graph, after, tok, p.outcome, now=now, worker=self.id)
+                after = step.instance
+                history.extend(step.history)
+            own = {p.job.ref[1] for p in batch}
+            keep, after = self._plan(graph, inst, after, own, history, now)
+            record = dump_instance(after)
+            if len(record) > self.max_record_bytes:
+                after, history, keep = self._oversized(inst, batch[0].token, len(record)), [], []
+                record = dump_instance(after)
+            removed, changed = transition.changes(inst, after)
+            extra = sum(1 for t in keep if t.id not in own)
+            self._busy += extra  # slots for new tokens claimed in this commit; our own tokens keep theirs
+            try:
+                result = await self._commits.submit(
+                    self._commit_txn(inst, rev, batch, record, history, removed, changed, keep))
+            except (StoreUnavailable, asyncio.TimeoutError) as exc:
+                self._free(extra)
+                log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
+                batch = await self._settle_doubt(iid, batch, keep, now)
+                continue
+            except LeaseLost:
+                self._free(extra)
+                self.stats.lost += len(batch)
+                log.warning("worker %s: lease lost before committing instance %s", self.id, iid)
+                return
+            except TxnRejected as exc:
+                self._free(extra)
+                rejected += 1
+                log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
+                if rejected > 1:
+                    for p in batch:
+                        await self._release(p.job.ref, p.job.claim_rev)
+                    return
+                failure = Failure("StoreRejected", f"the store refused the commit: {exc}", retryable=False)
+                batch = [_Pending(p.job, p.token, Outcome(failure=failure), p.future) for p in batch]
+                continue
+            if result.succeeded:
+                self._committed(transition.Step(after, removed, changed, tuple(history)), result.revision, keep,
+                                batch)
+                return
+            self._free(extra)
+            try:
+                record_kv, claims = await self._read(iid, batch)
+            except StoreUnavailable:
+                await asyncio.sleep(0.2)
+                continue
+            still: list[_Pending] = []
+            for p, claim in zip(batch, claims):
+                if claim is not None and claim.create_revision == p.job.claim_rev:
+                    still.append(p)
+                else:
                     self.stats.lost += 1
                     log.info("worker %s: claim on %s/%s lost before commit; another worker takes over",
-                             self.id, iid, tok)
-                    return False
-                if not record_kvs:
-                    return False
-                self.stats.conflicts += 1
-                self._remember(record_kvs[0])
+                             self.id, iid, p.job.ref[1])
+                    _settle(p.future, False)
+            if record_kv is None:
+                return
+            self.stats.conflicts += 1
+            self._remember(record_kv)
+            batch = still
 
-    def _oversized(self, inst: Instance, graph: Graph, tok: str, size: int) -> Step:
-        token = inst.tokens[tok]
+    async def _read(self, iid: str, batch: list[_Pending]) -> tuple[KeyValue | None, list[KeyValue | None]]:
+        """The record and the claims of a batch, in one round trip."""
+        ops = [Get(self.keys.instance(iid))] + [Get(self.keys.claim(iid, p.job.ref[1])) for p in batch]
+        result = await self.store.txn([], ops)
+        record, *claims = (kvs[0] if kvs else None for kvs in result.responses)
+        return record, claims
+
+    def _plan(self, graph: Graph, before: Instance, after: Instance, own: set[str], history: list,
+              now: float) -> tuple[list[Token], Instance]:
+        """Choose the tokens this worker runs next (claimed in the commit itself): its own tokens
+        that moved on keep their slots, new ones take free slots. Tick-less states among them are
+        run right here, folded into the same commit."""
+        if self._stopping:
+            return [], after
+        free = max(0, self.concurrency - self._busy)
+        for _ in range(256):
+            if after.finished:
+                return [], after
+            # free slots, plus those of our own tokens this commit consumes (a fork hands its token's
+            # slot to a branch)
+            budget = free + sum(1 for tid in own if tid not in after.tokens)
+            mine = [t for tid, t in after.tokens.items() if t.not_before <= now and t.attempt == 1 and (
+                (tid in own and before.tokens.get(tid) != t) or tid not in before.tokens)]
+            mine.sort(key=lambda t: t.id not in own)
+            keep = [t for t in mine if t.id in own] + [t for t in mine if t.id not in own][:budget]
+            tickless = next((t for t in keep if graph.states[t.state].tick is None), None)
+            if tickless is None:
+                return keep, after
+            step = transition.advance(graph, after, tickless.id, Outcome(), now=now, worker=self.id)
+            after = step.instance
+            history.extend(step.history)
+        return keep, after
+
+    def _oversized(self, inst: Instance, token: Token, size: int) -> Instance:
         error = ErrorInfo(type="PayloadTooLarge", message=f"state {token.state!r}: the instance record would be "
                           f"{size} bytes (its live payloads together); the store accepts {self.max_record_bytes}",
                           state=token.state, attempts=token.attempt)
-        return transition.fail(inst, error, self.wall())
+        return transition.fail(inst, error, self.wall()).instance
 
-    def _keep(self, step: Step, tok: str) -> list[Token]:
-        """Tokens to run here next, claimed in the commit itself: the job's own token if it moved on
-        (it keeps its claim and slot), then new ones as far as free slots allow."""
-        if self._stopping:
-            return []
-        now = self.wall()
-        fresh = [t for t in step.upserted if t.not_before <= now and t.attempt == 1]
-        fresh.sort(key=lambda t: t.id != tok)
-        own = 1 if fresh and fresh[0].id == tok else 0
-        return fresh[:own + max(0, self.concurrency - self._busy)]
-
-    def _commit_txn(self, inst: Instance, rev: int, job: _Job, step: Step, record: bytes,
-                    keep: list[Token]) -> Txn:
-        iid, tok = job.ref
+    def _commit_txn(self, inst: Instance, rev: int, batch: list[_Pending], record: bytes, history: list,
+                    removed: tuple[str, ...], changed: tuple[Token, ...], keep: list[Token]) -> Txn:
+        iid = inst.id
         keys = self.keys
+        own = {p.job.ref[1] for p in batch}
         ops: list = [Put(keys.instance(iid), record)]
-        for entry in step.history:
+        for entry in history:
             ops.append(Put(keys.history(iid, entry.seq), dump_history(entry)))
-        for gone in step.removed:
+        for gone in removed:
             ops.append(Delete(keys.work(iid, gone)))
             ops.append(Delete(keys.claim(iid, gone)))
         kept = {t.id for t in keep}
-        for token in step.upserted:
+        touched = set(removed)
+        for token in changed:
+            touched.add(token.id)
             owner = self.id if token.id in kept else None
-            info = WorkInfo(inst.machine, inst.digest, token.state, token.not_before, owner)
-            ops.append(Put(keys.work(iid, token.id), info.dump()))
-            if token.id == tok:
+            ops.append(Put(keys.work(iid, token.id), WorkInfo(inst.machine, inst.digest, token.state,
+                                                              token.not_before, owner).dump()))
+            if token.id in own:
                 if owner is None:  # a retry waiting, or no slot for it here: give it back
-                    ops.append(Delete(keys.claim(iid, tok)))
+                    ops.append(Delete(keys.claim(iid, token.id)))
             elif owner is not None:
                 ops.append(Put(keys.claim(iid, token.id), self.id.encode(), self.lease or 0))
-        compare = [Compare.mod(keys.instance(iid), "==", rev), Compare.create(keys.claim(iid, tok), "==", job.claim_rev)]
-        failure = [Get(keys.instance(iid)), Get(keys.claim(iid, tok))]
-        return Txn(compare, ops, failure)
+        for tok in own - touched:  # stale outcomes: let their claims go
+            ops.append(Delete(keys.claim(iid, tok)))
+        compare = [Compare.mod(keys.instance(iid), "==", rev)]
+        for p in batch:
+            compare.append(Compare.create(keys.claim(iid, p.job.ref[1]), "==", p.job.claim_rev))
+        return Txn(compare, ops)  # on failure (rare) the caller reads what changed
 
-    def _committed(self, step: Step, revision: int, keep: list[Token], tok: str) -> bool:
+    def _committed(self, step: Step, revision: int, keep: list[Token], batch: list[_Pending]) -> None:
         inst = step.instance
         self._records[inst.id] = (inst, revision)
         self.stats.committed += 1
@@ -736,48 +802,66 @@ class Worker:
                      if inst.error else "")
         if self.on_commit is not None:
             self.on_commit(step)
-        own = False
+        kept = {t.id for t in keep}
+        own = {p.job.ref[1] for p in batch}
+        for p in batch:
+            _settle(p.future, p.job.ref[1] in kept)
         for token in keep:
-            if token.id == tok:
-                own = True
-            else:
+            if token.id not in own:
                 self._start((inst.id, token.id), revision)
-        return own
 
-    async def _settle_doubt(self, job: _Job, rev: int, token: Token, step: Step, keep: list[Token]) -> str:
-        """A commit's answer was lost: find out whether it applied, never blindly repeat it.
+    async def _settle_doubt(self, iid: str, batch: list[_Pending], keep: list[Token], now: float) -> list[_Pending]:
+        """A commit's answer was lost: find out what applied, never blindly repeat it.
 
-        Returns "retry" (it did not apply and the claim is still ours), "continue" (it applied and
-        the job's token moved on, still ours) or "done".
+        Only this worker touches a token it holds a claim on, so: a claim gone means our commit
+        released it (or our lease ended); a claim still ours on a token that moved on means our
+        commit applied and kept it; a claim still ours on an unmoved token means nothing applied.
+        Returns the outcomes still to commit.
         """
-        iid, tok = job.ref
         while True:
             try:
-                record = await self.store.get(self.keys.instance(iid))
-                claim = await self.store.get(self.keys.claim(iid, tok))
+                record, claims = await self._read(iid, batch)
                 break
             except StoreUnavailable:
                 if self._stopping:
-                    return "done"
+                    return []
                 await asyncio.sleep(0.5)
         if record is None:
-            return "done"
-        ours = claim is not None and claim.create_revision == job.claim_rev
-        if ours and record.mod_revision == rev:
-            return "retry"
+            return []
         self._remember(record)
-        current = self._records[iid][0].tokens.get(tok)
-        applied_and_kept = ours and current is not None and current.visit != token.visit
-        for other in keep:  # new tokens claimed by the commit, if it applied: run them
-            if other.id != tok:
+        inst = self._records[iid][0]
+        retry: list[_Pending] = []
+        own = {p.job.ref[1] for p in batch}
+        for p, claim in zip(batch, claims):
+            if claim is None or claim.create_revision != p.job.claim_rev:
+                _settle(p.future, False)
+                continue
+            current = inst.tokens.get(p.job.ref[1])
+            if current is not None and (current.visit, current.attempt) != (p.token.visit, p.token.attempt):
+                _settle(p.future, current.not_before <= now and current.attempt == 1)
+            else:
+                retry.append(p)
+        for token in keep:  # new tokens the commit claimed, if it applied: run them
+            if token.id not in own:
                 self._busy += 1
-                if not await self._adopt((iid, other.id), self.lease):
+                if not await self._adopt((iid, token.id), self.lease):
                     self._free(1)
-        if applied_and_kept:
-            return "continue"
-        if ours:
-            return "retry"  # someone else moved the record on; ours did not apply: try again
-        return "done"
+        return retry
+
+
+def _settle(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+@dataclass
+class _Pending:
+    """An attempt's outcome waiting for its instance's next commit."""
+
+    job: _Job
+    token: Token
+    outcome: Outcome
+    future: asyncio.Future = field(repr=False)
 
 
 def _load_info(raw: bytes) -> WorkInfo | None:

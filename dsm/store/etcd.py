@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 _TARGETS = {"version": rpc.Compare.VERSION, "create": rpc.Compare.CREATE, "mod": rpc.Compare.MOD,
             "value": rpc.Compare.VALUE, "lease": rpc.Compare.LEASE}
 _RESULTS = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL, "<": rpc.Compare.LESS, ">": rpc.Compare.GREATER}
-_FIELDS = {"version": "version", "create": "create_revision", "mod": "mod_revision", "value": "value",
-           "lease": "lease"}
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -202,36 +200,48 @@ def _kv(kv: Any) -> KeyValue:
     return KeyValue(_decode(kv.key), kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
 
 
+_Compare, _RequestOp, _TxnRequest = rpc.Compare, rpc.RequestOp, rpc.TxnRequest
+_PutRequest, _DeleteRangeRequest, _RangeRequest = rpc.PutRequest, rpc.DeleteRangeRequest, rpc.RangeRequest
+
+
 def _compare(c: Compare) -> Any:
-    msg = rpc.Compare(key=_encode(c.key), target=_TARGETS[c.target], result=_RESULTS[c.op])
+    msg = _Compare(key=_encode(c.key), target=_TARGETS[c.target], result=_RESULTS[c.op])
     if c.end is not None:
         msg.range_end = _encode(c.end)
-    value = c.value if c.target != "value" else (c.value if isinstance(c.value, bytes) else str(c.value).encode())
-    setattr(msg, _FIELDS[c.target], value)
+    target = c.target
+    if target == "mod":
+        msg.mod_revision = c.value  # type: ignore[assignment]
+    elif target == "create":
+        msg.create_revision = c.value  # type: ignore[assignment]
+    elif target == "version":
+        msg.version = c.value  # type: ignore[assignment]
+    elif target == "lease":
+        msg.lease = c.value  # type: ignore[assignment]
+    else:
+        msg.value = c.value if isinstance(c.value, bytes) else str(c.value).encode()
     return msg
 
 
 def _op(op: Op) -> Any:
-    if isinstance(op, Put):
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=_encode(op.key), value=op.value, lease=op.lease))
-    if isinstance(op, Delete):
-        req = rpc.DeleteRangeRequest(key=_encode(op.key))
-        if op.end is not None:
-            req.range_end = _encode(op.end)
-        return rpc.RequestOp(request_delete_range=req)
-    if isinstance(op, Get):
-        req = rpc.RangeRequest(key=_encode(op.key), limit=op.limit)
-        if op.end is not None:
-            req.range_end = _encode(op.end)
-        return rpc.RequestOp(request_range=req)
-    if isinstance(op, Txn):
-        return rpc.RequestOp(request_txn=_txn(op.compare, op.success, op.failure))
+    kind = type(op)
+    if kind is Put:
+        return _RequestOp(request_put=_PutRequest(key=_encode(op.key), value=op.value, lease=op.lease))
+    if kind is Delete:
+        if op.end is None:
+            return _RequestOp(request_delete_range=_DeleteRangeRequest(key=_encode(op.key)))
+        return _RequestOp(request_delete_range=_DeleteRangeRequest(key=_encode(op.key), range_end=_encode(op.end)))
+    if kind is Get:
+        if op.end is None:
+            return _RequestOp(request_range=_RangeRequest(key=_encode(op.key), limit=op.limit))
+        return _RequestOp(request_range=_RangeRequest(key=_encode(op.key), range_end=_encode(op.end), limit=op.limit))
+    if kind is Txn:
+        return _RequestOp(request_txn=_txn(op.compare, op.success, op.failure))
     raise TypeError(f"unknown operation {op!r}")
 
 
 def _txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> Any:
-    return rpc.TxnRequest(compare=[_compare(c) for c in compare], success=[_op(o) for o in success],
-                          failure=[_op(o) for o in failure])
+    return _TxnRequest(compare=[_compare(c) for c in compare], success=[_op(o) for o in success],
+                       failure=[_op(o) for o in failure])
 
 
 def _txn_result(resp: Any, revision: int) -> TxnResult:
