@@ -200,48 +200,66 @@ def _kv(kv: Any) -> KeyValue:
     return KeyValue(_decode(kv.key), kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
 
 
-_Compare, _RequestOp, _TxnRequest = rpc.Compare, rpc.RequestOp, rpc.TxnRequest
-_PutRequest, _DeleteRangeRequest, _RangeRequest = rpc.PutRequest, rpc.DeleteRangeRequest, rpc.RangeRequest
+# Requests are filled in place: upb copies a nested message each time one is passed to a
+# constructor, which made building a batch of commits four times slower than this.
 
-
-def _compare(c: Compare) -> Any:
-    msg = _Compare(key=_encode(c.key), target=_TARGETS[c.target], result=_RESULTS[c.op])
-    if c.end is not None:
-        msg.range_end = _encode(c.end)
+def _fill_compare(msg: Any, c: Compare) -> None:
+    msg.key = _encode(c.key)
+    msg.target = _TARGETS[c.target]
+    msg.result = _RESULTS[c.op]
     target = c.target
     if target == "mod":
-        msg.mod_revision = c.value  # type: ignore[assignment]
+        msg.mod_revision = c.value
     elif target == "create":
-        msg.create_revision = c.value  # type: ignore[assignment]
+        msg.create_revision = c.value
     elif target == "version":
-        msg.version = c.value  # type: ignore[assignment]
+        msg.version = c.value
     elif target == "lease":
-        msg.lease = c.value  # type: ignore[assignment]
+        msg.lease = c.value
     else:
         msg.value = c.value if isinstance(c.value, bytes) else str(c.value).encode()
+    if c.end is not None:
+        msg.range_end = _encode(c.end)
+
+
+def _fill_ops(repeated: Any, ops: Sequence[Op]) -> None:
+    for op in ops:
+        kind = type(op)
+        msg = repeated.add()
+        if kind is Put:
+            put = msg.request_put
+            put.key = _encode(op.key)
+            put.value = op.value
+            if op.lease:
+                put.lease = op.lease
+        elif kind is Delete:
+            delete = msg.request_delete_range
+            delete.key = _encode(op.key)
+            if op.end is not None:
+                delete.range_end = _encode(op.end)
+        elif kind is Get:
+            get = msg.request_range
+            get.key = _encode(op.key)
+            if op.end is not None:
+                get.range_end = _encode(op.end)
+            if op.limit:
+                get.limit = op.limit
+        elif kind is Txn:
+            _fill_txn(msg.request_txn, op.compare, op.success, op.failure)
+        else:
+            raise TypeError(f"unknown operation {op!r}")
+
+
+def _fill_txn(msg: Any, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> Any:
+    for c in compare:
+        _fill_compare(msg.compare.add(), c)
+    _fill_ops(msg.success, success)
+    _fill_ops(msg.failure, failure)
     return msg
 
 
-def _op(op: Op) -> Any:
-    kind = type(op)
-    if kind is Put:
-        return _RequestOp(request_put=_PutRequest(key=_encode(op.key), value=op.value, lease=op.lease))
-    if kind is Delete:
-        if op.end is None:
-            return _RequestOp(request_delete_range=_DeleteRangeRequest(key=_encode(op.key)))
-        return _RequestOp(request_delete_range=_DeleteRangeRequest(key=_encode(op.key), range_end=_encode(op.end)))
-    if kind is Get:
-        if op.end is None:
-            return _RequestOp(request_range=_RangeRequest(key=_encode(op.key), limit=op.limit))
-        return _RequestOp(request_range=_RangeRequest(key=_encode(op.key), range_end=_encode(op.end), limit=op.limit))
-    if kind is Txn:
-        return _RequestOp(request_txn=_txn(op.compare, op.success, op.failure))
-    raise TypeError(f"unknown operation {op!r}")
-
-
 def _txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> Any:
-    return _TxnRequest(compare=[_compare(c) for c in compare], success=[_op(o) for o in success],
-                       failure=[_op(o) for o in failure])
+    return _fill_txn(rpc.TxnRequest(), compare, success, failure)
 
 
 def _txn_result(resp: Any, revision: int) -> TxnResult:
