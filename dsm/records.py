@@ -60,7 +60,7 @@ class Token:
 
     @property
     def branch(self) -> tuple[str, ...]:
-        return tuple(name for _, name in self.frames)
+        return tuple(name for _, name in self.frames) if self.frames else ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,17 +224,19 @@ class MemoryStore:
     def _intervals(self, ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
         """etcd's checkIntervals: a key may be written once per transaction, nested ones included
         (the two branches of one nested transaction exclude each other, so they may share keys)."""
-        dels = [(op.key, op.end) for op in ops if isinstance(op, Delete)]
+        dels = [(op.key, op.end) for op in ops if type(op) is Delete]
+        points = {k for k, e in dels if e is None}
+        ranges = [(k, e) for k, e in dels if e is not None]
         puts: set[str] = set()
 
         def deleted(key: str) -> bool:
-            return any(key == s if e is None else (s <= key and (e == "\0" or key < e)) for s, e in dels)
+            return key in points or any(s <= key and (e == "\0" or key < e) for s, e in ranges)
 
         def duplicate() -> TxnRejected:
             return TxnRejected("duplicate key given in txn request")
 
         for op in ops:
-            if not isinstance(op, Txn):
+            if type(op) is not Txn:
                 continue
             puts_then, dels_then = self._intervals(op.success)
             puts_else, dels_else = self._intervals(op.failure)
@@ -246,14 +248,17 @@ class MemoryStore:
                 if (k in puts and k not in puts_then) or deleted(k):
                     raise duplicate()
                 puts.add(k)
-            dels.extend(dels_then)
-            dels.extend(dels_else)
+            for k, e in (*dels_then, *dels_else):
+                if e is None:
+                    points.add(k)
+                else:
+                    ranges.append((k, e))
         for op in ops:
-            if isinstance(op, Put):
+            if type(op) is Put:
                 if op.key in puts or deleted(op.key):
                     raise duplicate()
                 puts.add(op.key)
-        return puts, dels
+        return puts, [(k, None) for k in points] + ranges
 
     def _current(self, key: str, changes: dict[str, KeyValue | None]) -> KeyValue | None:
         return changes[key] if key in changes else self._data.get(key)
