@@ -264,21 +264,26 @@ async def recovery(env: EtcdCluster, quick: bool) -> dict[str, Any]:
     keys = Keys(namespace)
     slow = {"BENCH_TICK_SECONDS": "0.1"}
     victim, = start_workers(env, 1, LINEAR, namespace, concurrency=16, lease_ttl=ttl, extra_env=slow)
-    survivor, = start_workers(env, 1, LINEAR, namespace, concurrency=64, lease_ttl=ttl, extra_env=slow)
+    survivor = None
     store = await connect(env, namespace)
     try:
         client = Client(store, keys)
         await client.submit_many(graph, ({} for _ in range(60)))
         victim_id = f"{socket.gethostname()}:{victim.pid}".encode()
-        held: set[str] = set()
-        deadline = time.monotonic() + 10
-        while len(held) < 8 and time.monotonic() < deadline:
+
+        async def held_by_victim() -> dict[str, int]:
             page = await store.range(keys.work_prefix, prefix_end(keys.work_prefix))
             held = {kv.key.split("/")[3] for kv in page.kvs if kv.key.endswith("/claim") and kv.value == victim_id}
+            return {iid: (await client.instance(iid)).transitions for iid in held}
+
+        deadline = time.monotonic() + 10
+        while len(await held_by_victim()) < 8 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if not held:
-            raise RuntimeError("the worker to kill never held a claim; nothing to measure")
-        before = {iid: len(await client.history(iid)) for iid in held}
+        survivor, = start_workers(env, 1, LINEAR, namespace, concurrency=64, lease_ttl=ttl, extra_env=slow)
+        before = await held_by_victim()  # what it holds at the moment it dies
+        if not before:
+            raise RuntimeError("the worker to kill held no claim; nothing to measure")
+        held = set(before)
         victim.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         moved: dict[str, float] = {}
@@ -293,7 +298,7 @@ async def recovery(env: EtcdCluster, quick: bool) -> dict[str, Any]:
                 "first_moved_s": times[0] if times else None, "all_moved_s": times[-1] if times else None,
                 "within_ttl_plus_1s": bool(times) and len(moved) == len(held) and times[-1] <= ttl + 1}
     finally:
-        stop_workers([victim, survivor])
+        stop_workers([p for p in (victim, survivor) if p is not None])
         await store.close()
         await clear(env, namespace)
 

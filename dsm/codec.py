@@ -16,6 +16,10 @@ except ImportError:  # pragma: no cover - orjson is a dependency; the fallback k
 
 
 if orjson is not None:
+    def dumps_strict(value: Any) -> bytes:
+        """Raise TypeError for what the fast encoder cannot write (callers explain or fall back)."""
+        return orjson.dumps(value)
+
     def dumps(value: Any) -> bytes:
         try:
             return orjson.dumps(value)
@@ -27,6 +31,8 @@ if orjson is not None:
 else:
     def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    dumps_strict = dumps
 
     def loads(raw: bytes | str) -> Any:
         return json.loads(raw)

@@ -20,7 +20,8 @@ class Problem:
     path: str = ""
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: error: {self.message}"
+        message = " ".join(self.message.split())  # one line per problem, whatever a parser said
+        return f"{self.file}:{self.line}:{self.col}: error: {message}"
 
 
 class DefinitionError(DsmError):

@@ -188,6 +188,12 @@ def parse(text: str, file: str = "<string>") -> Document:
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         reason = " ".join(filter(None, [exc.context, exc.problem])) or str(exc)
         raise DefinitionError(Problem(file, line, col, f"invalid YAML: {reason}")) from None
+    except yaml.reader.ReaderError as exc:
+        position = exc.position
+        line = text.count("\n", 0, position) + 1
+        col = position - (text.rfind("\n", 0, position) + 1) + 1
+        raise DefinitionError(Problem(file, line, col, f"invalid YAML: character {exc.character!r} is not "
+                                      f"allowed ({exc.reason})")) from None
     except yaml.YAMLError as exc:
         raise DefinitionError(Problem(file, 1, 1, f"invalid YAML: {exc}")) from None
     except RecursionError:

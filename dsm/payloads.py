@@ -14,7 +14,7 @@ from typing import Any
 from . import codec
 
 DEFAULT_LIMIT = 1024 * 1024  # serialized bytes
-MAX_DEPTH = 256
+MAX_DEPTH = 253  # nested objects and arrays: the most the fast encoder (orjson) writes
 
 
 def default_limit() -> int:
@@ -47,7 +47,7 @@ def _explain(value: Any) -> str | None:
     stack: list[tuple[Any, list[Any]]] = [(value, [])]
     while stack:
         item, where = stack.pop()
-        if len(where) > MAX_DEPTH:
+        if isinstance(item, (dict, list, tuple)) and len(where) + 1 > MAX_DEPTH:
             return f"{_path(where[:3])}... is nested deeper than {MAX_DEPTH} levels"
         if isinstance(item, dict):
             for key, child in item.items():
@@ -70,7 +70,7 @@ def check(value: Any, *, limit: int | None = None) -> tuple[dict[str, Any], int]
     """Return (a private canonical copy, serialized size) or raise PayloadError."""
     limit = default_limit() if limit is None else limit
     try:
-        raw = codec.dumps(value)
+        raw = codec.dumps_strict(value)
         copy = codec.loads(raw)
         exact = isinstance(value, dict) and copy == value  # NaN written as null, tuples as lists: not exact
     except (TypeError, ValueError, RecursionError):

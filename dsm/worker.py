@@ -14,6 +14,7 @@ through the store for the rest once the set drains, so memory stays flat however
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
@@ -100,13 +101,17 @@ class Worker:
                  lease_ttl: float = 10.0, worker_id: str | None = None, payload_limit: int | None = None,
                  max_record_bytes: int = 1_400_000, candidate_cap: int = 10_000, page_size: int = 1000,
                  sweep_interval: float = 30.0, batch_ops: int = 64, wall: Callable[[], float] = time.time,
-                 on_commit: Callable[[Step], None] | None = None):
+                 on_commit: Callable[[Step], None] | None = None, prefetch: int | None = None):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.store = store
         self.registry = registry
         self.keys = keys or registry.keys
         self.concurrency = concurrency
+        # Tokens a commit of ours creates (fork branches) may be claimed in that same commit and
+        # wait here for a slot, up to `prefetch` of them, instead of going back to the queue.
+        self.prefetch = concurrency if prefetch is None else prefetch
+        self._ready: collections.deque[tuple[TokenRef, int]] = collections.deque()
         self.lease_ttl = lease_ttl
         self.id = worker_id or default_worker_id()
         self.payload_limit = payload_limit if payload_limit is not None else payloads.default_limit()
@@ -220,6 +225,8 @@ class Worker:
                 log.warning("worker %s: keep-alive failed (%s)", self.id, exc)
 
     def _lose_all(self, reason: str) -> None:
+        while self._ready:  # their claims went with the lease
+            self._unhold(self._ready.popleft()[0][0])
         for job in self._jobs.values():
             if job.ctx is not None:
                 job.ctx.abandon(reason)
@@ -380,7 +387,7 @@ class Worker:
     async def _dispatch(self) -> None:
         last_sweep = time.monotonic()
         while not self._stopping:
-            free = self.concurrency - self._busy
+            free = self.concurrency - self._busy if not self._ready else 0  # local work goes first
             picked = self._due(free) if free > 0 and not self._stopping else []
             if not picked:
                 if free > 0 and self._overflow and not self._due(1):
@@ -451,8 +458,9 @@ class Worker:
         return Txn([Compare.version(work, ">", 0), Compare.create(claim, "==", 0)],
                    [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
 
-    async def _adopt(self, ref: TokenRef, lease: int | None) -> bool:
-        """After an ambiguous claim or commit: if the claim on `ref` is ours, run it; else let it be."""
+    async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True) -> bool:
+        """After an ambiguous claim or commit: if the claim on `ref` is ours, run it; else let it be.
+        `reserved`: a slot is already counted for it (else it queues for one)."""
         iid, tok = ref
         while True:
             try:
@@ -466,7 +474,10 @@ class Worker:
         if claim is None or lease is None or claim.lease != lease or record is None:
             return False
         self._remember(record)
-        self._start(ref, claim.create_revision)
+        if reserved:
+            self._start(ref, claim.create_revision)
+        else:
+            self._enqueue(ref, claim.create_revision)
         return True
 
     async def _release(self, ref: TokenRef, claim_rev: int) -> None:
@@ -478,11 +489,24 @@ class Worker:
                         ref[0], ref[1], exc)
 
     def _free(self, slots: int) -> None:
-        self._busy -= slots
-        if self._busy <= 0:
-            self._busy = 0
+        self._busy = max(0, self._busy - slots)
+        while self._ready and self._busy < self.concurrency and not self._stopping:
+            ref, claim_rev = self._ready.popleft()
+            self._busy += 1
+            self._start(ref, claim_rev, held=True)
+        if self._busy == 0:
             self._idle.set()
         self._wake.set()
+
+    def _enqueue(self, ref: TokenRef, claim_rev: int) -> None:
+        """A token this worker claimed in a commit: run it now if a slot is free, else queue it."""
+        if self._busy < self.concurrency and not self._stopping:
+            self._busy += 1
+            self._idle.clear()
+            self._start(ref, claim_rev)
+        else:
+            self._hold(ref[0])
+            self._ready.append((ref, claim_rev))
 
     def _remember(self, kv: KeyValue) -> None:
         inst = load_instance(kv.value)
@@ -490,12 +514,26 @@ class Worker:
         if cached is None or cached[1] < kv.mod_revision:
             self._records[inst.id] = (inst, kv.mod_revision)
 
-    def _start(self, ref: TokenRef, claim_rev: int) -> None:
-        """Start a job on a claimed token; its slot is already counted in _busy."""
+    def _start(self, ref: TokenRef, claim_rev: int, *, held: bool = False) -> None:
+        """Start a job on a claimed token; its slot is already counted in _busy. `held`: the token
+        already holds its instance's cached record (it waited in the ready queue)."""
         job = _Job(ref, claim_rev)
         self._jobs[ref] = job
-        self._users[ref[0]] = self._users.get(ref[0], 0) + 1
+        if not held:
+            self._hold(ref[0])
         job.task = asyncio.get_running_loop().create_task(self._run_job(job))
+
+    def _hold(self, iid: str) -> None:
+        """Keep the instance's record cached while a claimed token of it is queued or running."""
+        self._users[iid] = self._users.get(iid, 0) + 1
+
+    def _unhold(self, iid: str) -> None:
+        users = self._users.get(iid, 1) - 1
+        if users <= 0:
+            self._users.pop(iid, None)
+            self._records.pop(iid, None)
+        else:
+            self._users[iid] = users
 
     # -- running -----------------------------------------------------------------------------
     async def _run_job(self, job: _Job) -> None:
@@ -508,12 +546,7 @@ class Worker:
             log.exception("worker %s: internal error on instance %s token %s", self.id, iid, tok)
         finally:
             self._jobs.pop(job.ref, None)
-            users = self._users.get(iid, 1) - 1
-            if users <= 0:
-                self._users.pop(iid, None)
-                self._records.pop(iid, None)
-            else:
-                self._users[iid] = users
+            self._unhold(iid)
             self._free(1)
 
     async def _work_on(self, job: _Job) -> None:
@@ -667,23 +700,18 @@ class Worker:
                 after, history, keep = self._oversized(inst, batch[0].token, len(record)), [], []
                 record = dump_instance(after)
             removed, changed = transition.changes(inst, after)
-            extra = sum(1 for t in keep if t.id not in own)
-            self._busy += extra  # slots for new tokens claimed in this commit; our own tokens keep theirs
             try:
                 result = await self._commits.submit(
                     self._commit_txn(inst, rev, batch, record, history, removed, changed, keep))
             except (StoreUnavailable, asyncio.TimeoutError) as exc:
-                self._free(extra)
                 log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
                 batch = await self._settle_doubt(iid, batch, keep, now)
                 continue
             except LeaseLost:
-                self._free(extra)
                 self.stats.lost += len(batch)
                 log.warning("worker %s: lease lost before committing instance %s", self.id, iid)
                 return
             except TxnRejected as exc:
-                self._free(extra)
                 rejected += 1
                 log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
                 if rejected > 1:
@@ -697,7 +725,6 @@ class Worker:
                 self._committed(transition.Step(after, removed, changed, tuple(history)), result.revision, keep,
                                 batch)
                 return
-            self._free(extra)
             try:
                 record_kv, claims = await self._read(iid, batch)
             except StoreUnavailable:
@@ -732,7 +759,7 @@ class Worker:
         run right here, folded into the same commit."""
         if self._stopping:
             return [], after
-        free = max(0, self.concurrency - self._busy)
+        free = max(0, self.concurrency - self._busy) + max(0, self.prefetch - len(self._ready))
         for _ in range(256):
             if after.finished:
                 return [], after
@@ -808,7 +835,7 @@ class Worker:
             _settle(p.future, p.job.ref[1] in kept)
         for token in keep:
             if token.id not in own:
-                self._start((inst.id, token.id), revision)
+                self._enqueue((inst.id, token.id), revision)
 
     async def _settle_doubt(self, iid: str, batch: list[_Pending], keep: list[Token], now: float) -> list[_Pending]:
         """A commit's answer was lost: find out what applied, never blindly repeat it.
@@ -843,9 +870,7 @@ class Worker:
                 retry.append(p)
         for token in keep:  # new tokens the commit claimed, if it applied: run them
             if token.id not in own:
-                self._busy += 1
-                if not await self._adopt((iid, token.id), self.lease):
-                    self._free(1)
+                await self._adopt((iid, token.id), self.lease, reserved=False)
         return retry
 
 

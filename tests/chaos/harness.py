@@ -1,0 +1,345 @@
+"""Chaos under load: a 3-member etcd cluster on loopback, dsm worker processes, and faults.
+
+Faults: SIGKILL of a worker (a replacement starts), SIGSTOP of a worker past its lease then
+SIGCONT, kill and restart of an etcd member and of the leader, a restart of the whole cluster,
+and compaction while watches are open. Afterwards every stored history is audited against its
+graph (dsm.audit): every instance terminal, each history a valid path, no transition committed
+twice, each join fired once per fork activation after every branch arrived, payloads intact.
+
+    python tests/chaos/run.py --minutes 10 --instances 1000     # the long run
+    python -m pytest tests/chaos                                # the short CI version
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(TESTS))
+
+from dsm import compiler  # noqa: E402
+from dsm.audit import audit  # noqa: E402
+from dsm.client import Client  # noqa: E402
+from dsm.errors import StoreError  # noqa: E402
+from dsm.keys import Keys  # noqa: E402
+from dsm.records import FINISHED, SUCCEEDED  # noqa: E402
+from dsm.store import prefix_end  # noqa: E402
+from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
+from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
+
+MACHINES = TESTS / "machines"
+FANOUT = MACHINES / "fanout.yaml"
+LOOPFORK = MACHINES / "loopfork.yaml"
+FAULTS = ("kill_worker", "pause_worker", "restart_member", "restart_leader", "compact", "restart_cluster")
+
+
+@dataclass
+class Config:
+    members: int = 3
+    workers: int = 3
+    fanout: int = 40  # fork/join instances
+    loopfork: int = 20  # looping fork/join instances
+    rounds: int = 3  # loops of each loopfork instance
+    lease_ttl: int = 3
+    concurrency: int = 8
+    tick_seconds: float = 0.02
+    fault_every: float = 3.0  # seconds between faults
+    minutes: float = 0.0  # keep submitting and faulting this long (0: one pass of every fault)
+    timeout: float = 150.0  # after the last fault, to finish everything
+    seed: int = 1
+
+
+@dataclass
+class Report:
+    instances: int = 0
+    transitions: int = 0
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    invalid_histories: dict[str, list[str]] = field(default_factory=dict)
+    payload_problems: dict[str, str] = field(default_factory=dict)
+    tick_executions: int = 0
+    duplicate_tick_executions: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (self.instances > 0 and self.statuses == {SUCCEEDED: self.instances}
+                and not self.invalid_histories and not self.payload_problems)
+
+    def as_dict(self) -> dict[str, Any]:
+        by_kind: dict[str, list[float]] = {}
+        for f in self.faults:
+            if f.get("recovery_s") is not None:
+                by_kind.setdefault(f["fault"], []).append(f["recovery_s"])
+        return {"ok": self.ok, "instances": self.instances, "transitions": self.transitions,
+                "statuses": self.statuses, "faults": Counter(f["fault"] for f in self.faults),
+                "recovery_s": {k: {"max": round(max(v), 2), "median": round(sorted(v)[len(v) // 2], 2),
+                                   "n": len(v)} for k, v in by_kind.items()},
+                "invalid_histories": len(self.invalid_histories), "payload_problems": len(self.payload_problems),
+                "tick_executions": self.tick_executions,
+                "duplicate_tick_executions": self.duplicate_tick_executions,
+                "seconds": round(self.seconds, 1), "examples": dict(list(self.invalid_histories.items())[:3]),
+                "payload_examples": dict(list(self.payload_problems.items())[:3])}
+
+
+def _dsm_command() -> list[str]:
+    script = Path(sys.executable).parent / "dsm"
+    return [str(script)] if script.exists() else [sys.executable, str(ROOT / "cli.py")]
+
+
+class Chaos:
+    def __init__(self, config: Config, workdir: Path | None = None):
+        self.config = config
+        self.random = random.Random(config.seed)
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dsm-chaos-"))
+        self.log = self.workdir / "ticks.jsonl"
+        self.cluster: EtcdCluster | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.graphs = {g.digest: g for g in (compiler.load(FANOUT), compiler.load(LOOPFORK))}
+        self.report = Report()
+        self.namespace = "chaos"
+        self.keys = Keys(self.namespace)
+        self.expected: dict[str, dict[str, Any]] = {}
+
+    # -- processes ---------------------------------------------------------------------------
+    def start_worker(self) -> subprocess.Popen:
+        c = self.config
+        proc = subprocess.Popen(
+            [*_dsm_command(), "worker", str(FANOUT), str(LOOPFORK), "--etcd", self.cluster.endpoints,
+             "--namespace", self.namespace, "--concurrency", str(c.concurrency), "--lease-ttl", str(c.lease_ttl),
+             "--grace", "5"],
+            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "workers.log", "ab"),
+            env={**os.environ, "DSM_TEST_LOG": str(self.log), "DSM_TEST_TICK": str(c.tick_seconds)},
+            start_new_session=True)
+        self.workers.append(proc)
+        return proc
+
+    def live_workers(self) -> list[subprocess.Popen]:
+        return [w for w in self.workers if w.poll() is None]
+
+    # -- the store, through whichever member answers --------------------------------------
+    async def connect(self) -> EtcdStore:
+        while True:
+            try:
+                return await EtcdStore.connect(EtcdOptions.build(self.cluster.endpoints, namespace=self.namespace))
+            except StoreError:
+                await asyncio.sleep(0.2)
+
+    async def retry(self, call: Any) -> Any:
+        while True:
+            try:
+                return await call()
+            except StoreError:
+                await asyncio.sleep(0.2)
+
+    async def committed(self, store: EtcdStore) -> int:
+        root = f"{self.keys.root}hist/"
+        return await self.retry(lambda: store.count(root, prefix_end(root)))
+
+    async def claims_of(self, store: EtcdStore, proc: subprocess.Popen) -> dict[str, int]:
+        """Instances the worker holds claims on, with their transition counts now."""
+        worker_id = f"{socket.gethostname()}:{proc.pid}".encode()
+        page = await self.retry(lambda: store.range(self.keys.work_prefix, prefix_end(self.keys.work_prefix)))
+        held = {kv.key.split("/")[3] for kv in page.kvs if kv.key.endswith("/claim") and kv.value == worker_id}
+        client = Client(store, self.keys)
+        out = {}
+        for iid in held:
+            inst = await self.retry(lambda iid=iid: client.instance(iid))
+            out[iid] = inst.transitions
+        return out
+
+    async def moved(self, store: EtcdStore, before: dict[str, int], started: float, limit: float) -> float | None:
+        """Seconds until every instance in `before` committed another transition (or finished)."""
+        client = Client(store, self.keys)
+        waiting = dict(before)
+        while waiting and time.monotonic() - started < limit:
+            for iid, count in list(waiting.items()):
+                inst = await self.retry(lambda iid=iid: client.instance(iid))
+                if inst.transitions > count or inst.finished:
+                    del waiting[iid]
+            await asyncio.sleep(0.05)
+        return None if waiting else time.monotonic() - started
+
+    async def progress_after(self, store: EtcdStore, started: float, limit: float = 60) -> float | None:
+        """Seconds from `started` until commits are seen to advance."""
+        base = await self.committed(store)
+        while time.monotonic() - started < limit:
+            if await self.committed(store) > base:
+                return time.monotonic() - started
+            if await self.all_finished(store):
+                return None
+            await asyncio.sleep(0.05)
+        return None
+
+    async def all_finished(self, store: EtcdStore) -> bool:
+        work = self.keys.work_prefix
+        return await self.retry(lambda: store.count(work, prefix_end(work))) == 0
+
+    async def leader(self) -> Any:
+        import grpc
+        from aetcd import rpc
+
+        for member in self.cluster.members:
+            if member.process is None or member.process.poll() is not None:
+                continue
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{member.client_port}")
+            try:
+                status = await rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=2)
+                if status.leader and status.leader == status.header.member_id:
+                    return member
+            except grpc.aio.AioRpcError:
+                pass
+            finally:
+                await channel.close()
+        return None
+
+    # -- faults ------------------------------------------------------------------------------
+    async def fault(self, store: EtcdStore, kind: str) -> dict[str, Any]:
+        started = time.monotonic()
+        record: dict[str, Any] = {"fault": kind, "at": round(started, 2)}
+        c = self.config
+        if kind in ("kill_worker", "pause_worker"):
+            live = self.live_workers()
+            victim = self.random.choice(live)
+            held = await self.claims_of(store, victim)
+            record["claims_held"] = len(held)
+            started = time.monotonic()
+            if kind == "kill_worker":
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                self.start_worker()
+                record["recovery_s"] = await self.moved(store, held, started, c.lease_ttl * 6)
+            else:
+                victim.send_signal(signal.SIGSTOP)
+                record["recovery_s"] = await self.moved(store, held, started, c.lease_ttl * 6)
+                await asyncio.sleep(max(0.0, c.lease_ttl + 1 - (time.monotonic() - started)))
+                victim.send_signal(signal.SIGCONT)  # its stale commits must be refused
+        elif kind in ("restart_member", "restart_leader"):
+            leader = await self.leader()
+            if kind == "restart_leader" and leader is not None:
+                member = leader
+            else:
+                member = self.random.choice([m for m in self.cluster.members if m is not leader]
+                                            or self.cluster.members)
+            record["member"] = member.name
+            self.cluster.kill_member(member)
+            await asyncio.sleep(1.0)
+            self.cluster.start_member(member, new=False)
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.wait_ready, 30.0, [member])
+            record["recovery_s"] = await self.progress_after(store, started)
+        elif kind == "restart_cluster":
+            for member in self.cluster.members:
+                self.cluster.kill_member(member)
+            await asyncio.sleep(1.0)
+            for member in self.cluster.members:
+                self.cluster.start_member(member, new=False)
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.wait_ready, 60.0)
+            record["recovery_s"] = await self.progress_after(store, started)
+        elif kind == "compact":
+            revision = await self.retry(store.revision)
+            await self.retry(lambda: store.compact(revision))
+            record["revision"] = revision
+            record["recovery_s"] = await self.progress_after(store, started)
+        return record
+
+    # -- load --------------------------------------------------------------------------------
+    async def submit(self, store: EtcdStore, fanout: int, loopfork: int) -> None:
+        client = Client(store, self.keys)
+        fan, loop = compiler.load(FANOUT), compiler.load(LOOPFORK)
+        fan_payloads = [{"n": self.random.randrange(1000)} for _ in range(fanout)]
+        loop_payloads = [{"target": self.config.rounds} for _ in range(loopfork)]
+        for graph, payloads in ((fan, fan_payloads), (loop, loop_payloads)):
+            if payloads:
+                ids = await self.retry(lambda g=graph, p=payloads: client.submit_many(g, p))
+                for iid, payload in zip(ids, payloads):
+                    self.expected[iid] = payload
+
+    def check_payload(self, inst: Any) -> str | None:
+        p = inst.payload
+        given = self.expected.get(inst.id, {})
+        if inst.machine == "fanout":
+            if p.get("n") != given.get("n") or p.get("gathered") != ["left", "middle2", "right"]:
+                return f"fanout payload {p}"
+        elif inst.machine == "loopfork":
+            t = given.get("target")
+            if (p.get("rounds"), p.get("a"), p.get("b")) != (t, t, 2 * t):
+                return f"loopfork payload {p}, expected rounds={t} a={t} b={2 * t}"
+        return None
+
+    # -- the run -----------------------------------------------------------------------------
+    async def run(self) -> Report:
+        c = self.config
+        began = time.monotonic()
+        self.cluster = make_cluster(c.members)
+        self.cluster.start()
+        store = None
+        try:
+            for _ in range(c.workers):
+                self.start_worker()
+            store = await self.connect()
+            await self.submit(store, c.fanout, c.loopfork)
+            plan = list(FAULTS)
+            deadline = time.monotonic() + c.minutes * 60
+            while plan or time.monotonic() < deadline:
+                await asyncio.sleep(c.fault_every)
+                kind = plan.pop(0) if plan else self.random.choice(FAULTS)
+                if c.minutes and time.monotonic() < deadline:  # a steady load for long runs
+                    await self.submit(store, c.fanout // 4, c.loopfork // 4)
+                self.report.faults.append(await self.fault(store, kind))
+            finish = time.monotonic() + c.timeout
+            while not await self.all_finished(store) and time.monotonic() < finish:
+                await asyncio.sleep(0.3)
+            await self.collect(store)
+        finally:
+            for w in self.live_workers():
+                w.send_signal(signal.SIGCONT)
+                w.send_signal(signal.SIGKILL)
+            for w in self.workers:
+                w.wait()
+            if store is not None:
+                await store.close()
+            self.cluster.stop()
+        self.report.seconds = time.monotonic() - began
+        return self.report
+
+    async def collect(self, store: EtcdStore) -> None:
+        client = Client(store, self.keys)
+        instances = await self.retry(client.list)
+        r = self.report
+        r.instances = len(instances)
+        r.statuses = dict(Counter(i.status for i in instances))
+        for inst in instances:
+            history = await self.retry(lambda inst=inst: client.history(inst.id))
+            r.transitions += len(history)
+            problems = audit(self.graphs[inst.digest], inst, history)
+            if problems:
+                r.invalid_histories[inst.id] = problems
+            if inst.status in FINISHED:
+                bad = self.check_payload(inst)
+                if bad:
+                    r.payload_problems[inst.id] = bad
+        ticks = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()] \
+            if self.log.exists() else []
+        per_visit = Counter(t["key"] for t in ticks)
+        r.tick_executions = len(ticks)
+        r.duplicate_tick_executions = sum(n - 1 for n in per_visit.values() if n > 1)
+
+
+def run(config: Config) -> Report:
+    return asyncio.run(Chaos(config).run())

@@ -1,0 +1,33 @@
+"""The short chaos run for CI: every fault once, under load, then every history audited."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import Config, run
+
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+
+
+def test_every_fault_under_load_loses_nothing_and_commits_nothing_twice(request):
+    from dsm.testing import etcd_binary
+
+    if etcd_binary() is None:
+        import os
+
+        if os.environ.get("CI"):
+            pytest.fail("etcd is required in CI")
+        pytest.skip("no etcd binary")
+    report = run(Config(workers=3, fanout=40, loopfork=20, rounds=3, fault_every=2.0, lease_ttl=3))
+    summary = report.as_dict()
+    print(summary)
+    assert report.instances == 60
+    assert report.statuses == {"succeeded": 60}, summary
+    assert report.invalid_histories == {}, summary["examples"]
+    assert report.payload_problems == {}, summary["payload_examples"]
+    kinds = {f["fault"] for f in report.faults}
+    assert kinds == {"kill_worker", "pause_worker", "restart_member", "restart_leader", "compact", "restart_cluster"}
+    assert report.transitions >= 40 * 7 + 20 * (1 + 3 * 4)
+    for fault in report.faults:  # a worker's instances move again within its lease plus a little
+        if fault["fault"] in ("kill_worker", "pause_worker") and fault["claims_held"]:
+            assert fault["recovery_s"] is not None and fault["recovery_s"] < 3 + 3, fault

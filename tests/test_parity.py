@@ -1,0 +1,39 @@
+"""Every example machine behaves the same on etcd as embedded: one engine, two stores."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from clitools import ROOT, dsm
+
+pytestmark = [pytest.mark.etcd]
+
+EXAMPLES = sorted(p.name for p in (ROOT / "definitions").glob("*.yaml"))
+PAYLOADS = {"order.yaml": ['{"total": 150}', '{"address": ""}', '{"total": 0}', '{"bill_failures": 2}'],
+            "document.yaml": ['{"text": "helo wrold teh end", "images": 2}'],
+            "poll.yaml": ['{"ready_after": 4}', '{"ready_after": 100}']}
+
+
+def shape(record: dict) -> dict:
+    """What must match: where it ended, how, and which transitions it took (branches interleave)."""
+    return {
+        "status": record["status"], "state": record["state"], "transitions": record["transitions"],
+        "error": record["error"] and {k: v for k, v in record["error"].items()},
+        "history": Counter((h["state"], tuple(h["next"]), tuple(h["branch"]), h["outcome"], h["attempt"])
+                           for h in record["history"]),
+        "payload_keys": sorted(record["payload"]),
+    }
+
+
+@pytest.mark.parametrize("example,payload", [(e, p) for e in EXAMPLES for p in PAYLOADS.get(e, ["{}"])])
+def test_example_on_etcd_matches_embedded(example, payload, etcd, namespace):
+    embedded = dsm("run", f"definitions/{example}", "--payload", payload, "--json")
+    on_etcd = dsm("run", f"definitions/{example}", "--payload", payload, "--json", "--etcd", etcd.endpoint,
+                  "--namespace", namespace)
+    assert embedded.returncode == on_etcd.returncode, (embedded.stderr, on_etcd.stderr)
+    a, b = json.loads(embedded.stdout), json.loads(on_etcd.stdout)
+    assert shape(a) == shape(b)
+    assert a["digest"] == b["digest"] and a["version"] == b["version"]
