@@ -33,23 +33,41 @@ def txn_size(txn: Txn) -> int:
 class Batcher:
     """Send transactions in batches of at most `max_ops` (etcd's --max-txn-ops) and `max_bytes`."""
 
-    def __init__(self, store: Store, *, max_ops: int = 64, max_bytes: int = 1_000_000, inflight: int = 2):
+    def __init__(self, store: Store, *, max_ops: int = 64, max_bytes: int = 1_000_000, inflight: int = 2,
+                 slow: float = 0.25, max_inflight: int = 8):
         self.store = store
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self.inflight = inflight
+        # A batch that takes longer than `slow` (a leader change: etcd answers only when the
+        # request's deadline passes) must not hold up the others: more may start, up to max_inflight.
+        self.slow = slow
+        self.max_inflight = max_inflight
         self._queue: list[_Pending] = []
         self._running = 0
+        self._started: list[float] = []
         self.batches = 0
         self.sent = 0
 
     async def submit(self, txn: Txn) -> TxnResult:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._queue.append(_Pending(txn, txn_size(txn), future))
-        if self._running < self.inflight:
+        if self._running < self.inflight or (
+                self._running < self.max_inflight and self._started and loop.time() - min(self._started) > self.slow):
             self._running += 1
-            asyncio.get_running_loop().create_task(self._drain())
+            loop.create_task(self._drain())
+        elif self._started and self._running < self.max_inflight:
+            loop.call_later(self.slow, self._unstick)
         return await future
+
+    def _unstick(self) -> None:
+        """Called a little later: if every runner is still stuck, start another."""
+        loop = asyncio.get_running_loop()
+        if self._queue and self._running < self.max_inflight and self._started and \
+                loop.time() - min(self._started) > self.slow:
+            self._running += 1
+            loop.create_task(self._drain())
 
     def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -63,10 +81,16 @@ class Batcher:
         return batch
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._queue:
                 batch = self._take()
-                await self._send(batch)
+                started = loop.time()
+                self._started.append(started)
+                try:
+                    await self._send(batch)
+                finally:
+                    self._started.remove(started)
         finally:
             self._running -= 1
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ class EtcdOptions:
     key: Path | None = None
     user: str | None = None
     password: str | None = None
-    timeout: float = 5.0
+    timeout: float = 2.0  # per request (a request caught in a leader change waits this long); DSM_ETCD_TIMEOUT
     connect_timeout: float = 5.0
 
     @property
@@ -115,7 +116,7 @@ class EtcdOptions:
     @classmethod
     def build(cls, urls: str, *, namespace: str = "dsm", cacert: Path | None = None, cert: Path | None = None,
               key: Path | None = None, user: str | None = None, password: str | None = None,
-              timeout: float = 5.0) -> "EtcdOptions":
+              timeout: float = 2.0) -> "EtcdOptions":
         endpoints = []
         for raw in (u.strip() for u in urls.split(",")):
             if not raw:
@@ -141,6 +142,12 @@ class EtcdOptions:
                 raise InputError(f"{name}: no such file: {value}")
         if user and password is None:
             raise InputError("--user needs the password in DSM_ETCD_PASSWORD")
+        raw_timeout = os.environ.get("DSM_ETCD_TIMEOUT")
+        if raw_timeout:
+            try:
+                timeout = float(raw_timeout)
+            except ValueError:
+                raise InputError(f"DSM_ETCD_TIMEOUT: {raw_timeout!r} is not a number of seconds") from None
         return cls(tuple(endpoints), namespace, Path(cacert) if cacert else None, Path(cert) if cert else None,
                    Path(key) if key else None, user or None, password, timeout)
 

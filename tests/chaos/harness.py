@@ -58,7 +58,7 @@ class Config:
     rounds: int = 3  # loops of each loopfork instance
     lease_ttl: int = 3
     concurrency: int = 8
-    tick_seconds: float = 0.02
+    tick_seconds: float = 0.05
     fault_every: float = 3.0  # seconds between faults
     minutes: float = 0.0  # keep submitting and faulting this long (0: one pass of every fault)
     timeout: float = 150.0  # after the last fault, to finish everything
@@ -164,6 +164,16 @@ class Chaos:
             out[iid] = inst.transitions
         return out
 
+    async def claims_appear(self, store: EtcdStore, timeout: float = 5.0) -> None:
+        """Wait until workers hold claims on the new work (they are busy), or `timeout` passes."""
+        work = self.keys.work_prefix
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            page = await self.retry(lambda: store.range(work, prefix_end(work), keys_only=True))
+            if sum(1 for kv in page.kvs if kv.key.endswith("/claim")) >= self.config.workers:
+                return
+            await asyncio.sleep(0.05)
+
     async def moved(self, store: EtcdStore, before: dict[str, int], started: float, limit: float) -> float | None:
         """Seconds until every instance in `before` committed another transition (or finished)."""
         client = Client(store, self.keys)
@@ -176,9 +186,9 @@ class Chaos:
             await asyncio.sleep(0.05)
         return None if waiting else time.monotonic() - started
 
-    async def progress_after(self, store: EtcdStore, started: float, limit: float = 60) -> float | None:
-        """Seconds from `started` until commits are seen to advance."""
-        base = await self.committed(store)
+    async def progress_after(self, store: EtcdStore, started: float, base: int, limit: float = 60) -> float | None:
+        """Seconds from `started` until commits are seen to advance past `base`: the stall a fault
+        caused (0 when work never stopped)."""
         while time.monotonic() - started < limit:
             if await self.committed(store) > base:
                 return time.monotonic() - started
@@ -215,9 +225,10 @@ class Chaos:
         record: dict[str, Any] = {"fault": kind, "at": round(started, 2)}
         c = self.config
         if kind in ("kill_worker", "pause_worker"):
-            live = self.live_workers()
-            victim = self.random.choice(live)
-            held = await self.claims_of(store, victim)
+            # strike a worker in the middle of work: one holding claims, if any does
+            holdings = [(w, await self.claims_of(store, w)) for w in self.live_workers()]
+            busy = [(w, h) for w, h in holdings if h] or holdings
+            victim, held = self.random.choice(busy)
             record["claims_held"] = len(held)
             started = time.monotonic()
             if kind == "kill_worker":
@@ -230,7 +241,21 @@ class Chaos:
                 record["recovery_s"] = await self.moved(store, held, started, c.lease_ttl * 6)
                 await asyncio.sleep(max(0.0, c.lease_ttl + 1 - (time.monotonic() - started)))
                 victim.send_signal(signal.SIGCONT)  # its stale commits must be refused
-        elif kind in ("restart_member", "restart_leader"):
+        elif kind in ("restart_member", "restart_leader", "restart_cluster", "compact"):
+            watcher = await self.etcd_fault(store, kind, record)
+            record["recovery_s"] = await watcher
+        return record
+
+    async def watch_progress(self, store: EtcdStore, base: int | None = None) -> asyncio.Task:
+        """Right after a fault struck: measure how long until commits advance again (past `base`,
+        sampled now unless given: with every member down nothing can be sampled)."""
+        started = time.monotonic()
+        if base is None:
+            base = await self.committed(store)
+        return asyncio.get_running_loop().create_task(self.progress_after(store, started, base))
+
+    async def etcd_fault(self, store: EtcdStore, kind: str, record: dict[str, Any]) -> asyncio.Task:
+        if kind in ("restart_member", "restart_leader"):
             leader = await self.leader()
             if kind == "restart_leader" and leader is not None:
                 member = leader
@@ -238,25 +263,27 @@ class Chaos:
                 member = self.random.choice([m for m in self.cluster.members if m is not leader]
                                             or self.cluster.members)
             record["member"] = member.name
+            record["leader"] = member is leader
             self.cluster.kill_member(member)
+            watcher = await self.watch_progress(store)
             await asyncio.sleep(1.0)
             self.cluster.start_member(member, new=False)
             await asyncio.get_running_loop().run_in_executor(None, self.cluster.wait_ready, 30.0, [member])
-            record["recovery_s"] = await self.progress_after(store, started)
         elif kind == "restart_cluster":
+            base = await self.committed(store)
             for member in self.cluster.members:
                 self.cluster.kill_member(member)
+            watcher = await self.watch_progress(store, base)
             await asyncio.sleep(1.0)
             for member in self.cluster.members:
                 self.cluster.start_member(member, new=False)
             await asyncio.get_running_loop().run_in_executor(None, self.cluster.wait_ready, 60.0)
-            record["recovery_s"] = await self.progress_after(store, started)
         elif kind == "compact":
             revision = await self.retry(store.revision)
             await self.retry(lambda: store.compact(revision))
             record["revision"] = revision
-            record["recovery_s"] = await self.progress_after(store, started)
-        return record
+            watcher = await self.watch_progress(store)
+        return watcher
 
     # -- load --------------------------------------------------------------------------------
     async def submit(self, store: EtcdStore, fanout: int, loopfork: int) -> None:
@@ -298,9 +325,10 @@ class Chaos:
             deadline = time.monotonic() + c.minutes * 60
             while plan or time.monotonic() < deadline:
                 await asyncio.sleep(c.fault_every)
+                # strike with work in flight: a fault on an idle system proves nothing
+                await self.submit(store, max(1, c.fanout // 4), max(1, c.loopfork // 4))
+                await self.claims_appear(store)
                 kind = plan.pop(0) if plan else self.random.choice(FAULTS)
-                if c.minutes and time.monotonic() < deadline:  # a steady load for long runs
-                    await self.submit(store, c.fanout // 4, c.loopfork // 4)
                 self.report.faults.append(await self.fault(store, kind))
             finish = time.monotonic() + c.timeout
             while not await self.all_finished(store) and time.monotonic() < finish:

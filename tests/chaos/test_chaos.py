@@ -21,13 +21,18 @@ def test_every_fault_under_load_loses_nothing_and_commits_nothing_twice(request)
     report = run(Config(workers=3, fanout=40, loopfork=20, rounds=3, fault_every=2.0, lease_ttl=3))
     summary = report.as_dict()
     print(summary)
-    assert report.instances == 60
-    assert report.statuses == {"succeeded": 60}, summary
+    submitted = 60 + 6 * (10 + 5)  # the initial load, and a top-up before each of the six faults
+    assert report.instances == submitted
+    assert report.statuses == {"succeeded": submitted}, summary
     assert report.invalid_histories == {}, summary["examples"]
     assert report.payload_problems == {}, summary["payload_examples"]
-    kinds = {f["fault"] for f in report.faults}
-    assert kinds == {"kill_worker", "pause_worker", "restart_member", "restart_leader", "compact", "restart_cluster"}
-    assert report.transitions >= 40 * 7 + 20 * (1 + 3 * 4)
-    for fault in report.faults:  # a worker's instances move again within its lease plus a little
-        if fault["fault"] in ("kill_worker", "pause_worker") and fault["claims_held"]:
+    kinds = [f["fault"] for f in report.faults]
+    assert sorted(kinds) == sorted(["kill_worker", "pause_worker", "restart_member", "restart_leader", "compact",
+                                    "restart_cluster"])
+    for fault in report.faults:
+        if fault["fault"] in ("kill_worker", "pause_worker"):
+            # it struck a worker in the middle of work, whose instances moved on within lease + a little
+            assert fault["claims_held"] > 0, fault
             assert fault["recovery_s"] is not None and fault["recovery_s"] < 3 + 3, fault
+        else:
+            assert fault["recovery_s"] is not None, fault  # commits went on after it
