@@ -22,6 +22,7 @@ claim is untouched, so a linear transition costs one watch event, not four.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,5 +108,8 @@ class WorkInfo:
     @staticmethod
     def load(raw: bytes) -> "WorkInfo":
         d: dict[str, Any] = codec.loads(raw)
-        return WorkInfo(machine=d["machine"], digest=d["digest"], state=d["state"],
-                        not_before=d.get("not_before", 0.0), owner=d.get("owner"))
+        # interned: a worker may hold thousands of these, all naming a few machines and states
+        owner = d.get("owner")
+        return WorkInfo(machine=sys.intern(d["machine"]), digest=sys.intern(d["digest"]),
+                        state=sys.intern(d["state"]), not_before=d.get("not_before", 0.0),
+                        owner=sys.intern(owner) if owner else None)

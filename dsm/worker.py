@@ -125,6 +125,7 @@ class Worker:
         self.lease: int | None = None
         self._lease_ready = asyncio.Event()
         self._candidates: dict[TokenRef, WorkInfo | None] = {}
+        self._order: collections.deque[TokenRef] = collections.deque()  # due candidates, oldest first
         self._delayed: list[tuple[float, TokenRef]] = []
         self._overflow = False
         self._cursor: str | None = None
@@ -262,6 +263,7 @@ class Worker:
         while True:
             try:
                 self._candidates.clear()
+                self._order.clear()
                 self._delayed.clear()
                 self._overflow = False
                 self._cursor = self.keys.work_prefix
@@ -312,12 +314,15 @@ class Worker:
     def _add(self, ref: TokenRef, info: WorkInfo | None) -> None:
         if info is not None and self.registry.refusal(info.digest):
             return
-        if ref not in self._candidates and self._full():
+        known = ref in self._candidates
+        if not known and self._full():
             self._overflow = True
             return
         self._candidates[ref] = info
         if info is not None and info.not_before > self.wall():
             heapq.heappush(self._delayed, (info.not_before, ref))
+        elif not known:
+            self._order.append(ref)
         self._wake.set()
 
     def _apply_events(self, events: list[Event]) -> None:
@@ -360,17 +365,32 @@ class Worker:
                 self._add(ref, works.get(ref))
 
     # -- claiming ----------------------------------------------------------------------------
-    def _due(self, limit: int) -> list[TokenRef]:
+    def _promote(self) -> None:
+        """Delayed candidates whose time has come join the queue of due ones."""
         now = self.wall()
+        while self._delayed and self._delayed[0][0] <= now:
+            at, ref = heapq.heappop(self._delayed)
+            info = self._candidates.get(ref)
+            if info is not None and info.not_before == at:
+                self._order.append(ref)
+
+    def _clean_front(self) -> None:
+        while self._order and (self._order[0] not in self._candidates or self._order[0] in self._jobs):
+            self._order.popleft()
+
+    def _has_due(self) -> bool:
+        self._promote()
+        self._clean_front()
+        return bool(self._order)
+
+    def _due(self, limit: int) -> list[TokenRef]:
+        """Take up to `limit` due candidates, oldest first (O(limit), however many wait)."""
+        self._promote()
         picked: list[TokenRef] = []
-        for ref, info in self._candidates.items():
-            if len(picked) >= limit:
-                break
-            if ref in self._jobs:
-                continue
-            if info is not None and info.not_before > now:
-                continue
-            picked.append(ref)
+        while self._order and len(picked) < limit:
+            ref = self._order.popleft()
+            if ref in self._candidates and ref not in self._jobs:
+                picked.append(ref)
         return picked
 
     def _next_delay(self) -> float | None:
@@ -390,7 +410,7 @@ class Worker:
             free = self.concurrency - self._busy if not self._ready else 0  # local work goes first
             picked = self._due(free) if free > 0 and not self._stopping else []
             if not picked:
-                if free > 0 and self._overflow and not self._due(1):
+                if free > 0 and self._overflow and not self._has_due():
                     try:
                         await self._scan()
                     except StoreUnavailable as exc:

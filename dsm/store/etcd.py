@@ -412,9 +412,9 @@ class EtcdStore:
             raise error from None
         self._metadata = (("token", resp.token),)
 
-    async def _call(self, method: Any, request: Any, what: str) -> Any:
-        return await self._retrying(lambda: method(request, timeout=self.options.timeout, metadata=self._metadata),
-                                    what)
+    async def _call(self, method: Any, request: Any, what: str, timeout: float | None = None) -> Any:
+        deadline = timeout or self.options.timeout
+        return await self._retrying(lambda: method(request, timeout=deadline, metadata=self._metadata), what)
 
     async def _retrying(self, make: Any, what: str) -> Any:
         """Run one call; when the auth token expired, authenticate again and retry once."""
@@ -539,8 +539,11 @@ class EtcdStore:
             raise AccessDenied(f"watch: {reason}") if "permission" in reason else StoreUnavailable(f"watch: {reason}")
         return _EtcdWatch(self, call, requests)
 
-    async def compact(self, revision: int) -> None:
-        await self._call(self._kv.Compact, rpc.CompactionRequest(revision=revision, physical=True), "compact")
+    async def compact(self, revision: int, *, physical: bool = False) -> None:
+        # By default not physical: etcd compacts its backend in the background; history below
+        # `revision` is unreadable from the moment this returns, which is all the contract asks.
+        await self._call(self._kv.Compact, rpc.CompactionRequest(revision=revision, physical=physical), "compact",
+                         timeout=max(self.options.timeout, 60.0))
 
     async def close(self) -> None:
         await self._channel.close()
