@@ -137,7 +137,7 @@ class Worker:
         self._users: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._stopping = False
-        self._commits = Batcher(store, max_ops=batch_ops, inflight=int(os.environ.get("DSM_INFLIGHT", "2")))
+        self._commits = Batcher(store, max_ops=batch_ops)
         self._claims = Batcher(store, max_ops=batch_ops)
         self._ticks: TickRunner | None = None
         self._handler_loop: _HandlerLoop | None = None
