@@ -311,7 +311,9 @@ class Worker:
     def _full(self) -> bool:
         return len(self._candidates) >= self.candidate_cap
 
-    def _add(self, ref: TokenRef, info: WorkInfo | None) -> None:
+    def _add(self, ref: TokenRef, info: WorkInfo | None, *, first: bool = False) -> None:
+        """A candidate; `first` puts it ahead of the queue (work orphaned mid-flight goes before new
+        work, so a dead worker's instances do not wait behind a backlog)."""
         if info is not None and self.registry.refusal(info.digest):
             return
         known = ref in self._candidates
@@ -321,6 +323,8 @@ class Worker:
         self._candidates[ref] = info
         if info is not None and info.not_before > self.wall():
             heapq.heappush(self._delayed, (info.not_before, ref))
+        elif first:
+            self._order.appendleft(ref)
         elif not known:
             self._order.append(ref)
         self._wake.set()
@@ -362,7 +366,7 @@ class Worker:
                     if job.ctx is not None:
                         job.ctx.abandon("the claim was lost (lease expired)")
                     continue
-                self._add(ref, works.get(ref))
+                self._add(ref, works.get(ref), first=ref not in works)
 
     # -- claiming ----------------------------------------------------------------------------
     def _promote(self) -> None:
