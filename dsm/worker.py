@@ -369,6 +369,18 @@ class Worker:
                 self._add(ref, works.get(ref), first=ref not in works)
 
     # -- claiming ----------------------------------------------------------------------------
+    def _requeue(self, ref: TokenRef) -> None:
+        """A job ended: if its token became a candidate meanwhile (it gave the token back, for a
+        retry or for lack of a slot), queue it now; the queues skipped it while the job ran."""
+        if ref not in self._candidates:
+            return
+        info = self._candidates[ref]
+        if info is not None and info.not_before > self.wall():
+            heapq.heappush(self._delayed, (info.not_before, ref))
+        else:
+            self._order.append(ref)
+        self._wake.set()
+
     def _promote(self) -> None:
         """Delayed candidates whose time has come join the queue of due ones."""
         now = self.wall()
@@ -570,6 +582,7 @@ class Worker:
             log.exception("worker %s: internal error on instance %s token %s", self.id, iid, tok)
         finally:
             self._jobs.pop(job.ref, None)
+            self._requeue(job.ref)
             self._unhold(iid)
             self._free(1)
 

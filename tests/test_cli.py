@@ -10,6 +10,7 @@ import time
 import pytest
 
 from clitools import ROOT, dsm, spawn
+from helpers import one_tick_machine
 
 RECORD_KEYS = ["id", "machine", "version", "digest", "status", "state", "active", "payload", "error",
                "created_at", "finished_at", "transitions", "history"]
@@ -162,16 +163,7 @@ def test_run_invalid_definition_exits_2(write):
 
 
 def test_run_timeout_exits_4(write):
-    path = write("slow.yaml", """
-        machine: slow
-        start: s
-        states:
-          s:
-            tick: slowmod:nap
-            next: done
-          done:
-            terminal: true
-        """, slowmod="import time\n\ndef nap(payload, ctx):\n    time.sleep(5)\n")
+    path = one_tick_machine(write, "slowmod", "time.sleep(5)")
     started = time.monotonic()
     result = dsm("run", str(path), "--timeout", "500ms", "--json")
     assert result.returncode == 4
@@ -181,16 +173,7 @@ def test_run_timeout_exits_4(write):
 
 
 def test_run_interrupted_exits_130(write):
-    path = write("slow.yaml", """
-        machine: slow
-        start: s
-        states:
-          s:
-            tick: slowmod2:nap
-            next: done
-          done:
-            terminal: true
-        """, slowmod2="import time\n\ndef nap(payload, ctx):\n    time.sleep(3)\n")
+    path = one_tick_machine(write, "slowmod2", "time.sleep(3)")
     proc = spawn("run", str(path))
     deadline = time.monotonic() + 20
     line = ""

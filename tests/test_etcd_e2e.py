@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from clitools import ROOT, dsm
+from helpers import one_tick_machine
 from cluster import MACHINES, Workers, audit_all, invocations, load_graph, wait_all_finished
 from dsm.testing import make_cluster
 
@@ -165,16 +166,7 @@ def test_cli_status_list_cancel_and_run_on_etcd(etcd, namespace, tmp_path, write
     human = dsm("status", record["id"], *common)
     assert "status:      succeeded at done" in human.stdout
     # a slow machine, no workers: it waits, we cancel it
-    slow = write("slow.yaml", """
-        machine: slow
-        start: s
-        states:
-          s:
-            tick: slowmod:nap
-            next: done
-          done:
-            terminal: true
-        """, slowmod="def nap(payload, ctx):\n    pass\n")
+    slow = one_tick_machine(write, "slowmod", "pass")
     submitted = dsm("submit", str(slow), "--payload", '{"a": 1}', *common)
     slow_id = submitted.stdout.strip()
     listed = json.loads(dsm("list", "--json", *common).stdout)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from dsm import compiler, handlers
+from helpers import run_instances
+
+from dsm import compiler
 from dsm.audit import audit
-from dsm.client import Client
-from dsm.definitions import Registry
 from dsm.errors import StoreUnavailable
-from dsm.keys import Keys
 from dsm.records import SUCCEEDED
 from dsm.store import Put, Txn
 from dsm.store.memory import MemoryStore
@@ -78,19 +77,8 @@ class BrokenWatches(MemoryStore):
 
 
 async def run_many(store: MemoryStore, count: int = 30) -> tuple[list, Worker]:
-    keys = Keys()
-    registry = Registry(store, keys, allow=handlers.Allowlist(ORDER.modules()))
-    registry.add(ORDER)
-    client = Client(store, keys)
-    worker = Worker(store, registry, concurrency=6)
-    stop = asyncio.Event()
-    task = asyncio.get_running_loop().create_task(worker.run(stop))
-    ids = await client.submit_many(ORDER, [{"total": 50 + i, "pick_seconds": 0.001, "bill_seconds": 0.001}
-                                           for i in range(count)])
-    done = await asyncio.gather(*(client.wait(i, timeout=60) for i in ids))
-    histories = [await client.history(i) for i in ids]
-    stop.set()
-    await task
+    payloads = [{"total": 50 + i, "pick_seconds": 0.001, "bill_seconds": 0.001} for i in range(count)]
+    done, histories, worker = await run_instances(store, ORDER, payloads, concurrency=6)
     return list(zip(done, histories)), worker
 
 

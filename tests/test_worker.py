@@ -7,12 +7,13 @@ import threading
 import time
 
 import pytest
+from helpers import run_instances
 
 from dsm import compiler, handlers
 from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.embedded import run_graph
-from dsm.keys import Keys
+from dsm.keys import Keys, WorkInfo
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
 from dsm.store.memory import ManualClock, MemoryStore
 from dsm.worker import Worker
@@ -367,25 +368,39 @@ def test_context_fields(write):
 
 def test_many_instances_in_one_store(write):
     graph = compiler.load("definitions/order.yaml")
-
-    async def main():
-        store = MemoryStore()
-        keys = Keys()
-        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
-        registry.add(graph)
-        client = Client(store, keys)
-        w = Worker(store, registry, concurrency=16)
-        stop = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(w.run(stop))
-        bodies = [{"total": i, "address": "a", "pick_seconds": 0, "bill_seconds": 0} for i in range(60)]
-        ids = await client.submit_many(graph, bodies)
-        done = await asyncio.gather(*(client.wait(i, timeout=30) for i in ids))
-        stop.set()
-        await task
-        return done
-
-    done = asyncio.run(main())
+    bodies = [{"total": i, "address": "a", "pick_seconds": 0, "bill_seconds": 0} for i in range(60)]
+    done, _, _ = asyncio.run(run_instances(MemoryStore(), graph, bodies, concurrency=16))
     statuses = [(i.status, i.state) for i in done]
     assert statuses.count(("failed", "cancelled")) == 1  # total 0 is rejected
     assert statuses.count(("succeeded", "done")) == 59
     assert sorted({i.transitions for i in done}) == [2, 6]  # rejected; shipped (all totals <= 100)
+
+
+def test_a_token_given_back_while_its_job_finishes_is_not_lost():
+    """Regression: the watch may report a retry's token (given back, due later) before the job that
+    gave it back has ended; the queues skip tokens with a running job, so the job's end must
+    queue it again."""
+    graph = compiler.load("definitions/order.yaml")
+
+    async def main():
+        store = MemoryStore()
+        registry = Registry(store, Keys(), allow=handlers.Allowlist(graph.modules()))
+        worker = Worker(store, registry, worker_id="w")
+        finish = asyncio.Event()
+
+        async def work_on(job):  # the job that just committed the retry, still finishing
+            await finish.wait()
+
+        worker._work_on = work_on
+        ref = ("instance", "t6")
+        worker._busy += 1
+        worker._start(ref, 1)
+        worker._add(ref, WorkInfo("order", graph.digest, "bill", worker.wall() + 0.05))
+        await asyncio.sleep(0.06)
+        skipped = worker._due(10)  # its job still runs: not taken
+        finish.set()
+        await asyncio.sleep(0.01)  # the job ends
+        return skipped, worker._due(10)
+
+    skipped, taken = asyncio.run(main())
+    assert skipped == [] and taken == [("instance", "t6")]

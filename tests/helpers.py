@@ -1,0 +1,48 @@
+"""Helpers shared by test modules: small machines and a one-worker runner."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Callable
+
+ONE_TICK = """
+machine: slow
+start: s
+states:
+  s:
+    tick: {module}:nap
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def one_tick_machine(write: Callable[..., Path], module: str, body: str) -> Path:
+    """A machine with one tick, `{module}:nap`, whose body is `body` (Python, indented 4)."""
+    return write("slow.yaml", ONE_TICK.format(module=module), **{module: f"import time\n\ndef nap(payload, ctx):\n    {body}\n"})
+
+
+async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurrency: int = 8,
+                        timeout: float = 60) -> tuple[list, list, Any]:
+    """Submit `payloads` as instances of `graph`, run one worker on `store` until all finish;
+    return (instances, histories, worker)."""
+    from dsm import handlers
+    from dsm.client import Client
+    from dsm.definitions import Registry
+    from dsm.keys import Keys
+    from dsm.worker import Worker
+
+    keys = Keys()
+    registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+    registry.add(graph)
+    client = Client(store, keys)
+    worker = Worker(store, registry, concurrency=concurrency)
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(worker.run(stop))
+    ids = await client.submit_many(graph, payloads)
+    done = await asyncio.gather(*(client.wait(i, timeout=timeout) for i in ids))
+    histories = [await client.history(i) for i in ids]
+    stop.set()
+    await task
+    return list(done), histories, worker
