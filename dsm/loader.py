@@ -157,7 +157,11 @@ class _Builder:
                 if not isinstance(key_node, yaml.ScalarNode):
                     self.fail(key_node, path, "mapping keys must be plain strings")
                     continue
-                key = _scalar(key_node) if key_node.tag != _TAG + "str" else key_node.value
+                try:
+                    key = _scalar(key_node)
+                except ValueError as exc:
+                    self.fail(key_node, path, str(exc))
+                    continue
                 if not isinstance(key, str):
                     self.fail(key_node, path, f"mapping key {key_node.value!r} must be a string (quote it)")
                     continue

@@ -89,3 +89,10 @@ def test_empty_file():
     with pytest.raises(DefinitionError) as info:
         loader.parse("")
     assert "empty" in info.value.problems[0].message
+
+
+def test_custom_tags_are_refused_on_keys_and_values():
+    with pytest.raises(DefinitionError) as info:
+        loader.parse("a: !custom 1\n!es x: b\n", "x.yaml")
+    assert [(p.line, p.col) for p in info.value.problems] == [(1, 4), (2, 1)]
+    assert all("unsupported tag" in p.message for p in info.value.problems)
