@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clitools import ROOT, dsm
+from clitools import dsm
 from helpers import one_tick_machine
 from cluster import MACHINES, Workers, audit_all, invocations, load_graph, wait_all_finished
 from dsm.testing import make_cluster

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -236,13 +235,13 @@ def test_timeout_fails_the_attempt_then_catch(write):
     ("raise KeyError('missing')", "KeyError", "missing"),
 ])
 def test_bad_handler_results_fail_with_clear_errors(write, body, kind, words):
-    graph = load(write, f"""
+    graph = load(write, """
         machine: bad
         start: s
         states:
           s:
             tick: badmod:h
-            retry: {{max_attempts: 2, backoff: 0, non_retryable: [LookupError]}}
+            retry: {max_attempts: 2, backoff: 0, non_retryable: [LookupError]}
             next: done
           done:
             terminal: true
@@ -284,14 +283,11 @@ def test_async_handlers_are_awaited_and_ticks_overlap(write):
         """)
     import par_h
 
-    started = time.monotonic()
     result = run(graph, workers=4)
-    took = time.monotonic() - started
     assert result.instance.status == SUCCEEDED
     assert result.instance.payload["c"] == ["c"]
     assert result.instance.payload["a"] != result.instance.payload["b"]  # two threads
-    assert max(par_h.peak) == 3
-    assert took < 0.85  # three 0.3s ticks overlapped (a generous bound, not a benchmark)
+    assert max(par_h.peak) == 3  # the three ticks overlapped
 
 
 def test_cancel_stops_an_instance_and_abandons_its_tick(write):

@@ -164,7 +164,7 @@ class Chaos:
             out[iid] = inst.transitions
         return out
 
-    async def claims_appear(self, store: EtcdStore, timeout: float = 5.0) -> None:
+    async def claims_appear(self, store: EtcdStore, timeout: float = 15.0) -> None:
         """Wait until workers hold claims on the new work (they are busy), or `timeout` passes."""
         work = self.keys.work_prefix
         deadline = time.monotonic() + timeout
