@@ -11,6 +11,7 @@ For dsm's own tests and benchmarks, and for users testing their machines against
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,7 +38,38 @@ def etcd_binary() -> str | None:
     return shutil.which("etcd")
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range.
+
+    An etcd member killed and restarted must get its own port back (its peers know it by that
+    address). A port from the ephemeral range can meanwhile be taken as the source port of some
+    outgoing connection, and the restart fails with "address already in use"; ports below the
+    range are only ever bound on purpose.
+    """
+    low, high = _ephemeral_range()
+    pool = range(max(10000, low - 16000), low) if low > 12000 else range(high + 1, 65536)
+    for _ in range(500):
+        port = random.choice(pool)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -97,3 +97,13 @@ def write(tmp_path: Path) -> Callable[..., Path]:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Repeat the failed tests' names as the very last line, where a truncated log still shows them."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    failed = [r.nodeid for key in ("failed", "error") for r in reporter.stats.get(key, []) if hasattr(r, "nodeid")]
+    if failed:
+        reporter.write_line("failed: " + " ".join(failed))
