@@ -313,7 +313,6 @@ def run(path: Path = typer.Argument(..., help="Definition file."),
             result = _run_async(lambda: _run_embedded(graph_, body, workers, limit, progress))
     finally:
         progress.stop()
-    progress.stop()
     inst, history, timed_out = result
     if as_json:
         _print_json(records.public_record(inst, history))

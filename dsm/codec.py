@@ -15,6 +15,8 @@ except ImportError:  # pragma: no cover - orjson is a dependency; the fallback k
     orjson = None  # type: ignore[assignment]
 
 
+_STDLIB_MARK = (b" ", " ")
+
 if orjson is not None:
     def dumps_strict(value: Any) -> bytes:
         """Raise TypeError for what the fast encoder cannot write (callers explain or fall back)."""
@@ -23,10 +25,15 @@ if orjson is not None:
     def dumps(value: Any) -> bytes:
         try:
             return orjson.dumps(value)
-        except TypeError:  # integers beyond 64 bits, which payloads may hold: the stdlib writes any size
-            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        except TypeError:
+            # Integers beyond 64 bits, which payloads may hold: the stdlib writes any size, and the
+            # leading space (still plain JSON) tells `loads` to read it back with the stdlib too,
+            # since orjson would turn those integers into floats.
+            return b" " + json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
     def loads(raw: bytes | str) -> Any:
+        if raw[:1] in _STDLIB_MARK:
+            return json.loads(raw)
         return orjson.loads(raw)
 else:
     def dumps(value: Any) -> bytes:

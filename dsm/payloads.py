@@ -122,7 +122,4 @@ def _json_kind(value: Any) -> str:
 
 def copy(value: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of a payload already known to be JSON, for a handler to mutate freely."""
-    try:
-        return codec.loads(codec.dumps(value))
-    except TypeError:  # integers beyond 64 bits: the stdlib handles any size
-        return json.loads(json.dumps(value))
+    return codec.loads(codec.dumps(value))

@@ -400,3 +400,29 @@ def test_a_token_given_back_while_its_job_finishes_is_not_lost():
 
     skipped, taken = asyncio.run(main())
     assert skipped == [] and taken == [("instance", "t6")]
+
+
+def test_integers_beyond_64_bits_survive_the_store_exactly(write):
+    graph = load(write, """
+        machine: bigint
+        start: s
+        states:
+          s: {tick: bigmod:make, fork: [a, b], join: j}
+          a: {tick: bigmod:grow, next: j}
+          b: {next: j}
+          j: {next: done}
+          done: {terminal: true}
+        """, bigmod="""
+        def make(payload, ctx):
+            payload["big"] = 2 ** 70 + 1
+            payload["small"] = -(2 ** 70)
+            payload["list"] = [2 ** 64, 1.5]
+
+        def grow(payload, ctx):
+            payload["grown"] = payload["big"] * 2
+        """)
+    result = run(graph)
+    assert result.instance.status == SUCCEEDED
+    assert result.instance.payload == {"big": 2 ** 70 + 1, "small": -(2 ** 70), "list": [2 ** 64, 1.5],
+                                       "grown": 2 ** 71 + 2}
+    assert type(result.instance.payload["grown"]) is int
