@@ -22,6 +22,7 @@ def dsm_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("DSM_ETCD", None)
     env.pop("DSM_NAMESPACE", None)
+    env.pop("PYTEST_CURRENT_TEST", None)  # a long test id would make the environment too big to exec
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

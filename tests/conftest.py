@@ -106,4 +106,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return
     failed = [r.nodeid for key in ("failed", "error") for r in reporter.stats.get(key, []) if hasattr(r, "nodeid")]
     if failed:
-        reporter.write_line("failed: " + " ".join(failed))
+        reporter.write_line("failed: " + " ".join(_short(nodeid) for nodeid in failed))
+
+
+def _short(nodeid: str, limit: int = 200) -> str:
+    return nodeid if len(nodeid) <= limit else nodeid[:limit] + "...]"

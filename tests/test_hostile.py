@@ -129,7 +129,7 @@ def test_recursive_alias_and_deep_nesting_are_located():
     ('"just a string"', "must be a JSON object, got a string"),
     ("null", "must be a JSON object, got null"),
     ('{"big": "' + "x" * (1024 * 1024 + 10) + '"}', "the limit is 1048576 bytes"),
-])
+], ids=["nan", "infinity", "deep-100000", "deep-300", "string", "null", "over-1MiB"])
 def test_bad_payloads_are_refused_before_anything_runs(payload, words, tmp_path):
     path = tmp_path / "payload.json"
     path.write_text(payload)
