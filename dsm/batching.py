@@ -9,6 +9,7 @@ past one round trip per transition.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass, field
 
@@ -43,9 +44,10 @@ class Batcher:
         # request's deadline passes) must not hold up the others: more may start, up to max_inflight.
         self.slow = slow
         self.max_inflight = max_inflight
-        self._queue: list[_Pending] = []
+        self._queue: collections.deque[_Pending] = collections.deque()
         self._running = 0
-        self._started: list[float] = []
+        self._started: list[float] = []  # when each batch in flight was sent
+        self._timer: asyncio.TimerHandle | None = None  # one pending look at stuck runners, at most
         self.batches = 0
         self.sent = 0
 
@@ -53,21 +55,28 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.append(_Pending(txn, txn_size(txn), future))
-        if self._running < self.inflight or (
-                self._running < self.max_inflight and self._started and loop.time() - min(self._started) > self.slow):
-            self._running += 1
-            loop.create_task(self._drain())
-        elif self._started and self._running < self.max_inflight:
-            loop.call_later(self.slow, self._unstick)
+        if self._running < self.inflight:
+            self._start(loop)
+        elif self._timer is None and self._running < self.max_inflight:
+            self._unstick()
         return await future
 
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._running += 1
+        loop.create_task(self._drain())
+
     def _unstick(self) -> None:
-        """Called a little later: if every runner is still stuck, start another."""
+        """If every batch in flight has taken longer than `slow`, start another runner; else look
+        again when the oldest of them would pass that age."""
+        self._timer = None
+        if not self._queue or self._running >= self.max_inflight:
+            return
         loop = asyncio.get_running_loop()
-        if self._queue and self._running < self.max_inflight and self._started and \
-                loop.time() - min(self._started) > self.slow:
-            self._running += 1
-            loop.create_task(self._drain())
+        age = loop.time() - min(self._started) if self._started else 0.0
+        if age > self.slow:
+            self._start(loop)
+        else:
+            self._timer = loop.call_later(self.slow - age, self._unstick)
 
     def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -76,7 +85,7 @@ class Batcher:
             item = self._queue[0]
             if batch and size + item.size > self.max_bytes:
                 break
-            batch.append(self._queue.pop(0))
+            batch.append(self._queue.popleft())
             size += item.size
         return batch
 
