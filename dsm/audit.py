@@ -43,7 +43,6 @@ def audit(graph: Graph, inst: Instance, history: list[HistoryEntry]) -> list[str
         say(f"record counts {inst.transitions} transitions, history has {len(history)}")
     pending: Counter[tuple[str, tuple[str, ...]]] = Counter({(graph.start, ()): 1})
     arrivals: dict[tuple[str, tuple[str, ...]], Counter[str]] = {}
-    joins_fired: Counter[tuple[str, tuple[str, ...]]] = Counter()
     for h in history:
         key = (h.state, tuple(h.branch))
         if pending[key] <= 0:
@@ -70,7 +69,6 @@ def audit(graph: Graph, inst: Instance, history: list[HistoryEntry]) -> list[str
             if counter[h.branch[-1]] > 1:
                 say(f"seq {h.seq}: branch {h.branch[-1]} of fork {fork} arrived twice in one activation")
             if all(counter[b] >= 1 for b in graph.forks[fork].branches):
-                joins_fired[(fork, outer)] += 1
                 del arrivals[(fork, outer)]
                 pending[(target, outer)] += 1
             continue
@@ -81,10 +79,10 @@ def audit(graph: Graph, inst: Instance, history: list[HistoryEntry]) -> list[str
         pending[(target, tuple(h.branch))] += 1
     if inst.status in FINISHED:
         left = +pending
-        if inst.status == SUCCEEDED or (inst.state is not None):
-            if history and left and inst.state is not None:
+        if inst.state is not None and history:  # ended at a terminal state, not by an error
+            if left:
                 say(f"instance ended at {inst.state} with tokens still pending: {dict(left)}")
-            if inst.state is not None and history and tuple(history[-1].next) != (inst.state,):
+            if tuple(history[-1].next) != (inst.state,):
                 say(f"last transition goes to {history[-1].next}, the record ends at {inst.state}")
         if arrivals and inst.status == SUCCEEDED:
             say(f"joins never fired: {sorted(arrivals)}")

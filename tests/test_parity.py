@@ -21,7 +21,7 @@ def shape(record: dict) -> dict:
     """What must match: where it ended, how, and which transitions it took (branches interleave)."""
     return {
         "status": record["status"], "state": record["state"], "transitions": record["transitions"],
-        "error": record["error"] and {k: v for k, v in record["error"].items()},
+        "error": record["error"],
         "history": Counter((h["state"], tuple(h["next"]), tuple(h["branch"]), h["outcome"], h["attempt"])
                            for h in record["history"]),
         "payload_keys": sorted(record["payload"]),
