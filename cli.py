@@ -342,30 +342,28 @@ async def _run_etcd(graph_: Graph, body: dict, options: Any, workers: int, limit
                     progress: _Progress) -> tuple:
     from dsm.client import Client
     from dsm.definitions import Registry
-    from dsm.worker import Worker
+    from dsm.worker import running
 
     async with _connect(options) as store:
         client = Client(store, options.keys)
         instance_id = await client.submit(graph_, body)
         err.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
-        stop = asyncio.Event()
-        runner = None
-        if workers > 0:
-            registry = Registry(store, options.keys, allow=handlers.Allowlist(graph_.modules()),
-                                search_path=(str(Path(graph_.file).resolve().parent),))
-            registry.add(graph_)
-            worker = Worker(store, registry, concurrency=workers)
-            runner = asyncio.get_running_loop().create_task(worker.run(stop, grace=5))
-        try:
-            inst = await client.wait(instance_id, timeout=limit, on_history=progress.history,
-                                     on_update=progress.update)
-            return inst, await client.history(instance_id), False
-        except asyncio.TimeoutError:
-            return await client.instance(instance_id), await client.history(instance_id), True
-        finally:
-            stop.set()
-            if runner is not None:
-                await asyncio.gather(runner, return_exceptions=True)
+
+        async def wait() -> tuple:
+            try:
+                inst = await client.wait(instance_id, timeout=limit, on_history=progress.history,
+                                         on_update=progress.update)
+                return inst, await client.history(instance_id), False
+            except asyncio.TimeoutError:
+                return await client.instance(instance_id), await client.history(instance_id), True
+
+        if workers <= 0:
+            return await wait()
+        registry = Registry(store, options.keys, allow=handlers.Allowlist(graph_.modules()),
+                            search_path=(str(Path(graph_.file).resolve().parent),))
+        registry.add(graph_)
+        async with running(store, registry, concurrency=workers, grace=5):
+            return await wait()
 
 
 class _connect:
@@ -475,7 +473,7 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
 
     async def go() -> None:
         from dsm.definitions import Registry, register
-        from dsm.worker import Worker
+        from dsm.worker import running
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -493,10 +491,11 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
             for g in graphs:
                 registry.add(g)
                 await register(store, options.keys, g)
-            w = Worker(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl))
-            err.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
-                      f"(concurrency {concurrency}, modules: {allowlist.describe()})", markup=False)
-            await w.run(stop, grace=grace)
+            async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
+                               stop=stop) as w:
+                err.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
+                          f"(concurrency {concurrency}, modules: {allowlist.describe()})", markup=False)
+                await stop.wait()
             err.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
     _run_async(go)

@@ -41,7 +41,7 @@ from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.store.memory import MemoryStore  # noqa: E402
 from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
-from dsm.worker import Worker  # noqa: E402
+from dsm.worker import Worker, running  # noqa: E402
 
 LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
 FORKJOIN = BENCH / "forkjoin.yaml"  # 6 transitions per instance
@@ -337,15 +337,11 @@ async def embedded_dsm(instances: int) -> dict[str, Any]:
             if count == instances:
                 finished.set()
 
-    worker = Worker(store, registry, concurrency=8, on_commit=on_commit, worker_id="embedded")
-    stop = asyncio.Event()
-    runner = asyncio.get_running_loop().create_task(worker.run(stop))
-    started = time.monotonic()
-    await Client(store, keys).submit_many(graph, ({} for _ in range(instances)))
-    await finished.wait()
-    took = time.monotonic() - started
-    stop.set()
-    await runner
+    async with running(store, registry, concurrency=8, on_commit=on_commit, worker_id="embedded") as worker:
+        started = time.monotonic()
+        await Client(store, keys).submit_many(graph, ({} for _ in range(instances)))
+        await finished.wait()
+        took = time.monotonic() - started
     return {"instances": instances, "transitions": worker.stats.transitions,
             "transitions_per_s": worker.stats.transitions / took}
 

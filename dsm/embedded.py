@@ -18,7 +18,7 @@ from .graph import Graph
 from .keys import Keys
 from .records import HistoryEntry, Instance, public_record
 from .store.memory import MemoryStore
-from .worker import Worker
+from .worker import running
 
 
 @dataclass
@@ -46,23 +46,18 @@ async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, work
     registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
     registry.add(graph)
     client = Client(store, keys)
-    worker = Worker(store, registry, concurrency=max(1, workers), worker_id="embedded")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    runner = loop.create_task(worker.run(stop, grace=0.5))
     try:
-        instance_id = await client.submit(graph, payload or {})
-        if on_start is not None:
-            on_start(instance_id)
-        try:
-            inst = await client.wait(instance_id, timeout=timeout, on_history=on_history, on_update=on_update)
-        except asyncio.TimeoutError:
-            partial = Result(await client.instance(instance_id), await client.history(instance_id))
-            raise asyncio.TimeoutError(partial) from None
-        return Result(inst, await client.history(instance_id))
+        async with running(store, registry, concurrency=max(1, workers), worker_id="embedded", grace=0.5):
+            instance_id = await client.submit(graph, payload or {})
+            if on_start is not None:
+                on_start(instance_id)
+            try:
+                inst = await client.wait(instance_id, timeout=timeout, on_history=on_history, on_update=on_update)
+            except asyncio.TimeoutError:
+                partial = Result(await client.instance(instance_id), await client.history(instance_id))
+                raise asyncio.TimeoutError(partial) from None
+            return Result(inst, await client.history(instance_id))
     finally:
-        stop.set()
-        await asyncio.gather(runner, return_exceptions=True)
         await store.close()
 
 

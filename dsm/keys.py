@@ -93,6 +93,9 @@ class WorkInfo:
 
     `owner` names the worker that claimed the token in the same transaction that wrote the
     marker (it continues the line itself); watchers skip such markers instead of racing for them.
+    `wait` is how long the token had to wait when the marker was written (`not_before` minus the
+    writer's clock): a worker that learns of it counts that long on its own clock, so machines
+    whose clocks disagree never lengthen or cut a wait. None in markers written before it existed.
     """
 
     machine: str
@@ -100,10 +103,11 @@ class WorkInfo:
     state: str
     not_before: float = 0.0
     owner: str | None = None
+    wait: float | None = None
 
     def dump(self) -> bytes:
         return codec.dumps({"machine": self.machine, "digest": self.digest, "state": self.state,
-                            "not_before": self.not_before, "owner": self.owner})
+                            "not_before": self.not_before, "owner": self.owner, "wait": self.wait})
 
     @staticmethod
     def load(raw: bytes) -> "WorkInfo":
@@ -112,4 +116,14 @@ class WorkInfo:
         owner = d.get("owner")
         return WorkInfo(machine=sys.intern(d["machine"]), digest=sys.intern(d["digest"]),
                         state=sys.intern(d["state"]), not_before=d.get("not_before", 0.0),
-                        owner=sys.intern(owner) if owner else None)
+                        owner=sys.intern(owner) if owner else None, wait=d.get("wait"))
+
+    def delay(self, wall: float, *, fresh: bool) -> float:
+        """Seconds from now until the token may run. `fresh`: the marker was just written (a watch
+        event), so its whole `wait` lies ahead; else (read later) what is left of it by the local
+        clock, but never more than `wait`."""
+        if self.wait is None:
+            return max(0.0, self.not_before - wall)
+        if fresh:
+            return self.wait
+        return min(self.wait, max(0.0, self.not_before - wall))

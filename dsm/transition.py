@@ -36,6 +36,7 @@ class Failure:
     message: str
     retryable: bool = True
     bases: tuple[str, ...] = ()
+    traceback: str | None = None  # the handler's traceback, its last 4 KiB
 
 
 @dataclass(frozen=True, slots=True)

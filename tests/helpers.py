@@ -31,18 +31,14 @@ async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurr
     from dsm.client import Client
     from dsm.definitions import Registry
     from dsm.keys import Keys
-    from dsm.worker import Worker
+    from dsm.worker import running
 
     keys = Keys()
     registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
     registry.add(graph)
     client = Client(store, keys)
-    worker = Worker(store, registry, concurrency=concurrency)
-    stop = asyncio.Event()
-    task = asyncio.get_running_loop().create_task(worker.run(stop))
-    ids = await client.submit_many(graph, payloads)
-    done = await asyncio.gather(*(client.wait(i, timeout=timeout) for i in ids))
-    histories = [await client.history(i) for i in ids]
-    stop.set()
-    await task
+    async with running(store, registry, concurrency=concurrency) as worker:
+        ids = await client.submit_many(graph, payloads)
+        done = await asyncio.gather(*(client.wait(i, timeout=timeout) for i in ids))
+        histories = [await client.history(i) for i in ids]
     return list(done), histories, worker

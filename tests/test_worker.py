@@ -372,36 +372,6 @@ def test_many_instances_in_one_store(write):
     assert sorted({i.transitions for i in done}) == [2, 6]  # rejected; shipped (all totals <= 100)
 
 
-def test_a_token_given_back_while_its_job_finishes_is_not_lost():
-    """Regression: the watch may report a retry's token (given back, due later) before the job that
-    gave it back has ended; the queues skip tokens with a running job, so the job's end must
-    queue it again."""
-    graph = compiler.load("definitions/order.yaml")
-
-    async def main():
-        store = MemoryStore()
-        registry = Registry(store, Keys(), allow=handlers.Allowlist(graph.modules()))
-        worker = Worker(store, registry, worker_id="w")
-        finish = asyncio.Event()
-
-        async def work_on(job):  # the job that just committed the retry, still finishing
-            await finish.wait()
-
-        worker._work_on = work_on
-        ref = ("instance", "t6")
-        worker._busy += 1
-        worker._start(ref, 1)
-        worker._add(ref, WorkInfo("order", graph.digest, "bill", worker.wall() + 0.05))
-        await asyncio.sleep(0.06)
-        skipped = worker._due(10)  # its job still runs: not taken
-        finish.set()
-        await asyncio.sleep(0.01)  # the job ends
-        return skipped, worker._due(10)
-
-    skipped, taken = asyncio.run(main())
-    assert skipped == [] and taken == [("instance", "t6")]
-
-
 def test_integers_beyond_64_bits_survive_the_store_exactly(write):
     graph = load(write, """
         machine: bigint

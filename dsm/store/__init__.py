@@ -156,6 +156,12 @@ class Store(Protocol):
 
     async def lease_revoke(self, lease: int) -> None: ...
 
+    async def lease_ttl(self, lease: int) -> float:
+        """Remaining seconds of a lease; -1 when it no longer exists."""
+
+    async def lease_keys(self, lease: int) -> list[str]:
+        """The keys attached to a lease. Raise LeaseLost when it has expired."""
+
     async def watch(self, start: str, end: str | None = None, *, start_revision: int = 0) -> Watch:
         """Watch [start, end) from a revision (0: from now). Raise Compacted when it is gone."""
 

@@ -503,6 +503,13 @@ class EtcdStore:
         resp = await self._call(self._lease.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease), "lease ttl")
         return float(resp.TTL)
 
+    async def lease_keys(self, lease: int) -> list[str]:
+        resp = await self._call(self._lease.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease, keys=True),
+                                "lease keys")
+        if resp.TTL < 0:
+            raise LeaseLost(f"lease {lease:x} expired")
+        return [_decode(k) for k in resp.keys]
+
     # -- watches ----------------------------------------------------------------------------
     async def watch(self, start: str, end: str | None = None, *, start_revision: int = 0) -> _EtcdWatch:
         create = rpc.WatchCreateRequest(key=_encode(start), start_revision=start_revision)

@@ -402,6 +402,15 @@ class MemoryStore:
             found = self._leases.get(lease)
             return -1 if found is None else max(0.0, found.deadline - self.clock())
 
+    async def lease_keys(self, lease: int) -> list[str]:
+        """The keys attached to a lease (as etcd's TimeToLive with keys); LeaseLost when it is gone."""
+        with self._lock:
+            self._check()
+            found = self._leases.get(lease)
+            if found is None:
+                raise LeaseLost(f"lease {lease:x} expired or was revoked")
+            return sorted(k for k in found.keys if k in self._data)
+
     # -- watches ----------------------------------------------------------------------------
     async def watch(self, start: str, end: str | None = None, *, start_revision: int = 0) -> _MemoryWatch:
         with self._lock:

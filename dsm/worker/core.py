@@ -1,0 +1,617 @@
+"""The worker: claim runnable tokens under a lease, tick, commit, repeat.
+
+It orchestrates parts that each own one thing: the lease (`lease.py`), the work feed and its
+candidate queue (`feed.py`, `queue.py`), slots (`slots.py`), the record cache (`cache.py`), the
+executor that runs handlers (`executor.py`, `isolation.py`) and the commit planner
+(`planner.py`, pure). What it keeps is the life of a job: a claim, attempts, commits, and the
+claim given back on every path that does not hand it on.
+
+Every commit is one transaction (batched with other instances' commits) that compares the
+record's mod revision and the claims' create revisions, so a worker that lost its lease, paused
+past it, or was overtaken never commits. When a claim or commit's answer is lost, the worker
+re-reads and never blindly repeats; a claim applied after that re-read, with no job here, is
+found by the claim audit (the keys under our lease) and given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import payloads
+from ..batching import Batcher
+from ..definitions import Registry
+from ..errors import LeaseLost, NotFound, StoreError, StoreUnavailable
+from ..graph import Graph
+from ..keys import Keys, WorkInfo, range_of
+from ..records import Instance, Token
+from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
+from ..transition import Failure, Outcome, Step
+from .cache import RecordCache
+from .executor import Attempt, Executor, ThreadExecutor, TickCall
+from .feed import TokenRef, WorkFeed
+from .lease import LeaseKeeper
+from .planner import MAX_ARRIVALS, MAX_TXN_OPS, SYNC, Arrival, CommitPlan, commit_txn, plan_commit, reconcile_txns
+from .queue import CandidateQueue
+from .slots import Slots
+
+log = logging.getLogger("dsm.worker")
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class _Job:
+    """One claimed token being worked on by this worker."""
+
+    ref: TokenRef
+    claim_rev: int
+    attempt: Attempt | None = None
+    task: asyncio.Task | None = None
+
+
+@dataclass
+class _Pending:
+    """An attempt's outcome waiting for its instance's next commit."""
+
+    job: _Job
+    token: Token
+    outcome: Outcome
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    committed: int = 0
+    transitions: int = 0
+    conflicts: int = 0
+    lost: int = 0
+    ticks: int = 0
+    failures: int = 0
+    given_back: int = 0  # claims under our lease found with no job and released
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Runs ticks for every instance in a namespace that its registry can serve."""
+
+    def __init__(self, store: Store, registry: Registry, *, keys: Keys | None = None, concurrency: int = 8,
+                 lease_ttl: float = 10.0, worker_id: str | None = None, payload_limit: int | None = None,
+                 max_record_bytes: int = 1_400_000, candidate_cap: int = 10_000, page_size: int = 1000,
+                 sweep_interval: float = 30.0, batch_ops: int = 64, wall: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic, on_commit: Callable[[Step], None] | None = None,
+                 prefetch: int | None = None, executor: Executor | None = None,
+                 audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS):
+        self.store = store
+        self.registry = registry
+        self.keys = keys or registry.keys
+        self.id = worker_id or default_worker_id()
+        self.concurrency = concurrency
+        self.payload_limit = payload_limit if payload_limit is not None else payloads.default_limit()
+        self.max_record_bytes = max_record_bytes
+        self.max_txn_ops = max_txn_ops
+        self.sweep_interval = sweep_interval
+        self.audit_interval = audit_interval if audit_interval is not None else lease_ttl
+        self.wall = wall
+        self.clock = clock
+        self.on_commit = on_commit
+        self.stats = WorkerStats()
+        self.slots: Slots[TokenRef] = Slots(concurrency, concurrency if prefetch is None else prefetch)
+        self.lease = LeaseKeeper(store, lease_ttl, name=self.id, on_lost=self._lose_all)
+        self.queue: CandidateQueue[TokenRef] = CandidateQueue(clock, candidate_cap)
+        self.feed = WorkFeed(store, self.keys, self.queue, name=self.id, admits=self._admits, held=self._held,
+                             wall=wall, page_size=page_size)
+        self.records = RecordCache()
+        self.executor: Executor = executor or ThreadExecutor(concurrency)
+        self._wake = self.feed.changed
+        self._jobs: dict[TokenRef, _Job] = {}
+        self._claiming: set[TokenRef] = set()  # claims sent, not yet answered
+        self._pending: dict[str, list[_Pending]] = {}
+        self._committing: set[str] = set()  # instances with a commit in flight
+        self._commits = Batcher(store, max_ops=batch_ops)
+        self._claims = Batcher(store, max_ops=batch_ops)
+        self._tasks: list[asyncio.Task] = []
+        self.stopping = False
+
+    @property
+    def lease_id(self) -> int | None:
+        return self.lease.id
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None, *, grace: float = 30.0) -> None:
+        """Work until `stop` is set, then finish or release what is held and revoke the lease."""
+        stop = stop or asyncio.Event()
+        await self.lease.grant()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.lease.keep(), name="dsm-keepalive"),
+                       loop.create_task(self.feed.run(), name="dsm-feed"),
+                       loop.create_task(self._dispatch(), name="dsm-dispatch"),
+                       loop.create_task(self._audit(), name="dsm-audit")]
+        stopper = loop.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            stopper.cancel()
+            await self._shutdown(grace)
+
+    async def _shutdown(self, grace: float) -> None:
+        self.stopping = True
+        self.lease.stopping = True
+        for task in self._tasks:
+            if task.get_name() != "dsm-keepalive":
+                task.cancel()
+        if self._jobs:
+            log.info("worker %s: stopping, finishing %d tick(s) (up to %.0fs)", self.id, len(self._jobs), grace)
+            try:
+                await asyncio.wait_for(self.slots.idle.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("worker %s: %d tick(s) still running after %.0fs; releasing their claims",
+                            self.id, len(self._jobs), grace)
+        for job in list(self._jobs.values()):
+            if job.attempt is not None:
+                job.attempt.abandon("worker is shutting down")
+            if job.task is not None:
+                job.task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.lease.revoke()
+        self.executor.close()
+
+    def _lose_all(self) -> None:
+        """The lease is gone, and every claim with it."""
+        while self.slots.ready:
+            self.records.release(self.slots.ready.popleft()[0][0])
+        for job in self._jobs.values():
+            if job.attempt is not None:
+                job.attempt.abandon("the worker's lease expired")
+
+    # -- what the feed asks ------------------------------------------------------------------
+    def _admits(self, info: WorkInfo | None) -> bool:
+        return info is None or not self.registry.refusal(info.digest)
+
+    def _held(self, ref: TokenRef, revision: int, why: str) -> bool:
+        job = self._jobs.get(ref)
+        if job is None:
+            return False
+        if job.claim_rev < revision and job.attempt is not None:
+            job.attempt.abandon(why)
+        return True
+
+    # -- dispatch ----------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        last_sweep = self.clock()
+        while not self.stopping:
+            free = self.slots.free
+            picked = self.queue.take(free, busy=self._jobs) if free else []
+            if picked:
+                self.slots.take(len(picked))
+                asyncio.get_running_loop().create_task(self._claim(picked))
+                continue
+            if free and self.feed.behind and not self.queue.has_due():
+                try:
+                    await self.feed.page()
+                except StoreUnavailable as exc:
+                    log.warning("worker %s: cannot page work (%s)", self.id, exc)
+                    await asyncio.sleep(0.5)
+                continue
+            if free and not len(self.queue) and self.clock() - last_sweep > self.sweep_interval:
+                last_sweep = self.clock()  # a safety net: look over the whole prefix when idle
+                self.feed.rescan = True
+                continue
+            self._wake.clear()
+            delay = self.queue.next_delay()
+            timeout = min(delay if delay is not None else self.sweep_interval, self.sweep_interval)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.001))
+            except asyncio.TimeoutError:
+                pass
+
+    # -- claiming ----------------------------------------------------------------------------
+    async def _claim(self, refs: list[TokenRef]) -> None:
+        """Claim `refs` (their slots are taken); start a job on each claim won."""
+        await self.lease.ready.wait()
+        lease = self.lease.id
+        started = 0
+        self._claiming.update(refs)
+        try:
+            results = await asyncio.gather(*(self._claims.submit(self._claim_txn(ref, lease)) for ref in refs),
+                                           return_exceptions=True)
+            for ref, result in zip(refs, results):
+                if isinstance(result, BaseException):
+                    if isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
+                        # It may have been applied: run it if the claim is ours. If it applies
+                        # later still, the claim audit gives it back.
+                        if await self._adopt(ref, lease):
+                            started += 1
+                    elif isinstance(result, LeaseLost):
+                        self.lease.lost()
+                    else:
+                        log.error("worker %s: claim of %s/%s failed: %s", self.id, ref[0], ref[1], result)
+                    continue
+                if not result.succeeded:
+                    continue
+                _, inst_kvs, work_kvs = result.responses
+                if not inst_kvs or not work_kvs:
+                    await self._release(ref, result.revision)
+                    continue
+                self.records.remember(inst_kvs[0])
+                self.stats.claimed += 1
+                self._start(ref, result.revision)
+                started += 1
+        finally:
+            self._claiming.difference_update(refs)
+            if len(refs) > started:
+                self._free(len(refs) - started)
+
+    def _claim_txn(self, ref: TokenRef, lease: int | None) -> Txn:
+        iid, tok = ref
+        work, claim = self.keys.work(iid, tok), self.keys.claim(iid, tok)
+        return Txn([Compare.version(work, ">", 0), Compare.create(claim, "==", 0)],
+                   [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
+
+    async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True) -> bool:
+        """After an ambiguous claim or commit: if the claim on `ref` is ours, run it; else let it be.
+        `reserved`: a slot is already counted for it (else it queues for one)."""
+        iid, tok = ref
+        while True:
+            try:
+                result = await self.store.txn([], [Get(self.keys.claim(iid, tok)), Get(self.keys.instance(iid))])
+                break
+            except StoreUnavailable:
+                if self.stopping:
+                    return False
+                await asyncio.sleep(0.5)
+        claims, records = result.responses
+        if not claims or not records or lease is None or claims[0].lease != lease or ref in self._jobs:
+            return False
+        self.records.remember(records[0])
+        if reserved:
+            self._start(ref, claims[0].create_revision)
+        else:
+            self._enqueue(ref, claims[0].create_revision)
+        return True
+
+    async def _release(self, ref: TokenRef, claim_rev: int) -> None:
+        claim = self.keys.claim(*ref)
+        try:
+            await self.store.txn([Compare.create(claim, "==", claim_rev)], [Delete(claim)])
+        except StoreError as exc:
+            log.warning("worker %s: could not release %s/%s (%s); it frees when the lease ends", self.id,
+                        ref[0], ref[1], exc)
+
+    async def _audit(self) -> None:
+        """Every claim under our lease has a job here, or is given back.
+
+        A claim or commit applied after its answer was lost (a slow fsync, a leader change) can
+        leave a claim of ours with no job: nothing else would ever free it while we live. A claim
+        seen idle by two audits in a row is released (fenced by its create revision).
+        """
+        suspects: dict[TokenRef, int] = {}
+        while True:
+            await asyncio.sleep(self.audit_interval)
+            if not self.lease.ready.is_set() or self.lease.id is None:
+                suspects.clear()
+                continue
+            try:
+                held = await self._idle_claims(self.lease.id)
+            except LeaseLost:
+                self.lease.lost()
+                continue
+            except StoreError as exc:
+                log.debug("worker %s: claim audit skipped (%s)", self.id, exc)
+                continue
+            for ref, rev in held.items():
+                if suspects.get(ref) == rev and not self._busy(ref):
+                    log.warning("worker %s: claim on %s/%s has no job here; giving it back", self.id, *ref)
+                    self.stats.given_back += 1
+                    await self._release(ref, rev)
+            suspects = held
+
+    async def _idle_claims(self, lease: int) -> dict[TokenRef, int]:
+        """Claims under `lease` that no job, claim or commit of ours is using: ref -> create revision."""
+        refs = []
+        for key in await self.store.lease_keys(lease):
+            parsed = self.keys.parse_work(key)
+            if parsed is not None and parsed[2] and not self._busy((parsed[0], parsed[1])):
+                refs.append((parsed[0], parsed[1]))
+        if not refs:
+            return {}
+        result = await self.store.txn([], [Get(self.keys.claim(*ref)) for ref in refs[:MAX_TXN_OPS]])
+        return {ref: kvs[0].create_revision for ref, kvs in zip(refs, result.responses)
+                if kvs and kvs[0].lease == lease}
+
+    def _busy(self, ref: TokenRef) -> bool:
+        return (ref in self._jobs or ref in self._claiming or ref[0] in self._committing
+                or any(r == ref for r, _ in self.slots.ready))
+
+    # -- jobs --------------------------------------------------------------------------------
+    def _free(self, n: int) -> None:
+        self.slots.give(n)
+        while not self.stopping:
+            item = self.slots.next_ready()
+            if item is None:
+                break
+            self._start(*item, held=True)
+        self._wake.set()
+
+    def _enqueue(self, ref: TokenRef, claim_rev: int) -> None:
+        """A token this worker claimed in a commit: run it now if a slot is free, else queue it."""
+        if self.slots.busy < self.slots.capacity and not self.stopping:
+            self.slots.take()
+            self._start(ref, claim_rev)
+        else:
+            self.records.hold(ref[0])
+            self.slots.ready.append((ref, claim_rev))
+
+    def _start(self, ref: TokenRef, claim_rev: int, *, held: bool = False) -> None:
+        """Start a job on a claimed token; its slot is taken. `held`: the record is already held
+        for it (it waited in `ready`)."""
+        job = _Job(ref, claim_rev)
+        self._jobs[ref] = job
+        if not held:
+            self.records.hold(ref[0])
+        job.task = asyncio.get_running_loop().create_task(self._run_job(job))
+
+    async def _run_job(self, job: _Job) -> None:
+        iid, tok = job.ref
+        try:
+            await self._work_on(job)
+        except asyncio.CancelledError:
+            pass  # shutting down: the lease's revocation frees the claim
+        except Exception:
+            log.exception("worker %s: internal error on instance %s token %s; giving its claim back", self.id,
+                          iid, tok)
+            await self._release(job.ref, job.claim_rev)
+        finally:
+            self._jobs.pop(job.ref, None)
+            self.queue.requeue(job.ref)
+            self.records.release(iid)
+            self._free(1)
+
+    async def _work_on(self, job: _Job) -> None:
+        """Run the job's token, and keep running it while it moves along a line and stays ours."""
+        iid, tok = job.ref
+        while True:
+            inst, _ = self.records.get(iid)
+            token = inst.tokens.get(tok)
+            if token is None or inst.finished:
+                # the SYNC marker, or one the record no longer lists (its removal was deferred)
+                await self._reconcile(iid)
+                return
+            try:
+                graph = await self.registry.get(inst.digest)
+            except NotFound as exc:
+                log.error("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                await self._release(job.ref, job.claim_rev)
+                return
+            outcome = await self._attempt(graph, inst, token, job)
+            if not await self._commit(graph, job, token, outcome):
+                return
+            job.attempt = None
+
+    async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: _Job) -> Outcome:
+        state = graph.states[token.state]
+        if state.tick is None:
+            return Outcome()
+        handler = state.tick
+        if handler.func is None:
+            return Outcome(failure=Failure("HandlerUnavailable", f"state {state.name!r}: handler {handler.ref!r} "
+                                           "was not imported by this worker", retryable=True))
+        timeout = state.timeout
+        call = TickCall(handler=handler, payload=payloads.copy(inst.payload_of(token)), instance_id=inst.id,
+                        machine=inst.machine, state=state.name, attempt=token.attempt, branch=token.branch,
+                        visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
+                        payload_limit=self.payload_limit)
+        self.stats.ticks += 1
+        job.attempt = self.executor.start(call)
+        outcome = await job.attempt.outcome()
+        failure = outcome.failure
+        if failure is not None and failure.type != "AttemptAbandoned":
+            self.stats.failures += 1
+            log.warning("instance %s state %s attempt %d failed: %s: %s", inst.id, state.name, token.attempt,
+                        failure.type, failure.message)
+            if failure.traceback and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", failure.traceback)
+        return outcome
+
+    async def _reconcile(self, iid: str) -> None:
+        """Make the instance's work markers match its record (deferred marker changes, stale markers)."""
+        while True:
+            result = await self.store.txn([], [Get(self.keys.instance(iid)),
+                                               Get(*range_of(self.keys.work_of_instance(iid)))])
+            records, kvs = result.responses
+            record: KeyValue | None = records[0] if records else None
+            markers = set()
+            for kv in kvs:
+                parsed = self.keys.parse_work(kv.key)
+                if parsed is not None and not parsed[2]:
+                    markers.add(parsed[1])
+            inst = self.records.remember(record) if record is not None else None
+            rev = record.mod_revision if record is not None else 0
+            for txn in reconcile_txns(self.keys, iid, inst, rev, markers, now=self.wall(),
+                                      max_ops=self.max_txn_ops):
+                if not (await self.store.txn(txn.compare, txn.success)).succeeded:
+                    break  # the record moved on: look again
+            else:
+                return
+
+    # -- committing --------------------------------------------------------------------------
+    async def _commit(self, graph: Graph, job: _Job, token: Token, outcome: Outcome) -> bool:
+        """Commit one attempt's outcome, folded with whatever else of this instance is ready.
+
+        True when the job's own token moved on and is still ours to run (the caller continues it
+        without another claim); False when the job is done with it.
+        """
+        iid = job.ref[0]
+        pending = _Pending(job, token, outcome, asyncio.get_running_loop().create_future())
+        self._pending.setdefault(iid, []).append(pending)
+        if iid not in self._committing:  # nobody commits for this instance: this job does, inline
+            self._committing.add(iid)
+            await self._commit_loop(iid, graph)
+        return await pending.future
+
+    async def _commit_loop(self, iid: str, graph: Graph) -> None:
+        """One committer per instance: outcomes that arrive while a commit is in flight go together
+        in the next one (branches arriving at a join cost one round trip, not one each)."""
+        try:
+            while self._pending.get(iid):
+                waiting = self._pending[iid]
+                batch, rest = waiting[:MAX_ARRIVALS], waiting[MAX_ARRIVALS:]
+                if rest:
+                    self._pending[iid] = rest
+                else:
+                    del self._pending[iid]
+                try:
+                    await self._commit_batch(iid, graph, batch)
+                except Exception:
+                    log.exception("worker %s: internal error committing instance %s", self.id, iid)
+                    for p in batch:
+                        if not p.future.done():
+                            await self._release(p.job.ref, p.job.claim_rev)
+                finally:
+                    for p in batch:
+                        _settle(p.future, False)
+        finally:
+            self._committing.discard(iid)
+
+    def _plan(self, graph: Graph, iid: str, batch: list[_Pending], now: float) -> tuple[CommitPlan, int]:
+        inst, rev = self.records.get(iid)
+        arrivals = [Arrival(p.token, p.job.claim_rev, p.outcome) for p in batch]
+        plan = plan_commit(graph, inst, arrivals, now=now, worker=self.id,
+                           slots=0 if self.stopping else self.slots.spare, max_record_bytes=self.max_record_bytes,
+                           max_ops=self.max_txn_ops)
+        return plan, rev
+
+    async def _commit_batch(self, iid: str, graph: Graph, batch: list[_Pending]) -> None:
+        rejected = 0
+        while batch:
+            now = self.wall()
+            plan, rev = self._plan(graph, iid, batch, now)
+            claims = {p.job.ref[1]: p.job.claim_rev for p in batch}
+            txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now)
+            try:
+                result = await self._commits.submit(txn)
+            except (StoreUnavailable, asyncio.TimeoutError, LeaseLost) as exc:
+                if isinstance(exc, LeaseLost):
+                    self.lease.lost()
+                log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
+                batch = await self._settle_doubt(iid, batch, plan, now)
+                continue
+            except TxnRejected as exc:
+                rejected += 1
+                log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
+                if rejected > 1:
+                    for p in batch:
+                        await self._release(p.job.ref, p.job.claim_rev)
+                    return
+                failure = Failure("StoreRejected", f"the store refused the commit: {exc}", retryable=False)
+                batch = [_Pending(p.job, p.token, Outcome(failure=failure), p.future) for p in batch]
+                continue
+            if result.succeeded:
+                self._committed(plan, result.revision, batch)
+                return
+            try:
+                record_kv, claim_kvs = await self._read(iid, batch)
+            except StoreUnavailable:
+                await asyncio.sleep(0.2)
+                continue
+            still: list[_Pending] = []
+            for p, claim in zip(batch, claim_kvs):
+                if claim is not None and claim.create_revision == p.job.claim_rev:
+                    still.append(p)
+                else:
+                    self.stats.lost += 1
+                    log.info("worker %s: claim on %s/%s lost before commit; another worker takes over",
+                             self.id, iid, p.job.ref[1])
+                    _settle(p.future, False)
+            if record_kv is None:
+                return
+            self.stats.conflicts += 1
+            self.records.remember(record_kv)
+            batch = still
+
+    async def _read(self, iid: str, batch: list[_Pending]) -> tuple[KeyValue | None, list[KeyValue | None]]:
+        """The record and the claims of a batch, in one round trip."""
+        ops: list = [Get(self.keys.instance(iid))] + [Get(self.keys.claim(iid, p.job.ref[1])) for p in batch]
+        result = await self.store.txn([], ops)
+        record, *claims = (kvs[0] if kvs else None for kvs in result.responses)
+        return record, claims
+
+    def _committed(self, plan: CommitPlan, revision: int, batch: list[_Pending]) -> None:
+        inst = plan.after
+        self.records.put(inst, revision)
+        self.stats.committed += 1
+        self.stats.transitions += len(plan.history)
+        if log.isEnabledFor(logging.DEBUG):
+            for entry in plan.history:
+                log.debug("instance %s: %s -> %s (branch %s)", inst.id, entry.state, ",".join(entry.next),
+                          "/".join(entry.branch) or "-")
+        if inst.finished:
+            log.info("instance %s %s%s", inst.id, inst.status,
+                     f" at {inst.state}" if inst.state else f": {inst.error.type}: {inst.error.message}"
+                     if inst.error else "")
+        if self.on_commit is not None:
+            self.on_commit(Step(inst, plan.removed, plan.changed, plan.history))
+        kept = {t.id for t in plan.keep}
+        for p in batch:
+            _settle(p.future, p.job.ref[1] in kept)
+        for token in plan.keep:
+            if token.id not in plan.own:
+                self._enqueue((inst.id, token.id), revision)
+
+    async def _settle_doubt(self, iid: str, batch: list[_Pending], plan: CommitPlan,
+                            now: float) -> list[_Pending]:
+        """A commit's answer was lost: find out what applied, never blindly repeat it.
+
+        Only this worker touches a token it holds a claim on, so: a claim gone means our commit
+        released it (or our lease ended); a claim still ours on a token that moved on means our
+        commit applied and kept it; a claim still ours on an unmoved token means nothing applied
+        (yet: if it applies later, the claims it took are given back by the claim audit).
+        Returns the outcomes still to commit.
+        """
+        while True:
+            try:
+                record, claims = await self._read(iid, batch)
+                break
+            except StoreUnavailable:
+                if self.stopping:
+                    return []
+                await asyncio.sleep(0.5)
+        if record is None:
+            return []
+        inst = self.records.remember(record)
+        retry: list[_Pending] = []
+        for p, claim in zip(batch, claims):
+            if claim is None or claim.create_revision != p.job.claim_rev:
+                _settle(p.future, False)
+                continue
+            current = inst.tokens.get(p.job.ref[1])
+            if current is not None and (current.visit, current.attempt) != (p.token.visit, p.token.attempt):
+                _settle(p.future, current.not_before <= now and current.attempt == 1)
+            else:
+                retry.append(p)
+        await self.lease.ready.wait()
+        for token in plan.keep:  # new tokens the commit claimed, if it applied: run them
+            if token.id not in plan.own:
+                await self._adopt((iid, token.id), self.lease.id, reserved=False)
+        return retry
+
+
+def _settle(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+__all__ = ["Worker", "WorkerStats", "default_worker_id", "SYNC"]

@@ -1,0 +1,189 @@
+"""The work feed: learns of runnable tokens from the store and feeds the candidate queue.
+
+Push, not poll: one watch on the work prefix. A work marker put without its claim is new work,
+a claim deleted without its marker is work orphaned by a dead or departing worker, a marker
+deleted is work that went away (cancelled, or failed elsewhere). Markers and claims of one token
+change in the same revision, so one watch stream tells these apart.
+
+A resync (at start, after a compaction) pages through every marker and then watches from the
+revision of its FIRST page, so whatever changed while it paged is replayed in order on top (each
+event says what a key is now, so the replay ends where the store is). When more work waits than the
+queue holds, the feed remembers where it stopped and pages on once the queue drains; work that
+arrived while the queue was full is found by the next pass over the whole prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Callable
+
+from ..errors import Compacted, StoreUnavailable
+from ..keys import Keys, WorkInfo
+from ..store import DELETE, Event, Store, prefix_end
+from .queue import CandidateQueue
+
+log = logging.getLogger(__name__)
+
+TokenRef = tuple[str, str]  # (instance id, token id)
+
+
+class WorkFeed:
+    def __init__(self, store: Store, keys: Keys, queue: CandidateQueue[TokenRef], *, name: str,
+                 admits: Callable[[WorkInfo | None], bool], held: Callable[[TokenRef, int, str], bool],
+                 wall: Callable[[], float] = time.time, page_size: int = 1000):
+        """`admits(info)`: whether this worker may run the marker's work at all. `held(ref, revision,
+        why)`: whether a job of ours holds the token by a claim older than `revision` (it is told
+        why its token changed under it; a replayed event older than its claim is not its business)."""
+        self.store = store
+        self.keys = keys
+        self.queue = queue
+        self.name = name
+        self.admits = admits
+        self.held = held
+        self.wall = wall
+        self.page_size = page_size
+        self.cursor: str | None = None  # where paging stopped because the queue was full
+        self.rescan = False  # work was dropped for lack of room: page through everything again
+        self.changed = asyncio.Event()  # set when candidates were added
+
+    @property
+    def behind(self) -> bool:
+        """Work may wait in the store that the queue does not hold."""
+        return self.cursor is not None or self.rescan
+
+    async def run(self) -> None:
+        """Watch for work until cancelled, resyncing whenever the watch cannot resume."""
+        revision = await self.resync()
+        delay = 0.2
+        while True:
+            try:
+                watch = await self.store.watch(self.keys.work_prefix, prefix_end(self.keys.work_prefix),
+                                               start_revision=revision + 1)
+                delay = 0.2
+                async for batch in watch:
+                    if batch.events:
+                        self.apply(batch.events)
+                        revision = max(revision, batch.events[-1].kv.mod_revision)
+                raise StoreUnavailable("watch ended")
+            except Compacted as exc:
+                log.info("worker %s: watch revision %d compacted (%s); resyncing", self.name, revision + 1, exc)
+                revision = await self.resync()
+            except StoreUnavailable as exc:
+                log.warning("worker %s: watch interrupted (%s); resuming from revision %d", self.name, exc,
+                            revision + 1)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def resync(self) -> int:
+        """Rebuild the queue from the store; return the revision it reflects."""
+        delay = 0.2
+        while True:
+            try:
+                self.queue.clear()
+                self.cursor, self.rescan = None, False
+                return await self._scan(self.keys.work_prefix)
+            except (StoreUnavailable, Compacted) as exc:
+                log.warning("worker %s: cannot read work (%s); retrying", self.name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def page(self) -> None:
+        """Page on from where the queue filled up (or from the start, after work was dropped)."""
+        start = self.cursor
+        if start is None:
+            start, self.rescan = self.keys.work_prefix, False
+        await self._scan(start)
+
+    async def _scan(self, start: str) -> int:
+        """Add unclaimed markers from `start` until the queue is full; return the revision of the
+        first page (a watch from there misses nothing that changed while later pages were read)."""
+        end = prefix_end(self.keys.work_prefix)
+        cursor = start
+        pending: tuple[TokenRef, WorkInfo | None] | None = None
+        wall = self.wall()
+        revision = 0
+        while True:
+            page = await self.store.range(cursor, end, limit=self.page_size)
+            revision = revision or page.revision
+            for kv in page.kvs:
+                parsed = self.keys.parse_work(kv.key)
+                if parsed is None:
+                    continue
+                iid, tok, is_claim = parsed
+                if is_claim:
+                    if pending is not None and pending[0] == (iid, tok):
+                        pending = None
+                    continue
+                if pending is not None:
+                    self._offer(*pending, wall=wall)
+                pending = ((iid, tok), _load_info(kv.value))
+                if self.queue.full:
+                    self.cursor = kv.key
+                    self.changed.set()
+                    return revision
+            if not page.more or not page.kvs:
+                break
+            cursor = page.kvs[-1].key + "\0"
+        if pending is not None:
+            self._offer(*pending, wall=wall)
+        self.cursor = None
+        self.changed.set()
+        return revision
+
+    def _offer(self, ref: TokenRef, info: WorkInfo | None, *, wall: float, fresh: bool = False,
+               first: bool = False) -> None:
+        if not self.admits(info):
+            return
+        wait = info.delay(wall, fresh=fresh) if info is not None else 0.0
+        if not self.queue.add(ref, wait, first=first):
+            self.rescan = True
+
+    def apply(self, events: list[Event]) -> None:
+        wall = self.wall()
+        added = False
+        for revision, group in itertools.groupby(events, key=lambda e: e.kv.mod_revision):
+            works: dict[TokenRef, WorkInfo | None] = {}
+            gone: set[TokenRef] = set()
+            claimed: set[TokenRef] = set()
+            released: set[TokenRef] = set()
+            for event in group:
+                parsed = self.keys.parse_work(event.kv.key)
+                if parsed is None:
+                    continue
+                ref = (parsed[0], parsed[1])
+                if parsed[2]:
+                    (released if event.type == DELETE else claimed).add(ref)
+                elif event.type == DELETE:
+                    gone.add(ref)
+                else:
+                    works[ref] = _load_info(event.kv.value)
+            for ref in gone:
+                self.queue.discard(ref)
+                # Our own commit removes the token too, but by then its tick has returned and
+                # telling it changes nothing; otherwise it was cancelled or failed elsewhere.
+                self.held(ref, revision, "the token was removed (instance cancelled or failed elsewhere)")
+            for ref in claimed:
+                self.queue.discard(ref)
+            for ref, info in works.items():
+                if ref in claimed or ref in gone or (info is not None and info.owner is not None):
+                    self.queue.discard(ref)
+                else:
+                    self._offer(ref, info, wall=wall, fresh=True)
+                    added = True
+            for ref in released - gone - claimed:
+                if self.held(ref, revision, "the claim was lost (lease expired)"):
+                    continue
+                self._offer(ref, works.get(ref), wall=wall, fresh=True, first=ref not in works)
+                added = True
+        if added:
+            self.changed.set()
+
+
+def _load_info(raw: bytes) -> WorkInfo | None:
+    try:
+        return WorkInfo.load(raw)
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,217 @@
+"""What a commit writes, decided without I/O: `plan_commit`, then `commit_txn` and `reconcile_txns`.
+
+A commit applies the outcomes of one instance's finished attempts (folded into one step), runs
+the tick-less states that follow right away, and claims the next tokens this worker will run.
+All of it is one transaction, and a transaction is bounded: etcd refuses more than 128
+operations (`--max-txn-ops`), and the memory store models that. The record is always written
+whole in the commit; so are the history entries and everything about the committing worker's own
+tokens. Work markers of other tokens (fork branches, siblings removed by a failure or a join)
+go in the same transaction while they fit; the rest is deferred: the commit puts the `SYNC`
+marker instead, and whichever worker claims it makes the markers match the record
+(`reconcile_txns`), in transactions of its own. Markers are an index of the record, which is
+the truth, so a deferred marker is never lost: at worst it is late by one claim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import transition
+from ..graph import Graph
+from ..keys import Keys, WorkInfo
+from ..records import ErrorInfo, HistoryEntry, Instance, Token, dump_history, dump_instance
+from ..store import Compare, Delete, Op, Put, Txn
+from ..transition import Outcome
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: operations, and compares, per transaction
+MAX_ARRIVALS = 60  # outcomes folded into one commit (each adds a compare)
+MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain continues in the next
+SYNC = "sync"  # the pseudo-token whose marker asks a worker to reconcile an instance's markers
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """An attempt's outcome for a token this worker holds a claim on."""
+
+    token: Token  # the token as the attempt saw it
+    claim_rev: int
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class CommitPlan:
+    before: Instance
+    after: Instance
+    history: tuple[HistoryEntry, ...]
+    removed: tuple[str, ...]  # tokens gone
+    changed: tuple[Token, ...]  # tokens new or changed
+    own: frozenset[str]  # tokens of the arrivals (their claims are compared)
+    keep: tuple[Token, ...]  # tokens claimed by this commit for this worker to run next
+    deferred: frozenset[str]  # tokens whose marker change waits for the SYNC marker
+    record: bytes
+
+    @property
+    def sync(self) -> bool:
+        return bool(self.deferred)
+
+
+def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float, worker: str,
+                slots: int, max_record_bytes: int, max_ops: int = MAX_TXN_OPS) -> CommitPlan:
+    """Apply `arrivals` to `before` and choose what this worker claims next.
+
+    `slots`: how many new tokens this worker may take on (besides its own that move along); 0 when
+    it is stopping, which also gives back its own tokens.
+    """
+    after = before
+    history: list[HistoryEntry] = []
+    for a in arrivals:
+        current = after.tokens.get(a.token.id)
+        if current is None or current.visit != a.token.visit or current.attempt != a.token.attempt:
+            continue  # stale: the token moved on or went away; its claim is given back
+        step = transition.advance(graph, after, a.token.id, a.outcome, now=now, worker=worker)
+        after = step.instance
+        history.extend(step.history)
+    own = frozenset(a.token.id for a in arrivals)
+    keep, after = _keep(graph, before, after, own, history, now, worker, slots)
+    record = dump_instance(after)
+    if len(record) > max_record_bytes:
+        token = arrivals[0].token
+        error = ErrorInfo(type="PayloadTooLarge", message=f"state {token.state!r}: the instance record would be "
+                          f"{len(record)} bytes (its live payloads together); the store accepts {max_record_bytes}",
+                          state=token.state, attempts=token.attempt)
+        after, history, keep = transition.fail(before, error, now).instance, [], []
+        record = dump_instance(after)
+    removed, changed = transition.changes(before, after)
+    keep, deferred = _fit(own, removed, changed, keep, len(history), max_ops)
+    return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record)
+
+
+def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], history: list[HistoryEntry],
+          now: float, worker: str, slots: int) -> tuple[list[Token], Instance]:
+    """The tokens this worker runs next: its own that moved on keep their slots, new ones take free
+    slots. Tick-less states among them run right here, folded into the same commit."""
+    if slots <= 0 and not any(tid in after.tokens for tid in own):
+        return [], after
+    for _ in range(MAX_FOLDED + 1):
+        if after.finished:
+            return [], after
+        # free slots, plus those of our own tokens this commit consumes (a fork hands its token's
+        # slot to a branch)
+        budget = max(slots, 0) + sum(1 for tid in own if tid not in after.tokens)
+        mine = [t for tid, t in after.tokens.items() if t.not_before <= now and t.attempt == 1 and (
+            (tid in own and before.tokens.get(tid) != t) or tid not in before.tokens)]
+        mine.sort(key=lambda t: t.id not in own)
+        keep = [t for t in mine if t.id in own] + [t for t in mine if t.id not in own][:budget]
+        tickless = next((t for t in keep if graph.states[t.state].tick is None), None)
+        if tickless is None or len(history) >= MAX_FOLDED:
+            return keep, after
+        step = transition.advance(graph, after, tickless.id, Outcome(), now=now, worker=worker)
+        after = step.instance
+        history.extend(step.history)
+    return keep, after
+
+
+def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ...], keep: list[Token],
+         entries: int, max_ops: int) -> tuple[list[Token], frozenset[str]]:
+    """Trim what does not fit in one transaction: keep fewer new tokens, defer other markers."""
+    changed_ids = {t.id for t in changed}
+    required = 1 + entries  # the record and the history
+    for tid in own:
+        if tid in removed:
+            required += 2
+        elif tid in changed_ids:
+            required += 2  # the marker, and maybe the claim given back
+        else:
+            required += 1  # a stale outcome: its claim goes
+    room = max_ops - required - 1  # one op stays free for the SYNC marker
+    fitted: list[Token] = []
+    for token in keep:
+        if token.id in own:
+            fitted.append(token)
+        elif room >= 2:
+            fitted.append(token)
+            room -= 2
+    kept = {t.id for t in fitted}
+    deferred: set[str] = set()
+    for token in changed:
+        if token.id in own or token.id in kept:
+            continue
+        if room >= 1:
+            room -= 1
+        else:
+            deferred.add(token.id)
+    for tid in removed:
+        if tid in own:
+            continue
+        if room >= 2:
+            room -= 2
+        else:
+            deferred.add(tid)
+    return fitted, frozenset(deferred)
+
+
+def work_info(inst: Instance, token: Token, now: float, owner: str | None = None) -> WorkInfo:
+    return WorkInfo(inst.machine, inst.digest, token.state, token.not_before, owner,
+                    wait=max(0.0, token.not_before - now))
+
+
+def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *, worker: str, lease: int,
+               now: float) -> Txn:
+    """The transaction of a plan, fenced by the record's revision and the claims of its arrivals."""
+    inst = plan.after
+    iid = inst.id
+    ops: list[Op] = [Put(keys.instance(iid), plan.record)]
+    for entry in plan.history:
+        ops.append(Put(keys.history(iid, entry.seq), dump_history(entry)))
+    kept = {t.id for t in plan.keep}
+    touched = set(plan.removed)
+    for gone in plan.removed:
+        if gone not in plan.deferred:
+            ops.append(Delete(keys.work(iid, gone)))
+            ops.append(Delete(keys.claim(iid, gone)))
+    for token in plan.changed:
+        touched.add(token.id)
+        if token.id in plan.deferred:
+            continue
+        owner = worker if token.id in kept else None
+        ops.append(Put(keys.work(iid, token.id), work_info(inst, token, now, owner).dump()))
+        if token.id in plan.own:
+            if owner is None:  # a retry waiting, or no slot for it here: give it back
+                ops.append(Delete(keys.claim(iid, token.id)))
+        elif owner is not None:
+            ops.append(Put(keys.claim(iid, token.id), worker.encode(), lease))
+    for tok in plan.own - touched:  # stale outcomes: let their claims go
+        ops.append(Delete(keys.claim(iid, tok)))
+    if plan.sync:
+        ops.append(Put(keys.work(iid, SYNC), WorkInfo(inst.machine, inst.digest, SYNC).dump()))
+    compare = [Compare.mod(keys.instance(iid), "==", rev)]
+    for tid in sorted(plan.own):
+        compare.append(Compare.create(keys.claim(iid, tid), "==", claims[tid]))
+    return Txn(compare, ops)
+
+
+def reconcile_txns(keys: Keys, iid: str, inst: Instance | None, rev: int, markers: set[str], *, now: float,
+                   max_ops: int = MAX_TXN_OPS) -> list[Txn]:
+    """Transactions that make an instance's work markers match its record (`inst` at `rev`; None
+    when the record is gone): markers for tokens that have none, none for tokens that are gone.
+    Each is fenced by the record's revision; the last one also removes the SYNC marker."""
+    tokens = inst.tokens if inst is not None and not inst.finished else {}
+    units: list[list[Op]] = []  # a marker and its claim go in the same transaction
+    for tid, token in tokens.items():
+        if tid not in markers:
+            units.append([Put(keys.work(iid, tid), work_info(inst, token, now).dump())])  # type: ignore[arg-type]
+    for tid in sorted(markers - set(tokens)):
+        if tid != SYNC:
+            units.append([Delete(keys.work(iid, tid)), Delete(keys.claim(iid, tid))])
+    units.append([Delete(keys.work(iid, SYNC)), Delete(keys.claim(iid, SYNC))])
+    fence = (Compare.mod(keys.instance(iid), "==", rev) if inst is not None
+             else Compare.version(keys.instance(iid), "==", 0))
+    txns: list[Txn] = []
+    ops: list[Op] = []
+    for unit in units:
+        if len(ops) + len(unit) > max_ops:
+            txns.append(Txn([fence], ops))
+            ops = []
+        ops.extend(unit)
+    txns.append(Txn([fence], ops))
+    return txns

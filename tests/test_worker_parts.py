@@ -1,0 +1,186 @@
+"""The worker's pure parts on their own: the candidate queue and the commit planner (no store,
+no clock, no threads)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsm import compiler
+from dsm.keys import Keys, WorkInfo
+from dsm.records import Token
+from dsm.store import Delete, Put
+from dsm.store.memory import ManualClock
+from dsm.transition import Failure, Outcome, start
+from dsm.worker.planner import MAX_TXN_OPS, SYNC, Arrival, commit_txn, plan_commit, reconcile_txns
+from dsm.worker.queue import CandidateQueue
+
+KEYS = Keys()
+
+
+# -- the candidate queue ---------------------------------------------------------------------------
+
+def test_queue_takes_due_candidates_oldest_first_and_orphans_first():
+    clock = ManualClock()
+    q = CandidateQueue(clock)
+    for name in "abc":
+        q.add(name)
+    q.add("orphan", first=True)
+    assert q.take(2) == ["orphan", "a"]
+    assert q.take(10) == ["b", "c"]
+    assert len(q) == 0
+
+
+def test_queue_delays_by_a_local_duration():
+    clock = ManualClock()
+    q = CandidateQueue(clock)
+    q.add("later", 5.0)
+    q.add("now")
+    assert q.take(10) == ["now"]
+    assert q.next_delay() == pytest.approx(5.0)
+    clock.advance(4.9)
+    assert q.take(10) == []
+    clock.advance(0.2)
+    assert q.take(10) == ["later"]
+    assert q.next_delay() is None
+
+
+def test_a_token_given_back_while_its_job_finishes_is_not_lost():
+    """Regression: the watch may report a retry's token (given back, due later) before the job that
+    gave it back has ended; the queue skips tokens with a running job, so the job's end must
+    queue it again."""
+    clock = ManualClock()
+    q = CandidateQueue(clock)
+    q.add("t6", 0.05)
+    clock.advance(0.06)
+    assert q.take(10, busy={"t6"}) == []  # its job still runs: not taken
+    q.requeue("t6")  # the job ends
+    assert q.take(10) == ["t6"]
+
+
+def test_queue_overflow_is_reported_not_silent():
+    q = CandidateQueue(ManualClock(), cap=2)
+    assert q.add("a") and q.add("b")
+    assert not q.add("c")
+    assert q.overflow
+    assert q.add("a")  # known ones still update
+
+
+def test_discarded_candidates_are_never_taken():
+    clock = ManualClock()
+    q = CandidateQueue(clock)
+    q.add("a")
+    q.add("b", 1.0)
+    q.discard("a")
+    q.discard("b")
+    clock.advance(2)
+    assert q.take(10) == [] and q.next_delay() is None
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+def test_a_wait_is_counted_on_the_reader_clock(skew):
+    """A marker written by a worker whose clock is an hour off: a reader that learns of it as it
+    is written waits the marker's own duration, never an hour more or the backoff less."""
+    writer_now = 1_000_000.0 + skew
+    info = WorkInfo("m", "d", "s", not_before=writer_now + 2.0, wait=2.0)
+    reader_now = 1_000_000.0
+    assert info.delay(reader_now, fresh=True) == 2.0
+    assert info.delay(reader_now, fresh=False) == (2.0 if skew > 0 else 0.0)  # read later: never longer
+
+
+# -- the commit planner --------------------------------------------------------------------------
+
+def fan(n: int):
+    branches = "\n".join(f"  b{i}: {{tick: h:f, next: j}}" for i in range(n))
+    text = f"""
+machine: fan
+start: s
+states:
+  s: {{fork: [{', '.join(f'b{i}' for i in range(n))}], join: j}}
+{branches}
+  j: {{next: done}}
+  done: {{terminal: true}}
+"""
+    return compiler.compile_text(text, "fan.yaml", import_handlers=False)
+
+
+def chain(n: int):
+    states = "\n".join(f"  s{i}: {{next: s{i + 1}}}" for i in range(n))
+    return compiler.compile_text(f"machine: chain\nstart: s0\nstates:\n{states}\n  s{n}: {{terminal: true}}\n",
+                                 "chain.yaml")
+
+
+def ops_of(txn):
+    return len(txn.success), len(txn.compare)
+
+
+def test_a_fork_wider_than_a_transaction_defers_markers_to_sync():
+    graph = fan(130)
+    inst = start(graph, "i1", {}, 0.0)
+    plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=4,
+                       max_record_bytes=10**7)
+    assert len(plan.after.tokens) == 130
+    txn = commit_txn(KEYS, plan, 7, {"t1": 5}, worker="w", lease=9, now=1.0)
+    n_ops, n_compares = ops_of(txn)
+    assert n_ops <= MAX_TXN_OPS and n_compares <= MAX_TXN_OPS
+    assert plan.sync and any(isinstance(op, Put) and op.key == KEYS.work("i1", SYNC) for op in txn.success)
+    written = {op.key.rsplit("/", 1)[1] for op in txn.success if isinstance(op, Put) and "/work/" in op.key
+               and not op.key.endswith("/claim")}
+    assert written | plan.deferred == set(plan.after.tokens) | {SYNC}
+
+
+def test_a_chain_of_tickless_states_is_folded_in_bounded_steps():
+    graph = chain(130)
+    inst = start(graph, "i1", {}, 0.0)
+    arrivals = [Arrival(inst.tokens["t1"], 5, Outcome())]
+    plan = plan_commit(graph, inst, arrivals, now=1.0, worker="w", slots=1, max_record_bytes=10**7)
+    assert not plan.after.finished and plan.keep  # it continues, still ours
+    assert len(commit_txn(KEYS, plan, 1, {"t1": 5}, worker="w", lease=9, now=1.0).success) <= MAX_TXN_OPS
+
+
+def test_failing_a_wide_fork_fits_and_defers_sibling_cleanup():
+    graph = compiler.compile_text("""
+machine: wide
+start: s
+states:
+  s: {fork: [%s], join: j}
+%s
+  j: {next: done}
+  done: {terminal: true}
+""" % (", ".join(f"b{i}" for i in range(70)), "\n".join(f"  b{i}: {{tick: x:y, next: j}}" for i in range(70))),
+        "wide.yaml", import_handlers=False)
+    inst = start(graph, "i1", {}, 0.0)
+    forked = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=0,
+                         max_record_bytes=10**7).after
+    first = next(t for t in forked.tokens.values() if t.state == "b0")
+    plan = plan_commit(graph, forked, [Arrival(first, 6, Outcome(failure=Failure("Boom", "x", retryable=False)))],
+                       now=2.0, worker="w", slots=0, max_record_bytes=10**7)
+    assert plan.after.status == "failed"
+    txn = commit_txn(KEYS, plan, 8, {first.id: 6}, worker="w", lease=9, now=2.0)
+    assert len(txn.success) <= MAX_TXN_OPS and plan.sync
+
+
+def test_reconcile_creates_missing_markers_and_deletes_stale_ones_in_bounded_txns():
+    graph = fan(300)
+    inst = start(graph, "i1", {}, 0.0)
+    forked = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=0,
+                         max_record_bytes=10**7).after
+    markers = {"t1", SYNC, "gone1", "gone2"}
+    txns = reconcile_txns(KEYS, "i1", forked, 42, markers, now=1.0)
+    assert all(len(t.success) <= MAX_TXN_OPS for t in txns) and len(txns) >= 3
+    puts = {op.key for t in txns for op in t.success if isinstance(op, Put)}
+    deletes = {op.key for t in txns for op in t.success if isinstance(op, Delete)}
+    assert puts == {KEYS.work("i1", tid) for tid in forked.tokens}
+    assert {KEYS.work("i1", "gone1"), KEYS.claim("i1", "gone2"), KEYS.work("i1", SYNC),
+            KEYS.work("i1", "t1")} <= deletes
+    assert all(t.compare[0].key == KEYS.instance("i1") and t.compare[0].value == 42 for t in txns)
+    assert any(op.key == KEYS.work("i1", SYNC) for op in txns[-1].success)  # SYNC goes last
+
+
+def test_keep_never_exceeds_the_free_slots():
+    graph = fan(10)
+    inst = start(graph, "i1", {}, 0.0)
+    plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=3,
+                       max_record_bytes=10**7)
+    # the fork's own slot passes to a branch, plus three free slots
+    assert len(plan.keep) == 4
+    assert all(isinstance(t, Token) for t in plan.keep)
