@@ -12,6 +12,7 @@ from .definitions import register
 from .errors import Compacted, ConflictError, NotFound, StoreUnavailable
 from .graph import Graph
 from .keys import Keys, WorkInfo
+from .markers import MAX_TXN_OPS, reconcile, sync_marker
 from .records import (
     STATUSES,
     HistoryEntry,
@@ -121,7 +122,12 @@ class Client:
             start = page.kvs[-1].key + "\0"
 
     async def cancel(self, instance_id: str) -> Instance:
-        """Cancel a running instance (a finished one is returned unchanged)."""
+        """Cancel a running instance (a finished one is returned unchanged).
+
+        The record is written in one transaction with as many marker deletions as fit; any left
+        over (an instance with more live branches than one transaction holds) go right after,
+        and a SYNC marker covers them should this process die in between.
+        """
         key = self.keys.instance(instance_id)
         while True:
             kv = await self.store.get(key)
@@ -132,10 +138,16 @@ class Client:
                 return inst
             step = transition.cancel(inst, self.wall())
             ops: list = [Put(key, dump_instance(step.instance))]
-            for tok in step.removed:
+            removed = list(step.removed)
+            while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
+                tok = removed.pop()
                 ops += [Delete(self.keys.work(instance_id, tok)), Delete(self.keys.claim(instance_id, tok))]
+            if removed:
+                ops.append(sync_marker(self.keys, step.instance))
             result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
             if result.succeeded:
+                if removed:
+                    await reconcile(self.store, self.keys, instance_id, now=self.wall())
                 return step.instance
 
     async def wait(self, instance_id: str, *, timeout: float | None = None,

@@ -11,7 +11,8 @@ from dsm.records import Token
 from dsm.store import Delete, Put
 from dsm.store.memory import ManualClock
 from dsm.transition import Failure, Outcome, start
-from dsm.worker.planner import MAX_TXN_OPS, SYNC, Arrival, commit_txn, plan_commit, reconcile_txns
+from dsm.markers import MAX_TXN_OPS, SYNC, reconcile_txns
+from dsm.worker.planner import Arrival, commit_txn, plan_commit
 from dsm.worker.queue import CandidateQueue
 
 KEYS = Keys()

@@ -28,7 +28,7 @@ from ..batching import Batcher
 from ..definitions import Registry
 from ..errors import LeaseLost, NotFound, StoreError, StoreUnavailable
 from ..graph import Graph
-from ..keys import Keys, WorkInfo, range_of
+from ..keys import Keys, WorkInfo
 from ..records import Instance, Token
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import Failure, Outcome, Step
@@ -36,7 +36,8 @@ from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper
-from .planner import MAX_ARRIVALS, MAX_TXN_OPS, SYNC, Arrival, CommitPlan, commit_txn, plan_commit, reconcile_txns
+from ..markers import MAX_TXN_OPS, SYNC, reconcile
+from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
 from .queue import CandidateQueue
 from .slots import Slots
 
@@ -235,8 +236,11 @@ class Worker:
                         # later still, the claim audit gives it back.
                         if await self._adopt(ref, lease):
                             started += 1
+                        else:
+                            self.queue.add(ref, first=True)  # still work, unless a late claim says otherwise
                     elif isinstance(result, LeaseLost):
-                        self.lease.lost()
+                        await self.lease.verify()
+                        self.queue.add(ref, first=True)
                     else:
                         log.error("worker %s: claim of %s/%s failed: %s", self.id, ref[0], ref[1], result)
                     continue
@@ -428,24 +432,7 @@ class Worker:
 
     async def _reconcile(self, iid: str) -> None:
         """Make the instance's work markers match its record (deferred marker changes, stale markers)."""
-        while True:
-            result = await self.store.txn([], [Get(self.keys.instance(iid)),
-                                               Get(*range_of(self.keys.work_of_instance(iid)))])
-            records, kvs = result.responses
-            record: KeyValue | None = records[0] if records else None
-            markers = set()
-            for kv in kvs:
-                parsed = self.keys.parse_work(kv.key)
-                if parsed is not None and not parsed[2]:
-                    markers.add(parsed[1])
-            inst = self.records.remember(record) if record is not None else None
-            rev = record.mod_revision if record is not None else 0
-            for txn in reconcile_txns(self.keys, iid, inst, rev, markers, now=self.wall(),
-                                      max_ops=self.max_txn_ops):
-                if not (await self.store.txn(txn.compare, txn.success)).succeeded:
-                    break  # the record moved on: look again
-            else:
-                return
+        await reconcile(self.store, self.keys, iid, now=self.wall(), max_ops=self.max_txn_ops)
 
     # -- committing --------------------------------------------------------------------------
     async def _commit(self, graph: Graph, job: _Job, token: Token, outcome: Outcome) -> bool:
@@ -505,7 +492,7 @@ class Worker:
                 result = await self._commits.submit(txn)
             except (StoreUnavailable, asyncio.TimeoutError, LeaseLost) as exc:
                 if isinstance(exc, LeaseLost):
-                    self.lease.lost()
+                    await self.lease.verify()
                 log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
                 batch = await self._settle_doubt(iid, batch, plan, now)
                 continue

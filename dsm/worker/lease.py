@@ -59,6 +59,16 @@ class LeaseKeeper:
             except StoreError as exc:  # unavailable, or refused for now: the lease may still be alive
                 log.warning("worker %s: keep-alive failed (%s)", self.name, exc)
 
+    async def verify(self) -> None:
+        """Something said the lease is gone: ask the store now, and take a new one if so."""
+        try:
+            await self.store.lease_keepalive(self.id or 0)
+        except LeaseLost:
+            self.lost()
+            await self.grant()
+        except StoreError as exc:
+            log.warning("worker %s: cannot check the lease (%s)", self.name, exc)
+
     def lost(self) -> None:
         """The lease is gone (the keep-alive or a commit said so): every claim under it went too."""
         if not self.ready.is_set():

@@ -8,7 +8,7 @@ whole in the commit; so are the history entries and everything about the committ
 tokens. Work markers of other tokens (fork branches, siblings removed by a failure or a join)
 go in the same transaction while they fit; the rest is deferred: the commit puts the `SYNC`
 marker instead, and whichever worker claims it makes the markers match the record
-(`reconcile_txns`), in transactions of its own. Markers are an index of the record, which is
+(`dsm.markers.reconcile`), in transactions of its own. Markers are an index of the record, which is
 the truth, so a deferred marker is never lost: at worst it is late by one claim.
 """
 
@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from .. import transition
 from ..graph import Graph
 from ..keys import Keys, WorkInfo
+from ..markers import MAX_TXN_OPS, sync_marker, work_info
 from ..records import ErrorInfo, HistoryEntry, Instance, Token, dump_history, dump_instance
 from ..store import Compare, Delete, Op, Put, Txn
 from ..transition import Outcome
 
-MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: operations, and compares, per transaction
 MAX_ARRIVALS = 60  # outcomes folded into one commit (each adds a compare)
 MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain continues in the next
-SYNC = "sync"  # the pseudo-token whose marker asks a worker to reconcile an instance's markers
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +149,6 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
     return fitted, frozenset(deferred)
 
 
-def work_info(inst: Instance, token: Token, now: float, owner: str | None = None) -> WorkInfo:
-    return WorkInfo(inst.machine, inst.digest, token.state, token.not_before, owner,
-                    wait=max(0.0, token.not_before - now))
-
-
 def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *, worker: str, lease: int,
                now: float) -> Txn:
     """The transaction of a plan, fenced by the record's revision and the claims of its arrivals."""
@@ -183,35 +177,8 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
     for tok in plan.own - touched:  # stale outcomes: let their claims go
         ops.append(Delete(keys.claim(iid, tok)))
     if plan.sync:
-        ops.append(Put(keys.work(iid, SYNC), WorkInfo(inst.machine, inst.digest, SYNC).dump()))
+        ops.append(sync_marker(keys, inst))
     compare = [Compare.mod(keys.instance(iid), "==", rev)]
     for tid in sorted(plan.own):
         compare.append(Compare.create(keys.claim(iid, tid), "==", claims[tid]))
     return Txn(compare, ops)
-
-
-def reconcile_txns(keys: Keys, iid: str, inst: Instance | None, rev: int, markers: set[str], *, now: float,
-                   max_ops: int = MAX_TXN_OPS) -> list[Txn]:
-    """Transactions that make an instance's work markers match its record (`inst` at `rev`; None
-    when the record is gone): markers for tokens that have none, none for tokens that are gone.
-    Each is fenced by the record's revision; the last one also removes the SYNC marker."""
-    tokens = inst.tokens if inst is not None and not inst.finished else {}
-    units: list[list[Op]] = []  # a marker and its claim go in the same transaction
-    for tid, token in tokens.items():
-        if tid not in markers:
-            units.append([Put(keys.work(iid, tid), work_info(inst, token, now).dump())])  # type: ignore[arg-type]
-    for tid in sorted(markers - set(tokens)):
-        if tid != SYNC:
-            units.append([Delete(keys.work(iid, tid)), Delete(keys.claim(iid, tid))])
-    units.append([Delete(keys.work(iid, SYNC)), Delete(keys.claim(iid, SYNC))])
-    fence = (Compare.mod(keys.instance(iid), "==", rev) if inst is not None
-             else Compare.version(keys.instance(iid), "==", 0))
-    txns: list[Txn] = []
-    ops: list[Op] = []
-    for unit in units:
-        if len(ops) + len(unit) > max_ops:
-            txns.append(Txn([fence], ops))
-            ops = []
-        ops.extend(unit)
-    txns.append(Txn([fence], ops))
-    return txns

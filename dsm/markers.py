@@ -1,0 +1,74 @@
+"""Work markers are an index of instance records; this makes them match when they may not.
+
+A record lists its pending tokens; `work/<id>/<token>` markers are what workers watch and claim.
+Every transaction keeps the two in step while it fits in one transaction. When it would not
+(a fork or a cancel wider than etcd's 128 operations), the writer puts the `SYNC` marker and
+defers the rest: whoever claims SYNC, or meets a marker the record no longer lists, reconciles:
+markers for tokens that have none, none for tokens that are gone, in bounded transactions
+fenced by the record's revision.
+"""
+
+from __future__ import annotations
+
+from .keys import Keys, WorkInfo, range_of
+from .records import Instance, Token, load_instance
+from .store import Compare, Delete, Get, Op, Put, Store, Txn
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: operations, and compares, per transaction
+SYNC = "sync"  # the pseudo-token whose marker asks a worker to reconcile an instance's markers
+
+
+def work_info(inst: Instance, token: Token, now: float, owner: str | None = None) -> WorkInfo:
+    return WorkInfo(inst.machine, inst.digest, token.state, token.not_before, owner,
+                    wait=max(0.0, token.not_before - now))
+
+
+def sync_marker(keys: Keys, inst: Instance) -> Put:
+    return Put(keys.work(inst.id, SYNC), WorkInfo(inst.machine, inst.digest, SYNC).dump())
+
+
+def reconcile_txns(keys: Keys, iid: str, inst: Instance | None, rev: int, markers: set[str], *, now: float,
+                   max_ops: int = MAX_TXN_OPS) -> list[Txn]:
+    """Transactions that make an instance's work markers match its record (`inst` at `rev`; None
+    when the record is gone): markers for tokens that have none, none for tokens that are gone.
+    Each is fenced by the record's revision; the last one also removes the SYNC marker."""
+    tokens = inst.tokens if inst is not None and not inst.finished else {}
+    units: list[list[Op]] = []  # a marker and its claim go in the same transaction
+    for tid, token in tokens.items():
+        if tid not in markers:
+            units.append([Put(keys.work(iid, tid), work_info(inst, token, now).dump())])  # type: ignore[arg-type]
+    for tid in sorted(markers - set(tokens)):
+        if tid != SYNC:
+            units.append([Delete(keys.work(iid, tid)), Delete(keys.claim(iid, tid))])
+    units.append([Delete(keys.work(iid, SYNC)), Delete(keys.claim(iid, SYNC))])
+    fence = (Compare.mod(keys.instance(iid), "==", rev) if inst is not None
+             else Compare.version(keys.instance(iid), "==", 0))
+    txns: list[Txn] = []
+    ops: list[Op] = []
+    for unit in units:
+        if len(ops) + len(unit) > max_ops:
+            txns.append(Txn([fence], ops))
+            ops = []
+        ops.extend(unit)
+    txns.append(Txn([fence], ops))
+    return txns
+
+
+async def reconcile(store: Store, keys: Keys, iid: str, *, now: float,
+                    max_ops: int = MAX_TXN_OPS) -> Instance | None:
+    """Make the instance's markers match its record; return the record as last read."""
+    while True:
+        result = await store.txn([], [Get(keys.instance(iid)), Get(*range_of(keys.work_of_instance(iid)))])
+        records, kvs = result.responses
+        markers = set()
+        for kv in kvs:
+            parsed = keys.parse_work(kv.key)
+            if parsed is not None and not parsed[2]:
+                markers.add(parsed[1])
+        inst = load_instance(records[0].value) if records else None
+        rev = records[0].mod_revision if records else 0
+        for txn in reconcile_txns(keys, iid, inst, rev, markers, now=now, max_ops=max_ops):
+            if not (await store.txn(txn.compare, txn.success)).succeeded:
+                break  # the record moved on: look again
+        else:
+            return inst

@@ -1,0 +1,267 @@
+"""No instance stuck while a worker lives: claims whose outcome was lost, errors inside a job,
+a lease refused on commit, handlers that ignore their timeout, transactions over etcd's limits.
+
+Each test is a bug that once left an instance `running` for ever with a live worker. They wait
+for the instance with a generous bound: a stuck instance never finishes, a healthy one does in
+well under a second, so the bound only decides how long a failure takes to show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from faults import LateStore, is_claim, is_commit, is_fork_commit
+
+from dsm import compiler, handlers
+from dsm.client import Client
+from dsm.definitions import Registry
+from dsm.keys import Keys
+from dsm.records import CANCELLED, FAILED, SUCCEEDED
+from dsm.store.memory import MemoryStore
+from dsm.worker import running
+
+FORK = """
+machine: forky
+start: a
+states:
+  a: {tick: lv:step, fork: [b, c], join: d}
+  b: {tick: lv:step, next: d}
+  c: {tick: lv:step, next: d}
+  d: {tick: lv:step, next: done}
+  done: {terminal: true}
+"""
+
+LV = """
+def step(payload, ctx):
+    payload[ctx.state] = True
+"""
+
+BOUND = 20.0
+
+
+async def drive(store, graph, *, payloads=({},), registry_has_graph=True, keys=None, **options):
+    keys = keys or Keys()
+    registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+    if registry_has_graph:
+        registry.add(graph)
+    client = Client(store, keys)
+    await client.register(graph)
+    options.setdefault("audit_interval", 0.1)
+    async with running(store, registry, grace=1, **options) as worker:
+        ids = [await client.submit(graph, dict(p)) for p in payloads]
+        done = await asyncio.gather(*(client.wait(i, timeout=BOUND) for i in ids))
+    return done, worker
+
+
+def test_an_ambiguous_fork_commit_leaves_no_branch_claimed(write):
+    graph = compiler.load(write("f.yaml", FORK, lv=LV))
+    store = LateStore(MemoryStore())
+    store.lose_answer(is_fork_commit, when="before_write")  # applies just before the worker's retry
+    (inst,), worker = asyncio.run(drive(store, graph, concurrency=4))
+    assert store.injected == 1
+    assert inst.status == SUCCEEDED
+    assert sorted(inst.payload) == ["a", "b", "c", "d"]
+    assert worker.stats.given_back >= 1  # the branches claimed by the late commit, with no job
+
+
+def test_an_ambiguous_claim_is_given_back(write):
+    graph = compiler.load(write("f.yaml", FORK, lv=LV))
+    store = LateStore(MemoryStore())
+    store.lose_answer(is_claim)
+    (inst,), worker = asyncio.run(drive(store, graph, concurrency=1))
+    assert store.injected == 1
+    assert inst.status == SUCCEEDED
+    assert worker.stats.given_back == 1
+
+
+def test_an_error_while_working_on_a_token_gives_its_claim_back(write):
+    graph = compiler.load(write("f.yaml", FORK, lv=LV))
+    store = LateStore(MemoryStore())
+    store.fail_get(lambda key: "/def/" in key)  # the definition cannot be fetched, once
+    (inst,), _ = asyncio.run(drive(store, graph, registry_has_graph=False, concurrency=2))
+    assert store.injected == 1
+    assert inst.status == SUCCEEDED and inst.transitions == 4
+
+
+def test_a_commit_refused_for_its_lease_is_re_read_not_dropped(write):
+    graph = compiler.load(write("f.yaml", FORK, lv=LV))
+    store = LateStore(MemoryStore())
+    store.refuse_lease(is_commit)
+    (inst,), _ = asyncio.run(drive(store, graph, concurrency=2))
+    assert store.injected == 1
+    assert inst.status == SUCCEEDED and sorted(inst.payload) == ["a", "b", "c", "d"]
+
+
+HOG = """
+machine: hog
+start: sleep
+states:
+  sleep:
+    tick: hogmod:forever
+    timeout: 200ms
+    retry: {max_attempts: 8, backoff: 10ms}
+    catch: caught
+    next: done
+  caught: {next: done}
+  done: {terminal: true}
+"""
+
+QUICK = """
+machine: quick
+start: s
+states:
+  s: {tick: hogmod:quick, next: done}
+  done: {terminal: true}
+"""
+
+HOGMOD = """
+import threading
+never = threading.Event()
+
+def forever(payload, ctx):
+    never.wait()  # ignores its timeout and its heartbeat
+
+def quick(payload, ctx):
+    payload["quick"] = True
+"""
+
+
+async def hog_and_quick(store, hog, quick, keys):
+    registry = Registry(store, keys, allow=handlers.Allowlist(hog.modules()))
+    registry.add(hog)
+    registry.add(quick)
+    client = Client(store, keys)
+    async with running(store, registry, concurrency=1, grace=0.5):
+        h = await client.submit(hog, {})
+        hog_done = await client.wait(h, timeout=BOUND)  # eight attempts, each abandoned at its timeout
+        q = await client.submit(quick, {})
+        return hog_done, await client.wait(q, timeout=BOUND)
+
+
+@pytest.mark.etcd
+def test_handlers_that_ignore_their_timeout_do_not_use_up_the_worker(write, etcd_url, namespace):
+    from dsm.store.etcd import EtcdOptions, EtcdStore
+
+    hog = compiler.load(write("hog.yaml", HOG, hogmod=HOGMOD))
+    quick = compiler.load(write("quick.yaml", QUICK))
+
+    async def main():
+        store = await EtcdStore.connect(EtcdOptions.build(etcd_url))
+        try:
+            return await hog_and_quick(store, hog, quick, Keys(namespace))
+        finally:
+            await store.close()
+
+    hog_done, quick_done = asyncio.run(main())
+    assert hog_done.status == SUCCEEDED and hog_done.payload["error"]["type"] == "TimeoutError"
+    assert hog_done.payload["error"]["attempts"] == 8
+    assert quick_done.status == SUCCEEDED and quick_done.payload == {"quick": True}
+
+
+def wide(n: int, *, tick_branches: bool = True, fail_one: bool = False) -> str:
+    branch = "{tick: widemod:ok, next: j}" if tick_branches else "{next: j}"
+    lines = [f"  b{i}: {branch}" for i in range(n)]
+    if fail_one:
+        lines[0] = "  b0: {tick: widemod:boom, next: j}"
+    return ("machine: wide\nstart: s\nstates:\n"
+            f"  s: {{fork: [{', '.join(f'b{i}' for i in range(n))}], join: j}}\n"
+            + "\n".join(lines) + "\n  j: {next: done}\n  done: {terminal: true}\n")
+
+
+WIDEMOD = """
+import time
+
+def ok(payload, ctx):
+    payload[ctx.state] = True
+
+def boom(payload, ctx):
+    raise RuntimeError("branch b0 breaks")
+
+def slow(payload, ctx):
+    while True:
+        time.sleep(0.02)
+        ctx.heartbeat()
+"""
+
+
+def etcd_run(etcd_url, namespace, graph, payloads=({},), **options):
+    from dsm.store.etcd import EtcdOptions, EtcdStore
+
+    async def main():
+        store = await EtcdStore.connect(EtcdOptions.build(etcd_url))
+        try:
+            return await drive(store, graph, payloads=payloads, keys=Keys(namespace), **options)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.etcd
+def test_a_fork_of_130_branches_runs_on_a_stock_etcd(write, etcd_url, namespace):
+    graph = compiler.load(write("wide.yaml", wide(130), widemod=WIDEMOD))
+    (inst,), _ = etcd_run(etcd_url, namespace, graph, concurrency=8)
+    assert inst.status == SUCCEEDED
+    assert sum(1 for k in inst.payload if k.startswith("b")) == 130
+
+
+@pytest.mark.etcd
+def test_a_chain_of_130_tickless_states_runs(write, etcd_url, namespace):
+    states = "\n".join(f"  s{i}: {{next: s{i + 1}}}" for i in range(130))
+    graph = compiler.load(write("chain.yaml", f"machine: chain\nstart: s0\nstates:\n{states}\n"
+                                              "  s130: {terminal: true}\n"))
+    (inst,), _ = etcd_run(etcd_url, namespace, graph)
+    assert inst.status == SUCCEEDED and inst.transitions == 130
+    embedded = asyncio.run(drive(MemoryStore(), graph))[0][0]
+    assert embedded.status == SUCCEEDED and embedded.transitions == 130
+
+
+@pytest.mark.etcd
+def test_one_failing_branch_of_a_70_branch_fork_fails_the_instance_at_once(write, etcd_url, namespace):
+    text = wide(70, fail_one=True).replace("widemod:ok", "widemod:slow")
+    graph = compiler.load(write("wide.yaml", text, widemod=WIDEMOD))
+    (inst,), _ = etcd_run(etcd_url, namespace, graph, concurrency=8)
+    assert inst.status == FAILED and inst.error.type == "RuntimeError" and inst.error.state == "b0"
+
+
+@pytest.mark.etcd
+def test_an_instance_with_70_live_branches_can_be_cancelled(write, etcd_url, namespace):
+    from dsm.store.etcd import EtcdOptions, EtcdStore
+
+    text = wide(70).replace("widemod:ok", "widemod:slow")
+    graph = compiler.load(write("wide.yaml", text, widemod=WIDEMOD))
+    keys = Keys(namespace)
+
+    async def main():
+        store = await EtcdStore.connect(EtcdOptions.build(etcd_url))
+        try:
+            client = Client(store, keys)
+            iid = await client.submit(graph, {})
+            registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+            registry.add(graph)
+            async with running(store, registry, concurrency=4, grace=1):
+                while len((await client.instance(iid)).tokens) < 70:
+                    await asyncio.sleep(0.02)
+                cancelled = await client.cancel(iid)
+                final = await client.wait(iid, timeout=BOUND)
+                # every marker of the instance goes, deferred ones included
+                for _ in range(500):
+                    if await store.count(*keys_range(keys, iid)) == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                left = await store.count(*keys_range(keys, iid))
+            return cancelled, final, left
+        finally:
+            await store.close()
+
+    cancelled, final, left = asyncio.run(main())
+    assert cancelled.status == CANCELLED and final.status == CANCELLED
+    assert left == 0
+
+
+def keys_range(keys, iid):
+    from dsm.store import prefix_end
+
+    prefix = keys.work_of_instance(iid)
+    return prefix, prefix_end(prefix)
