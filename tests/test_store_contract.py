@@ -260,3 +260,31 @@ def test_watch_from_a_compacted_revision_raises(store_factory):
         await watch.cancel()
 
     run(store_factory, body)
+
+
+def test_a_transaction_reads_its_own_writes(store_factory):
+    async def body(store, p):
+        await store.put(p + "old", b"1")
+        result = await store.txn([], [Put(p + "new", b"2"), Delete(p + "old"), Get(p + "new"), Get(p + "old"),
+                                      Get(p, prefix_end(p))])
+        _, _, new, old, both = result.responses
+        return [kv.value for kv in new], old, [kv.key[len(p):] for kv in both]
+
+    assert run(store_factory, body) == ([b"2"], [], ["new"])
+
+
+def test_the_keys_of_a_lease(store_factory):
+    async def body(store, p):
+        lease = await store.lease_grant(10)
+        await store.put(p + "a", b"", lease)
+        await store.put(p + "b", b"", lease)
+        await store.put(p + "c", b"")
+        keys = sorted(k[len(p):] for k in await store.lease_keys(lease))
+        await store.lease_revoke(lease)
+        try:
+            await store.lease_keys(lease)
+        except LeaseLost:
+            return keys, "lost"
+        return keys, "alive"
+
+    assert run(store_factory, body) == (["a", "b"], "lost")

@@ -309,16 +309,25 @@ class MemoryStore:
                         events.append(Event(DELETE, KeyValue(key, b"", 0, rev, 0, 0)))
                         count += 1
                 responses.append(count)
-            elif isinstance(op, Get):
-                kvs, _ = self._range(op.key, op.end, op.limit)
-                responses.append([self._current(kv.key, changes) for kv in kvs
-                                  if self._current(kv.key, changes) is not None])
+            elif isinstance(op, Get):  # reads see this transaction's earlier writes, as in etcd
+                responses.append(self._read_own(op, changes))
             elif isinstance(op, Txn):
                 sub_ok, sub_responses = self._apply(op.compare, op.success, op.failure, changes, events)
                 responses.append(TxnResult(sub_ok, rev, sub_responses))
             else:
                 raise TypeError(f"unknown operation {op!r}")
         return ok, responses
+
+    def _read_own(self, op: Get, changes: dict[str, KeyValue | None]) -> list[KeyValue]:
+        if not changes:
+            return self._range(op.key, op.end, op.limit)[0]
+        if op.end is None:
+            found = self._current(op.key, changes)
+            return [found] if found is not None else []
+        keys = {kv.key for kv in self._range(op.key, op.end)[0]}
+        keys.update(k for k in changes if op.key <= k and (op.end == "\0" or k < op.end))
+        out = [kv for kv in (self._current(k, changes) for k in sorted(keys)) if kv is not None]
+        return out[:op.limit] if op.limit else out
 
     def _commit(self, changes: dict[str, KeyValue | None], events: list[Event]) -> None:
         self._rev += 1
