@@ -9,6 +9,7 @@ well under a second, so the bound only decides how long a failure takes to show.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from faults import LateStore, is_claim, is_commit, is_fork_commit
@@ -265,3 +266,53 @@ def keys_range(keys, iid):
 
     prefix = keys.work_of_instance(iid)
     return prefix, prefix_end(prefix)
+
+
+SKEW = """
+machine: skew
+start: s
+states:
+  s:
+    tick: skewmod:flaky
+    retry: {max_attempts: 2, backoff: 200ms, jitter: false}
+    next: done
+  done: {terminal: true}
+"""
+
+SKEWMOD = """
+def flaky(payload, ctx):
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    payload["attempt"] = ctx.attempt
+"""
+
+
+@pytest.mark.etcd
+def test_a_worker_an_hour_fast_does_not_park_a_retry_for_an_hour(write, etcd_url, namespace):
+    """Worker A, its clock an hour fast, fails the first attempt and schedules the retry; A never
+    runs it (its own queue's clock is frozen). Worker B, on a true clock, waits the 200 ms backoff,
+    not the hour A's clock implies."""
+    from dsm.store.etcd import EtcdOptions, EtcdStore
+
+    graph = compiler.load(write("skew.yaml", SKEW, skewmod=SKEWMOD))
+    keys = Keys(namespace)
+
+    async def main():
+        store = await EtcdStore.connect(EtcdOptions.build(etcd_url))
+        try:
+            registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+            registry.add(graph)
+            client = Client(store, keys)
+            fast = lambda: time.time() + 3600  # noqa: E731
+            async with running(store, registry, worker_id="fast", wall=fast, clock=lambda: 0.0, grace=1):
+                iid = await client.submit(graph, {})
+                while (await client.instance(iid)).tokens["t1"].attempt < 2:
+                    await asyncio.sleep(0.01)
+                async with running(store, registry, worker_id="true", grace=1):
+                    return await client.wait(iid, timeout=BOUND), await client.history(iid)
+        finally:
+            await store.close()
+
+    inst, history = asyncio.run(main())
+    assert inst.status == SUCCEEDED and inst.payload == {"attempt": 2}
+    assert history[0].worker == "true"
