@@ -7,8 +7,13 @@
                                         value {machine, digest, state, not_before}
     /<ns>/work/<id>/<token>/claim       claim on that token, bound to the claiming worker's lease
 
+    /<ns>/work/<id>/sync                the SYNC marker: this instance's markers lag its record
+
 Invariants, kept because every change is one transaction:
-- a running instance's record lists token T  <=>  work/<id>/T exists;
+- a running instance's record lists token T  <=>  work/<id>/T exists, unless work/<id>/sync
+  exists: a change too wide for one transaction (etcd takes 128 operations) writes the record
+  and the markers that fit, and SYNC; whoever claims SYNC makes the markers match the record
+  (`markers.py`). A marker whose token the record does not list is deleted by whoever meets it;
 - a claim exists only beside its work marker, and only while its worker's lease lives;
 - a commit for token T compares the record's mod revision and the claim's create revision, so a
   worker whose lease expired (its claim deleted by etcd) or who was overtaken can never commit.
