@@ -1,0 +1,672 @@
+"""Tick handlers in child processes, so user code cannot stall the worker or outlive its timeout.
+
+Threads share the worker's GIL and, for `async def` handlers, an event loop: a handler that holds
+the GIL (a catastrophic regex, a C extension) freezes the worker's own loop, its lease lapses, and
+other instances' ticks run twice. `ProcessExecutor` moves handlers out of the worker's process.
+
+Design:
+
+* One child process per slot (`size` of them, the worker's concurrency). A child runs one attempt
+  at a time, so a call waits in the parent until a child is free; a call whose timeout passes
+  while it waits is never sent. Children start when the first call needs them and are replaced
+  when they die or are killed. They are started as a fresh interpreter (`sys.executable -c`),
+  never forked from the worker, whose gRPC threads make `fork` unsafe. Each child gets the
+  worker's `sys.path` (plus `search_path`), so it finds the handler modules the worker found,
+  imports each handler once (`dsm.handlers.resolve`) and keeps it, and runs `async def` handlers
+  on its own event loop.
+* The timeout is kept by the parent, which only waits: when an attempt's timeout passes, its
+  outcome is `timed_out(call)` and its child is SIGKILLed and replaced. Nothing the handler does
+  can hold a slot past its timeout, and the worker's loop never runs user code.
+* Protocol: frames on the child's stdin and stdout, each a 4-byte big-endian length and a JSON
+  array (`dsm.codec`). Parent to child: a call (handler module and function, payload, what
+  `ctx` says, and the abandon reason if it was abandoned while waiting) or an abandon for a
+  running attempt. Child to parent: ready (once, after start-up), a result (payload, label) or a
+  failure (type, message, retryable, bases, traceback). The child normalizes with the shared
+  `normalize` / `failure_of`, so an attempt ends the same way as on a thread. Before it reads
+  anything, the child moves the protocol pipes to private descriptors and points descriptors 0
+  and 1 at /dev/null and stderr: what a handler prints cannot corrupt the protocol, and logs go
+  to the worker's stderr.
+* `ctx.heartbeat()` in the child first reads any frames already waiting (without blocking), so an
+  abandon sent by the worker makes it raise `AttemptAbandoned` as on a thread.
+* A child that dies during an attempt (`os._exit`, a crash, the OOM killer) fails that attempt
+  with the retryable `WorkerProcessDied`, naming the state and the exit code or signal.
+* Children end with the worker: at end of input (`close()`, or the worker's death closes the pipe)
+  and, on Linux, by a parent-death signal, which also stops a child stuck in a handler.
+
+The parent side costs one write and one read per tick on non-blocking pipes watched by the event
+loop (`add_reader`), and no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .. import codec
+from ..context import Context
+from ..graph import Handler
+from ..handlers import HandlerImportError, resolve
+from ..transition import Failure, Outcome
+from .executor import TickCall, context_of, failure_of, normalize, timed_out
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOG_FORMAT = "dsm: %(levelname)s: %(message)s"
+
+# Frame kinds, the first item of each frame.
+_CALL = 0  # parent -> child: [_CALL, id, module, function, payload, instance_id, machine, state,
+#            attempt, branch, visit, deadline, payload_limit, abandon reason or None]
+_ABANDON = 1  # parent -> child: [_ABANDON, id, reason]
+_READY = 0  # child -> parent: [_READY]
+_RESULT = 1  # child -> parent: [_RESULT, id, payload, label]
+_FAILED = 2  # child -> parent: [_FAILED, id, type, message, retryable, bases, traceback]
+
+_READ_SIZE = 1 << 16
+
+# The child's first code: it runs before dsm can be imported, so it sets sys.path itself.
+_BOOT = ("import json, sys; o = json.loads(sys.argv[1]); "
+         "sys.path[:] = o['path'] + [p for p in sys.path if p not in o['path']]; "
+         "from dsm.worker.isolation import _child; _child(o)")
+
+
+def _frame(message: list[Any]) -> bytes:
+    """A length-prefixed frame. Strings that are not valid UTF-8 (lone surrogates in an exception
+    message) are written as ASCII escapes by the stdlib, which `codec.loads` reads back exactly."""
+    try:
+        body = codec.dumps(message)
+    except (TypeError, ValueError):
+        body = b" " + json.dumps(message, separators=(",", ":")).encode("ascii")
+    return len(body).to_bytes(4, "big") + body
+
+
+def _split(data: bytes) -> tuple[list[bytes], bytes]:
+    """The complete frame bodies in `data`, and the bytes of an incomplete one after them."""
+    bodies = []
+    pos, end = 0, len(data)
+    while end - pos >= 4:
+        stop = pos + 4 + int.from_bytes(data[pos:pos + 4], "big")
+        if stop > end:
+            break
+        bodies.append(data[pos + 4:stop])
+        pos = stop
+    return bodies, data[pos:]
+
+
+def _exit_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "its exit status is unknown"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"killed by signal {name}"
+    return f"exit code {returncode}"
+
+
+def died(call: TickCall, returncode: int | None) -> Failure:
+    """The failure of an attempt whose process died under it; retryable, since the next process may not."""
+    return Failure("WorkerProcessDied", f"state {call.state!r}: attempt {call.attempt}: the handler process died "
+                   f"({_exit_status(returncode)})", retryable=True, bases=("Exception",))
+
+
+# -- parent ----------------------------------------------------------------------------------------
+
+class _ProcessAttempt:
+    __slots__ = ("_executor", "call", "child", "ended", "future", "id", "reason", "timer")
+
+    def __init__(self, executor: ProcessExecutor, ident: int, call: TickCall, future: asyncio.Future):
+        self._executor = executor
+        self.id = ident
+        self.call = call
+        self.future = future
+        self.child: _Child | None = None  # the child running it
+        self.reason: str | None = None  # why it was abandoned
+        self.timer: asyncio.TimerHandle | None = None
+        self.ended = False
+
+    def abandon(self, reason: str) -> None:
+        if self.reason is not None or self.ended:
+            return
+        self.reason = reason
+        if self.child is not None:  # a waiting call carries its reason when it is sent
+            self.child.send(_frame([_ABANDON, self.id, reason]))
+
+    async def outcome(self) -> Outcome:
+        return await self.future
+
+
+class _Child:
+    """One child process: one slot. The event loop reads its replies; it never blocks on it."""
+
+    __slots__ = ("_executor", "_loop", "attempt", "gone", "pid", "proc", "rbuf", "ready", "rfd", "wbuf", "wfd")
+
+    def __init__(self, executor: ProcessExecutor, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen):
+        self._executor = executor
+        self._loop = loop
+        self.proc = proc
+        self.pid = proc.pid
+        assert proc.stdin is not None and proc.stdout is not None
+        self.wfd = proc.stdin.fileno()
+        self.rfd = proc.stdout.fileno()
+        os.set_blocking(self.wfd, False)
+        os.set_blocking(self.rfd, False)
+        self.rbuf = b""
+        self.wbuf = bytearray()
+        self.ready = False
+        self.attempt: _ProcessAttempt | None = None
+        self.gone = False  # detached from the executor: killed, dead or closed
+        loop.add_reader(self.rfd, self._readable)
+
+    def send(self, frame: bytes) -> None:
+        if self.gone:
+            return
+        if self.wbuf:
+            self.wbuf += frame
+            return
+        try:
+            written = os.write(self.wfd, frame)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the child is gone; its end of output says so
+            return
+        if written < len(frame):
+            self.wbuf += frame[written:]
+            self._loop.add_writer(self.wfd, self._writable)
+
+    def _writable(self) -> None:
+        try:
+            written = os.write(self.wfd, self.wbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self.wbuf)
+        del self.wbuf[:written]
+        if not self.wbuf:
+            self._loop.remove_writer(self.wfd)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.rfd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._executor._lost(self, "its output ended")
+            return
+        self.read(data)
+
+    def read(self, data: bytes) -> None:
+        bodies, self.rbuf = _split(self.rbuf + data if self.rbuf else data)
+        for body in bodies:
+            if self.gone:
+                return
+            try:
+                message = codec.loads(body)
+            except ValueError:
+                self._executor._lost(self, "it broke the protocol", kill=True)
+                return
+            self._executor._reply(self, message)
+
+    def detach(self) -> None:
+        """Stop watching the pipes and close them; the process is reaped separately."""
+        if self.gone:
+            return
+        self.gone = True
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self.rfd)
+            if self.wbuf:
+                self._loop.remove_writer(self.wfd)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+
+
+class ProcessExecutor:
+    """Handlers in `size` child processes, one attempt at a time each; see the module docstring.
+
+    `search_path`: folders put first on the children's sys.path (the worker's own sys.path
+    follows). `env`: the children's environment (None: the worker's). `preload`: modules the
+    children import before they take calls, so a slow import is not paid inside a handler's
+    timeout. `log_level`: level of the children's `dsm.handler` logger (None: the worker's, read
+    when a child starts); `log_format` formats their log lines on stderr. `grace`: how long
+    `close()` lets children finish their attempt before it kills them.
+    """
+
+    def __init__(self, size: int, *, search_path: Iterable[str | os.PathLike[str]] = (),
+                 env: Mapping[str, str] | None = None, preload: Iterable[str] = (), log_level: int | None = None,
+                 log_format: str = DEFAULT_LOG_FORMAT, grace: float = 2.0):
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self.size = size
+        self.search_path = tuple(str(Path(p).resolve()) for p in search_path)
+        self.env = dict(env) if env is not None else None
+        self.preload = tuple(preload)
+        self.log_level = log_level
+        self.log_format = log_format
+        self.grace = grace
+        self.started = 0  # child processes started, replacements included
+        self.killed = 0  # children killed because an attempt outlived its timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: collections.deque[_ProcessAttempt] = collections.deque()
+        self._children: set[_Child] = set()
+        self._idle: list[_Child] = []
+        self._starting = 0
+        self._reaping: dict[subprocess.Popen, Callable[[int | None], None] | None] = {}
+        self._serial = 0
+        self._closed = False
+
+    # -- the Executor protocol
+
+    def start(self, call: TickCall) -> _ProcessAttempt:
+        if self._closed:
+            raise RuntimeError("the executor is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        self._serial += 1
+        attempt = _ProcessAttempt(self, self._serial, call, loop.create_future())
+        if call.timeout:
+            attempt.timer = loop.call_later(call.timeout, self._expire, attempt)
+        self._queue.append(attempt)
+        self._dispatch()
+        return attempt
+
+    def close(self) -> None:
+        """Stop every child; blocks for `grace` at most, then kills. Leaves no process behind.
+
+        Calls still waiting fail at once. Children are told there is no more input and finish
+        their attempt, whose outcome is still delivered, within `grace`; the rest are killed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        while self._queue:
+            waiting = self._queue.popleft()
+            self._finish(waiting, Outcome(failure=Failure(
+                "WorkerProcessDied", f"state {waiting.call.state!r}: attempt {waiting.call.attempt} was not started: "
+                "the worker closed its handler processes", retryable=True, bases=("Exception",))))
+        children = list(self._children)
+        for child in children:
+            if child.wbuf:  # finish a call or abandon frame in flight before the end of input
+                os.set_blocking(child.wfd, True)
+                try:
+                    os.write(child.wfd, child.wbuf)
+                except OSError:
+                    pass
+                child.wbuf.clear()
+            try:
+                child.proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.grace
+        live = [c for c in children if c.attempt is not None]
+        while live:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            readable, _, _ = select.select([c.rfd for c in live], [], [], remaining)
+            for child in [c for c in live if c.rfd in readable]:
+                try:
+                    data = os.read(child.rfd, _READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    child.read(data)
+                else:
+                    live.remove(child)
+            live = [c for c in live if c.attempt is not None and not c.gone]
+        for child in children:
+            attempt = child.attempt
+            child.attempt = None
+            self._detach(child)
+            returncode = _wait(child.proc, deadline)
+            if attempt is not None:
+                self._finish(attempt, Outcome(failure=died(attempt.call, returncode)))
+        for proc in list(self._reaping):
+            callback = self._reaping.pop(proc)
+            returncode = _wait(proc, time.monotonic())
+            if callback is not None:
+                callback(returncode)
+
+    # -- slots
+
+    def _dispatch(self) -> None:
+        """Give waiting calls to idle children; start children for the calls still waiting."""
+        queue, idle = self._queue, self._idle
+        while queue and idle:
+            attempt = queue.popleft()
+            if attempt.ended or attempt.future.done():
+                self._finish(attempt, None)
+                continue
+            child = idle.pop()
+            attempt.child, child.attempt = child, attempt
+            call = attempt.call
+            child.send(_frame([_CALL, attempt.id, call.handler.module, call.handler.function, call.payload,
+                               call.instance_id, call.machine, call.state, call.attempt, call.branch, call.visit,
+                               call.deadline, call.payload_limit, attempt.reason]))
+        while queue and (queue[0].ended or queue[0].future.done()):
+            self._finish(queue.popleft(), None)
+        while (queue and not self._closed and len(self._children) < self.size
+               and self._starting < len(queue)):
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("cannot start a handler process: %s", exc)
+                attempt = queue.popleft()
+                self._finish(attempt, Outcome(failure=Failure(
+                    "WorkerProcessDied", f"state {attempt.call.state!r}: attempt {attempt.call.attempt}: cannot start "
+                    f"a handler process: {exc}", retryable=True, bases=("Exception",))))
+
+    def _spawn(self) -> None:
+        options = {
+            "path": list(self.search_path) + [str(p) for p in sys.path if str(p) not in self.search_path],
+            "ppid": os.getpid(),
+            "level": logging.getLogger().getEffectiveLevel(),
+            "handler_level": (self.log_level if self.log_level is not None
+                              else logging.getLogger("dsm.handler").getEffectiveLevel()),
+            "format": self.log_format,
+            "preload": list(self.preload),
+        }
+        proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(options)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=self.env, close_fds=True)
+        assert self._loop is not None
+        self._children.add(_Child(self, self._loop, proc))
+        self._starting += 1
+        self.started += 1
+        log.debug("started handler process %d", proc.pid)
+
+    def _reply(self, child: _Child, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == _READY:
+            if not child.ready:
+                child.ready = True
+                self._starting -= 1
+                self._idle.append(child)
+                self._dispatch()
+            return
+        attempt = child.attempt
+        if attempt is None or message[1] != attempt.id:
+            return  # a late reply to an attempt that was let go
+        child.attempt = None
+        if kind == _RESULT:
+            outcome = Outcome(payload=message[2], label=message[3])
+        else:
+            outcome = Outcome(failure=Failure(message[2], message[3], retryable=message[4], bases=tuple(message[5]),
+                                              traceback=message[6]))
+        self._finish(attempt, outcome)
+        if not self._closed:
+            self._idle.append(child)
+            self._dispatch()
+
+    def _finish(self, attempt: _ProcessAttempt, outcome: Outcome | None) -> None:
+        if not attempt.ended:
+            attempt.ended = True
+            attempt.child = None
+            if attempt.timer is not None:
+                attempt.timer.cancel()
+        if outcome is not None and not attempt.future.done():
+            try:
+                attempt.future.set_result(outcome)
+            except RuntimeError:  # its event loop is closed: nobody is waiting any more
+                pass
+
+    def _expire(self, attempt: _ProcessAttempt) -> None:
+        """The attempt's timeout passed: a waiting call is dropped, a running one costs its child."""
+        if attempt.ended:
+            return
+        child = attempt.child
+        if child is not None:
+            log.debug("killing handler process %d: state %r attempt %d outlived its timeout", child.pid,
+                      attempt.call.state, attempt.call.attempt)
+            child.attempt = None
+            self._detach(child)
+            child.proc.kill()
+            self.killed += 1
+            self._reap(child.proc, None)
+        self._finish(attempt, timed_out(attempt.call))
+        self._dispatch()
+
+    def _lost(self, child: _Child, why: str, *, kill: bool = False) -> None:
+        """A child ended (or broke the protocol) on its own: fail its attempt once its exit status is known."""
+        attempt, ready = child.attempt, child.ready
+        child.attempt = None
+        self._detach(child)
+        if kill:
+            child.proc.kill()
+
+        def exited(returncode: int | None) -> None:
+            if attempt is not None:
+                log.debug("handler process %d died running state %r (%s)", child.pid, attempt.call.state,
+                          _exit_status(returncode))
+                self._finish(attempt, Outcome(failure=died(attempt.call, returncode)))
+            elif not ready and not self._closed:
+                log.warning("handler process %d ended before it was ready: %s (%s)", child.pid, why,
+                            _exit_status(returncode))
+                while self._queue:  # one waiting call learns why, so a broken start-up cannot hang calls
+                    waiting = self._queue.popleft()
+                    if not (waiting.ended or waiting.future.done()):
+                        self._finish(waiting, Outcome(failure=died(waiting.call, returncode)))
+                        break
+                    self._finish(waiting, None)
+            self._dispatch()
+
+        self._reap(child.proc, exited)
+        self._dispatch()
+
+    def _detach(self, child: _Child) -> None:
+        if child.gone:
+            return
+        if not child.ready:
+            self._starting -= 1
+        self._children.discard(child)
+        if child in self._idle:
+            self._idle.remove(child)
+        child.detach()
+
+    def _reap(self, proc: subprocess.Popen, then: Callable[[int | None], None] | None, delay: float = 0.001) -> None:
+        """Collect the exit status without blocking the loop: a dying process takes a moment to exit."""
+        returncode = proc.poll()
+        if returncode is None and delay > 1.0:  # it closed its pipes but lives on: it is of no use now
+            proc.kill()
+        if returncode is not None or self._loop is None or self._loop.is_closed():
+            self._reaping.pop(proc, None)
+            if returncode is None:
+                returncode = _wait(proc, time.monotonic() + 1.0)
+            if then is not None:
+                then(returncode)
+            return
+        self._reaping[proc] = then
+        self._loop.call_later(delay, self._reap_again, proc, delay * 2)
+
+    def _reap_again(self, proc: subprocess.Popen, delay: float) -> None:
+        if proc in self._reaping:
+            self._reap(proc, self._reaping[proc], min(delay, 2.0))
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> int | None:
+    """Wait for a process until `deadline`, then kill it and wait for that (briefly)."""
+    try:
+        return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    proc.kill()
+    try:
+        return proc.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:  # unkillable for now (stuck in the kernel)
+        log.error("handler process %d did not exit after SIGKILL", proc.pid)
+        return None
+
+
+# -- child ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _ChildContext(Context):
+    """A Context whose heartbeat first reads the abandon frames the worker sent since the last one."""
+
+    _poll: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def heartbeat(self, details: Any = None) -> None:
+        if self._poll is not None:
+            self._poll()
+        Context.heartbeat(self, details)  # not super(): slots dataclasses break its zero-argument form
+
+
+_CONTEXT_FIELDS = tuple(f.name for f in fields(Context) if f.init)
+
+
+class _Server:
+    """The child's side: read a call, run it, write the outcome; one at a time."""
+
+    def __init__(self, rfd: int, wfd: int):
+        self.rfd = rfd
+        self.wfd = wfd
+        self.rbuf = b""
+        self.calls: collections.deque[list[Any]] = collections.deque()
+        self.current: tuple[int, Context] | None = None
+        self.eof = False
+        self.handlers: dict[tuple[str, str], Handler] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.lock = threading.Lock()  # a handler's own threads may heartbeat too
+
+    def serve(self) -> None:
+        self.send([_READY])
+        while True:
+            while not self.calls:
+                if self.eof:
+                    return
+                with self.lock:
+                    self.fill(block=True)
+            self.send(self.run(self.calls.popleft()))
+
+    def send(self, message: list[Any]) -> None:
+        view = memoryview(_frame(message))
+        while view:
+            view = view[os.write(self.wfd, view):]
+
+    def poll(self) -> None:
+        if not self.eof and self.lock.acquire(blocking=False):  # busy: another thread is reading
+            try:
+                self.fill(block=False)
+            finally:
+                self.lock.release()
+
+    def fill(self, *, block: bool) -> None:
+        if not block and not select.select([self.rfd], [], [], 0)[0]:
+            return
+        data = os.read(self.rfd, _READ_SIZE)
+        if not data:
+            self.eof = True
+            if self.current is not None:
+                self.current[1].abandon("the worker closed its handler processes")
+            return
+        bodies, self.rbuf = _split(self.rbuf + data if self.rbuf else data)
+        for body in bodies:
+            message = codec.loads(body)
+            if message[0] == _CALL:
+                self.calls.append(message)
+            elif message[0] == _ABANDON and self.current is not None and self.current[0] == message[1]:
+                self.current[1].abandon(message[2])
+            # an abandon for an attempt that already ended: nothing to do
+
+    def handler(self, module: str, function: str) -> Handler:
+        key = (module, function)
+        handler = self.handlers.get(key)
+        if handler is None:
+            handler = self.handlers[key] = resolve(f"{module}:{function}")
+        return handler
+
+    def run(self, message: list[Any]) -> list[Any]:
+        (_, ident, module, function, payload, instance_id, machine, state, attempt, branch, visit, deadline,
+         limit, reason) = message
+        ref = f"{module}:{function}"
+        call = TickCall(handler=Handler(ref=ref, module=module, function=function), payload=payload,
+                        instance_id=instance_id, machine=machine, state=state, attempt=attempt, branch=tuple(branch),
+                        visit=visit, timeout=None, deadline=deadline, payload_limit=limit)
+        base = context_of(call)
+        ctx = _ChildContext(**{name: getattr(base, name) for name in _CONTEXT_FIELDS}, _poll=self.poll)
+        if reason is not None:
+            ctx.abandon(reason)
+        self.current = (ident, ctx)
+        try:
+            handler = self.handler(module, function)
+            if handler.is_async:
+                if self.loop is None:
+                    self.loop = asyncio.new_event_loop()
+                result = self.loop.run_until_complete(handler.func(payload, ctx))  # type: ignore[misc]
+            else:
+                result = handler.func(payload, ctx)  # type: ignore[misc]
+            outcome = normalize(result, payload, state, limit)
+        except HandlerImportError as exc:
+            outcome = Outcome(failure=Failure("HandlerUnavailable", f"state {state!r}: handler {ref!r}: {exc}",
+                                              retryable=True))
+        except (Exception, SystemExit, KeyboardInterrupt, asyncio.CancelledError) as exc:  # noqa: BLE001 - user code
+            outcome = Outcome(failure=failure_of(exc))
+        finally:
+            self.current = None
+        failure = outcome.failure
+        if failure is None:
+            return [_RESULT, ident, outcome.payload, outcome.label]
+        return [_FAILED, ident, failure.type, failure.message, failure.retryable, failure.bases, failure.traceback]
+
+
+def _die_with_parent(ppid: int) -> None:
+    """On Linux, ask for SIGKILL when the worker dies, even while a handler never returns."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != ppid:  # the worker died before the request took effect
+        os._exit(0)
+
+
+def _child(options: dict[str, Any]) -> None:
+    """The child process's main: set up descriptors, logging and modules, then serve calls."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which decides what ends
+    _die_with_parent(options["ppid"])
+    rfd, wfd = os.dup(0), os.dup(1)  # private: not inherited by processes a handler starts
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(options["format"]))
+    root = logging.getLogger()
+    root.handlers[:] = [stream]
+    root.setLevel(options["level"])
+    logging.getLogger("dsm.handler").setLevel(options["handler_level"])
+    for module in options["preload"]:
+        try:
+            __import__(module)
+        except Exception as exc:  # noqa: BLE001 - the calls that need it will say why; the others can run
+            log.warning("handler process %d: cannot preload %s: %s: %s", os.getpid(), module,
+                        type(exc).__name__, exc)
+    try:
+        _Server(rfd, wfd).serve()
+    except BrokenPipeError:  # the worker is gone
+        pass
+    sys.stdout.flush()
+    os._exit(0)  # no interpreter teardown: threads a handler left behind must not keep the child alive
