@@ -1,0 +1,602 @@
+"""Executors keep user code from stalling the worker: the promises of ProcessExecutor, and of
+ThreadExecutor wherever threads can keep the same promise (the `make` fixture runs those tests
+against both).
+
+Handlers live in a module written into tmp_path per test. Tests that need a handler to be running
+wait for a marker file it writes, and handlers that must block wait for a gate file the test
+creates (or give up after 30 s, so a broken executor fails a test instead of hanging it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsm import handlers
+from dsm.worker.executor import ThreadExecutor, TickCall
+from dsm.worker.isolation import ProcessExecutor
+
+WAIT = 30.0  # how long a test waits for something that should happen soon before it fails
+
+HANDLERS = r'''
+import asyncio, os, re, signal, sys, time
+from dsm.errors import HandlerError
+
+
+def _mark(payload):
+    if "marker" in payload:
+        with open(payload["marker"], "w") as f:
+            f.write(str(os.getpid()))
+
+
+def _wait_gate(payload):
+    deadline = time.monotonic() + payload.get("patience", 30)
+    while not os.path.exists(payload["gate"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def keep(payload, ctx):
+    return None
+
+def labelled(payload, ctx):
+    return "approved"
+
+def replace(payload, ctx):
+    return {"replaced": True}
+
+def pair(payload, ctx):
+    return ("rejected", {"why": "too big"})
+
+def mutate(payload, ctx):
+    payload["n"] += 1
+
+def big(payload, ctx):
+    return {"big": 2 ** 70}
+
+async def async_label(payload, ctx):
+    await asyncio.sleep(0)
+    return "from a coroutine"
+
+
+class Custom(KeyError):
+    pass
+
+def custom(payload, ctx):
+    raise Custom("bad thing")
+
+def declined(payload, ctx):
+    raise HandlerError("Declined", "not today", retryable=False)
+
+def exits(payload, ctx):
+    sys.exit(2)
+
+def surrogate(payload, ctx):
+    raise ValueError("bad \udc80 byte")
+
+
+def a_set(payload, ctx):
+    return {"s": {1, 2}}
+
+def nan(payload, ctx):
+    return {"x": float("nan")}
+
+def number(payload, ctx):
+    return 42
+
+
+def context(payload, ctx):
+    ctx.logger.info("context of %s", ctx.state)
+    return {"instance_id": ctx.instance_id, "machine": ctx.machine, "state": ctx.state, "attempt": ctx.attempt,
+            "branch": list(ctx.branch), "key": ctx.idempotency_key, "deadline": ctx.deadline,
+            "logger": type(ctx.logger).__name__, "extra": dict(ctx.logger.extra)}
+
+def noisy(payload, ctx):
+    print("noise printed by a handler")
+    sys.stdout.flush()
+    os.write(1, b"\x00\x00\x00\x05junk")
+    ctx.logger.warning("warning logged by a handler")
+    return "quiet"
+
+
+def hog(payload, ctx):
+    _mark(payload)
+    re.match(r"(a+)+$", "a" * 40 + "b")  # catastrophic backtracking: holds the GIL for ages
+    return "finished"
+
+def stuck(payload, ctx):
+    _mark(payload)
+    _wait_gate(payload)
+    return "released"
+
+async def blocker(payload, ctx):
+    _mark(payload)
+    _wait_gate(payload)  # blocks its event loop: no await
+    return "released"
+
+async def polite(payload, ctx):
+    await asyncio.sleep(0.01)
+    return "polite"
+
+def heartbeats(payload, ctx):
+    _mark(payload)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ctx.heartbeat()
+        time.sleep(0.01)
+    return "never abandoned"
+
+def marks(payload, ctx):
+    _mark(payload)
+    return "ran"
+
+def pid(payload, ctx):
+    return {"pid": os.getpid()}
+
+def exit3(payload, ctx):
+    os._exit(3)
+
+def sigkill(payload, ctx):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def slow(payload, ctx):
+    time.sleep(0.3)
+    return "slow"
+'''
+
+
+# -- fixtures and helpers ----------------------------------------------------------------------------
+
+@pytest.fixture
+def mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The handler module, under a fresh name (modules imported by earlier tests stay cached)."""
+    name = "isolation_handlers_" + uuid.uuid4().hex[:10]
+    (tmp_path / f"{name}.py").write_text(HANDLERS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    return name
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Any:
+    """A gate file blocking handlers wait for; opened at teardown so no thread is left waiting."""
+    path = tmp_path / "gate"
+    yield path
+    path.touch()
+
+
+@pytest.fixture(params=["thread", "process"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    made: list[Any] = []
+
+    def build(size: int, **options: Any) -> Any:
+        if request.param == "thread":
+            executor: Any = ThreadExecutor(size)
+        else:
+            executor = ProcessExecutor(size, search_path=[tmp_path], **options)
+        made.append(executor)
+        return executor
+
+    build.kind = request.param  # type: ignore[attr-defined]
+    yield build
+    for executor in made:
+        executor.close()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Any:
+    made: list[ProcessExecutor] = []
+
+    def build(size: int, **options: Any) -> ProcessExecutor:
+        options.setdefault("search_path", [tmp_path])
+        executor = ProcessExecutor(size, **options)
+        made.append(executor)
+        return executor
+
+    yield build
+    for executor in made:
+        executor.close()
+
+
+def call(mod: str, function: str, payload: dict[str, Any] | None = None, *, timeout: float | None = None,
+         deadline: float | None = None, resolve: bool = True) -> TickCall:
+    ref = f"{mod}:{function}"
+    handler = handlers.resolve(ref) if resolve else handlers.unresolved(ref)
+    return TickCall(handler=handler, payload=dict(payload or {}), instance_id="inst-1", machine="orders",
+                    state="work", attempt=2, branch=("a", "b"), visit=3, timeout=timeout, deadline=deadline,
+                    payload_limit=1 << 20)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def outcome(attempt: Any) -> Any:
+    return await asyncio.wait_for(attempt.outcome(), WAIT)
+
+
+async def appears(path: Path) -> str:
+    """Wait for a handler's marker file; its text is the pid of the process that wrote it."""
+    for _ in range(int(WAIT / 0.01)):
+        if path.exists() and path.read_text():
+            return path.read_text()
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path.name} did not appear: the handler never started")
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    for _ in range(int(WAIT / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (Z: a zombie nobody reaped yet), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+# -- results ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("function, payload, label", [
+    ("keep", {"n": 1}, None),
+    ("labelled", {"n": 1}, "approved"),
+    ("replace", {"replaced": True}, None),
+    ("pair", {"why": "too big"}, "rejected"),
+    ("mutate", {"n": 2}, None),
+    ("big", {"big": 2 ** 70}, None),
+    ("async_label", {"n": 1}, "from a coroutine"),
+])
+def test_results_and_labels_come_back(make: Any, mod: str, function: str, payload: dict, label: str | None) -> None:
+    async def main() -> Any:
+        return await outcome(make(1).start(call(mod, function, {"n": 1})))
+
+    result = run(main())
+    assert result.failure is None
+    assert result.payload == payload and result.label == label
+    if function == "big":
+        assert type(result.payload["big"]) is int  # read back exactly, not as a float
+
+
+def test_the_handler_sees_the_context_of_its_attempt(make: Any, mod: str) -> None:
+    async def main() -> Any:
+        return await outcome(make(1).start(call(mod, "context", deadline=4102444800.0)))
+
+    result = run(main())
+    assert result.failure is None
+    assert result.payload == {
+        "instance_id": "inst-1", "machine": "orders", "state": "work", "attempt": 2, "branch": ["a", "b"],
+        "key": "inst-1/3", "deadline": 4102444800.0, "logger": "LoggerAdapter",
+        "extra": {"instance": "inst-1", "machine": "orders", "state": "work", "attempt": 2}}
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+def test_an_exception_comes_back_with_its_type_bases_and_traceback(make: Any, mod: str, tmp_path: Path) -> None:
+    async def main() -> Any:
+        return await outcome(make(1).start(call(mod, "custom")))
+
+    failure = run(main()).failure
+    assert (failure.type, failure.message, failure.retryable) == ("Custom", "'bad thing'", True)
+    assert failure.bases == ("KeyError", "LookupError", "Exception")
+    assert str(tmp_path / f"{mod}.py") in failure.traceback
+    assert "in custom" in failure.traceback
+
+
+@pytest.mark.parametrize("function, kind, message, retryable", [
+    ("declined", "Declined", "not today", False),
+    ("exits", "SystemExit", "2", True),
+    ("surrogate", "ValueError", "bad \udc80 byte", True),  # not UTF-8: the frame falls back to ASCII escapes
+], ids=["HandlerError", "sys.exit", "lone-surrogate"])
+def test_handler_errors_keep_their_name_message_and_retryability(make: Any, mod: str, function: str, kind: str,
+                                                                 message: str, retryable: bool) -> None:
+    async def main() -> Any:
+        executor = make(1)
+        failed = await outcome(executor.start(call(mod, function)))
+        after = await outcome(executor.start(call(mod, "labelled")))  # the slot survived the error
+        return failed, after
+
+    failed, after = run(main())
+    assert (failed.failure.type, failed.failure.message, failed.failure.retryable) == (kind, message, retryable)
+    assert after.label == "approved"
+
+
+@pytest.mark.parametrize("function, kind, words", [
+    ("a_set", "InvalidPayload", "set"),
+    ("nan", "InvalidPayload", "nan"),
+    ("number", "InvalidResult", "returned int"),
+])
+def test_results_that_are_not_json_fail_for_good(make: Any, mod: str, function: str, kind: str, words: str) -> None:
+    async def main() -> Any:
+        return await outcome(make(1).start(call(mod, function)))
+
+    failure = run(main()).failure
+    assert failure is not None and failure.type == kind and failure.retryable is False
+    assert "'work'" in failure.message and words in failure.message
+
+
+def test_what_a_handler_prints_goes_to_stderr_and_cannot_corrupt_replies(make: Any, mod: str,
+                                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    async def main() -> Any:
+        return await outcome(make(1).start(call(mod, "noisy")))
+
+    result = run(main())
+    assert result.failure is None and result.label == "quiet"
+    if make.kind == "process":
+        out, err = capfd.readouterr()
+        assert "noise printed by a handler" in err and "junk" in err and "noise" not in out
+        assert "warning logged by a handler" in err
+
+
+# -- timeouts and blocking handlers --------------------------------------------------------------
+
+# Process-only: a handler holding the GIL freezes every thread of its process, the event loop's
+# included, so no timer of ThreadExecutor can fire and the test would hang rather than fail.
+@needs_proc
+def test_a_handler_holding_the_gil_times_out_while_other_slots_keep_working(processes: Any, mod: str, gate: Path,
+                                                                            tmp_path: Path) -> None:
+    marker = tmp_path / "hog-started"
+    events: list[str] = []
+
+    async def record(name: str, attempt: Any) -> Any:
+        result = await outcome(attempt)
+        events.append(name)
+        return result
+
+    async def main() -> Any:
+        executor = processes(2)
+        # both children up first (two handlers running at once), so the quick call waits for no start-up
+        warm = [executor.start(call(mod, "stuck", {"gate": str(gate), "marker": str(tmp_path / f"warm{i}")}))
+                for i in range(2)]
+        await asyncio.gather(*(appears(tmp_path / f"warm{i}") for i in range(2)))
+        gate.touch()
+        await asyncio.gather(*(outcome(a) for a in warm))
+        hog = asyncio.ensure_future(record("hog", executor.start(call(mod, "hog", {"marker": str(marker)},
+                                                                       timeout=1.0))))
+        hog_pid = int(await appears(marker))
+        quick = await record("quick", executor.start(call(mod, "labelled")))
+        hogged = await hog
+        await until(lambda: process_state(hog_pid) is None, "the hog's process was not killed and reaped")
+        after = await outcome(executor.start(call(mod, "labelled")))
+        return executor, quick, hogged, after
+
+    executor, quick, hogged, after = run(main())
+    assert events == ["quick", "hog"]  # the other slot answered while the hog still ran
+    assert quick.label == "approved"
+    assert hogged.failure.type == "TimeoutError" and hogged.failure.retryable
+    assert executor.killed == 1
+    assert after.label == "approved"
+
+
+def test_a_sync_handler_that_ignores_its_timeout_does_not_keep_its_slot(make: Any, mod: str, gate: Path) -> None:
+    async def main() -> Any:
+        executor = make(1)
+        stuck = executor.start(call(mod, "stuck", {"gate": str(gate), "patience": 120}, timeout=0.5))
+        behind = executor.start(call(mod, "labelled"))  # queued behind it, no timeout of its own
+        return await outcome(stuck), await outcome(behind)
+
+    stuck, behind = run(main())
+    assert stuck.failure.type == "TimeoutError"
+    assert behind.failure is None and behind.label == "approved"
+
+
+def test_a_blocking_async_handler_does_not_stall_other_async_handlers(make: Any, mod: str, gate: Path,
+                                                                      tmp_path: Path) -> None:
+    marker = tmp_path / "blocker-started"
+
+    async def main() -> Any:
+        executor = make(2)
+        blocker = asyncio.ensure_future(outcome(executor.start(call(mod, "blocker", {"gate": str(gate),
+                                                                                    "marker": str(marker)}))))
+        await appears(marker)
+        polite = await outcome(executor.start(call(mod, "polite")))
+        blocked_meanwhile = not blocker.done()
+        gate.touch()
+        return polite, blocked_meanwhile, await blocker
+
+    polite, blocked_meanwhile, blocker = run(main())
+    assert polite.label == "polite"
+    assert blocked_meanwhile
+    assert blocker.label == "released"
+
+
+def test_a_call_that_timed_out_while_waiting_never_runs(make: Any, mod: str, gate: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    async def main() -> Any:
+        executor = make(1)
+        first = executor.start(call(mod, "stuck", {"gate": str(gate)}))  # no timeout: runs until it returns
+        waiting = executor.start(call(mod, "marks", {"marker": str(marker)}, timeout=0.2))
+        expired = await outcome(waiting)
+        gate.touch()
+        done = await outcome(first)
+        last = await outcome(executor.start(call(mod, "labelled")))  # the slot went through its queue
+        return expired, done, last
+
+    expired, done, last = run(main())
+    assert expired.failure.type == "TimeoutError"
+    assert done.label == "released" and last.label == "approved"
+    assert not marker.exists()
+
+
+# -- abandon ------------------------------------------------------------------------------------
+
+def test_abandon_makes_heartbeat_raise(make: Any, mod: str, tmp_path: Path) -> None:
+    marker = tmp_path / "beating"
+
+    async def main() -> Any:
+        attempt = make(1).start(call(mod, "heartbeats", {"marker": str(marker)}))
+        await appears(marker)
+        attempt.abandon("the claim was lost")
+        return await outcome(attempt)
+
+    failure = run(main()).failure
+    assert failure.type == "AttemptAbandoned" and failure.message == "the claim was lost" and failure.retryable
+
+
+def test_abandoned_while_waiting_it_is_abandoned_from_its_first_heartbeat(make: Any, mod: str, gate: Path) -> None:
+    async def main() -> Any:
+        executor = make(1)
+        first = executor.start(call(mod, "stuck", {"gate": str(gate)}))
+        waiting = executor.start(call(mod, "heartbeats"))
+        waiting.abandon("cancelled")
+        gate.touch()
+        await outcome(first)
+        abandoned = await outcome(waiting)
+        # an abandon after the end changes nothing, for it or for the next attempt on that slot
+        waiting.abandon("too late")
+        return abandoned, await outcome(executor.start(call(mod, "labelled")))
+
+    abandoned, after = run(main())
+    assert abandoned.failure.type == "AttemptAbandoned" and abandoned.failure.message == "cancelled"
+    assert after.label == "approved"
+
+
+# -- process only: dying, search path, start-up, close ---------------------------------------------
+
+@pytest.mark.parametrize("function, words", [("exit3", "exit code 3"), ("sigkill", "signal SIGKILL")])
+def test_a_child_that_dies_fails_its_attempt_and_is_replaced(processes: Any, mod: str, function: str,
+                                                             words: str) -> None:
+    async def main() -> Any:
+        executor = processes(1)
+        died = await outcome(executor.start(call(mod, function)))
+        after = await outcome(executor.start(call(mod, "labelled")))
+        return executor, died, after
+
+    executor, died, after = run(main())
+    assert died.failure.type == "WorkerProcessDied" and died.failure.retryable
+    assert "'work'" in died.failure.message and words in died.failure.message
+    assert after.label == "approved"
+    assert executor.started == 2
+
+
+def test_children_find_handlers_on_the_search_path(processes: Any, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    name = "isolation_elsewhere_" + uuid.uuid4().hex[:10]
+    (elsewhere / f"{name}.py").write_text("def hello(payload, ctx):\n    return 'found'\n", encoding="utf-8")
+
+    async def main() -> Any:
+        found = await outcome(processes(1, search_path=[elsewhere]).start(call(name, "hello", resolve=False)))
+        missing = await outcome(processes(1, search_path=[]).start(call(name, "hello", resolve=False)))
+        return found, missing
+
+    found, missing = run(main())
+    assert found.label == "found"
+    assert missing.failure.type == "HandlerUnavailable" and name in missing.failure.message
+
+
+def test_preloaded_modules_are_imported_before_a_child_takes_calls(processes: Any, tmp_path: Path) -> None:
+    name = "isolation_slow_import_" + uuid.uuid4().hex[:10]
+    (tmp_path / f"{name}.py").write_text("import time\ntime.sleep(1.0)\n\ndef hello(payload, ctx):\n"
+                                         "    return 'hello'\n", encoding="utf-8")
+
+    async def main() -> Any:
+        executor = processes(1, preload=[name])
+        first = await outcome(executor.start(call(name, "hello", timeout=0.5, resolve=False)))
+        second = await outcome(executor.start(call(name, "hello", resolve=False)))
+        third = await outcome(executor.start(call(name, "hello", timeout=0.5, resolve=False)))
+        return executor, first, second, third
+
+    executor, first, second, third = run(main())
+    # The first call timed out waiting for the start-up, which costs no child; had the import
+    # been left to the first call, it would have run out its timeout and been killed.
+    assert first.failure.type == "TimeoutError"
+    assert second.label == third.label == "hello"
+    assert executor.killed == 0 and executor.started == 1
+
+
+@needs_proc
+def test_close_stops_every_child_and_leaves_no_process(processes: Any, mod: str, gate: Path,
+                                                       tmp_path: Path) -> None:
+    marker = tmp_path / "stuck-started"
+    before = _children()
+
+    async def main() -> Any:
+        executor = processes(3, grace=2.0)
+        stuck = executor.start(call(mod, "stuck", {"gate": str(gate), "marker": str(marker)}))  # child A
+        pids = [int(await appears(marker))]
+        pids.append((await outcome(executor.start(call(mod, "pid")))).payload["pid"])  # child B
+        slow = executor.start(call(mod, "slow"))  # on B, ends well within the grace
+        waiting = [executor.start(call(mod, "labelled")) for _ in range(2)]  # wait for child C, still starting
+        assert len(set(pids)) == 2 and _children() - before >= set(pids)
+        executor.close()
+        with pytest.raises(RuntimeError):
+            executor.start(call(mod, "labelled"))
+        return pids, await outcome(stuck), await outcome(slow), [await outcome(a) for a in waiting]
+
+    pids, stuck, slow, waiting = run(main())
+    assert [process_state(pid) for pid in pids] == [None, None]  # exited and reaped: not even zombies
+    assert _children() - before == set()
+    assert stuck.failure.type == "WorkerProcessDied"  # it outlived the grace and was killed
+    assert slow.label == "slow"  # it ended within the grace: its outcome counts
+    assert [w.failure.type for w in waiting] == ["WorkerProcessDied"] * 2
+    assert all("not started" in w.failure.message for w in waiting)
+
+
+def _children() -> set[int]:
+    """Processes whose parent is this one, zombies included."""
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()}
+
+
+def _parent(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@needs_proc
+def test_children_end_when_the_worker_dies(mod: str, tmp_path: Path) -> None:
+    """An idle child sees the end of its input; one stuck in a handler gets the parent-death signal."""
+    marker = tmp_path / "stuck-started"
+    script = textwrap.dedent(f"""
+        import asyncio, os, sys, time
+        sys.path.insert(0, {str(tmp_path)!r})
+        from dsm import handlers
+        from dsm.worker.executor import TickCall
+        from dsm.worker.isolation import ProcessExecutor
+
+        def call(function, payload):
+            return TickCall(handlers.unresolved({mod!r} + ":" + function), payload, "i", "m", "s", 1, (), 1,
+                            None, None, 1 << 20)
+
+        async def main():
+            executor = ProcessExecutor(2)
+            idle = (await executor.start(call("pid", {{}})).outcome()).payload["pid"]
+            executor.start(call("stuck", {{"gate": "/nonexistent", "patience": 600, "marker": {str(marker)!r}}}))
+            for _ in range(3000):
+                if os.path.exists({str(marker)!r}) and open({str(marker)!r}).read():
+                    break
+                time.sleep(0.01)
+            print(idle, open({str(marker)!r}).read(), flush=True)
+            os._exit(0)  # no close(): the worker dies
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+
+    async def gone() -> None:
+        await until(lambda: all(process_state(pid) in (None, "Z") for pid in pids), f"children {pids} outlived "
+                    "their worker")
+
+    run(gone())
