@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from dsm import handlers  # noqa: E402
-from dsm.worker.executor import ThreadExecutor, TickCall  # noqa: E402
-from dsm.worker.isolation import ProcessExecutor  # noqa: E402
+sys.path.insert(0, str(ROOT))  # dsm from this checkout; bench.bench_handlers for the children too
 
 HANDLER = "bench.bench_handlers:noop"
 
 
-def tick(handler: Any, serial: int, timeout: float | None) -> TickCall:
+def tick(handler: Any, serial: int, timeout: float | None) -> Any:
+    from dsm.worker.executor import TickCall
+
     return TickCall(handler=handler, payload={"order": serial, "items": [1, 2, 3], "note": "bench"},
                     instance_id=f"i{serial}", machine="bench", state="work", attempt=1, branch=(), visit=1,
                     timeout=timeout, deadline=None, payload_limit=1 << 20)
@@ -36,6 +34,8 @@ def tick(handler: Any, serial: int, timeout: float | None) -> TickCall:
 
 async def measure(executor: Any, ticks: int, in_flight: int, timeout: float | None) -> float:
     """Ticks per second, `in_flight` lanes each awaiting its ticks one after the other."""
+    from dsm import handlers
+
     handler = handlers.resolve(HANDLER)
 
     async def lane(count: int) -> None:
@@ -52,6 +52,9 @@ async def measure(executor: Any, ticks: int, in_flight: int, timeout: float | No
 
 
 async def run_one(kind: str, args: argparse.Namespace) -> float:
+    from dsm.worker.executor import ThreadExecutor
+    from dsm.worker.isolation import ProcessExecutor
+
     executor: Any = ThreadExecutor(args.size) if kind == "thread" else ProcessExecutor(args.size)
     try:
         return await measure(executor, args.ticks, args.in_flight, args.timeout or None)
