@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 
 from dsm import handlers
+from dsm.context import make_context
+from dsm.errors import AttemptAbandoned
 from dsm.worker.executor import ThreadExecutor, TickCall
-from dsm.worker.isolation import ProcessExecutor
+from dsm.worker.isolation import _ABANDON, ProcessExecutor, _frame, _Server
 
 WAIT = 30.0  # how long a test waits for something that should happen soon before it fails
 
@@ -275,6 +277,17 @@ def test_results_and_labels_come_back(make: Any, mod: str, function: str, payloa
         assert type(result.payload["big"]) is int  # read back exactly, not as a float
 
 
+def test_large_and_unusual_payloads_cross_intact(make: Any, mod: str) -> None:
+    """Bigger than a pipe's buffer both ways, an integer beyond 64 bits, text beyond ASCII."""
+    payload = {"blob": "x" * 900_000, "big": -(2 ** 70), "text": "h\u00e9llo \u2713", "nested": [{"a": None}]}
+
+    async def main() -> Any:
+        return await outcome(make(1).start(call(mod, "keep", payload)))
+
+    result = run(main())
+    assert result.failure is None and result.payload == payload
+
+
 def test_the_handler_sees_the_context_of_its_attempt(make: Any, mod: str) -> None:
     async def main() -> Any:
         return await outcome(make(1).start(call(mod, "context", deadline=4102444800.0)))
@@ -485,6 +498,25 @@ def test_a_child_that_dies_fails_its_attempt_and_is_replaced(processes: Any, mod
     assert "'work'" in died.failure.message and words in died.failure.message
     assert after.label == "approved"
     assert executor.started == 2
+
+
+def test_a_child_applies_abandon_frames_to_the_running_attempt_only() -> None:
+    """The child's side of abandon, without a process: frames for an ended attempt change nothing."""
+    read, write = os.pipe()
+    try:
+        server = _Server(read, -1)
+        ctx = make_context(instance_id="i", machine="m", state="s", attempt=1, branch=(), visit=1, deadline=None)
+        server.current = (7, ctx)
+        os.write(write, _frame([_ABANDON, 6, "an attempt that already ended"]))
+        server.poll()
+        ctx.heartbeat()  # does not raise
+        os.write(write, _frame([_ABANDON, 7, "the claim was lost"]))
+        server.poll()
+        with pytest.raises(AttemptAbandoned, match="the claim was lost"):
+            ctx.heartbeat()
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 def test_children_find_handlers_on_the_search_path(processes: Any, tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def _exit_status(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-def died(call: TickCall, returncode: int | None) -> Failure:
+def _died(call: TickCall, returncode: int | None) -> Failure:
     """The failure of an attempt whose process died under it; retryable, since the next process may not."""
     return Failure("WorkerProcessDied", f"state {call.state!r}: attempt {call.attempt}: the handler process died "
                    f"({_exit_status(returncode)})", retryable=True, bases=("Exception",))
@@ -247,6 +247,9 @@ class ProcessExecutor:
     timeout. `log_level`: level of the children's `dsm.handler` logger (None: the worker's, read
     when a child starts); `log_format` formats their log lines on stderr. `grace`: how long
     `close()` lets children finish their attempt before it kills them.
+
+    Like the event loop it serves, it is not thread-safe: call it from the loop's thread. POSIX only
+    (pipes watched by the loop, a select on them in the child).
     """
 
     def __init__(self, size: int, *, search_path: Iterable[str | os.PathLike[str]] = (),
@@ -280,6 +283,8 @@ class ProcessExecutor:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
+        elif loop is not self._loop:  # its children's pipes are watched by that loop
+            raise RuntimeError("a ProcessExecutor serves the event loop of its first call only")
         self._serial += 1
         attempt = _ProcessAttempt(self, self._serial, call, loop.create_future())
         if call.timeout:
@@ -340,7 +345,7 @@ class ProcessExecutor:
             self._detach(child)
             returncode = _wait(child.proc, deadline)
             if attempt is not None:
-                self._finish(attempt, Outcome(failure=died(attempt.call, returncode)))
+                self._finish(attempt, Outcome(failure=_died(attempt.call, returncode)))
         for proc in list(self._reaping):
             callback = self._reaping.pop(proc)
             returncode = _wait(proc, time.monotonic())
@@ -457,14 +462,14 @@ class ProcessExecutor:
             if attempt is not None:
                 log.debug("handler process %d died running state %r (%s)", child.pid, attempt.call.state,
                           _exit_status(returncode))
-                self._finish(attempt, Outcome(failure=died(attempt.call, returncode)))
+                self._finish(attempt, Outcome(failure=_died(attempt.call, returncode)))
             elif not ready and not self._closed:
                 log.warning("handler process %d ended before it was ready: %s (%s)", child.pid, why,
                             _exit_status(returncode))
                 while self._queue:  # one waiting call learns why, so a broken start-up cannot hang calls
                     waiting = self._queue.popleft()
                     if not (waiting.ended or waiting.future.done()):
-                        self._finish(waiting, Outcome(failure=died(waiting.call, returncode)))
+                        self._finish(waiting, Outcome(failure=_died(waiting.call, returncode)))
                         break
                     self._finish(waiting, None)
             self._dispatch()
