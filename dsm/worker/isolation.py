@@ -126,10 +126,9 @@ def _died(call: TickCall, returncode: int | None) -> Failure:
 # -- parent ----------------------------------------------------------------------------------------
 
 class _ProcessAttempt:
-    __slots__ = ("_executor", "call", "child", "ended", "future", "id", "reason", "timer")
+    __slots__ = ("call", "child", "ended", "future", "id", "reason", "timer")
 
-    def __init__(self, executor: ProcessExecutor, ident: int, call: TickCall, future: asyncio.Future):
-        self._executor = executor
+    def __init__(self, ident: int, call: TickCall, future: asyncio.Future):
         self.id = ident
         self.call = call
         self.future = future
@@ -286,7 +285,7 @@ class ProcessExecutor:
         elif loop is not self._loop:  # its children's pipes are watched by that loop
             raise RuntimeError("a ProcessExecutor serves the event loop of its first call only")
         self._serial += 1
-        attempt = _ProcessAttempt(self, self._serial, call, loop.create_future())
+        attempt = _ProcessAttempt(self._serial, call, loop.create_future())
         if call.timeout:
             attempt.timer = loop.call_later(call.timeout, self._expire, attempt)
         self._queue.append(attempt)
