@@ -308,36 +308,35 @@ class ProcessExecutor:
                 "the worker closed its handler processes", retryable=True, bases=("Exception",))))
         children = list(self._children)
         for child in children:
-            if child.wbuf:  # finish a call or abandon frame in flight before the end of input
-                os.set_blocking(child.wfd, True)
-                try:
-                    os.write(child.wfd, child.wbuf)
-                except OSError:
-                    pass
-                child.wbuf.clear()
+            # End of input. A frame still half-sent is dropped: the child reads a cut frame, then
+            # the end, and exits (blocking here to finish it could wait on a child that never reads).
+            child.wbuf.clear()
             try:
                 child.proc.stdin.close()  # type: ignore[union-attr]
             except OSError:
                 pass
         deadline = time.monotonic() + self.grace
-        live = [c for c in children if c.attempt is not None]
-        while live:
+        busy = {c.rfd: c for c in children if c.attempt is not None}
+        poller = select.poll()  # not select(): a busy worker may hold descriptors beyond FD_SETSIZE
+        for fd in busy:
+            poller.register(fd, select.POLLIN)
+        while busy:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            readable, _, _ = select.select([c.rfd for c in live], [], [], remaining)
-            for child in [c for c in live if c.rfd in readable]:
+            for fd, _ in poller.poll(remaining * 1000):
+                child = busy[fd]
                 try:
-                    data = os.read(child.rfd, _READ_SIZE)
+                    data = os.read(fd, _READ_SIZE)
                 except BlockingIOError:
                     continue
                 except OSError:
                     data = b""
                 if data:
-                    child.read(data)
-                else:
-                    live.remove(child)
-            live = [c for c in live if c.attempt is not None and not c.gone]
+                    child.read(data)  # its outcome counts: delivered as usual
+                if not data or child.attempt is None or child.gone:
+                    poller.unregister(fd)
+                    del busy[fd]
         for child in children:
             attempt = child.attempt
             child.attempt = None
