@@ -316,3 +316,72 @@ def test_a_worker_an_hour_fast_does_not_park_a_retry_for_an_hour(write, etcd_url
     inst, history = asyncio.run(main())
     assert inst.status == SUCCEEDED and inst.payload == {"attempt": 2}
     assert history[0].worker == "true"
+
+
+GIL = """
+machine: gil
+start: s
+states:
+  s: {tick: gilmod:hog, timeout: 1s, catch: caught, next: done}
+  caught: {next: done}
+  done: {terminal: true}
+"""
+
+STEADY = """
+machine: steady
+start: a
+states:
+  a: {tick: gilmod:note, next: b}
+  b: {tick: gilmod:note, next: c}
+  c: {tick: gilmod:note, next: done}
+  done: {terminal: true}
+"""
+
+GILMOD = """
+import os, re
+
+def hog(payload, ctx):
+    re.match(r"(a+)+$", "a" * 40 + "b")  # holds the GIL for far longer than any test runs
+
+def note(payload, ctx):
+    with open(os.environ["DSM_TEST_TICKS"], "a") as f:
+        f.write(f"{ctx.instance_id} {ctx.state}\\n")
+"""
+
+
+@pytest.mark.etcd
+def test_a_handler_holding_the_gil_cannot_make_other_ticks_run_twice(write, etcd_url, namespace, tmp_path,
+                                                                     monkeypatch):
+    """A catastrophic regex (it holds the GIL) on a worker with a 2 s lease: run in a child process,
+    it is killed at its 1 s timeout, the worker's lease lives on, and the other instances' ticks
+    each run exactly once."""
+    from dsm.store.etcd import EtcdOptions, EtcdStore
+    from dsm.worker.isolation import ProcessExecutor
+
+    ticks = tmp_path / "ticks.log"
+    monkeypatch.setenv("DSM_TEST_TICKS", str(ticks))
+    gil = compiler.load(write("gil.yaml", GIL, gilmod=GILMOD))
+    steady = compiler.load(write("steady.yaml", STEADY))
+    keys = Keys(namespace)
+
+    async def main():
+        store = await EtcdStore.connect(EtcdOptions.build(etcd_url))
+        executor = ProcessExecutor(4, search_path=[str(tmp_path)], preload=["gilmod"])
+        try:
+            registry = Registry(store, keys, allow=handlers.Allowlist(gil.modules()))
+            registry.add(gil)
+            registry.add(steady)
+            client = Client(store, keys)
+            async with running(store, registry, concurrency=4, lease_ttl=2.0, executor=executor, grace=1) as w:
+                hog = await client.submit(gil, {})
+                others = [await client.submit(steady, {}) for _ in range(6)]
+                done = await asyncio.gather(*(client.wait(i, timeout=BOUND) for i in [hog, *others]))
+                return done, others, w.lease.id
+        finally:
+            await store.close()
+
+    done, others, _ = asyncio.run(main())
+    assert done[0].status == SUCCEEDED and done[0].payload["error"]["type"] == "TimeoutError"
+    assert all(d.status == SUCCEEDED for d in done[1:])
+    lines = ticks.read_text().splitlines()
+    assert sorted(lines) == sorted(f"{i} {s}" for i in others for s in "abc")  # each tick once

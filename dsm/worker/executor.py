@@ -65,7 +65,8 @@ class Executor(Protocol):
     def start(self, call: TickCall) -> Attempt: ...
 
     def close(self) -> None:
-        """Stop taking calls; attempts still running are left to end on their own."""
+        """Stop taking calls; attempts still running end on their own, or (processes) are given a
+        short grace and then stopped."""
 
 
 # -- pure parts ------------------------------------------------------------------------------------
@@ -185,8 +186,9 @@ class ThreadExecutor:
             self._jobs.put(_STOP)
 
     def _spawn(self) -> None:
-        self._serial += 1
-        self._threads += 1
+        with self._lock:
+            self._serial += 1
+            self._threads += 1
         threading.Thread(target=self._serve, name=f"{self.name}-{self._serial}", daemon=True).start()
 
     def _timed_out(self, attempt: _ThreadAttempt) -> None:
@@ -228,7 +230,8 @@ class ThreadExecutor:
                     outcome = Outcome(failure=failure_of(exc))
                 self._deliver(attempt, outcome)
                 if attempt.retire:
-                    self._threads -= 1
+                    with self._lock:
+                        self._threads -= 1
                     return
         finally:
             if handler_loop is not None:
