@@ -6,15 +6,19 @@ Data goes to stdout, logs and progress to stderr. Exit codes are the contract's 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +27,11 @@ from dsm import compiler, handlers, payloads, records, render, schema
 from dsm.durations import parse_duration
 from dsm.errors import DefinitionError, DsmError, InputError, NotFound, StoreUnavailable
 from dsm.graph import Graph
+
+if TYPE_CHECKING:
+    from dsm.client import Client
+    from dsm.store import Store
+    from dsm.store.etcd import EtcdOptions
 
 log = logging.getLogger("dsm.cli")
 
@@ -218,30 +227,113 @@ def _run_async(coro_factory: Any) -> Any:
 
 # -- etcd options ----------------------------------------------------------------------------
 
-EtcdOpt = typer.Option(None, "--etcd", envvar="DSM_ETCD", help="etcd endpoints, comma separated (DSM_ETCD).")
-NamespaceOpt = typer.Option("dsm", "--namespace", envvar="DSM_NAMESPACE", help="Key prefix /<namespace>/.")
-CacertOpt = typer.Option(None, "--cacert", help="CA bundle to verify etcd's TLS certificate.")
-CertOpt = typer.Option(None, "--cert", help="Client certificate for etcd TLS.")
-KeyOpt = typer.Option(None, "--key", help="Client key for etcd TLS.")
-UserOpt = typer.Option(None, "--user", envvar="DSM_ETCD_USER", help="etcd user; password from DSM_ETCD_PASSWORD.")
+@dataclass(frozen=True, slots=True)
+class EtcdArgs:
+    """The etcd connection options as given on the command line, the same for every command that
+    talks to etcd (see `_command`): endpoints, namespace, TLS files and user (the password comes
+    from DSM_ETCD_PASSWORD, never from the command line)."""
+
+    endpoints: Optional[str] = None
+    namespace: str = "dsm"
+    cacert: Optional[Path] = None
+    cert: Optional[Path] = None
+    key: Optional[Path] = None
+    user: Optional[str] = None
+
+    @property
+    def given(self) -> bool:
+        return bool(self.endpoints)
+
+    def options(self) -> "EtcdOptions":
+        """The checked store options; a usage error (exit 2) without an endpoint or with bad values."""
+        from dsm.store.etcd import EtcdOptions
+
+        if not self.endpoints:
+            raise Fail(ExitCode.INVALID, "this command needs an etcd endpoint: give --etcd URLS or set DSM_ETCD")
+        try:
+            return EtcdOptions.build(self.endpoints, namespace=self.namespace, cacert=self.cacert, cert=self.cert,
+                                     key=self.key, user=self.user, password=os.environ.get("DSM_ETCD_PASSWORD"))
+        except InputError as exc:
+            raise Fail(ExitCode.INVALID, str(exc)) from None
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator["Store"]:
+        """`async with etcd.open() as store`: exit code 3 with one line when etcd is unreachable."""
+        from dsm.store.etcd import EtcdStore
+
+        options = self.options()
+        try:
+            store = await EtcdStore.connect(options)
+        except StoreUnavailable as exc:
+            raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {options.display}: {exc}") from None
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    def call(self, call: Callable[["Client"], Any]) -> Any:
+        """Connect, run `call(client)`, disconnect; an unknown instance id is invalid input (exit 2)."""
+        from dsm.client import Client
+
+        async def go() -> Any:
+            async with self.open() as store:
+                return await call(Client(store, self.options().keys))
+
+        try:
+            return _run_async(go)
+        except NotFound as exc:
+            raise Fail(ExitCode.INVALID, str(exc)) from None
 
 
-def _etcd_options(etcd: Optional[str], namespace: str, cacert: Optional[Path], cert: Optional[Path],
-                  key: Optional[Path], user: Optional[str]) -> Any:
-    from dsm.store.etcd import EtcdOptions
+_ETCD_PANEL = "etcd connection"
+_ETCD_PARAMETERS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
+    for name, annotation, option in [
+        ("etcd_endpoints", Optional[str],
+         typer.Option(None, "--etcd", envvar="DSM_ETCD", rich_help_panel=_ETCD_PANEL,
+                      help="etcd endpoints, comma separated (DSM_ETCD).")),
+        ("etcd_namespace", str,
+         typer.Option("dsm", "--namespace", envvar="DSM_NAMESPACE", rich_help_panel=_ETCD_PANEL,
+                      help="Key prefix /<namespace>/.")),
+        ("etcd_cacert", Optional[Path],
+         typer.Option(None, "--cacert", rich_help_panel=_ETCD_PANEL, help="CA bundle to verify etcd's TLS certificate.")),
+        ("etcd_cert", Optional[Path],
+         typer.Option(None, "--cert", rich_help_panel=_ETCD_PANEL, help="Client certificate for etcd TLS.")),
+        ("etcd_key", Optional[Path],
+         typer.Option(None, "--key", rich_help_panel=_ETCD_PANEL, help="Client key for etcd TLS.")),
+        ("etcd_user", Optional[str],
+         typer.Option(None, "--user", envvar="DSM_ETCD_USER", rich_help_panel=_ETCD_PANEL,
+                      help="etcd user; password from DSM_ETCD_PASSWORD.")),
+    ]
+]
 
-    if not etcd:
-        raise Fail(ExitCode.INVALID, "this command needs an etcd endpoint: give --etcd URLS or set DSM_ETCD")
-    try:
-        return EtcdOptions.build(etcd, namespace=namespace, cacert=cacert, cert=cert, key=key, user=user,
-                                 password=os.environ.get("DSM_ETCD_PASSWORD"))
-    except InputError as exc:
-        raise Fail(ExitCode.INVALID, str(exc)) from None
+
+def _command(name: Optional[str] = None, *, etcd: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    """Register a command. With `etcd=True` it gets the etcd connection options, collected into one
+    `EtcdArgs` passed as its `etcd` parameter, so every etcd command spells them the same way."""
+
+    def decorate(func: Callable[..., Any]) -> Any:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if not (etcd and p.name == "etcd")]
+        extra = _ETCD_PARAMETERS if etcd else []
+
+        @functools.wraps(func)
+        def command(**values: Any) -> Any:
+            if etcd:
+                values["etcd"] = EtcdArgs(*(values.pop(p.name) for p in _ETCD_PARAMETERS))
+            return func(**values)
+
+        parameters = own + extra
+        command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return app.command(name)(command)
+
+    return decorate
 
 
 # -- commands --------------------------------------------------------------------------------
 
-@app.command()
+@_command()
 def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or folders of *.yaml / *.yml."),
              no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules.")) -> None:
     """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE."""
@@ -261,7 +353,7 @@ def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or 
         raise Fail(ExitCode.INVALID)
 
 
-@app.command()
+@_command()
 def graph(path: Path = typer.Argument(..., help="Definition file."),
           format: str = typer.Option("mermaid", "--format", "-f", help="mermaid or dot."),
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE instead of stdout."),
@@ -281,34 +373,32 @@ def graph(path: Path = typer.Argument(..., help="Definition file."),
         err.print(f"wrote {output}", markup=False)
 
 
-@app.command(name="schema")
+@_command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of machine definitions."""
     sys.stdout.write(schema.schema_text().rstrip("\n") + "\n")
 
 
-@app.command()
+@_command(etcd=True)
 def run(path: Path = typer.Argument(..., help="Definition file."),
         payload: Optional[str] = typer.Option(None, "--payload", help="Initial payload, a JSON object."),
         payload_file: Optional[Path] = typer.Option(None, "--payload-file", help="Read the payload from FILE."),
-        etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
         workers: int = typer.Option(4, "--workers", min=0, help="Ticks run at once (local workers with --etcd)."),
         timeout: Optional[str] = typer.Option(None, "--timeout", help="Give up waiting after DURATION (exit 4)."),
         as_json: bool = typer.Option(False, "--json", help="Print the instance record on stdout."),
         no_import: bool = typer.Option(False, "--no-import", help="Do not import handlers (with --workers 0)."),
-        cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-        user: Optional[str] = UserOpt) -> None:
+        etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start one instance and wait for it: embedded, or on etcd with --etcd."""
     body = _payload(payload, payload_file)
     limit = _duration(timeout, "--timeout")
-    if not etcd and workers == 0:
+    if not etcd.given and workers == 0:
         raise Fail(ExitCode.INVALID, "--workers 0 needs --etcd: embedded runs have no workers elsewhere")
     graph_ = _load(path, no_import=no_import)
     progress = _Progress()
     try:
-        if etcd:
-            options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-            result = _run_async(lambda: _run_etcd(graph_, body, options, workers, limit, progress))
+        if etcd.given:
+            etcd.options()
+            result = _run_async(lambda: _run_etcd(graph_, body, etcd, workers, limit, progress))
         else:
             result = _run_async(lambda: _run_embedded(graph_, body, workers, limit, progress))
     finally:
@@ -338,13 +428,14 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: Optional
         return partial.instance, partial.history, True
 
 
-async def _run_etcd(graph_: Graph, body: dict, options: Any, workers: int, limit: Optional[float],
+async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, limit: Optional[float],
                     progress: _Progress) -> tuple:
     from dsm.client import Client
     from dsm.definitions import Registry
     from dsm.worker import Worker
 
-    async with _connect(options) as store:
+    options = etcd.options()
+    async with etcd.open() as store:
         client = Client(store, options.keys)
         instance_id = await client.submit(graph_, body)
         err.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
@@ -368,42 +459,6 @@ async def _run_etcd(graph_: Graph, body: dict, options: Any, workers: int, limit
                 await asyncio.gather(runner, return_exceptions=True)
 
 
-class _connect:
-    """`async with _connect(options) as store`: exit code 3 with one line when etcd is unreachable."""
-
-    def __init__(self, options: Any):
-        self.options = options
-        self.store: Any = None
-
-    async def __aenter__(self) -> Any:
-        from dsm.store.etcd import EtcdStore
-
-        try:
-            self.store = await EtcdStore.connect(self.options)
-        except StoreUnavailable as exc:
-            raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {self.options.display}: {exc}") from None
-        return self.store
-
-    async def __aexit__(self, *exc: Any) -> None:
-        if self.store is not None:
-            await self.store.close()
-
-
-def _with_client(options: Any, call: Any) -> Any:
-    """Connect, run `call(client)`, disconnect; an unknown instance id is invalid input (exit 2)."""
-
-    async def go() -> Any:
-        from dsm.client import Client
-
-        async with _connect(options) as store:
-            return await call(Client(store, options.keys))
-
-    try:
-        return _run_async(go)
-    except NotFound as exc:
-        raise Fail(ExitCode.INVALID, str(exc)) from None
-
-
 def _jsonl(path: Path) -> Iterator[dict]:
     try:
         handle = sys.stdin if str(path) == "-" else path.open(encoding="utf-8")
@@ -419,37 +474,27 @@ def _jsonl(path: Path) -> Iterator[dict]:
                 raise Fail(ExitCode.INVALID, str(exc)) from None
 
 
-@app.command()
+@_command(etcd=True)
 def submit(path: Path = typer.Argument(..., help="Definition file."),
            payload: Optional[str] = typer.Option(None, "--payload", help="Initial payload, a JSON object."),
            payload_file: Optional[Path] = typer.Option(None, "--payload-file", help="Read the payload from FILE."),
            jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="One instance per line of FILE ('-': stdin)."),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
            no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules."),
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+           etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start instances on etcd; print each instance id on its own line."""
     if jsonl is not None and (payload is not None or payload_file is not None):
         raise Fail(ExitCode.INVALID, "give --jsonl or --payload/--payload-file, not both")
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
+    etcd.options()
     graph_ = _load(path, no_import=no_import)
     bodies = list(_jsonl(jsonl)) if jsonl is not None else [_payload(payload, payload_file)]
-
-    async def go() -> list[str]:
-        from dsm.client import Client
-
-        async with _connect(options) as store:
-            return await Client(store, options.keys).submit_many(graph_, bodies)
-
-    for iid in _run_async(go):
+    for iid in etcd.call(lambda client: client.submit_many(graph_, bodies)):
         sys.stdout.write(iid + "\n")
     sys.stdout.flush()
 
 
-@app.command()
+@_command(etcd=True)
 def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worker serves (and whose modules "
                                                            "it may import)."),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
            concurrency: int = typer.Option(8, "--concurrency", min=1, help="Ticks run at once."),
            allow: List[str] = typer.Option(None, "--allow", help="Module prefix handlers may come from "
                                                                   "(repeatable; default: the modules of PATHs)."),
@@ -457,13 +502,12 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
            lease_ttl: int = typer.Option(10, "--lease-ttl", min=2, help="Seconds before a dead worker's "
                                                                          "claims expire."),
            grace: float = typer.Option(30.0, "--grace", help="Seconds to finish running ticks on SIGTERM."),
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+           etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT."""
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
         signal.signal(signum, lambda number, frame: received.append(number))
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
+    options = etcd.options()
     files = _definition_files(list(paths or []))
     search = tuple(str(p.resolve()) for p in (path or []))
     folders = tuple(dict.fromkeys(str(f.resolve().parent) for f in files))
@@ -488,7 +532,7 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
             loop.add_signal_handler(signum, on_signal, signum)
         if received:
             return
-        async with _connect(options) as store:
+        async with etcd.open() as store:
             registry = Registry(store, options.keys, allow=allowlist, search_path=search + folders)
             for g in graphs:
                 registry.add(g)
@@ -504,15 +548,12 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
         raise Fail(ExitCode.INTERRUPTED)  # SIGTERM is the ordinary way to stop a worker: exit 0
 
 
-@app.command()
+@_command(etcd=True)
 def status(instance_id: str = typer.Argument(..., metavar="ID"),
            as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON."),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+           etcd: EtcdArgs = EtcdArgs()) -> None:
     """Show one instance (the whole record with --json)."""
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-    record = _with_client(options, lambda client: client.record(instance_id))
+    record = etcd.call(lambda client: client.record(instance_id))
     if as_json:
         _print_json(record)
         return
@@ -539,18 +580,15 @@ def status(instance_id: str = typer.Argument(..., metavar="ID"),
                   f"attempt {h['attempt']} by {h['worker']}", markup=False)
 
 
-@app.command(name="list")
+@_command("list", etcd=True)
 def list_command(status_: Optional[str] = typer.Option(None, "--status", help="Only instances with this status."),
                  machine: Optional[str] = typer.Option(None, "--machine", help="Only instances of this machine."),
                  as_json: bool = typer.Option(False, "--json", help="Print a JSON array of records."),
-                 etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-                 cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-                 user: Optional[str] = UserOpt) -> None:
+                 etcd: EtcdArgs = EtcdArgs()) -> None:
     """List instances (records without history)."""
     if status_ is not None and status_ not in records.STATUSES:
         raise Fail(ExitCode.INVALID, f"--status must be one of {', '.join(records.STATUSES)}, got {status_!r}")
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-    found = _with_client(options, lambda client: client.list(status=status_, machine=machine))
+    found = etcd.call(lambda client: client.list(status=status_, machine=machine))
     if as_json:
         _print_json([records.public_record(i) for i in found])
         return
@@ -560,14 +598,11 @@ def list_command(status_: Optional[str] = typer.Option(None, "--status", help="O
                   f"{inst.transitions:>6}  {records.timestamp(inst.created_at)}", markup=False)
 
 
-@app.command()
+@_command(etcd=True)
 def cancel(instance_id: str = typer.Argument(..., metavar="ID"),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+           etcd: EtcdArgs = EtcdArgs()) -> None:
     """Cancel a running instance."""
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-    inst = _with_client(options, lambda client: client.cancel(instance_id))
+    inst = etcd.call(lambda client: client.cancel(instance_id))
     if inst.status == records.CANCELLED:
         err.print(f"instance {inst.id} cancelled", markup=False)
     else:

@@ -232,3 +232,10 @@ def test_every_example_validates_and_runs(path):
     result = dsm("run", f"definitions/{path}", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "succeeded"
+
+
+def test_every_etcd_command_takes_the_same_connection_options():
+    names = ["--etcd", "--namespace", "--cacert", "--cert", "--key", "--user"]
+    for command in ("submit", "worker", "status", "list", "cancel", "run"):
+        text = dsm(command, "--help", COLUMNS="200").stdout
+        assert all(re.search(rf"{name}\b", text) for name in names), (command, text)
