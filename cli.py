@@ -66,9 +66,32 @@ class Fail(Exception):
         super().__init__(message)
 
 
+@dataclass(slots=True)
+class _Verbosity:
+    """-v / -q as given so far: before the command, after it, or both."""
+
+    verbose: bool = False
+    quiet: bool = False
+
+
+_verbosity = _Verbosity()
+
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log details and tracebacks to stderr.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details and tracebacks to stderr."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")) -> None:
+def _root(verbose: bool = VerboseOpt, quiet: bool = QuietOpt) -> None:
+    _set_verbosity(verbose, quiet)
+
+
+def _set_verbosity(verbose: bool, quiet: bool) -> None:
+    """Apply -v / -q wherever they were given (`dsm -v run x.yaml` or `dsm run x.yaml -v`)."""
+    _verbosity.verbose |= verbose
+    _verbosity.quiet |= quiet
+    verbose, quiet = _verbosity.verbose, _verbosity.quiet
+    if verbose and quiet:
+        raise Fail(ExitCode.INVALID, "-v (--verbose) and -q (--quiet) contradict each other: give one of them")
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler: logging.Handler
     if err.is_terminal:
@@ -83,9 +106,8 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    if not verbose:
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        logging.getLogger("dsm.handler").setLevel(logging.INFO if not quiet else logging.ERROR)
+    logging.getLogger("asyncio").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    logging.getLogger("dsm.handler").setLevel(logging.NOTSET if verbose else logging.ERROR if quiet else logging.INFO)
 
 
 # -- shared helpers ----------------------------------------------------------------------------
@@ -285,6 +307,8 @@ class EtcdArgs:
             raise Fail(ExitCode.INVALID, str(exc)) from None
 
 
+_OUTPUT_PARAMETERS = [inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=VerboseOpt),
+                      inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=QuietOpt)]
 _ETCD_PANEL = "etcd connection"
 _ETCD_PARAMETERS = [
     inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
@@ -309,16 +333,18 @@ _ETCD_PARAMETERS = [
 
 
 def _command(name: Optional[str] = None, *, etcd: bool = False) -> Callable[[Callable[..., Any]], Any]:
-    """Register a command. With `etcd=True` it gets the etcd connection options, collected into one
-    `EtcdArgs` passed as its `etcd` parameter, so every etcd command spells them the same way."""
+    """Register a command with the options every command shares: -v / -q (also accepted after the
+    command's name) and, with `etcd=True`, the etcd connection options, collected into one `EtcdArgs`
+    passed as its `etcd` parameter, so every etcd command spells them the same way."""
 
     def decorate(func: Callable[..., Any]) -> Any:
         signature = inspect.signature(func, eval_str=True)
         own = [p for p in signature.parameters.values() if not (etcd and p.name == "etcd")]
-        extra = _ETCD_PARAMETERS if etcd else []
+        extra = _OUTPUT_PARAMETERS + (_ETCD_PARAMETERS if etcd else [])
 
         @functools.wraps(func)
         def command(**values: Any) -> Any:
+            _set_verbosity(values.pop("verbose"), values.pop("quiet"))
             if etcd:
                 values["etcd"] = EtcdArgs(*(values.pop(p.name) for p in _ETCD_PARAMETERS))
             return func(**values)

@@ -239,3 +239,27 @@ def test_every_etcd_command_takes_the_same_connection_options():
     for command in ("submit", "worker", "status", "list", "cancel", "run"):
         text = dsm(command, "--help", COLUMNS="200").stdout
         assert all(re.search(rf"{name}\b", text) for name in names), (command, text)
+
+
+# -- output: -q, -v, closed pipes, help, version ------------------------------------------------
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_before_or_after_the_command(write, where):
+    path = write("raise.yaml", """
+        machine: raiser
+        start: s
+        states:
+          s:
+            tick: raisemod2:boom
+            next: done
+          done:
+            terminal: true
+        """, raisemod2="def boom(payload, ctx):\n    raise RuntimeError('kaboom')\n")
+    result = dsm("-v", "run", str(path)) if where == "before" else dsm("run", str(path), "-v")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+
+
+def test_verbose_and_quiet_together_is_a_usage_error():
+    result = dsm("run", ORDER, "-v", "-q")
+    assert result.returncode == 2 and "-v" in result.stderr and "-q" in result.stderr
