@@ -1,6 +1,8 @@
 """The `dsm` command: a thin shell that parses, calls the dsm package, and formats.
 
 Data goes to stdout, logs and progress to stderr. Exit codes are the contract's (ExitCode).
+stderr carries two kinds of text: progress and notes (`info`), which -q silences, and errors and
+log records (`err`). With -q, stderr stays empty unless the command fails.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, 
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dsm import compiler, handlers, payloads, records, render, schema
 from dsm.durations import parse_duration
@@ -54,7 +57,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # errors and logs
+info = Console(stderr=True, highlight=False, soft_wrap=True)  # progress and notes: silenced by -q
 out = Console(highlight=False, soft_wrap=True)
 
 
@@ -93,6 +97,7 @@ def _set_verbosity(verbose: bool, quiet: bool) -> None:
     if verbose and quiet:
         raise Fail(ExitCode.INVALID, "-v (--verbose) and -q (--quiet) contradict each other: give one of them")
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    info.quiet = quiet
     handler: logging.Handler
     if err.is_terminal:
         from rich.logging import RichHandler
@@ -168,23 +173,21 @@ def _print_json(value: Any) -> None:
 
 class _Progress:
     """Transitions as they commit, one line each on stderr; on a terminal, coloured, with a live
-    status line of the states still active."""
+    status line of the states still active. With -q, only the end of an instance that did not
+    succeed, in one line."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self) -> None:
         self.started = time.monotonic()
-        self.live = err.status("starting", spinner="dots") if enabled and err.is_terminal else None
+        self.live = info.status("starting", spinner="dots") if info.is_terminal and not info.quiet else None
         if self.live is not None:
             self.live.start()
 
     def history(self, entry: records.HistoryEntry) -> None:
-        if not self.enabled:
-            return
         branch = f" [dim]\\[{'/'.join(entry.branch)}][/dim]" if entry.branch else ""
         outcome = f" [cyan]({entry.outcome})[/cyan]" if entry.outcome else ""
         attempt = f" [yellow]attempt {entry.attempt}[/yellow]" if entry.attempt > 1 else ""
         targets = ", ".join(entry.next)
-        err.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
+        info.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
 
     def update(self, inst: records.Instance) -> None:
         if self.live is not None:
@@ -193,18 +196,20 @@ class _Progress:
 
     def finished(self, inst: records.Instance) -> None:
         self.stop()
-        if not self.enabled:
-            return
         took = time.monotonic() - self.started
-        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(inst.status, "white")
         where = f" at {inst.state}" if inst.state else ""
-        err.print(f"[{colour}]instance {inst.id} {inst.status}{where}[/{colour}] "
-                  f"({inst.transitions} transitions, {took:.2f}s)")
-        if inst.error:
-            e = inst.error
-            err.print(f"[red]error[/red]: {e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}",
-                      markup=True)
-        err.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False)
+        e = inst.error
+        error = f"{e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}" if e else ""
+        if info.quiet:
+            if inst.status != records.SUCCEEDED:
+                err.print(f"instance {inst.id} {inst.status}{where}" + (f": {error}" if error else ""), markup=False)
+            return
+        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(inst.status, "white")
+        info.print(f"[{colour}]instance {inst.id} {inst.status}{where}[/{colour}] "
+                   f"({inst.transitions} transitions, {took:.2f}s)")
+        if error:
+            info.print("[red]error[/red]: " + escape(error))
+        info.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False)
 
     def stop(self) -> None:
         if self.live is not None:
@@ -373,7 +378,7 @@ def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or 
             for problem in exc.problems:
                 out.print(str(problem), markup=False)
             continue
-        err.print(f"{path}: ok (machine {graph.machine}, {len(graph.states)} states)", markup=False)
+        info.print(f"{path}: ok (machine {graph.machine}, {len(graph.states)} states)", markup=False)
     if bad:
         err.print(f"{bad} of {len(files)} file(s) invalid", markup=False)
         raise Fail(ExitCode.INVALID)
@@ -396,7 +401,7 @@ def graph(path: Path = typer.Argument(..., help="Definition file."),
             output.write_text(text, encoding="utf-8")
         except OSError as exc:
             raise Fail(ExitCode.INVALID, f"cannot write {output}: {exc.strerror or exc}") from None
-        err.print(f"wrote {output}", markup=False)
+        info.print(f"wrote {output}", markup=False)
 
 
 @_command("schema")
@@ -447,7 +452,7 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: Optional
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
                                           on_update=progress.update,
-                                          on_start=lambda iid: err.print(f"instance {iid} started", markup=False))
+                                          on_start=lambda iid: info.print(f"instance {iid} started", markup=False))
         return result.instance, result.history, False
     except asyncio.TimeoutError as exc:
         partial = exc.args[0]
@@ -464,7 +469,7 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
     async with etcd.open() as store:
         client = Client(store, options.keys)
         instance_id = await client.submit(graph_, body)
-        err.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
+        info.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
         stop = asyncio.Event()
         runner = None
         if workers > 0:
@@ -564,10 +569,10 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
                 registry.add(g)
                 await register(store, options.keys, g)
             w = Worker(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl))
-            err.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
+            info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                       f"(concurrency {concurrency}, modules: {allowlist.describe()})", markup=False)
             await w.run(stop, grace=grace)
-            err.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
+            info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
     _run_async(go)
     if signal.SIGINT in received:
@@ -630,9 +635,9 @@ def cancel(instance_id: str = typer.Argument(..., metavar="ID"),
     """Cancel a running instance."""
     inst = etcd.call(lambda client: client.cancel(instance_id))
     if inst.status == records.CANCELLED:
-        err.print(f"instance {inst.id} cancelled", markup=False)
+        info.print(f"instance {inst.id} cancelled", markup=False)
     else:
-        err.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
+        info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
 
 
 def main() -> None:

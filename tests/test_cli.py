@@ -244,6 +244,29 @@ def test_every_etcd_command_takes_the_same_connection_options():
 # -- output: -q, -v, closed pipes, help, version ------------------------------------------------
 
 @pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_run_prints_nothing_on_stderr_when_it_succeeds(where):
+    args = ["run", ORDER, "--payload", '{"total": 120}', "--json"]
+    result = dsm("-q", *args) if where == "before" else dsm(*args, "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert json.loads(result.stdout)["status"] == "succeeded"  # data still on stdout
+
+
+def test_quiet_run_of_a_failed_instance_says_why_in_one_line():
+    result = dsm("run", ORDER, "--payload", '{"total": 0}', "-q")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "failed" in lines[0] and "cancelled" in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_quiet_applies_to_every_command(tmp_path):
+    assert dsm("validate", "definitions", "-q").stderr == ""
+    graph = dsm("graph", ORDER, "-o", str(tmp_path / "g.mmd"), "-q")
+    assert graph.returncode == 0 and graph.stderr == ""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_before_or_after_the_command(write, where):
     path = write("raise.yaml", """
         machine: raiser
