@@ -57,9 +57,37 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # errors and logs
-info = Console(stderr=True, highlight=False, soft_wrap=True)  # progress and notes: silenced by -q
-out = Console(highlight=False, soft_wrap=True)
+def _drop(stream: Any) -> None:
+    """Point a stream whose reader went away at /dev/null: later writes and flushes vanish."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _emit(text: str) -> None:
+    """Write data to stdout. A reader that stops reading (`dsm list | head -1`) is not an error:
+    the rest of the data is dropped and the command ends with the exit code it has anyway."""
+    try:
+        sys.stdout.write(text)
+    except BrokenPipeError:
+        _drop(sys.stdout)
+
+
+class _StderrConsole(Console):
+    """stderr for people: a closed pipe drops the rest instead of ending the process (rich's default)."""
+
+    def __init__(self) -> None:
+        super().__init__(stderr=True, highlight=False, soft_wrap=True)
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _drop(sys.stderr)
+
+
+err = _StderrConsole()  # errors and logs
+info = _StderrConsole()  # progress and notes: silenced by -q
 
 
 class Fail(Exception):
@@ -136,7 +164,7 @@ def _load(path: Path, *, no_import: bool = False, allow: handlers.Allowlist = ha
         return compiler.load(path, import_handlers=not no_import, allow=allow, search_path=search_path)
     except DefinitionError as exc:
         for problem in exc.problems:
-            out.print(str(problem), markup=False)
+            _emit(f"{problem}\n")
         raise Fail(ExitCode.INVALID) from None
 
 
@@ -167,8 +195,7 @@ def _duration(value: Optional[str], option: str) -> Optional[float]:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    _emit(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 class _Progress:
@@ -376,7 +403,7 @@ def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or 
         except DefinitionError as exc:
             bad += 1
             for problem in exc.problems:
-                out.print(str(problem), markup=False)
+                _emit(f"{problem}\n")
             continue
         info.print(f"{path}: ok (machine {graph.machine}, {len(graph.states)} states)", markup=False)
     if bad:
@@ -395,7 +422,7 @@ def graph(path: Path = typer.Argument(..., help="Definition file."),
         raise Fail(ExitCode.INVALID, f"--format must be one of {', '.join(render.RENDERERS)}, got {format!r}")
     text = renderer(_load(path, no_import=no_import))
     if output is None:
-        sys.stdout.write(text)
+        _emit(text)
     else:
         try:
             output.write_text(text, encoding="utf-8")
@@ -407,7 +434,7 @@ def graph(path: Path = typer.Argument(..., help="Definition file."),
 @_command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of machine definitions."""
-    sys.stdout.write(schema.schema_text().rstrip("\n") + "\n")
+    _emit(schema.schema_text().rstrip("\n") + "\n")
 
 
 @_command(etcd=True)
@@ -519,8 +546,7 @@ def submit(path: Path = typer.Argument(..., help="Definition file."),
     graph_ = _load(path, no_import=no_import)
     bodies = list(_jsonl(jsonl)) if jsonl is not None else [_payload(payload, payload_file)]
     for iid in etcd.call(lambda client: client.submit_many(graph_, bodies)):
-        sys.stdout.write(iid + "\n")
-    sys.stdout.flush()
+        _emit(iid + "\n")
 
 
 @_command(etcd=True)
@@ -588,27 +614,24 @@ def status(instance_id: str = typer.Argument(..., metavar="ID"),
     if as_json:
         _print_json(record)
         return
-    out.print(f"id:          {record['id']}", markup=False)
-    out.print(f"machine:     {record['machine']} (version {record['version']}, {record['digest'][:19]})",
-              markup=False)
-    out.print(f"status:      {record['status']}" + (f" at {record['state']}" if record["state"] else ""),
-              markup=False)
+    lines = [f"id:          {record['id']}",
+             f"machine:     {record['machine']} (version {record['version']}, {record['digest'][:19]})",
+             f"status:      {record['status']}" + (f" at {record['state']}" if record["state"] else "")]
     if record["active"]:
-        out.print(f"active:      {', '.join(record['active'])}", markup=False)
-    out.print(f"transitions: {record['transitions']}", markup=False)
-    out.print(f"created:     {record['created_at']}", markup=False)
+        lines.append(f"active:      {', '.join(record['active'])}")
+    lines += [f"transitions: {record['transitions']}", f"created:     {record['created_at']}"]
     if record["finished_at"]:
-        out.print(f"finished:    {record['finished_at']}", markup=False)
+        lines.append(f"finished:    {record['finished_at']}")
     if record["error"]:
         e = record["error"]
-        out.print(f"error:       {e['type']} in {e['state']} after {e['attempts']} attempt(s): {e['message']}",
-                  markup=False)
-    out.print("payload:     " + json.dumps(record["payload"], ensure_ascii=False), markup=False)
+        lines.append(f"error:       {e['type']} in {e['state']} after {e['attempts']} attempt(s): {e['message']}")
+    lines.append("payload:     " + json.dumps(record["payload"], ensure_ascii=False))
     for h in record["history"]:
         branch = f" [{'/'.join(h['branch'])}]" if h["branch"] else ""
         outcome = f" ({h['outcome']})" if h["outcome"] else ""
-        out.print(f"  {h['seq']:>4} {h['at']} {h['state']}{outcome} -> {', '.join(h['next'])}{branch} "
-                  f"attempt {h['attempt']} by {h['worker']}", markup=False)
+        lines.append(f"  {h['seq']:>4} {h['at']} {h['state']}{outcome} -> {', '.join(h['next'])}{branch} "
+                     f"attempt {h['attempt']} by {h['worker']}")
+    _emit("".join(line + "\n" for line in lines))
 
 
 @_command("list", etcd=True)
@@ -625,8 +648,8 @@ def list_command(status_: Optional[str] = typer.Option(None, "--status", help="O
         return
     for inst in found:
         where = inst.state or ",".join(inst.active) or "-"
-        out.print(f"{inst.id}  {inst.machine:<16} {inst.status:<10} {where:<20} "
-                  f"{inst.transitions:>6}  {records.timestamp(inst.created_at)}", markup=False)
+        _emit(f"{inst.id}  {inst.machine:<16} {inst.status:<10} {where:<20} "
+              f"{inst.transitions:>6}  {records.timestamp(inst.created_at)}\n")
 
 
 @_command(etcd=True)
@@ -670,11 +693,15 @@ def main() -> None:
         err.print(f"dsm: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
                   markup=False)
         code = 1
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
+    except BrokenPipeError:  # a closed pipe met outside _emit and our consoles: end as if dropped
+        code = int(ExitCode.OK)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            _drop(stream)
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -286,3 +286,30 @@ def test_verbose_before_or_after_the_command(write, where):
 def test_verbose_and_quiet_together_is_a_usage_error():
     result = dsm("run", ORDER, "-v", "-q")
     assert result.returncode == 2 and "-v" in result.stderr and "-q" in result.stderr
+
+
+def _closed_stdout(*args: str) -> tuple[int, str]:
+    """Run dsm with stdout a pipe whose reader has already gone (as in `dsm ... | head -0`)."""
+    import os
+    import subprocess
+
+    from clitools import dsm_command, dsm_env
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([*dsm_command(), *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=dsm_env(), timeout=120)
+    finally:
+        os.close(write)
+    return proc.returncode, proc.stderr
+
+
+def test_a_closed_stdout_is_not_a_failure():
+    code, stderr = _closed_stdout("run", ORDER, "--payload", '{"total": 120}', "--json")
+    assert code == 0, stderr  # the instance succeeded: the exit code says so, pipe or no pipe
+    assert "succeeded" in stderr and "Traceback" not in stderr and "pipe" not in stderr.lower()
+    code, stderr = _closed_stdout("run", ORDER, "--payload", '{"total": 0}', "--json")
+    assert code == 1 and "Traceback" not in stderr and "pipe" not in stderr.lower()
+    code, stderr = _closed_stdout("graph", ORDER)
+    assert code == 0 and stderr == ""
