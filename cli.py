@@ -16,11 +16,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -48,8 +49,35 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+def _plain_help(option: Any) -> Any:
+    """The --help flag without a `<bool>` type in help (our own flags set an empty metavar)."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(typer.core.TyperCommand):
+    """Help with metavars only: recent typer also prints each parameter's Python type (`<bool>`,
+    `<path>`, `<list[Path]>`), which options drop when they have a metavar, and arguments here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help(super().get_help_option(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help(super().get_help_option(ctx))
+
+
 app = typer.Typer(
     name="dsm",
+    cls=_Group,
     help="Declarative state machines in YAML, run embedded or by workers coordinated through etcd v3.",
     add_completion=False,
     no_args_is_help=True,
@@ -108,12 +136,20 @@ class _Verbosity:
 
 _verbosity = _Verbosity()
 
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log details and tracebacks to stderr.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+# Options as types, declared once. Flags get an empty metavar: recent typer shows `<bool>` otherwise.
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Log details and tracebacks to stderr.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Only errors on stderr (none on success).")]
+Definition = Annotated[Path, typer.Argument(metavar="PATH", help="Definition file.", show_default=False)]
+PayloadOpt = Annotated[str | None, typer.Option("--payload", metavar="JSON", help="Initial payload, a JSON object.")]
+PayloadFileOpt = Annotated[Path | None, typer.Option("--payload-file", metavar="FILE",
+                                                        help="Read the payload from FILE ('-': stdin).")]
+NoImportOpt = Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handler modules.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON on stdout.")]
+InstanceId = Annotated[str, typer.Argument(metavar="ID", help="Instance id.", show_default=False)]
 
 
 @app.callback()
-def _root(verbose: bool = VerboseOpt, quiet: bool = QuietOpt) -> None:
+def _root(verbose: Verbose = False, quiet: Quiet = False) -> None:
     _set_verbosity(verbose, quiet)
 
 
@@ -145,8 +181,8 @@ def _set_verbosity(verbose: bool, quiet: bool) -> None:
 
 # -- shared helpers ----------------------------------------------------------------------------
 
-def _definition_files(paths: List[Path]) -> List[Path]:
-    files: List[Path] = []
+def _definition_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
     for path in paths:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -168,7 +204,7 @@ def _load(path: Path, *, no_import: bool = False, allow: handlers.Allowlist = ha
         raise Fail(ExitCode.INVALID) from None
 
 
-def _payload(payload: Optional[str], payload_file: Optional[Path]) -> dict[str, Any]:
+def _payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
     if payload is not None and payload_file is not None:
         raise Fail(ExitCode.INVALID, "give --payload or --payload-file, not both")
     try:
@@ -185,7 +221,7 @@ def _payload(payload: Optional[str], payload_file: Optional[Path]) -> dict[str, 
     return {}
 
 
-def _duration(value: Optional[str], option: str) -> Optional[float]:
+def _duration(value: str | None, option: str) -> float | None:
     if value is None:
         return None
     try:
@@ -287,18 +323,18 @@ class EtcdArgs:
     talks to etcd (see `_command`): endpoints, namespace, TLS files and user (the password comes
     from DSM_ETCD_PASSWORD, never from the command line)."""
 
-    endpoints: Optional[str] = None
+    endpoints: str | None = None
     namespace: str = "dsm"
-    cacert: Optional[Path] = None
-    cert: Optional[Path] = None
-    key: Optional[Path] = None
-    user: Optional[str] = None
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
 
     @property
     def given(self) -> bool:
         return bool(self.endpoints)
 
-    def options(self) -> "EtcdOptions":
+    def options(self) -> EtcdOptions:
         """The checked store options; a usage error (exit 2) without an endpoint or with bad values."""
         from dsm.store.etcd import EtcdOptions
 
@@ -311,7 +347,7 @@ class EtcdArgs:
             raise Fail(ExitCode.INVALID, str(exc)) from None
 
     @asynccontextmanager
-    async def open(self) -> AsyncIterator["Store"]:
+    async def open(self) -> AsyncIterator[Store]:
         """`async with etcd.open() as store`: exit code 3 with one line when etcd is unreachable."""
         from dsm.store.etcd import EtcdStore
 
@@ -325,7 +361,7 @@ class EtcdArgs:
         finally:
             await store.close()
 
-    def call(self, call: Callable[["Client"], Any]) -> Any:
+    def call(self, call: Callable[[Client], Any]) -> Any:
         """Connect, run `call(client)`, disconnect; an unknown instance id is invalid input (exit 2)."""
         from dsm.client import Client
 
@@ -339,32 +375,32 @@ class EtcdArgs:
             raise Fail(ExitCode.INVALID, str(exc)) from None
 
 
-_OUTPUT_PARAMETERS = [inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=VerboseOpt),
-                      inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=QuietOpt)]
-_ETCD_PANEL = "etcd connection"
-_ETCD_PARAMETERS = [
-    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
-    for name, annotation, option in [
-        ("etcd_endpoints", Optional[str],
-         typer.Option(None, "--etcd", envvar="DSM_ETCD", rich_help_panel=_ETCD_PANEL,
-                      help="etcd endpoints, comma separated (DSM_ETCD).")),
-        ("etcd_namespace", str,
-         typer.Option("dsm", "--namespace", envvar="DSM_NAMESPACE", rich_help_panel=_ETCD_PANEL,
-                      help="Key prefix /<namespace>/.")),
-        ("etcd_cacert", Optional[Path],
-         typer.Option(None, "--cacert", rich_help_panel=_ETCD_PANEL, help="CA bundle to verify etcd's TLS certificate.")),
-        ("etcd_cert", Optional[Path],
-         typer.Option(None, "--cert", rich_help_panel=_ETCD_PANEL, help="Client certificate for etcd TLS.")),
-        ("etcd_key", Optional[Path],
-         typer.Option(None, "--key", rich_help_panel=_ETCD_PANEL, help="Client key for etcd TLS.")),
-        ("etcd_user", Optional[str],
-         typer.Option(None, "--user", envvar="DSM_ETCD_USER", rich_help_panel=_ETCD_PANEL,
-                      help="etcd user; password from DSM_ETCD_PASSWORD.")),
-    ]
+def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+_OUTPUT_PARAMETERS = [_keyword("verbose", Verbose, False), _keyword("quiet", Quiet, False)]
+_ETCD = "etcd connection"  # their own panel in --help
+_ETCD_PARAMETERS = [  # in EtcdArgs' field order
+    _keyword("etcd_endpoints", Annotated[str | None, typer.Option(
+        "--etcd", envvar="DSM_ETCD", metavar="URLS", rich_help_panel=_ETCD,
+        help="etcd endpoints, comma separated (DSM_ETCD).")], None),
+    _keyword("etcd_namespace", Annotated[str, typer.Option(
+        "--namespace", envvar="DSM_NAMESPACE", metavar="NAME", rich_help_panel=_ETCD,
+        help="Key prefix /<namespace>/.")], "dsm"),
+    _keyword("etcd_cacert", Annotated[Path | None, typer.Option(
+        "--cacert", metavar="FILE", rich_help_panel=_ETCD, help="CA bundle to verify etcd's TLS certificate.")], None),
+    _keyword("etcd_cert", Annotated[Path | None, typer.Option(
+        "--cert", metavar="FILE", rich_help_panel=_ETCD, help="Client certificate for etcd TLS.")], None),
+    _keyword("etcd_key", Annotated[Path | None, typer.Option(
+        "--key", metavar="FILE", rich_help_panel=_ETCD, help="Client key for etcd TLS.")], None),
+    _keyword("etcd_user", Annotated[str | None, typer.Option(
+        "--user", envvar="DSM_ETCD_USER", metavar="NAME", rich_help_panel=_ETCD,
+        help="etcd user; password from DSM_ETCD_PASSWORD.")], None),
 ]
 
 
-def _command(name: Optional[str] = None, *, etcd: bool = False) -> Callable[[Callable[..., Any]], Any]:
+def _command(name: str | None = None, *, etcd: bool = False) -> Callable[[Callable[..., Any]], Any]:
     """Register a command with the options every command shares: -v / -q (also accepted after the
     command's name) and, with `etcd=True`, the etcd connection options, collected into one `EtcdArgs`
     passed as its `etcd` parameter, so every etcd command spells them the same way."""
@@ -384,7 +420,7 @@ def _command(name: Optional[str] = None, *, etcd: bool = False) -> Callable[[Cal
         parameters = own + extra
         command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters}
-        return app.command(name)(command)
+        return app.command(name, cls=_Command)(command)
 
     return decorate
 
@@ -392,8 +428,9 @@ def _command(name: Optional[str] = None, *, etcd: bool = False) -> Callable[[Cal
 # -- commands --------------------------------------------------------------------------------
 
 @_command()
-def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or folders of *.yaml / *.yml."),
-             no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules.")) -> None:
+def validate(paths: Annotated[list[Path], typer.Argument(metavar="PATH", show_default=False,
+                                                         help="Definition files, or folders of *.yaml / *.yml.")],
+             no_import: NoImportOpt = False) -> None:
     """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE."""
     files = _definition_files(paths)
     bad = 0
@@ -412,10 +449,12 @@ def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or 
 
 
 @_command()
-def graph(path: Path = typer.Argument(..., help="Definition file."),
-          format: str = typer.Option("mermaid", "--format", "-f", help="mermaid or dot."),
-          output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE instead of stdout."),
-          no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules.")) -> None:
+def graph(path: Definition,
+          format: Annotated[str, typer.Option("--format", "-f", metavar="|".join(render.RENDERERS),
+                                              help="Diagram language.")] = "mermaid",
+          output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
+                                                         help="Write to FILE instead of stdout.")] = None,
+          no_import: NoImportOpt = False) -> None:
     """Draw a machine as a Mermaid state diagram or a Graphviz graph."""
     renderer = render.RENDERERS.get(format)
     if renderer is None:
@@ -438,13 +477,14 @@ def schema_command() -> None:
 
 
 @_command(etcd=True)
-def run(path: Path = typer.Argument(..., help="Definition file."),
-        payload: Optional[str] = typer.Option(None, "--payload", help="Initial payload, a JSON object."),
-        payload_file: Optional[Path] = typer.Option(None, "--payload-file", help="Read the payload from FILE."),
-        workers: int = typer.Option(4, "--workers", min=0, help="Ticks run at once (local workers with --etcd)."),
-        timeout: Optional[str] = typer.Option(None, "--timeout", help="Give up waiting after DURATION (exit 4)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the instance record on stdout."),
-        no_import: bool = typer.Option(False, "--no-import", help="Do not import handlers (with --workers 0)."),
+def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileOpt = None,
+        workers: Annotated[int, typer.Option("--workers", min=0, metavar="N",
+                                             help="Ticks run at once (local workers with --etcd).")] = 4,
+        timeout: Annotated[str | None, typer.Option("--timeout", metavar="DURATION",
+                                                       help="Give up waiting after DURATION (exit 4).")] = None,
+        as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the instance record on stdout.")] = False,
+        no_import: Annotated[bool, typer.Option("--no-import", metavar="",
+                                                help="Do not import handlers (with --workers 0).")] = False,
         etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start one instance and wait for it: embedded, or on etcd with --etcd."""
     body = _payload(payload, payload_file)
@@ -472,7 +512,7 @@ def run(path: Path = typer.Argument(..., help="Definition file."),
     raise typer.Exit(_exit_for(inst))
 
 
-async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: Optional[float],
+async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | None,
                         progress: _Progress) -> tuple:
     from dsm import embedded
 
@@ -486,7 +526,7 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: Optional
         return partial.instance, partial.history, True
 
 
-async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, limit: Optional[float],
+async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, limit: float | None,
                     progress: _Progress) -> tuple:
     from dsm.client import Client
     from dsm.definitions import Registry
@@ -533,12 +573,10 @@ def _jsonl(path: Path) -> Iterator[dict]:
 
 
 @_command(etcd=True)
-def submit(path: Path = typer.Argument(..., help="Definition file."),
-           payload: Optional[str] = typer.Option(None, "--payload", help="Initial payload, a JSON object."),
-           payload_file: Optional[Path] = typer.Option(None, "--payload-file", help="Read the payload from FILE."),
-           jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="One instance per line of FILE ('-': stdin)."),
-           no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules."),
-           etcd: EtcdArgs = EtcdArgs()) -> None:
+def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileOpt = None,
+           jsonl: Annotated[Path | None, typer.Option("--jsonl", metavar="FILE",
+                                                         help="One instance per line of FILE ('-': stdin).")] = None,
+           no_import: NoImportOpt = False, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start instances on etcd; print each instance id on its own line."""
     if jsonl is not None and (payload is not None or payload_file is not None):
         raise Fail(ExitCode.INVALID, "give --jsonl or --payload/--payload-file, not both")
@@ -550,15 +588,21 @@ def submit(path: Path = typer.Argument(..., help="Definition file."),
 
 
 @_command(etcd=True)
-def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worker serves (and whose modules "
-                                                           "it may import)."),
-           concurrency: int = typer.Option(8, "--concurrency", min=1, help="Ticks run at once."),
-           allow: List[str] = typer.Option(None, "--allow", help="Module prefix handlers may come from "
-                                                                  "(repeatable; default: the modules of PATHs)."),
-           path: List[Path] = typer.Option(None, "--path", help="Folder put first on the import path (repeatable)."),
-           lease_ttl: int = typer.Option(10, "--lease-ttl", min=2, help="Seconds before a dead worker's "
-                                                                         "claims expire."),
-           grace: float = typer.Option(30.0, "--grace", help="Seconds to finish running ticks on SIGTERM."),
+def worker(paths: Annotated[list[Path] | None, typer.Argument(
+               metavar="PATH", show_default=False,
+               help="Definitions this worker serves (and whose modules it may import).")] = None,
+           concurrency: Annotated[int, typer.Option("--concurrency", min=1, metavar="N",
+                                                    help="Ticks run at once.")] = 8,
+           allow: Annotated[list[str] | None, typer.Option(
+               "--allow", metavar="PREFIX", show_default=False,
+               help="Module prefix handlers may come from (repeatable; default: the modules of PATHs).")] = None,
+           path: Annotated[list[Path] | None, typer.Option(
+               "--path", metavar="DIR", show_default=False,
+               help="Folder put first on the import path (repeatable).")] = None,
+           lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, metavar="SECONDS",
+                                                  help="Seconds before a dead worker's claims expire.")] = 10,
+           grace: Annotated[float, typer.Option("--grace", metavar="SECONDS",
+                                                help="Seconds to finish running ticks on SIGTERM.")] = 30.0,
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT."""
     received: list[int] = []
@@ -606,8 +650,8 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
 
 
 @_command(etcd=True)
-def status(instance_id: str = typer.Argument(..., metavar="ID"),
-           as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON."),
+def status(instance_id: InstanceId,
+           as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the whole record as JSON.")] = False,
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Show one instance (the whole record with --json)."""
     record = etcd.call(lambda client: client.record(instance_id))
@@ -635,9 +679,12 @@ def status(instance_id: str = typer.Argument(..., metavar="ID"),
 
 
 @_command("list", etcd=True)
-def list_command(status_: Optional[str] = typer.Option(None, "--status", help="Only instances with this status."),
-                 machine: Optional[str] = typer.Option(None, "--machine", help="Only instances of this machine."),
-                 as_json: bool = typer.Option(False, "--json", help="Print a JSON array of records."),
+def list_command(status_: Annotated[str | None, typer.Option("--status", metavar="|".join(records.STATUSES),
+                                                                help="Only instances with this status.")] = None,
+                 machine: Annotated[str | None, typer.Option("--machine", metavar="NAME",
+                                                                help="Only instances of this machine.")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", metavar="",
+                                                       help="Print a JSON array of records.")] = False,
                  etcd: EtcdArgs = EtcdArgs()) -> None:
     """List instances (records without history)."""
     if status_ is not None and status_ not in records.STATUSES:
@@ -653,8 +700,7 @@ def list_command(status_: Optional[str] = typer.Option(None, "--status", help="O
 
 
 @_command(etcd=True)
-def cancel(instance_id: str = typer.Argument(..., metavar="ID"),
-           etcd: EtcdArgs = EtcdArgs()) -> None:
+def cancel(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Cancel a running instance."""
     inst = etcd.call(lambda client: client.cancel(instance_id))
     if inst.status == records.CANCELLED:
@@ -687,14 +733,14 @@ def main() -> None:
     except DsmError as exc:
         err.print(f"dsm: {exc}", markup=False)
         code = int(ExitCode.INVALID)
+    except BrokenPipeError:  # a closed pipe met outside _emit and our consoles: end as if dropped
+        code = int(ExitCode.OK)
     except Exception as exc:  # the unexpected: one line, the traceback with -v
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             log.exception("unexpected error")
         err.print(f"dsm: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
                   markup=False)
         code = 1
-    except BrokenPipeError:  # a closed pipe met outside _emit and our consoles: end as if dropped
-        code = int(ExitCode.OK)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

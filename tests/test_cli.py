@@ -313,3 +313,16 @@ def test_a_closed_stdout_is_not_a_failure():
     assert code == 1 and "Traceback" not in stderr and "pipe" not in stderr.lower()
     code, stderr = _closed_stdout("graph", ORDER)
     assert code == 0 and stderr == ""
+
+
+def test_help_shows_plain_metavars():
+    commands = ["validate", "graph", "schema", "run", "submit", "worker", "status", "list", "cancel"]
+    noise = re.compile(r"<(bool|str|int|float|path|list\[\w+\]|int range|float range)>")
+    for command in [None, *commands]:
+        args = ["--help"] if command is None else [command, "--help"]
+        result = dsm(*args, COLUMNS="200")
+        assert result.returncode == 0, (command, result.stderr)
+        assert not noise.search(result.stdout), (command, noise.findall(result.stdout))
+    run_help = dsm("run", "--help", COLUMNS="200").stdout
+    assert re.search(r"--payload-file\s+FILE", run_help) and re.search(r"--etcd\s+URLS", run_help)
+    assert "PATH" in dsm("validate", "--help", COLUMNS="200").stdout
