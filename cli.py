@@ -148,8 +148,28 @@ JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON on
 InstanceId = Annotated[str, typer.Argument(metavar="ID", help="Instance id.", show_default=False)]
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsm")
+    except PackageNotFoundError:
+        import dsm
+
+        return dsm.__version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        _emit(f"dsm {_version()}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: Verbose = False, quiet: Quiet = False) -> None:
+def _root(verbose: Verbose = False, quiet: Quiet = False,
+          version: Annotated[bool, typer.Option("--version", metavar="", is_eager=True, callback=_show_version,
+                                                help="Print dsm's version and exit.")] = False) -> None:
     _set_verbosity(verbose, quiet)
 
 

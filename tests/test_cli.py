@@ -326,3 +326,11 @@ def test_help_shows_plain_metavars():
     run_help = dsm("run", "--help", COLUMNS="200").stdout
     assert re.search(r"--payload-file\s+FILE", run_help) and re.search(r"--etcd\s+URLS", run_help)
     assert "PATH" in dsm("validate", "--help", COLUMNS="200").stdout
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = dsm("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"dsm {version('dsm')}\n"
