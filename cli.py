@@ -230,10 +230,11 @@ def _payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
     try:
         if payload_file is not None:
             try:
-                text = payload_file.read_text(encoding="utf-8")
+                text = sys.stdin.read() if str(payload_file) == "-" else payload_file.read_text(encoding="utf-8")
             except OSError as exc:
                 raise Fail(ExitCode.INVALID, f"--payload-file {payload_file}: {exc.strerror or exc}") from None
-            return payloads.parse(text, what=f"--payload-file {payload_file}")
+            where = f"--payload-file {payload_file}" + (" (stdin)" if str(payload_file) == "-" else "")
+            return payloads.parse(text, what=where)
         if payload is not None:
             return payloads.parse(payload, what="--payload")
     except payloads.PayloadError as exc:

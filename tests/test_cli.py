@@ -334,3 +334,12 @@ def test_version():
     result = dsm("--version")
     assert result.returncode == 0
     assert result.stdout == f"dsm {version('dsm')}\n"
+
+
+# -- input --------------------------------------------------------------------------------------
+
+def test_payload_file_dash_reads_stdin():
+    result = dsm("run", "definitions/document.yaml", "--payload-file", "-", "--json",
+                 input='{"text": "teh wrold", "images": 1}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["payload"]["clean_text"] == "the world"
