@@ -142,9 +142,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Only err
 Definition = Annotated[Path, typer.Argument(metavar="PATH", help="Definition file.", show_default=False)]
 PayloadOpt = Annotated[str | None, typer.Option("--payload", metavar="JSON", help="Initial payload, a JSON object.")]
 PayloadFileOpt = Annotated[Path | None, typer.Option("--payload-file", metavar="FILE",
-                                                        help="Read the payload from FILE ('-': stdin).")]
+                                                     help="Read the payload from FILE ('-': stdin).")]
 NoImportOpt = Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handler modules.")]
-JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON on stdout.")]
 InstanceId = Annotated[str, typer.Argument(metavar="ID", help="Instance id.", show_default=False)]
 
 
@@ -474,7 +473,7 @@ def graph(path: Definition,
           format: Annotated[str, typer.Option("--format", "-f", metavar="|".join(render.RENDERERS),
                                               help="Diagram language.")] = "mermaid",
           output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
-                                                         help="Write to FILE instead of stdout.")] = None,
+                                                      help="Write to FILE instead of stdout.")] = None,
           no_import: NoImportOpt = False) -> None:
     """Draw a machine as a Mermaid state diagram or a Graphviz graph."""
     renderer = render.RENDERERS.get(format)
@@ -502,16 +501,20 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
         workers: Annotated[int, typer.Option("--workers", min=0, metavar="N",
                                              help="Ticks run at once (local workers with --etcd).")] = 4,
         timeout: Annotated[str | None, typer.Option("--timeout", metavar="DURATION",
-                                                       help="Give up waiting after DURATION (exit 4).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the instance record on stdout.")] = False,
-        no_import: Annotated[bool, typer.Option("--no-import", metavar="",
-                                                help="Do not import handlers (with --workers 0).")] = False,
+                                                    help="Give up waiting after DURATION (exit 4).")] = None,
+        as_json: Annotated[bool, typer.Option("--json", metavar="",
+                                              help="Print the instance record on stdout.")] = False,
+        no_import: Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handlers "
+                                                "(only with --etcd and --workers 0).")] = False,
         etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start one instance and wait for it: embedded, or on etcd with --etcd."""
     body = _payload(payload, payload_file)
     limit = _duration(timeout, "--timeout")
     if not etcd.given and workers == 0:
         raise Fail(ExitCode.INVALID, "--workers 0 needs --etcd: embedded runs have no workers elsewhere")
+    if no_import and (not etcd.given or workers > 0):
+        raise Fail(ExitCode.INVALID, "--no-import needs --etcd URLS --workers 0: embedded runs and local "
+                                     "workers run the handlers, so they must import them")
     graph_ = _load(path, no_import=no_import)
     progress = _Progress()
     try:
@@ -596,7 +599,7 @@ def _jsonl(path: Path) -> Iterator[dict]:
 @_command(etcd=True)
 def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileOpt = None,
            jsonl: Annotated[Path | None, typer.Option("--jsonl", metavar="FILE",
-                                                         help="One instance per line of FILE ('-': stdin).")] = None,
+                                                      help="One instance per line of FILE ('-': stdin).")] = None,
            no_import: NoImportOpt = False, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start instances on etcd; print each instance id on its own line."""
     if jsonl is not None and (payload is not None or payload_file is not None):
@@ -701,9 +704,9 @@ def status(instance_id: InstanceId,
 
 @_command("list", etcd=True)
 def list_command(status_: Annotated[str | None, typer.Option("--status", metavar="|".join(records.STATUSES),
-                                                                help="Only instances with this status.")] = None,
+                                                             help="Only instances with this status.")] = None,
                  machine: Annotated[str | None, typer.Option("--machine", metavar="NAME",
-                                                                help="Only instances of this machine.")] = None,
+                                                             help="Only instances of this machine.")] = None,
                  as_json: Annotated[bool, typer.Option("--json", metavar="",
                                                        help="Print a JSON array of records.")] = False,
                  etcd: EtcdArgs = EtcdArgs()) -> None:

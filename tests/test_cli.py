@@ -343,3 +343,10 @@ def test_payload_file_dash_reads_stdin():
                  input='{"text": "teh wrold", "images": 1}')
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["payload"]["clean_text"] == "the world"
+
+
+def test_no_import_on_an_embedded_run_is_a_usage_error():
+    result = dsm("run", ORDER, "--no-import")
+    assert result.returncode == 2
+    assert "--no-import" in result.stderr and "--etcd" in result.stderr
+    assert "started" not in result.stderr  # refused before anything ran
