@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dsm import compiler, handlers, payloads, records, render, schema
+from dsm import compiler, handlers, loader, payloads, records, render, schema
 from dsm.durations import parse_duration
 from dsm.errors import DefinitionError, DsmError, InputError, NotFound, StoreUnavailable
 from dsm.graph import Graph
@@ -201,15 +201,23 @@ def _set_verbosity(verbose: bool, quiet: bool) -> None:
 # -- shared helpers ----------------------------------------------------------------------------
 
 def _definition_files(paths: list[Path]) -> list[Path]:
+    """Files named as they are; in folders, the *.yaml / *.yml files that look like machines
+    (loader.looks_like_machine), with a note on stderr for each one skipped. Hidden files and
+    folders (.git, .venv, ...) are not searched."""
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
-            if not found:
-                raise Fail(ExitCode.INVALID, f"{path}: no *.yaml or *.yml files in this folder")
-            files.extend(found)
-        else:
+        if not path.is_dir():
             files.append(path)
+            continue
+        found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        machines = [p for p in found if loader.looks_like_machine(p)]
+        for skipped in sorted(set(found) - set(machines)):
+            info.print(f"skipped {skipped}: not a machine definition (no top-level 'machine:' key)", markup=False)
+        if not machines:
+            what = "machine definitions" if found else "*.yaml or *.yml files"
+            raise Fail(ExitCode.INVALID, f"{path}: no {what} in this folder")
+        files.extend(machines)
     return files
 
 

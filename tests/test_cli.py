@@ -350,3 +350,39 @@ def test_no_import_on_an_embedded_run_is_a_usage_error():
     assert result.returncode == 2
     assert "--no-import" in result.stderr and "--etcd" in result.stderr
     assert "started" not in result.stderr  # refused before anything ran
+
+
+# -- validate: folders hold other YAML too ------------------------------------------------------
+
+def test_validate_folder_skips_files_that_are_not_machines(tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "order.yaml").write_text((ROOT / ORDER).read_text())
+    (folder / "orders.py").write_text((ROOT / "definitions" / "orders.py").read_text())
+    (folder / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
+    (folder / "ci").mkdir()
+    (folder / "ci" / "pipeline.yaml").write_text("jobs:\n  test: {runs-on: linux}\n")
+    result = dsm("validate", str(folder))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert f"{folder / 'order.yaml'}: ok" in result.stderr
+    assert f"skipped {folder / 'docker-compose.yml'}: not a machine definition" in result.stderr
+    assert f"skipped {folder / 'ci' / 'pipeline.yaml'}: not a machine definition" in result.stderr
+    named = dsm("validate", str(folder / "docker-compose.yml"))  # a file named on the command line: always
+    assert named.returncode == 2 and "docker-compose.yml:" in named.stdout
+
+
+def test_validate_folder_still_checks_broken_machines(tmp_path):
+    (tmp_path / "broken.yaml").write_text("machine: broken\nstart: a\nstates: [a, b\n")
+    (tmp_path / "schema_only.yaml").write_text(
+        "# yaml-language-server: $schema=../schemas/machine.schema.json\nstart: a\n")
+    result = dsm("validate", "--no-import", str(tmp_path))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'broken.yaml'}:" in result.stdout and "invalid YAML" in result.stdout
+    assert f"{tmp_path / 'schema_only.yaml'}:" in result.stdout
+
+
+def test_validate_folder_without_machines_is_an_error(tmp_path):
+    (tmp_path / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
+    result = dsm("validate", str(tmp_path))
+    assert result.returncode == 2 and "no machine definitions" in result.stderr
