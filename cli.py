@@ -308,6 +308,12 @@ class _Progress:
             self.live = None
 
 
+def _hush(logger: str) -> None:
+    """Keep a logger's records below ERROR off stderr, unless -v asked for everything."""
+    if not _verbosity.verbose:
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+
 def _exit_for(inst: records.Instance) -> ExitCode:
     return ExitCode.OK if inst.status == records.SUCCEEDED else ExitCode.INSTANCE_FAILED
 
@@ -537,9 +543,14 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
     if as_json:
         _print_json(records.public_record(inst, history))
     if timed_out:
-        err.print(f"[yellow]--timeout {timeout} passed; instance {inst.id} is {inst.status} "
-                  f"(active: {', '.join(inst.active) or '-'})[/yellow]")
-        raise Fail(ExitCode.TIMEOUT)
+        active = ", ".join(inst.active) or "-"
+        if etcd.given:
+            raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {inst.id} is still running in "
+                                         f"namespace {etcd.namespace!r} (active: {active}): 'dsm status {inst.id}' "
+                                         "shows how it goes on")
+        raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {inst.id} was stopped unfinished "
+                                     f"(active: {active}) when this process ended: embedded instances live only "
+                                     "as long as 'dsm run' (with --etcd they outlive it)")
     progress.finished(inst)
     raise typer.Exit(_exit_for(inst))
 
@@ -548,6 +559,10 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
                         progress: _Progress) -> tuple:
     from dsm import embedded
 
+    if limit is not None:
+        # Once --timeout passes, the instance ends with the process. What the embedded worker logs
+        # as it stops (ticks still running, claims released) is then nothing for the user to act on.
+        asyncio.get_running_loop().call_later(limit, _hush, "dsm.worker")
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
                                           on_update=progress.update,

@@ -386,3 +386,15 @@ def test_validate_folder_without_machines_is_an_error(tmp_path):
     (tmp_path / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
     result = dsm("validate", str(tmp_path))
     assert result.returncode == 2 and "no machine definitions" in result.stderr
+
+
+# -- run: timeouts, logs, guards ----------------------------------------------------------------
+
+def test_embedded_timeout_says_the_instance_stopped_with_the_process(write):
+    path = one_tick_machine(write, "slowmod3", "__import__('threading').Event().wait()")
+    result = dsm("run", str(path), "--timeout", "500ms", timeout=60)
+    assert result.returncode == 4
+    assert "--timeout 500ms passed" in result.stderr
+    assert "stopped" in result.stderr and "embedded" in result.stderr
+    assert "WARNING" not in result.stderr and "Traceback" not in result.stderr
+    assert "is running" not in result.stderr
