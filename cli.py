@@ -172,6 +172,20 @@ def _root(verbose: Verbose = False, quiet: Quiet = False,
     _set_verbosity(verbose, quiet)
 
 
+class _LogFormatter(logging.Formatter):
+    """Log lines that name the instance, state and attempt they are about: handlers log through
+    `ctx.logger`, whose records carry them as extras (dsm.context)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        instance, state = getattr(record, "instance", None), getattr(record, "state", None)
+        attempt = getattr(record, "attempt", None)
+        context = f"instance {instance}" if instance else ""
+        context += f" state {state}" if state else ""
+        context += f" attempt {attempt}" if attempt else ""
+        record.context = f"{context.strip()}: " if context else ""
+        return super().format(record)
+
+
 def _set_verbosity(verbose: bool, quiet: bool) -> None:
     """Apply -v / -q wherever they were given (`dsm -v run x.yaml` or `dsm run x.yaml -v`)."""
     _verbosity.verbose |= verbose
@@ -187,10 +201,10 @@ def _set_verbosity(verbose: bool, quiet: bool) -> None:
 
         handler = RichHandler(console=err, show_path=False, show_time=verbose, markup=False,
                               rich_tracebacks=verbose)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_LogFormatter("%(context)s%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("dsm: %(levelname)s: %(message)s"))
+        handler.setFormatter(_LogFormatter("dsm: %(levelname)s: %(context)s%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

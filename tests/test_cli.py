@@ -398,3 +398,21 @@ def test_embedded_timeout_says_the_instance_stopped_with_the_process(write):
     assert "stopped" in result.stderr and "embedded" in result.stderr
     assert "WARNING" not in result.stderr and "Traceback" not in result.stderr
     assert "is running" not in result.stderr
+
+
+def test_handler_log_lines_name_instance_and_state(write):
+    path = write("logs.yaml", """
+        machine: logs
+        start: s
+        states:
+          s:
+            tick: logmod:speak
+            next: done
+          done:
+            terminal: true
+        """, logmod="def speak(payload, ctx):\n    ctx.logger.info('charging %s', 'card')\n")
+    result = dsm("run", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    iid = json.loads(result.stdout)["id"]
+    line = next(x for x in result.stderr.splitlines() if "charging card" in x)
+    assert iid in line and "state s" in line and "attempt 1" in line
