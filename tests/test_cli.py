@@ -416,3 +416,23 @@ def test_handler_log_lines_name_instance_and_state(write):
     iid = json.loads(result.stdout)["id"]
     line = next(x for x in result.stderr.splitlines() if "charging card" in x)
     assert iid in line and "state s" in line and "attempt 1" in line
+
+
+def test_a_guard_on_a_missing_key_suggests_is_defined(write):
+    path = write("guard.yaml", """
+        machine: guarded
+        start: s
+        states:
+          s:
+            choose:
+              - when: "payload.order.total > 100"
+                next: big
+              - next: done
+          big:
+            next: done
+          done:
+            terminal: true
+        """)
+    result = dsm("run", str(path), "--payload", '{"order": {}}')
+    assert result.returncode == 1
+    assert "payload.order.total is defined and" in result.stderr, result.stderr
