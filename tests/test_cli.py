@@ -436,3 +436,66 @@ def test_a_guard_on_a_missing_key_suggests_is_defined(write):
     result = dsm("run", str(path), "--payload", '{"order": {}}')
     assert result.returncode == 1
     assert "payload.order.total is defined and" in result.stderr, result.stderr
+
+
+# -- graph: drawn node ids never collide with state names ---------------------------------------
+
+COLLIDE = """
+    machine: collide
+    start: go__fork
+    states:
+      go__fork:
+        next: go
+      go:
+        fork: [a, b]
+        join: j
+      a:
+        next: j
+      b:
+        next: j
+      j:
+        next: j__join
+      j__join:
+        next: done
+      done:
+        terminal: true
+    """
+
+
+def test_graph_pseudo_nodes_never_take_a_state_name(write):
+    path = write("collide.yaml", COLLIDE)
+    states = {"go__fork", "go", "a", "b", "j", "j__join", "done"}
+    text = dsm("graph", "--no-import", str(path)).stdout
+    bars = dict(re.findall(r"^\s+state (\S+) <<(fork|join)>>$", text, re.M))
+    assert len(bars) == 2 and not set(bars) & states, bars
+    fork = next(n for n, kind in bars.items() if kind == "fork")
+    join = next(n for n, kind in bars.items() if kind == "join")
+    edges = re.findall(r"^\s+(\S+) --> (\S+?)(?::.*)?$", text, re.M)
+    assert ("go__fork", "go") in edges and ("go", fork) in edges
+    assert {(fork, "a"), (fork, "b"), ("a", join), ("b", join), (join, "j")} <= set(edges)
+    assert [e for e in edges if e[0] == "go__fork"] == [("go__fork", "go")]
+    assert [e for e in edges if e[0] == "j__join"] == [("j__join", "done")]
+    dot = dsm("graph", "--no-import", str(path), "--format", "dot").stdout
+    bars = re.findall(r'^\s+"([^"]+)" \[shape=box, style=filled', dot, re.M)
+    assert len(bars) == 2 and not set(bars) & states, bars
+    assert [e for e in re.findall(r'^\s+"([^"]+)" -> "([^"]+)"', dot, re.M) if e[0] == "go__fork"] == [
+        ("go__fork", "go")]
+
+
+def test_graph_ids_of_unsafe_names_do_not_collide(write):
+    path = write("dash.yaml", """
+        machine: dash
+        start: a-b
+        states:
+          a-b:
+            next: a_b_
+          a_b_:
+            next: done
+          done:
+            terminal: true
+        """)
+    text = dsm("graph", "--no-import", str(path)).stdout
+    edges = re.findall(r"^\s+(\S+) --> (\S+)$", text, re.M)
+    ids = re.findall(r'^\s+state "a-b" as (\S+)$', text, re.M)
+    assert len(ids) == 1 and ids[0] != "a_b_"
+    assert (ids[0], "a_b_") in edges and ("a_b_", "done") in edges
