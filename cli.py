@@ -720,7 +720,9 @@ def status(instance_id: InstanceId,
         _print_json(record)
         return
     lines = [f"id:          {record['id']}",
-             f"machine:     {record['machine']} (version {record['version']}, {record['digest'][:19]})",
+             f"machine:     {record['machine']} ("
+             + (f"version {record['version']}, " if record["version"] is not None else "")
+             + f"{record['digest'][:19]})",
              f"status:      {record['status']}" + (f" at {record['state']}" if record["state"] else "")]
     if record["active"]:
         lines.append(f"active:      {', '.join(record['active'])}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -34,3 +35,22 @@ def test_etcd_run_timeout_says_the_instance_keeps_running(at):
     result = dsm("run", ORDER, "--workers", "0", "--timeout", "300ms", *at)
     assert result.returncode == 4
     assert "still running" in result.stderr and "dsm status" in result.stderr
+
+
+def test_status_of_a_machine_without_version(at, write):
+    path = write("nover.yaml", """
+        machine: nover
+        start: a
+        states:
+          a:
+            next: done
+          done:
+            terminal: true
+        """)
+    (iid,) = submit(at, str(path))
+    result = dsm("status", iid, *at)
+    assert result.returncode == 0, result.stderr
+    assert "None" not in result.stdout
+    assert re.search(r"^machine:\s+nover \(sha256:", result.stdout, re.M)
+    versioned = dsm("status", submit(at, ORDER)[0], *at)
+    assert re.search(r"^machine:\s+order \(version 1, sha256:", versioned.stdout, re.M)
