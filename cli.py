@@ -756,10 +756,22 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
     if as_json:
         _print_json([records.public_record(i) for i in found])
         return
-    for inst in found:
-        where = inst.state or ",".join(inst.active) or "-"
-        _emit(f"{inst.id}  {inst.machine:<16} {inst.status:<10} {where:<20} "
-              f"{inst.transitions:>6}  {records.timestamp(inst.created_at)}\n")
+    if not found:
+        where = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
+        info.print(f"no instances {where}" + (f" of machine {machine!r}" if machine else ""), markup=False)
+        return
+    rows = [["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]]
+    rows += [[inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-", str(inst.transitions),
+              records.timestamp(inst.created_at)] for inst in found]
+    _emit(_table(rows, right=frozenset({4})))
+
+
+def _table(rows: list[list[str]], *, right: frozenset[int] = frozenset()) -> str:
+    """Rows as text columns, each as wide as its widest cell; `right` columns aligned right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ("  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows)
+    return "".join(line.rstrip() + "\n" for line in lines)
 
 
 @_command(etcd=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 
-from clitools import dsm
+from clitools import ROOT, dsm, dsm_command, dsm_env
 
 pytestmark = pytest.mark.etcd
 
@@ -54,3 +55,32 @@ def test_status_of_a_machine_without_version(at, write):
     assert re.search(r"^machine:\s+nover \(sha256:", result.stdout, re.M)
     versioned = dsm("status", submit(at, ORDER)[0], *at)
     assert re.search(r"^machine:\s+order \(version 1, sha256:", versioned.stdout, re.M)
+
+
+def test_list_prints_a_header_and_says_when_there_is_nothing(at):
+    empty = dsm("list", *at)
+    assert empty.returncode == 0 and empty.stdout == ""
+    assert "no instances" in empty.stderr
+    as_json = dsm("list", "--json", *at)
+    assert as_json.returncode == 0 and as_json.stdout == "[]\n" and as_json.stderr == ""
+    (iid,) = submit(at, ORDER, "--payload", '{"total": 5}')
+    listed = dsm("list", *at)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]
+    assert row.split()[:3] == [iid, "order", "running"]
+    assert listed.stderr == ""
+
+
+def test_list_into_a_closed_pipe_exits_quietly(at, tmp_path):
+    jsonl = tmp_path / "many.jsonl"
+    jsonl.write_text("{}\n" * 1500)  # more than a pipe's buffer of listing
+    submit(at, ORDER, "--jsonl", str(jsonl))
+    proc = subprocess.Popen([*dsm_command(), "list", *at], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=dsm_env(), text=True)
+    first = proc.stdout.readline()  # `dsm list | head -1`
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, stderr
+    assert first.split()[0] == "ID"
+    assert stderr == ""
