@@ -762,7 +762,7 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
         return
     rows = [["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]]
     rows += [[inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-", str(inst.transitions),
-              records.timestamp(inst.created_at)] for inst in found]
+              records.timestamp(inst.created_at) or "-"] for inst in found]
     _emit(_table(rows, right=frozenset({4})))
 
 
