@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -326,6 +326,24 @@ def _hush(logger: str) -> None:
     """Keep a logger's records below ERROR off stderr, unless -v asked for everything."""
     if not _verbosity.verbose:
         logging.getLogger(logger).setLevel(logging.ERROR)
+
+
+@contextmanager
+def _counting(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """`with _counting("submitting", n) as advance`: a progress bar with a count on stderr while a
+    long job runs, when stderr is a terminal (and -q was not given); otherwise nothing."""
+    if total <= 0 or not info.is_terminal or info.quiet:
+        yield lambda done: None
+        return
+    from rich import progress
+
+    columns = (progress.TextColumn(what), progress.BarColumn(), progress.MofNCompleteColumn(),
+               progress.TimeElapsedColumn())
+    # stdout carries data: it passes through the display only when it is the terminal as well
+    with progress.Progress(*columns, console=info, transient=True, redirect_stdout=sys.stdout.isatty(),
+                           redirect_stderr=False) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda done: bar.advance(task, done)
 
 
 def _exit_for(inst: records.Instance) -> ExitCode:
@@ -644,8 +662,18 @@ def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFi
     etcd.options()
     graph_ = _load(path, no_import=no_import)
     bodies = list(_jsonl(jsonl)) if jsonl is not None else [_payload(payload, payload_file)]
-    for iid in etcd.call(lambda client: client.submit_many(graph_, bodies)):
-        _emit(iid + "\n")
+
+    async def submit_all(client: Client) -> None:
+        from dsm.client import SUBMIT_BATCH
+
+        step = 16 * SUBMIT_BATCH  # ids are printed, and progress shown, as each slice is stored
+        with _counting("submitting", len(bodies) if len(bodies) > 1 else 0) as advance:
+            for start in range(0, len(bodies), step):
+                for iid in await client.submit_many(graph_, bodies[start:start + step]):
+                    _emit(iid + "\n")
+                advance(min(step, len(bodies) - start))
+
+    etcd.call(submit_all)
 
 
 @_command(etcd=True)

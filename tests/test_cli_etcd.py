@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import subprocess
 
@@ -84,3 +86,32 @@ def test_list_into_a_closed_pipe_exits_quietly(at, tmp_path):
     assert proc.wait(timeout=60) == 0, stderr
     assert first.split()[0] == "ID"
     assert stderr == ""
+
+
+def test_submit_jsonl_shows_progress_on_a_terminal(at, tmp_path):
+    jsonl = tmp_path / "many.jsonl"
+    jsonl.write_text("{}\n" * 300)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([*dsm_command(), "submit", ORDER, "--jsonl", str(jsonl), *at], stdout=subprocess.PIPE,
+                              stderr=slave, cwd=ROOT, env=dsm_env(TERM="xterm", COLUMNS="100"), timeout=120)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0
+    assert len(proc.stdout.split()) == 300
+    assert b"300/300" in shown, shown[-500:]
+    plain = dsm("submit", ORDER, "--jsonl", str(jsonl), *at)  # not a terminal: ids only, no progress
+    assert plain.returncode == 0 and plain.stderr == "" and len(plain.stdout.split()) == 300
