@@ -819,6 +819,7 @@ def main() -> None:
     still be running in a handler thread, and the process must not wait for user code to return.
     """
     code = int(ExitCode.OK)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's C core logs each failed TLS handshake at INFO
     try:
         app()  # standalone: usage errors exit 2, typer.Exit carries our codes
     except SystemExit as exc:

@@ -115,3 +115,10 @@ def test_submit_jsonl_shows_progress_on_a_terminal(at, tmp_path):
     assert b"300/300" in shown, shown[-500:]
     plain = dsm("submit", ORDER, "--jsonl", str(jsonl), *at)  # not a terminal: ids only, no progress
     assert plain.returncode == 0 and plain.stderr == "" and len(plain.stdout.split()) == 300
+
+
+def test_https_to_a_plaintext_etcd_says_tls_failed(etcd_url):
+    result = dsm("list", "--etcd", etcd_url.replace("http://", "https://"))
+    assert result.returncode == 3
+    assert "TLS" in result.stderr and "connection refused" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
