@@ -268,16 +268,7 @@ def test_quiet_applies_to_every_command(tmp_path):
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_before_or_after_the_command(write, where):
-    path = write("raise.yaml", """
-        machine: raiser
-        start: s
-        states:
-          s:
-            tick: raisemod2:boom
-            next: done
-          done:
-            terminal: true
-        """, raisemod2="def boom(payload, ctx):\n    raise RuntimeError('kaboom')\n")
+    path = one_tick_machine(write, "raisemod2", "raise RuntimeError('kaboom')")
     result = dsm("-v", "run", str(path)) if where == "before" else dsm("run", str(path), "-v")
     assert result.returncode == 1
     assert "Traceback" in result.stderr
@@ -401,16 +392,7 @@ def test_embedded_timeout_says_the_instance_stopped_with_the_process(write):
 
 
 def test_handler_log_lines_name_instance_and_state(write):
-    path = write("logs.yaml", """
-        machine: logs
-        start: s
-        states:
-          s:
-            tick: logmod:speak
-            next: done
-          done:
-            terminal: true
-        """, logmod="def speak(payload, ctx):\n    ctx.logger.info('charging %s', 'card')\n")
+    path = one_tick_machine(write, "logmod", "ctx.logger.info('charging %s', 'card')")
     result = dsm("run", str(path), "--json")
     assert result.returncode == 0, result.stderr
     iid = json.loads(result.stdout)["id"]
