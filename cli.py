@@ -85,6 +85,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
 def _drop(stream: Any) -> None:
     """Point a stream whose reader went away at /dev/null: later writes and flushes vanish."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -169,7 +170,7 @@ def _show_version(value: bool) -> None:
 def _root(verbose: Verbose = False, quiet: Quiet = False,
           version: Annotated[bool, typer.Option("--version", metavar="", is_eager=True, callback=_show_version,
                                                 help="Print dsm's version and exit.")] = False) -> None:
-    _set_verbosity(verbose, quiet)
+    _set_verbosity(verbose, quiet)  # --version is handled by its eager callback
 
 
 class _LogFormatter(logging.Formatter):
@@ -447,7 +448,7 @@ def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 
 _OUTPUT_PARAMETERS = [_keyword("verbose", Verbose, False), _keyword("quiet", Quiet, False)]
 _ETCD = "etcd connection"  # their own panel in --help
-_ETCD_PARAMETERS = [  # in EtcdArgs' field order
+_ETCD_PARAMETERS = [  # etcd_FIELD for each field of EtcdArgs
     _keyword("etcd_endpoints", Annotated[str | None, typer.Option(
         "--etcd", envvar="DSM_ETCD", metavar="URLS", rich_help_panel=_ETCD,
         help="etcd endpoints, comma separated (DSM_ETCD).")], None),
@@ -480,7 +481,8 @@ def _command(name: str | None = None, *, etcd: bool = False) -> Callable[[Callab
         def command(**values: Any) -> Any:
             _set_verbosity(values.pop("verbose"), values.pop("quiet"))
             if etcd:
-                values["etcd"] = EtcdArgs(*(values.pop(p.name) for p in _ETCD_PARAMETERS))
+                given = {p.name.removeprefix("etcd_"): values.pop(p.name) for p in _ETCD_PARAMETERS}
+                values["etcd"] = EtcdArgs(**given)
             return func(**values)
 
         parameters = own + extra
