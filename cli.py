@@ -1,28 +1,41 @@
 """The `dsm` command: a thin shell that parses, calls the dsm package, and formats.
 
 Data goes to stdout, logs and progress to stderr. Exit codes are the contract's (ExitCode).
+stderr carries two kinds of text: progress and notes (`info`), which -q silences, and errors and
+log records (`err`). With -q, stderr stays empty unless the command fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from dsm import compiler, handlers, payloads, records, render, schema
+from dsm import compiler, handlers, loader, payloads, records, render, schema
 from dsm.durations import parse_duration
 from dsm.errors import DefinitionError, DsmError, InputError, NotFound, StoreUnavailable
 from dsm.graph import Graph
+
+if TYPE_CHECKING:
+    from dsm.client import Client
+    from dsm.store import Store
+    from dsm.store.etcd import EtcdOptions
 
 log = logging.getLogger("dsm.cli")
 
@@ -36,8 +49,35 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+def _plain_help(option: Any) -> Any:
+    """The --help flag without a `<bool>` type in help (our own flags set an empty metavar)."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(typer.core.TyperCommand):
+    """Help with metavars only: recent typer also prints each parameter's Python type (`<bool>`,
+    `<path>`, `<list[Path]>`), which options drop when they have a metavar, and arguments here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help(super().get_help_option(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help(super().get_help_option(ctx))
+
+
 app = typer.Typer(
     name="dsm",
+    cls=_Group,
     help="Declarative state machines in YAML, run embedded or by workers coordinated through etcd v3.",
     add_completion=False,
     no_args_is_help=True,
@@ -45,8 +85,38 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+
+def _drop(stream: Any) -> None:
+    """Point a stream whose reader went away at /dev/null: later writes and flushes vanish."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _emit(text: str) -> None:
+    """Write data to stdout. A reader that stops reading (`dsm list | head -1`) is not an error:
+    the rest of the data is dropped and the command ends with the exit code it has anyway."""
+    try:
+        sys.stdout.write(text)
+    except BrokenPipeError:
+        _drop(sys.stdout)
+
+
+class _StderrConsole(Console):
+    """stderr for people: a closed pipe drops the rest instead of ending the process (rich's default)."""
+
+    def __init__(self) -> None:
+        super().__init__(stderr=True, highlight=False, soft_wrap=True)
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _drop(sys.stderr)
+
+
+err = _StderrConsole()  # errors and logs
+info = _StderrConsole()  # progress and notes: silenced by -q
 
 
 class Fail(Exception):
@@ -57,40 +127,112 @@ class Fail(Exception):
         super().__init__(message)
 
 
+@dataclass(slots=True)
+class _Verbosity:
+    """-v / -q as given so far: before the command, after it, or both."""
+
+    verbose: bool = False
+    quiet: bool = False
+
+
+_verbosity = _Verbosity()
+
+# Options as types, declared once. Flags get an empty metavar: recent typer shows `<bool>` otherwise.
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Log details and tracebacks to stderr.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Only errors on stderr (none on success).")]
+Definition = Annotated[Path, typer.Argument(metavar="PATH", help="Definition file.", show_default=False)]
+PayloadOpt = Annotated[str | None, typer.Option("--payload", metavar="JSON", help="Initial payload, a JSON object.")]
+PayloadFileOpt = Annotated[Path | None, typer.Option("--payload-file", metavar="FILE",
+                                                     help="Read the payload from FILE ('-': stdin).")]
+NoImportOpt = Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handler modules.")]
+InstanceId = Annotated[str, typer.Argument(metavar="ID", help="Instance id.", show_default=False)]
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsm")
+    except PackageNotFoundError:
+        import dsm
+
+        return dsm.__version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        _emit(f"dsm {_version()}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details and tracebacks to stderr."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")) -> None:
+def _root(verbose: Verbose = False, quiet: Quiet = False,
+          version: Annotated[bool, typer.Option("--version", metavar="", is_eager=True, callback=_show_version,
+                                                help="Print dsm's version and exit.")] = False) -> None:
+    _set_verbosity(verbose, quiet)  # --version is handled by its eager callback
+
+
+class _LogFormatter(logging.Formatter):
+    """Log lines that name the instance, state and attempt they are about: handlers log through
+    `ctx.logger`, whose records carry them as extras (dsm.context)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        instance, state = getattr(record, "instance", None), getattr(record, "state", None)
+        attempt = getattr(record, "attempt", None)
+        context = f"instance {instance}" if instance else ""
+        context += f" state {state}" if state else ""
+        context += f" attempt {attempt}" if attempt else ""
+        record.context = f"{context.strip()}: " if context else ""
+        return super().format(record)
+
+
+def _set_verbosity(verbose: bool, quiet: bool) -> None:
+    """Apply -v / -q wherever they were given (`dsm -v run x.yaml` or `dsm run x.yaml -v`)."""
+    _verbosity.verbose |= verbose
+    _verbosity.quiet |= quiet
+    verbose, quiet = _verbosity.verbose, _verbosity.quiet
+    if verbose and quiet:
+        raise Fail(ExitCode.INVALID, "-v (--verbose) and -q (--quiet) contradict each other: give one of them")
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    info.quiet = quiet
     handler: logging.Handler
     if err.is_terminal:
         from rich.logging import RichHandler
 
         handler = RichHandler(console=err, show_path=False, show_time=verbose, markup=False,
                               rich_tracebacks=verbose)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_LogFormatter("%(context)s%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("dsm: %(levelname)s: %(message)s"))
+        handler.setFormatter(_LogFormatter("dsm: %(levelname)s: %(context)s%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    if not verbose:
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        logging.getLogger("dsm.handler").setLevel(logging.INFO if not quiet else logging.ERROR)
+    logging.getLogger("asyncio").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    logging.getLogger("dsm.handler").setLevel(logging.NOTSET if verbose else logging.ERROR if quiet else logging.INFO)
 
 
 # -- shared helpers ----------------------------------------------------------------------------
 
-def _definition_files(paths: List[Path]) -> List[Path]:
-    files: List[Path] = []
+def _definition_files(paths: list[Path]) -> list[Path]:
+    """Files named as they are; in folders, the *.yaml / *.yml files that look like machines
+    (loader.looks_like_machine), with a note on stderr for each one skipped. Hidden files and
+    folders (.git, .venv, ...) are not searched."""
+    files: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
-            if not found:
-                raise Fail(ExitCode.INVALID, f"{path}: no *.yaml or *.yml files in this folder")
-            files.extend(found)
-        else:
+        if not path.is_dir():
             files.append(path)
+            continue
+        found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        machines = [p for p in found if loader.looks_like_machine(p)]
+        for skipped in sorted(set(found) - set(machines)):
+            info.print(f"skipped {skipped}: not a machine definition (no top-level 'machine:' key)", markup=False)
+        if not machines:
+            what = "machine definitions" if found else "*.yaml or *.yml files"
+            raise Fail(ExitCode.INVALID, f"{path}: no {what} in this folder")
+        files.extend(machines)
     return files
 
 
@@ -100,20 +242,21 @@ def _load(path: Path, *, no_import: bool = False, allow: handlers.Allowlist = ha
         return compiler.load(path, import_handlers=not no_import, allow=allow, search_path=search_path)
     except DefinitionError as exc:
         for problem in exc.problems:
-            out.print(str(problem), markup=False)
+            _emit(f"{problem}\n")
         raise Fail(ExitCode.INVALID) from None
 
 
-def _payload(payload: Optional[str], payload_file: Optional[Path]) -> dict[str, Any]:
+def _payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
     if payload is not None and payload_file is not None:
         raise Fail(ExitCode.INVALID, "give --payload or --payload-file, not both")
     try:
         if payload_file is not None:
             try:
-                text = payload_file.read_text(encoding="utf-8")
+                text = sys.stdin.read() if str(payload_file) == "-" else payload_file.read_text(encoding="utf-8")
             except OSError as exc:
                 raise Fail(ExitCode.INVALID, f"--payload-file {payload_file}: {exc.strerror or exc}") from None
-            return payloads.parse(text, what=f"--payload-file {payload_file}")
+            where = f"--payload-file {payload_file}" + (" (stdin)" if str(payload_file) == "-" else "")
+            return payloads.parse(text, what=where)
         if payload is not None:
             return payloads.parse(payload, what="--payload")
     except payloads.PayloadError as exc:
@@ -121,7 +264,7 @@ def _payload(payload: Optional[str], payload_file: Optional[Path]) -> dict[str, 
     return {}
 
 
-def _duration(value: Optional[str], option: str) -> Optional[float]:
+def _duration(value: str | None, option: str) -> float | None:
     if value is None:
         return None
     try:
@@ -131,29 +274,26 @@ def _duration(value: Optional[str], option: str) -> Optional[float]:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    _emit(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 class _Progress:
     """Transitions as they commit, one line each on stderr; on a terminal, coloured, with a live
-    status line of the states still active."""
+    status line of the states still active. With -q, only the end of an instance that did not
+    succeed, in one line."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self) -> None:
         self.started = time.monotonic()
-        self.live = err.status("starting", spinner="dots") if enabled and err.is_terminal else None
+        self.live = info.status("starting", spinner="dots") if info.is_terminal and not info.quiet else None
         if self.live is not None:
             self.live.start()
 
     def history(self, entry: records.HistoryEntry) -> None:
-        if not self.enabled:
-            return
         branch = f" [dim]\\[{'/'.join(entry.branch)}][/dim]" if entry.branch else ""
         outcome = f" [cyan]({entry.outcome})[/cyan]" if entry.outcome else ""
         attempt = f" [yellow]attempt {entry.attempt}[/yellow]" if entry.attempt > 1 else ""
         targets = ", ".join(entry.next)
-        err.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
+        info.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
 
     def update(self, inst: records.Instance) -> None:
         if self.live is not None:
@@ -162,23 +302,49 @@ class _Progress:
 
     def finished(self, inst: records.Instance) -> None:
         self.stop()
-        if not self.enabled:
-            return
         took = time.monotonic() - self.started
-        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(inst.status, "white")
         where = f" at {inst.state}" if inst.state else ""
-        err.print(f"[{colour}]instance {inst.id} {inst.status}{where}[/{colour}] "
-                  f"({inst.transitions} transitions, {took:.2f}s)")
-        if inst.error:
-            e = inst.error
-            err.print(f"[red]error[/red]: {e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}",
-                      markup=True)
-        err.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False)
+        e = inst.error
+        error = f"{e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}" if e else ""
+        if info.quiet:
+            if inst.status != records.SUCCEEDED:
+                err.print(f"instance {inst.id} {inst.status}{where}" + (f": {error}" if error else ""), markup=False)
+            return
+        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(inst.status, "white")
+        info.print(f"[{colour}]instance {inst.id} {inst.status}{where}[/{colour}] "
+                   f"({inst.transitions} transitions, {took:.2f}s)")
+        if error:
+            info.print("[red]error[/red]: " + escape(error))
+        info.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False)
 
     def stop(self) -> None:
         if self.live is not None:
             self.live.stop()
             self.live = None
+
+
+def _hush(logger: str) -> None:
+    """Keep a logger's records below ERROR off stderr, unless -v asked for everything."""
+    if not _verbosity.verbose:
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+
+@contextmanager
+def _counting(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """`with _counting("submitting", n) as advance`: a progress bar with a count on stderr while a
+    long job runs, when stderr is a terminal (and -q was not given); otherwise nothing."""
+    if total <= 0 or not info.is_terminal or info.quiet:
+        yield lambda done: None
+        return
+    from rich import progress
+
+    columns = (progress.TextColumn(what), progress.BarColumn(), progress.MofNCompleteColumn(),
+               progress.TimeElapsedColumn())
+    # stdout carries data: it passes through the display only when it is the terminal as well
+    with progress.Progress(*columns, console=info, transient=True, redirect_stdout=sys.stdout.isatty(),
+                           redirect_stderr=False) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda done: bar.advance(task, done)
 
 
 def _exit_for(inst: records.Instance) -> ExitCode:
@@ -218,32 +384,121 @@ def _run_async(coro_factory: Any) -> Any:
 
 # -- etcd options ----------------------------------------------------------------------------
 
-EtcdOpt = typer.Option(None, "--etcd", envvar="DSM_ETCD", help="etcd endpoints, comma separated (DSM_ETCD).")
-NamespaceOpt = typer.Option("dsm", "--namespace", envvar="DSM_NAMESPACE", help="Key prefix /<namespace>/.")
-CacertOpt = typer.Option(None, "--cacert", help="CA bundle to verify etcd's TLS certificate.")
-CertOpt = typer.Option(None, "--cert", help="Client certificate for etcd TLS.")
-KeyOpt = typer.Option(None, "--key", help="Client key for etcd TLS.")
-UserOpt = typer.Option(None, "--user", envvar="DSM_ETCD_USER", help="etcd user; password from DSM_ETCD_PASSWORD.")
+@dataclass(frozen=True, slots=True)
+class EtcdArgs:
+    """The etcd connection options as given on the command line, the same for every command that
+    talks to etcd (see `_command`): endpoints, namespace, TLS files and user (the password comes
+    from DSM_ETCD_PASSWORD, never from the command line)."""
+
+    endpoints: str | None = None
+    namespace: str = "dsm"
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return bool(self.endpoints)
+
+    def options(self) -> EtcdOptions:
+        """The checked store options; a usage error (exit 2) without an endpoint or with bad values."""
+        from dsm.store.etcd import EtcdOptions
+
+        if not self.endpoints:
+            raise Fail(ExitCode.INVALID, "this command needs an etcd endpoint: give --etcd URLS or set DSM_ETCD")
+        try:
+            return EtcdOptions.build(self.endpoints, namespace=self.namespace, cacert=self.cacert, cert=self.cert,
+                                     key=self.key, user=self.user, password=os.environ.get("DSM_ETCD_PASSWORD"))
+        except InputError as exc:
+            raise Fail(ExitCode.INVALID, str(exc)) from None
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Store]:
+        """`async with etcd.open() as store`: exit code 3 with one line when etcd is unreachable."""
+        from dsm.store.etcd import EtcdStore
+
+        options = self.options()
+        try:
+            store = await EtcdStore.connect(options)
+        except StoreUnavailable as exc:
+            raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {options.display}: {exc}") from None
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    def call(self, call: Callable[[Client], Any]) -> Any:
+        """Connect, run `call(client)`, disconnect; an unknown instance id is invalid input (exit 2)."""
+        from dsm.client import Client
+
+        async def go() -> Any:
+            async with self.open() as store:
+                return await call(Client(store, self.options().keys))
+
+        try:
+            return _run_async(go)
+        except NotFound as exc:
+            raise Fail(ExitCode.INVALID, str(exc)) from None
 
 
-def _etcd_options(etcd: Optional[str], namespace: str, cacert: Optional[Path], cert: Optional[Path],
-                  key: Optional[Path], user: Optional[str]) -> Any:
-    from dsm.store.etcd import EtcdOptions
+def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
-    if not etcd:
-        raise Fail(ExitCode.INVALID, "this command needs an etcd endpoint: give --etcd URLS or set DSM_ETCD")
-    try:
-        return EtcdOptions.build(etcd, namespace=namespace, cacert=cacert, cert=cert, key=key, user=user,
-                                 password=os.environ.get("DSM_ETCD_PASSWORD"))
-    except InputError as exc:
-        raise Fail(ExitCode.INVALID, str(exc)) from None
+
+_OUTPUT_PARAMETERS = [_keyword("verbose", Verbose, False), _keyword("quiet", Quiet, False)]
+_ETCD = "etcd connection"  # their own panel in --help
+_ETCD_PARAMETERS = [  # etcd_FIELD for each field of EtcdArgs
+    _keyword("etcd_endpoints", Annotated[str | None, typer.Option(
+        "--etcd", envvar="DSM_ETCD", metavar="URLS", rich_help_panel=_ETCD,
+        help="etcd endpoints, comma separated (DSM_ETCD).")], None),
+    _keyword("etcd_namespace", Annotated[str, typer.Option(
+        "--namespace", envvar="DSM_NAMESPACE", metavar="NAME", rich_help_panel=_ETCD,
+        help="Key prefix /<namespace>/.")], "dsm"),
+    _keyword("etcd_cacert", Annotated[Path | None, typer.Option(
+        "--cacert", metavar="FILE", rich_help_panel=_ETCD, help="CA bundle to verify etcd's TLS certificate.")], None),
+    _keyword("etcd_cert", Annotated[Path | None, typer.Option(
+        "--cert", metavar="FILE", rich_help_panel=_ETCD, help="Client certificate for etcd TLS.")], None),
+    _keyword("etcd_key", Annotated[Path | None, typer.Option(
+        "--key", metavar="FILE", rich_help_panel=_ETCD, help="Client key for etcd TLS.")], None),
+    _keyword("etcd_user", Annotated[str | None, typer.Option(
+        "--user", envvar="DSM_ETCD_USER", metavar="NAME", rich_help_panel=_ETCD,
+        help="etcd user; password from DSM_ETCD_PASSWORD.")], None),
+]
+
+
+def _command(name: str | None = None, *, etcd: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    """Register a command with the options every command shares: -v / -q (also accepted after the
+    command's name) and, with `etcd=True`, the etcd connection options, collected into one `EtcdArgs`
+    passed as its `etcd` parameter, so every etcd command spells them the same way."""
+
+    def decorate(func: Callable[..., Any]) -> Any:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if not (etcd and p.name == "etcd")]
+        extra = _OUTPUT_PARAMETERS + (_ETCD_PARAMETERS if etcd else [])
+
+        @functools.wraps(func)
+        def command(**values: Any) -> Any:
+            _set_verbosity(values.pop("verbose"), values.pop("quiet"))
+            if etcd:
+                given = {p.name.removeprefix("etcd_"): values.pop(p.name) for p in _ETCD_PARAMETERS}
+                values["etcd"] = EtcdArgs(**given)
+            return func(**values)
+
+        parameters = own + extra
+        command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return app.command(name, cls=_Command)(command)
+
+    return decorate
 
 
 # -- commands --------------------------------------------------------------------------------
 
-@app.command()
-def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or folders of *.yaml / *.yml."),
-             no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules.")) -> None:
+@_command()
+def validate(paths: Annotated[list[Path], typer.Argument(metavar="PATH", show_default=False,
+                                                         help="Definition files, or folders of *.yaml / *.yml.")],
+             no_import: NoImportOpt = False) -> None:
     """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE."""
     files = _definition_files(paths)
     bad = 0
@@ -253,62 +508,67 @@ def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or 
         except DefinitionError as exc:
             bad += 1
             for problem in exc.problems:
-                out.print(str(problem), markup=False)
+                _emit(f"{problem}\n")
             continue
-        err.print(f"{path}: ok (machine {graph.machine}, {len(graph.states)} states)", markup=False)
+        info.print(f"{path}: ok (machine {graph.machine}, {len(graph.states)} states)", markup=False)
     if bad:
         err.print(f"{bad} of {len(files)} file(s) invalid", markup=False)
         raise Fail(ExitCode.INVALID)
 
 
-@app.command()
-def graph(path: Path = typer.Argument(..., help="Definition file."),
-          format: str = typer.Option("mermaid", "--format", "-f", help="mermaid or dot."),
-          output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE instead of stdout."),
-          no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules.")) -> None:
+@_command()
+def graph(path: Definition,
+          format: Annotated[str, typer.Option("--format", "-f", metavar="|".join(render.RENDERERS),
+                                              help="Diagram language.")] = "mermaid",
+          output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
+                                                      help="Write to FILE instead of stdout.")] = None,
+          no_import: NoImportOpt = False) -> None:
     """Draw a machine as a Mermaid state diagram or a Graphviz graph."""
     renderer = render.RENDERERS.get(format)
     if renderer is None:
         raise Fail(ExitCode.INVALID, f"--format must be one of {', '.join(render.RENDERERS)}, got {format!r}")
     text = renderer(_load(path, no_import=no_import))
     if output is None:
-        sys.stdout.write(text)
+        _emit(text)
     else:
         try:
             output.write_text(text, encoding="utf-8")
         except OSError as exc:
             raise Fail(ExitCode.INVALID, f"cannot write {output}: {exc.strerror or exc}") from None
-        err.print(f"wrote {output}", markup=False)
+        info.print(f"wrote {output}", markup=False)
 
 
-@app.command(name="schema")
+@_command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of machine definitions."""
-    sys.stdout.write(schema.schema_text().rstrip("\n") + "\n")
+    _emit(schema.schema_text().rstrip("\n") + "\n")
 
 
-@app.command()
-def run(path: Path = typer.Argument(..., help="Definition file."),
-        payload: Optional[str] = typer.Option(None, "--payload", help="Initial payload, a JSON object."),
-        payload_file: Optional[Path] = typer.Option(None, "--payload-file", help="Read the payload from FILE."),
-        etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-        workers: int = typer.Option(4, "--workers", min=0, help="Ticks run at once (local workers with --etcd)."),
-        timeout: Optional[str] = typer.Option(None, "--timeout", help="Give up waiting after DURATION (exit 4)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the instance record on stdout."),
-        no_import: bool = typer.Option(False, "--no-import", help="Do not import handlers (with --workers 0)."),
-        cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-        user: Optional[str] = UserOpt) -> None:
+@_command(etcd=True)
+def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileOpt = None,
+        workers: Annotated[int, typer.Option("--workers", min=0, metavar="N",
+                                             help="Ticks run at once (local workers with --etcd).")] = 4,
+        timeout: Annotated[str | None, typer.Option("--timeout", metavar="DURATION",
+                                                    help="Give up waiting after DURATION (exit 4).")] = None,
+        as_json: Annotated[bool, typer.Option("--json", metavar="",
+                                              help="Print the instance record on stdout.")] = False,
+        no_import: Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handlers "
+                                                "(only with --etcd and --workers 0).")] = False,
+        etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start one instance and wait for it: embedded, or on etcd with --etcd."""
     body = _payload(payload, payload_file)
     limit = _duration(timeout, "--timeout")
-    if not etcd and workers == 0:
+    if not etcd.given and workers == 0:
         raise Fail(ExitCode.INVALID, "--workers 0 needs --etcd: embedded runs have no workers elsewhere")
+    if no_import and (not etcd.given or workers > 0):
+        raise Fail(ExitCode.INVALID, "--no-import needs --etcd URLS --workers 0: embedded runs and local "
+                                     "workers run the handlers, so they must import them")
     graph_ = _load(path, no_import=no_import)
     progress = _Progress()
     try:
-        if etcd:
-            options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-            result = _run_async(lambda: _run_etcd(graph_, body, options, workers, limit, progress))
+        if etcd.given:
+            etcd.options()
+            result = _run_async(lambda: _run_etcd(graph_, body, etcd, workers, limit, progress))
         else:
             result = _run_async(lambda: _run_embedded(graph_, body, workers, limit, progress))
     finally:
@@ -317,37 +577,47 @@ def run(path: Path = typer.Argument(..., help="Definition file."),
     if as_json:
         _print_json(records.public_record(inst, history))
     if timed_out:
-        err.print(f"[yellow]--timeout {timeout} passed; instance {inst.id} is {inst.status} "
-                  f"(active: {', '.join(inst.active) or '-'})[/yellow]")
-        raise Fail(ExitCode.TIMEOUT)
+        active = ", ".join(inst.active) or "-"
+        if etcd.given:
+            raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {inst.id} is still running in "
+                                         f"namespace {etcd.namespace!r} (active: {active}): 'dsm status {inst.id}' "
+                                         "shows how it goes on")
+        raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {inst.id} was stopped unfinished "
+                                     f"(active: {active}) when this process ended: embedded instances live only "
+                                     "as long as 'dsm run' (with --etcd they outlive it)")
     progress.finished(inst)
     raise typer.Exit(_exit_for(inst))
 
 
-async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: Optional[float],
+async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | None,
                         progress: _Progress) -> tuple:
     from dsm import embedded
 
+    if limit is not None:
+        # Once --timeout passes, the instance ends with the process. What the embedded worker logs
+        # as it stops (ticks still running, claims released) is then nothing for the user to act on.
+        asyncio.get_running_loop().call_later(limit, _hush, "dsm.worker")
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
                                           on_update=progress.update,
-                                          on_start=lambda iid: err.print(f"instance {iid} started", markup=False))
+                                          on_start=lambda iid: info.print(f"instance {iid} started", markup=False))
         return result.instance, result.history, False
     except asyncio.TimeoutError as exc:
         partial = exc.args[0]
         return partial.instance, partial.history, True
 
 
-async def _run_etcd(graph_: Graph, body: dict, options: Any, workers: int, limit: Optional[float],
+async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, limit: float | None,
                     progress: _Progress) -> tuple:
     from dsm.client import Client
     from dsm.definitions import Registry
     from dsm.worker import running
 
-    async with _connect(options) as store:
+    options = etcd.options()
+    async with etcd.open() as store:
         client = Client(store, options.keys)
         instance_id = await client.submit(graph_, body)
-        err.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
+        info.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
 
         async def wait() -> tuple:
             try:
@@ -366,42 +636,6 @@ async def _run_etcd(graph_: Graph, body: dict, options: Any, workers: int, limit
             return await wait()
 
 
-class _connect:
-    """`async with _connect(options) as store`: exit code 3 with one line when etcd is unreachable."""
-
-    def __init__(self, options: Any):
-        self.options = options
-        self.store: Any = None
-
-    async def __aenter__(self) -> Any:
-        from dsm.store.etcd import EtcdStore
-
-        try:
-            self.store = await EtcdStore.connect(self.options)
-        except StoreUnavailable as exc:
-            raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {self.options.display}: {exc}") from None
-        return self.store
-
-    async def __aexit__(self, *exc: Any) -> None:
-        if self.store is not None:
-            await self.store.close()
-
-
-def _with_client(options: Any, call: Any) -> Any:
-    """Connect, run `call(client)`, disconnect; an unknown instance id is invalid input (exit 2)."""
-
-    async def go() -> Any:
-        from dsm.client import Client
-
-        async with _connect(options) as store:
-            return await call(Client(store, options.keys))
-
-    try:
-        return _run_async(go)
-    except NotFound as exc:
-        raise Fail(ExitCode.INVALID, str(exc)) from None
-
-
 def _jsonl(path: Path) -> Iterator[dict]:
     try:
         handle = sys.stdin if str(path) == "-" else path.open(encoding="utf-8")
@@ -417,51 +651,53 @@ def _jsonl(path: Path) -> Iterator[dict]:
                 raise Fail(ExitCode.INVALID, str(exc)) from None
 
 
-@app.command()
-def submit(path: Path = typer.Argument(..., help="Definition file."),
-           payload: Optional[str] = typer.Option(None, "--payload", help="Initial payload, a JSON object."),
-           payload_file: Optional[Path] = typer.Option(None, "--payload-file", help="Read the payload from FILE."),
-           jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="One instance per line of FILE ('-': stdin)."),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-           no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules."),
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+@_command(etcd=True)
+def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileOpt = None,
+           jsonl: Annotated[Path | None, typer.Option("--jsonl", metavar="FILE",
+                                                      help="One instance per line of FILE ('-': stdin).")] = None,
+           no_import: NoImportOpt = False, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start instances on etcd; print each instance id on its own line."""
     if jsonl is not None and (payload is not None or payload_file is not None):
         raise Fail(ExitCode.INVALID, "give --jsonl or --payload/--payload-file, not both")
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
+    etcd.options()
     graph_ = _load(path, no_import=no_import)
     bodies = list(_jsonl(jsonl)) if jsonl is not None else [_payload(payload, payload_file)]
 
-    async def go() -> list[str]:
-        from dsm.client import Client
+    async def submit_all(client: Client) -> None:
+        from dsm.client import SUBMIT_BATCH
 
-        async with _connect(options) as store:
-            return await Client(store, options.keys).submit_many(graph_, bodies)
+        step = 16 * SUBMIT_BATCH  # ids are printed, and progress shown, as each slice is stored
+        with _counting("submitting", len(bodies) if len(bodies) > 1 else 0) as advance:
+            for start in range(0, len(bodies), step):
+                for iid in await client.submit_many(graph_, bodies[start:start + step]):
+                    _emit(iid + "\n")
+                advance(min(step, len(bodies) - start))
 
-    for iid in _run_async(go):
-        sys.stdout.write(iid + "\n")
-    sys.stdout.flush()
+    etcd.call(submit_all)
 
 
-@app.command()
-def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worker serves (and whose modules "
-                                                           "it may import)."),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-           concurrency: int = typer.Option(8, "--concurrency", min=1, help="Ticks run at once."),
-           allow: List[str] = typer.Option(None, "--allow", help="Module prefix handlers may come from "
-                                                                  "(repeatable; default: the modules of PATHs)."),
-           path: List[Path] = typer.Option(None, "--path", help="Folder put first on the import path (repeatable)."),
-           lease_ttl: int = typer.Option(10, "--lease-ttl", min=2, help="Seconds before a dead worker's "
-                                                                         "claims expire."),
-           grace: float = typer.Option(30.0, "--grace", help="Seconds to finish running ticks on SIGTERM."),
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+@_command(etcd=True)
+def worker(paths: Annotated[list[Path] | None, typer.Argument(
+               metavar="PATH", show_default=False,
+               help="Definitions this worker serves (and whose modules it may import).")] = None,
+           concurrency: Annotated[int, typer.Option("--concurrency", min=1, metavar="N",
+                                                    help="Ticks run at once.")] = 8,
+           allow: Annotated[list[str] | None, typer.Option(
+               "--allow", metavar="PREFIX", show_default=False,
+               help="Module prefix handlers may come from (repeatable; default: the modules of PATHs).")] = None,
+           path: Annotated[list[Path] | None, typer.Option(
+               "--path", metavar="DIR", show_default=False,
+               help="Folder put first on the import path (repeatable).")] = None,
+           lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, metavar="SECONDS",
+                                                  help="Seconds before a dead worker's claims expire.")] = 10,
+           grace: Annotated[float, typer.Option("--grace", metavar="SECONDS",
+                                                help="Seconds to finish running ticks on SIGTERM.")] = 30.0,
+           etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT."""
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
         signal.signal(signum, lambda number, frame: received.append(number))
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
+    options = etcd.options()
     files = _definition_files(list(paths or []))
     search = tuple(str(p.resolve()) for p in (path or []))
     folders = tuple(dict.fromkeys(str(f.resolve().parent) for f in files))
@@ -486,91 +722,95 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
             loop.add_signal_handler(signum, on_signal, signum)
         if received:
             return
-        async with _connect(options) as store:
+        async with etcd.open() as store:
             registry = Registry(store, options.keys, allow=allowlist, search_path=search + folders)
             for g in graphs:
                 registry.add(g)
                 await register(store, options.keys, g)
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
                                stop=stop) as w:
-                err.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
+                info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                           f"(concurrency {concurrency}, modules: {allowlist.describe()})", markup=False)
                 await stop.wait()
-            err.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
+            info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
     _run_async(go)
     if signal.SIGINT in received:
         raise Fail(ExitCode.INTERRUPTED)  # SIGTERM is the ordinary way to stop a worker: exit 0
 
 
-@app.command()
-def status(instance_id: str = typer.Argument(..., metavar="ID"),
-           as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON."),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+@_command(etcd=True)
+def status(instance_id: InstanceId,
+           as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the whole record as JSON.")] = False,
+           etcd: EtcdArgs = EtcdArgs()) -> None:
     """Show one instance (the whole record with --json)."""
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-    record = _with_client(options, lambda client: client.record(instance_id))
+    record = etcd.call(lambda client: client.record(instance_id))
     if as_json:
         _print_json(record)
         return
-    out.print(f"id:          {record['id']}", markup=False)
-    out.print(f"machine:     {record['machine']} (version {record['version']}, {record['digest'][:19]})",
-              markup=False)
-    out.print(f"status:      {record['status']}" + (f" at {record['state']}" if record["state"] else ""),
-              markup=False)
+    lines = [f"id:          {record['id']}",
+             f"machine:     {record['machine']} ("
+             + (f"version {record['version']}, " if record["version"] is not None else "")
+             + f"{record['digest'][:19]})",
+             f"status:      {record['status']}" + (f" at {record['state']}" if record["state"] else "")]
     if record["active"]:
-        out.print(f"active:      {', '.join(record['active'])}", markup=False)
-    out.print(f"transitions: {record['transitions']}", markup=False)
-    out.print(f"created:     {record['created_at']}", markup=False)
+        lines.append(f"active:      {', '.join(record['active'])}")
+    lines += [f"transitions: {record['transitions']}", f"created:     {record['created_at']}"]
     if record["finished_at"]:
-        out.print(f"finished:    {record['finished_at']}", markup=False)
+        lines.append(f"finished:    {record['finished_at']}")
     if record["error"]:
         e = record["error"]
-        out.print(f"error:       {e['type']} in {e['state']} after {e['attempts']} attempt(s): {e['message']}",
-                  markup=False)
-    out.print("payload:     " + json.dumps(record["payload"], ensure_ascii=False), markup=False)
+        lines.append(f"error:       {e['type']} in {e['state']} after {e['attempts']} attempt(s): {e['message']}")
+    lines.append("payload:     " + json.dumps(record["payload"], ensure_ascii=False))
     for h in record["history"]:
         branch = f" [{'/'.join(h['branch'])}]" if h["branch"] else ""
         outcome = f" ({h['outcome']})" if h["outcome"] else ""
-        out.print(f"  {h['seq']:>4} {h['at']} {h['state']}{outcome} -> {', '.join(h['next'])}{branch} "
-                  f"attempt {h['attempt']} by {h['worker']}", markup=False)
+        lines.append(f"  {h['seq']:>4} {h['at']} {h['state']}{outcome} -> {', '.join(h['next'])}{branch} "
+                     f"attempt {h['attempt']} by {h['worker']}")
+    _emit("".join(line + "\n" for line in lines))
 
 
-@app.command(name="list")
-def list_command(status_: Optional[str] = typer.Option(None, "--status", help="Only instances with this status."),
-                 machine: Optional[str] = typer.Option(None, "--machine", help="Only instances of this machine."),
-                 as_json: bool = typer.Option(False, "--json", help="Print a JSON array of records."),
-                 etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-                 cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-                 user: Optional[str] = UserOpt) -> None:
+@_command("list", etcd=True)
+def list_command(status_: Annotated[str | None, typer.Option("--status", metavar="|".join(records.STATUSES),
+                                                             help="Only instances with this status.")] = None,
+                 machine: Annotated[str | None, typer.Option("--machine", metavar="NAME",
+                                                             help="Only instances of this machine.")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", metavar="",
+                                                       help="Print a JSON array of records.")] = False,
+                 etcd: EtcdArgs = EtcdArgs()) -> None:
     """List instances (records without history)."""
     if status_ is not None and status_ not in records.STATUSES:
         raise Fail(ExitCode.INVALID, f"--status must be one of {', '.join(records.STATUSES)}, got {status_!r}")
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-    found = _with_client(options, lambda client: client.list(status=status_, machine=machine))
+    found = etcd.call(lambda client: client.list(status=status_, machine=machine))
     if as_json:
         _print_json([records.public_record(i) for i in found])
         return
-    for inst in found:
-        where = inst.state or ",".join(inst.active) or "-"
-        out.print(f"{inst.id}  {inst.machine:<16} {inst.status:<10} {where:<20} "
-                  f"{inst.transitions:>6}  {records.timestamp(inst.created_at)}", markup=False)
+    if not found:
+        where = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
+        info.print(f"no instances {where}" + (f" of machine {machine!r}" if machine else ""), markup=False)
+        return
+    rows = [["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]]
+    rows += [[inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-", str(inst.transitions),
+              records.timestamp(inst.created_at) or "-"] for inst in found]
+    _emit(_table(rows, right=frozenset({4})))
 
 
-@app.command()
-def cancel(instance_id: str = typer.Argument(..., metavar="ID"),
-           etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
-           cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
-           user: Optional[str] = UserOpt) -> None:
+def _table(rows: list[list[str]], *, right: frozenset[int] = frozenset()) -> str:
+    """Rows as text columns, each as wide as its widest cell; `right` columns aligned right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ("  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows)
+    return "".join(line.rstrip() + "\n" for line in lines)
+
+
+@_command(etcd=True)
+def cancel(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Cancel a running instance."""
-    options = _etcd_options(etcd, namespace, cacert, cert, key, user)
-    inst = _with_client(options, lambda client: client.cancel(instance_id))
+    inst = etcd.call(lambda client: client.cancel(instance_id))
     if inst.status == records.CANCELLED:
-        err.print(f"instance {inst.id} cancelled", markup=False)
+        info.print(f"instance {inst.id} cancelled", markup=False)
     else:
-        err.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
+        info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
 
 
 def main() -> None:
@@ -580,6 +820,7 @@ def main() -> None:
     still be running in a handler thread, and the process must not wait for user code to return.
     """
     code = int(ExitCode.OK)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's C core logs each failed TLS handshake at INFO
     try:
         app()  # standalone: usage errors exit 2, typer.Exit carries our codes
     except SystemExit as exc:
@@ -597,17 +838,21 @@ def main() -> None:
     except DsmError as exc:
         err.print(f"dsm: {exc}", markup=False)
         code = int(ExitCode.INVALID)
+    except BrokenPipeError:  # a closed pipe met outside _emit and our consoles: end as if dropped
+        code = int(ExitCode.OK)
     except Exception as exc:  # the unexpected: one line, the traceback with -v
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             log.exception("unexpected error")
         err.print(f"dsm: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
                   markup=False)
         code = 1
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            _drop(stream)
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,39 @@ def _environment() -> _Sandbox:
 _ENV = _environment()
 
 
+def _missing_key_hint(source: str, error: UndefinedError) -> str:
+    """For a guard that read a key the payload lacks: how to write it so a missing key is false."""
+    key = str(error).partition("has no attribute '")[2].rstrip("'")
+    try:
+        tree = Parser(_ENV, source, state="variable").parse_expression()
+    except TemplateSyntaxError:
+        return ""
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            name = node.arg.value
+        else:
+            continue
+        path = _path_text(node) if key and name == key else None
+        if path:
+            return f"; to allow a missing key, test it first: {path} is defined and ..."
+    return ""
+
+
+def _path_text(node: nodes.Node) -> str | None:
+    """`payload.order['total']` back as text, for paths of names, attributes and constant keys."""
+    if isinstance(node, nodes.Name):
+        return node.name
+    if isinstance(node, nodes.Getattr):
+        base = _path_text(node.node)
+        return f"{base}.{node.attr}" if base else None
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+        base = _path_text(node.node)
+        return f"{base}[{node.arg.value!r}]" if base else None
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Guard:
     """A compiled guard expression; evaluating it never reaches outside its three names."""
@@ -86,7 +119,7 @@ class Guard:
         except SecurityError as exc:
             raise GuardError(f"guard {self.source!r} refused: {exc}") from None
         except UndefinedError as exc:
-            raise GuardError(f"guard {self.source!r}: {exc}") from None
+            raise GuardError(f"guard {self.source!r}: {exc}{_missing_key_hint(self.source, exc)}") from None
         except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
             raise GuardError(f"guard {self.source!r}: {type(exc).__name__}: {exc}") from None
         except (MemoryError, RecursionError, OverflowError) as exc:

@@ -220,6 +220,29 @@ def parse(text: str, file: str = "<string>") -> Document:
     return doc
 
 
+# A folder of definitions may hold other YAML too (a compose file, a CI pipeline). A machine file
+# has a top-level `machine:` key, or points editors at the machine schema in a comment; a test file
+# for `dsm test` names its machine at `machine:` too but has `cases:`.
+_MACHINE_KEY = re.compile(r"""^["']?machine["']?[ \t]*:""", re.MULTILINE)
+_CASES_KEY = re.compile(r"""^["']?cases["']?[ \t]*:""", re.MULTILINE)
+_SCHEMA_COMMENT = re.compile(r"^#.*\$schema=\S*machine\.schema\.json", re.MULTILINE)
+
+
+def looks_like_machine(path: str | Path) -> bool:
+    """Whether a YAML file found in a folder is meant as a machine definition.
+
+    Decided on the text, not the parsed YAML, so that a machine too broken to parse still counts
+    and gets its errors reported; a file that cannot be read counts too, for the same reason.
+    """
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return True
+    if _SCHEMA_COMMENT.search(text):
+        return True
+    return bool(_MACHINE_KEY.search(text)) and not _CASES_KEY.search(text)
+
+
 def read(path: str | Path) -> Document:
     """Read and parse a file; unreadable files become a located DefinitionError too."""
     name = str(path)

@@ -2,69 +2,101 @@
 
 Forks and joins are drawn as pseudo-states (<<fork>> / <<join>> bars) between the fork state and
 its branches and between the branches and the join state. Terminal states lead to [*]; failure
-terminals are drawn in red. `catch` edges are dashed (DOT) or labelled "catch".
+terminals are drawn in red. `catch` edges are dashed (DOT) or labelled "catch". Edges join
+nodes, not names: a node is a state or a pseudo-node, and `node_ids` gives each its own id in
+the drawing, so no bar can take the place of a state whatever the states are called.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .graph import Graph, Kind
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
+Node = tuple[str, str]  # ("state" | "fork" | "join" | "start", state name)
+
 
 @dataclass(frozen=True, slots=True)
 class Edge:
-    source: str
-    target: str
+    source: Node
+    target: Node
     label: str = ""
     catch: bool = False
 
 
-def _fork_node(state: str) -> str:
-    return f"{state}__fork"
-
-
-def _join_node(join: str) -> str:
-    return f"{join}__join"
+def _state(name: str) -> Node:
+    return ("state", name)
 
 
 def edges(graph: Graph) -> list[Edge]:
     """Every drawn edge, with forks and joins as their own pseudo-nodes."""
     out: list[Edge] = []
     for name, st in graph.states.items():
-        frames = graph.frames.get(name, ())
+        source = _state(name)
 
-        def to(target: str) -> str:
+        def to(target: str, frames: tuple = graph.frames.get(name, ())) -> Node:
+            """A join reached from inside its fork's branches is drawn as the join bar."""
             fork = graph.join_of.get(target)
             if fork is not None and any(f == fork for f, _ in frames):
-                return _join_node(target)
-            return target
+                return ("join", target)
+            return _state(target)
 
         if st.kind is Kind.NEXT:
-            out.append(Edge(name, to(st.next)))  # type: ignore[arg-type]
+            out.append(Edge(source, to(st.next)))  # type: ignore[arg-type]
         elif st.kind is Kind.ON:
-            out += [Edge(name, to(t), label) for label, t in st.on.items()]
+            out += [Edge(source, to(t), label) for label, t in st.on.items()]
         elif st.kind is Kind.CHOOSE:
-            out += [Edge(name, to(c.next), c.when or "otherwise") for c in st.choose]
+            out += [Edge(source, to(c.next), c.when or "otherwise") for c in st.choose]
         elif st.kind is Kind.FORK:
-            out.append(Edge(name, _fork_node(name)))
-            out += [Edge(_fork_node(name), b) for b in st.fork]
+            out.append(Edge(source, ("fork", name)))
+            out += [Edge(("fork", name), _state(b)) for b in st.fork]
         if st.catch:
-            out.append(Edge(name, to(st.catch), "catch", catch=True))
+            out.append(Edge(source, to(st.catch), "catch", catch=True))
     for join, fork in graph.join_of.items():
         if fork in graph.forks:
-            out.append(Edge(_join_node(join), join))
+            out.append(Edge(("join", join), _state(join)))
     return out
 
 
-def pseudo_nodes(graph: Graph) -> list[tuple[str, str]]:
-    """(node, "fork" | "join") for every fork bar and join bar drawn."""
-    out = [(_fork_node(name), "fork") for name in graph.forks]
-    out += [(_join_node(join), "join") for join, fork in graph.join_of.items() if fork in graph.forks]
+def pseudo_nodes(graph: Graph) -> list[Node]:
+    """Every fork bar and join bar drawn: ("fork", fork state) and ("join", join state)."""
+    out: list[Node] = [("fork", name) for name in graph.forks]
+    out += [("join", join) for join, fork in graph.join_of.items() if fork in graph.forks]
     return out
+
+
+def node_ids(graph: Graph, safe: Callable[[str], str] = lambda name: name) -> dict[Node, str]:
+    """A distinct id for every drawn node, never one a state has.
+
+    States keep their own name where the format allows it (`safe(name) == name`), so diagrams stay
+    readable and stable; then come states whose names the format cannot take as they are, and
+    last the pseudo-nodes: `X__fork`, `X__join`, `__start`, or with `_2`, `_3` ... appended when a
+    state already holds that id (a state may well be named `go__fork`).
+    """
+    ids: dict[Node, str] = {}
+    taken: set[str] = set()
+
+    def claim(node: Node, wanted: str) -> None:
+        ident, n = wanted, 2
+        while ident in taken:
+            ident, n = f"{wanted}_{n}", n + 1
+        taken.add(ident)
+        ids[node] = ident
+
+    plain = [name for name in graph.states if safe(name) == name]
+    for name in plain:
+        claim(_state(name), name)
+    for name in graph.states:
+        if _state(name) not in ids:
+            claim(_state(name), safe(name))
+    for kind, name in pseudo_nodes(graph):
+        claim((kind, name), safe(f"{name}__{kind}"))
+    claim(("start", ""), "__start")
+    return ids
 
 
 def _mermaid_id(name: str) -> str:
@@ -76,24 +108,25 @@ def _mermaid_label(text: str) -> str:
 
 
 def mermaid(graph: Graph) -> str:
+    ids = node_ids(graph, _mermaid_id)
     lines = ["stateDiagram-v2"]
     if graph.description:
         lines.append(f"    %% {graph.machine}: {_mermaid_label(graph.description)}")
     for name in graph.states:
-        if _mermaid_id(name) != name:
-            lines.append(f'    state "{name}" as {_mermaid_id(name)}')
-    for node, kind in pseudo_nodes(graph):
-        lines.append(f"    state {_mermaid_id(node)} <<{kind}>>")
-    lines.append(f"    [*] --> {_mermaid_id(graph.start)}")
+        if ids[_state(name)] != name:
+            lines.append(f'    state "{name}" as {ids[_state(name)]}')
+    for node in pseudo_nodes(graph):
+        lines.append(f"    state {ids[node]} <<{node[0]}>>")
+    lines.append(f"    [*] --> {ids[_state(graph.start)]}")
     for e in edges(graph):
         label = f": {_mermaid_label(e.label)}" if e.label else ""
-        lines.append(f"    {_mermaid_id(e.source)} --> {_mermaid_id(e.target)}{label}")
+        lines.append(f"    {ids[e.source]} --> {ids[e.target]}{label}")
     failed = []
     for name, st in graph.states.items():
         if st.terminal:
-            lines.append(f"    {_mermaid_id(name)} --> [*]")
+            lines.append(f"    {ids[_state(name)]} --> [*]")
             if st.status == "failed":
-                failed.append(_mermaid_id(name))
+                failed.append(ids[_state(name)])
     if failed:
         lines.append("    classDef failed fill:#fdd,stroke:#c00,color:#900")
         lines.append(f"    class {','.join(failed)} failed")
@@ -105,19 +138,24 @@ def _dot_quote(text: str) -> str:
 
 
 def dot(graph: Graph) -> str:
+    ids = node_ids(graph)
     q = _dot_quote
+
+    def node(n: Node) -> str:
+        return q(ids[n])
+
     lines = [f"digraph {q(graph.machine)} {{", "    rankdir=TB;",
              '    node [shape=box, style="rounded", fontname="Helvetica"];',
              '    edge [fontname="Helvetica", fontsize=10];',
-             '    "__start" [shape=point, width=0.2, label=""];']
+             f'    {node(("start", ""))} [shape=point, width=0.2, label=""];']
     for name, st in graph.states.items():
         if st.terminal:
             colour = ', color="#cc0000", fontcolor="#990000"' if st.status == "failed" else ""
-            lines.append(f"    {q(name)} [shape=doublecircle{colour}];")
+            lines.append(f"    {node(_state(name))} [shape=doublecircle{colour}];")
     bar = 'shape=box, style=filled, fillcolor=black, label="", height=0.06, width=1.6'
-    for node, _ in pseudo_nodes(graph):
-        lines.append(f"    {q(node)} [{bar}];")
-    lines.append(f'    "__start" -> {q(graph.start)};')
+    for n in pseudo_nodes(graph):
+        lines.append(f"    {node(n)} [{bar}];")
+    lines.append(f"    {node(('start', ''))} -> {node(_state(graph.start))};")
     for e in edges(graph):
         attrs = []
         if e.label:
@@ -125,7 +163,7 @@ def dot(graph: Graph) -> str:
         if e.catch:
             attrs.append('style=dashed, color="#cc0000"')
         suffix = f" [{', '.join(attrs)}]" if attrs else ""
-        lines.append(f"    {q(e.source)} -> {q(e.target)}{suffix};")
+        lines.append(f"    {node(e.source)} -> {node(e.target)}{suffix};")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -232,3 +232,252 @@ def test_every_example_validates_and_runs(path):
     result = dsm("run", f"definitions/{path}", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "succeeded"
+
+
+def test_every_etcd_command_takes_the_same_connection_options():
+    names = ["--etcd", "--namespace", "--cacert", "--cert", "--key", "--user"]
+    for command in ("submit", "worker", "status", "list", "cancel", "run"):
+        text = dsm(command, "--help", COLUMNS="200").stdout
+        assert all(re.search(rf"{name}\b", text) for name in names), (command, text)
+
+
+# -- output: -q, -v, closed pipes, help, version ------------------------------------------------
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_run_prints_nothing_on_stderr_when_it_succeeds(where):
+    args = ["run", ORDER, "--payload", '{"total": 120}', "--json"]
+    result = dsm("-q", *args) if where == "before" else dsm(*args, "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert json.loads(result.stdout)["status"] == "succeeded"  # data still on stdout
+
+
+def test_quiet_run_of_a_failed_instance_says_why_in_one_line():
+    result = dsm("run", ORDER, "--payload", '{"total": 0}', "-q")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "failed" in lines[0] and "cancelled" in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_quiet_applies_to_every_command(tmp_path):
+    assert dsm("validate", "definitions", "-q").stderr == ""
+    graph = dsm("graph", ORDER, "-o", str(tmp_path / "g.mmd"), "-q")
+    assert graph.returncode == 0 and graph.stderr == ""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_before_or_after_the_command(write, where):
+    path = one_tick_machine(write, "raisemod2", "raise RuntimeError('kaboom')")
+    result = dsm("-v", "run", str(path)) if where == "before" else dsm("run", str(path), "-v")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+
+
+def test_verbose_and_quiet_together_is_a_usage_error():
+    result = dsm("run", ORDER, "-v", "-q")
+    assert result.returncode == 2 and "-v" in result.stderr and "-q" in result.stderr
+
+
+def _closed_stdout(*args: str) -> tuple[int, str]:
+    """Run dsm with stdout a pipe whose reader has already gone (as in `dsm ... | head -0`)."""
+    import os
+    import subprocess
+
+    from clitools import dsm_command, dsm_env
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([*dsm_command(), *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=dsm_env(), timeout=120)
+    finally:
+        os.close(write)
+    return proc.returncode, proc.stderr
+
+
+def test_a_closed_stdout_is_not_a_failure():
+    code, stderr = _closed_stdout("run", ORDER, "--payload", '{"total": 120}', "--json")
+    assert code == 0, stderr  # the instance succeeded: the exit code says so, pipe or no pipe
+    assert "succeeded" in stderr and "Traceback" not in stderr and "pipe" not in stderr.lower()
+    code, stderr = _closed_stdout("run", ORDER, "--payload", '{"total": 0}', "--json")
+    assert code == 1 and "Traceback" not in stderr and "pipe" not in stderr.lower()
+    code, stderr = _closed_stdout("graph", ORDER)
+    assert code == 0 and stderr == ""
+
+
+def test_help_shows_plain_metavars():
+    commands = ["validate", "graph", "schema", "run", "submit", "worker", "status", "list", "cancel"]
+    noise = re.compile(r"<(bool|str|int|float|path|list\[\w+\]|int range|float range)>")
+    for command in [None, *commands]:
+        args = ["--help"] if command is None else [command, "--help"]
+        result = dsm(*args, COLUMNS="200")
+        assert result.returncode == 0, (command, result.stderr)
+        assert not noise.search(result.stdout), (command, noise.findall(result.stdout))
+    run_help = dsm("run", "--help", COLUMNS="200").stdout
+    assert re.search(r"--payload-file\s+FILE", run_help) and re.search(r"--etcd\s+URLS", run_help)
+    assert "PATH" in dsm("validate", "--help", COLUMNS="200").stdout
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = dsm("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"dsm {version('dsm')}\n"
+
+
+# -- input --------------------------------------------------------------------------------------
+
+def test_payload_file_dash_reads_stdin():
+    result = dsm("run", "definitions/document.yaml", "--payload-file", "-", "--json",
+                 input='{"text": "teh wrold", "images": 1}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["payload"]["clean_text"] == "the world"
+
+
+def test_no_import_on_an_embedded_run_is_a_usage_error():
+    result = dsm("run", ORDER, "--no-import")
+    assert result.returncode == 2
+    assert "--no-import" in result.stderr and "--etcd" in result.stderr
+    assert "started" not in result.stderr  # refused before anything ran
+
+
+# -- validate: folders hold other YAML too ------------------------------------------------------
+
+def test_validate_folder_skips_files_that_are_not_machines(tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "order.yaml").write_text((ROOT / ORDER).read_text())
+    (folder / "orders.py").write_text((ROOT / "definitions" / "orders.py").read_text())
+    (folder / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
+    (folder / "ci").mkdir()
+    (folder / "ci" / "pipeline.yaml").write_text("jobs:\n  test: {runs-on: linux}\n")
+    result = dsm("validate", str(folder))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert f"{folder / 'order.yaml'}: ok" in result.stderr
+    assert f"skipped {folder / 'docker-compose.yml'}: not a machine definition" in result.stderr
+    assert f"skipped {folder / 'ci' / 'pipeline.yaml'}: not a machine definition" in result.stderr
+    named = dsm("validate", str(folder / "docker-compose.yml"))  # a file named on the command line: always
+    assert named.returncode == 2 and "docker-compose.yml:" in named.stdout
+
+
+def test_validate_folder_still_checks_broken_machines(tmp_path):
+    (tmp_path / "broken.yaml").write_text("machine: broken\nstart: a\nstates: [a, b\n")
+    (tmp_path / "schema_only.yaml").write_text(
+        "# yaml-language-server: $schema=../schemas/machine.schema.json\nstart: a\n")
+    result = dsm("validate", "--no-import", str(tmp_path))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'broken.yaml'}:" in result.stdout and "invalid YAML" in result.stdout
+    assert f"{tmp_path / 'schema_only.yaml'}:" in result.stdout
+
+
+def test_validate_folder_without_machines_is_an_error(tmp_path):
+    (tmp_path / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
+    result = dsm("validate", str(tmp_path))
+    assert result.returncode == 2 and "no machine definitions" in result.stderr
+
+
+# -- run: timeouts, logs, guards ----------------------------------------------------------------
+
+def test_embedded_timeout_says_the_instance_stopped_with_the_process(write):
+    path = one_tick_machine(write, "slowmod3", "__import__('threading').Event().wait()")
+    result = dsm("run", str(path), "--timeout", "500ms", timeout=60)
+    assert result.returncode == 4
+    assert "--timeout 500ms passed" in result.stderr
+    assert "stopped" in result.stderr and "embedded" in result.stderr
+    assert "WARNING" not in result.stderr and "Traceback" not in result.stderr
+    assert "is running" not in result.stderr
+
+
+def test_handler_log_lines_name_instance_and_state(write):
+    path = one_tick_machine(write, "logmod", "ctx.logger.info('charging %s', 'card')")
+    result = dsm("run", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    iid = json.loads(result.stdout)["id"]
+    line = next(x for x in result.stderr.splitlines() if "charging card" in x)
+    assert iid in line and "state s" in line and "attempt 1" in line
+
+
+def test_a_guard_on_a_missing_key_suggests_is_defined(write):
+    path = write("guard.yaml", """
+        machine: guarded
+        start: s
+        states:
+          s:
+            choose:
+              - when: "payload.order.total > 100"
+                next: big
+              - next: done
+          big:
+            next: done
+          done:
+            terminal: true
+        """)
+    result = dsm("run", str(path), "--payload", '{"order": {}}')
+    assert result.returncode == 1
+    assert "payload.order.total is defined and" in result.stderr, result.stderr
+
+
+# -- graph: drawn node ids never collide with state names ---------------------------------------
+
+COLLIDE = """
+    machine: collide
+    start: go__fork
+    states:
+      go__fork:
+        next: go
+      go:
+        fork: [a, b]
+        join: j
+      a:
+        next: j
+      b:
+        next: j
+      j:
+        next: j__join
+      j__join:
+        next: done
+      done:
+        terminal: true
+    """
+
+
+def test_graph_pseudo_nodes_never_take_a_state_name(write):
+    path = write("collide.yaml", COLLIDE)
+    states = {"go__fork", "go", "a", "b", "j", "j__join", "done"}
+    text = dsm("graph", "--no-import", str(path)).stdout
+    bars = dict(re.findall(r"^\s+state (\S+) <<(fork|join)>>$", text, re.M))
+    assert len(bars) == 2 and not set(bars) & states, bars
+    fork = next(n for n, kind in bars.items() if kind == "fork")
+    join = next(n for n, kind in bars.items() if kind == "join")
+    edges = re.findall(r"^\s+(\S+) --> (\S+?)(?::.*)?$", text, re.M)
+    assert ("go__fork", "go") in edges and ("go", fork) in edges
+    assert {(fork, "a"), (fork, "b"), ("a", join), ("b", join), (join, "j")} <= set(edges)
+    assert [e for e in edges if e[0] == "go__fork"] == [("go__fork", "go")]
+    assert [e for e in edges if e[0] == "j__join"] == [("j__join", "done")]
+    dot = dsm("graph", "--no-import", str(path), "--format", "dot").stdout
+    bars = re.findall(r'^\s+"([^"]+)" \[shape=box, style=filled', dot, re.M)
+    assert len(bars) == 2 and not set(bars) & states, bars
+    assert [e for e in re.findall(r'^\s+"([^"]+)" -> "([^"]+)"', dot, re.M) if e[0] == "go__fork"] == [
+        ("go__fork", "go")]
+
+
+def test_graph_ids_of_unsafe_names_do_not_collide(write):
+    path = write("dash.yaml", """
+        machine: dash
+        start: a-b
+        states:
+          a-b:
+            next: a_b_
+          a_b_:
+            next: done
+          done:
+            terminal: true
+        """)
+    text = dsm("graph", "--no-import", str(path)).stdout
+    edges = re.findall(r"^\s+(\S+) --> (\S+)$", text, re.M)
+    ids = re.findall(r'^\s+state "a-b" as (\S+)$', text, re.M)
+    assert len(ids) == 1 and ids[0] != "a_b_"
+    assert (ids[0], "a_b_") in edges and ("a_b_", "done") in edges

@@ -16,8 +16,16 @@ SERVICES = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
-def test_services_are_etcd_worker_and_client():
-    assert set(SERVICES) == {"etcd", "worker", "client"}
+def test_services_are_etcd_work_and_client():
+    assert set(SERVICES) == {"etcd", "work", "client"}
+
+
+def test_every_scale_command_shown_names_a_service():
+    """`--scale NAME=N` in the compose file's comments and in the README must name a real service."""
+    texts = {name: (ROOT / name).read_text() for name in ("docker-compose.yml", "README.md")}
+    shown = [(where, name) for where, text in texts.items() for name in re.findall(r"--scale[ =](\S+?)=", text)]
+    assert {where for where, _ in shown} == set(texts)
+    assert all(name in SERVICES for _, name in shown), shown
 
 
 def test_official_etcd_image_of_version_3_5_or_newer():
@@ -42,7 +50,7 @@ def test_no_container_names_and_no_fixed_host_ports():
 
 
 def test_worker_scales_and_waits_for_a_healthy_etcd():
-    worker = SERVICES["worker"]
+    worker = SERVICES["work"]
     assert worker["build"] == "."
     assert worker["command"][:2] == ["dsm", "worker"]
     assert worker["environment"]["DSM_ETCD"] == "http://etcd:2379"
@@ -78,7 +86,7 @@ def test_dockerfile_installs_the_project_and_ships_the_definitions():
 def test_the_compose_topology_without_docker(etcd, namespace):
     """etcd + three workers + the client, as separate processes, running the compose file's own commands."""
     env = {"DSM_ETCD": etcd.endpoint, "DSM_NAMESPACE": namespace}
-    workers = [spawn(*SERVICES["worker"]["command"][1:], **env) for _ in range(3)]
+    workers = [spawn(*SERVICES["work"]["command"][1:], **env) for _ in range(3)]
     try:
         client = dsm(*SERVICES["client"]["command"][1:], timeout=90, **env)
         for w in workers:  # a process signalled before Python set up its handlers would just die

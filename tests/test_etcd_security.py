@@ -95,6 +95,13 @@ def test_wrong_password_and_missing_client_certificate(secure_etcd):
     no_cert = dsm("list", "--etcd", cluster.endpoint, "--namespace", "a", "--user", "dsm-a", "--cacert",
                   str(certs.ca), DSM_ETCD_PASSWORD=PASSWORDS["dsm-a"])
     assert no_cert.returncode == 3 and "etcd unreachable" in no_cert.stderr
+    assert "TLS handshake failed" in no_cert.stderr and "--cert" in no_cert.stderr, no_cert.stderr
+    without_ca = tls_args(certs, "a", "dsm-a")[:4] + ("--cert", str(certs.client_cert), "--key", str(certs.client_key))
+    no_ca = dsm("list", "--etcd", cluster.endpoint, *without_ca, DSM_ETCD_PASSWORD=PASSWORDS["dsm-a"])
+    assert no_ca.returncode == 3 and "TLS handshake failed" in no_ca.stderr and "--cacert" in no_ca.stderr
+    plain = dsm("list", "--etcd", cluster.endpoint.replace("https://", "http://"))
+    assert plain.returncode == 3 and "may expect TLS" in plain.stderr, plain.stderr
+    assert "Handshake failed" not in no_cert.stderr + no_ca.stderr  # gRPC's own log lines stay out
     no_password = dsm("list", "--etcd", cluster.endpoint, *tls_args(certs, "a", "dsm-a"))
     assert no_password.returncode == 2 and "DSM_ETCD_PASSWORD" in no_password.stderr
 

@@ -96,3 +96,20 @@ def test_custom_tags_are_refused_on_keys_and_values():
         loader.parse("a: !custom 1\n!es x: b\n", "x.yaml")
     assert [(p.line, p.col) for p in info.value.problems] == [(1, 4), (2, 1)]
     assert all("unsupported tag" in p.message for p in info.value.problems)
+
+
+@pytest.mark.parametrize("text,machine", [
+    ("machine: m\nstart: a\n", True),
+    ("# comment\nmachine: m\n", True),
+    ('"machine": m\n', True),
+    ("machine: m\nstates: [a, b\n", True),  # too broken to parse: still a machine, to be reported
+    ("# yaml-language-server: $schema=../schemas/machine.schema.json\nstart: a\n", True),
+    ("services:\n  work:\n    image: x\n", False),
+    ("jobs:\n  machine: linux\n", False),  # not at the top level
+    ("# yaml-language-server: $schema=https://json.schemastore.org/github-workflow.json\non: push\n", False),
+    ("machine: ../definitions/order.yaml\ncases: []\n", False),  # a test file for `dsm test`
+])
+def test_looks_like_machine(tmp_path, text, machine):
+    path = tmp_path / "f.yaml"
+    path.write_text(text)
+    assert loader.looks_like_machine(path) is machine

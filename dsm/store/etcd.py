@@ -171,7 +171,7 @@ def _target(endpoints: Sequence[Endpoint]) -> tuple[str, str | None]:
     return f"{family}:{','.join(addresses)}", override
 
 
-async def _ready(channel: grpc.aio.Channel, endpoints: int) -> None:
+async def _ready(channel: grpc.aio.Channel, endpoints: int, tls: bool) -> None:
     """Wait until the channel connects; give up soon after every endpoint has refused."""
     state = channel.get_state(try_to_connect=True)
     while state != grpc.ChannelConnectivity.READY:
@@ -181,10 +181,27 @@ async def _ready(channel: grpc.aio.Channel, endpoints: int) -> None:
             try:
                 await asyncio.wait_for(channel.wait_for_state_change(state), 0.5 * max(2, endpoints))
             except asyncio.TimeoutError:
-                raise StoreUnavailable("connection refused") from None
+                raise StoreUnavailable(await _why_not_connected(channel, tls)) from None
         else:
             await channel.wait_for_state_change(state)
         state = channel.get_state(try_to_connect=True)
+
+
+async def _why_not_connected(channel: grpc.aio.Channel, tls: bool) -> str:
+    """The reason a channel does not connect, in words. gRPC tells it only to a call, which fails
+    at once with the last connection error while the channel is down."""
+    try:
+        await rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=1.0)
+    except grpc.aio.AioRpcError as exc:
+        details = (exc.details() or "").lower()
+        if "certificate" in details:
+            return ("TLS handshake failed: a certificate was not accepted (give etcd's CA with --cacert, "
+                    "and --cert/--key when it asks for a client certificate)")
+        if tls and "handshake" in details:
+            return "TLS handshake failed: the server may not speak TLS (is it a plain http:// endpoint?)"
+        if not tls and "socket closed" in details:
+            return "the server closed the connection: it may expect TLS (an https:// endpoint with --cacert)"
+    return "connection refused"
 
 
 def _is_ip(host: str) -> bool:
@@ -388,7 +405,7 @@ class EtcdStore:
             channel = grpc.aio.insecure_channel(target, options=channel_options)
         store = cls(options, channel)
         try:
-            await asyncio.wait_for(_ready(channel, len(options.endpoints)), options.connect_timeout)
+            await asyncio.wait_for(_ready(channel, len(options.endpoints), options.tls), options.connect_timeout)
             if options.user:
                 await store._authenticate()
             await store.revision()

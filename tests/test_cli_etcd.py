@@ -1,0 +1,124 @@
+"""The dsm command against a real etcd: list, status, submit, closed pipes and connection errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+
+import pytest
+
+from clitools import ROOT, dsm, dsm_command, dsm_env
+
+pytestmark = pytest.mark.etcd
+
+ORDER = "definitions/order.yaml"
+
+
+@pytest.fixture
+def at(etcd_url, namespace):
+    return ("--etcd", etcd_url, "--namespace", namespace)
+
+
+def submit(at, *args, **kw):
+    result = dsm("submit", *args, *at, **kw)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_payload_file_dash_reads_stdin_for_submit(at):
+    (iid,) = submit(at, ORDER, "--payload-file", "-", input='{"total": 42}')
+    record = json.loads(dsm("status", iid, "--json", *at).stdout)
+    assert record["payload"]["total"] == 42
+
+
+def test_etcd_run_timeout_says_the_instance_keeps_running(at):
+    result = dsm("run", ORDER, "--workers", "0", "--timeout", "300ms", *at)
+    assert result.returncode == 4
+    assert "still running" in result.stderr and "dsm status" in result.stderr
+
+
+def test_status_of_a_machine_without_version(at, write):
+    path = write("nover.yaml", """
+        machine: nover
+        start: a
+        states:
+          a:
+            next: done
+          done:
+            terminal: true
+        """)
+    (iid,) = submit(at, str(path))
+    result = dsm("status", iid, *at)
+    assert result.returncode == 0, result.stderr
+    assert "None" not in result.stdout
+    assert re.search(r"^machine:\s+nover \(sha256:", result.stdout, re.M)
+    versioned = dsm("status", submit(at, ORDER)[0], *at)
+    assert re.search(r"^machine:\s+order \(version 1, sha256:", versioned.stdout, re.M)
+
+
+def test_list_prints_a_header_and_says_when_there_is_nothing(at):
+    empty = dsm("list", *at)
+    assert empty.returncode == 0 and empty.stdout == ""
+    assert "no instances" in empty.stderr
+    as_json = dsm("list", "--json", *at)
+    assert as_json.returncode == 0 and as_json.stdout == "[]\n" and as_json.stderr == ""
+    (iid,) = submit(at, ORDER, "--payload", '{"total": 5}')
+    listed = dsm("list", *at)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]
+    assert row.split()[:3] == [iid, "order", "running"]
+    assert listed.stderr == ""
+
+
+def test_list_into_a_closed_pipe_exits_quietly(at, tmp_path):
+    jsonl = tmp_path / "many.jsonl"
+    jsonl.write_text("{}\n" * 1500)  # more than a pipe's buffer of listing
+    submit(at, ORDER, "--jsonl", str(jsonl))
+    proc = subprocess.Popen([*dsm_command(), "list", *at], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=dsm_env(), text=True)
+    first = proc.stdout.readline()  # `dsm list | head -1`
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, stderr
+    assert first.split()[0] == "ID"
+    assert stderr == ""
+
+
+def test_submit_jsonl_shows_progress_on_a_terminal(at, tmp_path):
+    jsonl = tmp_path / "many.jsonl"
+    jsonl.write_text("{}\n" * 300)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([*dsm_command(), "submit", ORDER, "--jsonl", str(jsonl), *at], stdout=subprocess.PIPE,
+                              stderr=slave, cwd=ROOT, env=dsm_env(TERM="xterm", COLUMNS="100"), timeout=120)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0
+    assert len(proc.stdout.split()) == 300
+    assert b"300/300" in shown, shown[-500:]
+    plain = dsm("submit", ORDER, "--jsonl", str(jsonl), *at)  # not a terminal: ids only, no progress
+    assert plain.returncode == 0 and plain.stderr == "" and len(plain.stdout.split()) == 300
+
+
+def test_https_to_a_plaintext_etcd_says_tls_failed(etcd_url):
+    result = dsm("list", "--etcd", etcd_url.replace("http://", "https://"))
+    assert result.returncode == 3
+    assert "TLS" in result.stderr and "connection refused" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
