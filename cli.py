@@ -692,8 +692,15 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                                                   help="Seconds before a dead worker's claims expire.")] = 10,
            grace: Annotated[float, typer.Option("--grace", metavar="SECONDS",
                                                 help="Seconds to finish running ticks on SIGTERM.")] = 30.0,
+           isolation: Annotated[str, typer.Option(
+               "--isolation", metavar="process|thread",
+               help="Where handlers run: 'process' (one child process per slot, killed at a tick's "
+                    "timeout; a handler cannot stall the worker) or 'thread' (in the worker, faster for "
+                    "trusted, quick handlers).")] = "process",
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT."""
+    if isolation not in ("process", "thread"):
+        raise Fail(ExitCode.INVALID, f"--isolation must be 'process' or 'thread', not {isolation!r}")
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
         signal.signal(signum, lambda number, frame: received.append(number))
@@ -727,10 +734,17 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
             for g in graphs:
                 registry.add(g)
                 await register(store, options.keys, g)
+            executor = None
+            if isolation == "process":
+                from dsm.worker.isolation import ProcessExecutor
+
+                executor = ProcessExecutor(concurrency, search_path=search + folders,
+                                           preload=[m for g in graphs for m in g.modules()])
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
-                               stop=stop) as w:
+                               stop=stop, executor=executor) as w:
                 info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
-                          f"(concurrency {concurrency}, modules: {allowlist.describe()})", markup=False)
+                          f"(concurrency {concurrency}, handlers in {isolation}s, modules: {allowlist.describe()})",
+                           markup=False)
                 await stop.wait()
             info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 

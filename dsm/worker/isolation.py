@@ -389,8 +389,10 @@ class ProcessExecutor:
             "format": self.log_format,
             "preload": list(self.preload),
         }
+        env = dict(self.env if self.env is not None else os.environ)
+        env["DSM_WORKER_PID"] = str(os.getpid())  # which worker a handler runs for, as its own pid did
         proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(options)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=self.env, close_fds=True)
+                                stdout=subprocess.PIPE, env=env, close_fds=True)
         assert self._loop is not None
         self._children.add(_Child(self, self._loop, proc))
         self._starting += 1

@@ -11,7 +11,7 @@ def _log(ctx):
     path = os.environ.get("DSM_TEST_LOG")
     if path:
         line = json.dumps({"instance": ctx.instance_id, "state": ctx.state, "attempt": ctx.attempt,
-                           "key": ctx.idempotency_key, "pid": os.getpid()})
+                           "key": ctx.idempotency_key, "pid": int(os.environ.get("DSM_WORKER_PID", os.getpid()))})
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
     time.sleep(float(os.environ.get("DSM_TEST_TICK", "0.02")))

@@ -11,7 +11,7 @@ def _log(ctx, **extra):
     path = os.environ.get("DSM_TEST_LOG")
     if path:
         line = json.dumps({"instance": ctx.instance_id, "state": ctx.state, "attempt": ctx.attempt,
-                           "key": ctx.idempotency_key, "pid": os.getpid(), **extra})
+                           "key": ctx.idempotency_key, "pid": int(os.environ.get("DSM_WORKER_PID", os.getpid())), **extra})
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 
@@ -19,7 +19,7 @@ def _log(ctx, **extra):
 def step(payload, ctx):
     _log(ctx)
     time.sleep(float(os.environ.get("DSM_TEST_TICK", "0.05")))
-    payload[ctx.state] = os.getpid()
+    payload[ctx.state] = int(os.environ.get("DSM_WORKER_PID", os.getpid()))
 
 
 def gather(payload, ctx):
