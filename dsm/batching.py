@@ -130,8 +130,8 @@ class Batcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for item, sub in zip(batch, outer.responses):
-            _settle(item.future, sub)
+        for i, item in enumerate(batch):
+            _settle(item.future, outer.nested(i))
 
 
 def _settle(future: asyncio.Future, value: object) -> None:

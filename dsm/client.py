@@ -79,8 +79,8 @@ class Client:
                 raise ConflictError(f"instance {iid} already exists")
             return [iid]
         result = await self.store.txn([], [txn for _, txn in pending])
-        for (iid, _), sub in zip(pending, result.responses):
-            if not sub.succeeded:
+        for i, (iid, _) in enumerate(pending):
+            if not result.nested(i).succeeded:
                 raise ConflictError(f"instance {iid} already exists")
         return [iid for iid, _ in pending]
 

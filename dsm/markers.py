@@ -59,14 +59,14 @@ async def reconcile(store: Store, keys: Keys, iid: str, *, now: float,
     """Make the instance's markers match its record; return the record as last read."""
     while True:
         result = await store.txn([], [Get(keys.instance(iid)), Get(*range_of(keys.work_of_instance(iid)))])
-        records, kvs = result.responses
+        record, kvs = result.get(0).first, result.get(1).kvs
         markers = set()
         for kv in kvs:
             parsed = keys.parse_work(kv.key)
             if parsed is not None and not parsed[2]:
                 markers.add(parsed[1])
-        inst = load_instance(records[0].value) if records else None
-        rev = records[0].mod_revision if records else 0
+        inst = load_instance(record.value) if record is not None else None
+        rev = record.mod_revision if record is not None else 0
         for txn in reconcile_txns(keys, iid, inst, rev, markers, now=now, max_ops=max_ops):
             if not (await store.txn(txn.compare, txn.success)).succeeded:
                 break  # the record moved on: look again

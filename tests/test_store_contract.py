@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from dsm.errors import Compacted, LeaseLost
-from dsm.store import DELETE, PUT, Compare, Delete, Get, Put, Txn, TxnRejected, prefix_end
+from dsm.store import DELETE, PUT, PUT_RESULT, Compare, Delete, Get, Put, Txn, TxnRejected, prefix_end
 from dsm.store.memory import MemoryStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -83,10 +83,10 @@ def test_compare_and_swap_success_and_failure(store_factory):
     async def body(store, p):
         rev = await store.put(p + "x", b"v1")
         ok = await store.txn([Compare.mod(p + "x", "==", rev)], [Put(p + "x", b"v2")], [Get(p + "x")])
-        assert ok.succeeded and ok.responses == [None]
+        assert ok.succeeded and ok.responses == [PUT_RESULT]
         stale = await store.txn([Compare.mod(p + "x", "==", rev)], [Put(p + "x", b"v3")], [Get(p + "x")])
         assert not stale.succeeded
-        (current,) = stale.responses[0]
+        (current,) = stale.get(0).kvs
         assert current.value == b"v2" and current.mod_revision == ok.revision
         assert (await store.get(p + "x")).value == b"v2"
         # create-if-absent, value compare, version compare
@@ -132,9 +132,9 @@ def test_nested_transactions_are_independent_in_one_revision(store_factory):
             Txn([Compare.create(p + "free", "==", 0)], [Put(p + "free", b"mine"), Get(p + "free")]),
             Txn([Compare.create(p + "taken", "==", 0)], [Put(p + "taken", b"mine")], [Get(p + "taken")]),
         ])
-        first, second = result.responses
+        first, second = result.nested(0), result.nested(1)
         assert first.succeeded and not second.succeeded
-        assert second.responses[0][0].value == b"x"
+        assert second.get(0).kvs[0].value == b"x"
         kv = await store.get(p + "free")
         assert kv.value == b"mine" and kv.mod_revision == result.revision
 
@@ -267,7 +267,7 @@ def test_a_transaction_reads_its_own_writes(store_factory):
         await store.put(p + "old", b"1")
         result = await store.txn([], [Put(p + "new", b"2"), Delete(p + "old"), Get(p + "new"), Get(p + "old"),
                                       Get(p, prefix_end(p))])
-        _, _, new, old, both = result.responses
+        new, old, both = result.get(2).kvs, result.get(3).kvs, result.get(4).kvs
         return [kv.value for kv in new], old, [kv.key[len(p):] for kv in both]
 
     assert run(store_factory, body) == ([b"2"], [], ["new"])

@@ -9,12 +9,15 @@ their keys when they expire).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol, Sequence, Union
+from typing import AsyncIterator, Literal, Protocol, Sequence, TypeVar, Union
 
 from ..errors import StoreError
 
-PUT = "put"
-DELETE = "delete"
+PUT: Literal["put"] = "put"
+DELETE: Literal["delete"] = "delete"
+EventType = Literal["put", "delete"]
+Target = Literal["version", "create", "mod", "value", "lease"]
+Operator = Literal["==", "!=", "<", ">"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,29 +39,29 @@ class Compare:
     """
 
     key: str
-    target: str  # "version" | "create" | "mod" | "value" | "lease"
-    op: str  # "==" | "!=" | "<" | ">"
+    target: Target
+    op: Operator
     value: int | bytes
     end: str | None = None
 
     @staticmethod
-    def version(key: str, op: str, value: int) -> "Compare":
+    def version(key: str, op: Operator, value: int) -> Compare:
         return Compare(key, "version", op, value)
 
     @staticmethod
-    def create(key: str, op: str, value: int) -> "Compare":
+    def create(key: str, op: Operator, value: int) -> Compare:
         return Compare(key, "create", op, value)
 
     @staticmethod
-    def mod(key: str, op: str, value: int) -> "Compare":
+    def mod(key: str, op: Operator, value: int) -> Compare:
         return Compare(key, "mod", op, value)
 
     @staticmethod
-    def value_of(key: str, op: str, value: bytes) -> "Compare":
+    def value_of(key: str, op: Operator, value: bytes) -> Compare:
         return Compare(key, "value", op, value)
 
     @staticmethod
-    def lease_of(key: str, op: str, value: int) -> "Compare":
+    def lease_of(key: str, op: Operator, value: int) -> Compare:
         return Compare(key, "lease", op, value)
 
 
@@ -95,13 +98,58 @@ Op = Union[Put, Delete, Get, Txn]
 
 
 @dataclass(frozen=True, slots=True)
+class PutResult:
+    """What a Put in a transaction answers: nothing but that it applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    kvs: list[KeyValue]
+
+    @property
+    def first(self) -> KeyValue | None:
+        return self.kvs[0] if self.kvs else None
+
+
+PUT_RESULT = PutResult()
+
+
+@dataclass(frozen=True, slots=True)
 class TxnResult:
-    """`responses` follow the ops of the branch taken: Get -> list[KeyValue], Delete -> count,
-    Put -> None, Txn -> TxnResult."""
+    """`responses` follow the ops of the branch taken, one typed result each. Read them with the
+    accessors, which check the kind: `get(i)`, `deleted(i)`, `nested(i)`."""
 
     succeeded: bool
     revision: int
-    responses: list = field(default_factory=list)
+    responses: list[Response] = field(default_factory=list)
+
+    def get(self, i: int) -> GetResult:
+        return _expect(self.responses[i], GetResult)
+
+    def deleted(self, i: int) -> int:
+        return _expect(self.responses[i], DeleteResult).deleted
+
+    def nested(self, i: int) -> TxnResult:
+        return _expect(self.responses[i], TxnResult)
+
+    def gets(self) -> list[GetResult]:
+        """Every response, each a GetResult (a read-only transaction)."""
+        return [_expect(r, GetResult) for r in self.responses]
+
+
+Response = Union[PutResult, DeleteResult, GetResult, TxnResult]
+_R = TypeVar("_R")
+
+
+def _expect(response: object, kind: type[_R]) -> _R:
+    if not isinstance(response, kind):
+        raise TypeError(f"expected a {kind.__name__}, the operation answered {type(response).__name__}")
+    return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +161,7 @@ class RangeResult:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    type: str  # PUT | DELETE
+    type: EventType
     kv: KeyValue  # for DELETE: the key with mod_revision set to the deletion's revision
 
 
@@ -165,7 +213,8 @@ class Store(Protocol):
     async def watch(self, start: str, end: str | None = None, *, start_revision: int = 0) -> Watch:
         """Watch [start, end) from a revision (0: from now). Raise Compacted when it is gone."""
 
-    async def compact(self, revision: int) -> None: ...
+    async def compact(self, revision: int, *, physical: bool = False) -> None:
+        """Forget the history below `revision`; `physical`: wait until the backend has done so."""
 
     async def revision(self) -> int: ...
 
@@ -187,6 +236,7 @@ class TxnRejected(StoreError):
 
 
 __all__ = [
-    "Compare", "Delete", "Event", "Get", "KeyValue", "Op", "Put", "RangeResult", "Store", "Txn", "TxnRejected",
+    "Compare", "Delete", "DeleteResult", "Event", "EventType", "Get", "GetResult", "KeyValue", "Op", "Operator",
+    "Put", "PutResult", "PUT_RESULT", "RangeResult", "Response", "Store", "Target", "Txn", "TxnRejected",
     "TxnResult", "Watch", "WatchBatch", "prefix_end", "PUT", "DELETE",
 ]

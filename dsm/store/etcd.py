@@ -45,6 +45,10 @@ from . import (
     Txn,
     TxnRejected,
     TxnResult,
+    DeleteResult,
+    GetResult,
+    PUT_RESULT,
+    Response,
     WatchBatch,
     prefix_end,
 )
@@ -287,15 +291,15 @@ def _txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op
 
 
 def _txn_result(resp: Any, revision: int) -> TxnResult:
-    out: list = []
+    out: list[Response] = []
     for r in resp.responses:
         kind = r.WhichOneof("response")
         if kind == "response_put":
-            out.append(None)
+            out.append(PUT_RESULT)
         elif kind == "response_delete_range":
-            out.append(r.response_delete_range.deleted)
+            out.append(DeleteResult(r.response_delete_range.deleted))
         elif kind == "response_range":
-            out.append([_kv(kv) for kv in r.response_range.kvs])
+            out.append(GetResult([_kv(kv) for kv in r.response_range.kvs]))
         elif kind == "response_txn":
             out.append(_txn_result(r.response_txn, revision))
     return TxnResult(succeeded=resp.succeeded, revision=revision, responses=out)

@@ -33,6 +33,10 @@ from . import (
     Txn,
     TxnRejected,
     TxnResult,
+    DeleteResult,
+    GetResult,
+    PUT_RESULT,
+    Response,
     WatchBatch,
 )
 
@@ -180,7 +184,7 @@ class MemoryStore:
 
     async def delete(self, key: str, end: str | None = None) -> int:
         result = await self.txn([], [Delete(key, end)])
-        return result.responses[0]
+        return result.deleted(0)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op] = (),
                   failure: Sequence[Op] = ()) -> TxnResult:
@@ -281,9 +285,9 @@ class MemoryStore:
         return True
 
     def _apply(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op],
-               changes: dict[str, KeyValue | None], events: list[Event]) -> tuple[bool, list]:
+               changes: dict[str, KeyValue | None], events: list[Event]) -> tuple[bool, list[Response]]:
         ok = all(self._compare(c, changes) for c in compare)
-        responses: list = []
+        responses: list[Response] = []
         rev = self._rev + 1
         for op in success if ok else failure:
             if isinstance(op, Put):
@@ -294,7 +298,7 @@ class MemoryStore:
                               (old.version if old else 0) + 1, op.lease)
                 changes[op.key] = kv
                 events.append(Event(PUT, kv))
-                responses.append(None)
+                responses.append(PUT_RESULT)
             elif isinstance(op, Delete):
                 if op.end is None:
                     targets = [op.key] if self._current(op.key, changes) else []
@@ -308,9 +312,9 @@ class MemoryStore:
                         changes[key] = None
                         events.append(Event(DELETE, KeyValue(key, b"", 0, rev, 0, 0)))
                         count += 1
-                responses.append(count)
+                responses.append(DeleteResult(count))
             elif isinstance(op, Get):  # reads see this transaction's earlier writes, as in etcd
-                responses.append(self._read_own(op, changes))
+                responses.append(GetResult(self._read_own(op, changes)))
             elif isinstance(op, Txn):
                 sub_ok, sub_responses = self._apply(op.compare, op.success, op.failure, changes, events)
                 responses.append(TxnResult(sub_ok, rev, sub_responses))
@@ -441,7 +445,8 @@ class MemoryStore:
             if watch in self._watches:
                 self._watches.remove(watch)
 
-    async def compact(self, revision: int) -> None:
+    async def compact(self, revision: int, *, physical: bool = False) -> None:
+        """Forget history below `revision` (`physical` changes nothing here: there is no backend)."""
         with self._lock:
             self._check()
             if revision > self._rev:

@@ -246,11 +246,11 @@ class Worker:
                     continue
                 if not result.succeeded:
                     continue
-                _, inst_kvs, work_kvs = result.responses
-                if not inst_kvs or not work_kvs:
+                record, work = result.get(1).first, result.get(2).first
+                if record is None or work is None:
                     await self._release(ref, result.revision)
                     continue
-                self.records.remember(inst_kvs[0])
+                self.records.remember(record)
                 self.stats.claimed += 1
                 self._start(ref, result.revision)
                 started += 1
@@ -277,14 +277,14 @@ class Worker:
                 if self.stopping:
                     return False
                 await asyncio.sleep(0.5)
-        claims, records = result.responses
-        if not claims or not records or lease is None or claims[0].lease != lease or ref in self._jobs:
+        claim, record = result.get(0).first, result.get(1).first
+        if claim is None or record is None or lease is None or claim.lease != lease or ref in self._jobs:
             return False
-        self.records.remember(records[0])
+        self.records.remember(record)
         if reserved:
-            self._start(ref, claims[0].create_revision)
+            self._start(ref, claim.create_revision)
         else:
-            self._enqueue(ref, claims[0].create_revision)
+            self._enqueue(ref, claim.create_revision)
         return True
 
     async def _release(self, ref: TokenRef, claim_rev: int) -> None:
@@ -333,8 +333,8 @@ class Worker:
         if not refs:
             return {}
         result = await self.store.txn([], [Get(self.keys.claim(*ref)) for ref in refs[:MAX_TXN_OPS]])
-        return {ref: kvs[0].create_revision for ref, kvs in zip(refs, result.responses)
-                if kvs and kvs[0].lease == lease}
+        claims = (got.first for got in result.gets())
+        return {ref: kv.create_revision for ref, kv in zip(refs, claims) if kv is not None and kv.lease == lease}
 
     def _busy(self, ref: TokenRef) -> bool:
         return (ref in self._jobs or ref in self._claiming or ref[0] in self._committing
@@ -533,7 +533,7 @@ class Worker:
         """The record and the claims of a batch, in one round trip."""
         ops: list = [Get(self.keys.instance(iid))] + [Get(self.keys.claim(iid, p.job.ref[1])) for p in batch]
         result = await self.store.txn([], ops)
-        record, *claims = (kvs[0] if kvs else None for kvs in result.responses)
+        record, *claims = (got.first for got in result.gets())
         return record, claims
 
     def _committed(self, plan: CommitPlan, revision: int, batch: list[_Pending]) -> None:
