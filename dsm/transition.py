@@ -203,8 +203,7 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
         (target,) = targets
         target_state = graph.states[target]
         frame = token.frames[-1] if token.frames else None
-        joining = frame is not None and graph.forks[activations[frame[0]].fork].join == target
-        if joining:
+        if frame is not None and graph.forks[activations[frame[0]].fork].join == target:
             act = activations[frame[0]]
             arrived = dict(act.arrived)
             arrived[frame[1]] = payload

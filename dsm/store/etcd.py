@@ -59,7 +59,7 @@ _TARGETS = {"version": rpc.Compare.VERSION, "create": rpc.Compare.CREATE, "mod":
             "value": rpc.Compare.VALUE, "lease": rpc.Compare.LEASE}
 _RESULTS = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL, "<": rpc.Compare.LESS, ">": rpc.Compare.GREATER}
 
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 10_000),
@@ -252,27 +252,26 @@ def _fill_compare(msg: Any, c: Compare) -> None:
 
 def _fill_ops(repeated: Any, ops: Sequence[Op]) -> None:
     for op in ops:
-        kind = type(op)
         msg = repeated.add()
-        if kind is Put:
+        if isinstance(op, Put):
             put = msg.request_put
             put.key = _encode(op.key)
             put.value = op.value
             if op.lease:
                 put.lease = op.lease
-        elif kind is Delete:
+        elif isinstance(op, Delete):
             delete = msg.request_delete_range
             delete.key = _encode(op.key)
             if op.end is not None:
                 delete.range_end = _encode(op.end)
-        elif kind is Get:
+        elif isinstance(op, Get):
             get = msg.request_range
             get.key = _encode(op.key)
             if op.end is not None:
                 get.range_end = _encode(op.end)
             if op.limit:
                 get.limit = op.limit
-        elif kind is Txn:
+        elif isinstance(op, Txn):
             _fill_txn(msg.request_txn, op.compare, op.success, op.failure)
         else:
             raise TypeError(f"unknown operation {op!r}")
@@ -392,7 +391,7 @@ class EtcdStore:
     async def connect(cls, options: EtcdOptions) -> "EtcdStore":
         """Open a channel and prove it works; StoreUnavailable with a reason when it does not."""
         target, override = _target(options.endpoints)
-        channel_options = list(CHANNEL_OPTIONS)
+        channel_options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
         if options.tls:
             try:
                 root = options.cacert.read_bytes() if options.cacert else None

@@ -262,7 +262,8 @@ class MemoryStore:
                 if op.key in puts or deleted(op.key):
                     raise duplicate()
                 puts.add(op.key)
-        return puts, [(k, None) for k in points] + ranges
+        intervals: list[tuple[str, str | None]] = [(k, None) for k in points]
+        return puts, intervals + ranges
 
     def _current(self, key: str, changes: dict[str, KeyValue | None]) -> KeyValue | None:
         return changes[key] if key in changes else self._data.get(key)

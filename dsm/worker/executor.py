@@ -216,15 +216,18 @@ class ThreadExecutor:
                         continue
                     attempt.taken = True
                 call = attempt.call
+                func = call.handler.func
                 try:
+                    if func is None:
+                        raise RuntimeError(f"handler {call.handler.ref!r} was not imported")
                     if call.handler.is_async:
                         if handler_loop is None:
                             handler_loop = asyncio.new_event_loop()
                         attempt._thread_loop = handler_loop
-                        attempt._coro_task = handler_loop.create_task(call.handler.func(call.payload, attempt.ctx))
+                        attempt._coro_task = handler_loop.create_task(func(call.payload, attempt.ctx))
                         result = handler_loop.run_until_complete(attempt._coro_task)
                     else:
-                        result = call.handler.func(call.payload, attempt.ctx)  # type: ignore[misc]
+                        result = func(call.payload, attempt.ctx)
                     outcome = normalize(result, call.payload, call.state, call.payload_limit)
                 except (Exception, SystemExit, KeyboardInterrupt, asyncio.CancelledError) as exc:
                     outcome = Outcome(failure=failure_of(exc))
