@@ -244,7 +244,10 @@ def _etcd_options(etcd: Optional[str], namespace: str, cacert: Optional[Path], c
 @app.command()
 def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or folders of *.yaml / *.yml."),
              no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules.")) -> None:
-    """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE."""
+    """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE.
+
+    Limits: DSM_MAX_DEFINITION_BYTES (default 1048576) and DSM_MAX_STATES (default 2000).
+    """
     files = _definition_files(paths)
     bad = 0
     for path in files:

@@ -7,6 +7,7 @@ their version while the YAML on disk moves on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Registry:
     import_handlers: bool = True
     _graphs: dict[str, Graph] = field(default_factory=dict)
     _broken: dict[str, str] = field(default_factory=dict)
+    _loading: dict[str, asyncio.Future[Graph]] = field(default_factory=dict)
 
     def add(self, graph: Graph) -> None:
         self._graphs[graph.digest] = graph
@@ -63,16 +65,28 @@ class Registry:
             raise NotFound(self._broken[digest])
         if self.store is None:
             raise NotFound(f"definition {digest} is not known to this process")
-        kv = await self.store.get(self.keys.definition(digest))
+        loading = self._loading.get(digest)
+        if loading is None:  # one load per digest, however many instances ask at once
+            loading = asyncio.ensure_future(self._load(digest))
+            self._loading[digest] = loading
+            loading.add_done_callback(lambda done: self._loaded(digest, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, digest: str, done: asyncio.Future[Graph]) -> None:
+        self._loading.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every waiter may have gone
+
+    async def _load(self, digest: str) -> Graph:
+        kv = await self.store.get(self.keys.definition(digest)) if self.store is not None else None
         if kv is None:
             self._broken[digest] = f"definition {digest} is not registered in namespace {self.keys.namespace!r}"
             raise NotFound(self._broken[digest])
         raw = json.loads(kv.value)
         try:
-            if self.import_handlers:
-                handlers.add_search_path(self.search_path)
-            graph = compiler.compile_text(raw["source"], raw.get("file", digest), import_handlers=self.import_handlers,
-                                          allow=self.allow)
+            # compiling a large definition (and importing its modules) takes a while: never on the
+            # event loop, where it would stall the lease keep-alive and every running tick
+            graph = await asyncio.to_thread(self._compile, digest, raw)
         except DefinitionError as exc:
             reason = f"cannot run definition {digest} ({raw.get('machine')}): {exc}"
             self._broken[digest] = reason
@@ -80,3 +94,9 @@ class Registry:
             raise NotFound(reason) from None
         self._graphs[digest] = graph
         return graph
+
+    def _compile(self, digest: str, raw: dict) -> Graph:
+        if self.import_handlers:
+            handlers.add_search_path(self.search_path)
+        return compiler.compile_text(raw["source"], raw.get("file", digest), import_handlers=self.import_handlers,
+                                     allow=self.allow)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 import pytest
 
 from dsm import compile_text, compiler, handlers
-from dsm.errors import DefinitionError
+from dsm.errors import DefinitionError, InputError
 from dsm.graph import Kind
 
 GOOD = """
@@ -674,3 +675,93 @@ def test_nested_fork_structure():
     assert graph.frames["j"] == ()
     assert graph.forks["f"].members["a"] == {"a", "a1", "a2", "aj"}
     assert graph.join_of == {"j": "f", "aj": "a"}
+
+
+# -- large machines: correct, linear, and bounded ------------------------------------------------
+
+def chain(n: int) -> str:
+    lines = ["machine: chain", "start: s0", "states:"]
+    for i in range(n - 1):
+        lines += [f"  s{i}:", f"    next: s{i + 1}"]
+    return "\n".join(lines + [f"  s{n - 1}:", "    terminal: true", ""])
+
+
+def wide_fork(n: int) -> str:
+    lines = ["machine: wide", "start: f", "states:", "  f:",
+             "    fork: [" + ", ".join(f"b{i}" for i in range(n)) + "]", "    join: j"]
+    for i in range(n):
+        lines += [f"  b{i}:", "    next: j"]
+    return "\n".join(lines + ["  j:", "    next: done", "  done:", "    terminal: true", ""])
+
+
+def nested_forks(depth: int) -> str:
+    """f0 forks into f1 and c0 (joined at j0), f1 into f2 and c1 ... down to a leaf."""
+    lines = ["machine: nested", "start: f0", "states:"]
+    for d in range(depth):
+        inner = f"f{d + 1}" if d + 1 < depth else "leaf"
+        lines += [f"  f{d}:", f"    fork: [{inner}, c{d}]", f"    join: j{d}", f"  c{d}:", f"    next: j{d}",
+                  f"  j{d}:", f"    next: {f'j{d - 1}' if d else 'done'}"]
+    return "\n".join(lines + ["  leaf:", f"    next: j{depth - 1}", "  done:", "    terminal: true", ""])
+
+
+def test_large_machines_compile_with_their_structure():
+    long = compile_text(chain(2000), "c.yaml", import_handlers=False)
+    assert len(long.states) == 2000 and long.states["s1998"].next == "s1999" and long.frames["s5"] == ()
+    wide = compile_text(wide_fork(1000), "w.yaml", import_handlers=False)
+    assert len(wide.forks["f"].branches) == 1000 and wide.frames["b999"] == (("f", "b999"),)
+    deep = compile_text(nested_forks(100), "n.yaml", import_handlers=False)
+    assert len(deep.frames["leaf"]) == 100 and deep.frames["leaf"][0] == ("f0", "f1")
+    assert deep.frames["c99"][-1] == ("f99", "c99") and deep.join_of["j50"] == "f50"
+
+
+def lines_run_in_the_compiler(text: str) -> int:
+    """Lines of compiler.py executed to compile `text`: a measure of work that does not depend on
+    the machine's speed."""
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == compiler.__file__ else None
+
+    sys.settrace(calls)
+    try:
+        compile_text(text, "m.yaml", import_handlers=False)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("shape,size", [(chain, 400), (wide_fork, 200)], ids=["chain", "wide-fork"])
+def test_compiling_does_work_in_proportion_to_the_states(shape, size):
+    small, double = lines_run_in_the_compiler(shape(size)), lines_run_in_the_compiler(shape(2 * size))
+    assert double < 2.3 * small, (small, double)
+
+
+def test_too_many_states_is_a_located_error(monkeypatch):
+    p = one(chain(2001))
+    assert (p.line, p.col) == (4 + 2 * 2000, 3)
+    assert "too many states: the machine has 2001, the limit is 2000" in p.message and "DSM_MAX_STATES" in p.message
+    monkeypatch.setenv("DSM_MAX_STATES", "3000")
+    assert len(compile_text(chain(2001), "c.yaml", import_handlers=False).states) == 2001
+    monkeypatch.setenv("DSM_MAX_STATES", "5")
+    assert one(chain(6)).line == 4 + 2 * 5
+
+
+def test_too_large_a_definition_is_a_located_error_and_is_not_read_whole(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSM_MAX_DEFINITION_BYTES", "100")
+    text = chain(20)  # 3 lines of 33 bytes, then 19 bytes per state: byte 101 is line 11, column 5
+    p = one(text)
+    assert (p.line, p.col) == (11, 5) and "definition too large: more than 100 bytes" in p.message
+    assert "DSM_MAX_DEFINITION_BYTES" in p.message
+    path = tmp_path / "big.yaml"
+    path.write_text(text + "# " + "x" * 10_000_000 + "\n")
+    with pytest.raises(DefinitionError) as info:
+        compiler.load(path, import_handlers=False)
+    assert str(info.value).startswith(f"{path}:11:5: error: definition too large")
+    monkeypatch.setenv("DSM_MAX_DEFINITION_BYTES", "lots")
+    with pytest.raises(InputError, match="DSM_MAX_DEFINITION_BYTES"):
+        compile_text(text, "m.yaml", import_handlers=False)
