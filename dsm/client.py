@@ -27,6 +27,18 @@ from .store import Compare, Delete, Put, Store, Txn, prefix_end
 log = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 64
+# etcd refuses requests over 1.5 MiB by default (--max-request-bytes); a batch of instances stops
+# growing before this many bytes, leaving room for the request's own framing.
+SUBMIT_BYTES = 1024 * 1024
+
+
+def _request_bytes(txn: Txn) -> int:
+    """About what a transaction weighs in an etcd request: keys, values and some framing per op."""
+    size = 64 + sum(len(c.key) + 16 for c in txn.compare)
+    for op in txn.success:
+        if isinstance(op, Put):
+            size += len(op.key.encode()) + len(op.value) + 16
+    return size
 
 
 class Client:
@@ -70,13 +82,17 @@ class Client:
         await self.register(graph)
         out: list[str] = []
         pending: list[tuple[str, Txn]] = []
+        size = 0
         for i, payload in enumerate(batch):
             checked, _ = payloads.check(payload)
             iid = ids[i] if ids else new_id()
-            pending.append((iid, self._create_txn(graph, checked, iid)))
-            if len(pending) >= SUBMIT_BATCH:
+            txn = self._create_txn(graph, checked, iid)
+            cost = _request_bytes(txn)
+            if pending and (len(pending) >= SUBMIT_BATCH or size + cost > SUBMIT_BYTES):
                 out.extend(await self._send(pending))
-                pending = []
+                pending, size = [], 0
+            pending.append((iid, txn))
+            size += cost
         if pending:
             out.extend(await self._send(pending))
         return out

@@ -274,3 +274,39 @@ def test_a_non_ascii_namespace_runs_its_instances(store_factory, namespace_name,
 
     done, listed = asyncio.run(main())
     assert [i.status for i in done] == ["succeeded", "succeeded"] and len(listed) == 2
+
+
+# -- batches of large payloads --------------------------------------------------------------------
+
+def test_submit_many_splits_large_payloads_into_requests_etcd_accepts(store_factory, namespace):
+    import asyncio
+
+    from dsm.client import Client
+    from dsm.keys import Keys
+
+    graph = compile_text("machine: m\nstart: a\nstates:\n  a: {next: done}\n  done: {terminal: true}\n",
+                         "m.yaml", import_handlers=False)
+    bodies = [{"blob": "x" * 600_000, "n": i} for i in range(3)] + [{"n": i} for i in range(3, 70)]
+
+    async def main():
+        store = await store_factory()
+        try:
+            client = Client(store, Keys(namespace))
+            ids = await client.submit_many(graph, bodies)  # one request of 1.8 MB was refused by etcd
+            return [(await client.instance(i)).payload for i in ids]
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == bodies
+
+
+@pytest.mark.etcd
+def test_submit_jsonl_of_large_payloads_each_fine_alone(etcd, namespace, tmp_path):
+    lines = tmp_path / "big.jsonl"
+    lines.write_text("".join(json.dumps({"total": i, "blob": "y" * 600_000}) + "\n" for i in range(3)))
+    result = dsm("submit", "definitions/order.yaml", "--jsonl", str(lines), "--etcd", etcd.endpoint,
+                 "--namespace", namespace)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert len(result.stdout.split()) == 3 and "too large" not in result.stderr
+    listed = dsm("list", "--json", "--etcd", etcd.endpoint, "--namespace", namespace)
+    assert len(json.loads(listed.stdout)) == 3
