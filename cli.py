@@ -455,7 +455,9 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
            etcd: Optional[str] = EtcdOpt, namespace: str = NamespaceOpt,
            concurrency: int = typer.Option(8, "--concurrency", min=1, help="Ticks run at once."),
            allow: List[str] = typer.Option(None, "--allow", help="Module prefix handlers may come from "
-                                                                  "(repeatable; default: the modules of PATHs)."),
+                                                                  "(repeatable; default: the modules of PATHs); "
+                                                                  "MODULE:FUNCTION allows one handler, even one "
+                                                                  "imported into MODULE from elsewhere."),
            path: List[Path] = typer.Option(None, "--path", help="Folder put first on the import path (repeatable)."),
            lease_ttl: int = typer.Option(10, "--lease-ttl", min=2, help="Seconds before a dead worker's "
                                                                          "claims expire."),
@@ -470,9 +472,10 @@ def worker(paths: List[Path] = typer.Argument(None, help="Definitions this worke
     files = _definition_files(list(paths or []))
     search = tuple(str(p.resolve()) for p in (path or []))
     folders = tuple(dict.fromkeys(str(f.resolve().parent) for f in files))
-    graphs = [_load(f, search_path=search) for f in files]
+    named = handlers.Allowlist(None, handlers.Allowlist.of(allow or ()).functions)  # MODULE:FUNCTION entries
+    graphs = [_load(f, search_path=search, allow=named) for f in files]
     prefixes = tuple(allow) if allow else tuple(dict.fromkeys(m for g in graphs for m in g.modules()))
-    allowlist = handlers.Allowlist(prefixes)
+    allowlist = handlers.Allowlist.of(prefixes)
     if not graphs and not allow:
         log.warning("no definitions and no --allow: this worker can only run machines without ticks")
 

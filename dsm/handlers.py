@@ -7,9 +7,9 @@ import importlib
 import inspect
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from .graph import Handler
 
@@ -34,19 +34,40 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Allowlist:
-    """Module prefixes a worker may import handlers from; `None` prefixes admit any public module."""
+    """Module prefixes a worker may import handlers from; `None` prefixes admit any public module.
+
+    A prefix admits the functions defined in its modules, never names imported into them (`from
+    subprocess import run` must not make `mymodule:run` a handler). `functions` lists references
+    admitted one by one, `module:function`, imported names included: what a user allows by name.
+    """
 
     prefixes: tuple[str, ...] | None = None
+    functions: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, entries: Iterable[str]) -> Allowlist:
+        """From --allow entries: `pkg.mod` is a prefix, `pkg.mod:function` one reference."""
+        entries = tuple(entries)
+        return cls(tuple(e for e in entries if ":" not in e), tuple(e for e in entries if ":" in e))
 
     def admits(self, module: str) -> bool:
+        """Whether the module may be imported at all (for some of its functions, at least)."""
+        return self.admits_module_wide(module) or any(f.partition(":")[0] == module for f in self.functions)
+
+    def admits_module_wide(self, module: str) -> bool:
         if self.prefixes is None:
             return True
         return any(module == p or module.startswith(p + ".") for p in self.prefixes)
 
+    def admits_function(self, module: str, function: str) -> bool:
+        """Whether this exact reference is allowed by name (which also admits imported names)."""
+        return f"{module}:{function}" in self.functions
+
     def describe(self) -> str:
         if self.prefixes is None:
-            return "any module"
-        return ", ".join(self.prefixes) if self.prefixes else "no module (give --allow or definition files)"
+            return "any module" + (f", and {', '.join(self.functions)}" if self.functions else "")
+        entries = self.prefixes + self.functions
+        return ", ".join(entries) if entries else "no module (give --allow or definition files)"
 
 
 ANY = Allowlist(None)
@@ -60,7 +81,9 @@ def refusal(module: str, function: str, allow: Allowlist) -> str | None:
     private = [p for p in parts if p.startswith("_")]
     if private:
         return f"private name {private[0]!r} is not allowed in a handler reference"
-    if not allow.admits(module):
+    if not allow.admits_module_wide(module) and not allow.admits_function(module, function):
+        if allow.admits(module):
+            return f"handler {module}:{function} is not in the worker's allowlist ({allow.describe()})"
         return f"module {module!r} is not in the worker's allowlist ({allow.describe()})"
     return None
 
@@ -98,6 +121,12 @@ def resolve(ref: str, *, allow: Allowlist = ANY) -> Handler:
         raise HandlerImportError(f"module {module_name!r} has no attribute {function!r}{suggestion}")
     if inspect.isclass(func) or not callable(func):
         raise HandlerImportError(f"{module_name}.{function} is not a function (it is {type(func).__name__})")
+    home = getattr(func, "__module__", None)
+    if home != module_name and not allow.admits_function(module_name, function):
+        where = f"defined in {home!r}" if home else "not defined in any module"
+        raise HandlerImportError(f"{module_name}:{function} is {where} and only imported into {module_name!r}; "
+                                 f"a handler must be defined in the module it is named by (name it where it is "
+                                 f"defined, or allow this one reference with --allow {module_name}:{function})")
     is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
     return Handler(ref=ref, module=module_name, function=function, func=func, is_async=is_async)
 

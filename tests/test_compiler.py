@@ -603,6 +603,63 @@ def test_allowlist_refuses_modules_outside_it_builtins_and_private_names(write):
     assert "private name '_private'" in text
 
 
+RELAY = """
+from subprocess import run
+from os.path import join as joined
+
+
+def own(payload, ctx):
+    pass
+
+
+class Handler:
+    def __call__(self, payload, ctx):
+        pass
+
+
+instance = Handler()
+"""
+
+RELAYED = """
+    machine: relay
+    start: a
+    states:
+      a:
+        tick: relay:own
+        next: b
+      b:
+        tick: relay:instance
+        next: c
+      c:
+        tick: relay:run
+        next: d
+      d:
+        tick: relay.joined
+        next: done
+      done:
+        terminal: true
+    """
+
+
+def test_names_imported_into_a_handler_module_are_not_handlers(write):
+    path = write("m.yaml", RELAYED, relay=RELAY)
+    with pytest.raises(DefinitionError) as info:
+        compiler.load(path)
+    found = info.value.problems
+    assert [(p.line, p.col) for p in found] == [(11, 11), (14, 11)]
+    assert "relay:run is defined in 'subprocess' and only imported into 'relay'" in found[0].message
+    assert "--allow relay:run" in found[0].message and "'posixpath'" in found[1].message
+    # allowed one by one, by name, they are handlers; a prefix alone never admits them
+    graph = compiler.load(path, allow=handlers.Allowlist.of(["relay", "relay:run", "relay:joined"]))
+    assert graph.states["c"].tick.func is not None
+    with pytest.raises(DefinitionError):
+        compiler.load(path, allow=handlers.Allowlist.of(["relay"]))
+    only = handlers.Allowlist.of(["relay:run"])
+    assert only.admits("relay") and only.admits_function("relay", "run") and not only.admits_module_wide("relay")
+    assert handlers.refusal("relay", "own", only) == ("handler relay:own is not in the worker's allowlist "
+                                                      "(relay:run)")
+
+
 def test_modules_load_from_the_definition_folder(write):
     path = write("m.yaml", """
         machine: order

@@ -310,3 +310,19 @@ def test_submit_jsonl_of_large_payloads_each_fine_alone(etcd, namespace, tmp_pat
     assert len(result.stdout.split()) == 3 and "too large" not in result.stderr
     listed = dsm("list", "--json", "--etcd", etcd.endpoint, "--namespace", namespace)
     assert len(json.loads(listed.stdout)) == 3
+
+
+def test_validate_refuses_a_handler_imported_into_its_module_at_its_line(write):
+    path = write("m.yaml", """
+        machine: m
+        start: a
+        states:
+          a:
+            tick: shellish:run
+            next: done
+          done:
+            terminal: true
+        """, shellish="from subprocess import run\n")
+    result = dsm("validate", str(path))
+    assert result.returncode == 2
+    assert result.stdout.startswith(f"{path}:5:11: error: states.a.tick: shellish:run is defined in 'subprocess'")
