@@ -247,6 +247,9 @@ def validate(paths: List[Path] = typer.Argument(..., help="Definition files, or 
     """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE.
 
     Limits: DSM_MAX_DEFINITION_BYTES (default 1048576) and DSM_MAX_STATES (default 2000).
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
     """
     files = _definition_files(paths)
     bad = 0
@@ -269,7 +272,11 @@ def graph(path: Path = typer.Argument(..., help="Definition file."),
           format: str = typer.Option("mermaid", "--format", "-f", help="mermaid or dot."),
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE instead of stdout."),
           no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules.")) -> None:
-    """Draw a machine as a Mermaid state diagram or a Graphviz graph."""
+    """Draw a machine as a Mermaid state diagram or a Graphviz graph.
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
+    """
     renderer = render.RENDERERS.get(format)
     if renderer is None:
         raise Fail(ExitCode.INVALID, f"--format must be one of {', '.join(render.RENDERERS)}, got {format!r}")
@@ -301,7 +308,11 @@ def run(path: Path = typer.Argument(..., help="Definition file."),
         no_import: bool = typer.Option(False, "--no-import", help="Do not import handlers (with --workers 0)."),
         cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
         user: Optional[str] = UserOpt) -> None:
-    """Start one instance and wait for it: embedded, or on etcd with --etcd."""
+    """Start one instance and wait for it: embedded, or on etcd with --etcd.
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
+    """
     body = _payload(payload, payload_file)
     limit = _duration(timeout, "--timeout")
     if not etcd and workers == 0:
@@ -431,7 +442,11 @@ def submit(path: Path = typer.Argument(..., help="Definition file."),
            no_import: bool = typer.Option(False, "--no-import", help="Do not import handler modules."),
            cacert: Optional[Path] = CacertOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = KeyOpt,
            user: Optional[str] = UserOpt) -> None:
-    """Start instances on etcd; print each instance id on its own line."""
+    """Start instances on etcd; print each instance id on its own line.
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
+    """
     if jsonl is not None and (payload is not None or payload_file is not None):
         raise Fail(ExitCode.INVALID, "give --jsonl or --payload/--payload-file, not both")
     options = _etcd_options(etcd, namespace, cacert, cert, key, user)

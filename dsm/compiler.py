@@ -36,10 +36,12 @@ TICK_ONLY = ("timeout", "retry", "catch")
 
 
 class _Compiler:
-    def __init__(self, doc: Document, import_handlers: bool, allow: handlers.Allowlist):
+    def __init__(self, doc: Document, import_handlers: bool, allow: handlers.Allowlist,
+                 search_path: tuple[str, ...] = ()):
         self.doc = doc
         self.import_handlers = import_handlers
         self.allow = allow
+        self.search_path = search_path
         self.problems: list[Problem] = []
         data = doc.data if isinstance(doc.data, dict) else {}
         raw_states = data.get("states")
@@ -111,7 +113,7 @@ class _Compiler:
             return None
         try:
             if self.import_handlers:
-                return handlers.resolve(ref, allow=self.allow)
+                return handlers.resolve(ref, allow=self.allow, search_path=self.search_path)
             module, function = handlers.split_ref(ref)
             reason = handlers.refusal(module, function, self.allow)
             if reason:
@@ -465,10 +467,13 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def compile_document(doc: Document, *, import_handlers: bool = True,
-                     allow: handlers.Allowlist = handlers.ANY) -> Graph:
-    """Check a parsed document and build its Graph; raise DefinitionError listing every problem."""
-    compiler = _Compiler(doc, import_handlers, allow)
+def compile_document(doc: Document, *, import_handlers: bool = True, allow: handlers.Allowlist = handlers.ANY,
+                     search_path: Iterable[str | Path] = ()) -> Graph:
+    """Check a parsed document and build its Graph; raise DefinitionError listing every problem.
+
+    Handler modules are imported with `search_path` first on the import path, for those imports
+    only (see handlers.py)."""
+    compiler = _Compiler(doc, import_handlers, allow, tuple(str(p) for p in search_path))
     graph = compiler.compile()
     if compiler.problems or graph is None:
         problems = compiler.problems or [doc.problem((), "definition could not be compiled")]
@@ -478,14 +483,15 @@ def compile_document(doc: Document, *, import_handlers: bool = True,
 
 def compile_text(text: str, file: str = "<string>", *, import_handlers: bool = True,
                  allow: handlers.Allowlist = handlers.ANY, search_path: Iterable[str | Path] = ()) -> Graph:
-    if import_handlers:
-        handlers.add_search_path(search_path)
-    return compile_document(loader.parse(text, file), import_handlers=import_handlers, allow=allow)
+    """Compile a definition given as text; its modules are found on `search_path` and the
+    process's own import path, never in a folder of its own (text has none)."""
+    return compile_document(loader.parse(text, file), import_handlers=import_handlers, allow=allow,
+                            search_path=search_path)
 
 
 def load(path: str | Path, *, import_handlers: bool = True, allow: handlers.Allowlist = handlers.ANY,
          search_path: Iterable[str | Path] = ()) -> Graph:
-    """Read, check and compile a machine file; its folder goes first on the import path."""
-    if import_handlers:
-        handlers.add_search_path([*search_path, Path(path).resolve().parent])
-    return compile_document(loader.read(path), import_handlers=import_handlers, allow=allow)
+    """Read, check and compile a machine file; its folder goes first on the import path while its
+    handler modules are imported (after `search_path`)."""
+    return compile_document(loader.read(path), import_handlers=import_handlers, allow=allow,
+                            search_path=[*search_path, Path(path).resolve().parent])

@@ -150,7 +150,8 @@ class Registry:
         return graph
 
     def _compile(self, digest: str, raw: dict[str, Any]) -> Graph:
-        if self.import_handlers:
-            handlers.add_search_path(self.search_path)
+        # A definition from the store has no folder: its modules come from this process's own
+        # search path (--path, the folders of its definitions) and installed packages only.
         name = Path(str(raw.get("file") or digest)).name  # a label for messages, not covered by the digest
-        return compiler.compile_text(raw["source"], name, import_handlers=self.import_handlers, allow=self.allow)
+        return compiler.compile_text(raw["source"], name, import_handlers=self.import_handlers, allow=self.allow,
+                                     search_path=self.search_path)

@@ -1,4 +1,14 @@
-"""Finding tick handlers by dotted path, under an allowlist of modules a worker may import."""
+"""Finding tick handlers by dotted path, under an allowlist of modules a worker may import.
+
+Importing a handler module runs its code: `dsm validate`, `graph`, `submit` and `run` do it for
+the modules a definition names (`--no-import` skips it), with the definition's folder first on the
+import path, as the contract says. Only while they are imported: a folder left at the front of
+`sys.path` would, for the rest of the process, hide any module of the standard library, of the
+installed packages or of another definition that has a file of the same name there (a `json.py`
+beside a YAML becoming `json` for dsm itself). So the folders go in for the import and out again,
+a file that would hide an installed module is refused (and never left in `sys.modules`), and two
+definitions with a `handlers.py` each get their own.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +17,16 @@ import importlib
 import inspect
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 from .graph import Handler
 
-_IMPORT_LOCK = threading.Lock()
+_IMPORT_LOCK = threading.RLock()
+_FROM_FOLDER: dict[str, str] = {}  # top-level module -> the definition folder it was imported from
 _REFUSED_MODULES = frozenset({"builtins", "__main__", "__builtin__"})
 
 
@@ -88,23 +101,85 @@ def refusal(module: str, function: str, allow: Allowlist) -> str | None:
     return None
 
 
-def add_search_path(folders: Iterable[str | Path]) -> None:
-    """Put folders first on sys.path (definition folders, --path), once each."""
-    for folder in reversed([str(Path(f).resolve()) for f in folders]):
-        if folder in sys.path:
-            sys.path.remove(folder)
-        sys.path.insert(0, folder)
+@contextmanager
+def _import_path(folders: Iterable[str | Path]) -> Iterator[tuple[str, ...]]:
+    """The folders first on sys.path for the time of one import, under the import lock."""
+    resolved = tuple(dict.fromkeys(str(Path(f).resolve()) for f in folders))
+    with _IMPORT_LOCK:
+        sys.path[:0] = resolved
+        try:
+            yield resolved
+        finally:
+            for folder in resolved:  # the first occurrence is ours; one the process had stays
+                if folder in sys.path:
+                    sys.path.remove(folder)
 
 
-def resolve(ref: str, *, allow: Allowlist = ANY) -> Handler:
-    """Import the module and find the callable; every failure is a HandlerImportError with a reason."""
+def _installed(name: str, folders: tuple[str, ...]) -> str | None:
+    """The module called `name` the process finds without the folders (standard library or
+    installed), described, or None."""
+    if name in sys.builtin_module_names or name in sys.stdlib_module_names:
+        return f"the standard library module {name!r}"
+    elsewhere = PathFinder.find_spec(name, [p for p in sys.path if p not in folders])
+    if elsewhere is not None and elsewhere.origin is not None:
+        here = PathFinder.find_spec(name, list(folders))
+        if here is None or here.origin != elsewhere.origin:
+            return f"the installed module {name!r} ({elsewhere.origin})"
+    return None
+
+
+def _own_module(name: str, folders: tuple[str, ...]) -> None:
+    """Forget a module of the same name that an earlier definition's folder provided, so this
+    definition imports its own (the earlier handlers keep theirs: they hold their functions)."""
+    came_from = _FROM_FOLDER.get(name)
+    if came_from is None or came_from in folders or PathFinder.find_spec(name, list(folders)) is None:
+        return
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[loaded]
+
+
+def _import(module_name: str, folders: tuple[str, ...]) -> object:
+    """Import with the folders first. A module of those folders that has the name of one the
+    process would otherwise find is refused, and never left in sys.modules."""
+    top = module_name.partition(".")[0]
+    here = PathFinder.find_spec(top, list(folders)) if folders else None
+    if here is not None and top not in _FROM_FOLDER:
+        hidden = _installed(top, folders)
+        loaded = sys.modules.get(top)
+        if hidden is None and loaded is not None and getattr(loaded, "__file__", None) != here.origin:
+            hidden = f"the module {top!r} the process has loaded"
+        if hidden:
+            raise HandlerImportError(f"cannot import module {module_name!r}: {here.origin} would hide {hidden}; "
+                                     "rename it")
+    _own_module(top, folders)
+    before = set(sys.modules)
+    module = importlib.import_module(module_name)
+    for name in [m for m in sys.modules if m not in before and "." not in m]:
+        origin = Path(getattr(sys.modules[name], "__file__", None) or "/")
+        folder = next((f for f in folders if origin.is_relative_to(f)), None)
+        if folder is None:
+            continue
+        hidden = _installed(name, folders)
+        if hidden:  # a helper the handler module imported from the folder
+            del sys.modules[name]
+            raise HandlerImportError(f"cannot import module {module_name!r}: it imports {origin}, which would "
+                                     f"hide {hidden}; rename it")
+        _FROM_FOLDER[name] = folder
+    return module
+
+
+def resolve(ref: str, *, allow: Allowlist = ANY, search_path: Iterable[str | Path] = ()) -> Handler:
+    """Import the module (with `search_path` first on the import path, for this import only) and
+    find the callable; every failure is a HandlerImportError with a reason."""
     module_name, function = split_ref(ref)
     reason = refusal(module_name, function, allow)
     if reason:
         raise HandlerImportError(reason)
     try:
-        with _IMPORT_LOCK:
-            module = importlib.import_module(module_name)
+        with _import_path(search_path) as folders:
+            module = _import(module_name, folders)
+    except HandlerImportError:
+        raise
     except ModuleNotFoundError as exc:
         missing = exc.name or module_name
         raise HandlerImportError(f"cannot import module {module_name!r}: no module named {missing!r}") from None
