@@ -44,8 +44,8 @@ from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import pass_environment
 
+from . import limits
 from .durations import format_duration, parse_duration
-from .errors import InputError
 
 NAMES = frozenset({"payload", "instance", "state"})
 MAX_SIZE = 100_000  # characters (as printed) one guard operation may build
@@ -79,15 +79,7 @@ class GuardLimits:
         raw = os.environ.get("DSM_GUARD_TIMEOUT")
         if raw:
             seconds = parse_duration(raw, what="DSM_GUARD_TIMEOUT")
-        size = MAX_SIZE
-        raw = os.environ.get("DSM_GUARD_MAX_SIZE")
-        if raw:
-            try:
-                size = int(raw)
-            except ValueError:
-                raise InputError(f"DSM_GUARD_MAX_SIZE: {raw!r} is not a number of characters") from None
-            if size < 1:
-                raise InputError(f"DSM_GUARD_MAX_SIZE: must be at least 1, got {size}")
+        size = limits.from_env("DSM_GUARD_MAX_SIZE", MAX_SIZE)
         return cls(cpu_seconds=seconds, max_size=size, budget=10 * size)
 
 

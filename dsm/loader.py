@@ -9,7 +9,6 @@ the line and column of every key and value for error messages.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from .errors import DefinitionError, InputError, Problem
+from . import limits
+from .errors import DefinitionError, Problem
 
 Key = tuple[str | int, ...]
 
@@ -31,27 +31,14 @@ DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_MAX_STATES = 2000
 
 
-def _limit(variable: str, default: int) -> int:
-    raw = os.environ.get(variable)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InputError(f"{variable}: {raw!r} is not a whole number") from None
-    if value < 1:
-        raise InputError(f"{variable}: must be at least 1, got {value}")
-    return value
-
-
 def max_definition_bytes() -> int:
     """The largest definition file dsm reads: DSM_MAX_DEFINITION_BYTES, default 1 MiB."""
-    return _limit("DSM_MAX_DEFINITION_BYTES", DEFAULT_MAX_BYTES)
+    return limits.from_env("DSM_MAX_DEFINITION_BYTES", DEFAULT_MAX_BYTES)
 
 
 def max_states() -> int:
     """The most states one machine may have: DSM_MAX_STATES, default 2000."""
-    return _limit("DSM_MAX_STATES", DEFAULT_MAX_STATES)
+    return limits.from_env("DSM_MAX_STATES", DEFAULT_MAX_STATES)
 
 
 def _too_large(file: str, head: bytes, limit: int) -> Problem:

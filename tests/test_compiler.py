@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from bench.compile import chain, nested_forks, wide_fork
 from dsm import compile_text, compiler, handlers
 from dsm.errors import DefinitionError, InputError
 from dsm.graph import Kind
@@ -735,31 +736,6 @@ def test_nested_fork_structure():
 
 
 # -- large machines: correct, linear, and bounded ------------------------------------------------
-
-def chain(n: int) -> str:
-    lines = ["machine: chain", "start: s0", "states:"]
-    for i in range(n - 1):
-        lines += [f"  s{i}:", f"    next: s{i + 1}"]
-    return "\n".join(lines + [f"  s{n - 1}:", "    terminal: true", ""])
-
-
-def wide_fork(n: int) -> str:
-    lines = ["machine: wide", "start: f", "states:", "  f:",
-             "    fork: [" + ", ".join(f"b{i}" for i in range(n)) + "]", "    join: j"]
-    for i in range(n):
-        lines += [f"  b{i}:", "    next: j"]
-    return "\n".join(lines + ["  j:", "    next: done", "  done:", "    terminal: true", ""])
-
-
-def nested_forks(depth: int) -> str:
-    """f0 forks into f1 and c0 (joined at j0), f1 into f2 and c1 ... down to a leaf."""
-    lines = ["machine: nested", "start: f0", "states:"]
-    for d in range(depth):
-        inner = f"f{d + 1}" if d + 1 < depth else "leaf"
-        lines += [f"  f{d}:", f"    fork: [{inner}, c{d}]", f"    join: j{d}", f"  c{d}:", f"    next: j{d}",
-                  f"  j{d}:", f"    next: {f'j{d - 1}' if d else 'done'}"]
-    return "\n".join(lines + ["  leaf:", f"    next: j{depth - 1}", "  done:", "    terminal: true", ""])
-
 
 def test_large_machines_compile_with_their_structure():
     long = compile_text(chain(2000), "c.yaml", import_handlers=False)

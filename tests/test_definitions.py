@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import textwrap
 import threading
 
 import pytest
@@ -17,15 +16,8 @@ from dsm.keys import Keys
 from dsm.store.memory import MemoryStore
 from dsm.worker import Worker
 
-GOOD = textwrap.dedent("""
-    machine: order
-    start: a
-    states:
-      a:
-        next: done
-      done:
-        terminal: true
-    """).lstrip("\n")
+GOOD = "machine: order\nstart: a\nstates:\n  a: {next: done}\n  done: {terminal: true}\n"
+PLANTED = GOOD.replace("a: {next: done}", "a: {next: evil}\n  evil: {next: done}")
 
 
 def test_a_definition_from_the_store_compiles_off_the_event_loop_and_once(monkeypatch):
@@ -48,9 +40,6 @@ def test_a_definition_from_the_store_compiles_off_the_event_loop_and_once(monkey
     first, *others = asyncio.run(main())
     assert first.digest == graph.digest and all(o is first for o in others)
     assert len(threads) == 1 and threads[0] is not threading.main_thread()
-
-
-PLANTED = GOOD.replace("next: done", "next: evil").replace("  done:\n", "  evil:\n    next: done\n  done:\n")
 
 
 def test_a_definition_whose_content_does_not_match_its_digest_is_refused(store_factory, namespace, caplog):
