@@ -499,7 +499,13 @@ def _command(name: str | None = None, *, etcd: bool = False) -> Callable[[Callab
 def validate(paths: Annotated[list[Path], typer.Argument(metavar="PATH", show_default=False,
                                                          help="Definition files, or folders of *.yaml / *.yml.")],
              no_import: NoImportOpt = False) -> None:
-    """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE."""
+    """Check definitions; print one line per problem: PATH:LINE:COL: error: MESSAGE.
+
+    Limits: DSM_MAX_DEFINITION_BYTES (default 1048576) and DSM_MAX_STATES (default 2000).
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
+    """
     files = _definition_files(paths)
     bad = 0
     for path in files:
@@ -523,7 +529,11 @@ def graph(path: Definition,
           output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
                                                       help="Write to FILE instead of stdout.")] = None,
           no_import: NoImportOpt = False) -> None:
-    """Draw a machine as a Mermaid state diagram or a Graphviz graph."""
+    """Draw a machine as a Mermaid state diagram or a Graphviz graph.
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
+    """
     renderer = render.RENDERERS.get(format)
     if renderer is None:
         raise Fail(ExitCode.INVALID, f"--format must be one of {', '.join(render.RENDERERS)}, got {format!r}")
@@ -555,7 +565,11 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
         no_import: Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handlers "
                                                 "(only with --etcd and --workers 0).")] = False,
         etcd: EtcdArgs = EtcdArgs()) -> None:
-    """Start one instance and wait for it: embedded, or on etcd with --etcd."""
+    """Start one instance and wait for it: embedded, or on etcd with --etcd.
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
+    """
     body = _payload(payload, payload_file)
     limit = _duration(timeout, "--timeout")
     if not etcd.given and workers == 0:
@@ -656,7 +670,11 @@ def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFi
            jsonl: Annotated[Path | None, typer.Option("--jsonl", metavar="FILE",
                                                       help="One instance per line of FILE ('-': stdin).")] = None,
            no_import: NoImportOpt = False, etcd: EtcdArgs = EtcdArgs()) -> None:
-    """Start instances on etcd; print each instance id on its own line."""
+    """Start instances on etcd; print each instance id on its own line.
+
+    Imports the handler modules the definition names, running their code (--no-import skips it).
+    Its folder is first on the import path only while they load.
+    """
     if jsonl is not None and (payload is not None or payload_file is not None):
         raise Fail(ExitCode.INVALID, "give --jsonl or --payload/--payload-file, not both")
     etcd.options()
@@ -684,7 +702,8 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                                                     help="Ticks run at once.")] = 8,
            allow: Annotated[list[str] | None, typer.Option(
                "--allow", metavar="PREFIX", show_default=False,
-               help="Module prefix handlers may come from (repeatable; default: the modules of PATHs).")] = None,
+               help="Module prefix handlers may come from (repeatable; default: the modules of PATHs); "
+                    "MODULE:FUNCTION allows one handler, even one imported into MODULE from elsewhere.")] = None,
            path: Annotated[list[Path] | None, typer.Option(
                "--path", metavar="DIR", show_default=False,
                help="Folder put first on the import path (repeatable).")] = None,
@@ -708,9 +727,10 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
     files = _definition_files(list(paths or []))
     search = tuple(str(p.resolve()) for p in (path or []))
     folders = tuple(dict.fromkeys(str(f.resolve().parent) for f in files))
-    graphs = [_load(f, search_path=search) for f in files]
+    named = handlers.Allowlist(None, handlers.Allowlist.of(allow or ()).functions)  # MODULE:FUNCTION entries
+    graphs = [_load(f, search_path=search, allow=named) for f in files]
     prefixes = tuple(allow) if allow else tuple(dict.fromkeys(m for g in graphs for m in g.modules()))
-    allowlist = handlers.Allowlist(prefixes)
+    allowlist = handlers.Allowlist.of(prefixes)
     if not graphs and not allow:
         log.warning("no definitions and no --allow: this worker can only run machines without ticks")
 

@@ -9,9 +9,9 @@ from typing import Any, Callable, Iterable
 
 from . import payloads, transition
 from .definitions import register
-from .errors import Compacted, ConflictError, NotFound, StoreUnavailable
+from .errors import Compacted, ConflictError, InputError, NotFound, StoreUnavailable
 from .graph import Graph
-from .keys import Keys, WorkInfo
+from .keys import Keys, WorkInfo, check_instance_id
 from .markers import MAX_TXN_OPS, reconcile, sync_marker
 from .records import (
     STATUSES,
@@ -28,6 +28,18 @@ from .store import Compare, Delete, Put, Store, Txn, prefix_end
 log = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 64
+# etcd refuses requests over 1.5 MiB by default (--max-request-bytes); a batch of instances stops
+# growing before this many bytes, leaving room for the request's own framing.
+SUBMIT_BYTES = 1024 * 1024
+
+
+def _request_bytes(txn: Txn) -> int:
+    """About what a transaction weighs in an etcd request: keys, values and some framing per op."""
+    size = 64 + sum(len(c.key) + 16 for c in txn.compare)
+    for op in txn.success:
+        if isinstance(op, Put):
+            size += len(op.key.encode()) + len(op.value) + 16
+    return size
 
 
 class Client:
@@ -51,22 +63,37 @@ class Client:
     async def submit(self, graph: Graph, payload: dict[str, Any] | None = None, *,
                      instance_id: str | None = None) -> str:
         """Register the definition (once) and start one instance; return its id."""
-        (iid,) = await self.submit_many(graph, [payload or {}], ids=[instance_id] if instance_id else None)
+        (iid,) = await self.submit_many(graph, [payload or {}], ids=[instance_id] if instance_id is not None else None)
         return iid
 
     async def submit_many(self, graph: Graph, batch: Iterable[dict[str, Any]], *,
                           ids: list[str] | None = None) -> list[str]:
         """Start many instances, up to SUBMIT_BATCH per transaction."""
+        if ids is not None:
+            batch = list(batch)
+            for iid in ids:
+                check_instance_id(iid)
+            if len(ids) != len(batch):
+                raise InputError(f"{len(ids)} instance ids for {len(batch)} payloads")
+            seen: set[str] = set()
+            for iid in ids:
+                if iid in seen:
+                    raise InputError(f"instance id {iid!r} is given twice")
+                seen.add(iid)
         await self.register(graph)
         out: list[str] = []
         pending: list[tuple[str, Txn]] = []
+        size = 0
         for i, payload in enumerate(batch):
             checked, _ = payloads.check(payload)
             iid = ids[i] if ids else new_id()
-            pending.append((iid, self._create_txn(graph, checked, iid)))
-            if len(pending) >= SUBMIT_BATCH:
+            txn = self._create_txn(graph, checked, iid)
+            cost = _request_bytes(txn)
+            if pending and (len(pending) >= SUBMIT_BATCH or size + cost > SUBMIT_BYTES):
                 out.extend(await self._send(pending))
-                pending = []
+                pending, size = [], 0
+            pending.append((iid, txn))
+            size += cost
         if pending:
             out.extend(await self._send(pending))
         return out
@@ -85,12 +112,14 @@ class Client:
         return [iid for iid, _ in pending]
 
     async def instance(self, instance_id: str) -> Instance:
+        check_instance_id(instance_id)
         kv = await self.store.get(self.keys.instance(instance_id))
         if kv is None:
             raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
         return load_instance(kv.value)
 
     async def history(self, instance_id: str, *, after: int = 0) -> list[HistoryEntry]:
+        check_instance_id(instance_id)
         prefix = self.keys.history_prefix(instance_id)
         start = self.keys.history(instance_id, after + 1) if after else prefix
         end = prefix_end(prefix)
@@ -128,6 +157,7 @@ class Client:
         over (an instance with more live branches than one transaction holds) go right after,
         and a SYNC marker covers them should this process die in between.
         """
+        check_instance_id(instance_id)
         key = self.keys.instance(instance_id)
         while True:
             kv = await self.store.get(key)
@@ -155,6 +185,7 @@ class Client:
                    on_update: Callable[[Instance], None] | None = None) -> Instance:
         """Wait until the instance finishes; report each committed transition and each new
         version of the record as they happen. Raises asyncio.TimeoutError when `timeout` passes."""
+        check_instance_id(instance_id)
         return await asyncio.wait_for(self._wait(instance_id, on_history, on_update), timeout)
 
     async def _wait(self, instance_id: str, on_history: Callable[[HistoryEntry], None] | None,

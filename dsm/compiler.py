@@ -7,7 +7,7 @@ that one run of `dsm validate` shows every problem of a file.
 from __future__ import annotations
 
 import difflib
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable
@@ -31,14 +31,17 @@ from .guards import GuardError, compile_guard
 from .loader import Document
 
 ROUTING = ("next", "on", "choose", "fork", "terminal")
+MAX_HINTS = 20  # "did you mean" suggestions per file
 TICK_ONLY = ("timeout", "retry", "catch")
 
 
 class _Compiler:
-    def __init__(self, doc: Document, import_handlers: bool, allow: handlers.Allowlist):
+    def __init__(self, doc: Document, import_handlers: bool, allow: handlers.Allowlist,
+                 search_path: tuple[str, ...] = ()):
         self.doc = doc
         self.import_handlers = import_handlers
         self.allow = allow
+        self.search_path = search_path
         self.problems: list[Problem] = []
         data = doc.data if isinstance(doc.data, dict) else {}
         raw_states = data.get("states")
@@ -47,6 +50,7 @@ class _Compiler:
             if isinstance(name, str) and isinstance(body, dict)
         }
         self.data = data
+        self.hints_left = MAX_HINTS
 
     # -- reporting ---------------------------------------------------------------------------
     def report(self, path: tuple, message: str, *, key: bool = False) -> None:
@@ -60,7 +64,10 @@ class _Compiler:
             return False
         if target in self.raw:
             return True
-        hint = difflib.get_close_matches(target, list(self.raw), n=1)
+        hint: list[str] = []
+        if self.hints_left > 0:  # each suggestion compares against every state: a few, not thousands
+            self.hints_left -= 1
+            hint = difflib.get_close_matches(target, list(self.raw), n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         self.report(path, f"{what} refers to unknown state {target!r}{suggestion}")
         return False
@@ -106,7 +113,7 @@ class _Compiler:
             return None
         try:
             if self.import_handlers:
-                return handlers.resolve(ref, allow=self.allow)
+                return handlers.resolve(ref, allow=self.allow, search_path=self.search_path)
             module, function = handlers.split_ref(ref)
             reason = handlers.refusal(module, function, self.allow)
             if reason:
@@ -254,6 +261,13 @@ class _Compiler:
 
     # -- whole graph -------------------------------------------------------------------------
     def compile(self) -> Graph | None:
+        limit = loader.max_states()
+        declared = self.data.get("states")
+        if isinstance(declared, dict) and len(declared) > limit:
+            first_over = list(declared)[limit]
+            self.report(self.state_key(first_over), f"too many states: the machine has {len(declared)}, the "
+                        f"limit is {limit} (set DSM_MAX_STATES to raise it)", key=True)
+            return None  # checking a machine this large is the cost the limit is there to avoid
         self.problems.extend(schema.validate(self.doc))
         defaults = self.defaults()
         states: dict[str, State] = {}
@@ -266,8 +280,9 @@ class _Compiler:
             self.check_ref(("start",), start, "start")
         if not isinstance(start, str) or start not in states or len(states) != len(self.raw):
             return None  # structure checks need every state compiled; what is wrong was reported
-        forks, frames, join_of = self.structure(states)
-        self.reachability(states, start)
+        predecessors = self.predecessors(states)
+        forks, frames, join_of = self.structure(states, predecessors)
+        self.reachability(states, start, predecessors)
         if self.problems:
             return None
         max_transitions = self.data.get("max_transitions", DEFAULT_MAX_TRANSITIONS)
@@ -286,8 +301,8 @@ class _Compiler:
             source=self.doc.text,
         )
 
-    def structure(self, states: dict[str, State]) -> tuple[dict[str, Fork], dict[str, tuple[Frame, ...]],
-                                                        dict[str, str]]:
+    def structure(self, states: dict[str, State], predecessors: dict[str, set[str]]
+                  ) -> tuple[dict[str, Fork], dict[str, tuple[Frame, ...]], dict[str, str]]:
         forks: dict[str, Fork] = {}
         join_of: dict[str, str] = {}
         for name, st in states.items():
@@ -301,7 +316,7 @@ class _Compiler:
                 self.report(path + ("fork",), f"malformed fork in state {name!r}: a fork needs at least two "
                             f"branches, got {len(st.fork)}")
                 broken = True
-            dupes = sorted({b for b in st.fork if st.fork.count(b) > 1})
+            dupes = sorted(b for b, n in Counter(st.fork).items() if n > 1)
             if dupes:
                 self.report(path + ("fork",), f"malformed fork in state {name!r}: branch {dupes[0]!r} is "
                             "listed twice")
@@ -326,18 +341,18 @@ class _Compiler:
             forks[name] = Fork(state=name, branches=st.fork, join=join, merge=st.merge,
                                members=MappingProxyType({b: frozenset(m) for b, m in members.items()}))
 
-        predecessors: dict[str, set[str]] = {n: set() for n in states}
-        for name, st in states.items():
-            for target in self.edges(st):
-                predecessors.setdefault(target, set()).add(name)
-
-        for name, fk in forks.items():
+        for fk in forks.values():
             self.check_branches(states, fk, predecessors)
+        # each state's enclosing branches, outermost (largest) first: one pass over every branch
+        enclosing: dict[str, list[tuple[str, str, int]]] = {}
+        for fk in forks.values():
+            for b, m in fk.members.items():
+                for member in m:
+                    enclosing.setdefault(member, []).append((fk.state, b, len(m)))
         frames: dict[str, tuple[Frame, ...]] = {}
         for name in states:
-            enclosing = [(fk.state, b, len(m)) for fk in forks.values() for b, m in fk.members.items() if name in m]
-            enclosing.sort(key=lambda item: -item[2])
-            frames[name] = tuple((f, b) for f, b, _ in enclosing)
+            around = sorted(enclosing.get(name, ()), key=lambda item: -item[2])
+            frames[name] = tuple((f, b) for f, b, _ in around)
         for name, fk in forks.items():
             # a nested fork's join must sit in the same branch as the fork itself
             if frames.get(fk.join, ()) != frames.get(name, ()):
@@ -352,6 +367,26 @@ class _Compiler:
         if st.kind is Kind.FORK and st.join:
             out = out + (st.join,)
         return out
+
+    def predecessors(self, states: dict[str, State]) -> dict[str, set[str]]:
+        """Who routes to whom, backwards: every check below walks it once instead of iterating to a fixpoint."""
+        out: dict[str, set[str]] = {n: set() for n in states}
+        for name, st in states.items():
+            for target in self.edges(st):
+                out.setdefault(target, set()).add(name)
+        return out
+
+    @staticmethod
+    def backwards(predecessors: dict[str, set[str]], ends: Iterable[str], within: Any = None) -> set[str]:
+        """The states from which one of `ends` can be reached (staying inside `within` when given)."""
+        seen = set(ends)
+        queue = deque(seen)
+        while queue:
+            for p in predecessors.get(queue.popleft(), ()):
+                if p not in seen and (within is None or p in within):
+                    seen.add(p)
+                    queue.append(p)
+        return seen
 
     def branch_members(self, states: dict[str, State], first: str, join: str) -> set[str]:
         seen = {first}
@@ -369,42 +404,44 @@ class _Compiler:
     def check_branches(self, states: dict[str, State], fk: Fork, predecessors: dict[str, set[str]]) -> None:
         name = fk.state
         path = self.state_key(name)
+        # overlaps, found through who owns each state rather than by comparing every pair of branches
+        owners: dict[str, list[int]] = {}
+        for i, b in enumerate(fk.branches):
+            for m in fk.members[b]:
+                owners.setdefault(m, []).append(i)
+        overlaps: dict[int, dict[int, str]] = {}  # branch index -> later branch index -> first shared state
+        for m, held in owners.items():
+            for x, i in enumerate(held):
+                for j in held[x + 1:]:
+                    shared = overlaps.setdefault(i, {})
+                    if j not in shared or m < shared[j]:
+                        shared[j] = m
+        # every state of a branch must be able to reach the join: one walk back from it for the whole fork
+        reach = self.backwards(predecessors, (fk.join,), within=owners)
         for i, b in enumerate(fk.branches):
             members = fk.members[b]
             where = f"branch {b!r} of fork {name!r}"
             if name in members:
                 self.report(path + ("fork", i), f"malformed fork: {where} leads back to the fork state "
                             f"{name!r} without passing the join {fk.join!r}")
-            for other in fk.branches[i + 1:]:
-                shared = sorted(members & fk.members[other])
-                if shared:
-                    self.report(path + ("fork", i), f"malformed fork: branches {b!r} and {other!r} of fork "
-                                f"{name!r} overlap at state {shared[0]!r}")
+            for j, state in sorted(overlaps.get(i, {}).items()):
+                self.report(path + ("fork", i), f"malformed fork: branches {b!r} and {fk.branches[j]!r} of "
+                            f"fork {name!r} overlap at state {state!r}")
             for m in sorted(members):
                 st = states[m]
                 if st.terminal:
                     self.report(self.state_key(m), f"malformed fork: terminal state {m!r} is inside {where}; "
                                 f"branches must end at the join {fk.join!r}", key=True)
-                allowed = members | ({name} if m == b else set())
-                outside = sorted(predecessors.get(m, set()) - allowed)
+                outside = sorted(p for p in predecessors.get(m, ()) if p not in members and not (m == b and p == name))
                 if outside and name not in members:
                     self.report(self.state_key(m), f"malformed fork: state {m!r} in {where} is also entered "
                                 f"from {outside[0]!r}, outside the branch", key=True)
-            # every state of the branch must be able to reach the join
-            reach = {fk.join}
-            changed = True
-            while changed:
-                changed = False
-                for m in members:
-                    if m not in reach and any(t in reach for t in self.edges(states[m])):
-                        reach.add(m)
-                        changed = True
             for m in sorted(members - reach):
                 if not states[m].terminal:
                     self.report(self.state_key(m), f"malformed fork: state {m!r} in {where} never reaches the "
                                 f"join {fk.join!r}", key=True)
 
-    def reachability(self, states: dict[str, State], start: str) -> None:
+    def reachability(self, states: dict[str, State], start: str, predecessors: dict[str, set[str]]) -> None:
         seen = {start}
         queue = deque([start])
         while queue:
@@ -415,17 +452,11 @@ class _Compiler:
         for name in states:
             if name not in seen:
                 self.report(self.state_key(name), f"state {name!r} is unreachable from start {start!r}", key=True)
-        finishing = {n for n, st in states.items() if st.terminal}
-        if not finishing:
+        terminals = [n for n, st in states.items() if st.terminal]
+        if not terminals:
             self.report(("states",), "the machine has no terminal state (add one with terminal: true)", key=True)
             return
-        changed = True
-        while changed:
-            changed = False
-            for name, st in states.items():
-                if name not in finishing and any(t in finishing for t in self.edges(st)):
-                    finishing.add(name)
-                    changed = True
+        finishing = self.backwards(predecessors, terminals, within=states)
         for name in states:
             if name in seen and name not in finishing:
                 self.report(self.state_key(name), f"no terminal state can be reached from state {name!r}",
@@ -436,10 +467,13 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def compile_document(doc: Document, *, import_handlers: bool = True,
-                     allow: handlers.Allowlist = handlers.ANY) -> Graph:
-    """Check a parsed document and build its Graph; raise DefinitionError listing every problem."""
-    compiler = _Compiler(doc, import_handlers, allow)
+def compile_document(doc: Document, *, import_handlers: bool = True, allow: handlers.Allowlist = handlers.ANY,
+                     search_path: Iterable[str | Path] = ()) -> Graph:
+    """Check a parsed document and build its Graph; raise DefinitionError listing every problem.
+
+    Handler modules are imported with `search_path` first on the import path, for those imports
+    only (see handlers.py)."""
+    compiler = _Compiler(doc, import_handlers, allow, tuple(str(p) for p in search_path))
     graph = compiler.compile()
     if compiler.problems or graph is None:
         problems = compiler.problems or [doc.problem((), "definition could not be compiled")]
@@ -449,14 +483,15 @@ def compile_document(doc: Document, *, import_handlers: bool = True,
 
 def compile_text(text: str, file: str = "<string>", *, import_handlers: bool = True,
                  allow: handlers.Allowlist = handlers.ANY, search_path: Iterable[str | Path] = ()) -> Graph:
-    if import_handlers:
-        handlers.add_search_path(search_path)
-    return compile_document(loader.parse(text, file), import_handlers=import_handlers, allow=allow)
+    """Compile a definition given as text; its modules are found on `search_path` and the
+    process's own import path, never in a folder of its own (text has none)."""
+    return compile_document(loader.parse(text, file), import_handlers=import_handlers, allow=allow,
+                            search_path=search_path)
 
 
 def load(path: str | Path, *, import_handlers: bool = True, allow: handlers.Allowlist = handlers.ANY,
          search_path: Iterable[str | Path] = ()) -> Graph:
-    """Read, check and compile a machine file; its folder goes first on the import path."""
-    if import_handlers:
-        handlers.add_search_path([*search_path, Path(path).resolve().parent])
-    return compile_document(loader.read(path), import_handlers=import_handlers, allow=allow)
+    """Read, check and compile a machine file; its folder goes first on the import path while its
+    handler modules are imported (after `search_path`)."""
+    return compile_document(loader.read(path), import_handlers=import_handlers, allow=allow,
+                            search_path=[*search_path, Path(path).resolve().parent])

@@ -3,23 +3,35 @@
 Every instance pins the digest it started with. A worker that meets a digest it was not started
 with fetches the source from the store and compiles it under its own allowlist, so instances keep
 their version while the YAML on disk moves on.
+
+Anyone who can write the namespace can write under any digest, so the digest is checked on every
+read: the stored source must hash to it (`graph.digest_of`, as the compiler computes it), or the
+definition is refused. Registering a definition whose digest is taken by content that does not
+match replaces that content: the right one is known by its hash, so the first writer cannot pin
+a forgery under a legitimate digest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from . import compiler, handlers
 from .errors import DefinitionError, NotFound
-from .graph import Graph
+from .graph import Graph, digest_of
 from .keys import Keys
-from .store import Compare, Put, Store
+from .store import Compare, Get, Put, Store
 
 log = logging.getLogger(__name__)
+
+
+MISMATCH_RETRY = 30.0  # seconds before a process looks again at a digest whose content did not match
 
 
 def encode(graph: Graph) -> bytes:
@@ -27,10 +39,40 @@ def encode(graph: Graph) -> bytes:
                        "source": graph.source}, separators=(",", ":")).encode()
 
 
+def decode(digest: str, value: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The stored definition if its source hashes to `digest`; else None and what is wrong."""
+    try:
+        raw = json.loads(value)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict) or not isinstance(raw.get("source"), str):
+        return None, "is not a stored definition"
+    actual = digest_of(raw["source"])
+    if actual != digest:
+        return None, f"holds content whose digest is {actual}"
+    return raw, ""
+
+
 async def register(store: Store, keys: Keys, graph: Graph) -> None:
-    """Store the definition under its digest unless it is there already (content never changes)."""
+    """Store the definition under its digest unless it is there already (content never changes);
+    content under the digest that does not hash to it is replaced."""
     key = keys.definition(graph.digest)
-    await store.txn([Compare.version(key, "==", 0)], [Put(key, encode(graph))])
+    value = encode(graph)
+    while True:
+        result = await store.txn([Compare.version(key, "==", 0)], [Put(key, value)], [Get(key)])
+        if result.succeeded:
+            return
+        (found,) = result.responses[0] or (None,)
+        if found is None:
+            continue  # deleted in between: try to create it again
+        stored, problem = decode(graph.digest, found.value)
+        if stored is not None:
+            return
+        log.warning("definition %s in namespace %r %s; replacing it with the definition that has this digest "
+                    "(%s)", graph.digest, keys.namespace, problem, graph.machine)
+        replaced = await store.txn([Compare.mod(key, "==", found.mod_revision)], [Put(key, value)])
+        if replaced.succeeded:
+            return
 
 
 @dataclass
@@ -44,6 +86,8 @@ class Registry:
     import_handlers: bool = True
     _graphs: dict[str, Graph] = field(default_factory=dict)
     _broken: dict[str, str] = field(default_factory=dict)
+    _loading: dict[str, asyncio.Future[Graph]] = field(default_factory=dict)
+    _look_again: dict[str, float] = field(default_factory=dict)  # digest -> when a mismatch is read again
 
     def add(self, graph: Graph) -> None:
         self._graphs[graph.digest] = graph
@@ -53,26 +97,50 @@ class Registry:
 
     def refusal(self, digest: str) -> str | None:
         """Why this process cannot run a digest (compiled before and failed), or None."""
+        again = self._look_again.get(digest)
+        if again is not None and time.monotonic() >= again:  # the content may have been repaired since
+            del self._look_again[digest]
+            self._broken.pop(digest, None)
         return self._broken.get(digest)
 
     async def get(self, digest: str) -> Graph:
         graph = self._graphs.get(digest)
         if graph is not None:
             return graph
-        if digest in self._broken:
-            raise NotFound(self._broken[digest])
+        refused = self.refusal(digest)
+        if refused is not None:
+            raise NotFound(refused)
         if self.store is None:
             raise NotFound(f"definition {digest} is not known to this process")
-        kv = await self.store.get(self.keys.definition(digest))
+        loading = self._loading.get(digest)
+        if loading is None:  # one load per digest, however many instances ask at once
+            loading = asyncio.ensure_future(self._load(digest))
+            self._loading[digest] = loading
+            loading.add_done_callback(lambda done: self._loaded(digest, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, digest: str, done: asyncio.Future[Graph]) -> None:
+        self._loading.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every waiter may have gone
+
+    async def _load(self, digest: str) -> Graph:
+        kv = await self.store.get(self.keys.definition(digest)) if self.store is not None else None
         if kv is None:
             self._broken[digest] = f"definition {digest} is not registered in namespace {self.keys.namespace!r}"
             raise NotFound(self._broken[digest])
-        raw = json.loads(kv.value)
+        raw, problem = decode(digest, kv.value)
+        if raw is None:
+            reason = (f"definition {digest} in namespace {self.keys.namespace!r} {problem}: refusing to run it "
+                      "(it was written by something other than dsm, or tampered with)")
+            self._broken[digest] = reason
+            self._look_again[digest] = time.monotonic() + MISMATCH_RETRY
+            log.error("%s", reason)
+            raise NotFound(reason)
         try:
-            if self.import_handlers:
-                handlers.add_search_path(self.search_path)
-            graph = compiler.compile_text(raw["source"], raw.get("file", digest), import_handlers=self.import_handlers,
-                                          allow=self.allow)
+            # compiling a large definition (and importing its modules) takes a while: never on the
+            # event loop, where it would stall the lease keep-alive and every running tick
+            graph = await asyncio.to_thread(self._compile, digest, raw)
         except DefinitionError as exc:
             reason = f"cannot run definition {digest} ({raw.get('machine')}): {exc}"
             self._broken[digest] = reason
@@ -80,3 +148,10 @@ class Registry:
             raise NotFound(reason) from None
         self._graphs[digest] = graph
         return graph
+
+    def _compile(self, digest: str, raw: dict[str, Any]) -> Graph:
+        # A definition from the store has no folder: its modules come from this process's own
+        # search path (--path, the folders of its definitions) and installed packages only.
+        name = Path(str(raw.get("file") or digest)).name  # a label for messages, not covered by the digest
+        return compiler.compile_text(raw["source"], name, import_handlers=self.import_handlers, allow=self.allow,
+                                     search_path=self.search_path)

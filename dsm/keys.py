@@ -27,14 +27,27 @@ claim is untouched, so a linear transition costs one watch event, not four.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from . import codec
+from .errors import InputError
 from .store import prefix_end
 
 CLAIM = "/claim"
+# An id becomes part of keys: a '/' would put an instance's record, history or work where another
+# key layout expects something else. The contract's pattern, matched whole.
+INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_instance_id(value: object) -> str:
+    """The id itself, or InputError saying what an id may be."""
+    if not isinstance(value, str) or INSTANCE_ID.fullmatch(value) is None:
+        raise InputError(f"invalid instance id {value!r}: an id is 1 to 128 letters, digits, '.', '_', ':' or '-', "
+                         "starting with a letter or digit")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from . import limits
 from .errors import DefinitionError, Problem
 
 Key = tuple[str | int, ...]
@@ -23,6 +24,30 @@ Key = tuple[str | int, ...]
 # Aliases can expand a small file into a huge tree ("billion laughs"); no machine needs this many.
 MAX_NODES = 200_000
 MAX_DEPTH = 128
+
+# A definition may come from anyone who can write to the store; these bound what one costs to
+# check (and to store: etcd refuses requests over 1.5 MiB). Users with bigger machines raise them.
+DEFAULT_MAX_BYTES = 1024 * 1024
+DEFAULT_MAX_STATES = 2000
+
+
+def max_definition_bytes() -> int:
+    """The largest definition file dsm reads: DSM_MAX_DEFINITION_BYTES, default 1 MiB."""
+    return limits.from_env("DSM_MAX_DEFINITION_BYTES", DEFAULT_MAX_BYTES)
+
+
+def max_states() -> int:
+    """The most states one machine may have: DSM_MAX_STATES, default 2000."""
+    return limits.from_env("DSM_MAX_STATES", DEFAULT_MAX_STATES)
+
+
+def _too_large(file: str, head: bytes, limit: int) -> Problem:
+    """Where a definition passes the size limit: the line and column of its first byte too many."""
+    inside = head[:limit]
+    line = inside.count(b"\n") + 1
+    col = len(inside) - (inside.rfind(b"\n") + 1) + 1
+    return Problem(file, line, col, f"definition too large: more than {limit} bytes (the limit; set "
+                                    "DSM_MAX_DEFINITION_BYTES to raise it)")
 
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
@@ -184,6 +209,11 @@ class _TooLarge(Exception):
 
 def parse(text: str, file: str = "<string>") -> Document:
     """Parse one YAML document; raise DefinitionError with every problem's file:line:col."""
+    limit = max_definition_bytes()
+    if len(text) > limit // 4:  # only then can its UTF-8 form be over the limit
+        encoded = text.encode("utf-8", "surrogatepass")
+        if len(encoded) > limit:
+            raise DefinitionError(_too_large(file, encoded, limit))
     doc = Document(file=file, text=text, data=None)
     try:
         nodes = list(yaml.compose_all(text, Loader=_LOADER))
@@ -246,10 +276,14 @@ def looks_like_machine(path: str | Path) -> bool:
 def read(path: str | Path) -> Document:
     """Read and parse a file; unreadable files become a located DefinitionError too."""
     name = str(path)
+    limit = max_definition_bytes()
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)  # never more than the limit, whatever the file holds
     except OSError as exc:
         raise DefinitionError(Problem(name, 1, 1, f"cannot read file: {exc.strerror or exc}")) from None
+    if len(raw) > limit:
+        raise DefinitionError(_too_large(name, raw, limit))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -259,6 +259,18 @@ class MergeConflict(Exception):
     """Two branches changed one key to different values."""
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: Python's == holds 1 == 1.0 == True and 0 == False, at any depth,
+    but in JSON a number and a boolean (and an integer and a float) are different values."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same_json, a, b))
+    return bool(a == b)
+
+
 def merge(mode: str, base: dict[str, Any], arrived: dict[str, dict[str, Any]], order: tuple[str, ...],
           fork: str) -> dict[str, Any]:
     """Combine branch payloads at a join; the result never depends on the order of arrival."""
@@ -273,10 +285,10 @@ def merge(mode: str, base: dict[str, Any], arrived: dict[str, dict[str, Any]], o
         for key in [*base, *(k for k in payload if k not in base)]:
             before = base.get(key, _MISSING)
             after = payload.get(key, _MISSING)
-            if before == after and type(before) is type(after):
+            if _same_json(before, after):
                 continue
             if key in changed_by:
-                if out.get(key, _MISSING) != after:
+                if not _same_json(out.get(key, _MISSING), after):
                     raise MergeConflict(f"fork {fork!r}: branches {changed_by[key]!r} and {branch!r} both "
                                         f"changed key {key!r} to different values")
                 continue

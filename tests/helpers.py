@@ -24,16 +24,16 @@ def one_tick_machine(write: Callable[..., Path], module: str, body: str) -> Path
 
 
 async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurrency: int = 8,
-                        timeout: float = 60) -> tuple[list, list, Any]:
+                        timeout: float = 60, keys: Any = None) -> tuple[list, list, Any]:
     """Submit `payloads` as instances of `graph`, run one worker on `store` until all finish;
-    return (instances, histories, worker)."""
+    return (instances, histories, worker). `keys` chooses the namespace (default: dsm)."""
     from dsm import handlers
     from dsm.client import Client
     from dsm.definitions import Registry
     from dsm.keys import Keys
     from dsm.worker import running
 
-    keys = Keys()
+    keys = keys or Keys()
     registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
     registry.add(graph)
     client = Client(store, keys)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 import pytest
 
+from bench.compile import chain, nested_forks, wide_fork
 from dsm import compile_text, compiler, handlers
-from dsm.errors import DefinitionError
+from dsm.errors import DefinitionError, InputError
 from dsm.graph import Kind
 
 GOOD = """
@@ -602,6 +604,63 @@ def test_allowlist_refuses_modules_outside_it_builtins_and_private_names(write):
     assert "private name '_private'" in text
 
 
+RELAY = """
+from subprocess import run
+from os.path import join as joined
+
+
+def own(payload, ctx):
+    pass
+
+
+class Handler:
+    def __call__(self, payload, ctx):
+        pass
+
+
+instance = Handler()
+"""
+
+RELAYED = """
+    machine: relay
+    start: a
+    states:
+      a:
+        tick: relay:own
+        next: b
+      b:
+        tick: relay:instance
+        next: c
+      c:
+        tick: relay:run
+        next: d
+      d:
+        tick: relay.joined
+        next: done
+      done:
+        terminal: true
+    """
+
+
+def test_names_imported_into_a_handler_module_are_not_handlers(write):
+    path = write("m.yaml", RELAYED, relay=RELAY)
+    with pytest.raises(DefinitionError) as info:
+        compiler.load(path)
+    found = info.value.problems
+    assert [(p.line, p.col) for p in found] == [(11, 11), (14, 11)]
+    assert "relay:run is defined in 'subprocess' and only imported into 'relay'" in found[0].message
+    assert "--allow relay:run" in found[0].message and "'posixpath'" in found[1].message
+    # allowed one by one, by name, they are handlers; a prefix alone never admits them
+    graph = compiler.load(path, allow=handlers.Allowlist.of(["relay", "relay:run", "relay:joined"]))
+    assert graph.states["c"].tick.func is not None
+    with pytest.raises(DefinitionError):
+        compiler.load(path, allow=handlers.Allowlist.of(["relay"]))
+    only = handlers.Allowlist.of(["relay:run"])
+    assert only.admits("relay") and only.admits_function("relay", "run") and not only.admits_module_wide("relay")
+    assert handlers.refusal("relay", "own", only) == ("handler relay:own is not in the worker's allowlist "
+                                                      "(relay:run)")
+
+
 def test_modules_load_from_the_definition_folder(write):
     path = write("m.yaml", """
         machine: order
@@ -674,3 +733,68 @@ def test_nested_fork_structure():
     assert graph.frames["j"] == ()
     assert graph.forks["f"].members["a"] == {"a", "a1", "a2", "aj"}
     assert graph.join_of == {"j": "f", "aj": "a"}
+
+
+# -- large machines: correct, linear, and bounded ------------------------------------------------
+
+def test_large_machines_compile_with_their_structure():
+    long = compile_text(chain(2000), "c.yaml", import_handlers=False)
+    assert len(long.states) == 2000 and long.states["s1998"].next == "s1999" and long.frames["s5"] == ()
+    wide = compile_text(wide_fork(1000), "w.yaml", import_handlers=False)
+    assert len(wide.forks["f"].branches) == 1000 and wide.frames["b999"] == (("f", "b999"),)
+    deep = compile_text(nested_forks(100), "n.yaml", import_handlers=False)
+    assert len(deep.frames["leaf"]) == 100 and deep.frames["leaf"][0] == ("f0", "f1")
+    assert deep.frames["c99"][-1] == ("f99", "c99") and deep.join_of["j50"] == "f50"
+
+
+def lines_run_in_the_compiler(text: str) -> int:
+    """Lines of compiler.py executed to compile `text`: a measure of work that does not depend on
+    the machine's speed."""
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == compiler.__file__ else None
+
+    sys.settrace(calls)
+    try:
+        compile_text(text, "m.yaml", import_handlers=False)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("shape,size", [(chain, 400), (wide_fork, 200)], ids=["chain", "wide-fork"])
+def test_compiling_does_work_in_proportion_to_the_states(shape, size):
+    small, double = lines_run_in_the_compiler(shape(size)), lines_run_in_the_compiler(shape(2 * size))
+    assert double < 2.3 * small, (small, double)
+
+
+def test_too_many_states_is_a_located_error(monkeypatch):
+    p = one(chain(2001))
+    assert (p.line, p.col) == (4 + 2 * 2000, 3)
+    assert "too many states: the machine has 2001, the limit is 2000" in p.message and "DSM_MAX_STATES" in p.message
+    monkeypatch.setenv("DSM_MAX_STATES", "3000")
+    assert len(compile_text(chain(2001), "c.yaml", import_handlers=False).states) == 2001
+    monkeypatch.setenv("DSM_MAX_STATES", "5")
+    assert one(chain(6)).line == 4 + 2 * 5
+
+
+def test_too_large_a_definition_is_a_located_error_and_is_not_read_whole(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSM_MAX_DEFINITION_BYTES", "100")
+    text = chain(20)  # 3 lines of 33 bytes, then 19 bytes per state: byte 101 is line 11, column 5
+    p = one(text)
+    assert (p.line, p.col) == (11, 5) and "definition too large: more than 100 bytes" in p.message
+    assert "DSM_MAX_DEFINITION_BYTES" in p.message
+    path = tmp_path / "big.yaml"
+    path.write_text(text + "# " + "x" * 10_000_000 + "\n")
+    with pytest.raises(DefinitionError) as info:
+        compiler.load(path, import_handlers=False)
+    assert str(info.value).startswith(f"{path}:11:5: error: definition too large")
+    monkeypatch.setenv("DSM_MAX_DEFINITION_BYTES", "lots")
+    with pytest.raises(InputError, match="DSM_MAX_DEFINITION_BYTES"):
+        compile_text(text, "m.yaml", import_handlers=False)

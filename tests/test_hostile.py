@@ -185,3 +185,144 @@ def test_private_names_are_refused_even_without_an_allowlist():
     with pytest.raises(DefinitionError) as info:
         compile_text(text, "m.yaml", import_handlers=False)
     assert "private name '_f'" in str(info.value)
+
+
+# -- instance ids and namespaces ------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["a/b", "../inst/x", "", "-leading", ".hidden", "x" * 129, "café", "a b",
+                                 "a\n", "t1/claim"])
+def test_instance_ids_outside_the_contract_are_refused_before_anything_is_written(bad):
+    import asyncio
+
+    from dsm.client import Client
+    from dsm.errors import InputError
+    from dsm.store.memory import MemoryStore
+
+    graph = compile_text("machine: m\nstart: a\nstates:\n  a: {terminal: true}\n", "m.yaml", import_handlers=False)
+
+    async def main():
+        store = MemoryStore()
+        client = Client(store)
+        for attempt in (lambda: client.submit(graph, {}, instance_id=bad), lambda: client.record(bad),
+                        lambda: client.cancel(bad), lambda: client.submit_many(graph, [{}, {}], ids=["ok", bad])):
+            with pytest.raises(InputError, match="invalid instance id"):
+                await attempt()
+        written = (await store.range("/", "\0")).kvs
+        good = await client.submit(graph, {}, instance_id="A1.b_c:d-" + "e" * 119)
+        return written, good
+
+    written, good = asyncio.run(main())
+    assert written == [] and len(good) == 128
+
+
+def test_one_id_given_twice_in_a_batch_is_refused():
+    import asyncio
+
+    from dsm.client import Client
+    from dsm.errors import InputError
+    from dsm.store.memory import MemoryStore
+
+    graph = compile_text("machine: m\nstart: a\nstates:\n  a: {terminal: true}\n", "m.yaml", import_handlers=False)
+    with pytest.raises(InputError, match="'x' is given twice"):
+        asyncio.run(Client(MemoryStore()).submit_many(graph, [{}, {}], ids=["x", "x"]))
+
+
+@pytest.mark.etcd
+def test_the_command_line_refuses_an_invalid_instance_id_with_exit_2(etcd, namespace):
+    for command in ("status", "cancel"):
+        result = dsm(command, "a/b", "--etcd", etcd.endpoint, "--namespace", namespace)
+        assert result.returncode == 2 and "invalid instance id 'a/b'" in result.stderr, result.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=6), st.lists(st.text(max_size=8), max_size=8))
+def test_prefix_end_bounds_exactly_the_keys_with_the_prefix_in_string_and_utf8_order(prefix, keys):
+    from dsm.store import prefix_end
+
+    prefix, keys = _no_surrogates(prefix), [_no_surrogates(k) for k in keys]
+    end = prefix_end(prefix)
+    for key in keys + [prefix, prefix + "\U0010ffff", prefix + "\x00"]:
+        inside = key >= prefix and (end == "\0" or key < end)
+        inside_bytes = key.encode() >= prefix.encode() and (end == "\0" or key.encode() < end.encode())
+        assert inside == inside_bytes == key.startswith(prefix), (prefix, key, end)
+
+
+def _no_surrogates(text: str) -> str:
+    return "".join(c for c in text if not 0xD800 <= ord(c) <= 0xDFFF)
+
+
+@pytest.mark.parametrize("namespace_name", ["café", "ünï", "名前", "x\U0001f600"])
+def test_a_non_ascii_namespace_runs_its_instances(store_factory, namespace_name, namespace):
+    import asyncio
+
+    from helpers import run_instances
+
+    from dsm.client import Client
+    from dsm.keys import Keys
+
+    graph = compile_text("machine: m\nstart: a\nstates:\n  a: {next: done}\n  done: {terminal: true}\n",
+                         "m.yaml", import_handlers=False)
+    keys = Keys(f"{namespace_name}-{namespace}")
+
+    async def main():
+        store = await store_factory()
+        try:
+            done, _, _ = await run_instances(store, graph, [{}, {}], keys=keys, timeout=30)
+            return done, await Client(store, keys).list()
+        finally:
+            await store.close()
+
+    done, listed = asyncio.run(main())
+    assert [i.status for i in done] == ["succeeded", "succeeded"] and len(listed) == 2
+
+
+# -- batches of large payloads --------------------------------------------------------------------
+
+def test_submit_many_splits_large_payloads_into_requests_etcd_accepts(store_factory, namespace):
+    import asyncio
+
+    from dsm.client import Client
+    from dsm.keys import Keys
+
+    graph = compile_text("machine: m\nstart: a\nstates:\n  a: {next: done}\n  done: {terminal: true}\n",
+                         "m.yaml", import_handlers=False)
+    bodies = [{"blob": "x" * 600_000, "n": i} for i in range(3)] + [{"n": i} for i in range(3, 70)]
+
+    async def main():
+        store = await store_factory()
+        try:
+            client = Client(store, Keys(namespace))
+            ids = await client.submit_many(graph, bodies)  # one request of 1.8 MB was refused by etcd
+            return [(await client.instance(i)).payload for i in ids]
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == bodies
+
+
+@pytest.mark.etcd
+def test_submit_jsonl_of_large_payloads_each_fine_alone(etcd, namespace, tmp_path):
+    lines = tmp_path / "big.jsonl"
+    lines.write_text("".join(json.dumps({"total": i, "blob": "y" * 600_000}) + "\n" for i in range(3)))
+    result = dsm("submit", "definitions/order.yaml", "--jsonl", str(lines), "--etcd", etcd.endpoint,
+                 "--namespace", namespace)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert len(result.stdout.split()) == 3 and "too large" not in result.stderr
+    listed = dsm("list", "--json", "--etcd", etcd.endpoint, "--namespace", namespace)
+    assert len(json.loads(listed.stdout)) == 3
+
+
+def test_validate_refuses_a_handler_imported_into_its_module_at_its_line(write):
+    path = write("m.yaml", """
+        machine: m
+        start: a
+        states:
+          a:
+            tick: shellish:run
+            next: done
+          done:
+            terminal: true
+        """, shellish="from subprocess import run\n")
+    result = dsm("validate", str(path))
+    assert result.returncode == 2
+    assert result.stdout.startswith(f"{path}:5:11: error: states.a.tick: shellish:run is defined in 'subprocess'")

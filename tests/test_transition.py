@@ -9,7 +9,7 @@ import pytest
 
 from dsm import compile_text
 from dsm.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, Instance
-from dsm.transition import Failure, Outcome, advance, cancel, merge, MergeConflict, start
+from dsm.transition import Failure, MergeConflict, Outcome, advance, cancel, merge, start
 
 NOW = 1_000_000.0
 
@@ -198,6 +198,21 @@ def test_same_change_in_two_branches_is_not_a_conflict():
     assert merge("keys", {"k": 0}, {"a": {}, "b": {}}, ("a", "b"), "f") == {}
     with pytest.raises(MergeConflict):
         merge("keys", {"k": 0}, {"a": {}, "b": {"k": 2}}, ("a", "b"), "f")
+
+
+@pytest.mark.parametrize("one,other", [
+    (1, True), (0, False), (1, 1.0), ([1], [True]), ({"n": [0]}, {"n": [False]}), ([1.0], [1]),
+    ({"a": {"b": 1}}, {"a": {"b": True}}),
+], ids=["1-true", "0-false", "1-1.0", "[1]-[true]", "nested-0-false", "[1.0]-[1]", "deep-1-true"])
+def test_json_values_of_different_types_conflict(one, other):
+    # Python's == takes these for equal; in JSON they differ, so branch b's value is not dropped
+    with pytest.raises(MergeConflict):
+        merge("keys", {"k": None}, {"a": {"k": one}, "b": {"k": other}}, ("a", "b"), "f")
+    with pytest.raises(MergeConflict):
+        merge("keys", {}, {"a": {"k": other}, "b": {"k": one}}, ("a", "b"), "f")
+    # a branch that only changed a type inside a value did change it
+    assert merge("keys", {"k": one}, {"a": {"k": other}, "b": {"k": one}}, ("a", "b"), "f") == {"k": other}
+    assert type(merge("keys", {"k": one}, {"a": {"k": one}, "b": {"k": other}}, ("a", "b"), "f")["k"]) is type(other)
 
 
 def test_merge_branches_mode():

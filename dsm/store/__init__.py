@@ -222,12 +222,20 @@ class Store(Protocol):
 
 
 def prefix_end(prefix: str) -> str:
-    """The end of the range holding every key that starts with `prefix`."""
-    raw = bytearray(prefix.encode())
-    for i in reversed(range(len(raw))):
-        if raw[i] < 0xFF:
-            raw[i] += 1
-            return raw[: i + 1].decode("latin-1")
+    """The end of the range holding every key that starts with `prefix` ("\\0": every key).
+
+    Computed on code points: UTF-8 orders byte strings as their code points are ordered, so the
+    same end is right for etcd, which compares the UTF-8 bytes of keys, and for the memory store,
+    which compares strings. (Adding one to the last UTF-8 byte instead gives bytes that are not
+    UTF-8, and decoding them as latin-1 gave a different key: a namespace like "café" saw nothing.)
+    """
+    chars = list(prefix)
+    while chars:
+        following = ord(chars.pop()) + 1
+        if 0xD800 <= following <= 0xDFFF:  # surrogates are not characters: no key holds one
+            following = 0xE000
+        if following <= 0x10FFFF:
+            return "".join(chars) + chr(following)
     return "\0"
 
 

@@ -58,7 +58,7 @@ from typing import Any
 from .. import codec
 from ..context import Context
 from ..graph import Handler
-from ..handlers import HandlerImportError, resolve
+from ..handlers import HandlerImportError, import_module, resolve
 from ..transition import Failure, Outcome
 from .executor import TickCall, context_of, failure_of, normalize, timed_out
 
@@ -381,7 +381,8 @@ class ProcessExecutor:
 
     def _spawn(self) -> None:
         options = {
-            "path": list(self.search_path) + [str(p) for p in sys.path if str(p) not in self.search_path],
+            "path": [str(p) for p in sys.path if str(p) not in self.search_path],
+            "search": list(self.search_path),  # first on the import path only while a handler loads
             "ppid": os.getpid(),
             "level": logging.getLogger().getEffectiveLevel(),
             "handler_level": (self.log_level if self.log_level is not None
@@ -541,7 +542,8 @@ _CONTEXT_FIELDS = tuple(f.name for f in fields(Context) if f.init)
 class _Server:
     """The child's side: read a call, run it, write the outcome; one at a time."""
 
-    def __init__(self, rfd: int, wfd: int):
+    def __init__(self, rfd: int, wfd: int, search: tuple[str, ...] = ()):
+        self.search = search
         self.rfd = rfd
         self.wfd = wfd
         self.rbuf = b""
@@ -596,7 +598,7 @@ class _Server:
         key = (module, function)
         handler = self.handlers.get(key)
         if handler is None:
-            handler = self.handlers[key] = resolve(f"{module}:{function}")
+            handler = self.handlers[key] = resolve(f"{module}:{function}", search_path=self.search)
         return handler
 
     def run(self, message: list[Any]) -> list[Any]:
@@ -663,14 +665,15 @@ def _child(options: dict[str, Any]) -> None:
     root.handlers[:] = [stream]
     root.setLevel(options["level"])
     logging.getLogger("dsm.handler").setLevel(options["handler_level"])
+    search = tuple(options.get("search", ()))
     for module in options["preload"]:
         try:
-            __import__(module)
+            import_module(module, search_path=search)
         except Exception as exc:  # noqa: BLE001 - the calls that need it will say why; the others can run
             log.warning("handler process %d: cannot preload %s: %s: %s", os.getpid(), module,
                         type(exc).__name__, exc)
     try:
-        _Server(rfd, wfd).serve()
+        _Server(rfd, wfd, search).serve()
     except BrokenPipeError:  # the worker is gone
         pass
     sys.stdout.flush()

@@ -1,0 +1,111 @@
+"""Definitions read back from the store: checked against their digest, compiled off the event loop, once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+
+from dsm import compile_text, compiler
+from dsm.client import Client
+from dsm.definitions import Registry, decode, encode, register
+from dsm.errors import NotFound
+from dsm.keys import Keys
+from dsm.store.memory import MemoryStore
+from dsm.worker import Worker
+
+GOOD = "machine: order\nstart: a\nstates:\n  a: {next: done}\n  done: {terminal: true}\n"
+PLANTED = GOOD.replace("a: {next: done}", "a: {next: evil}\n  evil: {next: done}")
+
+
+def test_a_definition_from_the_store_compiles_off_the_event_loop_and_once(monkeypatch):
+    graph = compile_text(GOOD, "order.yaml", import_handlers=False)
+    threads: list[threading.Thread] = []
+    real = compiler.compile_text
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compiler, "compile_text", spy)
+
+    async def main():
+        store = MemoryStore()
+        await register(store, Keys(), graph)
+        registry = Registry(store, Keys(), import_handlers=False)
+        return await asyncio.gather(*(registry.get(graph.digest) for _ in range(3)))
+
+    first, *others = asyncio.run(main())
+    assert first.digest == graph.digest and all(o is first for o in others)
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+
+
+def test_a_definition_whose_content_does_not_match_its_digest_is_refused(store_factory, namespace, caplog):
+    graph = compile_text(GOOD, "order.yaml", import_handlers=False)
+    forged = compile_text(PLANTED, "order.yaml", import_handlers=False)
+    keys = Keys(namespace)
+
+    async def main():
+        store = await store_factory()
+        try:
+            # someone with write access to the namespace plants other content under the real digest
+            await store.put(keys.definition(graph.digest), encode(forged))
+            registry = Registry(store, keys, import_handlers=False)
+            with pytest.raises(NotFound) as refused:
+                await registry.get(graph.digest)
+            with pytest.raises(NotFound):
+                await registry.get(graph.digest)  # refused again without asking the store
+            await store.put(keys.definition("sha256:" + "0" * 64), b"not json")
+            with pytest.raises(NotFound) as garbage:
+                await registry.get("sha256:" + "0" * 64)
+            # registering the real definition replaces the forgery; a fresh reader accepts it
+            await register(store, keys, graph)
+            repaired = await Registry(store, keys, import_handlers=False).get(graph.digest)
+            # and registering again leaves a matching definition alone
+            await register(store, keys, graph)
+            kv = await store.get(keys.definition(graph.digest))
+            return str(refused.value), str(garbage.value), repaired, decode(graph.digest, kv.value)
+        finally:
+            await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="dsm.definitions"):
+        refused, garbage, repaired, stored = asyncio.run(main())
+    assert graph.digest in refused and repr(namespace) in refused and forged.digest in refused
+    assert "refusing to run it" in refused and "is not a stored definition" in garbage
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and graph.digest in errors[0] and namespace in errors[0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "replacing it" in warnings[0] and graph.digest in warnings[0]
+    assert repaired.digest == graph.digest and "evil" not in repaired.states
+    assert stored[0] is not None and stored[0]["source"] == GOOD
+
+
+def test_an_instance_pinned_to_a_forged_definition_does_not_run_it(namespace, caplog):
+    """End to end on the memory store: a worker that must fetch the definition refuses it, and the
+    instance stays where it is instead of running the planted machine."""
+    graph = compile_text(GOOD, "order.yaml", import_handlers=False)
+    forged = compile_text(PLANTED, "order.yaml", import_handlers=False)
+    keys = Keys(namespace)
+
+    async def main():
+        store = MemoryStore()
+        client = Client(store, keys)
+        iid = await client.submit(graph, {})
+        await store.put(keys.definition(graph.digest), encode(forged))  # planted after the submit
+        worker = Worker(store, Registry(store, keys, import_handlers=False), keys=keys, concurrency=1)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(worker.run(stop))
+        # until the worker refuses the definition, or (as it did before digests were checked) runs it
+        while not any("refusing to run it" in r.getMessage() for r in caplog.records):
+            if (await client.instance(iid)).finished:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        return await client.record(iid)
+
+    with caplog.at_level(logging.ERROR):
+        record = asyncio.run(main())
+    assert record["status"] == "running" and record["transitions"] == 0
