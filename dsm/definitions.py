@@ -62,7 +62,7 @@ async def register(store: Store, keys: Keys, graph: Graph) -> None:
         result = await store.txn([Compare.version(key, "==", 0)], [Put(key, value)], [Get(key)])
         if result.succeeded:
             return
-        (found,) = result.responses[0] or (None,)
+        found = result.get(0).first
         if found is None:
             continue  # deleted in between: try to create it again
         stored, problem = decode(graph.digest, found.value)
