@@ -64,7 +64,7 @@ class _Command(typer.core.TyperCommand):
         super().__init__(*args, **kwargs)
         for param in self.params:
             if param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
-                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+                param.display_type_rich = lambda ctx: None
 
     def get_help_option(self, ctx: Any) -> Any:
         return _plain_help(super().get_help_option(ctx))

@@ -25,8 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -41,7 +42,7 @@ from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.store.memory import MemoryStore  # noqa: E402
 from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
-from dsm.worker import Worker, running  # noqa: E402
+from dsm.worker import running  # noqa: E402
 
 LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
 FORKJOIN = BENCH / "forkjoin.yaml"  # 6 transitions per instance
@@ -347,9 +348,8 @@ async def embedded_dsm(instances: int) -> dict[str, Any]:
 
 
 def transitions_library(instances: int) -> dict[str, Any]:
-    from transitions import Machine
-
     from bench_handlers import noop
+    from transitions import Machine
 
     class Order:
         def __init__(self) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter, deque
+from collections.abc import Iterable
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable
+from typing import Any
 
 from . import handlers, loader, schema
 from .durations import parse_duration
@@ -247,7 +248,7 @@ class _Compiler:
             description=body.get("description", "") if isinstance(body.get("description"), str) else "",
             tick=tick,
             next=body.get("next") if kind is Kind.NEXT else None,
-            on=MappingProxyType(dict(on)),
+            on=MappingProxyType(dict(on or {})),
             choose=tuple(choices),
             fork=tuple(body.get("fork", ())) if kind is Kind.FORK else (),
             join=body.get("join") if kind is Kind.FORK else None,

@@ -7,9 +7,10 @@ its own thread (async handlers share one event-loop thread), so fork branches re
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import compiler, handlers
 from .client import Client

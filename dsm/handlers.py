@@ -209,7 +209,7 @@ def resolve(ref: str, *, allow: Allowlist = ANY, search_path: Iterable[str | Pat
         raise HandlerImportError(f"{module_name}:{function} is {where} and only imported into {module_name!r}; "
                                  f"a handler must be defined in the module it is named by (name it where it is "
                                  f"defined, or allow this one reference with --allow {module_name}:{function})")
-    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
     return Handler(ref=ref, module=module_name, function=function, func=func, is_async=is_async)
 
 

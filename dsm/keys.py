@@ -128,7 +128,7 @@ class WorkInfo:
                             "not_before": self.not_before, "owner": self.owner, "wait": self.wait})
 
     @staticmethod
-    def load(raw: bytes) -> "WorkInfo":
+    def load(raw: bytes) -> WorkInfo:
         d: dict[str, Any] = codec.loads(raw)
         # interned: a worker may hold thousands of these, all naming a few machines and states
         owner = d.get("owner")

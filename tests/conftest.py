@@ -8,17 +8,17 @@ import os
 import sys
 import textwrap
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dsm.testing import EtcdCluster, etcd_binary, make_cluster  # noqa: E402
-
 from dsm.store.memory import ManualClock, MemoryStore  # noqa: E402
+from dsm.testing import EtcdCluster, etcd_binary, make_cluster  # noqa: E402
 
 DEFINITIONS = ROOT / "definitions"
 

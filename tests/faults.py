@@ -9,8 +9,9 @@ writes one of its keys (the caller's retry loses to it).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from dsm.errors import LeaseLost, StoreUnavailable
 from dsm.store import Delete, Get, Put, Txn

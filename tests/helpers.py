@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ONE_TICK = """
 machine: slow
@@ -20,7 +21,8 @@ states:
 
 def one_tick_machine(write: Callable[..., Path], module: str, body: str) -> Path:
     """A machine with one tick, `{module}:nap`, whose body is `body` (Python, indented 4)."""
-    return write("slow.yaml", ONE_TICK.format(module=module), **{module: f"import time\n\ndef nap(payload, ctx):\n    {body}\n"})
+    source = f"import time\n\ndef nap(payload, ctx):\n    {body}\n"
+    return write("slow.yaml", ONE_TICK.format(module=module), **{module: source})
 
 
 async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurrency: int = 8,

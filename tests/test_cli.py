@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-
 from clitools import ROOT, dsm, spawn
 from helpers import one_tick_machine
 

@@ -9,7 +9,6 @@ import re
 import subprocess
 
 import pytest
-
 from clitools import ROOT, dsm, dsm_command, dsm_env
 
 pytestmark = pytest.mark.etcd

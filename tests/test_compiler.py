@@ -40,9 +40,9 @@ def test_good_machine_compiles_to_a_frozen_graph():
     assert graph.machine == "order" and graph.start == "a"
     assert graph.states["a"].kind is Kind.NEXT and graph.states["done"].terminal
     assert graph.digest.startswith("sha256:") and len(graph.digest) == 7 + 64
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         graph.states["x"] = None  # type: ignore[index]
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # a frozen dataclass: FrozenInstanceError
         graph.start = "b"  # type: ignore[misc]
 
 

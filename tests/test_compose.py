@@ -8,7 +8,6 @@ import signal
 
 import pytest
 import yaml
-
 from clitools import ROOT, dsm, spawn
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

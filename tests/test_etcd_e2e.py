@@ -10,10 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from clitools import dsm
-from helpers import one_tick_machine
 from cluster import MACHINES, Workers, audit_all, invocations, load_graph, wait_all_finished
+from helpers import one_tick_machine
+
 from dsm.testing import make_cluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from clitools import dsm, spawn
+
 from dsm.testing import etcd_binary, etcdctl_binary, make_cluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]

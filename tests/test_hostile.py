@@ -7,10 +7,10 @@ import re
 import string
 
 import pytest
+from clitools import dsm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clitools import dsm
 from dsm import compile_text
 from dsm.errors import DefinitionError
 from dsm.graph import Graph

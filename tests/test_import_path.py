@@ -31,8 +31,8 @@ states:
 """
 
 # modules dsm imports late (when it starts a worker, connects, makes ids...), and some it has already
-LATE = ("calendar", "pkgutil", "socket", "uuid", "heapq", "queue", "platform", "getpass", "selectors", "concurrent", "json", "random",
-        "hashlib", "signal", "threading", "logging")
+LATE = ("calendar", "pkgutil", "socket", "uuid", "heapq", "queue", "platform", "getpass", "selectors", "concurrent",
+        "json", "random", "hashlib", "signal", "threading", "logging")
 
 
 def folder(tmp_path: Path, name: str, *, ref: str, **modules: str) -> Path:

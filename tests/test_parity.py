@@ -6,7 +6,6 @@ import json
 from collections import Counter
 
 import pytest
-
 from clitools import ROOT, dsm
 
 pytestmark = [pytest.mark.etcd]

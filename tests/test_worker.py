@@ -12,7 +12,7 @@ from dsm import compiler, handlers
 from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.embedded import run_graph
-from dsm.keys import Keys, WorkInfo
+from dsm.keys import Keys
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
 from dsm.store.memory import ManualClock, MemoryStore
 from dsm.worker import Worker
@@ -362,7 +362,8 @@ def test_context_fields(write):
     assert {v["instance"] for v in ctxmod.seen.values()} == {iid}
     assert {v["machine"] for v in ctxmod.seen.values()} == {"ctxm"}
     assert len({v["key"] for v in ctxmod.seen.values()}) == 3
-    assert ctxmod.seen["a"]["deadline"] is None and 0 < ctxmod.seen["j"]["deadline"] <= 5  # the 5s timeout, counted from the claim
+    # the 5s timeout, counted from the claim
+    assert ctxmod.seen["a"]["deadline"] is None and 0 < ctxmod.seen["j"]["deadline"] <= 5
 
 
 def test_many_instances_in_one_store(write):

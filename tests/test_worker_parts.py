@@ -7,11 +7,11 @@ import pytest
 
 from dsm import compiler
 from dsm.keys import Keys, WorkInfo
+from dsm.markers import MAX_TXN_OPS, SYNC, reconcile_txns
 from dsm.records import Token
 from dsm.store import Delete, Put
 from dsm.store.memory import ManualClock
 from dsm.transition import Failure, Outcome, start
-from dsm.markers import MAX_TXN_OPS, SYNC, reconcile_txns
 from dsm.worker.planner import Arrival, commit_txn, plan_commit
 from dsm.worker.queue import CandidateQueue
 
@@ -139,16 +139,11 @@ def test_a_chain_of_tickless_states_is_folded_in_bounded_steps():
 
 
 def test_failing_a_wide_fork_fits_and_defers_sibling_cleanup():
-    graph = compiler.compile_text("""
-machine: wide
-start: s
-states:
-  s: {fork: [%s], join: j}
-%s
-  j: {next: done}
-  done: {terminal: true}
-""" % (", ".join(f"b{i}" for i in range(70)), "\n".join(f"  b{i}: {{tick: x:y, next: j}}" for i in range(70))),
-        "wide.yaml", import_handlers=False)
+    branches = "\n".join(f"  b{i}: {{tick: x:y, next: j}}" for i in range(70))
+    names = ", ".join(f"b{i}" for i in range(70))
+    text = f"machine: wide\nstart: s\nstates:\n  s: {{fork: [{names}], join: j}}\n{branches}\n"
+    graph = compiler.compile_text(text + "  j: {next: done}\n  done: {terminal: true}\n", "wide.yaml",
+                                  import_handlers=False)
     inst = start(graph, "i1", {}, 0.0)
     forked = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=0,
                          max_record_bytes=10**7).after

@@ -8,8 +8,9 @@ their keys when they expire).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Protocol, Sequence, TypeVar, Union
+from typing import Literal, Protocol, TypeVar
 
 from ..errors import StoreError
 
@@ -90,11 +91,11 @@ class Txn:
     """A nested transaction: its own compares and branches, applied within the outer one."""
 
     compare: Sequence[Compare]
-    success: Sequence["Op"] = ()
-    failure: Sequence["Op"] = ()
+    success: Sequence[Op] = ()
+    failure: Sequence[Op] = ()
 
 
-Op = Union[Put, Delete, Get, Txn]
+Op = Put | Delete | Get | Txn
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +143,7 @@ class TxnResult:
         return [_expect(r, GetResult) for r in self.responses]
 
 
-Response = Union[PutResult, DeleteResult, GetResult, TxnResult]
+Response = PutResult | DeleteResult | GetResult | TxnResult
 _R = TypeVar("_R")
 
 

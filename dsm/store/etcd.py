@@ -21,9 +21,10 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -34,21 +35,21 @@ from ..keys import Keys
 from . import (
     DELETE,
     PUT,
+    PUT_RESULT,
     Compare,
     Delete,
+    DeleteResult,
     Event,
     Get,
+    GetResult,
     KeyValue,
     Op,
     Put,
     RangeResult,
+    Response,
     Txn,
     TxnRejected,
     TxnResult,
-    DeleteResult,
-    GetResult,
-    PUT_RESULT,
-    Response,
     WatchBatch,
     prefix_end,
 )
@@ -120,7 +121,7 @@ class EtcdOptions:
     @classmethod
     def build(cls, urls: str, *, namespace: str = "dsm", cacert: Path | None = None, cert: Path | None = None,
               key: Path | None = None, user: str | None = None, password: str | None = None,
-              timeout: float = 2.0) -> "EtcdOptions":
+              timeout: float = 2.0) -> EtcdOptions:
         endpoints = []
         for raw in (u.strip() for u in urls.split(",")):
             if not raw:
@@ -329,7 +330,7 @@ def _translate(exc: grpc.aio.AioRpcError, what: str) -> Exception:
 
 
 class _EtcdWatch:
-    def __init__(self, store: "EtcdStore", call: Any, requests: asyncio.Queue):
+    def __init__(self, store: EtcdStore, call: Any, requests: asyncio.Queue):
         self._store = store
         self._call = call
         self._requests = requests
@@ -388,7 +389,7 @@ class EtcdStore:
         self._auth_lock = asyncio.Lock()
 
     @classmethod
-    async def connect(cls, options: EtcdOptions) -> "EtcdStore":
+    async def connect(cls, options: EtcdOptions) -> EtcdStore:
         """Open a channel and prove it works; StoreUnavailable with a reason when it does not."""
         target, override = _target(options.endpoints)
         channel_options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)

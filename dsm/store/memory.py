@@ -15,28 +15,28 @@ import itertools
 import random
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Callable, Sequence
 
 from ..errors import Compacted, LeaseLost, StoreUnavailable
 from . import (
     DELETE,
     PUT,
+    PUT_RESULT,
     Compare,
     Delete,
+    DeleteResult,
     Event,
     Get,
+    GetResult,
     KeyValue,
     Op,
     Put,
     RangeResult,
+    Response,
     Txn,
     TxnRejected,
     TxnResult,
-    DeleteResult,
-    GetResult,
-    PUT_RESULT,
-    Response,
     WatchBatch,
 )
 
@@ -70,7 +70,7 @@ class _Lease:
 
 
 class _MemoryWatch:
-    def __init__(self, store: "MemoryStore", start: str, end: str | None, loop: asyncio.AbstractEventLoop):
+    def __init__(self, store: MemoryStore, start: str, end: str | None, loop: asyncio.AbstractEventLoop):
         self.store = store
         self.start = start
         self.end = end

@@ -7,8 +7,9 @@ the one way to run a worker in-process: the CLI, embedded runs, benchmarks and t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..definitions import Registry
 from ..store import Store

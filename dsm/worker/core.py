@@ -20,8 +20,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .. import payloads
 from ..batching import Batcher
@@ -29,6 +29,7 @@ from ..definitions import Registry
 from ..errors import LeaseLost, NotFound, StoreError, StoreUnavailable
 from ..graph import Graph
 from ..keys import Keys, WorkInfo
+from ..markers import MAX_TXN_OPS, SYNC, reconcile
 from ..records import Instance, Token
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import Failure, Outcome, Step
@@ -36,7 +37,6 @@ from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper
-from ..markers import MAX_TXN_OPS, SYNC, reconcile
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
 from .queue import CandidateQueue
 from .slots import Slots

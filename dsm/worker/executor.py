@@ -131,7 +131,7 @@ _STOP = object()
 class _ThreadAttempt:
     __slots__ = ("call", "ctx", "future", "taken", "retire", "_executor", "_coro_task", "_thread_loop")
 
-    def __init__(self, executor: "ThreadExecutor", call: TickCall, future: asyncio.Future):
+    def __init__(self, executor: ThreadExecutor, call: TickCall, future: asyncio.Future):
         self._executor = executor
         self.call = call
         self.ctx = context_of(call)

@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import Compacted, StoreUnavailable
 from ..keys import Keys, WorkInfo

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import LeaseLost, StoreError, StoreUnavailable
 from ..store import Store

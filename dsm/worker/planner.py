@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .. import transition
 from ..graph import Graph
-from ..keys import Keys, WorkInfo
+from ..keys import Keys
 from ..markers import MAX_TXN_OPS, sync_marker, work_info
 from ..records import ErrorInfo, HistoryEntry, Instance, Token, dump_history, dump_instance
 from ..store import Compare, Delete, Op, Put, Txn

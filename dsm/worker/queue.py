@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import collections
 import heapq
-from typing import Callable, Container, Generic, Hashable, TypeVar
+from collections.abc import Callable, Container, Hashable
+from typing import Generic, TypeVar
 
 Ref = TypeVar("Ref", bound=Hashable)
 

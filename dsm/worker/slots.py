@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Generic, Hashable, TypeVar
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 Ref = TypeVar("Ref", bound=Hashable)
 

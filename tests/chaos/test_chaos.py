@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from harness import Config, run
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]

@@ -10,8 +10,9 @@ import time
 def _log(ctx, **extra):
     path = os.environ.get("DSM_TEST_LOG")
     if path:
+        pid = int(os.environ.get("DSM_WORKER_PID", os.getpid()))  # the worker's, in a handler process
         line = json.dumps({"instance": ctx.instance_id, "state": ctx.state, "attempt": ctx.attempt,
-                           "key": ctx.idempotency_key, "pid": int(os.environ.get("DSM_WORKER_PID", os.getpid())), **extra})
+                           "key": ctx.idempotency_key, "pid": pid, **extra})
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 
