@@ -48,7 +48,8 @@ async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, work
     registry.add(graph)
     client = Client(store, keys)
     try:
-        async with running(store, registry, concurrency=max(1, workers), worker_id="embedded", grace=0.5):
+        async with running(store, registry, concurrency=max(1, workers), worker_id="embedded", grace=0.5,
+                           offload_guards=False):
             instance_id = await client.submit(graph, payload or {})
             if on_start is not None:
                 on_start(instance_id)

@@ -16,6 +16,7 @@ found by the claim audit (the keys under our lease) and given back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -90,7 +91,8 @@ class Worker:
                  sweep_interval: float = 30.0, batch_ops: int = 64, wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, on_commit: Callable[[Step], None] | None = None,
                  prefetch: int | None = None, executor: Executor | None = None,
-                 audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS):
+                 audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS,
+                 offload_guards: bool = True):
         self.store = store
         self.registry = registry
         self.keys = keys or registry.keys
@@ -99,6 +101,11 @@ class Worker:
         self.payload_limit = payload_limit if payload_limit is not None else payloads.default_limit()
         self.max_record_bytes = max_record_bytes
         self.max_txn_ops = max_txn_ops
+        # Guards are definition code: each evaluation is budgeted (dsm.guards), but a commit may
+        # evaluate many, so commits of machines with guards are planned on a thread, off the loop
+        # that keeps the lease. Embedded runs, whose definitions are the user's own, skip the hop.
+        self.offload_guards = offload_guards
+        self._guarded: dict[str, bool] = {}
         self.sweep_interval = sweep_interval
         self.audit_interval = audit_interval if audit_interval is not None else lease_ttl
         self.wall = wall
@@ -473,19 +480,24 @@ class Worker:
         finally:
             self._committing.discard(iid)
 
-    def _plan(self, graph: Graph, iid: str, batch: list[_Pending], now: float) -> tuple[CommitPlan, int]:
+    async def _plan(self, graph: Graph, iid: str, batch: list[_Pending], now: float) -> tuple[CommitPlan, int]:
         inst, rev = self.records.get(iid)
         arrivals = [Arrival(p.token, p.job.claim_rev, p.outcome) for p in batch]
-        plan = plan_commit(graph, inst, arrivals, now=now, worker=self.id,
-                           slots=0 if self.stopping else self.slots.spare, max_record_bytes=self.max_record_bytes,
-                           max_ops=self.max_txn_ops)
-        return plan, rev
+        plan = functools.partial(plan_commit, graph, inst, arrivals, now=now, worker=self.id,
+                                 slots=0 if self.stopping else self.slots.spare,
+                                 max_record_bytes=self.max_record_bytes, max_ops=self.max_txn_ops)
+        guarded = self._guarded.get(graph.digest)
+        if guarded is None:
+            guarded = self._guarded[graph.digest] = graph.has_guards()
+        if guarded and self.offload_guards:
+            return await asyncio.to_thread(plan), rev
+        return plan(), rev
 
     async def _commit_batch(self, iid: str, graph: Graph, batch: list[_Pending]) -> None:
         rejected = 0
         while batch:
             now = self.wall()
-            plan, rev = self._plan(graph, iid, batch, now)
+            plan, rev = await self._plan(graph, iid, batch, now)
             claims = {p.job.ref[1]: p.job.claim_rev for p in batch}
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now)
             try:
