@@ -646,7 +646,8 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
         registry = Registry(store, options.keys, allow=handlers.Allowlist(graph_.modules()),
                             search_path=(str(Path(graph_.file).resolve().parent),))
         registry.add(graph_)
-        async with running(store, registry, concurrency=workers, grace=5):
+        # local workers run this instance only, never other work of a shared namespace
+        async with running(store, registry, concurrency=workers, grace=5, serves=instance_id.__eq__):
             return await wait()
 
 

@@ -121,3 +121,13 @@ def test_https_to_a_plaintext_etcd_says_tls_failed(etcd_url):
     assert result.returncode == 3
     assert "TLS" in result.stderr and "connection refused" not in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_with_local_workers_runs_only_its_own_instance(at):
+    """A developer's `dsm run --etcd` against a shared namespace must not run other people's work."""
+    (other,) = submit(at, ORDER, "--payload", '{"total": 5}')
+    result = dsm("run", ORDER, "--payload", '{"total": 7}', "--workers", "2", "--json", *at)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "succeeded"
+    record = json.loads(dsm("status", other, "--json", *at).stdout)
+    assert record["status"] == "running" and record["transitions"] == 0

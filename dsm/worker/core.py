@@ -92,7 +92,7 @@ class Worker:
                  clock: Callable[[], float] = time.monotonic, on_commit: Callable[[Step], None] | None = None,
                  prefetch: int | None = None, executor: Executor | None = None,
                  audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS,
-                 offload_guards: bool = True):
+                 offload_guards: bool = True, serves: Callable[[str], bool] | None = None):
         self.store = store
         self.registry = registry
         self.keys = keys or registry.keys
@@ -105,6 +105,7 @@ class Worker:
         # evaluate many, so commits of machines with guards are planned on a thread, off the loop
         # that keeps the lease. Embedded runs, whose definitions are the user's own, skip the hop.
         self.offload_guards = offload_guards
+        self.serves = serves  # which instances this worker may run (None: every one of the namespace)
         self._guarded: dict[str, bool] = {}
         self.sweep_interval = sweep_interval
         self.audit_interval = audit_interval if audit_interval is not None else lease_ttl
@@ -186,7 +187,9 @@ class Worker:
                 job.attempt.abandon("the worker's lease expired")
 
     # -- what the feed asks ------------------------------------------------------------------
-    def _admits(self, info: WorkInfo | None) -> bool:
+    def _admits(self, ref: TokenRef, info: WorkInfo | None) -> bool:
+        if self.serves is not None and not self.serves(ref[0]):
+            return False
         return info is None or not self.registry.refusal(info.digest)
 
     def _held(self, ref: TokenRef, revision: int, why: str) -> bool:
