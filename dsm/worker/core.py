@@ -35,7 +35,7 @@ from ..records import Instance, Token
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import Failure, Outcome, Step
 from .cache import RecordCache
-from .executor import Attempt, Executor, ThreadExecutor, TickCall
+from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
@@ -431,13 +431,8 @@ class Worker:
         self.stats.ticks += 1
         job.attempt = self.executor.start(call)
         outcome = await job.attempt.outcome()
-        failure = outcome.failure
-        if failure is not None and failure.type != "AttemptAbandoned":
+        if report_failure(log, call, outcome):
             self.stats.failures += 1
-            log.warning("instance %s state %s attempt %d failed: %s: %s", inst.id, state.name, token.attempt,
-                        failure.type, failure.message)
-            if failure.traceback and log.isEnabledFor(logging.DEBUG):
-                log.debug("%s", failure.traceback)
         return outcome
 
     async def _reconcile(self, iid: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import queue
 import threading
 import traceback
@@ -111,6 +112,18 @@ def format_traceback(exc: BaseException) -> str:
     """The traceback of a handler's exception, its last TRACEBACK_LIMIT characters."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return text[-TRACEBACK_LIMIT:]
+
+
+def report_failure(logger: logging.Logger, call: TickCall, outcome: Outcome) -> bool:
+    """Log a failed attempt (its traceback at debug level); an abandoned one is nobody's news."""
+    failure = outcome.failure
+    if failure is None or failure.type == "AttemptAbandoned":
+        return False
+    logger.warning("instance %s state %s attempt %d failed: %s: %s", call.instance_id, call.state, call.attempt,
+                   failure.type, failure.message)
+    if failure.traceback and logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s", failure.traceback)
+    return True
 
 
 def timed_out(call: TickCall) -> Outcome:
