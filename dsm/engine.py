@@ -3,9 +3,10 @@
 On etcd, every transition is a transaction, claimed and fenced, because many workers share the
 work and any of them may die. Inside one process none of that can happen: nothing outlives the
 process, nobody else takes a token. So the embedded engine keeps the instance in memory and
-drives it with the same pure parts the workers use: `transition.advance` through `plan_commit`
-(routing, forks and joins, merge, retries, catch, the loop guard, the record size limit, tick-less
-states folded into the step that reaches them) and the executors' `normalize` and `failure_of`.
+drives it with the same pure parts the workers use: `transition.advance` (routing, forks and
+joins, merge, retries, catch, the loop guard) applied by the planner's `apply` and `bounded` (the
+record size limit), and the executors' `normalize` and `failure_of`. A tick-less state moves on
+in the very next step, before any other tick starts, as a worker folds it into its commit.
 What it leaves out is I/O: a transition costs a tick and a pure step, not round trips.
 
 Ticks run as on a worker: up to `workers` at once, on threads (`ThreadExecutor`), with their
@@ -33,7 +34,7 @@ from .graph import Graph, State
 from .records import HistoryEntry, Instance, Token, new_id
 from .transition import Failure, Outcome
 from .worker.executor import Attempt, Executor, ThreadExecutor, TickCall, failure_of, normalize, report_failure
-from .worker.planner import Arrival, plan_commit
+from .worker.planner import Arrival, apply, bounded
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,15 @@ class _Run:
 
     def step(self, arrivals: list[Arrival], now: float) -> None:
         engine = self.engine
-        plan = plan_commit(self.graph, self.inst, arrivals, now=now, worker=engine.worker_id,
-                           slots=engine.workers, max_record_bytes=engine.max_record_bytes, max_ops=1 << 30)
-        self.inst = plan.after
-        self.history.extend(plan.history)
+        after, history = apply(self.graph, self.inst, arrivals, now=now, worker=engine.worker_id)
+        after, _, too_large = bounded(self.inst, after, arrivals, now=now, max_record_bytes=engine.max_record_bytes,
+                                      serialize=False)
+        if too_large:
+            history = []
+        self.inst = after
+        self.history.extend(history)
         if engine.on_history is not None:
-            for entry in plan.history:
+            for entry in history:
                 engine.on_history(entry)
         if engine.on_update is not None:
             engine.on_update(self.inst)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
@@ -118,6 +118,31 @@ class Instance:
 
     def payload_of(self, token: Token) -> dict[str, Any]:
         return self.payload if token.payload is None else token.payload
+
+
+def _evolver(cls: type) -> Callable[..., Any]:
+    """`dataclasses.replace` for one frozen dataclass, about three times faster: it sets the fields
+    of a new object directly instead of calling __init__ through a dict of every field. A step of
+    an instance makes one new record; this is that cost. The class must have no __post_init__ and
+    no init-only fields (these records have neither)."""
+    names = [f.name for f in fields(cls)]
+    body = "".join(f"    _set(new, {n!r}, changes[{n!r}] if {n!r} in changes else self.{n})\n" for n in names)
+    source = f"def evolve(self, **changes):\n    new = _new(_cls)\n{body}    return new\n"
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_set": object.__setattr__}
+    exec(source, namespace)  # the same technique dataclasses uses to write __init__
+    return namespace["evolve"]
+
+
+def evolve(inst: Instance, **changes: Any) -> Instance:
+    """A copy of `inst` with some fields changed (see `_evolver`)."""
+    unknown = changes.keys() - _INSTANCE_FIELDS
+    if unknown:
+        raise TypeError(f"Instance has no field {sorted(unknown)[0]!r}")
+    return _evolve_instance(inst, **changes)
+
+
+_evolve_instance = _evolver(Instance)
+_INSTANCE_FIELDS = frozenset(f.name for f in fields(Instance))
 
 
 def new_id() -> str:

@@ -23,6 +23,7 @@ from .records import (
     HistoryEntry,
     Instance,
     Token,
+    evolve,
 )
 
 _MISSING = object()
@@ -70,14 +71,14 @@ def start(graph: Graph, instance_id: str, payload: dict[str, Any], now: float) -
     token = Token(id="t1", state=graph.start)
     if graph.states[graph.start].terminal:
         return _finish(inst, graph.states[graph.start], now)
-    return replace(inst, tokens=MappingProxyType({token.id: token}))
+    return evolve(inst, tokens=MappingProxyType({token.id: token}))
 
 
 def cancel(inst: Instance, now: float) -> Step:
     """Cancel a running instance: every token goes, nothing else runs."""
     if inst.finished:
         return Step(inst)
-    done = replace(inst, status=CANCELLED, finished_at=now, tokens=MappingProxyType({}),
+    done = evolve(inst, status=CANCELLED, finished_at=now, tokens=MappingProxyType({}),
                    activations=MappingProxyType({}))
     return Step(done, removed=tuple(inst.tokens))
 
@@ -150,7 +151,7 @@ def _failed_attempt(graph: Graph, inst: Instance, token: Token, state: State, fa
         again = replace(token, attempt=token.attempt + 1, not_before=now + wait)
         tokens = dict(inst.tokens)
         tokens[token.id] = again
-        return Step(replace(inst, tokens=MappingProxyType(tokens)), upserted=(again,))
+        return Step(evolve(inst, tokens=MappingProxyType(tokens)), upserted=(again,))
     error = ErrorInfo(type=failure.type, message=failure.message, state=state.name, attempts=token.attempt)
     if state.catch:
         payload = dict(inst.payload_of(token))
@@ -161,13 +162,13 @@ def _failed_attempt(graph: Graph, inst: Instance, token: Token, state: State, fa
 
 def fail(inst: Instance, error: ErrorInfo, now: float) -> Step:
     """Fail the whole instance: a branch failing stops its siblings too."""
-    done = replace(inst, status=FAILED, error=error, finished_at=now, tokens=MappingProxyType({}),
+    done = evolve(inst, status=FAILED, error=error, finished_at=now, tokens=MappingProxyType({}),
                    activations=MappingProxyType({}))
     return Step(done, removed=tuple(inst.tokens))
 
 
 def _finish(inst: Instance, terminal: State, now: float) -> Instance:
-    return replace(inst, status=terminal.status, state=terminal.name, finished_at=now,
+    return evolve(inst, status=terminal.status, state=terminal.name, finished_at=now,
                    tokens=MappingProxyType({}), activations=MappingProxyType({}))
 
 
@@ -229,7 +230,7 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
         elif target_state.terminal:
             if token.frames:  # the compiler forbids this; keep the record consistent if it ever happens
                 raise AssertionError(f"terminal state {target!r} reached inside a fork branch")
-            done = _finish(replace(inst, payload=payload, transitions=inst.transitions + 1), target_state, now)
+            done = _finish(evolve(inst, payload=payload, transitions=inst.transitions + 1), target_state, now)
             return Step(done, removed=tuple(inst.tokens), history=(entry,))
         else:
             # Along a line the token keeps its id: its work marker and claim stay where they are.
@@ -239,11 +240,11 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
             if not token.frames:
                 main_payload = payload
             tokens[moved.id] = moved
-            new = replace(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
+            new = evolve(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
                           tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))
             return Step(new, upserted=(moved,), history=(entry,))
 
-    new = replace(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
+    new = evolve(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
                   tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))
     return Step(new, removed=(token.id,), upserted=tuple(upserted), history=(entry,))
 
