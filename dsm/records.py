@@ -132,7 +132,8 @@ def new_id() -> str:
 def timestamp(at: float | None) -> str | None:
     if at is None:
         return None
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.fromtimestamp(at, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 # -- serialization at the store boundary ---------------------------------------------------------

@@ -14,7 +14,7 @@ from helpers import one_tick_machine
 RECORD_KEYS = ["id", "machine", "version", "digest", "status", "state", "active", "payload", "error",
                "created_at", "finished_at", "transitions", "history"]
 HISTORY_KEYS = ["seq", "state", "next", "branch", "attempt", "outcome", "worker", "at"]
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 ORDER = "definitions/order.yaml"
 
 
