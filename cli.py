@@ -294,6 +294,9 @@ class _Progress:
         attempt = f" [yellow]attempt {entry.attempt}[/yellow]" if entry.attempt > 1 else ""
         targets = ", ".join(entry.next)
         info.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
+        for failed in entry.failures:  # the attempts of this visit that failed before it
+            info.print(f"[dim]      attempt {failed.attempt} failed:[/dim] "
+                       + escape(f"{failed.type}: {failed.message}"))
 
     def update(self, inst: records.Instance) -> None:
         if self.live is not None:
@@ -782,26 +785,9 @@ def status(instance_id: InstanceId,
     if as_json:
         _print_json(record)
         return
-    lines = [f"id:          {record['id']}",
-             f"machine:     {record['machine']} ("
-             + (f"version {record['version']}, " if record["version"] is not None else "")
-             + f"{record['digest'][:19]})",
-             f"status:      {record['status']}" + (f" at {record['state']}" if record["state"] else "")]
-    if record["active"]:
-        lines.append(f"active:      {', '.join(record['active'])}")
-    lines += [f"transitions: {record['transitions']}", f"created:     {record['created_at']}"]
-    if record["finished_at"]:
-        lines.append(f"finished:    {record['finished_at']}")
-    if record["error"]:
-        e = record["error"]
-        lines.append(f"error:       {e['type']} in {e['state']} after {e['attempts']} attempt(s): {e['message']}")
-    lines.append("payload:     " + json.dumps(record["payload"], ensure_ascii=False))
-    for h in record["history"]:
-        branch = f" [{'/'.join(h['branch'])}]" if h["branch"] else ""
-        outcome = f" ({h['outcome']})" if h["outcome"] else ""
-        lines.append(f"  {h['seq']:>4} {h['at']} {h['state']}{outcome} -> {', '.join(h['next'])}{branch} "
-                     f"attempt {h['attempt']} by {h['worker']}")
-    _emit("".join(line + "\n" for line in lines))
+    from dsm.describe import describe
+
+    _emit("".join(line + "\n" for line in describe(record)))
 
 
 @_command("list", etcd=True)

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import payloads
 from ..batching import Batcher
@@ -419,8 +419,9 @@ class Worker:
                         visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
                         payload_limit=self.payload_limit)
         self.stats.ticks += 1
+        started_at, started = self.wall(), self.clock()
         job.attempt = self.executor.start(call)
-        outcome = await job.attempt.outcome()
+        outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
         failure = outcome.failure
         if failure is not None and failure.type != "AttemptAbandoned":
             self.stats.failures += 1
