@@ -37,7 +37,7 @@ class Result:
 async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, workers: int = 4,
                     timeout: float | None = None, on_history: Callable[[HistoryEntry], None] | None = None,
                     on_update: Callable[[Instance], None] | None = None,
-                    on_start: Callable[[str], None] | None = None) -> Result:
+                    on_start: Callable[[str], None] | None = None, instance_id: str | None = None) -> Result:
     """Run one instance to its end in a fresh in-process store.
 
     Raises asyncio.TimeoutError (with the partial Result as its only argument) when `timeout` passes.
@@ -49,7 +49,7 @@ async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, work
     client = Client(store, keys)
     try:
         async with running(store, registry, concurrency=max(1, workers), worker_id="embedded", grace=0.5):
-            instance_id = await client.submit(graph, payload or {})
+            instance_id = await client.submit(graph, payload or {}, instance_id=instance_id)
             if on_start is not None:
                 on_start(instance_id)
             try:

@@ -123,6 +123,7 @@ class Instance:
     redrives: int = 0
     cancel: CancelInfo | None = None
     stopped: Stopped | None = None  # what was pending when it failed or was cancelled, for redrive
+    input_digest: str | None = None  # set when `input` was too large to keep (dsm.idempotency)
 
     @property
     def finished(self) -> bool:
@@ -170,6 +171,7 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
         "cancel": inst.cancel.as_dict() if inst.cancel else None,
         "stopped": {"tokens": _tokens_to_dict(inst.stopped.tokens),
                     "activations": _activations_to_dict(inst.stopped.activations)} if inst.stopped else None,
+        "input_digest": inst.input_digest,
     }
 
 
@@ -186,6 +188,7 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         cancel=CancelInfo(**raw["cancel"]) if raw.get("cancel") else None,
         stopped=Stopped(_tokens_from_dict(raw["stopped"]["tokens"]),
                         _activations_from_dict(raw["stopped"]["activations"])) if raw.get("stopped") else None,
+        input_digest=raw.get("input_digest"),
     )
 
 

@@ -286,15 +286,15 @@ class MergeConflict(Exception):
     """Two branches changed one key to different values."""
 
 
-def _same_json(a: Any, b: Any) -> bool:
+def same_json(a: Any, b: Any) -> bool:
     """Equal as JSON values: Python's == holds 1 == 1.0 == True and 0 == False, at any depth,
     but in JSON a number and a boolean (and an integer and a float) are different values."""
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+        return a.keys() == b.keys() and all(same_json(v, b[k]) for k, v in a.items())
     if isinstance(a, list):
-        return len(a) == len(b) and all(map(_same_json, a, b))
+        return len(a) == len(b) and all(map(same_json, a, b))
     return bool(a == b)
 
 
@@ -312,10 +312,10 @@ def merge(mode: str, base: dict[str, Any], arrived: dict[str, dict[str, Any]], o
         for key in [*base, *(k for k in payload if k not in base)]:
             before = base.get(key, _MISSING)
             after = payload.get(key, _MISSING)
-            if _same_json(before, after):
+            if same_json(before, after):
                 continue
             if key in changed_by:
-                if not _same_json(out.get(key, _MISSING), after):
+                if not same_json(out.get(key, _MISSING), after):
                     raise MergeConflict(f"fork {fork!r}: branches {changed_by[key]!r} and {branch!r} both "
                                         f"changed key {key!r} to different values")
                 continue
@@ -350,5 +350,5 @@ def redrive(inst: Instance) -> Step:
     return Step(again, upserted=tuple(tokens.values()))
 
 
-__all__ = ["Failure", "Outcome", "Step", "advance", "cancel", "changes", "fail", "merge", "redrive", "start",
-           "MergeConflict"]
+__all__ = ["Failure", "Outcome", "Step", "advance", "cancel", "changes", "fail", "merge", "redrive", "same_json",
+           "start", "MergeConflict"]
