@@ -816,8 +816,9 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                                            preload=[m for g in graphs for m in g.modules()])
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
                                stop=stop, executor=executor) as w:
+                where = "processes" if isolation == "process" else "threads"
                 info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
-                          f"(concurrency {concurrency}, handlers in {isolation}s, modules: {allowlist.describe()})",
+                           f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
                            markup=False)
                 await stop.wait()
             info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
@@ -837,13 +838,45 @@ def status(instance_id: InstanceId,
     """Show one instance (the whole record with --json), or follow it (--follow)."""
     if follow:
         _follow(instance_id, as_json, etcd)
-    record = etcd.call(lambda client: client.record(instance_id))
+
+    async def look(client: Client) -> tuple[dict, list, list]:
+        record = await client.record(instance_id)
+        if record["status"] != records.RUNNING:
+            return record, [], []
+        return (record, *await client.serving(record["digest"]))
+
+    from dsm.describe import describe, serving_line
+
+    record, workers, serving = etcd.call(look)
+    line, alone = serving_line(record, workers, serving, etcd.namespace) if record["status"] == records.RUNNING \
+        else (None, False)
     if as_json:
         _print_json(record)
+        if alone:
+            info.print(f"dsm: note: workers: {line}", markup=False)
         return
-    from dsm.describe import describe
+    _emit("".join(text + "\n" for text in describe(record, workers=line)))
 
-    _emit("".join(line + "\n" for line in describe(record)))
+
+@_command("workers", etcd=True)
+def workers_command(as_json: Annotated[bool, typer.Option("--json", metavar="",
+                                                          help="Print a JSON array of workers.")] = False,
+                    etcd: EtcdArgs = EtcdArgs()) -> None:
+    """List live workers: id, host, pid, definitions served, concurrency, ticks in flight."""
+    found = etcd.call(lambda client: client.workers())
+    if as_json:
+        _print_json([w.as_dict() for w in found])
+        return
+    if not found:
+        info.print(f"no live workers in namespace {etcd.namespace!r}", markup=False)
+        return
+    rows = [["ID", "HOST", "PID", "CONCURRENCY", "IN FLIGHT", "DEFINITIONS"]]
+    for w in found:
+        served = ", ".join(f"{d.machine}" + (f" v{d.version}" if d.version is not None else "") for d in w.definitions)
+        allow = "any module" if w.allow is None else ", ".join(w.allow + w.functions) or "no module"
+        rows.append([w.id, w.host, str(w.pid), str(w.concurrency), str(w.in_flight),
+                     (served or "-") + f" (allow: {allow})"])
+    _emit(_table(rows, right=frozenset({2, 3, 4})))
 
 
 def _follow(instance_id: str, as_json: bool, etcd: EtcdArgs) -> None:

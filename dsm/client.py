@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import getpass
 import logging
 import os
@@ -29,6 +30,8 @@ from .records import (
     public_record,
 )
 from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
+from .workers import WorkerInfo, serving
+from .workers import live as live_workers
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +275,15 @@ class Client:
 
         check_instance_id(instance_id)
         return await redrive(self.store, self.keys, instance_id, now=self.wall())
+
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        """The live workers of the namespace (`dsm workers`)."""
+        return await live_workers(self.store, self.keys)
+
+    async def serving(self, digest: str) -> tuple[builtins.list[WorkerInfo], builtins.list[WorkerInfo]]:
+        """(the live workers, those of them that serve the definition `digest`)."""
+        return await serving(self.store, self.keys, digest)
 
 
 def caller() -> str:

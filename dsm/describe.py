@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .workers import WorkerInfo
+
 LABEL = 13  # width of the field names
 
 
@@ -22,8 +24,9 @@ def error_line(error: dict[str, Any]) -> str:
     return f"{error['type']}: {error['message']}"
 
 
-def describe(record: dict[str, Any]) -> list[str]:
-    """The lines of `dsm status ID` for a record (history included)."""
+def describe(record: dict[str, Any], *, workers: str | None = None) -> list[str]:
+    """The lines of `dsm status ID` for a record (history included); `workers` says which live
+    workers serve it."""
     version = f"version {record['version']}, " if record["version"] is not None else ""
     lines = [_field("id", record["id"]),
              _field("machine", f"{record['machine']} ({version}{record['digest'][:19]})"),
@@ -34,6 +37,8 @@ def describe(record: dict[str, Any]) -> list[str]:
     if cancel:
         reason = f": {cancel['reason']}" if cancel.get("reason") else ""
         lines.append(_field("cancelled", f"by {cancel['by'] or 'unknown'} at {cancel['at']}{reason}"))
+    if workers:
+        lines.append(_field("workers", workers))
     if record["active"]:
         lines.append(_field("active", ", ".join(record["active"])))
     for wait in record.get("waiting") or []:
@@ -83,3 +88,18 @@ def history_lines(entry: dict[str, Any]) -> list[str]:
         if failure["error"].get("traceback"):
             lines += _indented(failure["error"]["traceback"], 9)
     return lines
+
+
+def serving_line(record: dict[str, Any], workers: list[WorkerInfo], serving: list[WorkerInfo],
+                 namespace: str) -> tuple[str, bool]:
+    """Which live workers run a running instance: (a line to show, whether none does)."""
+    if not workers:
+        return (f"none live in namespace {namespace!r}: nothing runs this instance until a worker that serves "
+                f"{record['machine']} starts", True)
+    if not serving:
+        served = sorted({d.machine for w in workers for d in w.definitions}) or ["no definitions"]
+        return (f"no live worker serves its definition ({record['machine']} {record['digest'][:19]}): "
+                f"{len(workers)} live worker(s) serve {', '.join(served)}; start a worker with its file, or one "
+                "whose --allow admits its handler modules", True)
+    names = ", ".join(w.id for w in serving[:5]) + (f" and {len(serving) - 5} more" if len(serving) > 5 else "")
+    return f"{len(serving)} live worker(s) serve it: {names}", False

@@ -225,3 +225,43 @@ def test_redrive_continues_a_failed_instance_and_refuses_what_cannot_be_redriven
     assert refused.returncode == 2 and "failure terminal state 'refused'" in refused.stderr
     unknown = dsm("redrive", "nope", *at)
     assert unknown.returncode == 2 and "no instance 'nope'" in unknown.stderr
+
+
+def test_workers_list_themselves_and_skip_quietly_what_they_cannot_run(at, tmp_path):
+    procs = [spawn("worker", "definitions/order.yaml", "--isolation", "thread", *at),
+             spawn("worker", "definitions/poll.yaml", "--isolation", "thread", *at)]
+    try:
+        deadline = time.monotonic() + 60
+        workers: list = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = json.loads(dsm("workers", "--json", *at).stdout)
+        assert sorted(w["pid"] for w in workers) == sorted(p.pid for p in procs)
+        for w in workers:
+            assert {"id", "host", "pid", "definitions", "concurrency", "in_flight"} <= set(w)
+            assert w["host"] == socket.gethostname() and w["concurrency"] == 8 and w["in_flight"] == 0
+        assert sorted(d["machine"] for w in workers for d in w["definitions"]) == ["order", "poll"]
+        table = dsm("workers", *at).stdout.splitlines()
+        assert table[0].split()[:3] == ["ID", "HOST", "PID"] and len(table) == 3
+
+        lines = tmp_path / "docs.jsonl"
+        lines.write_text('{"text": "helo", "images": 1}\n' * 20)
+        docs = dsm("submit", "definitions/document.yaml", "--jsonl", str(lines), *at).stdout.split()
+        shown = dsm("status", docs[0], *at)
+        assert re.search(r"^workers:\s+no live worker serves its definition \(document sha256:", shown.stdout, re.M)
+        as_json = dsm("status", docs[0], "--json", *at)
+        assert json.loads(as_json.stdout)["status"] == "running" and "no live worker serves" in as_json.stderr
+        order = dsm("run", ORDER, "--workers", "0", "--payload", '{"total": 5}', "--timeout", "60s", *at)
+        assert order.returncode == 0, order.stderr  # the worker that can run orders still does
+        time.sleep(2)  # a worker in a busy loop over the documents would log thousands of lines meanwhile
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=60)[1] for p in procs]
+    for errors in outputs:
+        warned = [line for line in errors.splitlines() if "cannot run definition" in line]
+        assert len(warned) <= 1 and len(errors.splitlines()) < 10, errors[-2000:]
+    assert sum("cannot run definition" in e for e in outputs) == 2
+    gone = dsm("workers", "--json", *at)
+    assert json.loads(gone.stdout) == []
+    none = dsm("status", docs[0], *at)
+    assert re.search(r"^workers:\s+none live in namespace", none.stdout, re.M)
