@@ -246,8 +246,11 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
                                       attempts=token.attempt)
                     failed = fail(inst, error, now)
                     return failed
-                seq += 1
                 outer = act.frames
+                if target_state.terminal and not outer:  # the join is where the instance ends
+                    done = _finish(replace(inst, payload=merged, transitions=inst.transitions + 1), target_state, now)
+                    return Step(done, removed=tuple(inst.tokens), history=(entry,))
+                seq += 1
                 child = Token(id=f"t{seq}", state=target, frames=outer, payload=merged if outer else None, visit=seq)
                 if not outer:
                     main_payload = merged

@@ -583,3 +583,21 @@ def test_records_round_trip_the_later_fields():
     assert public_record(inst)["input"] == {"n": 1}
     entry = step(RETRY, inst, "s", ok()).history[0]
     assert load_history(dump_history(entry)) == entry
+
+
+def test_a_join_at_a_terminal_state_ends_the_instance():
+    graph = machine("""
+        machine: m
+        start: split
+        states:
+          split: {fork: [a, b], join: end}
+          a: {tick: m:f, next: end}
+          b: {tick: m:f, next: end}
+          end: {terminal: true}
+    """)
+    inst = step(graph, start(graph, "i", {}, NOW), "split").instance
+    inst = step(graph, inst, "a", ok({"a": 1})).instance
+    s = step(graph, inst, "b", ok({"b": 2}))
+    end = s.instance
+    assert (end.status, end.state, end.transitions, end.payload) == (SUCCEEDED, "end", 3, {"a": 1, "b": 2})
+    assert not end.tokens and not end.activations and s.history[0].next == ("end",)
