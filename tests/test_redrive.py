@@ -269,3 +269,53 @@ async def until(client, iid, predicate):
 
 async def until_retry_waits(client, iid):
     await until(client, iid, lambda inst: any(t.attempt > 1 for t in inst.tokens.values()))
+
+
+WIDE = """
+machine: wide
+start: split
+states:
+  split:
+    fork: [b1, b2, b3, b4]
+    join: end
+  b1: {tick: widemod:tick, next: end}
+  b2: {tick: widemod:tick, next: end}
+  b3: {tick: widemod:tick, next: end}
+  b4: {tick: widemod:tick, next: end}
+  end:
+    terminal: true
+"""
+
+
+WIDE_PY = """
+import threading
+release = threading.Event()
+
+def tick(payload, ctx):
+    release.wait(10)
+"""
+
+
+def test_a_redrive_wider_than_one_transaction_writes_every_marker(store_factory, write, namespace):
+    from dsm.markers import SYNC
+    from dsm.redrive import redrive
+
+    graph = compiler.load(write("wide.yaml", WIDE, widemod=WIDE_PY))
+    import widemod
+
+    async def body(env):
+        iid = await env.client.submit(graph, {})
+        async with env.worker():  # split runs; every branch is pending when the instance is cancelled
+            await until(env.client, iid, lambda inst: len(inst.tokens) == 4)
+            await env.client.cancel(iid)
+            widemod.release.set()
+        again = await redrive(env.store, env.keys, iid, now=0.0, max_ops=3)  # room for one marker at a time
+        markers = await env.markers(iid)
+        async with env.worker():
+            done = await env.client.wait(iid, timeout=30)
+        return again, markers, done
+
+    again, markers, done = on_both(store_factory, graph, namespace, body)
+    assert len(again.tokens) == 4
+    assert sorted(m.rsplit("/", 1)[1] for m in markers) == sorted(again.tokens) and SYNC not in markers
+    assert done.status == SUCCEEDED
