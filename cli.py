@@ -839,15 +839,16 @@ def status(instance_id: InstanceId,
     if follow:
         _follow(instance_id, as_json, etcd)
 
-    async def look(client: Client) -> tuple[dict, list, list]:
-        record = await client.record(instance_id)
+    async def look(client: Client) -> tuple[dict, list, list, list]:
+        inst = await client.instance(instance_id)
+        record = records.public_record(inst, await client.history(instance_id))
         if record["status"] != records.RUNNING:
-            return record, [], []
-        return (record, *await client.serving(record["digest"]))
+            return record, [], [], earlier_failures(inst)
+        return (record, *await client.serving(record["digest"]), [])
 
-    from dsm.describe import describe, serving_line
+    from dsm.describe import describe, earlier_failures, serving_line
 
-    record, workers, serving = etcd.call(look)
+    record, workers, serving, earlier = etcd.call(look)
     line, alone = serving_line(record, workers, serving, etcd.namespace) if record["status"] == records.RUNNING \
         else (None, False)
     if as_json:
@@ -855,7 +856,7 @@ def status(instance_id: InstanceId,
         if alone:
             info.print(f"dsm: note: workers: {line}", markup=False)
         return
-    _emit("".join(text + "\n" for text in describe(record, workers=line)))
+    _emit("".join(text + "\n" for text in describe(record, workers=line, earlier=earlier)))
 
 
 @_command("workers", etcd=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .records import Instance
 from .workers import WorkerInfo
 
 LABEL = 13  # width of the field names
@@ -24,9 +25,10 @@ def error_line(error: dict[str, Any]) -> str:
     return f"{error['type']}: {error['message']}"
 
 
-def describe(record: dict[str, Any], *, workers: str | None = None) -> list[str]:
+def describe(record: dict[str, Any], *, workers: str | None = None,
+             earlier: list[dict[str, Any]] | None = None) -> list[str]:
     """The lines of `dsm status ID` for a record (history included); `workers` says which live
-    workers serve it."""
+    workers serve it, `earlier` lists the failed attempts before the one in `error` (`stopped`)."""
     version = f"version {record['version']}, " if record["version"] is not None else ""
     lines = [_field("id", record["id"]),
              _field("machine", f"{record['machine']} ({version}{record['digest'][:19]})"),
@@ -54,6 +56,8 @@ def describe(record: dict[str, Any], *, workers: str | None = None) -> list[str]
                                      f"{error['message']}"))
         if error.get("traceback"):
             lines += _indented(error["traceback"], LABEL + 2)
+        for failure in earlier or []:
+            lines += _failure_lines(failure, LABEL)
     if "input" in record:
         lines.append(_field("input", json.dumps(record["input"], ensure_ascii=False)))
     lines.append(_field("payload", json.dumps(record["payload"], ensure_ascii=False)))
@@ -83,11 +87,31 @@ def history_lines(entry: dict[str, Any]) -> list[str]:
     lines = [f"  {entry['seq']:>4} {entry['at']} {entry['state']}{outcome} -> {', '.join(entry['next'])}{branch} "
              f"attempt {entry['attempt']} by {entry['worker']}{took}"]
     for failure in entry.get("failures") or []:
-        lines.append(f"       attempt {failure['attempt']} failed at {failure['started_at']} on {failure['worker']} "
-                     f"after {failure['duration_ms']} ms: {error_line(failure['error'])}")
-        if failure["error"].get("traceback"):
-            lines += _indented(failure["error"]["traceback"], 9)
+        lines += _failure_lines(failure, 7)
     return lines
+
+
+def _failure_lines(failure: dict[str, Any], indent: int) -> list[str]:
+    where = f"{failure['state']}: " if failure.get("state") else ""
+    lines = [" " * indent + f"{where}attempt {failure['attempt']} failed at {failure['started_at']} on "
+             f"{failure['worker']} after {failure['duration_ms']} ms: {error_line(failure['error'])}"]
+    if failure["error"].get("traceback"):
+        lines += _indented(failure["error"]["traceback"], indent + 2)
+    return lines
+
+
+def earlier_failures(inst: Instance) -> list[dict[str, Any]]:
+    """The failed attempts of a stopped instance's pending states other than the last one of the
+    state that failed it (that one is its `error`), oldest first."""
+    if inst.stopped is None:
+        return []
+    out = []
+    for token in inst.stopped.tokens.values():
+        failures = list(token.failures)
+        if inst.error is not None and token.state == inst.error.state and failures:
+            failures = failures[:-1]
+        out += [{"state": token.state, **f.as_dict()} for f in failures]
+    return sorted(out, key=lambda f: f["started_at"])
 
 
 def serving_line(record: dict[str, Any], workers: list[WorkerInfo], serving: list[WorkerInfo],

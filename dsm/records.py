@@ -312,11 +312,11 @@ def waiting(inst: Instance) -> list[dict[str, Any]]:
     the time it may run (`until`; in the past when it is due or running)."""
     out: list[dict[str, Any]] = []
     for token in sorted(inst.tokens.values(), key=lambda t: (t.branch, t.state, t.id)):
-        if token.attempt > 1 and token.failures:
-            last = token.failures[-1]
+        if token.attempt > 1:
+            last = token.failures[-1].error() if token.failures else None
             out.append({"state": token.state, "branch": list(token.branch), "kind": "retry",
                         "until": timestamp(token.not_before), "signal": None, "child": None,
-                        "attempt": token.attempt, "last_error": last.error()})
+                        "attempt": token.attempt, "last_error": last})
     return out
 
 

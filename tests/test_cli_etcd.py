@@ -169,3 +169,12 @@ def test_status_shows_a_retry_waiting(at, write):
     assert re.search(r"^waiting:\s+s: retry, attempt 2 at \S+, after ConnectionError: refused on attempt 1$",
                      shown.stdout, re.M), shown.stdout
     assert "status:      running" in shown.stdout
+
+
+def test_status_of_an_instance_that_failed_shows_its_earlier_attempts_too(at, write):
+    path = str(write("flaky.yaml", FLAKY, clifflaky=FLAKY_PY))
+    bad = run_id(dsm("run", path, *at))
+    shown = dsm("status", bad, *at).stdout
+    assert re.search(r"^\s+s: attempt 1 failed at \S+ on \S+ after \d+ ms: ConnectionError: refused on attempt 1$",
+                     shown, re.M), shown
+    assert "s: attempt 2 failed" in shown and "s: attempt 3 failed" not in shown  # the third is the error
