@@ -265,3 +265,32 @@ def test_workers_list_themselves_and_skip_quietly_what_they_cannot_run(at, tmp_p
     assert json.loads(gone.stdout) == []
     none = dsm("status", docs[0], *at)
     assert re.search(r"^workers:\s+none live in namespace", none.stdout, re.M)
+
+
+def test_status_follow_says_when_a_retry_is_scheduled(at, write):
+    path = str(write("later.yaml", """
+        machine: later
+        start: s
+        states:
+          s:
+            tick: latermod:call
+            retry: {max_attempts: 3, backoff: 1h}
+            next: done
+          done:
+            terminal: true
+        """, latermod="def call(payload, ctx):\n    raise TimeoutError('upstream slow')\n"))
+    assert dsm("submit", path, "--id", "l1", *at).returncode == 0
+    follow = spawn("status", "l1", "--follow", *at)
+    worker = spawn("worker", path, "--isolation", "thread", *at)
+    try:
+        seen = read_line(follow.stdout, "waiting:")
+        assert re.match(r"^\s+waiting: s: retry, attempt 2 at \S+, after TimeoutError: upstream slow$", seen[-1])
+        assert follow.poll() is None  # the instance goes on: so does --follow
+        assert dsm("cancel", "l1", *at).returncode == 0
+        follow.communicate(timeout=60)
+        assert follow.returncode == 1
+    finally:
+        for proc in (worker, follow):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=60)
