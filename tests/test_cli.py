@@ -485,3 +485,11 @@ def test_graph_ids_of_unsafe_names_do_not_collide(write):
     ids = re.findall(r'^\s+state "a-b" as (\S+)$', text, re.M)
     assert len(ids) == 1 and ids[0] != "a_b_"
     assert (ids[0], "a_b_") in edges and ("a_b_", "done") in edges
+
+
+def test_run_embedded_with_an_id():
+    result = dsm("run", ORDER, "--id", "order-7", "--json", "--payload", '{"total": 5}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["id"] == "order-7" and "instance order-7 started" in result.stderr
+    bad = dsm("run", ORDER, "--id", "-leading-dash")
+    assert bad.returncode == 2 and "invalid instance id" in bad.stderr
