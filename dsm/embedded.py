@@ -34,7 +34,7 @@ class Result:
 async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, workers: int = 4,
                     timeout: float | None = None, on_history: Callable[[HistoryEntry], None] | None = None,
                     on_update: Callable[[Instance], None] | None = None,
-                    on_start: Callable[[str], None] | None = None) -> Result:
+                    on_start: Callable[[str], None] | None = None, instance_id: str | None = None) -> Result:
     """Run one instance to its end in this process (`dsm.engine`).
 
     Raises asyncio.TimeoutError (with the partial Result as its only argument) when `timeout` passes.
@@ -42,7 +42,7 @@ async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, work
     engine = Engine(graph, workers=max(1, workers), on_history=on_history, on_update=on_update,
                     inline=timeout is None)
     try:
-        inst, history = await asyncio.wait_for(engine.run(payload or {}, on_start=on_start), timeout)
+        inst, history = await asyncio.wait_for(engine.run(payload or {}, instance_id, on_start=on_start), timeout)
     except asyncio.TimeoutError:
         run = engine.partial
         if run is None:

@@ -171,16 +171,17 @@ class _Run:
             return _unavailable(state)
         ctx = make_context(instance_id=call.instance_id, machine=call.machine, state=call.state,
                            attempt=call.attempt, branch=call.branch, visit=call.visit, deadline=None)
-        started = time.perf_counter()
+        started_at, started = self.engine.wall(), time.perf_counter()
         try:
             result = func(call.payload, ctx)
         except (Exception, SystemExit) as exc:
             outcome = Outcome(failure=failure_of(exc))
         else:
             outcome = normalize(result, call.payload, call.state, call.payload_limit)
-        self.timed(state, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.timed(state, took)
         report_failure(log, call, outcome)
-        return outcome
+        return _timed(outcome, started_at, took)
 
     def timed(self, state: State, seconds: float) -> None:
         """Count how quick a state's attempts are, to decide where its next ones run."""
@@ -201,10 +202,12 @@ class _Run:
         task.add_done_callback(self.tasks.discard)
 
     async def wait_for(self, token: Token, call: TickCall, state: State, attempt: Attempt) -> None:
-        started = time.perf_counter()
+        started_at, started = self.engine.wall(), time.perf_counter()
         outcome = await attempt.outcome()
-        self.timed(state, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.timed(state, took)
         report_failure(log, call, outcome)
+        outcome = _timed(outcome, started_at, took)
         if self.inflight.get(token.id, (None, None))[1] is attempt:
             del self.inflight[token.id]
             self.finished.append((token, outcome))
@@ -219,6 +222,11 @@ class _Run:
             task.cancel()
         if self.own_executor and self.executor is not None:
             self.executor.close()
+
+
+def _timed(outcome: Outcome, started_at: float, duration: float) -> Outcome:
+    """The outcome with when its attempt began and how long it ran (for the history)."""
+    return Outcome(outcome.payload, outcome.label, outcome.failure, started_at, duration)
 
 
 def _inline(state: State) -> bool:

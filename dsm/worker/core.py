@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import payloads
 from ..batching import Batcher
@@ -39,10 +39,13 @@ from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failur
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
+from .presence import Presence
 from .queue import CandidateQueue
 from .slots import Slots
 
 log = logging.getLogger("dsm.worker")
+
+UNSERVABLE_KEPT = 100_000  # instances remembered as unservable here, so their claims given back are not retaken
 
 
 def default_worker_id() -> str:
@@ -92,7 +95,8 @@ class Worker:
                  clock: Callable[[], float] = time.monotonic, on_commit: Callable[[Step], None] | None = None,
                  prefetch: int | None = None, executor: Executor | None = None,
                  audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS,
-                 offload_guards: bool = True, serves: Callable[[str], bool] | None = None):
+                 offload_guards: bool = True, serves: Callable[[str], bool] | None = None,
+                 presence_interval: float = 5.0):
         self.store = store
         self.registry = registry
         self.keys = keys or registry.keys
@@ -129,6 +133,9 @@ class Worker:
         self._claims = Batcher(store, max_ops=batch_ops)
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
+        self._unservable: dict[str, str] = {}  # instance -> digest this worker cannot run (oldest first)
+        self.presence = Presence(store, self.keys, self.lease, registry, worker_id=self.id, concurrency=concurrency,
+                                 in_flight=lambda: len(self._jobs), interval=presence_interval, wall=wall)
 
     @property
     def lease_id(self) -> int | None:
@@ -143,7 +150,8 @@ class Worker:
         self._tasks = [loop.create_task(self.lease.keep(), name="dsm-keepalive"),
                        loop.create_task(self.feed.run(), name="dsm-feed"),
                        loop.create_task(self._dispatch(), name="dsm-dispatch"),
-                       loop.create_task(self._audit(), name="dsm-audit")]
+                       loop.create_task(self._audit(), name="dsm-audit"),
+                       loop.create_task(self.presence.run(), name="dsm-presence")]
         stopper = loop.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -188,9 +196,17 @@ class Worker:
 
     # -- what the feed asks ------------------------------------------------------------------
     def _admits(self, ref: TokenRef, info: WorkInfo | None) -> bool:
+        """Whether to take this work: not an instance this worker does not serve (`serves`), nor one
+        whose definition it cannot run. A claim given back says nothing of the definition, so
+        instances met with one are remembered."""
         if self.serves is not None and not self.serves(ref[0]):
             return False
-        return info is None or not self.registry.refusal(info.digest)
+        digest = info.digest if info is not None else self._unservable.get(ref[0])
+        if digest is None or not self.registry.refusal(digest):
+            if info is None and digest is not None:
+                del self._unservable[ref[0]]  # the definition may run now (its content was repaired)
+            return True
+        return False
 
     def _held(self, ref: TokenRef, revision: int, why: str) -> bool:
         job = self._jobs.get(ref)
@@ -407,7 +423,11 @@ class Worker:
             try:
                 graph = await self.registry.get(inst.digest)
             except NotFound as exc:
-                log.error("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                # Said once per definition, by the registry; here, for each instance, only in debug.
+                log.debug("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                self._unservable[iid] = inst.digest
+                while len(self._unservable) > UNSERVABLE_KEPT:
+                    del self._unservable[next(iter(self._unservable))]
                 await self._release(job.ref, job.claim_rev)
                 return
             outcome = await self._attempt(graph, inst, token, job)
@@ -429,8 +449,9 @@ class Worker:
                         visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
                         payload_limit=self.payload_limit)
         self.stats.ticks += 1
+        started_at, started = self.wall(), self.clock()
         job.attempt = self.executor.start(call)
-        outcome = await job.attempt.outcome()
+        outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
         if report_failure(log, call, outcome):
             self.stats.failures += 1
         return outcome

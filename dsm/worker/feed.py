@@ -34,7 +34,8 @@ class WorkFeed:
     def __init__(self, store: Store, keys: Keys, queue: CandidateQueue[TokenRef], *, name: str,
                  admits: Callable[[TokenRef, WorkInfo | None], bool], held: Callable[[TokenRef, int, str], bool],
                  wall: Callable[[], float] = time.time, page_size: int = 1000):
-        """`admits(ref, info)`: whether this worker may run the marker's work at all. `held(ref, revision,
+        """`admits(ref, info)`: whether this worker may run the work at all (`info`, the marker's value,
+        is None when only the claim changed: a claim given back). `held(ref, revision,
         why)`: whether a job of ours holds the token by a claim older than `revision` (it is told
         why its token changed under it; a replayed event older than its claim is not its business)."""
         self.store = store
