@@ -164,23 +164,25 @@ class _Run:
                         payload_limit=self.engine.payload_limit)
 
     def call(self, token: Token, state: State) -> Outcome:
-        """A sync tick without a timeout, run here and now."""
-        call = self.call_of(token, state)
-        func = call.handler.func
+        """A sync tick without a timeout, run here and now (the hot path of a long machine)."""
+        func = state.tick.func if state.tick is not None else None
         if func is None:
             return _unavailable(state)
-        ctx = make_context(instance_id=call.instance_id, machine=call.machine, state=call.state,
-                           attempt=call.attempt, branch=call.branch, visit=call.visit, deadline=None)
+        inst = self.inst
+        payload = payloads.copy(inst.payload_of(token))
+        ctx = make_context(instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
+                           branch=token.branch, visit=token.visit, deadline=None)
         started_at, started = self.engine.wall(), time.perf_counter()
         try:
-            result = func(call.payload, ctx)
+            result = func(payload, ctx)
         except (Exception, SystemExit) as exc:
             outcome = Outcome(failure=failure_of(exc))
         else:
-            outcome = normalize(result, call.payload, call.state, call.payload_limit)
+            outcome = normalize(result, payload, state.name, self.engine.payload_limit)
         took = time.perf_counter() - started
         self.timed(state, took)
-        report_failure(log, call, outcome)
+        if outcome.failure is not None:
+            report_failure(log, self.call_of(token, state), outcome)
         return _timed(outcome, started_at, took)
 
     def timed(self, state: State, seconds: float) -> None:
