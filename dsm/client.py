@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import payloads, transition
+from . import index, payloads, transition
 from .definitions import register
 from .errors import Compacted, ConflictError, InputError, NotFound, StoreUnavailable
 from .graph import Graph
@@ -23,6 +23,7 @@ from .records import (
     load_instance,
     new_id,
     public_record,
+    replace,
 )
 from .store import Compare, Delete, Put, Store, Txn, prefix_end
 
@@ -54,8 +55,10 @@ class Client:
 
     def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str) -> Txn:
         inst = transition.start(graph, instance_id, payload, self.wall())
+        inst = replace(inst, retention=graph.retention)  # pinned, as the digest is
         key = self.keys.instance(instance_id)
         ops: list = [Put(key, dump_instance(inst))]
+        ops += index.created_ops(self.keys, inst)
         for token in inst.tokens.values():
             info = WorkInfo(graph.machine, graph.digest, token.state, token.not_before)
             ops.append(Put(self.keys.work(instance_id, token.id), info.dump()))
@@ -169,6 +172,7 @@ class Client:
                 return inst
             step = transition.cancel(inst, self.wall())
             ops: list = [Put(key, dump_instance(step.instance))]
+            ops += index.status_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
             while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
                 tok = removed.pop()

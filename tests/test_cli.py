@@ -12,7 +12,7 @@ from clitools import ROOT, dsm, spawn
 from helpers import one_tick_machine
 
 RECORD_KEYS = ["id", "machine", "version", "digest", "status", "state", "active", "payload", "error",
-               "created_at", "finished_at", "transitions", "history"]
+               "created_at", "finished_at", "transitions", "history", "expires_at"]
 HISTORY_KEYS = ["seq", "state", "next", "branch", "attempt", "outcome", "worker", "at"]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 ORDER = "definitions/order.yaml"
