@@ -809,24 +809,64 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
                                                              help="Only instances with this status.")] = None,
                  machine: Annotated[str | None, typer.Option("--machine", metavar="NAME",
                                                              help="Only instances of this machine.")] = None,
+                 since: Annotated[str | None, typer.Option(
+                     "--since", metavar="T", help="Only instances started at or after T: an ISO 8601 time "
+                     "(2026-11-28T13:00:00Z) or a duration back from now (30m, 2h, 7d).")] = None,
+                 limit: Annotated[int | None, typer.Option("--limit", min=1, metavar="N", show_default="all",
+                                                           help="At most N instances; when more follow, "
+                                                                "'next: CURSOR' on stderr.")] = None,
+                 after: Annotated[str | None, typer.Option("--after", metavar="CURSOR",
+                                                           help="Continue after CURSOR (from 'next:').")] = None,
                  as_json: Annotated[bool, typer.Option("--json", metavar="",
-                                                       help="Print a JSON array of records.")] = False,
+                                                       help="Print a JSON array of summaries.")] = False,
                  etcd: EtcdArgs = EtcdArgs()) -> None:
-    """List instances (records without history)."""
+    """List instances, newest first, from the index (summaries: records without history and payload)."""
+    from dsm import index
+
     if status_ is not None and status_ not in records.STATUSES:
         raise Fail(ExitCode.INVALID, f"--status must be one of {', '.join(records.STATUSES)}, got {status_!r}")
-    found = etcd.call(lambda client: client.list(status=status_, machine=machine))
-    if as_json:
-        _print_json([records.public_record(i) for i in found])
-        return
-    if not found:
-        where = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
-        info.print(f"no instances {where}" + (f" of machine {machine!r}" if machine else ""), markup=False)
-        return
+    try:
+        start = index.parse_since(since, time.time()) if since is not None else None
+        if after is not None:
+            index.check_cursor(after)
+    except InputError as exc:
+        raise Fail(ExitCode.INVALID, str(exc)) from None
     rows = [["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]]
-    rows += [[inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-", str(inst.transitions),
-              records.timestamp(inst.created_at) or "-"] for inst in found]
-    _emit(_table(rows, right=frozenset({4})))
+    shown = 0
+
+    def show(inst: records.Instance) -> None:
+        nonlocal shown
+        if as_json:  # streamed: the same text json.dumps(list, indent=2) gives, an item at a time
+            item = json.dumps(index.summary(inst), indent=2, ensure_ascii=False).replace("\n", "\n  ")
+            _emit(("[\n  " if not shown else ",\n  ") + item)
+        else:
+            rows.append([inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-",
+                         str(inst.transitions), records.timestamp(inst.created_at) or "-"])
+        shown += 1
+
+    async def listing(client: Client) -> str | None:
+        cursor = after
+        while True:
+            want = index.PAGE if limit is None else min(index.PAGE, limit - shown)
+            page = await client.page(status=status_, machine=machine, since=start, after=cursor, limit=want)
+            for inst in page.items:
+                show(inst)
+            cursor = page.next
+            if cursor is None or (limit is not None and shown >= limit):
+                return cursor
+
+    following = etcd.call(listing)
+    if as_json:
+        _emit("\n]\n" if shown else "[]\n")
+    elif shown:
+        _emit(_table(rows, right=frozenset({4})))
+    else:
+        where = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
+        info.print(f"no instances {where}" + (f" of machine {machine!r}" if machine else "")
+                   + (f" started since {since}" if since else "") + (" after the cursor" if after else ""),
+                   markup=False)
+    if following is not None:
+        err.print(f"next: {following}", markup=False)  # data for the next call, so -q keeps it
 
 
 def _table(rows: list[list[str]], *, right: frozenset[int] = frozenset()) -> str:

@@ -139,20 +139,17 @@ class Client:
         inst = await self.instance(instance_id)
         return public_record(inst, await self.history(instance_id) if history else None)
 
-    async def list(self, *, status: str | None = None, machine: str | None = None) -> list[Instance]:
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
-        start, end = self.keys.instances, prefix_end(self.keys.instances)
+    async def list(self, *, status: str | None = None, machine: str | None = None,
+                   since: float | None = None) -> list[Instance]:
+        """Every instance that matches, newest first (read from the index, page by page)."""
         out: list[Instance] = []
+        after = None
         while True:
-            page = await self.store.range(start, end, limit=500)
-            for kv in page.kvs:
-                inst = load_instance(kv.value)
-                if (status is None or inst.status == status) and (machine is None or inst.machine == machine):
-                    out.append(inst)
-            if not page.more or not page.kvs:
+            page = await self.page(status=status, machine=machine, since=since, after=after)
+            out.extend(page.items)
+            if page.next is None:
                 return out
-            start = page.kvs[-1].key + "\0"
+            after = page.next
 
     async def cancel(self, instance_id: str) -> Instance:
         """Cancel a running instance (a finished one is returned unchanged).
@@ -238,3 +235,14 @@ class Client:
                 on_history(entry)
                 seen = entry.seq
         return seen
+
+    async def page(self, *, status: str | None = None, machine: str | None = None, since: float | None = None,
+                   after: str | None = None, limit: int = index.PAGE) -> index.Page:
+        """One page of the listing, newest first: `limit` instances created at or after `since`
+        (epoch seconds), after the cursor `after`; its `next` resumes after it."""
+        if status is not None and status not in STATUSES:
+            raise InputError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+        if limit < 1:
+            raise InputError(f"a page holds at least one instance, not {limit}")
+        return await index.page(self.store, self.keys, status=status, machine=machine, since=since, after=after,
+                                limit=limit)
