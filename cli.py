@@ -716,10 +716,19 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                help="Where handlers run: 'process' (one child process per slot, killed at a tick's "
                     "timeout; a handler cannot stall the worker) or 'thread' (in the worker, faster for "
                     "trusted, quick handlers).")] = "process",
+           compaction_retention: Annotated[str, typer.Option(
+               "--compaction-retention", metavar="DURATION",
+               help="etcd revision history kept when this worker does housekeeping (0: dsm does not "
+                    "compact).")] = "5m",
            etcd: EtcdArgs = EtcdArgs()) -> None:
-    """Run ticks for instances stored in etcd until SIGTERM or SIGINT."""
+    """Run ticks for instances stored in etcd until SIGTERM or SIGINT.
+
+    One worker of a namespace at a time (chosen by an etcd election) also keeps house: it deletes
+    instances past their machine's retention and compacts etcd's revision history.
+    """
     if isolation not in ("process", "thread"):
         raise Fail(ExitCode.INVALID, f"--isolation must be 'process' or 'thread', not {isolation!r}")
+    keep_history = _duration(compaction_retention, "--compaction-retention")
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
         signal.signal(signum, lambda number, frame: received.append(number))
@@ -736,7 +745,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
 
     async def go() -> None:
         from dsm.definitions import Registry, register
-        from dsm.worker import running
+        from dsm.worker import HousekeepingOptions, running
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -761,7 +770,8 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                 executor = ProcessExecutor(concurrency, search_path=search + folders,
                                            preload=[m for g in graphs for m in g.modules()])
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
-                               stop=stop, executor=executor) as w:
+                               stop=stop, executor=executor,
+                               housekeeping=HousekeepingOptions(compaction_retention=keep_history or 0.0)) as w:
                 info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                           f"(concurrency {concurrency}, handlers in {isolation}s, modules: {allowlist.describe()})",
                            markup=False)
@@ -885,6 +895,14 @@ def cancel(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
         info.print(f"instance {inst.id} cancelled", markup=False)
     else:
         info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
+
+
+@_command(etcd=True)
+def delete(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
+    """Delete a finished instance now: its record, history and index entries (retention does this
+    by itself once the machine's retention has passed). A running instance is refused."""
+    inst = etcd.call(lambda client: client.delete(instance_id))
+    info.print(f"instance {inst.id} ({inst.status}) deleted", markup=False)
 
 
 def main() -> None:

@@ -246,3 +246,22 @@ class Client:
             raise InputError(f"a page holds at least one instance, not {limit}")
         return await index.page(self.store, self.keys, status=status, machine=machine, since=since, after=after,
                                 limit=limit)
+
+    async def delete(self, instance_id: str) -> Instance:
+        """Delete a finished instance now, as retention would: its record, history and index
+        entries, in one transaction. A running instance is refused (cancel it first)."""
+        from .housekeeping import deletion_txn
+
+        check_instance_id(instance_id)
+        key = self.keys.instance(instance_id)
+        while True:
+            kv = await self.store.get(key)
+            if kv is None:
+                raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
+            inst = load_instance(kv.value)
+            if not inst.finished:
+                raise InputError(f"instance {instance_id} is {inst.status}: only a finished instance can be "
+                                 f"deleted (cancel it first: dsm cancel {instance_id})")
+            txn = deletion_txn(self.keys, inst, kv.mod_revision)
+            if (await self.store.txn(txn.compare, txn.success)).succeeded:
+                return inst

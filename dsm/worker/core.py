@@ -28,6 +28,7 @@ from ..batching import Batcher
 from ..definitions import Registry
 from ..errors import LeaseLost, NotFound, StoreError, StoreUnavailable
 from ..graph import Graph
+from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
 from ..markers import MAX_TXN_OPS, SYNC, reconcile
 from ..records import Instance, Token
@@ -121,6 +122,7 @@ class Worker:
         self._claims = Batcher(store, max_ops=batch_ops)
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
+        self.housekeeper: Housekeeper | None = None  # when it stands in the housekeeping election (`running`)
 
     @property
     def lease_id(self) -> int | None:
