@@ -29,7 +29,7 @@ from rich.markup import escape
 
 from dsm import compiler, handlers, loader, payloads, records, render, schema
 from dsm.durations import parse_duration
-from dsm.errors import DefinitionError, DsmError, InputError, NotFound, StoreUnavailable
+from dsm.errors import DefinitionError, DsmError, InputError, NoSpace, NotFound, StoreUnavailable
 from dsm.graph import Graph
 
 if TYPE_CHECKING:
@@ -788,7 +788,18 @@ def status(instance_id: InstanceId,
            as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the whole record as JSON.")] = False,
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Show one instance (the whole record with --json)."""
-    record = etcd.call(lambda client: client.record(instance_id))
+
+    async def read(client: Client) -> tuple[dict[str, Any], list[str]]:
+        return await client.record(instance_id), await client.alarms()
+
+    record, alarms = etcd.call(read)
+    if "NOSPACE" in alarms:
+        nospace = ("etcd's NOSPACE alarm is raised: it refuses writes, so no instance moves until an operator "
+                   "makes room and disarms it (docs/operations.md)")
+        if as_json:
+            err.print(f"dsm: warning: {nospace}", markup=False)
+        else:
+            _emit(f"alarm:       {nospace}\n")
     if as_json:
         _print_json(record)
         return
@@ -924,6 +935,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("dsm: interrupted", markup=False)
         code = int(ExitCode.INTERRUPTED)
+    except NoSpace as exc:
+        err.print(f"dsm: etcd refuses writes, its NOSPACE alarm is raised ({exc}); an operator must make room and "
+                  "disarm it (docs/operations.md)", markup=False)
+        code = int(ExitCode.UNREACHABLE)
     except StoreUnavailable as exc:
         err.print(f"dsm: etcd unreachable: {exc}", markup=False)
         code = int(ExitCode.UNREACHABLE)

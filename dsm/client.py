@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -10,7 +11,7 @@ from typing import Any
 
 from . import index, payloads, transition
 from .definitions import register
-from .errors import Compacted, ConflictError, InputError, NotFound, StoreUnavailable
+from .errors import Compacted, ConflictError, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
 from .keys import Keys, WorkInfo, check_instance_id
 from .markers import MAX_TXN_OPS, reconcile, sync_marker
@@ -265,3 +266,11 @@ class Client:
             txn = deletion_txn(self.keys, inst, kv.mod_revision)
             if (await self.store.txn(txn.compare, txn.success)).succeeded:
                 return inst
+
+    async def alarms(self) -> builtins.list[str]:
+        """The store's raised alarms ("NOSPACE": etcd refuses writes); [] also when they cannot be read."""
+        try:
+            return await self.store.alarms()
+        except StoreError as exc:
+            log.debug("cannot read the store's alarms: %s", exc)
+            return []

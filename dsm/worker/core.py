@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .. import payloads
 from ..batching import Batcher
 from ..definitions import Registry
-from ..errors import LeaseLost, NotFound, StoreError, StoreUnavailable
+from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
 from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
@@ -38,6 +38,7 @@ from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper
+from .nospace import WriteGate
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
 from .queue import CandidateQueue
 from .slots import Slots
@@ -123,6 +124,7 @@ class Worker:
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
         self.housekeeper: Housekeeper | None = None  # when it stands in the housekeeping election (`running`)
+        self.gate = WriteGate(store, name=self.id)  # closed while etcd refuses writes (NOSPACE)
 
     @property
     def lease_id(self) -> int | None:
@@ -169,6 +171,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.gate.close()
         await self.lease.revoke()
         self.executor.close()
 
@@ -196,6 +199,9 @@ class Worker:
     async def _dispatch(self) -> None:
         last_sweep = self.clock()
         while not self.stopping:
+            if self.gate.closed:  # claims would be refused: claim nothing until etcd takes writes again
+                await self.gate.wait()
+                continue
             free = self.slots.free
             picked = self.queue.take(free, busy=self._jobs) if free else []
             if picked:
@@ -233,7 +239,10 @@ class Worker:
                                            return_exceptions=True)
             for ref, result in zip(refs, results):
                 if isinstance(result, BaseException):
-                    if isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
+                    if isinstance(result, NoSpace):  # refused, not applied: it waits for room
+                        self.gate.refused(result)
+                        self.queue.add(ref, first=True)
+                    elif isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
                         # It may have been applied: run it if the claim is ours. If it applies
                         # later still, the claim audit gives it back.
                         if await self._adopt(ref, lease):
@@ -492,6 +501,10 @@ class Worker:
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now)
             try:
                 result = await self._commits.submit(txn)
+            except NoSpace as exc:  # refused, not applied: the claims hold while it waits for room
+                self.gate.refused(exc)
+                await self.gate.wait()
+                continue
             except (StoreUnavailable, asyncio.TimeoutError, LeaseLost) as exc:
                 if isinstance(exc, LeaseLost):
                     await self.lease.verify()
