@@ -166,21 +166,39 @@ class Housekeeper:
         self.clock = clock
         self.stats = HousekeepingStats()
         self.leader = False
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
-        self._last_sample = float("-inf")
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()  # (clock, revision)
         self._trouble: str | None = None  # the last error logged, so an outage is logged once
 
     async def run(self) -> None:
-        """Campaign and keep house until cancelled."""
+        """Campaign and keep house until cancelled: deletion here, compaction beside it (a
+        compaction takes seconds on a large database, and must not hold deletion up)."""
+        compacting = asyncio.get_running_loop().create_task(self._compacting(), name=f"dsm-compaction-{self.name}")
+        try:
+            while True:
+                busy = False
+                try:
+                    if await self._elected():
+                        busy = await self.round()
+                    self._trouble = None
+                except (StoreUnavailable, LeaseLost, StoreError) as exc:
+                    self._complain(exc)
+                await asyncio.sleep(0 if busy else self.options.interval)
+        finally:
+            compacting.cancel()
+            await asyncio.gather(compacting, return_exceptions=True)
+
+    async def _compacting(self) -> None:
+        keep = self.options.compaction_retention
+        if keep <= 0:
+            return
         while True:
-            busy = False
+            await asyncio.sleep(min(max(keep / 10, 0.1), 30.0))  # as etcd's own: every tenth of the period
+            if not self.leader:
+                continue
             try:
-                if await self._elected():
-                    busy = await self.round()
-                self._trouble = None
-            except (StoreUnavailable, LeaseLost, StoreError) as exc:
+                await self.compact()
+            except StoreError as exc:
                 self._complain(exc)
-            await asyncio.sleep(0 if busy else self.options.interval)
 
     def _complain(self, exc: Exception) -> None:
         kind = type(exc).__name__
@@ -211,35 +229,31 @@ class Housekeeper:
                      holder.value.decode(errors="replace") if holder else "nobody")
         if not ours:
             self._samples.clear()  # a new term samples afresh
-            self._last_sample = float("-inf")
         self.leader = ours
         return ours
 
     async def round(self) -> bool:
-        """One round of deletion and compaction; True when more is due at once."""
+        """One round of deletion; True when more is due at once."""
         deleted, more = await delete_expired(self.store, self.keys, now=self.wall(), batch=self.options.batch)
         self.stats.deleted += deleted
         if deleted:
             log.debug("housekeeping %s: deleted %d expired instance(s)", self.name, deleted)
-        await self._compact()
         return more
 
-    async def _compact(self) -> None:
-        keep = self.options.compaction_retention
-        if keep <= 0:
-            return
+    async def compact(self) -> None:
+        """Note the store's revision now, and compact to the newest one noted at least
+        `compaction_retention` ago. The compaction is physical: this returns once etcd has done it,
+        so compactions never queue up in etcd (each one reads every revision it keeps, which takes
+        seconds on a large database)."""
         now = self.clock()
-        if now - self._last_sample < min(max(keep / 10, 0.1), 30.0):  # as etcd: every tenth of the period
-            return
-        self._last_sample = now
         self._samples.append((now, await self.store.revision()))
         target = 0
-        while self._samples and now - self._samples[0][0] >= keep:
+        while self._samples and now - self._samples[0][0] >= self.options.compaction_retention:
             target = self._samples.popleft()[1]
         if target <= self.stats.compacted_to:
             return
         try:
-            await self.store.compact(target)
+            await self.store.compact(target, physical=True)
         except Compacted:
             pass  # compacted that far already (by etcd's own auto-compaction, or another housekeeper)
         self.stats.compacted_to = target
