@@ -15,9 +15,12 @@ Batches are bounded (entries per round, history keys per request), idempotent (a
 answer was lost is read again next round) and safe with several housekeepers at once, though the
 election makes that rare.
 
-Compaction: the housekeeper samples the store's revision as time passes and compacts to the
-newest revision seen at least `compaction_retention` ago, so watches that are up to that far
+Compaction: the housekeeper notes the store's revision every tenth of `compaction_retention` and
+compacts to the newest revision noted at least that long ago, so watches that are up to that far
 behind resume where they were; one further behind resyncs (the work feed and `Client.wait` do).
+Compactions are physical and one at a time, in a task beside deletion: etcd 3.5 reads every
+revision a compaction keeps, seconds on a large database, and compactions sent faster than it
+finishes them queue up while the database grows.
 """
 
 from __future__ import annotations
