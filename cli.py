@@ -29,7 +29,7 @@ from rich.markup import escape
 
 from dsm import compiler, handlers, loader, payloads, records, render, schema
 from dsm.durations import parse_duration
-from dsm.errors import DefinitionError, DsmError, InputError, NotFound, StoreUnavailable
+from dsm.errors import DefinitionError, DsmError, InputError, NoSpace, NotFound, StoreUnavailable
 from dsm.graph import Graph
 
 if TYPE_CHECKING:
@@ -771,10 +771,19 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                help="Where handlers run: 'process' (one child process per slot, killed at a tick's "
                     "timeout; a handler cannot stall the worker) or 'thread' (in the worker, faster for "
                     "trusted, quick handlers).")] = "process",
+           compaction_retention: Annotated[str, typer.Option(
+               "--compaction-retention", metavar="DURATION",
+               help="etcd revision history kept when this worker does housekeeping (0: dsm does not "
+                    "compact).")] = "5m",
            etcd: EtcdArgs = EtcdArgs()) -> None:
-    """Run ticks for instances stored in etcd until SIGTERM or SIGINT."""
+    """Run ticks for instances stored in etcd until SIGTERM or SIGINT.
+
+    One worker of a namespace at a time (chosen by an etcd election) also keeps house: it deletes
+    instances past their machine's retention and compacts etcd's revision history.
+    """
     if isolation not in ("process", "thread"):
         raise Fail(ExitCode.INVALID, f"--isolation must be 'process' or 'thread', not {isolation!r}")
+    keep_history = _duration(compaction_retention, "--compaction-retention")
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
         signal.signal(signum, lambda number, frame: received.append(number))
@@ -791,7 +800,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
 
     async def go() -> None:
         from dsm.definitions import Registry, register
-        from dsm.worker import running
+        from dsm.worker import HousekeepingOptions, running
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -816,7 +825,8 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                 executor = ProcessExecutor(concurrency, search_path=search + folders,
                                            preload=[m for g in graphs for m in g.modules()])
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
-                               stop=stop, executor=executor) as w:
+                               stop=stop, executor=executor,
+                               housekeeping=HousekeepingOptions(compaction_retention=keep_history or 0.0)) as w:
                 where = "processes" if isolation == "process" else "threads"
                 info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                            f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
@@ -840,18 +850,26 @@ def status(instance_id: InstanceId,
     if follow:
         _follow(instance_id, as_json, etcd)
 
-    async def look(client: Client) -> tuple[dict, list, list, list]:
+    async def look(client: Client) -> tuple[dict, list, list, list, list[str]]:
         inst = await client.instance(instance_id)
         record = records.public_record(inst, await client.history(instance_id))
+        alarms = await client.alarms()
         if record["status"] != records.RUNNING:
-            return record, [], [], earlier_failures(inst)
-        return (record, *await client.serving(record["digest"]), [])
+            return record, [], [], earlier_failures(inst), alarms
+        return (record, *await client.serving(record["digest"]), [], alarms)
 
     from dsm.describe import describe, earlier_failures, serving_line
 
-    record, workers, serving, earlier = etcd.call(look)
+    record, workers, serving, earlier, alarms = etcd.call(look)
     line, alone = serving_line(record, workers, serving, etcd.namespace) if record["status"] == records.RUNNING \
         else (None, False)
+    if "NOSPACE" in alarms:
+        nospace = ("etcd's NOSPACE alarm is raised: it refuses writes, so no instance moves until an operator "
+                   "makes room and disarms it (docs/operations.md)")
+        if as_json:
+            err.print(f"dsm: warning: {nospace}", markup=False)
+        else:
+            _emit(f"alarm:       {nospace}\n")
     if as_json:
         _print_json(record)
         if alone:
@@ -924,24 +942,64 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
                                                              help="Only instances with this status.")] = None,
                  machine: Annotated[str | None, typer.Option("--machine", metavar="NAME",
                                                              help="Only instances of this machine.")] = None,
+                 since: Annotated[str | None, typer.Option(
+                     "--since", metavar="T", help="Only instances started at or after T: an ISO 8601 time "
+                     "(2026-11-28T13:00:00Z) or a duration back from now (30m, 2h, 7d).")] = None,
+                 limit: Annotated[int | None, typer.Option("--limit", min=1, metavar="N", show_default="all",
+                                                           help="At most N instances; when more follow, "
+                                                                "'next: CURSOR' on stderr.")] = None,
+                 after: Annotated[str | None, typer.Option("--after", metavar="CURSOR",
+                                                           help="Continue after CURSOR (from 'next:').")] = None,
                  as_json: Annotated[bool, typer.Option("--json", metavar="",
-                                                       help="Print a JSON array of records.")] = False,
+                                                       help="Print a JSON array of summaries.")] = False,
                  etcd: EtcdArgs = EtcdArgs()) -> None:
-    """List instances (records without history)."""
+    """List instances, newest first, from the index (summaries: records without history and payload)."""
+    from dsm import index
+
     if status_ is not None and status_ not in records.STATUSES:
         raise Fail(ExitCode.INVALID, f"--status must be one of {', '.join(records.STATUSES)}, got {status_!r}")
-    found = etcd.call(lambda client: client.list(status=status_, machine=machine))
-    if as_json:
-        _print_json([records.public_record(i) for i in found])
-        return
-    if not found:
-        where = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
-        info.print(f"no instances {where}" + (f" of machine {machine!r}" if machine else ""), markup=False)
-        return
+    try:
+        start = index.parse_since(since, time.time()) if since is not None else None
+        if after is not None:
+            index.check_cursor(after)
+    except InputError as exc:
+        raise Fail(ExitCode.INVALID, str(exc)) from None
     rows = [["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]]
-    rows += [[inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-", str(inst.transitions),
-              records.timestamp(inst.created_at) or "-"] for inst in found]
-    _emit(_table(rows, right=frozenset({4})))
+    shown = 0
+
+    def show(inst: records.Instance) -> None:
+        nonlocal shown
+        if as_json:  # streamed: the same text json.dumps(list, indent=2) gives, an item at a time
+            item = json.dumps(index.summary(inst), indent=2, ensure_ascii=False).replace("\n", "\n  ")
+            _emit(("[\n  " if not shown else ",\n  ") + item)
+        else:
+            rows.append([inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-",
+                         str(inst.transitions), records.timestamp(inst.created_at) or "-"])
+        shown += 1
+
+    async def listing(client: Client) -> str | None:
+        cursor = after
+        while True:
+            want = index.PAGE if limit is None else min(index.PAGE, limit - shown)
+            page = await client.page(status=status_, machine=machine, since=start, after=cursor, limit=want)
+            for inst in page.items:
+                show(inst)
+            cursor = page.next
+            if cursor is None or (limit is not None and shown >= limit):
+                return cursor
+
+    following = etcd.call(listing)
+    if as_json:
+        _emit("\n]\n" if shown else "[]\n")
+    elif shown:
+        _emit(_table(rows, right=frozenset({4})))
+    else:
+        where = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
+        info.print(f"no instances {where}" + (f" of machine {machine!r}" if machine else "")
+                   + (f" started since {since}" if since else "") + (" after the cursor" if after else ""),
+                   markup=False)
+    if following is not None:
+        err.print(f"next: {following}", markup=False)  # data for the next call, so -q keeps it
 
 
 def _table(rows: list[list[str]], *, right: frozenset[int] = frozenset()) -> str:
@@ -977,6 +1035,14 @@ def redrive(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
                f"'dsm status {inst.id} --follow' follows it", markup=False)
 
 
+@_command(etcd=True)
+def delete(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
+    """Delete a finished instance now: its record, history and index entries (retention does this
+    by itself once the machine's retention has passed). A running instance is refused."""
+    inst = etcd.call(lambda client: client.delete(instance_id))
+    info.print(f"instance {inst.id} ({inst.status}) deleted", markup=False)
+
+
 def main() -> None:
     """Entry point of the `dsm` command.
 
@@ -996,6 +1062,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("dsm: interrupted", markup=False)
         code = int(ExitCode.INTERRUPTED)
+    except NoSpace as exc:
+        err.print(f"dsm: etcd refuses writes, its NOSPACE alarm is raised ({exc}); an operator must make room and "
+                  "disarm it (docs/operations.md)", markup=False)
+        code = int(ExitCode.UNREACHABLE)
     except StoreUnavailable as exc:
         err.print(f"dsm: etcd unreachable: {exc}", markup=False)
         code = int(ExitCode.UNREACHABLE)

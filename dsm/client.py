@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import payloads, transition
+from . import index, payloads, transition
 from .definitions import register
-from .errors import Compacted, InputError, NotFound, StoreUnavailable
+from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
 from .idempotency import keep_input, same_start
 from .keys import Keys, WorkInfo, check_instance_id
@@ -28,6 +28,7 @@ from .records import (
     load_instance,
     new_id,
     public_record,
+    replace,
 )
 from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
 from .workers import WorkerInfo, serving
@@ -61,8 +62,10 @@ class Client:
 
     def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str, size: int = 0) -> Txn:
         inst = keep_input(transition.start(graph, instance_id, payload, self.wall()), size)
+        inst = replace(inst, retention=graph.retention)  # pinned, as the digest is
         key = self.keys.instance(instance_id)
         ops: list = [Put(key, dump_instance(inst))]
+        ops += index.created_ops(self.keys, inst)
         for token in inst.tokens.values():
             info = WorkInfo(graph.machine, graph.digest, token.state, token.not_before)
             ops.append(Put(self.keys.work(instance_id, token.id), info.dump()))
@@ -168,20 +171,17 @@ class Client:
         inst = await self.instance(instance_id)
         return public_record(inst, await self.history(instance_id) if history else None)
 
-    async def list(self, *, status: str | None = None, machine: str | None = None) -> list[Instance]:
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
-        start, end = self.keys.instances, prefix_end(self.keys.instances)
+    async def list(self, *, status: str | None = None, machine: str | None = None,
+                   since: float | None = None) -> list[Instance]:
+        """Every instance that matches, newest first (read from the index, page by page)."""
         out: list[Instance] = []
+        after = None
         while True:
-            page = await self.store.range(start, end, limit=500)
-            for kv in page.kvs:
-                inst = load_instance(kv.value)
-                if (status is None or inst.status == status) and (machine is None or inst.machine == machine):
-                    out.append(inst)
-            if not page.more or not page.kvs:
+            page = await self.page(status=status, machine=machine, since=since, after=after)
+            out.extend(page.items)
+            if page.next is None:
                 return out
-            start = page.kvs[-1].key + "\0"
+            after = page.next
 
     async def cancel(self, instance_id: str, *, reason: str | None = None, by: str | None = None) -> Instance:
         """Cancel a running instance (a finished one is returned unchanged); the record keeps
@@ -202,6 +202,7 @@ class Client:
                 return inst
             step = transition.cancel(inst, self.wall(), reason=reason, by=by if by is not None else caller())
             ops: list = [Put(key, dump_instance(step.instance))]
+            ops += index.status_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
             while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
                 tok = removed.pop()
@@ -284,6 +285,44 @@ class Client:
     async def serving(self, digest: str) -> tuple[builtins.list[WorkerInfo], builtins.list[WorkerInfo]]:
         """(the live workers, those of them that serve the definition `digest`)."""
         return await serving(self.store, self.keys, digest)
+
+    async def page(self, *, status: str | None = None, machine: str | None = None, since: float | None = None,
+                   after: str | None = None, limit: int = index.PAGE) -> index.Page:
+        """One page of the listing, newest first: `limit` instances created at or after `since`
+        (epoch seconds), after the cursor `after`; its `next` resumes after it."""
+        if status is not None and status not in STATUSES:
+            raise InputError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+        if limit < 1:
+            raise InputError(f"a page holds at least one instance, not {limit}")
+        return await index.page(self.store, self.keys, status=status, machine=machine, since=since, after=after,
+                                limit=limit)
+
+    async def delete(self, instance_id: str) -> Instance:
+        """Delete a finished instance now, as retention would: its record, history and index
+        entries, in one transaction. A running instance is refused (cancel it first)."""
+        from .housekeeping import deletion_txn
+
+        check_instance_id(instance_id)
+        key = self.keys.instance(instance_id)
+        while True:
+            kv = await self.store.get(key)
+            if kv is None:
+                raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
+            inst = load_instance(kv.value)
+            if not inst.finished:
+                raise InputError(f"instance {instance_id} is {inst.status}: only a finished instance can be "
+                                 f"deleted (cancel it first: dsm cancel {instance_id})")
+            txn = deletion_txn(self.keys, inst, kv.mod_revision)
+            if (await self.store.txn(txn.compare, txn.success)).succeeded:
+                return inst
+
+    async def alarms(self) -> builtins.list[str]:
+        """The store's raised alarms ("NOSPACE": etcd refuses writes); [] also when they cannot be read."""
+        try:
+            return await self.store.alarms()
+        except StoreError as exc:
+            log.debug("cannot read the store's alarms: %s", exc)
+            return []
 
 
 def caller() -> str:

@@ -18,6 +18,7 @@ from .durations import parse_duration
 from .errors import DefinitionError, InputError, Problem
 from .graph import (
     DEFAULT_MAX_TRANSITIONS,
+    DEFAULT_RETENTION,
     Choice,
     Fork,
     Frame,
@@ -300,6 +301,7 @@ class _Compiler:
             digest=digest_of(self.doc.text),
             file=self.doc.file,
             source=self.doc.text,
+            retention=_or(self.duration(("retention",), self.data.get("retention")), DEFAULT_RETENTION),
         )
 
     def structure(self, states: dict[str, State], predecessors: dict[str, set[str]]

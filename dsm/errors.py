@@ -51,6 +51,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached (etcd down, wrong endpoint, TLS or auth refused)."""
 
 
+class NoSpace(StoreUnavailable):
+    """etcd's NOSPACE alarm is raised: it refuses writes (deletes still pass) until an operator
+    makes room and disarms the alarm. Nothing was applied; retry once writes pass again."""
+
+
 class ConflictError(StoreError):
     """A compare-and-swap lost to a concurrent writer."""
 

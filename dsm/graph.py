@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .guards import Guard
+from .records import DEFAULT_RETENTION
 
 DEFAULT_MAX_TRANSITIONS = 10_000
 
@@ -149,6 +150,7 @@ class Graph:
     digest: str = ""
     file: str = ""
     source: str = field(default="", repr=False, compare=False)
+    retention: float = DEFAULT_RETENTION
 
     def state(self, name: str) -> State:
         return self.states[name]

@@ -9,6 +9,18 @@
 
     /<ns>/work/<id>/sync                the SYNC marker: this instance's markers lag its record
 
+    /<ns>/idx/all/<age>/<id>                      listing index: every instance, newest first
+    /<ns>/idx/status/<status>/<age>/<id>          ... by status
+    /<ns>/idx/machine/<machine>/<age>/<id>        ... by machine
+    /<ns>/idx/sm/<status>/<machine>/<age>/<id>    ... by status and machine (values empty)
+    /<ns>/exp/<expires>/<id>            expiry index: a finished instance, by when retention deletes it;
+                                        value {machine, status, created, transitions}
+    /<ns>/housekeeper                   the housekeeping election: the holder's name, under its lease
+
+`<age>` is 9999999999999 minus the creation time in milliseconds (13 digits), so a range read
+ascending yields the newest first, ties broken by id; `<expires>` is the expiry time in
+milliseconds, 13 digits, so a range from the start up to now yields exactly what has expired.
+
 Invariants, kept because every change is one transaction:
 - a running instance's record lists token T  <=>  work/<id>/T exists, unless work/<id>/sync
   exists: a change too wide for one transaction (etcd takes 128 operations) writes the record
@@ -16,7 +28,12 @@ Invariants, kept because every change is one transaction:
   (`markers.py`). A marker whose token the record does not list is deleted by whoever meets it;
 - a claim exists only beside its work marker, and only while its worker's lease lives;
 - a commit for token T compares the record's mod revision and the claim's create revision, so a
-  worker whose lease expired (its claim deleted by etcd) or who was overtaken can never commit.
+  worker whose lease expired (its claim deleted by etcd) or who was overtaken can never commit;
+- an instance has its four index entries exactly while its record exists, under its current
+  status, and its expiry entry exactly while it is finished: every transaction that creates a
+  record, changes its status or deletes it writes them too (`index.py`). An expiry entry is
+  written in the same transaction as the record, so its mod revision is the record's: deletion
+  compares it, and never deletes a record that changed since (`housekeeping.py`).
 
 Workers watch /<ns>/work/ only: a work marker put without an owner is new work, a claim deleted
 without its marker is work orphaned by a dead or departing worker. Markers and claims of one
@@ -73,6 +90,27 @@ class Keys:
 
     def history_prefix(self, instance_id: str) -> str:
         return f"{self.root}hist/{instance_id}/"
+
+    def index_prefix(self, status: str | None = None, machine: str | None = None) -> str:
+        """The listing index that answers a filter: by status and machine, by either, or all."""
+        if status is not None and machine is not None:
+            return f"{self.root}idx/sm/{status}/{machine}/"
+        if status is not None:
+            return f"{self.root}idx/status/{status}/"
+        if machine is not None:
+            return f"{self.root}idx/machine/{machine}/"
+        return f"{self.root}idx/all/"
+
+    @property
+    def expiry_prefix(self) -> str:
+        return f"{self.root}exp/"
+
+    def expiry(self, expires_ms: int, instance_id: str) -> str:
+        return f"{self.root}exp/{expires_ms:013d}/{instance_id}"
+
+    @property
+    def housekeeper(self) -> str:
+        return f"{self.root}housekeeper"
 
     @property
     def work_prefix(self) -> str:

@@ -23,6 +23,7 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 STATUSES = (RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
+DEFAULT_RETENTION = 7 * 86400.0  # seconds a finished instance is kept, unless its machine says (`retention:`)
 
 Frame = tuple[str, str]  # (activation id, branch name)
 
@@ -112,6 +113,9 @@ class Instance:
     status: str = RUNNING
     created_at: float = 0.0
     finished_at: float | None = None
+    # seconds kept after finishing, pinned from the definition at start (None: records from before
+    # retention existed, kept for the default)
+    retention: float | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
     state: str | None = None
@@ -128,6 +132,13 @@ class Instance:
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+    @property
+    def expires_at(self) -> float | None:
+        """When retention deletes this instance: `retention` after it finished; None while it runs."""
+        if self.finished_at is None or not self.finished:
+            return None
+        return self.finished_at + (DEFAULT_RETENTION if self.retention is None else self.retention)
 
     @property
     def active(self) -> list[str]:
@@ -190,6 +201,7 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
         "status": inst.status, "created_at": inst.created_at, "finished_at": inst.finished_at,
         "payload": inst.payload, "error": inst.error.as_record() if inst.error else None, "state": inst.state,
         "transitions": inst.transitions, "seq": inst.seq,
+        "retention": inst.retention,
         "tokens": _tokens_to_dict(inst.tokens),
         "activations": _activations_to_dict(inst.activations),
         "input": inst.input, "redrives": inst.redrives,
@@ -207,6 +219,7 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         status=raw["status"], created_at=raw["created_at"], finished_at=raw.get("finished_at"),
         payload=raw["payload"], error=ErrorInfo(**error) if error else None, state=raw.get("state"),
         transitions=raw["transitions"], seq=raw["seq"],
+        retention=raw.get("retention"),
         tokens=_tokens_from_dict(raw["tokens"]),
         activations=_activations_from_dict(raw["activations"]),
         input=raw.get("input"), redrives=raw.get("redrives", 0),
@@ -253,6 +266,7 @@ def public_record(inst: Instance, history: list[HistoryEntry] | None = None) -> 
         record["history"] = [h.as_dict() for h in history]
     record.update({"input": inst.input, "waiting": waiting(inst), "redrives": inst.redrives,
                    "cancel": inst.cancel.public() if inst.cancel else None})
+    record["expires_at"] = timestamp(inst.expires_at)  # later fields follow the contract's first ones
     return record
 
 

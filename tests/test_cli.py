@@ -13,7 +13,7 @@ from helpers import one_tick_machine
 
 RECORD_KEYS = ["id", "machine", "version", "digest", "status", "state", "active", "payload", "error",
                "created_at", "finished_at", "transitions", "history"]
-LATER_KEYS = ["input", "waiting", "redrives", "cancel"]  # added after the contract's first fields
+LATER_KEYS = ["input", "waiting", "redrives", "cancel", "expires_at"]  # added after the contract's first fields
 HISTORY_KEYS = ["seq", "state", "next", "branch", "attempt", "outcome", "worker", "at", "started_at", "duration_ms",
                 "failures"]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -100,3 +100,10 @@ def test_the_compose_topology_without_docker(etcd, namespace):
     worker_pids = {str(w.pid) for w in workers}
     assert {h["worker"].rpartition(":")[2] for h in record["history"]} <= worker_pids  # the client ran nothing
     assert [w.returncode for w in workers] == [0, 0, 0], errors  # SIGTERM is a graceful stop
+
+
+def test_etcd_runs_with_a_quota_and_auto_compaction():
+    """The second line of defence behind housekeeping (docs/operations.md)."""
+    flags = dict(arg.split("=", 1) for arg in SERVICES["etcd"]["command"] if "=" in arg)
+    assert int(flags["--quota-backend-bytes"]) >= 2 * 1024**3
+    assert flags["--auto-compaction-mode"] == "periodic" and flags["--auto-compaction-retention"]

@@ -221,6 +221,9 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def alarms(self) -> list[str]:
+        """The alarms raised in the store ("NOSPACE", "CORRUPT"), each once; [] when none."""
+
 
 def prefix_end(prefix: str) -> str:
     """The end of the range holding every key that starts with `prefix` ("\\0": every key).

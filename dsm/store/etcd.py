@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import grpc
 from aetcd import rpc
 
-from ..errors import Compacted, InputError, LeaseLost, StoreError, StoreUnavailable
+from ..errors import Compacted, InputError, LeaseLost, NoSpace, StoreError, StoreUnavailable
 from ..keys import Keys
 from . import (
     DELETE,
@@ -313,6 +313,8 @@ def _translate(exc: grpc.aio.AioRpcError, what: str) -> Exception:
         return StoreUnavailable(f"{what}: the endpoint does not speak etcd v3 gRPC ({details})")
     if "lease not found" in details:
         return LeaseLost(details)
+    if "database space exceeded" in details:  # etcd's NOSPACE alarm: writes refused, nothing applied
+        return NoSpace(f"{what}: {details}")
     if "compacted" in details:
         return Compacted(0)
     if code == grpc.StatusCode.INVALID_ARGUMENT and any(s in details for s in (
@@ -566,6 +568,10 @@ class EtcdStore:
                 raise Compacted(first.compact_revision)
             raise AccessDenied(f"watch: {reason}") if "permission" in reason else StoreUnavailable(f"watch: {reason}")
         return _EtcdWatch(self, call, requests)
+
+    async def alarms(self) -> list[str]:
+        resp = await self._call(self._maintenance.Alarm, rpc.AlarmRequest(action=rpc.AlarmRequest.GET), "alarms")
+        return sorted({rpc.AlarmType.Name(a.alarm) for a in resp.alarms if a.alarm})
 
     async def compact(self, revision: int, *, physical: bool = False) -> None:
         # By default not physical: etcd compacts its backend in the background; history below

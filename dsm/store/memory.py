@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..errors import Compacted, LeaseLost, StoreUnavailable
+from ..errors import Compacted, LeaseLost, NoSpace, StoreUnavailable
 from . import (
     DELETE,
     PUT,
@@ -133,6 +133,7 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._lease_ids = itertools.count(random.randrange(1 << 40, 1 << 50))
         self._closed = False
+        self._alarms: set[str] = set()
 
     # -- reads ------------------------------------------------------------------------------
     async def get(self, key: str) -> KeyValue | None:
@@ -183,13 +184,19 @@ class MemoryStore:
         return result.revision
 
     async def delete(self, key: str, end: str | None = None) -> int:
-        result = await self.txn([], [Delete(key, end)])
+        result = self._txn([], [Delete(key, end)], (), quota=False)  # as etcd, deletes pass a NOSPACE alarm
         return result.deleted(0)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op] = (),
                   failure: Sequence[Op] = ()) -> TxnResult:
+        return self._txn(compare, success, failure)
+
+    def _txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *,
+             quota: bool = True) -> TxnResult:
         with self._lock:
             self._check()
+            if quota and "NOSPACE" in self._alarms and _writes(itertools.chain(success, failure)):
+                raise NoSpace("txn: etcdserver: mvcc: database space exceeded")
             self._validate(compare, success, failure)
             changes: dict[str, KeyValue | None] = {}
             events: list[Event] = []
@@ -389,6 +396,8 @@ class MemoryStore:
     async def lease_grant(self, ttl: float) -> int:
         with self._lock:
             self._check()
+            if "NOSPACE" in self._alarms:
+                raise NoSpace("lease grant: etcdserver: mvcc: database space exceeded")
             lease = _Lease(next(self._lease_ids), ttl, self.clock() + ttl)
             self._leases[lease.id] = lease
             return lease.id
@@ -455,6 +464,22 @@ class MemoryStore:
             self._compacted = max(self._compacted, revision - 1)
             self._log = [(r, e) for r, e in self._log if r >= revision]
 
+    # -- alarms -----------------------------------------------------------------------------
+    async def alarms(self) -> list[str]:
+        with self._lock:
+            self._check()
+            return sorted(self._alarms)
+
+    def raise_alarm(self, alarm: str = "NOSPACE") -> None:
+        """As etcd over its quota: with NOSPACE, transactions that write and lease grants are
+        refused (NoSpace) until `disarm`; reads, plain deletes and keep-alives pass."""
+        with self._lock:
+            self._alarms.add(alarm)
+
+    def disarm(self, alarm: str = "NOSPACE") -> None:
+        with self._lock:
+            self._alarms.discard(alarm)
+
     # -- lifecycle --------------------------------------------------------------------------
     def _check(self) -> None:
         if self._closed:
@@ -467,3 +492,12 @@ class MemoryStore:
             watches, self._watches = self._watches, []
         for watch in watches:
             watch.deliver(None)
+
+
+def _writes(ops: itertools.chain[Op] | Sequence[Op]) -> bool:
+    """Whether any operation, nested ones included, puts or deletes."""
+    for op in ops:
+        if isinstance(op, (Put, Delete)) or (isinstance(op, Txn) and _writes(itertools.chain(op.success,
+                                                                                              op.failure))):
+            return True
+    return False

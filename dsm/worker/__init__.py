@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ..definitions import Registry
+from ..housekeeping import Housekeeper, HousekeepingOptions
 from ..store import Store
 from .core import SYNC, Worker, WorkerStats, default_worker_id
 from .executor import Executor, ThreadExecutor, TickCall
@@ -19,19 +20,29 @@ from .executor import Executor, ThreadExecutor, TickCall
 
 @asynccontextmanager
 async def running(store: Store, registry: Registry, *, grace: float = 30.0, stop: asyncio.Event | None = None,
-                  **options: Any) -> AsyncIterator[Worker]:
+                  housekeeping: HousekeepingOptions | None = None, **options: Any) -> AsyncIterator[Worker]:
     """A worker running on this event loop for the duration of the block; on leaving it, the
     worker finishes its ticks (up to `grace` seconds), gives back its claims and revokes its
-    lease. `options` are `Worker`'s. Setting `stop` ends the worker early."""
+    lease. `options` are `Worker`'s. Setting `stop` ends the worker early. With `housekeeping`,
+    the worker also stands in the housekeeping election under its lease (`dsm.housekeeping`)."""
     worker = Worker(store, registry, **options)
     stop = stop or asyncio.Event()
-    task = asyncio.get_running_loop().create_task(worker.run(stop, grace=grace), name=f"dsm-worker-{worker.id}")
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(worker.run(stop, grace=grace), name=f"dsm-worker-{worker.id}")
+    keeper = None
+    if housekeeping is not None:
+        worker.housekeeper = Housekeeper(store, worker.keys, worker.lease, name=worker.id, options=housekeeping,
+                                         wall=worker.wall)
+        keeper = loop.create_task(worker.housekeeper.run(), name=f"dsm-housekeeping-{worker.id}")
     try:
         yield worker
     finally:
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         stop.set()
         await task
 
 
-__all__ = ["Executor", "SYNC", "ThreadExecutor", "TickCall", "Worker", "WorkerStats", "default_worker_id",
-           "running"]
+__all__ = ["Executor", "Housekeeper", "HousekeepingOptions", "SYNC", "ThreadExecutor", "TickCall", "Worker",
+           "WorkerStats", "default_worker_id", "running"]

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, replace
 from .. import payloads
 from ..batching import Batcher
 from ..definitions import Registry
-from ..errors import LeaseLost, NotFound, StoreError, StoreUnavailable
+from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
 from ..graph import Graph
+from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
 from ..markers import MAX_TXN_OPS, SYNC, reconcile
 from ..records import Instance, Token
@@ -38,6 +39,7 @@ from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper
+from .nospace import WriteGate
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
 from .presence import Presence
 from .queue import CandidateQueue
@@ -136,6 +138,8 @@ class Worker:
         self._unservable: dict[str, str] = {}  # instance -> digest this worker cannot run (oldest first)
         self.presence = Presence(store, self.keys, self.lease, registry, worker_id=self.id, concurrency=concurrency,
                                  in_flight=lambda: len(self._jobs), interval=presence_interval, wall=wall)
+        self.housekeeper: Housekeeper | None = None  # when it stands in the housekeeping election (`running`)
+        self.gate = WriteGate(store, name=self.id)  # closed while etcd refuses writes (NOSPACE)
 
     @property
     def lease_id(self) -> int | None:
@@ -183,6 +187,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.gate.close()
         await self.lease.revoke()
         self.executor.close()
 
@@ -220,6 +225,9 @@ class Worker:
     async def _dispatch(self) -> None:
         last_sweep = self.clock()
         while not self.stopping:
+            if self.gate.closed:  # claims would be refused: claim nothing until etcd takes writes again
+                await self.gate.wait()
+                continue
             free = self.slots.free
             picked = self.queue.take(free, busy=self._jobs) if free else []
             if picked:
@@ -257,7 +265,10 @@ class Worker:
                                            return_exceptions=True)
             for ref, result in zip(refs, results):
                 if isinstance(result, BaseException):
-                    if isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
+                    if isinstance(result, NoSpace):  # refused, not applied: it waits for room
+                        self.gate.refused(result)
+                        self.queue.add(ref, first=True)
+                    elif isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
                         # It may have been applied: run it if the claim is ours. If it applies
                         # later still, the claim audit gives it back.
                         if await self._adopt(ref, lease):
@@ -521,6 +532,10 @@ class Worker:
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now)
             try:
                 result = await self._commits.submit(txn)
+            except NoSpace as exc:  # refused, not applied: the claims hold while it waits for room
+                self.gate.refused(exc)
+                await self.gate.wait()
+                continue
             except (StoreUnavailable, asyncio.TimeoutError, LeaseLost) as exc:
                 if isinstance(exc, LeaseLost):
                     await self.lease.verify()

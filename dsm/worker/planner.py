@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import transition
+from .. import index, transition
 from ..graph import Graph
 from ..keys import Keys
 from ..markers import MAX_TXN_OPS, sync_marker, work_info
@@ -68,7 +68,7 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     if too_large:
         history, keep = [], []
     removed, changed = transition.changes(before, after)
-    keep, deferred = _fit(own, removed, changed, keep, len(history), max_ops)
+    keep, deferred = _fit(own, removed, changed, keep, len(history) + index.status_op_count(before, after), max_ops)
     return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record)
 
 
@@ -135,7 +135,7 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
          entries: int, max_ops: int) -> tuple[list[Token], frozenset[str]]:
     """Trim what does not fit in one transaction: keep fewer new tokens, defer other markers."""
     changed_ids = {t.id for t in changed}
-    required = 1 + entries  # the record and the history
+    required = 1 + entries  # the record, the history and the index entries
     for tid in own:
         if tid in removed:
             required += 2
@@ -178,6 +178,7 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
     ops: list[Op] = [Put(keys.instance(iid), plan.record)]
     for entry in plan.history:
         ops.append(Put(keys.history(iid, entry.seq), dump_history(entry)))
+    ops += index.status_ops(keys, plan.before, plan.after)  # the listing and expiry entries follow the status
     kept = {t.id for t in plan.keep}
     touched = set(plan.removed)
     for gone in plan.removed:

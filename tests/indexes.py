@@ -1,0 +1,53 @@
+"""Checks that the listing and expiry indexes agree with the records, for tests of anything that writes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsm import index
+from dsm.keys import Keys
+from dsm.records import load_instance
+from dsm.store import prefix_end
+
+
+async def read_all(store: Any, prefix: str) -> list[Any]:
+    out: list[Any] = []
+    start, end = prefix, prefix_end(prefix)
+    while True:
+        page = await store.range(start, end, limit=1000)
+        out.extend(page.kvs)
+        if not page.more or not page.kvs:
+            return out
+        start = page.kvs[-1].key + "\0"
+
+
+async def inconsistencies(store: Any, keys: Keys) -> list[str]:
+    """What `dsm status` or `dsm list` would show wrongly: a record without its entries or its
+    history, an entry or a history key without its record. Empty when all agree."""
+    records = {load_instance(kv.value).id: load_instance(kv.value) for kv in await read_all(store, keys.instances)}
+    want_idx: set[str] = set()
+    want_exp: set[str] = set()
+    for inst in records.values():
+        want_idx |= set(index.listing_keys(keys, inst.id, inst.status, inst.machine, index.created_ms(inst)))
+        ms = index.expires_ms(inst)
+        if ms is not None:
+            want_exp.add(keys.expiry(ms, inst.id))
+    have_idx = {kv.key for kv in await read_all(store, f"{keys.root}idx/")}
+    have_exp = {kv.key for kv in await read_all(store, keys.expiry_prefix)}
+    problems = [f"missing entry {k}" for k in sorted(want_idx - have_idx)]
+    problems += [f"entry without its record {k}" for k in sorted(have_idx - want_idx)]
+    problems += [f"missing expiry {k}" for k in sorted(want_exp - have_exp)]
+    problems += [f"expiry without its record {k}" for k in sorted(have_exp - want_exp)]
+    history: dict[str, int] = {}
+    for kv in await read_all(store, f"{keys.root}hist/"):
+        iid = kv.key[len(f"{keys.root}hist/"):].rpartition("/")[0]
+        history[iid] = history.get(iid, 0) + 1
+    for iid, count in history.items():
+        if iid not in records:
+            problems.append(f"history without its record: {iid} ({count} entries)")
+        elif count != records[iid].transitions:
+            problems.append(f"history of {iid} has {count} entries, its record counts {records[iid].transitions}")
+    for iid, inst in records.items():
+        if inst.transitions and iid not in history:
+            problems.append(f"record {iid} without its history")
+    return problems

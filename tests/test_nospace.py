@@ -1,0 +1,159 @@
+"""NOSPACE: when etcd's database is full, workers stop writing, say so once, lose nothing, show it in
+`dsm status`, and go on by themselves once an operator has made room and disarmed the alarm."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import time
+
+import pytest
+from clitools import dsm, dsm_command, dsm_env
+
+from dsm import compiler, handlers
+from dsm.client import Client
+from dsm.definitions import Registry
+from dsm.errors import NoSpace
+from dsm.keys import Keys
+from dsm.store.etcd import EtcdOptions, EtcdStore
+from dsm.store.memory import MemoryStore
+from dsm.testing import make_cluster
+from dsm.worker import running
+
+STEPS = """
+machine: steps
+start: a
+states:
+  a:
+    tick: nosp:nap
+    next: b
+  b:
+    tick: nosp:nap
+    next: c
+  c:
+    tick: nosp:nap
+    next: done
+  done:
+    terminal: true
+"""
+NAP = "import time\n\ndef nap(payload, ctx):\n    time.sleep({seconds})\n"
+
+
+class Refusals:
+    """A memory store that counts the writes it refused."""
+
+    def __init__(self, store: MemoryStore):
+        self.store = store
+        self.refused = 0
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def txn(self, compare, success=(), failure=()):
+        try:
+            return await self.store.txn(compare, success, failure)
+        except NoSpace:
+            self.refused += 1
+            raise
+
+
+def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
+    graph = compiler.load(write("steps.yaml", STEPS, nosp=NAP.format(seconds=0.05)))
+
+    async def go():
+        memory = MemoryStore()
+        store = Refusals(memory)
+        keys = Keys()
+        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        client = Client(store, keys)
+        ids = await client.submit_many(graph, [{}] * 8)
+        async with running(store, registry, concurrency=4) as worker:
+            worker.gate.interval = 0.1
+            deadline = time.monotonic() + 20
+            while worker.stats.transitions < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            memory.raise_alarm("NOSPACE")
+            while not worker.gate.closed and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1.5)  # fifteen probes of the alarm: a worker that retried would refuse hundreds
+            refused, paused = store.refused, [await client.instance(i) for i in ids]
+            memory.disarm("NOSPACE")
+            done = await asyncio.gather(*(client.wait(i, timeout=30) for i in ids))
+        return refused, paused, done, worker.gate.pauses
+
+    with caplog.at_level(logging.WARNING, logger="dsm.worker"):
+        refused, paused, done, pauses = asyncio.run(go())
+    assert 1 <= refused <= 8  # each job tried once, then waited (no claim was even tried)
+    assert all(inst.status == "running" for inst in paused)
+    assert all(inst.status == "succeeded" and inst.transitions == 3 for inst in done)
+    said = [r.getMessage() for r in caplog.records]
+    assert pauses == 1 and sum("NOSPACE alarm is raised" in m for m in said) == 1, said
+    assert sum("NOSPACE alarm is disarmed" in m for m in said) == 1, said
+
+
+@pytest.mark.etcd
+@pytest.mark.slow
+def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
+    cluster = make_cluster(1, extra_args=["--quota-backend-bytes", str(8 * 1024 * 1024)]).start()
+    path = write("steps.yaml", STEPS, nosp=NAP.format(seconds=0.3))
+    at = ("--etcd", cluster.endpoint, "--namespace", "full")
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen([*dsm_command(), "worker", str(path), "--concurrency", "8", "--lease-ttl", "3",
+                                   "--isolation", "thread", *at], stderr=log, env=dsm_env(), start_new_session=True)
+    try:
+        ids = dsm("submit", str(path), "--jsonl", "-", *at, input="{}\n" * 16).stdout.split()
+        assert len(ids) == 16
+
+        async def fill() -> None:
+            store = await EtcdStore.connect(EtcdOptions.build(cluster.endpoint, namespace="filler"))
+            try:
+                for n in range(1000):
+                    await store.put(f"/filler/{n}", b"x" * 200_000)
+            except NoSpace:
+                return
+            finally:
+                await store.close()
+            raise AssertionError("etcd never ran out of space")
+
+        time.sleep(0.5)  # the worker is on its first ticks
+        asyncio.run(fill())
+        deadline = time.monotonic() + 30
+        while "NOSPACE" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = dsm("status", ids[0], *at)
+        assert status.returncode == 0 and "alarm:" in status.stdout and "NOSPACE" in status.stdout
+        as_json = dsm("status", ids[0], "--json", *at)
+        assert as_json.returncode == 0 and "NOSPACE" in as_json.stderr
+        refused = dsm("submit", str(path), *at)
+        assert refused.returncode == 3 and "NOSPACE" in refused.stderr and "Traceback" not in refused.stderr
+        time.sleep(2)  # more commits come due and wait
+        during = dsm("list", "--json", *at)  # reads pass while writes do not
+        assert during.returncode == 0, during.stderr
+        assert len(json.loads(during.stdout)) == 16
+        assert all(s["status"] in ("running", "succeeded") for s in json.loads(during.stdout))
+        # what an operator does: make room, compact, defragment, disarm
+        cluster.etcdctl("del", "--prefix", "/filler/")
+        revision = cluster.etcdctl("endpoint", "status", "-w", "json")
+        cluster.etcdctl("compact", str(json.loads(revision)[0]["Status"]["header"]["revision"]))
+        cluster.etcdctl("defrag")
+        cluster.etcdctl("alarm", "disarm")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listed = json.loads(dsm("list", "--json", *at).stdout)
+            if len(listed) == 16 and all(s["status"] == "succeeded" for s in listed):
+                break
+            time.sleep(0.3)
+        assert sorted(s["id"] for s in listed) == sorted(ids)
+        assert all(s["status"] == "succeeded" and s["transitions"] == 3 for s in listed)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        cluster.stop()
+    said = log_path.read_text()
+    assert said.count("NOSPACE alarm is raised") == 1, said
+    assert said.count("NOSPACE alarm is disarmed") == 1, said
+    assert "Traceback" not in said and "internal error" not in said, said
