@@ -17,7 +17,7 @@ from dsm import compiler, handlers
 from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import Compacted, InputError, NotFound, StoreUnavailable
-from dsm.housekeeping import Housekeeper, HousekeepingOptions, delete_expired
+from dsm.housekeeping import Housekeeper, HousekeepingOptions, backfill, delete_expired
 from dsm.keys import Keys
 from dsm.records import dump_instance, load_instance, replace
 from dsm.store import Delete, prefix_end
@@ -229,6 +229,27 @@ def test_delete_removes_a_finished_instance_and_refuses_a_running_one(store_fact
     assert [e[0] for e in errors] == ["NotFound", "InputError", "NotFound"]
     assert "running" in errors[1][1] and "cancel" in errors[1][1]
     assert listed == [running] and problems == []
+
+
+def test_records_written_before_the_index_existed_are_indexed_once(store_factory):
+    """A namespace written by a dsm without the index: its records get their entries once (so they
+    are listed, and deleted in their time), and nothing is written twice."""
+    async def body(store, keys):
+        client = Client(store, keys)
+        done, _, _ = await run_instances(store, line("hour", "1h"), [{}] * 3, keys=keys)
+        running_id = await client.submit(text(WAITS), {})
+        for prefix in (f"{keys.root}idx/", keys.expiry_prefix):  # as an older dsm left them: no entries
+            await store.delete(prefix, prefix_end(prefix))
+        unlisted = await client.list()
+        added, again = await backfill(store, keys), await backfill(store, keys)
+        listed = sorted(i.id for i in await client.list())
+        problems = await inconsistencies(store, keys)
+        rounds = await drain(store, keys, time.time() + 3602)
+        return unlisted, added, again, listed, sorted([running_id] + [i.id for i in done]), problems, rounds
+
+    unlisted, added, again, listed, ids, problems, rounds = with_store(store_factory, body)
+    assert unlisted == [] and (added, again) == (4, 0) and listed == ids and problems == []
+    assert rounds == [(3, False)]  # the finished ones expire in their time; the running one stays
 
 
 def test_compaction_keeps_the_history_of_the_retention_period():
