@@ -41,7 +41,11 @@ from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
 
 log = logging.getLogger(__name__)
 
-BATCH = 64  # expiry entries read per round; their deletions go in one request (nested transactions)
+# Expiry entries read per round. etcd 3.5 walks every key of a range to answer it (to count them),
+# so a backlog of due entries costs its size per round: rounds take many at once, and delete them
+# in requests of at most NESTED nested transactions.
+BATCH = 256
+NESTED = 64
 MAX_HISTORY = 20_000  # history keys one request may delete (an instance counts at least one)
 
 
@@ -78,7 +82,7 @@ def _chunks(txns: list[tuple[Txn, int]], max_history: int) -> list[list[Txn]]:
     weight = 0
     for txn, history in txns:
         history = max(history, 1)
-        if current and weight + history > max_history:
+        if current and (weight + history > max_history or len(current) >= NESTED):
             chunks.append(current)
             current, weight = [], 0
         current.append(txn)

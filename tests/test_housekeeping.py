@@ -138,6 +138,26 @@ def test_deletion_goes_in_bounded_batches(store_factory):
     assert [kv.key for kv in left if "/def/" not in kv.key] == []
 
 
+def test_a_round_reads_many_entries_and_deletes_them_in_requests_of_64(store_factory):
+    async def body(store, keys):
+        await Client(store, keys).submit_many(text(ENDS), [{}] * 150)
+        sizes: list[int] = []
+        real = store.txn
+
+        async def counting(compare, success=(), failure=()):
+            if any(isinstance(op, Delete) for op in ops_of(success)):
+                sizes.append(len(success))
+            return await real(compare, success, failure)
+
+        store.txn = counting
+        rounds = await drain(store, keys, time.time() + 1, batch=100)
+        store.txn = real
+        return rounds, sizes
+
+    rounds, sizes = with_store(store_factory, body)
+    assert rounds == [(100, True), (50, False)] and sizes == [64, 36, 50]
+
+
 def test_an_entry_that_no_longer_describes_its_record_deletes_nothing_else(store_factory):
     """A record rewritten as running after it finished (as a redrive does) keeps its life; the
     expiry entry left behind goes. A record rewritten but still finished is deleted all the same."""
