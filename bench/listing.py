@@ -90,13 +90,16 @@ async def main() -> None:
     env = make_cluster(1).start()
     results: dict[str, Any] = {}
     try:
-        for size in (args.small, args.large):
+        clients = {}
+        for size in (args.small, args.large):  # both stored first, then read alike
             namespace = f"list{size}"
             store = await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace))
-            client = Client(store, Keys(namespace))
+            clients[size] = (namespace, store, Client(store, Keys(namespace)))
             started = time.monotonic()
-            await store_instances(client, size)
+            await store_instances(clients[size][2], size)
             print(f"stored {size:,} instances in {time.monotonic() - started:.1f}s", file=sys.stderr)
+        await asyncio.sleep(5)  # let etcd settle after the writes
+        for size, (namespace, store, client) in clients.items():
             results[size] = {"page_ms": await client_reads(client), "command_ms": command_reads(env.endpoint,
                                                                                                 namespace)}
             await store.close()
