@@ -146,6 +146,9 @@ PayloadFileOpt = Annotated[Path | None, typer.Option("--payload-file", metavar="
                                                      help="Read the payload from FILE ('-': stdin).")]
 NoImportOpt = Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handler modules.")]
 InstanceId = Annotated[str, typer.Argument(metavar="ID", help="Instance id.", show_default=False)]
+GivenId = Annotated[str | None, typer.Option(
+    "--id", metavar="ID", help="The instance's id (default: generated). Starting an id that exists with the same "
+                               "definition and payload returns that instance; with others is refused (exit 2).")]
 
 
 def _version() -> str:
@@ -294,6 +297,9 @@ class _Progress:
         attempt = f" [yellow]attempt {entry.attempt}[/yellow]" if entry.attempt > 1 else ""
         targets = ", ".join(entry.next)
         info.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
+        for failed in entry.failures:  # the attempts of this visit that failed before it
+            info.print(f"[dim]      attempt {failed.attempt} failed:[/dim] "
+                       + escape(f"{failed.type}: {failed.message}"))
 
     def update(self, inst: records.Instance) -> None:
         if self.live is not None:
@@ -564,6 +570,7 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
                                               help="Print the instance record on stdout.")] = False,
         no_import: Annotated[bool, typer.Option("--no-import", metavar="", help="Do not import handlers "
                                                 "(only with --etcd and --workers 0).")] = False,
+        instance_id: GivenId = None,
         etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start one instance and wait for it: embedded, or on etcd with --etcd.
 
@@ -577,14 +584,22 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
     if no_import and (not etcd.given or workers > 0):
         raise Fail(ExitCode.INVALID, "--no-import needs --etcd URLS --workers 0: embedded runs and local "
                                      "workers run the handlers, so they must import them")
+    if instance_id is not None:
+        _given_id(instance_id)
     graph_ = _load(path, no_import=no_import)
     progress = _Progress()
+    started: list[str] = []  # the instance, once it is in the store
     try:
         if etcd.given:
             etcd.options()
-            result = _run_async(lambda: _run_etcd(graph_, body, etcd, workers, limit, progress))
+            result = _run_async(lambda: _run_etcd(graph_, body, etcd, workers, limit, progress, instance_id,
+                                                  started))
         else:
-            result = _run_async(lambda: _run_embedded(graph_, body, workers, limit, progress))
+            result = _run_async(lambda: _run_embedded(graph_, body, workers, limit, progress, instance_id))
+    except Fail as exc:
+        if exc.code == ExitCode.INTERRUPTED and started:
+            raise Fail(ExitCode.INTERRUPTED, _goes_on(started[0], etcd.namespace)) from None
+        raise
     finally:
         progress.stop()
     inst, history, timed_out = result
@@ -604,7 +619,7 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
 
 
 async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | None,
-                        progress: _Progress) -> tuple:
+                        progress: _Progress, instance_id: str | None = None) -> tuple:
     from dsm import embedded
 
     if limit is not None:
@@ -614,7 +629,8 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
                                           on_update=progress.update,
-                                          on_start=lambda iid: info.print(f"instance {iid} started", markup=False))
+                                          on_start=lambda iid: info.print(f"instance {iid} started", markup=False),
+                                          instance_id=instance_id)
         return result.instance, result.history, False
     except asyncio.TimeoutError as exc:
         partial = exc.args[0]
@@ -622,7 +638,7 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
 
 
 async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, limit: float | None,
-                    progress: _Progress) -> tuple:
+                    progress: _Progress, given_id: str | None = None, started: list[str] | None = None) -> tuple:
     from dsm.client import Client
     from dsm.definitions import Registry
     from dsm.worker import running
@@ -630,8 +646,14 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
     options = etcd.options()
     async with etcd.open() as store:
         client = Client(store, options.keys)
-        instance_id = await client.submit(graph_, body)
-        info.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
+        instance_id, created = await client.start(graph_, body, instance_id=given_id)
+        if started is not None:
+            started.append(instance_id)
+        if created:
+            info.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
+        else:
+            info.print(f"instance {instance_id} exists in namespace {options.namespace!r} with this definition and "
+                       "payload: waiting for it", markup=False)
 
         async def wait() -> tuple:
             try:
@@ -646,11 +668,15 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
         registry = Registry(store, options.keys, allow=handlers.Allowlist(graph_.modules()),
                             search_path=(str(Path(graph_.file).resolve().parent),))
         registry.add(graph_)
-        async with running(store, registry, concurrency=workers, grace=5):
+        # local workers run this instance only, never other work of a shared namespace
+        async with running(store, registry, concurrency=workers, grace=5, serves=instance_id.__eq__):
             return await wait()
 
 
-def _jsonl(path: Path) -> Iterator[dict]:
+def _jsonl(path: Path) -> Iterator[tuple[str | None, dict]]:
+    """(instance id or None, payload) per line: a line is the payload; an `id` field at its top
+    level names the instance and is not part of the payload. `{"id": ID, "payload": {...}}` (those
+    two keys only) gives the payload whole, for payloads that have an `id` of their own."""
     try:
         handle = sys.stdin if str(path) == "-" else path.open(encoding="utf-8")
     except OSError as exc:
@@ -660,16 +686,39 @@ def _jsonl(path: Path) -> Iterator[dict]:
             if not line.strip():
                 continue
             try:
-                yield payloads.parse(line, what=f"{path}:{number}")
+                body = payloads.parse(line, what=f"{path}:{number}")
             except payloads.PayloadError as exc:
                 raise Fail(ExitCode.INVALID, str(exc)) from None
+            if "id" not in body:
+                yield None, body
+                continue
+            given = body.pop("id")
+            if set(body) == {"payload"} and isinstance(body["payload"], dict):
+                body = body["payload"]
+            yield _given_id(given, where=f"{path}:{number}: "), body
+
+
+def _given_id(value: object, *, where: str = "") -> str:
+    from dsm.keys import check_instance_id
+
+    try:
+        return check_instance_id(value)
+    except InputError as exc:
+        raise Fail(ExitCode.INVALID, f"{where}{exc}") from None
+
+
+def _goes_on(instance_id: str, namespace: str) -> str:
+    """What Ctrl-C on `dsm run --etcd` leaves behind, and what to do about it."""
+    return (f"interrupted; instance {instance_id} goes on in namespace {namespace!r} with the workers that serve "
+            f"its definition: follow it with 'dsm status {instance_id} --follow', cancel it with "
+            f"'dsm cancel {instance_id}'")
 
 
 @_command(etcd=True)
 def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileOpt = None,
-           jsonl: Annotated[Path | None, typer.Option("--jsonl", metavar="FILE",
-                                                      help="One instance per line of FILE ('-': stdin).")] = None,
-           no_import: NoImportOpt = False, etcd: EtcdArgs = EtcdArgs()) -> None:
+           jsonl: Annotated[Path | None, typer.Option("--jsonl", metavar="FILE", help=(
+               "One instance per line of FILE ('-': stdin); a line's top-level 'id' is its instance id."))] = None,
+           no_import: NoImportOpt = False, instance_id: GivenId = None, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Start instances on etcd; print each instance id on its own line.
 
     Imports the handler modules the definition names, running their code (--no-import skips it).
@@ -677,9 +726,14 @@ def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFi
     """
     if jsonl is not None and (payload is not None or payload_file is not None):
         raise Fail(ExitCode.INVALID, "give --jsonl or --payload/--payload-file, not both")
+    if jsonl is not None and instance_id is not None:
+        raise Fail(ExitCode.INVALID, "--id names one instance: with --jsonl, give each line an 'id' field")
     etcd.options()
     graph_ = _load(path, no_import=no_import)
-    bodies = list(_jsonl(jsonl)) if jsonl is not None else [_payload(payload, payload_file)]
+    starts = list(_jsonl(jsonl)) if jsonl is not None else [
+        (_given_id(instance_id) if instance_id is not None else None, _payload(payload, payload_file))]
+    bodies = [body for _, body in starts]
+    ids = [given for given, _ in starts] if any(given is not None for given, _ in starts) else None
 
     async def submit_all(client: Client) -> None:
         from dsm.client import SUBMIT_BATCH
@@ -687,7 +741,8 @@ def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFi
         step = 16 * SUBMIT_BATCH  # ids are printed, and progress shown, as each slice is stored
         with _counting("submitting", len(bodies) if len(bodies) > 1 else 0) as advance:
             for start in range(0, len(bodies), step):
-                for iid in await client.submit_many(graph_, bodies[start:start + step]):
+                for iid in await client.submit_many(graph_, bodies[start:start + step],
+                                                    ids=ids[start:start + step] if ids else None):
                     _emit(iid + "\n")
                 advance(min(step, len(bodies) - start))
 
@@ -772,8 +827,9 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
                                stop=stop, executor=executor,
                                housekeeping=HousekeepingOptions(compaction_retention=keep_history or 0.0)) as w:
+                where = "processes" if isolation == "process" else "threads"
                 info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
-                          f"(concurrency {concurrency}, handlers in {isolation}s, modules: {allowlist.describe()})",
+                           f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
                            markup=False)
                 await stop.wait()
             info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
@@ -786,13 +842,27 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
 @_command(etcd=True)
 def status(instance_id: InstanceId,
            as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the whole record as JSON.")] = False,
+           follow: Annotated[bool, typer.Option("--follow", "-f", metavar="", help=(
+               "Print transitions as they commit until the instance ends; exit as 'dsm run' does "
+               "(0 succeeded, 1 failed or cancelled). With --json, one history entry per line."))] = False,
            etcd: EtcdArgs = EtcdArgs()) -> None:
-    """Show one instance (the whole record with --json)."""
+    """Show one instance (the whole record with --json), or follow it (--follow)."""
+    if follow:
+        _follow(instance_id, as_json, etcd)
 
-    async def read(client: Client) -> tuple[dict[str, Any], list[str]]:
-        return await client.record(instance_id), await client.alarms()
+    async def look(client: Client) -> tuple[dict, list, list, list, list[str]]:
+        inst = await client.instance(instance_id)
+        record = records.public_record(inst, await client.history(instance_id))
+        alarms = await client.alarms()
+        if record["status"] != records.RUNNING:
+            return record, [], [], earlier_failures(inst), alarms
+        return (record, *await client.serving(record["digest"]), [], alarms)
 
-    record, alarms = etcd.call(read)
+    from dsm.describe import describe, earlier_failures, serving_line
+
+    record, workers, serving, earlier, alarms = etcd.call(look)
+    line, alone = serving_line(record, workers, serving, etcd.namespace) if record["status"] == records.RUNNING \
+        else (None, False)
     if "NOSPACE" in alarms:
         nospace = ("etcd's NOSPACE alarm is raised: it refuses writes, so no instance moves until an operator "
                    "makes room and disarms it (docs/operations.md)")
@@ -802,27 +872,69 @@ def status(instance_id: InstanceId,
             _emit(f"alarm:       {nospace}\n")
     if as_json:
         _print_json(record)
+        if alone:
+            info.print(f"dsm: note: workers: {line}", markup=False)
         return
-    lines = [f"id:          {record['id']}",
-             f"machine:     {record['machine']} ("
-             + (f"version {record['version']}, " if record["version"] is not None else "")
-             + f"{record['digest'][:19]})",
-             f"status:      {record['status']}" + (f" at {record['state']}" if record["state"] else "")]
-    if record["active"]:
-        lines.append(f"active:      {', '.join(record['active'])}")
-    lines += [f"transitions: {record['transitions']}", f"created:     {record['created_at']}"]
-    if record["finished_at"]:
-        lines.append(f"finished:    {record['finished_at']}")
-    if record["error"]:
-        e = record["error"]
-        lines.append(f"error:       {e['type']} in {e['state']} after {e['attempts']} attempt(s): {e['message']}")
-    lines.append("payload:     " + json.dumps(record["payload"], ensure_ascii=False))
-    for h in record["history"]:
-        branch = f" [{'/'.join(h['branch'])}]" if h["branch"] else ""
-        outcome = f" ({h['outcome']})" if h["outcome"] else ""
-        lines.append(f"  {h['seq']:>4} {h['at']} {h['state']}{outcome} -> {', '.join(h['next'])}{branch} "
-                     f"attempt {h['attempt']} by {h['worker']}")
-    _emit("".join(line + "\n" for line in lines))
+    _emit("".join(text + "\n" for text in describe(record, workers=line, earlier=earlier)))
+
+
+@_command("workers", etcd=True)
+def workers_command(as_json: Annotated[bool, typer.Option("--json", metavar="",
+                                                          help="Print a JSON array of workers.")] = False,
+                    etcd: EtcdArgs = EtcdArgs()) -> None:
+    """List live workers: id, host, pid, definitions served, concurrency, ticks in flight."""
+    found = etcd.call(lambda client: client.workers())
+    if as_json:
+        _print_json([w.as_dict() for w in found])
+        return
+    if not found:
+        info.print(f"no live workers in namespace {etcd.namespace!r}", markup=False)
+        return
+    rows = [["ID", "HOST", "PID", "CONCURRENCY", "IN FLIGHT", "DEFINITIONS"]]
+    for w in found:
+        served = ", ".join(f"{d.machine}" + (f" v{d.version}" if d.version is not None else "") for d in w.definitions)
+        allow = "any module" if w.allow is None else ", ".join(w.allow + w.functions) or "no module"
+        rows.append([w.id, w.host, str(w.pid), str(w.concurrency), str(w.in_flight),
+                     (served or "-") + f" (allow: {allow})"])
+    _emit(_table(rows, right=frozenset({2, 3, 4})))
+
+
+def _follow(instance_id: str, as_json: bool, etcd: EtcdArgs) -> None:
+    """`dsm status ID --follow`: the history so far, then each transition as it commits (the
+    client watches the record), and retries as they are scheduled; ends with the instance."""
+    from dsm.describe import history_lines, waiting_line
+
+    shown: set[str] = set()
+
+    def out(text: str) -> None:
+        _emit(text)
+        try:
+            sys.stdout.flush()  # as it happens, also into a pipe
+        except BrokenPipeError:
+            _drop(sys.stdout)
+
+    def on_history(entry: records.HistoryEntry) -> None:
+        if as_json:
+            out(json.dumps(entry.as_dict(), ensure_ascii=False) + "\n")
+        else:
+            out("".join(line + "\n" for line in history_lines(entry.as_dict())))
+
+    def on_update(inst: records.Instance) -> None:
+        if as_json:
+            return
+        for wait in records.waiting(inst):
+            line = waiting_line(wait)
+            if line not in shown:
+                shown.add(line)
+                out(f"       waiting: {line}\n")
+
+    inst = etcd.call(lambda client: client.wait(instance_id, on_history=on_history, on_update=on_update))
+    where = f" at {inst.state}" if inst.state else ""
+    e = inst.error
+    error = f": {e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}" if e else ""
+    (info if inst.status == records.SUCCEEDED else err).print(
+        f"instance {inst.id} {inst.status}{where} ({inst.transitions} transitions){error}", markup=False)
+    raise typer.Exit(_exit_for(inst))
 
 
 @_command("list", etcd=True)
@@ -899,13 +1011,28 @@ def _table(rows: list[list[str]], *, right: frozenset[int] = frozenset()) -> str
 
 
 @_command(etcd=True)
-def cancel(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
-    """Cancel a running instance."""
-    inst = etcd.call(lambda client: client.cancel(instance_id))
+def cancel(instance_id: InstanceId,
+           reason: Annotated[str | None, typer.Option("--reason", metavar="TEXT",
+                                                      help="Why, kept in the record with who and when.")] = None,
+           etcd: EtcdArgs = EtcdArgs()) -> None:
+    """Cancel a running instance; the record keeps who (user@host), when and why."""
+    inst = etcd.call(lambda client: client.cancel(instance_id, reason=reason))
     if inst.status == records.CANCELLED:
         info.print(f"instance {inst.id} cancelled", markup=False)
     else:
         info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
+
+
+@_command(etcd=True)
+def redrive(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
+    """Continue a failed or cancelled instance from the states that did not finish.
+
+    Each continues with the payload it had, its attempts counted afresh; finished fork branches
+    keep their results. An instance that succeeded or ended in a failure terminal state is refused.
+    """
+    inst = etcd.call(lambda client: client.redrive(instance_id))
+    info.print(f"instance {inst.id} redriven (redrive {inst.redrives}): continues at {', '.join(inst.active)}; "
+               f"'dsm status {inst.id} --follow' follows it", markup=False)
 
 
 @_command(etcd=True)

@@ -70,7 +70,8 @@ def audit(graph: Graph, inst: Instance, history: list[HistoryEntry]) -> list[str
                 say(f"seq {h.seq}: branch {h.branch[-1]} of fork {fork} arrived twice in one activation")
             if all(counter[b] >= 1 for b in graph.forks[fork].branches):
                 del arrivals[(fork, outer)]
-                pending[(target, outer)] += 1
+                if not graph.states[target].terminal:  # else the join ended the instance
+                    pending[(target, outer)] += 1
             continue
         if graph.states[target].terminal:
             if h is not history[-1]:

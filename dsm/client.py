@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import getpass
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import index, payloads, transition
 from .definitions import register
-from .errors import Compacted, ConflictError, InputError, NotFound, StoreError, StoreUnavailable
+from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
+from .idempotency import keep_input, same_start
 from .keys import Keys, WorkInfo, check_instance_id
 from .markers import MAX_TXN_OPS, reconcile, sync_marker
 from .records import (
@@ -26,7 +30,9 @@ from .records import (
     public_record,
     replace,
 )
-from .store import Compare, Delete, Put, Store, Txn, prefix_end
+from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
+from .workers import WorkerInfo, serving
+from .workers import live as live_workers
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +60,8 @@ class Client:
     async def register(self, graph: Graph) -> None:
         await register(self.store, self.keys, graph)
 
-    def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str) -> Txn:
-        inst = transition.start(graph, instance_id, payload, self.wall())
+    def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str, size: int = 0) -> Txn:
+        inst = keep_input(transition.start(graph, instance_id, payload, self.wall()), size)
         inst = replace(inst, retention=graph.retention)  # pinned, as the digest is
         key = self.keys.instance(instance_id)
         ops: list = [Put(key, dump_instance(inst))]
@@ -63,36 +69,53 @@ class Client:
         for token in inst.tokens.values():
             info = WorkInfo(graph.machine, graph.digest, token.state, token.not_before)
             ops.append(Put(self.keys.work(instance_id, token.id), info.dump()))
-        return Txn([Compare.create(key, "==", 0)], ops)
+        return Txn([Compare.create(key, "==", 0)], ops, [Get(key)])  # taken: read what holds the id
 
     async def submit(self, graph: Graph, payload: dict[str, Any] | None = None, *,
                      instance_id: str | None = None) -> str:
-        """Register the definition (once) and start one instance; return its id."""
-        (iid,) = await self.submit_many(graph, [payload or {}], ids=[instance_id] if instance_id is not None else None)
+        """Register the definition (once) and start one instance; return its id.
+
+        Starting an id that exists with the same definition and payload returns it and creates
+        nothing (safe to retry); with another definition or payload raises InstanceExists."""
+        iid, _ = await self.start(graph, payload, instance_id=instance_id)
         return iid
 
+    async def start(self, graph: Graph, payload: dict[str, Any] | None = None, *,
+                    instance_id: str | None = None) -> tuple[str, bool]:
+        """`submit`, also saying whether the instance was created (False: it existed already)."""
+        ((iid, created),) = await self._submit(graph, [payload or {}],
+                                               [instance_id] if instance_id is not None else None)
+        return iid, created
+
     async def submit_many(self, graph: Graph, batch: Iterable[dict[str, Any]], *,
-                          ids: list[str] | None = None) -> list[str]:
-        """Start many instances, up to SUBMIT_BATCH per transaction."""
+                          ids: list[str | None] | None = None) -> list[str]:
+        """Start many instances, up to SUBMIT_BATCH per transaction. `ids` gives each its id (None:
+        generated); an id that exists is handled as `submit` does."""
+        return [iid for iid, _ in await self._submit(graph, batch, ids)]
+
+    async def _submit(self, graph: Graph, batch: Iterable[dict[str, Any]],
+                      ids: list[str | None] | None) -> list[tuple[str, bool]]:
         if ids is not None:
             batch = list(batch)
-            for iid in ids:
-                check_instance_id(iid)
+            for given in ids:
+                if given is not None:
+                    check_instance_id(given)
             if len(ids) != len(batch):
                 raise InputError(f"{len(ids)} instance ids for {len(batch)} payloads")
             seen: set[str] = set()
-            for iid in ids:
-                if iid in seen:
-                    raise InputError(f"instance id {iid!r} is given twice")
-                seen.add(iid)
+            for given in ids:
+                if given in seen:
+                    raise InputError(f"instance id {given!r} is given twice")
+                if given is not None:
+                    seen.add(given)
         await self.register(graph)
-        out: list[str] = []
+        out: list[tuple[str, bool]] = []
         pending: list[tuple[str, Txn]] = []
         size = 0
         for i, payload in enumerate(batch):
-            checked, _ = payloads.check(payload)
-            iid = ids[i] if ids else new_id()
-            txn = self._create_txn(graph, checked, iid)
+            checked, checked_size = payloads.check(payload)
+            iid = (ids[i] if ids else None) or new_id()
+            txn = self._create_txn(graph, checked, iid, checked_size)
             cost = _request_bytes(txn)
             if pending and (len(pending) >= SUBMIT_BATCH or size + cost > SUBMIT_BYTES):
                 out.extend(await self._send(pending))
@@ -103,18 +126,26 @@ class Client:
             out.extend(await self._send(pending))
         return out
 
-    async def _send(self, pending: list[tuple[str, Txn]]) -> list[str]:
+    async def _send(self, pending: list[tuple[str, Txn]]) -> list[tuple[str, bool]]:
+        """Create the instances of `pending`; for each, its id and whether it was created here."""
         if len(pending) == 1:
             iid, txn = pending[0]
-            result = await self.store.txn(txn.compare, txn.success, txn.failure)
-            if not result.succeeded:
-                raise ConflictError(f"instance {iid} already exists")
-            return [iid]
-        result = await self.store.txn([], [txn for _, txn in pending])
-        for i, (iid, _) in enumerate(pending):
-            if not result.nested(i).succeeded:
-                raise ConflictError(f"instance {iid} already exists")
-        return [iid for iid, _ in pending]
+            results = [await self.store.txn(txn.compare, txn.success, txn.failure)]
+        else:
+            result = await self.store.txn([], [txn for _, txn in pending])
+            results = [result.nested(i) for i in range(len(pending))]
+        out: list[tuple[str, bool]] = []
+        for (iid, txn), result in zip(pending, results):
+            if result.succeeded:
+                out.append((iid, True))
+                continue
+            taken = result.get(0).first
+            if taken is None:  # deleted since: the id is free again
+                out.extend(await self._send([(iid, txn)]))
+                continue
+            same_start(load_instance(taken.value), load_instance(txn.success[0].value))  # type: ignore[union-attr]
+            out.append((iid, False))
+        return out
 
     async def instance(self, instance_id: str) -> Instance:
         check_instance_id(instance_id)
@@ -152,8 +183,9 @@ class Client:
                 return out
             after = page.next
 
-    async def cancel(self, instance_id: str) -> Instance:
-        """Cancel a running instance (a finished one is returned unchanged).
+    async def cancel(self, instance_id: str, *, reason: str | None = None, by: str | None = None) -> Instance:
+        """Cancel a running instance (a finished one is returned unchanged); the record keeps
+        `reason`, `by` (default: `user@host` of this process) and when.
 
         The record is written in one transaction with as many marker deletions as fit; any left
         over (an instance with more live branches than one transaction holds) go right after,
@@ -168,7 +200,7 @@ class Client:
             inst = load_instance(kv.value)
             if inst.finished:
                 return inst
-            step = transition.cancel(inst, self.wall())
+            step = transition.cancel(inst, self.wall(), reason=reason, by=by if by is not None else caller())
             ops: list = [Put(key, dump_instance(step.instance))]
             ops += index.status_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
@@ -227,15 +259,32 @@ class Client:
     async def _report(self, instance_id: str, inst: Instance, seen: int,
                       on_history: Callable[[HistoryEntry], None] | None,
                       on_update: Callable[[Instance], None] | None) -> int:
-        if on_update is not None:
-            on_update(inst)
         if on_history is None or inst.transitions <= seen:
-            return max(seen, inst.transitions)
-        for entry in await self.history(instance_id, after=seen):
-            if entry.seq > seen:
-                on_history(entry)
-                seen = entry.seq
+            seen = max(seen, inst.transitions)
+        else:
+            for entry in await self.history(instance_id, after=seen):
+                if entry.seq > seen:
+                    on_history(entry)
+                    seen = entry.seq
+        if on_update is not None:  # after the transitions that led to it
+            on_update(inst)
         return seen
+
+    async def redrive(self, instance_id: str) -> Instance:
+        """Continue a failed or cancelled instance from the states that did not finish (`dsm.redrive`)."""
+        from .redrive import redrive
+
+        check_instance_id(instance_id)
+        return await redrive(self.store, self.keys, instance_id, now=self.wall())
+
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        """The live workers of the namespace (`dsm workers`)."""
+        return await live_workers(self.store, self.keys)
+
+    async def serving(self, digest: str) -> tuple[builtins.list[WorkerInfo], builtins.list[WorkerInfo]]:
+        """(the live workers, those of them that serve the definition `digest`)."""
+        return await serving(self.store, self.keys, digest)
 
     async def page(self, *, status: str | None = None, machine: str | None = None, since: float | None = None,
                    after: str | None = None, limit: int = index.PAGE) -> index.Page:
@@ -274,3 +323,13 @@ class Client:
         except StoreError as exc:
             log.debug("cannot read the store's alarms: %s", exc)
             return []
+
+
+def caller() -> str:
+    """`user@host` of this process, for the record of who cancelled an instance."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+

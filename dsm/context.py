@@ -30,9 +30,19 @@ class Context:
     branch: tuple[str, ...]
     idempotency_key: str
     deadline: float | None
-    logger: logging.LoggerAdapter
     _reason: list[str] = field(default_factory=list, repr=False)  # set once: why the attempt was abandoned
     _beats: list[float] = field(default_factory=list, repr=False)
+    _logger: list[logging.LoggerAdapter] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def logger(self) -> logging.LoggerAdapter:
+        """`dsm.handler`, its records carrying instance, machine, state and attempt (made on first use:
+        most attempts never log, and a quick tick should not pay for it)."""
+        if not self._logger:
+            extra = {"instance": self.instance_id, "machine": self.machine, "state": self.state,
+                     "attempt": self.attempt}
+            self._logger.append(logging.LoggerAdapter(handler_log, extra))
+        return self._logger[0]
 
     def heartbeat(self, details: Any = None) -> None:
         """Report progress; raise AttemptAbandoned if the attempt should stop."""
@@ -58,7 +68,5 @@ class Context:
 
 def make_context(*, instance_id: str, machine: str, state: str, attempt: int, branch: tuple[str, ...],
                  visit: int, deadline: float | None) -> Context:
-    extra = {"instance": instance_id, "machine": machine, "state": state, "attempt": attempt}
-    logger = logging.LoggerAdapter(handler_log, extra)
     return Context(instance_id=instance_id, machine=machine, state=state, attempt=attempt, branch=branch,
-                   idempotency_key=f"{instance_id}/{visit}", deadline=deadline, logger=logger)
+                   idempotency_key=f"{instance_id}/{visit}", deadline=deadline)

@@ -92,6 +92,7 @@ class Registry:
     _broken: dict[str, str] = field(default_factory=dict)
     _loading: dict[str, asyncio.Future[Graph]] = field(default_factory=dict)
     _look_again: dict[str, float] = field(default_factory=dict)  # digest -> when a mismatch is read again
+    _machines: dict[str, str] = field(default_factory=dict)  # digest -> machine name, of refused definitions
 
     def add(self, graph: Graph) -> None:
         self._graphs[graph.digest] = graph
@@ -148,7 +149,12 @@ class Registry:
         except DefinitionError as exc:
             reason = f"cannot run definition {digest} ({raw.get('machine')}): {exc}"
             self._broken[digest] = reason
-            log.error("%s", reason)
+            self._machines[digest] = str(raw.get("machine"))
+            # Once per definition and process, in one line: its instances are left to other workers.
+            first = exc.problems[0].message if exc.problems else str(exc)
+            more = f" (and {len(exc.problems) - 1} more problem(s))" if len(exc.problems) > 1 else ""
+            log.warning("cannot run definition %s (machine %s) here: %s%s; leaving its instances to other workers",
+                        digest, raw.get("machine"), " ".join(first.split()), more)
             raise NotFound(reason) from None
         self._graphs[digest] = graph
         return graph
@@ -159,3 +165,8 @@ class Registry:
         name = Path(str(raw.get("file") or digest)).name  # a label for messages, not covered by the digest
         return compiler.compile_text(raw["source"], name, import_handlers=self.import_handlers, allow=self.allow,
                                      search_path=self.search_path)
+
+    def refused(self) -> dict[str, str | None]:
+        """Digests this process cannot run, with their machine's name when known (what a worker
+        says of itself)."""
+        return {digest: self._machines.get(digest) for digest in list(self._broken) if self.refusal(digest)}

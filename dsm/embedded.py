@@ -1,7 +1,8 @@
-"""Embedded execution: the same worker and client over a MemoryStore, all in one process.
+"""Embedded execution: one instance run to its end in this process, nothing outlives it.
 
-Nothing outlives the process. `--workers N` means N ticks may run at once, each sync handler in
-its own thread (async handlers share one event-loop thread), so fork branches really overlap.
+`--workers N` means N ticks may run at once, each on its own thread, so fork branches really
+overlap. The engine (`dsm.engine`) keeps the instance in memory and drives it with the same pure
+transition the etcd workers commit.
 """
 
 from __future__ import annotations
@@ -12,14 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import compiler, handlers
-from .client import Client
-from .definitions import Registry
+from . import compiler
+from .engine import Engine
 from .graph import Graph
-from .keys import Keys
 from .records import HistoryEntry, Instance, public_record
-from .store.memory import MemoryStore
-from .worker import running
 
 
 @dataclass
@@ -37,29 +34,21 @@ class Result:
 async def run_graph(graph: Graph, payload: dict[str, Any] | None = None, *, workers: int = 4,
                     timeout: float | None = None, on_history: Callable[[HistoryEntry], None] | None = None,
                     on_update: Callable[[Instance], None] | None = None,
-                    on_start: Callable[[str], None] | None = None) -> Result:
-    """Run one instance to its end in a fresh in-process store.
+                    on_start: Callable[[str], None] | None = None, instance_id: str | None = None) -> Result:
+    """Run one instance to its end in this process (`dsm.engine`).
 
     Raises asyncio.TimeoutError (with the partial Result as its only argument) when `timeout` passes.
     """
-    store = MemoryStore()
-    keys = Keys()
-    registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
-    registry.add(graph)
-    client = Client(store, keys)
+    engine = Engine(graph, workers=max(1, workers), on_history=on_history, on_update=on_update,
+                    inline=timeout is None)
     try:
-        async with running(store, registry, concurrency=max(1, workers), worker_id="embedded", grace=0.5):
-            instance_id = await client.submit(graph, payload or {})
-            if on_start is not None:
-                on_start(instance_id)
-            try:
-                inst = await client.wait(instance_id, timeout=timeout, on_history=on_history, on_update=on_update)
-            except asyncio.TimeoutError:
-                partial = Result(await client.instance(instance_id), await client.history(instance_id))
-                raise asyncio.TimeoutError(partial) from None
-            return Result(inst, await client.history(instance_id))
-    finally:
-        await store.close()
+        inst, history = await asyncio.wait_for(engine.run(payload or {}, instance_id, on_start=on_start), timeout)
+    except asyncio.TimeoutError:
+        run = engine.partial
+        if run is None:
+            raise
+        raise asyncio.TimeoutError(Result(run.inst, list(run.history))) from None
+    return Result(inst, history)
 
 
 def run(definition: str | Path | Graph, payload: dict[str, Any] | None = None, *, workers: int = 4,

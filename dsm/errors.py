@@ -87,3 +87,7 @@ class HandlerError(DsmError):
 
 class AttemptAbandoned(DsmError):
     """Raised by ctx.heartbeat() when the attempt no longer counts (claim lost, cancelled, timed out)."""
+
+
+class InstanceExists(InputError):
+    """An instance id is taken by an instance started with another definition or payload."""

@@ -159,6 +159,10 @@ class Graph:
         """Handler modules this machine needs, in order of first use."""
         return tuple(dict.fromkeys(s.tick.module for s in self.states.values() if s.tick))
 
+    def has_guards(self) -> bool:
+        """Whether routing this machine evaluates guard expressions (definition code, budgeted)."""
+        return any(c.guard is not None for s in self.states.values() for c in s.choose)
+
 
 def digest_of(source: str) -> str:
     """Content digest that pins an instance to the exact definition text it started with."""

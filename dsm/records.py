@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
@@ -36,9 +36,14 @@ class ErrorInfo:
     message: str
     state: str
     attempts: int
+    traceback: str | None = None  # the last attempt's traceback (its last 4 KiB), when it raised
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": self.type, "message": self.message, "state": self.state, "attempts": self.attempts}
+
+    def as_record(self) -> dict[str, Any]:
+        """The record's `error`: what `catch` offers, and the traceback."""
+        return {**self.as_dict(), "traceback": self.traceback}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,7 @@ class Token:
     attempt: int = 1
     not_before: float = 0.0
     visit: int = 1
+    failures: tuple[FailedAttempt, ...] = ()  # this visit's failed attempts, until the visit commits
 
     @property
     def branch(self) -> tuple[str, ...]:
@@ -86,10 +92,16 @@ class HistoryEntry:
     outcome: str | None
     worker: str
     at: float
+    started_at: float | None = None  # when the attempt that made this transition began
+    duration_ms: int | None = None
+    failures: tuple[FailedAttempt, ...] = ()  # the attempts of this visit that failed before it
 
     def as_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "state": self.state, "next": list(self.next), "branch": list(self.branch),
-                "attempt": self.attempt, "outcome": self.outcome, "worker": self.worker, "at": timestamp(self.at)}
+                "attempt": self.attempt, "outcome": self.outcome, "worker": self.worker, "at": timestamp(self.at),
+                "started_at": timestamp(self.started_at if self.started_at is not None else self.at),
+                "duration_ms": self.duration_ms if self.duration_ms is not None else 0,
+                "failures": [f.as_dict() for f in self.failures]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,11 @@ class Instance:
     seq: int = 0  # id counter for tokens and activations
     tokens: Mapping[str, Token] = field(default_factory=lambda: MappingProxyType({}))
     activations: Mapping[str, Activation] = field(default_factory=lambda: MappingProxyType({}))
+    input: dict[str, Any] | None = None  # the payload the instance started with
+    redrives: int = 0
+    cancel: CancelInfo | None = None
+    stopped: Stopped | None = None  # what was pending when it failed or was cancelled, for redrive
+    input_digest: str | None = None  # set when `input` was too large to keep (dsm.idempotency)
 
     @property
     def finished(self) -> bool:
@@ -131,6 +148,31 @@ class Instance:
         return self.payload if token.payload is None else token.payload
 
 
+def _evolver(cls: type) -> Callable[..., Any]:
+    """`dataclasses.replace` for one frozen dataclass, about three times faster: it sets the fields
+    of a new object directly instead of calling __init__ through a dict of every field. A step of
+    an instance makes one new record; this is that cost. The class must have no __post_init__ and
+    no init-only fields (these records have neither)."""
+    names = [f.name for f in fields(cls)]
+    body = "".join(f"    _set(new, {n!r}, changes[{n!r}] if {n!r} in changes else self.{n})\n" for n in names)
+    source = f"def evolve(self, **changes):\n    new = _new(_cls)\n{body}    return new\n"
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_set": object.__setattr__}
+    exec(source, namespace)  # the same technique dataclasses uses to write __init__
+    return namespace["evolve"]
+
+
+def evolve(inst: Instance, **changes: Any) -> Instance:
+    """A copy of `inst` with some fields changed (see `_evolver`)."""
+    unknown = changes.keys() - _INSTANCE_FIELDS
+    if unknown:
+        raise TypeError(f"Instance has no field {sorted(unknown)[0]!r}")
+    return _evolve_instance(inst, **changes)
+
+
+_evolve_instance = _evolver(Instance)
+_INSTANCE_FIELDS = frozenset(f.name for f in fields(Instance))
+
+
 def new_id() -> str:
     """A UUIDv7: time-ordered, so listings sort by creation without an index."""
     ms = time.time_ns() // 1_000_000
@@ -143,7 +185,8 @@ def new_id() -> str:
 def timestamp(at: float | None) -> str | None:
     if at is None:
         return None
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.fromtimestamp(at, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 # -- serialization at the store boundary ---------------------------------------------------------
@@ -156,14 +199,16 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
     return {
         "id": inst.id, "machine": inst.machine, "digest": inst.digest, "version": inst.version,
         "status": inst.status, "created_at": inst.created_at, "finished_at": inst.finished_at,
-        "payload": inst.payload, "error": inst.error.as_dict() if inst.error else None, "state": inst.state,
+        "payload": inst.payload, "error": inst.error.as_record() if inst.error else None, "state": inst.state,
         "transitions": inst.transitions, "seq": inst.seq,
         "retention": inst.retention,
-        "tokens": {tid: {"state": t.state, "frames": [list(f) for f in t.frames], "payload": t.payload,
-                         "attempt": t.attempt, "not_before": t.not_before, "visit": t.visit}
-                   for tid, t in inst.tokens.items()},
-        "activations": {aid: {"fork": a.fork, "frames": [list(f) for f in a.frames], "base": a.base,
-                              "arrived": dict(a.arrived)} for aid, a in inst.activations.items()},
+        "tokens": _tokens_to_dict(inst.tokens),
+        "activations": _activations_to_dict(inst.activations),
+        "input": inst.input, "redrives": inst.redrives,
+        "cancel": inst.cancel.as_dict() if inst.cancel else None,
+        "stopped": {"tokens": _tokens_to_dict(inst.stopped.tokens),
+                    "activations": _activations_to_dict(inst.stopped.activations)} if inst.stopped else None,
+        "input_digest": inst.input_digest,
     }
 
 
@@ -175,14 +220,13 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         payload=raw["payload"], error=ErrorInfo(**error) if error else None, state=raw.get("state"),
         transitions=raw["transitions"], seq=raw["seq"],
         retention=raw.get("retention"),
-        tokens=MappingProxyType({
-            tid: Token(id=tid, state=t["state"], frames=_frames(t["frames"]), payload=t["payload"],
-                       attempt=t["attempt"], not_before=t["not_before"], visit=t.get("visit", 1))
-            for tid, t in raw["tokens"].items()}),
-        activations=MappingProxyType({
-            aid: Activation(id=aid, fork=a["fork"], frames=_frames(a["frames"]), base=a["base"],
-                            arrived=MappingProxyType(a["arrived"]))
-            for aid, a in raw["activations"].items()}),
+        tokens=_tokens_from_dict(raw["tokens"]),
+        activations=_activations_from_dict(raw["activations"]),
+        input=raw.get("input"), redrives=raw.get("redrives", 0),
+        cancel=CancelInfo(**raw["cancel"]) if raw.get("cancel") else None,
+        stopped=Stopped(_tokens_from_dict(raw["stopped"]["tokens"]),
+                        _activations_from_dict(raw["stopped"]["activations"])) if raw.get("stopped") else None,
+        input_digest=raw.get("input_digest"),
     )
 
 
@@ -196,13 +240,17 @@ def load_instance(raw: bytes) -> Instance:
 
 def dump_history(entry: HistoryEntry) -> bytes:
     return codec.dumps({"seq": entry.seq, "state": entry.state, "next": entry.next, "branch": entry.branch,
-                        "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker, "at": entry.at})
+                        "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker, "at": entry.at,
+                        "started_at": entry.started_at, "duration_ms": entry.duration_ms,
+                        "failures": [f.dump() for f in entry.failures]})
 
 
 def load_history(raw: bytes) -> HistoryEntry:
     d = codec.loads(raw)
     return HistoryEntry(seq=d["seq"], state=d["state"], next=tuple(d["next"]), branch=tuple(d["branch"]),
-                        attempt=d["attempt"], outcome=d["outcome"], worker=d["worker"], at=d["at"])
+                        attempt=d["attempt"], outcome=d["outcome"], worker=d["worker"], at=d["at"],
+                        started_at=d.get("started_at"), duration_ms=d.get("duration_ms"),
+                        failures=tuple(FailedAttempt.load(f) for f in d.get("failures", ())))
 
 
 def public_record(inst: Instance, history: list[HistoryEntry] | None = None) -> dict[str, Any]:
@@ -210,17 +258,140 @@ def public_record(inst: Instance, history: list[HistoryEntry] | None = None) -> 
     record: dict[str, Any] = {
         "id": inst.id, "machine": inst.machine, "version": inst.version, "digest": inst.digest,
         "status": inst.status, "state": inst.state, "active": inst.active, "payload": inst.payload,
-        "error": inst.error.as_dict() if inst.error else None,
+        "error": inst.error.as_record() if inst.error else None,
         "created_at": timestamp(inst.created_at), "finished_at": timestamp(inst.finished_at),
         "transitions": inst.transitions,
     }
     if history is not None:
         record["history"] = [h.as_dict() for h in history]
+    record.update({"input": inst.input, "waiting": waiting(inst), "redrives": inst.redrives,
+                   "cancel": inst.cancel.public() if inst.cancel else None})
     record["expires_at"] = timestamp(inst.expires_at)  # later fields follow the contract's first ones
     return record
 
 
+# -- failed attempts, cancel and redrive (later record fields) --------------------------------------
+
+MAX_FAILURES = 10  # failed attempts kept per visit: the last ones
+MAX_ERROR_TEXT = 4096  # characters of a failed attempt's message, and of its traceback, that are kept
+
+
+def _tail(text: str | None) -> str | None:
+    return text if text is None or len(text) <= MAX_ERROR_TEXT else text[-MAX_ERROR_TEXT:]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedAttempt:
+    """One failed attempt of a visit: kept on its token until the visit commits, then on the
+    visit's history entry (`failures`), so retries leave a trace."""
+
+    attempt: int
+    type: str
+    message: str
+    traceback: str | None
+    worker: str
+    started_at: float
+    duration_ms: int
+
+    def error(self) -> dict[str, Any]:
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "error": self.error(), "worker": self.worker,
+                "started_at": timestamp(self.started_at), "duration_ms": self.duration_ms}
+
+    def dump(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "type": self.type, "message": self.message, "traceback": self.traceback,
+                "worker": self.worker, "started_at": self.started_at, "duration_ms": self.duration_ms}
+
+    @staticmethod
+    def load(d: dict[str, Any]) -> FailedAttempt:
+        return FailedAttempt(attempt=d["attempt"], type=d["type"], message=d["message"], traceback=d.get("traceback"),
+                             worker=d["worker"], started_at=d["started_at"], duration_ms=d["duration_ms"])
+
+    @staticmethod
+    def of(attempt: int, type: str, message: str, traceback: str | None, *, worker: str, started_at: float,
+           duration_ms: int) -> FailedAttempt:
+        """A failed attempt with its message cut to its first MAX_ERROR_TEXT characters, its traceback
+        to its last."""
+        return FailedAttempt(attempt, type, message[:MAX_ERROR_TEXT], _tail(traceback), worker, started_at,
+                             duration_ms)
+
+
+def kept_failures(failures: tuple[FailedAttempt, ...]) -> tuple[FailedAttempt, ...]:
+    return failures[-MAX_FAILURES:]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelInfo:
+    """Who cancelled an instance (`user@host`), when and why."""
+
+    reason: str | None
+    by: str | None
+    at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "by": self.by, "at": self.at}
+
+    def public(self) -> dict[str, Any]:
+        return {"reason": self.reason, "by": self.by, "at": timestamp(self.at)}
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The work that was pending when an instance failed or was cancelled: `dsm redrive` puts it back.
+    Workers never see it: a finished record lists no tokens and has no work markers."""
+
+    tokens: Mapping[str, Token]
+    activations: Mapping[str, Activation]
+
+
+def waiting(inst: Instance) -> list[dict[str, Any]]:
+    """What the instance waits for now, derived from its tokens: a retry's attempt, last error and
+    the time it may run (`until`; in the past when it is due or running)."""
+    out: list[dict[str, Any]] = []
+    for token in sorted(inst.tokens.values(), key=lambda t: (t.branch, t.state, t.id)):
+        if token.attempt > 1:
+            last = token.failures[-1].error() if token.failures else None
+            out.append({"state": token.state, "branch": list(token.branch), "kind": "retry",
+                        "until": timestamp(token.not_before), "signal": None, "child": None,
+                        "attempt": token.attempt, "last_error": last})
+    return out
+
+
+def _tokens_to_dict(tokens: Mapping[str, Token]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tid, t in tokens.items():
+        raw: dict[str, Any] = {"state": t.state, "frames": [list(f) for f in t.frames], "payload": t.payload,
+                               "attempt": t.attempt, "not_before": t.not_before, "visit": t.visit}
+        if t.failures:
+            raw["failures"] = [f.dump() for f in t.failures]
+        out[tid] = raw
+    return out
+
+
+def _tokens_from_dict(raw: dict[str, Any]) -> Mapping[str, Token]:
+    return MappingProxyType({
+        tid: Token(id=tid, state=t["state"], frames=_frames(t["frames"]), payload=t["payload"],
+                   attempt=t["attempt"], not_before=t["not_before"], visit=t.get("visit", 1),
+                   failures=tuple(FailedAttempt.load(f) for f in t.get("failures", ())))
+        for tid, t in raw.items()})
+
+
+def _activations_to_dict(activations: Mapping[str, Activation]) -> dict[str, Any]:
+    return {aid: {"fork": a.fork, "frames": [list(f) for f in a.frames], "base": a.base, "arrived": dict(a.arrived)}
+            for aid, a in activations.items()}
+
+
+def _activations_from_dict(raw: dict[str, Any]) -> Mapping[str, Activation]:
+    return MappingProxyType({
+        aid: Activation(id=aid, fork=a["fork"], frames=_frames(a["frames"]), base=a["base"],
+                        arrived=MappingProxyType(a["arrived"]))
+        for aid, a in raw.items()})
+
+
 __all__ = [
-    "Activation", "ErrorInfo", "HistoryEntry", "Instance", "Token", "replace",
+    "Activation", "CancelInfo", "ErrorInfo", "FailedAttempt", "HistoryEntry", "Instance", "Stopped", "Token",
+    "replace", "waiting", "MAX_FAILURES",
     "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "FINISHED", "STATUSES",
 ]

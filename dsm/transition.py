@@ -12,17 +12,24 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
+from .errors import InputError
 from .graph import Graph, Kind, State
 from .guards import GuardError
 from .records import (
     CANCELLED,
     FAILED,
     RUNNING,
+    SUCCEEDED,
     Activation,
+    CancelInfo,
     ErrorInfo,
+    FailedAttempt,
     HistoryEntry,
     Instance,
+    Stopped,
     Token,
+    evolve,
+    kept_failures,
 )
 
 _MISSING = object()
@@ -46,6 +53,8 @@ class Outcome:
     payload: dict[str, Any] | None = None
     label: str | None = None
     failure: Failure | None = None
+    started_at: float | None = None  # wall-clock time the attempt began (None: a state without a tick)
+    duration: float | None = None  # seconds it ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,19 +75,21 @@ class Step:
 def start(graph: Graph, instance_id: str, payload: dict[str, Any], now: float) -> Instance:
     """A new instance with one token at the start state."""
     inst = Instance(id=instance_id, machine=graph.machine, digest=graph.digest, version=graph.version,
-                    created_at=now, payload=payload, seq=1)
+                    created_at=now, payload=payload, seq=1, input=payload)
     token = Token(id="t1", state=graph.start)
     if graph.states[graph.start].terminal:
         return _finish(inst, graph.states[graph.start], now)
-    return replace(inst, tokens=MappingProxyType({token.id: token}))
+    return evolve(inst, tokens=MappingProxyType({token.id: token}))
 
 
-def cancel(inst: Instance, now: float) -> Step:
-    """Cancel a running instance: every token goes, nothing else runs."""
+def cancel(inst: Instance, now: float, *, reason: str | None = None, by: str | None = None) -> Step:
+    """Cancel a running instance: every token goes, nothing else runs (what was pending is kept
+    aside for a redrive)."""
     if inst.finished:
         return Step(inst)
-    done = replace(inst, status=CANCELLED, finished_at=now, tokens=MappingProxyType({}),
-                   activations=MappingProxyType({}))
+    done = evolve(inst, status=CANCELLED, finished_at=now, tokens=MappingProxyType({}),
+                   activations=MappingProxyType({}), cancel=CancelInfo(reason, by, now),
+                   stopped=Stopped(inst.tokens, inst.activations))
     return Step(done, removed=tuple(inst.tokens))
 
 
@@ -89,14 +100,14 @@ def advance(graph: Graph, inst: Instance, token_id: str, outcome: Outcome, *, no
     token = inst.tokens[token_id]
     state = graph.states[token.state]
     if outcome.failure is not None:
-        return _failed_attempt(graph, inst, token, state, outcome.failure, now, worker)
+        return _failed_attempt(graph, inst, token, state, outcome.failure, outcome, now, worker)
     payload = outcome.payload if outcome.payload is not None else inst.payload_of(token)
     try:
         targets = _route(state, outcome.label, payload, inst)
     except _RouteError as exc:
         failure = Failure(exc.type, exc.message, retryable=False)
-        return _failed_attempt(graph, inst, token, state, failure, now, worker)
-    return _move(graph, inst, token, targets, payload, outcome.label, now, worker)
+        return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
+    return _move(graph, inst, token, targets, payload, outcome.label, now, worker, outcome)
 
 
 class _RouteError(Exception):
@@ -142,44 +153,61 @@ def _labels(state: State) -> str:
     return ", ".join(repr(k) for k in state.on)
 
 
-def _failed_attempt(graph: Graph, inst: Instance, token: Token, state: State, failure: Failure,
+def _failed_attempt(graph: Graph, inst: Instance, token: Token, state: State, failure: Failure, outcome: Outcome,
                     now: float, worker: str) -> Step:
+    # the token keeps the failed attempts of its visit: its history entry lists them when it commits
+    started_at, duration_ms = _timing(outcome, now)
+    failed = FailedAttempt.of(token.attempt, failure.type, failure.message, failure.traceback, worker=worker,
+                              started_at=started_at, duration_ms=duration_ms)
+    token = replace(token, failures=kept_failures(token.failures + (failed,)))
     policy = state.retry
     if failure.retryable and token.attempt < policy.max_attempts and policy.retries(failure.type, failure.bases):
         wait = policy.delay(token.attempt, f"{inst.id}/{token.id}/{token.attempt}")
         again = replace(token, attempt=token.attempt + 1, not_before=now + wait)
         tokens = dict(inst.tokens)
         tokens[token.id] = again
-        return Step(replace(inst, tokens=MappingProxyType(tokens)), upserted=(again,))
-    error = ErrorInfo(type=failure.type, message=failure.message, state=state.name, attempts=token.attempt)
+        return Step(evolve(inst, tokens=MappingProxyType(tokens)), upserted=(again,))
+    error = ErrorInfo(type=failure.type, message=failed.message, state=state.name, attempts=token.attempt,
+                      traceback=failed.traceback)
     if state.catch:
         payload = dict(inst.payload_of(token))
         payload["error"] = error.as_dict()
-        return _move(graph, inst, token, (state.catch,), payload, None, now, worker)
-    return fail(inst, error, now)
+        return _move(graph, inst, token, (state.catch,), payload, None, now, worker, outcome)
+    tokens = dict(inst.tokens)
+    tokens[token.id] = token
+    return fail(evolve(inst, tokens=MappingProxyType(tokens)), error, now)
+
+
+def _timing(outcome: Outcome, now: float) -> tuple[float, int]:
+    """When an attempt began and how long it ran, in milliseconds (a tick-less state: now, 0)."""
+    started_at = outcome.started_at if outcome.started_at is not None else now
+    return started_at, round(outcome.duration * 1000) if outcome.duration is not None else 0
 
 
 def fail(inst: Instance, error: ErrorInfo, now: float) -> Step:
-    """Fail the whole instance: a branch failing stops its siblings too."""
-    done = replace(inst, status=FAILED, error=error, finished_at=now, tokens=MappingProxyType({}),
-                   activations=MappingProxyType({}))
+    """Fail the whole instance: a branch failing stops its siblings too. What was pending is kept
+    aside (`stopped`), for a redrive."""
+    done = evolve(inst, status=FAILED, error=error, finished_at=now, tokens=MappingProxyType({}),
+                   activations=MappingProxyType({}), stopped=Stopped(inst.tokens, inst.activations))
     return Step(done, removed=tuple(inst.tokens))
 
 
 def _finish(inst: Instance, terminal: State, now: float) -> Instance:
-    return replace(inst, status=terminal.status, state=terminal.name, finished_at=now,
+    return evolve(inst, status=terminal.status, state=terminal.name, finished_at=now,
                    tokens=MappingProxyType({}), activations=MappingProxyType({}))
 
 
 def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], payload: dict[str, Any],
-          label: str | None, now: float, worker: str) -> Step:
+          label: str | None, now: float, worker: str, outcome: Outcome) -> Step:
     state = graph.states[token.state]
     if inst.transitions + 1 > graph.max_transitions:
         error = ErrorInfo(type="LoopGuard", message=f"instance exceeded max_transitions={graph.max_transitions} "
                           f"at state {state.name!r}", state=state.name, attempts=token.attempt)
         return fail(inst, error, now)
+    started_at, duration_ms = _timing(outcome, now)
     entry = HistoryEntry(seq=inst.transitions + 1, state=state.name, next=targets, branch=token.branch,
-                         attempt=token.attempt, outcome=label, worker=worker, at=now)
+                         attempt=token.attempt, outcome=label, worker=worker, at=now, started_at=started_at,
+                         duration_ms=duration_ms, failures=token.failures)
     tokens = dict(inst.tokens)
     del tokens[token.id]
     activations = dict(inst.activations)
@@ -219,8 +247,11 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
                                       attempts=token.attempt)
                     failed = fail(inst, error, now)
                     return failed
-                seq += 1
                 outer = act.frames
+                if target_state.terminal and not outer:  # the join is where the instance ends
+                    done = _finish(evolve(inst, payload=merged, transitions=inst.transitions + 1), target_state, now)
+                    return Step(done, removed=tuple(inst.tokens), history=(entry,))
+                seq += 1
                 child = Token(id=f"t{seq}", state=target, frames=outer, payload=merged if outer else None, visit=seq)
                 if not outer:
                     main_payload = merged
@@ -229,7 +260,7 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
         elif target_state.terminal:
             if token.frames:  # the compiler forbids this; keep the record consistent if it ever happens
                 raise AssertionError(f"terminal state {target!r} reached inside a fork branch")
-            done = _finish(replace(inst, payload=payload, transitions=inst.transitions + 1), target_state, now)
+            done = _finish(evolve(inst, payload=payload, transitions=inst.transitions + 1), target_state, now)
             return Step(done, removed=tuple(inst.tokens), history=(entry,))
         else:
             # Along a line the token keeps its id: its work marker and claim stay where they are.
@@ -239,11 +270,11 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
             if not token.frames:
                 main_payload = payload
             tokens[moved.id] = moved
-            new = replace(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
+            new = evolve(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
                           tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))
             return Step(new, upserted=(moved,), history=(entry,))
 
-    new = replace(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
+    new = evolve(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
                   tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))
     return Step(new, removed=(token.id,), upserted=tuple(upserted), history=(entry,))
 
@@ -259,15 +290,15 @@ class MergeConflict(Exception):
     """Two branches changed one key to different values."""
 
 
-def _same_json(a: Any, b: Any) -> bool:
+def same_json(a: Any, b: Any) -> bool:
     """Equal as JSON values: Python's == holds 1 == 1.0 == True and 0 == False, at any depth,
     but in JSON a number and a boolean (and an integer and a float) are different values."""
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+        return a.keys() == b.keys() and all(same_json(v, b[k]) for k, v in a.items())
     if isinstance(a, list):
-        return len(a) == len(b) and all(map(_same_json, a, b))
+        return len(a) == len(b) and all(map(same_json, a, b))
     return bool(a == b)
 
 
@@ -285,10 +316,10 @@ def merge(mode: str, base: dict[str, Any], arrived: dict[str, dict[str, Any]], o
         for key in [*base, *(k for k in payload if k not in base)]:
             before = base.get(key, _MISSING)
             after = payload.get(key, _MISSING)
-            if _same_json(before, after):
+            if same_json(before, after):
                 continue
             if key in changed_by:
-                if not _same_json(out.get(key, _MISSING), after):
+                if not same_json(out.get(key, _MISSING), after):
                     raise MergeConflict(f"fork {fork!r}: branches {changed_by[key]!r} and {branch!r} both "
                                         f"changed key {key!r} to different values")
                 continue
@@ -300,5 +331,28 @@ def merge(mode: str, base: dict[str, Any], arrived: dict[str, dict[str, Any]], o
     return out
 
 
-__all__ = ["Failure", "Outcome", "Step", "advance", "cancel", "changes", "fail", "merge", "start",
-           "MergeConflict"]
+def redrive(inst: Instance) -> Step:
+    """Continue a failed or cancelled instance from the work that was pending when it stopped: each
+    token with the payload it had, its attempts counted afresh, now. Fork activations come back
+    with the branches that had arrived, so finished branches keep their results and each join
+    still fires exactly once. Raises InputError for an instance that cannot be redriven."""
+    if inst.status == RUNNING:
+        raise InputError(f"instance {inst.id} is running: only a failed or cancelled instance can be redriven")
+    if inst.status == SUCCEEDED:
+        raise InputError(f"instance {inst.id} succeeded at {inst.state}: there is nothing to redrive")
+    if inst.status == FAILED and inst.error is None:
+        raise InputError(f"instance {inst.id} ended in its failure terminal state {inst.state!r} (status: failed): "
+                         "it went where the machine sends it, no error stopped it, so there is nothing to redrive; "
+                         "start a new instance instead")
+    if inst.stopped is None or not inst.stopped.tokens:
+        raise InputError(f"instance {inst.id} is {inst.status} but its record keeps no pending work to continue "
+                         "from (it stopped before this version of dsm kept it)")
+    tokens = {tid: replace(t, attempt=1, not_before=0.0) for tid, t in inst.stopped.tokens.items()}
+    again = evolve(inst, status=RUNNING, state=None, error=None, finished_at=None, cancel=None, stopped=None,
+                    tokens=MappingProxyType(tokens), activations=inst.stopped.activations,
+                    redrives=inst.redrives + 1)
+    return Step(again, upserted=tuple(tokens.values()))
+
+
+__all__ = ["Failure", "Outcome", "Step", "advance", "cancel", "changes", "fail", "merge", "redrive", "same_json",
+           "start", "MergeConflict"]

@@ -67,3 +67,18 @@ def test_counts_and_sequence_numbers_are_checked(run):
     assert any("record counts" in p for p in audit(DOCUMENT, dataclasses.replace(inst, transitions=1), history))
     gap = history[:2] + [dataclasses.replace(h, seq=h.seq + 1) for h in history[2:]]
     assert any("seqs are not" in p for p in audit(DOCUMENT, inst, gap))
+
+
+def test_a_run_whose_join_is_its_terminal_state_passes(write):
+    graph = compiler.load(write("joinend.yaml", """
+        machine: joinend
+        start: split
+        states:
+          split: {fork: [a, b], join: end}
+          a: {next: end}
+          b: {next: end}
+          end: {terminal: true}
+        """))
+    done, histories, _ = asyncio.run(run_instances(MemoryStore(), graph, [{}], timeout=20))
+    assert done[0].status == SUCCEEDED and done[0].state == "end"
+    assert audit(graph, done[0], histories[0]) == []

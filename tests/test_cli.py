@@ -12,9 +12,11 @@ from clitools import ROOT, dsm, spawn
 from helpers import one_tick_machine
 
 RECORD_KEYS = ["id", "machine", "version", "digest", "status", "state", "active", "payload", "error",
-               "created_at", "finished_at", "transitions", "history", "expires_at"]
-HISTORY_KEYS = ["seq", "state", "next", "branch", "attempt", "outcome", "worker", "at"]
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+               "created_at", "finished_at", "transitions", "history"]
+LATER_KEYS = ["input", "waiting", "redrives", "cancel", "expires_at"]  # added after the contract's first fields
+HISTORY_KEYS = ["seq", "state", "next", "branch", "attempt", "outcome", "worker", "at", "started_at", "duration_ms",
+                "failures"]
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 ORDER = "definitions/order.yaml"
 
 
@@ -106,7 +108,9 @@ def test_run_json_record_matches_the_contract():
     result = dsm("run", ORDER, "--json", "--payload", '{"total": 120, "address": "1 Main St"}')
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
-    assert list(record) == RECORD_KEYS
+    assert list(record) == RECORD_KEYS + LATER_KEYS
+    assert record["input"] == {"total": 120, "address": "1 Main St"} and record["waiting"] == []
+    assert record["redrives"] == 0 and record["cancel"] is None
     assert (record["machine"], record["version"], record["status"], record["state"]) == ("order", 1, "succeeded",
                                                                                         "done")
     assert record["digest"].startswith("sha256:") and record["active"] == [] and record["error"] is None
@@ -195,8 +199,9 @@ def test_handler_that_raises_is_a_clean_failure_not_a_traceback(write):
         """, raisemod="def boom(payload, ctx):\n    raise RuntimeError('kaboom')\n")
     result = dsm("run", str(path), "--json")
     assert result.returncode == 1
-    assert json.loads(result.stdout)["error"] == {"type": "RuntimeError", "message": "kaboom", "state": "s",
-                                                  "attempts": 1}
+    error = json.loads(result.stdout)["error"]
+    assert error.pop("traceback").endswith("in boom\n    raise RuntimeError('kaboom')\nRuntimeError: kaboom\n")
+    assert error == {"type": "RuntimeError", "message": "kaboom", "state": "s", "attempts": 1}
     assert "Traceback" not in result.stderr and "kaboom" in result.stderr
     verbose = dsm("-v", "run", str(path))
     assert "Traceback" in verbose.stderr  # tracebacks go to the log with --verbose
@@ -480,3 +485,11 @@ def test_graph_ids_of_unsafe_names_do_not_collide(write):
     ids = re.findall(r'^\s+state "a-b" as (\S+)$', text, re.M)
     assert len(ids) == 1 and ids[0] != "a_b_"
     assert (ids[0], "a_b_") in edges and ("a_b_", "done") in edges
+
+
+def test_run_embedded_with_an_id():
+    result = dsm("run", ORDER, "--id", "order-7", "--json", "--payload", '{"total": 5}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["id"] == "order-7" and "instance order-7 started" in result.stderr
+    bad = dsm("run", ORDER, "--id", "-leading-dash")
+    assert bad.returncode == 2 and "invalid instance id" in bad.stderr

@@ -121,3 +121,70 @@ def test_https_to_a_plaintext_etcd_says_tls_failed(etcd_url):
     assert result.returncode == 3
     assert "TLS" in result.stderr and "connection refused" not in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_with_local_workers_runs_only_its_own_instance(at):
+    """A developer's `dsm run --etcd` against a shared namespace must not run other people's work."""
+    (other,) = submit(at, ORDER, "--payload", '{"total": 5}')
+    result = dsm("run", ORDER, "--payload", '{"total": 7}', "--workers", "2", "--json", *at)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "succeeded"
+    record = json.loads(dsm("status", other, "--json", *at).stdout)
+    assert record["status"] == "running" and record["transitions"] == 0
+
+
+FLAKY = """
+machine: flaky
+start: s
+states:
+  s:
+    tick: clifflaky:call
+    retry: {max_attempts: 3, backoff: 10ms, jitter: false}
+    next: done
+  done:
+    terminal: true
+"""
+FLAKY_PY = """
+def call(payload, ctx):
+    if ctx.attempt < payload.get("succeed_at", 99):
+        raise ConnectionError(f"refused on attempt {ctx.attempt}")
+"""
+
+
+def run_id(result):
+    assert result.returncode in (0, 1, 4), result.stderr
+    return re.search(r"instance (\S+) submitted", result.stderr).group(1)
+
+
+def test_status_shows_failed_attempts_with_tracebacks_and_the_final_error(at, write):
+    path = str(write("flaky.yaml", FLAKY, clifflaky=FLAKY_PY))
+    ok = run_id(dsm("run", path, "--payload", '{"succeed_at": 3}', *at))
+    shown = dsm("status", ok, *at)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"attempt 1 failed at \S+ on \S+ after \d+ ms: ConnectionError: refused on attempt 1",
+                     shown.stdout)
+    assert "attempt 2 failed" in shown.stdout and 'raise ConnectionError(f"refused on attempt' in shown.stdout
+    bad = run_id(dsm("run", path, *at))
+    shown = dsm("status", bad, *at)
+    assert "error:       ConnectionError in s after 3 attempt(s): refused on attempt 3" in shown.stdout
+    assert "Traceback (most recent call last)" in shown.stdout and "clifflaky.py" in shown.stdout
+
+
+def test_status_shows_a_retry_waiting(at, write):
+    path = str(write("later.yaml", FLAKY.replace("10ms", "1h"), clifflaky=FLAKY_PY))
+    result = dsm("run", path, "--timeout", "3s", "--json", *at)
+    assert result.returncode == 4, result.stderr
+    iid = json.loads(result.stdout)["id"]
+    shown = dsm("status", iid, *at)
+    assert re.search(r"^waiting:\s+s: retry, attempt 2 at \S+, after ConnectionError: refused on attempt 1$",
+                     shown.stdout, re.M), shown.stdout
+    assert "status:      running" in shown.stdout
+
+
+def test_status_of_an_instance_that_failed_shows_its_earlier_attempts_too(at, write):
+    path = str(write("flaky.yaml", FLAKY, clifflaky=FLAKY_PY))
+    bad = run_id(dsm("run", path, *at))
+    shown = dsm("status", bad, *at).stdout
+    assert re.search(r"^\s+s: attempt 1 failed at \S+ on \S+ after \d+ ms: ConnectionError: refused on attempt 1$",
+                     shown, re.M), shown
+    assert "s: attempt 2 failed" in shown and "s: attempt 3 failed" not in shown  # the third is the error

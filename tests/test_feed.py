@@ -17,7 +17,7 @@ INFO = WorkInfo("m", "sha256:x", "s").dump()
 
 def feed_on(store, keys, cap, page_size=1000):
     queue = CandidateQueue(time.monotonic, cap)
-    feed = WorkFeed(store, keys, queue, name="test", admits=lambda info: True, held=lambda *a: False,
+    feed = WorkFeed(store, keys, queue, name="test", admits=lambda ref, info: True, held=lambda *a: False,
                     page_size=page_size)
     return feed, queue
 

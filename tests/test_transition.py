@@ -425,3 +425,179 @@ def test_start_at_a_terminal_state_finishes_at_once():
     """)
     inst = start(graph, "i", {"a": 1}, NOW)
     assert inst.status == SUCCEEDED and inst.state == "done" and inst.transitions == 0
+
+
+# -- failed attempts, waiting, redrive ---------------------------------------------------------------
+
+def failed(type_="IOError", message="down", traceback="Traceback ...\nIOError: down\n", started_at=NOW - 2,
+           duration=0.25):
+    return Outcome(failure=Failure(type_, message, traceback=traceback), started_at=started_at, duration=duration)
+
+
+def test_retried_attempts_are_kept_and_land_on_the_history_entry_of_the_visit():
+    from dsm.records import public_record
+
+    inst = start(RETRY, "i", {}, NOW)
+    inst = advance(RETRY, inst, "t1", failed(message="first"), now=NOW, worker="w1").instance
+    inst = advance(RETRY, inst, "t1", failed(message="second", started_at=NOW + 1), now=NOW + 2,
+                   worker="w2").instance
+    (token,) = inst.tokens.values()
+    assert [(f.attempt, f.message, f.worker) for f in token.failures] == [(1, "first", "w1"), (2, "second", "w2")]
+    record = public_record(inst)
+    assert record["status"] == RUNNING and record["error"] is None
+    (wait,) = record["waiting"]
+    assert wait == {"state": "s", "branch": [], "kind": "retry", "until": record_time(token.not_before),
+                    "signal": None, "child": None, "attempt": 3,
+                    "last_error": {"type": "IOError", "message": "second",
+                                   "traceback": "Traceback ...\nIOError: down\n"}}
+    s = advance(RETRY, inst, "t1", Outcome(payload={"ok": 1}, started_at=NOW + 20, duration=0.5), now=NOW + 21,
+                worker="w3")
+    (entry,) = s.history
+    assert entry.attempt == 3 and entry.started_at == NOW + 20 and entry.duration_ms == 500
+    shown = entry.as_dict()
+    assert shown["failures"][0] == {"attempt": 1, "error": {"type": "IOError", "message": "first",
+                                                            "traceback": "Traceback ...\nIOError: down\n"},
+                                    "worker": "w1", "started_at": record_time(NOW - 2), "duration_ms": 250}
+    assert [f["attempt"] for f in shown["failures"]] == [1, 2]
+    assert public_record(s.instance)["waiting"] == []
+
+
+def record_time(at):
+    from dsm.records import timestamp
+
+    return timestamp(at)
+
+
+def test_failures_kept_per_visit_are_capped_and_long_texts_cut():
+    from dsm.records import MAX_ERROR_TEXT, MAX_FAILURES
+
+    graph = machine("""
+        machine: m
+        start: s
+        states:
+          s: {tick: m:f, retry: {max_attempts: 30, backoff: 0}, next: done}
+          done: {terminal: true}
+    """)
+    inst = start(graph, "i", {}, NOW)
+    for n in range(1, 16):
+        inst = advance(graph, inst, "t1", failed(message=f"m{n}" + "x" * 10_000, traceback="y" * 10_000 + f"end{n}"),
+                       now=NOW, worker="w").instance
+    (token,) = inst.tokens.values()
+    assert [f.attempt for f in token.failures] == list(range(16 - MAX_FAILURES, 16))
+    last = token.failures[-1]
+    assert len(last.message) == MAX_ERROR_TEXT and last.message.startswith("m15")
+    assert len(last.traceback) == MAX_ERROR_TEXT and last.traceback.endswith("end15")
+
+
+def test_a_final_failure_keeps_type_message_traceback_and_what_was_pending():
+    inst = start(RETRY, "i", {"n": 1}, NOW)
+    for _ in range(3):
+        inst = step(RETRY, inst, "s", failed()).instance
+    end = step(RETRY, inst, "s", failed(message="for good", traceback="tb4")).instance
+    assert end.status == FAILED and not end.tokens
+    assert end.error.as_record() == {"type": "IOError", "message": "for good", "state": "s", "attempts": 4,
+                                     "traceback": "tb4"}
+    (kept,) = end.stopped.tokens.values()
+    assert kept.state == "s" and [f.attempt for f in kept.failures] == [1, 2, 3, 4]
+
+
+def test_catch_lists_every_failed_attempt_and_offers_no_traceback_in_the_payload():
+    graph = machine("""
+        machine: m
+        start: s
+        states:
+          s: {tick: m:f, retry: {max_attempts: 2, backoff: 0}, catch: handle, next: done}
+          handle: {next: done}
+          done: {terminal: true}
+    """)
+    inst = step(graph, start(graph, "i", {}, NOW), "s", failed()).instance
+    s = step(graph, inst, "s", failed(message="again"))
+    (entry,) = s.history
+    assert [f.message for f in entry.failures] == ["down", "again"]
+    assert "traceback" not in s.instance.payload["error"]
+
+
+def test_redrive_continues_a_failed_instance_where_it_stopped_with_fresh_attempts():
+    from dsm.transition import redrive
+
+    inst = step(RETRY, start(RETRY, "i", {"n": 1}, NOW), "s", failed()).instance
+    end = step(RETRY, inst, "s", Outcome(failure=Failure("Fatal", "no", retryable=False))).instance
+    assert end.status == FAILED
+    s = redrive(end)
+    again = s.instance
+    assert (again.status, again.error, again.finished_at, again.stopped, again.redrives) == (RUNNING, None, None,
+                                                                                              None, 1)
+    (token,) = again.tokens.values()
+    assert (token.state, token.attempt, token.not_before) == ("s", 1, 0.0) and s.upserted == (token,)
+    assert token.visit == inst.tokens[token.id].visit  # the same visit: the same idempotency key
+    done = step(RETRY, again, "s", ok({"n": 2})).instance
+    assert done.status == SUCCEEDED and done.payload == {"n": 2} and done.redrives == 1
+
+
+def test_redrive_of_a_failed_branch_keeps_the_finished_branches():
+    from dsm.transition import redrive
+
+    inst = step(FORK, start(FORK, "i", {}, NOW), "f").instance
+    inst = step(FORK, inst, "a", ok({"a": 1})).instance  # a arrived at the join
+    inst = step(FORK, inst, "b", ok({"b": 1})).instance  # b moved on to b2
+    end = step(FORK, inst, "c", Outcome(failure=Failure("RuntimeError", "boom"))).instance
+    assert end.status == FAILED
+    again = redrive(end).instance
+    assert sorted(t.state for t in again.tokens.values()) == ["b2", "c"]
+    (activation,) = again.activations.values()
+    assert set(activation.arrived) == {"a"}
+    inst = step(FORK, again, "b2", ok({"b": 2}), branch=("b",)).instance
+    s = step(FORK, inst, "c", ok({"c": 1}), branch=("c",))
+    assert [t.state for t in s.upserted] == ["j"]  # the join fires, once, with every branch's result
+    assert s.instance.payload == {"a": 1, "b": 2, "c": 1}
+
+
+def test_redrive_of_a_cancelled_instance_and_what_is_refused():
+    from dsm.errors import InputError
+    from dsm.transition import redrive
+
+    inst = step(FORK, start(FORK, "i", {}, NOW), "f").instance
+    cancelled = cancel(inst, NOW + 1, reason="wrong input", by="ann@box").instance
+    assert cancelled.cancel.public() == {"reason": "wrong input", "by": "ann@box", "at": record_time(NOW + 1)}
+    again = redrive(cancelled).instance
+    assert again.status == RUNNING and again.cancel is None and set(again.tokens) == set(inst.tokens)
+    with pytest.raises(InputError, match="running"):
+        redrive(again)
+    by_design = step(LINEAR, step(LINEAR, step(LINEAR, start(LINEAR, "i", {}, NOW), "a").instance, "b").instance,
+                     "c", ok(label="no")).instance
+    with pytest.raises(InputError, match="failure terminal state 'failed'"):
+        redrive(by_design)
+    succeeded = step(LINEAR, step(LINEAR, step(LINEAR, start(LINEAR, "i", {}, NOW), "a").instance, "b").instance,
+                     "c", ok(label="yes")).instance
+    with pytest.raises(InputError, match="succeeded"):
+        redrive(succeeded)
+
+
+def test_records_round_trip_the_later_fields():
+    from dsm.records import dump_history, dump_instance, load_history, load_instance, public_record
+
+    inst = step(RETRY, start(RETRY, "i", {"n": 1}, NOW), "s", failed()).instance
+    assert load_instance(dump_instance(inst)) == inst
+    cancelled = cancel(inst, NOW + 1, reason="r", by="u@h").instance
+    assert load_instance(dump_instance(cancelled)) == cancelled
+    assert public_record(inst)["input"] == {"n": 1}
+    entry = step(RETRY, inst, "s", ok()).history[0]
+    assert load_history(dump_history(entry)) == entry
+
+
+def test_a_join_at_a_terminal_state_ends_the_instance():
+    graph = machine("""
+        machine: m
+        start: split
+        states:
+          split: {fork: [a, b], join: end}
+          a: {tick: m:f, next: end}
+          b: {tick: m:f, next: end}
+          end: {terminal: true}
+    """)
+    inst = step(graph, start(graph, "i", {}, NOW), "split").instance
+    inst = step(graph, inst, "a", ok({"a": 1})).instance
+    s = step(graph, inst, "b", ok({"b": 2}))
+    end = s.instance
+    assert (end.status, end.state, end.transitions, end.payload) == (SUCCEEDED, "end", 3, {"a": 1, "b": 2})
+    assert not end.tokens and not end.activations and s.history[0].next == ("end",)

@@ -16,12 +16,13 @@ found by the claim audit (the keys under our lease) and given back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import payloads
 from ..batching import Batcher
@@ -35,15 +36,18 @@ from ..records import Instance, Token
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import Failure, Outcome, Step
 from .cache import RecordCache
-from .executor import Attempt, Executor, ThreadExecutor, TickCall
+from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper
 from .nospace import WriteGate
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
+from .presence import Presence
 from .queue import CandidateQueue
 from .slots import Slots
 
 log = logging.getLogger("dsm.worker")
+
+UNSERVABLE_KEPT = 100_000  # instances remembered as unservable here, so their claims given back are not retaken
 
 
 def default_worker_id() -> str:
@@ -92,7 +96,9 @@ class Worker:
                  sweep_interval: float = 30.0, batch_ops: int = 64, wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, on_commit: Callable[[Step], None] | None = None,
                  prefetch: int | None = None, executor: Executor | None = None,
-                 audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS):
+                 audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS,
+                 offload_guards: bool = True, serves: Callable[[str], bool] | None = None,
+                 presence_interval: float = 5.0):
         self.store = store
         self.registry = registry
         self.keys = keys or registry.keys
@@ -101,6 +107,12 @@ class Worker:
         self.payload_limit = payload_limit if payload_limit is not None else payloads.default_limit()
         self.max_record_bytes = max_record_bytes
         self.max_txn_ops = max_txn_ops
+        # Guards are definition code: each evaluation is budgeted (dsm.guards), but a commit may
+        # evaluate many, so commits of machines with guards are planned on a thread, off the loop
+        # that keeps the lease. Embedded runs, whose definitions are the user's own, skip the hop.
+        self.offload_guards = offload_guards
+        self.serves = serves  # which instances this worker may run (None: every one of the namespace)
+        self._guarded: dict[str, bool] = {}
         self.sweep_interval = sweep_interval
         self.audit_interval = audit_interval if audit_interval is not None else lease_ttl
         self.wall = wall
@@ -123,6 +135,9 @@ class Worker:
         self._claims = Batcher(store, max_ops=batch_ops)
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
+        self._unservable: dict[str, str] = {}  # instance -> digest this worker cannot run (oldest first)
+        self.presence = Presence(store, self.keys, self.lease, registry, worker_id=self.id, concurrency=concurrency,
+                                 in_flight=lambda: len(self._jobs), interval=presence_interval, wall=wall)
         self.housekeeper: Housekeeper | None = None  # when it stands in the housekeeping election (`running`)
         self.gate = WriteGate(store, name=self.id)  # closed while etcd refuses writes (NOSPACE)
 
@@ -139,7 +154,8 @@ class Worker:
         self._tasks = [loop.create_task(self.lease.keep(), name="dsm-keepalive"),
                        loop.create_task(self.feed.run(), name="dsm-feed"),
                        loop.create_task(self._dispatch(), name="dsm-dispatch"),
-                       loop.create_task(self._audit(), name="dsm-audit")]
+                       loop.create_task(self._audit(), name="dsm-audit"),
+                       loop.create_task(self.presence.run(), name="dsm-presence")]
         stopper = loop.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -184,8 +200,18 @@ class Worker:
                 job.attempt.abandon("the worker's lease expired")
 
     # -- what the feed asks ------------------------------------------------------------------
-    def _admits(self, info: WorkInfo | None) -> bool:
-        return info is None or not self.registry.refusal(info.digest)
+    def _admits(self, ref: TokenRef, info: WorkInfo | None) -> bool:
+        """Whether to take this work: not an instance this worker does not serve (`serves`), nor one
+        whose definition it cannot run. A claim given back says nothing of the definition, so
+        instances met with one are remembered."""
+        if self.serves is not None and not self.serves(ref[0]):
+            return False
+        digest = info.digest if info is not None else self._unservable.get(ref[0])
+        if digest is None or not self.registry.refusal(digest):
+            if info is None and digest is not None:
+                del self._unservable[ref[0]]  # the definition may run now (its content was repaired)
+            return True
+        return False
 
     def _held(self, ref: TokenRef, revision: int, why: str) -> bool:
         job = self._jobs.get(ref)
@@ -408,7 +434,11 @@ class Worker:
             try:
                 graph = await self.registry.get(inst.digest)
             except NotFound as exc:
-                log.error("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                # Said once per definition, by the registry; here, for each instance, only in debug.
+                log.debug("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                self._unservable[iid] = inst.digest
+                while len(self._unservable) > UNSERVABLE_KEPT:
+                    del self._unservable[next(iter(self._unservable))]
                 await self._release(job.ref, job.claim_rev)
                 return
             outcome = await self._attempt(graph, inst, token, job)
@@ -430,15 +460,11 @@ class Worker:
                         visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
                         payload_limit=self.payload_limit)
         self.stats.ticks += 1
+        started_at, started = self.wall(), self.clock()
         job.attempt = self.executor.start(call)
-        outcome = await job.attempt.outcome()
-        failure = outcome.failure
-        if failure is not None and failure.type != "AttemptAbandoned":
+        outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
+        if report_failure(log, call, outcome):
             self.stats.failures += 1
-            log.warning("instance %s state %s attempt %d failed: %s: %s", inst.id, state.name, token.attempt,
-                        failure.type, failure.message)
-            if failure.traceback and log.isEnabledFor(logging.DEBUG):
-                log.debug("%s", failure.traceback)
         return outcome
 
     async def _reconcile(self, iid: str) -> None:
@@ -484,19 +510,24 @@ class Worker:
         finally:
             self._committing.discard(iid)
 
-    def _plan(self, graph: Graph, iid: str, batch: list[_Pending], now: float) -> tuple[CommitPlan, int]:
+    async def _plan(self, graph: Graph, iid: str, batch: list[_Pending], now: float) -> tuple[CommitPlan, int]:
         inst, rev = self.records.get(iid)
         arrivals = [Arrival(p.token, p.job.claim_rev, p.outcome) for p in batch]
-        plan = plan_commit(graph, inst, arrivals, now=now, worker=self.id,
-                           slots=0 if self.stopping else self.slots.spare, max_record_bytes=self.max_record_bytes,
-                           max_ops=self.max_txn_ops)
-        return plan, rev
+        plan = functools.partial(plan_commit, graph, inst, arrivals, now=now, worker=self.id,
+                                 slots=0 if self.stopping else self.slots.spare,
+                                 max_record_bytes=self.max_record_bytes, max_ops=self.max_txn_ops)
+        guarded = self._guarded.get(graph.digest)
+        if guarded is None:
+            guarded = self._guarded[graph.digest] = graph.has_guards()
+        if guarded and self.offload_guards:
+            return await asyncio.to_thread(plan), rev
+        return plan(), rev
 
     async def _commit_batch(self, iid: str, graph: Graph, batch: list[_Pending]) -> None:
         rejected = 0
         while batch:
             now = self.wall()
-            plan, rev = self._plan(graph, iid, batch, now)
+            plan, rev = await self._plan(graph, iid, batch, now)
             claims = {p.job.ref[1]: p.job.claim_rev for p in batch}
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now)
             try:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
 import queue
 import threading
 import traceback
@@ -109,8 +111,31 @@ def failure_of(exc: BaseException) -> Failure:
 
 def format_traceback(exc: BaseException) -> str:
     """The traceback of a handler's exception, its last TRACEBACK_LIMIT characters."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and _ours(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next  # the frames that called the handler are the worker's, not the user's
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
     return text[-TRACEBACK_LIMIT:]
+
+
+def report_failure(logger: logging.Logger, call: TickCall, outcome: Outcome) -> bool:
+    """Log a failed attempt (its traceback at debug level); an abandoned one is nobody's news."""
+    failure = outcome.failure
+    if failure is None or failure.type == "AttemptAbandoned":
+        return False
+    logger.warning("instance %s state %s attempt %d failed: %s: %s", call.instance_id, call.state, call.attempt,
+                   failure.type, failure.message)
+    if failure.traceback and logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s", failure.traceback)
+    return True
+
+
+_CALLERS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(asyncio.__file__)))
+
+
+def _ours(filename: str) -> bool:
+    """A frame of the worker, or of the event loop that awaits an async handler."""
+    return os.path.dirname(os.path.abspath(filename)) in _CALLERS
 
 
 def timed_out(call: TickCall) -> Outcome:

@@ -32,9 +32,10 @@ TokenRef = tuple[str, str]  # (instance id, token id)
 
 class WorkFeed:
     def __init__(self, store: Store, keys: Keys, queue: CandidateQueue[TokenRef], *, name: str,
-                 admits: Callable[[WorkInfo | None], bool], held: Callable[[TokenRef, int, str], bool],
+                 admits: Callable[[TokenRef, WorkInfo | None], bool], held: Callable[[TokenRef, int, str], bool],
                  wall: Callable[[], float] = time.time, page_size: int = 1000):
-        """`admits(info)`: whether this worker may run the marker's work at all. `held(ref, revision,
+        """`admits(ref, info)`: whether this worker may run the work at all (`info`, the marker's value,
+        is None when only the claim changed: a claim given back). `held(ref, revision,
         why)`: whether a job of ours holds the token by a claim older than `revision` (it is told
         why its token changed under it; a replayed event older than its claim is not its business)."""
         self.store = store
@@ -135,7 +136,7 @@ class WorkFeed:
 
     def _offer(self, ref: TokenRef, info: WorkInfo | None, *, wall: float, fresh: bool = False,
                first: bool = False) -> None:
-        if not self.admits(info):
+        if not self.admits(ref, info):
             return
         wait = info.delay(wall, fresh=fresh) if info is not None else 0.0
         if not self.queue.add(ref, wait, first=first):

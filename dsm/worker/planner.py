@@ -61,28 +61,49 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     `slots`: how many new tokens this worker may take on (besides its own that move along); 0 when
     it is stopping, which also gives back its own tokens.
     """
+    after, history = apply(graph, before, arrivals, now=now, worker=worker)
+    own = frozenset(a.token.id for a in arrivals)
+    keep, after = _keep(graph, before, after, own, history, now, worker, slots)
+    after, record, too_large = bounded(before, after, arrivals, now=now, max_record_bytes=max_record_bytes)
+    if too_large:
+        history, keep = [], []
+    removed, changed = transition.changes(before, after)
+    keep, deferred = _fit(own, removed, changed, keep, len(history) + index.status_op_count(before, after), max_ops)
+    return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record)
+
+
+def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float,
+          worker: str) -> tuple[Instance, list[HistoryEntry]]:
+    """The arrivals' outcomes, one transition each; stale ones (their token moved on or went away)
+    change nothing."""
     after = before
     history: list[HistoryEntry] = []
     for a in arrivals:
         current = after.tokens.get(a.token.id)
         if current is None or current.visit != a.token.visit or current.attempt != a.token.attempt:
-            continue  # stale: the token moved on or went away; its claim is given back
+            continue
         step = transition.advance(graph, after, a.token.id, a.outcome, now=now, worker=worker)
         after = step.instance
         history.extend(step.history)
-    own = frozenset(a.token.id for a in arrivals)
-    keep, after = _keep(graph, before, after, own, history, now, worker, slots)
-    record = dump_instance(after)
-    if len(record) > max_record_bytes:
-        token = arrivals[0].token
-        error = ErrorInfo(type="PayloadTooLarge", message=f"state {token.state!r}: the instance record would be "
-                          f"{len(record)} bytes (its live payloads together); the store accepts {max_record_bytes}",
-                          state=token.state, attempts=token.attempt)
-        after, history, keep = transition.fail(before, error, now).instance, [], []
-        record = dump_instance(after)
-    removed, changed = transition.changes(before, after)
-    keep, deferred = _fit(own, removed, changed, keep, len(history) + index.status_op_count(before, after), max_ops)
-    return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record)
+    return after, history
+
+
+def bounded(before: Instance, after: Instance, arrivals: list[Arrival], *, now: float, max_record_bytes: int,
+            serialize: bool = True) -> tuple[Instance, bytes, bool]:
+    """`after`, unless its record would be larger than the store takes: then `before` failed with
+    PayloadTooLarge. Returns the instance, its record (empty when not `serialize`d and there was
+    nothing to size: only branch payloads together can outgrow the limit each payload is held to)
+    and whether it was too large."""
+    sized = serialize or bool(after.activations) or any(t.payload is not None for t in after.tokens.values())
+    record = dump_instance(after) if sized else b""
+    if len(record) <= max_record_bytes:
+        return after, record, False
+    token = arrivals[0].token
+    error = ErrorInfo(type="PayloadTooLarge", message=f"state {token.state!r}: the instance record would be "
+                      f"{len(record)} bytes (its live payloads together); the store accepts {max_record_bytes}",
+                      state=token.state, attempts=token.attempt)
+    failed = transition.fail(before, error, now).instance
+    return failed, dump_instance(failed), True
 
 
 def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], history: list[HistoryEntry],
