@@ -251,6 +251,24 @@ def test_delete_removes_a_finished_instance_and_refuses_a_running_one(store_fact
     assert listed == [running] and problems == []
 
 
+def test_a_redriven_instance_is_listed_as_running_and_no_longer_expires(store_factory):
+    async def body(store, keys):
+        client = Client(store, keys)
+        iid = await client.submit(text(WAITS), {})
+        await client.cancel(iid)
+        cancelled = [i.id for i in await client.list(status="cancelled")]
+        again = await client.redrive(iid)
+        listed = {s: [i.id for i in await client.list(status=s)] for s in ("running", "cancelled")}
+        rounds = await drain(store, keys, time.time() + 1)
+        return iid, cancelled, again.status, listed, rounds, (await client.instance(iid)).status, \
+            await inconsistencies(store, keys)
+
+    iid, cancelled, status, listed, rounds, after, problems = with_store(store_factory, body)
+    assert cancelled == [iid] and status == "running"
+    assert listed == {"running": [iid], "cancelled": []} and problems == []
+    assert rounds == [(0, False)] and after == "running"  # its expiry went with its finish
+
+
 def test_records_written_before_the_index_existed_are_indexed_once(store_factory):
     """A namespace written by a dsm without the index: its records get their entries once (so they
     are listed, and deleted in their time), and nothing is written twice."""
