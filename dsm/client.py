@@ -28,7 +28,6 @@ from .records import (
     load_instance,
     new_id,
     public_record,
-    replace,
 )
 from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
 from .workers import WorkerInfo, serving
@@ -62,7 +61,6 @@ class Client:
 
     def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str, size: int = 0) -> Txn:
         inst = keep_input(transition.start(graph, instance_id, payload, self.wall()), size)
-        inst = replace(inst, retention=graph.retention)  # pinned, as the digest is
         key = self.keys.instance(instance_id)
         ops: list = [Put(key, dump_instance(inst))]
         ops += index.created_ops(self.keys, inst)

@@ -52,7 +52,7 @@ def test_jsonl_lines_name_their_instances_and_a_resubmitted_file_creates_nothing
     again = dsm("submit", ORDER, "--jsonl", str(lines), *at)
     assert first.returncode == again.returncode == 0, first.stderr + again.stderr
     assert first.stdout.split() == again.stdout.split() == ["j1", "j2", "j3"]
-    payloads = {r["id"]: r["payload"] for r in listed(at)}
+    payloads = {r["id"]: json.loads(dsm("status", r["id"], "--json", *at).stdout)["payload"] for r in listed(at)}
     assert payloads == {"j1": {"total": 1}, "j2": {"id": 77, "total": 2}, "j3": {}}
     lines.write_text('{"id": 77, "total": 1}\n')
     wrong = dsm("submit", ORDER, "--jsonl", str(lines), *at)
