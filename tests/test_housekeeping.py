@@ -377,3 +377,9 @@ def test_dsm_delete(at, write):
     refused = dsm("delete", busy, *at)
     assert refused.returncode == 2 and "is running" in refused.stderr and "Traceback" not in refused.stderr
     assert dsm("status", busy, *at).returncode == 0
+    named = dsm("submit", str(finished), "--id", "order-7", *at)
+    assert "expires: " in dsm("status", "order-7", *at).stdout
+    assert dsm("delete", "order-7", *at).returncode == 0
+    again = dsm("submit", str(finished), "--id", "order-7", "--payload", '{"other": 1}', *at)  # a deleted id is free
+    assert (named.stdout, again.returncode, again.stdout) == ("order-7\n", 0, "order-7\n"), again.stderr
+    assert json.loads(dsm("status", "order-7", "--json", *at).stdout)["payload"] == {"other": 1}
