@@ -883,7 +883,14 @@ def workers_command(as_json: Annotated[bool, typer.Option("--json", metavar="",
                                                           help="Print a JSON array of workers.")] = False,
                     etcd: EtcdArgs = EtcdArgs()) -> None:
     """List live workers: id, host, pid, definitions served, concurrency, ticks in flight."""
-    found = etcd.call(lambda client: client.workers())
+
+    async def look(client: Client) -> tuple[list, list[str]]:
+        return await client.workers(), await client.alarms()
+
+    found, alarms = etcd.call(look)
+    if "NOSPACE" in alarms:  # each worker waits; none can rewrite its entry to say so, etcd refuses writes
+        err.print("dsm: warning: etcd's NOSPACE alarm is raised: every worker waits (no claim, no commit) until an "
+                  "operator makes room and disarms it (docs/operations.md)", markup=False)
     if as_json:
         _print_json([w.as_dict() for w in found])
         return

@@ -1,6 +1,6 @@
 """Soak: dsm workers at full speed for a long time against an etcd with a small quota.
 
-    python bench/soak.py                         # 10 minutes, 256 MB quota, retention 20s
+    python bench/soak.py                         # 10 minutes, 256 MB quota, retention and compaction 5s
     python bench/soak.py --minutes 30 --workers 2 --retention 1m --compaction-retention 1m
 
 Instances of the linear benchmark machine (four no-op ticks) with a short `retention` are kept
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from dsm import compiler  # noqa: E402
 from dsm.client import Client  # noqa: E402
 from dsm.durations import parse_duration  # noqa: E402
-from dsm.errors import StoreError  # noqa: E402
+from dsm.errors import NoSpace, StoreError  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
 from dsm.store import PUT, prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
@@ -66,8 +66,8 @@ class Sample:
 class Settings:
     seconds: float = 600.0
     quota_mb: int = 256
-    retention: str = "20s"
-    compaction_retention: str = "20s"
+    retention: str = "5s"
+    compaction_retention: str = "5s"
     workers: int = 1
     concurrency: int = 64
     backlog: int = 2000
@@ -237,7 +237,11 @@ async def soak(settings: Settings, *, progress: bool = True) -> Soak:
             if settings.rate:
                 want = min(want, int(settings.rate * (time.monotonic() - started)) - len(submitted))
             if want > 0:
-                submitted += await client.submit_many(graph, ({} for _ in range(want)))
+                try:
+                    submitted += await client.submit_many(graph, ({} for _ in range(want)))
+                except NoSpace:  # the run failed its first target; record how the database got there
+                    result.samples.append(await sample(store, env, keys, started, outcomes, len(submitted), procs))
+                    break
             if time.monotonic() >= next_sample:
                 next_sample += settings.sample
                 s = await sample(store, env, keys, started, outcomes, len(submitted), procs)

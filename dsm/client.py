@@ -293,7 +293,7 @@ class Client:
         if limit < 1:
             raise InputError(f"a page holds at least one instance, not {limit}")
         return await index.page(self.store, self.keys, status=status, machine=machine, since=since, after=after,
-                                limit=limit)
+                                limit=limit, now=self.wall())
 
     async def delete(self, instance_id: str) -> Instance:
         """Delete a finished instance now, as retention would: its record, history and index

@@ -50,6 +50,8 @@ def describe(record: dict[str, Any], *, workers: str | None = None,
     lines += [_field("transitions", str(record["transitions"])), _field("created", record["created_at"])]
     if record["finished_at"]:
         lines.append(_field("finished", record["finished_at"]))
+    if record.get("expires_at"):
+        lines.append(_field("expires", f"{record['expires_at']} (deleted then: the machine's retention)"))
     error = record["error"]
     if error:
         lines.append(_field("error", f"{error['type']} in {error['state']} after {error['attempts']} attempt(s): "

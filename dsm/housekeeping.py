@@ -34,14 +34,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import Compacted, LeaseLost, NoSpace, StoreError, StoreUnavailable
-from .index import Expiry, expires_ms, removal_ops
+from .index import Expiry, created_ms, created_ops, expires_ms, listing_keys, removal_ops
 from .keys import Keys
 from .records import Instance, load_instance
 from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
 
 log = logging.getLogger(__name__)
 
-BATCH = 64  # expiry entries read per round; their deletions go in one request (nested transactions)
+# Expiry entries read per round. etcd 3.5 walks every key of a range to answer it (to count them),
+# so a backlog of due entries costs its size per round: rounds take many at once, and delete them
+# in requests of at most NESTED nested transactions.
+BATCH = 256
+NESTED = 64
 MAX_HISTORY = 20_000  # history keys one request may delete (an instance counts at least one)
 
 
@@ -78,7 +82,7 @@ def _chunks(txns: list[tuple[Txn, int]], max_history: int) -> list[list[Txn]]:
     weight = 0
     for txn, history in txns:
         history = max(history, 1)
-        if current and weight + history > max_history:
+        if current and (weight + history > max_history or len(current) >= NESTED):
             chunks.append(current)
             current, weight = [], 0
         current.append(txn)
@@ -126,6 +130,47 @@ async def delete_expired(store: Store, keys: Keys, *, now: float, batch: int = B
     return deleted, found.more
 
 
+async def backfill(store: Store, keys: Keys, *, page: int = 100) -> int:
+    """Give the records written before the index existed their entries, once per namespace (the
+    `meta/indexed` key says it is done). Each record's entries are written in a transaction fenced
+    by its revision and by the absence of its entries, so records indexed already, or indexed
+    meanwhile, are left as they are. Returns how many records it indexed."""
+    if await store.get(keys.indexed) is not None:
+        return 0
+    start, end = keys.instances, prefix_end(keys.instances)
+    added = 0
+    while True:
+        found = await store.range(start, end, limit=page)
+        pending = [load_instance(kv.value) for kv in found.kvs]
+        revisions = {kv.key: kv.mod_revision for kv in found.kvs}
+        while pending:
+            txns = []
+            for inst in pending:
+                first = listing_keys(keys, inst.id, inst.status, inst.machine, created_ms(inst))[0]
+                name = keys.instance(inst.id)
+                txns.append(Txn([Compare.mod(name, "==", revisions[name]), Compare.version(first, "==", 0)],
+                                created_ops(keys, inst), [Get(name), Get(first)]))
+            result = await store.txn([], txns)
+            moved = []
+            for i in range(len(pending)):
+                answer = result.nested(i)
+                if answer.succeeded:
+                    added += 1
+                    continue
+                record, entry = answer.get(0).first, answer.get(1).first
+                if record is not None and entry is None:  # it changed while we read: index what it is now
+                    revisions[record.key] = record.mod_revision
+                    moved.append(load_instance(record.value))
+            pending = moved
+        if not found.more or not found.kvs:
+            break
+        start = found.kvs[-1].key + "\0"
+    await store.put(keys.indexed, b"1")
+    if added:
+        log.info("indexed %d instance record(s) written before the index existed", added)
+    return added
+
+
 @dataclass(frozen=True, slots=True)
 class HousekeepingOptions:
     """`compaction_retention`: seconds of revision history kept (0: dsm does not compact).
@@ -171,6 +216,7 @@ class Housekeeper:
         self.leader = False
         self._samples: collections.deque[tuple[float, int]] = collections.deque()  # (clock, revision)
         self._trouble: str | None = None  # the last error logged, so an outage is logged once
+        self._backfilled = False
 
     async def run(self) -> None:
         """Campaign and keep house until cancelled: deletion here, compaction beside it (a
@@ -237,6 +283,9 @@ class Housekeeper:
 
     async def round(self) -> bool:
         """One round of deletion; True when more is due at once."""
+        if not self._backfilled:  # once, before anything relies on the index
+            await backfill(self.store, self.keys)
+            self._backfilled = True
         deleted, more = await delete_expired(self.store, self.keys, now=self.wall(), batch=self.options.batch)
         self.stats.deleted += deleted
         if deleted:

@@ -16,6 +16,8 @@
     /<ns>/exp/<expires>/<id>            expiry index: a finished instance, by when retention deletes it;
                                         value {machine, status, created, transitions}
     /<ns>/housekeeper                   the housekeeping election: the holder's name, under its lease
+    /<ns>/meta/indexed                  present once every record of the namespace has its index entries
+                                        (records written before the index existed are indexed once)
 
 `<age>` is 9999999999999 minus the creation time in milliseconds (13 digits), so a range read
 ascending yields the newest first, ties broken by id; `<expires>` is the expiry time in
@@ -111,6 +113,10 @@ class Keys:
     @property
     def housekeeper(self) -> str:
         return f"{self.root}housekeeper"
+
+    @property
+    def indexed(self) -> str:
+        return f"{self.root}meta/indexed"
 
     @property
     def work_prefix(self) -> str:

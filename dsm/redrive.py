@@ -1,9 +1,10 @@
 """Redrive: continue a failed or cancelled instance from the work that was pending when it stopped.
 
 The transition decides what comes back (`transition.redrive`: the pending tokens with fresh
-attempts, fork activations with the branches that had arrived). This writes it: the record and the
-work markers of its tokens in one transaction fenced by the record's revision, so a concurrent
-cancel, redrive or delete wins or loses whole. An instance with more pending tokens than one
+attempts, fork activations with the branches that had arrived). This writes it: the record, the
+index entries that follow its status (`index.py`) and the work markers of its tokens in one
+transaction fenced by the record's revision, so a concurrent cancel, redrive or delete wins or
+loses whole. An instance with more pending tokens than one
 transaction holds (etcd takes 128 operations) gets the markers that fit and the SYNC marker, then
 the rest right after (`markers.reconcile`); should this process die in between, whichever worker
 claims SYNC finishes the job.
@@ -11,6 +12,7 @@ claims SYNC finishes the job.
 
 from __future__ import annotations
 
+from . import index
 from .errors import NotFound
 from .keys import Keys
 from .markers import MAX_TXN_OPS, reconcile, sync_marker, work_info
@@ -28,11 +30,13 @@ async def redrive(store: Store, keys: Keys, instance_id: str, *, now: float,
         kv = await store.get(key)
         if kv is None:
             raise NotFound(f"no instance {instance_id!r} in namespace {keys.namespace!r}")
-        step = restored(load_instance(kv.value))
+        before = load_instance(kv.value)
+        step = restored(before)
         again = step.instance
         ops: list[Op] = [Put(key, dump_instance(again))]
+        ops += index.status_ops(keys, before, again)  # listed as running again, and no longer expiring
         tokens = list(step.upserted)
-        room = max_ops - 2  # the record, and the SYNC marker should the tokens not fit
+        room = max_ops - len(ops) - 1  # the SYNC marker should the tokens not fit
         for token in tokens[:room]:
             ops.append(Put(keys.work(instance_id, token.id), work_info(again, token, now).dump()))
         deferred = len(tokens) > room

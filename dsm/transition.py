@@ -75,7 +75,8 @@ class Step:
 def start(graph: Graph, instance_id: str, payload: dict[str, Any], now: float) -> Instance:
     """A new instance with one token at the start state."""
     inst = Instance(id=instance_id, machine=graph.machine, digest=graph.digest, version=graph.version,
-                    created_at=now, payload=payload, seq=1, input=payload, retention=graph.retention)
+                    created_at=now, payload=payload, seq=1, input=payload,
+                    retention=graph.retention)  # pinned, as the digest is
     token = Token(id="t1", state=graph.start)
     if graph.states[graph.start].terminal:
         return _finish(inst, graph.states[graph.start], now)

@@ -17,7 +17,7 @@ from dsm import compiler, handlers
 from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import Compacted, InputError, NotFound, StoreUnavailable
-from dsm.housekeeping import Housekeeper, HousekeepingOptions, delete_expired
+from dsm.housekeeping import Housekeeper, HousekeepingOptions, backfill, delete_expired
 from dsm.keys import Keys
 from dsm.records import dump_instance, load_instance, replace
 from dsm.store import Delete, prefix_end
@@ -138,6 +138,26 @@ def test_deletion_goes_in_bounded_batches(store_factory):
     assert [kv.key for kv in left if "/def/" not in kv.key] == []
 
 
+def test_a_round_reads_many_entries_and_deletes_them_in_requests_of_64(store_factory):
+    async def body(store, keys):
+        await Client(store, keys).submit_many(text(ENDS), [{}] * 150)
+        sizes: list[int] = []
+        real = store.txn
+
+        async def counting(compare, success=(), failure=()):
+            if any(isinstance(op, Delete) for op in ops_of(success)):
+                sizes.append(len(success))
+            return await real(compare, success, failure)
+
+        store.txn = counting
+        rounds = await drain(store, keys, time.time() + 1, batch=100)
+        store.txn = real
+        return rounds, sizes
+
+    rounds, sizes = with_store(store_factory, body)
+    assert rounds == [(100, True), (50, False)] and sizes == [64, 36, 50]
+
+
 def test_an_entry_that_no_longer_describes_its_record_deletes_nothing_else(store_factory):
     """A record rewritten as running after it finished (as a redrive does) keeps its life; the
     expiry entry left behind goes. A record rewritten but still finished is deleted all the same."""
@@ -231,6 +251,45 @@ def test_delete_removes_a_finished_instance_and_refuses_a_running_one(store_fact
     assert listed == [running] and problems == []
 
 
+def test_a_redriven_instance_is_listed_as_running_and_no_longer_expires(store_factory):
+    async def body(store, keys):
+        client = Client(store, keys)
+        iid = await client.submit(text(WAITS), {})
+        await client.cancel(iid)
+        cancelled = [i.id for i in await client.list(status="cancelled")]
+        again = await client.redrive(iid)
+        listed = {s: [i.id for i in await client.list(status=s)] for s in ("running", "cancelled")}
+        rounds = await drain(store, keys, time.time() + 1)
+        return iid, cancelled, again.status, listed, rounds, (await client.instance(iid)).status, \
+            await inconsistencies(store, keys)
+
+    iid, cancelled, status, listed, rounds, after, problems = with_store(store_factory, body)
+    assert cancelled == [iid] and status == "running"
+    assert listed == {"running": [iid], "cancelled": []} and problems == []
+    assert rounds == [(0, False)] and after == "running"  # its expiry went with its finish
+
+
+def test_records_written_before_the_index_existed_are_indexed_once(store_factory):
+    """A namespace written by a dsm without the index: its records get their entries once (so they
+    are listed, and deleted in their time), and nothing is written twice."""
+    async def body(store, keys):
+        client = Client(store, keys)
+        done, _, _ = await run_instances(store, line("hour", "1h"), [{}] * 3, keys=keys)
+        running_id = await client.submit(text(WAITS), {})
+        for prefix in (f"{keys.root}idx/", keys.expiry_prefix):  # as an older dsm left them: no entries
+            await store.delete(prefix, prefix_end(prefix))
+        unlisted = await client.list()
+        added, again = await backfill(store, keys), await backfill(store, keys)
+        listed = sorted(i.id for i in await client.list())
+        problems = await inconsistencies(store, keys)
+        rounds = await drain(store, keys, time.time() + 3602)
+        return unlisted, added, again, listed, sorted([running_id] + [i.id for i in done]), problems, rounds
+
+    unlisted, added, again, listed, ids, problems, rounds = with_store(store_factory, body)
+    assert unlisted == [] and (added, again) == (4, 0) and listed == ids and problems == []
+    assert rounds == [(3, False)]  # the finished ones expire in their time; the running one stays
+
+
 def test_compaction_keeps_the_history_of_the_retention_period():
     """The housekeeper compacts to the newest revision it saw at least `compaction_retention` ago."""
     clock = ManualClock()
@@ -318,3 +377,9 @@ def test_dsm_delete(at, write):
     refused = dsm("delete", busy, *at)
     assert refused.returncode == 2 and "is running" in refused.stderr and "Traceback" not in refused.stderr
     assert dsm("status", busy, *at).returncode == 0
+    named = dsm("submit", str(finished), "--id", "order-7", *at)
+    assert "expires: " in dsm("status", "order-7", *at).stdout
+    assert dsm("delete", "order-7", *at).returncode == 0
+    again = dsm("submit", str(finished), "--id", "order-7", "--payload", '{"other": 1}', *at)  # a deleted id is free
+    assert (named.stdout, again.returncode, again.stdout) == ("order-7\n", 0, "order-7\n"), again.stderr
+    assert json.loads(dsm("status", "order-7", "--json", *at).stdout)["payload"] == {"other": 1}

@@ -128,6 +128,8 @@ def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
         assert status.returncode == 0 and "alarm:" in status.stdout and "NOSPACE" in status.stdout
         as_json = dsm("status", ids[0], "--json", *at)
         assert as_json.returncode == 0 and "NOSPACE" in as_json.stderr
+        workers = dsm("workers", *at)
+        assert workers.returncode == 0 and "NOSPACE" in workers.stderr and workers.stdout.startswith("ID")
         refused = dsm("submit", str(path), *at)
         assert refused.returncode == 3 and "NOSPACE" in refused.stderr and "Traceback" not in refused.stderr
         time.sleep(2)  # more commits come due and wait

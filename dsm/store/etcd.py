@@ -51,7 +51,6 @@ from . import (
     TxnRejected,
     TxnResult,
     WatchBatch,
-    prefix_end,
 )
 
 log = logging.getLogger(__name__)
@@ -474,9 +473,9 @@ class EtcdStore:
 
     async def revision(self) -> int:
         # A read inside the namespace: a user whose role covers only its prefix may ask this too.
-        root = _encode(self.options.keys.root)
-        req = rpc.RangeRequest(key=root, range_end=_encode(prefix_end(self.options.keys.root)), limit=1,
-                               keys_only=True)
+        # One key, not the namespace's range: etcd 3.5 walks every key of a range to count it,
+        # whatever the limit, and the housekeeper asks this every few seconds.
+        req = rpc.RangeRequest(key=_encode(self.options.keys.root), keys_only=True)
         resp = await self._call(self._kv.Range, req, "revision")
         return resp.header.revision
 
