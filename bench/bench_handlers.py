@@ -14,3 +14,8 @@ def noop(payload, ctx):
     if _SLEEP:
         time.sleep(_SLEEP)
     return None
+
+
+def count(payload, ctx):
+    payload["n"] = payload.get("n", 0) + 1
+    return None

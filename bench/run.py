@@ -1,7 +1,7 @@
 """dsm benchmarks: where dsm stands against the limit of its coordination layer.
 
-    python bench/run.py                 # all six, one etcd, one run: a table and bench/results/latest.json
-    python bench/run.py throughput      # one of: reference throughput naive scale recovery embedded
+    python bench/run.py                 # all seven, one etcd, one run: a table and bench/results/latest.json
+    python bench/run.py throughput      # one of: reference throughput naive scale recovery embedded embedded_loop
     python bench/run.py --quick         # smaller sizes, for a smoke run
 
 Every ratio compares numbers measured in this run, against this etcd, on this machine.
@@ -11,6 +11,7 @@ Every ratio compares numbers measured in this run, against this etcd, on this ma
 4 scale       throughput with 500 vs 50,000 instances waiting in etcd, and worker memory
 5 recovery    SIGKILL of a worker holding claims -> its instances moving again (vs the lease TTL)
 6 embedded    embedded transitions/s of many instances vs the `transitions` library, same machine
+7 embedded_loop  one embedded instance looping through a tick and a guard 20,000 times vs `transitions`
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
 from dsm.worker import running  # noqa: E402
 
 LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
+LOOP = BENCH / "loop.yaml"  # one transition per turn of its loop
 FORKJOIN = BENCH / "forkjoin.yaml"  # 6 transitions per instance
 PER_INSTANCE = {LINEAR: 4, FORKJOIN: 6}
 CONCURRENCY = 64
@@ -379,10 +381,71 @@ async def embedded(env: EtcdCluster | None, quick: bool) -> dict[str, Any]:
             "dsm_over_transitions": mine["transitions_per_s"] / theirs["transitions_per_s"]}
 
 
+# -- 7 embedded_loop ---------------------------------------------------------------------------
+
+async def embedded_loop_dsm(turns: int) -> dict[str, Any]:
+    """One instance of `bench/loop.yaml` run to its end as `dsm run` runs it (`embedded.run_graph`):
+    what a developer waits for when one instance makes many transitions."""
+    from dsm import embedded as embedded_mode
+
+    graph = compiler.load(LOOP)
+    started = time.perf_counter()
+    result = await embedded_mode.run_graph(graph, {"n": 0, "until": turns})
+    took = time.perf_counter() - started
+    inst = result.instance
+    assert inst.status == "succeeded" and inst.payload["n"] == turns == inst.transitions, inst
+    return {"turns": turns, "transitions": inst.transitions, "transitions_per_s": inst.transitions / took}
+
+
+def transitions_loop(turns: int) -> dict[str, Any]:
+    """The same loop in the `transitions` library: the tick as a `prepare` callback (it runs before
+    the conditions, as dsm's tick runs before its guard), the guard as a condition."""
+    from transitions import Machine
+
+    from bench_handlers import count
+
+    class Counter:
+        def __init__(self) -> None:
+            self.payload: dict = {"n": 0, "until": turns}
+
+        def tick(self) -> None:
+            count(self.payload, None)
+
+        def below(self) -> bool:
+            return self.payload["n"] < self.payload["until"]
+
+    model = Counter()
+    Machine(model=model, states=["count", "done"], initial="count", auto_transitions=False,
+            transitions=[{"trigger": "step", "source": "count", "dest": "count", "prepare": "tick",
+                          "conditions": "below"},
+                         {"trigger": "step", "source": "count", "dest": "done"}])
+    steps = 0
+    started = time.perf_counter()
+    while model.state == "count":
+        model.step()
+        steps += 1
+    took = time.perf_counter() - started
+    assert model.payload["n"] == turns == steps, (model.payload, steps)
+    return {"turns": turns, "transitions": steps, "transitions_per_s": steps / took}
+
+
+async def embedded_loop(env: EtcdCluster | None, quick: bool) -> dict[str, Any]:
+    turns = 20_000
+    mine, theirs = [], []
+    for _ in range(REPEAT[quick]):  # interleaved, so that drift in the machine affects both alike
+        mine.append(await embedded_loop_dsm(turns))
+        theirs.append(transitions_loop(turns))
+    dsm_run, library = median_run(mine), median_run(theirs)
+    return {"dsm": dsm_run, "transitions_library": library,
+            "dsm_over_transitions": dsm_run["transitions_per_s"] / library["transitions_per_s"]}
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {"reference": reference, "throughput": throughput, "naive": naive,
-                                             "scale": scale, "recovery": recovery, "embedded": embedded}
+                                             "scale": scale, "recovery": recovery, "embedded": embedded,
+                                             "embedded_loop": embedded_loop}
+IN_PROCESS = {"embedded", "embedded_loop"}  # need no etcd
 
 
 def machine() -> dict[str, Any]:
@@ -431,6 +494,12 @@ def table(results: dict[str, Any]) -> str:
                      f"{e['dsm_over_transitions']:.3f}x transitions lib"))
         rows.append(("`transitions` library, same machine", f"{e['transitions_library']['transitions_per_s']:,.0f}",
                      ""))
+    if "embedded_loop" in results:
+        e = results["embedded_loop"]
+        turns = e["dsm"]["turns"]
+        rows.append((f"embedded dsm, one instance looping {turns:,} times, transitions/s",
+                     f"{e['dsm']['transitions_per_s']:,.0f}", f"{e['dsm_over_transitions']:.3f}x transitions lib"))
+        rows.append(("`transitions` library, same loop", f"{e['transitions_library']['transitions_per_s']:,.0f}", ""))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'benchmark':<{width}}  {'value':>12}  note", "-" * (width + 30)]
     lines += [f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
@@ -445,10 +514,11 @@ async def main() -> None:
     parser.add_argument("--json", type=Path, default=BENCH / "results" / "latest.json", help="where to write JSON")
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
-    if any(n != "embedded" for n in names) and "reference" not in names:
+    if any(n not in IN_PROCESS for n in names) and "reference" not in names:
         names = ["reference", *names]  # every ratio is against a reference of this run
-    env = make_cluster(1)
-    env.start()
+    env = None if set(names) <= IN_PROCESS else make_cluster(1)
+    if env is not None:
+        env.start()
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                                   time.gmtime())}
     try:
@@ -456,7 +526,8 @@ async def main() -> None:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             results[name] = await BENCHMARKS[name](env, args.quick)
     finally:
-        env.stop()
+        if env is not None:
+            env.stop()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(table(results))
