@@ -25,10 +25,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -50,6 +51,8 @@ LOOP = BENCH / "loop.yaml"  # one transition per turn of its loop
 FORKJOIN = BENCH / "forkjoin.yaml"  # 6 transitions per instance
 PER_INSTANCE = {LINEAR: 4, FORKJOIN: 6}
 CONCURRENCY = 64
+WARM_UP = 2 * CONCURRENCY  # instances per worker run before a throughput measurement starts
+ISOLATIONS = ("process", "thread")  # `dsm worker --isolation`: the default first
 REPEAT = {True: 1, False: 3}  # runs per measurement (quick, full); tables show the median
 
 
@@ -70,18 +73,27 @@ async def connect(env: EtcdCluster, namespace: str) -> EtcdStore:
 
 
 def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *, concurrency: int = CONCURRENCY,
-                  lease_ttl: int = 10, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+                  lease_ttl: int = 10, extra_env: dict[str, str] | None = None,
+                  isolation: str = "process") -> list[subprocess.Popen]:
     procs = []
     for _ in range(count):
         procs.append(subprocess.Popen(
-            [*dsm_command(), "-q", "worker", str(definition), "--etcd", env.endpoint, "--namespace", namespace,
-             "--concurrency", str(concurrency), "--lease-ttl", str(lease_ttl), "--grace", "2"],
+            [*dsm_command(), "worker", str(definition), "--etcd", env.endpoint, "--namespace", namespace,
+             "--concurrency", str(concurrency), "--lease-ttl", str(lease_ttl), "--grace", "2",
+             "--isolation", isolation],
             stderr=subprocess.PIPE, text=True, env={**os.environ, **(extra_env or {})}, start_new_session=True))
     for p in procs:  # wait until each is serving: start-up is not throughput
         while "serving namespace" not in (line := p.stderr.readline()):
             if not line:
                 raise RuntimeError(f"worker exited: {p.wait()}")
+        threading.Thread(target=drain, args=(p.stderr,), daemon=True).start()
     return procs
+
+
+def drain(stream: IO[str]) -> None:
+    """Read what a worker writes to stderr after start-up, so that a full pipe never stalls it."""
+    for _ in stream:
+        pass
 
 
 def stop_workers(procs: list[subprocess.Popen]) -> None:
@@ -169,20 +181,29 @@ async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
 # -- 2 throughput ------------------------------------------------------------------------------
 
 async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instances: int, namespace: str,
-                        **worker_kw: Any) -> dict[str, Any]:
+                        isolation: str = "process", **worker_kw: Any) -> dict[str, Any]:
+    """Steady-state transitions/s: the workers first run WARM_UP instances each (their handler
+    processes started, their connections busy), then the measured instances are submitted."""
     graph = compiler.load(definition)
-    total = instances * PER_INSTANCE[definition]
-    procs = start_workers(env, workers, definition, namespace, **worker_kw)
+    per = PER_INSTANCE[definition]
+    warm = WARM_UP * workers * per
+    total = warm + instances * per
+    procs = start_workers(env, workers, definition, namespace, isolation=isolation, **worker_kw)
     store = await connect(env, namespace)
     keys = Keys(namespace)
+    client = Client(store, keys)
     try:
+        await client.submit_many(graph, ({} for _ in range(WARM_UP * workers)))
+        await sample_until(store, keys, warm)
         sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total))
         started = time.monotonic()
-        await Client(store, keys).submit_many(graph, ({} for _ in range(instances)))
+        await client.submit_many(graph, ({} for _ in range(instances)))
         samples = await sampler
-        rate = window_rate(samples, total // 10, total * 9 // 10)
-        return {"instances": instances, "transitions": total, "workers": workers, "transitions_per_s": rate,
-                "wall_s": samples[-1][0] - started, "worker_rss_mb": max(rss_mb(p.pid) for p in procs)}
+        measured = total - warm
+        rate = window_rate(samples, warm + measured // 10, warm + measured * 9 // 10)
+        return {"instances": instances, "transitions": measured, "workers": workers, "isolation": isolation,
+                "transitions_per_s": rate, "wall_s": samples[-1][0] - started,
+                "worker_rss_mb": max(rss_mb(p.pid) for p in procs)}
     finally:
         stop_workers(procs)
         await store.close()
@@ -201,11 +222,12 @@ async def throughput(env: EtcdCluster, quick: bool) -> dict[str, Any]:
     instances = {LINEAR: 1000 if quick else 5000, FORKJOIN: 600 if quick else 3000}
     out: dict[str, Any] = {}
     for definition in (LINEAR, FORKJOIN):
-        for workers in (1, 2):
-            name = f"{definition.stem}_w{workers}"
-            runs = [await throughput_of(env, definition, workers, instances[definition], f"tp-{name}-{i}")
-                    for i in range(REPEAT[quick])]
-            out[name] = median_run(runs)
+        for isolation in ISOLATIONS:
+            for workers in (1, 2):
+                name = f"{definition.stem}_w{workers}" + ("" if isolation == ISOLATIONS[0] else f"_{isolation}")
+                runs = [await throughput_of(env, definition, workers, instances[definition], f"tp-{name}-{i}",
+                                            isolation) for i in range(REPEAT[quick])]
+                out[name] = median_run(runs) | {"definition": definition.stem}
     return out
 
 
@@ -400,9 +422,8 @@ async def embedded_loop_dsm(turns: int) -> dict[str, Any]:
 def transitions_loop(turns: int) -> dict[str, Any]:
     """The same loop in the `transitions` library: the tick as a `prepare` callback (it runs before
     the conditions, as dsm's tick runs before its guard), the guard as a condition."""
-    from transitions import Machine
-
     from bench_handlers import count
+    from transitions import Machine
 
     class Counter:
         def __init__(self) -> None:
@@ -468,9 +489,9 @@ def table(results: dict[str, Any]) -> str:
         r = results["reference"]
         rows.append(("raw etcd CAS txn/s, 1 in flight", f"{r['cas_per_s_c1']:,.0f}", ""))
         rows.append((f"raw etcd CAS txn/s, {CONCURRENCY} in flight (ref)", f"{r['cas_per_s']:,.0f}", "1.00x ref"))
-    for name, r in results.get("throughput", {}).items():
-        rows.append((f"dsm {name.replace('_w', ', workers=')} transitions/s", f"{r['transitions_per_s']:,.0f}",
-                     ratio(r["transitions_per_s"])))
+    for r in results.get("throughput", {}).values():
+        rows.append((f"dsm {r['definition']}, workers={r['workers']} ({r['isolation']}s) transitions/s",
+                     f"{r['transitions_per_s']:,.0f}", ratio(r["transitions_per_s"])))
     if "naive" in results:
         r = results["naive"]
         best = results.get("throughput", {}).get("linear_w1", {}).get("transitions_per_s")
