@@ -490,7 +490,8 @@ def table(results: dict[str, Any]) -> str:
         rows.append(("raw etcd CAS txn/s, 1 in flight", f"{r['cas_per_s_c1']:,.0f}", ""))
         rows.append((f"raw etcd CAS txn/s, {CONCURRENCY} in flight (ref)", f"{r['cas_per_s']:,.0f}", "1.00x ref"))
     for r in results.get("throughput", {}).values():
-        rows.append((f"dsm {r['definition']}, workers={r['workers']} ({r['isolation']}s) transitions/s",
+        where = "threads" if r["isolation"] == "thread" else "processes"
+        rows.append((f"dsm {r['definition']}, workers={r['workers']} ({where}) transitions/s",
                      f"{r['transitions_per_s']:,.0f}", ratio(r["transitions_per_s"])))
     if "naive" in results:
         r = results["naive"]
