@@ -40,8 +40,10 @@ Invariants, kept because every change is one transaction:
 Workers watch /<ns>/work/ only: a work marker put without an owner is new work, a claim deleted
 without its marker is work orphaned by a dead or departing worker. Markers and claims of one
 token change in the same revision, so one watch stream tells the cases apart. A token moving
-along a line keeps its id: its marker is rewritten (owner: the worker continuing it) and its
-claim is untouched, so a linear transition costs one watch event, not four.
+along a line keeps its id, its marker and its claim: while the worker holding the claim
+continues it, the marker is not rewritten (it says where the token was when it was last
+written), so a linear transition writes the record and its history and makes no watch event
+on work/ at all.
 """
 
 from __future__ import annotations

@@ -190,6 +190,11 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
         if token.id in plan.deferred:
             continue
         owner = worker if token.id in kept else None
+        if owner is not None and token.id in plan.own and token.id in plan.before.tokens:
+            # Along a line, under our claim, due now: its marker and claim stay as they are.
+            # Nobody reads a claimed token's marker, so a rewrite would only make a watch event
+            # that every worker decodes and drops.
+            continue
         ops.append(Put(keys.work(iid, token.id), work_info(inst, token, now, owner).dump()))
         if token.id in plan.own:
             if owner is None:  # a retry waiting, or no slot for it here: give it back
