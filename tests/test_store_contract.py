@@ -148,7 +148,15 @@ def test_a_key_written_twice_in_one_transaction_is_refused(store_factory):
         with pytest.raises(TxnRejected):
             await store.txn([], [Delete(p + "k"), Put(p + "k", b"2")])
         with pytest.raises(TxnRejected):
+            await store.txn([], [Put(p + "k", b"1"), Delete(p + "k")])
+        with pytest.raises(TxnRejected):
+            await store.txn([], [Put(p + "r/a", b"1"), Delete(p + "r/", prefix_end(p + "r/"))])
+        with pytest.raises(TxnRejected):
             await store.txn([], [Txn([], [Put(p + "k", b"1")]), Txn([], [Put(p + "k", b"2")])])
+        with pytest.raises(TxnRejected):
+            await store.txn([], [Put(p + "k", b"1"), Txn([], [Delete(p + "k")])])
+        # deleting one key twice is not writing it twice: allowed, as are reads beside a write
+        await store.txn([], [Delete(p + "k"), Delete(p + "k"), Get(p + "k"), Put(p + "j", b"1"), Get(p + "j")])
         # the two branches of one nested transaction exclude each other: allowed
         await store.txn([], [Txn([Compare.version(p + "k", "==", 0)], [Put(p + "k", b"1")], [Put(p + "k", b"2")])])
         assert (await store.get(p + "k")).value == b"1"

@@ -40,6 +40,8 @@ from . import (
     WatchBatch,
 )
 
+_FIELDS = {"version": "version", "create": "create_revision", "mod": "mod_revision", "value": "value",
+           "lease": "lease"}  # a compare's target -> the KeyValue field it reads
 _OPS = {
     "==": lambda a, b: a == b,
     "!=": lambda a, b: a != b,
@@ -235,13 +237,32 @@ class MemoryStore:
     def _intervals(self, ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
         """etcd's checkIntervals: a key may be written once per transaction, nested ones included
         (the two branches of one nested transaction exclude each other, so they may share keys)."""
+        puts: set[str] = set()
+        points: set[str] = set()
+        for op in ops:  # the common case first, in one pass: puts and deletes of single keys
+            if type(op) is Put:
+                if op.key in puts:
+                    raise TxnRejected("duplicate key given in txn request")
+                puts.add(op.key)
+            elif type(op) is Delete and op.end is None:
+                points.add(op.key)
+            elif type(op) is not Get:
+                return self._nested_intervals(ops)
+        if not puts.isdisjoint(points):
+            raise TxnRejected("duplicate key given in txn request")
+        return puts, [(k, None) for k in points]
+
+    def _nested_intervals(self, ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
+        """`_intervals` of transactions with nested transactions or range deletes."""
         dels = [(op.key, op.end) for op in ops if type(op) is Delete]
         points = {k for k, e in dels if e is None}
         ranges = [(k, e) for k, e in dels if e is not None]
         puts: set[str] = set()
 
         def deleted(key: str) -> bool:
-            return key in points or any(s <= key and (e == "\0" or key < e) for s, e in ranges)
+            if key in points:
+                return True
+            return bool(ranges) and any(s <= key and (e == "\0" or key < e) for s, e in ranges)
 
         def duplicate() -> TxnRejected:
             return TxnRejected("duplicate key given in txn request")
@@ -285,10 +306,9 @@ class MemoryStore:
                 return False
             kvs = [KeyValue(c.key, b"", 0, 0, 0, 0)]
         fn = _OPS[c.op]
+        field = _FIELDS[c.target]
         for kv in kvs:
-            actual = {"version": kv.version, "create": kv.create_revision, "mod": kv.mod_revision,
-                      "value": kv.value, "lease": kv.lease}[c.target]
-            if not fn(actual, c.value):
+            if not fn(getattr(kv, field), c.value):
                 return False
         return True
 
