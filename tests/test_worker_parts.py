@@ -45,6 +45,19 @@ def test_queue_delays_by_a_local_duration():
     assert q.next_delay() is None
 
 
+def test_a_waiting_candidate_offered_again_as_due_now_is_taken_now():
+    """Regression: a signal state's token waits for its timeout (in the delay heap); the signal
+    makes it due at once. Offered again with no wait, it was marked due but left out of the order
+    of due candidates, and its heap entry no longer matched: taken neither now nor later."""
+    clock = ManualClock()
+    q = CandidateQueue(clock)
+    q.add("t1", 0.3)
+    q.add("t1")
+    assert q.take(10) == ["t1"]
+    clock.advance(1.0)
+    assert q.take(10) == [] and q.next_delay() is None
+
+
 def test_a_token_given_back_while_its_job_finishes_is_not_lost():
     """Regression: the watch may report a retry's token (given back, due later) before the job that
     gave it back has ended; the queue skips tokens with a running job, so the job's end must

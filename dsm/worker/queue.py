@@ -56,7 +56,9 @@ class CandidateQueue(Generic[Ref]):
             heapq.heappush(self._delayed, (due, self._serial, ref))
         elif first:
             self._order.appendleft(ref)
-        elif not known:
+        else:
+            # new, or known but waiting until later (a timer that a signal or a child's end made
+            # due now): its place in the delay heap no longer counts, so it needs one here
             self._order.append(ref)
         return True
 
