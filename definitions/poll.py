@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 
 def submit(payload, ctx):
     payload["job"] = f"job-{ctx.instance_id[-6:]}"
@@ -13,10 +11,6 @@ def submit(payload, ctx):
 def check(payload, ctx):
     payload["polls"] += 1
     return "ready" if payload["polls"] >= payload.get("ready_after", 3) else "pending"
-
-
-async def wait(payload, ctx):
-    await asyncio.sleep(payload.get("interval", 0.01))
 
 
 def fetch(payload, ctx):
