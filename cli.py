@@ -31,6 +31,7 @@ from dsm import compiler, handlers, loader, payloads, records, render, schema
 from dsm.durations import parse_duration
 from dsm.errors import DefinitionError, DsmError, InputError, NoSpace, NotFound, StoreUnavailable
 from dsm.graph import Graph
+from dsm.transition import descends_from
 
 if TYPE_CHECKING:
     from dsm.client import Client
@@ -626,9 +627,21 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
         # Once --timeout passes, the instance ends with the process. What the embedded worker logs
         # as it stops (ticks still running, claims released) is then nothing for the user to act on.
         asyncio.get_running_loop().call_later(limit, _hush, "dsm.worker")
+    hinted: set[str] = set()
+
+    def update(inst: records.Instance) -> None:  # of the instance and of its children
+        if inst.parent is None:
+            progress.update(inst)
+        for wait in records.waiting(inst):
+            if wait["kind"] == "signal" and wait["signal"] not in hinted:  # nobody can send it here
+                hinted.add(wait["signal"])
+                err.print(f"instance {inst.id} waits for signal {wait['signal']!r} at state {wait['state']!r}; an "
+                          "embedded run takes no signals: run it on etcd ('dsm run --etcd ...', then 'dsm signal'), "
+                          "or test it with 'dsm test' and signals in the test file", markup=False)
+
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
-                                          on_update=progress.update,
+                                          on_update=update,
                                           on_start=lambda iid: info.print(f"instance {iid} started", markup=False),
                                           instance_id=instance_id)
         return result.instance, result.history, False
@@ -668,8 +681,9 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
         registry = Registry(store, options.keys, allow=handlers.Allowlist(graph_.modules()),
                             search_path=(str(Path(graph_.file).resolve().parent),))
         registry.add(graph_)
-        # local workers run this instance only, never other work of a shared namespace
-        async with running(store, registry, concurrency=workers, grace=5, serves=instance_id.__eq__):
+        # local workers run this instance (and its children) only, never other work of a shared namespace
+        mine = functools.partial(descends_from, root=instance_id)
+        async with running(store, registry, concurrency=workers, grace=5, serves=mine):
             return await wait()
 
 
@@ -1028,6 +1042,30 @@ def cancel(instance_id: InstanceId,
         info.print(f"instance {inst.id} cancelled", markup=False)
     else:
         info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
+
+
+SignalName = Annotated[str, typer.Argument(metavar="NAME", show_default=False,
+                                           help="The signal's name, as a signal state waits for it.")]
+SignalPayload = Annotated[str | None, typer.Option("--payload", metavar="JSON",
+                                                   help="A JSON object merged into the payload key by key.")]
+SignalOutcome = Annotated[str | None, typer.Option("--outcome", metavar="LABEL",
+                                                   help="An outcome label: routes a signal state with 'on'.")]
+
+
+@_command("signal", etcd=True)
+def send_signal(instance_id: InstanceId, name: SignalName, payload: SignalPayload = None,
+                outcome: SignalOutcome = None, etcd: EtcdArgs = EtcdArgs()) -> None:
+    """Send a signal to a running instance; prints nothing and exits 0 once it is stored.
+
+    Signals are durable and buffered: one sent before the instance reaches the state that waits
+    for it is kept, and consumed there (in the order sent, one per visit). An unknown or finished
+    instance is refused (exit 2) and nothing is written.
+    """
+    try:
+        body = payloads.parse(payload, what="--payload") if payload is not None else {}
+    except payloads.PayloadError as exc:
+        raise Fail(ExitCode.INVALID, str(exc)) from None
+    etcd.call(lambda client: client.signal(instance_id, name, body, outcome=outcome))
 
 
 @_command(etcd=True)

@@ -17,8 +17,8 @@ from .definitions import register
 from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
 from .idempotency import keep_input, same_start
-from .keys import Keys, WorkInfo, check_instance_id
-from .markers import MAX_TXN_OPS, reconcile, sync_marker
+from .keys import Keys, check_instance_id, check_signal_name
+from .markers import MAX_TXN_OPS, reconcile, sync_marker, work_info
 from .records import (
     STATUSES,
     HistoryEntry,
@@ -29,7 +29,8 @@ from .records import (
     new_id,
     public_record,
 )
-from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
+from .store import Compare, Delete, Get, KeyValue, Put, Store, Txn, prefix_end
+from .worker.planner import wake_parent_ops
 from .workers import WorkerInfo, serving
 from .workers import live as live_workers
 
@@ -60,13 +61,13 @@ class Client:
         await register(self.store, self.keys, graph)
 
     def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str, size: int = 0) -> Txn:
-        inst = keep_input(transition.start(graph, instance_id, payload, self.wall()), size)
+        now = self.wall()
+        inst = keep_input(transition.start(graph, instance_id, payload, now), size)
         key = self.keys.instance(instance_id)
         ops: list = [Put(key, dump_instance(inst))]
         ops += index.created_ops(self.keys, inst)
         for token in inst.tokens.values():
-            info = WorkInfo(graph.machine, graph.digest, token.state, token.not_before)
-            ops.append(Put(self.keys.work(instance_id, token.id), info.dump()))
+            ops.append(Put(self.keys.work(instance_id, token.id), work_info(inst, token, now).dump()))
         return Txn([Compare.create(key, "==", 0)], ops, [Get(key)])  # taken: read what holds the id
 
     async def submit(self, graph: Graph, payload: dict[str, Any] | None = None, *,
@@ -147,10 +148,14 @@ class Client:
 
     async def instance(self, instance_id: str) -> Instance:
         check_instance_id(instance_id)
+        return (await self._read(instance_id))[1]
+
+    async def _read(self, instance_id: str) -> tuple[KeyValue, Instance]:
+        """The record as stored (for a compare-and-swap on its revision) and as an Instance."""
         kv = await self.store.get(self.keys.instance(instance_id))
         if kv is None:
             raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
-        return load_instance(kv.value)
+        return kv, load_instance(kv.value)
 
     async def history(self, instance_id: str, *, after: int = 0) -> list[HistoryEntry]:
         check_instance_id(instance_id)
@@ -192,15 +197,13 @@ class Client:
         check_instance_id(instance_id)
         key = self.keys.instance(instance_id)
         while True:
-            kv = await self.store.get(key)
-            if kv is None:
-                raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
-            inst = load_instance(kv.value)
+            kv, inst = await self._read(instance_id)
             if inst.finished:
                 return inst
             step = transition.cancel(inst, self.wall(), reason=reason, by=by if by is not None else caller())
             ops: list = [Put(key, dump_instance(step.instance))]
             ops += index.status_ops(self.keys, inst, step.instance)
+            ops += wake_parent_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
             while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
                 tok = removed.pop()
@@ -211,6 +214,39 @@ class Client:
             if result.succeeded:
                 if removed:
                     await reconcile(self.store, self.keys, instance_id, now=self.wall())
+                await self.cancel_children(inst, reason=f"its parent {instance_id} was cancelled"
+                                           + (f": {reason}" if reason else ""), by=by)
+                return step.instance
+
+    async def cancel_children(self, inst: Instance, *, reason: str, by: str | None = None) -> None:
+        """Cancel the child instances an instance's call states wait for (and theirs, in turn)."""
+        for token in inst.tokens.values():
+            if token.child is not None:
+                try:
+                    await self.cancel(token.child, reason=reason, by=by)
+                except NotFound:
+                    pass
+
+    async def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
+                     outcome: str | None = None) -> Instance:
+        """Send a signal to a running instance: stored in its record (durable, in the order sent)
+        and consumed by the next visit of a signal state that waits for it. Refused (InputError)
+        for a finished instance, NotFound for an unknown one; nothing is written then."""
+        check_instance_id(instance_id)
+        check_signal_name(name)
+        if outcome is not None and (not isinstance(outcome, str) or not outcome):
+            raise InputError(f"signal outcome must be a non-empty label, got {outcome!r}")
+        checked, _ = payloads.check(payload if payload is not None else {})
+        key = self.keys.instance(instance_id)
+        while True:
+            kv, inst = await self._read(instance_id)
+            now = self.wall()
+            step = transition.signal(inst, name, checked, outcome=outcome, now=now)
+            ops: list = [Put(key, dump_instance(step.instance))]
+            for token in step.upserted:  # the tokens it wakes: their markers say due now
+                ops.append(Put(self.keys.work(instance_id, token.id), work_info(step.instance, token, now).dump()))
+            result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
+            if result.succeeded:
                 return step.instance
 
     async def wait(self, instance_id: str, *, timeout: float | None = None,

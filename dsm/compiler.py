@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -19,31 +19,41 @@ from .errors import DefinitionError, InputError, Problem
 from .graph import (
     DEFAULT_MAX_TRANSITIONS,
     DEFAULT_RETENTION,
+    Call,
     Choice,
     Fork,
     Frame,
     Graph,
     Handler,
     Kind,
+    MapSpec,
     RetryPolicy,
     State,
+    Wait,
     digest_of,
 )
-from .guards import GuardError, compile_guard
+from .guards import Guard, GuardError, compile_guard
 from .loader import Document
 
-ROUTING = ("next", "on", "choose", "fork", "terminal")
+ROUTING = ("next", "on", "choose", "fork", "map", "terminal")
+WAITS = ("wait", "signal", "call")  # what a state may do instead of a tick
 MAX_HINTS = 20  # "did you mean" suggestions per file
 TICK_ONLY = ("timeout", "retry", "catch")
+ALLOWED = {"wait": (), "signal": ("timeout", "catch"), "call": TICK_ONLY}  # of TICK_ONLY, per kind of wait
+MAX_MAP_ITEMS = 10_000
 
 
 class _Compiler:
     def __init__(self, doc: Document, import_handlers: bool, allow: handlers.Allowlist,
-                 search_path: tuple[str, ...] = ()):
+                 search_path: tuple[str, ...] = (), calls: Mapping[str, Graph] | None = None,
+                 chain: tuple[str, ...] = ()):
         self.doc = doc
         self.import_handlers = import_handlers
         self.allow = allow
         self.search_path = search_path
+        self.calls = calls  # the children of a definition read from the store, by call path
+        self.chain = chain  # the files being compiled that call this one, outermost first
+        self.children: dict[str, Graph] = {}  # call path -> child graph, as compiled here
         self.problems: list[Problem] = []
         data = doc.data if isinstance(doc.data, dict) else {}
         raw_states = data.get("states")
@@ -129,12 +139,26 @@ class _Compiler:
         path = self.state_key(name)
         routing = [k for k in ROUTING if k in body and not (k == "terminal" and body.get("terminal") is not True)]
         ok = True
-        if "join" in body and "fork" not in body:
-            self.report(path + ("join",), f"state {name!r} has a join but no fork", key=True)
+        if "join" in body and "fork" not in body and "map" not in body:
+            self.report(path + ("join",), f"state {name!r} has a join but no fork or map", key=True)
             ok = False
         if "fork" in body and "join" not in body:
             self.report(path + ("fork",), f"malformed fork in state {name!r}: missing join", key=True)
             ok = False
+        if "map" in body and "join" not in body:
+            self.report(path + ("map",), f"malformed map in state {name!r}: missing join (where the machine "
+                        "continues once every item has finished)", key=True)
+            ok = False
+        waits = [k for k in WAITS if k in body]
+        if len(waits) > 1:
+            self.report(path + (waits[1],), f"state {name!r} has both {waits[0]!r} and {waits[1]!r}: a state "
+                        "waits for one thing", key=True)
+            ok = False
+        if waits and "tick" in body:
+            self.report(path + (waits[0],), f"state {name!r} has a tick and {waits[0]!r}: a {waits[0]} state "
+                        "replaces the tick; move the tick to a state before it", key=True)
+            ok = False
+        waiting = waits[0] if waits else None
         if not routing:
             if "terminal" in body:
                 hint = "terminal: false is not a route"
@@ -150,7 +174,7 @@ class _Compiler:
         kind = Kind(routing[0])
         has_tick = "tick" in body
         if kind is Kind.TERMINAL:
-            for key in ("tick",) + TICK_ONLY:
+            for key in ("tick",) + TICK_ONLY + WAITS:
                 if key in body:
                     what = "a tick" if key == "tick" else f"{key!r}"
                     self.report(path + (key,), f"terminal state {name!r} cannot have {what}", key=True)
@@ -160,15 +184,26 @@ class _Compiler:
                 self.report(path + ("status",), f"state {name!r} is not terminal: 'status' applies to "
                             "terminal states only", key=True)
                 ok = False
-            if not has_tick:
+            if waiting is not None:
+                for key in TICK_ONLY:
+                    if key in body and key not in ALLOWED[waiting]:
+                        allowed = ", ".join(ALLOWED[waiting]) or "none of timeout, retry, catch"
+                        self.report(path + (key,), f"state {name!r} is a {waiting} state and cannot have {key!r} "
+                                    f"(a {waiting} state takes {allowed})", key=True)
+                        ok = False
+            elif not has_tick:
                 for key in TICK_ONLY:
                     if key in body:
                         self.report(path + (key,), f"state {name!r} has {key!r} but no tick to apply it to",
                                     key=True)
                         ok = False
-        if kind is Kind.ON and not has_tick:
-            self.report(path + ("on",), f"state {name!r} routes with 'on' but has no tick to return a label",
-                        key=True)
+        if kind is Kind.ON and not has_tick and waiting != "signal":
+            self.report(path + ("on",), f"state {name!r} routes with 'on' but has no tick (or signal) to give a "
+                        "label", key=True)
+            ok = False
+        if waiting is not None and kind in (Kind.FORK, Kind.MAP):
+            self.report(path + (waiting,), f"state {name!r}: {waiting!r} routes with next, on or choose, not "
+                        f"with {kind.value}", key=True)
             ok = False
         if "merge" in body and kind is not Kind.FORK:
             self.report(path + ("merge",), f"state {name!r} has 'merge' but is not a fork", key=True)
@@ -190,6 +225,14 @@ class _Compiler:
             if isinstance(fork, list):
                 for i, target in enumerate(fork):
                     refs_ok &= self.check_ref(path + ("fork", i), target, f"state {name!r}: fork branch")
+            else:
+                refs_ok = False
+            if "join" in body:
+                refs_ok &= self.check_ref(path + ("join",), body.get("join"), f"state {name!r}: join")
+        elif kind is Kind.MAP:
+            spec = body.get("map")
+            if isinstance(spec, dict) and "branch" in spec:
+                refs_ok &= self.check_ref(path + ("map", "branch"), spec.get("branch"), f"state {name!r}: map branch")
             else:
                 refs_ok = False
             if "join" in body:
@@ -234,6 +277,12 @@ class _Compiler:
         tick = self.handler(path + ("tick",), body.get("tick")) if has_tick else None
         if has_tick and tick is None:
             ok = False
+        wait = self.wait(path + ("wait",), body["wait"]) if waiting == "wait" else None
+        call = self.call(path + ("call",), body["call"]) if waiting == "call" else None
+        spec = self.map_spec(path + ("map",), body.get("map")) if kind is Kind.MAP else None
+        if (waiting == "wait" and wait is None) or (waiting == "call" and call is None) or (
+                kind is Kind.MAP and spec is None):
+            ok = False
         if not (ok and refs_ok):
             return None
         default_timeout, default_retry = defaults
@@ -252,14 +301,86 @@ class _Compiler:
             on=MappingProxyType(dict(on or {})),
             choose=tuple(choices),
             fork=tuple(body.get("fork", ())) if kind is Kind.FORK else (),
-            join=body.get("join") if kind is Kind.FORK else None,
             merge=body.get("merge", "keys") if kind is Kind.FORK else "keys",
             status=body.get("status", "succeeded") if kind is Kind.TERMINAL else "succeeded",
-            timeout=(timeout if timeout is not None else default_timeout) if has_tick else None,
-            retry=self.retry_policy(path + ("retry",), retry_raw if retry_raw is not None else default_retry)
-            if has_tick else RetryPolicy(),
+            timeout=(timeout if timeout is not None else default_timeout) if has_tick else timeout,
+            retry=self.retry_policy(path + ("retry",), retry_raw if retry_raw is not None
+                                    else default_retry if has_tick else None)
+            if has_tick or waiting == "call" else RetryPolicy(),
             catch=body.get("catch"),
+            join=body.get("join") if kind in (Kind.FORK, Kind.MAP) else None,
+            wait=wait,
+            signal=body.get("signal") if waiting == "signal" else None,
+            call=call,
+            map=spec,
         )
+
+    def expression(self, path: tuple, source: Any, what: str) -> Guard | None:
+        if not isinstance(source, str):
+            return None  # the schema reported it
+        try:
+            return compile_guard(source)
+        except GuardError as exc:
+            self.report(path, f"{what}: {exc}")
+            return None
+
+    def wait(self, path: tuple, raw: Any) -> Wait | None:
+        if isinstance(raw, dict):
+            until = self.expression(path + ("until",), raw.get("until"), f"{loader.dotted(path)}.until")
+            return Wait(until=until) if until is not None else None
+        seconds = self.duration(path, raw)
+        return Wait(seconds=seconds) if seconds is not None else None
+
+    def map_spec(self, path: tuple, raw: Any) -> MapSpec | None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("branch"), str):
+            return None
+        items = self.expression(path + ("items",), raw.get("items"), f"{loader.dotted(path)}.items")
+        if items is None:
+            return None
+        limit = raw.get("max_concurrency")
+        keys = raw.get("with")
+        collect = raw.get("collect")
+        return MapSpec(items=items, branch=raw["branch"],
+                       max_concurrency=limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+                       else None,
+                       with_keys=tuple(k for k in keys if isinstance(k, str)) if isinstance(keys, list) else (),
+                       collect=collect if isinstance(collect, str) and collect else "results")
+
+    def call(self, path: tuple, target: Any) -> Call | None:
+        """The child machine of a `call`: from the store's record of the definition when it was read
+        from there, else the file relative to this one, compiled with the same settings."""
+        if not isinstance(target, str):
+            return None
+        if target in self.children:
+            return Call(target, self.children[target])
+        if self.calls is not None:
+            child = self.calls.get(target)
+            if child is None:
+                self.report(path, f"{loader.dotted(path)}: the stored definition does not include the machine "
+                            f"{target!r} it calls")
+                return None
+            self.children[target] = child
+            return Call(target, child)
+        base = Path(self.doc.file).resolve().parent if self.doc.file and not self.doc.file.startswith("<") \
+            else Path.cwd()
+        file = (base / target).resolve()
+        if str(file) in self.chain or str(file) == _resolved(self.doc.file):
+            cycle = " -> ".join(Path(f).name for f in (*self.chain, _resolved(self.doc.file), str(file)))
+            self.report(path, f"{loader.dotted(path)}: calls lead back to the caller ({cycle})")
+            return None
+        if not file.is_file():
+            self.report(path, f"{loader.dotted(path)}: no machine file {target!r} (looked for {file})")
+            return None
+        try:
+            child = load(file, import_handlers=self.import_handlers, allow=self.allow, search_path=self.search_path,
+                         _chain=(*self.chain, _resolved(self.doc.file)))
+        except DefinitionError as exc:
+            self.report(path, f"{loader.dotted(path)}: the called machine {target!r} is not valid (its "
+                        "problems follow, at its own path)")
+            self.problems.extend(exc.problems)
+            return None
+        self.children[target] = child
+        return Call(target, child)
 
     # -- whole graph -------------------------------------------------------------------------
     def compile(self) -> Graph | None:
@@ -298,7 +419,7 @@ class _Compiler:
             version=self.data.get("version"),
             description=self.data.get("description", ""),
             max_transitions=max_transitions,
-            digest=digest_of(self.doc.text),
+            digest=digest_of(self.doc.text, {p: g.digest for p, g in self.children.items()}),
             file=self.doc.file,
             source=self.doc.text,
             retention=_or(self.duration(("retention",), self.data.get("retention")), DEFAULT_RETENTION),
@@ -309,6 +430,9 @@ class _Compiler:
         forks: dict[str, Fork] = {}
         join_of: dict[str, str] = {}
         for name, st in states.items():
+            if st.kind is Kind.MAP and st.map is not None:
+                forks.update(self.map_structure(states, st, join_of))
+                continue
             if st.kind is not Kind.FORK:
                 continue
             path = self.state_key(name)
@@ -359,15 +483,38 @@ class _Compiler:
         for name, fk in forks.items():
             # a nested fork's join must sit in the same branch as the fork itself
             if frames.get(fk.join, ()) != frames.get(name, ()):
-                self.report(self.state_key(name) + ("join",), f"malformed fork in state {name!r}: its join "
-                            f"{fk.join!r} is not in the same branch as the fork")
+                what = "map" if fk.map is not None else "fork"
+                self.report(self.state_key(name) + ("join",), f"malformed {what} in state {name!r}: its join "
+                            f"{fk.join!r} is not in the same branch as the {what}")
         return forks, frames, join_of
+
+    def map_structure(self, states: dict[str, State], st: State, join_of: dict[str, str]) -> dict[str, Fork]:
+        """A map state's one branch, as a fork's: members, and its join (checked like a fork's)."""
+        name, join, spec = st.name, st.join, st.map
+        assert join is not None and spec is not None
+        path = self.state_key(name)
+        if join in (name, spec.branch):
+            self.report(path + ("join",), f"malformed map in state {name!r}: the join {join!r} cannot be the map "
+                        "state or its branch")
+            return {}
+        if spec.branch == name:
+            self.report(path + ("map", "branch"), f"malformed map in state {name!r}: the branch cannot start at "
+                        "the map state itself")
+            return {}
+        if join in join_of:
+            self.report(path + ("join",), f"state {join!r} is the join of two forks or maps, {join_of[join]!r} and "
+                        f"{name!r}; give each its own join")
+            return {}
+        join_of[join] = name
+        members = frozenset(self.branch_members(states, spec.branch, join))
+        return {name: Fork(state=name, branches=(spec.branch,), join=join, merge="map",
+                           members=MappingProxyType({spec.branch: members}), map=spec)}
 
     @staticmethod
     def edges(st: State) -> tuple[str, ...]:
-        """Routing edges plus a virtual fork->join edge, for reachability questions."""
+        """Routing edges plus a virtual fork->join (or map->join) edge, for reachability questions."""
         out = st.targets()
-        if st.kind is Kind.FORK and st.join:
+        if st.kind in (Kind.FORK, Kind.MAP) and st.join:
             out = out + (st.join,)
         return out
 
@@ -406,7 +553,8 @@ class _Compiler:
 
     def check_branches(self, states: dict[str, State], fk: Fork, predecessors: dict[str, set[str]]) -> None:
         name = fk.state
-        path = self.state_key(name)
+        path = self.state_key(name) + (("map", "branch") if fk.map is not None else ())
+        what = "map" if fk.map is not None else "fork"
         # overlaps, found through who owns each state rather than by comparing every pair of branches
         owners: dict[str, list[int]] = {}
         for i, b in enumerate(fk.branches):
@@ -423,25 +571,26 @@ class _Compiler:
         reach = self.backwards(predecessors, (fk.join,), within=owners)
         for i, b in enumerate(fk.branches):
             members = fk.members[b]
-            where = f"branch {b!r} of fork {name!r}"
+            where = f"branch {b!r} of {what} {name!r}"
+            at = path if fk.map is not None else path + ("fork", i)
             if name in members:
-                self.report(path + ("fork", i), f"malformed fork: {where} leads back to the fork state "
+                self.report(at, f"malformed {what}: {where} leads back to the fork state "
                             f"{name!r} without passing the join {fk.join!r}")
             for j, state in sorted(overlaps.get(i, {}).items()):
-                self.report(path + ("fork", i), f"malformed fork: branches {b!r} and {fk.branches[j]!r} of "
+                self.report(at, f"malformed fork: branches {b!r} and {fk.branches[j]!r} of "
                             f"fork {name!r} overlap at state {state!r}")
             for m in sorted(members):
                 st = states[m]
                 if st.terminal:
-                    self.report(self.state_key(m), f"malformed fork: terminal state {m!r} is inside {where}; "
+                    self.report(self.state_key(m), f"malformed {what}: terminal state {m!r} is inside {where}; "
                                 f"branches must end at the join {fk.join!r}", key=True)
                 outside = sorted(p for p in predecessors.get(m, ()) if p not in members and not (m == b and p == name))
                 if outside and name not in members:
-                    self.report(self.state_key(m), f"malformed fork: state {m!r} in {where} is also entered "
+                    self.report(self.state_key(m), f"malformed {what}: state {m!r} in {where} is also entered "
                                 f"from {outside[0]!r}, outside the branch", key=True)
             for m in sorted(members - reach):
                 if not states[m].terminal:
-                    self.report(self.state_key(m), f"malformed fork: state {m!r} in {where} never reaches the "
+                    self.report(self.state_key(m), f"malformed {what}: state {m!r} in {where} never reaches the "
                                 f"join {fk.join!r}", key=True)
 
     def reachability(self, states: dict[str, State], start: str, predecessors: dict[str, set[str]]) -> None:
@@ -470,13 +619,19 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def _resolved(file: str) -> str:
+    return str(Path(file).resolve()) if file and not file.startswith("<") else file
+
+
 def compile_document(doc: Document, *, import_handlers: bool = True, allow: handlers.Allowlist = handlers.ANY,
-                     search_path: Iterable[str | Path] = ()) -> Graph:
+                     search_path: Iterable[str | Path] = (), calls: Mapping[str, Graph] | None = None,
+                     _chain: tuple[str, ...] = ()) -> Graph:
     """Check a parsed document and build its Graph; raise DefinitionError listing every problem.
 
     Handler modules are imported with `search_path` first on the import path, for those imports
-    only (see handlers.py)."""
-    compiler = _Compiler(doc, import_handlers, allow, tuple(str(p) for p in search_path))
+    only (see handlers.py). `calls` gives the machines a stored definition calls, by call path
+    (a definition read from a file finds them next to it)."""
+    compiler = _Compiler(doc, import_handlers, allow, tuple(str(p) for p in search_path), calls, _chain)
     graph = compiler.compile()
     if compiler.problems or graph is None:
         problems = compiler.problems or [doc.problem((), "definition could not be compiled")]
@@ -485,16 +640,17 @@ def compile_document(doc: Document, *, import_handlers: bool = True, allow: hand
 
 
 def compile_text(text: str, file: str = "<string>", *, import_handlers: bool = True,
-                 allow: handlers.Allowlist = handlers.ANY, search_path: Iterable[str | Path] = ()) -> Graph:
+                 allow: handlers.Allowlist = handlers.ANY, search_path: Iterable[str | Path] = (),
+                 calls: Mapping[str, Graph] | None = None) -> Graph:
     """Compile a definition given as text; its modules are found on `search_path` and the
     process's own import path, never in a folder of its own (text has none)."""
     return compile_document(loader.parse(text, file), import_handlers=import_handlers, allow=allow,
-                            search_path=search_path)
+                            search_path=search_path, calls=calls)
 
 
 def load(path: str | Path, *, import_handlers: bool = True, allow: handlers.Allowlist = handlers.ANY,
-         search_path: Iterable[str | Path] = ()) -> Graph:
+         search_path: Iterable[str | Path] = (), _chain: tuple[str, ...] = ()) -> Graph:
     """Read, check and compile a machine file; its folder goes first on the import path while its
-    handler modules are imported (after `search_path`)."""
+    handler modules are imported (after `search_path`). Machines it calls are compiled with it."""
     return compile_document(loader.read(path), import_handlers=import_handlers, allow=allow,
-                            search_path=[*search_path, Path(path).resolve().parent])
+                            search_path=[*search_path, Path(path).resolve().parent], _chain=_chain)

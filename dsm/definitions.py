@@ -34,9 +34,19 @@ log = logging.getLogger(__name__)
 MISMATCH_RETRY = 30.0  # seconds before a process looks again at a digest whose content did not match
 
 
+def calls_of(graph: Graph) -> dict[str, str]:
+    """The machines a definition calls directly: call path -> digest."""
+    return {st.call.path: st.call.graph.digest for st in graph.states.values()
+            if st.call is not None and st.call.graph is not None}
+
+
 def encode(graph: Graph) -> bytes:
-    return json.dumps({"machine": graph.machine, "version": graph.version, "file": Path(graph.file).name,
-                       "source": graph.source}, separators=(",", ":")).encode()
+    raw: dict[str, Any] = {"machine": graph.machine, "version": graph.version, "file": Path(graph.file).name,
+                           "source": graph.source}
+    calls = calls_of(graph)
+    if calls:
+        raw["calls"] = calls  # covered by the digest, as the source is
+    return json.dumps(raw, separators=(",", ":")).encode()
 
 
 def decode(digest: str, value: bytes) -> tuple[dict[str, Any] | None, str]:
@@ -47,7 +57,10 @@ def decode(digest: str, value: bytes) -> tuple[dict[str, Any] | None, str]:
         raw = None
     if not isinstance(raw, dict) or not isinstance(raw.get("source"), str):
         return None, "is not a stored definition"
-    actual = digest_of(raw["source"])
+    calls = raw.get("calls", {})
+    if not isinstance(calls, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in calls.items()):
+        return None, "is not a stored definition (its calls are malformed)"
+    actual = digest_of(raw["source"], calls)
     if actual != digest:
         return None, f"holds content whose digest is {actual}"
     return raw, ""
@@ -55,7 +68,14 @@ def decode(digest: str, value: bytes) -> tuple[dict[str, Any] | None, str]:
 
 async def register(store: Store, keys: Keys, graph: Graph) -> None:
     """Store the definition under its digest unless it is there already (content never changes);
-    content under the digest that does not hash to it is replaced."""
+    content under the digest that does not hash to it is replaced. The machines it calls are
+    registered first, so that whoever reads it finds them."""
+    for child in graph.children().values():
+        await _register_one(store, keys, child)
+    await _register_one(store, keys, graph)
+
+
+async def _register_one(store: Store, keys: Keys, graph: Graph) -> None:
     key = keys.definition(graph.digest)
     value = encode(graph)
     # a plain range read: etcd 3.5 refuses every transaction, read-only ones too, while over its quota
@@ -96,6 +116,8 @@ class Registry:
 
     def add(self, graph: Graph) -> None:
         self._graphs[graph.digest] = graph
+        for child in graph.children().values():
+            self._graphs.setdefault(child.digest, child)
 
     def known(self) -> Iterable[Graph]:
         return self._graphs.values()
@@ -142,10 +164,19 @@ class Registry:
             self._look_again[digest] = time.monotonic() + MISMATCH_RETRY
             log.error("%s", reason)
             raise NotFound(reason)
+        calls: dict[str, Graph] = {}
+        for path, child in raw.get("calls", {}).items():
+            try:
+                calls[path] = await self.get(child)
+            except NotFound as exc:
+                reason = f"cannot run definition {digest} ({raw.get('machine')}): the machine {path!r} it calls: {exc}"
+                self._broken[digest] = reason
+                self._machines[digest] = str(raw.get("machine"))
+                raise NotFound(reason) from None
         try:
             # compiling a large definition (and importing its modules) takes a while: never on the
             # event loop, where it would stall the lease keep-alive and every running tick
-            graph = await asyncio.to_thread(self._compile, digest, raw)
+            graph = await asyncio.to_thread(self._compile, digest, raw, calls)
         except DefinitionError as exc:
             reason = f"cannot run definition {digest} ({raw.get('machine')}): {exc}"
             self._broken[digest] = reason
@@ -159,12 +190,12 @@ class Registry:
         self._graphs[digest] = graph
         return graph
 
-    def _compile(self, digest: str, raw: dict[str, Any]) -> Graph:
+    def _compile(self, digest: str, raw: dict[str, Any], calls: dict[str, Graph] | None = None) -> Graph:
         # A definition from the store has no folder: its modules come from this process's own
         # search path (--path, the folders of its definitions) and installed packages only.
         name = Path(str(raw.get("file") or digest)).name  # a label for messages, not covered by the digest
         return compiler.compile_text(raw["source"], name, import_handlers=self.import_handlers, allow=self.allow,
-                                     search_path=self.search_path)
+                                     search_path=self.search_path, calls=calls if raw.get("calls") else None)
 
     def refused(self) -> dict[str, str | None]:
         """Digests this process cannot run, with their machine's name when known (what a worker

@@ -25,14 +25,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from . import payloads, transition
 from .context import make_context
+from .errors import NotFound
 from .graph import Graph, State
-from .records import HistoryEntry, Instance, Token, new_id
-from .transition import Failure, Outcome
+from .records import HistoryEntry, Instance, Token, evolve, new_id
+from .transition import ChildResult, Failure, Outcome
 from .worker.executor import Attempt, Executor, ThreadExecutor, TickCall, failure_of, normalize, report_failure
 from .worker.planner import Arrival, apply, bounded
 
@@ -59,6 +61,17 @@ class Engine:
     executor: Executor | None = None
     inline: bool = True  # quick path for a lone sync tick without a timeout (off when the run has a deadline)
     partial: _Run | None = field(default=None, repr=False)  # the run in progress, also after a timeout
+    runs: dict[str, _Run] = field(default_factory=dict, repr=False)  # by instance id, children included
+
+    def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
+               outcome: str | None = None) -> Instance:
+        """Send a signal to an instance this engine runs (`transition.signal`); InputError when it
+        has finished, NotFound when this engine does not run it."""
+        run = self.runs.get(instance_id)
+        if run is None:
+            raise NotFound(f"no instance {instance_id!r} runs in this process")
+        checked, _ = payloads.check(payload if payload is not None else {}, limit=self.payload_limit)
+        return run.signal(name, checked, outcome)
 
     async def run(self, payload: dict[str, Any], instance_id: str | None = None,
                   on_start: Callable[[str], None] | None = None) -> tuple[Instance, list[HistoryEntry]]:
@@ -69,10 +82,7 @@ class Engine:
         self.partial = run
         if on_start is not None:
             on_start(run.inst.id)
-        try:
-            await run.drive()
-        finally:
-            run.stop()
+        await run.run()
         return run.inst, run.history
 
 
@@ -91,6 +101,55 @@ class _Run:
         self.own_executor = False
         self.tasks: set[asyncio.Task] = set()
         self.quick: dict[str, int] = {}  # state -> its last attempts in a row that were quick
+        self.children: dict[str, _Run] = {}  # child instances of call states, by id
+        self.parent: _Run | None = None
+
+    async def run(self) -> None:
+        self.engine.runs[self.inst.id] = self
+        try:
+            await self.drive()
+        finally:
+            self.stop()
+            self.engine.runs.pop(self.inst.id, None)
+
+    def signal(self, name: str, payload: dict[str, Any], outcome: str | None) -> Instance:
+        step = transition.signal(self.inst, name, payload, outcome=outcome, now=self.engine.wall())
+        self.inst = step.instance
+        self.wake.set()
+        return self.inst
+
+    def start_child(self, child: Instance) -> None:
+        """Run a call state's child beside this instance; its end makes the waiting token due."""
+        token = self.inst.tokens.get(child.parent.token) if child.parent is not None else None
+        if token is None or token.child != child.id:
+            return  # the step that started it went no further (the parent failed in the same step)
+        state = self.graph.states[token.state]
+        assert state.call is not None and state.call.graph is not None
+        engine = replace(self.engine, graph=state.call.graph, on_history=None, partial=None)  # updates: all of them
+        run = _Run(engine, child)
+        run.parent = self
+        self.children[child.id] = run
+        task = asyncio.get_running_loop().create_task(run.run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def child_ended(self, child: _Run) -> None:
+        parent = child.inst.parent
+        if parent is None or self.inst.finished:
+            return
+        token = self.inst.tokens.get(parent.token)
+        if token is not None and token.child == child.inst.id:
+            tokens = dict(self.inst.tokens)
+            tokens[token.id] = replace(token, not_before=0.0)
+            self.inst = evolve(self.inst, tokens=MappingProxyType(tokens))
+            self.wake.set()
+
+    def child_result(self, token: Token) -> ChildResult | None:
+        run = self.children.get(token.child) if token.child else None
+        if run is None:
+            return None if token.child is None else ChildResult(token.child, None)
+        inst = run.inst
+        return ChildResult(inst.id, inst.status, inst.payload if inst.finished else None, inst.error)
 
     @property
     def snapshot(self) -> tuple[Instance, list[HistoryEntry]]:
@@ -116,7 +175,7 @@ class _Run:
             for token in due:
                 state = self.graph.states[token.state]
                 if state.tick is None:
-                    arrivals.append(Arrival(token, 0, Outcome()))
+                    arrivals.append(Arrival(token, 0, Outcome(child=self.child_result(token))))
                 elif len(self.inflight) < engine.workers:
                     if (engine.inline and not self.inflight and len(due) == 1 and not arrivals
                             and self.quick.get(state.name, 0) >= PROVEN and _inline(state)):
@@ -126,9 +185,10 @@ class _Run:
             if arrivals:
                 self.step(arrivals, now)
                 continue
-            waits = [t.not_before - now for t in self.inst.tokens.values() if t.id not in self.inflight]
+            waits = [t.not_before - now for t in self.inst.tokens.values() if t.id not in self.inflight
+                     and not t.parked]
             delay = min(waits) if waits else None
-            if not self.inflight and delay is None:
+            if not self.inflight and delay is None and not any(t.parked for t in self.inst.tokens.values()):
                 raise AssertionError(f"instance {self.inst.id}: running with nothing to do")  # the compiler's job
             self.wake.clear()
             if self.finished:
@@ -142,12 +202,15 @@ class _Run:
 
     def step(self, arrivals: list[Arrival], now: float) -> None:
         engine = self.engine
-        after, history = apply(self.graph, self.inst, arrivals, now=now, worker=engine.worker_id)
+        started: list[Instance] = []
+        after, history = apply(self.graph, self.inst, arrivals, now=now, worker=engine.worker_id, started=started)
         after, _, too_large = bounded(self.inst, after, arrivals, now=now, max_record_bytes=engine.max_record_bytes,
                                       serialize=False)
         if too_large:
-            history = []
+            history, started = [], []
         self.inst = after
+        for child in started:
+            self.start_child(child)
         self.history.extend(history)
         if engine.on_history is not None:
             for entry in history:
@@ -216,6 +279,12 @@ class _Run:
             self.wake.set()
 
     def stop(self) -> None:
+        if self.parent is not None:
+            self.parent.child_ended(self)
+        for child in self.children.values():  # a parent that ends takes its children with it
+            if not child.inst.finished:
+                child.inst = transition.cancel(child.inst, self.engine.wall(),
+                                               reason=f"its parent {self.inst.id} {self.inst.status}").instance
         for _, attempt in self.inflight.values():
             attempt.abandon(f"instance {self.inst.id} is {self.inst.status}" if self.inst.finished
                             else "the embedded run stopped")

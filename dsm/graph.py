@@ -24,6 +24,7 @@ class Kind(str, Enum):
     ON = "on"
     CHOOSE = "choose"
     FORK = "fork"
+    MAP = "map"
     TERMINAL = "terminal"
 
 
@@ -82,6 +83,33 @@ class Choice:
 
 
 @dataclass(frozen=True, slots=True)
+class Wait:
+    """A durable timer: `seconds` after the state is entered, or at the time `until` gives."""
+
+    seconds: float | None = None
+    until: Guard | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A child machine, by the path the definition gives (relative to it) and compiled with it."""
+
+    path: str
+    graph: Graph | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    """A dynamic fan-out: one run of `branch` per item of the list `items` gives."""
+
+    items: Guard
+    branch: str
+    max_concurrency: int | None = None
+    with_keys: tuple[str, ...] = ()
+    collect: str = "results"
+
+
+@dataclass(frozen=True, slots=True)
 class State:
     name: str
     kind: Kind
@@ -99,10 +127,25 @@ class State:
     timeout: float | None = None
     retry: RetryPolicy = RetryPolicy()
     catch: str | None = None
+    wait: Wait | None = None  # these three replace the tick: the state waits, holding no worker
+    signal: str | None = None
+    call: Call | None = None
+    map: MapSpec | None = None
 
     @property
     def terminal(self) -> bool:
         return self.kind is Kind.TERMINAL
+
+    @property
+    def waits(self) -> str | None:
+        """What the state waits for, if it does: "timer", "signal" or "child"."""
+        if self.wait is not None:
+            return "timer"
+        if self.signal is not None:
+            return "signal"
+        if self.call is not None:
+            return "child"
+        return None
 
     def targets(self) -> tuple[str, ...]:
         """States this one can route to directly (fork branches, not the join; catch included)."""
@@ -114,6 +157,8 @@ class State:
             out = tuple(dict.fromkeys(c.next for c in self.choose))
         elif self.kind is Kind.FORK:
             out = self.fork
+        elif self.kind is Kind.MAP:
+            out = (self.map.branch,) if self.map is not None else ()
         else:
             out = ()
         if self.catch and self.catch not in out:
@@ -123,13 +168,15 @@ class State:
 
 @dataclass(frozen=True, slots=True)
 class Fork:
-    """A fork state's structure: its branches (by first state), their members, and the join."""
+    """A fork state's structure: its branches (by first state), their members, and the join. A map
+    state has one too (`map` set), with its one branch, run once per item."""
 
     state: str
     branches: tuple[str, ...]
     join: str
     merge: str
     members: Mapping[str, frozenset[str]]
+    map: MapSpec | None = None
 
 
 Frame = tuple[str, str]  # (fork state, branch name)
@@ -156,14 +203,34 @@ class Graph:
         return self.states[name]
 
     def modules(self) -> tuple[str, ...]:
-        """Handler modules this machine needs, in order of first use."""
-        return tuple(dict.fromkeys(s.tick.module for s in self.states.values() if s.tick))
+        """Handler modules this machine needs, in order of first use, then those of the machines it
+        calls (a worker runs those too)."""
+        machines = [self, *self.children().values()]
+        return tuple(dict.fromkeys(s.tick.module for g in machines for s in g.states.values() if s.tick))
 
     def has_guards(self) -> bool:
         """Whether routing this machine evaluates guard expressions (definition code, budgeted)."""
-        return any(c.guard is not None for s in self.states.values() for c in s.choose)
+        return any(c.guard is not None for s in self.states.values() for c in s.choose) or any(
+            s.map is not None or (s.wait is not None and s.wait.until is not None) for s in self.states.values())
+
+    def children(self) -> dict[str, Graph]:
+        """Every machine this one calls, directly or through its children, by digest."""
+        out: dict[str, Graph] = {}
+        stack = [self]
+        while stack:
+            for st in stack.pop().states.values():
+                child = st.call.graph if st.call is not None else None
+                if child is not None and child.digest not in out:
+                    out[child.digest] = child
+                    stack.append(child)
+        return out
 
 
-def digest_of(source: str) -> str:
-    """Content digest that pins an instance to the exact definition text it started with."""
-    return "sha256:" + hashlib.sha256(source.encode("utf-8")).hexdigest()
+def digest_of(source: str, calls: Mapping[str, str] | None = None) -> str:
+    """Content digest that pins an instance to the exact definition text it started with, and to
+    the digests of the machines it calls (by call path), so that a child's YAML moving on does not
+    change running parents either."""
+    text = source
+    if calls:
+        text += "".join(f"\n#call {path} {digest}" for path, digest in sorted(calls.items()))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()

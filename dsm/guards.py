@@ -699,10 +699,16 @@ class Guard:
     limits: GuardLimits = field(default_factory=GuardLimits, repr=False, compare=False)
 
     def __call__(self, payload: dict, instance: dict, state: str) -> bool:
+        return bool(self._evaluate(payload, instance, state, bool))
+
+    def value(self, payload: dict, instance: dict, state: str) -> Any:
+        """The expression's value (a `wait: {until: ...}` time, a map's items), not only its truth."""
+        return self._evaluate(payload, instance, state, _plain)
+
+    def _evaluate(self, payload: dict, instance: dict, state: str, result: Callable[[Any], Any]) -> Any:
         token = _CURRENT.set(_Budget(self.limits))
         try:
-            value = self._fn(payload=payload, instance=instance, state=state)
-            return bool(value)
+            return result(self._fn(payload=payload, instance=instance, state=state))
         except _OutOfTime as exc:
             raise GuardError(f"guard {self.source!r} {exc}") from None
         except SecurityError as exc:
@@ -715,6 +721,17 @@ class Guard:
             raise GuardError(f"guard {self.source!r} exceeded its bounds: {type(exc).__name__}") from None
         finally:
             _CURRENT.reset(token)
+
+
+def _plain(value: Any) -> Any:
+    """A value the sandbox produced, as plain JSON-like Python (tuples and other sequences become
+    lists; undefined values raise as they would in a guard)."""
+    if isinstance(value, (str, bytes, dict)) or value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    str(value)  # an Undefined raises here, inside the guard's error handling
+    return value
 
 
 def compile_guard(source: str, limits: GuardLimits | None = None) -> Guard:

@@ -71,6 +71,17 @@ def check_instance_id(value: object) -> str:
     return value
 
 
+SIGNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_signal_name(value: object) -> str:
+    """The signal name itself, or InputError saying what a name may be (as the schema says)."""
+    if not isinstance(value, str) or SIGNAL_NAME.fullmatch(value) is None:
+        raise InputError(f"invalid signal name {value!r}: a name is 1 to 128 letters, digits, '.', '_', ':' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     namespace: str = "dsm"

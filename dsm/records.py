@@ -24,6 +24,9 @@ CANCELLED = "cancelled"
 STATUSES = (RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
 DEFAULT_RETENTION = 7 * 86400.0  # seconds a finished instance is kept, unless its machine says (`retention:`)
+# `not_before` of a token that waits for something other than time (a signal without a timeout, a
+# child): never due by the clock; whatever it waits for makes it due (`transition.signal`, a child's end).
+PARKED = 1e15
 
 Frame = tuple[str, str]  # (activation id, branch name)
 
@@ -65,10 +68,17 @@ class Token:
     not_before: float = 0.0
     visit: int = 1
     failures: tuple[FailedAttempt, ...] = ()  # this visit's failed attempts, until the visit commits
+    deadline: float | None = None  # a signal or call state's timeout, as a time
+    child: str | None = None  # the child instance a call state waits for
+    waits: str | None = None  # what its state waits for: "timer", "child" or "signal:NAME"
 
     @property
     def branch(self) -> tuple[str, ...]:
         return tuple(name for _, name in self.frames) if self.frames else ()
+
+    @property
+    def parked(self) -> bool:
+        return self.not_before >= PARKED
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +90,9 @@ class Activation:
     frames: tuple[Frame, ...]
     base: dict[str, Any]
     arrived: Mapping[str, dict[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    # a map's pass: its items (arrived is keyed by item index) and how many were started so far
+    items: tuple[Any, ...] | None = None
+    started: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +108,59 @@ class HistoryEntry:
     started_at: float | None = None  # when the attempt that made this transition began
     duration_ms: int | None = None
     failures: tuple[FailedAttempt, ...] = ()  # the attempts of this visit that failed before it
+    signal: Signal | None = None  # the signal a signal state consumed
+    child: str | None = None  # the child instance a call state ran
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "state": self.state, "next": list(self.next), "branch": list(self.branch),
-                "attempt": self.attempt, "outcome": self.outcome, "worker": self.worker, "at": timestamp(self.at),
-                "started_at": timestamp(self.started_at if self.started_at is not None else self.at),
-                "duration_ms": self.duration_ms if self.duration_ms is not None else 0,
-                "failures": [f.as_dict() for f in self.failures]}
+        out = {"seq": self.seq, "state": self.state, "next": list(self.next), "branch": list(self.branch),
+               "attempt": self.attempt, "outcome": self.outcome, "worker": self.worker, "at": timestamp(self.at),
+               "started_at": timestamp(self.started_at if self.started_at is not None else self.at),
+               "duration_ms": self.duration_ms if self.duration_ms is not None else 0,
+               "failures": [f.as_dict() for f in self.failures]}
+        if self.signal is not None:
+            out["signal"] = {"name": self.signal.name, "outcome": self.signal.outcome, "at": timestamp(self.signal.at)}
+        if self.child is not None:
+            out["child"] = self.child
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A signal sent to an instance: kept in its record until a signal state consumes it."""
+
+    name: str
+    payload: dict[str, Any]
+    outcome: str | None
+    at: float
+
+    def dump(self) -> dict[str, Any]:
+        return {"name": self.name, "payload": self.payload, "outcome": self.outcome, "at": self.at}
+
+    @staticmethod
+    def load(d: dict[str, Any]) -> Signal:
+        return Signal(d["name"], d["payload"], d.get("outcome"), d["at"])
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "payload": self.payload, "outcome": self.outcome, "at": timestamp(self.at)}
+
+
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """The instance and state that started a child instance (`call`), and the token that waits."""
+
+    id: str
+    state: str
+    token: str
+    machine: str
+    digest: str
+
+    def dump(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "token": self.token, "machine": self.machine,
+                "digest": self.digest}
+
+    @staticmethod
+    def load(d: dict[str, Any]) -> Parent:
+        return Parent(d["id"], d["state"], d["token"], d["machine"], d["digest"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +187,8 @@ class Instance:
     cancel: CancelInfo | None = None
     stopped: Stopped | None = None  # what was pending when it failed or was cancelled, for redrive
     input_digest: str | None = None  # set when `input` was too large to keep (dsm.idempotency)
+    signals: tuple[Signal, ...] = ()  # received and not yet consumed, in the order sent
+    parent: Parent | None = None  # set on a child instance (`call`)
 
     @property
     def finished(self) -> bool:
@@ -209,6 +270,8 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
         "stopped": {"tokens": _tokens_to_dict(inst.stopped.tokens),
                     "activations": _activations_to_dict(inst.stopped.activations)} if inst.stopped else None,
         "input_digest": inst.input_digest,
+        **({"signals": [sig.dump() for sig in inst.signals]} if inst.signals else {}),
+        **({"parent": inst.parent.dump()} if inst.parent is not None else {}),
     }
 
 
@@ -227,6 +290,8 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         stopped=Stopped(_tokens_from_dict(raw["stopped"]["tokens"]),
                         _activations_from_dict(raw["stopped"]["activations"])) if raw.get("stopped") else None,
         input_digest=raw.get("input_digest"),
+        signals=tuple(Signal.load(d) for d in raw.get("signals", ())),
+        parent=Parent.load(raw["parent"]) if raw.get("parent") else None,
     )
 
 
@@ -239,10 +304,15 @@ def load_instance(raw: bytes) -> Instance:
 
 
 def dump_history(entry: HistoryEntry) -> bytes:
-    return codec.dumps({"seq": entry.seq, "state": entry.state, "next": entry.next, "branch": entry.branch,
-                        "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker, "at": entry.at,
-                        "started_at": entry.started_at, "duration_ms": entry.duration_ms,
-                        "failures": [f.dump() for f in entry.failures]})
+    raw = {"seq": entry.seq, "state": entry.state, "next": entry.next, "branch": entry.branch,
+           "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker, "at": entry.at,
+           "started_at": entry.started_at, "duration_ms": entry.duration_ms,
+           "failures": [f.dump() for f in entry.failures]}
+    if entry.signal is not None:
+        raw["signal"] = entry.signal.dump()
+    if entry.child is not None:
+        raw["child"] = entry.child
+    return codec.dumps(raw)
 
 
 def load_history(raw: bytes) -> HistoryEntry:
@@ -250,7 +320,8 @@ def load_history(raw: bytes) -> HistoryEntry:
     return HistoryEntry(seq=d["seq"], state=d["state"], next=tuple(d["next"]), branch=tuple(d["branch"]),
                         attempt=d["attempt"], outcome=d["outcome"], worker=d["worker"], at=d["at"],
                         started_at=d.get("started_at"), duration_ms=d.get("duration_ms"),
-                        failures=tuple(FailedAttempt.load(f) for f in d.get("failures", ())))
+                        failures=tuple(FailedAttempt.load(f) for f in d.get("failures", ())),
+                        signal=Signal.load(d["signal"]) if d.get("signal") else None, child=d.get("child"))
 
 
 def public_record(inst: Instance, history: list[HistoryEntry] | None = None) -> dict[str, Any]:
@@ -267,6 +338,8 @@ def public_record(inst: Instance, history: list[HistoryEntry] | None = None) -> 
     record.update({"input": inst.input, "waiting": waiting(inst), "redrives": inst.redrives,
                    "cancel": inst.cancel.public() if inst.cancel else None})
     record["expires_at"] = timestamp(inst.expires_at)  # later fields follow the contract's first ones
+    record["signals"] = [sig.public() for sig in inst.signals]
+    record["parent"] = {"id": inst.parent.id, "state": inst.parent.state} if inst.parent else None
     return record
 
 
@@ -347,15 +420,23 @@ class Stopped:
 
 
 def waiting(inst: Instance) -> list[dict[str, Any]]:
-    """What the instance waits for now, derived from its tokens: a retry's attempt, last error and
-    the time it may run (`until`; in the past when it is due or running)."""
+    """What the instance waits for now, derived from its tokens: a timer, a signal, a child, or a
+    retry with its attempt and last error; `until` is when it may run (in the past when it is due
+    or running; null when only what it waits for can wake it)."""
     out: list[dict[str, Any]] = []
     for token in sorted(inst.tokens.values(), key=lambda t: (t.branch, t.state, t.id)):
-        if token.attempt > 1:
-            last = token.failures[-1].error() if token.failures else None
-            out.append({"state": token.state, "branch": list(token.branch), "kind": "retry",
-                        "until": timestamp(token.not_before), "signal": None, "child": None,
-                        "attempt": token.attempt, "last_error": last})
+        kind, _, name = (token.waits or "").partition(":")
+        if token.attempt > 1 and (kind != "child" or token.child is None):
+            kind = "retry"
+        if not kind:
+            continue
+        if kind == "signal" and token.not_before == 0.0:
+            continue  # a signal has arrived: it runs now
+        last = token.failures[-1].error() if token.failures else None
+        until = token.deadline if token.parked else token.not_before
+        out.append({"state": token.state, "branch": list(token.branch), "kind": kind,
+                    "until": timestamp(until), "signal": name or None,
+                    "child": token.child, "attempt": token.attempt, "last_error": last})
     return out
 
 
@@ -366,6 +447,12 @@ def _tokens_to_dict(tokens: Mapping[str, Token]) -> dict[str, Any]:
                                "attempt": t.attempt, "not_before": t.not_before, "visit": t.visit}
         if t.failures:
             raw["failures"] = [f.dump() for f in t.failures]
+        if t.deadline is not None:
+            raw["deadline"] = t.deadline
+        if t.child is not None:
+            raw["child"] = t.child
+        if t.waits is not None:
+            raw["waits"] = t.waits
         out[tid] = raw
     return out
 
@@ -374,24 +461,34 @@ def _tokens_from_dict(raw: dict[str, Any]) -> Mapping[str, Token]:
     return MappingProxyType({
         tid: Token(id=tid, state=t["state"], frames=_frames(t["frames"]), payload=t["payload"],
                    attempt=t["attempt"], not_before=t["not_before"], visit=t.get("visit", 1),
-                   failures=tuple(FailedAttempt.load(f) for f in t.get("failures", ())))
+                   failures=tuple(FailedAttempt.load(f) for f in t.get("failures", ())),
+                   deadline=t.get("deadline"), child=t.get("child"), waits=t.get("waits"))
         for tid, t in raw.items()})
 
 
 def _activations_to_dict(activations: Mapping[str, Activation]) -> dict[str, Any]:
-    return {aid: {"fork": a.fork, "frames": [list(f) for f in a.frames], "base": a.base, "arrived": dict(a.arrived)}
-            for aid, a in activations.items()}
+    out: dict[str, Any] = {}
+    for aid, a in activations.items():
+        raw: dict[str, Any] = {"fork": a.fork, "frames": [list(f) for f in a.frames], "base": a.base,
+                               "arrived": dict(a.arrived)}
+        if a.items is not None:
+            raw["items"] = list(a.items)
+            raw["started"] = a.started
+        out[aid] = raw
+    return out
 
 
 def _activations_from_dict(raw: dict[str, Any]) -> Mapping[str, Activation]:
     return MappingProxyType({
         aid: Activation(id=aid, fork=a["fork"], frames=_frames(a["frames"]), base=a["base"],
-                        arrived=MappingProxyType(a["arrived"]))
+                        arrived=MappingProxyType(a["arrived"]),
+                        items=tuple(a["items"]) if "items" in a else None, started=a.get("started", 0))
         for aid, a in raw.items()})
 
 
 __all__ = [
-    "Activation", "CancelInfo", "ErrorInfo", "FailedAttempt", "HistoryEntry", "Instance", "Stopped", "Token",
+    "Activation", "CancelInfo", "ErrorInfo", "FailedAttempt", "HistoryEntry", "Instance", "Parent", "Signal",
+    "Stopped", "Token", "PARKED",
     "replace", "waiting", "MAX_FAILURES",
     "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "FINISHED", "STATUSES",
 ]

@@ -1,7 +1,10 @@
 """Draw a compiled machine: Mermaid stateDiagram-v2 or Graphviz DOT.
 
 Forks and joins are drawn as pseudo-states (<<fork>> / <<join>> bars) between the fork state and
-its branches and between the branches and the join state. Terminal states lead to [*]; failure
+its branches and between the branches and the join state. A map is a fork bar too, with one
+dashed edge to its branch labelled with its items and concurrency. States that wait say so: a
+timer (dashed, its duration), a signal (its name and timeout), a call (a double-bordered
+sub-process box naming the machine it calls). Terminal states lead to [*]; failure
 terminals are drawn in red. `catch` edges are dashed (DOT) or labelled "catch". Edges join
 nodes, not names: a node is a state or a pseudo-node, and `node_ids` gives each its own id in
 the drawing, so no bar can take the place of a state whatever the states are called.
@@ -13,7 +16,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .graph import Graph, Kind
+from .durations import format_duration
+from .graph import Graph, Kind, State
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
@@ -26,6 +30,29 @@ class Edge:
     target: Node
     label: str = ""
     catch: bool = False
+    dashed: bool = False  # a map's fan-out
+
+
+def waits(st: State) -> str:
+    """What a waiting state waits for, in a few words ("" for a state that does not wait)."""
+    if st.wait is not None:
+        if st.wait.seconds is not None:
+            return f"wait {format_duration(st.wait.seconds)}"
+        return f"wait until {st.wait.until.source}" if st.wait.until is not None else "wait"
+    timeout = f" (timeout {format_duration(st.timeout)})" if st.timeout is not None else ""
+    if st.signal is not None:
+        return f"signal {st.signal}{timeout}"
+    if st.call is not None:
+        return f"call {st.call.path}{timeout}"
+    return ""
+
+
+def map_label(st: State) -> str:
+    spec = st.map
+    if spec is None:
+        return ""
+    limit = f", {spec.max_concurrency} at a time" if spec.max_concurrency else ""
+    return f"each of {spec.items.source}{limit}"
 
 
 def _state(name: str) -> Node:
@@ -54,6 +81,9 @@ def edges(graph: Graph) -> list[Edge]:
         elif st.kind is Kind.FORK:
             out.append(Edge(source, ("fork", name)))
             out += [Edge(("fork", name), _state(b)) for b in st.fork]
+        elif st.kind is Kind.MAP and st.map is not None:
+            out.append(Edge(source, ("fork", name)))
+            out.append(Edge(("fork", name), _state(st.map.branch), map_label(st), dashed=True))
         if st.catch:
             out.append(Edge(source, to(st.catch), "catch", catch=True))
     for join, fork in graph.join_of.items():
@@ -117,6 +147,12 @@ def mermaid(graph: Graph) -> str:
             lines.append(f'    state "{name}" as {ids[_state(name)]}')
     for node in pseudo_nodes(graph):
         lines.append(f"    state {ids[node]} <<{node[0]}>>")
+    styled: dict[str, list[str]] = {}
+    for name, st in graph.states.items():
+        what = waits(st)
+        if what:
+            lines.append(f"    {ids[_state(name)]} : {_mermaid_label(what)}")
+            styled.setdefault(st.waits or "", []).append(ids[_state(name)])
     lines.append(f"    [*] --> {ids[_state(graph.start)]}")
     for e in edges(graph):
         label = f": {_mermaid_label(e.label)}" if e.label else ""
@@ -130,7 +166,18 @@ def mermaid(graph: Graph) -> str:
     if failed:
         lines.append("    classDef failed fill:#fdd,stroke:#c00,color:#900")
         lines.append(f"    class {','.join(failed)} failed")
+    for kind, members in styled.items():
+        lines.append(f"    classDef {kind} {_MERMAID_STYLES[kind]}")
+        lines.append(f"    class {','.join(members)} {kind}")
     return "\n".join(lines) + "\n"
+
+
+_MERMAID_STYLES = {"timer": "stroke-dasharray:4 3,fill:#f4f8ff",
+                   "signal": "fill:#fff7e0,stroke:#b7791f",
+                   "child": "stroke-width:3px,fill:#f0fff4,stroke:#2f855a"}
+_DOT_STYLES = {"timer": 'style="rounded,dashed", color="#2b6cb0"',
+               "signal": 'shape=cds, style="", color="#b7791f"',
+               "child": 'peripheries=2, style="", color="#2f855a"'}
 
 
 def _dot_quote(text: str) -> str:
@@ -152,6 +199,9 @@ def dot(graph: Graph) -> str:
         if st.terminal:
             colour = ', color="#cc0000", fontcolor="#990000"' if st.status == "failed" else ""
             lines.append(f"    {node(_state(name))} [shape=doublecircle{colour}];")
+        elif st.waits:
+            label = q(f"{name}\n{waits(st)}")
+            lines.append(f"    {node(_state(name))} [label={label}, {_DOT_STYLES[st.waits]}];")
     bar = 'shape=box, style=filled, fillcolor=black, label="", height=0.06, width=1.6'
     for n in pseudo_nodes(graph):
         lines.append(f"    {node(n)} [{bar}];")
@@ -162,6 +212,8 @@ def dot(graph: Graph) -> str:
             attrs.append(f"label={q(e.label)}")
         if e.catch:
             attrs.append('style=dashed, color="#cc0000"')
+        elif e.dashed:
+            attrs.append("style=dashed")
         suffix = f" [{', '.join(attrs)}]" if attrs else ""
         lines.append(f"    {node(e.source)} -> {node(e.target)}{suffix};")
     lines.append("}")

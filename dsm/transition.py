@@ -8,16 +8,20 @@ reads no clock; the caller passes `now`. Stores and workers only persist what it
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
+from .durations import format_duration
 from .errors import InputError
 from .graph import Graph, Kind, State
 from .guards import GuardError
 from .records import (
     CANCELLED,
     FAILED,
+    PARKED,
     RUNNING,
     SUCCEEDED,
     Activation,
@@ -26,6 +30,8 @@ from .records import (
     FailedAttempt,
     HistoryEntry,
     Instance,
+    Parent,
+    Signal,
     Stopped,
     Token,
     evolve,
@@ -33,6 +39,9 @@ from .records import (
 )
 
 _MISSING = object()
+MAX_MAP_ITEMS = 10_000
+MAP_BATCH = 32  # map items started by one step: a map of 10,000 never writes 10,000 tokens at once
+MAX_SIGNALS = 1000  # signals buffered per instance and not yet consumed
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +64,18 @@ class Outcome:
     failure: Failure | None = None
     started_at: float | None = None  # wall-clock time the attempt began (None: a state without a tick)
     duration: float | None = None  # seconds it ran
+    child: ChildResult | None = None  # a call state's child, as the caller read it
+
+
+@dataclass(frozen=True, slots=True)
+class ChildResult:
+    """A call state's child instance as read from the store: its status (None: it does not exist)
+    and, once it finished, its payload or error."""
+
+    id: str
+    status: str | None
+    payload: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +91,7 @@ class Step:
     removed: tuple[str, ...] = ()
     upserted: tuple[Token, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
+    started: tuple[Instance, ...] = ()  # child instances to create with this step (`call`)
 
 
 def start(graph: Graph, instance_id: str, payload: dict[str, Any], now: float) -> Instance:
@@ -80,6 +102,10 @@ def start(graph: Graph, instance_id: str, payload: dict[str, Any], now: float) -
     token = Token(id="t1", state=graph.start)
     if graph.states[graph.start].terminal:
         return _finish(inst, graph.states[graph.start], now)
+    try:
+        token = _arm(graph, inst, token, payload, now)
+    except _RouteError as exc:
+        return fail(inst, ErrorInfo(type=exc.type, message=exc.message, state=graph.start, attempts=1), now).instance
     return evolve(inst, tokens=MappingProxyType({token.id: token}))
 
 
@@ -102,19 +128,211 @@ def advance(graph: Graph, inst: Instance, token_id: str, outcome: Outcome, *, no
     state = graph.states[token.state]
     if outcome.failure is not None:
         return _failed_attempt(graph, inst, token, state, outcome.failure, outcome, now, worker)
+    if state.signal is not None:
+        return _on_signal(graph, inst, token, state, outcome, now, worker)
+    if state.call is not None:
+        return _on_child(graph, inst, token, state, outcome, now, worker)
     payload = outcome.payload if outcome.payload is not None else inst.payload_of(token)
     try:
         targets = _route(state, outcome.label, payload, inst)
+        items = _map_items(state, payload, inst) if state.kind is Kind.MAP else None
     except _RouteError as exc:
         failure = Failure(exc.type, exc.message, retryable=False)
         return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
-    return _move(graph, inst, token, targets, payload, outcome.label, now, worker, outcome)
+    return _move(graph, inst, token, targets, payload, outcome.label, now, worker, outcome, items=items)
+
+
+def signal(inst: Instance, name: str, payload: dict[str, Any] | None = None, *, outcome: str | None = None,
+           now: float) -> Step:
+    """Send a signal: it is kept in the record (in the order sent) until a signal state named for
+    it consumes it, and a token waiting for it now becomes due. Refused (InputError) for a
+    finished instance."""
+    if inst.finished:
+        raise InputError(f"instance {inst.id} is {inst.status}: it takes no more signals")
+    if len(inst.signals) >= MAX_SIGNALS:
+        raise InputError(f"instance {inst.id} holds {len(inst.signals)} signals that no state has consumed yet; "
+                         f"it takes no more (the limit is {MAX_SIGNALS})")
+    sig = Signal(name, dict(payload or {}), outcome, now)
+    tokens = dict(inst.tokens)
+    woken = []
+    for token in inst.tokens.values():
+        if token.waits == f"signal:{name}" and token.not_before != 0.0:
+            woken.append(replace(token, not_before=0.0))
+            tokens[token.id] = woken[-1]
+    return Step(evolve(inst, signals=inst.signals + (sig,), tokens=MappingProxyType(tokens)), upserted=tuple(woken))
+
+
+def _on_signal(graph: Graph, inst: Instance, token: Token, state: State, outcome: Outcome, now: float,
+               worker: str) -> Step:
+    """A signal state's token runs: consume the first signal of its name, or time out, or (woken
+    for a signal another visit took first) wait again."""
+    at = next((i for i, sig in enumerate(inst.signals) if sig.name == state.signal), None)
+    if at is None:
+        if token.not_before == 0.0 or token.parked or token.deadline is None:
+            again = replace(token, not_before=token.deadline if token.deadline is not None else PARKED)
+            return _replaced(inst, again)
+        failure = Failure("SignalTimeout", f"state {state.name!r}: no signal {state.signal!r} arrived within "
+                          f"{format_duration(state.timeout or 0.0)}", retryable=False)
+        return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
+    sig = inst.signals[at]
+    inst = evolve(inst, signals=inst.signals[:at] + inst.signals[at + 1:])
+    payload = {**inst.payload_of(token), **sig.payload}
+    label = sig.outcome if state.kind is Kind.ON else None
+    try:
+        if state.kind is Kind.ON and label is None:
+            raise _RouteError("InvalidOutcome", f"state {state.name!r} routes with 'on' and signal {sig.name!r} "
+                              f"came without an outcome label; expected one of {_labels(state)}")
+        targets = _route(state, label, payload, inst)
+    except _RouteError as exc:
+        failure = Failure(exc.type, exc.message, retryable=False)
+        return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
+    return _move(graph, inst, token, targets, payload, sig.outcome, now, worker, outcome, signal=sig)
+
+
+def child_id(inst: Instance, token: Token) -> str:
+    """The id of the child a call state starts: derived from the parent's visit and attempt (and
+    redrive), so it is the same however often that step is planned, and new for a retry."""
+    suffix = f".c{token.visit}.{token.attempt}" + (f".r{inst.redrives}" if inst.redrives else "")
+    return _child_base(inst.id) + suffix
+
+
+def _child_base(parent_id: str) -> str:
+    if len(parent_id) <= 96:
+        return parent_id
+    return parent_id[:60] + "-" + hashlib.blake2b(parent_id.encode(), digest_size=8).hexdigest()
+
+
+def descends_from(instance_id: str, root: str) -> bool:
+    """Whether an instance is `root` or one of the children its call states start, or theirs (as
+    far as ids tell: a child of a child whose id grew past 96 characters is not recognised)."""
+    if instance_id == root:
+        return True
+    return instance_id.startswith(_child_base(root) + ".c")
+
+
+def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome: Outcome, now: float,
+              worker: str) -> Step:
+    """A call state's token runs: start its child (once per attempt), or take the child's result."""
+    assert state.call is not None
+    if token.child is None:
+        child_graph = state.call.graph
+        if child_graph is None:
+            failure = Failure("ChildFailed", f"state {state.name!r}: the machine {state.call.path!r} it calls is "
+                              "not known to this process", retryable=True)
+            return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
+        cid = child_id(inst, token)
+        child = start(child_graph, cid, inst.payload_of(token), now)
+        child = evolve(child, parent=Parent(inst.id, state.name, token.id, inst.machine, inst.digest))
+        deadline = now + state.timeout if state.timeout is not None else None
+        waiting = replace(token, child=cid, not_before=deadline if deadline is not None else PARKED,
+                          deadline=deadline, waits="child")
+        step = _replaced(inst, waiting)
+        return replace(step, started=(child,))
+    result = outcome.child
+    if result is None or result.status == RUNNING:
+        if token.deadline is not None and now >= token.deadline:
+            failure = Failure("ChildTimeout", f"state {state.name!r}: child instance {token.child} did not finish "
+                              f"within {format_duration(state.timeout or 0.0)}", retryable=True)
+            return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
+        again = replace(token, not_before=token.deadline if token.deadline is not None else PARKED)
+        return _replaced(inst, again, force=True)
+    if result.status != SUCCEEDED:
+        why = (f"{result.error.type}: {result.error.message}" if result.error is not None
+               else "it does not exist" if result.status is None else f"it ended {result.status}")
+        failure = Failure("ChildFailed", f"state {state.name!r}: child instance {result.id} failed ({why})",
+                          retryable=True)
+        return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
+    payload = dict(result.payload or {})
+    try:
+        targets = _route(state, None, payload, inst)
+    except _RouteError as exc:
+        failure = Failure(exc.type, exc.message, retryable=False)
+        return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
+    return _move(graph, inst, token, targets, payload, None, now, worker, outcome, child=result.id)
+
+
+def _replaced(inst: Instance, token: Token, *, force: bool = False) -> Step:
+    """The instance with one token changed in place (it waits again, or for something new).
+    `force`: listed as changed even when equal, so its work marker is written again."""
+    if not force and inst.tokens.get(token.id) == token:
+        return Step(inst)
+    tokens = dict(inst.tokens)
+    tokens[token.id] = token
+    return Step(evolve(inst, tokens=MappingProxyType(tokens)), upserted=(token,))
+
+
+def _map_items(state: State, payload: dict[str, Any], inst: Instance) -> list[Any]:
+    spec = state.map
+    assert spec is not None
+    try:
+        items = spec.items.value(payload, {"id": inst.id, "machine": inst.machine}, state.name)
+    except GuardError as exc:
+        raise _RouteError("MapItemsError", f"state {state.name!r}: map items: {exc}") from None
+    if not isinstance(items, list):
+        raise _RouteError("MapItemsError", f"state {state.name!r}: map items {spec.items.source!r} gave "
+                          f"{type(items).__name__}, not a list")
+    if len(items) > MAX_MAP_ITEMS:
+        raise _RouteError("MapTooLarge", f"state {state.name!r}: map items {spec.items.source!r} gave {len(items)} "
+                          f"items; a map takes at most {MAX_MAP_ITEMS}")
+    return items
+
+
+def _arm(graph: Graph, inst: Instance, token: Token, payload: dict[str, Any], now: float) -> Token:
+    """A token entering its state, set up for what the state waits for: a timer's due time, a
+    signal (due at once when one is buffered, else at its timeout or never by the clock), or a
+    child to start (due at once: running it starts the child)."""
+    state = graph.states[token.state]
+    if state.wait is not None:
+        if state.wait.seconds is not None:
+            due = now + state.wait.seconds
+        else:
+            assert state.wait.until is not None
+            try:
+                value = state.wait.until.value(payload, {"id": inst.id, "machine": inst.machine}, state.name)
+            except GuardError as exc:
+                raise _RouteError("WaitError", f"state {state.name!r}: wait until: {exc}") from None
+            due = _moment(value, state)
+        return replace(token, not_before=due, waits="timer")
+    if state.signal is not None:
+        deadline = now + state.timeout if state.timeout is not None else None
+        buffered = any(sig.name == state.signal for sig in inst.signals)
+        due = 0.0 if buffered else deadline if deadline is not None else PARKED
+        return replace(token, not_before=due, deadline=deadline, waits=f"signal:{state.signal}")
+    if state.call is not None:
+        return replace(token, waits="child")
+    return token
+
+
+def _moment(value: Any, state: State) -> float:
+    """A `wait: {until: ...}` value as epoch seconds: a number, or an ISO 8601 time (UTC when it
+    names no zone)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _RouteError("WaitError", f"state {state.name!r}: wait until gave {value!r}; expected an ISO 8601 "
+                          "time or epoch seconds")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+        except ValueError:
+            raise _RouteError("WaitError", f"state {state.name!r}: wait until gave {value!r}, which is not an "
+                              "ISO 8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.timestamp()
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _RouteError("WaitError", f"state {state.name!r}: wait until gave {value!r}")
+    return float(value)
 
 
 class _RouteError(Exception):
-    def __init__(self, type_: str, message: str):
+    def __init__(self, type_: str, message: str, state: str | None = None):
         self.type = type_
         self.message = message
+        self.state = state
 
 
 def _route(state: State, label: str | None, payload: dict[str, Any], inst: Instance) -> tuple[str, ...]:
@@ -135,6 +353,9 @@ def _route(state: State, label: str | None, payload: dict[str, Any], inst: Insta
         return (state.next,)  # type: ignore[return-value]
     if kind is Kind.FORK:
         return state.fork
+    if kind is Kind.MAP:
+        assert state.map is not None
+        return (state.map.branch,)
     if kind is Kind.CHOOSE:
         scope = {"id": inst.id, "machine": inst.machine}
         for choice in state.choose:
@@ -164,7 +385,7 @@ def _failed_attempt(graph: Graph, inst: Instance, token: Token, state: State, fa
     policy = state.retry
     if failure.retryable and token.attempt < policy.max_attempts and policy.retries(failure.type, failure.bases):
         wait = policy.delay(token.attempt, f"{inst.id}/{token.id}/{token.attempt}")
-        again = replace(token, attempt=token.attempt + 1, not_before=now + wait)
+        again = replace(token, attempt=token.attempt + 1, not_before=now + wait, child=None, deadline=None)
         tokens = dict(inst.tokens)
         tokens[token.id] = again
         return Step(evolve(inst, tokens=MappingProxyType(tokens)), upserted=(again,))
@@ -199,7 +420,8 @@ def _finish(inst: Instance, terminal: State, now: float) -> Instance:
 
 
 def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], payload: dict[str, Any],
-          label: str | None, now: float, worker: str, outcome: Outcome) -> Step:
+          label: str | None, now: float, worker: str, outcome: Outcome, *, items: list[Any] | None = None,
+          signal: Signal | None = None, child: str | None = None) -> Step:
     state = graph.states[token.state]
     if inst.transitions + 1 > graph.max_transitions:
         error = ErrorInfo(type="LoopGuard", message=f"instance exceeded max_transitions={graph.max_transitions} "
@@ -208,76 +430,148 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
     started_at, duration_ms = _timing(outcome, now)
     entry = HistoryEntry(seq=inst.transitions + 1, state=state.name, next=targets, branch=token.branch,
                          attempt=token.attempt, outcome=label, worker=worker, at=now, started_at=started_at,
-                         duration_ms=duration_ms, failures=token.failures)
-    tokens = dict(inst.tokens)
-    del tokens[token.id]
-    activations = dict(inst.activations)
-    seq = inst.seq
-    upserted: list[Token] = []
-    main_payload = inst.payload
-
-    if state.kind is Kind.FORK and targets == state.fork:
-        seq += 1
-        act = Activation(id=f"a{seq}", fork=state.name, frames=token.frames, base=payload)
-        activations[act.id] = act
-        for branch in state.fork:
-            seq += 1
-            child = Token(id=f"t{seq}", state=branch, frames=token.frames + ((act.id, branch),), payload=payload,
-                          visit=seq)
-            tokens[child.id] = child
-            upserted.append(child)
-        if not token.frames:
-            main_payload = payload
-    else:
-        (target,) = targets
-        target_state = graph.states[target]
-        frame = token.frames[-1] if token.frames else None
-        if frame is not None and graph.forks[activations[frame[0]].fork].join == target:
-            act = activations[frame[0]]
-            arrived = dict(act.arrived)
-            arrived[frame[1]] = payload
-            fork = graph.forks[act.fork]
-            if len(arrived) < len(fork.branches):
-                activations[act.id] = replace(act, arrived=MappingProxyType(arrived))
-            else:
-                del activations[act.id]
-                try:
-                    merged = merge(fork.merge, act.base, arrived, fork.branches, fork.state)
-                except MergeConflict as exc:
-                    error = ErrorInfo(type="MergeConflict", message=str(exc), state=fork.state,
-                                      attempts=token.attempt)
-                    failed = fail(inst, error, now)
-                    return failed
-                outer = act.frames
-                if target_state.terminal and not outer:  # the join is where the instance ends
-                    done = _finish(evolve(inst, payload=merged, transitions=inst.transitions + 1), target_state, now)
-                    return Step(done, removed=tuple(inst.tokens), history=(entry,))
-                seq += 1
-                child = Token(id=f"t{seq}", state=target, frames=outer, payload=merged if outer else None, visit=seq)
-                if not outer:
-                    main_payload = merged
-                tokens[child.id] = child
-                upserted.append(child)
-        elif target_state.terminal:
-            if token.frames:  # the compiler forbids this; keep the record consistent if it ever happens
-                raise AssertionError(f"terminal state {target!r} reached inside a fork branch")
-            done = _finish(evolve(inst, payload=payload, transitions=inst.transitions + 1), target_state, now)
-            return Step(done, removed=tuple(inst.tokens), history=(entry,))
-        else:
-            # Along a line the token keeps its id: its work marker and claim stay where they are.
-            seq += 1
-            moved = Token(id=token.id, state=target, frames=token.frames, payload=payload if token.frames else None,
-                          visit=seq)
+                         duration_ms=duration_ms, failures=token.failures, signal=signal, child=child)
+    move = _Move(graph, inst, now)
+    del move.tokens[token.id]
+    try:
+        if state.kind is Kind.FORK and targets == state.fork:
+            move.seq += 1
+            act = Activation(id=f"a{move.seq}", fork=state.name, frames=token.frames, base=payload)
+            move.activations[act.id] = act
+            for branch in state.fork:
+                move.seq += 1
+                move.add(Token(id=f"t{move.seq}", state=branch, frames=token.frames + ((act.id, branch),),
+                               payload=payload, visit=move.seq), payload)
             if not token.frames:
-                main_payload = payload
-            tokens[moved.id] = moved
-            new = evolve(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
-                          tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))
-            return Step(new, upserted=(moved,), history=(entry,))
+                move.main_payload = payload
+        elif state.kind is Kind.MAP and items is not None:
+            assert state.map is not None and state.join is not None
+            move.seq += 1
+            act = Activation(id=f"a{move.seq}", fork=state.name, frames=token.frames, base=payload,
+                             items=tuple(items))
+            if not token.frames:
+                move.main_payload = payload
+            if not items:  # nothing to map: the join fires at once
+                entry = replace(entry, next=(state.join,))
+                done = move.joined(act, {**payload, state.map.collect: []}, state.join, entry)
+                if done is not None:
+                    return done
+            else:
+                move.activations[act.id] = move.start_items(act)
+        else:
+            (target,) = targets
+            target_state = graph.states[target]
+            frame = token.frames[-1] if token.frames else None
+            if frame is not None and graph.forks[move.activations[frame[0]].fork].join == target:
+                done = move.arrive(frame, payload, target, entry, token.attempt)
+                if done is not None:
+                    return done
+            elif target_state.terminal:
+                if token.frames:  # the compiler forbids this; keep the record consistent if it ever happens
+                    raise AssertionError(f"terminal state {target!r} reached inside a fork branch")
+                finished = _finish(evolve(inst, payload=payload, transitions=inst.transitions + 1), target_state,
+                                   now)
+                return Step(finished, removed=tuple(inst.tokens), history=(entry,))
+            else:
+                # Along a line the token keeps its id: its work marker and claim stay where they are.
+                move.seq += 1
+                moved = Token(id=token.id, state=target, frames=token.frames,
+                              payload=payload if token.frames else None, visit=move.seq)
+                if not token.frames:
+                    move.main_payload = payload
+                move.add(moved, payload)
+                new = evolve(inst, payload=move.main_payload, transitions=inst.transitions + 1, seq=move.seq,
+                             tokens=MappingProxyType(move.tokens), activations=MappingProxyType(move.activations))
+                return Step(new, upserted=tuple(move.upserted), history=(entry,))
+    except _RouteError as exc:  # a state entered could not be set up (a wait's time, a map's items)
+        return fail(inst, ErrorInfo(type=exc.type, message=exc.message, state=exc.state or state.name,
+                                    attempts=1), now)
+    except MergeConflict as exc:
+        return fail(inst, ErrorInfo(type="MergeConflict", message=str(exc), state=exc.fork,
+                                    attempts=token.attempt), now)
+    new = evolve(inst, payload=move.main_payload, transitions=inst.transitions + 1, seq=move.seq,
+                 tokens=MappingProxyType(move.tokens), activations=MappingProxyType(move.activations))
+    return Step(new, removed=(token.id,), upserted=tuple(move.upserted), history=(entry,))
 
-    new = evolve(inst, payload=main_payload, transitions=inst.transitions + 1, seq=seq,
-                  tokens=MappingProxyType(tokens), activations=MappingProxyType(activations))
-    return Step(new, removed=(token.id,), upserted=tuple(upserted), history=(entry,))
+
+class _Move:
+    """The tokens and fork activations of one step as they change (the working state of `_move`)."""
+
+    def __init__(self, graph: Graph, inst: Instance, now: float):
+        self.graph = graph
+        self.inst = inst
+        self.now = now
+        self.tokens = dict(inst.tokens)
+        self.activations = dict(inst.activations)
+        self.seq = inst.seq
+        self.upserted: list[Token] = []
+        self.main_payload = inst.payload
+
+    def add(self, token: Token, payload: dict[str, Any]) -> None:
+        """A token entering its state, armed for what the state waits for."""
+        try:
+            token = _arm(self.graph, self.inst, token, payload, self.now)
+        except _RouteError as exc:
+            exc.state = token.state
+            raise
+        self.tokens[token.id] = token
+        self.upserted.append(token)
+
+    def start_items(self, act: Activation) -> Activation:
+        """Start the next map items the map's concurrency and the batch size allow."""
+        fork = self.graph.forks[act.fork]
+        spec = fork.map
+        assert spec is not None and act.items is not None
+        in_flight = act.started - len(act.arrived)
+        room = len(act.items) - act.started
+        if spec.max_concurrency is not None:
+            room = min(room, spec.max_concurrency - in_flight)
+        room = min(room, MAP_BATCH)
+        base = act.base
+        kept = {k: base[k] for k in spec.with_keys if k in base}
+        for i in range(act.started, act.started + max(room, 0)):
+            self.seq += 1
+            item = {"item": act.items[i], "index": i, **kept}
+            self.add(Token(id=f"t{self.seq}", state=spec.branch, frames=act.frames + ((act.id, f"{fork.state}[{i}]"),),
+                           payload=item, visit=self.seq), item)
+        return replace(act, started=act.started + max(room, 0))
+
+    def arrive(self, frame: tuple[str, str], payload: dict[str, Any], target: str, entry: HistoryEntry,
+               attempt: int) -> Step | None:
+        """A branch (or map item) reached its join: count it; the last one continues past the join."""
+        act = self.activations[frame[0]]
+        fork = self.graph.forks[act.fork]
+        arrived = dict(act.arrived)
+        if fork.map is not None:
+            assert act.items is not None
+            arrived[frame[1][len(fork.state) + 1:-1]] = payload  # "thumbnails[3]" -> "3"
+            if len(arrived) < len(act.items):
+                self.activations[act.id] = self.start_items(replace(act, arrived=MappingProxyType(arrived)))
+                return None
+            merged = {**act.base, fork.map.collect: [arrived[str(i)] for i in range(len(act.items))]}
+        else:
+            arrived[frame[1]] = payload
+            if len(arrived) < len(fork.branches):
+                self.activations[act.id] = replace(act, arrived=MappingProxyType(arrived))
+                return None
+            merged = merge(fork.merge, act.base, arrived, fork.branches, fork.state)
+        del self.activations[act.id]
+        return self.joined(act, merged, target, entry)
+
+    def joined(self, act: Activation, merged: dict[str, Any], target: str, entry: HistoryEntry) -> Step | None:
+        """Continue past a join with the merged payload (a Step when the instance ends there)."""
+        inst = self.inst
+        outer = act.frames
+        target_state = self.graph.states[target]
+        if target_state.terminal and not outer:  # the join is where the instance ends
+            done = _finish(evolve(inst, payload=merged, transitions=inst.transitions + 1), target_state, self.now)
+            return Step(done, removed=tuple(inst.tokens), history=(entry,))
+        self.seq += 1
+        if not outer:
+            self.main_payload = merged
+        self.add(Token(id=f"t{self.seq}", state=target, frames=outer, payload=merged if outer else None,
+                       visit=self.seq), merged)
+        return None
 
 
 def changes(before: Instance, after: Instance) -> tuple[tuple[str, ...], tuple[Token, ...]]:
@@ -289,6 +583,10 @@ def changes(before: Instance, after: Instance) -> tuple[tuple[str, ...], tuple[T
 
 class MergeConflict(Exception):
     """Two branches changed one key to different values."""
+
+    def __init__(self, message: str, fork: str = ""):
+        super().__init__(message)
+        self.fork = fork
 
 
 def same_json(a: Any, b: Any) -> bool:
@@ -322,7 +620,7 @@ def merge(mode: str, base: dict[str, Any], arrived: dict[str, dict[str, Any]], o
             if key in changed_by:
                 if not same_json(out.get(key, _MISSING), after):
                     raise MergeConflict(f"fork {fork!r}: branches {changed_by[key]!r} and {branch!r} both "
-                                        f"changed key {key!r} to different values")
+                                        f"changed key {key!r} to different values", fork)
                 continue
             changed_by[key] = branch
             if after is _MISSING:
@@ -348,12 +646,15 @@ def redrive(inst: Instance) -> Step:
     if inst.stopped is None or not inst.stopped.tokens:
         raise InputError(f"instance {inst.id} is {inst.status} but its record keeps no pending work to continue "
                          "from (it stopped before this version of dsm kept it)")
-    tokens = {tid: replace(t, attempt=1, not_before=0.0) for tid, t in inst.stopped.tokens.items()}
+    # each token runs again now: a timer counts as passed, a signal state looks for its signal
+    # again (waiting without its timeout), a call state starts a new child
+    tokens = {tid: replace(t, attempt=1, not_before=0.0, child=None, deadline=None)
+              for tid, t in inst.stopped.tokens.items()}
     again = evolve(inst, status=RUNNING, state=None, error=None, finished_at=None, cancel=None, stopped=None,
                     tokens=MappingProxyType(tokens), activations=inst.stopped.activations,
                     redrives=inst.redrives + 1)
     return Step(again, upserted=tuple(tokens.values()))
 
 
-__all__ = ["Failure", "Outcome", "Step", "advance", "cancel", "changes", "fail", "merge", "redrive", "same_json",
-           "start", "MergeConflict"]
+__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "child_id", "fail", "merge",
+           "descends_from", "redrive", "same_json", "signal", "start", "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH"]

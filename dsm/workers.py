@@ -16,9 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import codec, compiler, handlers
-from .definitions import decode
-from .errors import DefinitionError
+from . import codec, handlers
+from .errors import NotFound
 from .keys import Keys
 from .records import timestamp
 from .store import Store, prefix_end
@@ -122,15 +121,11 @@ async def live(store: Store, keys: Keys) -> list[WorkerInfo]:
 async def modules_of(store: Store, keys: Keys, digest: str) -> tuple[str, ...] | None:
     """The handler modules a stored definition names (compiled without importing them); None when
     it is not stored, or does not compile."""
-    kv = await store.get(keys.definition(digest))
-    if kv is None:
-        return None
-    raw, _ = decode(digest, kv.value)
-    if raw is None:
-        return None
-    try:
-        return compiler.compile_text(raw["source"], str(raw.get("file") or digest), import_handlers=False).modules()
-    except DefinitionError:
+    from .definitions import Registry
+
+    try:  # the registry reads the machines it calls too, and checks every digest
+        return (await Registry(store, keys, import_handlers=False).get(digest)).modules()
+    except NotFound:
         return None
 
 

@@ -37,3 +37,11 @@ def dsm(*args: str, timeout: float = 120, input: str | None = None, cwd: Path | 
 def spawn(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
     return subprocess.Popen([*dsm_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=cwd or ROOT, env=dsm_env(**env), start_new_session=True)
+
+
+def waits_for_signals(path: Path) -> bool:
+    """Whether a machine (or one it calls) waits for signals: an embedded run cannot finish it."""
+    from dsm import compiler
+
+    graph = compiler.load(path, import_handlers=False)
+    return any(st.signal for g in (graph, *graph.children().values()) for st in g.states.values())

@@ -8,12 +8,13 @@ import signal
 import time
 
 import pytest
-from clitools import ROOT, dsm, spawn
+from clitools import ROOT, dsm, spawn, waits_for_signals
 from helpers import one_tick_machine
 
 RECORD_KEYS = ["id", "machine", "version", "digest", "status", "state", "active", "payload", "error",
                "created_at", "finished_at", "transitions", "history"]
-LATER_KEYS = ["input", "waiting", "redrives", "cancel", "expires_at"]  # added after the contract's first fields
+# added after the contract's first fields
+LATER_KEYS = ["input", "waiting", "redrives", "cancel", "expires_at", "signals", "parent"]
 HISTORY_KEYS = ["seq", "state", "next", "branch", "attempt", "outcome", "worker", "at", "started_at", "duration_ms",
                 "failures"]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -233,6 +234,11 @@ def test_usage_errors_exit_2():
 @pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "definitions").glob("*.yaml")))
 def test_every_example_validates_and_runs(path):
     assert dsm("validate", f"definitions/{path}").returncode == 0
+    if waits_for_signals(ROOT / "definitions" / path):
+        # an embedded run takes no signals: it says so, and runs on until --timeout
+        result = dsm("run", f"definitions/{path}", "--timeout", "1s")
+        assert result.returncode == 4 and "takes no signals" in result.stderr, result.stderr
+        return  # its test file (dsm test) sends the signals
     result = dsm("run", f"definitions/{path}", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "succeeded"

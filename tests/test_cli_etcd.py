@@ -7,9 +7,10 @@ import os
 import pty
 import re
 import subprocess
+import time
 
 import pytest
-from clitools import ROOT, dsm, dsm_command, dsm_env
+from clitools import ROOT, dsm, dsm_command, dsm_env, spawn
 
 pytestmark = pytest.mark.etcd
 
@@ -188,3 +189,30 @@ def test_status_of_an_instance_that_failed_shows_its_earlier_attempts_too(at, wr
     assert re.search(r"^\s+s: attempt 1 failed at \S+ on \S+ after \d+ ms: ConnectionError: refused on attempt 1$",
                      shown, re.M), shown
     assert "s: attempt 2 failed" in shown and "s: attempt 3 failed" not in shown  # the third is the error
+
+
+def test_signal_from_the_command_line_and_run_with_local_workers_runs_the_child_too(at):
+    """`dsm run --etcd` of a parent: its local workers run the child its call state starts (and
+    nothing else); `dsm signal` lets the child go on; a signal to the finished instance is refused."""
+    run = spawn("run", "definitions/onboarding.yaml", "--payload", '{"amount": 5}', "--workers", "2", "--json", *at)
+    try:
+        child = None
+        deadline = time.monotonic() + 60
+        while child is None and time.monotonic() < deadline:
+            listed = json.loads(dsm("list", "--machine", "approval", "--json", *at).stdout)
+            child = next((i["id"] for i in listed if i["waiting"] and i["waiting"][0]["kind"] == "signal"), None)
+            time.sleep(0.2)
+        assert child is not None, "the child never waited for its signal"
+        sent = dsm("signal", child, "decision", "--outcome", "approve", "--payload", '{"by": "ann"}', *at)
+        assert sent.returncode == 0 and sent.stdout == "", sent.stderr
+        out, errors = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, errors
+    record = json.loads(out)
+    assert record["status"] == "succeeded" and record["payload"]["by"] == "ann" and record["payload"]["paid"]
+    again = dsm("signal", child, "decision", "--outcome", "approve", *at)
+    assert again.returncode == 2 and "succeeded" in again.stderr
+    unknown = dsm("signal", "no-such-id", "decision", *at)
+    assert unknown.returncode == 2 and "no instance" in unknown.stderr

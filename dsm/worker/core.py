@@ -21,8 +21,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .. import payloads
 from ..batching import Batcher
@@ -32,9 +33,9 @@ from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
 from ..markers import MAX_TXN_OPS, SYNC, reconcile
-from ..records import Instance, Token
+from ..records import SUCCEEDED, Instance, Token, load_instance
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
-from ..transition import Failure, Outcome, Step
+from ..transition import ChildResult, Failure, Outcome, Step
 from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
@@ -526,10 +527,16 @@ class Worker:
     async def _commit_batch(self, iid: str, graph: Graph, batch: list[_Pending]) -> None:
         rejected = 0
         while batch:
+            try:
+                batch, fences = await self._children(graph, batch)
+            except StoreUnavailable:
+                await asyncio.sleep(0.2)
+                continue
             now = self.wall()
             plan, rev = await self._plan(graph, iid, batch, now)
             claims = {p.job.ref[1]: p.job.claim_rev for p in batch}
-            txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now)
+            txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now,
+                             fences=fences)
             try:
                 result = await self._commits.submit(txn)
             except NoSpace as exc:  # refused, not applied: the claims hold while it waits for room
@@ -575,6 +582,31 @@ class Worker:
             self.records.remember(record_kv)
             batch = still
 
+    async def _children(self, graph: Graph, batch: list[_Pending]) -> tuple[list[_Pending], tuple[Compare, ...]]:
+        """Read the children that call states of the batch wait for, as they are now: their results
+        go into the outcomes, and their revisions fence the commit (a child that finishes after
+        this read fails the commit, which then reads again, so its wake-up is never lost)."""
+        waiting = [p for p in batch if p.token.child is not None and p.outcome.failure is None
+                   and graph.states[p.token.state].call is not None]
+        if not waiting:
+            return batch, ()
+        result = await self.store.txn([], [Get(self.keys.instance(p.token.child)) for p in waiting])  # type: ignore[arg-type]
+        fences: list[Compare] = []
+        results: dict[int, ChildResult] = {}
+        for p, got in zip(waiting, result.gets()):
+            cid = p.token.child
+            assert cid is not None
+            kv = got.first
+            if kv is None:
+                fences.append(Compare.version(self.keys.instance(cid), "==", 0))
+                results[id(p)] = ChildResult(cid, None)
+                continue
+            fences.append(Compare.mod(self.keys.instance(cid), "==", kv.mod_revision))
+            child = load_instance(kv.value)
+            results[id(p)] = ChildResult(cid, child.status, child.payload if child.finished else None, child.error)
+        out = [replace(p, outcome=Outcome(child=results[id(p)])) if id(p) in results else p for p in batch]
+        return out, tuple(fences)
+
     async def _read(self, iid: str, batch: list[_Pending]) -> tuple[KeyValue | None, list[KeyValue | None]]:
         """The record and the claims of a batch, in one round trip."""
         ops: list = [Get(self.keys.instance(iid))] + [Get(self.keys.claim(iid, p.job.ref[1])) for p in batch]
@@ -595,6 +627,12 @@ class Worker:
             log.info("instance %s %s%s", inst.id, inst.status,
                      f" at {inst.state}" if inst.state else f": {inst.error.type}: {inst.error.message}"
                      if inst.error else "")
+            if inst.status != SUCCEEDED and any(t.child for t in plan.before.tokens.values()):
+                from ..client import Client
+
+                _background(Client(self.store, self.keys).cancel_children(
+                    plan.before, reason=f"its parent {inst.id} {inst.status}", by=f"worker {self.id}"),
+                    f"cancelling the children of instance {inst.id}")
         if self.on_commit is not None:
             self.on_commit(Step(inst, plan.removed, plan.changed, plan.history))
         kept = {t.id for t in plan.keep}
@@ -640,6 +678,22 @@ class Worker:
             if token.id not in plan.own:
                 await self._adopt((iid, token.id), self.lease.id, reserved=False)
         return retry
+
+
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+def _background(work: Coroutine[Any, Any, None], what: str) -> None:
+    """Run `work` on its own; its failure is logged, never raised into the caller."""
+    async def run() -> None:
+        try:
+            await work
+        except Exception as exc:  # best effort: a child left running is cancelled by an operator
+            log.warning("%s failed: %s", what, exc)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def _settle(future: asyncio.Future, value: object) -> None:

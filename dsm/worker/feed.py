@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from ..errors import Compacted, StoreUnavailable
 from ..keys import Keys, WorkInfo
+from ..records import PARKED
 from ..store import DELETE, Event, Store, prefix_end
 from .queue import CandidateQueue
 
@@ -137,6 +138,9 @@ class WorkFeed:
     def _offer(self, ref: TokenRef, info: WorkInfo | None, *, wall: float, fresh: bool = False,
                first: bool = False) -> None:
         if not self.admits(ref, info):
+            return
+        if info is not None and info.not_before >= PARKED:  # waits for a signal or a child, not for time
+            self.queue.discard(ref)
             return
         wait = info.delay(wall, fresh=fresh) if info is not None else 0.0
         if not self.queue.add(ref, wait, first=first):

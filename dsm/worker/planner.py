@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .. import index, transition
 from ..graph import Graph
-from ..keys import Keys
+from ..keys import Keys, WorkInfo
 from ..markers import MAX_TXN_OPS, sync_marker, work_info
 from ..records import ErrorInfo, HistoryEntry, Instance, Token, dump_history, dump_instance
 from ..store import Compare, Delete, Op, Put, Txn
@@ -48,6 +48,7 @@ class CommitPlan:
     keep: tuple[Token, ...]  # tokens claimed by this commit for this worker to run next
     deferred: frozenset[str]  # tokens whose marker change waits for the SYNC marker
     record: bytes
+    started: tuple[Instance, ...] = ()  # child instances this commit creates (`call` states)
 
     @property
     def sync(self) -> bool:
@@ -61,21 +62,52 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     `slots`: how many new tokens this worker may take on (besides its own that move along); 0 when
     it is stopping, which also gives back its own tokens.
     """
-    after, history = apply(graph, before, arrivals, now=now, worker=worker)
+    started: list[Instance] = []
+    after, history = apply(graph, before, arrivals, now=now, worker=worker, started=started)
     own = frozenset(a.token.id for a in arrivals)
-    keep, after = _keep(graph, before, after, own, history, now, worker, slots)
+    keep, after = _keep(graph, before, after, own, history, now, worker, slots, started)
     after, record, too_large = bounded(before, after, arrivals, now=now, max_record_bytes=max_record_bytes)
     if too_large:
-        history, keep = [], []
+        history, keep, started = [], [], []
+    started = [c for c in started if c.parent is not None and _waits_for(after, c)]
     removed, changed = transition.changes(before, after)
-    keep, deferred = _fit(own, removed, changed, keep, len(history) + index.status_op_count(before, after), max_ops)
-    return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record)
+    changed_ids = {t.id for t in changed}
+    changed += tuple(t for t in _rewritten(before, after, arrivals) if t.id not in changed_ids)
+    entries = len(history) + index.status_op_count(before, after) + sum(_creation_ops(c) for c in started)
+    entries += len(wake_parent_ops(Keys(), before, after))
+    keep, deferred = _fit(own, removed, changed, keep, entries, max_ops)
+    return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record,
+                      tuple(started))
+
+
+def _waits_for(inst: Instance, child: Instance) -> bool:
+    """Whether the record still has the token that started this child waiting for it (a failure
+    later in the same commit may have removed it: then the child is not created)."""
+    assert child.parent is not None
+    token = inst.tokens.get(child.parent.token)
+    return not inst.finished and token is not None and token.child == child.id
+
+
+def _rewritten(before: Instance, after: Instance, arrivals: list[Arrival]) -> list[Token]:
+    """Tokens of the arrivals that went back to waiting unchanged (a call state whose child still
+    runs): their markers were woken, so they are written again, parked."""
+    out = []
+    for a in arrivals:
+        token = after.tokens.get(a.token.id)
+        if token is not None and token.parked and before.tokens.get(a.token.id) == token:
+            out.append(token)
+    return out
+
+
+def _creation_ops(child: Instance) -> int:
+    """Operations creating a child instance takes: its record, its entries and its markers."""
+    return 1 + len(index.created_ops(Keys(), child)) + len(child.tokens)
 
 
 def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float,
-          worker: str) -> tuple[Instance, list[HistoryEntry]]:
+          worker: str, started: list[Instance] | None = None) -> tuple[Instance, list[HistoryEntry]]:
     """The arrivals' outcomes, one transition each; stale ones (their token moved on or went away)
-    change nothing."""
+    change nothing. Child instances the steps start are added to `started`."""
     after = before
     history: list[HistoryEntry] = []
     for a in arrivals:
@@ -85,6 +117,8 @@ def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
         step = transition.advance(graph, after, a.token.id, a.outcome, now=now, worker=worker)
         after = step.instance
         history.extend(step.history)
+        if started is not None:
+            started.extend(step.started)
     return after, history
 
 
@@ -107,7 +141,7 @@ def bounded(before: Instance, after: Instance, arrivals: list[Arrival], *, now: 
 
 
 def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], history: list[HistoryEntry],
-          now: float, worker: str, slots: int) -> tuple[list[Token], Instance]:
+          now: float, worker: str, slots: int, started: list[Instance]) -> tuple[list[Token], Instance]:
     """The tokens this worker runs next: its own that moved on keep their slots, new ones take free
     slots. Tick-less states among them run right here, folded into the same commit."""
     if slots <= 0 and not any(tid in after.tokens for tid in own):
@@ -122,12 +156,14 @@ def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], 
             (tid in own and before.tokens.get(tid) != t) or tid not in before.tokens)]
         mine.sort(key=lambda t: t.id not in own)
         keep = [t for t in mine if t.id in own] + [t for t in mine if t.id not in own][:budget]
-        tickless = next((t for t in keep if graph.states[t.state].tick is None), None)
+        # (a call state's token folds only to start its child: the child's result is read by a job)
+        tickless = next((t for t in keep if graph.states[t.state].tick is None and t.child is None), None)
         if tickless is None or len(history) >= MAX_FOLDED:
             return keep, after
         step = transition.advance(graph, after, tickless.id, Outcome(), now=now, worker=worker)
         after = step.instance
         history.extend(step.history)
+        started.extend(step.started)
     return keep, after
 
 
@@ -171,14 +207,18 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
 
 
 def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *, worker: str, lease: int,
-               now: float) -> Txn:
-    """The transaction of a plan, fenced by the record's revision and the claims of its arrivals."""
+               now: float, fences: tuple[Compare, ...] = ()) -> Txn:
+    """The transaction of a plan, fenced by the record's revision and the claims of its arrivals
+    (and by `fences`: the revisions of the child records its outcomes were read from)."""
     inst = plan.after
     iid = inst.id
     ops: list[Op] = [Put(keys.instance(iid), plan.record)]
     for entry in plan.history:
         ops.append(Put(keys.history(iid, entry.seq), dump_history(entry)))
     ops += index.status_ops(keys, plan.before, plan.after)  # the listing and expiry entries follow the status
+    for child in plan.started:
+        ops += creation_ops(keys, child, now)
+    ops += wake_parent_ops(keys, plan.before, plan.after)
     kept = {t.id for t in plan.keep}
     touched = set(plan.removed)
     for gone in plan.removed:
@@ -205,7 +245,25 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
         ops.append(Delete(keys.claim(iid, tok)))
     if plan.sync:
         ops.append(sync_marker(keys, inst))
-    compare = [Compare.mod(keys.instance(iid), "==", rev)]
+    compare = [Compare.mod(keys.instance(iid), "==", rev), *fences]
     for tid in sorted(plan.own):
         compare.append(Compare.create(keys.claim(iid, tid), "==", claims[tid]))
     return Txn(compare, ops)
+
+
+def creation_ops(keys: Keys, child: Instance, now: float) -> list[Op]:
+    """Create an instance: its record, its listing entries and its work markers."""
+    ops: list[Op] = [Put(keys.instance(child.id), dump_instance(child))]
+    ops += index.created_ops(keys, child)
+    for token in child.tokens.values():
+        ops.append(Put(keys.work(child.id, token.id), work_info(child, token, now).dump()))
+    return ops
+
+
+def wake_parent_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
+    """A child that finishes makes its parent's waiting token due: its marker, written again."""
+    parent = after.parent
+    if parent is None or not after.finished or before.finished:
+        return []
+    return [Put(keys.work(parent.id, parent.token), WorkInfo(parent.machine, parent.digest, parent.state, 0.0,
+                                                             None, wait=0.0).dump())]

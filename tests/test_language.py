@@ -1,0 +1,496 @@
+"""The waiting constructs and dynamic fan-out, through the worker on both stores: durable timers
+(`wait`), signals (`signal`, buffered, one per visit, with a timeout), maps (`map`, bounded
+concurrency, item order, bounded batches) and child machines (`call`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from dsm import compiler, handlers
+from dsm.client import Client
+from dsm.definitions import Registry
+from dsm.errors import DefinitionError, InputError, NotFound
+from dsm.keys import Keys
+from dsm.records import CANCELLED, FAILED, SUCCEEDED, public_record
+from dsm.store import prefix_end
+from dsm.worker import running
+
+
+class Cluster:
+    """A worker on a store, a client, and the graphs it serves."""
+
+    def __init__(self, store: Any, keys: Keys, graph: Any):
+        self.store = store
+        self.keys = keys
+        self.graph = graph
+        self.client = Client(store, keys)
+
+    async def wait_for(self, iid: str, test, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await self.client.record(iid)
+            if test(record):
+                return record
+            if time.monotonic() > deadline:
+                raise AssertionError(f"instance {iid} never got there: {record}")
+            await asyncio.sleep(0.02)
+
+
+def scenario(store_factory, namespace, graph, body, *, concurrency: int = 8):
+    async def main():
+        store = await store_factory()
+        keys = Keys(namespace)
+        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules() + tuple(
+            m for child in graph.children().values() for m in child.modules())))
+        registry.add(graph)
+        try:
+            async with running(store, registry, concurrency=concurrency):
+                return await body(Cluster(store, keys, graph))
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+TIMER = """
+machine: timer
+start: first
+states:
+  first:
+    next: nap
+  nap:
+    wait: 400ms
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_a_timer_waits_durably_without_a_tick_and_shows_in_waiting(store_factory, write, namespace):
+    graph = compiler.load(write("timer.yaml", TIMER))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {})
+        waiting = await c.wait_for(iid, lambda r: r["waiting"])
+        done = await c.client.wait(iid, timeout=20)
+        return waiting, public_record(done, await c.client.history(iid))
+
+    waiting, record = scenario(store_factory, namespace, graph, body)
+    (wait,) = waiting["waiting"]
+    assert (wait["state"], wait["kind"], wait["signal"]) == ("nap", "timer", None) and wait["until"]
+    assert record["status"] == SUCCEEDED
+    first, nap = record["history"]
+    gap = _ms(nap["at"]) - _ms(first["at"])
+    assert gap >= 390, gap
+
+
+UNTIL = """
+machine: until
+start: nap
+states:
+  nap:
+    wait: {until: "payload.at"}
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_wait_until_takes_epoch_seconds_or_iso_and_a_past_time_continues_at_once(store_factory, write, namespace):
+    graph = compiler.load(write("until.yaml", UNTIL))
+
+    async def body(c: Cluster):
+        started = time.time()
+        soon = await c.client.submit(graph, {"at": started + 0.3})
+        past = await c.client.submit(graph, {"at": "2001-01-01T00:00:00Z"})
+        bad = await c.client.submit(graph, {"at": "next tuesday"})
+        out = [await c.client.wait(i, timeout=20) for i in (soon, past, bad)]
+        return started, out
+
+    started, (soon, past, bad) = scenario(store_factory, namespace, graph, body)
+    assert soon.status == SUCCEEDED and soon.finished_at >= started + 0.29
+    assert past.status == SUCCEEDED
+    assert bad.status == FAILED and bad.error.type == "WaitError" and "next tuesday" in bad.error.message
+    assert bad.error.state == "nap"
+
+
+APPROVAL = """
+machine: approve
+start: ask
+states:
+  ask:
+    next: decide
+  decide:
+    signal: decision
+    on:
+      yes: again
+      no: rejected
+  again:
+    signal: decision
+    timeout: 300ms
+    catch: timed_out
+    on:
+      yes: done
+      no: rejected
+  timed_out:
+    next: rejected
+  done:
+    terminal: true
+  rejected:
+    terminal: true
+    status: failed
+"""
+
+
+def test_signals_are_buffered_consumed_in_order_one_per_visit_and_route_on(store_factory, write, namespace):
+    graph = compiler.load(write("approve.yaml", APPROVAL))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"n": 1}, instance_id="sig-1")
+        await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "signal")
+        parked = await c.client.record(iid)
+        # two signals at once: the first is consumed at `decide`, the second waits for `again`
+        await c.client.signal(iid, "decision", {"by": "ann"}, outcome="yes")
+        await c.client.signal(iid, "decision", {"by": "bob", "note": "fine"}, outcome="yes")
+        done = await c.client.wait(iid, timeout=20)
+        return parked, public_record(done, await c.client.history(iid))
+
+    parked, record = scenario(store_factory, namespace, graph, body)
+    (wait,) = parked["waiting"]
+    assert (wait["state"], wait["kind"], wait["signal"], wait["until"]) == ("decide", "signal", "decision", None)
+    assert record["status"] == SUCCEEDED and record["signals"] == []
+    assert record["payload"] == {"n": 1, "by": "bob", "note": "fine"}
+    entries = {h["state"]: h for h in record["history"]}
+    assert entries["decide"]["signal"]["name"] == "decision" and entries["decide"]["outcome"] == "yes"
+    assert [h["state"] for h in record["history"]] == ["ask", "decide", "again"]
+
+
+def test_a_signal_sent_before_the_state_is_kept_and_a_timeout_goes_to_catch(store_factory, write, namespace):
+    graph = compiler.load(write("approve.yaml", APPROVAL))
+
+    async def body(c: Cluster):
+        early = await c.client.submit(graph, {}, instance_id="early")
+        await c.client.signal(early, "decision", {"at_once": True}, outcome="no")
+        slow = await c.client.submit(graph, {}, instance_id="slow")
+        await c.wait_for(slow, lambda r: r["waiting"])
+        await c.client.signal(slow, "decision", outcome="yes")
+        return [public_record(await c.client.wait(i, timeout=20), await c.client.history(i)) for i in (early, slow)]
+
+    early, slow = scenario(store_factory, namespace, graph, body)
+    assert early["status"] == FAILED and early["state"] == "rejected" and early["payload"]["at_once"] is True
+    assert slow["status"] == FAILED and slow["state"] == "rejected"
+    assert [h["state"] for h in slow["history"]] == ["ask", "decide", "again", "timed_out"]
+    assert slow["payload"]["error"]["type"] == "SignalTimeout"
+
+
+def test_a_signal_to_a_finished_or_unknown_instance_is_refused_and_writes_nothing(store_factory, write, namespace):
+    graph = compiler.load(write("approve.yaml", APPROVAL))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {})
+        await c.client.signal(iid, "decision", outcome="no")
+        await c.client.wait(iid, timeout=20)
+        before = await c.store.range(f"/{namespace}/", prefix_end(f"/{namespace}/"))
+        errors = []
+        for target in (iid, "no-such-instance"):
+            try:
+                await c.client.signal(target, "decision", outcome="yes")
+            except (InputError, NotFound) as exc:
+                errors.append(exc)
+        after = await c.store.range(f"/{namespace}/", prefix_end(f"/{namespace}/"))
+        return errors, before, after
+
+    errors, before, after = scenario(store_factory, namespace, graph, body)
+    assert isinstance(errors[0], InputError) and "failed" in str(errors[0])
+    assert isinstance(errors[1], NotFound)
+    assert [(kv.key, kv.mod_revision) for kv in before.kvs] == [(kv.key, kv.mod_revision) for kv in after.kvs]
+
+
+MAP = """
+machine: mapper
+start: fan
+states:
+  fan:
+    map:
+      items: payload.xs
+      branch: work
+      max_concurrency: 3
+      with: [factor]
+      collect: out
+    join: total
+  work:
+    tick: mapmod:work
+    next: total
+  total:
+    tick: mapmod:total
+    next: done
+  done:
+    terminal: true
+"""
+
+MAP_PY = """
+import threading, time, random
+lock = threading.Lock()
+now = [0]
+peak = [0]
+
+def work(payload, ctx):
+    with lock:
+        now[0] += 1
+        peak[0] = max(peak[0], now[0])
+    time.sleep(random.random() * 0.01)
+    with lock:
+        now[0] -= 1
+    assert ctx.branch == (f"fan[{payload['index']}]",), ctx.branch
+    return {"y": payload["item"] * payload["factor"]}
+
+def total(payload, ctx):
+    payload["sum"] = sum(r["y"] for r in payload["out"])
+    payload["peak"] = peak[0]
+"""
+
+
+def test_a_map_collects_in_item_order_and_never_runs_more_than_its_concurrency(store_factory, write, namespace):
+    graph = compiler.load(write("mapper.yaml", MAP, mapmod=MAP_PY))
+
+    async def body(c: Cluster):
+        xs = list(range(40))
+        ids = [await c.client.submit(graph, {"xs": xs, "factor": 2}), await c.client.submit(graph, {"xs": []})]
+        return [public_record(await c.client.wait(i, timeout=60), await c.client.history(i)) for i in ids]
+
+    full, empty = scenario(store_factory, namespace, graph, body, concurrency=16)
+    assert full["status"] == SUCCEEDED, full["error"]
+    assert [r["y"] for r in full["payload"]["out"]] == [2 * x for x in range(40)]
+    assert full["payload"]["out"][5] == {"y": 10}
+    assert full["payload"]["sum"] == 2 * sum(range(40)) and 1 <= full["payload"]["peak"] <= 3
+    assert sorted(h["branch"][0] for h in full["history"] if h["branch"]) == sorted(f"fan[{i}]" for i in range(40))
+    assert empty["status"] == SUCCEEDED and empty["payload"]["out"] == [] and empty["payload"]["sum"] == 0
+
+
+WIDE_MAP = """
+machine: wide
+start: fan
+states:
+  fan:
+    map: {items: "payload.xs", branch: item}
+    join: done
+  item:
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_a_map_wider_than_a_transaction_starts_items_in_batches(store_factory, write, namespace):
+    graph = compiler.load(write("wide.yaml", WIDE_MAP))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"xs": list(range(300))})
+        return public_record(await c.client.wait(iid, timeout=120), await c.client.history(iid))
+
+    record = scenario(store_factory, namespace, graph, body)
+    assert record["status"] == SUCCEEDED, record["error"]
+    assert [r["item"] for r in record["payload"]["results"]] == list(range(300))
+    assert record["transitions"] == 301
+
+
+PARENT = """
+machine: parent
+start: prep
+states:
+  prep:
+    next: sub
+  sub:
+    call: child.yaml
+    retry: {max_attempts: 2, backoff: 10ms}
+    catch: broken
+    next: done
+  done:
+    terminal: true
+  broken:
+    terminal: true
+    status: failed
+"""
+
+CHILD = """
+machine: child
+start: work
+states:
+  work:
+    tick: childmod:work
+    next: hold
+  hold:
+    choose:
+      - when: "payload.get('wait_for_signal')"
+        next: stay
+      - next: done
+  stay:
+    signal: go
+    next: done
+  done:
+    terminal: true
+"""
+
+CHILD_PY = """
+def work(payload, ctx):
+    if payload.get("fail"):
+        raise ValueError("child refuses")
+    payload["child_was_here"] = ctx.instance_id
+"""
+
+
+def test_call_runs_a_child_whose_payload_is_the_result_and_a_failed_child_fails_the_state(
+        store_factory, write, namespace):
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    graph = compiler.load(write("parent.yaml", PARENT))
+
+    async def body(c: Cluster):
+        ok = await c.client.submit(graph, {"x": 1}, instance_id="par-ok")
+        bad = await c.client.submit(graph, {"fail": True}, instance_id="par-bad")
+        records = [public_record(await c.client.wait(i, timeout=30), await c.client.history(i)) for i in (ok, bad)]
+        children = [await c.client.record(h["child"]) for h in records[0]["history"] if h.get("child")]
+        return records, children
+
+    (ok, bad), children = scenario(store_factory, namespace, graph, body)
+    assert ok["status"] == SUCCEEDED, (ok["error"], ok["payload"])
+    (child,) = children
+    assert child["parent"] == {"id": "par-ok", "state": "sub"} and child["status"] == SUCCEEDED
+    assert ok["payload"] == {"x": 1, "child_was_here": child["id"]}
+    assert [h["state"] for h in ok["history"]] == ["prep", "sub"]
+    assert bad["status"] == FAILED and bad["state"] == "broken"
+    assert bad["payload"]["error"]["type"] == "ChildFailed" and bad["payload"]["error"]["attempts"] == 2
+    assert "child refuses" in bad["payload"]["error"]["message"]
+
+
+def test_cancelling_a_parent_cancels_its_child(store_factory, write, namespace):
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    graph = compiler.load(write("parent.yaml", PARENT))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"wait_for_signal": True}, instance_id="par-c")
+        parked = await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "child")
+        child = parked["waiting"][0]["child"]
+        await c.wait_for(child, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "signal")
+        await c.client.cancel(iid, reason="test")
+        return await c.client.record(iid), await c.client.record(child)
+
+    parent, child = scenario(store_factory, namespace, graph, body)
+    assert parent["status"] == CANCELLED and child["status"] == CANCELLED
+    assert "par-c" in child["cancel"]["reason"]
+
+
+def test_a_child_that_is_signalled_lets_its_parent_continue(store_factory, write, namespace):
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    graph = compiler.load(write("parent.yaml", PARENT))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"wait_for_signal": True}, instance_id="par-s")
+        parked = await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "child")
+        child = parked["waiting"][0]["child"]
+        await c.wait_for(child, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "signal")
+        await c.client.signal(child, "go", {"from_signal": 1})
+        return public_record(await c.client.wait(iid, timeout=30))
+
+    record = scenario(store_factory, namespace, graph, body)
+    assert record["status"] == SUCCEEDED and record["payload"]["from_signal"] == 1
+
+
+# -- compile-time checks ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, message", [
+    ("  s:\n    tick: m:f\n    wait: 1s\n    next: done\n", "has a tick and 'wait'"),
+    ("  s:\n    wait: 1s\n    signal: x\n    next: done\n", "has both 'wait' and 'signal'"),
+    ("  s:\n    wait: 1s\n    timeout: 2s\n    next: done\n", "cannot have 'timeout'"),
+    ("  s:\n    signal: x\n    retry: {max_attempts: 2}\n    next: done\n", "cannot have 'retry'"),
+    ("  s:\n    wait: soon\n    next: done\n", "states.s.wait"),
+    ("  s:\n    wait: {until: 'payload.('}\n    next: done\n", "does not compile"),
+    ("  s:\n    map: {items: payload.xs, branch: done}\n    next: done\n", "several routing keys"),
+    ("  s:\n    map: {items: payload.xs, branch: b}\n", "missing join"),
+    ("  s:\n    call: nowhere.yaml\n    next: done\n", "no machine file 'nowhere.yaml'"),
+    ("  s:\n    on: {a: done}\n", "no tick (or signal)"),
+])
+def test_the_compiler_refuses_misused_waits_maps_and_calls_at_their_line(write, body, message):
+    text = "machine: m\nstart: s\nstates:\n" + body + "  b:\n    next: done\n  done:\n    terminal: true\n"
+    path = write("bad.yaml", text)
+    with pytest.raises(DefinitionError) as caught:
+        compiler.load(path, import_handlers=False)
+    problems = caught.value.problems
+    assert any(message in p.message for p in problems), [str(p) for p in problems]
+    assert all(p.file == str(path) and p.line >= 1 for p in problems)
+
+
+def test_a_map_branch_that_escapes_is_refused(write):
+    text = """
+    machine: m
+    start: s
+    states:
+      s:
+        map: {items: payload.xs, branch: b}
+        join: j
+      b:
+        choose:
+          - when: "payload.item"
+            next: j
+          - next: done
+      j:
+        next: done
+      done:
+        terminal: true
+    """
+    with pytest.raises(DefinitionError) as caught:
+        compiler.load(write("esc.yaml", text))
+    assert any("malformed map" in p.message and "'done'" in p.message for p in caught.value.problems), \
+        [str(p) for p in caught.value.problems]
+
+
+def test_a_chain_of_calls_back_to_the_caller_is_refused_with_both_paths(write):
+    write("a.yaml", "machine: a\nstart: s\nstates:\n  s:\n    call: b.yaml\n    next: done\n"
+                    "  done:\n    terminal: true\n")
+    path = write("b.yaml", "machine: b\nstart: s\nstates:\n  s:\n    call: a.yaml\n    next: done\n"
+                           "  done:\n    terminal: true\n")
+    with pytest.raises(DefinitionError) as caught:
+        compiler.load(path)
+    text = "\n".join(str(p) for p in caught.value.problems)
+    assert "lead back to the caller" in text and "b.yaml" in text and "a.yaml" in text
+
+
+def test_a_parent_digest_pins_its_child(write):
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    parent = write("parent.yaml", PARENT)
+    first = compiler.load(parent)
+    write("child.yaml", CHILD.replace("signal: go", "signal: gone"), childmod=CHILD_PY)
+    second = compiler.load(parent)
+    assert first.digest != second.digest
+    assert list(first.children()) != list(second.children())
+
+
+def _ms(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000
+
+
+
+
+
+def test_the_audit_accepts_map_histories_and_catches_an_item_that_arrives_twice(store_factory, write, namespace):
+    from dataclasses import replace
+
+    from dsm.audit import audit
+
+    graph = compiler.load(write("mapper.yaml", MAP, mapmod=MAP_PY))
+
+    async def body(c: Cluster):
+        ids = [await c.client.submit(graph, {"xs": list(range(7)), "factor": 1}),
+               await c.client.submit(graph, {"xs": []})]
+        return [(await c.client.wait(i, timeout=60), await c.client.history(i)) for i in ids]
+
+    (full, full_history), (empty, empty_history) = scenario(store_factory, namespace, graph, body)
+    assert audit(graph, full, full_history) == [] and audit(graph, empty, empty_history) == []
+    twice = next(h for h in full_history if h.branch == ("fan[3]",))
+    doubled = [*full_history, replace(twice, seq=len(full_history) + 1)]
+    assert any("fan[3]" in p for p in audit(graph, replace(full, transitions=len(doubled)), doubled))
