@@ -213,13 +213,11 @@ class Worker:
             return True
         return False
 
-    def _held(self, ref: TokenRef, revision: int, why: str) -> bool:
+    def _held(self, ref: TokenRef, revision: int, why: str) -> None:
+        """The token changed under a job of ours (if one holds it): its attempt no longer counts."""
         job = self._jobs.get(ref)
-        if job is None:
-            return False
-        if job.claim_rev < revision and job.attempt is not None:
+        if job is not None and job.claim_rev < revision and job.attempt is not None:
             job.attempt.abandon(why)
-        return True
 
     # -- dispatch ----------------------------------------------------------------------------
     async def _dispatch(self) -> None:
