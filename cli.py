@@ -778,6 +778,11 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                help="Folder put first on the import path (repeatable).")] = None,
            lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, metavar="SECONDS",
                                                   help="Seconds before a dead worker's claims expire.")] = 10,
+           dead_after: Annotated[str | None, typer.Option(
+               "--dead-after", metavar="DURATION", show_default=False,
+               help="How long this worker's heartbeat may go unwritten before the other workers take it for "
+                    "dead and take its work back, even while its lease lives (any etcd user can keep a lease "
+                    "alive). Default: twice --lease-ttl; 0: trust the lease alone.")] = None,
            grace: Annotated[float, typer.Option("--grace", metavar="SECONDS",
                                                 help="Seconds to finish running ticks on SIGTERM.")] = 30.0,
            isolation: Annotated[str, typer.Option(
@@ -798,6 +803,10 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
     if isolation not in ("process", "thread"):
         raise Fail(ExitCode.INVALID, f"--isolation must be 'process' or 'thread', not {isolation!r}")
     keep_history = _duration(compaction_retention, "--compaction-retention")
+    silence = _duration(dead_after, "--dead-after")
+    if silence is not None and 0 < silence < lease_ttl:
+        raise Fail(ExitCode.INVALID, f"--dead-after must be 0 or at least --lease-ttl ({lease_ttl}s): the heartbeat "
+                                     "is written every third of it")
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
         signal.signal(signum, lambda number, frame: received.append(number))
@@ -839,7 +848,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                 executor = ProcessExecutor(concurrency, search_path=search + folders,
                                            preload=[m for g in graphs for m in g.modules()])
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
-                               stop=stop, executor=executor,
+                               stop=stop, executor=executor, dead_after=silence,
                                housekeeping=HousekeepingOptions(compaction_retention=keep_history or 0.0)) as w:
                 where = "processes" if isolation == "process" else "threads"
                 info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "

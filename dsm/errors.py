@@ -60,6 +60,10 @@ class ConflictError(StoreError):
     """A compare-and-swap lost to a concurrent writer."""
 
 
+class AccessDenied(StoreError):
+    """etcd refused the operation for this user (authentication or role permissions)."""
+
+
 class LeaseLost(StoreError):
     """A lease expired or was revoked: every claim bound to it is gone."""
 

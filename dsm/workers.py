@@ -8,6 +8,11 @@ it serves is what a reader needs to tell whether some live worker can run an ins
 definitions it has compiled (by digest), those it cannot run (and why), and its allowlist, for
 definitions it has not met yet. The worker rewrites the key when any of that changes, checked
 every few seconds (`dsm.worker.presence`), never per tick.
+
+The key is also the worker's heartbeat: it is rewritten at least every third of the lease's TTL,
+and says (`stale_after`) how long it may go unwritten before the worker is taken for dead. On an
+etcd shared with other users a lease proves nothing (any user can keep any lease alive), so the
+other workers of the namespace judge by this key instead (`dsm.worker.peers`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class WorkerInfo:
     in_flight: int
     started_at: float
     updated_at: float
+    stale_after: float | None = None  # seconds unwritten after which others take it for dead; None: never
 
     def as_dict(self) -> dict[str, Any]:
         """The `dsm workers --json` entry."""
@@ -69,6 +75,7 @@ class WorkerInfo:
     def dump(self) -> bytes:
         raw = self.as_dict()
         raw["started_at"], raw["updated_at"] = self.started_at, self.updated_at
+        raw["stale_after"] = self.stale_after
         return codec.dumps(raw)
 
     @staticmethod
@@ -82,7 +89,8 @@ class WorkerInfo:
         return WorkerInfo(id=d["id"], host=d["host"], pid=d["pid"], definitions=served(d["definitions"]),
                           allow=tuple(allow) if allow is not None else None, functions=tuple(d.get("functions", ())),
                           refused=served(d.get("refused", ())), concurrency=d["concurrency"],
-                          in_flight=d["in_flight"], started_at=d["started_at"], updated_at=d["updated_at"])
+                          in_flight=d["in_flight"], started_at=d["started_at"], updated_at=d["updated_at"],
+                          stale_after=d.get("stale_after"))
 
     def same_as(self, other: WorkerInfo | None) -> bool:
         """Equal but for when it was written: nothing to tell readers."""

@@ -24,9 +24,9 @@ from dsm.store.etcd import EtcdOptions, EtcdStore
 MACHINES = Path(__file__).resolve().parent / "machines"
 
 
-async def snapshot(endpoints: str, namespace: str) -> list[tuple[Any, list]]:
-    """Every instance of the namespace with its history."""
-    store = await EtcdStore.connect(EtcdOptions.build(endpoints, namespace=namespace))
+async def snapshot(endpoints: str, namespace: str, **credentials: str) -> list[tuple[Any, list]]:
+    """Every instance of the namespace with its history; `credentials`: an etcd user and password."""
+    store = await EtcdStore.connect(EtcdOptions.build(endpoints, namespace=namespace, **credentials))
     try:
         client = Client(store, Keys(namespace))
         out = []
@@ -37,12 +37,13 @@ async def snapshot(endpoints: str, namespace: str) -> list[tuple[Any, list]]:
         await store.close()
 
 
-def wait_all_finished(endpoints: str, namespace: str, expected: int, timeout: float = 120) -> list:
+def wait_all_finished(endpoints: str, namespace: str, expected: int, timeout: float = 120,
+                      **credentials: str) -> list:
     deadline = time.monotonic() + timeout
     last: list = []
     while time.monotonic() < deadline:
         try:
-            last = asyncio.run(snapshot(endpoints, namespace))
+            last = asyncio.run(snapshot(endpoints, namespace, **credentials))
         except Exception:  # etcd may be restarting in the middle of a test
             time.sleep(0.5)
             continue

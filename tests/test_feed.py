@@ -17,7 +17,7 @@ INFO = WorkInfo("m", "sha256:x", "s").dump()
 
 def feed_on(store, keys, cap, page_size=1000):
     queue = CandidateQueue(time.monotonic, cap)
-    feed = WorkFeed(store, keys, queue, name="test", admits=lambda ref, info: True, held=lambda *a: False,
+    feed = WorkFeed(store, keys, queue, name="test", admits=lambda ref, info: True, held=lambda *a: None,
                     page_size=page_size)
     return feed, queue
 
@@ -107,3 +107,33 @@ def test_a_change_between_pages_of_a_resync_is_not_missed(store_factory):
             await asyncio.gather(task, return_exceptions=True)
 
     assert run(store_factory, body)
+
+
+def test_a_claim_lost_under_a_running_job_comes_back_when_the_job_ends(store_factory):
+    """Regression: a worker whose lease was revoked (by a peer that took it for dead, or by another
+    etcd user) saw its claims go while its jobs still ran; the token was left to the job, which
+    could no longer commit it, and waited for the idle sweep."""
+
+    async def body(store, keys):
+        ref = ("i1", "t1")
+        lease = await store.lease_grant(30)
+        await store.put(keys.work(*ref), INFO)
+        await store.put(keys.claim(*ref), b"us", lease)
+        told = []
+        queue = CandidateQueue(time.monotonic)
+        feed = WorkFeed(store, keys, queue, name="test", admits=lambda ref, info: True,
+                        held=lambda ref, revision, why: told.append(why))
+        revision = await feed.resync()
+        watch = await store.watch(keys.work_prefix, prefix_end(keys.work_prefix), start_revision=revision + 1)
+        await store.lease_revoke(lease)
+        async for batch in watch:
+            feed.apply(batch.events)
+            break
+        await watch.cancel()
+        while_running = queue.take(10, busy={ref})
+        queue.requeue(ref)  # the job ends
+        return told, while_running, queue.take(10)
+
+    told, while_running, after = run(store_factory, body)
+    assert len(told) == 1 and "claim was lost" in told[0]
+    assert while_running == [] and after == [("i1", "t1")]

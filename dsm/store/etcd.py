@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import grpc
 from aetcd import rpc
 
-from ..errors import Compacted, InputError, LeaseLost, NoSpace, StoreError, StoreUnavailable
+from ..errors import AccessDenied, Compacted, InputError, LeaseLost, NoSpace, StoreError, StoreUnavailable
 from ..keys import Keys
 from . import (
     DELETE,
@@ -71,10 +71,6 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.enable_retries", 0),
 ]
-
-
-class AccessDenied(StoreError):
-    """etcd refused the operation for this user (authentication or role permissions)."""
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 It orchestrates parts that each own one thing: the lease (`lease.py`), the work feed and its
 candidate queue (`feed.py`, `queue.py`), slots (`slots.py`), the record cache (`cache.py`), the
-executor that runs handlers (`executor.py`, `isolation.py`) and the commit planner
-(`planner.py`, pure). What it keeps is the life of a job: a claim, attempts, commits, and the
-claim given back on every path that does not hand it on.
+executor that runs handlers (`executor.py`, `isolation.py`), the commit planner (`planner.py`,
+pure), its entry and heartbeat among live workers (`presence.py`) and the watch on the other
+workers' heartbeats (`peers.py`). What it keeps is the life of a job: a claim, attempts, commits,
+and the claim given back on every path that does not hand it on.
 
 Every commit is one transaction (batched with other instances' commits) that compares the
 record's mod revision and the claims' create revisions, so a worker that lost its lease, paused
@@ -39,8 +40,9 @@ from ..transition import ChildResult, Failure, Outcome, Step
 from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
-from .lease import LeaseKeeper
+from .lease import LeaseKeeper, keys_under, release
 from .nospace import WriteGate
+from .peers import Peers
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
 from .presence import Presence
 from .queue import CandidateQueue
@@ -99,7 +101,10 @@ class Worker:
                  prefetch: int | None = None, executor: Executor | None = None,
                  audit_interval: float | None = None, max_txn_ops: int = MAX_TXN_OPS,
                  offload_guards: bool = True, serves: Callable[[str], bool] | None = None,
-                 presence_interval: float = 5.0):
+                 presence_interval: float = 5.0, dead_after: float | None = None):
+        """`dead_after`: seconds this worker's heartbeat may go unwritten before the other workers
+        take it for dead, whatever its lease says (default twice `lease_ttl`; 0: never, trust the
+        lease alone). It is rewritten every third of `lease_ttl` (`presence.py`, `peers.py`)."""
         self.store = store
         self.registry = registry
         self.keys = keys or registry.keys
@@ -121,7 +126,8 @@ class Worker:
         self.on_commit = on_commit
         self.stats = WorkerStats()
         self.slots: Slots[TokenRef] = Slots(concurrency, concurrency if prefetch is None else prefetch)
-        self.lease = LeaseKeeper(store, lease_ttl, name=self.id, on_lost=self._lose_all)
+        self.lease = LeaseKeeper(store, lease_ttl, name=self.id, on_lost=self._lose_all,
+                                 release=functools.partial(release, store, self.keys))
         self.queue: CandidateQueue[TokenRef] = CandidateQueue(clock, candidate_cap)
         self.feed = WorkFeed(store, self.keys, self.queue, name=self.id, admits=self._admits, held=self._held,
                              wall=wall, page_size=page_size)
@@ -137,8 +143,13 @@ class Worker:
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
         self._unservable: dict[str, str] = {}  # instance -> digest this worker cannot run (oldest first)
+        dead_after = 2 * lease_ttl if dead_after is None else dead_after
         self.presence = Presence(store, self.keys, self.lease, registry, worker_id=self.id, concurrency=concurrency,
-                                 in_flight=lambda: len(self._jobs), interval=presence_interval, wall=wall)
+                                 in_flight=lambda: len(self._jobs), interval=presence_interval,
+                                 heartbeat=lease_ttl / 3, stale_after=dead_after or None, wall=wall, clock=clock)
+        self.lease.attach = self.presence.attach  # a new lease carries the worker's entry before any claim
+        self.peers = Peers(store, self.keys, name=self.id, own_key=self.presence.key, own_lease=lambda: self.lease.id,
+                           healthy=self.presence.healthy, interval=lease_ttl / 2, clock=clock)
         self.housekeeper: Housekeeper | None = None  # when it stands in the housekeeping election (`running`)
         self.gate = WriteGate(store, name=self.id)  # closed while etcd refuses writes (NOSPACE)
 
@@ -156,7 +167,8 @@ class Worker:
                        loop.create_task(self.feed.run(), name="dsm-feed"),
                        loop.create_task(self._dispatch(), name="dsm-dispatch"),
                        loop.create_task(self._audit(), name="dsm-audit"),
-                       loop.create_task(self.presence.run(), name="dsm-presence")]
+                       loop.create_task(self.presence.run(), name="dsm-presence"),
+                       loop.create_task(self.peers.run(), name="dsm-peers")]
         stopper = loop.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -171,7 +183,7 @@ class Worker:
         self.stopping = True
         self.lease.stopping = True
         for task in self._tasks:
-            if task.get_name() != "dsm-keepalive":
+            if task.get_name() not in ("dsm-keepalive", "dsm-presence"):  # alive, and seen so, while ticks finish
                 task.cancel()
         if self._jobs:
             log.info("worker %s: stopping, finishing %d tick(s) (up to %.0fs)", self.id, len(self._jobs), grace)
@@ -214,13 +226,11 @@ class Worker:
             return True
         return False
 
-    def _held(self, ref: TokenRef, revision: int, why: str) -> bool:
+    def _held(self, ref: TokenRef, revision: int, why: str) -> None:
+        """The token changed under a job of ours (if one holds it): its attempt no longer counts."""
         job = self._jobs.get(ref)
-        if job is None:
-            return False
-        if job.claim_rev < revision and job.attempt is not None:
+        if job is not None and job.claim_rev < revision and job.attempt is not None:
             job.attempt.abandon(why)
-        return True
 
     # -- dispatch ----------------------------------------------------------------------------
     async def _dispatch(self) -> None:
@@ -346,10 +356,11 @@ class Worker:
             if not self.lease.ready.is_set() or self.lease.id is None:
                 suspects.clear()
                 continue
+            lease = self.lease.id
             try:
-                held = await self._idle_claims(self.lease.id)
+                held = await self._idle_claims(lease)
             except LeaseLost:
-                self.lease.lost()
+                self.lease.lost(lease)
                 continue
             except StoreError as exc:
                 log.debug("worker %s: claim audit skipped (%s)", self.id, exc)
@@ -364,7 +375,7 @@ class Worker:
     async def _idle_claims(self, lease: int) -> dict[TokenRef, int]:
         """Claims under `lease` that no job, claim or commit of ours is using: ref -> create revision."""
         refs = []
-        for key in await self.store.lease_keys(lease):
+        for key in await keys_under(self.store, self.keys, lease):
             parsed = self.keys.parse_work(key)
             if parsed is not None and parsed[2] and not self._busy((parsed[0], parsed[1])):
                 refs.append((parsed[0], parsed[1]))

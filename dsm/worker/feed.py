@@ -33,12 +33,12 @@ TokenRef = tuple[str, str]  # (instance id, token id)
 
 class WorkFeed:
     def __init__(self, store: Store, keys: Keys, queue: CandidateQueue[TokenRef], *, name: str,
-                 admits: Callable[[TokenRef, WorkInfo | None], bool], held: Callable[[TokenRef, int, str], bool],
+                 admits: Callable[[TokenRef, WorkInfo | None], bool], held: Callable[[TokenRef, int, str], object],
                  wall: Callable[[], float] = time.time, page_size: int = 1000):
         """`admits(ref, info)`: whether this worker may run the work at all (`info`, the marker's value,
-        is None when only the claim changed: a claim given back). `held(ref, revision,
-        why)`: whether a job of ours holds the token by a claim older than `revision` (it is told
-        why its token changed under it; a replayed event older than its claim is not its business)."""
+        is None when only the claim changed: a claim given back). `held(ref, revision, why)`: tells
+        a job of ours that holds the token by a claim older than `revision` why its token changed
+        under it (a replayed event older than its claim is not its business)."""
         self.store = store
         self.keys = keys
         self.queue = queue
@@ -179,8 +179,10 @@ class WorkFeed:
                     self._offer(ref, info, wall=wall, fresh=True)
                     added = True
             for ref in released - gone - claimed:
-                if self.held(ref, revision, "the claim was lost (lease expired)"):
-                    continue
+                # A job of ours that held it is told (its lease went: expired, or revoked), and the
+                # token is a candidate all the same: the queue keeps it while that job runs and
+                # hands it back when the job ends (`requeue`), unless another worker claims it first.
+                self.held(ref, revision, "the claim was lost (lease expired or revoked)")
                 self._offer(ref, works.get(ref), wall=wall, fresh=True, first=ref not in works)
                 added = True
         if added:
