@@ -43,6 +43,7 @@ log = logging.getLogger("dsm.cli")
 class ExitCode(IntEnum):
     OK = 0
     INSTANCE_FAILED = 1  # failed or cancelled
+    CASE_FAILED = 1  # dsm test: a case did not do what it expected
     INVALID = 2  # invalid definition, input or usage
     UNREACHABLE = 3  # etcd unreachable
     TIMEOUT = 4  # --timeout passed before the instance finished
@@ -558,6 +559,41 @@ def graph(path: Definition,
 def schema_command() -> None:
     """Print the JSON Schema of machine definitions."""
     _emit(schema.schema_text().rstrip("\n") + "\n")
+
+
+@_command("test")
+def test_command(paths: Annotated[list[Path], typer.Argument(
+        metavar="PATH", show_default=False, help="Test files, or folders of *.test.yaml.")]) -> None:
+    """Run machines' test cases offline: embedded, one tick at a time, time skipped, handlers mocked.
+
+    Prints one line per case (PASS FILE::NAME, or FAIL FILE::NAME: what differed) and
+    N passed, M failed. Exit 1 when a case failed, 2 for a bad test file (FILE:LINE:COL).
+    Imports the handler modules of the machines, running their code.
+    """
+    from dsm import testing
+
+    try:
+        files = testing.find_test_files(paths)
+    except InputError as exc:
+        raise Fail(ExitCode.INVALID, str(exc)) from None
+    results: list[testing.FileResult] = []
+    bad = 0
+    for path in files:
+        try:
+            result = testing.run_file(path)
+        except DefinitionError as exc:
+            bad += 1
+            for problem in exc.problems:
+                _emit(f"{problem}\n")
+            continue
+        results.append(result)
+        _emit(result.report())
+    passed, failed = testing.summary(results)
+    _emit(f"{passed} passed, {failed} failed\n")
+    if bad:
+        raise Fail(ExitCode.INVALID, f"{bad} of {len(files)} test file(s) invalid: their cases did not run")
+    if failed:
+        raise typer.Exit(ExitCode.CASE_FAILED)
 
 
 @_command(etcd=True)

@@ -16,6 +16,7 @@ Two tools live here:
 
 from __future__ import annotations
 
+from .cases import Case, Expect, ExpectedError, Mock, MockResult, Signal, TestFile, handler_key, load_test_file
 from .cluster import (
     EtcdCluster,
     EtcdMember,
@@ -25,7 +26,12 @@ from .cluster import (
     free_port,
     make_cluster,
 )
+from .runner import CaseResult, FileResult, describe, find_test_files, run_case, run_file, summary
 
 __all__ = [
+    # dsm test
+    "Case", "CaseResult", "Expect", "ExpectedError", "FileResult", "Mock", "MockResult", "Signal", "TestFile",
+    "describe", "find_test_files", "handler_key", "load_test_file", "run_case", "run_file", "summary",
+    # etcd for tests
     "EtcdCluster", "EtcdMember", "TlsFiles", "etcd_binary", "etcdctl_binary", "free_port", "make_cluster",
 ]
