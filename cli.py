@@ -232,7 +232,9 @@ def _definition_files(paths: list[Path]) -> list[Path]:
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         machines = [p for p in found if loader.looks_like_machine(p)]
         for skipped in sorted(set(found) - set(machines)):
-            info.print(f"skipped {skipped}: not a machine definition (no top-level 'machine:' key)", markup=False)
+            why = ("a test file ('dsm test' runs it)" if skipped.name.endswith((".test.yaml", ".test.yml"))
+                   else "not a machine definition (no top-level 'machine:' key)")
+            info.print(f"skipped {skipped}: {why}", markup=False)
         if not machines:
             what = "machine definitions" if found else "*.yaml or *.yml files"
             raise Fail(ExitCode.INVALID, f"{path}: no {what} in this folder")

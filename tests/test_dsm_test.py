@@ -7,7 +7,7 @@ import time
 import uuid
 
 import pytest
-from clitools import dsm
+from clitools import ROOT, dsm
 
 from dsm import transition
 from dsm.errors import DefinitionError
@@ -341,6 +341,18 @@ def test_a_missing_or_invalid_machine_is_a_bad_test_file(write):
 
 
 # -- the command ---------------------------------------------------------------------------------
+
+def test_every_example_machine_has_test_cases_and_they_pass():
+    machines = sorted(p.name.removesuffix(".yaml") for p in (ROOT / "definitions").glob("*.yaml")
+                      if not p.name.endswith(".test.yaml"))
+    tested = sorted(p.name.removesuffix(".test.yaml") for p in (ROOT / "definitions").glob("*.test.yaml"))
+    assert tested == machines
+    result = dsm("test", "definitions")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1].endswith(" passed, 0 failed") and all(line.startswith("PASS ") for line in lines[:-1])
+    assert len(lines) - 1 == int(lines[-1].split()[0])
+
 
 def test_the_command_exits_1_when_a_case_fails_and_2_for_a_bad_file(shop, tmp_path):
     good = shop(f"""
