@@ -568,8 +568,10 @@ def test_command(paths: Annotated[list[Path], typer.Argument(
         metavar="PATH", show_default=False, help="Test files, or folders of *.test.yaml.")]) -> None:
     """Run machines' test cases offline: embedded, one tick at a time, time skipped, handlers mocked.
 
-    Prints one line per case (PASS FILE::NAME, or FAIL FILE::NAME: what differed) and
-    N passed, M failed. Exit 1 when a case failed, 2 for a bad test file (FILE:LINE:COL).
+    Prints PASS FILE::NAME or FAIL FILE::NAME: WHAT DIFFERED per case, then N passed, M failed.
+
+    Exit 1 when a case failed, 2 for a bad test file (its problems as FILE:LINE:COL: error: ...).
+
     Imports the handler modules of the machines, running their code.
     """
     from dsm import testing

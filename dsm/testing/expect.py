@@ -50,7 +50,8 @@ def _why(inst: Instance) -> str:
     """What explains a status: the error, or what a running instance still waits at."""
     e = inst.error
     if e is not None:
-        return f" ({e.type} in state {e.state} after {e.attempts} attempt(s): {e.message})"
+        message = " ".join(e.message.split())  # one line, whatever the handler said
+        return f" ({e.type} in state {e.state} after {e.attempts} attempt(s): {message})"
     if not inst.finished:
         return f" (waiting at {', '.join(inst.active) or 'nothing'})"
     if inst.state:
@@ -63,7 +64,7 @@ def _path_difference(expected: list[str], got: list[str]) -> str:
     if at < len(expected) and at < len(got):
         detail = f"from position {at + 1}: expected {expected[at]}, got {got[at]}"
     elif at < len(expected):
-        detail = f"it stops after {len(got)} state(s), before {', '.join(expected[at:])}"
+        detail = f"it stops after {len(got)} state(s), without {', '.join(expected[at:])}"
     else:
         detail = f"then {', '.join(got[at:])} too"
     return f"path: expected [{', '.join(expected)}], got [{', '.join(got)}]: {detail}"

@@ -160,7 +160,7 @@ class _Driver:
         self.max_steps = max_steps
         self.now = time.time()
         self.limit = payloads.default_limit()
-        self.inst = transition.start(graph, case.instance_id, dict(case.payload), self.now)
+        self.inst = transition.start(graph, case.instance_id, payloads.copy(dict(case.payload)), self.now)
         self.history: list[HistoryEntry] = []
         self.results = {key: deque(mock.results) for key, mock in case.mocks.items()}
         self.calls: Counter[str] = Counter()
