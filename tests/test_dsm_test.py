@@ -10,7 +10,7 @@ import pytest
 from clitools import ROOT, dsm
 
 from dsm import transition
-from dsm.errors import DefinitionError
+from dsm.errors import DefinitionError, InputError
 from dsm.testing import load_test_file, run_case, run_file
 
 SHOP = """
@@ -293,6 +293,36 @@ def test_signals_fail_the_case_clearly_until_the_language_has_them(shop):
     """)
     (case,) = run_file(path).cases
     assert case.reasons == ("signals are not supported yet: this version of dsm has no signal states",)
+
+
+def test_signals_go_through_the_transition_in_the_order_given(shop, monkeypatch):
+    """The pure signal API (`transition.signal(graph, inst, name, payload, outcome, now) -> Step`)
+    is what the runner calls, right after the start, once per signal in order; an InputError
+    (a finished instance) fails the case with its message."""
+    sent = []
+
+    def signal(graph, inst, name, payload=None, outcome=None, now=0.0):
+        if name == "late":
+            raise InputError(f"instance {inst.id} is finished")
+        sent.append((graph.machine, inst.id, name, payload, outcome, now >= inst.created_at))
+        return transition.Step(inst)
+
+    monkeypatch.setattr(transition, "signal", signal, raising=False)
+    path = shop(f"""
+      - name: signalled
+        {PAID}
+        signals: [{{name: approve, outcome: "yes", payload: {{by: ann}}}}, {{name: ship}}]
+        expect: {{status: succeeded}}
+      - name: too late
+        {PAID}
+        signals: [{{name: late}}]
+        expect: {{status: succeeded}}
+    """)
+    signalled, late = run_file(path).cases
+    assert signalled.passed, signalled.reasons
+    assert sent == [("shop", "test-1", "approve", {"by": "ann"}, "yes", True),
+                    ("shop", "test-1", "ship", {}, None, True)]
+    assert late.reasons == ("signal 'late': instance test-2 is finished",)
 
 
 # -- bad test files: every problem at file:line:col, nothing runs --------------------------------
