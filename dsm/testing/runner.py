@@ -229,8 +229,13 @@ class _Driver:
 
     # -- one attempt -------------------------------------------------------------------------
     def attempt(self, token: Token, state: State) -> Outcome:
+        # `call` and `signal` states are landing in the language; the driver reads them by name so
+        # that it runs before and after they do. A `wait` state needs nothing of its own: its
+        # token's not_before is the timer, and a due wait moves on as a tick-less state does.
         if getattr(state, "call", None):
             return self.child(token, state)
+        if getattr(state, "signal", None):
+            return self.signal_due(token, state)
         if state.tick is None:
             return Outcome()  # a tick-less state moves on
         key = handler_key(state.tick)
@@ -243,6 +248,12 @@ class _Driver:
         copy), and give its end as this state's outcome. The hook for child machines, once the
         language has them; until then there is no such state to reach."""
         raise _Broken(f"state {state.name!r} calls a child machine: dsm test does not run child machines yet")
+
+    def signal_due(self, token: Token, state: State) -> Outcome:
+        """A token at a `signal` state that is due: its timeout passed without the signal (a
+        signal that came was consumed by `transition.signal`, which moved the token on). The hook
+        for signal timeouts, once the language has them."""
+        raise _Broken(f"state {state.name!r} waits for a signal: dsm test does not drive signal states yet")
 
     def mocked(self, key: str, token: Token, state: State) -> Outcome:
         self.calls[key] += 1
