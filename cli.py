@@ -716,8 +716,8 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
             except asyncio.TimeoutError:
                 return await client.instance(instance_id), await client.history(instance_id), True
 
-        if workers <= 0:
-            return await wait()
+        if workers <= 0 or (not created and (await client.instance(instance_id)).finished):
+            return await wait()  # (an instance that exists and has finished needs no workers)
         registry = Registry(store, options.keys, allow=handlers.Allowlist(graph_.modules()),
                             search_path=(str(Path(graph_.file).resolve().parent),))
         registry.add(graph_)

@@ -49,6 +49,7 @@ from .queue import CandidateQueue
 from .slots import Slots
 
 log = logging.getLogger("dsm.worker")
+STOP_WAIT = 5.0  # seconds a stopping worker waits for its parts' tasks to end
 
 UNSERVABLE_KEPT = 100_000  # instances remembered as unservable here, so their claims given back are not retaken
 
@@ -197,9 +198,13 @@ class Worker:
                 job.attempt.abandon("worker is shutting down")
             if job.task is not None:
                 job.task.cancel()
+        await self.feed.close()  # a gRPC read may not pass a cancellation on: its stream is closed first
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_WAIT)
+        if stuck:  # never let one part hold up the end of the worker (and the revoke of its lease)
+            log.warning("worker %s: %s did not stop within %.0fs; going on", self.id,
+                        ", ".join(sorted(t.get_name() for t in stuck)), STOP_WAIT)
         self.gate.close()
         await self.lease.revoke()
         self.executor.close()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from ..errors import Compacted, StoreUnavailable
 from ..keys import Keys, WorkInfo
 from ..records import PARKED
-from ..store import DELETE, Event, Store, prefix_end
+from ..store import DELETE, Event, Store, Watch, prefix_end
 from .queue import CandidateQueue
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class WorkFeed:
         self.cursor: str | None = None  # where paging stopped because the queue was full
         self.rescan = False  # work was dropped for lack of room: page through everything again
         self.changed = asyncio.Event()  # set when candidates were added
+        self._watch: Watch | None = None  # the watch being read, so that closing can end it
 
     @property
     def behind(self) -> bool:
@@ -62,8 +63,8 @@ class WorkFeed:
         delay = 0.2
         while True:
             try:
-                watch = await self.store.watch(self.keys.work_prefix, prefix_end(self.keys.work_prefix),
-                                               start_revision=revision + 1)
+                watch = self._watch = await self.store.watch(self.keys.work_prefix, prefix_end(self.keys.work_prefix),
+                                                             start_revision=revision + 1)
                 delay = 0.2
                 async for batch in watch:
                     if batch.events:
@@ -78,6 +79,13 @@ class WorkFeed:
                             revision + 1)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def close(self) -> None:
+        """End the watch: its stream is closed, so a task reading it returns instead of waiting on
+        a cancellation that the gRPC read may not pass on."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            await watch.cancel()
 
     async def resync(self) -> int:
         """Rebuild the queue from the store; return the revision it reflects."""
