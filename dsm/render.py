@@ -200,7 +200,7 @@ def dot(graph: Graph) -> str:
             colour = ', color="#cc0000", fontcolor="#990000"' if st.status == "failed" else ""
             lines.append(f"    {node(_state(name))} [shape=doublecircle{colour}];")
         elif st.waits:
-            label = q(f"{name}\n{waits(st)}")
+            label = q(name)[:-1] + "\\n" + q(waits(st))[1:]  # a DOT line break between the two
             lines.append(f"    {node(_state(name))} [label={label}, {_DOT_STYLES[st.waits]}];")
     bar = 'shape=box, style=filled, fillcolor=black, label="", height=0.06, width=1.6'
     for n in pseudo_nodes(graph):

@@ -494,3 +494,68 @@ def test_the_audit_accepts_map_histories_and_catches_an_item_that_arrives_twice(
     twice = next(h for h in full_history if h.branch == ("fan[3]",))
     doubled = [*full_history, replace(twice, seq=len(full_history) + 1)]
     assert any("fan[3]" in p for p in audit(graph, replace(full, transitions=len(doubled)), doubled))
+
+
+NESTED = """
+machine: nested
+start: split
+states:
+  split:
+    fork: [left, right]
+    join: end
+  left:
+    map: {items: "payload.xs", branch: inner, collect: doubled}
+    join: left_done
+  inner:
+    fork: [a, b]
+    join: inner_done
+  a:
+    next: inner_done
+  b:
+    next: inner_done
+  inner_done:
+    next: left_done
+  left_done:
+    next: end
+  right:
+    next: end
+  end:
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_maps_and_forks_nest(store_factory, write, namespace):
+    from dsm.audit import audit
+
+    graph = compiler.load(write("nested.yaml", NESTED))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"xs": [1, 2, 3]})
+        done = await c.client.wait(iid, timeout=60)
+        return done, await c.client.history(iid)
+
+    done, history = scenario(store_factory, namespace, graph, body)
+    assert done.status == SUCCEEDED, done.error
+    assert [r["item"] for r in done.payload["doubled"]] == [1, 2, 3]
+    assert {h.branch for h in history if h.state == "a"} == {("left", f"left[{i}]", "a") for i in range(3)}
+    assert audit(graph, done, history) == []
+
+
+def test_the_drawing_shows_each_waiting_construct_distinctly(write):
+    from dsm import render
+
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    parent = compiler.load(write("parent.yaml", PARENT))
+    approve = compiler.load(write("approve.yaml", APPROVAL))
+    timer = compiler.load(write("timer.yaml", TIMER))
+    mapper = compiler.load(write("mapper.yaml", MAP, mapmod=MAP_PY), import_handlers=False)
+    assert "decide : signal decision" in render.mermaid(approve)
+    assert "again : signal decision (timeout 300ms)" in render.mermaid(approve)
+    assert '"again" [label="again\\nsignal decision (timeout 300ms)", shape=cds' in render.dot(approve)
+    assert "nap : wait 400ms" in render.mermaid(timer) and "style=\"rounded,dashed\"" in render.dot(timer)
+    assert "sub : call child.yaml" in render.mermaid(parent) and "peripheries=2" in render.dot(parent)
+    dot = render.dot(mapper)
+    assert '"fan__fork" -> "work" [label="each of payload.xs, 3 at a time", style=dashed];' in dot
+    assert "fan__fork --> work: each of payload.xs, 3 at a time" in render.mermaid(mapper)
