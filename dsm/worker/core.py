@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .. import payloads
+from .. import logs, payloads
 from ..batching import Batcher
 from ..definitions import Registry
 from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
@@ -290,7 +290,8 @@ class Worker:
                         await self.lease.verify()
                         self.queue.add(ref, first=True)
                     else:
-                        log.error("worker %s: claim of %s/%s failed: %s", self.id, ref[0], ref[1], result)
+                        log.error("worker %s: claim of token %s failed: %s", self.id, ref[1], result,
+                                  extra=self._about(ref[0]))
                     continue
                 if not result.succeeded:
                     continue
@@ -340,8 +341,8 @@ class Worker:
         try:
             await self.store.txn([Compare.create(claim, "==", claim_rev)], [Delete(claim)])
         except StoreError as exc:
-            log.warning("worker %s: could not release %s/%s (%s); it frees when the lease ends", self.id,
-                        ref[0], ref[1], exc)
+            log.warning("worker %s: could not release token %s (%s); it frees when the lease ends", self.id,
+                        ref[1], exc, extra=self._about(*ref))
 
     async def _audit(self) -> None:
         """Every claim under our lease has a job here, or is given back.
@@ -367,7 +368,8 @@ class Worker:
                 continue
             for ref, rev in held.items():
                 if suspects.get(ref) == rev and not self._busy(ref):
-                    log.warning("worker %s: claim on %s/%s has no job here; giving it back", self.id, *ref)
+                    log.warning("worker %s: claim on token %s has no job here; giving it back", self.id, ref[1],
+                                extra=self._about(ref[0]))
                     self.stats.given_back += 1
                     await self._release(ref, rev)
             suspects = held
@@ -384,6 +386,18 @@ class Worker:
         result = await self.store.txn([], [Get(self.keys.claim(*ref)) for ref in refs[:MAX_TXN_OPS]])
         claims = (got.first for got in result.gets())
         return {ref: kv.create_revision for ref, kv in zip(refs, claims) if kv is not None and kv.lease == lease}
+
+    def _about(self, iid: str, tok: str | None = None) -> dict[str, Any]:
+        """The `extra=` of a log line about instance `iid` (`dsm.logs`), with what this worker knows of
+        it: its machine, if its record is cached, and the state and attempt of its token `tok`."""
+        machine = state = attempt = None
+        if iid in self.records:
+            inst = self.records.get(iid)[0]
+            machine = inst.machine
+            token = inst.tokens.get(tok) if tok is not None else None
+            if token is not None:
+                state, attempt = token.state, token.attempt
+        return logs.about(iid, machine, state, attempt, self.id)
 
     def _busy(self, ref: TokenRef) -> bool:
         return (ref in self._jobs or ref in self._claiming or ref[0] in self._committing
@@ -424,8 +438,8 @@ class Worker:
         except asyncio.CancelledError:
             pass  # shutting down: the lease's revocation frees the claim
         except Exception:
-            log.exception("worker %s: internal error on instance %s token %s; giving its claim back", self.id,
-                          iid, tok)
+            log.exception("worker %s: internal error on token %s; giving its claim back", self.id, tok,
+                          extra=self._about(iid, tok))
             await self._release(job.ref, job.claim_rev)
         finally:
             self._jobs.pop(job.ref, None)
@@ -447,7 +461,8 @@ class Worker:
                 graph = await self.registry.get(inst.digest)
             except NotFound as exc:
                 # Said once per definition, by the registry; here, for each instance, only in debug.
-                log.debug("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                log.debug("worker %s: %s; leaving it to other workers", self.id, exc,
+                          extra=logs.about(iid, inst.machine, token.state, token.attempt, self.id))
                 self._unservable[iid] = inst.digest
                 while len(self._unservable) > UNSERVABLE_KEPT:
                     del self._unservable[next(iter(self._unservable))]
@@ -470,7 +485,7 @@ class Worker:
         call = TickCall(handler=handler, payload=payloads.copy(inst.payload_of(token)), instance_id=inst.id,
                         machine=inst.machine, state=state.name, attempt=token.attempt, branch=token.branch,
                         visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
-                        payload_limit=self.payload_limit)
+                        payload_limit=self.payload_limit, worker=self.id)
         self.stats.ticks += 1
         started_at, started = self.wall(), self.clock()
         job.attempt = self.executor.start(call)
@@ -512,7 +527,8 @@ class Worker:
                 try:
                     await self._commit_batch(iid, graph, batch)
                 except Exception:
-                    log.exception("worker %s: internal error committing instance %s", self.id, iid)
+                    log.exception("worker %s: internal error committing", self.id,
+                                  extra=_about_batch(iid, graph, batch, self.id))
                     for p in batch:
                         if not p.future.done():
                             await self._release(p.job.ref, p.job.claim_rev)
@@ -557,12 +573,14 @@ class Worker:
             except (StoreUnavailable, asyncio.TimeoutError, LeaseLost) as exc:
                 if isinstance(exc, LeaseLost):
                     await self.lease.verify()
-                log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
+                log.warning("worker %s: commit in doubt (%s); re-reading", self.id, exc,
+                            extra=_about_batch(iid, graph, batch, self.id))
                 batch = await self._settle_doubt(iid, batch, plan, now)
                 continue
             except TxnRejected as exc:
                 rejected += 1
-                log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
+                log.error("worker %s: the store refused the commit: %s", self.id, exc,
+                          extra=_about_batch(iid, graph, batch, self.id))
                 if rejected > 1:
                     for p in batch:
                         await self._release(p.job.ref, p.job.claim_rev)
@@ -584,8 +602,9 @@ class Worker:
                     still.append(p)
                 else:
                     self.stats.lost += 1
-                    log.info("worker %s: claim on %s/%s lost before commit; another worker takes over",
-                             self.id, iid, p.job.ref[1])
+                    log.info("worker %s: claim on token %s lost before commit; another worker takes over",
+                             self.id, p.job.ref[1],
+                             extra=logs.about(iid, graph.machine, p.token.state, p.token.attempt, self.id))
                     _settle(p.future, False)
             if record_kv is None:
                 return
@@ -632,18 +651,20 @@ class Worker:
         self.stats.transitions += len(plan.history)
         if log.isEnabledFor(logging.DEBUG):
             for entry in plan.history:
-                log.debug("instance %s: %s -> %s (branch %s)", inst.id, entry.state, ",".join(entry.next),
-                          "/".join(entry.branch) or "-")
+                log.debug("%s -> %s (branch %s)", entry.state, ",".join(entry.next), "/".join(entry.branch) or "-",
+                          extra=logs.about(inst.id, inst.machine, entry.state, entry.attempt, self.id))
         if inst.finished:
-            log.info("instance %s %s%s", inst.id, inst.status,
-                     f" at {inst.state}" if inst.state else f": {inst.error.type}: {inst.error.message}"
-                     if inst.error else "")
+            last = plan.history[-1] if plan.history else None
+            log.info("%s%s", inst.status, f" at {inst.state}" if inst.state else
+                     f": {inst.error.type}: {inst.error.message}" if inst.error else "",
+                     extra=logs.about(inst.id, inst.machine, inst.state or (inst.error.state if inst.error else None),
+                                      last.attempt if last is not None else None, self.id))
             if inst.status != SUCCEEDED and any(t.child for t in plan.before.tokens.values()):
                 from ..client import Client
 
                 _background(Client(self.store, self.keys).cancel_children(
                     plan.before, reason=f"its parent {inst.id} {inst.status}", by=f"worker {self.id}"),
-                    f"cancelling the children of instance {inst.id}")
+                    "cancelling the children", logs.about(inst.id, inst.machine, worker=self.id))
         if self.on_commit is not None:
             self.on_commit(Step(inst, plan.removed, plan.changed, plan.history))
         kept = {t.id for t in plan.keep}
@@ -691,16 +712,23 @@ class Worker:
         return retry
 
 
+def _about_batch(iid: str, graph: Graph, batch: list[_Pending], worker: str) -> dict[str, Any]:
+    """The `extra=` of a log line about a commit: the states of its outcomes, and the attempt of a lone one."""
+    states = ",".join(dict.fromkeys(p.token.state for p in batch)) or None
+    return logs.about(iid, graph.machine, states, batch[0].token.attempt if len(batch) == 1 else None, worker)
+
+
 _BACKGROUND: set[asyncio.Task] = set()
 
 
-def _background(work: Coroutine[Any, Any, None], what: str) -> None:
-    """Run `work` on its own; its failure is logged, never raised into the caller."""
+def _background(work: Coroutine[Any, Any, None], what: str, about: dict[str, Any] | None = None) -> None:
+    """Run `work` on its own; its failure is logged (`about`: the instance it is about, `dsm.logs`),
+    never raised into the caller."""
     async def run() -> None:
         try:
             await work
         except Exception as exc:  # best effort: a child left running is cancelled by an operator
-            log.warning("%s failed: %s", what, exc)
+            log.warning("%s failed: %s", what, exc, extra=about)
 
     task = asyncio.get_running_loop().create_task(run())
     _BACKGROUND.add(task)
