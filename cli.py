@@ -8,6 +8,7 @@ log records (`err`). With -q, stderr stays empty unless the command fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -845,6 +846,14 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                "--compaction-retention", metavar="DURATION",
                help="etcd revision history kept when this worker does housekeeping (0: dsm does not "
                     "compact).")] = "5m",
+           metrics_port: Annotated[int | None, typer.Option(
+               "--metrics-port", envvar="DSM_METRICS_PORT", min=0, max=65535, metavar="PORT", show_default=False,
+               help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; the address is said "
+                    "on stderr). (DSM_METRICS_PORT)")] = None,
+           metrics_host: Annotated[str, typer.Option(
+               "--metrics-host", envvar="DSM_METRICS_HOST", metavar="HOST",
+               help="Address the metrics are served on; 0.0.0.0: every interface, as in a container. "
+                    "(DSM_METRICS_HOST)")] = "127.0.0.1",
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT.
 
@@ -903,11 +912,21 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
                                stop=stop, executor=executor, dead_after=silence, worker_id=worker_id,
                                housekeeping=HousekeepingOptions(compaction_retention=keep_history or 0.0)) as w:
-                where = "processes" if isolation == "process" else "threads"
-                info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
-                           f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
-                           markup=False)
-                await stop.wait()
+                with contextlib.ExitStack() as serving:
+                    where = "processes" if isolation == "process" else "threads"
+                    if metrics_port is not None:
+                        from dsm import metrics
+
+                        try:
+                            server = serving.enter_context(metrics.serving(w, metrics_host, metrics_port))
+                        except OSError as exc:
+                            where = f"{metrics_host}:{metrics_port}: {exc.strerror or exc}"
+                            raise Fail(ExitCode.INVALID, f"--metrics-port: cannot serve metrics on {where}") from None
+                        where += f", metrics on {server.url}"
+                    info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
+                               f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
+                               markup=False)
+                    await stop.wait()
             info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
     _run_async(go)

@@ -41,6 +41,7 @@ from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper, keys_under, release
+from .meter import Meter
 from .nospace import WriteGate
 from .peers import Peers
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
@@ -125,6 +126,7 @@ class Worker:
         self.clock = clock
         self.on_commit = on_commit
         self.stats = WorkerStats()
+        self.meter = Meter()  # by machine, for `dsm.metrics`
         self.slots: Slots[TokenRef] = Slots(concurrency, concurrency if prefetch is None else prefetch)
         self.lease = LeaseKeeper(store, lease_ttl, name=self.id, on_lost=self._lose_all,
                                  release=functools.partial(release, store, self.keys))
@@ -299,7 +301,7 @@ class Worker:
                 if record is None or work is None:
                     await self._release(ref, result.revision)
                     continue
-                self.records.remember(record)
+                self.meter.claims[self.records.remember(record).machine] += 1
                 self.stats.claimed += 1
                 self._start(ref, result.revision)
                 started += 1
@@ -488,8 +490,14 @@ class Worker:
                         payload_limit=self.payload_limit, worker=self.id)
         self.stats.ticks += 1
         started_at, started = self.wall(), self.clock()
-        job.attempt = self.executor.start(call)
-        outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
+        self.meter.tick_started(inst.machine)
+        failed: str | None = "AttemptAbandoned"  # unless it ends (shutting down cancels the wait)
+        try:
+            job.attempt = self.executor.start(call)
+            outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
+            failed = outcome.failure.type if outcome.failure is not None else None
+        finally:
+            self.meter.tick_ended(inst.machine, failed, self.clock() - started)
         if report_failure(log, call, outcome):
             self.stats.failures += 1
         return outcome
@@ -564,6 +572,7 @@ class Worker:
             claims = {p.job.ref[1]: p.job.claim_rev for p in batch}
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now,
                              fences=fences)
+            sent = self.clock()
             try:
                 result = await self._commits.submit(txn)
             except NoSpace as exc:  # refused, not applied: the claims hold while it waits for room
@@ -588,6 +597,7 @@ class Worker:
                 failure = Failure("StoreRejected", f"the store refused the commit: {exc}", retryable=False)
                 batch = [_Pending(p.job, p.token, Outcome(failure=failure), p.future) for p in batch]
                 continue
+            self.meter.commit_answered(graph.machine, self.clock() - sent, result.succeeded)
             if result.succeeded:
                 self._committed(plan, result.revision, batch)
                 return
@@ -602,6 +612,7 @@ class Worker:
                     still.append(p)
                 else:
                     self.stats.lost += 1
+                    self.meter.lost[graph.machine] += 1
                     log.info("worker %s: claim on token %s lost before commit; another worker takes over",
                              self.id, p.job.ref[1],
                              extra=logs.about(iid, graph.machine, p.token.state, p.token.attempt, self.id))
@@ -649,6 +660,8 @@ class Worker:
         self.records.put(inst, revision)
         self.stats.committed += 1
         self.stats.transitions += len(plan.history)
+        first = plan.before.transitions == 0 and any(p.token.attempt == 1 for p in batch)  # its first commit
+        self.meter.committed(inst.machine, len(plan.history), first, inst.status if inst.finished else None)
         if log.isEnabledFor(logging.DEBUG):
             for entry in plan.history:
                 log.debug("%s -> %s (branch %s)", entry.state, ",".join(entry.next), "/".join(entry.branch) or "-",
