@@ -229,3 +229,20 @@ def test_histogram_buckets_count_each_observation_once_at_its_upper_bound():
     assert h.counts[0] == 1 and h.counts[1] == 2 and h.counts[-1] == 1  # le is inclusive
     assert sum(h.counts) == 4 and h.sum == pytest.approx(1000.0021)
 
+
+
+@pytest.mark.etcd
+def test_the_etcd_store_counts_the_errors_etcd_answers(etcd):
+    from dsm.store import Put, TxnRejected
+    from dsm.store.etcd import EtcdOptions, EtcdStore
+
+    async def main() -> dict[str, int]:
+        store = await EtcdStore.connect(EtcdOptions.build(etcd.endpoint))
+        try:
+            with pytest.raises(TxnRejected):  # etcd takes at most 128 operations in a transaction
+                await store.txn([], [Put(f"/errors-test/{i}", b"x") for i in range(200)])
+            return dict(store.errors)
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == {"TxnRejected": 1}
