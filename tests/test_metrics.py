@@ -218,7 +218,8 @@ def test_the_server_binds_loopback_by_default_and_any_free_port():
         assert server.url == f"http://127.0.0.1:{server.port}/metrics"
         samples = scrape(server.url)
     assert value(samples, "dsm_queue_depth") == 0
-    with socket.socket() as probe:  # closed with the block: the port is free again
+    with socket.socket() as probe:  # closed with the block: nothing listens there any more
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: past TIME_WAIT
         probe.bind(("127.0.0.1", server.port))
 
 
