@@ -446,8 +446,8 @@ class ProcessExecutor:
             return
         child = attempt.child
         if child is not None:
-            log.debug("killing handler process %d: the attempt outlived its timeout", child.pid,
-                      extra=_about(attempt.call))
+            log.debug("killing handler process %d: state %r attempt %d outlived its timeout", child.pid,
+                      attempt.call.state, attempt.call.attempt, extra=_about(attempt.call))
             child.attempt = None
             self._detach(child)
             child.proc.kill()
