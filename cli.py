@@ -8,6 +8,7 @@ log records (`err`). With -q, stderr stays empty unless the command fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
-from dsm import compiler, handlers, loader, payloads, records, render, schema
+from dsm import compiler, handlers, loader, logs, payloads, records, render, schema
 from dsm.durations import parse_duration
 from dsm.errors import DefinitionError, DsmError, InputError, NoSpace, NotFound, StoreUnavailable
 from dsm.graph import Graph
@@ -107,18 +109,48 @@ def _emit(text: str) -> None:
 
 
 class _StderrConsole(Console):
-    """stderr for people: a closed pipe drops the rest instead of ending the process (rich's default)."""
+    """stderr for people: a closed pipe drops the rest instead of ending the process (rich's default).
 
-    def __init__(self) -> None:
+    With `--log-format json` (`json_lines`), stderr is for machines: each line printed becomes a
+    JSON log line (`dsm.logs`) at this console's level, or WARNING for `dsm: warning: ...`; `fields`
+    name the instance a line is about. No spinners or progress bars then.
+    """
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+        self.json_lines = False
         super().__init__(stderr=True, highlight=False, soft_wrap=True)
+
+    @property
+    def is_terminal(self) -> bool:
+        return not self.json_lines and bool(Console.is_terminal.fget(self))  # type: ignore[attr-defined]
+
+    def print(self, *objects: Any, fields: dict[str, Any] | None = None,
+              level: str | None = None, **options: Any) -> None:
+        if not self.json_lines:
+            super().print(*objects, **options)
+            return
+        if self.quiet:
+            return
+        markup = options.get("markup") is not False
+        text = " ".join(Text.from_markup(o).plain if markup and isinstance(o, str) else str(o) for o in objects)
+        level = level or self.level
+        text = text.strip().removeprefix("dsm: ")
+        for prefix, named in (("warning: ", "WARNING"), ("note: ", "INFO")):
+            if text.startswith(prefix):
+                text, level = text.removeprefix(prefix), named
+        try:
+            self.file.write(logs.line(level, "dsm.cli", text, fields) + "\n")
+        except BrokenPipeError:
+            self.on_broken_pipe()
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
         _drop(sys.stderr)
 
 
-err = _StderrConsole()  # errors and logs
-info = _StderrConsole()  # progress and notes: silenced by -q
+err = _StderrConsole("ERROR")  # errors and logs
+info = _StderrConsole("INFO")  # progress and notes: silenced by -q
 
 
 class Fail(Exception):
@@ -131,10 +163,11 @@ class Fail(Exception):
 
 @dataclass(slots=True)
 class _Verbosity:
-    """-v / -q as given so far: before the command, after it, or both."""
+    """-v / -q / --log-format as given so far: before the command, after it, or both."""
 
     verbose: bool = False
     quiet: bool = False
+    log_format: str = "text"
 
 
 _verbosity = _Verbosity()
@@ -142,6 +175,10 @@ _verbosity = _Verbosity()
 # Options as types, declared once. Flags get an empty metavar: recent typer shows `<bool>` otherwise.
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Log details and tracebacks to stderr.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Only errors on stderr (none on success).")]
+_LOG_FORMAT_HELP = ("Log lines on stderr as 'text' or 'json' (one object per line, with instance, machine, state, "
+                    "attempt and worker on lines about an instance).")
+LogFormatOpt = Annotated[str | None, typer.Option("--log-format", metavar="text|json", show_default="text",
+                                                  help=_LOG_FORMAT_HELP)]
 Definition = Annotated[Path, typer.Argument(metavar="PATH", help="Definition file.", show_default=False)]
 PayloadOpt = Annotated[str | None, typer.Option("--payload", metavar="JSON", help="Initial payload, a JSON object.")]
 PayloadFileOpt = Annotated[Path | None, typer.Option("--payload-file", metavar="FILE",
@@ -173,44 +210,40 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _root(verbose: Verbose = False, quiet: Quiet = False,
+          log_format: Annotated[str | None, typer.Option(
+              "--log-format", envvar="DSM_LOG_FORMAT", metavar="text|json", show_default="text",
+              help=_LOG_FORMAT_HELP + " Also after the command's name. (DSM_LOG_FORMAT)")] = None,
           version: Annotated[bool, typer.Option("--version", metavar="", is_eager=True, callback=_show_version,
                                                 help="Print dsm's version and exit.")] = False) -> None:
-    _set_verbosity(verbose, quiet)  # --version is handled by its eager callback
+    _set_verbosity(verbose, quiet, log_format)  # --version is handled by its eager callback
 
 
-class _LogFormatter(logging.Formatter):
-    """Log lines that name the instance, state and attempt they are about: handlers log through
-    `ctx.logger`, whose records carry them as extras (dsm.context)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        instance, state = getattr(record, "instance", None), getattr(record, "state", None)
-        attempt = getattr(record, "attempt", None)
-        context = f"instance {instance}" if instance else ""
-        context += f" state {state}" if state else ""
-        context += f" attempt {attempt}" if attempt else ""
-        record.context = f"{context.strip()}: " if context else ""
-        return super().format(record)
-
-
-def _set_verbosity(verbose: bool, quiet: bool) -> None:
-    """Apply -v / -q wherever they were given (`dsm -v run x.yaml` or `dsm run x.yaml -v`)."""
+def _set_verbosity(verbose: bool, quiet: bool, log_format: str | None = None) -> None:
+    """Apply -v / -q / --log-format wherever they were given (`dsm -v run x.yaml` or `dsm run x.yaml -v`;
+    a --log-format after the command wins over one before it, or DSM_LOG_FORMAT)."""
     _verbosity.verbose |= verbose
     _verbosity.quiet |= quiet
+    if log_format is not None:
+        if log_format not in logs.FORMATS:
+            raise Fail(ExitCode.INVALID, f"--log-format must be 'text' or 'json', not {log_format!r}")
+        _verbosity.log_format = log_format
     verbose, quiet = _verbosity.verbose, _verbosity.quiet
     if verbose and quiet:
         raise Fail(ExitCode.INVALID, "-v (--verbose) and -q (--quiet) contradict each other: give one of them")
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     info.quiet = quiet
+    logs.current.format = "json" if _verbosity.log_format == "json" else "text"
+    err.json_lines = info.json_lines = logs.current.format == "json"
     handler: logging.Handler
     if err.is_terminal:
         from rich.logging import RichHandler
 
         handler = RichHandler(console=err, show_path=False, show_time=verbose, markup=False,
                               rich_tracebacks=verbose)
-        handler.setFormatter(_LogFormatter("%(context)s%(message)s"))
+        handler.setFormatter(logs.TextFormatter("%(context)s%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_LogFormatter("dsm: %(levelname)s: %(context)s%(message)s"))
+        handler.setFormatter(logs.formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -289,21 +322,31 @@ class _Progress:
     status line of the states still active. With -q, only the end of an instance that did not
     succeed, in one line."""
 
-    def __init__(self) -> None:
+    def __init__(self, machine: str | None = None) -> None:
         self.started = time.monotonic()
+        self.machine = machine
+        self.instance: str | None = None  # once started
         self.live = info.status("starting", spinner="dots") if info.is_terminal and not info.quiet else None
         if self.live is not None:
             self.live.start()
+
+    def note(self, instance_id: str, text: str) -> None:
+        """A note about the instance (the first names it: it is the one this progress follows)."""
+        self.instance = self.instance or instance_id
+        info.print(text, markup=False, fields=logs.about(instance_id, self.machine))
 
     def history(self, entry: records.HistoryEntry) -> None:
         branch = f" [dim]\\[{'/'.join(entry.branch)}][/dim]" if entry.branch else ""
         outcome = f" [cyan]({entry.outcome})[/cyan]" if entry.outcome else ""
         attempt = f" [yellow]attempt {entry.attempt}[/yellow]" if entry.attempt > 1 else ""
         targets = ", ".join(entry.next)
-        info.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}")
+        about = logs.about(self.instance or "?", self.machine, entry.state, entry.attempt, entry.worker)
+        info.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}",
+                   fields=about)
         for failed in entry.failures:  # the attempts of this visit that failed before it
             info.print(f"[dim]      attempt {failed.attempt} failed:[/dim] "
-                       + escape(f"{failed.type}: {failed.message}"))
+                       + escape(f"{failed.type}: {failed.message}"),
+                       fields=logs.about(about["instance"], self.machine, entry.state, failed.attempt, failed.worker))
 
     def update(self, inst: records.Instance) -> None:
         if self.live is not None:
@@ -316,16 +359,18 @@ class _Progress:
         where = f" at {inst.state}" if inst.state else ""
         e = inst.error
         error = f"{e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}" if e else ""
+        about = logs.about(inst.id, inst.machine, inst.state or (e.state if e else None))
         if info.quiet:
             if inst.status != records.SUCCEEDED:
-                err.print(f"instance {inst.id} {inst.status}{where}" + (f": {error}" if error else ""), markup=False)
+                err.print(f"instance {inst.id} {inst.status}{where}" + (f": {error}" if error else ""), markup=False,
+                          fields=about)
             return
         colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(inst.status, "white")
         info.print(f"[{colour}]instance {inst.id} {inst.status}{where}[/{colour}] "
-                   f"({inst.transitions} transitions, {took:.2f}s)")
+                   f"({inst.transitions} transitions, {took:.2f}s)", fields=about)
         if error:
-            info.print("[red]error[/red]: " + escape(error))
-        info.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False)
+            info.print("[red]error[/red]: " + escape(error), fields=about, level="ERROR")
+        info.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False, fields=about)
 
     def stop(self) -> None:
         if self.live is not None:
@@ -456,7 +501,8 @@ def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-_OUTPUT_PARAMETERS = [_keyword("verbose", Verbose, False), _keyword("quiet", Quiet, False)]
+_OUTPUT_PARAMETERS = [_keyword("verbose", Verbose, False), _keyword("quiet", Quiet, False),
+                      _keyword("log_format", LogFormatOpt, None)]
 _ETCD = "etcd connection"  # their own panel in --help
 _ETCD_PARAMETERS = [  # etcd_FIELD for each field of EtcdArgs
     _keyword("etcd_endpoints", Annotated[str | None, typer.Option(
@@ -489,7 +535,7 @@ def _command(name: str | None = None, *, etcd: bool = False) -> Callable[[Callab
 
         @functools.wraps(func)
         def command(**values: Any) -> Any:
-            _set_verbosity(values.pop("verbose"), values.pop("quiet"))
+            _set_verbosity(values.pop("verbose"), values.pop("quiet"), values.pop("log_format"))
             if etcd:
                 given = {p.name.removeprefix("etcd_"): values.pop(p.name) for p in _ETCD_PARAMETERS}
                 values["etcd"] = EtcdArgs(**given)
@@ -628,7 +674,7 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
     if instance_id is not None:
         _given_id(instance_id)
     graph_ = _load(path, no_import=no_import)
-    progress = _Progress()
+    progress = _Progress(graph_.machine)
     started: list[str] = []  # the instance, once it is in the store
     try:
         if etcd.given:
@@ -662,7 +708,9 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
 async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | None,
                         progress: _Progress, instance_id: str | None = None) -> tuple:
     from dsm import embedded
+    from dsm.engine import Engine
 
+    logs.current.worker = Engine.worker_id  # the name the history gives to the worker of an embedded run
     if limit is not None:
         # Once --timeout passes, the instance ends with the process. What the embedded worker logs
         # as it stops (ticks still running, claims released) is then nothing for the user to act on.
@@ -677,12 +725,13 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
                 hinted.add(wait["signal"])
                 err.print(f"instance {inst.id} waits for signal {wait['signal']!r} at state {wait['state']!r}; an "
                           "embedded run takes no signals: run it on etcd ('dsm run --etcd ...', then 'dsm signal'), "
-                          "or test it with 'dsm test' and signals in the test file", markup=False)
+                          "or test it with 'dsm test' and signals in the test file", markup=False,
+                          fields=logs.about(inst.id, inst.machine, wait["state"]))
 
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
                                           on_update=update,
-                                          on_start=lambda iid: info.print(f"instance {iid} started", markup=False),
+                                          on_start=lambda iid: progress.note(iid, f"instance {iid} started"),
                                           instance_id=instance_id)
         return result.instance, result.history, False
     except asyncio.TimeoutError as exc:
@@ -703,10 +752,10 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
         if started is not None:
             started.append(instance_id)
         if created:
-            info.print(f"instance {instance_id} submitted to namespace {options.namespace!r}", markup=False)
+            progress.note(instance_id, f"instance {instance_id} submitted to namespace {options.namespace!r}")
         else:
-            info.print(f"instance {instance_id} exists in namespace {options.namespace!r} with this definition and "
-                       "payload: waiting for it", markup=False)
+            progress.note(instance_id, f"instance {instance_id} exists in namespace {options.namespace!r} with this "
+                          "definition and payload: waiting for it")
 
         async def wait() -> tuple:
             try:
@@ -718,6 +767,9 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
 
         if workers <= 0 or (not created and (await client.instance(instance_id)).finished):
             return await wait()  # (an instance that exists and has finished needs no workers)
+        from dsm.worker import default_worker_id
+
+        logs.current.worker = default_worker_id()  # the local workers' name
         registry = Registry(store, options.keys, allow=handlers.Allowlist(graph_.modules()),
                             search_path=(str(Path(graph_.file).resolve().parent),))
         registry.add(graph_)
@@ -834,6 +886,14 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                "--compaction-retention", metavar="DURATION",
                help="etcd revision history kept when this worker does housekeeping (0: dsm does not "
                     "compact).")] = "5m",
+           metrics_port: Annotated[int | None, typer.Option(
+               "--metrics-port", envvar="DSM_METRICS_PORT", min=0, max=65535, metavar="PORT", show_default=False,
+               help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; the address is said "
+                    "on stderr). (DSM_METRICS_PORT)")] = None,
+           metrics_host: Annotated[str, typer.Option(
+               "--metrics-host", envvar="DSM_METRICS_HOST", metavar="HOST",
+               help="Address the metrics are served on; 0.0.0.0: every interface, as in a container. "
+                    "(DSM_METRICS_HOST)")] = "127.0.0.1",
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT.
 
@@ -863,7 +923,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
 
     async def go() -> None:
         from dsm.definitions import Registry, register
-        from dsm.worker import HousekeepingOptions, running
+        from dsm.worker import HousekeepingOptions, default_worker_id, running
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -876,6 +936,8 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
             loop.add_signal_handler(signum, on_signal, signum)
         if received:
             return
+        worker_id = default_worker_id()
+        logs.current.worker = worker_id  # named on its log lines, and on those of its handler processes
         async with etcd.open() as store:
             registry = Registry(store, options.keys, allow=allowlist, search_path=search + folders)
             for g in graphs:
@@ -888,13 +950,23 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                 executor = ProcessExecutor(concurrency, search_path=search + folders,
                                            preload=[m for g in graphs for m in g.modules()])
             async with running(store, registry, concurrency=concurrency, lease_ttl=float(lease_ttl), grace=grace,
-                               stop=stop, executor=executor, dead_after=silence,
+                               stop=stop, executor=executor, dead_after=silence, worker_id=worker_id,
                                housekeeping=HousekeepingOptions(compaction_retention=keep_history or 0.0)) as w:
-                where = "processes" if isolation == "process" else "threads"
-                info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
-                           f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
-                           markup=False)
-                await stop.wait()
+                with contextlib.ExitStack() as serving:
+                    where = "processes" if isolation == "process" else "threads"
+                    if metrics_port is not None:
+                        from dsm import metrics
+
+                        try:
+                            server = serving.enter_context(metrics.serving(w, metrics_host, metrics_port))
+                        except OSError as exc:
+                            where = f"{metrics_host}:{metrics_port}: {exc.strerror or exc}"
+                            raise Fail(ExitCode.INVALID, f"--metrics-port: cannot serve metrics on {where}") from None
+                        where += f", metrics on {server.url}"
+                    info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
+                               f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
+                               markup=False)
+                    await stop.wait()
             info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
     _run_async(go)
@@ -1003,7 +1075,8 @@ def _follow(instance_id: str, as_json: bool, etcd: EtcdArgs) -> None:
     e = inst.error
     error = f": {e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}" if e else ""
     (info if inst.status == records.SUCCEEDED else err).print(
-        f"instance {inst.id} {inst.status}{where} ({inst.transitions} transitions){error}", markup=False)
+        f"instance {inst.id} {inst.status}{where} ({inst.transitions} transitions){error}", markup=False,
+        fields=logs.about(inst.id, inst.machine, inst.state or (e.state if e else None)))
     raise typer.Exit(_exit_for(inst))
 
 
@@ -1088,9 +1161,10 @@ def cancel(instance_id: InstanceId,
     """Cancel a running instance; the record keeps who (user@host), when and why."""
     inst = etcd.call(lambda client: client.cancel(instance_id, reason=reason))
     if inst.status == records.CANCELLED:
-        info.print(f"instance {inst.id} cancelled", markup=False)
+        info.print(f"instance {inst.id} cancelled", markup=False, fields=logs.about(inst.id, inst.machine))
     else:
-        info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False)
+        info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False,
+                   fields=logs.about(inst.id, inst.machine))
 
 
 SignalName = Annotated[str, typer.Argument(metavar="NAME", show_default=False,
@@ -1126,7 +1200,8 @@ def redrive(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
     """
     inst = etcd.call(lambda client: client.redrive(instance_id))
     info.print(f"instance {inst.id} redriven (redrive {inst.redrives}): continues at {', '.join(inst.active)}; "
-               f"'dsm status {inst.id} --follow' follows it", markup=False)
+               f"'dsm status {inst.id} --follow' follows it", markup=False,
+               fields=logs.about(inst.id, inst.machine, ",".join(inst.active)))
 
 
 @_command(etcd=True)
@@ -1134,7 +1209,7 @@ def delete(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Delete a finished instance now: its record, history and index entries (retention does this
     by itself once the machine's retention has passed). A running instance is refused."""
     inst = etcd.call(lambda client: client.delete(instance_id))
-    info.print(f"instance {inst.id} ({inst.status}) deleted", markup=False)
+    info.print(f"instance {inst.id} ({inst.status}) deleted", markup=False, fields=logs.about(inst.id, inst.machine))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import index, payloads, transition
+from . import index, logs, payloads, transition
 from .definitions import register
 from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
@@ -286,7 +286,7 @@ class Client:
             except Compacted:
                 continue  # re-read the record and watch from its revision
             except StoreUnavailable as exc:
-                log.warning("waiting for %s: %s; retrying", instance_id, exc)
+                log.warning("waiting for it: %s; retrying", exc, extra=logs.about(instance_id))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

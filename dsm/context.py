@@ -33,14 +33,18 @@ class Context:
     _reason: list[str] = field(default_factory=list, repr=False)  # set once: why the attempt was abandoned
     _beats: list[float] = field(default_factory=list, repr=False)
     _logger: list[logging.LoggerAdapter] = field(default_factory=list, repr=False, compare=False)
+    _worker: str | None = field(default=None, repr=False, compare=False)  # for the logger's lines
 
     @property
     def logger(self) -> logging.LoggerAdapter:
-        """`dsm.handler`, its records carrying instance, machine, state and attempt (made on first use:
-        most attempts never log, and a quick tick should not pay for it)."""
+        """`dsm.handler`, its records carrying instance, machine, state, attempt and the worker when
+        known (`dsm.logs`; made on first use: most attempts never log, and a quick tick should not
+        pay for it)."""
         if not self._logger:
-            extra = {"instance": self.instance_id, "machine": self.machine, "state": self.state,
-                     "attempt": self.attempt}
+            extra: dict[str, object] = {"instance": self.instance_id, "machine": self.machine, "state": self.state,
+                                        "attempt": self.attempt}
+            if self._worker is not None:
+                extra["worker"] = self._worker
             self._logger.append(logging.LoggerAdapter(handler_log, extra))
         return self._logger[0]
 
@@ -67,6 +71,6 @@ class Context:
 
 
 def make_context(*, instance_id: str, machine: str, state: str, attempt: int, branch: tuple[str, ...],
-                 visit: int, deadline: float | None) -> Context:
+                 visit: int, deadline: float | None, worker: str | None = None) -> Context:
     return Context(instance_id=instance_id, machine=machine, state=state, attempt=attempt, branch=branch,
-                   idempotency_key=f"{instance_id}/{visit}", deadline=deadline)
+                   idempotency_key=f"{instance_id}/{visit}", deadline=deadline, _worker=worker)

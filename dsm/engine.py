@@ -224,7 +224,7 @@ class _Run:
                         instance_id=self.inst.id, machine=self.inst.machine, state=state.name,
                         attempt=token.attempt, branch=token.branch, visit=token.visit, timeout=timeout,
                         deadline=self.engine.wall() + timeout if timeout else None,
-                        payload_limit=self.engine.payload_limit)
+                        payload_limit=self.engine.payload_limit, worker=self.engine.worker_id)
 
     def call(self, token: Token, state: State) -> Outcome:
         """A sync tick without a timeout, run here and now (the hot path of a long machine)."""
@@ -234,7 +234,7 @@ class _Run:
         inst = self.inst
         payload = payloads.copy(inst.payload_of(token))
         ctx = make_context(instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
-                           branch=token.branch, visit=token.visit, deadline=None)
+                           branch=token.branch, visit=token.visit, deadline=None, worker=self.engine.worker_id)
         started_at, started = self.engine.wall(), time.perf_counter()
         try:
             result = func(payload, ctx)

@@ -9,14 +9,16 @@ import signal
 import pytest
 import yaml
 from clitools import ROOT, dsm, spawn
+from metricstools import scrape, wait_for
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
-def test_services_are_etcd_work_and_client():
-    assert set(SERVICES) == {"etcd", "work", "client"}
+def test_services_are_etcd_work_client_and_an_optional_prometheus():
+    assert set(SERVICES) == {"etcd", "work", "client", "prometheus"}
+    assert SERVICES["prometheus"]["profiles"] == ["metrics"]  # not started by a plain `docker compose up`
 
 
 def test_every_scale_command_shown_names_a_service():
@@ -41,11 +43,17 @@ def test_etcd_healthcheck_is_exec_form():
     assert "health" in test
 
 
+def _host_port(spec: str) -> str:
+    """The host port of a short-syntax port ("8080", "127.0.0.1::8080", "8080:8080", "ip:8080:8080")."""
+    parts = str(spec).split(":")
+    return "" if len(parts) == 1 else parts[-2]
+
+
 def test_no_container_names_and_no_fixed_host_ports():
     for name, service in SERVICES.items():
         assert "container_name" not in service, name
         for port in service.get("ports", []):
-            assert ":" not in str(port), f"{name} publishes a fixed host port: {port}"
+            assert _host_port(port) == "", f"{name} publishes a fixed host port: {port}"
 
 
 def test_worker_scales_and_waits_for_a_healthy_etcd():
@@ -63,6 +71,29 @@ def test_client_runs_an_example_against_the_workers():
     assert client["command"][:2] == ["dsm", "run"] and "--workers" in client["command"]
     assert client["command"][client["command"].index("--workers") + 1] == "0"
     assert client["environment"]["DSM_ETCD"] == "http://etcd:2379"
+
+
+def test_workers_serve_every_example_machine():
+    served = {arg for arg in SERVICES["work"]["command"] if str(arg).endswith(".yaml")}
+    assert served == {f"definitions/{p.name}" for p in (ROOT / "definitions").glob("*.yaml")
+                      if not p.name.endswith(".test.yaml")}
+
+
+def test_workers_expose_metrics_on_the_compose_network_and_prometheus_scrapes_them():
+    worker = SERVICES["work"]
+    env = worker["environment"]
+    port = int(env["DSM_METRICS_PORT"])
+    assert env["DSM_METRICS_HOST"] == "0.0.0.0"  # inside the container: reachable from the compose network
+    assert [int(p) for p in worker["expose"]] == [port]
+    prometheus = SERVICES["prometheus"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
+    config_file = ROOT / mounted["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load(config_file.read_text())
+    job, = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    discovery, = job["dns_sd_configs"]
+    assert discovery["names"] == ["work"] and discovery["type"] == "A" and discovery["port"] == port
+    assert prometheus["ports"] == ["127.0.0.1::9090"]  # its web UI, on a free port of the host's loopback only
 
 
 def test_every_definition_the_compose_file_names_exists_and_validates():
@@ -83,23 +114,35 @@ def test_dockerfile_installs_the_project_and_ships_the_definitions():
 
 @pytest.mark.etcd
 def test_the_compose_topology_without_docker(etcd, namespace):
-    """etcd + three workers + the client, as separate processes, running the compose file's own commands."""
+    """etcd + three workers + the client, as separate processes, running the compose file's own
+    commands with its environment; the metrics on a free loopback port each instead of the
+    container's port 9464, and each worker's scrape counts what it did."""
     env = {"DSM_ETCD": etcd.endpoint, "DSM_NAMESPACE": namespace}
-    workers = [spawn(*SERVICES["work"]["command"][1:], **env) for _ in range(3)]
+    worker_env = {**SERVICES["work"]["environment"], **env, "DSM_METRICS_HOST": "127.0.0.1", "DSM_METRICS_PORT": "0"}
+    workers = [spawn(*SERVICES["work"]["command"][1:], **worker_env) for _ in range(3)]
+    urls = []
     try:
         client = dsm(*SERVICES["client"]["command"][1:], timeout=90, **env)
         for w in workers:  # a process signalled before Python set up its handlers would just die
-            assert "serving namespace" in w.stderr.readline()
+            first = json.loads(w.stderr.readline())  # DSM_LOG_FORMAT=json: one object per line
+            assert "serving namespace" in first["message"] and first["worker"].endswith(f":{w.pid}")
+            urls.append(re.search(r"metrics on (http://\S+/metrics)", first["message"]).group(1))
+        assert client.returncode == 0, client.stderr
+        record = json.loads(client.stdout)
+        # each worker counts a commit once etcd has answered it, maybe just after the client saw it
+        counted = wait_for(lambda: sum(scrape(url).get(("dsm_transitions_total", (("machine", "order"),)), 0)
+                                       for url in urls) == record["transitions"], timeout=10)
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
         errors = [w.communicate(timeout=60)[1] for w in workers]
-    assert client.returncode == 0, client.stderr
-    record = json.loads(client.stdout)
     assert record["status"] == "succeeded" and record["state"] == "done"
     worker_pids = {str(w.pid) for w in workers}
     assert {h["worker"].rpartition(":")[2] for h in record["history"]} <= worker_pids  # the client ran nothing
     assert [w.returncode for w in workers] == [0, 0, 0], errors  # SIGTERM is a graceful stop
+    assert counted, "the workers' dsm_transitions_total do not add up to the instance's transitions"
+    for text in errors:
+        assert all(json.loads(line) for line in text.splitlines())
 
 
 def test_etcd_runs_with_a_quota_and_auto_compaction():

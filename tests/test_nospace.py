@@ -11,8 +11,10 @@ import time
 
 import pytest
 from clitools import dsm, dsm_command, dsm_env
+from metricstools import parse, value
+from prometheus_client import generate_latest
 
-from dsm import compiler, handlers
+from dsm import compiler, handlers, metrics
 from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import NoSpace
@@ -80,18 +82,24 @@ def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
                 await asyncio.sleep(0.01)
             await asyncio.sleep(1.5)  # fifteen probes of the alarm: a worker that retried would refuse hundreds
             refused, paused = store.refused, [await client.instance(i) for i in ids]
+            during = parse(generate_latest(metrics.registry(worker)).decode())
             memory.disarm("NOSPACE")
             done = await asyncio.gather(*(client.wait(i, timeout=30) for i in ids))
-        return refused, paused, done, worker.gate.pauses
+            after = parse(generate_latest(metrics.registry(worker)).decode())
+        return refused, paused, done, worker.gate.pauses, during, after
 
     with caplog.at_level(logging.WARNING, logger="dsm.worker"):
-        refused, paused, done, pauses = asyncio.run(go())
+        refused, paused, done, pauses, during, after = asyncio.run(go())
     assert 1 <= refused <= 8  # each job tried once, then waited (no claim was even tried)
     assert all(inst.status == "running" for inst in paused)
     assert all(inst.status == "succeeded" and inst.transitions == 3 for inst in done)
     said = [r.getMessage() for r in caplog.records]
     assert pauses == 1 and sum("NOSPACE alarm is raised" in m for m in said) == 1, said
     assert sum("NOSPACE alarm is disarmed" in m for m in said) == 1, said
+    # the metrics say so while it lasts
+    assert value(during, "dsm_etcd_alarm", alarm="NOSPACE") == 1
+    assert value(after, "dsm_etcd_alarm", alarm="NOSPACE") == 0
+    assert value(during, "dsm_etcd_writes_refused_total") >= 1
 
 
 @pytest.mark.etcd

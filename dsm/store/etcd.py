@@ -17,6 +17,7 @@ directly, and keeps to the Store contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import os
@@ -357,7 +358,7 @@ class _EtcdWatch:
         except grpc.aio.AioRpcError as exc:
             if self._closed:
                 return
-            raise _translate(exc, "watch") from None
+            raise self._store._failed(_translate(exc, "watch")) from None
         except asyncio.CancelledError:
             self._call.cancel()
             raise
@@ -384,6 +385,7 @@ class EtcdStore:
         self._auth = rpc.AuthStub(channel)
         self._metadata: tuple | None = None
         self._auth_lock = asyncio.Lock()
+        self.errors: collections.Counter[str] = collections.Counter()  # errors etcd answered, by type (metrics)
 
     @classmethod
     async def connect(cls, options: EtcdOptions) -> EtcdStore:
@@ -445,8 +447,13 @@ class EtcdStore:
                     async with self._auth_lock:
                         await self._authenticate()
                     continue
-                raise _translate(exc, what) from None
+                raise self._failed(_translate(exc, what)) from None
         raise AssertionError("unreachable")
+
+    def _failed(self, error: Exception) -> Exception:
+        """Count an error etcd answered (dsm.metrics), and return it to be raised."""
+        self.errors[type(error).__name__] += 1
+        return error
 
     # -- reads ------------------------------------------------------------------------------
     async def get(self, key: str) -> KeyValue | None:
@@ -550,7 +557,7 @@ class EtcdStore:
             call.cancel()
             raise StoreUnavailable("watch: no answer to the create request") from None
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, "watch") from None
+            raise self._failed(_translate(exc, "watch")) from None
         if first is grpc.aio.EOF:
             raise StoreUnavailable("watch: stream closed")
         if first.compact_revision:

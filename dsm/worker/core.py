@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .. import payloads
+from .. import logs, payloads
 from ..batching import Batcher
 from ..definitions import Registry
 from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
@@ -41,6 +41,7 @@ from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
 from .lease import LeaseKeeper, keys_under, release
+from .meter import Meter
 from .nospace import WriteGate
 from .peers import Peers
 from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
@@ -126,6 +127,7 @@ class Worker:
         self.clock = clock
         self.on_commit = on_commit
         self.stats = WorkerStats()
+        self.meter = Meter()  # by machine, for `dsm.metrics`
         self.slots: Slots[TokenRef] = Slots(concurrency, concurrency if prefetch is None else prefetch)
         self.lease = LeaseKeeper(store, lease_ttl, name=self.id, on_lost=self._lose_all,
                                  release=functools.partial(release, store, self.keys))
@@ -295,7 +297,8 @@ class Worker:
                         await self.lease.verify()
                         self.queue.add(ref, first=True)
                     else:
-                        log.error("worker %s: claim of %s/%s failed: %s", self.id, ref[0], ref[1], result)
+                        log.error("worker %s: claim of token %s failed: %s", self.id, ref[1], result,
+                                  extra=self._about(ref[0]))
                     continue
                 if not result.succeeded:
                     continue
@@ -303,7 +306,7 @@ class Worker:
                 if record is None or work is None:
                     await self._release(ref, result.revision)
                     continue
-                self.records.remember(record)
+                self.meter.claims[self.records.remember(record).machine] += 1
                 self.stats.claimed += 1
                 self._start(ref, result.revision)
                 started += 1
@@ -345,8 +348,8 @@ class Worker:
         try:
             await self.store.txn([Compare.create(claim, "==", claim_rev)], [Delete(claim)])
         except StoreError as exc:
-            log.warning("worker %s: could not release %s/%s (%s); it frees when the lease ends", self.id,
-                        ref[0], ref[1], exc)
+            log.warning("worker %s: could not release token %s (%s); it frees when the lease ends", self.id,
+                        ref[1], exc, extra=self._about(*ref))
 
     async def _audit(self) -> None:
         """Every claim under our lease has a job here, or is given back.
@@ -372,7 +375,8 @@ class Worker:
                 continue
             for ref, rev in held.items():
                 if suspects.get(ref) == rev and not self._busy(ref):
-                    log.warning("worker %s: claim on %s/%s has no job here; giving it back", self.id, *ref)
+                    log.warning("worker %s: claim on token %s has no job here; giving it back", self.id, ref[1],
+                                extra=self._about(ref[0]))
                     self.stats.given_back += 1
                     await self._release(ref, rev)
             suspects = held
@@ -389,6 +393,18 @@ class Worker:
         result = await self.store.txn([], [Get(self.keys.claim(*ref)) for ref in refs[:MAX_TXN_OPS]])
         claims = (got.first for got in result.gets())
         return {ref: kv.create_revision for ref, kv in zip(refs, claims) if kv is not None and kv.lease == lease}
+
+    def _about(self, iid: str, tok: str | None = None) -> dict[str, Any]:
+        """The `extra=` of a log line about instance `iid` (`dsm.logs`), with what this worker knows of
+        it: its machine, if its record is cached, and the state and attempt of its token `tok`."""
+        machine = state = attempt = None
+        if iid in self.records:
+            inst = self.records.get(iid)[0]
+            machine = inst.machine
+            token = inst.tokens.get(tok) if tok is not None else None
+            if token is not None:
+                state, attempt = token.state, token.attempt
+        return logs.about(iid, machine, state, attempt, self.id)
 
     def _busy(self, ref: TokenRef) -> bool:
         return (ref in self._jobs or ref in self._claiming or ref[0] in self._committing
@@ -429,8 +445,8 @@ class Worker:
         except asyncio.CancelledError:
             pass  # shutting down: the lease's revocation frees the claim
         except Exception:
-            log.exception("worker %s: internal error on instance %s token %s; giving its claim back", self.id,
-                          iid, tok)
+            log.exception("worker %s: internal error on token %s; giving its claim back", self.id, tok,
+                          extra=self._about(iid, tok))
             await self._release(job.ref, job.claim_rev)
         finally:
             self._jobs.pop(job.ref, None)
@@ -452,7 +468,8 @@ class Worker:
                 graph = await self.registry.get(inst.digest)
             except NotFound as exc:
                 # Said once per definition, by the registry; here, for each instance, only in debug.
-                log.debug("worker %s: instance %s: %s; leaving it to other workers", self.id, iid, exc)
+                log.debug("worker %s: %s; leaving it to other workers", self.id, exc,
+                          extra=logs.about(iid, inst.machine, token.state, token.attempt, self.id))
                 self._unservable[iid] = inst.digest
                 while len(self._unservable) > UNSERVABLE_KEPT:
                     del self._unservable[next(iter(self._unservable))]
@@ -475,11 +492,17 @@ class Worker:
         call = TickCall(handler=handler, payload=payloads.copy(inst.payload_of(token)), instance_id=inst.id,
                         machine=inst.machine, state=state.name, attempt=token.attempt, branch=token.branch,
                         visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
-                        payload_limit=self.payload_limit)
+                        payload_limit=self.payload_limit, worker=self.id)
         self.stats.ticks += 1
         started_at, started = self.wall(), self.clock()
-        job.attempt = self.executor.start(call)
-        outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
+        self.meter.tick_started(inst.machine)
+        failed: str | None = "AttemptAbandoned"  # unless it ends (shutting down cancels the wait)
+        try:
+            job.attempt = self.executor.start(call)
+            outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
+            failed = outcome.failure.type if outcome.failure is not None else None
+        finally:
+            self.meter.tick_ended(inst.machine, failed, self.clock() - started)
         if report_failure(log, call, outcome):
             self.stats.failures += 1
         return outcome
@@ -517,7 +540,8 @@ class Worker:
                 try:
                     await self._commit_batch(iid, graph, batch)
                 except Exception:
-                    log.exception("worker %s: internal error committing instance %s", self.id, iid)
+                    log.exception("worker %s: internal error committing", self.id,
+                                  extra=_about_batch(iid, graph, batch, self.id))
                     for p in batch:
                         if not p.future.done():
                             await self._release(p.job.ref, p.job.claim_rev)
@@ -553,6 +577,7 @@ class Worker:
             claims = {p.job.ref[1]: p.job.claim_rev for p in batch}
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.id, lease=self.lease.id or 0, now=now,
                              fences=fences)
+            sent = self.clock()
             try:
                 result = await self._commits.submit(txn)
             except NoSpace as exc:  # refused, not applied: the claims hold while it waits for room
@@ -562,12 +587,14 @@ class Worker:
             except (StoreUnavailable, asyncio.TimeoutError, LeaseLost) as exc:
                 if isinstance(exc, LeaseLost):
                     await self.lease.verify()
-                log.warning("worker %s: commit of instance %s in doubt (%s); re-reading", self.id, iid, exc)
+                log.warning("worker %s: commit in doubt (%s); re-reading", self.id, exc,
+                            extra=_about_batch(iid, graph, batch, self.id))
                 batch = await self._settle_doubt(iid, batch, plan, now)
                 continue
             except TxnRejected as exc:
                 rejected += 1
-                log.error("worker %s: the store refused the commit of instance %s: %s", self.id, iid, exc)
+                log.error("worker %s: the store refused the commit: %s", self.id, exc,
+                          extra=_about_batch(iid, graph, batch, self.id))
                 if rejected > 1:
                     for p in batch:
                         await self._release(p.job.ref, p.job.claim_rev)
@@ -575,6 +602,7 @@ class Worker:
                 failure = Failure("StoreRejected", f"the store refused the commit: {exc}", retryable=False)
                 batch = [_Pending(p.job, p.token, Outcome(failure=failure), p.future) for p in batch]
                 continue
+            self.meter.commit_answered(graph.machine, self.clock() - sent, result.succeeded)
             if result.succeeded:
                 self._committed(plan, result.revision, batch)
                 return
@@ -589,8 +617,10 @@ class Worker:
                     still.append(p)
                 else:
                     self.stats.lost += 1
-                    log.info("worker %s: claim on %s/%s lost before commit; another worker takes over",
-                             self.id, iid, p.job.ref[1])
+                    self.meter.lost[graph.machine] += 1
+                    log.info("worker %s: claim on token %s lost before commit; another worker takes over",
+                             self.id, p.job.ref[1],
+                             extra=logs.about(iid, graph.machine, p.token.state, p.token.attempt, self.id))
                     _settle(p.future, False)
             if record_kv is None:
                 return
@@ -635,20 +665,24 @@ class Worker:
         self.records.put(inst, revision)
         self.stats.committed += 1
         self.stats.transitions += len(plan.history)
+        first = plan.before.transitions == 0 and any(p.token.attempt == 1 for p in batch)  # its first commit
+        self.meter.committed(inst.machine, len(plan.history), first, inst.status if inst.finished else None)
         if log.isEnabledFor(logging.DEBUG):
             for entry in plan.history:
-                log.debug("instance %s: %s -> %s (branch %s)", inst.id, entry.state, ",".join(entry.next),
-                          "/".join(entry.branch) or "-")
+                log.debug("%s -> %s (branch %s)", entry.state, ",".join(entry.next), "/".join(entry.branch) or "-",
+                          extra=logs.about(inst.id, inst.machine, entry.state, entry.attempt, self.id))
         if inst.finished:
-            log.info("instance %s %s%s", inst.id, inst.status,
-                     f" at {inst.state}" if inst.state else f": {inst.error.type}: {inst.error.message}"
-                     if inst.error else "")
+            last = plan.history[-1] if plan.history else None
+            log.info("%s%s", inst.status, f" at {inst.state}" if inst.state else
+                     f": {inst.error.type}: {inst.error.message}" if inst.error else "",
+                     extra=logs.about(inst.id, inst.machine, inst.state or (inst.error.state if inst.error else None),
+                                      last.attempt if last is not None else None, self.id))
             if inst.status != SUCCEEDED and any(t.child for t in plan.before.tokens.values()):
                 from ..client import Client
 
                 _background(Client(self.store, self.keys).cancel_children(
                     plan.before, reason=f"its parent {inst.id} {inst.status}", by=f"worker {self.id}"),
-                    f"cancelling the children of instance {inst.id}")
+                    "cancelling the children", logs.about(inst.id, inst.machine, worker=self.id))
         if self.on_commit is not None:
             self.on_commit(Step(inst, plan.removed, plan.changed, plan.history))
         kept = {t.id for t in plan.keep}
@@ -696,16 +730,23 @@ class Worker:
         return retry
 
 
+def _about_batch(iid: str, graph: Graph, batch: list[_Pending], worker: str) -> dict[str, Any]:
+    """The `extra=` of a log line about a commit: the states of its outcomes, and the attempt of a lone one."""
+    states = ",".join(dict.fromkeys(p.token.state for p in batch)) or None
+    return logs.about(iid, graph.machine, states, batch[0].token.attempt if len(batch) == 1 else None, worker)
+
+
 _BACKGROUND: set[asyncio.Task] = set()
 
 
-def _background(work: Coroutine[Any, Any, None], what: str) -> None:
-    """Run `work` on its own; its failure is logged, never raised into the caller."""
+def _background(work: Coroutine[Any, Any, None], what: str, about: dict[str, Any] | None = None) -> None:
+    """Run `work` on its own; its failure is logged (`about`: the instance it is about, `dsm.logs`),
+    never raised into the caller."""
     async def run() -> None:
         try:
             await work
         except Exception as exc:  # best effort: a child left running is cancelled by an operator
-            log.warning("%s failed: %s", what, exc)
+            log.warning("%s failed: %s", what, exc, extra=about)
 
     task = asyncio.get_running_loop().create_task(run())
     _BACKGROUND.add(task)

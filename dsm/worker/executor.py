@@ -27,7 +27,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .. import payloads
+from .. import logs, payloads
 from ..context import Context, make_context
 from ..errors import AttemptAbandoned, HandlerError
 from ..graph import Handler
@@ -51,6 +51,7 @@ class TickCall:
     timeout: float | None
     deadline: float | None  # wall-clock time, for ctx.deadline only
     payload_limit: int
+    worker: str | None = None  # who runs it, for the lines ctx.logger writes
 
 
 class Attempt(Protocol):
@@ -123,10 +124,10 @@ def report_failure(logger: logging.Logger, call: TickCall, outcome: Outcome) -> 
     failure = outcome.failure
     if failure is None or failure.type == "AttemptAbandoned":
         return False
-    logger.warning("instance %s state %s attempt %d failed: %s: %s", call.instance_id, call.state, call.attempt,
-                   failure.type, failure.message)
+    about = logs.about(call.instance_id, call.machine, call.state, call.attempt, call.worker)
+    logger.warning("tick failed: %s: %s", failure.type, failure.message, extra=about)
     if failure.traceback and logger.isEnabledFor(logging.DEBUG):
-        logger.debug("%s", failure.traceback)
+        logger.debug("%s", failure.traceback, extra=about)
     return True
 
 
@@ -145,7 +146,8 @@ def timed_out(call: TickCall) -> Outcome:
 
 def context_of(call: TickCall) -> Context:
     return make_context(instance_id=call.instance_id, machine=call.machine, state=call.state,
-                        attempt=call.attempt, branch=call.branch, visit=call.visit, deadline=call.deadline)
+                        attempt=call.attempt, branch=call.branch, visit=call.visit, deadline=call.deadline,
+                        worker=call.worker)
 
 
 # -- threads -----------------------------------------------------------------------------------------

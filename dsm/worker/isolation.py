@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .. import codec
+from .. import codec, logs
 from ..context import Context
 from ..graph import Handler
 from ..handlers import HandlerImportError, import_module, resolve
@@ -64,7 +64,7 @@ from .executor import TickCall, context_of, failure_of, normalize, timed_out
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOG_FORMAT = "dsm: %(levelname)s: %(message)s"
+DEFAULT_LOG_FORMAT = logs.TEXT  # the text format; `dsm.logs.current` says whether lines are JSON instead
 
 # Frame kinds, the first item of each frame.
 _CALL = 0  # parent -> child: [_CALL, id, module, function, payload, instance_id, machine, state,
@@ -115,6 +115,10 @@ def _exit_status(returncode: int | None) -> str:
             name = str(-returncode)
         return f"killed by signal {name}"
     return f"exit code {returncode}"
+
+
+def _about(call: TickCall) -> dict[str, Any]:
+    return logs.about(call.instance_id, call.machine, call.state, call.attempt, call.worker)
 
 
 def _died(call: TickCall, returncode: int | None) -> Failure:
@@ -388,6 +392,7 @@ class ProcessExecutor:
             "handler_level": (self.log_level if self.log_level is not None
                               else logging.getLogger("dsm.handler").getEffectiveLevel()),
             "format": self.log_format,
+            "log": logs.settings(),  # text or JSON, and the worker's name for lines that cannot know it
             "preload": list(self.preload),
         }
         env = dict(self.env if self.env is not None else os.environ)
@@ -442,7 +447,7 @@ class ProcessExecutor:
         child = attempt.child
         if child is not None:
             log.debug("killing handler process %d: state %r attempt %d outlived its timeout", child.pid,
-                      attempt.call.state, attempt.call.attempt)
+                      attempt.call.state, attempt.call.attempt, extra=_about(attempt.call))
             child.attempt = None
             self._detach(child)
             child.proc.kill()
@@ -461,8 +466,8 @@ class ProcessExecutor:
 
         def exited(returncode: int | None) -> None:
             if attempt is not None:
-                log.debug("handler process %d died running state %r (%s)", child.pid, attempt.call.state,
-                          _exit_status(returncode))
+                log.debug("handler process %d died running the attempt (%s)", child.pid, _exit_status(returncode),
+                          extra=_about(attempt.call))
                 self._finish(attempt, Outcome(failure=_died(attempt.call, returncode)))
             elif not ready and not self._closed:
                 log.warning("handler process %d ended before it was ready: %s (%s)", child.pid, why,
@@ -660,7 +665,8 @@ def _child(options: dict[str, Any]) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter(options["format"]))
+    logs.apply(options.get("log", {}))
+    stream.setFormatter(logs.formatter(text=options["format"]))
     root = logging.getLogger()
     root.handlers[:] = [stream]
     root.setLevel(options["level"])

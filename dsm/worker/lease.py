@@ -51,6 +51,8 @@ class LeaseKeeper:
         self.stopping = False
         self._renew = asyncio.Event()  # set by `lost()`: the keeper takes a new lease now
         self._abandoned: list[int] = []  # leases given up alive (taken by another user): to release
+        self.renewals = 0  # keep-alives that went through
+        self.losses = 0  # leases found gone (or given up) and replaced
 
     async def grant(self) -> int:
         """Take a new lease and mark it as ours, retrying while the store is unavailable."""
@@ -91,6 +93,7 @@ class LeaseKeeper:
             if not self._renew.is_set():
                 try:
                     await self.store.lease_keepalive(self.id or 0)
+                    self.renewals += 1
                     continue
                 except LeaseLost:
                     self.lost(self.id)
@@ -124,6 +127,7 @@ class LeaseKeeper:
             self._abandoned.append(lease)
         else:
             log.warning("worker %s: lease %x lost; its claims are gone, taking a new lease", self.name, lease)
+        self.losses += 1
         self.ready.clear()
         self._renew.set()
         self.on_lost()
