@@ -1212,6 +1212,112 @@ def delete(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
     info.print(f"instance {inst.id} ({inst.status}) deleted", markup=False, fields=logs.about(inst.id, inst.machine))
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@_command("api", etcd=True)
+def api_command(paths: Annotated[list[Path] | None, typer.Argument(
+                    metavar="PATH", show_default=False,
+                    help="Definitions to register at start (and, in memory or with --workers, to run).")] = None,
+                host: Annotated[str, typer.Option(
+                    "--host", metavar="HOST", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+                port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT",
+                                                  help="Port to listen on (0: any free one, printed).")] = 8080,
+                workers: Annotated[int | None, typer.Option(
+                    "--workers", min=0, metavar="N", show_default="4 in memory, 0 with --etcd",
+                    help="Ticks run at once by a worker inside this process, for the definitions given.")] = None,
+                allow_host: Annotated[list[str] | None, typer.Option(
+                    "--allow-host", metavar="NAME", show_default=False,
+                    help="A Host name to answer besides the loopback names, when listening on loopback "
+                         "(repeatable; e.g. the name a reverse proxy forwards).")] = None,
+                etcd: EtcdArgs = EtcdArgs()) -> None:
+    """Serve the JSON HTTP API (OpenAPI at /api/openapi.json) and the web dashboard.
+
+    With --etcd, over that namespace; the definitions given are registered, so that
+    POST /api/machines/NAME/instances starts them, and run here only with --workers N. Without
+    --etcd, in memory for a demo: the definitions given run in this process and nothing outlives
+    it. Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' when DSM_API_TOKEN is set, and
+    are refused from other origins.
+    """
+    from dsm import api as api_package
+
+    if not api_package.available():
+        raise Fail(ExitCode.INVALID, api_package.MISSING)
+    files = _definition_files(list(paths or []))
+    in_memory = not etcd.given
+    if in_memory and not files:
+        raise Fail(ExitCode.INVALID, "without --etcd, dsm api runs the definitions given, in memory (a demo): give "
+                                     "PATH... or --etcd URLS (DSM_ETCD)")
+    local = workers if workers is not None else (4 if in_memory else 0)
+    if in_memory and local == 0:
+        raise Fail(ExitCode.INVALID, "--workers 0 needs --etcd: in memory, nothing else would run the instances")
+    if not in_memory:
+        etcd.options()
+    # the API never imports handlers: only a worker in this process does, for the definitions given
+    graphs = [_load(f, no_import=local == 0) for f in files]
+    token = os.environ.get("DSM_API_TOKEN") or None
+    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
+    allowed = (*LOOPBACK_HOSTS, host, *(allow_host or ())) if loopback else None
+
+    from dsm.api.serve import bind, local_worker
+
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise Fail(ExitCode.INVALID, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    received: list[int] = []
+
+    async def go() -> None:
+        from dsm.api.app import create_app
+        from dsm.api.serve import serve
+        from dsm.definitions import register
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        async with _api_store(etcd) as (store, keys, where):
+            for g in graphs:
+                await register(store, keys, g)
+            async with local_worker(store, keys, graphs, local) as running_here:
+                app = create_app(store, keys, token=token, allowed_hosts=allowed)
+                machines = ", ".join(g.machine for g in graphs) or "none given"
+
+                def started(url: str) -> None:
+                    info.print(f"dsm api serving {url} (namespace {keys.namespace!r} {where}; machines: {machines}; "
+                               f"workers here: {running_here}; actions "
+                               + ("need the token in DSM_API_TOKEN" if token else "need no token: DSM_API_TOKEN is "
+                                  "not set") + ")", markup=False)
+
+                await serve(app, sock, stop=stop, on_started=started)
+
+    try:
+        _run_async(go)
+    finally:
+        sock.close()
+    if signal.SIGINT in received:
+        raise Fail(ExitCode.INTERRUPTED)  # SIGTERM is the ordinary way to stop a server: exit 0
+
+
+@asynccontextmanager
+async def _api_store(etcd: EtcdArgs) -> AsyncIterator[tuple[Store, Any, str]]:
+    """The store `dsm api` serves: etcd's with --etcd, else a new one in memory."""
+    from dsm.keys import Keys
+
+    if not etcd.given:
+        from dsm.store.memory import MemoryStore
+
+        yield MemoryStore(), Keys(etcd.namespace), "in memory, nothing outlives this process"
+        return
+    async with etcd.open() as store:
+        yield store, etcd.options().keys, f"on etcd {etcd.options().display}"
+
+
 def main() -> None:
     """Entry point of the `dsm` command.
 

@@ -9,6 +9,14 @@ read: the stored source must hash to it (`graph.digest_of`, as the compiler comp
 definition is refused. Registering a definition whose digest is taken by content that does not
 match replaces that content: the right one is known by its hash, so the first writer cannot pin
 a forgery under a legitimate digest.
+
+Each machine also has a pointer to its newest definition (`/<ns>/machines/<machine>`), written in
+the transaction that first stores a definition of it: whatever starts an instance by the
+machine's name (`dsm api`) starts the definition stored last. Registering a definition that is
+stored already changes nothing, so a worker restarted with an older file does not move it back
+(going back is a new version: change the file, its digest changes). A namespace whose definitions
+were stored before pointers existed gets one when a definition of the machine is registered again.
+The pointer is only a name: the definition it names is read, and checked, by its digest.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import compiler, handlers
-from .errors import DefinitionError, NotFound
+from . import codec, compiler, handlers
+from .errors import DefinitionError, NoSpace, NotFound
 from .graph import Graph, digest_of
 from .keys import Keys
-from .store import Compare, Get, Put, Store
+from .records import timestamp
+from .store import Compare, Get, Put, Store, prefix_end
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +75,40 @@ def decode(digest: str, value: bytes) -> tuple[dict[str, Any] | None, str]:
     return raw, ""
 
 
+@dataclass(frozen=True, slots=True)
+class MachineInfo:
+    """A machine's newest definition, as its pointer names it (`/<ns>/machines/<machine>`)."""
+
+    machine: str
+    digest: str
+    version: int | str | None
+    description: str
+    registered_at: float
+
+    @staticmethod
+    def of(graph: Graph, now: float) -> MachineInfo:
+        return MachineInfo(graph.machine, graph.digest, graph.version, graph.description, now)
+
+    def dump(self) -> bytes:
+        return codec.dumps({"machine": self.machine, "digest": self.digest, "version": self.version,
+                            "description": self.description, "registered_at": self.registered_at})
+
+    @staticmethod
+    def load(raw: bytes) -> MachineInfo:
+        d: dict[str, Any] = codec.loads(raw)
+        return MachineInfo(str(d["machine"]), str(d["digest"]), d.get("version"), str(d.get("description") or ""),
+                           float(d.get("registered_at") or 0.0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"machine": self.machine, "version": self.version, "digest": self.digest,
+                "description": self.description, "registered_at": timestamp(self.registered_at)}
+
+
 async def register(store: Store, keys: Keys, graph: Graph) -> None:
     """Store the definition under its digest unless it is there already (content never changes);
     content under the digest that does not hash to it is replaced. The machines it calls are
-    registered first, so that whoever reads it finds them."""
+    registered first, so that whoever reads it finds them. A definition stored here for the first
+    time becomes its machine's newest, in the same transaction."""
     for child in graph.children().values():
         await _register_one(store, keys, child)
     await _register_one(store, keys, graph)
@@ -77,26 +116,63 @@ async def register(store: Store, keys: Keys, graph: Graph) -> None:
 
 async def _register_one(store: Store, keys: Keys, graph: Graph) -> None:
     key = keys.definition(graph.digest)
+    pointer = keys.machine(graph.machine)
     value = encode(graph)
-    # a plain range read: etcd 3.5 refuses every transaction, read-only ones too, while over its quota
-    present = (await store.range(key)).kvs
-    if present and decode(graph.digest, present[0].value)[0] is not None:
-        return  # nothing to write: a worker starts even while etcd refuses writes (NOSPACE)
+    # plain range reads: etcd 3.5 refuses every transaction, read-only ones too, while over its quota
+    present, named = await asyncio.gather(store.range(key), store.range(pointer))
+    if present.kvs and decode(graph.digest, present.kvs[0].value)[0] is not None:
+        if not named.kvs:
+            await _name_newest(store, keys, graph)
+        return  # nothing else to write: a worker starts even while etcd refuses writes (NOSPACE)
+    newest = Put(pointer, MachineInfo.of(graph, time.time()).dump())
     while True:
-        result = await store.txn([Compare.version(key, "==", 0)], [Put(key, value)], [Get(key)])
+        result = await store.txn([Compare.version(key, "==", 0)], [Put(key, value), newest], [Get(key)])
         if result.succeeded:
             return
         found = result.get(0).first
         if found is None:
             continue  # deleted in between: try to create it again
         stored, problem = decode(graph.digest, found.value)
-        if stored is not None:
-            return
-        log.warning("definition %s in namespace %r %s; replacing it with the definition that has this digest "
-                    "(%s)", graph.digest, keys.namespace, problem, graph.machine)
-        replaced = await store.txn([Compare.mod(key, "==", found.mod_revision)], [Put(key, value)])
-        if replaced.succeeded:
-            return
+        if stored is None:
+            log.warning("definition %s in namespace %r %s; replacing it with the definition that has this digest "
+                        "(%s)", graph.digest, keys.namespace, problem, graph.machine)
+            replaced = await store.txn([Compare.mod(key, "==", found.mod_revision)], [Put(key, value)])
+            if not replaced.succeeded:
+                continue
+        if not named.kvs:
+            await _name_newest(store, keys, graph)
+        return
+
+
+async def _name_newest(store: Store, keys: Keys, graph: Graph) -> None:
+    """Give a machine that has no pointer yet (definitions stored before pointers existed) this one."""
+    pointer = keys.machine(graph.machine)
+    try:
+        await store.txn([Compare.version(pointer, "==", 0)], [Put(pointer, MachineInfo.of(graph, time.time()).dump())])
+    except NoSpace:
+        log.debug("etcd refuses writes: machine %s gets its pointer at a later registration", graph.machine)
+
+
+async def newest(store: Store, keys: Keys, machine: str) -> MachineInfo | None:
+    """The newest definition registered for a machine (None: none is)."""
+    kv = await store.get(keys.machine(machine))
+    return None if kv is None else MachineInfo.load(kv.value)
+
+
+async def machines(store: Store, keys: Keys) -> list[MachineInfo]:
+    """Every machine registered in the namespace, by name, with its newest definition."""
+    start, end = keys.machines, prefix_end(keys.machines)
+    out: list[MachineInfo] = []
+    while True:
+        page = await store.range(start, end, limit=500)
+        for kv in page.kvs:
+            try:
+                out.append(MachineInfo.load(kv.value))
+            except (ValueError, KeyError, TypeError):
+                continue  # written by something other than dsm
+        if not page.more or not page.kvs:
+            return out
+        start = page.kvs[-1].key + "\0"
 
 
 @dataclass

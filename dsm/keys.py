@@ -1,6 +1,10 @@
 """The key layout of a namespace, shared by every store (memory and etcd alike).
 
     /<ns>/def/<digest>                  definition source by content digest (written once)
+    /<ns>/machines/<machine>            the machine's newest definition: {digest, version, description,
+                                        registered_at}; written in the transaction that first stores a
+                                        definition of that machine (`definitions.py`), so it names the
+                                        one stored last; what `dsm api` starts for a machine's name
     /<ns>/inst/<id>                     instance record: status, payload, tokens, fork activations
     /<ns>/hist/<id>/<seq>               one committed transition (seq zero-padded, commit order)
     /<ns>/work/<id>/<token>             work marker: exists exactly while the token is pending;
@@ -72,6 +76,17 @@ def check_instance_id(value: object) -> str:
     return value
 
 
+MACHINE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")  # as the schema says of `machine:`
+
+
+def check_machine_name(value: object) -> str:
+    """The machine name itself, or InputError saying what a name may be."""
+    if not isinstance(value, str) or MACHINE_NAME.fullmatch(value) is None:
+        raise InputError(f"invalid machine name {value!r}: a name is 1 to 64 lowercase letters, digits, '_' or '-', "
+                         "starting with a letter")
+    return value
+
+
 SIGNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -93,6 +108,13 @@ class Keys:
 
     def definition(self, digest: str) -> str:
         return f"{self.root}def/{digest}"
+
+    def machine(self, name: str) -> str:
+        return f"{self.root}machines/{name}"
+
+    @property
+    def machines(self) -> str:
+        return f"{self.root}machines/"
 
     def instance(self, instance_id: str) -> str:
         return f"{self.root}inst/{instance_id}"

@@ -100,7 +100,7 @@ def parse(text: str, *, what: str = "payload", limit: int | None = None) -> dict
     except RecursionError:
         raise PayloadError("InvalidPayload", f"{what} is nested too deeply") from None
     if not isinstance(value, dict):
-        raise PayloadError("InvalidPayload", f"{what} must be a JSON object, got {_json_kind(value)}")
+        raise PayloadError("InvalidPayload", f"{what} must be a JSON object, got {json_kind(value)}")
     return check(value, limit=limit)[0]
 
 
@@ -108,7 +108,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """What kind of JSON value this is, for messages ("an array", "a string" ...)."""
+    if isinstance(value, dict):
+        return "an object"
     if isinstance(value, list):
         return "an array"
     if isinstance(value, str):

@@ -13,8 +13,9 @@ the drawing, so no bar can take the place of a state whatever the states are cal
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .durations import format_duration
 from .graph import Graph, Kind, State
@@ -221,3 +222,105 @@ def dot(graph: Graph) -> str:
 
 
 RENDERERS = {"mermaid": mermaid, "dot": dot}
+
+
+# -- an instance's path on its machine (the HTTP API's drawing) ----------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Where an instance has been and is: the states it visited, in order (`path`), the
+    transitions it took (state -> each next state), the states with work pending (`active`), and
+    the state it failed at, if it did."""
+
+    path: tuple[str, ...]
+    taken: frozenset[tuple[str, str]]
+    active: frozenset[str]
+    failed_at: str | None = None
+
+    @staticmethod
+    def of(history: Iterable[tuple[str, Iterable[str]]], *, active: Collection[str], final: str | None,
+           failed_at: str | None) -> Trace:
+        """From history entries as (state, next states), in commit order, and the record's
+        `active`, `state` (the terminal reached) and error state."""
+        path: list[str] = []
+        taken: set[tuple[str, str]] = set()
+        for state, targets in history:
+            path.append(state)
+            taken.update((state, t) for t in targets)
+        if final is not None:
+            path.append(final)
+        return Trace(tuple(path), frozenset(taken), frozenset(active), failed_at)
+
+    @property
+    def visited(self) -> frozenset[str]:
+        return frozenset(self.path) | self.active
+
+
+def _edge_taken(e: Edge, trace: Trace) -> bool:
+    (skind, source), (tkind, target) = e.source, e.target
+    if skind == "start":
+        return bool(trace.path or trace.active)
+    if tkind == "fork":  # the fork state's own step fans out
+        return any(s == source for s, _ in trace.taken)
+    if skind == "join":
+        return target in trace.visited
+    return (source, target) in trace.taken
+
+
+def as_json(graph: Graph, trace: Trace | None = None) -> dict[str, Any]:
+    """The drawing as data: nodes (states, fork and join bars, the start) and edges, with the ids
+    the Mermaid text uses. With a trace, nodes say whether the instance visited them (and how
+    often), which are active and where it failed; edges say whether it took them."""
+    ids = node_ids(graph, _mermaid_id)
+    visits: dict[str, int] = {}
+    for name in trace.path if trace else ():
+        visits[name] = visits.get(name, 0) + 1
+    nodes: list[dict[str, Any]] = [{"id": ids[("start", "")], "kind": "start", "state": None}]
+    for name, st in graph.states.items():
+        node: dict[str, Any] = {"id": ids[_state(name)], "kind": "state", "state": name, "routing": st.kind.value,
+                                "terminal": st.terminal, "status": st.status if st.terminal else None,
+                                "waits": st.waits, "label": waits(st) or map_label(st) or None,
+                                "tick": st.tick.ref if st.tick else None, "description": st.description or None}
+        if trace is not None:
+            node.update(visited=name in trace.visited, visits=visits.get(name, 0), active=name in trace.active,
+                        failed=name == trace.failed_at)
+        nodes.append(node)
+    for kind, name in pseudo_nodes(graph):
+        nodes.append({"id": ids[(kind, name)], "kind": kind, "state": name})
+    start = Edge(("start", ""), _state(graph.start))
+    out_edges: list[dict[str, Any]] = []
+    for e in [start, *edges(graph)]:
+        edge: dict[str, Any] = {"source": ids[e.source], "target": ids[e.target], "label": e.label or None,
+                                "catch": e.catch, "dashed": e.dashed}
+        if trace is not None:
+            edge["taken"] = _edge_taken(e, trace)
+        out_edges.append(edge)
+    doc: dict[str, Any] = {"machine": graph.machine, "version": graph.version, "digest": graph.digest,
+                           "start": graph.start, "nodes": nodes, "edges": out_edges}
+    if trace is not None:
+        doc.update(path=list(trace.path), active=sorted(trace.active), failed_at=trace.failed_at)
+    return doc
+
+
+_MERMAID_MARKS = {"visited": "fill:#e6f4ea,stroke:#2f855a",
+                  "active": "fill:#fff3bf,stroke:#d97706,stroke-width:3px",
+                  "errored": "fill:#fdd,stroke:#c00,stroke-width:3px"}
+
+
+def mermaid_marked(graph: Graph, trace: Trace) -> str:
+    """The Mermaid drawing with the instance's visited states, active states and the state it
+    failed at given classes of their own (`visited`, `active`, `errored`)."""
+    ids = node_ids(graph, _mermaid_id)
+    failed_terminals = {name for name, st in graph.states.items() if st.terminal and st.status == "failed"}
+    marks = {
+        "visited": [n for n in graph.states if n in trace.visited and n not in trace.active
+                    and n != trace.failed_at and n not in failed_terminals],
+        "active": [n for n in graph.states if n in trace.active],
+        "errored": [n for n in graph.states if n == trace.failed_at],
+    }
+    lines = [mermaid(graph).rstrip("\n")]
+    for mark, names in marks.items():
+        if names:
+            lines.append(f"    classDef {mark} {_MERMAID_MARKS[mark]}")
+            lines.append(f"    class {','.join(ids[_state(n)] for n in names)} {mark}")
+    return "\n".join(lines) + "\n"

@@ -109,3 +109,41 @@ def test_an_instance_pinned_to_a_forged_definition_does_not_run_it(namespace, ca
     with caplog.at_level(logging.ERROR):
         record = asyncio.run(main())
     assert record["status"] == "running" and record["transitions"] == 0
+
+
+def test_a_machine_names_its_newest_definition(store_factory, namespace):
+    """The pointer moves to a definition stored for the first time, not back to one stored before."""
+    v1 = compile_text(GOOD, "order.yaml", import_handlers=False)
+    v2 = compile_text(GOOD.replace("machine: order", "machine: order\nversion: 2"), "order.yaml",
+                      import_handlers=False)
+    other = compile_text(GOOD.replace("machine: order", "machine: other"), "other.yaml", import_handlers=False)
+    keys = Keys(namespace)
+
+    async def main():
+        from dsm.definitions import machines, newest
+
+        store = await store_factory()
+        try:
+            assert await newest(store, keys, "order") is None
+            await register(store, keys, v1)
+            first = await newest(store, keys, "order")
+            await register(store, keys, v2)
+            second = await newest(store, keys, "order")
+            await register(store, keys, v1)  # stored already: a worker restarted with the old file
+            third = await newest(store, keys, "order")
+            await register(store, keys, other)
+            listed = await machines(store, keys)
+            # a namespace from before pointers: registering again (stored already) gives one
+            await store.delete(keys.machine("order"))
+            await register(store, keys, v1)
+            backfilled = await newest(store, keys, "order")
+            return first, second, third, listed, backfilled
+        finally:
+            await store.close()
+
+    first, second, third, listed, backfilled = asyncio.run(main())
+    assert (first.digest, first.version) == (v1.digest, None)
+    assert (second.digest, second.version) == (v2.digest, 2) and second.registered_at >= first.registered_at
+    assert third == second
+    assert [(m.machine, m.digest) for m in listed] == [("order", v2.digest), ("other", other.digest)]
+    assert backfilled.digest == v1.digest

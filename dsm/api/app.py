@@ -1,0 +1,418 @@
+"""The HTTP API: the client's operations as JSON over HTTP, and the dashboard's static files.
+
+`create_app(store, keys)` builds a Starlette application over a store (etcd, or a memory store
+with workers beside it). It runs nothing itself: instances are run by workers, wherever they are.
+Routes (the OpenAPI document, `openapi.py`, describes each):
+
+    GET    /api/instances?status=&machine=&since=&limit=&after=   a page of summaries, newest first
+    GET    /api/instances/{id}                  the whole record, history included
+    GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked
+    POST   /api/machines/{machine}/instances    start the machine's newest definition
+    POST   /api/instances/{id}/signals/{name}   send a signal
+    POST   /api/instances/{id}/cancel           cancel
+    POST   /api/instances/{id}/redrive          redrive
+    DELETE /api/instances/{id}                  delete a finished instance
+    GET    /api/machines                        registered machines
+    GET    /api/machines/{machine}              one machine with its drawing
+    GET    /api/workers                         live workers
+    GET    /api/events                          server-sent events (`events.py`)
+    GET    /api/openapi.json                    the OpenAPI document
+    GET    /                                    the dashboard (static/index.html), /static/...
+
+Starting an instance reads the machine's newest definition from the store (`definitions.newest`)
+and compiles it without importing its handler modules: the API runs no handler code, ever.
+Every error answers `{"error": {"type", "message"}}`; input is checked before anything is
+written, and each write is one of the client's transactions, so a refused request writes nothing.
+Who may do what: `guard.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import index, payloads, render
+from ..client import Client
+from ..definitions import MachineInfo, Registry, machines, newest
+from ..errors import InputError, InstanceExists, NotFound, StoreError
+from ..graph import Graph
+from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
+from ..records import CANCELLED, STATUSES, public_record
+from ..store import Store
+from . import events, openapi
+from .guard import Guard
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_LIMIT = 50  # instances per page when the request does not say
+MAX_LIMIT = 1000
+BODY_SLACK = 64 * 1024  # bytes a request body may have beyond the payload limit (its other fields, spacing)
+MAX_REASON = 4096  # characters of a cancel reason
+
+
+class ApiError(Exception):
+    """An answer other than success: its status, its error type and a message saying what is wrong."""
+
+    def __init__(self, status: int, type_: str, message: str):
+        self.status = status
+        self.type = type_
+        super().__init__(message)
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "BadRequest", message)
+
+
+def conflict(message: str) -> ApiError:
+    return ApiError(409, "Conflict", message)
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+@dataclass
+class Api:
+    """The routes' state: the store, a client over it, and definitions read (never imported)."""
+
+    store: Store
+    keys: Keys
+    wall: Callable[[], float] = time.time
+    heartbeat: float = events.HEARTBEAT
+    body_limit: int = field(default_factory=lambda: payloads.default_limit() + BODY_SLACK)
+    streams: events.Streams = field(default_factory=events.Streams)
+
+    def __post_init__(self) -> None:
+        self.client = Client(self.store, self.keys, wall=self.wall)
+        self.definitions = Registry(self.store, self.keys, import_handlers=False)
+
+    def close(self) -> None:
+        """End the open event streams (a server that stops waits for open answers)."""
+        self.streams.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def body(self, request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
+        """The request's JSON object (an empty body is `{}`), with no fields but `fields`."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.body_limit:
+            raise self._too_large(int(length))
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.body_limit:
+                raise self._too_large(len(raw))
+        if not raw.strip():
+            return {}
+        try:
+            value = json.loads(bytes(raw), parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise bad_request(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise bad_request("the request body is nested too deeply") from None
+        if not isinstance(value, dict):
+            raise bad_request(f"the request body must be a JSON object, got {payloads.json_kind(value)}")
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            expected = ", ".join(fields) if fields else "no fields"
+            raise bad_request(f"unknown field {unknown[0]!r} in the request body (expected {expected})")
+        return value
+
+    def _too_large(self, size: int) -> ApiError:
+        return ApiError(413, "PayloadTooLarge", f"the request body is {size} bytes or more; the limit is "
+                        f"{self.body_limit} bytes (the payload limit, DSM_PAYLOAD_LIMIT, and {BODY_SLACK} more)")
+
+    @staticmethod
+    def payload(value: Any, what: str = "payload") -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad_request(f"{what} must be a JSON object, got {payloads.json_kind(value)}")
+        try:
+            return payloads.check(value)[0]
+        except payloads.PayloadError as exc:
+            if exc.kind == "PayloadTooLarge":
+                raise ApiError(413, "PayloadTooLarge", f"{what}: {exc}") from None
+            raise bad_request(f"{what}: {exc}") from None
+
+    @staticmethod
+    def instance_id(request: Request) -> str:
+        try:
+            return check_instance_id(request.path_params["id"])
+        except InputError as exc:
+            raise bad_request(str(exc)) from None
+
+    @staticmethod
+    def machine_name(request: Request) -> str:
+        try:
+            return check_machine_name(request.path_params["machine"])
+        except InputError as exc:
+            raise bad_request(str(exc)) from None
+
+    async def graph_of(self, digest: str) -> Graph:
+        """A definition by digest, compiled without importing its handlers."""
+        return await self.definitions.get(digest)
+
+    async def newest(self, machine: str) -> tuple[MachineInfo, Graph]:
+        info = await newest(self.store, self.keys, machine)
+        if info is None:
+            raise ApiError(404, "NotFound", f"no machine {machine!r} is registered in namespace "
+                                            f"{self.keys.namespace!r} (GET /api/machines lists those that are)")
+        try:
+            graph = await self.graph_of(info.digest)
+        except NotFound as exc:
+            raise ApiError(404, "NotFound",
+                           f"machine {machine!r}: its newest definition cannot be read: {exc}") from None
+        if graph.machine != machine:
+            raise ApiError(404, "NotFound", f"machine {machine!r}: its pointer names a definition of machine "
+                                            f"{graph.machine!r} ({info.digest})")
+        return info, graph
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def list_instances(self, request: Request) -> Response:
+        q = request.query_params
+        unknown = sorted(set(q) - {"status", "machine", "since", "limit", "after"})
+        if unknown:
+            raise bad_request(f"unknown query parameter {unknown[0]!r} (expected status, machine, since, limit, after)")
+        status = q.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise bad_request(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        machine = q.get("machine") or None
+        try:
+            if machine is not None:
+                check_machine_name(machine)
+            since = index.parse_since(q["since"], self.wall()) if q.get("since") else None
+            after = index.check_cursor(q["after"]) if q.get("after") else None
+        except InputError as exc:
+            raise bad_request(str(exc).replace("--since", "since")) from None
+        limit = DEFAULT_LIMIT
+        if q.get("limit"):
+            text = q["limit"]
+            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+                raise bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
+            limit = int(text)
+        page = await self.client.page(status=status, machine=machine, since=since, after=after, limit=limit)
+        return JSONResponse({"items": [index.summary(inst) for inst in page.items], "next": page.next})
+
+    async def get_instance(self, request: Request) -> Response:
+        return JSONResponse(await self.client.record(self.instance_id(request)))
+
+    async def get_graph(self, request: Request) -> Response:
+        iid = self.instance_id(request)
+        inst = await self.client.instance(iid)
+        history = await self.client.history(iid)
+        try:
+            graph = await self.graph_of(inst.digest)
+        except NotFound as exc:
+            raise ApiError(404, "NotFound", f"instance {iid}: its definition cannot be read: {exc}") from None
+        trace = render.Trace.of(((h.state, h.next) for h in history), active=inst.active, final=inst.state,
+                                failed_at=inst.error.state if inst.error else None)
+        return JSONResponse({"id": iid, "status": inst.status, "mermaid": render.mermaid_marked(graph, trace),
+                             **render.as_json(graph, trace)})
+
+    async def list_machines(self, request: Request) -> Response:
+        return JSONResponse({"items": [m.as_dict() for m in await machines(self.store, self.keys)]})
+
+    async def get_machine(self, request: Request) -> Response:
+        info, graph = await self.newest(self.machine_name(request))
+        return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph)})
+
+    async def list_workers(self, request: Request) -> Response:
+        found = await self.client.workers()
+        return JSONResponse({"items": [w.as_dict() for w in found], "alarms": await self.client.alarms()})
+
+    async def get_events(self, request: Request) -> Response:
+        unknown = sorted(set(request.query_params) - {"instance"})
+        if unknown:
+            raise bad_request(f"unknown query parameter {unknown[0]!r} (expected instance)")
+        instance = request.query_params.get("instance") or None
+        if instance is not None:
+            try:
+                check_instance_id(instance)
+            except InputError as exc:
+                raise bad_request(str(exc)) from None
+            await self.client.instance(instance)  # NotFound: 404 now rather than a silent stream
+        given = request.headers.get("last-event-id", "").strip()
+        last_id = int(given) if given.isdigit() else None
+        body = events.stream(self.store, self.keys, self.streams, instance=instance, last_id=last_id,
+                             heartbeat=self.heartbeat, history=lambda iid, after: self.client.history(iid, after=after))
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def get_openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi.document())
+
+    # -- actions -----------------------------------------------------------------------------
+
+    async def start(self, request: Request) -> Response:
+        machine = self.machine_name(request)
+        body = await self.body(request, ("payload", "id"))
+        payload = self.payload(body.get("payload"))
+        given = body.get("id")
+        if given is not None:
+            try:
+                check_instance_id(given)
+            except InputError as exc:
+                raise bad_request(str(exc)) from None
+        _, graph = await self.newest(machine)
+        try:
+            iid, created = await self.client.start(graph, payload, instance_id=given)
+        except InstanceExists as exc:
+            raise ApiError(409, "InstanceExists", str(exc)) from None
+        if created:
+            log.info("started instance %s of %s (%s)", iid, machine, graph.digest)
+        try:
+            record = await self.client.record(iid)
+        except NotFound:  # it finished and its retention (0) deleted it already
+            record = {"id": iid, "machine": machine, "digest": graph.digest, "status": "deleted"}
+        return JSONResponse(record, status_code=201 if created else 200, headers={"location": f"/api/instances/{iid}"})
+
+    async def signal(self, request: Request) -> Response:
+        iid = self.instance_id(request)
+        try:
+            name = check_signal_name(request.path_params["name"])
+        except InputError as exc:
+            raise bad_request(str(exc)) from None
+        body = await self.body(request, ("payload", "outcome"))
+        payload = self.payload(body.get("payload"))
+        outcome = body.get("outcome")
+        if outcome is not None and (not isinstance(outcome, str) or not outcome):
+            raise bad_request(f"outcome must be a non-empty label (a string), got {json.dumps(outcome)}")
+        try:
+            inst = await self.client.signal(iid, name, payload, outcome=outcome)
+        except InputError as exc:  # the instance takes no (more) signals: finished, or too many pending
+            raise conflict(str(exc)) from None
+        return JSONResponse(public_record(inst), status_code=202)
+
+    async def cancel(self, request: Request) -> Response:
+        iid = self.instance_id(request)
+        body = await self.body(request, ("reason",))
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise bad_request(f"reason must be a string, got {payloads.json_kind(reason)}")
+        if reason is not None and len(reason) > MAX_REASON:
+            raise bad_request(f"reason is {len(reason)} characters; at most {MAX_REASON} are kept")
+        peer = request.client.host if request.client else "unknown"
+        inst = await self.client.cancel(iid, reason=reason, by=f"api@{peer}")
+        if inst.status != CANCELLED:
+            raise conflict(f"instance {iid} is {inst.status}: there is nothing to cancel")
+        return JSONResponse(public_record(inst))
+
+    async def redrive(self, request: Request) -> Response:
+        iid = self.instance_id(request)
+        await self.body(request, ())
+        try:
+            inst = await self.client.redrive(iid)
+        except InputError as exc:
+            raise conflict(str(exc)) from None
+        return JSONResponse(public_record(inst))
+
+    async def delete(self, request: Request) -> Response:
+        iid = self.instance_id(request)
+        try:
+            inst = await self.client.delete(iid)
+        except InputError as exc:  # still running
+            raise conflict(str(exc)) from None
+        return JSONResponse(index.summary(inst))
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _answers(endpoint: Endpoint) -> Endpoint:
+    """An endpoint whose dsm errors become JSON errors with their status."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.type, str(exc))
+        except NotFound as exc:
+            return error_response(404, "NotFound", str(exc))
+        except InputError as exc:
+            return error_response(400, "BadRequest", str(exc))
+        except StoreError as exc:  # etcd unreachable, out of space (NOSPACE), or refusing this user
+            return error_response(503, "StoreUnavailable", f"the store cannot serve this request: {exc}")
+
+    answer.__name__ = endpoint.__name__
+    answer.__doc__ = endpoint.__doc__
+    return answer
+
+
+def routes(api: Api, static: Path | None) -> list[BaseRoute]:
+    """Every route of the app: the API's, then the dashboard's when `static` holds it."""
+    api_routes: list[BaseRoute] = [
+        Route("/api/instances", _answers(api.list_instances), methods=["GET"], name="list_instances"),
+        Route("/api/instances/{id}", _answers(api.get_instance), methods=["GET"], name="get_instance"),
+        Route("/api/instances/{id}", _answers(api.delete), methods=["DELETE"], name="delete_instance"),
+        Route("/api/instances/{id}/graph", _answers(api.get_graph), methods=["GET"], name="get_graph"),
+        Route("/api/instances/{id}/signals/{name}", _answers(api.signal), methods=["POST"], name="signal"),
+        Route("/api/instances/{id}/cancel", _answers(api.cancel), methods=["POST"], name="cancel"),
+        Route("/api/instances/{id}/redrive", _answers(api.redrive), methods=["POST"], name="redrive"),
+        Route("/api/machines", _answers(api.list_machines), methods=["GET"], name="list_machines"),
+        Route("/api/machines/{machine}", _answers(api.get_machine), methods=["GET"], name="get_machine"),
+        Route("/api/machines/{machine}/instances", _answers(api.start), methods=["POST"], name="start"),
+        Route("/api/workers", _answers(api.list_workers), methods=["GET"], name="list_workers"),
+        Route("/api/events", _answers(api.get_events), methods=["GET"], name="events"),
+        Route("/api/openapi.json", _answers(api.get_openapi), methods=["GET"], name="openapi"),
+    ]
+    if static is None or not static.is_dir():
+        return api_routes
+    index_html = static / "index.html"
+
+    async def front(request: Request) -> Response:
+        if index_html.is_file():
+            return FileResponse(index_html)
+        return JSONResponse({"name": "dsm api", "openapi": "/api/openapi.json"})
+
+    return [*api_routes, Route("/", front, methods=["GET"], name="dashboard"),
+            Mount("/static", app=StaticFiles(directory=static), name="static")]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kinds = {404: "NotFound", 405: "MethodNotAllowed"}
+    return error_response(exc.status_code, kinds.get(exc.status_code, "HTTPError"),
+                          f"{request.method} {request.url.path}: {exc.detail}", dict(exc.headers or {}))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc, exc_info=exc)
+    return error_response(500, "InternalError", f"{type(exc).__name__}: {exc}")
+
+
+def create_app(store: Store, keys: Keys | None = None, *, token: str | None = None,
+               allowed_hosts: Collection[str] | None = None, static: Path | None = STATIC,
+               wall: Callable[[], float] = time.time, heartbeat: float = events.HEARTBEAT) -> Starlette:
+    """The API (and the dashboard in `static`) over a store, for one namespace (`keys`).
+
+    `token`: actions need `Authorization: Bearer TOKEN` (None: no token needed; the command line
+    passes DSM_API_TOKEN). `allowed_hosts`: the only `Host` names answered (None: any; the command
+    line passes the loopback names when it listens on loopback). The caller owns the store and
+    closes it; `app.state.api.close()` ends open event streams before a server stops.
+    """
+    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat)
+    app = Starlette(routes=routes(api, static),
+                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts)],
+                    exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app.state.api = api
+    return app
