@@ -61,6 +61,11 @@ class Context:
             raise AttemptAbandoned(f"attempt {self.attempt} of state {self.state!r} passed its deadline")
 
     @property
+    def abandoned(self) -> bool:
+        """Whether the worker told this attempt to stop (its deadline passing is not that)."""
+        return bool(self._reason)
+
+    @property
     def last_heartbeat(self) -> float | None:
         return self._beats[0] if self._beats else None
 

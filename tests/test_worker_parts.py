@@ -193,3 +193,21 @@ def test_keep_never_exceeds_the_free_slots():
     # the fork's own slot passes to a branch, plus three free slots
     assert len(plan.keep) == 4
     assert all(isinstance(t, Token) for t in plan.keep)
+
+
+def test_a_handler_stopped_by_its_own_deadline_timed_out():
+    """Regression: `ctx.heartbeat()` raises AttemptAbandoned once the attempt's deadline passed,
+    which can reach the executor before its own timer fires: the attempt failed as
+    AttemptAbandoned instead of TimeoutError (so `non_retryable: [TimeoutError]` and catch saw the
+    wrong error). Unless the worker itself abandoned it, that is a timeout."""
+    from dsm.graph import Handler
+    from dsm.worker.executor import TickCall, past_deadline
+
+    call = TickCall(handler=Handler("m:f", "m", "f"), payload={}, instance_id="i", machine="m", state="s",
+                    attempt=1, branch=(), visit=1, timeout=0.1, deadline=0.0, payload_limit=1 << 20)
+    stopped = Outcome(failure=Failure("AttemptAbandoned", "attempt 1 of state 's' passed its deadline"))
+    assert past_deadline(call, stopped, abandoned=False).failure.type == "TimeoutError"
+    assert "timed out after 0.1s" in past_deadline(call, stopped, abandoned=False).failure.message
+    assert past_deadline(call, stopped, abandoned=True) is stopped  # the worker said stop: not a timeout
+    ok = Outcome(payload={})
+    assert past_deadline(call, ok, abandoned=False) is ok

@@ -144,6 +144,15 @@ def timed_out(call: TickCall) -> Outcome:
                                    f"{call.timeout:g}s", retryable=True, bases=("Exception",)))
 
 
+def past_deadline(call: TickCall, outcome: Outcome, abandoned: bool) -> Outcome:
+    """A handler that stopped because `ctx.heartbeat()` said its deadline had passed timed out:
+    its attempt fails as one that ran over (TimeoutError), whichever noticed first."""
+    failure = outcome.failure
+    if failure is not None and failure.type == "AttemptAbandoned" and call.timeout and not abandoned:
+        return timed_out(call)
+    return outcome
+
+
 def context_of(call: TickCall) -> Context:
     return make_context(instance_id=call.instance_id, machine=call.machine, state=call.state,
                         attempt=call.attempt, branch=call.branch, visit=call.visit, deadline=call.deadline,
@@ -175,7 +184,8 @@ class _ThreadAttempt:
         timeout = self.call.timeout
         try:
             if timeout:
-                return await asyncio.wait_for(asyncio.shield(self.future), timeout)
+                done = await asyncio.wait_for(asyncio.shield(self.future), timeout)
+                return past_deadline(self.call, done, self.ctx.abandoned)
             return await self.future
         except asyncio.TimeoutError:
             self.ctx.abandon(f"attempt timed out after {timeout:g}s")

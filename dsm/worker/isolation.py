@@ -60,7 +60,7 @@ from ..context import Context
 from ..graph import Handler
 from ..handlers import HandlerImportError, import_module, resolve
 from ..transition import Failure, Outcome
-from .executor import TickCall, context_of, failure_of, normalize, timed_out
+from .executor import TickCall, context_of, failure_of, normalize, past_deadline, timed_out
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class _ProcessAttempt:
             self.child.send(_frame([_ABANDON, self.id, reason]))
 
     async def outcome(self) -> Outcome:
-        return await self.future
+        return past_deadline(self.call, await self.future, self.reason is not None)
 
 
 class _Child:
