@@ -291,6 +291,7 @@ class ListView {
     this.after = params.get("after") || "";
     this.back = ListView.pages.get(this.key()) || [];
     this.rows = new Map();
+    this.latest = new Map(); // id -> the last event's summary and when it came (until the next page)
     this.refresh = throttled(() => this.load(false), 1000);
     this.build();
     this.load(true);
@@ -351,6 +352,7 @@ class ListView {
 
   async load(first) {
     const f = this.filters;
+    const sent = performance.now();
     let page;
     try {
       page = await api("GET", `/api/instances${query({ status: f.status, machine: f.machine, since: f.since,
@@ -362,7 +364,13 @@ class ListView {
     if (this.disposed) return;
     fill(this.notice);
     this.next = page.next;
-    this.draw(page.items || [], first);
+    // An event that came while the page was on its way is newer than the page: it wins.
+    const items = (page.items || []).map((item) => {
+      const seen = this.latest.get(item.id);
+      return seen && seen.at >= sent ? { ...item, ...seen.data } : item;
+    });
+    for (const [id, seen] of this.latest) if (seen.at < sent) this.latest.delete(id);
+    this.draw(items, first);
   }
 
   draw(items, first) {
@@ -431,6 +439,8 @@ class ListView {
     if (event.type === "open" || event.type === "resync") { this.refresh(); return; }
     if (event.type === "deleted") { if (this.rows.has(data.id)) this.refresh(); return; }
     if (event.type !== "instance" || !data.id) return;
+    if (this.latest.size > 10000) this.latest.clear(); // a flood between two pages: the next page is as new
+    this.latest.set(data.id, { data, at: performance.now() });
     const shown = this.rows.get(data.id);
     if (shown) {
       // The event carries the summary: the row changes in place, at once.
@@ -495,6 +505,7 @@ class InstanceView {
     this.root = root;
     this.id = id;
     this.showAll = false;
+    this.eventAt = -1; // when the stream last brought the record
     this.reload = throttled(() => this.load(), 500);
     this.redraw = throttled(() => this.record && this.draw(this.record), 250);
     this.regraph = throttled(() => this.record && this.drawGraph(), 1000);
@@ -504,6 +515,7 @@ class InstanceView {
   }
 
   async load() {
+    const sent = performance.now();
     let record;
     try {
       record = await api("GET", `/api/instances/${encodeURIComponent(this.id)}`);
@@ -514,6 +526,11 @@ class InstanceView {
       return;
     }
     if (this.disposed || this.gone) return;
+    if (this.record && this.eventAt >= sent) {
+      // the stream said something since this was read: its record is newer; keep the history read
+      this.update({ ...this.record, history: undefined }, record.history || []);
+      return;
+    }
     this.update(record, record.history || []);
   }
 
@@ -569,16 +586,26 @@ class InstanceView {
     const running = r.status === "running";
     const finished = !running;
     const failureTerminal = r.status === "failed" && !r.error && r.state;
-    fill(this.head,
-      h("h1", { id: "instance-id", class: "mono" }, r.id), h("span", { id: "status" }, badge(r.status)),
-      h("span", { class: "muted" }, r.machine, r.version !== null && r.version !== undefined ? ` v${r.version}` : ""),
-      h("div", { class: "actions" },
-        h("button", { id: "act-signal", disabled: !running, onclick: () => this.signal() }, "Signal…"),
-        h("button", { id: "act-cancel", disabled: !running, onclick: () => this.cancel() }, "Cancel…"),
-        h("button", { id: "act-redrive", class: "primary", disabled: !(r.status === "failed" || r.status === "cancelled") || failureTerminal,
-                      title: failureTerminal ? "It ended in a failure state: start a new instance instead" : null,
-                      onclick: () => this.redrive() }, "Redrive"),
-        h("button", { id: "act-delete", class: "danger", disabled: !finished, onclick: () => this.remove() }, "Delete")));
+    if (first) {
+      // made once and only enabled or disabled after, so that a button is never replaced under the pointer
+      this.buttons = {
+        signal: h("button", { id: "act-signal", onclick: () => this.signal() }, "Signal…"),
+        cancel: h("button", { id: "act-cancel", onclick: () => this.cancel() }, "Cancel…"),
+        redrive: h("button", { id: "act-redrive", class: "primary", onclick: () => this.redrive() }, "Redrive"),
+        remove: h("button", { id: "act-delete", class: "danger", onclick: () => this.remove() }, "Delete"),
+      };
+      this.status = h("span", { id: "status" });
+      this.machine = h("span", { class: "muted" });
+      fill(this.head, h("h1", { id: "instance-id", class: "mono" }, r.id), this.status, this.machine,
+        h("div", { class: "actions" }, Object.values(this.buttons)));
+    }
+    fill(this.status, badge(r.status));
+    fill(this.machine, r.machine, r.version !== null && r.version !== undefined ? ` v${r.version}` : "");
+    this.buttons.signal.disabled = !running;
+    this.buttons.cancel.disabled = !running;
+    this.buttons.redrive.disabled = !(r.status === "failed" || r.status === "cancelled") || Boolean(failureTerminal);
+    this.buttons.redrive.title = failureTerminal ? "It ended in a failure state: start a new instance instead" : "";
+    this.buttons.remove.disabled = !finished;
 
     const facts = [
       ["State", r.state ? h("span", { class: "mono" }, r.state) : null],
@@ -806,6 +833,7 @@ class InstanceView {
       const { id, ...entry } = data;
       this.update({ ...this.record, history: undefined }, [entry]);
     } else if (event.type === "instance" && data.id === this.id) {
+      this.eventAt = performance.now();
       const { history, ...record } = data;
       if (this.record) this.update(record, history || []);
       else this.reload();
