@@ -4,7 +4,8 @@
 What a user would check: an instance started through the API appears in the list and turns
 `succeeded` there without a reload; a failed instance's page shows the traceback; redrive from
 the page brings it to `succeeded`; a signal sent from the page wakes the instance that waits for
-it. Screenshots go to $DSM_ARTIFACTS (or pytest's temporary folder) for a look after the run.
+it; an API with a token has it asked for once, at the first action. Screenshots go to
+$DSM_ARTIFACTS (or pytest's temporary folder) for a look after the run.
 
 Needs Debian's `chromium` and `chromium-driver` (or any Chromium with a matching chromedriver on
 PATH) and the `selenium` package: without them these tests are skipped, except when CI is set,
@@ -126,8 +127,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class _Process:
     """A dsm process whose stderr is read on a thread (so it never blocks on a full pipe)."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = spawn(*args)
+    def __init__(self, *args: str, **env: str) -> None:
+        self.proc = spawn(*args, **env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -163,9 +164,11 @@ class _Process:
 class Dashboard:
     """A `dsm api` process and a `dsm worker` process over one namespace of the suite's etcd."""
 
-    def __init__(self, url: str, folder: Path) -> None:
+    def __init__(self, url: str, folder: Path, machines: tuple[str, ...], at: tuple[str, ...]) -> None:
         self.url = url
         self.folder = folder
+        self.machines = machines  # the definition files
+        self.at = at  # --etcd URL --namespace NS
         self.http = httpx.Client(base_url=url, timeout=30)
 
     def start(self, machine: str, payload: dict[str, Any]) -> str:
@@ -191,8 +194,7 @@ def dashboard(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     worker = _Process("worker", *machines, *at, "--concurrency", "4", "--lease-ttl", "3", "--isolation", "thread")
     api = _Process("api", *machines, *at, "--host", "127.0.0.1", "--port", "0")
     try:
-        url = api.wait_for_line(r"^dsm api serving (http://127\.0\.0\.1:\d+) ").group(1)
-        board = Dashboard(url, folder)
+        board = Dashboard(_served_at(api), folder, machines, at)
         try:
             _until(lambda: len(board.http.get("/api/workers").json()["items"]) == 1, "the worker to register itself")
         except AssertionError:
@@ -203,6 +205,11 @@ def dashboard(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     finally:
         api.stop()
         worker.stop()
+
+
+def _served_at(api: _Process) -> str:
+    """The URL a `dsm api --port 0` process says it serves."""
+    return api.wait_for_line(r"^dsm api serving (http://127\.0\.0\.1:\d+) ").group(1)
 
 
 def _until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
@@ -313,3 +320,42 @@ def test_a_signal_sent_from_the_page_wakes_the_instance(browser: Any, dashboard:
     history = dashboard.record(instance_id)["history"]
     assert [entry["state"] for entry in history] == ["prepare", "hold"]
     assert history[1]["signal"]["name"] == "go"
+
+
+def test_an_action_asks_for_the_token_once_and_the_tab_keeps_it(browser: Any, dashboard: Dashboard) -> None:
+    token = "token-of-this-test"
+    api = _Process("api", *dashboard.machines, *dashboard.at, "--host", "127.0.0.1", "--port", "0",
+                   DSM_API_TOKEN=token)
+    try:
+        url = _served_at(api)
+        flag = dashboard.folder / "token-flag"
+        ids = [dashboard.start("flaky", {"flag": str(flag)}) for _ in range(2)]
+        _until(lambda: all(dashboard.record(i)["status"] == "failed" for i in ids), "both instances to fail")
+        flag.touch()
+        _open(browser, f"{url}/#/instances/{ids[0]}")
+        _until(lambda: _page_status(browser) == "failed", "the page to show the instance failed")
+
+        def asks() -> bool:
+            return bool(_js(browser, "return document.getElementById('token-dialog').open"))
+
+        def answer(text: str) -> None:
+            field = browser.find_element("id", "token-input")
+            field.clear()
+            field.send_keys(text)
+            browser.find_element("css selector", "#token-dialog button[value=ok]").click()
+
+        browser.find_element("id", "act-redrive").click()
+        _until(asks, "the page to ask for the token")
+        answer("not-the-token")
+        _until(lambda: asks() and "refused" in _text(browser, "#token-dialog p"), "the page to say it was refused")
+        answer(token)
+        _until(lambda: _page_status(browser) == "succeeded", "the redriven instance to succeed")
+        assert _js(browser, "return sessionStorage.getItem('dsm.api.token')") == token
+
+        _open(browser, f"{url}/#/instances/{ids[1]}")  # the same tab: the token is not asked for again
+        _until(lambda: _page_status(browser) == "failed", "the second instance's page")
+        browser.find_element("id", "act-redrive").click()
+        _until(lambda: _page_status(browser) == "succeeded", "the second redriven instance to succeed")
+        assert not asks()
+    finally:
+        api.stop()
