@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from apiserver import ApiServer, finished, waits_for_signal
-from clitools import dsm, spawn
-from conftest import DEFINITIONS
+from clitools import ROOT, dsm, spawn
 
 from dsm import compiler
 from dsm.api import guard, openapi
@@ -22,6 +21,7 @@ from dsm.api.app import create_app
 from dsm.client import Client
 from dsm.store.memory import MemoryStore
 
+DEFINITIONS = ROOT / "definitions"
 ORDER = compiler.load(DEFINITIONS / "order.yaml")
 APPROVAL = compiler.load(DEFINITIONS / "approval.yaml")
 
@@ -594,3 +594,17 @@ def test_the_api_does_not_import_handlers(write, etcd, namespace):
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "imported!" not in stderr, stderr
 
+
+
+def test_readme_curl_examples_name_real_routes():
+    from dsm.api.app import routes
+
+    text = (ROOT / "README.md").read_text()
+    paths = {route.path for route in routes(create_app(MemoryStore()).state.api, None)}
+    shown = {line.split("/api/", 1)[1].split()[0].split("?")[0].rstrip("'\"") for line in text.splitlines()
+             if line.lstrip().startswith("curl") and "/api/" in line}
+    assert shown
+    for path in shown:
+        parts = path.split("/")
+        assert any(len(p.split("/")) == len(parts) + 2 and all(
+            a == b or a.startswith("{") for a, b in zip(p.split("/")[2:], parts)) for p in paths), path

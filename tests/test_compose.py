@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 
+import httpx
 import pytest
 import yaml
 from clitools import ROOT, dsm, spawn
@@ -15,8 +17,8 @@ SERVICES = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
-def test_services_are_etcd_work_and_client():
-    assert set(SERVICES) == {"etcd", "work", "client"}
+def test_services_are_etcd_work_api_and_client():
+    assert set(SERVICES) == {"etcd", "work", "api", "client"}
 
 
 def test_every_scale_command_shown_names_a_service():
@@ -41,11 +43,31 @@ def test_etcd_healthcheck_is_exec_form():
     assert "health" in test
 
 
+def _host_port(spec: str) -> str:
+    """The host port of a short-syntax port ("8080", "127.0.0.1::8080", "8080:8080", "ip:8080:8080")."""
+    parts = str(spec).split(":")
+    return "" if len(parts) == 1 else parts[-2]
+
+
 def test_no_container_names_and_no_fixed_host_ports():
     for name, service in SERVICES.items():
         assert "container_name" not in service, name
         for port in service.get("ports", []):
-            assert ":" not in str(port), f"{name} publishes a fixed host port: {port}"
+            assert _host_port(port) == "", f"{name} publishes a fixed host port: {port}"
+
+
+def test_api_serves_the_namespace_on_a_free_loopback_port_of_the_host():
+    api = SERVICES["api"]
+    command = api["command"]
+    assert command[:2] == ["dsm", "api"] and command[command.index("--host") + 1] == "0.0.0.0"
+    assert "--workers" not in command  # the workers run the instances; the API runs no handler
+    assert api["environment"]["DSM_ETCD"] == "http://etcd:2379"
+    assert api["environment"]["DSM_NAMESPACE"] == SERVICES["work"]["environment"]["DSM_NAMESPACE"]
+    assert "DSM_API_TOKEN" in api["environment"]
+    assert api["depends_on"]["etcd"]["condition"] == "service_healthy"
+    (port,) = api["ports"]
+    assert port.startswith("127.0.0.1:") and port.endswith(":" + command[command.index("--port") + 1])
+    assert api["healthcheck"]["test"][0] == "CMD"
 
 
 def test_worker_scales_and_waits_for_a_healthy_etcd():
@@ -78,7 +100,8 @@ def test_dockerfile_installs_the_project_and_ships_the_definitions():
     for needed in ("pyproject.toml", "cli.py", "dsm", "schemas", "definitions"):
         assert re.search(rf"^COPY .*\b{re.escape(needed)}\b", DOCKERFILE, re.M), needed
         assert (ROOT / needed).exists()
-    assert "pip install ." in DOCKERFILE and re.search(r"^USER ", DOCKERFILE, re.M)
+    assert re.search(r"^RUN pip install \"\.\[api\]\"$", DOCKERFILE, re.M), "the image has the API's extra"
+    assert re.search(r"^USER ", DOCKERFILE, re.M) and re.search(r"^EXPOSE 8080$", DOCKERFILE, re.M)
 
 
 @pytest.mark.etcd
@@ -107,3 +130,79 @@ def test_etcd_runs_with_a_quota_and_auto_compaction():
     flags = dict(arg.split("=", 1) for arg in SERVICES["etcd"]["command"] if "=" in arg)
     assert int(flags["--quota-backend-bytes"]) >= 2 * 1024**3
     assert flags["--auto-compaction-mode"] == "periodic" and flags["--auto-compaction-retention"]
+
+
+def _serving(proc) -> str:
+    line = proc.stderr.readline()
+    assert "dsm api serving" in line, line
+    return line.split("serving ")[1].split()[0]
+
+
+def _local(command: list[str]) -> list[str]:
+    """The api service's command, listening on a free loopback port instead of 0.0.0.0:8080."""
+    args = list(command[1:])
+    args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--port") + 1] = "0"
+    return args
+
+
+@pytest.mark.etcd
+@pytest.mark.slow
+def test_the_api_topology_without_docker(etcd, namespace):
+    """etcd + two workers + the API, as separate processes running the compose file's own commands,
+    and a client that uses only the API, over HTTP: start, follow, signal, cancel, list, delete."""
+    env = {"DSM_ETCD": etcd.endpoint, "DSM_NAMESPACE": namespace}
+    api = spawn(*_local(SERVICES["api"]["command"]), **env, DSM_API_TOKEN="t0ken")
+    workers = [spawn(*SERVICES["work"]["command"][1:], **env) for _ in range(2)]
+    try:
+        url = _serving(api)
+        for w in workers:
+            assert "serving namespace" in w.stderr.readline()
+        auth = {"authorization": "Bearer t0ken"}
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert len(http.get("/api/workers").json()["items"]) == 2
+            assert {m["machine"] for m in http.get("/api/machines").json()["items"]} >= {"order", "approval"}
+            assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 401
+            with http.stream("GET", "/api/events") as events:
+                lines = events.iter_lines()
+                assert next(line for line in lines if line.startswith("event: ")) == "event: ready"
+                orders = []
+                for total in (120, 40, 7):
+                    response = http.post("/api/machines/order/instances", json={"payload": {"total": total}},
+                                         headers=auth)
+                    assert response.status_code == 201, response.text
+                    orders.append(response.json()["id"])
+                ended: set[str] = set()
+                for line in lines:  # each instance's summary, as each transition commits, until all succeed
+                    if line.startswith("data: ") and '"status":"succeeded"' in line:
+                        ended.add(json.loads(line[6:])["id"])
+                        if ended >= set(orders):
+                            break
+            approval = http.post("/api/machines/approval/instances", json={"payload": {"amount": 9}, "id": "ap-1"},
+                                 headers=auth).json()["id"]
+            deadline = time.monotonic() + 60
+            while not http.get(f"/api/instances/{approval}").json()["waiting"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            signalled = http.post(f"/api/instances/{approval}/signals/decision", headers=auth,
+                                  json={"outcome": "approve", "payload": {"by": "ann"}})
+            assert signalled.status_code == 202, signalled.text
+            while (record := http.get(f"/api/instances/{approval}").json())["status"] == "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert record["status"] == "succeeded" and record["payload"]["by"] == "ann"
+            listed = http.get("/api/instances", params={"status": "succeeded", "limit": 2}).json()
+            assert len(listed["items"]) == 2 and listed["next"]
+            rest = http.get("/api/instances", params={"status": "succeeded", "after": listed["next"]}).json()
+            assert {i["id"] for i in listed["items"] + rest["items"]} == {*orders, approval}
+            records = [http.get(f"/api/instances/{iid}").json() for iid in (*orders, approval)]
+            assert http.delete(f"/api/instances/{approval}", headers=auth).status_code == 200
+            assert http.get(f"/api/instances/{approval}").status_code == 404
+    finally:
+        for proc in (api, *workers):
+            proc.send_signal(signal.SIGTERM)
+        errors = [proc.communicate(timeout=60)[1] for proc in (api, *workers)]
+    worker_pids = {str(w.pid) for w in workers}
+    ran = {h["worker"].rpartition(":")[2] for r in records for h in r["history"]}
+    assert ran <= worker_pids, (ran, worker_pids)  # the API ran no tick
+    assert [p.returncode for p in (api, *workers)] == [0, 0, 0], errors
