@@ -455,8 +455,8 @@ def test_events_stream_each_change_of_a_started_instance(server):
     mine = [data for event, data, _ in events if event == "instance" and data["id"] == iid]
     assert mine[0]["status"] == "running" and mine[-1]["state"] == "done" and mine[-1]["transitions"] == 7
     assert set(mine[-1]) >= {"id", "machine", "status", "state", "active", "transitions", "waiting"}
-    revisions = [int(ident) for _, _, ident in events]
-    assert revisions == sorted(revisions)
+    revisions = [int(ident) for _, _, ident in events if ident is not None]
+    assert revisions == sorted(revisions) and len(revisions) >= len(mine)
 
 
 def test_events_follow_one_instance_and_resume_after_the_last_id(server):
@@ -608,3 +608,23 @@ def test_readme_curl_examples_name_real_routes():
         parts = path.split("/")
         assert any(len(p.split("/")) == len(parts) + 2 and all(
             a == b or a.startswith("{") for a, b in zip(p.split("/")[2:], parts)) for p in paths), path
+
+
+def test_the_drawing_follows_forks_and_joins():
+    """An order run to its end: the fork bar, both branches and the join bar are on its path."""
+    import dsm
+    from dsm import render
+
+    record = dsm.run(ORDER, {"total": 120})
+    trace = render.Trace.of(((h["state"], h["next"]) for h in record["history"]), active=record["active"],
+                            final=record["state"], failed_at=None)
+    drawing = render.as_json(ORDER, trace)
+    taken = {(e["source"], e["target"]) for e in drawing["edges"] if e["taken"]}
+    assert {("fulfil", "fulfil__fork"), ("fulfil__fork", "pick"), ("fulfil__fork", "bill"), ("pick", "ship__join"),
+            ("bill", "ship__join"), ("ship__join", "ship"), ("ship", "insured"), ("insured", "done")} <= taken
+    assert not taken & {("ship", "done"), ("ship", "refund"), ("check", "cancelled")}
+    visited = {n["state"] for n in drawing["nodes"] if n.get("visited")}
+    assert visited == {"receive", "check", "fulfil", "pick", "bill", "ship", "insured", "done"}
+    assert drawing["path"][-1] == "done" and drawing["active"] == []
+    assert {n["id"] for n in drawing["nodes"]} >= {e["source"] for e in drawing["edges"]} | {
+        e["target"] for e in drawing["edges"]}

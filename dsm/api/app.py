@@ -47,7 +47,7 @@ from starlette.staticfiles import StaticFiles
 from .. import index, payloads, render
 from ..client import Client
 from ..definitions import MachineInfo, Registry, machines, newest
-from ..errors import InputError, InstanceExists, NotFound, StoreUnavailable
+from ..errors import InputError, InstanceExists, NotFound, StoreError
 from ..graph import Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
 from ..records import CANCELLED, STATUSES, public_record
@@ -350,8 +350,8 @@ def _answers(endpoint: Endpoint) -> Endpoint:
             return error_response(404, "NotFound", str(exc))
         except InputError as exc:
             return error_response(400, "BadRequest", str(exc))
-        except StoreUnavailable as exc:
-            return error_response(503, "StoreUnavailable", f"the store is unavailable: {exc}")
+        except StoreError as exc:  # etcd unreachable, out of space (NOSPACE), or refusing this user
+            return error_response(503, "StoreUnavailable", f"the store cannot serve this request: {exc}")
 
     answer.__name__ = endpoint.__name__
     answer.__doc__ = endpoint.__doc__

@@ -2,13 +2,13 @@
 
 `GET /api/events` streams one `instance` event per change of a record (a start, each committed
 transition, a signal, a cancel, a redrive), carrying the instance's summary, and one `deleted`
-event when a record goes. Within one batch of the watch only the last change of each instance is
-sent: a client that falls behind gets the latest state, not every step. With `?instance=ID` the
-stream follows that one instance: `instance` events carry its record without history (payload
-included), and each committed transition comes as a `history` event, in order.
+event when a record goes. With `?instance=ID` the stream follows that one instance: it starts with
+its record and its history so far, then `instance` events carry its record without history
+(payload included), and each committed transition comes as a `history` event, in order.
 
-Every event's `id` is the store revision it reflects. A client that reconnects sends it back as
-`Last-Event-ID` (EventSource does) and the stream resumes after it. When the store has compacted
+The last event of each store revision has that revision as its `id` (one transaction may start
+many instances). A client that reconnects sends it back as `Last-Event-ID` (EventSource does)
+and the stream resumes after it. When the store has compacted
 the revisions a stream needs (after a long disconnect, or when etcd restarted under it), it sends
 `resync`: events were lost, read the listing (or the record) again; the stream goes on from now.
 A comment line goes out every `heartbeat` seconds, so proxies keep the connection and a client
@@ -47,7 +47,7 @@ def event_summary(inst: Instance) -> dict[str, Any]:
 
 
 def frame(event: str, data: Any, revision: int | None = None) -> str:
-    """One server-sent event (data as one line of JSON)."""
+    """One server-sent event (data as one line of JSON), with an id when `revision` is given."""
     head = f"id: {revision}\n" if revision is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -87,94 +87,92 @@ async def stream(store: Store, keys: Keys, streams: Streams, *, instance: str | 
                  history: History | None = None) -> AsyncIterator[str]:
     """The event stream (see the module docstring). `history(id, after)` reads an instance's
     history entries after a sequence number (for `?instance=`)."""
-    queue: asyncio.Queue = asyncio.Queue()
-    streams.queues.add(queue)
     if instance is not None:
         start, end = keys.instance(instance), None
     else:
         start, end = keys.instances, prefix_end(keys.instances)
     seen_seq = 0  # with ?instance=: the last history entry sent
     delay = 0.2
-    try:
-        yield f"retry: {RETRY_MS}\n\n"
-        revision = last_id if last_id is not None else await store.revision()
-        first = True
-        while not streams.closed:
-            try:
-                watch = await store.watch(start, end, start_revision=revision + 1)
-            except Compacted:
-                revision = await store.revision()
-                yield frame("resync", {"revision": revision}, revision)
-                continue
-            except StoreUnavailable as exc:
-                log.warning("event stream: %s; watching again in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            pump = asyncio.get_running_loop().create_task(_pump(watch, queue))
-            try:
-                if first:
-                    first = False
-                    yield frame("ready", {"revision": revision}, revision)
-                    if instance is not None:  # where the instance is now, before its changes
-                        kv = await store.get(keys.instance(instance))
-                        if kv is not None:
-                            inst = load_instance(kv.value)
-                            yield frame("instance", public_record(inst), kv.mod_revision)
-                            for text, seq in await _history_frames(history, instance, seen_seq, inst, kv.mod_revision):
-                                seen_seq = seq
-                                yield text
-                while True:
-                    try:
-                        item = await asyncio.wait_for(queue.get(), heartbeat)
-                    except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    if item is _CLOSED:
-                        return
-                    if isinstance(item, Compacted):
-                        revision = await store.revision()
-                        yield frame("resync", {"revision": revision}, revision)
-                        break
-                    if isinstance(item, Exception):
-                        log.warning("event stream: %s; watching again from revision %d", item, revision)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 5.0)
-                        break
-                    delay = 0.2
-                    latest: dict[str, Any] = {}  # instance id -> its last event in this batch
-                    for event in item.events:
-                        revision = max(revision, event.kv.mod_revision)
-                        latest[event.kv.key] = event
-                    for key, event in latest.items():
-                        iid = key[len(keys.instances):]
-                        if event.type == "delete" or not event.kv.value:
-                            yield frame("deleted", {"id": iid}, event.kv.mod_revision)
-                            continue
-                        inst = load_instance(event.kv.value)
-                        if instance is None:
-                            yield frame("instance", event_summary(inst), event.kv.mod_revision)
-                            continue
-                        for text, seq in await _history_frames(history, instance, seen_seq, inst,
-                                                               event.kv.mod_revision):
+    yield f"retry: {RETRY_MS}\n\n"
+    revision = last_id if last_id is not None else await store.revision()
+    first = True
+    while not streams.closed:
+        try:
+            watch = await store.watch(start, end, start_revision=revision + 1)
+        except Compacted:
+            revision = await store.revision()
+            yield frame("resync", {"revision": revision}, revision)
+            continue
+        except StoreUnavailable as exc:
+            log.warning("event stream: %s; watching again in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        queue: asyncio.Queue = asyncio.Queue()  # one per watch: nothing of an abandoned watch is read
+        streams.queues.add(queue)
+        pump = asyncio.get_running_loop().create_task(_pump(watch, queue))
+        try:
+            if first:
+                first = False
+                yield frame("ready", {"revision": revision}, revision)
+                if instance is not None:  # where the instance is now, before its changes
+                    kv = await store.get(keys.instance(instance))
+                    if kv is not None:
+                        inst = load_instance(kv.value)
+                        yield frame("instance", public_record(inst))
+                        for text, seq in await _history_frames(history, instance, seen_seq, inst):
                             seen_seq = seq
                             yield text
-                        yield frame("instance", public_record(inst), event.kv.mod_revision)
-            finally:
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
-                await watch.cancel()
-    finally:
-        streams.queues.discard(queue)
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), heartbeat)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if item is _CLOSED:
+                    return
+                if isinstance(item, Compacted):
+                    revision = await store.revision()
+                    yield frame("resync", {"revision": revision}, revision)
+                    break
+                if isinstance(item, Exception):
+                    log.warning("event stream: %s; watching again from revision %d", item, revision)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    break
+                delay = 0.2
+                changes = item.events
+                for n, event in enumerate(changes):
+                    at = event.kv.mod_revision
+                    revision = max(revision, at)
+                    # the id goes on a revision's last event: resuming after it misses none of that revision
+                    ident = at if n + 1 == len(changes) or changes[n + 1].kv.mod_revision != at else None
+                    iid = event.kv.key[len(keys.instances):]
+                    if event.type == "delete" or not event.kv.value:
+                        yield frame("deleted", {"id": iid}, ident)
+                        continue
+                    inst = load_instance(event.kv.value)
+                    if instance is None:
+                        yield frame("instance", event_summary(inst), ident)
+                        continue
+                    for text, seq in await _history_frames(history, instance, seen_seq, inst):
+                        seen_seq = seq
+                        yield text
+                    yield frame("instance", public_record(inst), ident)
+        finally:
+            streams.queues.discard(queue)
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            await watch.cancel()
 
 
-async def _history_frames(history: History | None, instance: str, seen: int, inst: Instance,
-                          revision: int) -> list[tuple[str, int]]:
+async def _history_frames(history: History | None, instance: str, seen: int,
+                          inst: Instance) -> list[tuple[str, int]]:
     """`history` events for the entries committed after `seen` (each with its sequence number)."""
     if history is None or inst.transitions <= seen:
         return []
     entries = await history(instance, seen)
-    return [(frame("history", {"id": instance, **entry.as_dict()}, revision), entry.seq)
+    return [(frame("history", {"id": instance, **entry.as_dict()}), entry.seq)
             for entry in entries if entry.seq > seen]
 
 
