@@ -359,3 +359,28 @@ def test_an_action_asks_for_the_token_once_and_the_tab_keeps_it(browser: Any, da
         assert not asks()
     finally:
         api.stop()
+
+
+def test_the_list_filters_by_status_and_machine_and_pages(browser: Any, dashboard: Dashboard) -> None:
+    ids = [dashboard.start("flaky", {"flag": str(dashboard.folder / "never-made")}) for _ in range(3)]
+    _until(lambda: all(dashboard.record(i)["status"] == "failed" for i in ids), "three instances to fail")
+    _open(browser, f"{dashboard.url}/#/?status=failed&machine=flaky&limit=2")
+
+    def rows() -> list[tuple[str, str, str]]:
+        found = _js(browser, "return [...document.querySelectorAll('#instances tr[data-id]')]"
+                             ".map(tr => [tr.dataset.id, tr.dataset.status, tr.children[1].textContent])")
+        return [tuple(r) for r in found]
+
+    first = _until(lambda: len(rows()) == 2 and rows(), "a first page of two")
+    assert [(i, s, m.split()[0]) for i, s, m in first] == [(ids[2], "failed", "flaky"), (ids[1], "failed", "flaky")]
+    browser.find_element("id", "page-older").click()
+    second = _until(lambda: rows() and rows()[0][0] == ids[0] and rows(), "the next page")
+    assert all(status == "failed" for _, status, _ in second)
+    browser.find_element("id", "page-newer").click()
+    _until(lambda: [r[0] for r in rows()] == [ids[2], ids[1]], "the first page again")
+    browser.find_element("css selector", ".chips button[data-status=running]").click()
+    _until(lambda: "status=running" in browser.current_url and all(r[1] == "running" for r in rows()),
+           "only running instances of flaky (none)")
+    assert _until(lambda: _text(browser, "#instances .empty"), "the empty list to say so") == \
+        "No running instances of machine flaky."
+    assert _same_page(browser)

@@ -388,11 +388,12 @@ class ListView {
     }
     this.rows = new Map(items.map((item) => [item.id, this.rows.get(item.id)]));
     if (!items.length) {
-      const what = [this.filters.status, this.filters.machine && `of machine ${this.filters.machine}`,
-                    this.filters.since && `started in the ${SINCE.find(([v]) => v === this.filters.since)?.[1] || this.filters.since}`]
-        .filter(Boolean).join(" ");
-      fill(this.body, h("tr", {}, h("td", { colspan: 7, class: "empty" },
-        `No ${what ? `${what} ` : ""}instances${this.after ? " on this page" : ""}.`)));
+      const f = this.filters;
+      const named = SINCE.find(([v]) => v && v === f.since);
+      const since = f.since && (named ? `started in the ${named[1]}` : `started since ${f.since}`);
+      const text = [`No ${f.status ? `${f.status} ` : ""}instances`, f.machine && `of machine ${f.machine}`,
+                    since, this.after && "on this page"].filter(Boolean).join(" ");
+      fill(this.body, h("tr", {}, h("td", { colspan: 7, class: "empty" }, `${text}.`)));
     } else {
       fill(this.body, ...order);
     }
