@@ -160,7 +160,10 @@ def test_the_api_topology_without_docker(etcd, namespace):
             assert "serving namespace" in w.stderr.readline()
         auth = {"authorization": "Bearer t0ken"}
         with httpx.Client(base_url=url, timeout=30) as http:
-            assert len(http.get("/api/workers").json()["items"]) == 2
+            deadline = time.monotonic() + 60
+            while len(http.get("/api/workers").json()["items"]) < 2:  # each registers as it starts
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             assert {m["machine"] for m in http.get("/api/machines").json()["items"]} >= {"order", "approval"}
             assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 401
             with http.stream("GET", "/api/events") as events:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = 15.0  # seconds between keep-alive comments
 RETRY_MS = 2000  # how long EventSource waits before it reconnects
+QUEUED = 256  # watch batches held for a stream that its client has not read yet
 SUMMARY_FIELDS = ("id", "machine", "version", "status", "state", "active", "transitions", "waiting", "error",
                   "created_at", "finished_at", "redrives", "parent")
 
@@ -67,6 +68,8 @@ class Streams:
     def close(self) -> None:
         self.closed = True
         for queue in list(self.queues):
+            if queue.full():
+                queue.get_nowait()  # what it held is not going to be sent anyway
             queue.put_nowait(_CLOSED)
 
 
@@ -108,7 +111,9 @@ async def stream(store: Store, keys: Keys, streams: Streams, *, instance: str | 
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             continue
-        queue: asyncio.Queue = asyncio.Queue()  # one per watch: nothing of an abandoned watch is read
+        # one per watch, so nothing of an abandoned watch is read; bounded, so a client that reads
+        # slowly holds back its watch rather than this process's memory
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUED)
         streams.queues.add(queue)
         pump = asyncio.get_running_loop().create_task(_pump(watch, queue))
         try:
