@@ -230,12 +230,13 @@ def _js(browser: Any, script: str, *args: Any) -> Any:
     return browser.execute_script(script, *args)
 
 
-def _open(browser: Any, url: str) -> None:
+def _open(browser: Any, url: str, *, live: bool = True) -> None:
     browser.get(url)
     # a mark that only this page load carries: it is gone if the page ever reloads
     _js(browser, "window.dsmTestLoad = 'same page'")
-    _until(lambda: _js(browser, "return document.getElementById('live').classList.contains('on')"),
-           "the page to follow live events")
+    if live:
+        _until(lambda: _js(browser, "return document.getElementById('live').classList.contains('on')"),
+               "the page to follow live events")
 
 
 def _same_page(browser: Any) -> bool:
@@ -384,3 +385,20 @@ def test_the_list_filters_by_status_and_machine_and_pages(browser: Any, dashboar
     assert _until(lambda: _text(browser, "#instances .empty"), "the empty list to say so") == \
         "No running instances of machine flaky."
     assert _same_page(browser)
+
+
+def test_the_start_form_starts_an_instance_and_opens_its_page(browser: Any, dashboard: Dashboard) -> None:
+    _open(browser, f"{dashboard.url}/#/start?machine=gate", live=False)
+    _until(lambda: _js(browser, "return document.getElementById('start-machine').value") == "gate",
+           "the form to offer the machine named in the address")
+    payload = browser.find_element("id", "start-payload")
+    payload.clear()
+    payload.send_keys('{"order": [1, 2]')  # not JSON: said, and nothing starts
+    browser.find_element("id", "start-submit").click()
+    assert "the payload is not JSON" in _until(lambda: _text(browser, ".notice.error"), "the form to refuse it")
+    payload.send_keys("}")
+    browser.find_element("id", "start-submit").click()
+    _until(lambda: _page_status(browser) == "running", "the new instance's page")
+    instance_id = _text(browser, "#instance-id")
+    assert dashboard.record(instance_id)["input"] == {"order": [1, 2]}
+    _until(lambda: "Waits for signal go" in _text(browser, "#facts"), "the page to say what it waits for")

@@ -286,7 +286,7 @@ class ListView {
     this.root = root;
     this.filters = {
       status: params.get("status") || "", machine: params.get("machine") || "", since: params.get("since") || "",
-      limit: Number(params.get("limit")) || 50,
+      limit: Math.min(Math.max(Math.floor(Number(params.get("limit"))) || 50, 1), 1000), // as the API takes
     };
     this.after = params.get("after") || "";
     this.back = ListView.pages.get(this.key()) || [];
@@ -332,14 +332,25 @@ class ListView {
       since.append(h("option", { value: this.filters.since, selected: true }, `since ${this.filters.since}`));
     }
     const limit = h("select", { id: "filter-limit", onchange: (e) => this.go({ limit: Number(e.target.value) }) },
-      PAGE_SIZES.map((n) => h("option", { value: n, selected: n === this.filters.limit }, `${n} a page`)));
+      [...new Set([...PAGE_SIZES, this.filters.limit])].sort((a, b) => a - b)
+        .map((n) => h("option", { value: n, selected: n === this.filters.limit }, `${n} a page`)));
     this.notice = h("div");
     this.body = h("tbody");
     this.table = h("table", { class: "list", id: "instances" },
       h("thead", {}, h("tr", {}, ["Instance", "Machine", "Status", "State", "Transitions", "Created", "Took"]
         .map((t, i) => h("th", { class: i === 4 ? "num" : "" }, t)))),
       this.body);
-    this.pager = h("div", { class: "pager" });
+    // the pager's buttons are made once, so that a refresh never replaces one under the pointer
+    this.shown = h("span", { class: "muted" });
+    this.newest = h("button", { id: "page-newest", disabled: true, onclick: () => this.go({}) }, "Newest");
+    this.newer = h("button", { id: "page-newer", disabled: true, onclick: () => {
+      const back = [...this.back];
+      const prev = back.pop();
+      this.go({}, prev, back);
+    } }, "← Newer");
+    this.older = h("button", { id: "page-older", disabled: true,
+                               onclick: () => this.go({}, this.next, [...this.back, this.after]) }, "Older →");
+    this.pager = h("div", { class: "pager" }, this.shown, this.newest, this.newer, this.older);
     fill(this.root,
       h("div", { class: "filters" }, chips,
         h("label", { class: "field" }, "Machine", this.machineSelect),
@@ -397,16 +408,10 @@ class ListView {
     } else {
       fill(this.body, ...order);
     }
-    fill(this.pager,
-      h("span", { class: "muted" }, items.length ? `${items.length} shown, newest first` : ""),
-      h("button", { id: "page-newest", disabled: !this.after, onclick: () => this.go({}) }, "Newest"),
-      h("button", { id: "page-newer", disabled: !this.back.length, onclick: () => {
-        const back = [...this.back];
-        const prev = back.pop();
-        this.go({}, prev, back);
-      } }, "← Newer"),
-      h("button", { id: "page-older", disabled: !this.next, onclick: () => this.go({}, this.next, [...this.back, this.after]) },
-        "Older →"));
+    this.shown.textContent = items.length ? `${items.length} shown, newest first` : "";
+    this.newest.disabled = !this.after;
+    this.newer.disabled = !this.back.length;
+    this.older.disabled = !this.next;
   }
 
   sig(item) {
