@@ -4,6 +4,7 @@ on a real etcd; its errors, its token and origin checks, its OpenAPI document an
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -404,9 +405,19 @@ def test_the_dashboard_is_served_from_the_package():
     with ApiServer() as srv:
         front = srv.get("/")
         assert front.status_code == 200 and front.headers["content-type"].startswith("text/html")
-        assert "/api/instances" in front.text and "<script" in front.text and "https://" not in front.text
         assert srv.get("/static/index.html").text == front.text
         assert srv.get("/static/missing.js").status_code == 404
+        # what the page loads comes from the package, and nothing from elsewhere (no CDN)
+        assets = re.findall(r'(?:src|href)="([^"#]+)"', front.text)
+        assert "static/dashboard.js" in assets and "static/dashboard.css" in assets
+        texts = [front.text]
+        for asset in [a for a in assets if not a.startswith("data:")] + ["static/vendor/mermaid.min.js"]:
+            answer = srv.get("/" + asset)
+            assert answer.status_code == 200, asset
+            texts.append(answer.text)
+        script = srv.get("/static/dashboard.js").text
+        assert "/api/instances" in script and "/api/events" in script and "static/vendor/mermaid.min.js" in script
+        assert not any(re.search(r"(?:src|href)=\"?https?://|import\s*\(?[\"']https?://", text) for text in texts[:3])
 
 
 # -- server-sent events --------------------------------------------------------------------------
