@@ -90,6 +90,35 @@ def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str
     return procs
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children alive now (a worker's handler processes)."""
+    total = 0.0
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    for p in [pid, *map(int, kids)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def settle(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """Wait until the workers and their handler processes are quiet (below a tenth of a CPU over
+    half a second): a measurement must not include handler processes still starting."""
+    deadline = time.monotonic() + timeout
+    before = sum(cpu_seconds(p.pid) for p in procs)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = sum(cpu_seconds(p.pid) for p in procs)
+        if now - before < 0.05:
+            return
+        before = now
+
+
 def drain(stream: IO[str]) -> None:
     """Read what a worker writes to stderr after start-up, so that a full pipe never stalls it."""
     for _ in stream:
@@ -183,7 +212,8 @@ async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
 async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instances: int, namespace: str,
                         isolation: str = "process", **worker_kw: Any) -> dict[str, Any]:
     """Steady-state transitions/s: the workers first run WARM_UP instances each (their handler
-    processes started, their connections busy), then the measured instances are submitted."""
+    processes started, their connections busy) and wait until they are quiet, then the measured
+    instances are submitted."""
     graph = compiler.load(definition)
     per = PER_INSTANCE[definition]
     warm = WARM_UP * workers * per
@@ -195,6 +225,7 @@ async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instan
     try:
         await client.submit_many(graph, ({} for _ in range(WARM_UP * workers)))
         await sample_until(store, keys, warm)
+        await settle(procs)
         sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total))
         started = time.monotonic()
         await client.submit_many(graph, ({} for _ in range(instances)))
