@@ -83,10 +83,11 @@ _CALL = 0  # parent -> child: [_CALL, id, module, function, payload, instance_id
 #            attempt, branch, visit, deadline, payload_limit, abandon reason or None]
 _ABANDON = 1  # parent -> child: [_ABANDON, id, reason]
 _READY = 0  # child -> parent: [_READY]
-_RESULT = 1  # child -> parent: [_RESULT, id, payload, label, [seconds, cpu seconds]]
-_FAILED = 2  # child -> parent: [_FAILED, id, type, message, retryable, bases, traceback, [seconds, cpu seconds]]
+_RESULT = 1  # child -> parent: [_RESULT, id, payload, label, run]
+_FAILED = 2  # child -> parent: [_FAILED, id, type, message, retryable, bases, traceback, run]
+# run: [seconds the handler ran, CPU seconds of them or None when the child did not read the CPU clock]
 
-QUICK = 0.002  # seconds: a handler whose calls run shorter, and mostly on the CPU, is paced (see _quick)
+QUICK = 0.002  # seconds: a handler whose calls run shorter, and mostly on the CPU, is paced (see _ran)
 TINY = 0.0002  # seconds: a call this short is quick, however little of it was on the CPU
 STUCK = 0.5  # seconds a hot call runs, or a paced call waits, before the pacing lets others through
 
@@ -461,12 +462,12 @@ class ProcessExecutor:
             attempt.hot = False
             self._hot -= 1
 
-    def _ran(self, ref: str, seconds: float, cpu: float) -> None:
-        """What a call's run time (`seconds`, `cpu` of them on the CPU) says of its handler. More
-        children than CPUs only help handlers that wait (for I/O, a lock, a sleep): a handler is
-        paced while most of its recent calls were quick and busy. One call preempted on a loaded
-        machine does not change that; three slow ones in a row do, and three quick ones undo it."""
-        waited = seconds >= TINY and (seconds >= QUICK or cpu < seconds / 2)
+    def _ran(self, ref: str, seconds: float, cpu: float | None) -> None:
+        """What a call's run time (`seconds`, `cpu` of them on the CPU when measured) says of its
+        handler. More children than CPUs only help handlers that wait (for I/O, a lock, a sleep): a
+        handler is paced while most of its recent calls were quick and busy. One call preempted on
+        a loaded machine does not change that; three slow ones in a row do, three quick ones undo it."""
+        waited = seconds >= TINY and (seconds >= QUICK or (cpu is not None and cpu < seconds / 2))
         score = self._score.get(ref, 0.0) * 0.75 + (0.25 if waited else 0.0)
         self._score[ref] = score
         if score >= 0.5:
@@ -653,6 +654,7 @@ class _Server:
         self.current: tuple[int, Context] | None = None
         self.eof = False
         self.handlers: dict[tuple[str, str], Handler] = {}
+        self.timed: dict[tuple[str, str], bool] = {}  # handler -> read the CPU clock on its next call
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lock = threading.Lock()  # a handler's own threads may heartbeat too
 
@@ -715,9 +717,15 @@ class _Server:
         if reason is not None:
             ctx.abandon(reason)
         self.current = (ident, ctx)
-        started, cpu = time.perf_counter(), time.process_time()
+        started = cpu = 0.0
+        measured = False
         try:
-            handler = self.handler(module, function)
+            handler = self.handler(module, function)  # a first import is not the handler's run time
+            # the CPU clock costs a system call: read it unless the handler's last call was tiny
+            measured = self.timed.get((module, function), True)
+            started = time.perf_counter()
+            if measured:
+                cpu = time.process_time()
             if handler.is_async:
                 if self.loop is None:
                     self.loop = asyncio.new_event_loop()
@@ -732,7 +740,9 @@ class _Server:
             outcome = Outcome(failure=failure_of(exc))
         finally:
             self.current = None
-        seconds = [time.perf_counter() - started, time.process_time() - cpu]
+        wall = time.perf_counter() - started if started else 0.0
+        seconds = [wall, time.process_time() - cpu if measured and started else None]
+        self.timed[(module, function)] = wall >= TINY
         failure = outcome.failure
         if failure is None:
             return [_RESULT, ident, outcome.payload, outcome.label, seconds]
