@@ -68,8 +68,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def connect(env: EtcdCluster, namespace: str) -> EtcdStore:
-    return await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace))
+async def connect(env: EtcdCluster, namespace: str, timeout: float = 2.0) -> EtcdStore:
+    return await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace, timeout=timeout))
 
 
 def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *, concurrency: int = CONCURRENCY,
@@ -161,7 +161,7 @@ def window_rate(samples: list[tuple[float, int]], lo: int, hi: int) -> float:
 
 
 async def clear(env: EtcdCluster, namespace: str) -> None:
-    store = await connect(env, namespace)
+    store = await connect(env, namespace, timeout=120.0)  # a namespace of 50,000 instances is a large delete
     try:
         root = f"/{namespace}/"
         await store.delete(root, prefix_end(root))
@@ -574,15 +574,15 @@ async def main() -> None:
         env.start()
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                                   time.gmtime())}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     try:
         for name in names:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             results[name] = await BENCHMARKS[name](env, args.quick)
+            args.json.write_text(json.dumps(results, indent=2))  # what is done survives a later failure
     finally:
         if env is not None:
             env.stop()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
     print(table(results))
     print(json.dumps(results, indent=2))
 
