@@ -68,8 +68,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def connect(env: EtcdCluster, namespace: str) -> EtcdStore:
-    return await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace))
+async def connect(env: EtcdCluster, namespace: str, timeout: float = 2.0) -> EtcdStore:
+    return await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace, timeout=timeout))
 
 
 def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *, concurrency: int = CONCURRENCY,
@@ -88,6 +88,35 @@ def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str
                 raise RuntimeError(f"worker exited: {p.wait()}")
         threading.Thread(target=drain, args=(p.stderr,), daemon=True).start()
     return procs
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children alive now (a worker's handler processes)."""
+    total = 0.0
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    for p in [pid, *map(int, kids)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def settle(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """Wait until the workers and their handler processes are quiet (below a tenth of a CPU over
+    half a second): a measurement must not include handler processes still starting."""
+    deadline = time.monotonic() + timeout
+    before = sum(cpu_seconds(p.pid) for p in procs)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = sum(cpu_seconds(p.pid) for p in procs)
+        if now - before < 0.05:
+            return
+        before = now
 
 
 def drain(stream: IO[str]) -> None:
@@ -132,7 +161,7 @@ def window_rate(samples: list[tuple[float, int]], lo: int, hi: int) -> float:
 
 
 async def clear(env: EtcdCluster, namespace: str) -> None:
-    store = await connect(env, namespace)
+    store = await connect(env, namespace, timeout=120.0)  # a namespace of 50,000 instances is a large delete
     try:
         root = f"/{namespace}/"
         await store.delete(root, prefix_end(root))
@@ -183,7 +212,8 @@ async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
 async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instances: int, namespace: str,
                         isolation: str = "process", **worker_kw: Any) -> dict[str, Any]:
     """Steady-state transitions/s: the workers first run WARM_UP instances each (their handler
-    processes started, their connections busy), then the measured instances are submitted."""
+    processes started, their connections busy) and wait until they are quiet, then the measured
+    instances are submitted."""
     graph = compiler.load(definition)
     per = PER_INSTANCE[definition]
     warm = WARM_UP * workers * per
@@ -195,6 +225,7 @@ async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instan
     try:
         await client.submit_many(graph, ({} for _ in range(WARM_UP * workers)))
         await sample_until(store, keys, warm)
+        await settle(procs)
         sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total))
         started = time.monotonic()
         await client.submit_many(graph, ({} for _ in range(instances)))
@@ -543,15 +574,15 @@ async def main() -> None:
         env.start()
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                                   time.gmtime())}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     try:
         for name in names:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             results[name] = await BENCHMARKS[name](env, args.quick)
+            args.json.write_text(json.dumps(results, indent=2))  # what is done survives a later failure
     finally:
         if env is not None:
             env.stop()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
     print(table(results))
     print(json.dumps(results, indent=2))
 

@@ -1,25 +1,50 @@
-"""dsm: declarative state machines in YAML, run embedded or by workers coordinated through etcd v3."""
+"""dsm: declarative state machines in YAML, run embedded or by workers coordinated through etcd v3.
+
+The names below are imported on first use, so that importing one submodule (a handler process
+imports `dsm.worker.isolation` and little else) does not load the compiler, its schema and Jinja.
+"""
 
 from __future__ import annotations
 
-from .compiler import compile_text, load
-from .context import Context
-from .embedded import run
-from .errors import (
-    AttemptAbandoned,
-    DefinitionError,
-    DsmError,
-    HandlerError,
-    InputError,
-    NotFound,
-    StoreError,
-    StoreUnavailable,
-)
-from .graph import Graph
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .compiler import compile_text, load
+    from .context import Context
+    from .embedded import run
+    from .errors import (
+        AttemptAbandoned,
+        DefinitionError,
+        DsmError,
+        HandlerError,
+        InputError,
+        NotFound,
+        StoreError,
+        StoreUnavailable,
+    )
+    from .graph import Graph
 
 __version__ = "0.1.0"
+
+_WHERE = {"compile_text": "compiler", "load": "compiler", "Context": "context", "run": "embedded", "Graph": "graph",
+          **{name: "errors" for name in ("AttemptAbandoned", "DefinitionError", "DsmError", "HandlerError",
+                                         "InputError", "NotFound", "StoreError", "StoreUnavailable")}}
 
 __all__ = [
     "AttemptAbandoned", "Context", "DefinitionError", "DsmError", "Graph", "HandlerError", "InputError",
     "NotFound", "StoreError", "StoreUnavailable", "compile_text", "load", "run", "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dsm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -482,6 +482,58 @@ def test_abandoned_while_waiting_it_is_abandoned_from_its_first_heartbeat(make: 
     assert after.label == "approved"
 
 
+# -- process only: pacing ------------------------------------------------------------------------
+
+def test_quick_handlers_run_on_a_few_children(processes: Any, mod: str) -> None:
+    async def main() -> Any:
+        executor = processes(16, hot=2)
+
+        async def lane() -> set[int]:
+            return {(await outcome(executor.start(call(mod, "pid")))).payload["pid"] for _ in range(25)}
+
+        pids = set().union(*await asyncio.gather(*(lane() for _ in range(16))))
+        return executor, pids
+
+    executor, pids = run(main())
+    # two at a time, so two children; one or two more if a loaded machine made calls look slow
+    assert len(pids) < 8 and executor.started < 8
+
+
+def test_handlers_that_wait_get_a_child_for_each_call(processes: Any, mod: str, gate: Path,
+                                                      tmp_path: Path) -> None:
+    async def main() -> Any:
+        executor = processes(8, hot=2)
+        for _ in range(3):  # calls that wait more than they compute: the handler gains from more children
+            await outcome(executor.start(call(mod, "stuck", {"gate": str(gate), "patience": 0.02})))
+        markers = [tmp_path / f"stuck{i}" for i in range(8)]
+        stuck = [executor.start(call(mod, "stuck", {"gate": str(gate), "marker": str(m)})) for m in markers]
+        pids = {await appears(m) for m in markers}  # all eight run at once, the gate still shut
+        gate.touch()
+        return pids, [await outcome(a) for a in stuck]
+
+    pids, stuck = run(main())
+    assert len(pids) == 8
+    assert [o.label for o in stuck] == ["released"] * 8
+
+
+def test_a_quick_handler_that_hangs_does_not_hold_up_the_others(processes: Any, mod: str, gate: Path,
+                                                                tmp_path: Path) -> None:
+    async def main() -> Any:
+        executor = processes(4, hot=1)
+        for _ in range(5):
+            await outcome(executor.start(call(mod, "labelled")))
+        marker = tmp_path / "hung"  # `stuck` has not been seen slow: its first call is paced
+        hung = executor.start(call(mod, "stuck", {"gate": str(gate), "marker": str(marker)}))
+        await appears(marker)
+        after = await outcome(executor.start(call(mod, "labelled")))  # waits STUCK at most, not for the gate
+        hung_meanwhile = not hung.future.done()
+        gate.touch()
+        return after, hung_meanwhile, await outcome(hung)
+
+    after, hung_meanwhile, hung = run(main())
+    assert after.label == "approved" and hung_meanwhile and hung.label == "released"
+
+
 # -- process only: dying, search path, start-up, close ---------------------------------------------
 
 @pytest.mark.parametrize("function, words", [("exit3", "exit code 3"), ("sigkill", "signal SIGKILL")])

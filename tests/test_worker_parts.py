@@ -211,3 +211,17 @@ def test_a_handler_stopped_by_its_own_deadline_timed_out():
     assert past_deadline(call, stopped, abandoned=True) is stopped  # the worker said stop: not a timeout
     ok = Outcome(payload={})
     assert past_deadline(call, ok, abandoned=False) is ok
+
+
+def test_the_count_of_index_operations_matches_the_operations():
+    from dataclasses import replace
+
+    from dsm import index
+
+    running = start(chain(2), "i1", {}, 0.0)
+    done = replace(running, status="succeeded", finished_at=5.0, retention=60.0)
+    cases = [(running, running), (running, done), (done, replace(running, status="running")),
+             (done, replace(done, finished_at=6.0)), (done, replace(done, status="failed")),
+             (running, replace(running, status="cancelled", finished_at=1.0, retention=0.0))]
+    for before, after in cases:
+        assert index.status_op_count(before, after) == len(index.status_ops(KEYS, before, after))

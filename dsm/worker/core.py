@@ -302,8 +302,8 @@ class Worker:
                     continue
                 if not result.succeeded:
                     continue
-                record, work = result.get(1).first, result.get(2).first
-                if record is None or work is None:
+                record = result.get(1).first  # the marker is there: the claim compared its version
+                if record is None:
                     await self._release(ref, result.revision)
                     continue
                 self.meter.claims[self.records.remember(record).machine] += 1
@@ -319,7 +319,7 @@ class Worker:
         iid, tok = ref
         work, claim = self.keys.work(iid, tok), self.keys.claim(iid, tok)
         return Txn([Compare.version(work, ">", 0), Compare.create(claim, "==", 0)],
-                   [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
+                   [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid))])
 
     async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True) -> bool:
         """After an ambiguous claim or commit: if the claim on `ref` is ours, run it; else let it be.

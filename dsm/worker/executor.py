@@ -165,7 +165,7 @@ _STOP = object()
 
 
 class _ThreadAttempt:
-    __slots__ = ("call", "ctx", "future", "taken", "retire", "_executor", "_coro_task", "_thread_loop")
+    __slots__ = ("call", "ctx", "future", "taken", "retire", "timer", "_executor", "_coro_task", "_thread_loop")
 
     def __init__(self, executor: ThreadExecutor, call: TickCall, future: asyncio.Future):
         self._executor = executor
@@ -174,6 +174,7 @@ class _ThreadAttempt:
         self.future = future
         self.taken = False  # a thread has started it (set under the executor's lock)
         self.retire = False  # its thread leaves the pool when the handler returns
+        self.timer: asyncio.TimerHandle | None = None  # ends the attempt at its timeout
         self._coro_task: asyncio.Task | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
 
@@ -181,16 +182,16 @@ class _ThreadAttempt:
         self.ctx.abandon(reason)
 
     async def outcome(self) -> Outcome:
-        timeout = self.call.timeout
-        try:
-            if timeout:
-                done = await asyncio.wait_for(asyncio.shield(self.future), timeout)
-                return past_deadline(self.call, done, self.ctx.abandoned)
-            return await self.future
-        except asyncio.TimeoutError:
-            self.ctx.abandon(f"attempt timed out after {timeout:g}s")
-            self._executor._timed_out(self)
-            return timed_out(self.call)
+        done = await self.future
+        return past_deadline(self.call, done, self.ctx.abandoned) if self.call.timeout else done
+
+    def _expire(self) -> None:
+        """The timeout passed (a timer on the event loop, cheaper than wait_for and shield)."""
+        if self.future.done():
+            return
+        self.ctx.abandon(f"attempt timed out after {self.call.timeout:g}s")
+        self._executor._timed_out(self)
+        self.future.set_result(timed_out(self.call))
 
 
 class ThreadExecutor:
@@ -215,6 +216,8 @@ class ThreadExecutor:
             for _ in range(self.size):
                 self._spawn()
         attempt = _ThreadAttempt(self, call, loop.create_future())
+        if call.timeout:
+            attempt.timer = loop.call_later(call.timeout, attempt._expire)
         self._jobs.put(attempt)
         return attempt
 
@@ -279,7 +282,7 @@ class ThreadExecutor:
 
     def _deliver(self, attempt: _ThreadAttempt, outcome: Outcome) -> None:
         """Hand the outcome to the event loop; a burst of quick ticks costs one wake-up."""
-        self._done.append((attempt.future, outcome))
+        self._done.append((attempt, outcome))
         with self._lock:
             if self._wake_pending:
                 return
@@ -293,6 +296,8 @@ class ThreadExecutor:
         with self._lock:
             self._wake_pending = False
         while self._done:
-            future, outcome = self._done.popleft()
-            if not future.done():
-                future.set_result(outcome)
+            attempt, outcome = self._done.popleft()
+            if attempt.timer is not None:
+                attempt.timer.cancel()
+            if not attempt.future.done():
+                attempt.future.set_result(outcome)
