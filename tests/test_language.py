@@ -298,6 +298,85 @@ def test_a_map_wider_than_a_transaction_starts_items_in_batches(store_factory, w
     assert record["transitions"] == 301
 
 
+QUICK_MAP = """
+machine: quick
+start: fan
+states:
+  fan:
+    map: {items: "payload.xs", branch: item}
+    join: done
+  item:
+    tick: quickmod:work
+    next: done
+  done:
+    terminal: true
+"""
+
+QUICK_PY = """
+def work(payload, ctx):
+    return {"y": payload["item"] + 1}
+"""
+
+
+def test_items_that_finish_together_commit_within_the_operations_a_transaction_takes(
+        store_factory, write, namespace):
+    """Dozens of items of one map finish while its commit is in flight: they fold into the next
+    commit, which must still fit in etcd's 128 operations (a history entry, a marker and a claim
+    each), not be refused and fail the instance."""
+    graph = compiler.load(write("quick.yaml", QUICK_MAP, quickmod=QUICK_PY))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"xs": list(range(500))})
+        return public_record(await c.client.wait(iid, timeout=120), await c.client.history(iid))
+
+    record = scenario(store_factory, namespace, graph, body, concurrency=64)
+    assert record["status"] == SUCCEEDED, record["error"]
+    assert [r["y"] for r in record["payload"]["results"]] == list(range(1, 501))
+    assert record["transitions"] == 501
+
+
+CALL_MAP = """
+machine: callmap
+start: fan
+states:
+  fan:
+    map: {items: "payload.xs", branch: sub}
+    join: done
+  sub:
+    call: kid.yaml
+    next: done
+  done:
+    terminal: true
+"""
+
+KID = """
+machine: kid
+start: s
+states:
+  s:
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_a_map_of_call_states_starts_its_children_within_the_operations_a_transaction_takes(
+        store_factory, write, namespace):
+    """Each item of this map starts a child at once; a worker with many free slots must not start
+    more children in one commit than etcd's 128 operations hold."""
+    write("kid.yaml", KID)
+    graph = compiler.load(write("callmap.yaml", CALL_MAP))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"xs": list(range(40))})
+        return public_record(await c.client.wait(iid, timeout=120), await c.client.history(iid))
+
+    record = scenario(store_factory, namespace, graph, body, concurrency=64)
+    assert record["status"] == SUCCEEDED, record["error"]
+    assert [r["item"] for r in record["payload"]["results"]] == list(range(40))
+    assert len({h["child"] for h in record["history"] if h.get("child")}) == 40
+
+
 PARENT = """
 machine: parent
 start: prep

@@ -571,8 +571,10 @@ class Worker:
                 batch = [_Pending(p.job, p.token, Outcome(failure=failure), p.future) for p in batch]
                 continue
             if result.succeeded:
-                self._committed(plan, result.revision, batch)
-                return
+                # the outcomes that did not fit in this transaction go in the next one
+                self._committed(plan, result.revision, batch[:plan.applied])
+                batch = batch[plan.applied:]
+                continue
             try:
                 record_kv, claim_kvs = await self._read(iid, batch)
             except StoreUnavailable:
