@@ -335,6 +335,43 @@ def test_items_that_finish_together_commit_within_the_operations_a_transaction_t
     assert record["transitions"] == 501
 
 
+def test_a_map_of_the_most_items_a_map_takes_without_a_concurrency_limit_succeeds(write):
+    """10,000 items and no max_concurrency: items start as others finish, a bounded window of them
+    in flight, so the record never holds thousands of live items (it would outgrow what the store
+    takes and fail the map with PayloadTooLarge). A map's items are transitions of its instance,
+    so the machine raises max_transitions above them."""
+    from dsm.store.memory import MemoryStore
+    from dsm.transition import MAP_WINDOW
+
+    text = QUICK_MAP.replace("start: fan", "max_transitions: 20000\nstart: fan")
+    graph = compiler.load(write("quick.yaml", text, quickmod=QUICK_PY))
+    peak = [0]
+
+    async def main():
+        store = MemoryStore()
+        registry = Registry(store, Keys(), allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+
+        finished = asyncio.Event()
+
+        def on_commit(step):
+            for act in step.instance.activations.values():
+                peak[0] = max(peak[0], act.started - len(act.arrived))
+            if step.instance.finished:
+                finished.set()
+
+        async with running(store, registry, concurrency=64, on_commit=on_commit):
+            client = Client(store, Keys())
+            iid = await client.submit(graph, {"xs": list(range(10_000))})
+            await asyncio.wait_for(finished.wait(), 300)  # (not client.wait: it would read every version)
+            return await client.instance(iid)
+
+    inst = asyncio.run(main())
+    assert inst.status == SUCCEEDED, inst.error
+    assert [r["y"] for r in inst.payload["results"]] == list(range(1, 10_001))
+    assert 64 <= peak[0] <= MAP_WINDOW
+
+
 CALL_MAP = """
 machine: callmap
 start: fan
