@@ -515,6 +515,58 @@ def test_a_child_that_is_signalled_lets_its_parent_continue(store_factory, write
     assert record["status"] == SUCCEEDED and record["payload"]["from_signal"] == 1
 
 
+IMPATIENT = """
+machine: impatient
+start: sub
+states:
+  sub:
+    call: slowkid.yaml
+    timeout: 300ms
+    catch: nap
+    next: done
+  nap:
+    wait: 3s
+    next: done
+  done:
+    terminal: true
+"""
+
+SLOWKID = """
+machine: slowkid
+start: hold
+states:
+  hold:
+    signal: go
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_a_child_that_finishes_after_its_parent_gave_up_on_it_does_not_wake_the_parent_early(
+        store_factory, write, namespace):
+    """The call timed out and the parent went on (catch) to a timer; the child, still running,
+    finishes later. Its last commit wakes the token that waited for it, which by now waits for its
+    timer: the timer must not fire early."""
+    write("slowkid.yaml", SLOWKID)
+    graph = compiler.load(write("impatient.yaml", IMPATIENT))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {}, instance_id="impatient")
+        await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "timer")
+        child = f"{iid}.c1.1"
+        await c.client.signal(child, "go")
+        await c.wait_for(child, lambda r: r["status"] == SUCCEEDED)
+        done = await c.client.wait(iid, timeout=20)
+        return public_record(done, await c.client.history(iid))
+
+    record = scenario(store_factory, namespace, graph, body)
+    assert record["status"] == SUCCEEDED
+    caught, nap = record["history"]
+    assert (caught["state"], nap["state"]) == ("sub", "nap")
+    assert _ms(nap["at"]) - _ms(caught["at"]) >= 2990, (caught, nap)
+
+
 # -- compile-time checks ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, message", [

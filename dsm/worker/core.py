@@ -33,7 +33,7 @@ from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
 from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
-from ..markers import MAX_TXN_OPS, SYNC, reconcile
+from ..markers import MAX_TXN_OPS, SYNC, reconcile, work_info
 from ..records import SUCCEEDED, Instance, Token, load_instance
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import ChildResult, Failure, Outcome, Step
@@ -65,6 +65,7 @@ class _Job:
     claim_rev: int
     attempt: Attempt | None = None
     task: asyncio.Task | None = None
+    woken: bool = False  # claimed through a marker that said "due now" (`_stale_wake`)
 
 
 @dataclass
@@ -300,7 +301,7 @@ class Worker:
                     continue
                 self.records.remember(record)
                 self.stats.claimed += 1
-                self._start(ref, result.revision)
+                self._start(ref, result.revision, woken=_says_due_now(work))
                 started += 1
         finally:
             self._claiming.difference_update(refs)
@@ -408,10 +409,10 @@ class Worker:
             self.records.hold(ref[0])
             self.slots.ready.append((ref, claim_rev))
 
-    def _start(self, ref: TokenRef, claim_rev: int, *, held: bool = False) -> None:
+    def _start(self, ref: TokenRef, claim_rev: int, *, held: bool = False, woken: bool = False) -> None:
         """Start a job on a claimed token; its slot is taken. `held`: the record is already held
-        for it (it waited in `ready`)."""
-        job = _Job(ref, claim_rev)
+        for it (it waited in `ready`). `woken`: its marker said due now."""
+        job = _Job(ref, claim_rev, woken=woken)
         self._jobs[ref] = job
         if not held:
             self.records.hold(ref[0])
@@ -443,6 +444,10 @@ class Worker:
                 # the SYNC marker, or one the record no longer lists (its removal was deferred)
                 await self._reconcile(iid)
                 return
+            if job.woken and token.not_before > 0.0 and token.child is None:
+                await self._stale_wake(job)
+                return
+            job.woken = False
             try:
                 graph = await self.registry.get(inst.digest)
             except NotFound as exc:
@@ -478,6 +483,35 @@ class Worker:
         if report_failure(log, call, outcome):
             self.stats.failures += 1
         return outcome
+
+    async def _stale_wake(self, job: _Job) -> None:
+        """The marker said due now, the record says the token waits for a time and for no child:
+        the last commit of a child woke it (it rewrites its parent's marker without reading the
+        parent) after the parent had stopped waiting for that child (the call timed out, and the
+        token retries after a backoff or went on by `catch`, to a timer say). Running it would cut
+        that wait short: put its marker back as the record has it, and give the claim back."""
+        iid, tok = job.ref
+        for _ in range(3):
+            inst, rev = self.records.get(iid)
+            current = inst.tokens.get(tok)
+            if current is None:
+                break
+            txn = Txn([Compare.mod(self.keys.instance(iid), "==", rev),
+                       Compare.create(self.keys.claim(iid, tok), "==", job.claim_rev)],
+                      [Put(self.keys.work(iid, tok), work_info(inst, current, self.wall()).dump()),
+                       Delete(self.keys.claim(iid, tok))])
+            try:
+                result = await self.store.txn(txn.compare, txn.success, [Get(self.keys.instance(iid))])
+            except StoreError:
+                break
+            if result.succeeded:
+                log.debug("worker %s: %s/%s was woken by a stale marker; put back", self.id, iid, tok)
+                return
+            record = result.get(0).first
+            if record is None:
+                break
+            self.records.remember(record)
+        await self._release(job.ref, job.claim_rev)
 
     async def _reconcile(self, iid: str) -> None:
         """Make the instance's work markers match its record (deferred marker changes, stale markers)."""
@@ -707,6 +741,14 @@ def _background(work: Coroutine[Any, Any, None], what: str) -> None:
     task = asyncio.get_running_loop().create_task(run())
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
+
+
+def _says_due_now(marker: KeyValue) -> bool:
+    """Whether a work marker says its token is due now (not after a time)."""
+    try:
+        return WorkInfo.load(marker.value).not_before == 0.0
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _settle(future: asyncio.Future, value: object) -> None:
