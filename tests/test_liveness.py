@@ -385,3 +385,61 @@ def test_a_handler_holding_the_gil_cannot_make_other_ticks_run_twice(write, etcd
     assert all(d.status == SUCCEEDED for d in done[1:])
     lines = ticks.read_text().splitlines()
     assert sorted(lines) == sorted(f"{i} {s}" for i in others for s in "abc")  # each tick once
+
+
+NAPPER = """
+machine: napper
+start: begin
+states:
+  begin: {tick: nap:begin, next: nap}
+  nap: {wait: 2s, next: done}
+  done: {terminal: true}
+"""
+
+NAP = """
+import time
+
+def begin(payload, ctx):
+    time.sleep(0.1)
+"""
+
+
+def _adopt_read(compare, success) -> bool:
+    """The read after an ambiguous claim: is the claim ours?"""
+    from dsm.store import Get
+
+    return not compare and len(success) >= 2 and isinstance(success[0], Get) and success[0].key.endswith("/claim")
+
+
+def test_a_claim_lost_in_doubt_does_not_make_the_token_due_when_it_has_moved_on_to_a_timer(write):
+    """Worker A's claim of `begin` is lost before etcd saw it (as when etcd dies); A cannot read
+    for a while (etcd is down), and meanwhile worker B claims the token, runs `begin` and commits
+    the token, under the same id, on to a 2 s timer. When A can read again the claim is not its
+    own: the token is a candidate again when its marker says, not at once (that ran the timer
+    seconds early)."""
+    graph = compiler.load(write("napper.yaml", NAPPER, nap=NAP))
+    memory = MemoryStore()
+    late = LateStore(memory)
+    late.lose_answer(is_claim, when="never")  # A's claim: lost on its way, never applied
+    late.lose_answer(_adopt_read, times=3)  # then A cannot read for 1.5 s (three tries, 0.5 s apart)
+
+    async def main():
+        keys = Keys()
+        registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        client = Client(memory, keys)
+        async with running(late, registry, grace=1, worker_id="a", audit_interval=0.1):
+            iid = await client.submit(graph, {})
+            deadline = time.monotonic() + BOUND
+            while late.injected < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            async with running(memory, registry, grace=1, worker_id="b", audit_interval=0.1):
+                done = await client.wait(iid, timeout=BOUND)
+                return done, await client.history(iid)
+
+    inst, history = asyncio.run(main())
+    assert late.injected == 4
+    assert inst.status == SUCCEEDED
+    begin, nap = history
+    assert begin.worker == "b"
+    assert nap.at - begin.at >= 1.99, (begin, nap)

@@ -283,10 +283,8 @@ class Worker:
                     elif isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
                         # It may have been applied: run it if the claim is ours. If it applies
                         # later still, the claim audit gives it back.
-                        if await self._adopt(ref, lease):
+                        if await self._adopt(ref, lease, requeue=True):
                             started += 1
-                        else:
-                            self.queue.add(ref, first=True)  # still work, unless a late claim says otherwise
                     elif isinstance(result, LeaseLost):
                         await self.lease.verify()
                         self.queue.add(ref, first=True)
@@ -314,20 +312,26 @@ class Worker:
         return Txn([Compare.version(work, ">", 0), Compare.create(claim, "==", 0)],
                    [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
 
-    async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True) -> bool:
+    async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True, requeue: bool = False) -> bool:
         """After an ambiguous claim or commit: if the claim on `ref` is ours, run it; else let it be.
-        `reserved`: a slot is already counted for it (else it queues for one)."""
+        `reserved`: a slot is already counted for it (else it queues for one). `requeue`: when nobody
+        holds it, it is a candidate again, due when its marker says: meanwhile another worker may
+        have run it and moved it on, under the same id, to a timer (not due now)."""
         iid, tok = ref
         while True:
             try:
-                result = await self.store.txn([], [Get(self.keys.claim(iid, tok)), Get(self.keys.instance(iid))])
+                result = await self.store.txn([], [Get(self.keys.claim(iid, tok)), Get(self.keys.instance(iid)),
+                                                   Get(self.keys.work(iid, tok))])
                 break
             except StoreUnavailable:
                 if self.stopping:
                     return False
                 await asyncio.sleep(0.5)
-        claim, record = result.get(0).first, result.get(1).first
+        claim, record, work = result.get(0).first, result.get(1).first, result.get(2).first
         if claim is None or record is None or lease is None or claim.lease != lease or ref in self._jobs:
+            if requeue and claim is None and work is not None:
+                info = _marker(work)
+                self.queue.add(ref, info.delay(self.wall(), fresh=False) if info is not None else 0.0, first=True)
             return False
         self.records.remember(record)
         if reserved:
@@ -743,12 +747,17 @@ def _background(work: Coroutine[Any, Any, None], what: str) -> None:
     task.add_done_callback(_BACKGROUND.discard)
 
 
+def _marker(kv: KeyValue) -> WorkInfo | None:
+    try:
+        return WorkInfo.load(kv.value)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _says_due_now(marker: KeyValue) -> bool:
     """Whether a work marker says its token is due now (not after a time)."""
-    try:
-        return WorkInfo.load(marker.value).not_before == 0.0
-    except (ValueError, KeyError, TypeError):
-        return False
+    info = _marker(marker)
+    return info is not None and info.not_before == 0.0
 
 
 def _settle(future: asyncio.Future, value: object) -> None:
