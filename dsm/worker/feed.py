@@ -67,7 +67,7 @@ class WorkFeed:
                 delay = 0.2
                 async for batch in watch:
                     if batch.events:
-                        self.apply(batch.events)
+                        self.apply(batch.events, batch.revision)
                         revision = max(revision, batch.events[-1].kv.mod_revision)
                 raise StoreUnavailable("watch ended")
             except Compacted as exc:
@@ -146,10 +146,14 @@ class WorkFeed:
         if not self.queue.add(ref, wait, first=first):
             self.rescan = True
 
-    def apply(self, events: list[Event]) -> None:
+    def apply(self, events: list[Event], latest: int | None = None) -> None:
+        """Events of one watch response; `latest` is the store's revision it was sent at. Events of
+        that revision were just written: a marker's wait counts from now. Older ones (a watch resumed
+        after etcd was away replays what it missed) count what is left of it by the clock."""
         wall = self.wall()
         added = False
         for revision, group in itertools.groupby(events, key=lambda e: e.kv.mod_revision):
+            fresh = latest is None or revision >= latest
             works: dict[TokenRef, WorkInfo | None] = {}
             gone: set[TokenRef] = set()
             claimed: set[TokenRef] = set()
@@ -176,14 +180,14 @@ class WorkFeed:
                 if ref in claimed or ref in gone or (info is not None and info.owner is not None):
                     self.queue.discard(ref)
                 else:
-                    self._offer(ref, info, wall=wall, fresh=True)
+                    self._offer(ref, info, wall=wall, fresh=fresh)
                     added = True
             for ref in released - gone - claimed:
                 # A job of ours that held it is told (its lease went: expired, or revoked), and the
                 # token is a candidate all the same: the queue keeps it while that job runs and
                 # hands it back when the job ends (`requeue`), unless another worker claims it first.
                 self.held(ref, revision, "the claim was lost (lease expired or revoked)")
-                self._offer(ref, works.get(ref), wall=wall, fresh=True, first=ref not in works)
+                self._offer(ref, works.get(ref), wall=wall, fresh=fresh, first=ref not in works)
                 added = True
         if added:
             self.changed.set()
