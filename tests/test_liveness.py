@@ -12,13 +12,14 @@ import asyncio
 import time
 
 import pytest
-from faults import LateStore, is_claim, is_commit, is_fork_commit
+from faults import LateStore, is_claim, is_commit, is_fork_commit, ops_of
 
 from dsm import compiler, handlers
 from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.keys import Keys
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
+from dsm.store import Put
 from dsm.store.memory import MemoryStore
 from dsm.worker import running
 
@@ -443,3 +444,50 @@ def test_a_claim_lost_in_doubt_does_not_make_the_token_due_when_it_has_moved_on_
     begin, nap = history
     assert begin.worker == "b"
     assert nap.at - begin.at >= 1.99, (begin, nap)
+
+
+CALLS = """
+machine: calls
+start: sub
+states:
+  sub: {call: quickkid.yaml, next: done}
+  done: {terminal: true}
+"""
+
+QUICKKID = """
+machine: quickkid
+start: s
+states:
+  s: {next: done}
+  done: {terminal: true}
+"""
+
+
+def test_a_child_started_by_a_commit_in_doubt_is_started_once_and_wakes_its_parent(write):
+    """The parent's commit that starts its child loses its answer and applies just after the
+    worker re-read the parent (so it plans again, to start the child again, and is refused). The
+    child, created once, finishes at once and wakes the parent, which ends with that child."""
+    write("quickkid.yaml", QUICKKID)
+    graph = compiler.load(write("calls.yaml", CALLS))
+    memory = MemoryStore()
+    late = LateStore(memory)
+    starts_child = lambda compare, success: any(  # noqa: E731
+        isinstance(op, Put) and op.key.endswith("/inst/par.c1.1") for op in ops_of(success))
+    late.lose_answer(starts_child, when="after_read")
+
+    async def main():
+        keys = Keys()
+        registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        client = Client(memory, keys)
+        async with running(late, registry, grace=1, worker_id="p", serves=lambda iid: iid == "par"), \
+                running(memory, registry, grace=1, worker_id="c", serves=lambda iid: iid != "par"):
+            iid = await client.submit(graph, {}, instance_id="par")
+            done = await client.wait(iid, timeout=BOUND)
+            return done, await client.history(iid), await client.list()
+
+    inst, history, instances = asyncio.run(main())
+    assert late.injected == 1
+    assert inst.status == SUCCEEDED
+    assert [h.child for h in history] == ["par.c1.1"]
+    assert sorted(i.id for i in instances) == ["par", "par.c1.1"]
