@@ -104,6 +104,8 @@ def _dsm_command() -> list[str]:
 
 
 class Chaos:
+    definitions: tuple[Path, ...] = (FANOUT, LOOPFORK)  # what the workers serve
+
     def __init__(self, config: Config, workdir: Path | None = None):
         self.config = config
         self.random = random.Random(config.seed)
@@ -111,7 +113,9 @@ class Chaos:
         self.log = self.workdir / "ticks.jsonl"
         self.cluster: EtcdCluster | None = None
         self.workers: list[subprocess.Popen] = []
-        self.graphs = {g.digest: g for g in (compiler.load(FANOUT), compiler.load(LOOPFORK))}
+        loaded = [compiler.load(path) for path in self.definitions]
+        # by digest, with the machines they call (a child pins its own digest)
+        self.graphs = {g.digest: g for graph in loaded for g in (graph, *graph.children().values())}
         self.report = Report()
         self.namespace = "chaos"
         self.keys = Keys(self.namespace)
@@ -121,7 +125,7 @@ class Chaos:
     def start_worker(self) -> subprocess.Popen:
         c = self.config
         proc = subprocess.Popen(
-            [*_dsm_command(), "worker", str(FANOUT), str(LOOPFORK), "--etcd", self.cluster.endpoints,
+            [*_dsm_command(), "worker", *map(str, self.definitions), "--etcd", self.cluster.endpoints,
              "--namespace", self.namespace, "--concurrency", str(c.concurrency), "--lease-ttl", str(c.lease_ttl),
              "--grace", "5"],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / "workers.log", "ab"),
