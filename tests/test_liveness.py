@@ -491,3 +491,61 @@ def test_a_child_started_by_a_commit_in_doubt_is_started_once_and_wakes_its_pare
     assert inst.status == SUCCEEDED
     assert [h.child for h in history] == ["par.c1.1"]
     assert sorted(i.id for i in instances) == ["par", "par.c1.1"]
+
+
+TWO_STEP = """
+machine: twostep
+start: begin
+states:
+  begin: {next: nap}
+  nap: {wait: 2s, next: done}
+  done: {terminal: true}
+"""
+
+
+class _LateClaims:
+    """Sends this worker's claims only once the instance has moved on (another worker claimed the
+    token, ran it and committed it on to its timer), as a slow claim does."""
+
+    def __init__(self, store, memory, iid):
+        self.store, self.memory, self.iid = store, memory, iid
+        self.delayed = 0
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def txn(self, compare, success=(), failure=()):
+        from dsm.records import load_instance
+
+        if is_claim(compare, success) and any(op.key.endswith(f"/work/{self.iid}/t1/claim") for op in ops_of(success)):
+            self.delayed += 1
+            while True:
+                kv = await self.memory.get(Keys().instance(self.iid))
+                if kv is not None and load_instance(kv.value).transitions >= 1:
+                    break
+                await asyncio.sleep(0.01)
+        return await self.store.txn(compare, success, failure)
+
+
+def test_a_candidate_that_moved_on_to_a_timer_before_its_claim_is_not_run_early(write):
+    """Worker B takes the token while it is due, but its claim goes out only after worker A has
+    claimed it, run it and committed it on (under the same id) to a 2 s timer, giving its claim
+    back. B's claim must not win the token now: it was due when B took it, it is not any more."""
+    graph = compiler.load(write("twostep.yaml", TWO_STEP))
+    memory = MemoryStore()
+    late = _LateClaims(memory, memory, "two")
+
+    async def main():
+        keys = Keys()
+        registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        client = Client(memory, keys)
+        async with running(late, registry, grace=1, worker_id="b"), running(memory, registry, grace=1, worker_id="a"):
+            iid = await client.submit(graph, {}, instance_id="two")
+            return await client.wait(iid, timeout=BOUND), await client.history(iid)
+
+    inst, history = asyncio.run(main())
+    assert late.delayed >= 1
+    assert inst.status == SUCCEEDED
+    begin, nap = history
+    assert nap.at - begin.at >= 1.99, (begin, nap)

@@ -307,9 +307,12 @@ class Worker:
                 self._free(len(refs) - started)
 
     def _claim_txn(self, ref: TokenRef, lease: int | None) -> Txn:
+        """Claim a candidate as its marker was when it was offered (any marker, when that is unknown)."""
         iid, tok = ref
         work, claim = self.keys.work(iid, tok), self.keys.claim(iid, tok)
-        return Txn([Compare.version(work, ">", 0), Compare.create(claim, "==", 0)],
+        revision = self.feed.revisions.get(ref)
+        seen = Compare.mod(work, "==", revision) if revision is not None else Compare.version(work, ">", 0)
+        return Txn([seen, Compare.create(claim, "==", 0)],
                    [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
 
     async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True, requeue: bool = False) -> bool:
@@ -331,7 +334,8 @@ class Worker:
         if claim is None or record is None or lease is None or claim.lease != lease or ref in self._jobs:
             if requeue and claim is None and work is not None:
                 info = _marker(work)
-                self.queue.add(ref, info.delay(self.wall(), fresh=False) if info is not None else 0.0, first=True)
+                if self.queue.add(ref, info.delay(self.wall(), fresh=False) if info is not None else 0.0, first=True):
+                    self.feed.revisions[ref] = work.mod_revision
             return False
         self.records.remember(record)
         if reserved:
