@@ -244,7 +244,10 @@ class Worker:
             picked = self.queue.take(free, busy=self._jobs) if free else []
             if picked:
                 self.slots.take(len(picked))
-                asyncio.get_running_loop().create_task(self._claim(picked))
+                # the markers they were offered on, as they are now: by the time the claims go out
+                # the feed may have heard that another worker claimed one
+                seen = {ref: self.feed.revisions.get(ref) for ref in picked}
+                asyncio.get_running_loop().create_task(self._claim(picked, seen))
                 continue
             if free and self.feed.behind and not self.queue.has_due():
                 try:
@@ -266,14 +269,16 @@ class Worker:
                 pass
 
     # -- claiming ----------------------------------------------------------------------------
-    async def _claim(self, refs: list[TokenRef]) -> None:
-        """Claim `refs` (their slots are taken); start a job on each claim won."""
+    async def _claim(self, refs: list[TokenRef], seen: dict[TokenRef, int | None]) -> None:
+        """Claim `refs` (their slots are taken) as their markers were at `seen` revisions; start a
+        job on each claim won."""
         await self.lease.ready.wait()
         lease = self.lease.id
         started = 0
         self._claiming.update(refs)
         try:
-            results = await asyncio.gather(*(self._claims.submit(self._claim_txn(ref, lease)) for ref in refs),
+            results = await asyncio.gather(*(self._claims.submit(self._claim_txn(ref, lease, seen.get(ref)))
+                                             for ref in refs),
                                            return_exceptions=True)
             for ref, result in zip(refs, results):
                 if isinstance(result, BaseException):
@@ -306,11 +311,10 @@ class Worker:
             if len(refs) > started:
                 self._free(len(refs) - started)
 
-    def _claim_txn(self, ref: TokenRef, lease: int | None) -> Txn:
-        """Claim a candidate as its marker was when it was offered (any marker, when that is unknown)."""
+    def _claim_txn(self, ref: TokenRef, lease: int | None, revision: int | None = None) -> Txn:
+        """Claim a candidate as its marker was at `revision` (any marker, when that is unknown)."""
         iid, tok = ref
         work, claim = self.keys.work(iid, tok), self.keys.claim(iid, tok)
-        revision = self.feed.revisions.get(ref)
         seen = Compare.mod(work, "==", revision) if revision is not None else Compare.version(work, ">", 0)
         return Txn([seen, Compare.create(claim, "==", 0)],
                    [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
