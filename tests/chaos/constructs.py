@@ -93,6 +93,7 @@ class ConstructReport:
     timers_early: int = 0
     timer_lateness_s: dict[str, float] = field(default_factory=dict)
     leftover_markers: int = 0
+    etcd: dict[str, Any] = field(default_factory=dict)  # whether the members agree at the end
     tick_executions: int = 0
     duplicate_tick_executions: int = 0
     seconds: float = 0.0
@@ -128,7 +129,8 @@ class ConstructReport:
                 "calls": {"visits": self.call_visits, "children_expected": self.children_expected,
                           "children_stored": self.children_stored},
                 "timers": {"count": self.timers, "early": self.timers_early, "lateness_s": self.timer_lateness_s},
-                "leftover_markers": self.leftover_markers, "tick_executions": self.tick_executions,
+                "leftover_markers": self.leftover_markers, "etcd": self.etcd,
+                "tick_executions": self.tick_executions,
                 "duplicate_tick_executions": self.duplicate_tick_executions, "seconds": round(self.seconds, 1)}
 
 
@@ -391,6 +393,9 @@ class ConstructChaos(Chaos):
     async def check(self, store: Any) -> None:
         client = Client(store, self.keys)
         r = self.creport
+        r.etcd = await self.members_agree()
+        if r.etcd.get("agree") is False:  # the checks below read one member's data: say so first
+            r.problem("etcd", f"the etcd members disagree after the restarts (etcd {r.etcd['versions']}): {r.etcd}")
         instances = await self.retry(client.list)
         histories: dict[str, list[HistoryEntry]] = {}
         for start in range(0, len(instances), 50):

@@ -223,6 +223,30 @@ class Chaos:
                 await channel.close()
         return None
 
+    async def members_agree(self) -> dict[str, Any]:
+        """Whether every etcd member holds the same data: each one's hash of its key-value store at
+        one revision that all have applied. They may not: etcd 3.5.0 to 3.5.2 can lose writes a
+        member had acknowledged when it is killed under load (etcd issue 13766), and the members
+        then disagree, which no client can make up for."""
+        import grpc
+        from aetcd import rpc
+
+        channels = {m.name: grpc.aio.insecure_channel(f"127.0.0.1:{m.client_port}") for m in self.cluster.members}
+        try:
+            status = {name: await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=5)
+                      for name, ch in channels.items()}
+            revision = min(s.header.revision for s in status.values())
+            request = rpc.HashKVRequest(revision=revision)
+            hashes = {name: (await rpc.MaintenanceStub(ch).HashKV(request, timeout=30)).hash
+                      for name, ch in channels.items()}
+            return {"agree": len(set(hashes.values())) == 1, "revision": revision, "hashes": hashes,
+                    "versions": sorted({s.version for s in status.values()})}
+        except grpc.aio.AioRpcError as exc:
+            return {"agree": None, "error": str(exc.details())}
+        finally:
+            for ch in channels.values():
+                await ch.close()
+
     # -- faults ------------------------------------------------------------------------------
     async def fault(self, store: EtcdStore, kind: str) -> dict[str, Any]:
         started = time.monotonic()
