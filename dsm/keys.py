@@ -217,8 +217,8 @@ class WorkInfo:
                         owner=sys.intern(owner) if owner else None, wait=d.get("wait"))
 
     def delay(self, wall: float, *, fresh: bool) -> float:
-        """Seconds from now until the token may run. `fresh`: the marker was just written (a watch
-        event), so its whole `wait` lies ahead; else (read later) what is left of it by the local
+        """Seconds from now until the token may run. `fresh`: the marker was just written (a live
+        watch event), so its whole `wait` lies ahead; else (read later) what is left of it by the local
         clock, but never more than `wait`."""
         if self.wait is None:
             return max(0.0, self.not_before - wall)

@@ -41,6 +41,9 @@ from .records import (
 _MISSING = object()
 MAX_MAP_ITEMS = 10_000
 MAP_BATCH = 32  # map items started by one step: a map of 10,000 never writes 10,000 tokens at once
+# items in flight at most when a map sets no max_concurrency: the record holds every item in flight
+# (about 200 bytes each, and its payload), so thousands of them would outgrow what the store takes
+MAP_WINDOW = 1000
 MAX_SIGNALS = 1000  # signals buffered per instance and not yet consumed
 
 
@@ -524,9 +527,7 @@ class _Move:
         assert spec is not None and act.items is not None
         in_flight = act.started - len(act.arrived)
         room = len(act.items) - act.started
-        if spec.max_concurrency is not None:
-            room = min(room, spec.max_concurrency - in_flight)
-        room = min(room, MAP_BATCH)
+        room = min(room, (spec.max_concurrency or MAP_WINDOW) - in_flight, MAP_BATCH)
         base = act.base
         kept = {k: base[k] for k in spec.with_keys if k in base}
         for i in range(act.started, act.started + max(room, 0)):
@@ -657,4 +658,5 @@ def redrive(inst: Instance) -> Step:
 
 
 __all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "child_id", "fail", "merge",
-           "descends_from", "redrive", "same_json", "signal", "start", "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH"]
+           "descends_from", "redrive", "same_json", "signal", "start", "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH",
+           "MAP_WINDOW"]

@@ -137,3 +137,35 @@ def test_a_claim_lost_under_a_running_job_comes_back_when_the_job_ends(store_fac
     told, while_running, after = run(store_factory, body)
     assert len(told) == 1 and "claim was lost" in told[0]
     assert while_running == [] and after == [("i1", "t1")]
+
+
+def test_a_wait_replayed_by_a_resumed_watch_counts_from_when_it_was_written(store_factory):
+    """A marker's wait counts from when a worker learns of it: at once, by a live watch event. A
+    watch resumed after etcd was away replays events written long before (the response carries
+    the store's later revision): their wait is what is left of it by the clock, or every timer
+    armed just before an etcd restart fires as late as the restart took."""
+    async def body(store, keys):
+        feed, queue = feed_on(store, keys, cap=100)
+        feed.wall = lambda: 1003.0  # three seconds after the markers below were written
+        armed = WorkInfo("m", "sha256:x", "nap", not_before=1005.0, wait=5.0).dump()
+        start = await store.revision()
+        await store.put(keys.work("old", "t1"), armed)
+        await store.put(keys.instance("other"), b"{}")  # the store moves on while the worker is away
+        replay = await store.watch(keys.work_prefix, prefix_end(keys.work_prefix), start_revision=start + 1)
+        async for batch in replay:
+            feed.apply(batch.events, batch.revision)
+            break
+        await replay.cancel()
+        replayed = queue.next_delay()
+        queue.discard(("old", "t1"))
+        live = await store.watch(keys.work_prefix, prefix_end(keys.work_prefix))
+        await store.put(keys.work("new", "t1"), armed)
+        async for batch in live:
+            feed.apply(batch.events, batch.revision)
+            break
+        await live.cancel()
+        return replayed, queue.next_delay()
+
+    replayed, live = run(store_factory, body)
+    assert 1.5 < replayed <= 2.0  # what is left of it: 1005 - 1003
+    assert 4.5 < live <= 5.0  # the whole wait: a live event was written just now, whatever the clocks say

@@ -298,6 +298,122 @@ def test_a_map_wider_than_a_transaction_starts_items_in_batches(store_factory, w
     assert record["transitions"] == 301
 
 
+QUICK_MAP = """
+machine: quick
+start: fan
+states:
+  fan:
+    map: {items: "payload.xs", branch: item}
+    join: done
+  item:
+    tick: quickmod:work
+    next: done
+  done:
+    terminal: true
+"""
+
+QUICK_PY = """
+def work(payload, ctx):
+    return {"y": payload["item"] + 1}
+"""
+
+
+def test_items_that_finish_together_commit_within_the_operations_a_transaction_takes(
+        store_factory, write, namespace):
+    """Dozens of items of one map finish while its commit is in flight: they fold into the next
+    commit, which must still fit in etcd's 128 operations (a history entry, a marker and a claim
+    each), not be refused and fail the instance."""
+    graph = compiler.load(write("quick.yaml", QUICK_MAP, quickmod=QUICK_PY))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"xs": list(range(500))})
+        return public_record(await c.client.wait(iid, timeout=120), await c.client.history(iid))
+
+    record = scenario(store_factory, namespace, graph, body, concurrency=64)
+    assert record["status"] == SUCCEEDED, record["error"]
+    assert [r["y"] for r in record["payload"]["results"]] == list(range(1, 501))
+    assert record["transitions"] == 501
+
+
+def test_a_map_of_the_most_items_a_map_takes_without_a_concurrency_limit_succeeds(write):
+    """10,000 items and no max_concurrency: items start as others finish, a bounded window of them
+    in flight, so the record never holds thousands of live items (it would outgrow what the store
+    takes and fail the map with PayloadTooLarge). A map's items are transitions of its instance,
+    so the machine raises max_transitions above them."""
+    from dsm.store.memory import MemoryStore
+    from dsm.transition import MAP_WINDOW
+
+    text = QUICK_MAP.replace("start: fan", "max_transitions: 20000\nstart: fan")
+    graph = compiler.load(write("quick.yaml", text, quickmod=QUICK_PY))
+    peak = [0]
+
+    async def main():
+        store = MemoryStore()
+        registry = Registry(store, Keys(), allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+
+        finished = asyncio.Event()
+
+        def on_commit(step):
+            for act in step.instance.activations.values():
+                peak[0] = max(peak[0], act.started - len(act.arrived))
+            if step.instance.finished:
+                finished.set()
+
+        async with running(store, registry, concurrency=64, on_commit=on_commit):
+            client = Client(store, Keys())
+            iid = await client.submit(graph, {"xs": list(range(10_000))})
+            await asyncio.wait_for(finished.wait(), 300)  # (not client.wait: it would read every version)
+            return await client.instance(iid)
+
+    inst = asyncio.run(main())
+    assert inst.status == SUCCEEDED, inst.error
+    assert [r["y"] for r in inst.payload["results"]] == list(range(1, 10_001))
+    assert 64 <= peak[0] <= MAP_WINDOW
+
+
+CALL_MAP = """
+machine: callmap
+start: fan
+states:
+  fan:
+    map: {items: "payload.xs", branch: sub}
+    join: done
+  sub:
+    call: kid.yaml
+    next: done
+  done:
+    terminal: true
+"""
+
+KID = """
+machine: kid
+start: s
+states:
+  s:
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_a_map_of_call_states_starts_its_children_within_the_operations_a_transaction_takes(
+        store_factory, write, namespace):
+    """Each item of this map starts a child at once; a worker with many free slots must not start
+    more children in one commit than etcd's 128 operations hold."""
+    write("kid.yaml", KID)
+    graph = compiler.load(write("callmap.yaml", CALL_MAP))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"xs": list(range(40))})
+        return public_record(await c.client.wait(iid, timeout=120), await c.client.history(iid))
+
+    record = scenario(store_factory, namespace, graph, body, concurrency=64)
+    assert record["status"] == SUCCEEDED, record["error"]
+    assert [r["item"] for r in record["payload"]["results"]] == list(range(40))
+    assert len({h["child"] for h in record["history"] if h.get("child")}) == 40
+
+
 PARENT = """
 machine: parent
 start: prep
@@ -397,6 +513,58 @@ def test_a_child_that_is_signalled_lets_its_parent_continue(store_factory, write
 
     record = scenario(store_factory, namespace, graph, body)
     assert record["status"] == SUCCEEDED and record["payload"]["from_signal"] == 1
+
+
+IMPATIENT = """
+machine: impatient
+start: sub
+states:
+  sub:
+    call: slowkid.yaml
+    timeout: 300ms
+    catch: nap
+    next: done
+  nap:
+    wait: 3s
+    next: done
+  done:
+    terminal: true
+"""
+
+SLOWKID = """
+machine: slowkid
+start: hold
+states:
+  hold:
+    signal: go
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_a_child_that_finishes_after_its_parent_gave_up_on_it_does_not_wake_the_parent_early(
+        store_factory, write, namespace):
+    """The call timed out and the parent went on (catch) to a timer; the child, still running,
+    finishes later. Its last commit wakes the token that waited for it, which by now waits for its
+    timer: the timer must not fire early."""
+    write("slowkid.yaml", SLOWKID)
+    graph = compiler.load(write("impatient.yaml", IMPATIENT))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {}, instance_id="impatient")
+        await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "timer")
+        child = f"{iid}.c1.1"
+        await c.client.signal(child, "go")
+        await c.wait_for(child, lambda r: r["status"] == SUCCEEDED)
+        done = await c.client.wait(iid, timeout=20)
+        return public_record(done, await c.client.history(iid))
+
+    record = scenario(store_factory, namespace, graph, body)
+    assert record["status"] == SUCCEEDED
+    caught, nap = record["history"]
+    assert (caught["state"], nap["state"]) == ("sub", "nap")
+    assert _ms(nap["at"]) - _ms(caught["at"]) >= 2990, (caught, nap)
 
 
 # -- compile-time checks ----------------------------------------------------------------------------

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from faults import LateStore, is_claim, is_commit, is_fork_commit
+from faults import LateStore, is_claim, is_commit, is_fork_commit, ops_of
 
 from dsm import compiler, handlers
 from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.keys import Keys
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
+from dsm.store import Put
 from dsm.store.memory import MemoryStore
 from dsm.worker import running
 
@@ -418,3 +419,166 @@ def test_a_worker_stopped_right_after_it_started_always_stops(etcd_url, namespac
         return slow
 
     assert asyncio.run(main()) == []
+
+
+NAPPER = """
+machine: napper
+start: begin
+states:
+  begin: {tick: nap:begin, next: nap}
+  nap: {wait: 2s, next: done}
+  done: {terminal: true}
+"""
+
+NAP = """
+import time
+
+def begin(payload, ctx):
+    time.sleep(0.1)
+"""
+
+
+def _adopt_read(compare, success) -> bool:
+    """The read after an ambiguous claim: is the claim ours?"""
+    from dsm.store import Get
+
+    return not compare and len(success) >= 2 and isinstance(success[0], Get) and success[0].key.endswith("/claim")
+
+
+def test_a_claim_lost_in_doubt_does_not_make_the_token_due_when_it_has_moved_on_to_a_timer(write):
+    """Worker A's claim of `begin` is lost before etcd saw it (as when etcd dies); A cannot read
+    for a while (etcd is down), and meanwhile worker B claims the token, runs `begin` and commits
+    the token, under the same id, on to a 2 s timer. When A can read again the claim is not its
+    own: the token is a candidate again when its marker says, not at once (that ran the timer
+    seconds early)."""
+    graph = compiler.load(write("napper.yaml", NAPPER, nap=NAP))
+    memory = MemoryStore()
+    late = LateStore(memory)
+    late.lose_answer(is_claim, when="never")  # A's claim: lost on its way, never applied
+    late.lose_answer(_adopt_read, times=3)  # then A cannot read for 1.5 s (three tries, 0.5 s apart)
+
+    async def main():
+        keys = Keys()
+        registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        client = Client(memory, keys)
+        async with running(late, registry, grace=1, worker_id="a", audit_interval=0.1):
+            iid = await client.submit(graph, {})
+            deadline = time.monotonic() + BOUND
+            while late.injected < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            async with running(memory, registry, grace=1, worker_id="b", audit_interval=0.1):
+                done = await client.wait(iid, timeout=BOUND)
+                return done, await client.history(iid)
+
+    inst, history = asyncio.run(main())
+    assert late.injected == 4
+    assert inst.status == SUCCEEDED
+    begin, nap = history
+    assert begin.worker == "b"
+    assert nap.at - begin.at >= 1.99, (begin, nap)
+
+
+CALLS = """
+machine: calls
+start: sub
+states:
+  sub: {call: quickkid.yaml, next: done}
+  done: {terminal: true}
+"""
+
+QUICKKID = """
+machine: quickkid
+start: s
+states:
+  s: {next: done}
+  done: {terminal: true}
+"""
+
+
+def test_a_child_started_by_a_commit_in_doubt_is_started_once_and_wakes_its_parent(write):
+    """The parent's commit that starts its child loses its answer and applies just after the
+    worker re-read the parent (so it plans again, to start the child again, and is refused). The
+    child, created once, finishes at once and wakes the parent, which ends with that child."""
+    write("quickkid.yaml", QUICKKID)
+    graph = compiler.load(write("calls.yaml", CALLS))
+    memory = MemoryStore()
+    late = LateStore(memory)
+    starts_child = lambda compare, success: any(  # noqa: E731
+        isinstance(op, Put) and op.key.endswith("/inst/par.c1.1") for op in ops_of(success))
+    late.lose_answer(starts_child, when="after_read")
+
+    async def main():
+        keys = Keys()
+        registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        client = Client(memory, keys)
+        async with running(late, registry, grace=1, worker_id="p", serves=lambda iid: iid == "par"), \
+                running(memory, registry, grace=1, worker_id="c", serves=lambda iid: iid != "par"):
+            iid = await client.submit(graph, {}, instance_id="par")
+            done = await client.wait(iid, timeout=BOUND)
+            return done, await client.history(iid), await client.list()
+
+    inst, history, instances = asyncio.run(main())
+    assert late.injected == 1
+    assert inst.status == SUCCEEDED
+    assert [h.child for h in history] == ["par.c1.1"]
+    assert sorted(i.id for i in instances) == ["par", "par.c1.1"]
+
+
+TWO_STEP = """
+machine: twostep
+start: begin
+states:
+  begin: {next: nap}
+  nap: {wait: 2s, next: done}
+  done: {terminal: true}
+"""
+
+
+class _LateClaims:
+    """Sends this worker's claims only once the instance has moved on (another worker claimed the
+    token, ran it and committed it on to its timer), as a slow claim does."""
+
+    def __init__(self, store, memory, iid):
+        self.store, self.memory, self.iid = store, memory, iid
+        self.delayed = 0
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def txn(self, compare, success=(), failure=()):
+        from dsm.records import load_instance
+
+        if is_claim(compare, success) and any(op.key.endswith(f"/work/{self.iid}/t1/claim") for op in ops_of(success)):
+            self.delayed += 1
+            while True:
+                kv = await self.memory.get(Keys().instance(self.iid))
+                if kv is not None and load_instance(kv.value).transitions >= 1:
+                    break
+                await asyncio.sleep(0.01)
+        return await self.store.txn(compare, success, failure)
+
+
+def test_a_candidate_that_moved_on_to_a_timer_before_its_claim_is_not_run_early(write):
+    """Worker B takes the token while it is due, but its claim goes out only after worker A has
+    claimed it, run it and committed it on (under the same id) to a 2 s timer, giving its claim
+    back. B's claim must not win the token now: it was due when B took it, it is not any more."""
+    graph = compiler.load(write("twostep.yaml", TWO_STEP))
+    memory = MemoryStore()
+    late = _LateClaims(memory, memory, "two")
+
+    async def main():
+        keys = Keys()
+        registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        client = Client(memory, keys)
+        async with running(late, registry, grace=1, worker_id="b"), running(memory, registry, grace=1, worker_id="a"):
+            iid = await client.submit(graph, {}, instance_id="two")
+            return await client.wait(iid, timeout=BOUND), await client.history(iid)
+
+    inst, history = asyncio.run(main())
+    assert late.delayed >= 1
+    assert inst.status == SUCCEEDED
+    begin, nap = history
+    assert nap.at - begin.at >= 1.99, (begin, nap)

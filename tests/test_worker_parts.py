@@ -225,3 +225,54 @@ def test_the_count_of_index_operations_matches_the_operations():
              (running, replace(running, status="cancelled", finished_at=1.0, retention=0.0))]
     for before, after in cases:
         assert index.status_op_count(before, after) == len(index.status_ops(KEYS, before, after))
+
+
+def test_arrivals_that_need_more_than_a_transaction_are_applied_in_turns():
+    """Sixty map items finish while a commit is in flight: each needs a history entry, its marker and
+    its claim, 180 operations in all. The plan applies the first ones that fit; the rest wait."""
+    graph = compiler.compile_text("""
+machine: m
+max_transitions: 1000
+start: s
+states:
+  s: {map: {items: payload.xs, branch: b}, join: done}
+  b: {tick: h:f, next: done}
+  done: {terminal: true}
+""", "m.yaml", import_handlers=False)
+    inst = start(graph, "i1", {"xs": list(range(300))}, 0.0)
+    for _ in range(2):  # two rounds of 32 starts: 64 items in flight
+        arrivals = [Arrival(t, 5, Outcome()) for t in inst.tokens.values()][:1]
+        inst = plan_commit(graph, inst, arrivals, now=1.0, worker="w", slots=0, max_record_bytes=10**7).after
+    items = [t for t in inst.tokens.values() if t.state == "b"]
+    arrivals = [Arrival(t, 5, Outcome(payload={"y": 1})) for t in items[:60]]
+    plan = plan_commit(graph, inst, arrivals, now=2.0, worker="w", slots=8, max_record_bytes=10**7)
+    assert 1 <= plan.applied < 60 and plan.required < MAX_TXN_OPS
+    assert len(plan.history) == plan.applied
+    txn = commit_txn(KEYS, plan, 7, {a.token.id: 5 for a in arrivals}, worker="w", lease=9, now=2.0)
+    assert max(ops_of(txn)) <= MAX_TXN_OPS
+    rest = plan_commit(graph, plan.after, arrivals[plan.applied:], now=2.0, worker="w", slots=8,
+                       max_record_bytes=10**7)
+    assert rest.applied + plan.applied <= 60 and len(rest.history) == rest.applied
+
+
+def test_call_states_fold_only_as_many_children_as_half_a_transaction_holds():
+    """A map whose items start with a call state, and a worker with many free slots: the children
+    the commit would start by folding those states are bounded; the other items run as jobs."""
+    kid = compiler.compile_text("machine: kid\nstart: s\nstates:\n  s: {next: done}\n  done: {terminal: true}\n",
+                                "kid.yaml")
+    graph = compiler.compile_text("""
+machine: m
+start: s
+states:
+  s: {map: {items: payload.xs, branch: c}, join: done}
+  c: {call: kid.yaml, next: done}
+  done: {terminal: true}
+""", "m.yaml", import_handlers=False, calls={"kid.yaml": kid})
+    inst = start(graph, "i1", {"xs": list(range(40))}, 0.0)
+    plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=64,
+                       max_record_bytes=10**7)
+    assert 1 <= len(plan.started) < 32 and plan.required < MAX_TXN_OPS
+    waiting = [t for t in plan.after.tokens.values() if t.state == "c" and t.child is None]
+    assert len(waiting) == 32 - len(plan.started) and {t.id for t in waiting} <= {t.id for t in plan.keep}
+    txn = commit_txn(KEYS, plan, 7, {"t1": 5}, worker="w", lease=9, now=1.0)
+    assert max(ops_of(txn)) <= MAX_TXN_OPS

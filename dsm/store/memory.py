@@ -466,7 +466,7 @@ class MemoryStore:
                     if rev >= start_revision:
                         mine = [e for e in events if watch.matches(e.kv.key)]
                         if mine:
-                            watch.queue.put_nowait(WatchBatch(rev, mine))
+                            watch.queue.put_nowait(WatchBatch(self._rev, mine))  # sent now, as etcd does
             self._watches.append(watch)
             return watch
 

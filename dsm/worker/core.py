@@ -33,7 +33,7 @@ from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
 from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
-from ..markers import MAX_TXN_OPS, SYNC, reconcile
+from ..markers import MAX_TXN_OPS, SYNC, reconcile, work_info
 from ..records import SUCCEEDED, Instance, Token, load_instance
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import ChildResult, Failure, Outcome, Step
@@ -67,6 +67,7 @@ class _Job:
     claim_rev: int
     attempt: Attempt | None = None
     task: asyncio.Task | None = None
+    woken: bool = False  # claimed through a marker that said "due now" (`_stale_wake`)
 
 
 @dataclass
@@ -250,7 +251,10 @@ class Worker:
             picked = self.queue.take(free, busy=self._jobs) if free else []
             if picked:
                 self.slots.take(len(picked))
-                asyncio.get_running_loop().create_task(self._claim(picked))
+                # the markers they were offered on, as they are now: by the time the claims go out
+                # the feed may have heard that another worker claimed one
+                seen = {ref: self.feed.revisions.get(ref) for ref in picked}
+                asyncio.get_running_loop().create_task(self._claim(picked, seen))
                 continue
             if free and self.feed.behind and not self.queue.has_due():
                 try:
@@ -272,14 +276,16 @@ class Worker:
                 pass
 
     # -- claiming ----------------------------------------------------------------------------
-    async def _claim(self, refs: list[TokenRef]) -> None:
-        """Claim `refs` (their slots are taken); start a job on each claim won."""
+    async def _claim(self, refs: list[TokenRef], seen: dict[TokenRef, int | None]) -> None:
+        """Claim `refs` (their slots are taken) as their markers were at `seen` revisions; start a
+        job on each claim won."""
         await self.lease.ready.wait()
         lease = self.lease.id
         started = 0
         self._claiming.update(refs)
         try:
-            results = await asyncio.gather(*(self._claims.submit(self._claim_txn(ref, lease)) for ref in refs),
+            results = await asyncio.gather(*(self._claims.submit(self._claim_txn(ref, lease, seen.get(ref)))
+                                             for ref in refs),
                                            return_exceptions=True)
             for ref, result in zip(refs, results):
                 if isinstance(result, BaseException):
@@ -289,10 +295,8 @@ class Worker:
                     elif isinstance(result, (StoreUnavailable, asyncio.TimeoutError)):
                         # It may have been applied: run it if the claim is ours. If it applies
                         # later still, the claim audit gives it back.
-                        if await self._adopt(ref, lease):
+                        if await self._adopt(ref, lease, requeue=True):
                             started += 1
-                        else:
-                            self.queue.add(ref, first=True)  # still work, unless a late claim says otherwise
                     elif isinstance(result, LeaseLost):
                         await self.lease.verify()
                         self.queue.add(ref, first=True)
@@ -302,39 +306,48 @@ class Worker:
                     continue
                 if not result.succeeded:
                     continue
-                record = result.get(1).first  # the marker is there: the claim compared its version
-                if record is None:
+                record, work = result.get(1).first, result.get(2).first
+                if record is None or work is None:
                     await self._release(ref, result.revision)
                     continue
                 self.meter.claims[self.records.remember(record).machine] += 1
                 self.stats.claimed += 1
-                self._start(ref, result.revision)
+                self._start(ref, result.revision, woken=_says_due_now(work))
                 started += 1
         finally:
             self._claiming.difference_update(refs)
             if len(refs) > started:
                 self._free(len(refs) - started)
 
-    def _claim_txn(self, ref: TokenRef, lease: int | None) -> Txn:
+    def _claim_txn(self, ref: TokenRef, lease: int | None, revision: int | None = None) -> Txn:
+        """Claim a candidate as its marker was at `revision` (any marker, when that is unknown)."""
         iid, tok = ref
         work, claim = self.keys.work(iid, tok), self.keys.claim(iid, tok)
-        return Txn([Compare.version(work, ">", 0), Compare.create(claim, "==", 0)],
-                   [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid))])
+        seen = Compare.mod(work, "==", revision) if revision is not None else Compare.version(work, ">", 0)
+        return Txn([seen, Compare.create(claim, "==", 0)],
+                   [Put(claim, self.id.encode(), lease or 0), Get(self.keys.instance(iid)), Get(work)])
 
-    async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True) -> bool:
+    async def _adopt(self, ref: TokenRef, lease: int | None, *, reserved: bool = True, requeue: bool = False) -> bool:
         """After an ambiguous claim or commit: if the claim on `ref` is ours, run it; else let it be.
-        `reserved`: a slot is already counted for it (else it queues for one)."""
+        `reserved`: a slot is already counted for it (else it queues for one). `requeue`: when nobody
+        holds it, it is a candidate again, due when its marker says: meanwhile another worker may
+        have run it and moved it on, under the same id, to a timer (not due now)."""
         iid, tok = ref
         while True:
             try:
-                result = await self.store.txn([], [Get(self.keys.claim(iid, tok)), Get(self.keys.instance(iid))])
+                result = await self.store.txn([], [Get(self.keys.claim(iid, tok)), Get(self.keys.instance(iid)),
+                                                   Get(self.keys.work(iid, tok))])
                 break
             except StoreUnavailable:
                 if self.stopping:
                     return False
                 await asyncio.sleep(0.5)
-        claim, record = result.get(0).first, result.get(1).first
+        claim, record, work = result.get(0).first, result.get(1).first, result.get(2).first
         if claim is None or record is None or lease is None or claim.lease != lease or ref in self._jobs:
+            if requeue and claim is None and work is not None:
+                info = _marker(work)
+                if self.queue.add(ref, info.delay(self.wall(), fresh=False) if info is not None else 0.0, first=True):
+                    self.feed.revisions[ref] = work.mod_revision
             return False
         self.records.remember(record)
         if reserved:
@@ -429,10 +442,10 @@ class Worker:
             self.records.hold(ref[0])
             self.slots.ready.append((ref, claim_rev))
 
-    def _start(self, ref: TokenRef, claim_rev: int, *, held: bool = False) -> None:
+    def _start(self, ref: TokenRef, claim_rev: int, *, held: bool = False, woken: bool = False) -> None:
         """Start a job on a claimed token; its slot is taken. `held`: the record is already held
-        for it (it waited in `ready`)."""
-        job = _Job(ref, claim_rev)
+        for it (it waited in `ready`). `woken`: its marker said due now."""
+        job = _Job(ref, claim_rev, woken=woken)
         self._jobs[ref] = job
         if not held:
             self.records.hold(ref[0])
@@ -464,6 +477,10 @@ class Worker:
                 # the SYNC marker, or one the record no longer lists (its removal was deferred)
                 await self._reconcile(iid)
                 return
+            if job.woken and token.not_before > 0.0 and token.child is None:
+                await self._stale_wake(job)
+                return
+            job.woken = False
             try:
                 graph = await self.registry.get(inst.digest)
             except NotFound as exc:
@@ -506,6 +523,35 @@ class Worker:
         if report_failure(log, call, outcome):
             self.stats.failures += 1
         return outcome
+
+    async def _stale_wake(self, job: _Job) -> None:
+        """The marker said due now, the record says the token waits for a time and for no child:
+        the last commit of a child woke it (it rewrites its parent's marker without reading the
+        parent) after the parent had stopped waiting for that child (the call timed out, and the
+        token retries after a backoff or went on by `catch`, to a timer say). Running it would cut
+        that wait short: put its marker back as the record has it, and give the claim back."""
+        iid, tok = job.ref
+        for _ in range(3):
+            inst, rev = self.records.get(iid)
+            current = inst.tokens.get(tok)
+            if current is None:
+                break
+            txn = Txn([Compare.mod(self.keys.instance(iid), "==", rev),
+                       Compare.create(self.keys.claim(iid, tok), "==", job.claim_rev)],
+                      [Put(self.keys.work(iid, tok), work_info(inst, current, self.wall()).dump()),
+                       Delete(self.keys.claim(iid, tok))])
+            try:
+                result = await self.store.txn(txn.compare, txn.success, [Get(self.keys.instance(iid))])
+            except StoreError:
+                break
+            if result.succeeded:
+                log.debug("worker %s: %s/%s was woken by a stale marker; put back", self.id, iid, tok)
+                return
+            record = result.get(0).first
+            if record is None:
+                break
+            self.records.remember(record)
+        await self._release(job.ref, job.claim_rev)
 
     async def _reconcile(self, iid: str) -> None:
         """Make the instance's work markers match its record (deferred marker changes, stale markers)."""
@@ -604,8 +650,10 @@ class Worker:
                 continue
             self.meter.commit_answered(graph.machine, self.clock() - sent, result.succeeded)
             if result.succeeded:
-                self._committed(plan, result.revision, batch)
-                return
+                # the outcomes that did not fit in this transaction go in the next one
+                self._committed(plan, result.revision, batch[:plan.applied])
+                batch = batch[plan.applied:]
+                continue
             try:
                 record_kv, claim_kvs = await self._read(iid, batch)
             except StoreUnavailable:
@@ -751,6 +799,19 @@ def _background(work: Coroutine[Any, Any, None], what: str, about: dict[str, Any
     task = asyncio.get_running_loop().create_task(run())
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
+
+
+def _marker(kv: KeyValue) -> WorkInfo | None:
+    try:
+        return WorkInfo.load(kv.value)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _says_due_now(marker: KeyValue) -> bool:
+    """Whether a work marker says its token is due now (not after a time)."""
+    info = _marker(marker)
+    return info is not None and info.not_before == 0.0
 
 
 def _settle(future: asyncio.Future, value: object) -> None:

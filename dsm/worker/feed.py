@@ -51,6 +51,10 @@ class WorkFeed:
         self.rescan = False  # work was dropped for lack of room: page through everything again
         self.changed = asyncio.Event()  # set when candidates were added
         self._watch: Watch | None = None  # the watch being read, so that closing can end it
+        # The revision of the marker each candidate was offered on. A claim is fenced by it: along a
+        # line a token keeps its id, so a candidate taken while due may meanwhile have been run by
+        # another worker and moved on to a timer; claimed then, on what it was, the timer would not wait.
+        self.revisions: dict[TokenRef, int] = {}
 
     @property
     def behind(self) -> bool:
@@ -68,7 +72,7 @@ class WorkFeed:
                 delay = 0.2
                 async for batch in watch:
                     if batch.events:
-                        self.apply(batch.events)
+                        self.apply(batch.events, batch.revision)
                         revision = max(revision, batch.events[-1].kv.mod_revision)
                 raise StoreUnavailable("watch ended")
             except Compacted as exc:
@@ -93,6 +97,7 @@ class WorkFeed:
         while True:
             try:
                 self.queue.clear()
+                self.revisions.clear()
                 self.cursor, self.rescan = None, False
                 return await self._scan(self.keys.work_prefix)
             except (StoreUnavailable, Compacted) as exc:
@@ -112,7 +117,7 @@ class WorkFeed:
         first page (a watch from there misses nothing that changed while later pages were read)."""
         end = prefix_end(self.keys.work_prefix)
         cursor = start
-        pending: tuple[TokenRef, WorkInfo | None] | None = None
+        pending: tuple[TokenRef, WorkInfo | None, int] | None = None
         wall = self.wall()
         revision = 0
         while True:
@@ -129,7 +134,7 @@ class WorkFeed:
                     continue
                 if pending is not None:
                     self._offer(*pending, wall=wall)
-                pending = ((iid, tok), _load_info(kv.value))
+                pending = ((iid, tok), _load_info(kv.value), kv.mod_revision)
                 if self.queue.full:
                     self.cursor = kv.key
                     self.changed.set()
@@ -143,22 +148,36 @@ class WorkFeed:
         self.changed.set()
         return revision
 
-    def _offer(self, ref: TokenRef, info: WorkInfo | None, *, wall: float, fresh: bool = False,
-               first: bool = False) -> None:
+    def _offer(self, ref: TokenRef, info: WorkInfo | None, revision: int | None = None, *, wall: float,
+               fresh: bool = False, first: bool = False) -> None:
+        """A candidate, due when its marker (`info`, at `revision`) says; None: only its claim
+        went, so it is due now and its marker unknown."""
         if not self.admits(ref, info):
             return
         if info is not None and info.not_before >= PARKED:  # waits for a signal or a child, not for time
-            self.queue.discard(ref)
+            self.discard(ref)
             return
         wait = info.delay(wall, fresh=fresh) if info is not None else 0.0
         if not self.queue.add(ref, wait, first=first):
             self.rescan = True
+        elif revision is not None:
+            self.revisions[ref] = revision
+        elif info is None:
+            self.revisions.pop(ref, None)
 
-    def apply(self, events: list[Event]) -> None:
+    def discard(self, ref: TokenRef) -> None:
+        self.queue.discard(ref)
+        self.revisions.pop(ref, None)
+
+    def apply(self, events: list[Event], latest: int | None = None) -> None:
+        """Events of one watch response; `latest` is the store's revision it was sent at. Events of
+        that revision were just written: a marker's wait counts from now. Older ones (a watch resumed
+        after etcd was away replays what it missed) count what is left of it by the clock."""
         wall = self.wall()
         added = False
         for revision, group in itertools.groupby(events, key=lambda e: e.kv.mod_revision):
-            works: dict[TokenRef, WorkInfo | None] = {}
+            fresh = latest is None or revision >= latest
+            works: dict[TokenRef, WorkInfo | None] = {}  # markers put in this revision
             gone: set[TokenRef] = set()
             claimed: set[TokenRef] = set()
             released: set[TokenRef] = set()
@@ -174,24 +193,25 @@ class WorkFeed:
                 else:
                     works[ref] = _load_info(event.kv.value)
             for ref in gone:
-                self.queue.discard(ref)
+                self.discard(ref)
                 # Our own commit removes the token too, but by then its tick has returned and
                 # telling it changes nothing; otherwise it was cancelled or failed elsewhere.
                 self.held(ref, revision, "the token was removed (instance cancelled or failed elsewhere)")
             for ref in claimed:
-                self.queue.discard(ref)
+                self.discard(ref)
             for ref, info in works.items():
                 if ref in claimed or ref in gone or (info is not None and info.owner is not None):
-                    self.queue.discard(ref)
+                    self.discard(ref)
                 else:
-                    self._offer(ref, info, wall=wall, fresh=True)
+                    self._offer(ref, info, revision, wall=wall, fresh=fresh)
                     added = True
             for ref in released - gone - claimed:
                 # A job of ours that held it is told (its lease went: expired, or revoked), and the
                 # token is a candidate all the same: the queue keeps it while that job runs and
                 # hands it back when the job ends (`requeue`), unless another worker claims it first.
                 self.held(ref, revision, "the claim was lost (lease expired or revoked)")
-                self._offer(ref, works.get(ref), wall=wall, fresh=True, first=ref not in works)
+                self._offer(ref, works.get(ref), revision if ref in works else None, wall=wall, fresh=fresh,
+                            first=ref not in works)
                 added = True
         if added:
             self.changed.set()

@@ -26,6 +26,7 @@ from ..transition import Outcome
 
 MAX_ARRIVALS = 60  # outcomes folded into one commit (each adds a compare)
 MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain continues in the next
+CHILD_OPS = 8  # operations creating one child takes, at most (its record, entries and marker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,8 @@ class CommitPlan:
     deferred: frozenset[str]  # tokens whose marker change waits for the SYNC marker
     record: bytes
     started: tuple[Instance, ...] = ()  # child instances this commit creates (`call` states)
+    applied: int = 0  # how many of the arrivals it applies (the first ones); the rest wait for the next commit
+    required: int = 0  # operations it cannot do without (record, history, entries, its own tokens)
 
     @property
     def sync(self) -> bool:
@@ -61,11 +64,27 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
 
     `slots`: how many new tokens this worker may take on (besides its own that move along); 0 when
     it is stopping, which also gives back its own tokens.
+
+    Every arrival needs operations of its own (a history entry, its marker and claim, a child it
+    starts): when the arrivals together need more than a transaction holds (dozens of map items
+    finishing at once), the plan applies the first of them that fit (`applied`) and the rest wait
+    for the next commit.
     """
+    count = len(arrivals)
+    while True:
+        plan = _plan(graph, before, arrivals[:count], now=now, worker=worker, slots=slots,
+                     max_record_bytes=max_record_bytes, max_ops=max_ops)
+        if plan.required < max_ops or count <= 1:
+            return plan
+        count = max(1, min(count - 1, count * (max_ops * 3 // 4) // plan.required))
+
+
+def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float, worker: str, slots: int,
+          max_record_bytes: int, max_ops: int) -> CommitPlan:
     started: list[Instance] = []
     after, history = apply(graph, before, arrivals, now=now, worker=worker, started=started)
     own = frozenset(a.token.id for a in arrivals)
-    keep, after = _keep(graph, before, after, own, history, now, worker, slots, started)
+    keep, after = _keep(graph, before, after, own, history, now, worker, slots, started, max_ops)
     after, record, too_large = bounded(before, after, arrivals, now=now, max_record_bytes=max_record_bytes)
     if too_large:
         history, keep, started = [], [], []
@@ -75,9 +94,9 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     changed += tuple(t for t in _rewritten(before, after, arrivals) if t.id not in changed_ids)
     entries = len(history) + index.status_op_count(before, after) + sum(_creation_ops(c) for c in started)
     entries += len(wake_parent_ops(Keys(), before, after))
-    keep, deferred = _fit(own, removed, changed, keep, entries, max_ops)
+    keep, deferred, required = _fit(own, removed, changed, keep, entries, max_ops)
     return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record,
-                      tuple(started))
+                      tuple(started), len(arrivals), required)
 
 
 def _waits_for(inst: Instance, child: Instance) -> bool:
@@ -141,9 +160,12 @@ def bounded(before: Instance, after: Instance, arrivals: list[Arrival], *, now: 
 
 
 def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], history: list[HistoryEntry],
-          now: float, worker: str, slots: int, started: list[Instance]) -> tuple[list[Token], Instance]:
+          now: float, worker: str, slots: int, started: list[Instance],
+          max_ops: int = MAX_TXN_OPS) -> tuple[list[Token], Instance]:
     """The tokens this worker runs next: its own that moved on keep their slots, new ones take free
-    slots. Tick-less states among them run right here, folded into the same commit."""
+    slots. Tick-less states among them run right here, folded into the same commit; call states
+    only while the children they start take at most half the transaction (the others run as jobs
+    of their own)."""
     if slots <= 0 and not any(tid in after.tokens for tid in own):
         return [], after
     for _ in range(MAX_FOLDED + 1):
@@ -157,7 +179,9 @@ def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], 
         mine.sort(key=lambda t: t.id not in own)
         keep = [t for t in mine if t.id in own] + [t for t in mine if t.id not in own][:budget]
         # (a call state's token folds only to start its child: the child's result is read by a job)
-        tickless = next((t for t in keep if graph.states[t.state].tick is None and t.child is None), None)
+        room = max_ops // 2 - sum(_creation_ops(c) for c in started) >= CHILD_OPS
+        tickless = next((t for t in keep if graph.states[t.state].tick is None and t.child is None
+                         and (room or graph.states[t.state].call is None)), None)
         if tickless is None or len(history) >= MAX_FOLDED:
             return keep, after
         step = transition.advance(graph, after, tickless.id, Outcome(), now=now, worker=worker)
@@ -168,8 +192,10 @@ def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], 
 
 
 def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ...], keep: list[Token],
-         entries: int, max_ops: int) -> tuple[list[Token], frozenset[str]]:
-    """Trim what does not fit in one transaction: keep fewer new tokens, defer other markers."""
+         entries: int, max_ops: int) -> tuple[list[Token], frozenset[str], int]:
+    """Trim what does not fit in one transaction: keep fewer new tokens, defer other markers.
+    Also returns the operations that cannot be trimmed (when they are `max_ops` or more, the
+    commit has too many arrivals)."""
     changed_ids = {t.id for t in changed}
     required = 1 + entries  # the record, the history and the index entries
     for tid in own:
@@ -203,7 +229,7 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
             room -= 2
         else:
             deferred.add(tid)
-    return fitted, frozenset(deferred)
+    return fitted, frozenset(deferred), required
 
 
 def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *, worker: str, lease: int,

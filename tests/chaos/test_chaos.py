@@ -1,22 +1,29 @@
-"""The short chaos run for CI: every fault once, under load, then every history audited."""
+"""The short chaos runs for CI: every fault once, under load, then every history audited; and the
+waiting constructs and maps (a map of 500 items, signals, child machines, 1,000 timers) under
+the faults that threaten them."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from constructs import ConstructConfig, run_constructs
 from harness import Config, run
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 
-def test_every_fault_under_load_loses_nothing_and_commits_nothing_twice(request):
+def _require_etcd() -> None:
     from dsm.testing import etcd_binary
 
     if etcd_binary() is None:
-        import os
-
         if os.environ.get("CI"):
             pytest.fail("etcd is required in CI")
         pytest.skip("no etcd binary")
+
+
+def test_every_fault_under_load_loses_nothing_and_commits_nothing_twice(request):
+    _require_etcd()
     report = run(Config(workers=3, fanout=40, loopfork=20, rounds=3, fault_every=2.0, lease_ttl=3))
     summary = report.as_dict()
     print(summary)
@@ -36,3 +43,39 @@ def test_every_fault_under_load_loses_nothing_and_commits_nothing_twice(request)
             assert fault["recovery_s"] is not None, fault
         else:
             assert fault["recovery_s"] is not None, fault  # commits went on after it
+
+
+def test_maps_signals_children_and_timers_under_faults_lose_nothing_and_do_nothing_twice():
+    """Workers killed during a map of 500 items, while signals are sent and consumed (the last
+    round with every worker dead), while parents start children; the whole etcd cluster killed
+    and restarted while 1,000 instances wait on timers. Then, from the store: every history passes
+    the audit, every instance ended as expected, each signal sent was consumed once (and none is
+    left), each map's results are complete and in item order, each call visit and attempt has
+    exactly one child, no timer fired early, no work marker is left."""
+    _require_etcd()
+    config = ConstructConfig()
+    report = run_constructs(config)
+    summary = report.as_dict()
+    print(summary)
+    assert report.invalid_histories == {}, summary["invalid_examples"]
+    assert report.problems == {}, summary["problems"]
+    assert report.unexpected_statuses == {}, summary["unexpected_statuses"]
+    assert report.statuses["bigmap"] == {"succeeded": config.map_instances}
+    assert report.statuses["waiter"] == {"succeeded": config.waiters}
+    assert report.statuses["caller"] == {"succeeded": config.callers}
+    assert report.statuses["sleeper"] == {"succeeded": config.sleepers}
+    flaky = config.callers // 2 + config.callers % 2  # each of their visits had a failed first child
+    assert report.statuses["callee"] == {"succeeded": config.callers * config.rounds,
+                                         "failed": flaky * config.rounds}
+    assert report.signals_sent == report.signals_consumed == config.waiters * config.signals
+    assert report.signals_left == 0
+    assert report.map_items == report.map_items_arrived == report.map_results == config.map_items
+    assert report.children_expected == report.children_stored == (config.callers + flaky) * config.rounds
+    assert report.timers == config.sleepers and report.timers_early == 0
+    assert report.leftover_markers == 0
+    struck = {(f["phase"], f["fault"]) for f in report.faults}
+    assert struck == {("map", "kill_worker"), ("signals", "kill_worker"), ("signals", "kill_all_workers"),
+                      ("calls", "kill_worker"), ("timers", "restart_cluster")}, report.faults
+    for phase in ("map", "calls"):  # a kill struck a worker in the middle of that phase's work
+        assert any(f.get("phase_claims") for f in report.faults if f["phase"] == phase), report.faults
+    assert report.ok
