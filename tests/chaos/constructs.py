@@ -42,7 +42,7 @@ from dsm.audit import audit
 from dsm.client import Client
 from dsm.errors import StoreError
 from dsm.keys import WorkInfo
-from dsm.records import FAILED, FINISHED, SUCCEEDED, HistoryEntry, Instance
+from dsm.records import FAILED, FINISHED, SUCCEEDED, HistoryEntry, Instance, new_id
 from dsm.store import prefix_end
 from dsm.testing import make_cluster
 
@@ -251,7 +251,8 @@ class ConstructChaos(Chaos):
     async def start_instances(self, store: Any, path: Any, payloads: list[dict[str, Any]]) -> list[str]:
         client = Client(store, self.keys)
         graph = self.machines[path]
-        ids = await self.retry(lambda: client.submit_many(graph, payloads))
+        given: list[str | None] = [new_id() for _ in payloads]  # a submission retried creates nothing twice
+        ids = await self.retry(lambda: client.submit_many(graph, payloads, ids=given))
         for iid, payload in zip(ids, payloads):
             self.kind[iid] = graph.machine
             self.expected[iid] = payload
