@@ -121,7 +121,10 @@ def test_work_no_worker_can_run_is_skipped_quietly_and_left_for_one_that_can(sto
         return claims, live, serving, done, [w.id for w in serving_after]
 
     claims, live, serving, done, serving_after = on_store(store_factory, namespace, body)
-    assert claims <= 2 * 20  # each instance claimed at most once by each worker that cannot run it
+    # about once per instance by each worker that cannot run it (a busy loop would claim hundreds of
+    # times in those 2 s); an instance claimed while its definition is still being refused, or whose
+    # give-back crosses the refusal, may be claimed once more
+    assert claims <= 3 * 20
     assert sorted(w.id for w in live) == ["a", "b"] and serving == []
     assert all(w.refused[0].machine == "elsewhere" for w in live)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("dsm")]
