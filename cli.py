@@ -497,6 +497,21 @@ class EtcdArgs:
             raise Fail(ExitCode.INVALID, str(exc)) from None
 
 
+def _stop_on_signals(received: list[int]) -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (each noted in `received`): a long-running command
+    (`worker`, `api`) stops on it gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stop
+
+
 def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
@@ -925,15 +940,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
         from dsm.definitions import Registry, register
         from dsm.worker import HousekeepingOptions, default_worker_id, running
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signum: int) -> None:
-            received.append(signum)
-            stop.set()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
+        stop = _stop_on_signals(received)
         if received:
             return
         worker_id = default_worker_id()
@@ -1272,15 +1279,7 @@ def api_command(paths: Annotated[list[Path] | None, typer.Argument(
         from dsm.api.serve import serve
         from dsm.definitions import register
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signum: int) -> None:
-            received.append(signum)
-            stop.set()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
+        stop = _stop_on_signals(received)
         async with _api_store(etcd) as (store, keys, where):
             for g in graphs:
                 await register(store, keys, g)

@@ -26,14 +26,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any
 
 from . import payloads, transition
 from .context import make_context
 from .errors import NotFound
 from .graph import Graph, State
-from .records import HistoryEntry, Instance, Token, evolve, new_id
+from .records import HistoryEntry, Instance, Token, new_id
 from .transition import ChildResult, Failure, Outcome
 from .worker.executor import Attempt, Executor, ThreadExecutor, TickCall, failure_of, normalize, report_failure
 from .worker.planner import Arrival, apply, bounded
@@ -134,22 +133,16 @@ class _Run:
         task.add_done_callback(self.tasks.discard)
 
     def child_ended(self, child: _Run) -> None:
-        parent = child.inst.parent
-        if parent is None or self.inst.finished:
-            return
-        token = self.inst.tokens.get(parent.token)
-        if token is not None and token.child == child.inst.id:
-            tokens = dict(self.inst.tokens)
-            tokens[token.id] = replace(token, not_before=0.0)
-            self.inst = evolve(self.inst, tokens=MappingProxyType(tokens))
+        after = transition.child_ended(self.inst, child.inst)
+        if after is not self.inst:
+            self.inst = after
             self.wake.set()
 
     def child_result(self, token: Token) -> ChildResult | None:
-        run = self.children.get(token.child) if token.child else None
-        if run is None:
-            return None if token.child is None else ChildResult(token.child, None)
-        inst = run.inst
-        return ChildResult(inst.id, inst.status, inst.payload if inst.finished else None, inst.error)
+        if token.child is None:
+            return None
+        run = self.children.get(token.child)
+        return ChildResult.of(token.child, run.inst if run is not None else None)
 
     @property
     def snapshot(self) -> tuple[Instance, list[HistoryEntry]]:

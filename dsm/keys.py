@@ -49,6 +49,13 @@ along a line keeps its id, its marker and its claim: while the worker holding th
 continues it, the marker is not rewritten (it says where the token was when it was last
 written), so a linear transition writes the record and its history and makes no watch event
 on work/ at all.
+
+A waiting token (a timer, a retry, a signal with a timeout) has a marker saying when it is due.
+One that only something else can wake (a signal without a timeout, a child) is *parked*: its
+`not_before` is `records.PARKED`, and workers keep no candidate for it. What wakes it rewrites
+its marker as due now: `dsm signal` in the transaction that stores the signal (with the record),
+a child's last commit for its parent's token (`planner.wake_parent_ops`; the parent's commit is
+fenced by the child record's revision, so a wake-up that crosses it is never lost).
 """
 
 from __future__ import annotations

@@ -80,6 +80,13 @@ class ChildResult:
     payload: dict[str, Any] | None = None
     error: ErrorInfo | None = None
 
+    @staticmethod
+    def of(child_id: str, inst: Instance | None) -> ChildResult:
+        """The child as read (None: there is no such instance)."""
+        if inst is None:
+            return ChildResult(child_id, None)
+        return ChildResult(inst.id, inst.status, inst.payload if inst.finished else None, inst.error)
+
 
 @dataclass(frozen=True, slots=True)
 class Step:
@@ -252,6 +259,17 @@ def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome:
         failure = Failure(exc.type, exc.message, retryable=False)
         return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
     return _move(graph, inst, token, targets, payload, None, now, worker, outcome, child=result.id)
+
+
+def child_ended(inst: Instance, child: Instance) -> Instance:
+    """A child that finished makes the token waiting for it due now (on etcd, the child's last
+    commit does this to the token's work marker); unchanged when no token waits for it."""
+    if child.parent is None or inst.finished or not child.finished:
+        return inst
+    token = inst.tokens.get(child.parent.token)
+    if token is None or token.child != child.id:
+        return inst
+    return _replaced(inst, replace(token, not_before=0.0)).instance
 
 
 def _replaced(inst: Instance, token: Token, *, force: bool = False) -> Step:
@@ -657,6 +675,6 @@ def redrive(inst: Instance) -> Step:
     return Step(again, upserted=tuple(tokens.values()))
 
 
-__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "child_id", "fail", "merge",
-           "descends_from", "redrive", "same_json", "signal", "start", "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH",
-           "MAP_WINDOW"]
+__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "child_ended", "child_id",
+           "descends_from", "fail", "merge", "redrive", "same_json", "signal", "start", "MergeConflict",
+           "MAX_MAP_ITEMS", "MAP_BATCH", "MAP_WINDOW"]

@@ -727,3 +727,27 @@ def test_the_drawing_shows_each_waiting_construct_distinctly(write):
     dot = render.dot(mapper)
     assert '"fan__fork" -> "work" [label="each of payload.xs, 3 at a time", style=dashed];' in dot
     assert "fan__fork --> work: each of payload.xs, 3 at a time" in render.mermaid(mapper)
+
+
+def test_a_finished_child_makes_only_the_token_waiting_for_it_due(write):
+    """The pure step shared by the embedded engine and dsm test (on etcd the child's last commit
+    rewrites the parent's work marker instead)."""
+    from dsm import transition
+    from dsm.records import PARKED, Parent, evolve
+
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    graph = compiler.load(write("parent.yaml", PARENT))
+    parent = transition.start(graph, "p", {}, 0.0)
+    parent = transition.advance(graph, parent, "t1", transition.Outcome(), now=1.0, worker="w").instance
+    step = transition.advance(graph, parent, "t1", transition.Outcome(), now=1.0, worker="w")
+    (child,) = step.started
+    waiting = step.instance
+    assert waiting.tokens["t1"].not_before == PARKED and waiting.tokens["t1"].child == child.id
+    assert transition.child_ended(waiting, child) is waiting  # still running: nothing to do
+    done = evolve(child, status=SUCCEEDED, finished_at=2.0)
+    woken = transition.child_ended(waiting, done)
+    assert woken.tokens["t1"].not_before == 0.0
+    stranger = evolve(done, parent=Parent("p", "sub", "t1", "parent", graph.digest), id="someone-else")
+    assert transition.child_ended(waiting, stranger) is waiting  # not the child that token waits for
+    assert transition.ChildResult.of(done.id, done).payload == done.payload
+    assert transition.ChildResult.of("gone", None) == transition.ChildResult("gone", None)

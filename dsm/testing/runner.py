@@ -35,10 +35,9 @@ import concurrent.futures
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from .. import payloads, transition
@@ -46,7 +45,7 @@ from ..context import make_context
 from ..engine import MAX_RECORD_BYTES
 from ..errors import InputError
 from ..graph import Graph, State
-from ..records import HistoryEntry, Instance, Token, evolve, public_record
+from ..records import HistoryEntry, Instance, Token, public_record
 from ..transition import ChildResult, Failure, Outcome
 from ..worker.executor import failure_of, normalize
 from ..worker.planner import Arrival, apply, bounded
@@ -279,11 +278,7 @@ class _Driver:
         driver = _Driver(state.call.graph, self.case, self.max_steps, parent=self, inst=child)
         self.children[child.id] = driver
         driver.drive()
-        current = self.inst.tokens.get(token.id)
-        if driver.inst.finished and current is not None and current.child == child.id:
-            tokens = dict(self.inst.tokens)
-            tokens[token.id] = replace(current, not_before=0.0)
-            self.inst = evolve(self.inst, tokens=MappingProxyType(tokens))
+        self.inst = transition.child_ended(self.inst, driver.inst)
 
     # -- one attempt -------------------------------------------------------------------------
     def attempt(self, token: Token, state: State) -> Outcome:
@@ -304,10 +299,7 @@ class _Driver:
         if token.child is None:
             return Outcome()
         driver = self.children.get(token.child)
-        if driver is None:
-            return Outcome(child=ChildResult(token.child, None))
-        inst = driver.inst
-        return Outcome(child=ChildResult(inst.id, inst.status, inst.payload if inst.finished else None, inst.error))
+        return Outcome(child=ChildResult.of(token.child, driver.inst if driver is not None else None))
 
     def mocked(self, key: str, token: Token, state: State) -> Outcome:
         self.calls[key] += 1

@@ -693,11 +693,10 @@ class Worker:
             kv = got.first
             if kv is None:
                 fences.append(Compare.version(self.keys.instance(cid), "==", 0))
-                results[id(p)] = ChildResult(cid, None)
+                results[id(p)] = ChildResult.of(cid, None)
                 continue
             fences.append(Compare.mod(self.keys.instance(cid), "==", kv.mod_revision))
-            child = load_instance(kv.value)
-            results[id(p)] = ChildResult(cid, child.status, child.payload if child.finished else None, child.error)
+            results[id(p)] = ChildResult.of(cid, load_instance(kv.value))
         out = [replace(p, outcome=Outcome(child=results[id(p)])) if id(p) in results else p for p in batch]
         return out, tuple(fences)
 
