@@ -90,20 +90,48 @@ def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str
     return procs
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children alive now (a worker's handler processes)."""
-    total = 0.0
+def own_cpu(pid: int) -> float:
+    """CPU time of one process (all its threads), in seconds; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu(pid: int) -> float:
+    """CPU time of a process's children alive now (a worker's handler processes)."""
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
-        kids = []
-    for p in [pid, *map(int, kids)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        return 0.0
+    return sum(own_cpu(int(k)) for k in kids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children alive now."""
+    return own_cpu(pid) + children_cpu(pid)
+
+
+class CpuProbe:
+    """Where the machine's CPU goes during a measurement: the workers (their own process), their
+    handler processes, etcd and this process (the benchmark driver: submitting, sampling)."""
+
+    def __init__(self, env: EtcdCluster, procs: list[subprocess.Popen] = ()):
+        self.etcd = [m.process.pid for m in env.members if m.process is not None]
+        self.workers = [p.pid for p in procs]
+
+    def read(self) -> dict[str, float]:
+        return {"workers": sum(own_cpu(p) for p in self.workers),
+                "handler_processes": sum(children_cpu(p) for p in self.workers),
+                "etcd": sum(own_cpu(p) for p in self.etcd), "driver": time.process_time()}
+
+
+def cpu_per(before: dict[str, float], after: dict[str, float], count: float) -> dict[str, float]:
+    """Microseconds of CPU per unit of work (a transition, a CAS) by process, and their sum."""
+    out = {k: round((after[k] - before[k]) / max(count, 1) * 1e6, 1) for k in before}
+    out["total"] = round(sum(out.values()), 1)
+    return out
 
 
 async def settle(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
@@ -140,23 +168,29 @@ async def committed(store: EtcdStore, keys: Keys) -> int:
     return await store.count(f"{keys.root}hist/", prefix_end(f"{keys.root}hist/"))
 
 
-async def sample_until(store: EtcdStore, keys: Keys, total: int, timeout: float = 600) -> list[tuple[float, int]]:
-    """(time, committed transitions) every 100ms until `total` are committed."""
-    samples = []
+async def sample_until(store: EtcdStore, keys: Keys, total: int, timeout: float = 600,
+                       probe: CpuProbe | None = None) -> list[tuple[float, int]]:
+    """(time, committed transitions) every 100ms until `total` are committed; with a `probe`, each
+    sample also carries the CPU seconds it reads: (time, count, cpu)."""
+    samples: list = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         count = await committed(store, keys)
-        samples.append((time.monotonic(), count))
+        samples.append((time.monotonic(), count) if probe is None else (time.monotonic(), count, probe.read()))
         if count >= total:
             return samples
         await asyncio.sleep(0.1)
     raise TimeoutError(f"only {samples[-1][1]} of {total} transitions after {timeout}s")
 
 
-def window_rate(samples: list[tuple[float, int]], lo: int, hi: int) -> float:
+def window(samples: list, lo: int, hi: int) -> tuple[tuple, tuple]:
+    """The first samples at or above `lo` and `hi` committed transitions."""
+    return next(s for s in samples if s[1] >= lo), next(s for s in samples if s[1] >= hi)
+
+
+def window_rate(samples: list, lo: int, hi: int) -> float:
     """Transitions/s between the first samples at or above `lo` and `hi` committed transitions."""
-    t0 = next((t, c) for t, c in samples if c >= lo)
-    t1 = next((t, c) for t, c in samples if c >= hi)
+    t0, t1 = window(samples, lo, hi)
     return (t1[1] - t0[1]) / max(t1[0] - t0[0], 1e-9)
 
 
@@ -197,11 +231,13 @@ async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
             count += 1
 
     out: dict[str, Any] = {}
+    probe = CpuProbe(env)
     for concurrency in (1, CONCURRENCY):
         count = 0
-        started = time.monotonic()
+        started, cpu = time.monotonic(), probe.read()
         await asyncio.gather(*(loop(i, started + seconds) for i in range(concurrency)))
         out[f"cas_per_s_c{concurrency}"] = count / (time.monotonic() - started)
+        out[f"cpu_us_per_cas_c{concurrency}"] = cpu_per(cpu, probe.read(), count)
     await channel.close()
     out["cas_per_s"] = out[f"cas_per_s_c{CONCURRENCY}"]
     return out
@@ -226,15 +262,19 @@ async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instan
         await client.submit_many(graph, ({} for _ in range(WARM_UP * workers)))
         await sample_until(store, keys, warm)
         await settle(procs)
-        sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total))
+        probe = CpuProbe(env, procs)
+        sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total, probe=probe))
         started = time.monotonic()
         await client.submit_many(graph, ({} for _ in range(instances)))
         samples = await sampler
         measured = total - warm
-        rate = window_rate(samples, warm + measured // 10, warm + measured * 9 // 10)
+        lo, hi = warm + measured // 10, warm + measured * 9 // 10
+        rate = window_rate(samples, lo, hi)
+        first, last = window(samples, lo, hi)
         return {"instances": instances, "transitions": measured, "workers": workers, "isolation": isolation,
                 "transitions_per_s": rate, "wall_s": samples[-1][0] - started,
-                "worker_rss_mb": max(rss_mb(p.pid) for p in procs)}
+                "worker_rss_mb": max(rss_mb(p.pid) for p in procs),
+                "cpu_us_per_transition": cpu_per(first[2], last[2], last[1] - first[1])}
     finally:
         stop_workers(procs)
         await store.close()
@@ -520,10 +560,23 @@ def table(results: dict[str, Any]) -> str:
         r = results["reference"]
         rows.append(("raw etcd CAS txn/s, 1 in flight", f"{r['cas_per_s_c1']:,.0f}", ""))
         rows.append((f"raw etcd CAS txn/s, {CONCURRENCY} in flight (ref)", f"{r['cas_per_s']:,.0f}", "1.00x ref"))
+        cpu = r.get(f"cpu_us_per_cas_c{CONCURRENCY}")
+        if cpu:
+            rows.append(("  CPU us per reference CAS: client + etcd", f"{cpu['total']:,.0f}",
+                         f"{cpu['driver']:.0f} + {cpu['etcd']:.0f}"))
+            cores = results.get("machine", {}).get("cpus") or os.cpu_count() or 1
+            rows.append((f"  CPU us per transition at 1.00x ref on {cores} cores", f"{cores * 1e6 / ref:,.0f}",
+                         "what every process together may spend"))
     for r in results.get("throughput", {}).values():
         where = "threads" if r["isolation"] == "thread" else "processes"
         rows.append((f"dsm {r['definition']}, workers={r['workers']} ({where}) transitions/s",
                      f"{r['transitions_per_s']:,.0f}", ratio(r["transitions_per_s"])))
+        cpu = r.get("cpu_us_per_transition")
+        if cpu:
+            handlers = f" + {cpu['handler_processes']:.0f}" if r["isolation"] != "thread" else ""
+            rows.append((f"  CPU us per transition: worker{' + handlers' if handlers else ''} + etcd + driver",
+                         f"{cpu['total']:,.0f}", f"{cpu['workers']:.0f}{handlers} + {cpu['etcd']:.0f} + "
+                         f"{cpu['driver']:.0f}"))
     if "naive" in results:
         r = results["naive"]
         best = results.get("throughput", {}).get("linear_w1", {}).get("transitions_per_s")
