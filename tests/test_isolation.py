@@ -26,7 +26,7 @@ from dsm import handlers
 from dsm.context import make_context
 from dsm.errors import AttemptAbandoned
 from dsm.worker.executor import ThreadExecutor, TickCall
-from dsm.worker.isolation import _ABANDON, ProcessExecutor, _frame, _Server
+from dsm.worker.isolation import _ABANDON, _CALL, _DROP, ProcessExecutor, _frame, _Server
 
 WAIT = 30.0  # how long a test waits for something that should happen soon before it fails
 
@@ -571,6 +571,28 @@ def test_a_child_applies_abandon_frames_to_the_running_attempt_only() -> None:
         os.close(write)
 
 
+def test_a_child_drops_queued_calls_taken_back_and_starts_abandoned_ones_abandoned() -> None:
+    """Calls of quick handlers queue in a child behind the one it runs. Before it starts the next,
+    the child reads what the worker sent meanwhile: a call taken back (sent to another child, or
+    timed out) never starts here; a call abandoned while queued starts abandoned."""
+    read, write = os.pipe()
+    try:
+        server = _Server(read, -1)
+
+        def queued(ident: int) -> bytes:
+            return _frame([_CALL, ident, "m", "f", {}, "i", "m", "s", 1, [], 1, None, 1 << 20, None])
+
+        os.write(write, queued(1) + queued(2) + queued(3) + queued(4))
+        server.poll()
+        os.write(write, _frame([_DROP, 2]) + _frame([_ABANDON, 3, "the claim was lost"]) + _frame([_DROP, 9]))
+        server.poll()
+        assert [c[1] for c in server.calls] == [1, 3, 4]
+        assert [c[-1] for c in server.calls] == [None, "the claim was lost", None]
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def test_children_find_handlers_on_the_search_path(processes: Any, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -614,12 +636,13 @@ def test_close_stops_every_child_and_leaves_no_process(processes: Any, mod: str,
     before = _children()
 
     async def main() -> Any:
-        executor = processes(3, grace=2.0)
+        executor = processes(2, grace=2.0)
         stuck = executor.start(call(mod, "stuck", {"gate": str(gate), "marker": str(marker)}))  # child A
         pids = [int(await appears(marker))]
         pids.append((await outcome(executor.start(call(mod, "pid")))).payload["pid"])  # child B
         slow = executor.start(call(mod, "slow"))  # on B, ends well within the grace
-        waiting = [executor.start(call(mod, "labelled")) for _ in range(2)]  # wait for child C, still starting
+        # no child is idle: they wait, in the parent or queued in a child behind `slow`, not started
+        waiting = [executor.start(call(mod, "labelled")) for _ in range(2)]
         assert len(set(pids)) == 2 and _children() - before >= set(pids)
         executor.close()
         with pytest.raises(RuntimeError):

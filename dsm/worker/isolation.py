@@ -7,37 +7,47 @@ other instances' ticks run twice. `ProcessExecutor` moves handlers out of the wo
 Design:
 
 * Up to one child process per slot (`size` of them, the worker's concurrency). A child runs one
-  attempt at a time, so a call waits in the parent until a child is free; a call whose timeout
-  passes while it waits is never sent. Children start when the first call needs them and are
-  replaced when they die or are killed. They are started as a fresh interpreter (`sys.executable
-  -c`), never forked from the worker, whose gRPC threads make `fork` unsafe. Each child gets the
-  worker's `sys.path` (plus `search_path`), so it finds the handler modules the worker found,
-  imports each handler once (`dsm.handlers.resolve`) and keeps it, and runs `async def` handlers
-  on its own event loop.
-* Quick handlers are paced onto a few busy children rather than spread over all of them: waking
-  a sleeping process is most of what a trivial tick costs (about 120 us of children's CPU per
-  tick with 64 children taking turns, 50 us with a handful). A call goes to an idle child while
-  fewer than `hot` (twice the CPUs) paced calls run; otherwise it waits in the parent for one of
-  them to end. Handlers whose calls wait (for I/O, a lock, a sleep: a call that ran `QUICK` or
-  longer, or mostly off the CPU) gain from more children than CPUs, so their calls are not
-  paced: they take any idle child, as many at once as there are slots. The child reports how
+  attempt at a time, in the order it was sent them; a call waits in the parent until a child can
+  take it (below); a call whose timeout passes while it waits is never started. Children start
+  when the first call needs them and are replaced when they die or are killed. They are started as
+  a fresh interpreter (`sys.executable -c`), never forked from the worker, whose gRPC threads make
+  `fork` unsafe. Each child gets the worker's `sys.path` (plus `search_path`), so it finds the
+  handler modules the worker found, imports each handler once (`dsm.handlers.resolve`) and keeps
+  it, and runs `async def` handlers on its own event loop.
+* Quick handlers are paced onto a few busy children rather than spread over all of them: waking a
+  sleeping process is most of what a trivial tick costs (about 120 us of children's CPU per tick
+  with 64 children taking turns, 50 us with a handful). A call goes to an idle child while fewer
+  than `hot` (twice the CPUs) children run paced calls; otherwise it queues in one of them (below)
+  or waits in the parent. Handlers whose calls wait (for I/O, a lock, a sleep: a call that ran
+  `QUICK` or longer, or mostly off the CPU) gain from more children than CPUs, so their calls are
+  not paced: they take any idle child, as many at once as there are slots. The child reports how
   long each call ran and how much of it on the CPU (`_ran`). A paced call still running after
   `STUCK` stops counting and its handler is no longer paced; a paced call that waited `STUCK`
-  takes any idle child. Each call still has a child to itself: timeouts, abandon and the death
-  of a child work as before.
+  takes any idle child.
+* Paced calls queue in their hot child, up to `DEPTH` of them behind the one it runs: the calls
+  queued for a child during one turn of the event loop go in one write, and the child reads them
+  with one wake-up (a pipe write that wakes a sleeping process was most of the parent's cost of a
+  tick). A queued call has not started: the child runs its calls in order, so every call after the
+  first unanswered one is still waiting (unless the one ahead ended at that very moment, its
+  answer on the way: a call taken back then may run twice, as a tick may anyway). Such a call is
+  taken back (a `_DROP` frame, read by the child before it starts its next call) when the call
+  ahead of it runs past `STUCK`, when its own timeout passes (it never runs), and when the worker
+  closes its children, or dies or is killed (no frame needed then). Taken back, it waits in the
+  parent, first in line. Timeouts, abandon and the death of a child work as
+  for the call a child runs.
 * The timeout is kept by the parent, which only waits: when an attempt's timeout passes, its
   outcome is `timed_out(call)` and its child is SIGKILLed and replaced. Nothing the handler does
   can hold a slot past its timeout, and the worker's loop never runs user code.
 * Protocol: frames on the child's stdin and stdout, each a 4-byte big-endian length and a JSON
-  array (`dsm.codec`). Parent to child: a call (handler module and function, payload, what
-  `ctx` says, and the abandon reason if it was abandoned while waiting) or an abandon for a
-  running attempt. Child to parent: ready (once, after start-up), a result (payload, label) or a
-  failure (type, message, retryable, bases, traceback). The child normalizes with the shared
-  `normalize` / `failure_of`, so an attempt ends the same way as on a thread. Results and failures
-  end with the seconds the handler ran, in all and on the CPU. Before it reads anything, the
-  child moves the protocol pipes to private descriptors and points descriptors 0 and 1 at
-  /dev/null and stderr: what a handler prints cannot corrupt the protocol, and logs go to the
-  worker's stderr.
+  array (`dsm.codec`). Parent to child: a call (handler module and function, payload, what `ctx`
+  says, and the abandon reason if it was abandoned while waiting), an abandon for a running or
+  queued attempt, or a drop of a queued one. Child to parent: ready (once, after start-up), a
+  result (payload, label) or a failure (type, message, retryable, bases, traceback). The child
+  normalizes with the shared `normalize` / `failure_of`, so an attempt ends the same way as on a
+  thread. Results and failures end with the seconds the handler ran, in all and on the CPU. Before
+  it reads anything, the child moves the protocol pipes to private descriptors and points
+  descriptors 0 and 1 at /dev/null and stderr: what a handler prints cannot corrupt the protocol,
+  and logs go to the worker's stderr.
 * `ctx.heartbeat()` in the child first reads any frames already waiting (without blocking), so an
   abandon sent by the worker makes it raise `AttemptAbandoned` as on a thread.
 * A child that dies during an attempt (`os._exit`, a crash, the OOM killer) fails that attempt
@@ -45,8 +55,8 @@ Design:
 * Children end with the worker: at end of input (`close()`, or the worker's death closes the pipe)
   and, on Linux, by a parent-death signal, which also stops a child stuck in a handler.
 
-The parent side costs one write and one read per tick on non-blocking pipes watched by the event
-loop (`add_reader`), and no thread.
+The parent side costs at most one write and one read per tick on non-blocking pipes watched by
+the event loop (`add_reader`), fewer when quick calls queue, and no thread.
 """
 
 from __future__ import annotations
@@ -82,6 +92,7 @@ DEFAULT_LOG_FORMAT = logs.TEXT  # the text format; `dsm.logs.current` says wheth
 _CALL = 0  # parent -> child: [_CALL, id, module, function, payload, instance_id, machine, state,
 #            attempt, branch, visit, deadline, payload_limit, abandon reason or None]
 _ABANDON = 1  # parent -> child: [_ABANDON, id, reason]
+_DROP = 2  # parent -> child: [_DROP, id]: a call queued in the child and not started is taken back
 _READY = 0  # child -> parent: [_READY]
 _RESULT = 1  # child -> parent: [_RESULT, id, payload, label, run]
 _FAILED = 2  # child -> parent: [_FAILED, id, type, message, retryable, bases, traceback, run]
@@ -90,6 +101,7 @@ _FAILED = 2  # child -> parent: [_FAILED, id, type, message, retryable, bases, t
 QUICK = 0.002  # seconds: a handler whose calls run shorter, and mostly on the CPU, is paced (see _ran)
 TINY = 0.0002  # seconds: a call this short is quick, however little of it was on the CPU
 STUCK = 0.5  # seconds a hot call runs, or a paced call waits, before the pacing lets others through
+DEPTH = 8  # calls of quick handlers queued in one child at most (sent in one write, read in one wake-up)
 
 _READ_SIZE = 1 << 16
 
@@ -174,7 +186,8 @@ class _ProcessAttempt:
 class _Child:
     """One child process: one slot. The event loop reads its replies; it never blocks on it."""
 
-    __slots__ = ("_executor", "_loop", "attempt", "gone", "pid", "proc", "rbuf", "ready", "rfd", "wbuf", "wfd")
+    __slots__ = ("_executor", "_loop", "attempts", "gone", "pid", "proc", "rbuf", "ready", "rfd", "wbuf", "wfd",
+                 "writing")
 
     def __init__(self, executor: ProcessExecutor, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen):
         self._executor = executor
@@ -189,24 +202,36 @@ class _Child:
         self.rbuf = b""
         self.wbuf = bytearray()
         self.ready = False
-        self.attempt: _ProcessAttempt | None = None
+        # Calls sent and not answered, in the order the child runs them: the first is running (or
+        # about to); more than one only for quick handlers (`DEPTH`).
+        self.attempts: collections.deque[_ProcessAttempt] = collections.deque()
+        self.writing = False  # the pipe was full: the loop writes the rest when it drains
         self.gone = False  # detached from the executor: killed, dead or closed
         loop.add_reader(self.rfd, self._readable)
 
+    @property
+    def attempt(self) -> _ProcessAttempt | None:
+        """The call running (or about to), if any."""
+        return self.attempts[0] if self.attempts else None
+
     def send(self, frame: bytes) -> None:
-        if self.gone:
-            return
-        if self.wbuf:
-            self.wbuf += frame
+        """Write a frame now, after any not yet written."""
+        self.wbuf += frame
+        self.flush()
+
+    def flush(self) -> None:
+        if self.gone or self.writing or not self.wbuf:
             return
         try:
-            written = os.write(self.wfd, frame)
+            written = os.write(self.wfd, self.wbuf)
         except BlockingIOError:
             written = 0
         except OSError:  # the child is gone; its end of output says so
+            self.wbuf.clear()
             return
-        if written < len(frame):
-            self.wbuf += frame[written:]
+        del self.wbuf[:written]
+        if self.wbuf:
+            self.writing = True
             self._loop.add_writer(self.wfd, self._writable)
 
     def _writable(self) -> None:
@@ -218,6 +243,7 @@ class _Child:
             written = len(self.wbuf)
         del self.wbuf[:written]
         if not self.wbuf:
+            self.writing = False
             self._loop.remove_writer(self.wfd)
 
     def _readable(self) -> None:
@@ -251,7 +277,7 @@ class _Child:
         self.gone = True
         if not self._loop.is_closed():
             self._loop.remove_reader(self.rfd)
-            if self.wbuf:
+            if self.writing:
                 self._loop.remove_writer(self.wfd)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
@@ -268,9 +294,9 @@ class ProcessExecutor:
     children import before they take calls, so a slow import is not paid inside a handler's
     timeout. `log_level`: level of the children's `dsm.handler` logger (None: the worker's, read
     when a child starts); `log_format` formats their log lines on stderr. `grace`: how long
-    `close()` lets children finish their attempt before it kills them. `hot`: how many calls of
-    quick handlers run at once before the next waits for one of them (default: twice the CPUs;
-    see the module docstring).
+    `close()` lets children finish their attempt before it kills them. `hot`: how many children
+    run calls of quick handlers at once, each with up to `DEPTH` of them queued, before the next
+    waits (default: twice the CPUs; see the module docstring).
 
     Like the event loop it serves, it is not thread-safe: call it from the loop's thread. POSIX only
     (pipes watched by the loop, a select on them in the child).
@@ -294,8 +320,9 @@ class ProcessExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: collections.deque[_ProcessAttempt] = collections.deque()  # calls of handlers seen slow
         self._paced: collections.deque[_ProcessAttempt] = collections.deque()  # calls of the others
-        self._running_hot: collections.deque[_ProcessAttempt] = collections.deque()  # hot calls, oldest first
-        self._hot = 0  # calls running that are `hot`
+        self._running_hot: collections.deque[_ProcessAttempt] = collections.deque()  # hot calls running, oldest first
+        self._hot_children: set[_Child] = set()  # children running hot calls (all their calls are hot)
+        self._unflushed: set[_Child] = set()  # children with calls to write at the end of this turn of the loop
         self._slow: set[str] = set()  # handlers whose calls are not paced
         self._score: dict[str, float] = {}  # handler -> how often its recent calls waited (0 to 1)
         self._timer: asyncio.TimerHandle | None = None
@@ -335,6 +362,9 @@ class ProcessExecutor:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        self._flush()
+        for child in list(self._children):  # calls queued in a child, not started: they wait no more either
+            self._take_back(child, list(child.attempts)[1:])
         while self._queue or self._paced:
             waiting = (self._queue or self._paced).popleft()
             self._finish(waiting, Outcome(failure=Failure(
@@ -350,7 +380,7 @@ class ProcessExecutor:
             except OSError:
                 pass
         deadline = time.monotonic() + self.grace
-        busy = {c.rfd: c for c in children if c.attempt is not None}
+        busy = {c.rfd: c for c in children if c.attempts}
         poller = select.poll()  # not select(): a busy worker may hold descriptors beyond FD_SETSIZE
         for fd in busy:
             poller.register(fd, select.POLLIN)
@@ -368,15 +398,15 @@ class ProcessExecutor:
                     data = b""
                 if data:
                     child.read(data)  # its outcome counts: delivered as usual
-                if not data or child.attempt is None or child.gone:
+                if not data or not child.attempts or child.gone:
                     poller.unregister(fd)
                     del busy[fd]
         for child in children:
-            attempt = child.attempt
-            child.attempt = None
+            attempts = list(child.attempts)
+            child.attempts.clear()
             self._detach(child)
             returncode = _wait(child.proc, deadline)
-            if attempt is not None:
+            for attempt in attempts:
                 self._finish(attempt, Outcome(failure=_died(attempt.call, returncode)))
         for proc in list(self._reaping):
             callback = self._reaping.pop(proc)
@@ -398,33 +428,39 @@ class ProcessExecutor:
                 self._finish(attempt, None)
                 continue
             self._send(idle.pop(), attempt, now, hot=False)
-        while paced and idle:  # the others: a few hot children, or any after STUCK
+        while paced:  # the others: queued on a few hot children, or any idle child after STUCK
             attempt = paced[0]
             if attempt.ended or attempt.future.done():
                 self._finish(paced.popleft(), None)
                 continue
             if attempt.call.handler.ref in self._slow or now - attempt.queued_at >= STUCK:
-                hot = False
-            elif self._hot < self.hot:
-                hot = True
-            else:
+                if not idle:
+                    break
+                self._send(idle.pop(), paced.popleft(), now, hot=False)
+                continue
+            child = self._hot_child()
+            if child is None:
                 break
-            self._send(idle.pop(), paced.popleft(), now, hot=hot)
+            self._send(child, paced.popleft(), now, hot=True)
         for waiting in (queue, paced):
             while waiting and (waiting[0].ended or waiting[0].future.done()):
                 self._finish(waiting.popleft(), None)
         need = len(queue)
-        if paced:
+        behind = sum(len(c.attempts) - 1 for c in self._hot_children)  # quick calls queued in children
+        if paced or behind:
             # a paced call waiting while children start waits for them, not for more of them
-            late = paced[0].call.handler.ref in self._slow or (now - paced[0].queued_at >= STUCK
-                                                                and not self._starting)
-            need += len(paced) if late else min(len(paced), max(0, self.hot - self._hot))
-            if self._timer is None and not self._closed and (idle or len(self._children) < self.size):
-                # look again when the oldest waits too long or a hot call runs too long
-                due = paced[0].queued_at + STUCK
+            late = bool(paced) and (paced[0].call.handler.ref in self._slow or (now - paced[0].queued_at >= STUCK
+                                                                                 and not self._starting))
+            need += len(paced) if late else min(len(paced) + behind,
+                                                max(0, self.hot - len(self._hot_children) - len(idle)))
+            if self._timer is None and not self._closed:
+                # look again when the oldest waits too long or a hot call runs too long (the calls
+                # queued behind it are taken back then)
+                due = paced[0].queued_at + STUCK if paced and (idle or len(self._children) < self.size) else None
                 if self._running_hot:
-                    due = min(due, self._running_hot[0].queued_at + STUCK)
-                self._timer = self._loop.call_at(max(due, now + 0.0005), self._wake)
+                    due = min(due if due is not None else float("inf"), self._running_hot[0].queued_at + STUCK)
+                if due is not None:
+                    self._timer = self._loop.call_at(max(due, now + 0.0005), self._wake)
         while need > self._starting and not self._closed and len(self._children) < self.size:
             try:
                 self._spawn()
@@ -440,31 +476,75 @@ class ProcessExecutor:
         self._timer = None
         self._dispatch()
 
+    def _hot_child(self) -> _Child | None:
+        """Where the next quick call goes: an idle child while fewer than `hot` run quick calls,
+        else the least loaded of those with room in its queue (None: the call waits)."""
+        if self._idle and len(self._hot_children) < self.hot:
+            return self._idle.pop()
+        best = None
+        for child in self._hot_children:
+            if len(child.attempts) < DEPTH and (best is None or len(child.attempts) < len(best.attempts)):
+                best = child
+        return best
+
     def _send(self, child: _Child, attempt: _ProcessAttempt, now: float, *, hot: bool) -> None:
-        attempt.child, child.attempt = child, attempt
-        attempt.queued_at = now
-        if hot:
-            attempt.hot = True
-            self._hot += 1
-            self._running_hot.append(attempt)
+        """Send a call to the child: at once to an idle child; queued behind a call that runs, at the
+        end of this turn of the loop, in one write with the others queued for that child meanwhile."""
+        attempt.child = child
+        child.attempts.append(attempt)
+        attempt.hot = hot
         call = attempt.call
-        child.send(_frame([_CALL, attempt.id, call.handler.module, call.handler.function, call.payload,
-                           call.instance_id, call.machine, call.state, call.attempt, call.branch, call.visit,
-                           call.deadline, call.payload_limit, attempt.reason]))
+        child.wbuf += _frame([_CALL, attempt.id, call.handler.module, call.handler.function, call.payload,
+                              call.instance_id, call.machine, call.state, call.attempt, call.branch, call.visit,
+                              call.deadline, call.payload_limit, attempt.reason])
+        if len(child.attempts) == 1:
+            self._running(child, now)
+            child.flush()
+            return
+        if not self._unflushed:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._unflushed.add(child)
+
+    def _flush(self) -> None:
+        for child in self._unflushed:
+            child.flush()
+        self._unflushed.clear()
+
+    def _running(self, child: _Child, now: float) -> None:
+        """The child's first call starts running (as far as the parent can tell: now)."""
+        attempt = child.attempts[0]
+        attempt.queued_at = now
+        if attempt.hot:
+            self._hot_children.add(child)
+            self._running_hot.append(attempt)
+        else:
+            self._hot_children.discard(child)
 
     def _cool(self, now: float) -> None:
-        """Hot calls still running after STUCK: they no longer count, and their handler is not paced."""
+        """Hot calls still running after STUCK: they no longer count, their handler is not paced, and
+        the calls queued behind them in the same child are taken back, for other children."""
         running = self._running_hot
         while running and (not running[0].hot or now - running[0].queued_at >= STUCK):
             attempt = running.popleft()
             if attempt.hot:
-                self._not_hot(attempt)
+                attempt.hot = False
                 self._seen_slow(attempt.call.handler.ref)
+                child = attempt.child
+                if child is not None:
+                    self._hot_children.discard(child)
+                    self._take_back(child, list(child.attempts)[1:])
 
-    def _not_hot(self, attempt: _ProcessAttempt) -> None:
-        if attempt.hot:
+    def _take_back(self, child: _Child, attempts: list[_ProcessAttempt]) -> None:
+        """Calls queued in `child` that it has not started: they wait in the parent again, first in
+        line. A child that is alive is told to drop them (it reads that before it would start them)."""
+        for attempt in reversed(attempts):
+            child.attempts.remove(attempt)
+            if not child.gone:
+                child.send(_frame([_DROP, attempt.id]))
+            attempt.child = None
             attempt.hot = False
-            self._hot -= 1
+            self._paced.appendleft(attempt)
 
     def _ran(self, ref: str, seconds: float, cpu: float | None) -> None:
         """What a call's run time (`seconds`, `cpu` of them on the CPU when measured) says of its
@@ -514,10 +594,9 @@ class ProcessExecutor:
                 self._idle.append(child)
                 self._dispatch()
             return
-        attempt = child.attempt
-        if attempt is None or message[1] != attempt.id:
-            return  # a late reply to an attempt that was let go
-        child.attempt = None
+        if not child.attempts or message[1] != child.attempts[0].id:
+            return  # a late reply to an attempt that was let go (taken back, or its child replaced)
+        attempt = child.attempts.popleft()
         if kind == _RESULT:
             outcome = Outcome(payload=message[2], label=message[3])
         else:
@@ -525,15 +604,21 @@ class ProcessExecutor:
                                               traceback=message[6]))
         self._ran(attempt.call.handler.ref, *message[-1])
         self._finish(attempt, outcome)
+        if child.attempts:
+            assert self._loop is not None
+            self._running(child, self._loop.time())
+        else:
+            self._hot_children.discard(child)
+            if not self._closed:
+                self._idle.append(child)
         if not self._closed:
-            self._idle.append(child)
             self._dispatch()
 
     def _finish(self, attempt: _ProcessAttempt, outcome: Outcome | None) -> None:
         if not attempt.ended:
             attempt.ended = True
             attempt.child = None
-            self._not_hot(attempt)
+            attempt.hot = False
             if attempt.timer is not None:
                 attempt.timer.cancel()
         if outcome is not None and not attempt.future.done():
@@ -547,25 +632,30 @@ class ProcessExecutor:
         if attempt.ended:
             return
         child = attempt.child
-        if child is not None:
+        if child is not None and child.attempt is not attempt:  # queued behind another call: it never starts
+            self._take_back(child, [attempt])
+            self._paced.remove(attempt)
+        elif child is not None:
             self._seen_slow(attempt.call.handler.ref)
             log.debug("killing handler process %d: state %r attempt %d outlived its timeout", child.pid,
                       attempt.call.state, attempt.call.attempt, extra=_about(attempt.call))
-            child.attempt = None
             self._detach(child)
             child.proc.kill()
             self.killed += 1
             self._reap(child.proc, None)
+            self._take_back(child, list(child.attempts)[1:])
+            child.attempts.clear()
         self._finish(attempt, timed_out(attempt.call))
         self._dispatch()
 
     def _lost(self, child: _Child, why: str, *, kill: bool = False) -> None:
         """A child ended (or broke the protocol) on its own: fail its attempt once its exit status is known."""
         attempt, ready = child.attempt, child.ready
-        child.attempt = None
         self._detach(child)
         if kill:
             child.proc.kill()
+        self._take_back(child, list(child.attempts)[1:])  # queued behind the call it died in: not started
+        child.attempts.clear()
 
         def exited(returncode: int | None) -> None:
             if attempt is not None:
@@ -592,6 +682,8 @@ class ProcessExecutor:
         if not child.ready:
             self._starting -= 1
         self._children.discard(child)
+        self._hot_children.discard(child)
+        self._unflushed.discard(child)
         if child in self._idle:
             self._idle.remove(child)
         child.detach()
@@ -672,6 +764,8 @@ class _Server:
                 with self.lock:
                     self.fill(block=True)
             self.send(self.run(self.calls.popleft()))
+            if self.calls:  # before the next queued call starts: was it taken back, or abandoned?
+                self.poll()
 
     def send(self, message: list[Any]) -> None:
         view = memoryview(_frame(message))
@@ -701,6 +795,15 @@ class _Server:
                 self.calls.append(message)
             elif message[0] == _ABANDON and self.current is not None and self.current[0] == message[1]:
                 self.current[1].abandon(message[2])
+            elif message[0] == _ABANDON:  # a call queued here starts abandoned, as one abandoned before it was sent
+                for call in self.calls:
+                    if call[1] == message[1] and call[-1] is None:
+                        call[-1] = message[2]
+            elif message[0] == _DROP:  # taken back: the parent sends it elsewhere, or it timed out
+                for call in self.calls:
+                    if call[1] == message[1]:
+                        self.calls.remove(call)
+                        break
             # an abandon for an attempt that already ended: nothing to do
 
     def handler(self, module: str, function: str) -> Handler:
