@@ -689,6 +689,7 @@ def test_children_end_when_the_worker_dies(mod: str, tmp_path: Path) -> None:
             executor = ProcessExecutor(2)
             idle = (await executor.start(call("pid", {{}})).outcome()).payload["pid"]
             executor.start(call("stuck", {{"gate": "/nonexistent", "patience": 600, "marker": {str(marker)!r}}}))
+            await asyncio.sleep(0)  # calls are written when the loop turns
             for _ in range(3000):
                 if os.path.exists({str(marker)!r}) and open({str(marker)!r}).read():
                     break

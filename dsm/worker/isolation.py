@@ -16,25 +16,25 @@ Design:
   it, and runs `async def` handlers on its own event loop.
 * Quick handlers are paced onto a few busy children rather than spread over all of them: waking a
   sleeping process is most of what a trivial tick costs (about 120 us of children's CPU per tick
-  with 64 children taking turns, 50 us with a handful). A call goes to an idle child while fewer
-  than `hot` (twice the CPUs) children run paced calls; otherwise it queues in one of them (below)
-  or waits in the parent. Handlers whose calls wait (for I/O, a lock, a sleep: a call that ran
-  `QUICK` or longer, or mostly off the CPU) gain from more children than CPUs, so their calls are
-  not paced: they take any idle child, as many at once as there are slots. The child reports how
-  long each call ran and how much of it on the CPU (`_ran`). A paced call still running after
-  `STUCK` stops counting and its handler is no longer paced; a paced call that waited `STUCK`
-  takes any idle child.
-* Paced calls queue in their hot child, up to `DEPTH` of them behind the one it runs: the calls
-  queued for a child during one turn of the event loop go in one write, and the child reads them
-  with one wake-up (a pipe write that wakes a sleeping process was most of the parent's cost of a
-  tick). A queued call has not started: the child runs its calls in order, so every call after the
-  first unanswered one is still waiting (unless the one ahead ended at that very moment, its
-  answer on the way: a call taken back then may run twice, as a tick may anyway). Such a call is
-  taken back (a `_DROP` frame, read by the child before it starts its next call) when the call
-  ahead of it runs past `STUCK`, when its own timeout passes (it never runs), and when the worker
-  closes its children, or dies or is killed (no frame needed then). Taken back, it waits in the
-  parent, first in line. Timeouts, abandon and the death of a child work as
-  for the call a child runs.
+  with 64 children taking turns, 50 us with a handful). A call queues in the least loaded child
+  that runs paced calls (below), or takes an idle child when their queues are full and fewer than
+  `hot` (twice the CPUs) children run paced calls; otherwise it waits in the parent. Handlers
+  whose calls wait (for I/O, a lock, a sleep: a call that ran `QUICK` or longer, or mostly off the
+  CPU) gain from more children than CPUs, so their calls are not paced: they take any idle child,
+  as many at once as there are slots. The child reports how long each call ran and how much of it
+  on the CPU (`_ran`). A paced call still running after `STUCK` stops counting and its handler is
+  no longer paced; a paced call that waited `STUCK` takes any idle child.
+* Paced calls queue in their hot child, up to `DEPTH` of them behind the one it runs; every call
+  is written at the end of the turn of the event loop that sent it, so the calls sent to a child
+  during one turn go in one write, and the child reads them with one wake-up (a pipe write that
+  wakes a sleeping process was most of the parent's cost of a tick). A queued call has not
+  started: the child runs its calls in order, so every call after the first unanswered one is
+  still waiting (unless the one ahead ended at that very moment, its answer on the way: a call
+  taken back then may run twice, as a tick may anyway). Such a call is taken back (a `_DROP`
+  frame, read by the child before it starts its next call) when the call ahead of it runs past
+  `STUCK`, when its own timeout passes (it never runs), when the worker closes its children, and
+  when its child dies or is killed (no frame needed then). Taken back, it waits in the parent,
+  first in line. Timeouts, abandon and the death of a child work as for the call a child runs.
 * The timeout is kept by the parent, which only waits: when an attempt's timeout passes, its
   outcome is `timed_out(call)` and its child is SIGKILLed and replaced. Nothing the handler does
   can hold a slot past its timeout, and the worker's loop never runs user code.
@@ -477,19 +477,21 @@ class ProcessExecutor:
         self._dispatch()
 
     def _hot_child(self) -> _Child | None:
-        """Where the next quick call goes: an idle child while fewer than `hot` run quick calls,
-        else the least loaded of those with room in its queue (None: the call waits)."""
-        if self._idle and len(self._hot_children) < self.hot:
-            return self._idle.pop()
+        """Where the next quick call goes: the least loaded child running quick calls, while its
+        queue has room; else an idle child, while fewer than `hot` run quick calls (None: the call
+        waits). Filling a few children before waking another is what makes their calls share writes
+        and wake-ups; quick calls that keep them busy fill their queues and spread to `hot` of them."""
         best = None
         for child in self._hot_children:
             if len(child.attempts) < DEPTH and (best is None or len(child.attempts) < len(best.attempts)):
                 best = child
+        if best is None and self._idle and len(self._hot_children) < self.hot:
+            return self._idle.pop()
         return best
 
     def _send(self, child: _Child, attempt: _ProcessAttempt, now: float, *, hot: bool) -> None:
-        """Send a call to the child: at once to an idle child; queued behind a call that runs, at the
-        end of this turn of the loop, in one write with the others queued for that child meanwhile."""
+        """Send a call to the child, at the end of this turn of the loop: in one write with the
+        others sent to that child meanwhile."""
         attempt.child = child
         child.attempts.append(attempt)
         attempt.hot = hot
@@ -499,8 +501,6 @@ class ProcessExecutor:
                               call.deadline, call.payload_limit, attempt.reason])
         if len(child.attempts) == 1:
             self._running(child, now)
-            child.flush()
-            return
         if not self._unflushed:
             assert self._loop is not None
             self._loop.call_soon(self._flush)
