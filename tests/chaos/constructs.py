@@ -40,7 +40,7 @@ from harness import MACHINES, Chaos, Config
 from dsm import compiler
 from dsm.audit import audit
 from dsm.client import Client
-from dsm.errors import StoreError
+from dsm.errors import NotFound, StoreError
 from dsm.keys import WorkInfo
 from dsm.records import FAILED, FINISHED, SUCCEEDED, HistoryEntry, Instance, new_id
 from dsm.store import prefix_end
@@ -227,7 +227,13 @@ class ConstructChaos(Chaos):
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             for iid in list(pending):
-                inst = await self.retry(lambda iid=iid: client.instance(iid))
+                try:
+                    inst = await self.retry(lambda iid=iid: client.instance(iid))
+                except NotFound:  # a record that was stored is gone: said, and the run goes on
+                    self.creport.problem("lost", f"instance {iid} was stored and is gone "
+                                         f"(etcd: {await self.members_agree()})")
+                    pending.discard(iid)
+                    continue
                 if inst.finished:
                     pending.discard(iid)
             if pending:
@@ -351,6 +357,7 @@ class ConstructChaos(Chaos):
                 break
             await asyncio.sleep(0.1)
         record: dict[str, Any] = {"phase": "timers", "fault": "restart_cluster", "napping": napping}
+        await self.settle_backends()  # the cluster is quiet: what it acknowledged is on disk
         watcher = await self.etcd_fault(store, "restart_cluster", record)
         record["recovery_s"] = await watcher
         self.creport.faults.append(record)
