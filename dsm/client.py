@@ -56,6 +56,7 @@ class Client:
         self.store = store
         self.keys = keys or Keys()
         self.wall = wall
+        self._marked = False  # whether this client looked at the namespace's `meta/indexed` mark
 
     async def register(self, graph: Graph) -> None:
         await register(self.store, self.keys, graph)
@@ -108,6 +109,7 @@ class Client:
                 if given is not None:
                     seen.add(given)
         await self.register(graph)
+        await self._mark_indexed()
         out: list[tuple[str, bool]] = []
         pending: list[tuple[str, Txn]] = []
         size = 0
@@ -124,6 +126,24 @@ class Client:
         if pending:
             out.extend(await self._send(pending))
         return out
+
+    async def _mark_indexed(self) -> None:
+        """Before the first instances of a namespace are written: it holds no record written before
+        the index existed, so say so (`meta/indexed`), or the first housekeeper would read every record
+        there is by then to give it entries it already has (50,000 waiting instances: throughput
+        halved while it did). A namespace that has records and no mark is left to that backfill:
+        they may predate the index. Once per client."""
+        if self._marked:
+            return
+        self._marked = True
+        if await self.store.get(self.keys.indexed) is not None:
+            return
+        records = self.keys.instances
+        if (await self.store.range(records, prefix_end(records), limit=1, keys_only=True)).kvs:
+            return
+        await self.store.txn([Compare.version(self.keys.indexed, "==", 0),
+                              Compare(records, "version", "==", 0, end=prefix_end(records))],  # still none
+                             [Put(self.keys.indexed, b"1")])
 
     async def _send(self, pending: list[tuple[str, Txn]]) -> list[tuple[str, bool]]:
         """Create the instances of `pending`; for each, its id and whether it was created here."""

@@ -278,6 +278,7 @@ def test_records_written_before_the_index_existed_are_indexed_once(store_factory
         running_id = await client.submit(text(WAITS), {})
         for prefix in (f"{keys.root}idx/", keys.expiry_prefix):  # as an older dsm left them: no entries
             await store.delete(prefix, prefix_end(prefix))
+        await store.delete(keys.indexed)  # nor the mark, which this dsm's client put in the empty namespace
         unlisted = await client.list()
         added, again = await backfill(store, keys), await backfill(store, keys)
         listed = sorted(i.id for i in await client.list())
@@ -288,6 +289,30 @@ def test_records_written_before_the_index_existed_are_indexed_once(store_factory
     unlisted, added, again, listed, ids, problems, rounds = with_store(store_factory, body)
     assert unlisted == [] and (added, again) == (4, 0) and listed == ids and problems == []
     assert rounds == [(3, False)]  # the finished ones expire in their time; the running one stays
+
+
+def test_a_namespace_whose_first_instances_this_client_wrote_needs_no_backfill(store_factory):
+    """The client that writes the first instances of a namespace marks it indexed, so the first
+    housekeeper reads no records to backfill; one that finds records without the mark (they may
+    predate the index) leaves the mark to the backfill, which then indexes them."""
+    async def body(store, keys):
+        graph = text(WAITS)
+        await Client(store, keys).submit_many(graph, [{}] * 3)
+        marked = await store.get(keys.indexed) is not None
+        other = Keys(keys.namespace + "-old")
+        try:
+            await Client(store, other).submit(graph, {})
+            for prefix in (f"{other.root}idx/", other.expiry_prefix, other.indexed):  # as an older dsm left it
+                await store.delete(prefix, prefix_end(prefix))
+            await Client(store, other).submit(graph, {})
+            left_unmarked = await store.get(other.indexed) is None
+            return marked, left_unmarked, await backfill(store, keys), await backfill(store, other)
+        finally:
+            await store.delete(other.root, prefix_end(other.root))
+
+    marked, left_unmarked, backfilled, backfilled_old = with_store(store_factory, body)
+    assert marked and left_unmarked
+    assert (backfilled, backfilled_old) == (0, 1)  # the old record only: the new one has its entries
 
 
 def test_compaction_keeps_the_history_of_the_retention_period():
