@@ -135,7 +135,8 @@ def test_deletion_goes_in_bounded_batches(store_factory):
     rounds, sizes, left = with_store(store_factory, body)
     assert rounds == [(64, True), (64, True), (22, False)]
     assert max(sizes) == 20 and sum(sizes) == 150  # each request: at most 20 history keys (one per instance here)
-    assert [kv.key for kv in left if "/def/" not in kv.key and "/machines/" not in kv.key] == []  # definitions stay
+    assert [kv.key for kv in left if "/def/" not in kv.key and "/machines/" not in kv.key
+            and "/meta/" not in kv.key] == []  # definitions and the namespace's marks stay
 
 
 def test_a_round_reads_many_entries_and_deletes_them_in_requests_of_64(store_factory):
