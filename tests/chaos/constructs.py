@@ -11,7 +11,7 @@ On the cluster, worker processes and audit of `harness.py`, four phases, each wi
   attempt's child fails and the retry starts another) while workers holding claims on parents or
   children are killed (and, with `call_pauses`, stopped past their lease);
 - timers: `sleepers` instances waiting on timers due a few seconds on, while the whole etcd
-  cluster is killed (SIGKILL of every member) and restarted.
+  cluster is stopped (SIGTERM of every member: see `timer_phase`) and restarted.
 
 Then every history is audited (`dsm.audit`) and each construct checked from the store: every
 instance terminal as expected; each signal sent consumed exactly once (history entries that carry
@@ -356,9 +356,13 @@ class ConstructChaos(Chaos):
             if napping >= len(ids):
                 break
             await asyncio.sleep(0.1)
-        record: dict[str, Any] = {"phase": "timers", "fault": "restart_cluster", "napping": napping}
-        await self.settle_backends()  # the cluster is quiet: what it acknowledged is on disk
-        watcher = await self.etcd_fault(store, "restart_cluster", record)
+        # Every member stopped at once, and started again. Stopped cleanly: etcd 3.5.0 to 3.5.2, the
+        # version the tests run, can lose writes it acknowledged when every member is killed at once
+        # (etcd issue 13766; seen here: one member came back without 600 of the sleepers, and the
+        # members disagreed), which no client can make up for. The load run kills them (harness.py).
+        record: dict[str, Any] = {"phase": "timers", "fault": "restart_cluster", "signal": "SIGTERM",
+                                  "napping": napping}
+        watcher = await self.etcd_fault(store, "restart_cluster", record, signal.SIGTERM)
         record["recovery_s"] = await watcher
         self.creport.faults.append(record)
         if not await self.finished(store, ids, c.timeout + c.nap[1]):

@@ -247,22 +247,6 @@ class Chaos:
             for ch in channels.values():
                 await ch.close()
 
-    async def settle_backends(self) -> None:
-        """Make every member commit its backend now (the Hash call does, before it hashes), as etcd
-        does by itself every 100 ms. etcd 3.5.0 to 3.5.2 can lose writes it acknowledged when it is
-        killed before that commit (etcd issue 13766); a fault meant for a quiet cluster strikes after this."""
-        import grpc
-        from aetcd import rpc
-
-        for m in self.cluster.members:
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{m.client_port}")
-            try:
-                await rpc.MaintenanceStub(channel).Hash(rpc.HashRequest(), timeout=30)
-            except grpc.aio.AioRpcError:
-                pass
-            finally:
-                await channel.close()
-
     # -- faults ------------------------------------------------------------------------------
     async def fault(self, store: EtcdStore, kind: str) -> dict[str, Any]:
         started = time.monotonic()
@@ -298,7 +282,9 @@ class Chaos:
             base = await self.committed(store)
         return asyncio.get_running_loop().create_task(self.progress_after(store, started, base))
 
-    async def etcd_fault(self, store: EtcdStore, kind: str, record: dict[str, Any]) -> asyncio.Task:
+    async def etcd_fault(self, store: EtcdStore, kind: str, record: dict[str, Any],
+                         sig: int = signal.SIGKILL) -> asyncio.Task:
+        """Strike etcd; `sig` stops the members of a restart (SIGTERM: a clean shutdown)."""
         if kind in ("restart_member", "restart_leader"):
             leader = await self.leader()
             if kind == "restart_leader" and leader is not None:
@@ -308,7 +294,7 @@ class Chaos:
                                             or self.cluster.members)
             record["member"] = member.name
             record["leader"] = member is leader
-            self.cluster.kill_member(member)
+            self.cluster.kill_member(member, sig)
             watcher = await self.watch_progress(store)
             await asyncio.sleep(1.0)
             self.cluster.start_member(member, new=False)
@@ -316,7 +302,7 @@ class Chaos:
         elif kind == "restart_cluster":
             base = await self.committed(store)
             for member in self.cluster.members:
-                self.cluster.kill_member(member)
+                self.cluster.kill_member(member, sig)
             watcher = await self.watch_progress(store, base)
             await asyncio.sleep(1.0)
             for member in self.cluster.members:

@@ -47,7 +47,7 @@ def test_every_fault_under_load_loses_nothing_and_commits_nothing_twice(request)
 
 def test_maps_signals_children_and_timers_under_faults_lose_nothing_and_do_nothing_twice():
     """Workers killed during a map of 500 items, while signals are sent and consumed (the last
-    round with every worker dead), while parents start children; the whole etcd cluster killed
+    round with every worker dead), while parents start children; the whole etcd cluster stopped
     and restarted while 1,000 instances wait on timers. Then, from the store: every history passes
     the audit, every instance ended as expected, each signal sent was consumed once (and none is
     left), each map's results are complete and in item order, each call visit and attempt has
