@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -117,7 +117,7 @@ class CpuProbe:
     """Where the machine's CPU goes during a measurement: the workers (their own process), their
     handler processes, etcd and this process (the benchmark driver: submitting, sampling)."""
 
-    def __init__(self, env: EtcdCluster, procs: list[subprocess.Popen] = ()):
+    def __init__(self, env: EtcdCluster, procs: Sequence[subprocess.Popen] = ()):
         self.etcd = [m.process.pid for m in env.members if m.process is not None]
         self.workers = [p.pid for p in procs]
 
