@@ -345,6 +345,54 @@ def test_signals_timers_timeouts_and_children_run_in_virtual_time(write):
     assert time.monotonic() - started < 10  # an hour's timeout and a day's timer were skipped
 
 
+def test_the_example_of_the_contract_passes_and_a_signal_no_state_waits_for_is_never_sent(write):
+    """SPEC's example, word for word but for the machine's path: `order` waits for no signal, so
+    the one the case lists is never sent, and the case passes."""
+    path = write("spec.test.yaml", f"""
+        machine: {ROOT / 'definitions' / 'order.yaml'}
+        cases:
+          - name: a big order is insured
+            payload: {{total: 120}}
+            mock:                                     # handler -> results of successive calls
+              orders:bill: [{{raise: TimeoutError}}, {{return: {{charge_id: c1}}}}]
+              orders:check: [{{return: approved}}]
+            signals: [{{name: approve, outcome: yes, payload: {{by: ann}}}}]
+            expect:
+              status: succeeded
+              path: [receive, check, fulfil, pick, bill, ship, insured, done]   # history states, in order
+              payload: {{charge_id: c1, insured: 1.2}}                              # a subset of the payload
+    """)
+    (case,) = run_file(path).cases
+    assert case.passed, case.reasons
+
+
+def test_a_misspelled_signal_is_a_bad_test_file(write):
+    write("child.yaml", CHILD)
+    write("waiting.yaml", WAITING)
+    path = write("typo.test.yaml", """
+        machine: waiting.yaml
+        cases:
+          - name: a
+            signals: [{name: decison, outcome: approve}]
+            expect: {status: running}
+    """)
+    with pytest.raises(DefinitionError) as caught:
+        load_test_file(path)
+    assert f"{path}:4:22: error: signal 'decison': no state of machine" in str(caught.value)
+    assert "did you mean 'decision'?" in str(caught.value)
+
+
+def test_a_failing_case_is_one_line_with_every_difference(shop):
+    path = shop(f"""
+      - name: wrong twice
+        {PAID}
+        expect: {{status: failed, path: [order]}}
+    """)
+    (line,) = run_file(path).report().splitlines()
+    assert line.startswith(f"FAIL {path}::wrong twice: status: expected failed, got succeeded")
+    assert "; path: expected [order]" in line
+
+
 # -- bad test files: every problem at file:line:col, nothing runs --------------------------------
 
 BAD = [

@@ -98,18 +98,17 @@ class FileResult:
         return tuple(c for c in self.cases if not c.passed)
 
     def report(self) -> str:
-        """One line per case, `PASS FILE::NAME` or `FAIL FILE::NAME: REASON` with further reasons
-        indented below (what `dsm test` prints)."""
+        """One line per case, `PASS FILE::NAME` or `FAIL FILE::NAME: REASON; REASON...` (what `dsm
+        test` prints)."""
         return "".join(describe(c) for c in self.cases)
 
 
 def describe(result: CaseResult) -> str:
-    """A case's lines as `dsm test` prints them."""
+    """A case's line as `dsm test` prints it: every difference on it, separated by `; `."""
     head = f"{result.file}::{result.name}"
     if result.passed:
         return f"PASS {head}\n"
-    first, *more = result.reasons
-    return f"FAIL {head}: {first}\n" + "".join(f"    {reason}\n" for reason in more)
+    return f"FAIL {head}: {'; '.join(result.reasons)}\n"
 
 
 def run_file(path: str | Path, *, max_steps: int = MAX_STEPS) -> FileResult:

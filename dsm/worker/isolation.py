@@ -535,16 +535,19 @@ class ProcessExecutor:
                     self._hot_children.discard(child)
                     self._take_back(child, list(child.attempts)[1:])
 
-    def _take_back(self, child: _Child, attempts: list[_ProcessAttempt]) -> None:
+    def _take_back(self, child: _Child, attempts: list[_ProcessAttempt], *, requeue: bool = True) -> None:
         """Calls queued in `child` that it has not started: they wait in the parent again, first in
-        line. A child that is alive is told to drop them (it reads that before it would start them)."""
+        line (unless not `requeue`d: a call whose timeout passed). A child that is alive is told to
+        drop them (it reads that before it would start them)."""
         for attempt in reversed(attempts):
             child.attempts.remove(attempt)
             if not child.gone:
-                child.send(_frame([_DROP, attempt.id]))
+                child.wbuf += _frame([_DROP, attempt.id])
             attempt.child = None
             attempt.hot = False
-            self._paced.appendleft(attempt)
+            if requeue:
+                self._paced.appendleft(attempt)
+        child.flush()
 
     def _ran(self, ref: str, seconds: float, cpu: float | None) -> None:
         """What a call's run time (`seconds`, `cpu` of them on the CPU when measured) says of its
@@ -633,8 +636,7 @@ class ProcessExecutor:
             return
         child = attempt.child
         if child is not None and child.attempt is not attempt:  # queued behind another call: it never starts
-            self._take_back(child, [attempt])
-            self._paced.remove(attempt)
+            self._take_back(child, [attempt], requeue=False)
         elif child is not None:
             self._seen_slow(attempt.call.handler.ref)
             log.debug("killing handler process %d: state %r attempt %d outlived its timeout", child.pid,

@@ -385,19 +385,10 @@ class ConstructChaos(Chaos):
                 for phase in (self.map_phase, self.signal_phase, self.call_phase, self.timer_phase):
                     await phase(store, cycle)
                 cycle += 1
-            finish = time.monotonic() + c.timeout
-            while not await self.all_finished(store) and time.monotonic() < finish:
-                await asyncio.sleep(0.3)
+            await self.until_all_finished(store, c.timeout)
             await self.check(store)
         finally:
-            for w in self.live_workers():
-                w.send_signal(signal.SIGCONT)
-                w.send_signal(signal.SIGKILL)
-            for w in self.workers:
-                w.wait()
-            if store is not None:
-                await store.close()
-            self.cluster.stop()
+            await self.tear_down(store)
         self.creport.seconds = time.monotonic() - began
         return self.creport
 

@@ -360,21 +360,28 @@ class Chaos:
                 await self.claims_appear(store)
                 kind = plan.pop(0) if plan else self.random.choice(FAULTS)
                 self.report.faults.append(await self.fault(store, kind))
-            finish = time.monotonic() + c.timeout
-            while not await self.all_finished(store) and time.monotonic() < finish:
-                await asyncio.sleep(0.3)
+            await self.until_all_finished(store, c.timeout)
             await self.collect(store)
         finally:
-            for w in self.live_workers():
-                w.send_signal(signal.SIGCONT)
-                w.send_signal(signal.SIGKILL)
-            for w in self.workers:
-                w.wait()
-            if store is not None:
-                await store.close()
-            self.cluster.stop()
+            await self.tear_down(store)
         self.report.seconds = time.monotonic() - began
         return self.report
+
+    async def until_all_finished(self, store: EtcdStore, timeout: float) -> None:
+        finish = time.monotonic() + timeout
+        while not await self.all_finished(store) and time.monotonic() < finish:
+            await asyncio.sleep(0.3)
+
+    async def tear_down(self, store: EtcdStore | None) -> None:
+        """Kill every worker (a stopped one too), close the store, stop etcd."""
+        for w in self.live_workers():
+            w.send_signal(signal.SIGCONT)
+            w.send_signal(signal.SIGKILL)
+        for w in self.workers:
+            w.wait()
+        if store is not None:
+            await store.close()
+        self.cluster.stop()
 
     async def collect(self, store: EtcdStore) -> None:
         client = Client(store, self.keys)
