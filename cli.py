@@ -31,7 +31,16 @@ from rich.text import Text
 
 from dsm import compiler, handlers, loader, logs, payloads, records, render, schema
 from dsm.durations import parse_duration
-from dsm.errors import DefinitionError, DsmError, InputError, NoSpace, NotFound, StoreUnavailable
+from dsm.errors import (
+    AccessDenied,
+    DefinitionError,
+    DsmError,
+    InputError,
+    NoSpace,
+    NotFound,
+    PartFailed,
+    StoreUnavailable,
+)
 from dsm.graph import Graph
 from dsm.transition import descends_from
 
@@ -47,6 +56,7 @@ class ExitCode(IntEnum):
     OK = 0
     INSTANCE_FAILED = 1  # failed or cancelled
     CASE_FAILED = 1  # dsm test: a case did not do what it expected
+    PART_FAILED = 1  # a worker or server stopped because a part of it ended (PartFailed)
     INVALID = 2  # invalid definition, input or usage
     UNREACHABLE = 3  # etcd unreachable
     TIMEOUT = 4  # --timeout passed before the instance finished
@@ -1317,6 +1327,15 @@ async def _api_store(etcd: EtcdArgs) -> AsyncIterator[tuple[Store, Any, str]]:
         yield store, etcd.options().keys, f"on etcd {etcd.options().display}"
 
 
+def _part_failed_code(exc: PartFailed) -> ExitCode:
+    """Refused by etcd even with a fresh token: 2, as at start; etcd gone: 3; anything else: 1."""
+    if isinstance(exc.cause, AccessDenied):
+        return ExitCode.INVALID
+    if isinstance(exc.cause, StoreUnavailable):
+        return ExitCode.UNREACHABLE
+    return ExitCode.PART_FAILED
+
+
 def main() -> None:
     """Entry point of the `dsm` command.
 
@@ -1336,6 +1355,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("dsm: interrupted", markup=False)
         code = int(ExitCode.INTERRUPTED)
+    except PartFailed as exc:  # a worker or server that cannot go on: a supervisor restarts it
+        err.print(f"dsm: {exc}", markup=False)
+        code = int(_part_failed_code(exc))
     except NoSpace as exc:
         err.print(f"dsm: etcd refuses writes, its NOSPACE alarm is raised ({exc}); an operator must make room and "
                   "disarm it (docs/operations.md)", markup=False)

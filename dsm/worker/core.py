@@ -29,7 +29,7 @@ from typing import Any
 from .. import logs, payloads
 from ..batching import Batcher
 from ..definitions import Registry
-from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
+from ..errors import LeaseLost, NoSpace, NotFound, PartFailed, StoreError, StoreUnavailable
 from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
@@ -91,6 +91,11 @@ class WorkerStats:
     failures: int = 0
     given_back: int = 0  # claims under our lease found with no job and released
     started_at: float = field(default_factory=time.monotonic)
+
+
+# the worker's long-lived tasks, by name, as a line about one that stopped names them
+PARTS = {"dsm-keepalive": "lease keeper", "dsm-feed": "watch feed", "dsm-dispatch": "dispatcher",
+         "dsm-audit": "claim audit", "dsm-presence": "heartbeat", "dsm-peers": "peer watch"}
 
 
 class Worker:
@@ -176,9 +181,11 @@ class Worker:
         stopper = loop.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            ended = [task for task in self._tasks if task in done]
+            if ended and not stop.is_set():  # a part ended by itself: the worker cannot go on without it
+                task = ended[0]
+                cause = asyncio.CancelledError() if task.cancelled() else task.exception()
+                raise PartFailed(f"worker {self.id}", PARTS.get(task.get_name(), task.get_name()), cause) from cause
         finally:
             stopper.cancel()
             await self._shutdown(grace)
