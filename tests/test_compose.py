@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import httpx
@@ -126,6 +127,15 @@ def test_workers_have_a_healthcheck_on_their_health_port():
     assert "http://127.0.0.1:%s/healthz" in test[3] and "DSM_HEALTH_PORT" in test[3]
     assert {"interval", "timeout", "retries", "start_period"} <= set(check)
     assert worker["restart"] == "unless-stopped"  # a worker that fails exits; it is started again
+
+
+def test_the_healthcheck_shown_in_the_operations_guide_is_the_compose_files():
+    text = (ROOT / "docs" / "operations.md").read_text()
+    shown = [yaml.safe_load(textwrap.dedent(block)) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)
+             if "healthcheck:" in block]
+    assert len(shown) == 1
+    assert shown[0]["healthcheck"] == SERVICES["work"]["healthcheck"]
+    assert shown[0]["environment"]["DSM_HEALTH_PORT"] == SERVICES["work"]["environment"]["DSM_HEALTH_PORT"]
 
 
 def healthcheck(port: str) -> int:
