@@ -919,6 +919,14 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                "--metrics-host", envvar="DSM_METRICS_HOST", metavar="HOST",
                help="Address the metrics are served on; 0.0.0.0: every interface, as in a container. "
                     "(DSM_METRICS_HOST)")] = "127.0.0.1",
+           health_port: Annotated[int | None, typer.Option(
+               "--health-port", envvar="DSM_HEALTH_PORT", min=0, max=65535, metavar="PORT", show_default=False,
+               help="Answer GET http://HOST:PORT/healthz: 200 while this worker's lease, watch for work and "
+                    "heartbeat are current, else 503 with the reasons (0: any free port; the address is said on "
+                    "stderr). The metrics port answers /healthz too. (DSM_HEALTH_PORT)")] = None,
+           health_host: Annotated[str, typer.Option(
+               "--health-host", envvar="DSM_HEALTH_HOST", metavar="HOST",
+               help="Address /healthz is served on; 0.0.0.0: every interface. (DSM_HEALTH_HOST)")] = "127.0.0.1",
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT.
 
@@ -980,6 +988,15 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                             where = f"{metrics_host}:{metrics_port}: {exc.strerror or exc}"
                             raise Fail(ExitCode.INVALID, f"--metrics-port: cannot serve metrics on {where}") from None
                         where += f", metrics on {server.url}"
+                    if health_port is not None:
+                        from dsm import healthz
+
+                        try:
+                            probe = serving.enter_context(healthz.serving(w, health_host, health_port))
+                        except OSError as exc:
+                            where = f"{health_host}:{health_port}: {exc.strerror or exc}"
+                            raise Fail(ExitCode.INVALID, f"--health-port: cannot serve /healthz on {where}") from None
+                        where += f", health on {probe.url(healthz.PATH)}"
                     info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                                f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
                                markup=False)
