@@ -479,15 +479,31 @@ class EtcdArgs:
             raise Fail(ExitCode.INVALID, str(exc)) from None
 
     @asynccontextmanager
-    async def open(self) -> AsyncIterator[Store]:
-        """`async with etcd.open() as store`: exit code 3 with one line when etcd is unreachable."""
+    async def open(self, *, wait: asyncio.Event | None = None) -> AsyncIterator[Store]:
+        """`async with etcd.open() as store`: exit code 3 with one line when etcd is unreachable.
+        With `wait` (a stop event), an unreachable etcd is waited for instead, saying so, until it
+        answers or `wait` is set (a worker started before etcd, as compose and Kubernetes may)."""
         from dsm.store.etcd import EtcdStore
 
         options = self.options()
-        try:
-            store = await EtcdStore.connect(options)
-        except StoreUnavailable as exc:
-            raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {options.display}: {exc}") from None
+        delay, said = 0.5, None
+        while True:
+            try:
+                store = await EtcdStore.connect(options)
+                break
+            except StoreUnavailable as exc:
+                if wait is not None and wait.is_set():
+                    raise Fail(ExitCode.OK) from None  # stopped while waiting: nothing to say
+                if wait is None:
+                    raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {options.display}: {exc}") from None
+                if str(exc) != said:  # once per reason, not once per try
+                    said = str(exc)
+                    log.warning("waiting for etcd at %s (%s); retrying", options.display, exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wait.wait(), delay)
+                delay = min(delay * 2, 5.0)
+        if said is not None:
+            log.warning("etcd at %s answers", options.display)
         try:
             yield store
         finally:
@@ -963,7 +979,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
             return
         worker_id = default_worker_id()
         logs.current.worker = worker_id  # named on its log lines, and on those of its handler processes
-        async with etcd.open() as store:
+        async with etcd.open(wait=stop) as store:
             registry = Registry(store, options.keys, allow=allowlist, search_path=search + folders)
             for g in graphs:
                 registry.add(g)
@@ -1003,7 +1019,11 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                     await stop.wait()
             info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
-    _run_async(go)
+    try:
+        _run_async(go)
+    except Fail as exc:
+        if exc.code != ExitCode.OK:
+            raise
     if signal.SIGINT in received:
         raise Fail(ExitCode.INTERRUPTED)  # SIGTERM is the ordinary way to stop a worker: exit 0
 

@@ -6,12 +6,13 @@ alive with a dead part does nothing and looks healthy, and nothing restarts a li
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from clitools import dsm, dsm_env
+from clitools import dsm, dsm_env, line_with, spawn
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
@@ -54,3 +55,34 @@ def test_dsm_run_and_dsm_api_do_not_live_on_with_a_dead_local_worker(etcd_url, n
     assert "partkiller: cancelling dsm-feed" in proc.stderr, proc.stderr
     assert proc.returncode == 1, proc.stderr
     assert lines[-1].startswith("dsm: worker ") and lines[-1].endswith(": watch feed stopped: was cancelled"), lines
+
+
+def test_a_worker_started_before_etcd_waits_for_it_saying_so(namespace):
+    """Compose and Kubernetes start services in any order: a worker whose etcd is not up yet waits."""
+    from dsm.testing import make_cluster
+
+    cluster = make_cluster(1)  # its ports are chosen; nothing listens on them yet
+    common = ("--etcd", cluster.endpoint, "--namespace", namespace)
+    worker = spawn("worker", "definitions/order.yaml", "--isolation", "thread", *common)
+    try:
+        assert f"waiting for etcd at {cluster.endpoint}" in line_with(worker, "waiting for etcd")
+        cluster.start()
+        assert "serving namespace" in line_with(worker, "serving namespace")
+        result = dsm("run", "definitions/order.yaml", "--payload", '{"total": 5}', "--workers", "0", "--json",
+                     *common)
+        assert result.returncode == 0 and json.loads(result.stdout)["status"] == "succeeded", result.stderr
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=60)
+        cluster.stop()
+    assert worker.returncode == 0
+
+
+def test_a_worker_stopped_while_it_waits_for_etcd_exits_0():
+    from dsm.testing import free_port
+
+    worker = spawn("worker", "definitions/order.yaml", "--etcd", f"http://127.0.0.1:{free_port()}")
+    assert "waiting for etcd" in line_with(worker, "waiting for etcd")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
