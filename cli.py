@@ -31,7 +31,16 @@ from rich.text import Text
 
 from dsm import compiler, handlers, loader, logs, payloads, records, render, schema
 from dsm.durations import parse_duration
-from dsm.errors import DefinitionError, DsmError, InputError, NoSpace, NotFound, StoreUnavailable
+from dsm.errors import (
+    AccessDenied,
+    DefinitionError,
+    DsmError,
+    InputError,
+    NoSpace,
+    NotFound,
+    PartFailed,
+    StoreUnavailable,
+)
 from dsm.graph import Graph
 from dsm.transition import descends_from
 
@@ -47,6 +56,7 @@ class ExitCode(IntEnum):
     OK = 0
     INSTANCE_FAILED = 1  # failed or cancelled
     CASE_FAILED = 1  # dsm test: a case did not do what it expected
+    PART_FAILED = 1  # a worker or server stopped because a part of it ended (PartFailed)
     INVALID = 2  # invalid definition, input or usage
     UNREACHABLE = 3  # etcd unreachable
     TIMEOUT = 4  # --timeout passed before the instance finished
@@ -469,15 +479,31 @@ class EtcdArgs:
             raise Fail(ExitCode.INVALID, str(exc)) from None
 
     @asynccontextmanager
-    async def open(self) -> AsyncIterator[Store]:
-        """`async with etcd.open() as store`: exit code 3 with one line when etcd is unreachable."""
+    async def open(self, *, wait: asyncio.Event | None = None) -> AsyncIterator[Store]:
+        """`async with etcd.open() as store`: exit code 3 with one line when etcd is unreachable.
+        With `wait` (a stop event), an unreachable etcd is waited for instead, saying so, until it
+        answers or `wait` is set (a worker started before etcd, as compose and Kubernetes may)."""
         from dsm.store.etcd import EtcdStore
 
         options = self.options()
-        try:
-            store = await EtcdStore.connect(options)
-        except StoreUnavailable as exc:
-            raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {options.display}: {exc}") from None
+        delay, said = 0.5, None
+        while True:
+            try:
+                store = await EtcdStore.connect(options)
+                break
+            except StoreUnavailable as exc:
+                if wait is not None and wait.is_set():
+                    raise Fail(ExitCode.OK) from None  # stopped while waiting: nothing to say
+                if wait is None:
+                    raise Fail(ExitCode.UNREACHABLE, f"etcd unreachable at {options.display}: {exc}") from None
+                if str(exc) != said:  # once per reason, not once per try
+                    said = str(exc)
+                    log.warning("waiting for etcd at %s (%s); retrying", options.display, exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wait.wait(), delay)
+                delay = min(delay * 2, 5.0)
+        if said is not None:
+            log.warning("etcd at %s answers", options.display)
         try:
             yield store
         finally:
@@ -909,6 +935,14 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                "--metrics-host", envvar="DSM_METRICS_HOST", metavar="HOST",
                help="Address the metrics are served on; 0.0.0.0: every interface, as in a container. "
                     "(DSM_METRICS_HOST)")] = "127.0.0.1",
+           health_port: Annotated[int | None, typer.Option(
+               "--health-port", envvar="DSM_HEALTH_PORT", min=0, max=65535, metavar="PORT", show_default=False,
+               help="Answer GET http://HOST:PORT/healthz: 200 while this worker's lease, watch for work and "
+                    "heartbeat are current, else 503 with the reasons (0: any free port; the address is said on "
+                    "stderr). The metrics port answers /healthz too. (DSM_HEALTH_PORT)")] = None,
+           health_host: Annotated[str, typer.Option(
+               "--health-host", envvar="DSM_HEALTH_HOST", metavar="HOST",
+               help="Address /healthz is served on; 0.0.0.0: every interface. (DSM_HEALTH_HOST)")] = "127.0.0.1",
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Run ticks for instances stored in etcd until SIGTERM or SIGINT.
 
@@ -945,7 +979,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
             return
         worker_id = default_worker_id()
         logs.current.worker = worker_id  # named on its log lines, and on those of its handler processes
-        async with etcd.open() as store:
+        async with etcd.open(wait=stop) as store:
             registry = Registry(store, options.keys, allow=allowlist, search_path=search + folders)
             for g in graphs:
                 registry.add(g)
@@ -970,13 +1004,26 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                             where = f"{metrics_host}:{metrics_port}: {exc.strerror or exc}"
                             raise Fail(ExitCode.INVALID, f"--metrics-port: cannot serve metrics on {where}") from None
                         where += f", metrics on {server.url}"
+                    if health_port is not None:
+                        from dsm import healthz
+
+                        try:
+                            probe = serving.enter_context(healthz.serving(w, health_host, health_port))
+                        except OSError as exc:
+                            where = f"{health_host}:{health_port}: {exc.strerror or exc}"
+                            raise Fail(ExitCode.INVALID, f"--health-port: cannot serve /healthz on {where}") from None
+                        where += f", health on {probe.url(healthz.PATH)}"
                     info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                                f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
                                markup=False)
                     await stop.wait()
             info.print(f"worker {w.id} stopped after {w.stats.transitions} transitions", markup=False)
 
-    _run_async(go)
+    try:
+        _run_async(go)
+    except Fail as exc:
+        if exc.code != ExitCode.OK:
+            raise
     if signal.SIGINT in received:
         raise Fail(ExitCode.INTERRUPTED)  # SIGTERM is the ordinary way to stop a worker: exit 0
 
@@ -1317,6 +1364,15 @@ async def _api_store(etcd: EtcdArgs) -> AsyncIterator[tuple[Store, Any, str]]:
         yield store, etcd.options().keys, f"on etcd {etcd.options().display}"
 
 
+def _part_failed_code(exc: PartFailed) -> ExitCode:
+    """Refused by etcd even with a fresh token: 2, as at start; etcd gone: 3; anything else: 1."""
+    if isinstance(exc.cause, AccessDenied):
+        return ExitCode.INVALID
+    if isinstance(exc.cause, StoreUnavailable):
+        return ExitCode.UNREACHABLE
+    return ExitCode.PART_FAILED
+
+
 def main() -> None:
     """Entry point of the `dsm` command.
 
@@ -1336,6 +1392,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("dsm: interrupted", markup=False)
         code = int(ExitCode.INTERRUPTED)
+    except PartFailed as exc:  # a worker or server that cannot go on: a supervisor restarts it
+        err.print(f"dsm: {exc}", markup=False)
+        code = int(_part_failed_code(exc))
     except NoSpace as exc:
         err.print(f"dsm: etcd refuses writes, its NOSPACE alarm is raised ({exc}); an operator must make room and "
                   "disarm it (docs/operations.md)", markup=False)

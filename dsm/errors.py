@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 
@@ -74,6 +75,26 @@ class Compacted(StoreError):
     def __init__(self, compact_revision: int):
         self.compact_revision = compact_revision
         super().__init__(f"revisions below {compact_revision} were compacted")
+
+
+class PartFailed(DsmError):
+    """A long-lived part of a worker or server (watch, lease keeper, heartbeat, housekeeper, HTTP
+    server) ended while the process meant to go on: the process stops and exits non-zero, so that a
+    supervisor restarts it, rather than living on doing nothing. `cause` is what ended the part."""
+
+    def __init__(self, who: str, part: str, cause: BaseException | None):
+        self.who = who
+        self.part = part
+        self.cause = cause
+        if cause is None:
+            reason = "ended unexpectedly"
+        elif isinstance(cause, asyncio.CancelledError):
+            reason = "was cancelled"
+        else:
+            reason = " ".join(str(cause).split()) or type(cause).__name__
+            if not isinstance(cause, DsmError):
+                reason = f"{type(cause).__name__}: {reason}"
+        super().__init__(f"{who}: {part} stopped: {reason}")
 
 
 class NotFound(DsmError):

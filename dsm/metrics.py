@@ -3,29 +3,27 @@
 The worker counts in plain numbers (`dsm.worker.meter`, its lease keeper, write gate, store and
 housekeeper); `WorkerCollector` turns them into metric families when it is scraped, so the hot
 path never touches prometheus_client. Each worker has a registry of its own (`registry()`), so
-several workers in one process serve their own numbers. The server (`serving()`) is
+several workers in one process serve their own numbers. The server (`serving()`, `dsm.wsgi`) is
 prometheus_client's WSGI server on a thread of its own, bound to 127.0.0.1 unless told otherwise:
-a scrape never waits for the worker's event loop, and never holds it up.
+a scrape never waits for the worker's event loop, and never holds it up. The same port answers
+`/healthz` (`dsm.healthz`), so a probe can use it when there is no health port of its own.
 
 Every metric is described in the README (Metrics), with a sample scrape.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from . import healthz, wsgi
 from .worker.meter import Histogram
 
 if TYPE_CHECKING:
@@ -143,38 +141,24 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{PATH}"
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a line on stderr per scrape is noise
+        return wsgi.Address(self.host, self.port).url(PATH)
 
 
 @contextmanager
 def serving(worker: Worker, host: str = "127.0.0.1", port: int = 0) -> Iterator[MetricsServer]:
-    """Serve the worker's metrics on http://HOST:PORT/metrics (port 0: any free port) while the
-    block runs. OSError when the address cannot be bound."""
+    """Serve the worker's metrics on http://HOST:PORT/metrics, and its health on /healthz (port 0:
+    any free port) while the block runs. OSError when the address cannot be bound."""
     metrics = make_wsgi_app(registry(worker))
+    health = healthz.app(worker)
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
-        if environ.get("PATH_INFO") == PATH:
+        path = environ.get("PATH_INFO")
+        if path == PATH:
             return metrics(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [f"dsm serves its metrics on {PATH}\n".encode()]
+        if path == healthz.PATH:
+            return health(environ, start_response)
+        return wsgi.plain(start_response, "404 Not Found",
+                          f"dsm serves its metrics on {PATH} and its health on {healthz.PATH}\n")
 
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    httpd = make_server(host, port, app, Server, handler_class=_Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                              name=f"dsm-metrics-{worker.id}", daemon=True)
-    thread.start()
-    try:
-        yield MetricsServer(host, httpd.server_address[1])
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with wsgi.serving(app, host, port, name=f"dsm-metrics-{worker.id}") as address:
+        yield MetricsServer(address.host, address.port)

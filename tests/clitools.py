@@ -45,3 +45,11 @@ def waits_for_signals(path: Path) -> bool:
 
     graph = compiler.load(path, import_handlers=False)
     return any(st.signal for g in (graph, *graph.children().values()) for st in g.states.values())
+
+
+def line_with(proc: subprocess.Popen, text: str) -> str:
+    """Read a process's stderr up to the first line holding `text` (or its end: then "")."""
+    for line in proc.stderr:  # type: ignore[union-attr]
+        if text in line:
+            return line
+    return ""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import httpx
@@ -112,6 +115,37 @@ def test_workers_expose_metrics_on_the_compose_network_and_prometheus_scrapes_th
     assert prometheus["ports"] == ["127.0.0.1::9090"]  # its web UI, on a free port of the host's loopback only
 
 
+def test_workers_have_a_healthcheck_on_their_health_port():
+    """The healthcheck asks the worker's /healthz, on the container's loopback, with the image's Python."""
+    worker = SERVICES["work"]
+    env = worker["environment"]
+    assert int(env["DSM_HEALTH_PORT"]) not in (8080, int(env["DSM_METRICS_PORT"]))
+    assert env.get("DSM_HEALTH_HOST", "127.0.0.1") == "127.0.0.1"  # asked from inside the container only
+    check = worker["healthcheck"]
+    test = check["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4
+    assert "http://127.0.0.1:%s/healthz" in test[3] and "DSM_HEALTH_PORT" in test[3]
+    assert {"interval", "timeout", "retries", "start_period"} <= set(check)
+    assert worker["restart"] == "unless-stopped"  # a worker that fails exits; it is started again
+
+
+def test_the_healthcheck_shown_in_the_operations_guide_is_the_compose_files():
+    text = (ROOT / "docs" / "operations.md").read_text()
+    shown = [yaml.safe_load(textwrap.dedent(block)) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)
+             if "healthcheck:" in block]
+    assert len(shown) == 1
+    assert shown[0]["healthcheck"] == SERVICES["work"]["healthcheck"]
+    assert shown[0]["environment"]["DSM_HEALTH_PORT"] == SERVICES["work"]["environment"]["DSM_HEALTH_PORT"]
+
+
+def healthcheck(port: str) -> int:
+    """The exit code of the worker service's healthcheck command, run here against a worker
+    whose health port is `port`."""
+    _, _, flag, code = SERVICES["work"]["healthcheck"]["test"]
+    return subprocess.run([sys.executable, flag, code], env={"DSM_HEALTH_PORT": port}, timeout=30,
+                          capture_output=True).returncode
+
+
 def test_every_definition_the_compose_file_names_exists_and_validates():
     named = [arg for s in SERVICES.values() for arg in s.get("command", []) if str(arg).endswith(".yaml")]
     assert named
@@ -132,23 +166,26 @@ def test_dockerfile_installs_the_project_and_ships_the_definitions():
 @pytest.mark.etcd
 def test_the_compose_topology_without_docker(etcd, namespace):
     """etcd + three workers + the client, as separate processes, running the compose file's own
-    commands with its environment; the metrics on a free loopback port each instead of the
-    container's port 9464, and each worker's scrape counts what it did."""
+    commands with its environment; the metrics and the health on free loopback ports each instead
+    of the container's ports, each worker's scrape counts what it did, and its healthcheck passes."""
     env = {"DSM_ETCD": etcd.endpoint, "DSM_NAMESPACE": namespace}
-    worker_env = {**SERVICES["work"]["environment"], **env, "DSM_METRICS_HOST": "127.0.0.1", "DSM_METRICS_PORT": "0"}
+    worker_env = {**SERVICES["work"]["environment"], **env, "DSM_METRICS_HOST": "127.0.0.1", "DSM_METRICS_PORT": "0",
+                  "DSM_HEALTH_PORT": "0"}
     workers = [spawn(*SERVICES["work"]["command"][1:], **worker_env) for _ in range(3)]
-    urls = []
+    urls, health_ports = [], []
     try:
         client = dsm(*SERVICES["client"]["command"][1:], timeout=90, **env)
         for w in workers:  # a process signalled before Python set up its handlers would just die
             first = json.loads(w.stderr.readline())  # DSM_LOG_FORMAT=json: one object per line
             assert "serving namespace" in first["message"] and first["worker"].endswith(f":{w.pid}")
             urls.append(re.search(r"metrics on (http://\S+/metrics)", first["message"]).group(1))
+            health_ports.append(re.search(r"health on http://127\.0\.0\.1:(\d+)/healthz", first["message"]).group(1))
         assert client.returncode == 0, client.stderr
         record = json.loads(client.stdout)
         # each worker counts a commit once etcd has answered it, maybe just after the client saw it
         counted = wait_for(lambda: sum(scrape(url).get(("dsm_transitions_total", (("machine", "order"),)), 0)
                                        for url in urls) == record["transitions"], timeout=10)
+        healthy = [wait_for(lambda port=port: healthcheck(port) == 0, timeout=30) for port in health_ports]
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -158,6 +195,8 @@ def test_the_compose_topology_without_docker(etcd, namespace):
     assert {h["worker"].rpartition(":")[2] for h in record["history"]} <= worker_pids  # the client ran nothing
     assert [w.returncode for w in workers] == [0, 0, 0], errors  # SIGTERM is a graceful stop
     assert counted, "the workers' dsm_transitions_total do not add up to the instance's transitions"
+    assert healthy == [True, True, True]
+    assert healthcheck(health_ports[0]) != 0  # and fails once the worker is gone
     for text in errors:
         assert all(json.loads(line) for line in text.splitlines())
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from clitools import dsm, spawn
+from clitools import dsm, line_with, spawn
 
 from dsm.testing import etcd_binary, etcdctl_binary, make_cluster
 
@@ -53,7 +52,7 @@ def test_worker_and_client_over_tls_with_a_namespace_user(secure_etcd, tmp_path)
     common = ("--etcd", cluster.endpoint, *tls_args(certs, "a", "dsm-a"))
     worker = spawn("-v", "worker", "definitions/order.yaml", "--concurrency", "4", *common, **env)
     try:
-        assert "serving namespace 'a'" in _line_with(worker, "serving namespace")
+        assert "serving namespace 'a'" in line_with(worker, "serving namespace")
         cmdline = Path(f"/proc/{worker.pid}/cmdline").read_bytes().decode(errors="replace")
         result = dsm("-v", "run", "definitions/order.yaml", "--payload", '{"total": 150}', "--workers", "0",
                      "--json", *common, **env)
@@ -104,12 +103,3 @@ def test_wrong_password_and_missing_client_certificate(secure_etcd):
     assert "Handshake failed" not in no_cert.stderr + no_ca.stderr  # gRPC's own log lines stay out
     no_password = dsm("list", "--etcd", cluster.endpoint, *tls_args(certs, "a", "dsm-a"))
     assert no_password.returncode == 2 and "DSM_ETCD_PASSWORD" in no_password.stderr
-
-
-def _line_with(proc, text: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if text in line or not line:
-            return line
-    return ""

@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 
 from .. import handlers
 from ..definitions import Registry
+from ..errors import PartFailed
 from ..graph import Graph
 from ..keys import Keys
 from ..store import Store
@@ -59,7 +60,7 @@ def url_of(sock: socket.socket) -> str:
 
 async def serve(app: Starlette, sock: socket.socket, *, stop: asyncio.Event,
                 on_started: Callable[[str], None] | None = None) -> None:
-    """Serve `app` on a bound socket until `stop` is set (or the server fails)."""
+    """Serve `app` on a bound socket until `stop` is set; PartFailed if the server ends before."""
     config = uvicorn.Config(app, log_config=None, lifespan="off", timeout_graceful_shutdown=GRACE)
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="dsm-api-server")
@@ -76,8 +77,12 @@ async def serve(app: Starlette, sock: socket.socket, *, stop: asyncio.Event,
         if api is not None:
             api.close()
         server.should_exit = True
-        await task
-        sock.close()
+        try:
+            await task
+        finally:
+            sock.close()
+    if not stop.is_set():  # the server ended by itself: the process must not live on without it
+        raise PartFailed("dsm api", "HTTP server", None)
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,12 @@ directly, and keeps to the Store contract:
   StoreUnavailable and the caller re-creates it from its last revision + 1, or resyncs when that
   revision was compacted (Compacted);
 - leases are granted, refreshed and revoked on request; the worker keeps them alive;
-- an expired auth token is renewed once and the call retried.
+- an auth token etcd refuses (it forgets them on restart, when auth is turned off and on, and after
+  `--auth-token-ttl`) is renewed once and the call retried, streams included: a watch create
+  refused as "permission denied" and a keep-alive are retried with a fresh token, and a watch
+  cancelled so mid-stream ends as StoreUnavailable, for the caller to re-create it. Only a refusal
+  that survives a fresh token is AccessDenied. Calls that meet one refused token together renew it
+  once (authenticating costs etcd a password hash).
 """
 
 from __future__ import annotations
@@ -327,6 +332,10 @@ def _translate(exc: grpc.aio.AioRpcError, what: str) -> Exception:
     return StoreError(f"{what}: {code.name}: {details}")
 
 
+class _TokenRefused(Exception):
+    """etcd refused a stream of ours: a fresh token may be all it takes."""
+
+
 class _EtcdWatch:
     def __init__(self, store: EtcdStore, call: Any, requests: asyncio.Queue):
         self._store = store
@@ -349,8 +358,10 @@ class _EtcdWatch:
                     reason = resp.cancel_reason or "watch canceled by the server"
                     if "compacted" in reason:
                         raise Compacted(resp.compact_revision)
-                    if "permission denied" in reason:
+                    if "permission denied" in reason and not self._store.options.user:
                         raise AccessDenied(f"watch: {reason}")
+                    # with a user, the token may be what was refused: the caller watches again,
+                    # and the create authenticates again before it calls a refusal final
                     raise StoreUnavailable(f"watch: {reason}")
                 if resp.events:
                     events = [Event(PUT if e.type == 0 else DELETE, _kv(e.kv)) for e in resp.events]
@@ -358,6 +369,8 @@ class _EtcdWatch:
         except grpc.aio.AioRpcError as exc:
             if self._closed:
                 return
+            if self._store._refused_token(exc):
+                raise StoreUnavailable(f"watch: {exc.details()}") from None  # watched again, with a fresh token
             raise self._store._failed(_translate(exc, "watch")) from None
         except asyncio.CancelledError:
             self._call.cancel()
@@ -385,6 +398,7 @@ class EtcdStore:
         self._auth = rpc.AuthStub(channel)
         self._metadata: tuple | None = None
         self._auth_lock = asyncio.Lock()
+        self.authentications = 0  # tokens asked for (each costs etcd a password hash)
         self.errors: collections.Counter[str] = collections.Counter()  # errors etcd answered, by type (metrics)
 
     @classmethod
@@ -431,21 +445,32 @@ class EtcdStore:
                 raise AccessDenied(f"etcd refused user {self.options.user!r}: {exc.details()}") from None
             raise error from None
         self._metadata = (("token", resp.token),)
+        self.authentications += 1
+
+    async def _renew(self, refused: tuple | None) -> None:
+        """The token `refused` was refused: take a new one, unless another call already did."""
+        async with self._auth_lock:
+            if self._metadata is refused:
+                await self._authenticate()
+
+    def _refused_token(self, exc: grpc.aio.AioRpcError) -> bool:
+        """Whether etcd may have refused our token rather than our user: a fresh one is worth a try."""
+        return bool(self.options.user) and exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                                          grpc.StatusCode.PERMISSION_DENIED)
 
     async def _call(self, method: Any, request: Any, what: str, timeout: float | None = None) -> Any:
         deadline = timeout or self.options.timeout
         return await self._retrying(lambda: method(request, timeout=deadline, metadata=self._metadata), what)
 
     async def _retrying(self, make: Any, what: str) -> Any:
-        """Run one call; when the auth token expired, authenticate again and retry once."""
+        """Run one call; when etcd refuses the auth token, authenticate again and retry once."""
         for attempt in (1, 2):
+            used = self._metadata
             try:
                 return await make()
             except grpc.aio.AioRpcError as exc:
-                if (attempt == 1 and self.options.user and exc.code() == grpc.StatusCode.UNAUTHENTICATED
-                        and "token" in (exc.details() or "")):
-                    async with self._auth_lock:
-                        await self._authenticate()
+                if attempt == 1 and self._refused_token(exc):
+                    await self._renew(used)
                     continue
                 raise self._failed(_translate(exc, what)) from None
         raise AssertionError("unreachable")
@@ -540,6 +565,18 @@ class EtcdStore:
         create = rpc.WatchCreateRequest(key=_encode(start), start_revision=start_revision)
         if end is not None:
             create.range_end = _encode(end)
+        for attempt in (1, 2):
+            used = self._metadata
+            try:
+                return await self._open_watch(create)
+            except _TokenRefused as refused:
+                if attempt == 2:
+                    raise self._failed(AccessDenied(f"watch: {refused}")) from None
+                await self._renew(used)
+        raise AssertionError("unreachable")
+
+    async def _open_watch(self, create: Any) -> _EtcdWatch:
+        """One watch stream, created; _TokenRefused when etcd refuses it (a stale token or our user)."""
         requests: asyncio.Queue = asyncio.Queue()
         requests.put_nowait(rpc.WatchRequest(create_request=create))
 
@@ -557,6 +594,8 @@ class EtcdStore:
             call.cancel()
             raise StoreUnavailable("watch: no answer to the create request") from None
         except grpc.aio.AioRpcError as exc:
+            if self._refused_token(exc):
+                raise _TokenRefused(exc.details() or exc.code().name) from None
             raise self._failed(_translate(exc, "watch")) from None
         if first is grpc.aio.EOF:
             raise StoreUnavailable("watch: stream closed")
@@ -568,7 +607,11 @@ class EtcdStore:
             reason = first.cancel_reason or "canceled"
             if "compacted" in reason:
                 raise Compacted(first.compact_revision)
-            raise AccessDenied(f"watch: {reason}") if "permission" in reason else StoreUnavailable(f"watch: {reason}")
+            if "permission" not in reason:
+                raise StoreUnavailable(f"watch: {reason}")
+            if not self.options.user:
+                raise self._failed(AccessDenied(f"watch: {reason}"))
+            raise _TokenRefused(reason)  # etcd says the same of a token it forgot as of a key we may not read
         return _EtcdWatch(self, call, requests)
 
     async def alarms(self) -> list[str]:

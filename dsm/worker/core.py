@@ -4,7 +4,8 @@ It orchestrates parts that each own one thing: the lease (`lease.py`), the work 
 candidate queue (`feed.py`, `queue.py`), slots (`slots.py`), the record cache (`cache.py`), the
 executor that runs handlers (`executor.py`, `isolation.py`), the commit planner (`planner.py`,
 pure), its entry and heartbeat among live workers (`presence.py`) and the watch on the other
-workers' heartbeats (`peers.py`). What it keeps is the life of a job: a claim, attempts, commits,
+workers' heartbeats (`peers.py`). Whether it works (`health()`) is judged from what its parts say
+of themselves (`health.py`, pure). What it keeps is the life of a job: a claim, attempts, commits,
 and the claim given back on every path that does not hand it on.
 
 Every commit is one transaction (batched with other instances' commits) that compares the
@@ -29,7 +30,7 @@ from typing import Any
 from .. import logs, payloads
 from ..batching import Batcher
 from ..definitions import Registry
-from ..errors import LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
+from ..errors import LeaseLost, NoSpace, NotFound, PartFailed, StoreError, StoreUnavailable
 from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
@@ -40,6 +41,7 @@ from ..transition import ChildResult, Failure, Outcome, Step
 from .cache import RecordCache
 from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
+from .health import Health, Signs, judge
 from .lease import LeaseKeeper, keys_under, release
 from .meter import Meter
 from .nospace import WriteGate
@@ -93,6 +95,11 @@ class WorkerStats:
     started_at: float = field(default_factory=time.monotonic)
 
 
+# the worker's long-lived tasks, by name, as a line about one that stopped names them
+PARTS = {"dsm-keepalive": "lease keeper", "dsm-feed": "watch feed", "dsm-dispatch": "dispatcher",
+         "dsm-audit": "claim audit", "dsm-presence": "heartbeat", "dsm-peers": "peer watch"}
+
+
 class Worker:
     """Runs ticks for every instance in a namespace that its registry can serve."""
 
@@ -131,7 +138,7 @@ class Worker:
         self.meter = Meter()  # by machine, for `dsm.metrics`
         self.slots: Slots[TokenRef] = Slots(concurrency, concurrency if prefetch is None else prefetch)
         self.lease = LeaseKeeper(store, lease_ttl, name=self.id, on_lost=self._lose_all,
-                                 release=functools.partial(release, store, self.keys))
+                                 release=functools.partial(release, store, self.keys), clock=clock)
         self.queue: CandidateQueue[TokenRef] = CandidateQueue(clock, candidate_cap)
         self.feed = WorkFeed(store, self.keys, self.queue, name=self.id, admits=self._admits, held=self._held,
                              wall=wall, page_size=page_size)
@@ -161,6 +168,15 @@ class Worker:
     def lease_id(self) -> int | None:
         return self.lease.id
 
+    def health(self) -> Health:
+        """Whether this worker works: its lease, its watch for work and its heartbeat are current
+        (`health.py`). Only reads its parts, so any thread may ask (`dsm.healthz`)."""
+        signs = Signs(lease_ready=self.lease.ready.is_set(), lease_renewed_at=self.lease.renewed_at,
+                      lease_ttl=self.lease.ttl, watching=self.feed.watching,
+                      heartbeat_at=self.presence.written_at,
+                      heartbeat_window=self.presence.stale_after or self.lease.ttl, stopping=self.stopping)
+        return judge(signs, self.clock())
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None, *, grace: float = 30.0) -> None:
         """Work until `stop` is set, then finish or release what is held and revoke the lease."""
@@ -176,9 +192,11 @@ class Worker:
         stopper = loop.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            ended = [task for task in self._tasks if task in done]
+            if ended and not stop.is_set():  # a part ended by itself: the worker cannot go on without it
+                task = ended[0]
+                cause = asyncio.CancelledError() if task.cancelled() else task.exception()
+                raise PartFailed(f"worker {self.id}", PARTS.get(task.get_name(), task.get_name()), cause) from cause
         finally:
             stopper.cancel()
             await self._shutdown(grace)

@@ -51,6 +51,7 @@ class WorkFeed:
         self.rescan = False  # work was dropped for lack of room: page through everything again
         self.changed = asyncio.Event()  # set when candidates were added
         self._watch: Watch | None = None  # the watch being read, so that closing can end it
+        self._watching = False  # a watch is open: created, and neither broken nor closed since
         # The revision of the marker each candidate was offered on. A claim is fenced by it: along a
         # line a token keeps its id, so a candidate taken while due may meanwhile have been run by
         # another worker and moved on to a timer; claimed then, on what it was, the timer would not wait.
@@ -61,6 +62,12 @@ class WorkFeed:
         """Work may wait in the store that the queue does not hold."""
         return self.cursor is not None or self.rescan
 
+    @property
+    def watching(self) -> bool:
+        """Whether the feed hears of work now: its watch was created and has neither broken nor
+        been closed since (False while it resyncs or waits to resume)."""
+        return self._watching
+
     async def run(self) -> None:
         """Watch for work until cancelled, resyncing whenever the watch cannot resume."""
         revision = await self.resync()
@@ -70,10 +77,14 @@ class WorkFeed:
                 watch = self._watch = await self.store.watch(self.keys.work_prefix, prefix_end(self.keys.work_prefix),
                                                              start_revision=revision + 1)
                 delay = 0.2
-                async for batch in watch:
-                    if batch.events:
-                        self.apply(batch.events, batch.revision)
-                        revision = max(revision, batch.events[-1].kv.mod_revision)
+                self._watching = True
+                try:
+                    async for batch in watch:
+                        if batch.events:
+                            self.apply(batch.events, batch.revision)
+                            revision = max(revision, batch.events[-1].kv.mod_revision)
+                finally:
+                    self._watching = False
                 raise StoreUnavailable("watch ended")
             except Compacted as exc:
                 log.info("worker %s: watch revision %d compacted (%s); resyncing", self.name, revision + 1, exc)
@@ -88,6 +99,7 @@ class WorkFeed:
         """End the watch: its stream is closed, so a task reading it returns instead of waiting on
         a cancellation that the gRPC read may not pass on."""
         watch, self._watch = self._watch, None
+        self._watching = False
         if watch is not None:
             await watch.cancel()
 

@@ -3,7 +3,8 @@
 Every claim a worker takes is bound to its lease. The keeper refreshes it at a third of its TTL;
 when the store says it is gone (the keep-alive, a commit, anything else that used it), `lost()`
 calls `on_lost` (the worker abandons what it held) and the keeper takes a new one at once.
-`ready` is set while a lease is believed alive; claims wait on it.
+`ready` is set while a lease is believed alive; claims wait on it. `renewed_at` says when the
+last grant or keep-alive that went through was sent (the lease lives at least a TTL from then).
 
 On an etcd shared with other users a lease is not the worker's alone: etcd's permissions cover
 keys, not leases. Any user can keep any lease alive, revoke one that holds no key, and attach a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from ..errors import AccessDenied, LeaseLost, StoreError, StoreUnavailable
@@ -37,7 +39,8 @@ NESTED = 64  # keys deleted per request by `release` (one nested transaction eac
 class LeaseKeeper:
     def __init__(self, store: Store, ttl: float, *, name: str, on_lost: Callable[[], None] = lambda: None,
                  attach: Callable[[int], Awaitable[None]] | None = None,
-                 release: Callable[[int], Awaitable[object]] | None = None):
+                 release: Callable[[int], Awaitable[object]] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         """`attach(lease)`: mark a new lease as ours before it is used (LeaseLost or AccessDenied:
         it is not ours to use). `release(lease)`: end a lease and what it holds (default: revoke)."""
         self.store = store
@@ -48,17 +51,26 @@ class LeaseKeeper:
         self.release = release
         self.id: int | None = None
         self.ready = asyncio.Event()
+        self.clock = clock
+        self._renewed_at: float | None = None  # when the last grant or keep-alive that went through was sent
         self.stopping = False
         self._renew = asyncio.Event()  # set by `lost()`: the keeper takes a new lease now
         self._abandoned: list[int] = []  # leases given up alive (taken by another user): to release
         self.renewals = 0  # keep-alives that went through
         self.losses = 0  # leases found gone (or given up) and replaced
 
+    @property
+    def renewed_at(self) -> float | None:
+        """When (on `clock`) the last grant or keep-alive that went through was sent: etcd keeps
+        the lease alive for at least its TTL from then. None before the first grant."""
+        return self._renewed_at
+
     async def grant(self) -> int:
         """Take a new lease and mark it as ours, retrying while the store is unavailable."""
         self.ready.clear()
         delay = 0.2
         while True:
+            sent = self.clock()
             try:
                 lease = await self.store.lease_grant(self.ttl)
                 if self.attach is not None:
@@ -75,6 +87,7 @@ class LeaseKeeper:
                 log.warning("worker %s: store unavailable (%s); retrying", self.name, exc)
             else:
                 self.id = lease
+                self._renewed_at = sent
                 self._renew.clear()
                 self.ready.set()
                 log.debug("worker %s: lease %x granted (ttl %.0fs)", self.name, lease, self.ttl)
@@ -92,7 +105,9 @@ class LeaseKeeper:
                 pass
             if not self._renew.is_set():
                 try:
+                    sent = self.clock()
                     await self.store.lease_keepalive(self.id or 0)
+                    self._renewed_at = sent
                     self.renewals += 1
                     continue
                 except LeaseLost:
@@ -107,8 +122,11 @@ class LeaseKeeper:
     async def verify(self) -> None:
         """Something said the lease is gone: ask the store now (the keeper takes a new one if so)."""
         lease = self.id
+        sent = self.clock()
         try:
             await self.store.lease_keepalive(lease or 0)
+            if lease == self.id:
+                self._renewed_at = sent
         except LeaseLost:
             self.lost(lease)
         except StoreError as exc:

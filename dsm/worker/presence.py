@@ -89,6 +89,13 @@ class Presence:
         # user's key, and any user can attach one; the heartbeat must not stop for that.
         await self._write(lease, info, started, self.store.txn([], [Put(self.key, info.dump(), lease or 0)]))
 
+    @property
+    def written_at(self) -> float | None:
+        """When (on `clock`) the last write of the entry that went through was sent; None before
+        the first. The other workers judge this worker by how long ago that was (`stale_after`)."""
+        _, written, at = self._written
+        return at if written is not None else None
+
     def healthy(self) -> tuple[float, float] | None:
         """(since, until): the span over which every heartbeat of ours went through; None while
         they fail or are late."""
