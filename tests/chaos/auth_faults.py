@@ -96,6 +96,7 @@ class AuthConfig(Config):
     majority: bool = False  # kill_cluster kills all members but one (etcd issue 13766: see docs/chaos.md)
     compaction_seconds: float = 8.0
     follows: int = 3  # `dsm status --follow` processes, and instance streams, per round (two per cycle)
+    stream_hold: tuple[float, float] = (2.0, 5.0)  # an event stream is dropped and resumed after this long
     idle_after: float = 15.0  # a worker process whose heartbeat is this stale while etcd is up does nothing
     recover_limit: float = 20.0  # seconds to wait, after a fault, for commits and heartbeats to resume
     restart_after: float = 1.0  # the supervisor restarts an exited process this long after
@@ -108,6 +109,7 @@ class AuthConfig(Config):
 @dataclass
 class AuthReport:
     instances: dict[str, int] = field(default_factory=dict)  # namespace -> count
+    submitted: dict[str, int] = field(default_factory=dict)  # namespace -> count
     statuses: dict[str, dict[str, int]] = field(default_factory=dict)
     transitions: int = 0
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -139,7 +141,7 @@ class AuthReport:
             for what in ("commits_s", "workers_s"):
                 if f.get(what) is not None:
                     recovery.setdefault(f["fault"], {}).setdefault(what, []).append(f[what])
-        return {"ok": self.ok, "instances": self.instances, "statuses": self.statuses,
+        return {"ok": self.ok, "instances": self.instances, "submitted": self.submitted, "statuses": self.statuses,
                 "transitions": self.transitions, "faults": Counter(f["fault"] for f in self.faults),
                 "recovery_s": {k: {w: {"median": round(sorted(v)[len(v) // 2], 2), "max": round(max(v), 2),
                                        "n": len(v)} for w, v in kinds.items()} for k, kinds in recovery.items()},
@@ -193,6 +195,7 @@ class EventStream:
     seqs: set[int] = field(default_factory=set)  # ?instance=: history entries seen
     finished: dict[str, str] = field(default_factory=dict)  # instance -> the terminal status seen
     last_event: float = 0.0  # monotonic
+    dropped: int = 0  # connections this side closed, to reconnect with Last-Event-ID
     done: bool = False
 
 
@@ -398,7 +401,8 @@ class AuthChaos(Chaos):
         return None, behind
 
     # -- load ----------------------------------------------------------------------------------
-    async def submit_batch(self, n: int, *, late: bool = False) -> list[str]:
+    async def submit_batch(self, n: int, *, late: bool = False,
+                           signal_delay: tuple[float, float] | None = None) -> list[str]:
         c = self.config
         out = []
         for ns, count in (("a", n), ("b", c.per_b)):
@@ -414,11 +418,12 @@ class AuthChaos(Chaos):
                 if late:
                     self.late_ids.extend(ids)
             for iid in ids:
-                self.sends.append(asyncio.get_running_loop().create_task(self.send_later(ns, iid)))
+                delay = self.random.uniform(*(signal_delay or c.signal_delay))
+                self.sends.append(asyncio.get_running_loop().create_task(self.send_later(ns, iid, delay)))
         return out
 
-    async def send_later(self, ns: str, iid: str) -> None:
-        await asyncio.sleep(self.random.uniform(*self.config.signal_delay))
+    async def send_later(self, ns: str, iid: str, delay: float) -> None:
+        await asyncio.sleep(delay)
         async with self.sending:
             await self.send(ns, iid)
 
@@ -465,22 +470,33 @@ class AuthChaos(Chaos):
 
     # -- streams and follows -------------------------------------------------------------------
     async def read_stream(self, s: EventStream) -> None:
+        """Read the stream, reconnecting with Last-Event-ID when it ends, and also, on purpose,
+        after `stream_hold` seconds at most (as a proxy that drops connections would make
+        EventSource do): the api must then open a watch from that revision, on whatever token it has."""
         url = f"http://127.0.0.1:{self.api_port}{s.path}"
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=40.0)) as http:
             while not s.done and not self.stopping:
-                headers = {"Last-Event-ID": s.last_id} if s.last_id else {}
                 try:
-                    async with http.stream("GET", url, headers=headers) as resp:
-                        if resp.status_code != 200:
-                            s.failures.append(f"{resp.status_code} at {time.monotonic() - self.began:.1f}s")
-                        else:
-                            s.connects += 1
-                            await self.read_events(s, resp)
-                except httpx.HTTPError as exc:
-                    if s.connects and "ConnectError" not in type(exc).__name__:
-                        s.failures.append(f"{type(exc).__name__} at {time.monotonic() - self.began:.1f}s")
+                    hold = self.random.uniform(*self.config.stream_hold)
+                    await asyncio.wait_for(self.connect_stream(http, url, s), hold)
+                except asyncio.TimeoutError:
+                    s.dropped += 1
+                    continue
                 if not s.done:
                     await asyncio.sleep(0.5)  # EventSource waits `retry`; the stream said 2 s
+
+    async def connect_stream(self, http: httpx.AsyncClient, url: str, s: EventStream) -> None:
+        headers = {"Last-Event-ID": s.last_id} if s.last_id else {}
+        try:
+            async with http.stream("GET", url, headers=headers) as resp:
+                if resp.status_code != 200:
+                    s.failures.append(f"{resp.status_code} at {time.monotonic() - self.began:.1f}s")
+                else:
+                    s.connects += 1
+                    await self.read_events(s, resp)
+        except httpx.HTTPError as exc:
+            if "ConnectError" not in type(exc).__name__:  # the api process restarting: said by the supervisor
+                s.failures.append(f"{type(exc).__name__} at {time.monotonic() - self.began:.1f}s")
 
     async def read_events(self, s: EventStream, resp: httpx.Response) -> None:
         event, data, ident = "message", [], None
@@ -561,6 +577,7 @@ class AuthChaos(Chaos):
         record: dict[str, Any] = {"fault": kind, "at_s": round(time.monotonic() - self.began, 1)}
         base = await self.committed()
         started = time.monotonic()
+        restart: asyncio.Task | None = None  # compact_loop: commits after the member restart in its middle
         if kind == "kill_cluster":
             members = self.cluster.members[:-1] if c.majority else list(self.cluster.members)
             self.etcd_up_since = float("inf")
@@ -585,24 +602,27 @@ class AuthChaos(Chaos):
         elif kind == "compact_loop":
             root = self.stores["root"]
             compactions = 0
-            restarted = False
             while time.monotonic() - started < c.compaction_seconds:
                 try:
                     await root.compact(await root.revision())
                     compactions += 1
                 except StoreError:
                     pass
-                if not restarted and time.monotonic() - started > c.compaction_seconds / 3:
-                    restarted = True  # streams reconnect, from revisions compacted meanwhile
+                if restart is None and time.monotonic() - started > c.compaction_seconds / 3:
+                    # every client's member: streams reconnect, from revisions compacted meanwhile
+                    restart = asyncio.get_running_loop().create_task(
+                        self.commits_after(time.monotonic(), await self.committed()))
                     self.cluster.kill_member(self.cluster.members[0])
                     await self.restart([self.cluster.members[0]], 1.0)
                 await asyncio.sleep(1.0)
             record["compactions"] = compactions
+            record["commits_during"] = await self.committed() - base
         restarted_at = time.time()
         if kind == "kill_cluster":  # the only fault without a quorum: the idle clocks start again
             self.etcd_up_since = time.monotonic()
+        progress = restart if restart is not None else self.commits_after(started, base)
         record["commits_s"], (record["workers_s"], behind) = await asyncio.gather(
-            self.commits_after(started, base), self.heartbeats_after(restarted_at, time.monotonic()))
+            progress, self.heartbeats_after(restarted_at, time.monotonic()))
         if behind:
             record["workers_not_back"] = behind
         return record
@@ -637,9 +657,10 @@ class AuthChaos(Chaos):
                     plan = list(FAULTS)
                 kind = plan.pop(0)
                 await asyncio.sleep(c.fault_every)
-                ids = await self.submit_batch(c.top_up)  # strike with work in flight
-                if kind == "compact_loop":
-                    await self.watch_instances(ids)
+                if kind == "compact_loop":  # followed while compaction goes on: their signals come late
+                    late_signals = (c.compaction_seconds / 2, c.compaction_seconds + 4)
+                    await self.watch_instances(await self.submit_batch(c.top_up, signal_delay=late_signals))
+                await self.submit_batch(c.top_up)  # strike with work in flight
                 await self.claims_appear(self.stores["root"], timeout=5)
                 fault = await self.strike(kind)
                 self.areport.faults.append(fault)
@@ -740,6 +761,7 @@ class AuthChaos(Chaos):
             for iid in sorted(missing):
                 r.problem("lost", f"{ns}/{iid} was submitted and is not stored")
         r.signals = {"sent": sent, "consumed": consumed, "left": left}
+        r.submitted = {ns: len(ids) for ns, ids in self.submitted.items()}
         late_done = sum(1 for iid in self.late_ids if finished.get(iid) is not None
                         and finished[iid].status == SUCCEEDED)
         r.late = {"submitted": len(self.late_ids), "succeeded": late_done}
@@ -767,7 +789,8 @@ class AuthChaos(Chaos):
                                     f"expected 1..{inst.transitions if inst else '?'}")
         late = set(self.late_ids)
         for s in self.streams:
-            summary = {"connects": s.connects, "events": dict(s.events), "failures": s.failures[:5]}
+            summary = {"connects": s.connects, "dropped": s.dropped, "events": dict(s.events),
+                       "failures": s.failures[:5]}
             if s.instance is None:
                 seen = len(late & set(s.finished))
                 summary["late_ends_seen"] = f"{seen}/{len(late)}"

@@ -98,10 +98,10 @@ def test_with_etcd_auth_no_worker_outlives_its_token_doing_nothing():
     assert report.problems == {}, summary["problems"]
     assert report.invalid_histories == {}, summary["invalid_examples"]
     assert report.late == {"submitted": config.late, "succeeded": config.late}, summary
-    submitted = config.initial + len(report.faults) * config.top_up + config.late
-    in_b = (len(report.faults) + 2) * config.per_b  # with every batch
-    assert report.statuses == {"a": {"succeeded": submitted}, "b": {"succeeded": in_b}}
-    assert report.signals["sent"] == report.signals["consumed"] == submitted + in_b
+    submitted = report.submitted  # the batches: at the start, before each fault (two before compaction), after
+    assert submitted == {"a": config.initial + 5 * config.top_up + config.late, "b": 7 * config.per_b}
+    assert report.statuses == {ns: {"succeeded": n} for ns, n in submitted.items()}
+    assert report.signals["sent"] == report.signals["consumed"] == sum(submitted.values())
     assert sorted(f["fault"] for f in report.faults) == sorted(["kill_cluster", "kill_leader", "auth_reset",
                                                                 "compact_loop"])
     for fault in report.faults:  # commits went on, and every worker alive wrote its heartbeat again
