@@ -49,6 +49,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -126,6 +127,7 @@ class AuthReport:
     tick_executions: int = 0
     duplicate_tick_executions: int = 0
     seconds: float = 0.0
+    logs: str = ""  # the folder of every process's log, etcd's included
 
     def problem(self, kind: str, message: str) -> None:
         self.problems.setdefault(kind, []).append(message)
@@ -138,7 +140,7 @@ class AuthReport:
     def as_dict(self) -> dict[str, Any]:
         recovery: dict[str, dict[str, list[float]]] = {}
         for f in self.faults:
-            for what in ("commits_s", "workers_s"):
+            for what in ("commits_s", "workers_s", "token_s"):
                 if f.get(what) is not None:
                     recovery.setdefault(f["fault"], {}).setdefault(what, []).append(f[what])
         return {"ok": self.ok, "instances": self.instances, "submitted": self.submitted, "statuses": self.statuses,
@@ -151,7 +153,7 @@ class AuthReport:
                 "invalid_examples": dict(list(self.invalid_histories.items())[:3]),
                 "problems": {k: v[:5] + ([f"... {len(v) - 5} more"] if len(v) > 5 else [])
                              for k, v in self.problems.items()},
-                "follows": self.follows, "streams": self.streams, "etcd": self.etcd,
+                "follows": self.follows, "streams": self.streams, "etcd": self.etcd, "logs": self.logs,
                 "tick_executions": self.tick_executions,
                 "duplicate_tick_executions": self.duplicate_tick_executions, "fault_log": self.faults,
                 "seconds": round(self.seconds, 1)}
@@ -225,6 +227,7 @@ class AuthChaos(Chaos):
         self.fresh: dict[int, float] = {}  # worker pid -> when its heartbeat was last seen current
         self.stopping = False
         self.began = time.monotonic()
+        self.areport.logs = str(self.workdir)
 
     # -- etcd with auth ------------------------------------------------------------------------
     def set_up_auth(self) -> None:
@@ -572,6 +575,43 @@ class AuthChaos(Chaos):
             self.cluster.start_member(m, new=False)
         await asyncio.get_running_loop().run_in_executor(None, self.cluster.wait_ready, 60.0, members)
 
+    async def token_after(self, started: float) -> float | None:
+        """Seconds from `started` until etcd issues a token again (to root, on a channel of its own,
+        with a deadline of 10 s rather than dsm's 2 s): how long etcd itself took to serve auth."""
+        import grpc
+        from aetcd import rpc
+
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.cluster.members[0].client_port}")
+        try:
+            while time.monotonic() - started < self.config.recover_limit * 3:
+                try:
+                    await rpc.AuthStub(channel).Authenticate(
+                        rpc.AuthenticateRequest(name=ROOT_USER[0], password=ROOT_USER[1]), timeout=10)
+                    return round(time.monotonic() - started, 2)
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.2)
+            return None
+        finally:
+            await channel.close()
+
+    async def etcd_status(self) -> dict[str, Any]:
+        """Each member's view (leader, raft term and index, errors), without auth: for a slow recovery."""
+        import grpc
+        from aetcd import rpc
+
+        out: dict[str, Any] = {}
+        for m in self.cluster.members:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{m.client_port}")
+            try:
+                st = await rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=5)
+                out[m.name] = {"leader": st.leader == st.header.member_id, "term": st.raftTerm,
+                               "index": st.raftIndex, "applied": st.raftAppliedIndex, "errors": list(st.errors)}
+            except grpc.aio.AioRpcError as exc:
+                out[m.name] = {"error": exc.code().name}
+            finally:
+                await channel.close()
+        return out
+
     async def strike(self, kind: str) -> dict[str, Any]:
         c = self.config
         record: dict[str, Any] = {"fault": kind, "at_s": round(time.monotonic() - self.began, 1)}
@@ -621,10 +661,13 @@ class AuthChaos(Chaos):
         if kind == "kill_cluster":  # the only fault without a quorum: the idle clocks start again
             self.etcd_up_since = time.monotonic()
         progress = restart if restart is not None else self.commits_after(started, base)
-        record["commits_s"], (record["workers_s"], behind) = await asyncio.gather(
-            progress, self.heartbeats_after(restarted_at, time.monotonic()))
-        if behind:
-            record["workers_not_back"] = behind
+        now = time.monotonic()
+        record["commits_s"], (record["workers_s"], behind), record["token_s"] = await asyncio.gather(
+            progress, self.heartbeats_after(restarted_at, now), self.token_after(now))
+        if behind or record["workers_s"] is None:
+            record["workers_not_back"] = behind or "not known: the workers' entries could not be read"
+        if record["workers_s"] is None or record["commits_s"] is None or record["commits_s"] > c.recover_limit / 2:
+            record["etcd_status"] = await self.etcd_status()
         return record
 
     # -- the run -------------------------------------------------------------------------------
@@ -721,6 +764,8 @@ class AuthChaos(Chaos):
             p.popen.wait()
         for store in self.stores.values():
             await store.close()
+        for m in self.cluster.members:  # kept with the processes' logs: the cluster's folder goes with it
+            shutil.copy(m.log_path, self.workdir / f"etcd-{m.name}.log")
         self.cluster.stop()
 
     # -- the checks ----------------------------------------------------------------------------
