@@ -45,6 +45,8 @@ def main() -> None:
                                      "namespace a, --instances the first batch")
     auth.add_argument("--auth", action="store_true", help="run the chaos of an etcd with auth instead")
     auth.add_argument("--token-ttl", type=int, default=None, help="etcd's --auth-token-ttl (default: etcd's, 300 s)")
+    auth.add_argument("--bcrypt-cost", type=int, default=None, help="etcd's --bcrypt-cost (default: etcd's, 10): "
+                      "what each token costs etcd to issue")
     auth.add_argument("--majority", action="store_true", help="kill all members but one, not every member")
     auth.add_argument("--top-up", type=int, default=50, help="instances submitted before each fault")
     auth.add_argument("--late", type=int, default=200, help="instances submitted after the last fault")
@@ -52,7 +54,8 @@ def main() -> None:
     if args.auth:
         config = AuthConfig(workers=args.workers or 3, seed=args.seed, minutes=args.minutes, timeout=300,
                             initial=args.instances, top_up=args.top_up, late=args.late, per_b=10,
-                            token_ttl=args.token_ttl, majority=args.majority, fault_every=args.fault_every)
+                            token_ttl=args.token_ttl, bcrypt_cost=args.bcrypt_cost, majority=args.majority,
+                            fault_every=args.fault_every)
         report = run_auth(config)
         print(json.dumps(report.as_dict(), indent=2, default=str))
         sys.exit(0 if report.ok else 1)
