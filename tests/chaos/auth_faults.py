@@ -561,17 +561,17 @@ class AuthChaos(Chaos):
                 return
             await asyncio.sleep(0.1)
 
-    async def api_ready(self, timeout: float = 30.0) -> None:
+    async def api_ready(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(timeout=2.0) as http:
             while time.monotonic() < deadline:
                 try:
                     if (await http.get(f"http://127.0.0.1:{self.api_port}/api/openapi.json")).status_code == 200:
-                        return
+                        return True
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.2)
-        raise RuntimeError(f"dsm api did not answer within {timeout}s")
+        return False
 
     # -- faults --------------------------------------------------------------------------------
     async def restart(self, members: list[Any], down: float) -> None:
@@ -696,40 +696,50 @@ class AuthChaos(Chaos):
                 self.start_worker("b")
             self.start_api()
             supervisor = asyncio.get_running_loop().create_task(self.supervise())
-            await self.api_ready()
-            self.open_stream("namespace a")
-            ids = await self.submit_batch(c.initial)
-            await self.watch_instances(ids)
-            plan = list(FAULTS)
-            deadline = time.monotonic() + c.minutes * 60
-            while plan or time.monotonic() < deadline:
-                if not plan:
-                    plan = list(FAULTS)
-                kind = plan.pop(0)
-                await asyncio.sleep(c.fault_every)
-                if kind == "compact_loop":  # followed while compaction goes on: their signals come late
-                    late_signals = (c.compaction_seconds / 2, c.compaction_seconds + 4)
-                    await self.watch_instances(await self.submit_batch(c.top_up, signal_delay=late_signals))
-                await self.submit_batch(c.top_up)  # strike with work in flight
-                await self.claims_appear(self.stores["root"], timeout=5)
-                fault = await self.strike(kind)
-                self.areport.faults.append(fault)
-                if fault["workers_s"] is None and c.stop_when_stuck:
-                    break  # found: workers did not come back; the rest would only wait on them
-            await self.submit_batch(c.late, late=True)  # the issue: work submitted after the faults never ran
-            done = await self.until_all_finished(None, c.timeout)
-            if self.sends:
-                await asyncio.wait(self.sends, timeout=30 if done else 1)
-            await self.until_streams_end(15.0 if done else 2.0)
-            await self.sample_heartbeats()
+            if not await self.api_ready():
+                self.areport.problem("start", "dsm api did not answer within 30 s of its start; processes: "
+                                     + "; ".join(f"{p.role} {p.pid}: {p.tail(1)}" for p in self.procs))
+                return self.areport
+            await self.exercise()
             await self.check()
+        except StoreError as exc:  # the run's own client, after 90 s of trying
+            self.areport.problem("etcd", f"the run's own client of etcd got nothing through for 90 s: {exc}")
         finally:
             self.stopping = True
             if supervisor is not None:
                 await asyncio.gather(supervisor, return_exceptions=True)
             await self.tear_down_all()
-        self.areport.seconds = time.monotonic() - self.began
+            self.areport.seconds = time.monotonic() - self.began
         return self.areport
+
+    async def exercise(self) -> None:
+        """The load and the faults, then the wait for every instance, follow and stream to end."""
+        c = self.config
+        self.open_stream("namespace a")
+        ids = await self.submit_batch(c.initial)
+        await self.watch_instances(ids)
+        plan = list(FAULTS)
+        deadline = time.monotonic() + c.minutes * 60
+        while plan or time.monotonic() < deadline:
+            if not plan:
+                plan = list(FAULTS)
+            kind = plan.pop(0)
+            await asyncio.sleep(c.fault_every)
+            if kind == "compact_loop":  # followed while compaction goes on: their signals come late
+                late_signals = (c.compaction_seconds / 2, c.compaction_seconds + 4)
+                await self.watch_instances(await self.submit_batch(c.top_up, signal_delay=late_signals))
+            await self.submit_batch(c.top_up)  # strike with work in flight
+            await self.claims_appear(self.stores["root"], timeout=5)
+            fault = await self.strike(kind)
+            self.areport.faults.append(fault)
+            if fault["workers_s"] is None and c.stop_when_stuck:
+                break  # found: workers did not come back; the rest would only wait on them
+        await self.submit_batch(c.late, late=True)  # the issue: work submitted after the faults never ran
+        done = await self.until_all_finished(None, c.timeout)
+        if self.sends:
+            await asyncio.wait(self.sends, timeout=30 if done else 1)
+        await self.until_streams_end(15.0 if done else 2.0)
+        await self.sample_heartbeats()
 
     async def until_all_finished(self, store: Any, timeout: float) -> bool:
         """Until every instance finished, `timeout` passed, or nothing committed for `recover_limit`
