@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def dsm_command() -> list[str]:
-    """The installed `dsm` script beside this interpreter, else cli.py run by it."""
+    """The installed `dsm` script beside this interpreter, else `python -m dsm`."""
     script = Path(sys.executable).parent / "dsm"
     if script.exists():
         return [str(script)]
-    return [sys.executable, str(ROOT / "cli.py")]
+    return [sys.executable, "-m", "dsm"]
 
 
 def dsm_env(**extra: str) -> dict[str, str]:

@@ -580,7 +580,7 @@ def test_dsm_api_usage_errors(tmp_path):
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text("raise ImportError('not installed here')\n")
     missing = dsm("api", "definitions/order.yaml", "--port", "0", PYTHONPATH=str(blocked.parent))
-    assert missing.returncode == 2 and "pip install 'dsm[api]'" in missing.stderr
+    assert missing.returncode == 2 and "pip install 'dsm-workflow[api]'" in missing.stderr
 
 
 def test_the_api_does_not_import_handlers(write, etcd, namespace):
