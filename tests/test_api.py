@@ -514,6 +514,44 @@ def test_events_resync_when_the_revisions_asked_for_are_compacted(server):
         stream.until(lambda event, data: event == "instance" and data["id"] == "after")
 
 
+def test_events_resync_when_the_last_id_is_ahead_of_the_store(server):
+    """A Last-Event-ID above the store's revision (etcd restored from a backup, or replaced): the
+    events after it will never come as such, so the stream says `resync` and goes on from now."""
+    srv = server(graphs=[APPROVAL], heartbeat=0.2)
+    assert srv.http is not None
+    start(srv, "approval", {"amount": 1})
+    current = srv.call(lambda store, keys: store.revision())
+    for n, ahead in enumerate((current + 1000, 2**63 - 1)):  # the largest revision etcd can hold, too
+        with srv.http.stream("GET", "/api/events", headers={"last-event-id": str(ahead)}) as response:
+            stream = Events(response)
+            events = stream.until(lambda event, data: event == "resync", timeout=10)
+            assert current <= events[-1][1]["revision"] < ahead and int(events[-1][2]) < ahead
+            start(srv, "approval", {"amount": 2}, id=f"after-{n}")  # the stream goes on from there
+            stream.until(lambda event, data: event == "instance" and data["id"] == f"after-{n}", timeout=10)
+
+
+def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
+    """Beyond etcd's int64, negative, or not a number: 400 with the API's error, before any stream,
+    and nothing in the server's log."""
+    srv = server(heartbeat=0.2)
+    assert srv.http is not None
+    caplog.set_level("WARNING")
+    # each sent as HTTP carries it (latin-1): "\u00b9\u00b2" is a digit string to Python, and no number to int()
+    for last_id in ("99999999999999999999", "9223372036854775808", "-1", "-0", "abc", "1.5", "12x", "0x10",
+                    "\u00b9\u00b2"):
+        headers = {"last-event-id": last_id.encode("latin-1")}
+        with srv.http.stream("GET", "/api/events", headers=headers) as response:
+            assert response.status_code == 400, (last_id, response.status_code, response.headers["content-type"])
+            response.read()
+        error = error_of(response, 400)
+        assert error["type"] == "BadRequest" and "Last-Event-ID" in error["message"], (last_id, error)
+    assert srv.get("/api/workers").status_code == 200  # still serving
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+    described = openapi.document()["paths"]["/api/events"]["get"]
+    assert "400" in described["responses"]
+    assert any(p["name"] == "Last-Event-ID" and p["in"] == "header" for p in described["parameters"])
+
+
 def test_client_and_api_agree_on_the_namespace(server):
     """The API lists what the Python client started in the same namespace, and the other way round."""
     srv = server(graphs=[APPROVAL])
