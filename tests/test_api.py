@@ -526,8 +526,8 @@ def test_events_resync_when_the_last_id_is_ahead_of_the_store(server):
             stream = Events(response)
             events = stream.until(lambda event, data: event == "resync", timeout=10)
             assert current <= events[-1][1]["revision"] < ahead and int(events[-1][2]) < ahead
-            start(srv, "approval", {"amount": 2}, id=f"after-{n}")  # the stream goes on from there
-            stream.until(lambda event, data: event == "instance" and data["id"] == f"after-{n}", timeout=10)
+            after = start(srv, "approval", {"amount": 2}, id=f"after-{n}")["id"]  # the stream goes on from there
+            stream.until(lambda event, data, after=after: event == "instance" and data["id"] == after, timeout=10)
 
 
 def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
