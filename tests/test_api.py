@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from apiserver import ApiServer, finished, waits_for_signal
-from clitools import ROOT, dsm, spawn
+from clitools import ROOT, dsm, spawn, stop
 
 from dsm import compiler
 from dsm.api import guard, openapi
@@ -619,6 +619,45 @@ def test_dsm_api_usage_errors(tmp_path):
     (blocked / "__init__.py").write_text("raise ImportError('not installed here')\n")
     missing = dsm("api", "definitions/order.yaml", "--port", "0", PYTHONPATH=str(blocked.parent))
     assert missing.returncode == 2 and "pip install 'dsm[api]'" in missing.stderr
+
+
+def test_dsm_api_beyond_loopback_needs_a_token_or_no_token():
+    """Listening on every interface with no DSM_API_TOKEN would let anyone who reaches the port act:
+    refused (exit 2) unless --no-token says so, and then each start warns."""
+    refused = dsm("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", DSM_API_TOKEN="",
+                  timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert "DSM_API_TOKEN" in line and "--no-token" in line and "0.0.0.0" in line, line
+
+    proc = spawn("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", "--no-token",
+                 DSM_API_TOKEN="")
+    try:
+        url = serving(proc).replace("0.0.0.0", "127.0.0.1")
+        with httpx.Client(base_url=url, timeout=30) as http:  # open to anyone: no token asked
+            assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 201
+    finally:
+        stderr = stop(proc)
+    assert proc.returncode == 0, stderr
+    (warning,) = [line for line in stderr.splitlines() if "warning" in line]
+    assert "--no-token" in warning and "anyone" in warning, warning
+
+
+def test_dsm_api_ignores_no_token_when_a_token_is_set():
+    """--no-token with DSM_API_TOKEN set: the token is kept (the safer reading) and a note says so."""
+    proc = spawn("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", "--no-token",
+                 DSM_API_TOKEN="s3cret")
+    try:
+        url = serving(proc).replace("0.0.0.0", "127.0.0.1")
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 401
+            started = http.post("/api/machines/order/instances", json={"payload": {}},
+                                headers={"authorization": "Bearer s3cret"})
+            assert started.status_code == 201, started.text
+    finally:
+        stderr = stop(proc)
+    assert proc.returncode == 0 and "warning" not in stderr, stderr
+    assert "note: --no-token is ignored: DSM_API_TOKEN is set" in stderr, stderr
 
 
 def test_the_api_does_not_import_handlers(write, etcd, namespace):
