@@ -88,6 +88,13 @@ class _Group(typer.core.TyperGroup):
     def get_help_option(self, ctx: Any) -> Any:
         return _plain_help(super().get_help_option(ctx))
 
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:  # Typer's --install-completion / --show-completion flags
+            if param.name in ("install_completion", "show_completion"):
+                _plain_help(param)
+        return params
+
 
 app = typer.Typer(
     name="dsm",
