@@ -285,11 +285,28 @@ def test_every_error_answers_json_and_writes_nothing(server, monkeypatch):
         (srv.get("/api/events", params={"instance": "ghost"}), 404, "NotFound", "ghost"),
         (srv.get("/api/nothing-here"), 404, "NotFound", "/api/nothing-here"),
         (srv.http.put("/api/instances"), 405, "MethodNotAllowed", "PUT"),
+        (srv.http.put(f"/api/instances/{running}"), 405, "MethodNotAllowed", "PUT"),
     ]
     for response, status, kind, words in cases:
         error = error_of(response, status)
         assert error["type"] == kind and words in error["message"], (response.request.url, error)
     assert srv.snapshot() == before
+
+
+def test_every_path_says_which_methods_it_takes(server):
+    """405 and OPTIONS list every method of the path in `Allow`, though each route serves one."""
+    srv = server(token="s3cret")
+    assert srv.http is not None
+    for path, methods in (("/api/instances", "GET, HEAD, OPTIONS"), ("/api/instances/x", "DELETE, GET, HEAD, OPTIONS"),
+                          ("/api/instances/x/cancel", "OPTIONS, POST")):
+        options = srv.http.options(path)
+        assert options.status_code == 204 and options.headers["allow"] == methods, (path, options.headers)
+        assert "access-control-allow-origin" not in options.headers  # no CORS, as for every answer
+        refused = srv.http.request("PATCH", path)
+        assert error_of(refused, 405)["type"] == "MethodNotAllowed" and refused.headers["allow"] == methods
+    # a method no route takes runs nothing: its 405, not a request for the token
+    assert error_of(srv.http.request("TRACE", "/api/instances"), 405)["type"] == "MethodNotAllowed"
+    assert srv.http.options("/api/nothing-here").status_code == 404
 
 
 # -- who may do what -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import index, payloads, render
@@ -388,11 +388,30 @@ def routes(api: Api, static: Path | None) -> list[BaseRoute]:
             Mount("/static", app=StaticFiles(directory=static), name="static")]
 
 
+def _allowed(request: Request) -> list[str]:
+    """The methods answered at the request's path: those of every route there (one route a
+    method), and OPTIONS; none when no route there says (a mount)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """A JSON error; at a path that does not take the method, every method it takes in `Allow`
+    (a route answers with its own only), and OPTIONS answered 204 with them."""
     assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    allowed = _allowed(request) if exc.status_code == 405 else []
+    if allowed:
+        headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+        headers["allow"] = ", ".join(allowed)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=headers)
     kinds = {404: "NotFound", 405: "MethodNotAllowed"}
     return error_response(exc.status_code, kinds.get(exc.status_code, "HTTPError"),
-                          f"{request.method} {request.url.path}: {exc.detail}", dict(exc.headers or {}))
+                          f"{request.method} {request.url.path}: {exc.detail}", headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -411,8 +430,9 @@ def create_app(store: Store, keys: Keys | None = None, *, token: str | None = No
     closes it; `app.state.api.close()` ends open event streams before a server stops.
     """
     api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat)
-    app = Starlette(routes=routes(api, static),
-                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts)],
+    served = routes(api, static)
+    app = Starlette(routes=served,
+                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, routes=served)],
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.api = api
     return app
