@@ -281,6 +281,11 @@ def test_every_error_answers_json_and_writes_nothing(server, monkeypatch):
         (srv.get("/api/instances", params={"limit": "many"}), 400, "BadRequest", "limit"),
         (srv.get("/api/instances", params={"after": "junk"}), 400, "BadRequest", "invalid cursor"),
         (srv.get("/api/instances", params={"since": "yesterday"}), 400, "BadRequest", "since"),
+        (srv.get("/api/instances", params={"since": "2026-02-30"}), 400, "BadRequest", "since"),  # no such day
+        (srv.get("/api/instances", params={"since": "2026-11-28T13:00"}), 400, "BadRequest", "RFC 3339"),
+        (srv.get("/api/instances", params={"after": "\u0661" * 13 + "/x"}), 400, "BadRequest", "invalid cursor"),
+        (srv.get("/api/instances", params={"limit": "\u0661"}), 400, "BadRequest", "limit"),
+        (srv.get("/api/instances", params={"machine": "Bad!"}), 400, "BadRequest", "invalid machine name"),
         (srv.get("/api/instances", params={"stauts": "running"}), 400, "BadRequest", "'stauts'"),
         (srv.get("/api/events", params={"instance": "ghost"}), 404, "NotFound", "ghost"),
         (srv.get("/api/nothing-here"), 404, "NotFound", "/api/nothing-here"),

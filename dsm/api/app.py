@@ -200,14 +200,14 @@ class Api:
         try:
             if machine is not None:
                 check_machine_name(machine)
-            since = index.parse_since(q["since"], self.wall()) if q.get("since") else None
+            since = index.check_since(q["since"], self.wall()) if q.get("since") else None
             after = index.check_cursor(q["after"]) if q.get("after") else None
         except InputError as exc:
             raise bad_request(str(exc).replace("--since", "since")) from None
         limit = DEFAULT_LIMIT
         if q.get("limit"):
             text = q["limit"]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
                 raise bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
             limit = int(text)
         page = await self.client.page(status=status, machine=machine, since=since, after=after, limit=limit)

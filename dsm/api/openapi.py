@@ -7,7 +7,11 @@ check that it is valid OpenAPI and that it lists every route the app serves, and
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from ..index import CURSOR, SINCE_DURATION
+from ..keys import INSTANCE_ID, MACHINE_NAME, SIGNAL_NAME
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -22,12 +26,16 @@ def _error(description: str) -> dict[str, Any]:
     return {"$ref": f"#/components/responses/{description}"}
 
 
-ID = {"name": "id", "in": "path", "required": True, "description": "Instance id.",
-      "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}}
+def _whole(pattern: re.Pattern[str]) -> dict[str, str]:
+    """A string matched whole by one of the patterns the server checks with (the same text)."""
+    return {"type": "string", "pattern": f"^(?:{pattern.pattern})$"}
+
+
+ID = {"name": "id", "in": "path", "required": True, "description": "Instance id.", "schema": _whole(INSTANCE_ID)}
 MACHINE = {"name": "machine", "in": "path", "required": True, "description": "Machine name.",
-           "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"}}
+           "schema": _whole(MACHINE_NAME)}
 SIGNAL = {"name": "name", "in": "path", "required": True, "description": "Signal name.",
-          "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}}
+          "schema": _whole(SIGNAL_NAME)}
 ACTION: list[dict[str, list[str]]] = [{"bearer": []}]  # actions need the token when the API has one
 NULLABLE_STRING = {"type": ["string", "null"]}
 TIME = {"type": ["string", "null"], "format": "date-time", "description": "ISO 8601 UTC with milliseconds."}
@@ -131,6 +139,12 @@ ACTION_ERRORS = {"400": _error("BadRequest"), "401": _error("Unauthorized"), "40
                  "404": _error("NotFound"), "409": _error("Conflict"), "413": _error("TooLarge")}
 
 
+def _query(name: str, schema: dict[str, Any], description: str | None = None) -> dict[str, Any]:
+    """An optional query parameter; given empty, it is as if not given."""
+    return {"name": name, "in": "query", "schema": schema, "allowEmptyValue": True,
+            **({"description": description} if description else {})}
+
+
 def _body(properties: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
     return {"required": required, "description": description, "content": {"application/json": {"schema": {
         "type": "object", "additionalProperties": False, "properties": properties}}}}
@@ -139,15 +153,16 @@ def _body(properties: dict[str, Any], description: str, required: bool = False) 
 PATHS: dict[str, Any] = {
     "/api/instances": {"get": {
         "operationId": "list_instances", "summary": "A page of instances, newest first, read from the index.",
+        "description": "A query parameter given empty (`status=`) is as if not given.",
         "parameters": [
-            {"name": "status", "in": "query", "schema": {"enum": ["running", "succeeded", "failed", "cancelled"]}},
-            {"name": "machine", "in": "query", "schema": {"type": "string"}},
-            {"name": "since", "in": "query", "description": "ISO 8601 time or a duration back from now (30m, 7d).",
-             "schema": {"type": "string"}},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
-                                                         "default": 50}},
-            {"name": "after", "in": "query", "description": "The `next` cursor of the previous page.",
-             "schema": {"type": "string"}}],
+            _query("status", {"enum": ["running", "succeeded", "failed", "cancelled"]}),
+            _query("machine", _whole(MACHINE_NAME)),
+            _query("since", {"anyOf": [_whole(SINCE_DURATION), {"type": "string", "format": "date-time"},
+                                       {"type": "string", "format": "date"}]},
+                   "Created since: a duration back from now (30m, 2h, 7d, 1h30m, or seconds) or an RFC 3339 "
+                   "date or date-time."),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),
+            _query("after", _whole(CURSOR), "The `next` cursor of the previous page.")],
         "responses": {"200": _json(_ref("Page"), "Summaries and the cursor of the next page."),
                       "400": _error("BadRequest")}}},
     "/api/instances/{id}": {
@@ -214,8 +229,7 @@ PATHS: dict[str, Any] = {
                    "`resync` (events were lost: read again), `ready`; with `instance=ID`, that instance's "
                    "record (`instance`) and each committed transition (`history`). Each event's id is a store "
                    "revision: `Last-Event-ID` resumes after it.",
-        "parameters": [{"name": "instance", "in": "query", "schema": {"type": "string"},
-                        "description": "Follow this instance only."},
+        "parameters": [_query("instance", _whole(INSTANCE_ID), "Follow this instance only (empty: all)."),
                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]+$"},
                         "description": "The id of the last event received (EventSource sends it when it "
                                        "reconnects): the stream resumes after that revision. When the revisions "
