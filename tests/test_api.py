@@ -560,7 +560,7 @@ def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
     caplog.set_level("WARNING")
     # each sent as HTTP carries it (latin-1): "\u00b9\u00b2" is a digit string to Python, and no number to int()
     for last_id in ("99999999999999999999", "9223372036854775808", "-1", "-0", "abc", "1.5", "12x", "0x10",
-                    "\u00b9\u00b2"):
+                    "\u00b9\u00b2", ""):
         headers = {"last-event-id": last_id.encode("latin-1")}
         with srv.http.stream("GET", "/api/events", headers=headers) as response:
             assert response.status_code == 400, (last_id, response.status_code, response.headers["content-type"])

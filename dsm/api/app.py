@@ -246,7 +246,7 @@ class Api:
             raise bad_request(f"unknown query parameter {unknown[0]!r} (expected instance)")
         instance = request.query_params.get("instance") or None
         try:
-            last_id = events.parse_last_id(request.headers.get("last-event-id", ""))
+            last_id = events.parse_last_id(request.headers.get("last-event-id"))
             if instance is not None:
                 check_instance_id(instance)
         except InputError as exc:  # refused before the stream starts: a 400, not a stream that breaks

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..index import CURSOR, SINCE_DURATION
 from ..keys import INSTANCE_ID, MACHINE_NAME, SIGNAL_NAME
+from .events import MAX_REVISION
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -108,6 +109,19 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["machine", "digest"],
         "properties": {"machine": {"type": "string"}, "version": {"type": ["integer", "string", "null"]},
                        "digest": {"type": "string"}, "description": {"type": "string"}, "registered_at": TIME},
+    },
+    "Event": {
+        "type": "object", "required": ["event", "data"],
+        "description": "One event of the stream, as EventSource hands it over (the schema of a "
+                       "`text/event-stream` describes each event). `data` is one line of JSON: `ready` and "
+                       "`resync` carry `{\"revision\"}`, `instance` a summary (with `instance=ID`: the record, "
+                       "without history), `deleted` `{\"id\"}`, `history` an entry with the instance's `id`.",
+        "properties": {
+            "event": {"enum": ["ready", "resync", "instance", "deleted", "history"]},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "id": {"type": "string", "pattern": "^[0-9]+$",
+                   "description": "A store revision, on the last event of each: send it back as Last-Event-ID."},
+            "retry": {"type": "integer", "minimum": 0}},
     },
     "Drawing": {
         "type": "object", "description": "A machine as nodes and edges; the ids are the Mermaid text's.",
@@ -230,16 +244,17 @@ PATHS: dict[str, Any] = {
                    "record (`instance`) and each committed transition (`history`). Each event's id is a store "
                    "revision: `Last-Event-ID` resumes after it.",
         "parameters": [_query("instance", _whole(INSTANCE_ID), "Follow this instance only (empty: all)."),
-                       {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                       {"name": "Last-Event-ID", "in": "header",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_REVISION},
                         "description": "The id of the last event received (EventSource sends it when it "
                                        "reconnects): the stream resumes after that revision. When the revisions "
                                        "after it are compacted, or it is above the store's revision (etcd restored "
                                        "from a backup or replaced), the stream starts with `resync` and goes on "
                                        "from the store's revision now. A whole number from 0 to "
-                                       "9223372036854775807 (etcd's revisions are int64); anything else is "
-                                       "refused with 400."}],
-        "responses": {"200": {"description": "The event stream.",
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                       "9223372036854775807 (etcd's revisions are int64); anything else, an "
+                                       "empty one included, is refused with 400."}],
+        "responses": {"200": {"description": "The event stream, one event after another, until the client goes.",
+                              "content": {"text/event-stream": {"schema": _ref("Event")}}},
                       "400": _error("BadRequest"), "404": _error("NotFound")}}},
     "/api/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document.",
