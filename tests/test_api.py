@@ -286,6 +286,7 @@ def test_every_error_answers_json_and_writes_nothing(server, monkeypatch):
         (srv.get("/api/instances", params={"after": "\u0661" * 13 + "/x"}), 400, "BadRequest", "invalid cursor"),
         (srv.get("/api/instances", params={"limit": "\u0661"}), 400, "BadRequest", "limit"),
         (srv.get("/api/instances", params={"machine": "Bad!"}), 400, "BadRequest", "invalid machine name"),
+        (srv.post(f"/api/instances/{running}/signals/decision", {"outcome": ""}), 400, "BadRequest", "non-empty"),
         (srv.get("/api/instances", params={"stauts": "running"}), 400, "BadRequest", "'stauts'"),
         (srv.get("/api/events", params={"instance": "ghost"}), 404, "NotFound", "ghost"),
         (srv.get("/api/nothing-here"), 404, "NotFound", "/api/nothing-here"),
@@ -312,6 +313,21 @@ def test_every_path_says_which_methods_it_takes(server):
     # a method no route takes runs nothing: its 405, not a request for the token
     assert error_of(srv.http.request("TRACE", "/api/instances"), 405)["type"] == "MethodNotAllowed"
     assert srv.http.options("/api/nothing-here").status_code == 404
+
+
+def test_null_for_an_optional_field_is_leaving_it_out(server):
+    srv = server(graphs=[APPROVAL])
+    started = srv.post("/api/machines/approval/instances", {"payload": None, "id": None})
+    assert started.status_code == 201 and started.json()["payload"] == {}, started.text
+    iid = start(srv, "approval", {"amount": 1}, id="n-1")["id"]
+    signalled = srv.post(f"/api/instances/{iid}/signals/decision", {"payload": None, "outcome": None})
+    assert signalled.status_code == 202, signalled.text
+    assert signalled.json()["signals"][-1]["outcome"] is None
+    cancelled = srv.post(f"/api/instances/{iid}/cancel", {"reason": None})
+    assert cancelled.status_code == 200 and cancelled.json()["cancel"]["reason"] is None
+    nullable = openapi.document()["paths"]["/api/machines/{machine}/instances"]["post"]
+    properties = nullable["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "null" in properties["id"]["type"] and "null" in properties["payload"]["type"]
 
 
 # -- who may do what -----------------------------------------------------------------------------

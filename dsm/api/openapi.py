@@ -198,14 +198,16 @@ PATHS: dict[str, Any] = {
     "/api/instances/{id}/signals/{name}": {"post": {
         "operationId": "signal", "parameters": [ID, SIGNAL], "security": ACTION,
         "summary": "Send a signal: kept in the record, consumed in order by the state that waits for it.",
-        "requestBody": _body({"payload": {"type": "object", "description": "Merged into the payload, key by key."},
-                              "outcome": {"type": "string", "description": "Routes a signal state with `on`."}},
+        "requestBody": _body({"payload": {"type": ["object", "null"],
+                                          "description": "Merged into the payload, key by key."},
+                              "outcome": {"type": ["string", "null"], "minLength": 1,
+                                          "description": "Routes a signal state with `on`: a label, not empty."}},
                              "An empty body sends the signal without payload or outcome."),
         "responses": {"202": _json(_ref("Record"), "Stored; the record without history."), **ACTION_ERRORS}}},
     "/api/instances/{id}/cancel": {"post": {
         "operationId": "cancel", "parameters": [ID], "security": ACTION,
         "summary": "Cancel a running instance (again: answers it as it is); a finished one is refused (409).",
-        "requestBody": _body({"reason": {"type": "string", "maxLength": 4096}}, "Why, kept in the record."),
+        "requestBody": _body({"reason": {"type": ["string", "null"], "maxLength": 4096}}, "Why, kept in the record."),
         "responses": {"200": _json(_ref("Record"), "Cancelled; the record without history."), **ACTION_ERRORS}}},
     "/api/instances/{id}/redrive": {"post": {
         "operationId": "redrive", "parameters": [ID], "security": ACTION,
@@ -226,8 +228,9 @@ PATHS: dict[str, Any] = {
         "operationId": "start", "parameters": [MACHINE], "security": ACTION,
         "summary": "Start an instance of the machine's newest registered definition. Starting an id that "
                    "exists with the same definition and payload answers that instance (200) and creates nothing.",
-        "requestBody": _body({"payload": {"type": "object", "default": {}},
-                              "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}},
+        "requestBody": _body({"payload": {"type": ["object", "null"], "default": {}},
+                              "id": {**_whole(INSTANCE_ID), "type": ["string", "null"],
+                                     "description": "The instance's id; none (or null): a new one is made."}},
                              "The payload and, optionally, the instance's id."),
         "responses": {"201": _json(_ref("Record"), "Started: its record."),
                       "200": _json(_ref("Record"), "The id existed with this definition and payload."),
