@@ -325,7 +325,7 @@ def test_null_for_an_optional_field_is_leaving_it_out(server):
     assert signalled.json()["signals"][-1]["outcome"] is None
     cancelled = srv.post(f"/api/instances/{iid}/cancel", {"reason": None})
     assert cancelled.status_code == 200 and cancelled.json()["cancel"]["reason"] is None
-    nullable = openapi.document()["paths"]["/api/machines/{machine}/instances"]["post"]
+    nullable = openapi.document(token_required=False)["paths"]["/api/machines/{machine}/instances"]["post"]
     properties = nullable["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert "null" in properties["id"]["type"] and "null" in properties["payload"]["type"]
 
@@ -430,13 +430,28 @@ def test_the_openapi_document_is_valid_and_lists_every_route():
     with ApiServer() as srv:
         document = srv.get("/api/openapi.json").json()
     validate(document)
-    assert document == openapi.document()
+    assert document == openapi.document(token_required=False)
+    with ApiServer(token="s3cret") as srv:
+        secured = srv.get("/api/openapi.json").json()
+    validate(secured)
+    assert secured == openapi.document(token_required=True)
+    # the bearer token is asked for on the actions, and only when the API has one
+    for (_, method), operation in operations(secured).items():
+        action = method in ("post", "delete")
+        assert (operation.get("security") == [{"bearer": []}]) is action and ("401" in operation["responses"]) is action
+    assert not any("security" in op or "401" in op["responses"] for op in operations(document).values())
+    assert "securitySchemes" not in document["components"] and "bearer" in secured["components"]["securitySchemes"]
     app = create_app(MemoryStore())
     served = {(route.path, method.lower()) for route in app.routes
               if route.path.startswith("/api/") for method in getattr(route, "methods", ()) if method != "HEAD"}
     described = {(path, method) for path, item in document["paths"].items()
                  for method in item if method != "parameters"}
     assert served == described
+
+
+def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(path, method): operation for path, item in document["paths"].items()
+            for method, operation in item.items() if method != "parameters"}
 
 
 def test_the_dashboard_is_served_from_the_package():
@@ -585,7 +600,7 @@ def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
         assert error["type"] == "BadRequest" and "Last-Event-ID" in error["message"], (last_id, error)
     assert srv.get("/api/workers").status_code == 200  # still serving
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
-    described = openapi.document()["paths"]["/api/events"]["get"]
+    described = openapi.document(token_required=False)["paths"]["/api/events"]["get"]
     assert "400" in described["responses"]
     assert any(p["name"] == "Last-Event-ID" and p["in"] == "header" for p in described["parameters"])
 

@@ -99,6 +99,7 @@ class Api:
     heartbeat: float = events.HEARTBEAT
     body_limit: int = field(default_factory=lambda: payloads.default_limit() + BODY_SLACK)
     streams: events.Streams = field(default_factory=events.Streams)
+    token_required: bool = False  # actions need the bearer token: the document says so
 
     def __post_init__(self) -> None:
         self.client = Client(self.store, self.keys, wall=self.wall)
@@ -259,7 +260,7 @@ class Api:
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def get_openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi.document())
+        return JSONResponse(openapi.document(token_required=self.token_required))
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -429,7 +430,7 @@ def create_app(store: Store, keys: Keys | None = None, *, token: str | None = No
     line passes the loopback names when it listens on loopback). The caller owns the store and
     closes it; `app.state.api.close()` ends open event streams before a server stops.
     """
-    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat)
+    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat, token_required=bool(token))
     served = routes(api, static)
     app = Starlette(routes=served,
                     middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, routes=served)],

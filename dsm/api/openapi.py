@@ -265,17 +265,36 @@ PATHS: dict[str, Any] = {
 }
 
 
-def document() -> dict[str, Any]:
+def _without_token(paths: dict[str, Any]) -> dict[str, Any]:
+    """The paths of an API without a token: no operation asks for one, none answers 401."""
+    def operation(item: Any) -> Any:
+        if not isinstance(item, dict) or "responses" not in item:
+            return item
+        responses = {status: answer for status, answer in item["responses"].items() if status != "401"}
+        return {**{key: value for key, value in item.items() if key != "security"}, "responses": responses}
+
+    return {path: {method: operation(item) for method, item in methods.items()} for path, methods in paths.items()}
+
+
+def document(*, token_required: bool) -> dict[str, Any]:
+    """The document of one app: `token_required` when it has a token (DSM_API_TOKEN), so that its
+    actions ask for the bearer token only then."""
     from .. import __version__
 
+    if token_required:
+        access = ("Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' (the API's DSM_API_TOKEN), and are "
+                  "refused from other origins; reads need no token.")
+        components = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+    else:
+        access = ("This API has no token (DSM_API_TOKEN): actions (POST, DELETE) need none, and are refused from "
+                  "other origins.")
+        components = {}
     return {
         "openapi": "3.1.0",
         "info": {"title": "dsm", "version": __version__,
                  "description": "Instances of dsm state machines: list, read, start, signal, cancel, redrive, "
                                 "delete, and follow them live. Errors answer {\"error\": {\"type\", \"message\"}}. "
-                                "Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' when the API has a "
-                                "token (DSM_API_TOKEN), and are refused from other origins; reads need none."},
-        "paths": PATHS,
-        "components": {"schemas": SCHEMAS, "responses": RESPONSES,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                                + access},
+        "paths": PATHS if token_required else _without_token(PATHS),
+        "components": {"schemas": SCHEMAS, "responses": RESPONSES, **components},
     }
