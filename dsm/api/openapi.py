@@ -2,7 +2,9 @@
 
 Written out rather than generated: the schemas are the contract's record and summary, which no
 Python type here spells, and a reader of this file sees the whole API on one page. The tests
-check that it is valid OpenAPI and that it lists every route the app serves, and nothing more.
+check that it is valid OpenAPI and that it lists every route the app serves, and nothing more;
+schemathesis checks a live server against it (`tests/test_api_conformance.py`). Each app has its
+own document, which asks for the bearer token only when the app has one.
 """
 
 from __future__ import annotations
