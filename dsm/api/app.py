@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import index, payloads, render
@@ -99,6 +99,7 @@ class Api:
     heartbeat: float = events.HEARTBEAT
     body_limit: int = field(default_factory=lambda: payloads.default_limit() + BODY_SLACK)
     streams: events.Streams = field(default_factory=events.Streams)
+    token_required: bool = False  # actions need the bearer token: the document says so
 
     def __post_init__(self) -> None:
         self.client = Client(self.store, self.keys, wall=self.wall)
@@ -200,14 +201,14 @@ class Api:
         try:
             if machine is not None:
                 check_machine_name(machine)
-            since = index.parse_since(q["since"], self.wall()) if q.get("since") else None
+            since = index.check_since(q["since"], self.wall()) if q.get("since") else None
             after = index.check_cursor(q["after"]) if q.get("after") else None
         except InputError as exc:
             raise bad_request(str(exc).replace("--since", "since")) from None
         limit = DEFAULT_LIMIT
         if q.get("limit"):
             text = q["limit"]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
                 raise bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
             limit = int(text)
         page = await self.client.page(status=status, machine=machine, since=since, after=after, limit=limit)
@@ -246,7 +247,7 @@ class Api:
             raise bad_request(f"unknown query parameter {unknown[0]!r} (expected instance)")
         instance = request.query_params.get("instance") or None
         try:
-            last_id = events.parse_last_id(request.headers.get("last-event-id", ""))
+            last_id = events.parse_last_id(request.headers.get("last-event-id"))
             if instance is not None:
                 check_instance_id(instance)
         except InputError as exc:  # refused before the stream starts: a 400, not a stream that breaks
@@ -259,7 +260,7 @@ class Api:
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def get_openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi.document())
+        return JSONResponse(openapi.document(token_required=self.token_required))
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -388,11 +389,30 @@ def routes(api: Api, static: Path | None) -> list[BaseRoute]:
             Mount("/static", app=StaticFiles(directory=static), name="static")]
 
 
+def _allowed(request: Request) -> list[str]:
+    """The methods answered at the request's path: those of every route there (one route a
+    method), and OPTIONS; none when no route there says (a mount)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """A JSON error; at a path that does not take the method, every method it takes in `Allow`
+    (a route answers with its own only), and OPTIONS answered 204 with them."""
     assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    allowed = _allowed(request) if exc.status_code == 405 else []
+    if allowed:
+        headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+        headers["allow"] = ", ".join(allowed)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=headers)
     kinds = {404: "NotFound", 405: "MethodNotAllowed"}
     return error_response(exc.status_code, kinds.get(exc.status_code, "HTTPError"),
-                          f"{request.method} {request.url.path}: {exc.detail}", dict(exc.headers or {}))
+                          f"{request.method} {request.url.path}: {exc.detail}", headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -410,9 +430,10 @@ def create_app(store: Store, keys: Keys | None = None, *, token: str | None = No
     line passes the loopback names when it listens on loopback). The caller owns the store and
     closes it; `app.state.api.close()` ends open event streams before a server stops.
     """
-    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat)
-    app = Starlette(routes=routes(api, static),
-                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts)],
+    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat, token_required=bool(token))
+    served = routes(api, static)
+    app = Starlette(routes=served,
+                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, routes=served)],
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.api = api
     return app
