@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import index, logs, payloads, transition
-from .definitions import register
+from .definitions import Registry, register
 from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
 from .idempotency import keep_input, same_start
@@ -52,11 +52,29 @@ def _request_bytes(txn: Txn) -> int:
 
 
 class Client:
-    def __init__(self, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time):
+    def __init__(self, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time,
+                 definitions: Registry | None = None):
+        """`definitions`: where the definitions instances pinned are read from, compiled without
+        importing their handlers (None: a registry of this client's own, made when first needed)."""
         self.store = store
         self.keys = keys or Keys()
         self.wall = wall
+        self._definitions = definitions
         self._marked = False  # whether this client looked at the namespace's `meta/indexed` mark
+
+    @property
+    def definitions(self) -> Registry:
+        if self._definitions is None:
+            self._definitions = Registry(self.store, self.keys, import_handlers=False)
+        return self._definitions
+
+    async def machine_of(self, inst: Instance) -> Graph:
+        """The definition an instance pinned (by digest), compiled without importing its handlers.
+        NotFound when it cannot be read (not registered, or its content does not match its digest)."""
+        try:
+            return await self.definitions.get(inst.digest)
+        except NotFound as exc:
+            raise NotFound(f"instance {inst.id}: its definition cannot be read: {exc}") from None
 
     async def register(self, graph: Graph) -> None:
         await register(self.store, self.keys, graph)
@@ -250,16 +268,21 @@ class Client:
     async def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
                      outcome: str | None = None) -> Instance:
         """Send a signal to a running instance: stored in its record (durable, in the order sent)
-        and consumed by the next visit of a signal state that waits for it. Refused (InputError)
-        for a finished instance, NotFound for an unknown one; nothing is written then."""
+        and consumed by the next visit of a signal state that waits for it. Refused before anything
+        is written: InvalidSignal for a name or outcome the instance's machine does not take
+        (`transition.check_signal`), InputError for a finished instance, NotFound for an unknown one."""
         check_instance_id(instance_id)
         check_signal_name(name)
         if outcome is not None and (not isinstance(outcome, str) or not outcome):
             raise InputError(f"signal outcome must be a non-empty label, got {outcome!r}")
         checked, _ = payloads.check(payload if payload is not None else {})
         key = self.keys.instance(instance_id)
+        graph: Graph | None = None
         while True:
             kv, inst = await self._read(instance_id)
+            if not inst.finished:  # a finished one is refused as such (below), whatever the signal
+                graph = graph or await self.machine_of(inst)  # pinned: the same on every turn
+                transition.check_signal(graph, inst, name, outcome)
             now = self.wall()
             step = transition.signal(inst, name, checked, outcome=outcome, now=now)
             ops: list = [Put(key, dump_instance(step.instance))]

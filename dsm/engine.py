@@ -64,11 +64,13 @@ class Engine:
 
     def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
                outcome: str | None = None) -> Instance:
-        """Send a signal to an instance this engine runs (`transition.signal`); InputError when it
-        has finished, NotFound when this engine does not run it."""
+        """Send a signal to an instance this engine runs (`transition.signal`); InvalidSignal when
+        its machine does not take it (`transition.check_signal`), InputError when it has finished,
+        NotFound when this engine does not run it."""
         run = self.runs.get(instance_id)
         if run is None:
             raise NotFound(f"no instance {instance_id!r} runs in this process")
+        transition.check_signal(run.graph, run.inst, name, outcome)
         checked, _ = payloads.check(payload if payload is not None else {}, limit=self.payload_limit)
         return run.signal(name, checked, outcome)
 

@@ -15,8 +15,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .durations import format_duration
-from .errors import InputError
-from .graph import Graph, Kind, State
+from .errors import InputError, InvalidSignal
+from .graph import Graph, Kind, SignalRoutes, State
 from .guards import GuardError
 from .records import (
     CANCELLED,
@@ -170,6 +170,49 @@ def signal(inst: Instance, name: str, payload: dict[str, Any] | None = None, *, 
             woken.append(replace(token, not_before=0.0))
             tokens[token.id] = woken[-1]
     return Step(evolve(inst, signals=inst.signals + (sig,), tokens=MappingProxyType(tokens)), upserted=tuple(woken))
+
+
+def check_signal(graph: Graph, inst: Instance, name: str, outcome: str | None = None) -> None:
+    """Refuse a signal before it is stored: InputError for a finished instance, InvalidSignal for
+    one its machine (`graph`, the definition the instance pinned; the machines it calls do not
+    count) does not take: a name no signal state waits for, an outcome label that no state waiting
+    for the name routes on (a state that routes with `next` or `choose` routes on none), or no
+    label where every state waiting for the name routes on one. Either would only wait forever or
+    fail the state with InvalidOutcome. The message names what the machine takes."""
+    if inst.finished:
+        raise InputError(f"instance {inst.id} is {inst.status}: it takes no more signals")
+    accepted = graph.signals()
+    about = f"instance {inst.id} (machine {graph.machine!r})"
+    routes = accepted.get(name)
+    if routes is None:
+        if not accepted:
+            raise InvalidSignal(f"{about} waits for no signals at all: no state of its machine has `signal:`; "
+                                f"signal {name!r} is not stored")
+        raise InvalidSignal(f"{about} waits for no signal {name!r}; its machine takes "
+                            f"{'; '.join(_takes(r) for r in accepted.values())}")
+    states = ", ".join(repr(s) for s in routes.states)
+    if outcome is not None and outcome not in routes.outcomes:
+        if not routes.outcomes:
+            raise InvalidSignal(f"{about}: signal {name!r} takes no outcome label, its state(s) {states} route "
+                                f"without one; send it without an outcome, not {outcome!r}")
+        raise InvalidSignal(f"{about}: signal {name!r} takes no outcome {outcome!r}; its state(s) {states} route "
+                            f"on {_either(routes.outcomes)}")
+    if outcome is None and not routes.bare:
+        raise InvalidSignal(f"{about}: signal {name!r} needs an outcome label, its state(s) {states} route on "
+                            f"{_either(routes.outcomes)}")
+
+
+def _takes(routes: SignalRoutes) -> str:
+    """One signal as a message lists what a machine takes: its name and the outcomes it needs."""
+    if not routes.outcomes:
+        return f"{routes.name!r} (without an outcome)"
+    optional = ", or without one" if routes.bare else ""
+    return f"{routes.name!r} (outcome {_either(routes.outcomes)}{optional})"
+
+
+def _either(labels: tuple[str, ...]) -> str:
+    quoted = [repr(label) for label in labels]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def _on_signal(graph: Graph, inst: Instance, token: Token, state: State, outcome: Outcome, now: float,
@@ -675,6 +718,6 @@ def redrive(inst: Instance) -> Step:
     return Step(again, upserted=tuple(tokens.values()))
 
 
-__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "child_ended", "child_id",
-           "descends_from", "fail", "merge", "redrive", "same_json", "signal", "start", "MergeConflict",
-           "MAX_MAP_ITEMS", "MAP_BATCH", "MAP_WINDOW"]
+__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "check_signal",
+           "child_ended", "child_id", "descends_from", "fail", "merge", "redrive", "same_json", "signal", "start",
+           "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH", "MAP_WINDOW"]

@@ -292,6 +292,21 @@ def test_every_error_answers_json_and_writes_nothing(server, monkeypatch):
     assert srv.snapshot() == before
 
 
+def test_a_signal_the_machine_does_not_take_answers_422_naming_what_it_takes(server):
+    srv = server(graphs=[APPROVAL])  # no worker: nothing but the requests writes
+    running = start(srv, "approval", {"amount": 1}, id="s-1")["id"]
+    before = srv.snapshot()
+    misspelled = error_of(srv.post(f"/api/instances/{running}/signals/decison", {"outcome": "approve"}), 422)
+    assert misspelled["type"] == "InvalidSignal", misspelled
+    assert "'decision'" in misspelled["message"] and "'approve'" in misspelled["message"], misspelled
+    outcome = error_of(srv.post(f"/api/instances/{running}/signals/decision", {"outcome": "maybe"}), 422)
+    assert outcome["type"] == "InvalidSignal" and "'maybe'" in outcome["message"], outcome
+    assert "'approve'" in outcome["message"] and "'reject'" in outcome["message"], outcome
+    assert srv.snapshot() == before
+    described = openapi.document()["paths"]["/api/instances/{id}/signals/{name}"]["post"]["responses"]
+    assert "422" in described and "409" in described
+
+
 # -- who may do what -----------------------------------------------------------------------------
 
 def test_actions_need_the_token_and_reads_do_not(server):

@@ -13,7 +13,7 @@ import pytest
 from dsm import compiler, handlers
 from dsm.client import Client
 from dsm.definitions import Registry
-from dsm.errors import DefinitionError, InputError, NotFound
+from dsm.errors import DefinitionError, InputError, InvalidSignal, NotFound
 from dsm.keys import Keys
 from dsm.records import CANCELLED, FAILED, SUCCEEDED, public_record
 from dsm.store import prefix_end
@@ -208,6 +208,91 @@ def test_a_signal_to_a_finished_or_unknown_instance_is_refused_and_writes_nothin
     assert isinstance(errors[0], InputError) and "failed" in str(errors[0])
     assert isinstance(errors[1], NotFound)
     assert [(kv.key, kv.mod_revision) for kv in before.kvs] == [(kv.key, kv.mod_revision) for kv in after.kvs]
+
+
+GATE = """
+machine: gate
+start: ask
+states:
+  ask:
+    signal: decision
+    on:
+      approve: hold
+      reject: rejected
+  hold:
+    signal: go
+    next: done
+  done:
+    terminal: true
+  rejected:
+    terminal: true
+    status: failed
+"""
+
+
+def test_a_signal_the_machine_does_not_take_is_refused_naming_what_it_takes_and_writes_nothing(
+        store_factory, write, namespace):
+    """A misspelled name, an outcome no state waiting for the name routes on, an outcome to a name
+    whose states route without one, and no outcome where every state needs one: each is refused
+    before anything is written, with a message that says what the machine takes."""
+    graph = compiler.load(write("gate.yaml", GATE))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {}, instance_id="gate-1")
+        await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "signal")
+        before = await c.store.range(f"/{namespace}/", prefix_end(f"/{namespace}/"))
+        refused = []
+        for name, outcome in [("aprove", None), ("decision", "maybe"), ("decision", None), ("go", "approve")]:
+            try:
+                await c.client.signal(iid, name, outcome=outcome)
+            except InputError as exc:
+                refused.append((name, outcome, exc))
+            else:
+                refused.append((name, outcome, None))
+        after = await c.store.range(f"/{namespace}/", prefix_end(f"/{namespace}/"))
+        await c.client.signal(iid, "decision", {"by": "ann"}, outcome="approve")
+        await c.client.signal(iid, "go")
+        done = await c.client.wait(iid, timeout=20)
+        return refused, before, after, done
+
+    refused, before, after, done = scenario(store_factory, namespace, graph, body)
+    messages = {}
+    for name, outcome, exc in refused:
+        assert isinstance(exc, InvalidSignal), f"signal {name!r} outcome {outcome!r} was stored"
+        assert "gate-1" in str(exc) and "'gate'" in str(exc), str(exc)
+        messages[(name, outcome)] = str(exc)
+    assert "'decision'" in messages[("aprove", None)] and "'go'" in messages[("aprove", None)]
+    assert "'approve'" in messages[("aprove", None)] and "'reject'" in messages[("aprove", None)]
+    for key in [("decision", "maybe"), ("decision", None)]:
+        assert "'approve'" in messages[key] and "'reject'" in messages[key], messages[key]
+    assert "'maybe'" in messages[("decision", "maybe")]
+    assert "without an outcome" in messages[("go", "approve")], messages[("go", "approve")]
+    assert [(kv.key, kv.mod_revision) for kv in before.kvs] == [(kv.key, kv.mod_revision) for kv in after.kvs]
+    assert done.status == SUCCEEDED and done.payload == {"by": "ann"}
+
+
+def test_a_signal_only_a_called_machine_waits_for_is_refused_by_its_parent(store_factory, write, namespace):
+    """The parent's own machine decides what the parent takes: `go` is its child's signal."""
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    graph = compiler.load(write("parent.yaml", PARENT))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"wait_for_signal": True}, instance_id="par-g")
+        parked = await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "child")
+        child = parked["waiting"][0]["child"]
+        await c.wait_for(child, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "signal")
+        try:
+            await c.client.signal(iid, "go")
+        except InvalidSignal as exc:
+            refused: InvalidSignal | None = exc
+        else:
+            refused = None
+        await c.client.signal(child, "go")
+        return refused, await c.client.record(iid), public_record(await c.client.wait(iid, timeout=20))
+
+    refused, parked, done = scenario(store_factory, namespace, graph, body)
+    assert refused is not None and "waits for no signals" in str(refused), parked["signals"]
+    assert done["status"] == SUCCEEDED and done["signals"] == []
 
 
 MAP = """

@@ -47,7 +47,7 @@ from starlette.staticfiles import StaticFiles
 from .. import index, payloads, render
 from ..client import Client
 from ..definitions import MachineInfo, Registry, machines, newest
-from ..errors import InputError, InstanceExists, NotFound, StoreError
+from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, StoreError
 from ..graph import Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
 from ..records import CANCELLED, STATUSES, public_record
@@ -101,8 +101,8 @@ class Api:
     streams: events.Streams = field(default_factory=events.Streams)
 
     def __post_init__(self) -> None:
-        self.client = Client(self.store, self.keys, wall=self.wall)
         self.definitions = Registry(self.store, self.keys, import_handlers=False)
+        self.client = Client(self.store, self.keys, wall=self.wall, definitions=self.definitions)
 
     def close(self) -> None:
         """End the open event streams (a server that stops waits for open answers)."""
@@ -299,6 +299,8 @@ class Api:
             raise bad_request(f"outcome must be a non-empty label (a string), got {json.dumps(outcome)}")
         try:
             inst = await self.client.signal(iid, name, payload, outcome=outcome)
+        except InvalidSignal as exc:  # its machine waits for no such signal, or routes on no such outcome
+            raise ApiError(422, "InvalidSignal", str(exc)) from None
         except InputError as exc:  # the instance takes no (more) signals: finished, or too many pending
             raise conflict(str(exc)) from None
         return JSONResponse(public_record(inst), status_code=202)

@@ -123,6 +123,10 @@ RESPONSES: dict[str, Any] = {
     "Conflict": _json(_ref("Error"), "The instance's state refuses the action (id taken with another payload, "
                                      "redrive of a succeeded instance, signal to a finished one ...)."),
     "TooLarge": _json(_ref("Error"), "The request body or the payload is over the limit."),
+    "InvalidSignal": _json(_ref("Error"), "The instance's machine does not take this signal: no state waits for "
+                                          "the name, or none that waits for it routes on the outcome (or one is "
+                                          "needed). The message names the signals and outcomes it takes; "
+                                          "nothing was stored."),
     "Unauthorized": _json(_ref("Error"), "A token is set (DSM_API_TOKEN) and the request has not sent it."),
     "Forbidden": _json(_ref("Error"), "An action from another origin, or a Host this API does not answer to."),
 }
@@ -172,7 +176,8 @@ PATHS: dict[str, Any] = {
         "requestBody": _body({"payload": {"type": "object", "description": "Merged into the payload, key by key."},
                               "outcome": {"type": "string", "description": "Routes a signal state with `on`."}},
                              "An empty body sends the signal without payload or outcome."),
-        "responses": {"202": _json(_ref("Record"), "Stored; the record without history."), **ACTION_ERRORS}}},
+        "responses": {"202": _json(_ref("Record"), "Stored; the record without history."), **ACTION_ERRORS,
+                      "422": _error("InvalidSignal")}}},
     "/api/instances/{id}/cancel": {"post": {
         "operationId": "cancel", "parameters": [ID], "security": ACTION,
         "summary": "Cancel a running instance (again: answers it as it is); a finished one is refused (409).",

@@ -241,6 +241,7 @@ class _Driver:
             return False
         pending.remove(sig)
         try:
+            transition.check_signal(self.graph, self.inst, sig.name, sig.outcome)  # as a cluster refuses it
             step = transition.signal(self.inst, sig.name, dict(sig.payload), outcome=sig.outcome, now=self.now)
         except InputError as exc:
             raise _Broken(f"signal {sig.name!r}: {exc}") from None
