@@ -193,6 +193,11 @@ class SignalRoutes:
     outcomes: tuple[str, ...]
     bare: bool
 
+    def as_dict(self) -> dict[str, Any]:
+        """As the API offers it (a form that sends signals offers these)."""
+        return {"name": self.name, "states": list(self.states), "outcomes": list(self.outcomes),
+                "outcome_required": not self.bare}
+
 
 @dataclass(frozen=True, slots=True)
 class Graph:

@@ -303,6 +303,10 @@ def test_a_signal_the_machine_does_not_take_answers_422_naming_what_it_takes(ser
     assert outcome["type"] == "InvalidSignal" and "'maybe'" in outcome["message"], outcome
     assert "'approve'" in outcome["message"] and "'reject'" in outcome["message"], outcome
     assert srv.snapshot() == before
+    takes = [{"name": "decision", "states": ["decide", "final_decision"], "outcomes": ["approve", "reject"],
+              "outcome_required": True}]
+    assert srv.get(f"/api/instances/{running}/graph").json()["signals"] == takes  # what a form offers
+    assert srv.get("/api/machines/approval").json()["signals"] == takes
     described = openapi.document()["paths"]["/api/instances/{id}/signals/{name}"]["post"]["responses"]
     assert "422" in described and "409" in described
 

@@ -101,6 +101,16 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"machine": {"type": "string"}, "version": {"type": ["integer", "string", "null"]},
                        "digest": {"type": "string"}, "description": {"type": "string"}, "registered_at": TIME},
     },
+    "Signal": {
+        "type": "object", "required": ["name", "states", "outcomes", "outcome_required"],
+        "description": "A signal the machine's own states wait for: a signal to one of its instances must be one "
+                       "of these, with one of its outcomes (or none, unless one is required); else 422.",
+        "properties": {"name": {"type": "string"}, "states": {"type": "array", "items": {"type": "string"}},
+                       "outcomes": {"type": "array", "items": {"type": "string"},
+                                    "description": "The labels the states that route with `on` route on."},
+                       "outcome_required": {"type": "boolean",
+                                            "description": "Every state waiting for it routes with `on`."}},
+    },
     "Drawing": {
         "type": "object", "description": "A machine as nodes and edges; the ids are the Mermaid text's.",
         "properties": {
@@ -168,8 +178,10 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json({"allOf": [_ref("Drawing"), {"type": "object", "properties": {
             "id": {"type": "string"}, "status": {"type": "string"}, "mermaid": {"type": "string"},
             "path": {"type": "array", "items": {"type": "string"}},
-            "active": {"type": "array", "items": {"type": "string"}}, "failed_at": NULLABLE_STRING}}]},
-            "The drawing."), "400": _error("BadRequest"), "404": _error("NotFound")}}},
+            "active": {"type": "array", "items": {"type": "string"}}, "failed_at": NULLABLE_STRING,
+            "signals": {"type": "array", "items": _ref("Signal")}}}]},
+            "The drawing, and the signals the instance's machine takes."), "400": _error("BadRequest"),
+            "404": _error("NotFound")}}},
     "/api/instances/{id}/signals/{name}": {"post": {
         "operationId": "signal", "parameters": [ID, SIGNAL], "security": ACTION,
         "summary": "Send a signal: kept in the record, consumed in order by the state that waits for it.",
@@ -196,7 +208,8 @@ PATHS: dict[str, Any] = {
         "operationId": "get_machine", "parameters": [MACHINE],
         "summary": "A machine's newest definition, drawn.",
         "responses": {"200": _json({"allOf": [_ref("Machine"), {"type": "object", "properties": {
-            "mermaid": {"type": "string"}, "graph": _ref("Drawing")}}]}, "The machine."),
+            "mermaid": {"type": "string"}, "graph": _ref("Drawing"),
+            "signals": {"type": "array", "items": _ref("Signal")}}}]}, "The machine."),
             "400": _error("BadRequest"), "404": _error("NotFound")}}},
     "/api/machines/{machine}/instances": {"post": {
         "operationId": "start", "parameters": [MACHINE], "security": ACTION,
