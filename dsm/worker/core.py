@@ -325,6 +325,9 @@ class Worker:
                 if not result.succeeded:
                     continue
                 record, work = result.get(1).first, result.get(2).first
+                if record is None and work is not None:
+                    await self._remove_stray(ref, result.revision)
+                    continue
                 if record is None or work is None:
                     await self._release(ref, result.revision)
                     continue
@@ -361,6 +364,10 @@ class Worker:
                     return False
                 await asyncio.sleep(0.5)
         claim, record, work = result.get(0).first, result.get(1).first, result.get(2).first
+        if record is None and work is not None and claim is not None and claim.lease == lease \
+                and ref not in self._jobs:  # our claim on a marker without a record
+            await self._remove_stray(ref, claim.create_revision)
+            return False
         if claim is None or record is None or lease is None or claim.lease != lease or ref in self._jobs:
             if requeue and claim is None and work is not None:
                 info = _marker(work)
@@ -373,6 +380,20 @@ class Worker:
         else:
             self._enqueue(ref, claim.create_revision)
         return True
+
+    async def _remove_stray(self, ref: TokenRef, claim_rev: int) -> None:
+        """We claimed a marker whose instance has no record (a writer that did not know it was
+        gone, or a version of dsm that left one): nothing will ever run it, and given back it would
+        be claimed again at once, by every worker, for ever. Whoever meets one removes it, with the
+        instance's other markers and their claims, fenced by the record's absence."""
+        try:
+            await self._reconcile(ref[0])
+            log.info("worker %s: removed work marker %s of instance %s, which has no record", self.id, ref[1],
+                     ref[0], extra=self._about(ref[0]))
+        except StoreError as exc:
+            log.warning("worker %s: could not remove marker %s of an instance without a record (%s)", self.id,
+                        ref[1], exc, extra=self._about(ref[0]))
+            await self._release(ref, claim_rev)
 
     async def _release(self, ref: TokenRef, claim_rev: int) -> None:
         claim = self.keys.claim(*ref)
@@ -566,8 +587,9 @@ class Worker:
                 log.debug("worker %s: %s/%s was woken by a stale marker; put back", self.id, iid, tok)
                 return
             record = result.get(0).first
-            if record is None:
-                break
+            if record is None:  # the instance is gone: so goes its marker (and our claim)
+                await self._reconcile(iid)
+                return
             self.records.remember(record)
         await self._release(job.ref, job.claim_rev)
 

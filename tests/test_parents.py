@@ -1,0 +1,159 @@
+"""Parents and children (`call`): a child never outlives its parent's interest in it, and a child
+that ends after its parent is gone writes nothing for the parent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+
+from dsm import compiler, handlers
+from dsm.client import Client
+from dsm.definitions import Registry
+from dsm.errors import InputError, NotFound
+from dsm.housekeeping import HousekeepingOptions, deletion_txn
+from dsm.keys import Keys, WorkInfo
+from dsm.records import load_instance
+from dsm.store import prefix_end
+from dsm.store.etcd import EtcdOptions, EtcdStore
+from dsm.worker import running
+
+WAITKID = """
+machine: waitkid
+start: hold
+states:
+  hold:
+    signal: go
+    next: done
+  done:
+    terminal: true
+"""
+
+LEAVER = """
+machine: leaver
+start: sub
+retention: 0
+states:
+  sub:
+    call: waitkid.yaml
+    timeout: 300ms
+    catch: done
+    next: done
+  done:
+    terminal: true
+"""
+
+HOLDER = """
+machine: holder
+start: sub
+states:
+  sub:
+    call: waitkid.yaml
+    next: done
+  done:
+    terminal: true
+"""
+
+
+async def _until(check: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _gone(client: Client, iid: str) -> bool:
+    try:
+        await client.instance(iid)
+    except NotFound:
+        return True
+    return False
+
+
+async def _ended_or_gone(client: Client, iid: str) -> bool:
+    try:
+        return (await client.instance(iid)).finished
+    except NotFound:
+        return True
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("case", ["timed-out-parent-with-retention-0", "parent-removed-under-its-child",
+                                  "stray-marker"])
+def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(case, write, etcd_url, namespace):
+    """A child that ends after its parent is gone must not put the parent's work marker back: a
+    marker without a record was claimed and given back for ever by every worker (two idle workers
+    at a third of a CPU each, etcd written a thousand times a second). And a marker without a
+    record, however it came to be, is removed by the worker that meets it."""
+    write("waitkid.yaml", WAITKID)
+    leaver = compiler.load(write("leaver.yaml", LEAVER))
+    holder = compiler.load(write("holder.yaml", HOLDER))
+    keys = Keys(namespace)
+
+    async def main() -> tuple[list[str], int]:
+        async with AsyncExitStack() as stack:
+            stores = [await EtcdStore.connect(EtcdOptions.build(etcd_url)) for _ in range(3)]
+            for store in stores:
+                stack.push_async_callback(store.close)
+            client = Client(stores[0], keys)
+            for store in stores[1:]:
+                registry = Registry(store, keys, allow=handlers.Allowlist(()))
+                registry.add(leaver)
+                registry.add(holder)
+                await stack.enter_async_context(running(
+                    store, registry, keys=keys, concurrency=4,
+                    housekeeping=HousekeepingOptions(compaction_retention=0, interval=0.1)))
+            parents: list[str] = []
+            if case == "timed-out-parent-with-retention-0":
+                # the call times out, the parent catches ChildTimeout, ends, and retention deletes it
+                parents = [await client.submit(leaver, {}, instance_id=f"leaver-{i}") for i in range(3)]
+                for pid in parents:
+                    await _until(lambda pid=pid: _gone(client, pid), f"{pid} to be deleted by retention")
+            elif case == "parent-removed-under-its-child":
+                # the parent's keys go while it waits for its child (as a deletion that knew nothing
+                # of children left it): its record, markers and entries
+                parents = [await client.submit(holder, {}, instance_id=f"holder-{i}") for i in range(3)]
+                for pid in parents:
+                    kv = await _until(lambda pid=pid: _child_waits(client, stores[0], keys, pid),
+                                      f"{pid}'s child to wait for its signal")
+                    txn = deletion_txn(keys, load_instance(kv.value), kv.mod_revision)
+                    assert (await stores[0].txn(txn.compare, txn.success)).succeeded
+            else:
+                parents = ["ghost-1", "ghost-2", "ghost-3"]
+                for pid in parents:  # a marker whose instance has no record
+                    await stores[0].put(keys.work(pid, "t1"), WorkInfo(holder.machine, holder.digest, "sub").dump())
+            for pid in parents:  # the children end now, after their parents are gone
+                child = f"{pid}.c1.1"
+                try:
+                    await client.signal(child, "go")
+                except (NotFound, InputError):
+                    pass  # no such child, or it has ended already
+                await _until(lambda child=child: _ended_or_gone(client, child), f"{child} to end")
+            await asyncio.sleep(0.5)  # what the children's ends set off settles
+            left = [kv.key for pid in parents
+                    for kv in (await stores[0].range(keys.work_of_instance(pid),
+                                                      prefix_end(keys.work_of_instance(pid)))).kvs]
+            before = await stores[0].revision()
+            await asyncio.sleep(2.0)  # idle workers write next to nothing: a heartbeat or two
+            return left, await stores[0].revision() - before
+
+    left, written = asyncio.run(main())
+    assert left == [], f"markers left for parents that are gone: {left} (and etcd written {written} times in 2 s)"
+    assert written < 20, f"etcd was written {written} times in 2 s by idle workers"
+
+
+async def _child_waits(client: Client, store: Any, keys: Keys, pid: str) -> Any:
+    try:
+        child = await client.record(f"{pid}.c1.1", history=False)
+    except NotFound:
+        return None
+    if not (child["waiting"] and child["waiting"][0]["kind"] == "signal"):
+        return None
+    return await store.get(keys.instance(pid))
