@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from . import index, logs, payloads, transition
@@ -226,22 +226,29 @@ class Client:
 
     async def cancel(self, instance_id: str, *, reason: str | None = None, by: str | None = None) -> Instance:
         """Cancel a running instance (a finished one is returned unchanged); the record keeps
-        `reason`, `by` (default: `user@host` of this process) and when.
+        `reason`, `by` (default: `user@host` of this process) and when. Its running children are
+        cancelled in turn, by it (`cancel.by` is `parent:<id>`).
 
         The record is written in one transaction with as many marker deletions as fit; any left
         over (an instance with more live branches than one transaction holds) go right after,
         and a SYNC marker covers them should this process die in between.
         """
         check_instance_id(instance_id)
+        return await self._cancel(instance_id, reason=reason, by=by if by is not None else caller())
+
+    async def _cancel(self, instance_id: str, *, reason: str | None, by: str, wake_parent: bool = True) -> Instance:
+        """`cancel`; `wake_parent`: a child cancelled by a user makes its parent's waiting token due
+        (the parent's call state then fails with ChildFailed); one cancelled by its parent does not."""
         key = self.keys.instance(instance_id)
         while True:
             kv, inst = await self._read(instance_id)
             if inst.finished:
                 return inst
-            step = transition.cancel(inst, self.wall(), reason=reason, by=by if by is not None else caller())
+            step = transition.cancel(inst, self.wall(), reason=reason, by=by)
             ops: list = [Put(key, dump_instance(step.instance))]
             ops += index.status_ops(self.keys, inst, step.instance)
-            ops += wake_parent_ops(self.keys, inst, step.instance)
+            if wake_parent:
+                ops += wake_parent_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
             while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
                 tok = removed.pop()
@@ -252,18 +259,20 @@ class Client:
             if result.succeeded:
                 if removed:
                     await reconcile(self.store, self.keys, instance_id, now=self.wall())
-                await self.cancel_children(inst, reason=f"its parent {instance_id} was cancelled"
-                                           + (f": {reason}" if reason else ""), by=by)
+                await self.cancel_released(inst, step.instance)
                 return step.instance
 
-    async def cancel_children(self, inst: Instance, *, reason: str, by: str | None = None) -> None:
-        """Cancel the child instances an instance's call states wait for (and theirs, in turn)."""
-        for token in inst.tokens.values():
-            if token.child is not None:
-                try:
-                    await self.cancel(token.child, reason=reason, by=by)
-                except NotFound:
-                    pass
+    async def cancel_released(self, before: Instance, after: Instance, *, ended: Collection[str] = ()) -> None:
+        """Cancel, as their parent, the children `before` waited for and `after` no longer does
+        (`transition.released_children`: a call that timed out, a parent that ended), and theirs in
+        turn. `ended`: children known to have finished already (nothing to do for them)."""
+        for cid, reason in transition.released_children(before, after, self.wall()):
+            if cid in ended:
+                continue
+            try:
+                await self._cancel(cid, reason=reason, by=transition.by_parent(after.id), wake_parent=False)
+            except NotFound:
+                pass  # deleted, or never created (the commit that started it did not apply)
 
     async def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
                      outcome: str | None = None) -> Instance:

@@ -304,6 +304,43 @@ def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome:
     return _move(graph, inst, token, targets, payload, None, now, worker, outcome, child=result.id)
 
 
+def by_parent(parent_id: str) -> str:
+    """Who cancelled a child its parent let go of, as its record's `cancel.by` says."""
+    return f"parent:{parent_id}"
+
+
+def released_children(before: Instance, after: Instance, now: float) -> tuple[tuple[str, str], ...]:
+    """The children that tokens of `before` waited for and no token of `after` waits for, each
+    with why its parent let go of it at `now`: (child id, reason), for the child's `cancel.reason`.
+
+    A child never outlives its parent's interest in it: the caller cancels those that still run
+    (`by_parent`). A call state lets go of its child when the child ended (it moves on, retries or
+    is caught), and of a running one only when it timed out; every child goes when the parent
+    ends, however it ends. Cancelling a child that ended already changes nothing."""
+    waited = {t.child: t for t in before.tokens.values() if t.child is not None}
+    if not waited:
+        return ()
+    still = {t.child for t in after.tokens.values() if t.child is not None}
+    out = []
+    for cid, token in waited.items():
+        if cid in still:
+            continue
+        if after.status == CANCELLED:
+            why = f"its parent {after.id} was cancelled"
+            if after.cancel is not None and after.cancel.reason:
+                why += f": {after.cancel.reason}"
+        elif token.deadline is not None and now >= token.deadline:
+            why = f"its parent {after.id} gave up on it: its call state {token.state!r} timed out waiting for it"
+        elif after.finished:
+            why = f"its parent {after.id} {after.status}"
+            if after.error is not None:
+                why += f" ({after.error.type} at state {after.error.state!r})"
+        else:
+            why = f"its parent {after.id} no longer waits for it at state {token.state!r}"
+        out.append((cid, why))
+    return tuple(out)
+
+
 def child_ended(inst: Instance, child: Instance) -> Instance:
     """A child that finished makes the token waiting for it due now (on etcd, the child's last
     commit does this to the token's work marker); unchanged when no token waits for it."""
@@ -718,6 +755,7 @@ def redrive(inst: Instance) -> Step:
     return Step(again, upserted=tuple(tokens.values()))
 
 
-__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "check_signal",
-           "child_ended", "child_id", "descends_from", "fail", "merge", "redrive", "same_json", "signal", "start",
-           "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH", "MAP_WINDOW"]
+__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "by_parent", "cancel", "changes",
+           "check_signal", "child_ended", "child_id", "descends_from", "fail", "merge", "redrive",
+           "released_children", "same_json", "signal", "start", "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH",
+           "MAP_WINDOW"]

@@ -581,7 +581,7 @@ def test_cancelling_a_parent_cancels_its_child(store_factory, write, namespace):
 
     parent, child = scenario(store_factory, namespace, graph, body)
     assert parent["status"] == CANCELLED and child["status"] == CANCELLED
-    assert "par-c" in child["cancel"]["reason"]
+    assert "par-c" in child["cancel"]["reason"] and child["cancel"]["by"] == "parent:par-c"
 
 
 def test_a_child_that_is_signalled_lets_its_parent_continue(store_factory, write, namespace):
@@ -628,24 +628,30 @@ states:
 """
 
 
-def test_a_child_that_finishes_after_its_parent_gave_up_on_it_does_not_wake_the_parent_early(
+def test_a_child_its_parent_gave_up_on_is_cancelled_and_a_late_wake_does_not_cut_the_parent_wait_short(
         store_factory, write, namespace):
-    """The call timed out and the parent went on (catch) to a timer; the child, still running,
-    finishes later. Its last commit wakes the token that waited for it, which by now waits for its
-    timer: the timer must not fire early."""
+    """The call timed out and the parent went on (catch) to a timer: the child, still running, is
+    cancelled by its parent (it never ends on its own after that). A wake-up that crossed the
+    timeout (the child's last commit rewrote the parent's marker as due now, as a child that ends
+    just then does) finds the token waiting for its timer: the timer must not fire early."""
+    from dsm.keys import WorkInfo
+
     write("slowkid.yaml", SLOWKID)
     graph = compiler.load(write("impatient.yaml", IMPATIENT))
 
     async def body(c: Cluster):
         iid = await c.client.submit(graph, {}, instance_id="impatient")
-        await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "timer")
-        child = f"{iid}.c1.1"
-        await c.client.signal(child, "go")
-        await c.wait_for(child, lambda r: r["status"] == SUCCEEDED)
+        waiting = await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "timer")
+        child = await c.wait_for(f"{iid}.c1.1", lambda r: r["status"] != "running")
+        token = next(iter((await c.client.instance(iid)).tokens))
+        await c.store.put(c.keys.work(iid, token), WorkInfo(graph.machine, graph.digest, "nap", 0.0, None,
+                                                             wait=0.0).dump())
         done = await c.client.wait(iid, timeout=20)
-        return public_record(done, await c.client.history(iid))
+        return waiting, child, public_record(done, await c.client.history(iid))
 
-    record = scenario(store_factory, namespace, graph, body)
+    waiting, child, record = scenario(store_factory, namespace, graph, body)
+    assert child["status"] == CANCELLED and child["cancel"]["by"] == "parent:impatient", child["cancel"]
+    assert "timed out" in child["cancel"]["reason"]
     assert record["status"] == SUCCEEDED
     caught, nap = record["history"]
     assert (caught["state"], nap["state"]) == ("sub", "nap")

@@ -157,3 +157,151 @@ async def _child_waits(client: Client, store: Any, keys: Keys, pid: str) -> Any:
     if not (child["waiting"] and child["waiting"][0]["kind"] == "signal"):
         return None
     return await store.get(keys.instance(pid))
+
+
+# -- a child never outlives its parent's interest in it -----------------------------------------------
+
+IMPATIENT = """
+machine: impatient
+start: sub
+states:
+  sub:
+    call: waitkid.yaml
+    timeout: 300ms
+    retry: {max_attempts: 2, backoff: 10ms}
+    catch: done
+    next: done
+  done:
+    terminal: true
+"""
+
+FORKER = """
+machine: forker
+start: split
+states:
+  split:
+    fork: [sub, later]
+    join: done
+  sub:
+    call: waitkid.yaml
+    next: done
+  later:
+    wait: 300ms
+    next: explode
+  explode:
+    choose:
+      - when: "payload.get('never')"
+        next: done
+  done:
+    terminal: true
+"""
+
+
+def _by_parent(children: dict[str, Any], pid: str, words: str) -> None:
+    """Every child of `pid` was cancelled by it, with a reason that says `words`."""
+    assert children, f"{pid} started no child"
+    for cid, child in children.items():
+        assert child["status"] == "cancelled", (cid, child["status"])
+        assert child["cancel"]["by"] == f"parent:{pid}", (cid, child["cancel"])
+        assert words in child["cancel"]["reason"] and pid in child["cancel"]["reason"], (cid, child["cancel"])
+
+
+def _worker(store_factory: Any, namespace: str, graph: Any, body: Any) -> Any:
+    from test_language import scenario
+
+    return scenario(store_factory, namespace, graph, body)
+
+
+async def _children_of(client: Client, pid: str, ids: list[str]) -> dict[str, Any]:
+    out = {}
+    for cid in ids:
+        rec = await _until(lambda cid=cid: _finished_record(client, cid), f"child {cid} to end")
+        out[cid] = rec
+    return out
+
+
+async def _finished_record(client: Client, iid: str) -> Any:
+    try:
+        record = await client.record(iid, history=False)
+    except NotFound:  # not started yet
+        return None
+    return record if record["status"] != "running" else None
+
+
+MACHINES = {"impatient": (IMPATIENT, "timed out", "succeeded", ["p.c1.1", "p.c1.2"]),
+            "forker": (FORKER, "failed", "failed", ["p.c3.1"])}
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_a_call_that_times_out_and_a_parent_that_fails_cancel_their_running_children_on_a_worker(
+        machine, store_factory, write, namespace):
+    text, words, status, children = MACHINES[machine]
+    write("waitkid.yaml", WAITKID)
+    graph = compiler.load(write(f"{machine}.yaml", text))
+
+    async def body(c: Any) -> tuple[Any, dict[str, Any]]:
+        iid = await c.client.submit(graph, {}, instance_id="p")
+        done = await c.client.wait(iid, timeout=30)
+        return done, await _children_of(c.client, iid, children)
+
+    done, found = _worker(store_factory, namespace, graph, body)
+    assert done.status == status
+    _by_parent(found, "p", words)
+
+
+def test_cancelling_a_parent_cancels_its_child_by_the_parent(store_factory, write, namespace):
+    write("waitkid.yaml", WAITKID)
+    graph = compiler.load(write("holder.yaml", HOLDER))
+
+    async def body(c: Any) -> dict[str, Any]:
+        iid = await c.client.submit(graph, {}, instance_id="p")
+        await _until(lambda: _child_waits(c.client, c.store, c.keys, iid), "the child to wait for its signal")
+        await c.client.cancel(iid, reason="not needed", by="ann@host")
+        assert (await c.client.record(iid))["cancel"]["by"] == "ann@host"
+        return await _children_of(c.client, iid, ["p.c1.1"])
+
+    found = _worker(store_factory, namespace, graph, body)
+    _by_parent(found, "p", "cancelled")
+    assert "not needed" in found["p.c1.1"]["cancel"]["reason"]
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_the_embedded_engine_cancels_the_children_its_parent_gave_up_on(machine, write):
+    from dsm.embedded import run_graph
+    from dsm.records import public_record
+
+    text, words, status, ids = MACHINES[machine]
+    write("waitkid.yaml", WAITKID)
+    graph = compiler.load(write(f"{machine}.yaml", text))
+    seen: dict[str, Any] = {}
+
+    def update(inst: Any) -> None:
+        seen[inst.id] = inst
+
+    result = asyncio.run(run_graph(graph, {}, instance_id="p", on_update=update, timeout=30))
+    assert result.instance.status == status
+    children = {iid: public_record(inst) for iid, inst in seen.items() if iid != "p"}
+    assert sorted(children) == ids
+    _by_parent(children, "p", words)
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_dsm_test_cancels_the_children_its_parent_gave_up_on(machine, write):
+    from dsm.records import public_record
+    from dsm.testing.runner import run_file
+
+    text, words, status, ids = MACHINES[machine]
+    write("waitkid.yaml", WAITKID)
+    write(f"{machine}.yaml", text)
+    path = write(f"{machine}.test.yaml", f"""
+        machine: {machine}.yaml
+        cases:
+          - name: nobody signals the child
+            id: p
+            expect: {{status: {status}}}
+    """)
+    (case,) = run_file(path).cases
+    assert case.passed, case.reasons
+    children = {child.id: public_record(child) for child in case.children}
+    assert sorted(children) == ids
+    _by_parent(children, "p", words)

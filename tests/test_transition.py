@@ -666,3 +666,31 @@ def test_a_signal_that_some_state_takes_passes_and_a_finished_instance_takes_non
     with pytest.raises(InputError, match="is cancelled: it takes no more signals") as caught:
         check_signal(SIGNALLED, done, "decison", None)
     assert not isinstance(caught.value, InvalidSignal)
+
+
+def test_the_children_a_parent_lets_go_of_say_why():
+    """`released_children`: what each driver cancels, as the parent (`cancel.by` = `parent:<id>`)."""
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from dsm.records import CancelInfo, ErrorInfo, evolve
+    from dsm.transition import by_parent, fail, released_children
+
+    inst = start(LINEAR, "p", {}, NOW)
+    waiting = {"t1": replace(inst.tokens["t1"], child="p.c1.1", deadline=NOW + 5, state="a"),
+               "t9": replace(inst.tokens["t1"], id="t9", child="p.c9.1", state="c")}
+    before = evolve(inst, tokens=MappingProxyType(waiting))
+    assert by_parent("p") == "parent:p"
+    # the call of t1 timed out and retries (no child yet): only its child goes
+    retried = evolve(before, tokens=MappingProxyType({**waiting, "t1": replace(waiting["t1"], child=None,
+                                                                              attempt=2)}))
+    ((cid, why),) = released_children(before, retried, NOW + 5)
+    assert cid == "p.c1.1" and "gave up on it: its call state 'a' timed out" in why
+    assert released_children(before, before, NOW + 5) == ()
+    failed = fail(before, ErrorInfo("Boom", "no", "c", 1), NOW + 1).instance
+    assert released_children(before, failed, NOW + 1) == (
+        ("p.c1.1", "its parent p failed (Boom at state 'c')"), ("p.c9.1", "its parent p failed (Boom at state 'c')"))
+    stopped = cancel(before, NOW + 1, reason="enough", by="ann").instance
+    assert dict(released_children(before, stopped, NOW + 9))["p.c9.1"] == "its parent p was cancelled: enough"
+    assert stopped.cancel == CancelInfo("enough", "ann", NOW + 1)
+    assert released_children(stopped, stopped, NOW + 9) == ()  # a finished parent waits for nothing
