@@ -385,8 +385,9 @@ class Client:
 
     async def delete(self, instance_id: str) -> Instance:
         """Delete a finished instance now, as retention would: its record, history and index
-        entries, in one transaction. A running instance is refused (cancel it first)."""
-        from .housekeeping import deletion_txn
+        entries, in one transaction, after the children its call states started, and theirs
+        (`housekeeping.delete_children`). A running instance is refused (cancel it first)."""
+        from .housekeeping import delete_children, deletion_txn
 
         check_instance_id(instance_id)
         key = self.keys.instance(instance_id)
@@ -398,6 +399,8 @@ class Client:
             if not inst.finished:
                 raise InputError(f"instance {instance_id} is {inst.status}: only a finished instance can be "
                                  f"deleted (cancel it first: dsm cancel {instance_id})")
+            # looked for whatever the record counts: records written before it counted its children
+            await delete_children(self.store, self.keys, instance_id)
             txn = deletion_txn(self.keys, inst, kv.mod_revision)
             if (await self.store.txn(txn.compare, txn.success)).succeeded:
                 return inst

@@ -249,6 +249,13 @@ def child_id(inst: Instance, token: Token) -> str:
     return _child_base(inst.id) + suffix
 
 
+def child_prefix(parent_id: str) -> str:
+    """What the ids of the children an instance starts begin with (and those of theirs, but for a
+    child whose own id is over 96 characters). Other instances may share it: a child is one whose
+    record names the parent."""
+    return _child_base(parent_id) + ".c"
+
+
 def _child_base(parent_id: str) -> str:
     if len(parent_id) <= 96:
         return parent_id
@@ -260,7 +267,7 @@ def descends_from(instance_id: str, root: str) -> bool:
     far as ids tell: a child of a child whose id grew past 96 characters is not recognised)."""
     if instance_id == root:
         return True
-    return instance_id.startswith(_child_base(root) + ".c")
+    return instance_id.startswith(child_prefix(root))
 
 
 def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome: Outcome, now: float,
@@ -276,6 +283,7 @@ def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome:
         cid = child_id(inst, token)
         child = start(child_graph, cid, inst.payload_of(token), now)
         child = evolve(child, parent=Parent(inst.id, state.name, token.id, inst.machine, inst.digest))
+        inst = evolve(inst, children=inst.children + 1)
         deadline = now + state.timeout if state.timeout is not None else None
         waiting = replace(token, child=cid, not_before=deadline if deadline is not None else PARKED,
                           deadline=deadline, waits="child")
@@ -756,6 +764,6 @@ def redrive(inst: Instance) -> Step:
 
 
 __all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "by_parent", "cancel", "changes",
-           "check_signal", "child_ended", "child_id", "descends_from", "fail", "merge", "redrive",
+           "check_signal", "child_ended", "child_id", "child_prefix", "descends_from", "fail", "merge", "redrive",
            "released_children", "same_json", "signal", "start", "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH",
            "MAP_WINDOW"]

@@ -305,3 +305,81 @@ def test_dsm_test_cancels_the_children_its_parent_gave_up_on(machine, write):
     children = {child.id: public_record(child) for child in case.children}
     assert sorted(children) == ids
     _by_parent(children, "p", words)
+
+
+# -- deleting a parent deletes its children ---------------------------------------------------------
+
+TOP = """
+machine: top
+start: sub
+retention: {retention}
+states:
+  sub:
+    call: mid.yaml
+    next: done
+  done:
+    terminal: true
+"""
+
+MID = """
+machine: mid
+start: sub
+states:
+  sub:
+    call: leaf.yaml
+    next: done
+  done:
+    terminal: true
+"""
+
+LEAF = """
+machine: leaf
+start: go
+states:
+  go:
+    next: done
+  done:
+    terminal: true
+"""
+
+
+@pytest.mark.parametrize("how", ["dsm delete", "retention"])
+def test_deleting_a_parent_deletes_its_children_and_theirs(how, store_factory, write, namespace):
+    """The children keep the machine's default retention (a week): deleting the parent, by hand or
+    by its own retention (0), deletes them with it, whole (records, histories, index entries)."""
+    from indexes import inconsistencies
+
+    write("leaf.yaml", LEAF)
+    write("mid.yaml", MID)
+    graph = compiler.load(write("top.yaml", TOP.format(retention="0" if how == "retention" else "1d")))
+    # a user's own instance whose id only looks like a child's is not one
+    lookalike = compiler.load(write("lookalike.yaml", LEAF.replace("machine: leaf", "machine: lookalike")))
+
+    async def main() -> tuple[list[str], list[str]]:
+        store = await store_factory()
+        keys = Keys(namespace)
+        client = Client(store, keys)
+        registry = Registry(store, keys, allow=handlers.Allowlist(()))
+        registry.add(graph)
+        try:
+            async with running(store, registry, keys=keys,
+                               housekeeping=HousekeepingOptions(compaction_retention=0, interval=0.05)):
+                await client.submit(lookalike, {}, instance_id="p.c9.1")
+                family = ["p", "p.c1.1", "p.c1.1.c1.1"]
+                await client.submit(graph, {}, instance_id="p")
+                for iid in family[1:]:  # the children end first, then the parent (then retention 0 may take all)
+                    await _until(lambda iid=iid: _ended_or_gone(client, iid), f"{iid} to end")
+                if how == "dsm delete":
+                    await _until(lambda: _finished_record(client, "p"), "the parent to end")
+                    await client.delete("p")
+                gone = []
+                for iid in family:
+                    await _until(lambda iid=iid: _gone(client, iid), f"{iid} to be deleted")
+                    gone.append(iid)
+                assert (await client.instance("p.c9.1")).status == "succeeded"
+                return gone, await inconsistencies(store, keys)
+        finally:
+            await store.close()
+
+    gone, problems = asyncio.run(main())
+    assert gone == ["p", "p.c1.1", "p.c1.1.c1.1"] and problems == []
