@@ -285,8 +285,10 @@ def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome:
         child = evolve(child, parent=Parent(inst.id, state.name, token.id, inst.machine, inst.digest))
         inst = evolve(inst, children=inst.children + 1)
         deadline = now + state.timeout if state.timeout is not None else None
-        waiting = replace(token, child=cid, not_before=deadline if deadline is not None else PARKED,
-                          deadline=deadline, waits="child")
+        # a child that ends as it starts (its start state is terminal) makes no commit that would
+        # wake this token: it is due at once, to take the child's result
+        due = 0.0 if child.finished else deadline if deadline is not None else PARKED
+        waiting = replace(token, child=cid, not_before=due, deadline=deadline, waits="child")
         step = _replaced(inst, waiting)
         return replace(step, started=(child,))
     result = outcome.child

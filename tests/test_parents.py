@@ -383,3 +383,55 @@ def test_deleting_a_parent_deletes_its_children_and_theirs(how, store_factory, w
 
     gone, problems = asyncio.run(main())
     assert gone == ["p", "p.c1.1", "p.c1.1.c1.1"] and problems == []
+
+
+INSTANT = """
+machine: instant
+start: done
+states:
+  done:
+    terminal: true
+"""
+
+CALLS_INSTANT = """
+machine: caller
+start: sub
+states:
+  sub:
+    call: instant.yaml
+    next: done
+  done:
+    terminal: true
+"""
+
+
+def test_a_child_that_ends_as_it_starts_lets_its_parent_go_on(store_factory, write, namespace):
+    """A child whose start state is terminal is created finished: no commit of its own ever wakes
+    the parent, so the call state that starts it does not park."""
+    write("instant.yaml", INSTANT)
+    graph = compiler.load(write("caller.yaml", CALLS_INSTANT))
+
+    async def body(c: Any) -> Any:
+        iid = await c.client.submit(graph, {"x": 1}, instance_id="p")
+        return await c.client.wait(iid, timeout=10)
+
+    done = _worker(store_factory, namespace, graph, body)
+    assert done.status == "succeeded" and done.payload == {"x": 1}
+
+
+def test_a_child_that_ends_as_it_starts_lets_its_parent_go_on_embedded_and_in_dsm_test(write):
+    from dsm.embedded import run_graph
+    from dsm.testing.runner import run_file
+
+    write("instant.yaml", INSTANT)
+    graph = compiler.load(write("caller.yaml", CALLS_INSTANT))
+    result = asyncio.run(run_graph(graph, {"x": 1}, timeout=10))
+    assert result.instance.status == "succeeded" and result.instance.payload == {"x": 1}
+    path = write("caller.test.yaml", """
+        machine: caller.yaml
+        cases:
+          - name: the child ends at once
+            expect: {status: succeeded, path: [sub, done]}
+    """)
+    (case,) = run_file(path).cases
+    assert case.passed, case.reasons
