@@ -589,7 +589,7 @@ class Worker:
                 return
             record = result.get(0).first
             if record is None:  # the instance is gone: so goes its marker (and our claim)
-                await self._reconcile(iid)
+                await self._remove_stray(job.ref, job.claim_rev)
                 return
             self.records.remember(record)
         await self._release(job.ref, job.claim_rev)
