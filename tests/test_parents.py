@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from test_language import scenario
 
 from dsm import compiler, handlers
 from dsm.client import Client
@@ -207,17 +208,13 @@ def _by_parent(children: dict[str, Any], pid: str, words: str) -> None:
 
 
 def _worker(store_factory: Any, namespace: str, graph: Any, body: Any) -> Any:
-    from test_language import scenario
-
+    """Run `body(cluster)` with a worker that serves `graph` (and the machines it calls)."""
     return scenario(store_factory, namespace, graph, body)
 
 
 async def _children_of(client: Client, pid: str, ids: list[str]) -> dict[str, Any]:
-    out = {}
-    for cid in ids:
-        rec = await _until(lambda cid=cid: _finished_record(client, cid), f"child {cid} to end")
-        out[cid] = rec
-    return out
+    return {cid: await _until(lambda cid=cid: _finished_record(client, cid), f"child {cid} of {pid} to end")
+            for cid in ids}
 
 
 async def _finished_record(client: Client, iid: str) -> Any:
