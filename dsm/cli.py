@@ -1245,7 +1245,9 @@ def send_signal(instance_id: InstanceId, name: SignalName, payload: SignalPayloa
 
     Signals are durable and buffered: one sent before the instance reaches the state that waits
     for it is kept, and consumed there (in the order sent, one per visit). An unknown or finished
-    instance is refused (exit 2) and nothing is written.
+    instance, a NAME no state of the instance's machine waits for, or an --outcome that no state
+    waiting for NAME routes on, is refused (exit 2, saying what the machine takes) and nothing is
+    written.
     """
     try:
         body = payloads.parse(payload, what="--payload") if payload is not None else {}

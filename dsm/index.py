@@ -70,25 +70,27 @@ def status_keys(keys: Keys, instance_id: str, status: str, machine: str, created
 @dataclass(frozen=True, slots=True)
 class Expiry:
     """The value of an expiry entry: enough to delete the instance's listing entries and to bound
-    a deletion batch, without reading its record first."""
+    a deletion batch, without reading its record first; and whether it started children, which
+    go with it (`housekeeping.delete_children`)."""
 
     machine: str
     status: str
     created: int  # ms, as in the listing keys
     transitions: int
+    children: bool = False
 
     def dump(self) -> bytes:
         return codec.dumps({"machine": self.machine, "status": self.status, "created": self.created,
-                            "transitions": self.transitions})
+                            "transitions": self.transitions, **({"children": True} if self.children else {})})
 
     @staticmethod
     def load(raw: bytes) -> Expiry:
         d: dict[str, Any] = codec.loads(raw)
-        return Expiry(d["machine"], d["status"], d["created"], d.get("transitions", 0))
+        return Expiry(d["machine"], d["status"], d["created"], d.get("transitions", 0), bool(d.get("children")))
 
     @staticmethod
     def of(inst: Instance) -> Expiry:
-        return Expiry(inst.machine, inst.status, created_ms(inst), inst.transitions)
+        return Expiry(inst.machine, inst.status, created_ms(inst), inst.transitions, inst.children > 0)
 
 
 def expiry_put(keys: Keys, inst: Instance) -> Put | None:

@@ -320,14 +320,37 @@ def test_null_for_an_optional_field_is_leaving_it_out(server):
     started = srv.post("/api/machines/approval/instances", {"payload": None, "id": None})
     assert started.status_code == 201 and started.json()["payload"] == {}, started.text
     iid = start(srv, "approval", {"amount": 1}, id="n-1")["id"]
-    signalled = srv.post(f"/api/instances/{iid}/signals/decision", {"payload": None, "outcome": None})
+    # an outcome of null is no outcome: this machine routes on one, so the signal is refused as without one
+    assert error_of(srv.post(f"/api/instances/{iid}/signals/decision", {"outcome": None}), 422)["type"] == \
+        "InvalidSignal"
+    signalled = srv.post(f"/api/instances/{iid}/signals/decision", {"payload": None, "outcome": "approve"})
     assert signalled.status_code == 202, signalled.text
-    assert signalled.json()["signals"][-1]["outcome"] is None
+    assert signalled.json()["signals"][-1]["outcome"] == "approve"
     cancelled = srv.post(f"/api/instances/{iid}/cancel", {"reason": None})
     assert cancelled.status_code == 200 and cancelled.json()["cancel"]["reason"] is None
     nullable = openapi.document(token_required=False)["paths"]["/api/machines/{machine}/instances"]["post"]
     properties = nullable["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert "null" in properties["id"]["type"] and "null" in properties["payload"]["type"]
+
+
+def test_a_signal_the_machine_does_not_take_answers_422_naming_what_it_takes(server):
+    srv = server(graphs=[APPROVAL])  # no worker: nothing but the requests writes
+    running = start(srv, "approval", {"amount": 1}, id="s-1")["id"]
+    before = srv.snapshot()
+    misspelled = error_of(srv.post(f"/api/instances/{running}/signals/decison", {"outcome": "approve"}), 422)
+    assert misspelled["type"] == "InvalidSignal", misspelled
+    assert "'decision'" in misspelled["message"] and "'approve'" in misspelled["message"], misspelled
+    outcome = error_of(srv.post(f"/api/instances/{running}/signals/decision", {"outcome": "maybe"}), 422)
+    assert outcome["type"] == "InvalidSignal" and "'maybe'" in outcome["message"], outcome
+    assert "'approve'" in outcome["message"] and "'reject'" in outcome["message"], outcome
+    assert srv.snapshot() == before
+    takes = [{"name": "decision", "states": ["decide", "final_decision"], "outcomes": ["approve", "reject"],
+              "outcome_required": True}]
+    assert srv.get(f"/api/instances/{running}/graph").json()["signals"] == takes  # what a form offers
+    assert srv.get("/api/machines/approval").json()["signals"] == takes
+    paths = openapi.document(token_required=False)["paths"]
+    described = paths["/api/instances/{id}/signals/{name}"]["post"]["responses"]
+    assert "422" in described and "409" in described
 
 
 # -- who may do what -----------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Routes (the OpenAPI document, `openapi.py`, describes each):
 
     GET    /api/instances?status=&machine=&since=&limit=&after=   a page of summaries, newest first
     GET    /api/instances/{id}                  the whole record, history included
-    GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked
+    GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked, and
+                                                the signals it takes
     POST   /api/machines/{machine}/instances    start the machine's newest definition
     POST   /api/instances/{id}/signals/{name}   send a signal
     POST   /api/instances/{id}/cancel           cancel
@@ -47,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 from .. import index, payloads, render
 from ..client import Client
 from ..definitions import MachineInfo, Registry, machines, newest
-from ..errors import InputError, InstanceExists, NotFound, StoreError
+from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, StoreError
 from ..graph import Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
 from ..records import CANCELLED, STATUSES, public_record
@@ -102,8 +103,8 @@ class Api:
     token_required: bool = False  # actions need the bearer token: the document says so
 
     def __post_init__(self) -> None:
-        self.client = Client(self.store, self.keys, wall=self.wall)
         self.definitions = Registry(self.store, self.keys, import_handlers=False)
+        self.client = Client(self.store, self.keys, wall=self.wall, definitions=self.definitions)
 
     def close(self) -> None:
         """End the open event streams (a server that stops waits for open answers)."""
@@ -228,14 +229,15 @@ class Api:
         trace = render.Trace.of(((h.state, h.next) for h in history), active=inst.active, final=inst.state,
                                 failed_at=inst.error.state if inst.error else None)
         return JSONResponse({"id": iid, "status": inst.status, "mermaid": render.mermaid_marked(graph, trace),
-                             **render.as_json(graph, trace)})
+                             **render.as_json(graph, trace), "signals": _signals(graph)})
 
     async def list_machines(self, request: Request) -> Response:
         return JSONResponse({"items": [m.as_dict() for m in await machines(self.store, self.keys)]})
 
     async def get_machine(self, request: Request) -> Response:
         info, graph = await self.newest(self.machine_name(request))
-        return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph)})
+        return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph),
+                             "signals": _signals(graph)})
 
     async def list_workers(self, request: Request) -> Response:
         found = await self.client.workers()
@@ -300,6 +302,8 @@ class Api:
             raise bad_request(f"outcome must be a non-empty label (a string), got {json.dumps(outcome)}")
         try:
             inst = await self.client.signal(iid, name, payload, outcome=outcome)
+        except InvalidSignal as exc:  # its machine waits for no such signal, or routes on no such outcome
+            raise ApiError(422, "InvalidSignal", str(exc)) from None
         except InputError as exc:  # the instance takes no (more) signals: finished, or too many pending
             raise conflict(str(exc)) from None
         return JSONResponse(public_record(inst), status_code=202)
@@ -334,6 +338,12 @@ class Api:
         except InputError as exc:  # still running
             raise conflict(str(exc)) from None
         return JSONResponse(index.summary(inst))
+
+
+def _signals(graph: Graph) -> list[dict[str, Any]]:
+    """The signals a machine's own states wait for, with the outcomes they route on: what a signal
+    to one of its instances may be (anything else is refused, 422)."""
+    return [routes.as_dict() for routes in graph.signals().values()]
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -125,6 +125,16 @@ SCHEMAS: dict[str, Any] = {
                    "description": "A store revision, on the last event of each: send it back as Last-Event-ID."},
             "retry": {"type": "integer", "minimum": 0}},
     },
+    "Signal": {
+        "type": "object", "required": ["name", "states", "outcomes", "outcome_required"],
+        "description": "A signal the machine's own states wait for: a signal to one of its instances must be one "
+                       "of these, with one of its outcomes (or none, unless one is required); else 422.",
+        "properties": {"name": {"type": "string"}, "states": {"type": "array", "items": {"type": "string"}},
+                       "outcomes": {"type": "array", "items": {"type": "string"},
+                                    "description": "The labels the states that route with `on` route on."},
+                       "outcome_required": {"type": "boolean",
+                                            "description": "Every state waiting for it routes with `on`."}},
+    },
     "Drawing": {
         "type": "object", "description": "A machine as nodes and edges; the ids are the Mermaid text's.",
         "properties": {
@@ -147,6 +157,10 @@ RESPONSES: dict[str, Any] = {
     "Conflict": _json(_ref("Error"), "The instance's state refuses the action (id taken with another payload, "
                                      "redrive of a succeeded instance, signal to a finished one ...)."),
     "TooLarge": _json(_ref("Error"), "The request body or the payload is over the limit."),
+    "InvalidSignal": _json(_ref("Error"), "The instance's machine does not take this signal: no state waits for "
+                                          "the name, or none that waits for it routes on the outcome (or one is "
+                                          "needed). The message names the signals and outcomes it takes; "
+                                          "nothing was stored."),
     "Unauthorized": _json(_ref("Error"), "A token is set (DSM_API_TOKEN) and the request has not sent it."),
     "Forbidden": _json(_ref("Error"), "An action from another origin, or a Host this API does not answer to."),
 }
@@ -195,8 +209,10 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json({"allOf": [_ref("Drawing"), {"type": "object", "properties": {
             "id": {"type": "string"}, "status": {"type": "string"}, "mermaid": {"type": "string"},
             "path": {"type": "array", "items": {"type": "string"}},
-            "active": {"type": "array", "items": {"type": "string"}}, "failed_at": NULLABLE_STRING}}]},
-            "The drawing."), "400": _error("BadRequest"), "404": _error("NotFound")}}},
+            "active": {"type": "array", "items": {"type": "string"}}, "failed_at": NULLABLE_STRING,
+            "signals": {"type": "array", "items": _ref("Signal")}}}]},
+            "The drawing, and the signals the instance's machine takes."), "400": _error("BadRequest"),
+            "404": _error("NotFound")}}},
     "/api/instances/{id}/signals/{name}": {"post": {
         "operationId": "signal", "parameters": [ID, SIGNAL], "security": ACTION,
         "summary": "Send a signal: kept in the record, consumed in order by the state that waits for it.",
@@ -205,7 +221,8 @@ PATHS: dict[str, Any] = {
                               "outcome": {"type": ["string", "null"], "minLength": 1,
                                           "description": "Routes a signal state with `on`: a label, not empty."}},
                              "An empty body sends the signal without payload or outcome."),
-        "responses": {"202": _json(_ref("Record"), "Stored; the record without history."), **ACTION_ERRORS}}},
+        "responses": {"202": _json(_ref("Record"), "Stored; the record without history."), **ACTION_ERRORS,
+                      "422": _error("InvalidSignal")}}},
     "/api/instances/{id}/cancel": {"post": {
         "operationId": "cancel", "parameters": [ID], "security": ACTION,
         "summary": "Cancel a running instance (again: answers it as it is); a finished one is refused (409).",
@@ -224,7 +241,8 @@ PATHS: dict[str, Any] = {
         "operationId": "get_machine", "parameters": [MACHINE],
         "summary": "A machine's newest definition, drawn.",
         "responses": {"200": _json({"allOf": [_ref("Machine"), {"type": "object", "properties": {
-            "mermaid": {"type": "string"}, "graph": _ref("Drawing")}}]}, "The machine."),
+            "mermaid": {"type": "string"}, "graph": _ref("Drawing"),
+            "signals": {"type": "array", "items": _ref("Signal")}}}]}, "The machine."),
             "400": _error("BadRequest"), "404": _error("NotFound")}}},
     "/api/machines/{machine}/instances": {"post": {
         "operationId": "start", "parameters": [MACHINE], "security": ACTION,
