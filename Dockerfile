@@ -4,7 +4,7 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 
-COPY pyproject.toml README.md cli.py ./
+COPY pyproject.toml README.md ./
 COPY dsm ./dsm
 COPY schemas ./schemas
 RUN pip install ".[api]"

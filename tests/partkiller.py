@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cli  # noqa: E402
+from dsm import cli  # noqa: E402
 from dsm.worker import core  # noqa: E402
 
 target = sys.argv.pop(1)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from apiserver import ApiServer, finished, waits_for_signal
-from clitools import ROOT, dsm, spawn
+from clitools import ROOT, dsm, spawn, stop
 
 from dsm import compiler
 from dsm.api import guard, openapi
@@ -281,15 +281,76 @@ def test_every_error_answers_json_and_writes_nothing(server, monkeypatch):
         (srv.get("/api/instances", params={"limit": "many"}), 400, "BadRequest", "limit"),
         (srv.get("/api/instances", params={"after": "junk"}), 400, "BadRequest", "invalid cursor"),
         (srv.get("/api/instances", params={"since": "yesterday"}), 400, "BadRequest", "since"),
+        (srv.get("/api/instances", params={"since": "2026-02-30"}), 400, "BadRequest", "since"),  # no such day
+        (srv.get("/api/instances", params={"since": "2026-11-28T13:00"}), 400, "BadRequest", "RFC 3339"),
+        (srv.get("/api/instances", params={"after": "\u0661" * 13 + "/x"}), 400, "BadRequest", "invalid cursor"),
+        (srv.get("/api/instances", params={"limit": "\u0661"}), 400, "BadRequest", "limit"),
+        (srv.get("/api/instances", params={"machine": "Bad!"}), 400, "BadRequest", "invalid machine name"),
+        (srv.post(f"/api/instances/{running}/signals/decision", {"outcome": ""}), 400, "BadRequest", "non-empty"),
         (srv.get("/api/instances", params={"stauts": "running"}), 400, "BadRequest", "'stauts'"),
         (srv.get("/api/events", params={"instance": "ghost"}), 404, "NotFound", "ghost"),
         (srv.get("/api/nothing-here"), 404, "NotFound", "/api/nothing-here"),
         (srv.http.put("/api/instances"), 405, "MethodNotAllowed", "PUT"),
+        (srv.http.put(f"/api/instances/{running}"), 405, "MethodNotAllowed", "PUT"),
     ]
     for response, status, kind, words in cases:
         error = error_of(response, status)
         assert error["type"] == kind and words in error["message"], (response.request.url, error)
     assert srv.snapshot() == before
+
+
+def test_every_path_says_which_methods_it_takes(server):
+    """405 and OPTIONS list every method of the path in `Allow`, though each route serves one."""
+    srv = server(token="s3cret")
+    assert srv.http is not None
+    for path, methods in (("/api/instances", "GET, HEAD, OPTIONS"), ("/api/instances/x", "DELETE, GET, HEAD, OPTIONS"),
+                          ("/api/instances/x/cancel", "OPTIONS, POST")):
+        options = srv.http.options(path)
+        assert options.status_code == 204 and options.headers["allow"] == methods, (path, options.headers)
+        assert "access-control-allow-origin" not in options.headers  # no CORS, as for every answer
+        refused = srv.http.request("PATCH", path)
+        assert error_of(refused, 405)["type"] == "MethodNotAllowed" and refused.headers["allow"] == methods
+    # a method no route takes runs nothing: its 405, not a request for the token
+    assert error_of(srv.http.request("TRACE", "/api/instances"), 405)["type"] == "MethodNotAllowed"
+    assert srv.http.options("/api/nothing-here").status_code == 404
+
+
+def test_null_for_an_optional_field_is_leaving_it_out(server):
+    srv = server(graphs=[APPROVAL])
+    started = srv.post("/api/machines/approval/instances", {"payload": None, "id": None})
+    assert started.status_code == 201 and started.json()["payload"] == {}, started.text
+    iid = start(srv, "approval", {"amount": 1}, id="n-1")["id"]
+    # an outcome of null is no outcome: this machine routes on one, so the signal is refused as without one
+    assert error_of(srv.post(f"/api/instances/{iid}/signals/decision", {"outcome": None}), 422)["type"] == \
+        "InvalidSignal"
+    signalled = srv.post(f"/api/instances/{iid}/signals/decision", {"payload": None, "outcome": "approve"})
+    assert signalled.status_code == 202, signalled.text
+    assert signalled.json()["signals"][-1]["outcome"] == "approve"
+    cancelled = srv.post(f"/api/instances/{iid}/cancel", {"reason": None})
+    assert cancelled.status_code == 200 and cancelled.json()["cancel"]["reason"] is None
+    nullable = openapi.document(token_required=False)["paths"]["/api/machines/{machine}/instances"]["post"]
+    properties = nullable["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "null" in properties["id"]["type"] and "null" in properties["payload"]["type"]
+
+
+def test_a_signal_the_machine_does_not_take_answers_422_naming_what_it_takes(server):
+    srv = server(graphs=[APPROVAL])  # no worker: nothing but the requests writes
+    running = start(srv, "approval", {"amount": 1}, id="s-1")["id"]
+    before = srv.snapshot()
+    misspelled = error_of(srv.post(f"/api/instances/{running}/signals/decison", {"outcome": "approve"}), 422)
+    assert misspelled["type"] == "InvalidSignal", misspelled
+    assert "'decision'" in misspelled["message"] and "'approve'" in misspelled["message"], misspelled
+    outcome = error_of(srv.post(f"/api/instances/{running}/signals/decision", {"outcome": "maybe"}), 422)
+    assert outcome["type"] == "InvalidSignal" and "'maybe'" in outcome["message"], outcome
+    assert "'approve'" in outcome["message"] and "'reject'" in outcome["message"], outcome
+    assert srv.snapshot() == before
+    takes = [{"name": "decision", "states": ["decide", "final_decision"], "outcomes": ["approve", "reject"],
+              "outcome_required": True}]
+    assert srv.get(f"/api/instances/{running}/graph").json()["signals"] == takes  # what a form offers
+    assert srv.get("/api/machines/approval").json()["signals"] == takes
+    paths = openapi.document(token_required=False)["paths"]
+    described = paths["/api/instances/{id}/signals/{name}"]["post"]["responses"]
+    assert "422" in described and "409" in described
 
 
 # -- who may do what -----------------------------------------------------------------------------
@@ -392,13 +453,28 @@ def test_the_openapi_document_is_valid_and_lists_every_route():
     with ApiServer() as srv:
         document = srv.get("/api/openapi.json").json()
     validate(document)
-    assert document == openapi.document()
+    assert document == openapi.document(token_required=False)
+    with ApiServer(token="s3cret") as srv:
+        secured = srv.get("/api/openapi.json").json()
+    validate(secured)
+    assert secured == openapi.document(token_required=True)
+    # the bearer token is asked for on the actions, and only when the API has one
+    for (_, method), operation in operations(secured).items():
+        action = method in ("post", "delete")
+        assert (operation.get("security") == [{"bearer": []}]) is action and ("401" in operation["responses"]) is action
+    assert not any("security" in op or "401" in op["responses"] for op in operations(document).values())
+    assert "securitySchemes" not in document["components"] and "bearer" in secured["components"]["securitySchemes"]
     app = create_app(MemoryStore())
     served = {(route.path, method.lower()) for route in app.routes
               if route.path.startswith("/api/") for method in getattr(route, "methods", ()) if method != "HEAD"}
     described = {(path, method) for path, item in document["paths"].items()
                  for method in item if method != "parameters"}
     assert served == described
+
+
+def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(path, method): operation for path, item in document["paths"].items()
+            for method, operation in item.items() if method != "parameters"}
 
 
 def test_the_dashboard_is_served_from_the_package():
@@ -514,6 +590,44 @@ def test_events_resync_when_the_revisions_asked_for_are_compacted(server):
         stream.until(lambda event, data: event == "instance" and data["id"] == "after")
 
 
+def test_events_resync_when_the_last_id_is_ahead_of_the_store(server):
+    """A Last-Event-ID above the store's revision (etcd restored from a backup, or replaced): the
+    events after it will never come as such, so the stream says `resync` and goes on from now."""
+    srv = server(graphs=[APPROVAL], heartbeat=0.2)
+    assert srv.http is not None
+    start(srv, "approval", {"amount": 1})
+    current = srv.call(lambda store, keys: store.revision())
+    for n, ahead in enumerate((current + 1000, 2**63 - 1)):  # the largest revision etcd can hold, too
+        with srv.http.stream("GET", "/api/events", headers={"last-event-id": str(ahead)}) as response:
+            stream = Events(response)
+            events = stream.until(lambda event, data: event == "resync", timeout=10)
+            assert current <= events[-1][1]["revision"] < ahead and int(events[-1][2]) < ahead
+            after = start(srv, "approval", {"amount": 2}, id=f"after-{n}")["id"]  # the stream goes on from there
+            stream.until(lambda event, data, after=after: event == "instance" and data["id"] == after, timeout=10)
+
+
+def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
+    """Beyond etcd's int64, negative, or not a number: 400 with the API's error, before any stream,
+    and nothing in the server's log."""
+    srv = server(heartbeat=0.2)
+    assert srv.http is not None
+    caplog.set_level("WARNING")
+    # each sent as HTTP carries it (latin-1): "\u00b9\u00b2" is a digit string to Python, and no number to int()
+    for last_id in ("99999999999999999999", "9223372036854775808", "-1", "-0", "abc", "1.5", "12x", "0x10",
+                    "\u00b9\u00b2", ""):
+        headers = {"last-event-id": last_id.encode("latin-1")}
+        with srv.http.stream("GET", "/api/events", headers=headers) as response:
+            assert response.status_code == 400, (last_id, response.status_code, response.headers["content-type"])
+            response.read()
+        error = error_of(response, 400)
+        assert error["type"] == "BadRequest" and "Last-Event-ID" in error["message"], (last_id, error)
+    assert srv.get("/api/workers").status_code == 200  # still serving
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+    described = openapi.document(token_required=False)["paths"]["/api/events"]["get"]
+    assert "400" in described["responses"]
+    assert any(p["name"] == "Last-Event-ID" and p["in"] == "header" for p in described["parameters"])
+
+
 def test_client_and_api_agree_on_the_namespace(server):
     """The API lists what the Python client started in the same namespace, and the other way round."""
     srv = server(graphs=[APPROVAL])
@@ -580,7 +694,46 @@ def test_dsm_api_usage_errors(tmp_path):
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text("raise ImportError('not installed here')\n")
     missing = dsm("api", "definitions/order.yaml", "--port", "0", PYTHONPATH=str(blocked.parent))
-    assert missing.returncode == 2 and "pip install 'dsm[api]'" in missing.stderr
+    assert missing.returncode == 2 and "pip install 'dsm-workflow[api]'" in missing.stderr
+
+
+def test_dsm_api_beyond_loopback_needs_a_token_or_no_token():
+    """Listening on every interface with no DSM_API_TOKEN would let anyone who reaches the port act:
+    refused (exit 2) unless --no-token says so, and then each start warns."""
+    refused = dsm("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", DSM_API_TOKEN="",
+                  timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert "DSM_API_TOKEN" in line and "--no-token" in line and "0.0.0.0" in line, line
+
+    proc = spawn("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", "--no-token",
+                 DSM_API_TOKEN="")
+    try:
+        url = serving(proc).replace("0.0.0.0", "127.0.0.1")
+        with httpx.Client(base_url=url, timeout=30) as http:  # open to anyone: no token asked
+            assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 201
+    finally:
+        stderr = stop(proc)
+    assert proc.returncode == 0, stderr
+    (warning,) = [line for line in stderr.splitlines() if "warning" in line]
+    assert "--no-token" in warning and "anyone" in warning, warning
+
+
+def test_dsm_api_ignores_no_token_when_a_token_is_set():
+    """--no-token with DSM_API_TOKEN set: the token is kept (the safer reading) and a note says so."""
+    proc = spawn("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", "--no-token",
+                 DSM_API_TOKEN="s3cret")
+    try:
+        url = serving(proc).replace("0.0.0.0", "127.0.0.1")
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 401
+            started = http.post("/api/machines/order/instances", json={"payload": {}},
+                                headers={"authorization": "Bearer s3cret"})
+            assert started.status_code == 201, started.text
+    finally:
+        stderr = stop(proc)
+    assert proc.returncode == 0 and "warning" not in stderr, stderr
+    assert "note: --no-token is ignored: DSM_API_TOKEN is set" in stderr, stderr
 
 
 def test_the_api_does_not_import_handlers(write, etcd, namespace):

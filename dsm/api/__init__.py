@@ -1,12 +1,12 @@
 """`dsm api`: a JSON HTTP API over a namespace's store, and the dashboard's static files.
 
-Needs the `api` extra (Starlette and uvicorn): `pip install 'dsm[api]'`. `app.create_app` builds
+Needs the `api` extra (Starlette and uvicorn): `pip install 'dsm-workflow[api]'`. `app.create_app` builds
 the application, `serve.serve` runs it with uvicorn inside an event loop the caller owns.
 """
 
 from __future__ import annotations
 
-MISSING = "dsm api needs Starlette and uvicorn: pip install 'dsm[api]'"
+MISSING = "dsm api needs Starlette and uvicorn: pip install 'dsm-workflow[api]'"
 
 
 def available() -> bool:

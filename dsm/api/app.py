@@ -6,7 +6,8 @@ Routes (the OpenAPI document, `openapi.py`, describes each):
 
     GET    /api/instances?status=&machine=&since=&limit=&after=   a page of summaries, newest first
     GET    /api/instances/{id}                  the whole record, history included
-    GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked
+    GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked, and
+                                                the signals it takes
     POST   /api/machines/{machine}/instances    start the machine's newest definition
     POST   /api/instances/{id}/signals/{name}   send a signal
     POST   /api/instances/{id}/cancel           cancel
@@ -41,13 +42,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import index, payloads, render
 from ..client import Client
 from ..definitions import MachineInfo, Registry, machines, newest
-from ..errors import InputError, InstanceExists, NotFound, StoreError
+from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, StoreError
 from ..graph import Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
 from ..records import CANCELLED, STATUSES, public_record
@@ -99,10 +100,11 @@ class Api:
     heartbeat: float = events.HEARTBEAT
     body_limit: int = field(default_factory=lambda: payloads.default_limit() + BODY_SLACK)
     streams: events.Streams = field(default_factory=events.Streams)
+    token_required: bool = False  # actions need the bearer token: the document says so
 
     def __post_init__(self) -> None:
-        self.client = Client(self.store, self.keys, wall=self.wall)
         self.definitions = Registry(self.store, self.keys, import_handlers=False)
+        self.client = Client(self.store, self.keys, wall=self.wall, definitions=self.definitions)
 
     def close(self) -> None:
         """End the open event streams (a server that stops waits for open answers)."""
@@ -200,14 +202,14 @@ class Api:
         try:
             if machine is not None:
                 check_machine_name(machine)
-            since = index.parse_since(q["since"], self.wall()) if q.get("since") else None
+            since = index.check_since(q["since"], self.wall()) if q.get("since") else None
             after = index.check_cursor(q["after"]) if q.get("after") else None
         except InputError as exc:
             raise bad_request(str(exc).replace("--since", "since")) from None
         limit = DEFAULT_LIMIT
         if q.get("limit"):
             text = q["limit"]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
                 raise bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
             limit = int(text)
         page = await self.client.page(status=status, machine=machine, since=since, after=after, limit=limit)
@@ -227,14 +229,15 @@ class Api:
         trace = render.Trace.of(((h.state, h.next) for h in history), active=inst.active, final=inst.state,
                                 failed_at=inst.error.state if inst.error else None)
         return JSONResponse({"id": iid, "status": inst.status, "mermaid": render.mermaid_marked(graph, trace),
-                             **render.as_json(graph, trace)})
+                             **render.as_json(graph, trace), "signals": _signals(graph)})
 
     async def list_machines(self, request: Request) -> Response:
         return JSONResponse({"items": [m.as_dict() for m in await machines(self.store, self.keys)]})
 
     async def get_machine(self, request: Request) -> Response:
         info, graph = await self.newest(self.machine_name(request))
-        return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph)})
+        return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph),
+                             "signals": _signals(graph)})
 
     async def list_workers(self, request: Request) -> Response:
         found = await self.client.workers()
@@ -245,21 +248,21 @@ class Api:
         if unknown:
             raise bad_request(f"unknown query parameter {unknown[0]!r} (expected instance)")
         instance = request.query_params.get("instance") or None
-        if instance is not None:
-            try:
+        try:
+            last_id = events.parse_last_id(request.headers.get("last-event-id"))
+            if instance is not None:
                 check_instance_id(instance)
-            except InputError as exc:
-                raise bad_request(str(exc)) from None
+        except InputError as exc:  # refused before the stream starts: a 400, not a stream that breaks
+            raise bad_request(str(exc)) from None
+        if instance is not None:
             await self.client.instance(instance)  # NotFound: 404 now rather than a silent stream
-        given = request.headers.get("last-event-id", "").strip()
-        last_id = int(given) if given.isdigit() else None
         body = events.stream(self.store, self.keys, self.streams, instance=instance, last_id=last_id,
                              heartbeat=self.heartbeat, history=lambda iid, after: self.client.history(iid, after=after))
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def get_openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi.document())
+        return JSONResponse(openapi.document(token_required=self.token_required))
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -299,6 +302,8 @@ class Api:
             raise bad_request(f"outcome must be a non-empty label (a string), got {json.dumps(outcome)}")
         try:
             inst = await self.client.signal(iid, name, payload, outcome=outcome)
+        except InvalidSignal as exc:  # its machine waits for no such signal, or routes on no such outcome
+            raise ApiError(422, "InvalidSignal", str(exc)) from None
         except InputError as exc:  # the instance takes no (more) signals: finished, or too many pending
             raise conflict(str(exc)) from None
         return JSONResponse(public_record(inst), status_code=202)
@@ -333,6 +338,12 @@ class Api:
         except InputError as exc:  # still running
             raise conflict(str(exc)) from None
         return JSONResponse(index.summary(inst))
+
+
+def _signals(graph: Graph) -> list[dict[str, Any]]:
+    """The signals a machine's own states wait for, with the outcomes they route on: what a signal
+    to one of its instances may be (anything else is refused, 422)."""
+    return [routes.as_dict() for routes in graph.signals().values()]
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -388,11 +399,30 @@ def routes(api: Api, static: Path | None) -> list[BaseRoute]:
             Mount("/static", app=StaticFiles(directory=static), name="static")]
 
 
+def _allowed(request: Request) -> list[str]:
+    """The methods answered at the request's path: those of every route there (one route a
+    method), and OPTIONS; none when no route there says (a mount)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """A JSON error; at a path that does not take the method, every method it takes in `Allow`
+    (a route answers with its own only), and OPTIONS answered 204 with them."""
     assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    allowed = _allowed(request) if exc.status_code == 405 else []
+    if allowed:
+        headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+        headers["allow"] = ", ".join(allowed)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=headers)
     kinds = {404: "NotFound", 405: "MethodNotAllowed"}
     return error_response(exc.status_code, kinds.get(exc.status_code, "HTTPError"),
-                          f"{request.method} {request.url.path}: {exc.detail}", dict(exc.headers or {}))
+                          f"{request.method} {request.url.path}: {exc.detail}", headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -410,9 +440,10 @@ def create_app(store: Store, keys: Keys | None = None, *, token: str | None = No
     line passes the loopback names when it listens on loopback). The caller owns the store and
     closes it; `app.state.api.close()` ends open event streams before a server stops.
     """
-    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat)
-    app = Starlette(routes=routes(api, static),
-                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts)],
+    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat, token_required=bool(token))
+    served = routes(api, static)
+    app = Starlette(routes=served,
+                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, routes=served)],
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.api = api
     return app

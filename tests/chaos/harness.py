@@ -100,7 +100,7 @@ class Report:
 
 def _dsm_command() -> list[str]:
     script = Path(sys.executable).parent / "dsm"
-    return [str(script)] if script.exists() else [sys.executable, str(ROOT / "cli.py")]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dsm"]
 
 
 class Chaos:

@@ -11,7 +11,7 @@ from auth_faults import AuthConfig, run_auth
 from constructs import ConstructConfig, run_constructs
 from harness import Config, run
 
-pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+pytestmark = [pytest.mark.etcd, pytest.mark.slow, pytest.mark.long]
 
 
 def _require_etcd() -> None:

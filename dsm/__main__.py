@@ -1,0 +1,5 @@
+"""`python -m dsm ...`: the `dsm` command."""
+
+from .cli import main
+
+main()
