@@ -40,7 +40,7 @@ whole history, and the namespace's stream delivered the end of every instance su
 the last fault.
 
     python tests/chaos/run.py --auth --minutes 5        # the long run
-    python -m pytest tests/chaos -k auth                # the short version, in the suite
+    python -m pytest tests/chaos -m long -k auth        # the short version, in the suite (marked long)
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ class AuthChaos(Chaos):
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, ns: str = "a") -> Proc:  # type: ignore[override]
+    def start_worker(self, ns: str = "a") -> Proc:  # type: ignore[override]  # a namespace, and a Proc
         c = self.config
         return self._spawn(f"worker-{ns}", [
             "worker", str(RELAY), "--namespace", ns, "--concurrency", str(c.concurrency), "--lease-ttl",
