@@ -361,14 +361,24 @@ class _Compiler:
                 return None
             self.children[target] = child
             return Call(target, child)
+        if "\0" in target:  # the OS takes no such path: asking it would raise, not answer
+            self.report(path, f"{loader.dotted(path)}: the path {target!r} holds a NUL character, which no file "
+                        "name can hold")
+            return None
         base = Path(self.doc.file).resolve().parent if self.doc.file and not self.doc.file.startswith("<") \
             else Path.cwd()
-        file = (base / target).resolve()
+        try:
+            file = (base / target).resolve()
+            found = file.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a loop of links, a path the OS refuses
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.report(path, f"{loader.dotted(path)}: cannot look for the machine file {target!r}: {reason}")
+            return None
         if str(file) in self.chain or str(file) == _resolved(self.doc.file):
             cycle = " -> ".join(Path(f).name for f in (*self.chain, _resolved(self.doc.file), str(file)))
             self.report(path, f"{loader.dotted(path)}: calls lead back to the caller ({cycle})")
             return None
-        if not file.is_file():
+        if not found:
             self.report(path, f"{loader.dotted(path)}: no machine file {target!r} (looked for {file})")
             return None
         try:
