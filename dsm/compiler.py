@@ -7,6 +7,7 @@ that one run of `dsm validate` shows every problem of a file.
 from __future__ import annotations
 
 import difflib
+import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import handlers, loader, schema
-from .durations import parse_duration
+from .durations import parse_duration, shown
 from .errors import DefinitionError, InputError, Problem
 from .graph import (
     DEFAULT_MAX_TRANSITIONS,
@@ -98,8 +99,11 @@ class _Compiler:
             return None
         try:
             return parse_duration(value, what=loader.dotted(path))
-        except InputError:
-            return None  # the schema reported it at this node already
+        except InputError as exc:
+            where = loader.dotted(path)
+            if not any(p.path == where and p.file == self.doc.file for p in self.problems):
+                self.report(path, str(exc))  # what the schema lets through: .inf, .nan, 10**400 seconds
+            return None
 
     def retry_policy(self, path: tuple, raw: dict[str, Any] | None) -> RetryPolicy:
         if not raw:
@@ -107,6 +111,11 @@ class _Compiler:
         base = RetryPolicy()
         attempts = raw.get("max_attempts")
         multiplier = raw.get("multiplier")
+        if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool) and multiplier >= 1 \
+                and not _finite(multiplier):
+            self.report(path + ("multiplier",), f"{loader.dotted(path + ('multiplier',))}: must be a finite number "
+                        f">= 1, got {shown(multiplier)}")
+            multiplier = None
         jitter = raw.get("jitter")
         names = raw.get("non_retryable")
         return RetryPolicy(
@@ -623,6 +632,13 @@ class _Compiler:
             if name in seen and name not in finishing:
                 self.report(self.state_key(name), f"no terminal state can be reached from state {name!r}",
                             key=True)
+
+
+def _finite(number: float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _or(value: float | None, default: float) -> float:
