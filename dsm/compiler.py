@@ -56,6 +56,7 @@ class _Compiler:
         self.chain = chain  # the files being compiled that call this one, outermost first
         self.children: dict[str, Graph] = {}  # call path -> child graph, as compiled here
         self.problems: list[Problem] = []
+        self.broken_modules: set[str] = set()  # handler modules that did not import, reported once each
         data = doc.data if isinstance(doc.data, dict) else {}
         raw_states = data.get("states")
         self.raw: dict[str, dict[str, Any]] = {
@@ -134,6 +135,8 @@ class _Compiler:
             return None
         try:
             if self.import_handlers:
+                if handlers.split_ref(ref)[0] in self.broken_modules:
+                    return None  # reported once, at the first state that uses it
                 return handlers.resolve(ref, allow=self.allow, search_path=self.search_path)
             module, function = handlers.split_ref(ref)
             reason = handlers.refusal(module, function, self.allow)
@@ -141,6 +144,8 @@ class _Compiler:
                 raise handlers.HandlerImportError(reason)
             return handlers.unresolved(ref)
         except handlers.HandlerImportError as exc:
+            if isinstance(exc, handlers.ModuleImportError):
+                self.broken_modules.add(exc.module)
             self.report(path, f"{loader.dotted(path)}: {exc}")
             return None
 

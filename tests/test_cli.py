@@ -99,6 +99,33 @@ def test_validate_locates_a_call_path_holding_a_nul_byte(write):
     assert "internal error" not in result.stderr
 
 
+def test_validate_reports_a_broken_handler_module_once_at_its_first_state(write, tmp_path):
+    path = write("m.yaml", """
+        machine: m
+        start: a
+        states:
+          a:
+            tick: brokenmod:first
+            next: b
+          b:
+            tick: brokenmod:second
+            next: c
+          c:
+            tick: brokenmod.third
+            next: d
+          d:
+            tick: brokenmod:first
+            next: done
+          done:
+            terminal: true
+        """, brokenmod="def first(payload, ctx):\n    return None\n\ndef second(payload, ctx)\n    return None\n")
+    result = dsm("validate", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}:5:11: error: states.a.tick: cannot import module 'brokenmod': syntax error at "
+        f"{tmp_path / 'brokenmod.py'}:4:25: expected ':'"]
+
+
 def test_graph_mermaid_and_dot(tmp_path):
     mermaid = dsm("graph", ORDER)
     assert mermaid.returncode == 0
