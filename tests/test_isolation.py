@@ -95,6 +95,15 @@ def nan(payload, ctx):
 def number(payload, ctx):
     return 42
 
+def lone_surrogate(payload, ctx):
+    return {"s": "a\ud800b"}
+
+def huge_integer(payload, ctx):
+    return {"n": 10 ** 5000}
+
+def at_the_limit(payload, ctx):
+    return {"n": 10 ** 4300 - 1}
+
 
 def context(payload, ctx):
     ctx.logger.info("context of %s", ctx.state)
@@ -265,6 +274,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
     ("mutate", {"n": 2}, None),
     ("big", {"big": 2 ** 70}, None),
     ("async_label", {"n": 1}, "from a coroutine"),
+    ("at_the_limit", {"n": 10 ** 4300 - 1}, None),
 ])
 def test_results_and_labels_come_back(make: Any, mod: str, function: str, payload: dict, label: str | None) -> None:
     async def main() -> Any:
@@ -335,6 +345,8 @@ def test_handler_errors_keep_their_name_message_and_retryability(make: Any, mod:
     ("a_set", "InvalidPayload", "set"),
     ("nan", "InvalidPayload", "nan"),
     ("number", "InvalidResult", "returned int"),
+    ("lone_surrogate", "InvalidPayload", "payload.s holds a lone surrogate"),
+    ("huge_integer", "InvalidPayload", "payload.n is an integer of more than 4300 digits"),
 ])
 def test_results_that_are_not_json_fail_for_good(make: Any, mod: str, function: str, kind: str, words: str) -> None:
     async def main() -> Any:
