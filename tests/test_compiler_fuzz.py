@@ -42,10 +42,11 @@ ALLOW = handlers.Allowlist(tuple(p.stem for p in EXAMPLES.glob("*.py")))  # a ge
 LOCATED = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): error: \S.*$")
 EXAMPLES_RUN = int(os.environ.get("DSM_FUZZ_EXAMPLES", "100"))
 
-HUGE = "HUGE_INTEGER_PLACEHOLDER"  # PyYAML cannot write an integer that Python will not turn into text
+# PyYAML cannot write integers that Python will not turn into text: these stand for them
+HUGE, HUGE_HEX = "HUGE_INTEGER_PLACEHOLDER", "HUGE_HEX_INTEGER_PLACEHOLDER"
 ODD = [
-    "", "a\x00b.yaml", "x\ud800y\n", "a/" * 3000, "9" * 400 + "d", HUGE, 10 ** 400, float("nan"), float("inf"),
-    True, None, [], {"k": [[]]},
+    "", "a\x00b.yaml", "x\ud800y\n", "a/" * 3000, "9" * 400 + "d", HUGE, HUGE_HEX, 10 ** 400, float("nan"),
+    float("inf"), True, None, [], {"k": [[]]},
 ]
 # Every key of the language, in use: the grid puts each odd value at each of its paths.
 SINK = """\
@@ -119,7 +120,7 @@ def _text(document: Any) -> str:
         text = yaml.dump(document, Dumper=yaml.CSafeDumper, sort_keys=False, allow_unicode=False, width=200)
     except (AttributeError, UnicodeEncodeError):
         text = yaml.safe_dump(document, sort_keys=False, allow_unicode=False, width=200)
-    return text.replace(HUGE, "9" * 5000)
+    return text.replace(HUGE_HEX, "0x" + "F" * 5000).replace(HUGE, "9" * 5000)
 
 
 def located_or_compiled(folder: Path, text: str, *, raw: bool = False, import_handlers: bool = False) -> str | None:
