@@ -601,3 +601,23 @@ def test_a_join_at_a_terminal_state_ends_the_instance():
     end = s.instance
     assert (end.status, end.state, end.transitions, end.payload) == (SUCCEEDED, "end", 3, {"a": 1, "b": 2})
     assert not end.tokens and not end.activations and s.history[0].next == ("end",)
+
+
+@pytest.mark.parametrize("items, words", [
+    ("['a\\\\ud800']", "gave values that are not JSON: items[0] holds a lone surrogate"),
+    ("[1, 'nan' | float]", "gave values that are not JSON: items[1] is nan"),
+], ids=["lone-surrogate", "nan"])
+def test_map_items_that_are_not_json_fail_the_map_state(items, words):
+    graph = machine(f"""
+        machine: m
+        start: s
+        states:
+          s:
+            map: {{items: "{items}", branch: b}}
+            join: done
+          b: {{next: done}}
+          done: {{terminal: true}}
+    """)
+    inst = step(graph, start(graph, "i", {}, NOW), "s").instance
+    assert inst.status == FAILED and inst.error.type == "MapItemsError", inst.error
+    assert "state 's'" in inst.error.message and words in inst.error.message
