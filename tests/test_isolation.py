@@ -189,6 +189,12 @@ def forks_and_ends_the_child(payload, ctx):
         sys.exit(3)
     return {"status": os.waitstatus_to_exitcode(os.waitpid(twin, 0)[1])}
 
+def forks_a_sleeper(payload, ctx):
+    if os.fork() == 0:  # lives on after the handler returns, and after the handler process dies
+        _wait_gate(payload)
+        os._exit(0)
+    return "forked"
+
 async def forks_async(payload, ctx):
     os.fork()
     await asyncio.sleep(0)
@@ -628,6 +634,22 @@ def test_an_async_handler_that_forks_and_returns_in_both_fails_its_attempt(proce
     forked, after = run(main())
     assert forked.failure is not None and forked.failure.type == "HandlerForked"
     assert after.failure is None
+
+
+def test_a_process_a_handler_forked_does_not_hide_the_death_of_the_handler_process(processes: Any, mod: str,
+                                                                                   gate: Path) -> None:
+    """A process forked by a handler outlives the handler process. Had it kept the protocol pipes
+    open, the worker would never see the handler process's output end: its attempt would never fail."""
+    async def main() -> Any:
+        executor = processes(1)
+        forked = await outcome(executor.start(call(mod, "forks_a_sleeper", {"gate": str(gate)})))
+        died = await asyncio.wait_for(executor.start(call(mod, "exit3")).outcome(), 10)
+        return forked, died
+
+    forked, died = run(main())
+    assert forked.label == "forked"
+    assert died.failure is not None and died.failure.type == "WorkerProcessDied"
+    assert "exit code 3" in died.failure.message
 
 
 @pytest.mark.parametrize("how, status", [("os._exit", 3), ("sys.exit", 3), ("subprocess", 0), ("multiprocessing", 0)])

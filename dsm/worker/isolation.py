@@ -773,6 +773,7 @@ class _Copies:
         self.protocol = protocol
         self.running = running  # the id of the call running now, if any
         self.pending: list[_Copy] = []
+        self.forked = False  # this process is a copy (set as os.fork returns in it)
         self.report: int | None = None  # in a copy: where it says it came back
         self._fork = threading.local()  # a fork under way in this thread: (read end, write end, call) or None
 
@@ -781,10 +782,11 @@ class _Copies:
                             after_in_child=self._after_in_child)
 
     def is_copy(self) -> bool:
-        return os.getpid() != self.pid
+        """Asks the system, which knows of forks that ran no fork hooks (a C library's) too."""
+        return self.forked or os.getpid() != self.pid
 
     def _before(self) -> None:
-        self._fork.pipe = None if self.is_copy() else (*os.pipe(), self.running())  # closed by an exec
+        self._fork.pipe = None if self.forked else (*os.pipe(), self.running())  # closed by an exec
 
     def _after_in_parent(self) -> None:
         pipe, self._fork.pipe = getattr(self._fork, "pipe", None), None
@@ -793,6 +795,7 @@ class _Copies:
             self.pending.append(_Copy(pipe[0], pipe[2]))
 
     def _after_in_child(self) -> None:
+        self.forked = True
         pipe, self._fork.pipe = getattr(self._fork, "pipe", None), None
         if pipe is None:  # forked from a copy, whose descriptors are its own
             return
@@ -899,13 +902,14 @@ class _Server:
                 self.poll()
 
     def send(self, message: list[Any]) -> None:
-        self.copies.back()  # a copy of this process never writes to the worker
+        if self.copies.forked:  # a copy of this process never writes to the worker
+            self.copies.back()
         view = memoryview(_frame(message))
         while view:
             view = view[os.write(self.wfd, view):]
 
     def poll(self) -> None:
-        if self.copies.is_copy():  # a heartbeat in a copy a handler forked: the frames are not for it
+        if self.copies.forked:  # a heartbeat in a copy a handler forked: the frames are not for it
             return
         if not self.eof and self.lock.acquire(blocking=False):  # busy: another thread is reading
             try:
@@ -914,7 +918,8 @@ class _Server:
                 self.lock.release()
 
     def fill(self, *, block: bool) -> None:
-        self.copies.back()  # a copy of this process never reads what the worker sends
+        if self.copies.forked:  # a copy of this process never reads what the worker sends
+            self.copies.back()
         if not block and not select.select([self.rfd], [], [], 0)[0]:
             return
         data = os.read(self.rfd, _READ_SIZE)
