@@ -386,7 +386,7 @@ class _Compiler:
             found = file.is_file()
         except (OSError, ValueError) as exc:  # a name too long, a loop of links, a path the OS refuses
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self.report(path, f"{loader.dotted(path)}: cannot look for the machine file {target!r}: {reason}")
+            self.report(path, f"{loader.dotted(path)}: cannot look for the machine file {shown(target, 80)}: {reason}")
             return None
         if str(file) in self.chain or str(file) == _resolved(self.doc.file):
             cycle = " -> ".join(Path(f).name for f in (*self.chain, _resolved(self.doc.file), str(file)))
