@@ -65,6 +65,8 @@ _TARGETS = {"version": rpc.Compare.VERSION, "create": rpc.Compare.CREATE, "mod":
             "value": rpc.Compare.VALUE, "lease": rpc.Compare.LEASE}
 _RESULTS = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL, "<": rpc.Compare.LESS, ">": rpc.Compare.GREATER}
 
+AUTH_TIMEOUT = 15.0  # seconds an Authenticate may take (see `_authenticate`)
+
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -436,9 +438,13 @@ class EtcdStore:
 
     async def _authenticate(self) -> None:
         try:
+            # A token costs etcd a password hash, and after an outage every client asks at once: a
+            # caller that gave up after the usual deadline would leave etcd hashing for nobody and ask
+            # again, a storm that can starve everyone of a token. One request at a time per store
+            # (`_renew`), given long enough to be answered.
             resp = await self._auth.Authenticate(
                 rpc.AuthenticateRequest(name=self.options.user, password=self.options.password),
-                timeout=self.options.timeout)
+                timeout=max(self.options.timeout, AUTH_TIMEOUT))
         except grpc.aio.AioRpcError as exc:
             error = _translate(exc, "authenticate")
             if isinstance(error, AccessDenied):
