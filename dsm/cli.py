@@ -45,7 +45,7 @@ from dsm.graph import Graph
 from dsm.transition import descends_from
 
 if TYPE_CHECKING:
-    from dsm.client import Client
+    from dsm.operations import Operations
     from dsm.store import Store
     from dsm.store.etcd import EtcdOptions
 
@@ -511,13 +511,13 @@ class EtcdArgs:
         finally:
             await store.close()
 
-    def call(self, call: Callable[[Client], Any]) -> Any:
+    def call(self, call: Callable[[Operations], Any]) -> Any:
         """Connect, run `call(client)`, disconnect; an unknown instance id is invalid input (exit 2)."""
-        from dsm.client import Client
+        from dsm.operations import Operations
 
         async def go() -> Any:
             async with self.open() as store:
-                return await call(Client(store, self.options().keys))
+                return await call(Operations(store, self.options().keys))
 
         try:
             return _run_async(go)
@@ -784,13 +784,13 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
 
 async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, limit: float | None,
                     progress: _Progress, given_id: str | None = None, started: list[str] | None = None) -> tuple:
-    from dsm.client import Client
     from dsm.definitions import Registry
+    from dsm.operations import Operations
     from dsm.worker import running
 
     options = etcd.options()
     async with etcd.open() as store:
-        client = Client(store, options.keys)
+        client = Operations(store, options.keys)
         instance_id, created = await client.start(graph_, body, instance_id=given_id)
         if started is not None:
             started.append(instance_id)
@@ -884,8 +884,8 @@ def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFi
     bodies = [body for _, body in starts]
     ids = [given for given, _ in starts] if any(given is not None for given, _ in starts) else None
 
-    async def submit_all(client: Client) -> None:
-        from dsm.client import SUBMIT_BATCH
+    async def submit_all(client: Operations) -> None:
+        from dsm.operations import SUBMIT_BATCH
 
         step = 16 * SUBMIT_BATCH  # ids are printed, and progress shown, as each slice is stored
         with _counting("submitting", len(bodies) if len(bodies) > 1 else 0) as advance:
@@ -1041,7 +1041,7 @@ def status(instance_id: InstanceId,
     if follow:
         _follow(instance_id, as_json, etcd)
 
-    async def look(client: Client) -> tuple[dict, list, list, list, list[str]]:
+    async def look(client: Operations) -> tuple[dict, list, list, list, list[str]]:
         inst = await client.instance(instance_id)
         record = records.public_record(inst, await client.history(instance_id))
         alarms = await client.alarms()
@@ -1075,7 +1075,7 @@ def workers_command(as_json: Annotated[bool, typer.Option("--json", metavar="",
                     etcd: EtcdArgs = EtcdArgs()) -> None:
     """List live workers: id, host, pid, definitions served, concurrency, ticks in flight."""
 
-    async def look(client: Client) -> tuple[list, list[str]]:
+    async def look(client: Operations) -> tuple[list, list[str]]:
         return await client.workers(), await client.alarms()
 
     found, alarms = etcd.call(look)
@@ -1176,7 +1176,7 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
                          str(inst.transitions), records.timestamp(inst.created_at) or "-"])
         shown += 1
 
-    async def listing(client: Client) -> str | None:
+    async def listing(client: Operations) -> str | None:
         cursor = after
         while True:
             want = index.PAGE if limit is None else min(index.PAGE, limit - shown)

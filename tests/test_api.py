@@ -19,7 +19,7 @@ from clitools import ROOT, dsm, spawn
 from dsm import compiler
 from dsm.api import guard, openapi
 from dsm.api.app import create_app
-from dsm.client import Client
+from dsm.operations import Operations
 from dsm.store.memory import MemoryStore
 
 DEFINITIONS = ROOT / "definitions"
@@ -519,13 +519,13 @@ def test_client_and_api_agree_on_the_namespace(server):
     srv = server(graphs=[APPROVAL])
 
     async def submit(store, keys):
-        return await Client(store, keys).submit(APPROVAL, {"amount": 3}, instance_id="py-1")
+        return await Operations(store, keys).submit(APPROVAL, {"amount": 3}, instance_id="py-1")
 
     srv.call(submit)
     start(srv, "approval", {"amount": 4}, id="http-1")
 
     async def listed(store, keys):
-        return sorted(inst.id for inst in await Client(store, keys).list())
+        return sorted(inst.id for inst in await Operations(store, keys).list())
 
     assert srv.call(listed) == ["http-1", "py-1"]
     assert sorted(i["id"] for i in srv.get("/api/instances").json()["items"]) == ["http-1", "py-1"]

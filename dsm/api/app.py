@@ -45,11 +45,11 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import index, payloads, render
-from ..client import Client
 from ..definitions import MachineInfo, Registry, machines, newest
 from ..errors import InputError, InstanceExists, NotFound, StoreError
 from ..graph import Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
+from ..operations import Operations
 from ..records import CANCELLED, STATUSES, public_record
 from ..store import Store
 from . import events, openapi
@@ -101,7 +101,7 @@ class Api:
     streams: events.Streams = field(default_factory=events.Streams)
 
     def __post_init__(self) -> None:
-        self.client = Client(self.store, self.keys, wall=self.wall)
+        self.client = Operations(self.store, self.keys, wall=self.wall)
         self.definitions = Registry(self.store, self.keys, import_handlers=False)
 
     def close(self) -> None:

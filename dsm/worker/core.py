@@ -743,9 +743,9 @@ class Worker:
                      extra=logs.about(inst.id, inst.machine, inst.state or (inst.error.state if inst.error else None),
                                       last.attempt if last is not None else None, self.id))
             if inst.status != SUCCEEDED and any(t.child for t in plan.before.tokens.values()):
-                from ..client import Client
+                from ..operations import Operations
 
-                _background(Client(self.store, self.keys).cancel_children(
+                _background(Operations(self.store, self.keys).cancel_children(
                     plan.before, reason=f"its parent {inst.id} {inst.status}", by=f"worker {self.id}"),
                     "cancelling the children", logs.about(inst.id, inst.machine, worker=self.id))
         if self.on_commit is not None:

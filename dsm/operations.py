@@ -1,4 +1,8 @@
-"""The client side: register definitions, start instances, read, list, cancel and wait for them."""
+"""Instance operations over a store: register definitions, start instances, read, list, signal,
+cancel, redrive, delete and wait for them, each as the store's own transactions.
+
+This is the store-level layer under the doors into dsm (the command line, the HTTP API, the
+workers' own cancellations); it speaks in records (`records.Instance`)."""
 
 from __future__ import annotations
 
@@ -51,7 +55,9 @@ def _request_bytes(txn: Txn) -> int:
     return size
 
 
-class Client:
+class Operations:
+    """The operations on one namespace's instances, over a store the caller owns."""
+
     def __init__(self, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time):
         self.store = store
         self.keys = keys or Keys()
