@@ -119,7 +119,7 @@ SCHEMAS: dict[str, Any] = {
 
 RESPONSES: dict[str, Any] = {
     "BadRequest": _json(_ref("Error"), "Invalid input: bad JSON, an unknown field, a bad id, name or value."),
-    "NotFound": _json(_ref("Error"), "No such instance or machine."),
+    "NotFound": _json(_ref("Error"), "No such instance, machine or definition."),
     "Conflict": _json(_ref("Error"), "The instance's state refuses the action (id taken with another payload, "
                                      "redrive of a succeeded instance, signal to a finished one ...)."),
     "TooLarge": _json(_ref("Error"), "The request body or the payload is over the limit."),
@@ -147,7 +147,10 @@ PATHS: dict[str, Any] = {
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
                                                          "default": 50}},
             {"name": "after", "in": "query", "description": "The `next` cursor of the previous page.",
-             "schema": {"type": "string"}}],
+             "schema": {"type": "string"}},
+            {"name": "where", "in": "query", "description": "NAME:VALUE, a search attribute and the value it "
+             "equals (repeatable, all must hold). Refused (400) while this dsm keeps no search attributes.",
+             "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": True}],
         "responses": {"200": _json(_ref("Page"), "Summaries and the cursor of the next page."),
                       "400": _error("BadRequest")}}},
     "/api/instances/{id}": {
@@ -195,11 +198,16 @@ PATHS: dict[str, Any] = {
             "400": _error("BadRequest"), "404": _error("NotFound")}}},
     "/api/machines/{machine}/instances": {"post": {
         "operationId": "start", "parameters": [MACHINE], "security": ACTION,
-        "summary": "Start an instance of the machine's newest registered definition. Starting an id that "
-                   "exists with the same definition and payload answers that instance (200) and creates nothing.",
+        "summary": "Start an instance of the machine's newest registered definition, or of the definition "
+                   "`digest` names (a client starting a file it holds; 404 when the namespace does not hold it: "
+                   "the API stores no definitions sent to it). Starting an id that exists with the same "
+                   "definition and payload answers that instance (200) and creates nothing.",
         "requestBody": _body({"payload": {"type": "object", "default": {}},
-                              "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}},
-                             "The payload and, optionally, the instance's id."),
+                              "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+                              "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$",
+                                         "description": "Start this definition of the machine, registered "
+                                                        "already, rather than its newest."}},
+                             "The payload and, optionally, the instance's id and the definition's digest."),
         "responses": {"201": _json(_ref("Record"), "Started: its record."),
                       "200": _json(_ref("Record"), "The id existed with this definition and payload."),
                       **ACTION_ERRORS}}},
