@@ -103,17 +103,7 @@ class Operations:
                       ids: list[str | None] | None) -> list[tuple[str, bool]]:
         if ids is not None:
             batch = list(batch)
-            for given in ids:
-                if given is not None:
-                    check_instance_id(given)
-            if len(ids) != len(batch):
-                raise InputError(f"{len(ids)} instance ids for {len(batch)} payloads")
-            seen: set[str] = set()
-            for given in ids:
-                if given in seen:
-                    raise InputError(f"instance id {given!r} is given twice")
-                if given is not None:
-                    seen.add(given)
+            check_ids(ids, len(batch))
         await self.register(graph)
         await self._mark_indexed()
         out: list[tuple[str, bool]] = []
@@ -383,6 +373,22 @@ class Operations:
         except StoreError as exc:
             log.debug("cannot read the store's alarms: %s", exc)
             return []
+
+
+def check_ids(ids: Iterable[str | None], count: int) -> None:
+    """The ids given for a batch of `count` starts (None: generated): each valid, none twice."""
+    ids = list(ids)
+    for given in ids:
+        if given is not None:
+            check_instance_id(given)
+    if len(ids) != count:
+        raise InputError(f"{len(ids)} instance ids for {count} payloads")
+    seen: set[str] = set()
+    for given in ids:
+        if given in seen:
+            raise InputError(f"instance id {given!r} is given twice")
+        if given is not None:
+            seen.add(given)
 
 
 def caller() -> str:
