@@ -1,8 +1,10 @@
 """Instance operations over a store: register definitions, start instances, read, list, signal,
 cancel, redrive, delete and wait for them, each as the store's own transactions.
 
-This is the store-level layer under the doors into dsm (the command line, the HTTP API, the
-workers' own cancellations); it speaks in records (`records.Instance`)."""
+This is the store-level layer under every door into dsm: the public client's store transport
+(`transport.StoreTransport`, which `dsm api` answers requests with too), the command line's
+operator views, and the workers' own cancellations. It speaks in records (`records.Instance`);
+the client speaks the public JSON."""
 
 from __future__ import annotations
 

@@ -367,3 +367,21 @@ def test_etcd_endpoints_are_a_comma_separated_string_or_a_list():
         EtcdOptions.build([])
     with pytest.raises(dsm.InputError, match="a string or a list of strings"):
         EtcdOptions.build([2379])  # type: ignore[list-item]
+
+
+def test_the_readme_test_example_runs(monkeypatch):
+    """The README's example of an application's own test, run as written."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text.index("**In an application's own tests**")
+    start = text.index("```python\n", after) + len("```python\n")
+    code = text[start:text.index("```", start)]
+    monkeypatch.chdir(ROOT)
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    make = scope["client"]
+    fixture = getattr(make, "__wrapped__", make)()  # the pytest fixture's own function
+    client = next(fixture)
+    try:
+        scope["test_an_approved_expense_is_paid"](client)
+    finally:
+        fixture.close()
