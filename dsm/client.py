@@ -72,6 +72,10 @@ def _since(since: Since, now: float) -> float | None:
     if isinstance(since, datetime):
         return (since if since.tzinfo is not None else since.replace(tzinfo=timezone.utc)).timestamp()
     if isinstance(since, (int, float)) and not isinstance(since, bool):
+        try:
+            datetime.fromtimestamp(since, timezone.utc)  # a time every transport can say
+        except (OverflowError, ValueError, OSError):
+            raise InputError(f"since: {since!r} is not a time (epoch seconds)") from None
         return float(since)
     if isinstance(since, str):
         try:

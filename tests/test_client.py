@@ -271,6 +271,7 @@ def refusals(c: dsm.Client, instant: Path) -> list[tuple[str, str]]:
         lambda: c.redrive("done-1"), lambda: c.redrive("run-1"), lambda: c.delete("run-1"),
         lambda: list(c.list(status="sleeping")), lambda: list(c.list(since="yesterday")),
         lambda: list(c.list(machine="Bad!")), lambda: list(c.list(where={"customer": "c7"})),
+        lambda: list(c.list(since=float("nan"))), lambda: list(c.list(where={"customer": ["c7"]})),
         lambda: c.page(after="junk"), lambda: c.page(limit=0),
         lambda: c.wait("run-1", timeout=0.1), lambda: c.wait("run-1", timeout=-1),
     ]
