@@ -1281,9 +1281,6 @@ def delete(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
                fields=logs.about(summary["id"], summary["machine"]))
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 @_command("api", etcd=True)
 def api_command(paths: Annotated[list[Path] | None, typer.Argument(
                     metavar="PATH", show_default=False,
@@ -1299,6 +1296,10 @@ def api_command(paths: Annotated[list[Path] | None, typer.Argument(
                     "--allow-host", metavar="NAME", show_default=False,
                     help="A Host name to answer besides the loopback names, when listening on loopback "
                          "(repeatable; e.g. the name a reverse proxy forwards).")] = None,
+                no_token: Annotated[bool, typer.Option(
+                    "--no-token", metavar="",
+                    help="Listen beyond loopback without DSM_API_TOKEN: actions are open to anyone who can "
+                         "reach the port (ignored, with a note, when DSM_API_TOKEN is set).")] = False,
                 etcd: EtcdArgs = EtcdArgs()) -> None:
     """Serve the JSON HTTP API (OpenAPI at /api/openapi.json) and the web dashboard.
 
@@ -1306,12 +1307,21 @@ def api_command(paths: Annotated[list[Path] | None, typer.Argument(
     POST /api/machines/NAME/instances starts them, and run here only with --workers N. Without
     --etcd, in memory for a demo: the definitions given run in this process and nothing outlives
     it. Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' when DSM_API_TOKEN is set, and
-    are refused from other origins.
+    are refused from other origins. Listening beyond loopback (--host 0.0.0.0) needs DSM_API_TOKEN,
+    or --no-token to leave the actions open to anyone who can reach the port.
     """
     from dsm import api as api_package
 
     if not api_package.available():
         raise Fail(ExitCode.INVALID, api_package.MISSING)
+    from dsm.api.guard import LOOPBACK_NAMES, is_loopback
+
+    token = os.environ.get("DSM_API_TOKEN") or None
+    loopback = is_loopback(host)
+    if token is None and not loopback and not no_token:
+        raise Fail(ExitCode.INVALID, f"--host {host} is not loopback: without a token, anyone who can reach it could "
+                                     "start, signal, cancel, redrive and delete instances; set DSM_API_TOKEN, or "
+                                     "pass --no-token to allow that")
     files = _definition_files(list(paths or []))
     in_memory = not etcd.given
     if in_memory and not files:
@@ -1324,9 +1334,7 @@ def api_command(paths: Annotated[list[Path] | None, typer.Argument(
         etcd.options()
     # the API never imports handlers: only a worker in this process does, for the definitions given
     graphs = [_load(f, no_import=local == 0) for f in files]
-    token = os.environ.get("DSM_API_TOKEN") or None
-    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
-    allowed = (*LOOPBACK_HOSTS, host, *(allow_host or ())) if loopback else None
+    allowed = (*sorted(LOOPBACK_NAMES), host, *(allow_host or ())) if loopback else None
 
     from dsm.api.serve import bind, local_worker
 
@@ -1354,6 +1362,13 @@ def api_command(paths: Annotated[list[Path] | None, typer.Argument(
                                f"workers here: {running_here}; actions "
                                + ("need the token in DSM_API_TOKEN" if token else "need no token: DSM_API_TOKEN is "
                                   "not set") + ")", markup=False)
+                    if no_token and token:
+                        info.print("dsm: note: --no-token is ignored: DSM_API_TOKEN is set, so actions need it",
+                                   markup=False)
+                    elif not token and not loopback:  # on every start, so that it is not forgotten
+                        err.print(f"dsm: warning: --no-token: actions (start, signal, cancel, redrive, delete) are "
+                                  f"open to anyone who can reach port {url.rpartition(':')[2]} on {host}; set "
+                                  "DSM_API_TOKEN to require a token", markup=False)
 
                 await serve(app, sock, stop=stop, on_started=started)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,18 @@ def dsm(*args: str, timeout: float = 120, input: str | None = None, cwd: Path | 
 def spawn(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
     return subprocess.Popen([*dsm_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=cwd or ROOT, env=dsm_env(**env), start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """SIGTERM a spawned process that writes little, wait for it, and return the rest of its stderr:
+    what `readline` buffered beyond the lines it returned included, which `communicate` would miss."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.stderr.read() if proc.stderr else ""
 
 
 def waits_for_signals(path: Path) -> bool:

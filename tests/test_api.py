@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from apiserver import ApiServer, finished, waits_for_signal
-from clitools import ROOT, dsm, spawn
+from clitools import ROOT, dsm, spawn, stop
 
 from dsm import compiler
 from dsm.api import guard, openapi
@@ -537,6 +537,44 @@ def test_events_resync_when_the_revisions_asked_for_are_compacted(server):
         stream.until(lambda event, data: event == "instance" and data["id"] == "after")
 
 
+def test_events_resync_when_the_last_id_is_ahead_of_the_store(server):
+    """A Last-Event-ID above the store's revision (etcd restored from a backup, or replaced): the
+    events after it will never come as such, so the stream says `resync` and goes on from now."""
+    srv = server(graphs=[APPROVAL], heartbeat=0.2)
+    assert srv.http is not None
+    start(srv, "approval", {"amount": 1})
+    current = srv.call(lambda store, keys: store.revision())
+    for n, ahead in enumerate((current + 1000, 2**63 - 1)):  # the largest revision etcd can hold, too
+        with srv.http.stream("GET", "/api/events", headers={"last-event-id": str(ahead)}) as response:
+            stream = Events(response)
+            events = stream.until(lambda event, data: event == "resync", timeout=10)
+            assert current <= events[-1][1]["revision"] < ahead and int(events[-1][2]) < ahead
+            after = start(srv, "approval", {"amount": 2}, id=f"after-{n}")["id"]  # the stream goes on from there
+            stream.until(lambda event, data, after=after: event == "instance" and data["id"] == after, timeout=10)
+
+
+def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
+    """Beyond etcd's int64, negative, or not a number: 400 with the API's error, before any stream,
+    and nothing in the server's log."""
+    srv = server(heartbeat=0.2)
+    assert srv.http is not None
+    caplog.set_level("WARNING")
+    # each sent as HTTP carries it (latin-1): "\u00b9\u00b2" is a digit string to Python, and no number to int()
+    for last_id in ("99999999999999999999", "9223372036854775808", "-1", "-0", "abc", "1.5", "12x", "0x10",
+                    "\u00b9\u00b2"):
+        headers = {"last-event-id": last_id.encode("latin-1")}
+        with srv.http.stream("GET", "/api/events", headers=headers) as response:
+            assert response.status_code == 400, (last_id, response.status_code, response.headers["content-type"])
+            response.read()
+        error = error_of(response, 400)
+        assert error["type"] == "BadRequest" and "Last-Event-ID" in error["message"], (last_id, error)
+    assert srv.get("/api/workers").status_code == 200  # still serving
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+    described = openapi.document()["paths"]["/api/events"]["get"]
+    assert "400" in described["responses"]
+    assert any(p["name"] == "Last-Event-ID" and p["in"] == "header" for p in described["parameters"])
+
+
 def test_client_and_api_agree_on_the_namespace(server):
     """The API lists what the Python client started in the same namespace, and the other way round."""
     srv = server(graphs=[APPROVAL])
@@ -604,6 +642,45 @@ def test_dsm_api_usage_errors(tmp_path):
     (blocked / "__init__.py").write_text("raise ImportError('not installed here')\n")
     missing = dsm("api", "definitions/order.yaml", "--port", "0", PYTHONPATH=str(blocked.parent))
     assert missing.returncode == 2 and "pip install 'dsm-workflow[api]'" in missing.stderr
+
+
+def test_dsm_api_beyond_loopback_needs_a_token_or_no_token():
+    """Listening on every interface with no DSM_API_TOKEN would let anyone who reaches the port act:
+    refused (exit 2) unless --no-token says so, and then each start warns."""
+    refused = dsm("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", DSM_API_TOKEN="",
+                  timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert "DSM_API_TOKEN" in line and "--no-token" in line and "0.0.0.0" in line, line
+
+    proc = spawn("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", "--no-token",
+                 DSM_API_TOKEN="")
+    try:
+        url = serving(proc).replace("0.0.0.0", "127.0.0.1")
+        with httpx.Client(base_url=url, timeout=30) as http:  # open to anyone: no token asked
+            assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 201
+    finally:
+        stderr = stop(proc)
+    assert proc.returncode == 0, stderr
+    (warning,) = [line for line in stderr.splitlines() if "warning" in line]
+    assert "--no-token" in warning and "anyone" in warning, warning
+
+
+def test_dsm_api_ignores_no_token_when_a_token_is_set():
+    """--no-token with DSM_API_TOKEN set: the token is kept (the safer reading) and a note says so."""
+    proc = spawn("api", "definitions/order.yaml", "--host", "0.0.0.0", "--port", "0", "--no-token",
+                 DSM_API_TOKEN="s3cret")
+    try:
+        url = serving(proc).replace("0.0.0.0", "127.0.0.1")
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 401
+            started = http.post("/api/machines/order/instances", json={"payload": {}},
+                                headers={"authorization": "Bearer s3cret"})
+            assert started.status_code == 201, started.text
+    finally:
+        stderr = stop(proc)
+    assert proc.returncode == 0 and "warning" not in stderr, stderr
+    assert "note: --no-token is ignored: DSM_API_TOKEN is set" in stderr, stderr
 
 
 def test_the_api_does_not_import_handlers(write, etcd, namespace):

@@ -11,7 +11,6 @@ import time
 import uuid
 
 import pytest
-from conftest import run
 
 from dsm.errors import AccessDenied
 from dsm.store import Put
@@ -86,7 +85,7 @@ def test_a_watch_opened_with_a_refused_token_authenticates_again(auth):
         finally:
             await store.close()
 
-    assert run(go()) == [f"/{ns}/k"]
+    assert asyncio.run(go()) == [f"/{ns}/k"]
 
 
 def test_a_lease_keep_alive_with_a_refused_token_authenticates_again(auth):
@@ -102,7 +101,7 @@ def test_a_lease_keep_alive_with_a_refused_token_authenticates_again(auth):
         finally:
             await store.close()
 
-    assert run(go()) > 0
+    assert asyncio.run(go()) > 0
 
 
 def test_many_calls_meeting_one_refused_token_authenticate_once(auth):
@@ -122,7 +121,7 @@ def test_many_calls_meeting_one_refused_token_authenticate_once(auth):
         finally:
             await store.close()
 
-    assert run(go()) == 1
+    assert asyncio.run(go()) == 1
 
 
 def test_a_refusal_that_survives_a_fresh_token_is_access_denied(auth):
@@ -139,7 +138,7 @@ def test_a_refusal_that_survives_a_fresh_token_is_access_denied(auth):
         finally:
             await store.close()
 
-    run(go())
+    asyncio.run(go())
 
 
 NAPPER = """
@@ -188,7 +187,7 @@ def test_workers_go_on_after_etcd_restarts_and_forgets_their_tokens(auth, write,
             await store.close()
 
     try:
-        run(submit(20))
+        asyncio.run(submit(20))
         member = auth.cluster.members[0]
         for _ in range(2):
             time.sleep(2)  # paces the faults: work in flight, timers waiting
@@ -196,7 +195,7 @@ def test_workers_go_on_after_etcd_restarts_and_forgets_their_tokens(auth, write,
             time.sleep(2)
             auth.cluster.start_member(member, new=False)
             auth.cluster.wait_ready()
-        run(submit(20))
+        asyncio.run(submit(20))
         results = wait_all_finished(auth.cluster.endpoint, ns, 40, timeout=90, user=user, password=password)
         alive = [p for p in workers.procs if p.poll() is None]
     finally:

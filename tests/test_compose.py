@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import yaml
-from clitools import ROOT, dsm, spawn
+from clitools import ROOT, dsm, spawn, stop
 from metricstools import scrape, wait_for
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -220,6 +220,25 @@ def _local(command: list[str]) -> list[str]:
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--port") + 1] = "0"
     return args
+
+
+@pytest.mark.etcd
+def test_the_api_service_starts_on_every_interface_without_a_token(etcd, namespace):
+    """`docker compose up` with DSM_API_TOKEN unset (compose passes it empty): the api service,
+    which listens on 0.0.0.0 inside its container, starts, and warns that its actions are open."""
+    args = list(SERVICES["api"]["command"][1:])
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    args[args.index("--port") + 1] = "0"
+    env = {**SERVICES["api"]["environment"], "DSM_ETCD": etcd.endpoint, "DSM_NAMESPACE": namespace,
+           "DSM_API_TOKEN": ""}
+    api = spawn(*args, **env)
+    try:
+        url = _serving(api).replace("0.0.0.0", "127.0.0.1")
+        assert httpx.get(f"{url}/api/workers", timeout=30).status_code == 200
+    finally:
+        stderr = stop(api)
+    assert api.returncode == 0, stderr
+    assert "warning: --no-token" in stderr and "anyone" in stderr, stderr
 
 
 @pytest.mark.etcd

@@ -270,6 +270,29 @@ def test_watch_from_a_compacted_revision_raises(store_factory):
     run(store_factory, body)
 
 
+def test_watch_from_a_future_revision_waits_for_it(store_factory):
+    """etcd sends nothing below the revision asked for, even when it is ahead of the store's."""
+    async def body(store, p):
+        ahead = await store.revision() + 3
+        watch = await store.watch(p + "f/", prefix_end(p + "f/"), start_revision=ahead)
+        written = []
+        while not written or written[-1][1] < ahead:  # other writers may move the revision too
+            written.append((f"f/{len(written)}", await store.put(p + f"f/{len(written)}", b"x")))
+        events = []
+
+        async def collect():
+            async for batch in watch:
+                events.extend(batch.events)
+                if events[-1].kv.key == p + written[-1][0]:
+                    return
+
+        await asyncio.wait_for(collect(), 5)
+        await watch.cancel()
+        assert [(e.kv.key[len(p):], e.kv.mod_revision) for e in events] == [w for w in written if w[1] >= ahead]
+
+    run(store_factory, body)
+
+
 def test_a_transaction_reads_its_own_writes(store_factory):
     async def body(store, p):
         await store.put(p + "old", b"1")

@@ -246,14 +246,14 @@ class Api:
         if unknown:
             raise bad_request(f"unknown query parameter {unknown[0]!r} (expected instance)")
         instance = request.query_params.get("instance") or None
-        if instance is not None:
-            try:
+        try:
+            last_id = events.parse_last_id(request.headers.get("last-event-id", ""))
+            if instance is not None:
                 check_instance_id(instance)
-            except InputError as exc:
-                raise bad_request(str(exc)) from None
+        except InputError as exc:  # refused before the stream starts: a 400, not a stream that breaks
+            raise bad_request(str(exc)) from None
+        if instance is not None:
             await self.operations.instance(instance)  # NotFound: 404 now rather than a silent stream
-        given = request.headers.get("last-event-id", "").strip()
-        last_id = int(given) if given.isdigit() else None
         body = events.stream(self.store, self.keys, self.streams, instance=instance, last_id=last_id,
                              heartbeat=self.heartbeat,
                              history=lambda iid, after: self.operations.history(iid, after=after))

@@ -8,9 +8,15 @@ its record and its history so far, then `instance` events carry its record witho
 
 The last event of each store revision has that revision as its `id` (one transaction may start
 many instances). A client that reconnects sends it back as `Last-Event-ID` (EventSource does)
-and the stream resumes after it. When the store has compacted
-the revisions a stream needs (after a long disconnect, or when etcd restarted under it), it sends
-`resync`: events were lost, read the listing (or the record) again; the stream goes on from now.
+and the stream resumes after it. When the events after it cannot be had, the stream sends
+`resync`: events were lost, read the listing (or the record) again; the stream goes on from the
+store's revision now. That happens when the store has compacted the revisions a stream needs
+(after a long disconnect, or when etcd restarted under it), and when the id is above the store's
+revision (etcd restored from a backup, or replaced by another): a watch from there would wait,
+silent, until the new store caught up, then send changes that are not the ones after the id.
+A `Last-Event-ID` that is no revision etcd can hold (not a whole number, negative, or above
+2**63 - 1) is refused before the stream starts: 400, as any bad input (`parse_last_id`). Such an
+id never came from this API, so no resync could say what the client missed.
 A comment line goes out every `heartbeat` seconds, so proxies keep the connection and a client
 that went away is noticed.
 """
@@ -24,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import Compacted, StoreUnavailable
+from ..errors import Compacted, InputError, StoreUnavailable
 from ..keys import Keys
 from ..records import HistoryEntry, Instance, load_instance, public_record
 from ..store import Store, Watch, prefix_end
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 15.0  # seconds between keep-alive comments
 RETRY_MS = 2000  # how long EventSource waits before it reconnects
 QUEUED = 256  # watch batches held for a stream that its client has not read yet
+MAX_REVISION = 2**63 - 1  # etcd's revisions are signed 64-bit integers
 SUMMARY_FIELDS = ("id", "machine", "version", "status", "state", "active", "transitions", "waiting", "error",
                   "created_at", "finished_at", "redrives", "parent")
 
@@ -51,6 +58,19 @@ def frame(event: str, data: Any, revision: int | None = None) -> str:
     """One server-sent event (data as one line of JSON), with an id when `revision` is given."""
     head = f"id: {revision}\n" if revision is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def parse_last_id(text: str) -> int | None:
+    """The revision a reconnecting client's `Last-Event-ID` names (None: it names none).
+    InputError unless it is one etcd can hold: ASCII digits, at most MAX_REVISION."""
+    text = text.strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_REVISION)) or int(text) > MAX_REVISION:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise InputError(f"Last-Event-ID must be a revision as sent in an event's id, a whole number from 0 to "
+                         f"{MAX_REVISION}; got {shown!r}")
+    return int(text)
 
 
 _CLOSED = object()
@@ -97,19 +117,20 @@ async def stream(store: Store, keys: Keys, streams: Streams, *, instance: str | 
     seen_seq = 0  # with ?instance=: the last history entry sent
     delay = 0.2
     yield f"retry: {RETRY_MS}\n\n"
-    revision = last_id if last_id is not None else await store.revision()
+    revision = last_id  # the last revision the client has (None: from now)
     first = True
+    lost = False  # the watch said the revisions after `revision` were compacted: resync from now
     while not streams.closed:
         try:
-            watch = await store.watch(start, end, start_revision=revision + 1)
-        except Compacted:
-            revision = await store.revision()
-            yield frame("resync", {"revision": revision}, revision)
-            continue
+            watch, revision = await _watch_after(store, start, end, None if lost else revision)
         except StoreUnavailable as exc:
             log.warning("event stream: %s; watching again in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+            continue
+        if watch is None:
+            lost = False
+            yield frame("resync", {"revision": revision}, revision)
             continue
         # one per watch, so nothing of an abandoned watch is read; bounded, so a client that reads
         # slowly holds back its watch rather than this process's memory
@@ -117,6 +138,9 @@ async def stream(store: Store, keys: Keys, streams: Streams, *, instance: str | 
         streams.queues.add(queue)
         pump = asyncio.get_running_loop().create_task(_pump(watch, queue))
         try:
+            if lost:
+                lost = False
+                yield frame("resync", {"revision": revision}, revision)
             if first:
                 first = False
                 yield frame("ready", {"revision": revision}, revision)
@@ -136,9 +160,8 @@ async def stream(store: Store, keys: Keys, streams: Streams, *, instance: str | 
                     continue
                 if item is _CLOSED:
                     return
-                if isinstance(item, Compacted):
-                    revision = await store.revision()
-                    yield frame("resync", {"revision": revision}, revision)
+                if isinstance(item, Compacted):  # etcd says so once the watch is created, not by refusing it
+                    lost = True
                     break
                 if isinstance(item, Exception):
                     log.warning("event stream: %s; watching again from revision %d", item, revision)
@@ -169,6 +192,22 @@ async def stream(store: Store, keys: Keys, streams: Streams, *, instance: str | 
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
             await watch.cancel()
+
+
+async def _watch_after(store: Store, start: str, end: str | None,
+                       revision: int | None) -> tuple[Watch | None, int]:
+    """A watch of the changes after `revision` (None: after the store's revision now) and the
+    revision it follows; or None and the store's revision now when those changes cannot be had:
+    compacted, or `revision` is ahead of the store's (restored from a backup, or replaced)."""
+    current = await store.revision()
+    if revision is None:
+        revision = current
+    if revision > current:
+        return None, current
+    try:
+        return await store.watch(start, end, start_revision=revision + 1), revision
+    except Compacted:
+        return None, await store.revision()
 
 
 async def _history_frames(history: History | None, instance: str, seen: int,

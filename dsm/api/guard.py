@@ -12,6 +12,10 @@
   loopback it answers only requests whose `Host` is a loopback name (or one allowed by name), so
   a site that points its own name at 127.0.0.1 (DNS rebinding) cannot read them either.
 
+- **Listening beyond loopback** without a token would open the actions to anyone who can reach
+  the port: `dsm api` refuses to start so unless given `--no-token` (`is_loopback` says which
+  addresses are loopback), and then warns on every start.
+
 `refusal` decides, purely, from the method and headers; `Guard` is the ASGI middleware that asks
 it before anything else runs, so a refused request never reaches a route and writes nothing.
 """
@@ -19,6 +23,7 @@ it before anything else runs, so a refused request never reaches a route and wri
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -33,6 +38,17 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # sent with every answer: no sniffing of JSON as HTML, no framing of the dashboard by other sites
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"same-origin")]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only: `localhost` or a
+    loopback address (127.0.0.0/8, ::1). Any other name is not, whatever it resolves to today."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,7 +224,14 @@ PATHS: dict[str, Any] = {
                    "revision: `Last-Event-ID` resumes after it.",
         "parameters": [{"name": "instance", "in": "query", "schema": {"type": "string"},
                         "description": "Follow this instance only."},
-                       {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}}],
+                       {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                        "description": "The id of the last event received (EventSource sends it when it "
+                                       "reconnects): the stream resumes after that revision. When the revisions "
+                                       "after it are compacted, or it is above the store's revision (etcd restored "
+                                       "from a backup or replaced), the stream starts with `resync` and goes on "
+                                       "from the store's revision now. A whole number from 0 to "
+                                       "9223372036854775807 (etcd's revisions are int64); anything else is "
+                                       "refused with 400."}],
         "responses": {"200": {"description": "The event stream.",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                       "400": _error("BadRequest"), "404": _error("NotFound")}}},

@@ -72,11 +72,13 @@ class _Lease:
 
 
 class _MemoryWatch:
-    def __init__(self, store: MemoryStore, start: str, end: str | None, loop: asyncio.AbstractEventLoop):
+    def __init__(self, store: MemoryStore, start: str, end: str | None, loop: asyncio.AbstractEventLoop,
+                 start_revision: int = 0):
         self.store = store
         self.start = start
         self.end = end
         self.loop = loop
+        self.start_revision = start_revision  # as etcd: nothing below it, even when it is ahead of the store
         self.queue: asyncio.Queue[WatchBatch | None] = asyncio.Queue()
         self.closed = False
 
@@ -387,6 +389,8 @@ class MemoryStore:
             self._compacted = self._log[drop][0] - 1
             del self._log[:drop]
         for watch in list(self._watches):
+            if self._rev < watch.start_revision:
+                continue
             mine = [e for e in events if watch.matches(e.kv.key)]
             if mine:
                 watch.deliver(WatchBatch(self._rev, mine))
@@ -460,7 +464,7 @@ class MemoryStore:
             self._check()
             if start_revision and start_revision <= self._compacted:
                 raise Compacted(self._compacted + 1 if self._compacted else self._compacted)
-            watch = _MemoryWatch(self, start, end, asyncio.get_running_loop())
+            watch = _MemoryWatch(self, start, end, asyncio.get_running_loop(), start_revision)
             if start_revision:
                 for rev, events in self._log:
                     if rev >= start_revision:
