@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         HandlerError,
         InputError,
         InstanceExists,
+        InvalidSignal,
         NotFound,
         StoreError,
         StoreUnavailable,
@@ -32,14 +33,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _ERRORS = ("AccessDenied", "AttemptAbandoned", "DefinitionError", "DsmError", "HandlerError", "InputError",
-           "InstanceExists", "NotFound", "StoreError", "StoreUnavailable", "Timeout")
+           "InstanceExists", "InvalidSignal", "NotFound", "StoreError", "StoreUnavailable", "Timeout")
 _WHERE = {"AsyncClient": "client", "Client": "client", "compile_text": "compiler", "load": "compiler",
           "Context": "context", "run": "embedded", "Graph": "graph", **{name: "errors" for name in _ERRORS}}
 
 __all__ = [
     "AccessDenied", "AsyncClient", "AttemptAbandoned", "Client", "Context", "DefinitionError", "DsmError", "Graph",
-    "HandlerError", "InputError", "InstanceExists", "NotFound", "StoreError", "StoreUnavailable", "Timeout",
-    "compile_text", "load", "run", "__version__",
+    "HandlerError", "InputError", "InstanceExists", "InvalidSignal", "NotFound", "StoreError", "StoreUnavailable",
+    "Timeout", "compile_text", "load", "run", "__version__",
 ]
 
 

@@ -7,7 +7,7 @@ holds at most the API's token. Each call is one request to the route the API doc
 exceptions that code raises, with their messages:
 
     404                   NotFound
-    400, 409, 413, 422    InputError (409 InstanceExists: InstanceExists)
+    400, 409, 413, 422    InputError (409 InstanceExists: InstanceExists; 422 InvalidSignal: InvalidSignal)
     401, 403              AccessDenied (no token, a wrong one, or a Host or origin refused)
     502, 503, 504         StoreUnavailable (the server's store, or the server, is unreachable)
 
@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
-from .errors import AccessDenied, DsmError, InputError, InstanceExists, NotFound, StoreUnavailable
+from .errors import AccessDenied, DsmError, InputError, InstanceExists, InvalidSignal, NotFound, StoreUnavailable
 from .graph import Graph
 from .records import FINISHED
 from .transport import OnHistory, OnUpdate, Record
@@ -103,6 +103,8 @@ class ApiTransport:
             return NotFound(message)
         if status == 409 and kind == "InstanceExists":
             return InstanceExists(message)
+        if status == 422 and kind == "InvalidSignal":
+            return InvalidSignal(message)
         if status in (400, 409, 413, 422):
             return InputError(message)
         if status in (401, 403):

@@ -88,6 +88,13 @@ class _Group(typer.core.TyperGroup):
     def get_help_option(self, ctx: Any) -> Any:
         return _plain_help(super().get_help_option(ctx))
 
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:  # Typer's --install-completion / --show-completion flags
+            if param.name in ("install_completion", "show_completion"):
+                _plain_help(param)
+        return params
+
 
 app = typer.Typer(
     name="dsm",
@@ -1249,7 +1256,9 @@ def send_signal(instance_id: InstanceId, name: SignalName, payload: SignalPayloa
 
     Signals are durable and buffered: one sent before the instance reaches the state that waits
     for it is kept, and consumed there (in the order sent, one per visit). An unknown or finished
-    instance is refused (exit 2) and nothing is written.
+    instance, a NAME no state of the instance's machine waits for, or an --outcome that no state
+    waiting for NAME routes on, is refused (exit 2, saying what the machine takes) and nothing is
+    written.
     """
     try:
         body = payloads.parse(payload, what="--payload") if payload is not None else {}

@@ -64,11 +64,13 @@ class Engine:
 
     def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
                outcome: str | None = None) -> Instance:
-        """Send a signal to an instance this engine runs (`transition.signal`); InputError when it
-        has finished, NotFound when this engine does not run it."""
+        """Send a signal to an instance this engine runs (`transition.signal`); InvalidSignal when
+        its machine does not take it (`transition.check_signal`), InputError when it has finished,
+        NotFound when this engine does not run it."""
         run = self.runs.get(instance_id)
         if run is None:
             raise NotFound(f"no instance {instance_id!r} runs in this process")
+        transition.check_signal(run.graph, run.inst, name, outcome)
         checked, _ = payloads.check(payload if payload is not None else {}, limit=self.payload_limit)
         return run.signal(name, checked, outcome)
 
@@ -131,6 +133,25 @@ class _Run:
         task = asyncio.get_running_loop().create_task(run.run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def let_go(self, before: Instance) -> None:
+        """Cancel the children this instance let go of since `before` (a call timed out, the
+        instance ended), as their parent (`transition.released_children`)."""
+        for cid, reason in transition.released_children(before, self.inst, self.engine.wall()):
+            child = self.children.get(cid)
+            if child is not None:
+                child.cancel(reason, transition.by_parent(self.inst.id))
+
+    def cancel(self, reason: str, by: str) -> None:
+        """Cancel this instance (its parent let go of it): its run stops, and so do its children."""
+        if self.inst.finished:
+            return
+        before = self.inst
+        self.inst = transition.cancel(before, self.engine.wall(), reason=reason, by=by).instance
+        self.let_go(before)
+        if self.engine.on_update is not None:
+            self.engine.on_update(self.inst)
+        self.wake.set()  # its drive sees it finished and ends; stop() abandons its attempts
 
     def child_ended(self, child: _Run) -> None:
         after = transition.child_ended(self.inst, child.inst)
@@ -201,7 +222,8 @@ class _Run:
                                       serialize=False)
         if too_large:
             history, started = [], []
-        self.inst = after
+        before, self.inst = self.inst, after
+        self.let_go(before)
         for child in started:
             self.start_child(child)
         self.history.extend(history)
@@ -274,10 +296,8 @@ class _Run:
     def stop(self) -> None:
         if self.parent is not None:
             self.parent.child_ended(self)
-        for child in self.children.values():  # a parent that ends takes its children with it
-            if not child.inst.finished:
-                child.inst = transition.cancel(child.inst, self.engine.wall(),
-                                               reason=f"its parent {self.inst.id} {self.inst.status}").instance
+        for child in self.children.values():  # the run stopped before the instance ended (a timeout)
+            child.cancel(f"the embedded run of its parent {self.inst.id} stopped", transition.by_parent(self.inst.id))
         for _, attempt in self.inflight.values():
             attempt.abandon(f"instance {self.inst.id} is {self.inst.status}" if self.inst.finished
                             else "the embedded run stopped")

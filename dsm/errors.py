@@ -118,5 +118,10 @@ class AttemptAbandoned(DsmError):
     """Raised by ctx.heartbeat() when the attempt no longer counts (claim lost, cancelled, timed out)."""
 
 
+class InvalidSignal(InputError):
+    """A signal the instance's machine does not take: a name none of its signal states waits for,
+    or an outcome label none of the states waiting for that name routes on."""
+
+
 class InstanceExists(InputError):
     """An instance id is taken by an instance started with another definition or payload."""

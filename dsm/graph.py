@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -183,6 +184,23 @@ Frame = tuple[str, str]  # (fork state, branch name)
 
 
 @dataclass(frozen=True, slots=True)
+class SignalRoutes:
+    """What a machine takes of one signal name: the states that wait for it, the outcome labels
+    those that route with `on` route on (in declaration order), and whether one of them takes it
+    without a label (it routes with `next` or `choose`, where a label would route nothing)."""
+
+    name: str
+    states: tuple[str, ...]
+    outcomes: tuple[str, ...]
+    bare: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """As the API offers it (a form that sends signals offers these)."""
+        return {"name": self.name, "states": list(self.states), "outcomes": list(self.outcomes),
+                "outcome_required": not self.bare}
+
+
+@dataclass(frozen=True, slots=True)
 class Graph:
     machine: str
     start: str
@@ -201,6 +219,24 @@ class Graph:
 
     def state(self, name: str) -> State:
         return self.states[name]
+
+    def signals(self) -> dict[str, SignalRoutes]:
+        """The signals this machine's own states wait for (not those of the machines it calls),
+        by name, in the order the states are declared."""
+        states: dict[str, list[str]] = {}
+        outcomes: dict[str, dict[str, None]] = {}
+        bare: dict[str, bool] = {}
+        for st in self.states.values():
+            if st.signal is None:
+                continue
+            states.setdefault(st.signal, []).append(st.name)
+            labels = outcomes.setdefault(st.signal, {})
+            if st.kind is Kind.ON:
+                labels.update(dict.fromkeys(st.on))
+            else:
+                bare[st.signal] = True
+        return {name: SignalRoutes(name, tuple(names), tuple(outcomes[name]), bare.get(name, False))
+                for name, names in states.items()}
 
     def modules(self) -> tuple[str, ...]:
         """Handler modules this machine needs, in order of first use, then those of the machines it
@@ -224,6 +260,9 @@ class Graph:
                     out[child.digest] = child
                     stack.append(child)
         return out
+
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # what digest_of gives
 
 
 def digest_of(source: str, calls: Mapping[str, str] | None = None) -> str:

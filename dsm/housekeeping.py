@@ -7,10 +7,12 @@ worker's lease, so it lives exactly as long as that worker does; when the worker
 the key goes with its lease, and the next worker to look takes over.
 
 Deletion reads the expiry index (`/<ns>/exp/<expires>/<id>`, oldest first, up to now) and deletes
-each instance whole in one transaction: record, listing and expiry entries, history and any
-leftover work markers (range deletes are one operation each). That transaction compares the
-record's mod revision with the expiry entry's, which the same transaction wrote: a record that
-changed since it finished (a redrive) is never deleted by an entry that no longer describes it.
+each instance whole in one transaction, after the children its call states started (its expiry
+entry says whether it started any; they go whatever their own retention): record, listing and
+expiry entries, history and any leftover work markers (range deletes are one operation each).
+That transaction compares the record's mod revision with the expiry entry's, which the same
+transaction wrote: a record that changed since it finished (a redrive) is never deleted by an
+entry that no longer describes it.
 Batches are bounded (entries per round, history keys per request), idempotent (a batch whose
 answer was lost is read again next round) and safe with several housekeepers at once, though the
 election makes that rare.
@@ -33,11 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import Compacted, LeaseLost, NoSpace, StoreError, StoreUnavailable
+from .errors import Compacted, ConflictError, LeaseLost, NoSpace, StoreError, StoreUnavailable
 from .index import Expiry, created_ms, created_ops, expires_ms, listing_keys, removal_ops
 from .keys import Keys
 from .records import Instance, load_instance
 from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
+from .transition import child_prefix
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,57 @@ log = logging.getLogger(__name__)
 BATCH = 256
 NESTED = 64
 MAX_HISTORY = 20_000  # history keys one request may delete (an instance counts at least one)
+PAGE = 500  # records read per request when looking for an instance's children
+CHILD_PASSES = 20  # reads of an instance's children, while some keep changing under their deletion
 
 
 def deletion_txn(keys: Keys, inst: Instance, revision: int) -> Txn:
     """Delete a finished instance whole, provided its record is still at `revision`."""
     key = keys.instance(inst.id)
     return Txn([Compare.mod(key, "==", revision)], removal_ops(keys, inst.id, Expiry.of(inst), expires_ms(inst)))
+
+
+async def descendants(store: Store, keys: Keys, root: str) -> list[tuple[Instance, int]]:
+    """Every instance the call states of `root` started, and theirs, with their records'
+    revisions; each after its parent. Children are found by their ids (`transition.child_prefix`)
+    and known by their records naming the parent (an instance of a user's whose id merely looks
+    like a child's is none)."""
+    found: list[tuple[Instance, int]] = []
+    parents = [root]
+    while parents:
+        parent = parents.pop()
+        prefix = keys.instance(child_prefix(parent))
+        start, end = prefix, prefix_end(prefix)
+        while True:
+            page = await store.range(start, end, limit=PAGE)
+            for kv in page.kvs:
+                inst = load_instance(kv.value)
+                if inst.parent is not None and inst.parent.id == parent:
+                    found.append((inst, kv.mod_revision))
+                    parents.append(inst.id)
+            if not page.more or not page.kvs:
+                break
+            start = page.kvs[-1].key + "\0"
+    return found
+
+
+async def delete_children(store: Store, keys: Keys, parent: str, *, max_history: int = MAX_HISTORY) -> int:
+    """Delete every instance the call states of `parent` started, and theirs, whatever their
+    status: a child never outlives its parent (one still running, whose cancel has not come yet,
+    goes too; its worker's next commit finds no record). The deepest go first, each whole in one
+    transaction fenced by its revision, so a crash leaves no child without its parent; one that
+    changed in between is read and deleted again. Returns how many were deleted."""
+    deleted = 0
+    for _ in range(CHILD_PASSES):
+        found = await descendants(store, keys, parent)
+        if not found:
+            return deleted
+        txns = [(deletion_txn(keys, inst, rev), inst.transitions) for inst, rev in reversed(found)]
+        for chunk in _chunks(txns, max_history):
+            result = await store.txn([], chunk)
+            deleted += sum(1 for i in range(len(chunk)) if result.nested(i).succeeded)
+    raise ConflictError(f"the children of instance {parent} kept changing while they were deleted "
+                        f"({CHILD_PASSES} passes); try again")
 
 
 def _expired_txn(keys: Keys, instance_id: str, expires: int, entry_revision: int, expiry: Expiry) -> Txn:
@@ -103,6 +151,8 @@ async def delete_expired(store: Store, keys: Keys, *, now: float, batch: int = B
     for kv in found.kvs:
         digits, _, instance_id = kv.key[len(prefix):].partition("/")
         expiry = Expiry.load(kv.value)
+        if expiry.children:  # they go first: deleting a parent deletes its children
+            await delete_children(store, keys, instance_id, max_history=max_history)
         names.append((instance_id, int(digits)))
         due.append((_expired_txn(keys, instance_id, int(digits), kv.mod_revision, expiry), expiry.transitions))
     deleted = 0

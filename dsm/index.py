@@ -17,7 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import codec
@@ -30,7 +30,14 @@ from .store import Delete, Get, KeyValue, Op, Put, Store, prefix_end
 AGE_MAX = 9_999_999_999_999  # milliseconds: the age part of an index key counts down from here
 PAGE = 100  # index entries read at once (their records are read in one transaction of as many gets)
 MAX_PAGE = 1000  # the most instances one page asked for by a client (or the HTTP API) holds
-CURSOR = re.compile(r"(\d{13})/(" + INSTANCE_ID.pattern + ")")
+CURSOR = re.compile(r"([0-9]{13})/(" + INSTANCE_ID.pattern + ")")  # ASCII digits: \d takes any script's
+# What the HTTP API takes as `since` (its OpenAPI document says the same): a duration back from now,
+# seconds or parts with units (1h30m), or an RFC 3339 date or date-time. `dsm list --since` takes
+# more: any ISO 8601 time that Python reads, and durations with spaces.
+_NUMBER = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
+SINCE_DURATION = re.compile(f"{_NUMBER}|(?:{_NUMBER}(?:ms|s|m|h|d))+")
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+                      r"(?:[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?(?:[Zz]|([+-])([0-9]{2}):([0-9]{2})))?")
 
 
 def created_ms(inst: Instance) -> int:
@@ -64,25 +71,27 @@ def status_keys(keys: Keys, instance_id: str, status: str, machine: str, created
 @dataclass(frozen=True, slots=True)
 class Expiry:
     """The value of an expiry entry: enough to delete the instance's listing entries and to bound
-    a deletion batch, without reading its record first."""
+    a deletion batch, without reading its record first; and whether it started children, which
+    go with it (`housekeeping.delete_children`)."""
 
     machine: str
     status: str
     created: int  # ms, as in the listing keys
     transitions: int
+    children: bool = False
 
     def dump(self) -> bytes:
         return codec.dumps({"machine": self.machine, "status": self.status, "created": self.created,
-                            "transitions": self.transitions})
+                            "transitions": self.transitions, **({"children": True} if self.children else {})})
 
     @staticmethod
     def load(raw: bytes) -> Expiry:
         d: dict[str, Any] = codec.loads(raw)
-        return Expiry(d["machine"], d["status"], d["created"], d.get("transitions", 0))
+        return Expiry(d["machine"], d["status"], d["created"], d.get("transitions", 0), bool(d.get("children")))
 
     @staticmethod
     def of(inst: Instance) -> Expiry:
-        return Expiry(inst.machine, inst.status, created_ms(inst), inst.transitions)
+        return Expiry(inst.machine, inst.status, created_ms(inst), inst.transitions, inst.children > 0)
 
 
 def expiry_put(keys: Keys, inst: Instance) -> Put | None:
@@ -172,6 +181,28 @@ def parse_since(value: str, now: float) -> float:
     if at.tzinfo is None:
         at = at.replace(tzinfo=timezone.utc)
     return at.timestamp()
+
+
+def check_since(value: str, now: float) -> float:
+    """`since` as the HTTP API takes it (SINCE_DURATION, or an RFC 3339 date or date-time) as a
+    time; InputError for anything else, a date that does not exist included."""
+    if SINCE_DURATION.fullmatch(value):
+        return parse_since(value, now)
+    match = _RFC3339.fullmatch(value)
+    problem = (f"since: expected a duration back from now (30m, 2h, 7d, 1h30m, or seconds) or an RFC 3339 "
+               f"date or date-time (2026-11-28, 2026-11-28T13:00:00Z); got {value!r}")
+    if match is None:
+        raise InputError(problem)
+    year, month, day, hour, minute, second, fraction, sign, zone_hours, zone_minutes = match.groups()
+    try:
+        if sign is not None and (int(zone_hours) > 23 or int(zone_minutes) > 59):
+            raise ValueError("no such offset")
+        offset = timedelta(hours=int(zone_hours), minutes=int(zone_minutes)) if sign is not None else timedelta()
+        at = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
+                      tzinfo=timezone(-offset if sign == "-" else offset))
+    except ValueError:
+        raise InputError(problem) from None
+    return at.timestamp() + float(fraction or 0)
 
 
 async def page(store: Store, keys: Keys, *, status: str | None = None, machine: str | None = None,

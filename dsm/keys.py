@@ -32,7 +32,8 @@ Invariants, kept because every change is one transaction:
 - a running instance's record lists token T  <=>  work/<id>/T exists, unless work/<id>/sync
   exists: a change too wide for one transaction (etcd takes 128 operations) writes the record
   and the markers that fit, and SYNC; whoever claims SYNC makes the markers match the record
-  (`markers.py`). A marker whose token the record does not list is deleted by whoever meets it;
+  (`markers.py`). A marker whose token the record does not list, or whose instance has no record,
+  is deleted by whoever meets it;
 - a claim exists only beside its work marker, and only while its worker's lease lives;
 - a commit for token T compares the record's mod revision and the claim's create revision, so a
   worker whose lease expired (its claim deleted by etcd) or who was overtaken can never commit;
@@ -55,7 +56,8 @@ One that only something else can wake (a signal without a timeout, a child) is *
 `not_before` is `records.PARKED`, and workers keep no candidate for it. What wakes it rewrites
 its marker as due now: `dsm signal` in the transaction that stores the signal (with the record),
 a child's last commit for its parent's token (`planner.wake_parent_ops`; the parent's commit is
-fenced by the child record's revision, so a wake-up that crosses it is never lost).
+fenced by the child record's revision, so a wake-up that crosses it is never lost; the wake-up is
+fenced by the parent's record existing, so a parent that is gone gets no marker back).
 """
 
 from __future__ import annotations

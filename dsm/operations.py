@@ -15,11 +15,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from . import index, logs, payloads, transition
-from .definitions import register
+from .definitions import Registry, register
 from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
 from .idempotency import keep_input, same_start
@@ -60,11 +60,29 @@ def _request_bytes(txn: Txn) -> int:
 class Operations:
     """The operations on one namespace's instances, over a store the caller owns."""
 
-    def __init__(self, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time):
+    def __init__(self, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time,
+                 definitions: Registry | None = None):
+        """`definitions`: where the definitions instances pinned are read from, compiled without
+        importing their handlers (None: a registry of these operations' own, made when first needed)."""
         self.store = store
         self.keys = keys or Keys()
         self.wall = wall
+        self._definitions = definitions
         self._marked = False  # whether this client looked at the namespace's `meta/indexed` mark
+
+    @property
+    def definitions(self) -> Registry:
+        if self._definitions is None:
+            self._definitions = Registry(self.store, self.keys, import_handlers=False)
+        return self._definitions
+
+    async def machine_of(self, inst: Instance) -> Graph:
+        """The definition an instance pinned (by digest), compiled without importing its handlers.
+        NotFound when it cannot be read (not registered, or its content does not match its digest)."""
+        try:
+            return await self.definitions.get(inst.digest)
+        except NotFound as exc:
+            raise NotFound(f"instance {inst.id}: its definition cannot be read: {exc}") from None
 
     async def register(self, graph: Graph) -> None:
         await register(self.store, self.keys, graph)
@@ -206,22 +224,29 @@ class Operations:
 
     async def cancel(self, instance_id: str, *, reason: str | None = None, by: str | None = None) -> Instance:
         """Cancel a running instance (a finished one is returned unchanged); the record keeps
-        `reason`, `by` (default: `user@host` of this process) and when.
+        `reason`, `by` (default: `user@host` of this process) and when. Its running children are
+        cancelled in turn, by it (`cancel.by` is `parent:<id>`).
 
         The record is written in one transaction with as many marker deletions as fit; any left
         over (an instance with more live branches than one transaction holds) go right after,
         and a SYNC marker covers them should this process die in between.
         """
         check_instance_id(instance_id)
+        return await self._cancel(instance_id, reason=reason, by=by if by is not None else caller())
+
+    async def _cancel(self, instance_id: str, *, reason: str | None, by: str, wake_parent: bool = True) -> Instance:
+        """`cancel`; `wake_parent`: a child cancelled by a user makes its parent's waiting token due
+        (the parent's call state then fails with ChildFailed); one cancelled by its parent does not."""
         key = self.keys.instance(instance_id)
         while True:
             kv, inst = await self._read(instance_id)
             if inst.finished:
                 return inst
-            step = transition.cancel(inst, self.wall(), reason=reason, by=by if by is not None else caller())
+            step = transition.cancel(inst, self.wall(), reason=reason, by=by)
             ops: list = [Put(key, dump_instance(step.instance))]
             ops += index.status_ops(self.keys, inst, step.instance)
-            ops += wake_parent_ops(self.keys, inst, step.instance)
+            if wake_parent:
+                ops += wake_parent_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
             while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
                 tok = removed.pop()
@@ -232,32 +257,39 @@ class Operations:
             if result.succeeded:
                 if removed:
                     await reconcile(self.store, self.keys, instance_id, now=self.wall())
-                await self.cancel_children(inst, reason=f"its parent {instance_id} was cancelled"
-                                           + (f": {reason}" if reason else ""), by=by)
+                await self.cancel_released(inst, step.instance)
                 return step.instance
 
-    async def cancel_children(self, inst: Instance, *, reason: str, by: str | None = None) -> None:
-        """Cancel the child instances an instance's call states wait for (and theirs, in turn)."""
-        for token in inst.tokens.values():
-            if token.child is not None:
-                try:
-                    await self.cancel(token.child, reason=reason, by=by)
-                except NotFound:
-                    pass
+    async def cancel_released(self, before: Instance, after: Instance, *, ended: Collection[str] = ()) -> None:
+        """Cancel, as their parent, the children `before` waited for and `after` no longer does
+        (`transition.released_children`: a call that timed out, a parent that ended), and theirs in
+        turn. `ended`: children known to have finished already (nothing to do for them)."""
+        for cid, reason in transition.released_children(before, after, self.wall()):
+            if cid in ended:
+                continue
+            try:
+                await self._cancel(cid, reason=reason, by=transition.by_parent(after.id), wake_parent=False)
+            except NotFound:
+                pass  # deleted, or never created (the commit that started it did not apply)
 
     async def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
                      outcome: str | None = None) -> Instance:
         """Send a signal to a running instance: stored in its record (durable, in the order sent)
-        and consumed by the next visit of a signal state that waits for it. Refused (InputError)
-        for a finished instance, NotFound for an unknown one; nothing is written then."""
+        and consumed by the next visit of a signal state that waits for it. Refused before anything
+        is written: InvalidSignal for a name or outcome the instance's machine does not take
+        (`transition.check_signal`), InputError for a finished instance, NotFound for an unknown one."""
         check_instance_id(instance_id)
         check_signal_name(name)
         if outcome is not None and (not isinstance(outcome, str) or not outcome):
             raise InputError(f"signal outcome must be a non-empty label, got {outcome!r}")
         checked, _ = payloads.check(payload if payload is not None else {})
         key = self.keys.instance(instance_id)
+        graph: Graph | None = None
         while True:
             kv, inst = await self._read(instance_id)
+            if not inst.finished:  # a finished one is refused as such (below), whatever the signal
+                graph = graph or await self.machine_of(inst)  # pinned: the same on every turn
+                transition.check_signal(graph, inst, name, outcome)
             now = self.wall()
             step = transition.signal(inst, name, checked, outcome=outcome, now=now)
             ops: list = [Put(key, dump_instance(step.instance))]
@@ -351,8 +383,9 @@ class Operations:
 
     async def delete(self, instance_id: str) -> Instance:
         """Delete a finished instance now, as retention would: its record, history and index
-        entries, in one transaction. A running instance is refused (cancel it first)."""
-        from .housekeeping import deletion_txn
+        entries, in one transaction, after the children its call states started, and theirs
+        (`housekeeping.delete_children`). A running instance is refused (cancel it first)."""
+        from .housekeeping import delete_children, deletion_txn
 
         check_instance_id(instance_id)
         key = self.keys.instance(instance_id)
@@ -364,6 +397,8 @@ class Operations:
             if not inst.finished:
                 raise InputError(f"instance {instance_id} is {inst.status}: only a finished instance can be "
                                  f"deleted (cancel it first: dsm cancel {instance_id})")
+            # looked for whatever the record counts: records written before it counted its children
+            await delete_children(self.store, self.keys, instance_id)
             txn = deletion_txn(self.keys, inst, kv.mod_revision)
             if (await self.store.txn(txn.compare, txn.success)).succeeded:
                 return inst

@@ -189,6 +189,9 @@ class Instance:
     input_digest: str | None = None  # set when `input` was too large to keep (dsm.idempotency)
     signals: tuple[Signal, ...] = ()  # received and not yet consumed, in the order sent
     parent: Parent | None = None  # set on a child instance (`call`)
+    # child instances its call states started: retention deletes them with it (None of them: no
+    # need to look for any). 0 in records written before it was counted
+    children: int = 0
 
     @property
     def finished(self) -> bool:
@@ -272,6 +275,7 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
         "input_digest": inst.input_digest,
         **({"signals": [sig.dump() for sig in inst.signals]} if inst.signals else {}),
         **({"parent": inst.parent.dump()} if inst.parent is not None else {}),
+        **({"children": inst.children} if inst.children else {}),
     }
 
 
@@ -292,6 +296,7 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         input_digest=raw.get("input_digest"),
         signals=tuple(Signal.load(d) for d in raw.get("signals", ())),
         parent=Parent.load(raw["parent"]) if raw.get("parent") else None,
+        children=raw.get("children", 0),
     )
 
 

@@ -15,8 +15,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .durations import format_duration
-from .errors import InputError
-from .graph import Graph, Kind, State
+from .errors import InputError, InvalidSignal
+from .graph import Graph, Kind, SignalRoutes, State
 from .guards import GuardError
 from .records import (
     CANCELLED,
@@ -172,6 +172,49 @@ def signal(inst: Instance, name: str, payload: dict[str, Any] | None = None, *, 
     return Step(evolve(inst, signals=inst.signals + (sig,), tokens=MappingProxyType(tokens)), upserted=tuple(woken))
 
 
+def check_signal(graph: Graph, inst: Instance, name: str, outcome: str | None = None) -> None:
+    """Refuse a signal before it is stored: InputError for a finished instance, InvalidSignal for
+    one its machine (`graph`, the definition the instance pinned; the machines it calls do not
+    count) does not take: a name no signal state waits for, an outcome label that no state waiting
+    for the name routes on (a state that routes with `next` or `choose` routes on none), or no
+    label where every state waiting for the name routes on one. Either would only wait forever or
+    fail the state with InvalidOutcome. The message names what the machine takes."""
+    if inst.finished:
+        raise InputError(f"instance {inst.id} is {inst.status}: it takes no more signals")
+    accepted = graph.signals()
+    about = f"instance {inst.id} (machine {graph.machine!r})"
+    routes = accepted.get(name)
+    if routes is None:
+        if not accepted:
+            raise InvalidSignal(f"{about} waits for no signals at all: no state of its machine has `signal:`; "
+                                f"signal {name!r} is not stored")
+        raise InvalidSignal(f"{about} waits for no signal {name!r}; its machine takes "
+                            f"{'; '.join(_takes(r) for r in accepted.values())}")
+    states = ", ".join(repr(s) for s in routes.states)
+    if outcome is not None and outcome not in routes.outcomes:
+        if not routes.outcomes:
+            raise InvalidSignal(f"{about}: signal {name!r} takes no outcome label, its state(s) {states} route "
+                                f"without one; send it without an outcome, not {outcome!r}")
+        raise InvalidSignal(f"{about}: signal {name!r} takes no outcome {outcome!r}; its state(s) {states} route "
+                            f"on {_either(routes.outcomes)}")
+    if outcome is None and not routes.bare:
+        raise InvalidSignal(f"{about}: signal {name!r} needs an outcome label, its state(s) {states} route on "
+                            f"{_either(routes.outcomes)}")
+
+
+def _takes(routes: SignalRoutes) -> str:
+    """One signal as a message lists what a machine takes: its name and the outcomes it needs."""
+    if not routes.outcomes:
+        return f"{routes.name!r} (without an outcome)"
+    optional = ", or without one" if routes.bare else ""
+    return f"{routes.name!r} (outcome {_either(routes.outcomes)}{optional})"
+
+
+def _either(labels: tuple[str, ...]) -> str:
+    quoted = [repr(label) for label in labels]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
 def _on_signal(graph: Graph, inst: Instance, token: Token, state: State, outcome: Outcome, now: float,
                worker: str) -> Step:
     """A signal state's token runs: consume the first signal of its name, or time out, or (woken
@@ -206,6 +249,13 @@ def child_id(inst: Instance, token: Token) -> str:
     return _child_base(inst.id) + suffix
 
 
+def child_prefix(parent_id: str) -> str:
+    """What the ids of the children an instance starts begin with (and those of theirs, but for a
+    child whose own id is over 96 characters). Other instances may share it: a child is one whose
+    record names the parent."""
+    return _child_base(parent_id) + ".c"
+
+
 def _child_base(parent_id: str) -> str:
     if len(parent_id) <= 96:
         return parent_id
@@ -217,7 +267,7 @@ def descends_from(instance_id: str, root: str) -> bool:
     far as ids tell: a child of a child whose id grew past 96 characters is not recognised)."""
     if instance_id == root:
         return True
-    return instance_id.startswith(_child_base(root) + ".c")
+    return instance_id.startswith(child_prefix(root))
 
 
 def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome: Outcome, now: float,
@@ -233,9 +283,12 @@ def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome:
         cid = child_id(inst, token)
         child = start(child_graph, cid, inst.payload_of(token), now)
         child = evolve(child, parent=Parent(inst.id, state.name, token.id, inst.machine, inst.digest))
+        inst = evolve(inst, children=inst.children + 1)
         deadline = now + state.timeout if state.timeout is not None else None
-        waiting = replace(token, child=cid, not_before=deadline if deadline is not None else PARKED,
-                          deadline=deadline, waits="child")
+        # a child that ends as it starts (its start state is terminal) makes no commit that would
+        # wake this token: it is due at once, to take the child's result
+        due = 0.0 if child.finished else deadline if deadline is not None else PARKED
+        waiting = replace(token, child=cid, not_before=due, deadline=deadline, waits="child")
         step = _replaced(inst, waiting)
         return replace(step, started=(child,))
     result = outcome.child
@@ -259,6 +312,43 @@ def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome:
         failure = Failure(exc.type, exc.message, retryable=False)
         return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
     return _move(graph, inst, token, targets, payload, None, now, worker, outcome, child=result.id)
+
+
+def by_parent(parent_id: str) -> str:
+    """Who cancelled a child its parent let go of, as its record's `cancel.by` says."""
+    return f"parent:{parent_id}"
+
+
+def released_children(before: Instance, after: Instance, now: float) -> tuple[tuple[str, str], ...]:
+    """The children that tokens of `before` waited for and no token of `after` waits for, each
+    with why its parent let go of it at `now`: (child id, reason), for the child's `cancel.reason`.
+
+    A child never outlives its parent's interest in it: the caller cancels those that still run
+    (`by_parent`). A call state lets go of its child when the child ended (it moves on, retries or
+    is caught), and of a running one only when it timed out; every child goes when the parent
+    ends, however it ends. Cancelling a child that ended already changes nothing."""
+    waited = {t.child: t for t in before.tokens.values() if t.child is not None}
+    if not waited:
+        return ()
+    still = {t.child for t in after.tokens.values() if t.child is not None}
+    out = []
+    for cid, token in waited.items():
+        if cid in still:
+            continue
+        if after.status == CANCELLED:
+            why = f"its parent {after.id} was cancelled"
+            if after.cancel is not None and after.cancel.reason:
+                why += f": {after.cancel.reason}"
+        elif token.deadline is not None and now >= token.deadline:
+            why = f"its parent {after.id} gave up on it: its call state {token.state!r} timed out waiting for it"
+        elif after.finished:
+            why = f"its parent {after.id} {after.status}"
+            if after.error is not None:
+                why += f" ({after.error.type} at state {after.error.state!r})"
+        else:
+            why = f"its parent {after.id} no longer waits for it at state {token.state!r}"
+        out.append((cid, why))
+    return tuple(out)
 
 
 def child_ended(inst: Instance, child: Instance) -> Instance:
@@ -675,6 +765,7 @@ def redrive(inst: Instance) -> Step:
     return Step(again, upserted=tuple(tokens.values()))
 
 
-__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "cancel", "changes", "child_ended", "child_id",
-           "descends_from", "fail", "merge", "redrive", "same_json", "signal", "start", "MergeConflict",
-           "MAX_MAP_ITEMS", "MAP_BATCH", "MAP_WINDOW"]
+__all__ = ["ChildResult", "Failure", "Outcome", "Step", "advance", "by_parent", "cancel", "changes",
+           "check_signal", "child_ended", "child_id", "child_prefix", "descends_from", "fail", "merge", "redrive",
+           "released_children", "same_json", "signal", "start", "MergeConflict", "MAX_MAP_ITEMS", "MAP_BATCH",
+           "MAP_WINDOW"]

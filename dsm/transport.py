@@ -88,7 +88,7 @@ class StoreTransport:
         self.owned = owned
         # definitions read from the store are compiled without importing their handlers: starting
         # an instance runs no handler code (only workers import handlers)
-        self.definitions = Registry(operations.store, operations.keys, import_handlers=False)
+        self.definitions = operations.definitions
 
     @property
     def namespace(self) -> str:

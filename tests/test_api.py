@@ -304,15 +304,76 @@ def test_every_error_answers_json_and_writes_nothing(server, monkeypatch):
         (srv.get("/api/instances", params={"limit": "many"}), 400, "BadRequest", "limit"),
         (srv.get("/api/instances", params={"after": "junk"}), 400, "BadRequest", "invalid cursor"),
         (srv.get("/api/instances", params={"since": "yesterday"}), 400, "BadRequest", "since"),
+        (srv.get("/api/instances", params={"since": "2026-02-30"}), 400, "BadRequest", "since"),  # no such day
+        (srv.get("/api/instances", params={"since": "2026-11-28T13:00"}), 400, "BadRequest", "RFC 3339"),
+        (srv.get("/api/instances", params={"after": "\u0661" * 13 + "/x"}), 400, "BadRequest", "invalid cursor"),
+        (srv.get("/api/instances", params={"limit": "\u0661"}), 400, "BadRequest", "limit"),
+        (srv.get("/api/instances", params={"machine": "Bad!"}), 400, "BadRequest", "invalid machine name"),
+        (srv.post(f"/api/instances/{running}/signals/decision", {"outcome": ""}), 400, "BadRequest", "non-empty"),
         (srv.get("/api/instances", params={"stauts": "running"}), 400, "BadRequest", "'stauts'"),
         (srv.get("/api/events", params={"instance": "ghost"}), 404, "NotFound", "ghost"),
         (srv.get("/api/nothing-here"), 404, "NotFound", "/api/nothing-here"),
         (srv.http.put("/api/instances"), 405, "MethodNotAllowed", "PUT"),
+        (srv.http.put(f"/api/instances/{running}"), 405, "MethodNotAllowed", "PUT"),
     ]
     for response, status, kind, words in cases:
         error = error_of(response, status)
         assert error["type"] == kind and words in error["message"], (response.request.url, error)
     assert srv.snapshot() == before
+
+
+def test_every_path_says_which_methods_it_takes(server):
+    """405 and OPTIONS list every method of the path in `Allow`, though each route serves one."""
+    srv = server(token="s3cret")
+    assert srv.http is not None
+    for path, methods in (("/api/instances", "GET, HEAD, OPTIONS"), ("/api/instances/x", "DELETE, GET, HEAD, OPTIONS"),
+                          ("/api/instances/x/cancel", "OPTIONS, POST")):
+        options = srv.http.options(path)
+        assert options.status_code == 204 and options.headers["allow"] == methods, (path, options.headers)
+        assert "access-control-allow-origin" not in options.headers  # no CORS, as for every answer
+        refused = srv.http.request("PATCH", path)
+        assert error_of(refused, 405)["type"] == "MethodNotAllowed" and refused.headers["allow"] == methods
+    # a method no route takes runs nothing: its 405, not a request for the token
+    assert error_of(srv.http.request("TRACE", "/api/instances"), 405)["type"] == "MethodNotAllowed"
+    assert srv.http.options("/api/nothing-here").status_code == 404
+
+
+def test_null_for_an_optional_field_is_leaving_it_out(server):
+    srv = server(graphs=[APPROVAL])
+    started = srv.post("/api/machines/approval/instances", {"payload": None, "id": None})
+    assert started.status_code == 201 and started.json()["payload"] == {}, started.text
+    iid = start(srv, "approval", {"amount": 1}, id="n-1")["id"]
+    # an outcome of null is no outcome: this machine routes on one, so the signal is refused as without one
+    assert error_of(srv.post(f"/api/instances/{iid}/signals/decision", {"outcome": None}), 422)["type"] == \
+        "InvalidSignal"
+    signalled = srv.post(f"/api/instances/{iid}/signals/decision", {"payload": None, "outcome": "approve"})
+    assert signalled.status_code == 202, signalled.text
+    assert signalled.json()["signals"][-1]["outcome"] == "approve"
+    cancelled = srv.post(f"/api/instances/{iid}/cancel", {"reason": None})
+    assert cancelled.status_code == 200 and cancelled.json()["cancel"]["reason"] is None
+    nullable = openapi.document(token_required=False)["paths"]["/api/machines/{machine}/instances"]["post"]
+    properties = nullable["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "null" in properties["id"]["type"] and "null" in properties["payload"]["type"]
+
+
+def test_a_signal_the_machine_does_not_take_answers_422_naming_what_it_takes(server):
+    srv = server(graphs=[APPROVAL])  # no worker: nothing but the requests writes
+    running = start(srv, "approval", {"amount": 1}, id="s-1")["id"]
+    before = srv.snapshot()
+    misspelled = error_of(srv.post(f"/api/instances/{running}/signals/decison", {"outcome": "approve"}), 422)
+    assert misspelled["type"] == "InvalidSignal", misspelled
+    assert "'decision'" in misspelled["message"] and "'approve'" in misspelled["message"], misspelled
+    outcome = error_of(srv.post(f"/api/instances/{running}/signals/decision", {"outcome": "maybe"}), 422)
+    assert outcome["type"] == "InvalidSignal" and "'maybe'" in outcome["message"], outcome
+    assert "'approve'" in outcome["message"] and "'reject'" in outcome["message"], outcome
+    assert srv.snapshot() == before
+    takes = [{"name": "decision", "states": ["decide", "final_decision"], "outcomes": ["approve", "reject"],
+              "outcome_required": True}]
+    assert srv.get(f"/api/instances/{running}/graph").json()["signals"] == takes  # what a form offers
+    assert srv.get("/api/machines/approval").json()["signals"] == takes
+    paths = openapi.document(token_required=False)["paths"]
+    described = paths["/api/instances/{id}/signals/{name}"]["post"]["responses"]
+    assert "422" in described and "409" in described
 
 
 # -- who may do what -----------------------------------------------------------------------------
@@ -415,13 +476,28 @@ def test_the_openapi_document_is_valid_and_lists_every_route():
     with ApiServer() as srv:
         document = srv.get("/api/openapi.json").json()
     validate(document)
-    assert document == openapi.document()
+    assert document == openapi.document(token_required=False)
+    with ApiServer(token="s3cret") as srv:
+        secured = srv.get("/api/openapi.json").json()
+    validate(secured)
+    assert secured == openapi.document(token_required=True)
+    # the bearer token is asked for on the actions, and only when the API has one
+    for (_, method), operation in operations(secured).items():
+        action = method in ("post", "delete")
+        assert (operation.get("security") == [{"bearer": []}]) is action and ("401" in operation["responses"]) is action
+    assert not any("security" in op or "401" in op["responses"] for op in operations(document).values())
+    assert "securitySchemes" not in document["components"] and "bearer" in secured["components"]["securitySchemes"]
     app = create_app(MemoryStore())
     served = {(route.path, method.lower()) for route in app.routes
               if route.path.startswith("/api/") for method in getattr(route, "methods", ()) if method != "HEAD"}
     described = {(path, method) for path, item in document["paths"].items()
                  for method in item if method != "parameters"}
     assert served == described
+
+
+def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(path, method): operation for path, item in document["paths"].items()
+            for method, operation in item.items() if method != "parameters"}
 
 
 def test_the_dashboard_is_served_from_the_package():
@@ -561,7 +637,7 @@ def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
     caplog.set_level("WARNING")
     # each sent as HTTP carries it (latin-1): "\u00b9\u00b2" is a digit string to Python, and no number to int()
     for last_id in ("99999999999999999999", "9223372036854775808", "-1", "-0", "abc", "1.5", "12x", "0x10",
-                    "\u00b9\u00b2"):
+                    "\u00b9\u00b2", ""):
         headers = {"last-event-id": last_id.encode("latin-1")}
         with srv.http.stream("GET", "/api/events", headers=headers) as response:
             assert response.status_code == 400, (last_id, response.status_code, response.headers["content-type"])
@@ -570,7 +646,7 @@ def test_events_refuse_a_last_id_that_is_not_a_revision(server, caplog):
         assert error["type"] == "BadRequest" and "Last-Event-ID" in error["message"], (last_id, error)
     assert srv.get("/api/workers").status_code == 200  # still serving
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
-    described = openapi.document()["paths"]["/api/events"]["get"]
+    described = openapi.document(token_required=False)["paths"]["/api/events"]["get"]
     assert "400" in described["responses"]
     assert any(p["name"] == "Last-Event-ID" and p["in"] == "header" for p in described["parameters"])
 

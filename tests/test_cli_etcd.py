@@ -216,3 +216,25 @@ def test_signal_from_the_command_line_and_run_with_local_workers_runs_the_child_
     assert again.returncode == 2 and "succeeded" in again.stderr
     unknown = dsm("signal", "no-such-id", "decision", *at)
     assert unknown.returncode == 2 and "no instance" in unknown.stderr
+
+
+def test_a_signal_the_machine_does_not_take_is_refused_with_exit_2_and_nothing_stored(at):
+    """`dsm signal` checks the name and the outcome against the instance's machine before it
+    stores anything: a misspelled name, or an outcome no state waiting for it routes on, exits 2
+    with a message naming what the machine takes."""
+    (iid,) = submit(at, "definitions/approval.yaml", "--payload", '{"amount": 5}')
+    misspelled = dsm("signal", iid, "decison", *at)
+    assert misspelled.returncode == 2, (misspelled.returncode, misspelled.stderr)
+    assert "'decision'" in misspelled.stderr and "'approve'" in misspelled.stderr, misspelled.stderr
+    unknown_outcome = dsm("signal", iid, "decision", "--outcome", "maybe", *at)
+    assert unknown_outcome.returncode == 2, (unknown_outcome.returncode, unknown_outcome.stderr)
+    assert "'maybe'" in unknown_outcome.stderr and "'approve'" in unknown_outcome.stderr
+    assert "'reject'" in unknown_outcome.stderr, unknown_outcome.stderr
+    record = json.loads(dsm("status", iid, "--json", *at).stdout)
+    assert record["signals"] == []
+    sent = dsm("signal", iid, "decision", "--outcome", "approve", *at)
+    assert sent.returncode == 0 and sent.stdout == "", sent.stderr
+    assert [s["name"] for s in json.loads(dsm("status", iid, "--json", *at).stdout)["signals"]] == ["decision"]
+    assert dsm("cancel", iid, *at).returncode == 0
+    finished = dsm("signal", iid, "decison", *at)  # finished: refused as such, whatever the name
+    assert finished.returncode == 2 and "cancelled" in finished.stderr, finished.stderr

@@ -267,7 +267,8 @@ def refusals(c: dsm.Client, instant: Path) -> list[tuple[str, str]]:
         lambda: c.start("approval", {"x": float("inf")}), lambda: c.start(instant, {"n": 2}, id="done-1"),
         lambda: c.start(42),  # type: ignore[arg-type]
         lambda: c.signal("done-1", "decision"), lambda: c.signal("run-1", "bad name"),
-        lambda: c.signal("run-1", "decision", outcome=""), lambda: c.cancel("run-1", reason="x" * 5000),
+        lambda: c.signal("run-1", "decision", outcome=""), lambda: c.signal("run-1", "nope"),
+        lambda: c.signal("run-1", "decision", outcome="maybe"), lambda: c.cancel("run-1", reason="x" * 5000),
         lambda: c.redrive("done-1"), lambda: c.redrive("run-1"), lambda: c.delete("run-1"),
         lambda: list(c.list(status="sleeping")), lambda: list(c.list(since="yesterday")),
         lambda: list(c.list(machine="Bad!")), lambda: list(c.list(where={"customer": "c7"})),
@@ -294,7 +295,8 @@ def test_every_transport_refuses_in_the_same_words(transports, write):
         seen[kind] = [(name, message.replace(namespace, "NS")) for name, message in refusals(c, instant)]
     assert seen["etcd"] == seen["embedded"]
     assert seen["api"] == seen["embedded"]
-    assert {name for name, _ in seen["embedded"]} == {"NotFound", "InputError", "InstanceExists", "Timeout"}
+    assert {name for name, _ in seen["embedded"]} == {"NotFound", "InputError", "InstanceExists", "InvalidSignal",
+                                                      "Timeout"}
 
 
 # -- what only one transport has -------------------------------------------------------------------

@@ -53,6 +53,26 @@ def prepare(payload, ctx):
     payload["prepared"] = True
 """
 
+VOTE = """
+machine: vote
+description: Waits for a decision (approve or reject), then for a note
+start: ask
+states:
+  ask:
+    signal: decision
+    on:
+      approve: hold
+      reject: rejected
+  hold:
+    signal: note
+    next: done
+  done:
+    terminal: true
+  rejected:
+    terminal: true
+    status: failed
+"""
+
 FLAKY = """
 machine: flaky
 description: Fails until the file named by payload.flag exists
@@ -189,8 +209,9 @@ def dashboard(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     (folder / "dashgate.py").write_text(GATE_PY.lstrip(), encoding="utf-8")
     (folder / "flaky.yaml").write_text(FLAKY.lstrip(), encoding="utf-8")
     (folder / "dashflaky.py").write_text(FLAKY_PY.lstrip(), encoding="utf-8")
+    (folder / "vote.yaml").write_text(VOTE.lstrip(), encoding="utf-8")
     at = ("--etcd", etcd.endpoint, "--namespace", "dash" + os.urandom(4).hex())
-    machines = (str(folder / "gate.yaml"), str(folder / "flaky.yaml"))
+    machines = (str(folder / "gate.yaml"), str(folder / "flaky.yaml"), str(folder / "vote.yaml"))
     worker = _Process("worker", *machines, *at, "--concurrency", "4", "--lease-ttl", "3", "--isolation", "thread")
     api = _Process("api", *machines, *at, "--host", "127.0.0.1", "--port", "0")
     try:
@@ -321,6 +342,47 @@ def test_a_signal_sent_from_the_page_wakes_the_instance(browser: Any, dashboard:
     history = dashboard.record(instance_id)["history"]
     assert [entry["state"] for entry in history] == ["prepare", "hold"]
     assert history[1]["signal"]["name"] == "go"
+
+
+def _options(browser: Any, select_id: str) -> list[tuple[str, str]]:
+    """(value, text) of each option of a select, or [] when the element is not a select."""
+    found = _js(browser, "const s = document.getElementById(arguments[0]);"
+                         "return s && s.tagName === 'SELECT' ? [...s.options].map(o => [o.value, o.textContent]) : [];",
+                select_id)
+    return [tuple(o) for o in found]
+
+
+def test_the_signal_form_offers_the_names_and_outcomes_the_machine_takes(
+        browser: Any, dashboard: Dashboard, artifacts: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    instance_id = dashboard.start("vote", {})
+    _open(browser, f"{dashboard.url}/#/instances/{instance_id}")
+    _until(lambda: "Waits for signal decision" in _text(browser, "#facts"), "the page to say what it waits for")
+    browser.find_element("id", "act-signal").click()
+    assert browser.find_element("id", "signal-name").tag_name == "select", "the signal name is free text"
+    _until(lambda: [v for v, _ in _options(browser, "signal-name")] == ["decision", "note"],
+           "the form to offer the machine's signals")
+    assert Select(browser.find_element("id", "signal-name")).first_selected_option.get_attribute("value") == \
+        "decision"  # what the instance waits for now
+    assert [v for v, _ in _options(browser, "signal-outcome")] == ["approve", "reject"]
+    Select(browser.find_element("id", "signal-name")).select_by_value("note")
+    _until(lambda: [v for v, _ in _options(browser, "signal-outcome")] == [""], "no outcome for note")
+    Select(browser.find_element("id", "signal-name")).select_by_value("decision")
+    _until(lambda: [v for v, _ in _options(browser, "signal-outcome")] == ["approve", "reject"],
+           "the outcomes of decision again")
+    Select(browser.find_element("id", "signal-outcome")).select_by_value("approve")
+    _shoot(browser, artifacts, "signal-form")
+    browser.find_element("id", "action-ok").click()
+    _until(lambda: "Waits for signal note" in _text(browser, "#facts"), "the instance to wait for its note")
+    browser.find_element("id", "act-signal").click()
+    _until(lambda: Select(browser.find_element("id", "signal-name")).first_selected_option.get_attribute("value")
+           == "note", "the form to offer what it waits for now")
+    browser.find_element("id", "action-ok").click()
+    _until(lambda: _page_status(browser) == "succeeded", "the instance to succeed")
+    history = dashboard.record(instance_id)["history"]
+    assert [(e["state"], e["signal"]["name"], e["signal"]["outcome"]) for e in history] == [
+        ("ask", "decision", "approve"), ("hold", "note", None)]
 
 
 def test_an_action_asks_for_the_token_once_and_the_tab_keeps_it(browser: Any, dashboard: Dashboard) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
-from dsm.errors import DefinitionError, InputError, NotFound
+from dsm.errors import DefinitionError, InputError, InvalidSignal, NotFound
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED, public_record
@@ -208,6 +208,91 @@ def test_a_signal_to_a_finished_or_unknown_instance_is_refused_and_writes_nothin
     assert isinstance(errors[0], InputError) and "failed" in str(errors[0])
     assert isinstance(errors[1], NotFound)
     assert [(kv.key, kv.mod_revision) for kv in before.kvs] == [(kv.key, kv.mod_revision) for kv in after.kvs]
+
+
+GATE = """
+machine: gate
+start: ask
+states:
+  ask:
+    signal: decision
+    on:
+      approve: hold
+      reject: rejected
+  hold:
+    signal: go
+    next: done
+  done:
+    terminal: true
+  rejected:
+    terminal: true
+    status: failed
+"""
+
+
+def test_a_signal_the_machine_does_not_take_is_refused_naming_what_it_takes_and_writes_nothing(
+        store_factory, write, namespace):
+    """A misspelled name, an outcome no state waiting for the name routes on, an outcome to a name
+    whose states route without one, and no outcome where every state needs one: each is refused
+    before anything is written, with a message that says what the machine takes."""
+    graph = compiler.load(write("gate.yaml", GATE))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {}, instance_id="gate-1")
+        await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "signal")
+        before = await c.store.range(f"/{namespace}/", prefix_end(f"/{namespace}/"))
+        refused = []
+        for name, outcome in [("aprove", None), ("decision", "maybe"), ("decision", None), ("go", "approve")]:
+            try:
+                await c.client.signal(iid, name, outcome=outcome)
+            except InputError as exc:
+                refused.append((name, outcome, exc))
+            else:
+                refused.append((name, outcome, None))
+        after = await c.store.range(f"/{namespace}/", prefix_end(f"/{namespace}/"))
+        await c.client.signal(iid, "decision", {"by": "ann"}, outcome="approve")
+        await c.client.signal(iid, "go")
+        done = await c.client.wait(iid, timeout=20)
+        return refused, before, after, done
+
+    refused, before, after, done = scenario(store_factory, namespace, graph, body)
+    messages = {}
+    for name, outcome, exc in refused:
+        assert isinstance(exc, InvalidSignal), f"signal {name!r} outcome {outcome!r} was stored"
+        assert "gate-1" in str(exc) and "'gate'" in str(exc), str(exc)
+        messages[(name, outcome)] = str(exc)
+    assert "'decision'" in messages[("aprove", None)] and "'go'" in messages[("aprove", None)]
+    assert "'approve'" in messages[("aprove", None)] and "'reject'" in messages[("aprove", None)]
+    for key in [("decision", "maybe"), ("decision", None)]:
+        assert "'approve'" in messages[key] and "'reject'" in messages[key], messages[key]
+    assert "'maybe'" in messages[("decision", "maybe")]
+    assert "without an outcome" in messages[("go", "approve")], messages[("go", "approve")]
+    assert [(kv.key, kv.mod_revision) for kv in before.kvs] == [(kv.key, kv.mod_revision) for kv in after.kvs]
+    assert done.status == SUCCEEDED and done.payload == {"by": "ann"}
+
+
+def test_a_signal_only_a_called_machine_waits_for_is_refused_by_its_parent(store_factory, write, namespace):
+    """The parent's own machine decides what the parent takes: `go` is its child's signal."""
+    write("child.yaml", CHILD, childmod=CHILD_PY)
+    graph = compiler.load(write("parent.yaml", PARENT))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {"wait_for_signal": True}, instance_id="par-g")
+        parked = await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "child")
+        child = parked["waiting"][0]["child"]
+        await c.wait_for(child, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "signal")
+        try:
+            await c.client.signal(iid, "go")
+        except InvalidSignal as exc:
+            refused: InvalidSignal | None = exc
+        else:
+            refused = None
+        await c.client.signal(child, "go")
+        return refused, await c.client.record(iid), public_record(await c.client.wait(iid, timeout=20))
+
+    refused, parked, done = scenario(store_factory, namespace, graph, body)
+    assert refused is not None and "waits for no signals" in str(refused), parked["signals"]
+    assert done["status"] == SUCCEEDED and done["signals"] == []
 
 
 MAP = """
@@ -496,7 +581,7 @@ def test_cancelling_a_parent_cancels_its_child(store_factory, write, namespace):
 
     parent, child = scenario(store_factory, namespace, graph, body)
     assert parent["status"] == CANCELLED and child["status"] == CANCELLED
-    assert "par-c" in child["cancel"]["reason"]
+    assert "par-c" in child["cancel"]["reason"] and child["cancel"]["by"] == "parent:par-c"
 
 
 def test_a_child_that_is_signalled_lets_its_parent_continue(store_factory, write, namespace):
@@ -543,24 +628,30 @@ states:
 """
 
 
-def test_a_child_that_finishes_after_its_parent_gave_up_on_it_does_not_wake_the_parent_early(
+def test_a_child_its_parent_gave_up_on_is_cancelled_and_a_late_wake_does_not_cut_the_parent_wait_short(
         store_factory, write, namespace):
-    """The call timed out and the parent went on (catch) to a timer; the child, still running,
-    finishes later. Its last commit wakes the token that waited for it, which by now waits for its
-    timer: the timer must not fire early."""
+    """The call timed out and the parent went on (catch) to a timer: the child, still running, is
+    cancelled by its parent (it never ends on its own after that). A wake-up that crossed the
+    timeout (the child's last commit rewrote the parent's marker as due now, as a child that ends
+    just then does) finds the token waiting for its timer: the timer must not fire early."""
+    from dsm.keys import WorkInfo
+
     write("slowkid.yaml", SLOWKID)
     graph = compiler.load(write("impatient.yaml", IMPATIENT))
 
     async def body(c: Cluster):
         iid = await c.client.submit(graph, {}, instance_id="impatient")
-        await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "timer")
-        child = f"{iid}.c1.1"
-        await c.client.signal(child, "go")
-        await c.wait_for(child, lambda r: r["status"] == SUCCEEDED)
+        waiting = await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "timer")
+        child = await c.wait_for(f"{iid}.c1.1", lambda r: r["status"] != "running")
+        token = next(iter((await c.client.instance(iid)).tokens))
+        await c.store.put(c.keys.work(iid, token), WorkInfo(graph.machine, graph.digest, "nap", 0.0, None,
+                                                             wait=0.0).dump())
         done = await c.client.wait(iid, timeout=20)
-        return public_record(done, await c.client.history(iid))
+        return waiting, child, public_record(done, await c.client.history(iid))
 
-    record = scenario(store_factory, namespace, graph, body)
+    waiting, child, record = scenario(store_factory, namespace, graph, body)
+    assert child["status"] == CANCELLED and child["cancel"]["by"] == "parent:impatient", child["cancel"]
+    assert "timed out" in child["cancel"]["reason"]
     assert record["status"] == SUCCEEDED
     caught, nap = record["history"]
     assert (caught["state"], nap["state"]) == ("sub", "nap")

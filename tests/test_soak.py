@@ -9,7 +9,7 @@ import pytest
 
 from bench import soak
 
-pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+pytestmark = [pytest.mark.etcd, pytest.mark.slow, pytest.mark.long]
 
 
 def test_a_minute_of_steady_load_leaves_the_database_flat():

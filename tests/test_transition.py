@@ -601,3 +601,96 @@ def test_a_join_at_a_terminal_state_ends_the_instance():
     end = s.instance
     assert (end.status, end.state, end.transitions, end.payload) == (SUCCEEDED, "end", 3, {"a": 1, "b": 2})
     assert not end.tokens and not end.activations and s.history[0].next == ("end",)
+
+
+SIGNALLED = machine("""
+    machine: sig
+    start: ask
+    states:
+      ask: {signal: decision, on: {approve: note, reject: no}}
+      note: {signal: decision, next: pick}
+      pick:
+        signal: ping
+        choose:
+          - {when: "payload.get('x')", next: done}
+          - {next: done}
+      done: {terminal: true}
+      no: {terminal: true, status: failed}
+""")
+
+
+def test_what_a_machine_takes_of_each_signal_comes_from_its_own_signal_states():
+    routes = SIGNALLED.signals()
+    assert list(routes) == ["decision", "ping"]
+    assert routes["decision"].states == ("ask", "note") and routes["decision"].outcomes == ("approve", "reject")
+    assert routes["decision"].bare and routes["ping"].outcomes == () and routes["ping"].bare
+    assert LINEAR.signals() == {}
+
+
+@pytest.mark.parametrize("name, outcome, words", [
+    ("decison", None, ["waits for no signal 'decison'", "'decision' (outcome 'approve' or 'reject', or without one)",
+                       "'ping' (without an outcome)"]),
+    ("decision", "maybe", ["takes no outcome 'maybe'", "'ask', 'note'", "'approve' or 'reject'"]),
+    ("ping", "yes", ["takes no outcome label", "send it without an outcome, not 'yes'"]),
+])
+def test_a_signal_the_machine_does_not_take_is_refused_saying_what_it_takes(name, outcome, words):
+    from dsm.errors import InvalidSignal
+    from dsm.transition import check_signal
+
+    inst = start(SIGNALLED, "s1", {}, NOW)
+    with pytest.raises(InvalidSignal) as caught:
+        check_signal(SIGNALLED, inst, name, outcome)
+    message = str(caught.value)
+    assert message.startswith("instance s1 (machine 'sig')") and all(w in message for w in words), message
+
+
+def test_a_signal_that_some_state_takes_passes_and_a_finished_instance_takes_none():
+    from dsm.errors import InputError, InvalidSignal
+    from dsm.transition import check_signal
+
+    inst = start(SIGNALLED, "s1", {}, NOW)
+    for name, outcome in [("decision", "approve"), ("decision", "reject"), ("decision", None), ("ping", None)]:
+        check_signal(SIGNALLED, inst, name, outcome)
+    only_on = machine("""
+        machine: only
+        start: ask
+        states:
+          ask: {signal: decision, on: {approve: done}}
+          done: {terminal: true}
+    """)
+    with pytest.raises(InvalidSignal, match="needs an outcome label, its state\\(s\\) 'ask' route on 'approve'"):
+        check_signal(only_on, start(only_on, "o1", {}, NOW), "decision", None)
+    with pytest.raises(InvalidSignal, match="waits for no signals at all"):
+        check_signal(LINEAR, start(LINEAR, "l1", {}, NOW), "decision", None)
+    done = cancel(inst, NOW).instance
+    with pytest.raises(InputError, match="is cancelled: it takes no more signals") as caught:
+        check_signal(SIGNALLED, done, "decison", None)
+    assert not isinstance(caught.value, InvalidSignal)
+
+
+def test_the_children_a_parent_lets_go_of_say_why():
+    """`released_children`: what each driver cancels, as the parent (`cancel.by` = `parent:<id>`)."""
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from dsm.records import CancelInfo, ErrorInfo, evolve
+    from dsm.transition import by_parent, fail, released_children
+
+    inst = start(LINEAR, "p", {}, NOW)
+    waiting = {"t1": replace(inst.tokens["t1"], child="p.c1.1", deadline=NOW + 5, state="a"),
+               "t9": replace(inst.tokens["t1"], id="t9", child="p.c9.1", state="c")}
+    before = evolve(inst, tokens=MappingProxyType(waiting))
+    assert by_parent("p") == "parent:p"
+    # the call of t1 timed out and retries (no child yet): only its child goes
+    retried = evolve(before, tokens=MappingProxyType({**waiting, "t1": replace(waiting["t1"], child=None,
+                                                                              attempt=2)}))
+    ((cid, why),) = released_children(before, retried, NOW + 5)
+    assert cid == "p.c1.1" and "gave up on it: its call state 'a' timed out" in why
+    assert released_children(before, before, NOW + 5) == ()
+    failed = fail(before, ErrorInfo("Boom", "no", "c", 1), NOW + 1).instance
+    assert released_children(before, failed, NOW + 1) == (
+        ("p.c1.1", "its parent p failed (Boom at state 'c')"), ("p.c9.1", "its parent p failed (Boom at state 'c')"))
+    stopped = cancel(before, NOW + 1, reason="enough", by="ann").instance
+    assert dict(released_children(before, stopped, NOW + 9))["p.c9.1"] == "its parent p was cancelled: enough"
+    assert stopped.cancel == CancelInfo("enough", "ann", NOW + 1)
+    assert released_children(stopped, stopped, NOW + 9) == ()  # a finished parent waits for nothing

@@ -276,3 +276,23 @@ states:
     assert len(waiting) == 32 - len(plan.started) and {t.id for t in waiting} <= {t.id for t in plan.keep}
     txn = commit_txn(KEYS, plan, 7, {"t1": 5}, worker="w", lease=9, now=1.0)
     assert max(ops_of(txn)) <= MAX_TXN_OPS
+
+
+def test_a_child_wakes_its_parent_only_while_the_parent_record_exists():
+    """The wake-up is nested in the child's commit and fenced by the parent's record: a parent
+    deleted meanwhile gets no marker back (and the child's own commit is not held up by it)."""
+    from dsm.records import SUCCEEDED, Parent, evolve
+    from dsm.store import Compare, Txn
+    from dsm.worker.planner import wake_parent_ops
+
+    keys = Keys("ns")
+    graph = compiler.compile_text("machine: kid\nstart: done\nstates:\n  done:\n    terminal: true\n", "kid.yaml")
+    running = evolve(start(graph, "p.c1.1", {}, 0.0), status="running",
+                     parent=Parent("p", "sub", "t1", "parent", "sha256:p"))
+    done = evolve(running, status=SUCCEEDED, finished_at=1.0)
+    (wake,) = wake_parent_ops(keys, running, done)
+    assert isinstance(wake, Txn) and wake.compare == [Compare.version(keys.instance("p"), ">", 0)]
+    (marker,) = wake.success
+    assert isinstance(marker, Put) and marker.key == keys.work("p", "t1")
+    assert WorkInfo.load(marker.value).not_before == 0.0
+    assert wake_parent_ops(keys, done, done) == [] and wake_parent_ops(keys, running, running) == []

@@ -6,7 +6,8 @@ Routes (the OpenAPI document, `openapi.py`, describes each):
 
     GET    /api/instances?status=&machine=&since=&limit=&after=   a page of summaries, newest first
     GET    /api/instances/{id}                  the whole record, history included
-    GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked
+    GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked, and
+                                                the signals it takes
     POST   /api/machines/{machine}/instances    start the machine's newest definition (or one by digest)
     POST   /api/instances/{id}/signals/{name}   send a signal
     POST   /api/instances/{id}/cancel           cancel
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -47,13 +47,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import index, payloads, render
 from ..definitions import machines
-from ..errors import InputError, InstanceExists, NotFound, StoreError
-from ..graph import Graph
+from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, StoreError
+from ..graph import DIGEST, Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
 from ..operations import Operations
 from ..records import CANCELLED, MAX_REASON, STATUSES
@@ -68,7 +68,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_LIMIT = 50  # instances per page when the request does not say
 MAX_LIMIT = index.MAX_PAGE
 BODY_SLACK = 64 * 1024  # bytes a request body may have beyond the payload limit (its other fields, spacing)
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class ApiError(Exception):
@@ -106,6 +105,7 @@ class Api:
     heartbeat: float = events.HEARTBEAT
     body_limit: int = field(default_factory=lambda: payloads.default_limit() + BODY_SLACK)
     streams: events.Streams = field(default_factory=events.Streams)
+    token_required: bool = False  # actions need the bearer token: the document says so
 
     def __post_init__(self) -> None:
         self.calls = StoreTransport(Operations(self.store, self.keys, wall=self.wall))
@@ -193,18 +193,20 @@ class Api:
         try:
             if machine is not None:
                 check_machine_name(machine)
-            since = index.parse_since(q["since"], self.wall()) if q.get("since") else None
+            since = index.check_since(q["since"], self.wall()) if q.get("since") else None
             after = index.check_cursor(q["after"]) if q.get("after") else None
         except InputError as exc:
             raise bad_request(str(exc).replace("--since", "since")) from None
         limit = DEFAULT_LIMIT
         if q.get("limit"):
             text = q["limit"]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
                 raise bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
             limit = int(text)
         where: dict[str, str] = {}
         for given in q.getlist("where"):
+            if not given:
+                continue  # given empty: as if not given
             name, colon, value = given.partition(":")
             if not colon or not name:
                 raise bad_request(f"where must be NAME:VALUE (a search attribute and the value it equals), "
@@ -228,14 +230,15 @@ class Api:
         trace = render.Trace.of(((h.state, h.next) for h in history), active=inst.active, final=inst.state,
                                 failed_at=inst.error.state if inst.error else None)
         return JSONResponse({"id": iid, "status": inst.status, "mermaid": render.mermaid_marked(graph, trace),
-                             **render.as_json(graph, trace)})
+                             **render.as_json(graph, trace), "signals": _signals(graph)})
 
     async def list_machines(self, request: Request) -> Response:
         return JSONResponse({"items": [m.as_dict() for m in await machines(self.store, self.keys)]})
 
     async def get_machine(self, request: Request) -> Response:
         info, graph = await self.calls.newest(self.machine_name(request))
-        return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph)})
+        return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph),
+                             "signals": _signals(graph)})
 
     async def list_workers(self, request: Request) -> Response:
         found = await self.operations.workers()
@@ -247,7 +250,7 @@ class Api:
             raise bad_request(f"unknown query parameter {unknown[0]!r} (expected instance)")
         instance = request.query_params.get("instance") or None
         try:
-            last_id = events.parse_last_id(request.headers.get("last-event-id", ""))
+            last_id = events.parse_last_id(request.headers.get("last-event-id"))
             if instance is not None:
                 check_instance_id(instance)
         except InputError as exc:  # refused before the stream starts: a 400, not a stream that breaks
@@ -261,7 +264,7 @@ class Api:
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def get_openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi.document())
+        return JSONResponse(openapi.document(token_required=self.token_required))
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -298,6 +301,8 @@ class Api:
             raise bad_request(f"outcome must be a non-empty label (a string), got {json.dumps(outcome)}")
         try:
             record = await self.calls.signal(iid, name, payload, outcome)
+        except InvalidSignal as exc:  # its machine waits for no such signal, or routes on no such outcome
+            raise ApiError(422, "InvalidSignal", str(exc)) from None
         except InputError as exc:  # the instance takes no (more) signals: finished, or too many pending
             raise conflict(str(exc)) from None
         return JSONResponse(record, status_code=202)
@@ -332,6 +337,12 @@ class Api:
         except InputError as exc:  # still running
             raise conflict(str(exc)) from None
         return JSONResponse(summary)
+
+
+def _signals(graph: Graph) -> list[dict[str, Any]]:
+    """The signals a machine's own states wait for, with the outcomes they route on: what a signal
+    to one of its instances may be (anything else is refused, 422)."""
+    return [routes.as_dict() for routes in graph.signals().values()]
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -387,11 +398,30 @@ def routes(api: Api, static: Path | None) -> list[BaseRoute]:
             Mount("/static", app=StaticFiles(directory=static), name="static")]
 
 
+def _allowed(request: Request) -> list[str]:
+    """The methods answered at the request's path: those of every route there (one route a
+    method), and OPTIONS; none when no route there says (a mount)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """A JSON error; at a path that does not take the method, every method it takes in `Allow`
+    (a route answers with its own only), and OPTIONS answered 204 with them."""
     assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    allowed = _allowed(request) if exc.status_code == 405 else []
+    if allowed:
+        headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+        headers["allow"] = ", ".join(allowed)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=headers)
     kinds = {404: "NotFound", 405: "MethodNotAllowed"}
     return error_response(exc.status_code, kinds.get(exc.status_code, "HTTPError"),
-                          f"{request.method} {request.url.path}: {exc.detail}", dict(exc.headers or {}))
+                          f"{request.method} {request.url.path}: {exc.detail}", headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -409,9 +439,10 @@ def create_app(store: Store, keys: Keys | None = None, *, token: str | None = No
     line passes the loopback names when it listens on loopback). The caller owns the store and
     closes it; `app.state.api.close()` ends open event streams before a server stops.
     """
-    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat)
-    app = Starlette(routes=routes(api, static),
-                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts)],
+    api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat, token_required=bool(token))
+    served = routes(api, static)
+    app = Starlette(routes=served,
+                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, routes=served)],
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.api = api
     return app

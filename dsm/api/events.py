@@ -14,7 +14,7 @@ store's revision now. That happens when the store has compacted the revisions a 
 (after a long disconnect, or when etcd restarted under it), and when the id is above the store's
 revision (etcd restored from a backup, or replaced by another): a watch from there would wait,
 silent, until the new store caught up, then send changes that are not the ones after the id.
-A `Last-Event-ID` that is no revision etcd can hold (not a whole number, negative, or above
+A `Last-Event-ID` that is no revision etcd can hold (empty, not a whole number, negative, or above
 2**63 - 1) is refused before the stream starts: 400, as any bad input (`parse_last_id`). Such an
 id never came from this API, so no resync could say what the client missed.
 A comment line goes out every `heartbeat` seconds, so proxies keep the connection and a client
@@ -60,12 +60,13 @@ def frame(event: str, data: Any, revision: int | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def parse_last_id(text: str) -> int | None:
-    """The revision a reconnecting client's `Last-Event-ID` names (None: it names none).
-    InputError unless it is one etcd can hold: ASCII digits, at most MAX_REVISION."""
-    text = text.strip()
-    if not text:
+def parse_last_id(text: str | None) -> int | None:
+    """The revision a reconnecting client's `Last-Event-ID` names (None: no such header).
+    InputError unless it is one etcd can hold: ASCII digits, at most MAX_REVISION. An empty one
+    too: EventSource sends the header only when it has an id."""
+    if text is None:
         return None
+    text = text.strip()
     if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_REVISION)) or int(text) > MAX_REVISION:
         shown = text if len(text) <= 40 else text[:40] + "..."
         raise InputError(f"Last-Event-ID must be a revision as sent in an event's id, a whole number from 0 to "

@@ -16,20 +16,26 @@
   the port: `dsm api` refuses to start so unless given `--no-token` (`is_loopback` says which
   addresses are loopback), and then warns on every start.
 
-`refusal` decides, purely, from the method and headers; `Guard` is the ASGI middleware that asks
-it before anything else runs, so a refused request never reaches a route and writes nothing.
+- **A method that no route takes at a path** (TRACE, or PUT where only GET is served) runs nothing
+  whatever the token: it gets its 405 with `Allow`, not a 401 that would ask for a token no
+  answer there needs.
+
+`refusal` decides, purely, from the method and headers (and whether a route takes the request);
+`Guard` is the ASGI middleware that asks it before anything else runs, so a refused request never
+reaches a route and writes nothing.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -86,15 +92,16 @@ def same_origin(origin: str, host: str) -> bool:
 
 
 def refusal(method: str, headers: Mapping[str, str], *, token: str | None,
-            allowed_hosts: Collection[str] | None = None) -> Refusal | None:
-    """Why a request is refused, or None when it may go on. `headers` are lowercase-keyed."""
+            allowed_hosts: Collection[str] | None = None, routed: bool = True) -> Refusal | None:
+    """Why a request is refused, or None when it may go on. `headers` are lowercase-keyed;
+    `routed`: a route takes this method at this path (else the router answers 405, running nothing)."""
     host = headers.get("host", "")
     if allowed_hosts is not None:
         parsed = _host_and_port(host, None)
         if parsed is None or parsed[0] not in allowed_hosts:
             return Refusal(403, "Forbidden", f"this API does not answer to the host {host!r} (it answers to "
                            f"{', '.join(sorted(allowed_hosts))}; dsm api --allow-host NAME adds one)")
-    if method.upper() in SAFE_METHODS:
+    if method.upper() in SAFE_METHODS or not routed:
         return None
     fetch_site = headers.get("sec-fetch-site")
     if fetch_site is not None and fetch_site not in ("same-origin", "none"):
@@ -115,12 +122,18 @@ def refusal(method: str, headers: Mapping[str, str], *, token: str | None,
 
 
 class Guard:
-    """ASGI middleware: refuses what `refusal` refuses, adds the security headers to every answer."""
+    """ASGI middleware: refuses what `refusal` refuses, adds the security headers to every answer.
+    `routes`: the app's, to tell a request that reaches one (None: every request does)."""
 
-    def __init__(self, app: ASGIApp, *, token: str | None, allowed_hosts: Collection[str] | None = None):
+    def __init__(self, app: ASGIApp, *, token: str | None, allowed_hosts: Collection[str] | None = None,
+                 routes: Sequence[BaseRoute] | None = None):
         self.app = app
         self.token = token or None
         self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts is not None else None
+        self.routes = routes
+
+    def routed(self, scope: Scope) -> bool:
+        return self.routes is None or any(route.matches(scope)[0] is Match.FULL for route in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,7 +145,8 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        refused = refusal(scope["method"], Headers(scope=scope), token=self.token, allowed_hosts=self.allowed_hosts)
+        refused = refusal(scope["method"], Headers(scope=scope), token=self.token, allowed_hosts=self.allowed_hosts,
+                          routed=self.routed(scope))
         if refused is not None:
             headers = {"www-authenticate": "Bearer"} if refused.status == 401 else None
             response = JSONResponse({"error": {"type": refused.type, "message": refused.message}},

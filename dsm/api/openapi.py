@@ -2,12 +2,20 @@
 
 Written out rather than generated: the schemas are the contract's record and summary, which no
 Python type here spells, and a reader of this file sees the whole API on one page. The tests
-check that it is valid OpenAPI and that it lists every route the app serves, and nothing more.
+check that it is valid OpenAPI and that it lists every route the app serves, and nothing more;
+schemathesis checks a live server against it (`tests/test_api_conformance.py`). Each app has its
+own document, which asks for the bearer token only when the app has one.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from ..graph import DIGEST
+from ..index import CURSOR, SINCE_DURATION
+from ..keys import INSTANCE_ID, MACHINE_NAME, SIGNAL_NAME
+from .events import MAX_REVISION
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -22,12 +30,16 @@ def _error(description: str) -> dict[str, Any]:
     return {"$ref": f"#/components/responses/{description}"}
 
 
-ID = {"name": "id", "in": "path", "required": True, "description": "Instance id.",
-      "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}}
+def _whole(pattern: re.Pattern[str]) -> dict[str, str]:
+    """A string matched whole by one of the patterns the server checks with (the same text)."""
+    return {"type": "string", "pattern": f"^(?:{pattern.pattern})$"}
+
+
+ID = {"name": "id", "in": "path", "required": True, "description": "Instance id.", "schema": _whole(INSTANCE_ID)}
 MACHINE = {"name": "machine", "in": "path", "required": True, "description": "Machine name.",
-           "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"}}
+           "schema": _whole(MACHINE_NAME)}
 SIGNAL = {"name": "name", "in": "path", "required": True, "description": "Signal name.",
-          "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}}
+          "schema": _whole(SIGNAL_NAME)}
 ACTION: list[dict[str, list[str]]] = [{"bearer": []}]  # actions need the token when the API has one
 NULLABLE_STRING = {"type": ["string", "null"]}
 TIME = {"type": ["string", "null"], "format": "date-time", "description": "ISO 8601 UTC with milliseconds."}
@@ -101,6 +113,29 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"machine": {"type": "string"}, "version": {"type": ["integer", "string", "null"]},
                        "digest": {"type": "string"}, "description": {"type": "string"}, "registered_at": TIME},
     },
+    "Event": {
+        "type": "object", "required": ["event", "data"],
+        "description": "One event of the stream, as EventSource hands it over (the schema of a "
+                       "`text/event-stream` describes each event). `data` is one line of JSON: `ready` and "
+                       "`resync` carry `{\"revision\"}`, `instance` a summary (with `instance=ID`: the record, "
+                       "without history), `deleted` `{\"id\"}`, `history` an entry with the instance's `id`.",
+        "properties": {
+            "event": {"enum": ["ready", "resync", "instance", "deleted", "history"]},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "id": {"type": "string", "pattern": "^[0-9]+$",
+                   "description": "A store revision, on the last event of each: send it back as Last-Event-ID."},
+            "retry": {"type": "integer", "minimum": 0}},
+    },
+    "Signal": {
+        "type": "object", "required": ["name", "states", "outcomes", "outcome_required"],
+        "description": "A signal the machine's own states wait for: a signal to one of its instances must be one "
+                       "of these, with one of its outcomes (or none, unless one is required); else 422.",
+        "properties": {"name": {"type": "string"}, "states": {"type": "array", "items": {"type": "string"}},
+                       "outcomes": {"type": "array", "items": {"type": "string"},
+                                    "description": "The labels the states that route with `on` route on."},
+                       "outcome_required": {"type": "boolean",
+                                            "description": "Every state waiting for it routes with `on`."}},
+    },
     "Drawing": {
         "type": "object", "description": "A machine as nodes and edges; the ids are the Mermaid text's.",
         "properties": {
@@ -123,12 +158,22 @@ RESPONSES: dict[str, Any] = {
     "Conflict": _json(_ref("Error"), "The instance's state refuses the action (id taken with another payload, "
                                      "redrive of a succeeded instance, signal to a finished one ...)."),
     "TooLarge": _json(_ref("Error"), "The request body or the payload is over the limit."),
+    "InvalidSignal": _json(_ref("Error"), "The instance's machine does not take this signal: no state waits for "
+                                          "the name, or none that waits for it routes on the outcome (or one is "
+                                          "needed). The message names the signals and outcomes it takes; "
+                                          "nothing was stored."),
     "Unauthorized": _json(_ref("Error"), "A token is set (DSM_API_TOKEN) and the request has not sent it."),
     "Forbidden": _json(_ref("Error"), "An action from another origin, or a Host this API does not answer to."),
 }
 
 ACTION_ERRORS = {"400": _error("BadRequest"), "401": _error("Unauthorized"), "403": _error("Forbidden"),
                  "404": _error("NotFound"), "409": _error("Conflict"), "413": _error("TooLarge")}
+
+
+def _query(name: str, schema: dict[str, Any], description: str | None = None) -> dict[str, Any]:
+    """An optional query parameter; given empty, it is as if not given."""
+    return {"name": name, "in": "query", "schema": schema, "allowEmptyValue": True,
+            **({"description": description} if description else {})}
 
 
 def _body(properties: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
@@ -139,18 +184,20 @@ def _body(properties: dict[str, Any], description: str, required: bool = False) 
 PATHS: dict[str, Any] = {
     "/api/instances": {"get": {
         "operationId": "list_instances", "summary": "A page of instances, newest first, read from the index.",
+        "description": "A query parameter given empty (`status=`) is as if not given.",
         "parameters": [
-            {"name": "status", "in": "query", "schema": {"enum": ["running", "succeeded", "failed", "cancelled"]}},
-            {"name": "machine", "in": "query", "schema": {"type": "string"}},
-            {"name": "since", "in": "query", "description": "ISO 8601 time or a duration back from now (30m, 7d).",
-             "schema": {"type": "string"}},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
-                                                         "default": 50}},
-            {"name": "after", "in": "query", "description": "The `next` cursor of the previous page.",
-             "schema": {"type": "string"}},
-            {"name": "where", "in": "query", "description": "NAME:VALUE, a search attribute and the value it "
-             "equals (repeatable, all must hold). Refused (400) while this dsm keeps no search attributes.",
-             "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": True}],
+            _query("status", {"enum": ["running", "succeeded", "failed", "cancelled"]}),
+            _query("machine", _whole(MACHINE_NAME)),
+            _query("since", {"anyOf": [_whole(SINCE_DURATION), {"type": "string", "format": "date-time"},
+                                       {"type": "string", "format": "date"}]},
+                   "Created since: a duration back from now (30m, 2h, 7d, 1h30m, or seconds) or an RFC 3339 "
+                   "date or date-time."),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),
+            _query("after", _whole(CURSOR), "The `next` cursor of the previous page."),
+            {**_query("where", {"type": "array", "items": {"type": "string"}, "maxItems": 0},
+                      "Search attributes, NAME:VALUE each (repeatable, all must hold). This dsm keeps none "
+                      "yet: any is refused (400), so that a client that sends one learns it at once."),
+             "style": "form", "explode": True}],
         "responses": {"200": _json(_ref("Page"), "Summaries and the cursor of the next page."),
                       "400": _error("BadRequest")}}},
     "/api/instances/{id}": {
@@ -167,19 +214,24 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json({"allOf": [_ref("Drawing"), {"type": "object", "properties": {
             "id": {"type": "string"}, "status": {"type": "string"}, "mermaid": {"type": "string"},
             "path": {"type": "array", "items": {"type": "string"}},
-            "active": {"type": "array", "items": {"type": "string"}}, "failed_at": NULLABLE_STRING}}]},
-            "The drawing."), "400": _error("BadRequest"), "404": _error("NotFound")}}},
+            "active": {"type": "array", "items": {"type": "string"}}, "failed_at": NULLABLE_STRING,
+            "signals": {"type": "array", "items": _ref("Signal")}}}]},
+            "The drawing, and the signals the instance's machine takes."), "400": _error("BadRequest"),
+            "404": _error("NotFound")}}},
     "/api/instances/{id}/signals/{name}": {"post": {
         "operationId": "signal", "parameters": [ID, SIGNAL], "security": ACTION,
         "summary": "Send a signal: kept in the record, consumed in order by the state that waits for it.",
-        "requestBody": _body({"payload": {"type": "object", "description": "Merged into the payload, key by key."},
-                              "outcome": {"type": "string", "description": "Routes a signal state with `on`."}},
+        "requestBody": _body({"payload": {"type": ["object", "null"],
+                                          "description": "Merged into the payload, key by key."},
+                              "outcome": {"type": ["string", "null"], "minLength": 1,
+                                          "description": "Routes a signal state with `on`: a label, not empty."}},
                              "An empty body sends the signal without payload or outcome."),
-        "responses": {"202": _json(_ref("Record"), "Stored; the record without history."), **ACTION_ERRORS}}},
+        "responses": {"202": _json(_ref("Record"), "Stored; the record without history."), **ACTION_ERRORS,
+                      "422": _error("InvalidSignal")}}},
     "/api/instances/{id}/cancel": {"post": {
         "operationId": "cancel", "parameters": [ID], "security": ACTION,
         "summary": "Cancel a running instance (again: answers it as it is); a finished one is refused (409).",
-        "requestBody": _body({"reason": {"type": "string", "maxLength": 4096}}, "Why, kept in the record."),
+        "requestBody": _body({"reason": {"type": ["string", "null"], "maxLength": 4096}}, "Why, kept in the record."),
         "responses": {"200": _json(_ref("Record"), "Cancelled; the record without history."), **ACTION_ERRORS}}},
     "/api/instances/{id}/redrive": {"post": {
         "operationId": "redrive", "parameters": [ID], "security": ACTION,
@@ -194,7 +246,8 @@ PATHS: dict[str, Any] = {
         "operationId": "get_machine", "parameters": [MACHINE],
         "summary": "A machine's newest definition, drawn.",
         "responses": {"200": _json({"allOf": [_ref("Machine"), {"type": "object", "properties": {
-            "mermaid": {"type": "string"}, "graph": _ref("Drawing")}}]}, "The machine."),
+            "mermaid": {"type": "string"}, "graph": _ref("Drawing"),
+            "signals": {"type": "array", "items": _ref("Signal")}}}]}, "The machine."),
             "400": _error("BadRequest"), "404": _error("NotFound")}}},
     "/api/machines/{machine}/instances": {"post": {
         "operationId": "start", "parameters": [MACHINE], "security": ACTION,
@@ -202,11 +255,13 @@ PATHS: dict[str, Any] = {
                    "`digest` names (a client starting a file it holds; 404 when the namespace does not hold it: "
                    "the API stores no definitions sent to it). Starting an id that exists with the same "
                    "definition and payload answers that instance (200) and creates nothing.",
-        "requestBody": _body({"payload": {"type": "object", "default": {}},
-                              "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
-                              "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$",
+        "requestBody": _body({"payload": {"type": ["object", "null"], "default": {}},
+                              "id": {**_whole(INSTANCE_ID), "type": ["string", "null"],
+                                     "description": "The instance's id; none (or null): a new one is made."},
+                              "digest": {**_whole(DIGEST), "type": ["string", "null"],
                                          "description": "Start this definition of the machine, registered "
-                                                        "already, rather than its newest."}},
+                                                        "already, rather than its newest; none (or null): the "
+                                                        "newest."}},
                              "The payload and, optionally, the instance's id and the definition's digest."),
         "responses": {"201": _json(_ref("Record"), "Started: its record."),
                       "200": _json(_ref("Record"), "The id existed with this definition and payload."),
@@ -222,18 +277,18 @@ PATHS: dict[str, Any] = {
                    "`resync` (events were lost: read again), `ready`; with `instance=ID`, that instance's "
                    "record (`instance`) and each committed transition (`history`). Each event's id is a store "
                    "revision: `Last-Event-ID` resumes after it.",
-        "parameters": [{"name": "instance", "in": "query", "schema": {"type": "string"},
-                        "description": "Follow this instance only."},
-                       {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        "parameters": [_query("instance", _whole(INSTANCE_ID), "Follow this instance only (empty: all)."),
+                       {"name": "Last-Event-ID", "in": "header",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_REVISION},
                         "description": "The id of the last event received (EventSource sends it when it "
                                        "reconnects): the stream resumes after that revision. When the revisions "
                                        "after it are compacted, or it is above the store's revision (etcd restored "
                                        "from a backup or replaced), the stream starts with `resync` and goes on "
                                        "from the store's revision now. A whole number from 0 to "
-                                       "9223372036854775807 (etcd's revisions are int64); anything else is "
-                                       "refused with 400."}],
-        "responses": {"200": {"description": "The event stream.",
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                       "9223372036854775807 (etcd's revisions are int64); anything else, an "
+                                       "empty one included, is refused with 400."}],
+        "responses": {"200": {"description": "The event stream, one event after another, until the client goes.",
+                              "content": {"text/event-stream": {"schema": _ref("Event")}}},
                       "400": _error("BadRequest"), "404": _error("NotFound")}}},
     "/api/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document.",
@@ -241,17 +296,36 @@ PATHS: dict[str, Any] = {
 }
 
 
-def document() -> dict[str, Any]:
+def _without_token(paths: dict[str, Any]) -> dict[str, Any]:
+    """The paths of an API without a token: no operation asks for one, none answers 401."""
+    def operation(item: Any) -> Any:
+        if not isinstance(item, dict) or "responses" not in item:
+            return item
+        responses = {status: answer for status, answer in item["responses"].items() if status != "401"}
+        return {**{key: value for key, value in item.items() if key != "security"}, "responses": responses}
+
+    return {path: {method: operation(item) for method, item in methods.items()} for path, methods in paths.items()}
+
+
+def document(*, token_required: bool) -> dict[str, Any]:
+    """The document of one app: `token_required` when it has a token (DSM_API_TOKEN), so that its
+    actions ask for the bearer token only then."""
     from .. import __version__
 
+    if token_required:
+        access = ("Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' (the API's DSM_API_TOKEN), and are "
+                  "refused from other origins; reads need no token.")
+        components = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+    else:
+        access = ("This API has no token (DSM_API_TOKEN): actions (POST, DELETE) need none, and are refused from "
+                  "other origins.")
+        components = {}
     return {
         "openapi": "3.1.0",
         "info": {"title": "dsm", "version": __version__,
                  "description": "Instances of dsm state machines: list, read, start, signal, cancel, redrive, "
                                 "delete, and follow them live. Errors answer {\"error\": {\"type\", \"message\"}}. "
-                                "Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' when the API has a "
-                                "token (DSM_API_TOKEN), and are refused from other origins; reads need none."},
-        "paths": PATHS,
-        "components": {"schemas": SCHEMAS, "responses": RESPONSES,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                                + access},
+        "paths": PATHS if token_required else _without_token(PATHS),
+        "components": {"schemas": SCHEMAS, "responses": RESPONSES, **components},
     }

@@ -67,6 +67,7 @@ class CaseResult:
     instance: Instance
     history: tuple[HistoryEntry, ...]
     calls: dict[str, int] = field(default_factory=dict)  # handler -> mocked calls it took
+    children: tuple[Instance, ...] = ()  # the child instances its call states started (and theirs), as they ended
 
     @property
     def passed(self) -> bool:
@@ -131,7 +132,8 @@ def run_case(tests: TestFile, case: Case | str, *, max_steps: int = MAX_STEPS) -
     finally:
         driver.close()
     reasons = [broken] if broken else differences(case.expect, driver.inst, driver.history)
-    return CaseResult(tests.file, case.name, tuple(reasons), driver.inst, tuple(driver.history), dict(driver.calls))
+    return CaseResult(tests.file, case.name, tuple(reasons), driver.inst, tuple(driver.history), dict(driver.calls),
+                      tuple(driver.descendants()))
 
 
 def find_test_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -241,6 +243,7 @@ class _Driver:
             return False
         pending.remove(sig)
         try:
+            transition.check_signal(self.graph, self.inst, sig.name, sig.outcome)  # as a cluster refuses it
             step = transition.signal(self.inst, sig.name, dict(sig.payload), outcome=sig.outcome, now=self.now)
         except InputError as exc:
             raise _Broken(f"signal {sig.name!r}: {exc}") from None
@@ -260,11 +263,27 @@ class _Driver:
         after, history = apply(self.graph, self.inst, arrivals, now=self.now, worker=WORKER, started=started)
         after, _, too_large = bounded(self.inst, after, arrivals, now=self.now, max_record_bytes=MAX_RECORD_BYTES,
                                       serialize=False)
-        self.inst = after
+        before, self.inst = self.inst, after
+        self.let_go(before)
         if not too_large:
             self.history.extend(history)
             for child in started:
                 self.run_child(child)
+
+    def let_go(self, before: Instance) -> None:
+        """Cancel the children this instance let go of since `before` (a call timed out, the
+        instance ended), as their parent (`transition.released_children`)."""
+        for cid, reason in transition.released_children(before, self.inst, self.now):
+            child = self.children.get(cid)
+            if child is not None and not child.inst.finished:
+                was = child.inst
+                child.inst = transition.cancel(was, self.now, reason=reason,
+                                               by=transition.by_parent(self.inst.id)).instance
+                child.let_go(was)
+
+    def descendants(self) -> list[Instance]:
+        """The children this instance's call states started, and theirs, in the order they started."""
+        return [i for child in self.children.values() for i in (child.inst, *child.descendants())]
 
     def run_child(self, child: Instance) -> None:
         """Run a child a call state started, as far as it goes; when it ends, its parent's token is due."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .. import logs, payloads
+from .. import logs, payloads, transition
 from ..batching import Batcher
 from ..definitions import Registry
 from ..errors import LeaseLost, NoSpace, NotFound, PartFailed, StoreError, StoreUnavailable
@@ -35,7 +35,8 @@ from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
 from ..markers import MAX_TXN_OPS, SYNC, reconcile, work_info
-from ..records import SUCCEEDED, Instance, Token, load_instance
+from ..operations import Operations
+from ..records import RUNNING, Instance, Token, load_instance
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import ChildResult, Failure, Outcome, Step
 from .cache import RecordCache
@@ -325,6 +326,9 @@ class Worker:
                 if not result.succeeded:
                     continue
                 record, work = result.get(1).first, result.get(2).first
+                if record is None and work is not None:
+                    await self._remove_stray(ref, result.revision)
+                    continue
                 if record is None or work is None:
                     await self._release(ref, result.revision)
                     continue
@@ -361,6 +365,10 @@ class Worker:
                     return False
                 await asyncio.sleep(0.5)
         claim, record, work = result.get(0).first, result.get(1).first, result.get(2).first
+        if record is None and work is not None and claim is not None and claim.lease == lease \
+                and ref not in self._jobs:  # our claim on a marker without a record
+            await self._remove_stray(ref, claim.create_revision)
+            return False
         if claim is None or record is None or lease is None or claim.lease != lease or ref in self._jobs:
             if requeue and claim is None and work is not None:
                 info = _marker(work)
@@ -373,6 +381,20 @@ class Worker:
         else:
             self._enqueue(ref, claim.create_revision)
         return True
+
+    async def _remove_stray(self, ref: TokenRef, claim_rev: int) -> None:
+        """We claimed a marker whose instance has no record (a writer that did not know it was
+        gone, or a version of dsm that left one): nothing will ever run it, and given back it would
+        be claimed again at once, by every worker, for ever. Whoever meets one removes it, with the
+        instance's other markers and their claims, fenced by the record's absence."""
+        try:
+            await self._reconcile(ref[0])
+            log.info("worker %s: removed work marker %s of instance %s, which has no record", self.id, ref[1],
+                     ref[0], extra=self._about(ref[0]))
+        except StoreError as exc:
+            log.warning("worker %s: could not remove marker %s of an instance without a record (%s)", self.id,
+                        ref[1], exc, extra=self._about(ref[0]))
+            await self._release(ref, claim_rev)
 
     async def _release(self, ref: TokenRef, claim_rev: int) -> None:
         claim = self.keys.claim(*ref)
@@ -566,8 +588,9 @@ class Worker:
                 log.debug("worker %s: %s/%s was woken by a stale marker; put back", self.id, iid, tok)
                 return
             record = result.get(0).first
-            if record is None:
-                break
+            if record is None:  # the instance is gone: so goes its marker (and our claim)
+                await self._remove_stray(job.ref, job.claim_rev)
+                return
             self.records.remember(record)
         await self._release(job.ref, job.claim_rev)
 
@@ -742,12 +765,7 @@ class Worker:
                      f": {inst.error.type}: {inst.error.message}" if inst.error else "",
                      extra=logs.about(inst.id, inst.machine, inst.state or (inst.error.state if inst.error else None),
                                       last.attempt if last is not None else None, self.id))
-            if inst.status != SUCCEEDED and any(t.child for t in plan.before.tokens.values()):
-                from ..operations import Operations
-
-                _background(Operations(self.store, self.keys).cancel_children(
-                    plan.before, reason=f"its parent {inst.id} {inst.status}", by=f"worker {self.id}"),
-                    "cancelling the children", logs.about(inst.id, inst.machine, worker=self.id))
+        self._let_go(plan.before, inst, batch)
         if self.on_commit is not None:
             self.on_commit(Step(inst, plan.removed, plan.changed, plan.history))
         kept = {t.id for t in plan.keep}
@@ -756,6 +774,19 @@ class Worker:
         for token in plan.keep:
             if token.id not in plan.own:
                 self._enqueue((inst.id, token.id), revision)
+
+    def _let_go(self, before: Instance, after: Instance, batch: list[_Pending]) -> None:
+        """A commit whose instance let go of children it waited for (a call timed out, the instance
+        ended): cancel those still running, as their parent, beside the work (best effort: one
+        left running when this worker dies right now is cancelled by an operator)."""
+        if not any(t.child is not None for t in before.tokens.values()):
+            return
+        ended = {p.outcome.child.id for p in batch
+                 if p.outcome.child is not None and p.outcome.child.status not in (None, RUNNING)}
+        if all(cid in ended for cid, _ in transition.released_children(before, after, self.wall())):
+            return
+        _background(Operations(self.store, self.keys, wall=self.wall).cancel_released(before, after, ended=ended),
+                    "cancelling the children it let go of", logs.about(after.id, after.machine, worker=self.id))
 
     async def _settle_doubt(self, iid: str, batch: list[_Pending], plan: CommitPlan,
                             now: float) -> list[_Pending]:
@@ -778,6 +809,7 @@ class Worker:
         if record is None:
             return []
         inst = self.records.remember(record)
+        self._let_go(plan.before, inst, batch)  # if it applied, or whoever moved the instance on
         retry: list[_Pending] = []
         for p, claim in zip(batch, claims):
             if claim is None or claim.create_revision != p.job.claim_rev:

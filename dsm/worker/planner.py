@@ -287,9 +287,13 @@ def creation_ops(keys: Keys, child: Instance, now: float) -> list[Op]:
 
 
 def wake_parent_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
-    """A child that finishes makes its parent's waiting token due: its marker, written again."""
+    """A child that finishes makes its parent's waiting token due: its marker, written again, in a
+    transaction nested in the child's, fenced by the parent's record existing. A parent that is
+    gone (retention or `dsm delete` took it) gets nothing: a marker without a record has nothing
+    to run, and was claimed and given back by every worker, for ever."""
     parent = after.parent
     if parent is None or not after.finished or before.finished:
         return []
-    return [Put(keys.work(parent.id, parent.token), WorkInfo(parent.machine, parent.digest, parent.state, 0.0,
-                                                             None, wait=0.0).dump())]
+    marker = Put(keys.work(parent.id, parent.token), WorkInfo(parent.machine, parent.digest, parent.state, 0.0,
+                                                              None, wait=0.0).dump())
+    return [Txn([Compare.version(keys.instance(parent.id), ">", 0)], [marker])]

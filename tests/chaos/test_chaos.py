@@ -10,7 +10,7 @@ import pytest
 from constructs import ConstructConfig, run_constructs
 from harness import Config, run
 
-pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+pytestmark = [pytest.mark.etcd, pytest.mark.slow, pytest.mark.long]
 
 
 def _require_etcd() -> None:

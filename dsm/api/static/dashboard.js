@@ -715,6 +715,7 @@ class InstanceView {
       if (!this.disposed && !this.gone) fill(this.drawing, h("span", { class: "muted" }, `No drawing: ${err.message}`));
       return;
     }
+    this.signals = graph.signals || [];
     const text = graph.mermaid;
     if (text === this.drawn || this.disposed) return;
     this.drawn = text;
@@ -786,21 +787,52 @@ class InstanceView {
     }
   }
 
-  signal() {
+  // The signals the instance's machine takes, with their outcomes (from its graph route): the
+  // form offers only those, as the API refuses anything else (422).
+  async takes() {
+    if (!this.signals) {
+      const graph = await api("GET", `/api/instances/${encodeURIComponent(this.id)}/graph`);
+      this.signals = graph.signals || [];
+    }
+    return this.signals;
+  }
+
+  async signal() {
+    let takes;
+    try {
+      takes = await this.takes();
+    } catch (err) {
+      this.flash(`Cannot offer the signals of this instance's machine: ${err.message}`);
+      return;
+    }
+    if (!takes.length) {
+      this.flash(`Machine ${this.record.machine} waits for no signals.`);
+      return;
+    }
     const waiting = (this.record.waiting || []).filter((w) => w.kind === "signal").map((w) => w.signal);
-    const name = h("input", { id: "signal-name", required: true, list: "signal-names", value: waiting[0] || "",
-                              pattern: "[A-Za-z0-9_.:-]+", placeholder: "approve" });
-    const outcome = h("input", { id: "signal-outcome", placeholder: "optional label" });
+    const chosen = (takes.find((s) => waiting.includes(s.name)) || takes[0]).name;
+    const name = h("select", { id: "signal-name", required: true }, takes.map((s) =>
+      h("option", { value: s.name, selected: s.name === chosen },
+        waiting.includes(s.name) ? `${s.name} (waited for now)` : s.name)));
+    const outcome = h("select", { id: "signal-outcome" });
+    const offer = () => {
+      const s = takes.find((t) => t.name === name.value);
+      const none = s.outcomes.length ? "none" : "none: its states route without one";
+      fill(outcome, s.outcome_required ? null : h("option", { value: "" }, none),
+        s.outcomes.map((label) => h("option", { value: label }, label)));
+      outcome.disabled = !s.outcomes.length;
+    };
+    name.addEventListener("change", offer);
+    offer();
     const payload = h("textarea", { id: "signal-payload", spellcheck: "false" }, "{}");
     dialog("Send a signal", [
-      h("datalist", { id: "signal-names" }, waiting.map((s) => h("option", { value: s }))),
       h("label", { class: "field" }, "Signal", name),
       h("label", { class: "field" }, "Outcome", outcome),
       h("label", { class: "field" }, "Payload (a JSON object)", payload)], "Send", async () => {
       const body = { payload: parseObject(payload.value) };
-      if (outcome.value.trim()) body.outcome = outcome.value.trim();
-      await api("POST", `/api/instances/${encodeURIComponent(this.id)}/signals/${encodeURIComponent(name.value.trim())}`, body);
-      this.flash(`Signal ${name.value.trim()} sent.`, "ok");
+      if (outcome.value) body.outcome = outcome.value;
+      await api("POST", `/api/instances/${encodeURIComponent(this.id)}/signals/${encodeURIComponent(name.value)}`, body);
+      this.flash(`Signal ${name.value} sent.`, "ok");
       this.reload();
     });
   }
