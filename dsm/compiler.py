@@ -7,6 +7,7 @@ that one run of `dsm validate` shows every problem of a file.
 from __future__ import annotations
 
 import difflib
+import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import handlers, loader, schema
-from .durations import parse_duration
+from .durations import parse_duration, shown
 from .errors import DefinitionError, InputError, Problem
 from .graph import (
     DEFAULT_MAX_TRANSITIONS,
@@ -55,6 +56,7 @@ class _Compiler:
         self.chain = chain  # the files being compiled that call this one, outermost first
         self.children: dict[str, Graph] = {}  # call path -> child graph, as compiled here
         self.problems: list[Problem] = []
+        self.broken_modules: set[str] = set()  # handler modules that did not import, reported once each
         data = doc.data if isinstance(doc.data, dict) else {}
         raw_states = data.get("states")
         self.raw: dict[str, dict[str, Any]] = {
@@ -98,8 +100,11 @@ class _Compiler:
             return None
         try:
             return parse_duration(value, what=loader.dotted(path))
-        except InputError:
-            return None  # the schema reported it at this node already
+        except InputError as exc:
+            where = loader.dotted(path)
+            if not any(p.path == where and p.file == self.doc.file for p in self.problems):
+                self.report(path, str(exc))  # what the schema lets through: .inf, .nan, 10**400 seconds
+            return None
 
     def retry_policy(self, path: tuple, raw: dict[str, Any] | None) -> RetryPolicy:
         if not raw:
@@ -107,6 +112,11 @@ class _Compiler:
         base = RetryPolicy()
         attempts = raw.get("max_attempts")
         multiplier = raw.get("multiplier")
+        if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool) and multiplier >= 1 \
+                and not _finite(multiplier):
+            self.report(path + ("multiplier",), f"{loader.dotted(path + ('multiplier',))}: must be a finite number "
+                        f">= 1, got {shown(multiplier)}")
+            multiplier = None
         jitter = raw.get("jitter")
         names = raw.get("non_retryable")
         return RetryPolicy(
@@ -125,6 +135,8 @@ class _Compiler:
             return None
         try:
             if self.import_handlers:
+                if handlers.split_ref(ref)[0] in self.broken_modules:
+                    return None  # reported once, at the first state that uses it
                 return handlers.resolve(ref, allow=self.allow, search_path=self.search_path)
             module, function = handlers.split_ref(ref)
             reason = handlers.refusal(module, function, self.allow)
@@ -132,6 +144,8 @@ class _Compiler:
                 raise handlers.HandlerImportError(reason)
             return handlers.unresolved(ref)
         except handlers.HandlerImportError as exc:
+            if isinstance(exc, handlers.ModuleImportError):
+                self.broken_modules.add(exc.module)
             self.report(path, f"{loader.dotted(path)}: {exc}")
             return None
 
@@ -361,14 +375,24 @@ class _Compiler:
                 return None
             self.children[target] = child
             return Call(target, child)
+        if "\0" in target:  # the OS takes no such path: asking it would raise, not answer
+            self.report(path, f"{loader.dotted(path)}: the path {target!r} holds a NUL character, which no file "
+                        "name can hold")
+            return None
         base = Path(self.doc.file).resolve().parent if self.doc.file and not self.doc.file.startswith("<") \
             else Path.cwd()
-        file = (base / target).resolve()
+        try:
+            file = (base / target).resolve()
+            found = file.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a loop of links, a path the OS refuses
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.report(path, f"{loader.dotted(path)}: cannot look for the machine file {shown(target, 80)}: {reason}")
+            return None
         if str(file) in self.chain or str(file) == _resolved(self.doc.file):
             cycle = " -> ".join(Path(f).name for f in (*self.chain, _resolved(self.doc.file), str(file)))
             self.report(path, f"{loader.dotted(path)}: calls lead back to the caller ({cycle})")
             return None
-        if not file.is_file():
+        if not found:
             self.report(path, f"{loader.dotted(path)}: no machine file {target!r} (looked for {file})")
             return None
         try:
@@ -613,6 +637,13 @@ class _Compiler:
             if name in seen and name not in finishing:
                 self.report(self.state_key(name), f"no terminal state can be reached from state {name!r}",
                             key=True)
+
+
+def _finite(number: float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _or(value: float | None, default: float) -> float:

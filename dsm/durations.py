@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import InputError
@@ -18,9 +19,13 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
     if isinstance(value, bool):
         raise InputError(f"{what}: expected a number of seconds or a string like 30s, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0 or value != value or value == float("inf"):
-            raise InputError(f"{what}: must be a finite number of seconds >= 0, got {value!r}")
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float
+            seconds = math.inf
+        if not seconds >= 0 or seconds == math.inf:
+            raise InputError(f"{what}: must be a finite number of seconds >= 0, got {shown(value)}")
+        return seconds
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -30,8 +35,23 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
         if number is not None:
             return parse_duration(number, what=what)
         if _WHOLE.match(text):
-            return sum(float(n) * _UNITS[u] for n, u in _PART.findall(text))
-    raise InputError(f"{what}: expected a number of seconds or a string like 250ms, 30s, 5m, 2h, 1d; got {value!r}")
+            seconds = sum(float(n) * _UNITS[u] for n, u in _PART.findall(text))
+            if seconds == math.inf:  # digits enough to pass any float
+                raise InputError(f"{what}: must be a finite duration, got {shown(value)}")
+            return seconds
+    raise InputError(f"{what}: expected a number of seconds or a string like 250ms, 30s, 5m, 2h, 1d; "
+                     f"got {shown(value)}")
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A value for a one-line message: a long one cut, an integer of many digits told by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value).bit_length() > 128:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # more digits than Python turns into text
+            return "an integer of thousands of digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def format_duration(seconds: float) -> str:

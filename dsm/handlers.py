@@ -34,6 +34,14 @@ class HandlerImportError(Exception):
     """A handler reference cannot be resolved; the message says why and is shown at the tick line."""
 
 
+class ModuleImportError(HandlerImportError):
+    """The handler's module itself cannot be imported: every handler of `module` fails the same way."""
+
+    def __init__(self, module: str, message: str):
+        self.module = module
+        super().__init__(message)
+
+
 def split_ref(ref: str) -> tuple[str, str]:
     """'pkg.mod:fn' or 'pkg.mod.fn' -> ('pkg.mod', 'fn')."""
     if ":" in ref:
@@ -149,8 +157,8 @@ def _import(module_name: str, folders: tuple[str, ...]) -> object:
         if hidden is None and loaded is not None and getattr(loaded, "__file__", None) != here.origin:
             hidden = f"the module {top!r} the process has loaded"
         if hidden:
-            raise HandlerImportError(f"cannot import module {module_name!r}: {here.origin} would hide {hidden}; "
-                                     "rename it")
+            raise ModuleImportError(module_name, f"cannot import module {module_name!r}: {here.origin} would hide "
+                                    f"{hidden}; rename it")
     _own_module(top, folders)
     before = set(sys.modules)
     module = importlib.import_module(module_name)
@@ -162,8 +170,8 @@ def _import(module_name: str, folders: tuple[str, ...]) -> object:
         hidden = _installed(name, folders)
         if hidden:  # a helper the handler module imported from the folder
             del sys.modules[name]
-            raise HandlerImportError(f"cannot import module {module_name!r}: it imports {origin}, which would "
-                                     f"hide {hidden}; rename it")
+            raise ModuleImportError(module_name, f"cannot import module {module_name!r}: it imports {origin}, which "
+                                    f"would hide {hidden}; rename it")
         _FROM_FOLDER[name] = folder
     return module
 
@@ -189,12 +197,14 @@ def resolve(ref: str, *, allow: Allowlist = ANY, search_path: Iterable[str | Pat
         raise
     except ModuleNotFoundError as exc:
         missing = exc.name or module_name
-        raise HandlerImportError(f"cannot import module {module_name!r}: no module named {missing!r}") from None
+        raise ModuleImportError(module_name, f"cannot import module {module_name!r}: no module named "
+                                f"{missing!r}") from None
     except SyntaxError as exc:
-        where = f"{Path(exc.filename or module_name).name}:{exc.lineno}"
-        raise HandlerImportError(f"cannot import module {module_name!r}: syntax error at {where}: {exc.msg}") from None
+        raise ModuleImportError(module_name, f"cannot import module {module_name!r}: syntax error at "
+                                f"{_where(exc)}: {exc.msg}") from None
     except Exception as exc:  # an import may raise anything; the user needs its name and message
-        raise HandlerImportError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
+        raise ModuleImportError(module_name, f"cannot import module {module_name!r}: {type(exc).__name__}: "
+                                f"{exc}") from None
     func = getattr(module, function, None)
     if func is None:
         names = [n for n in dir(module) if not n.startswith("_")]
@@ -211,6 +221,12 @@ def resolve(ref: str, *, allow: Allowlist = ANY, search_path: Iterable[str | Pat
                                  f"defined, or allow this one reference with --allow {module_name}:{function})")
     is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
     return Handler(ref=ref, module=module_name, function=function, func=func, is_async=is_async)
+
+
+def _where(exc: SyntaxError) -> str:
+    """file:line:col of a syntax error, in the file that has it (the handler module, or one it imports)."""
+    where = f"{exc.filename or '<unknown>'}:{exc.lineno}"
+    return f"{where}:{exc.offset}" if exc.offset else where
 
 
 def unresolved(ref: str) -> Handler:

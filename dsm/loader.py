@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import limits
+from . import limits, payloads
 from .errors import DefinitionError, Problem
 
 Key = tuple[str | int, ...]
@@ -126,11 +126,15 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     if tag == _TAG + "bool":
         return text.lower() == "true"
     if tag == _TAG + "int":
-        if text.startswith("0o"):
-            return int(text[2:], 8)
-        if text.startswith("0x"):
-            return int(text[2:], 16)
-        return int(text)
+        limit = payloads.int_digits()  # what every message, record and payload can write as text
+        try:
+            number = int(text[2:], 8) if text.startswith("0o") else int(text[2:], 16) if text.startswith("0x") \
+                else int(text)
+        except ValueError:  # more decimal digits than Python turns into a number
+            number = None
+        if number is None or payloads.too_many_digits(number):
+            raise ValueError(f"an integer of more than {limit} digits; dsm takes integers of up to {limit} digits")
+        return number
     if tag == _TAG + "float":
         lowered = text.lower()
         if lowered.endswith(".inf"):

@@ -6,15 +6,22 @@ slower walk find the exact path of the offending value for the error message.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
 from typing import Any
 
 from . import codec
 
 DEFAULT_LIMIT = 1024 * 1024  # serialized bytes
 MAX_DEPTH = 253  # nested objects and arrays: the most the fast encoder (orjson) writes
+# Decimal digits of an integer, at most: Python's default limit for turning an integer into text
+# and back (sys.get_int_max_str_digits). Fixed here rather than read from this process, so that a
+# payload one process writes, every other process (worker, client, API) reads, whatever its own
+# setting; lower only in a process whose interpreter is set lower, which could not write more.
+MAX_INT_DIGITS = 4300
 
 
 def default_limit() -> int:
@@ -40,10 +47,55 @@ def _path(parts: list[Any]) -> str:
     return out
 
 
+def int_digits() -> int:
+    """The most decimal digits of a payload integer: MAX_INT_DIGITS, or this interpreter's own limit
+    when it is set lower."""
+    own = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    return min(MAX_INT_DIGITS, own) if own else MAX_INT_DIGITS
+
+
+def too_many_digits(number: int) -> bool:
+    """Whether an integer has more decimal digits than payloads keep (`int_digits`)."""
+    return abs(number) >= _ceiling(int_digits())
+
+
+@functools.lru_cache(maxsize=4)
+def _ceiling(digits: int) -> int:
+    return 10 ** digits  # the smallest integer of digits + 1 digits
+
+
+def _surrogate(text: str) -> str | None:
+    """The first lone surrogate in `text`: not a character, so not in any UTF-8 (or JSON) text."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
+
+
+class _LongInteger:
+    """An integer of JSON text with more digits than payloads keep, read as this (`parse`) so that
+    `check` can say where it was."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _too_long(where: list[Any], digits: int | None, limit: int) -> str:
+    count = f" ({digits})" if digits is not None else ""
+    return (f"{_path(where)} is an integer of more than {limit} digits{count}; payload integers keep their exact "
+            f"value up to {limit} digits")
+
+
 def _explain(value: Any) -> str | None:
     """Find the first value that is not JSON; None when everything is (tuples count as lists)."""
     if not isinstance(value, dict):
         return f"expected a JSON object (dict), got {type(value).__name__}"
+    limit = int_digits()
     stack: list[tuple[Any, list[Any]]] = [(value, [])]
     while stack:
         item, where = stack.pop()
@@ -53,15 +105,27 @@ def _explain(value: Any) -> str | None:
             for key, child in item.items():
                 if not isinstance(key, str):
                     return f"{_path(where)} has a key {key!r} of type {type(key).__name__}; JSON keys are strings"
+                bad = _surrogate(key)
+                if bad is not None:
+                    return (f"{_path(where)} has a key holding a lone surrogate {bad!r}, which is not a character "
+                            "(JSON text cannot carry it)")
                 stack.append((child, where + [key]))
         elif isinstance(item, (list, tuple)):
             stack.extend((child, where + [i]) for i, child in enumerate(item))
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return f"{_path(where)} is {item!r}, which JSON cannot represent"
-        elif item is None or isinstance(item, (str, int, bool)):
-            continue
-        else:
+        elif isinstance(item, str):
+            bad = _surrogate(item)
+            if bad is not None:
+                return f"{_path(where)} holds a lone surrogate {bad!r}, which is not a character (JSON text cannot " \
+                       "carry it)"
+        elif isinstance(item, int):  # bool included
+            if too_many_digits(item):
+                return _too_long(where, None, limit)
+        elif isinstance(item, _LongInteger):
+            return _too_long(where, item.digits, limit)
+        elif item is not None:
             return f"{_path(where)} is a {type(item).__name__}, which is not a JSON value"
     return None
 
@@ -94,7 +158,7 @@ def check(value: Any, *, limit: int | None = None) -> tuple[dict[str, Any], int]
 def parse(text: str, *, what: str = "payload", limit: int | None = None) -> dict[str, Any]:
     """Parse user-given JSON text (--payload, a JSONL line) into a checked payload."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except ValueError as exc:
         raise PayloadError("InvalidPayload", f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
@@ -102,6 +166,11 @@ def parse(text: str, *, what: str = "payload", limit: int | None = None) -> dict
     if not isinstance(value, dict):
         raise PayloadError("InvalidPayload", f"{what} must be a JSON object, got {json_kind(value)}")
     return check(value, limit=limit)[0]
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    digits = len(text) - text.startswith("-")
+    return _LongInteger(digits) if digits > int_digits() else int(text)
 
 
 def _reject_constant(name: str) -> Any:

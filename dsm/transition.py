@@ -9,11 +9,13 @@ reads no clock; the caller passes `now`. Stores and workers only persist what it
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
+from . import payloads
 from .durations import format_duration
 from .errors import InputError, InvalidSignal
 from .graph import Graph, Kind, SignalRoutes, State
@@ -385,6 +387,11 @@ def _map_items(state: State, payload: dict[str, Any], inst: Instance) -> list[An
     if len(items) > MAX_MAP_ITEMS:
         raise _RouteError("MapTooLarge", f"state {state.name!r}: map items {spec.items.source!r} gave {len(items)} "
                           f"items; a map takes at most {MAX_MAP_ITEMS}")
+    try:  # each item goes into a payload: NaN or a lone surrogate must stop here, not at the commit
+        payloads.check({"items": items}, limit=sys.maxsize)
+    except payloads.PayloadError as exc:
+        raise _RouteError("MapItemsError", f"state {state.name!r}: map items {spec.items.source!r} gave values that "
+                          f"are not JSON: {str(exc).replace('payload.items', 'items', 1)}") from None
     return items
 
 

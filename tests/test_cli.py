@@ -80,6 +80,52 @@ def test_validate_malformed_yaml_and_missing_file(write, tmp_path):
     assert out[1].startswith(f"{tmp_path / 'nope.yaml'}:1:1: error: cannot read file")
 
 
+def test_validate_locates_a_call_path_holding_a_nul_byte(write):
+    path = write("nul.yaml", r"""
+        machine: parent
+        start: a
+        states:
+          a:
+            call: "a\x00b.yaml"
+            next: done
+          done:
+            terminal: true
+        """)
+    result = dsm("validate", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}:5:11: error: states.a.call: the path 'a\\x00b.yaml' holds a NUL character, which no file "
+        "name can hold"]
+    assert "internal error" not in result.stderr
+
+
+def test_validate_reports_a_broken_handler_module_once_at_its_first_state(write, tmp_path):
+    path = write("m.yaml", """
+        machine: m
+        start: a
+        states:
+          a:
+            tick: brokenmod:first
+            next: b
+          b:
+            tick: brokenmod:second
+            next: c
+          c:
+            tick: brokenmod.third
+            next: d
+          d:
+            tick: brokenmod:first
+            next: done
+          done:
+            terminal: true
+        """, brokenmod="def first(payload, ctx):\n    return None\n\ndef second(payload, ctx)\n    return None\n")
+    result = dsm("validate", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}:5:11: error: states.a.tick: cannot import module 'brokenmod': syntax error at "
+        f"{tmp_path / 'brokenmod.py'}:4:25: expected ':'"]
+
+
 def test_graph_mermaid_and_dot(tmp_path):
     mermaid = dsm("graph", ORDER)
     assert mermaid.returncode == 0

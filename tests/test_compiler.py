@@ -115,6 +115,34 @@ def test_bad_machine_name_and_duration():
     assert "expected a duration" in found[1].message
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("timeout", ".inf", "states.a.timeout: must be a finite number of seconds >= 0, got inf"),
+    ("timeout", ".nan", "states.a.timeout: must be a finite number of seconds >= 0, got nan"),
+    ("timeout", "1" + "0" * 400, "states.a.timeout: must be a finite number of seconds >= 0, got an integer of 401 "
+     "digits"),
+    ("timeout", "9" * 400 + "d", "states.a.timeout: must be a finite duration, got '999"),
+    ("retry", "{multiplier: .inf}", "states.a.retry.multiplier: must be a finite number >= 1, got inf"),
+    ("retry", "{multiplier: 1" + "0" * 400 + "}", "states.a.retry.multiplier: must be a finite number >= 1, got an "
+     "integer of 401 digits"),
+], ids=["inf", "nan", "huge-integer", "huge-string", "inf-multiplier", "huge-multiplier"])
+def test_numbers_the_schema_admits_but_no_clock_can_use_are_located(key, value, words):
+    """Values of the right type and sign that are not finite: the schema lets them through, the
+    compiler reports them (rather than failing, or dropping the timeout without a word)."""
+    found = problems(f"""
+        machine: order
+        start: a
+        states:
+          a:
+            tick: m:f
+            {key}: {value}
+            next: done
+          done:
+            terminal: true
+        """)
+    assert [(p.line, p.path) for p in found] == [(6, f"states.a.{key}" + (".multiplier" if key == "retry" else ""))]
+    assert words in found[0].message
+
+
 def test_missing_required_keys():
     found = problems("machine: order\n")
     messages = " | ".join(p.message for p in found)
@@ -576,7 +604,7 @@ def test_handler_with_syntax_error_names_file_and_line(write):
         """, broken_mod="def f(:\n    pass\n")
     with pytest.raises(DefinitionError) as info:
         compiler.load(path)
-    assert "syntax error at broken_mod.py:1" in info.value.problems[0].message
+    assert f"syntax error at {path.parent / 'broken_mod.py'}:1:7: invalid syntax" in info.value.problems[0].message
 
 
 def test_allowlist_refuses_modules_outside_it_builtins_and_private_names(write):

@@ -129,7 +129,9 @@ def test_recursive_alias_and_deep_nesting_are_located():
     ('"just a string"', "must be a JSON object, got a string"),
     ("null", "must be a JSON object, got null"),
     ('{"big": "' + "x" * (1024 * 1024 + 10) + '"}', "the limit is 1048576 bytes"),
-], ids=["nan", "infinity", "deep-100000", "deep-300", "string", "null", "over-1MiB"])
+    ('{"n": [1, -' + "9" * 5000 + "]}", "payload.n[1] is an integer of more than 4300 digits"),
+    ('{"s": "a\\ud800"}', "payload.s holds a lone surrogate '\\ud800'"),
+], ids=["nan", "infinity", "deep-100000", "deep-300", "string", "null", "over-1MiB", "5000-digits", "lone-surrogate"])
 def test_bad_payloads_are_refused_before_anything_runs(payload, words, tmp_path):
     path = tmp_path / "payload.json"
     path.write_text(payload)

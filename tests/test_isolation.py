@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -95,6 +96,15 @@ def nan(payload, ctx):
 def number(payload, ctx):
     return 42
 
+def lone_surrogate(payload, ctx):
+    return {"s": "a\ud800b"}
+
+def huge_integer(payload, ctx):
+    return {"n": 10 ** 5000}
+
+def at_the_limit(payload, ctx):
+    return {"n": 10 ** 4300 - 1}
+
 
 def context(payload, ctx):
     ctx.logger.info("context of %s", ctx.state)
@@ -153,6 +163,42 @@ def sigkill(payload, ctx):
 def slow(payload, ctx):
     time.sleep(0.3)
     return "slow"
+
+def forks(payload, ctx):
+    twin = os.fork()  # and forgets to end the child: both processes return
+    if twin and payload["wait"]:
+        os.waitpid(twin, 0)
+    ctx.heartbeat()
+    return {"pid": os.getpid()}
+
+def forks_and_ends_the_child(payload, ctx):
+    how = payload["how"]
+    if how == "subprocess":
+        import subprocess
+        return {"status": subprocess.run([sys.executable, "-c", "pass"], preexec_fn=os.getpid).returncode}
+    if how == "multiprocessing":
+        import multiprocessing
+        process = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+        process.start()
+        process.join()
+        return {"status": process.exitcode}
+    twin = os.fork()
+    if twin == 0:
+        if how == "os._exit":
+            os._exit(3)
+        sys.exit(3)
+    return {"status": os.waitstatus_to_exitcode(os.waitpid(twin, 0)[1])}
+
+def forks_a_sleeper(payload, ctx):
+    if os.fork() == 0:  # lives on after the handler returns, and after the handler process dies
+        _wait_gate(payload)
+        os._exit(0)
+    return "forked"
+
+async def forks_async(payload, ctx):
+    os.fork()
+    await asyncio.sleep(0)
+    return "both"
 '''
 
 
@@ -265,6 +311,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
     ("mutate", {"n": 2}, None),
     ("big", {"big": 2 ** 70}, None),
     ("async_label", {"n": 1}, "from a coroutine"),
+    ("at_the_limit", {"n": 10 ** 4300 - 1}, None),
 ])
 def test_results_and_labels_come_back(make: Any, mod: str, function: str, payload: dict, label: str | None) -> None:
     async def main() -> Any:
@@ -335,6 +382,8 @@ def test_handler_errors_keep_their_name_message_and_retryability(make: Any, mod:
     ("a_set", "InvalidPayload", "set"),
     ("nan", "InvalidPayload", "nan"),
     ("number", "InvalidResult", "returned int"),
+    ("lone_surrogate", "InvalidPayload", "payload.s holds a lone surrogate"),
+    ("huge_integer", "InvalidPayload", "payload.n is an integer of more than 4300 digits"),
 ])
 def test_results_that_are_not_json_fail_for_good(make: Any, mod: str, function: str, kind: str, words: str) -> None:
     async def main() -> Any:
@@ -550,6 +599,67 @@ def test_a_child_that_dies_fails_its_attempt_and_is_replaced(processes: Any, mod
     assert "'work'" in died.failure.message and words in died.failure.message
     assert after.label == "approved"
     assert executor.started == 2
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["parent-waits-for-the-child", "both-return-at-once"])
+def test_a_handler_that_forks_and_returns_in_both_fails_its_attempt_and_its_slot_serves_on(
+        processes: Any, mod: str, wait: bool) -> None:
+    """The forked copy of the handler process shares its pipes: had it gone on serving, it would
+    have read calls meant for the real one (and their answers or their ends). It ends as it returns,
+    the attempt fails as HandlerForked, and every later call is answered, by the real process."""
+    async def main() -> Any:
+        executor = processes(1)
+        real = (await outcome(executor.start(call(mod, "pid")))).payload["pid"]
+        forked = await outcome(executor.start(call(mod, "forks", {"wait": wait})))
+        one_by_one = [await outcome(executor.start(call(mod, "pid"))) for _ in range(10)]
+        together = await asyncio.gather(*(outcome(executor.start(call(mod, "pid"))) for _ in range(30)))
+        return executor, real, forked, one_by_one + list(together)
+
+    executor, real, forked, after = run(main())
+    failure = forked.failure
+    assert failure is not None and failure.type == "HandlerForked" and failure.retryable is False, forked
+    assert "'work'" in failure.message and "forked" in failure.message and "os._exit" in failure.message
+    assert [o.failure for o in after] == [None] * 40
+    assert {o.payload["pid"] for o in after} == {real}  # answered by the real process, not by its copy
+    assert executor.started == 1
+    copy = int(re.search(r"pid (\d+)", failure.message).group(1))  # type: ignore[union-attr]
+    assert copy != real and process_state(copy) is None  # ended, and reaped
+
+
+def test_an_async_handler_that_forks_and_returns_in_both_fails_its_attempt(processes: Any, mod: str) -> None:
+    async def main() -> Any:
+        executor = processes(1)
+        return await outcome(executor.start(call(mod, "forks_async"))), await outcome(executor.start(call(mod, "pid")))
+
+    forked, after = run(main())
+    assert forked.failure is not None and forked.failure.type == "HandlerForked"
+    assert after.failure is None
+
+
+def test_a_process_a_handler_forked_does_not_hide_the_death_of_the_handler_process(processes: Any, mod: str,
+                                                                                   gate: Path) -> None:
+    """A process forked by a handler outlives the handler process. Had it kept the protocol pipes
+    open, the worker would never see the handler process's output end: its attempt would never fail."""
+    async def main() -> Any:
+        executor = processes(1)
+        forked = await outcome(executor.start(call(mod, "forks_a_sleeper", {"gate": str(gate)})))
+        died = await asyncio.wait_for(executor.start(call(mod, "exit3")).outcome(), 10)
+        return forked, died
+
+    forked, died = run(main())
+    assert forked.label == "forked"
+    assert died.failure is not None and died.failure.type == "WorkerProcessDied"
+    assert "exit code 3" in died.failure.message
+
+
+@pytest.mark.parametrize("how, status", [("os._exit", 3), ("sys.exit", 3), ("subprocess", 0), ("multiprocessing", 0)])
+def test_a_handler_whose_forked_process_ends_itself_runs_as_usual(processes: Any, mod: str, how: str,
+                                                                  status: int) -> None:
+    async def main() -> Any:
+        executor = processes(1)
+        return [await outcome(executor.start(call(mod, "forks_and_ends_the_child", {"how": how}))) for _ in range(3)]
+
+    assert [(o.failure, o.payload) for o in run(main())] == [(None, {"status": status})] * 3
 
 
 def test_a_child_applies_abandon_frames_to_the_running_attempt_only() -> None:

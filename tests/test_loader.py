@@ -54,6 +54,20 @@ def test_syntax_error_has_a_position():
     assert "invalid YAML" in problem.message
 
 
+@pytest.mark.parametrize("text", ["9" * 4301, "-" + "9" * 5000, "0x" + "F" * 5000, "0o" + "7" * 6000],
+                         ids=["4301-digits", "negative", "hexadecimal", "octal"])
+def test_integers_of_more_than_4300_digits_are_located(text):
+    with pytest.raises(DefinitionError) as info:
+        loader.parse(f"machine: m\nversion: {text}\n", "m.yaml")
+    assert str(info.value) == "m.yaml:2:10: error: an integer of more than 4300 digits; dsm takes integers of up to " \
+                              "4300 digits"
+
+
+def test_integers_of_up_to_4300_digits_keep_their_value():
+    data = loader.parse(f"a: {'9' * 4300}\nb: -{'9' * 4300}\nc: 0x{'F' * 3500}\n").data
+    assert data == {"a": 10 ** 4300 - 1, "b": -(10 ** 4300 - 1), "c": 16 ** 3500 - 1}
+
+
 def test_alias_bomb_is_refused():
     text = "a: &a [1,2,3,4,5,6,7,8,9]\n"
     for i, name in enumerate("bcdefgh"):

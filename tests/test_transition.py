@@ -694,3 +694,23 @@ def test_the_children_a_parent_lets_go_of_say_why():
     assert dict(released_children(before, stopped, NOW + 9))["p.c9.1"] == "its parent p was cancelled: enough"
     assert stopped.cancel == CancelInfo("enough", "ann", NOW + 1)
     assert released_children(stopped, stopped, NOW + 9) == ()  # a finished parent waits for nothing
+
+
+@pytest.mark.parametrize("items, words", [
+    ("['a\\\\ud800']", "gave values that are not JSON: items[0] holds a lone surrogate"),
+    ("[1, 'nan' | float]", "gave values that are not JSON: items[1] is nan"),
+], ids=["lone-surrogate", "nan"])
+def test_map_items_that_are_not_json_fail_the_map_state(items, words):
+    graph = machine(f"""
+        machine: m
+        start: s
+        states:
+          s:
+            map: {{items: "{items}", branch: b}}
+            join: done
+          b: {{next: done}}
+          done: {{terminal: true}}
+    """)
+    inst = step(graph, start(graph, "i", {}, NOW), "s").instance
+    assert inst.status == FAILED and inst.error.type == "MapItemsError", inst.error
+    assert "state 's'" in inst.error.message and words in inst.error.message

@@ -234,6 +234,9 @@ def test_timeout_fails_the_attempt_then_catch(write):
     ("return {1: 'a'}", "InvalidPayload", "key 1 of type int"),
     ("return ['not', 'a', 'dict']", "InvalidResult", "returned list"),
     ("return {'big': 'x' * (2 * 1024 * 1024)}", "PayloadTooLarge", "the limit is 1048576 bytes"),
+    ("return {'s': 'a\\ud800b'}", "InvalidPayload", "payload.s holds a lone surrogate '\\ud800'"),
+    ("return {'a': [{'\\udc80': 1}]}", "InvalidPayload", "payload.a[0] has a key holding a lone surrogate"),
+    ("return {'n': -10 ** 5000}", "InvalidPayload", "payload.n is an integer of more than 4300 digits"),
     ("return 'label'", "InvalidOutcome", "returned outcome label 'label'"),
     ("raise KeyError('missing')", "KeyError", "missing"),
 ])
@@ -256,6 +259,22 @@ def test_bad_handler_results_fail_with_clear_errors(write, body, kind, words):
     assert words in inst.error.message
     if kind != "KeyError":
         assert "'s'" in inst.error.message
+
+
+def test_integers_of_up_to_4300_digits_keep_their_exact_value(write):
+    graph = load(write, """
+        machine: big
+        start: s
+        states:
+          s:
+            tick: bigmod:h
+            next: done
+          done:
+            terminal: true
+        """, bigmod="def h(payload, ctx):\n    return {'n': payload['n'] * 10 - 1, 'm': -(10 ** 4300 - 1)}\n")
+    result = run(graph, {"n": 10 ** 4299})  # 4300 digits in, 4300 nines out
+    assert result.instance.status == SUCCEEDED, result.instance.error
+    assert result.instance.payload == {"n": 10 ** 4300 - 1, "m": -(10 ** 4300 - 1)}
 
 
 def test_async_handlers_are_awaited_and_ticks_overlap(write):

@@ -52,6 +52,10 @@ Design:
   abandon sent by the worker makes it raise `AttemptAbandoned` as on a thread.
 * A child that dies during an attempt (`os._exit`, a crash, the OOM killer) fails that attempt
   with the retryable `WorkerProcessDied`, naming the state and the exit code or signal.
+* A handler that forks makes a copy of the child, pipes included. The copy closes them as it is
+  forked and never reads or writes a frame: one that comes back from the handler ends at once,
+  and its attempt fails as `HandlerForked` (not retried); one that ends itself (`os._exit`,
+  `sys.exit`, an exec, multiprocessing) changes nothing. See `_Copies`.
 * Children end with the worker: at end of input (`close()`, or the worker's death closes the pipe)
   and, on Linux, by a parent-death signal, which also stops a child stuck in a handler.
 
@@ -102,6 +106,7 @@ QUICK = 0.002  # seconds: a handler whose calls run shorter, and mostly on the C
 TINY = 0.0002  # seconds: a call this short is quick, however little of it was on the CPU
 STUCK = 0.5  # seconds a hot call runs, or a paced call waits, before the pacing lets others through
 DEPTH = 8  # calls of quick handlers queued in one child at most (sent in one write, read in one wake-up)
+FORK_GRACE = 1.0  # seconds a child waits, after a handler that forked returns, for the copy to end (see _Copies)
 
 _READ_SIZE = 1 << 16
 
@@ -741,6 +746,131 @@ class _ChildContext(Context):
 _CONTEXT_FIELDS = tuple(f.name for f in fields(Context) if f.init)
 
 
+@dataclass(slots=True)
+class _Copy:
+    """A process forked from the child while it ran a call, that has not yet been heard of."""
+
+    fd: int  # the read end of the pipe it says on that it came back from the handler
+    call: int | None  # the id of the call that was running when it was forked
+
+
+class _Copies:
+    """Processes a handler forks from the child, which start with the child's protocol pipes.
+
+    A copy that comes back from the handler, instead of ending itself (`os._exit`, an exec), would
+    go on serving as the child: answer the call, then read calls meant for the child off the shared
+    pipe (and answer them, or take half a frame, and another instance's tick is never answered). So
+    at every fork of the child, the copy closes the protocol descriptors (`after_in_child`, run by
+    os.fork itself), keeps the write end of a pipe made for it, and when it is back from the handler
+    (`back`) it says so on that pipe and ends with `os._exit`, touching nothing else. The child, once
+    the handler returned, waits for the copies forked during the call to say so, exit or exec (which
+    close the pipe), FORK_GRACE at most, and fails the attempt as HandlerForked if one came back. A
+    copy heard of later is logged; its attempt has ended.
+    """
+
+    def __init__(self, protocol: tuple[int, int], running: Callable[[], int | None]):
+        self.pid = os.getpid()
+        self.protocol = protocol
+        self.running = running  # the id of the call running now, if any
+        self.pending: list[_Copy] = []
+        self.forked = False  # this process is a copy (set as os.fork returns in it)
+        self.report: int | None = None  # in a copy: where it says it came back
+        self._fork = threading.local()  # a fork under way in this thread: (read end, write end, call) or None
+
+    def install(self) -> None:
+        os.register_at_fork(before=self._before, after_in_parent=self._after_in_parent,
+                            after_in_child=self._after_in_child)
+
+    def is_copy(self) -> bool:
+        """Asks the system, which knows of forks that ran no fork hooks (a C library's) too."""
+        return self.forked or os.getpid() != self.pid
+
+    def _before(self) -> None:
+        self._fork.pipe = None if self.forked else (*os.pipe(), self.running())  # closed by an exec
+
+    def _after_in_parent(self) -> None:
+        pipe, self._fork.pipe = getattr(self._fork, "pipe", None), None
+        if pipe is not None:
+            os.close(pipe[1])
+            self.pending.append(_Copy(pipe[0], pipe[2]))
+
+    def _after_in_child(self) -> None:
+        self.forked = True
+        pipe, self._fork.pipe = getattr(self._fork, "pipe", None), None
+        if pipe is None:  # forked from a copy, whose descriptors are its own
+            return
+        for fd in (*self.protocol, pipe[0], *(c.fd for c in self.pending)):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pending = []
+        self.report = pipe[1]
+
+    def back(self, exc: BaseException | None = None) -> None:
+        """In a copy, back from the handler (`exc`: what it raised): end now. A copy that called
+        sys.exit() ends as it asked, and is not said to have come back."""
+        if not self.is_copy():
+            return
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+        if self.report is not None:
+            try:
+                os.write(self.report, f"{os.getpid()}\n".encode())
+            except OSError:
+                pass
+        os._exit(0 if exc is None else 1)
+
+    def came_back(self, call: int, grace: float) -> list[int]:
+        """The pids of the copies forked during `call` that came back from its handler, once each
+        such copy said so, exited or exec'd, or `grace` seconds passed."""
+        deadline = time.monotonic() + grace
+        back: list[int] = []
+        while True:
+            waiting = {c.fd: c for c in self.pending if c.call == call}
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                return back
+            poller = select.poll()  # not select(): a handler may have opened descriptors beyond FD_SETSIZE
+            for fd in waiting:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(left * 1000):
+                back += self._heard(waiting[fd])
+
+    def late(self) -> list[tuple[int, int | None]]:
+        """(pid, call) of copies that came back after their call ended; forgets those that ended."""
+        if not self.pending:
+            return []
+        poller = select.poll()
+        by_fd = {c.fd: c for c in self.pending}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        return [(pid, by_fd[fd].call) for fd, _ in poller.poll(0) for pid in self._heard(by_fd[fd])]
+
+    def _heard(self, copy: _Copy) -> list[int]:
+        """A copy's pipe is readable: the pid it wrote when it came back, or nothing once it ended or
+        exec'd. Either way it is done with; one that came back is reaped (it ends as it writes)."""
+        try:
+            data = os.read(copy.fd, _READ_SIZE)
+        except OSError:
+            data = b""
+        self.pending.remove(copy)
+        os.close(copy.fd)
+        pids = [int(word) for word in data.split() if word.isdigit()]
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # the handler waited for it already
+                pass
+        return pids
+
+
 class _Server:
     """The child's side: read a call, run it, write the outcome; one at a time."""
 
@@ -748,6 +878,7 @@ class _Server:
         self.search = search
         self.rfd = rfd
         self.wfd = wfd
+        self.copies = _Copies((rfd, wfd), lambda: self.current[0] if self.current is not None else None)
         self.rbuf = b""
         self.calls: collections.deque[list[Any]] = collections.deque()
         self.current: tuple[int, Context] | None = None
@@ -758,6 +889,7 @@ class _Server:
         self.lock = threading.Lock()  # a handler's own threads may heartbeat too
 
     def serve(self) -> None:
+        self.copies.install()
         self.send([_READY])
         while True:
             while not self.calls:
@@ -770,11 +902,15 @@ class _Server:
                 self.poll()
 
     def send(self, message: list[Any]) -> None:
+        if self.copies.forked:  # a copy of this process never writes to the worker
+            self.copies.back()
         view = memoryview(_frame(message))
         while view:
             view = view[os.write(self.wfd, view):]
 
     def poll(self) -> None:
+        if self.copies.forked:  # a heartbeat in a copy a handler forked: the frames are not for it
+            return
         if not self.eof and self.lock.acquire(blocking=False):  # busy: another thread is reading
             try:
                 self.fill(block=False)
@@ -782,6 +918,8 @@ class _Server:
                 self.lock.release()
 
     def fill(self, *, block: bool) -> None:
+        if self.copies.forked:  # a copy of this process never reads what the worker sends
+            self.copies.back()
         if not block and not select.select([self.rfd], [], [], 0)[0]:
             return
         data = os.read(self.rfd, _READ_SIZE)
@@ -826,6 +964,9 @@ class _Server:
         ctx = _ChildContext(**{name: getattr(base, name) for name in _CONTEXT_FIELDS}, _poll=self.poll)
         if reason is not None:
             ctx.abandon(reason)
+        for pid, earlier in self.copies.late():
+            log.warning("handler process %d: process %d, forked by the handler of call %s, came back from it "
+                        "after the call had ended, and was ended", os.getpid(), pid, earlier)
         self.current = (ident, ctx)
         started = cpu = 0.0
         measured = False
@@ -842,17 +983,29 @@ class _Server:
                 result = self.loop.run_until_complete(handler.func(payload, ctx))  # type: ignore[misc]
             else:
                 result = handler.func(payload, ctx)  # type: ignore[misc]
+            self.copies.back()
             outcome = normalize(result, payload, state, limit)
         except HandlerImportError as exc:
+            self.copies.back(exc)  # a module that forks as it is imported
             outcome = Outcome(failure=Failure("HandlerUnavailable", f"state {state!r}: handler {ref!r}: {exc}",
                                               retryable=True))
         except (Exception, SystemExit, KeyboardInterrupt, asyncio.CancelledError) as exc:  # noqa: BLE001 - user code
+            self.copies.back(exc)
             outcome = Outcome(failure=failure_of(exc))
         finally:
             self.current = None
         wall = time.perf_counter() - started if started else 0.0
         seconds = [wall, time.process_time() - cpu if measured and started else None]
         self.timed[(module, function)] = wall >= TINY
+        if self.copies.pending:
+            grace = FORK_GRACE if deadline is None else max(0.0, min(FORK_GRACE, deadline - time.time()))
+            back = self.copies.came_back(ident, grace)
+            if back:
+                outcome = Outcome(failure=Failure("HandlerForked", f"state {state!r}: the handler forked and came "
+                                                  f"back from it in the new process too (pid {back[0]}), which would "
+                                                  "have served as this one; it was ended. A handler that forks must "
+                                                  "end the new process with os._exit() or replace it with exec",
+                                                  retryable=False))
         failure = outcome.failure
         if failure is None:
             return [_RESULT, ident, outcome.payload, outcome.label, seconds]

@@ -2,6 +2,7 @@
 
     python tests/chaos/run.py --minutes 10 --instances 1000     # fork/join machines, every fault
     python tests/chaos/run.py --constructs --minutes 10          # maps, signals, children, timers
+    python tests/chaos/run.py --auth --minutes 5                 # etcd with auth: tokens lost, refused, expiring
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from auth_faults import AuthConfig, run_auth  # noqa: E402
 from constructs import ConstructConfig, run_constructs  # noqa: E402
 from harness import Config, run  # noqa: E402
 
@@ -21,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="keep submitting and injecting faults this long")
     parser.add_argument("--instances", type=int, default=1000, help="instances submitted at the start")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default 4; --auth: 3)")
     parser.add_argument("--fault-every", type=float, default=5.0, help="seconds between faults")
     parser.add_argument("--seed", type=int, default=1)
     constructs = parser.add_argument_group("the waiting constructs and maps (--constructs): the four phases are "
@@ -38,7 +40,26 @@ def main() -> None:
     constructs.add_argument("--call-kills", type=int, default=3)
     constructs.add_argument("--call-pauses", type=int, default=1)
     constructs.add_argument("--sleepers", type=int, default=1000)
+    auth = parser.add_argument_group("etcd with auth (--auth): every member killed, the leader killed, every token "
+                                     "refused, compaction every second, repeated for --minutes; --workers is per "
+                                     "namespace a, --instances the first batch")
+    auth.add_argument("--auth", action="store_true", help="run the chaos of an etcd with auth instead")
+    auth.add_argument("--token-ttl", type=int, default=None, help="etcd's --auth-token-ttl (default: etcd's, 300 s)")
+    auth.add_argument("--bcrypt-cost", type=int, default=None, help="etcd's --bcrypt-cost (default: etcd's, 10): "
+                      "what each token costs etcd to issue")
+    auth.add_argument("--majority", action="store_true", help="kill all members but one, not every member")
+    auth.add_argument("--top-up", type=int, default=50, help="instances submitted before each fault")
+    auth.add_argument("--late", type=int, default=200, help="instances submitted after the last fault")
     args = parser.parse_args()
+    if args.auth:
+        config = AuthConfig(workers=args.workers or 3, seed=args.seed, minutes=args.minutes, timeout=300,
+                            initial=args.instances, top_up=args.top_up, late=args.late, per_b=10,
+                            token_ttl=args.token_ttl, bcrypt_cost=args.bcrypt_cost, majority=args.majority,
+                            fault_every=args.fault_every)
+        report = run_auth(config)
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+        sys.exit(0 if report.ok else 1)
+    args.workers = args.workers or 4
     if args.constructs:
         config = ConstructConfig(workers=args.workers, seed=args.seed, minutes=args.minutes, timeout=300,
                                  map_instances=args.maps, map_items=args.map_items, map_kills=args.map_kills,

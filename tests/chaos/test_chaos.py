@@ -1,12 +1,13 @@
-"""The short chaos runs for CI: every fault once, under load, then every history audited; and the
+"""The short chaos runs for CI: every fault once, under load, then every history audited; the
 waiting constructs and maps (a map of 500 items, signals, child machines, 1,000 timers) under
-the faults that threaten them."""
+the faults that threaten them; and an etcd with auth whose tokens are lost or refused under load."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from auth_faults import AuthConfig, run_auth
 from constructs import ConstructConfig, run_constructs
 from harness import Config, run
 
@@ -14,11 +15,11 @@ pytestmark = [pytest.mark.etcd, pytest.mark.slow, pytest.mark.long]
 
 
 def _require_etcd() -> None:
-    from dsm.testing import etcd_binary
+    from dsm.testing import etcd_binary, etcdctl_binary
 
-    if etcd_binary() is None:
+    if etcd_binary() is None or etcdctl_binary() is None:
         if os.environ.get("CI"):
-            pytest.fail("etcd is required in CI")
+            pytest.fail("etcd and etcdctl are required in CI")
         pytest.skip("no etcd binary")
 
 
@@ -78,4 +79,31 @@ def test_maps_signals_children_and_timers_under_faults_lose_nothing_and_do_nothi
                       ("calls", "kill_worker"), ("timers", "restart_cluster")}, report.faults
     for phase in ("map", "calls"):  # a kill struck a worker in the middle of that phase's work
         assert any(f.get("phase_claims") for f in report.faults if f["phase"] == phase), report.faults
+    assert report.ok
+
+
+def test_with_etcd_auth_no_worker_outlives_its_token_doing_nothing():
+    """An etcd with auth, users limited to their namespace; under load with timers and signals in
+    flight: every member killed and restarted (every token gone), the leader killed, every token
+    refused (auth disabled and enabled) while streams must reconnect, compaction every second
+    under `dsm status --follow` and the api's event streams; tokens that expire after 3 s all
+    along. Every worker process is either working (its heartbeat current) or has exited (and was
+    restarted); every instance finishes exactly once, those submitted after the faults too."""
+    _require_etcd()
+    config = AuthConfig()
+    report = run_auth(config)
+    summary = report.as_dict()
+    print(summary)
+    assert report.idle == {}, summary["idle_workers"]  # a worker alive, doing nothing
+    assert report.problems == {}, summary["problems"]
+    assert report.invalid_histories == {}, summary["invalid_examples"]
+    assert report.late == {"submitted": config.late, "succeeded": config.late}, summary
+    submitted = report.submitted  # the batches: at the start, before each fault (two before compaction), after
+    assert submitted == {"a": config.initial + 5 * config.top_up + config.late, "b": 7 * config.per_b}
+    assert report.statuses == {ns: {"succeeded": n} for ns, n in submitted.items()}
+    assert report.signals["sent"] == report.signals["consumed"] == sum(submitted.values())
+    assert sorted(f["fault"] for f in report.faults) == sorted(["kill_cluster", "kill_leader", "auth_reset",
+                                                                "compact_loop"])
+    for fault in report.faults:  # commits went on, and every worker alive wrote its heartbeat again
+        assert fault["commits_s"] is not None and fault["workers_s"] is not None, fault
     assert report.ok

@@ -1,5 +1,5 @@
 """Handlers of the chaos machines for the waiting constructs and maps (bigmap, waiter, caller,
-callee, sleeper): each invocation is appended to $DSM_TEST_LOG, and each tick sleeps
+callee, sleeper, relay): each invocation is appended to $DSM_TEST_LOG, and each tick sleeps
 $DSM_TEST_TICK seconds so that workers hold claims when they are killed."""
 
 from __future__ import annotations
@@ -62,3 +62,8 @@ def child_work(payload, ctx):
 def woke(payload, ctx):
     _log(ctx)
     payload["woke_at"] = time.time()
+
+
+def step(payload, ctx):
+    _log(ctx)
+    payload["steps"] = [*payload.get("steps", []), ctx.state]
