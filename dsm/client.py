@@ -19,7 +19,8 @@ with a worker of this process, for an application's own tests.
 
 Records are the JSON of the instance record (`records.public_record`, what `dsm status --json`
 prints) as plain dicts. Errors are dsm's: `NotFound` (unknown id or machine), `InputError` (a
-refused id, payload, signal or action; `InstanceExists` for an id taken by another start),
+refused id, payload, signal or action; `InstanceExists` for an id taken by another start,
+`InvalidSignal` for a signal the instance's machine does not take),
 `StoreUnavailable` (etcd or the API unreachable), `AccessDenied` (etcd's user or the API's token
 refused), `Timeout` (`wait`).
 """
