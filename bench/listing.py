@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dsm import compiler  # noqa: E402
-from dsm.client import Client  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
+from dsm.operations import Operations  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
 
@@ -43,7 +43,7 @@ def dsm_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, str(ROOT / "cli.py")]
 
 
-async def store_instances(client: Client, count: int) -> None:
+async def store_instances(client: Operations, count: int) -> None:
     graphs = [compiler.compile_text(WAITS.format(name=name), f"{name}.yaml", import_handlers=False)
               for name in ("waits", "other")]
     graphs.append(compiler.compile_text(ENDS, "ends.yaml", import_handlers=False))
@@ -53,7 +53,7 @@ async def store_instances(client: Client, count: int) -> None:
             await client.submit_many(graph, [{"n": i} for i in range(start, min(per, start + 5000))])
 
 
-async def client_reads(client: Client) -> dict[str, float]:
+async def client_reads(client: Operations) -> dict[str, float]:
     out = {}
     for name, filters in FILTERS.items():
         times = []
@@ -94,7 +94,7 @@ async def main() -> None:
         for size in (args.small, args.large):  # both stored first, then read alike
             namespace = f"list{size}"
             store = await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace))
-            clients[size] = (namespace, store, Client(store, Keys(namespace)))
+            clients[size] = (namespace, store, Operations(store, Keys(namespace)))
             started = time.monotonic()
             await store_instances(clients[size][2], size)
             print(f"stored {size:,} instances in {time.monotonic() - started:.1f}s", file=sys.stderr)

@@ -51,9 +51,9 @@ from bench.run import (  # noqa: E402
     window_rate,
 )
 from dsm import compiler  # noqa: E402
-from dsm.client import Client  # noqa: E402
 from dsm.errors import StoreError  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
+from dsm.operations import Operations  # noqa: E402
 from dsm.records import SUCCEEDED, load_instance  # noqa: E402
 from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
 
@@ -82,7 +82,7 @@ async def map_once(env: EtcdCluster, limit: int | None, items: int, workers: int
     procs = start_workers(env, workers, definition, namespace, extra_env={"BENCH_MAP_LOG": str(log)})
     store = await connect(env, namespace)
     keys = Keys(namespace)
-    client = Client(store, keys)
+    client = Operations(store, keys)
     try:
         warm = await client.submit(graph, {"xs": list(range(WARM_ITEMS))})
         await client.wait(warm, timeout=300)

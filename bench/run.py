@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 from dsm import compiler, handlers  # noqa: E402
-from dsm.client import Client  # noqa: E402
 from dsm.definitions import Registry  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
+from dsm.operations import Operations  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.store.memory import MemoryStore  # noqa: E402
@@ -257,7 +257,7 @@ async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instan
     procs = start_workers(env, workers, definition, namespace, isolation=isolation, **worker_kw)
     store = await connect(env, namespace)
     keys = Keys(namespace)
-    client = Client(store, keys)
+    client = Operations(store, keys)
     try:
         await client.submit_many(graph, ({} for _ in range(WARM_UP * workers)))
         await sample_until(store, keys, warm)
@@ -327,7 +327,7 @@ async def scale_once(env: EtcdCluster, backlog: int, window: int, namespace: str
     per = PER_INSTANCE[LINEAR]
     store = await connect(env, namespace)
     keys = Keys(namespace)
-    client = Client(store, keys)
+    client = Operations(store, keys)
     await client.submit_many(graph, ({} for _ in range(backlog)))
     submitted = backlog
     lo, hi = window // 10, window + window // 10
@@ -379,7 +379,7 @@ async def recovery(env: EtcdCluster, quick: bool) -> dict[str, Any]:
     survivor = None
     store = await connect(env, namespace)
     try:
-        client = Client(store, keys)
+        client = Operations(store, keys)
         await client.submit_many(graph, ({} for _ in range(60)))
         victim_id = f"{socket.gethostname()}:{victim.pid}".encode()
 
@@ -435,7 +435,7 @@ async def embedded_dsm(instances: int) -> dict[str, Any]:
 
     async with running(store, registry, concurrency=8, on_commit=on_commit, worker_id="embedded") as worker:
         started = time.monotonic()
-        await Client(store, keys).submit_many(graph, ({} for _ in range(instances)))
+        await Operations(store, keys).submit_many(graph, ({} for _ in range(instances)))
         await finished.wait()
         took = time.monotonic() - started
     return {"instances": instances, "transitions": worker.stats.transitions,

@@ -37,10 +37,10 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from dsm import compiler  # noqa: E402
-from dsm.client import Client  # noqa: E402
 from dsm.durations import parse_duration  # noqa: E402
 from dsm.errors import NoSpace, StoreError  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
+from dsm.operations import Operations  # noqa: E402
 from dsm.store import PUT, prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
@@ -223,7 +223,7 @@ async def soak(settings: Settings, *, progress: bool = True) -> Soak:
         definition = machine(folder, settings.retention)
         graph = compiler.load(definition, import_handlers=False)
         parse_duration(settings.compaction_retention, what="--compaction-retention")
-        client = Client(store, keys)
+        client = Operations(store, keys)
         await client.register(graph)
         procs = start_workers(env, settings, definition, folder)
         outcomes = Outcomes(store, keys)

@@ -32,9 +32,9 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from dsm import compiler, handlers  # noqa: E402
-from dsm.client import Client  # noqa: E402
 from dsm.definitions import Registry  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
+from dsm.operations import Operations  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
@@ -101,7 +101,7 @@ async def measure(settings: Settings, endpoint: str | None = None) -> dict[str, 
 
             procs = start_workers(cluster if cluster is not None else _Endpoint(endpoint), settings.workers, MACHINE,
                                   namespace)
-        client = Client(store, keys)
+        client = Operations(store, keys)
         await client.register(graph)
         await client.submit_many(graph, ({"long": True} for _ in range(settings.waiting)))
         deadline = time.monotonic() + 300

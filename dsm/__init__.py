@@ -10,30 +10,37 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .client import AsyncClient, Client
     from .compiler import compile_text, load
     from .context import Context
     from .embedded import run
     from .errors import (
+        AccessDenied,
         AttemptAbandoned,
         DefinitionError,
         DsmError,
         HandlerError,
         InputError,
+        InstanceExists,
+        InvalidSignal,
         NotFound,
         StoreError,
         StoreUnavailable,
+        Timeout,
     )
     from .graph import Graph
 
 __version__ = "0.1.0"
 
-_WHERE = {"compile_text": "compiler", "load": "compiler", "Context": "context", "run": "embedded", "Graph": "graph",
-          **{name: "errors" for name in ("AttemptAbandoned", "DefinitionError", "DsmError", "HandlerError",
-                                         "InputError", "NotFound", "StoreError", "StoreUnavailable")}}
+_ERRORS = ("AccessDenied", "AttemptAbandoned", "DefinitionError", "DsmError", "HandlerError", "InputError",
+           "InstanceExists", "InvalidSignal", "NotFound", "StoreError", "StoreUnavailable", "Timeout")
+_WHERE = {"AsyncClient": "client", "Client": "client", "compile_text": "compiler", "load": "compiler",
+          "Context": "context", "run": "embedded", "Graph": "graph", **{name: "errors" for name in _ERRORS}}
 
 __all__ = [
-    "AttemptAbandoned", "Context", "DefinitionError", "DsmError", "Graph", "HandlerError", "InputError",
-    "NotFound", "StoreError", "StoreUnavailable", "compile_text", "load", "run", "__version__",
+    "AccessDenied", "AsyncClient", "AttemptAbandoned", "Client", "Context", "DefinitionError", "DsmError", "Graph",
+    "HandlerError", "InputError", "InstanceExists", "InvalidSignal", "NotFound", "StoreError", "StoreUnavailable",
+    "Timeout", "compile_text", "load", "run", "__version__",
 ]
 
 

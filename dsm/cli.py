@@ -45,7 +45,7 @@ from dsm.graph import Graph
 from dsm.transition import descends_from
 
 if TYPE_CHECKING:
-    from dsm.client import Client
+    from dsm.client import AsyncClient
     from dsm.store import Store
     from dsm.store.etcd import EtcdOptions
 
@@ -281,9 +281,7 @@ def _definition_files(paths: list[Path]) -> list[Path]:
         if not path.is_dir():
             files.append(path)
             continue
-        found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        machines = [p for p in found if loader.looks_like_machine(p)]
+        machines, found = loader.definitions_in(path)
         for skipped in sorted(set(found) - set(machines)):
             why = ("a test file ('dsm test' runs it)" if skipped.name.endswith((".test.yaml", ".test.yml"))
                    else "not a machine definition (no top-level 'machine:' key)")
@@ -354,42 +352,45 @@ class _Progress:
         self.instance = self.instance or instance_id
         info.print(text, markup=False, fields=logs.about(instance_id, self.machine))
 
-    def history(self, entry: records.HistoryEntry) -> None:
-        branch = f" [dim]\\[{'/'.join(entry.branch)}][/dim]" if entry.branch else ""
-        outcome = f" [cyan]({entry.outcome})[/cyan]" if entry.outcome else ""
-        attempt = f" [yellow]attempt {entry.attempt}[/yellow]" if entry.attempt > 1 else ""
-        targets = ", ".join(entry.next)
-        about = logs.about(self.instance or "?", self.machine, entry.state, entry.attempt, entry.worker)
-        info.print(f"[dim]{entry.seq:>4}[/dim]  [bold]{entry.state}[/bold]{outcome} -> {targets}{branch}{attempt}",
-                   fields=about)
-        for failed in entry.failures:  # the attempts of this visit that failed before it
-            info.print(f"[dim]      attempt {failed.attempt} failed:[/dim] "
-                       + escape(f"{failed.type}: {failed.message}"),
-                       fields=logs.about(about["instance"], self.machine, entry.state, failed.attempt, failed.worker))
+    def history(self, entry: dict[str, Any]) -> None:
+        """A committed transition: a history entry of the record."""
+        branch = f" [dim]\\[{'/'.join(entry['branch'])}][/dim]" if entry["branch"] else ""
+        outcome = f" [cyan]({entry['outcome']})[/cyan]" if entry["outcome"] else ""
+        attempt = f" [yellow]attempt {entry['attempt']}[/yellow]" if entry["attempt"] > 1 else ""
+        targets = ", ".join(entry["next"])
+        about = logs.about(self.instance or "?", self.machine, entry["state"], entry["attempt"], entry["worker"])
+        info.print(f"[dim]{entry['seq']:>4}[/dim]  [bold]{entry['state']}[/bold]{outcome} -> {targets}{branch}"
+                   f"{attempt}", fields=about)
+        for failed in entry.get("failures", ()):  # the attempts of this visit that failed before it
+            info.print(f"[dim]      attempt {failed['attempt']} failed:[/dim] "
+                       + escape(f"{failed['error']['type']}: {failed['error']['message']}"),
+                       fields=logs.about(about["instance"], self.machine, entry["state"], failed["attempt"],
+                                         failed["worker"]))
 
-    def update(self, inst: records.Instance) -> None:
+    def update(self, transitions: int, active: list[str]) -> None:
         if self.live is not None:
             took = time.monotonic() - self.started
-            self.live.update(f"{inst.transitions} transitions, {took:.1f}s; active: {', '.join(inst.active) or '-'}")
+            self.live.update(f"{transitions} transitions, {took:.1f}s; active: {', '.join(active) or '-'}")
 
-    def finished(self, inst: records.Instance) -> None:
+    def finished(self, record: dict[str, Any]) -> None:
         self.stop()
         took = time.monotonic() - self.started
-        where = f" at {inst.state}" if inst.state else ""
-        e = inst.error
-        error = f"{e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}" if e else ""
-        about = logs.about(inst.id, inst.machine, inst.state or (e.state if e else None))
+        state, status, iid = record["state"], record["status"], record["id"]
+        where = f" at {state}" if state else ""
+        e = record["error"]
+        error = f"{e['type']} in state {e['state']} after {e['attempts']} attempt(s): {e['message']}" if e else ""
+        about = logs.about(iid, record["machine"], state or (e["state"] if e else None))
         if info.quiet:
-            if inst.status != records.SUCCEEDED:
-                err.print(f"instance {inst.id} {inst.status}{where}" + (f": {error}" if error else ""), markup=False,
+            if status != records.SUCCEEDED:
+                err.print(f"instance {iid} {status}{where}" + (f": {error}" if error else ""), markup=False,
                           fields=about)
             return
-        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(inst.status, "white")
-        info.print(f"[{colour}]instance {inst.id} {inst.status}{where}[/{colour}] "
-                   f"({inst.transitions} transitions, {took:.2f}s)", fields=about)
+        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(status, "white")
+        info.print(f"[{colour}]instance {iid} {status}{where}[/{colour}] "
+                   f"({record['transitions']} transitions, {took:.2f}s)", fields=about)
         if error:
             info.print("[red]error[/red]: " + escape(error), fields=about, level="ERROR")
-        info.print("payload: " + json.dumps(inst.payload, ensure_ascii=False), markup=False, fields=about)
+        info.print("payload: " + json.dumps(record["payload"], ensure_ascii=False), markup=False, fields=about)
 
     def stop(self) -> None:
         if self.live is not None:
@@ -421,8 +422,8 @@ def _counting(what: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda done: bar.advance(task, done)
 
 
-def _exit_for(inst: records.Instance) -> ExitCode:
-    return ExitCode.OK if inst.status == records.SUCCEEDED else ExitCode.INSTANCE_FAILED
+def _exit_for(record: dict[str, Any]) -> ExitCode:
+    return ExitCode.OK if record["status"] == records.SUCCEEDED else ExitCode.INSTANCE_FAILED
 
 
 def _run_async(coro_factory: Any) -> Any:
@@ -518,13 +519,14 @@ class EtcdArgs:
         finally:
             await store.close()
 
-    def call(self, call: Callable[[Client], Any]) -> Any:
-        """Connect, run `call(client)`, disconnect; an unknown instance id is invalid input (exit 2)."""
-        from dsm.client import Client
+    def call(self, call: Callable[[AsyncClient], Any]) -> Any:
+        """Connect, run `call(client)` (dsm's client over etcd), disconnect; an unknown instance id
+        is invalid input (exit 2)."""
+        from dsm.client import AsyncClient
 
         async def go() -> Any:
             async with self.open() as store:
-                return await call(Client(store, self.options().keys))
+                return await call(AsyncClient.over(store, self.options().keys))
 
         try:
             return _run_async(go)
@@ -739,24 +741,25 @@ def run(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFileO
         raise
     finally:
         progress.stop()
-    inst, history, timed_out = result
+    record, timed_out = result
     if as_json:
-        _print_json(records.public_record(inst, history))
+        _print_json(record)
     if timed_out:
-        active = ", ".join(inst.active) or "-"
+        active, iid = ", ".join(record["active"]) or "-", record["id"]
         if etcd.given:
-            raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {inst.id} is still running in "
-                                         f"namespace {etcd.namespace!r} (active: {active}): 'dsm status {inst.id}' "
+            raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {iid} is still running in "
+                                         f"namespace {etcd.namespace!r} (active: {active}): 'dsm status {iid}' "
                                          "shows how it goes on")
-        raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {inst.id} was stopped unfinished "
+        raise Fail(ExitCode.TIMEOUT, f"--timeout {timeout} passed; instance {iid} was stopped unfinished "
                                      f"(active: {active}) when this process ended: embedded instances live only "
                                      "as long as 'dsm run' (with --etcd they outlive it)")
-    progress.finished(inst)
-    raise typer.Exit(_exit_for(inst))
+    progress.finished(record)
+    raise typer.Exit(_exit_for(record))
 
 
 async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | None,
-                        progress: _Progress, instance_id: str | None = None) -> tuple:
+                        progress: _Progress, instance_id: str | None = None) -> tuple[dict[str, Any], bool]:
+    """(the record, whether --timeout passed first) of one instance run in this process."""
     from dsm import embedded
     from dsm.engine import Engine
 
@@ -769,7 +772,7 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
 
     def update(inst: records.Instance) -> None:  # of the instance and of its children
         if inst.parent is None:
-            progress.update(inst)
+            progress.update(inst.transitions, inst.active)
         for wait in records.waiting(inst):
             if wait["kind"] == "signal" and wait["signal"] not in hinted:  # nobody can send it here
                 hinted.add(wait["signal"])
@@ -779,26 +782,30 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
                           fields=logs.about(inst.id, inst.machine, wait["state"]))
 
     try:
-        result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit, on_history=progress.history,
+        result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit,
+                                          on_history=lambda entry: progress.history(entry.as_dict()),
                                           on_update=update,
                                           on_start=lambda iid: progress.note(iid, f"instance {iid} started"),
                                           instance_id=instance_id)
-        return result.instance, result.history, False
+        return result.record, False
     except asyncio.TimeoutError as exc:
-        partial = exc.args[0]
-        return partial.instance, partial.history, True
+        return exc.args[0].record, True
 
 
 async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, limit: float | None,
-                    progress: _Progress, given_id: str | None = None, started: list[str] | None = None) -> tuple:
-    from dsm.client import Client
+                    progress: _Progress, given_id: str | None = None,
+                    started: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+    """(the record, whether --timeout passed first) of one instance started on etcd and waited for,
+    run by `workers` local workers (0: by workers elsewhere)."""
+    from dsm.client import AsyncClient
     from dsm.definitions import Registry
+    from dsm.errors import Timeout
     from dsm.worker import running
 
     options = etcd.options()
     async with etcd.open() as store:
-        client = Client(store, options.keys)
-        instance_id, created = await client.start(graph_, body, instance_id=given_id)
+        client = AsyncClient.over(store, options.keys)
+        instance_id, created = await client.operations.start(graph_, body, instance_id=given_id)
         if started is not None:
             started.append(instance_id)
         if created:
@@ -807,15 +814,15 @@ async def _run_etcd(graph_: Graph, body: dict, etcd: EtcdArgs, workers: int, lim
             progress.note(instance_id, f"instance {instance_id} exists in namespace {options.namespace!r} with this "
                           "definition and payload: waiting for it")
 
-        async def wait() -> tuple:
+        async def wait() -> tuple[dict[str, Any], bool]:
             try:
-                inst = await client.wait(instance_id, timeout=limit, on_history=progress.history,
-                                         on_update=progress.update)
-                return inst, await client.history(instance_id), False
-            except asyncio.TimeoutError:
-                return await client.instance(instance_id), await client.history(instance_id), True
+                return await client.wait(instance_id, timeout=limit, on_history=progress.history,
+                                         on_update=lambda now: progress.update(now["transitions"], now["active"])), \
+                    False
+            except Timeout:
+                return await client.get(instance_id), True
 
-        if workers <= 0 or (not created and (await client.instance(instance_id)).finished):
+        if workers <= 0 or (not created and (await client.operations.instance(instance_id)).finished):
             return await wait()  # (an instance that exists and has finished needs no workers)
         from dsm.worker import default_worker_id
 
@@ -891,14 +898,14 @@ def submit(path: Definition, payload: PayloadOpt = None, payload_file: PayloadFi
     bodies = [body for _, body in starts]
     ids = [given for given, _ in starts] if any(given is not None for given, _ in starts) else None
 
-    async def submit_all(client: Client) -> None:
-        from dsm.client import SUBMIT_BATCH
+    async def submit_all(client: AsyncClient) -> None:
+        from dsm.operations import SUBMIT_BATCH
 
         step = 16 * SUBMIT_BATCH  # ids are printed, and progress shown, as each slice is stored
         with _counting("submitting", len(bodies) if len(bodies) > 1 else 0) as advance:
             for start in range(0, len(bodies), step):
-                for iid in await client.submit_many(graph_, bodies[start:start + step],
-                                                    ids=ids[start:start + step] if ids else None):
+                for iid in await client.start_many(graph_, bodies[start:start + step],
+                                                   ids[start:start + step] if ids else None):
                     _emit(iid + "\n")
                 advance(min(step, len(bodies) - start))
 
@@ -1048,13 +1055,14 @@ def status(instance_id: InstanceId,
     if follow:
         _follow(instance_id, as_json, etcd)
 
-    async def look(client: Client) -> tuple[dict, list, list, list, list[str]]:
-        inst = await client.instance(instance_id)
-        record = records.public_record(inst, await client.history(instance_id))
-        alarms = await client.alarms()
+    async def look(client: AsyncClient) -> tuple[dict, list, list, list, list[str]]:
+        ops = client.operations  # what an operator sees besides the record: workers, alarms, earlier failures
+        inst = await ops.instance(instance_id)
+        record = records.public_record(inst, await ops.history(instance_id))
+        alarms = await ops.alarms()
         if record["status"] != records.RUNNING:
             return record, [], [], earlier_failures(inst), alarms
-        return (record, *await client.serving(record["digest"]), [], alarms)
+        return (record, *await ops.serving(record["digest"]), [], alarms)
 
     from dsm.describe import describe, earlier_failures, serving_line
 
@@ -1082,8 +1090,8 @@ def workers_command(as_json: Annotated[bool, typer.Option("--json", metavar="",
                     etcd: EtcdArgs = EtcdArgs()) -> None:
     """List live workers: id, host, pid, definitions served, concurrency, ticks in flight."""
 
-    async def look(client: Client) -> tuple[list, list[str]]:
-        return await client.workers(), await client.alarms()
+    async def look(client: AsyncClient) -> tuple[list, list[str]]:
+        return await client.operations.workers(), await client.operations.alarms()
 
     found, alarms = etcd.call(look)
     if "NOSPACE" in alarms:  # each worker waits; none can rewrite its entry to say so, etcd refuses writes
@@ -1118,29 +1126,30 @@ def _follow(instance_id: str, as_json: bool, etcd: EtcdArgs) -> None:
         except BrokenPipeError:
             _drop(sys.stdout)
 
-    def on_history(entry: records.HistoryEntry) -> None:
+    def on_history(entry: dict[str, Any]) -> None:
         if as_json:
-            out(json.dumps(entry.as_dict(), ensure_ascii=False) + "\n")
+            out(json.dumps(entry, ensure_ascii=False) + "\n")
         else:
-            out("".join(line + "\n" for line in history_lines(entry.as_dict())))
+            out("".join(line + "\n" for line in history_lines(entry)))
 
-    def on_update(inst: records.Instance) -> None:
+    def on_update(record: dict[str, Any]) -> None:
         if as_json:
             return
-        for wait in records.waiting(inst):
+        for wait in record["waiting"]:
             line = waiting_line(wait)
             if line not in shown:
                 shown.add(line)
                 out(f"       waiting: {line}\n")
 
-    inst = etcd.call(lambda client: client.wait(instance_id, on_history=on_history, on_update=on_update))
-    where = f" at {inst.state}" if inst.state else ""
-    e = inst.error
-    error = f": {e.type} in state {e.state} after {e.attempts} attempt(s): {e.message}" if e else ""
-    (info if inst.status == records.SUCCEEDED else err).print(
-        f"instance {inst.id} {inst.status}{where} ({inst.transitions} transitions){error}", markup=False,
-        fields=logs.about(inst.id, inst.machine, inst.state or (e.state if e else None)))
-    raise typer.Exit(_exit_for(inst))
+    record = etcd.call(lambda client: client.wait(instance_id, on_history=on_history, on_update=on_update))
+    state, status = record["state"], record["status"]
+    where = f" at {state}" if state else ""
+    e = record["error"]
+    error = f": {e['type']} in state {e['state']} after {e['attempts']} attempt(s): {e['message']}" if e else ""
+    (info if status == records.SUCCEEDED else err).print(
+        f"instance {record['id']} {status}{where} ({record['transitions']} transitions){error}", markup=False,
+        fields=logs.about(record["id"], record["machine"], state or (e["state"] if e else None)))
+    raise typer.Exit(_exit_for(record))
 
 
 @_command("list", etcd=True)
@@ -1173,24 +1182,25 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
     rows = [["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]]
     shown = 0
 
-    def show(inst: records.Instance) -> None:
+    def show(summary: dict[str, Any]) -> None:
         nonlocal shown
         if as_json:  # streamed: the same text json.dumps(list, indent=2) gives, an item at a time
-            item = json.dumps(index.summary(inst), indent=2, ensure_ascii=False).replace("\n", "\n  ")
+            item = json.dumps(summary, indent=2, ensure_ascii=False).replace("\n", "\n  ")
             _emit(("[\n  " if not shown else ",\n  ") + item)
         else:
-            rows.append([inst.id, inst.machine, inst.status, inst.state or ",".join(inst.active) or "-",
-                         str(inst.transitions), records.timestamp(inst.created_at) or "-"])
+            rows.append([summary["id"], summary["machine"], summary["status"],
+                         summary["state"] or ",".join(summary["active"]) or "-", str(summary["transitions"]),
+                         summary["created_at"] or "-"])
         shown += 1
 
-    async def listing(client: Client) -> str | None:
+    async def listing(client: AsyncClient) -> str | None:
         cursor = after
         while True:
             want = index.PAGE if limit is None else min(index.PAGE, limit - shown)
             page = await client.page(status=status_, machine=machine, since=start, after=cursor, limit=want)
-            for inst in page.items:
-                show(inst)
-            cursor = page.next
+            for summary in page["items"]:
+                show(summary)
+            cursor = page["next"]
             if cursor is None or (limit is not None and shown >= limit):
                 return cursor
 
@@ -1222,12 +1232,13 @@ def cancel(instance_id: InstanceId,
                                                       help="Why, kept in the record with who and when.")] = None,
            etcd: EtcdArgs = EtcdArgs()) -> None:
     """Cancel a running instance; the record keeps who (user@host), when and why."""
-    inst = etcd.call(lambda client: client.cancel(instance_id, reason=reason))
-    if inst.status == records.CANCELLED:
-        info.print(f"instance {inst.id} cancelled", markup=False, fields=logs.about(inst.id, inst.machine))
+    record = etcd.call(lambda client: client.cancel(instance_id, reason=reason))
+    about = logs.about(record["id"], record["machine"])
+    if record["status"] == records.CANCELLED:
+        info.print(f"instance {record['id']} cancelled", markup=False, fields=about)
     else:
-        info.print(f"instance {inst.id} already {inst.status}; nothing to cancel", markup=False,
-                   fields=logs.about(inst.id, inst.machine))
+        info.print(f"instance {record['id']} already {record['status']}; nothing to cancel", markup=False,
+                   fields=about)
 
 
 SignalName = Annotated[str, typer.Argument(metavar="NAME", show_default=False,
@@ -1253,7 +1264,7 @@ def send_signal(instance_id: InstanceId, name: SignalName, payload: SignalPayloa
         body = payloads.parse(payload, what="--payload") if payload is not None else {}
     except payloads.PayloadError as exc:
         raise Fail(ExitCode.INVALID, str(exc)) from None
-    etcd.call(lambda client: client.signal(instance_id, name, body, outcome=outcome))
+    etcd.call(lambda client: client.signal(instance_id, name, body, outcome))
 
 
 @_command(etcd=True)
@@ -1263,18 +1274,20 @@ def redrive(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
     Each continues with the payload it had, its attempts counted afresh; finished fork branches
     keep their results. An instance that succeeded or ended in a failure terminal state is refused.
     """
-    inst = etcd.call(lambda client: client.redrive(instance_id))
-    info.print(f"instance {inst.id} redriven (redrive {inst.redrives}): continues at {', '.join(inst.active)}; "
-               f"'dsm status {inst.id} --follow' follows it", markup=False,
-               fields=logs.about(inst.id, inst.machine, ",".join(inst.active)))
+    record = etcd.call(lambda client: client.redrive(instance_id))
+    iid, active = record["id"], record["active"]
+    info.print(f"instance {iid} redriven (redrive {record['redrives']}): continues at {', '.join(active)}; "
+               f"'dsm status {iid} --follow' follows it", markup=False,
+               fields=logs.about(iid, record["machine"], ",".join(active)))
 
 
 @_command(etcd=True)
 def delete(instance_id: InstanceId, etcd: EtcdArgs = EtcdArgs()) -> None:
     """Delete a finished instance now: its record, history and index entries (retention does this
     by itself once the machine's retention has passed). A running instance is refused."""
-    inst = etcd.call(lambda client: client.delete(instance_id))
-    info.print(f"instance {inst.id} ({inst.status}) deleted", markup=False, fields=logs.about(inst.id, inst.machine))
+    summary = etcd.call(lambda client: client.delete(instance_id))
+    info.print(f"instance {summary['id']} ({summary['status']}) deleted", markup=False,
+               fields=logs.about(summary["id"], summary["machine"]))
 
 
 @_command("api", etcd=True)

@@ -1,424 +1,605 @@
-"""The client side: register definitions, start instances, read, list, cancel and wait for them."""
+"""The client: how an application starts, reads, signals, cancels and waits for instances.
+
+    import dsm
+
+    with dsm.Client(etcd="http://127.0.0.1:2379") as c:          # or dsm.Client(api=URL, token=...)
+        c.start("definitions/order.yaml", payload={"total": 120}, id="order-42")
+        record = c.wait("order-42", timeout=60)
+
+`AsyncClient` has the calls as coroutines. `Client` has them as plain calls: it runs an
+AsyncClient on an event loop in a thread of its own, so it works from any thread, also one whose
+own event loop is running (a notebook, a sync view inside an async server).
+
+One client, two transports with one behaviour (`transport.py`): etcd directly, or a `dsm api`
+server over HTTP (`apiclient.py`), for applications that must not hold etcd credentials. Every
+input is checked here, before either transport sees it, with the checks the store operations
+make, so a refused id, payload, name or filter raises the same `InputError` with the same message
+whichever the transport. `Client.embedded(PATH...)` runs the same client over an in-process store
+with a worker of this process, for an application's own tests.
+
+Records are the JSON of the instance record (`records.public_record`, what `dsm status --json`
+prints) as plain dicts. Errors are dsm's: `NotFound` (unknown id or machine), `InputError` (a
+refused id, payload, signal or action; `InstanceExists` for an id taken by another start,
+`InvalidSignal` for a signal the instance's machine does not take),
+`StoreUnavailable` (etcd or the API unreachable), `AccessDenied` (etcd's user or the API's token
+refused), `Timeout` (`wait`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import getpass
-import logging
+import functools
 import os
-import socket
+import re
+import threading
 import time
-from collections.abc import Callable, Collection, Iterable
-from typing import Any
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
 
-from . import index, logs, payloads, transition
-from .definitions import Registry, register
-from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
+from . import compiler, index, loader, payloads
+from .errors import DsmError, InputError, StoreUnavailable, Timeout
 from .graph import Graph
-from .idempotency import keep_input, same_start
-from .keys import Keys, check_instance_id, check_signal_name
-from .markers import MAX_TXN_OPS, reconcile, sync_marker, work_info
-from .records import (
-    STATUSES,
-    HistoryEntry,
-    Instance,
-    dump_instance,
-    load_history,
-    load_instance,
-    new_id,
-    public_record,
-)
-from .store import Compare, Delete, Get, KeyValue, Put, Store, Txn, prefix_end
-from .worker.planner import wake_parent_ops
-from .workers import WorkerInfo, serving
-from .workers import live as live_workers
+from .keys import MACHINE_NAME, Keys, check_instance_id, check_machine_name, check_signal_name
+from .operations import Operations, check_ids
+from .records import MAX_REASON, STATUSES
+from .store import Store
+from .transport import OnHistory, OnUpdate, Record, StoreTransport, Transport
 
-log = logging.getLogger(__name__)
-
-SUBMIT_BATCH = 64
-# etcd refuses requests over 1.5 MiB by default (--max-request-bytes); a batch of instances stops
-# growing before this many bytes, leaving room for the request's own framing.
-SUBMIT_BYTES = 1024 * 1024
+Definition = str | os.PathLike[str] | Graph
+Since = str | float | int | datetime | None
+T = TypeVar("T")
+_OPTION = re.compile(r"--(etcd|namespace|cacert|cert|key|user)\b")
 
 
-def _request_bytes(txn: Txn) -> int:
-    """About what a transaction weighs in an etcd request: keys, values and some framing per op."""
-    size = 64 + sum(len(c.key) + 16 for c in txn.compare)
-    for op in txn.success:
-        if isinstance(op, Put):
-            size += len(op.key.encode()) + len(op.value) + 16
-    return size
+# -- checks: the same for every transport ----------------------------------------------------------
+
+def _payload(payload: Any) -> dict[str, Any]:
+    try:
+        return payloads.check({} if payload is None else payload)[0]
+    except payloads.PayloadError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _since(since: Since, now: float) -> float | None:
+    """Epoch seconds from a time (an aware datetime; a naive one is UTC), epoch seconds, or text
+    as `dsm list --since` takes it (ISO 8601, or a duration back from now such as 30m)."""
+    if since is None:
+        return None
+    if isinstance(since, datetime):
+        return (since if since.tzinfo is not None else since.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(since, (int, float)) and not isinstance(since, bool):
+        try:
+            datetime.fromtimestamp(since, timezone.utc)  # a time every transport can say
+        except (OverflowError, ValueError, OSError):
+            raise InputError(f"since: {since!r} is not a time (epoch seconds)") from None
+        return float(since)
+    if isinstance(since, str):
+        try:
+            return index.parse_since(since, now)
+        except InputError as exc:
+            raise InputError(str(exc).replace("--since", "since")) from None
+    raise InputError(f"since: a datetime, epoch seconds or text like 30m, not {since!r}")
+
+
+def _where(where: dict[str, Any] | None) -> dict[str, Any] | None:
+    if where is None:
+        return None
+    if not isinstance(where, dict):
+        raise InputError(f"where: a dict of search attributes (name -> value), not {where!r}")
+    for name, value in where.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"where: an attribute's name is a non-empty string, not {name!r}")
+        if not isinstance(value, (str, int, float, bool)):
+            raise InputError(f"where: {name}: a value is a string, a number or a boolean, not {value!r}")
+    return dict(where) or None
+
+
+def _limit(limit: Any, *, most: int | None) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1 or (most is not None and limit > most):
+        upto = f"from 1 to {most}" if most is not None else "of at least 1"
+        raise InputError(f"limit must be a whole number {upto}, got {limit!r}")
+    return limit
+
+
+def _seconds(timeout: float | timedelta | None) -> float | None:
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise InputError(f"timeout: seconds (a number of at least 0) or a timedelta, not {timeout!r}")
+    return float(timeout)
+
+
+def _reason(reason: Any) -> str | None:
+    if reason is not None and not isinstance(reason, str):
+        raise InputError(f"reason must be a string, got {payloads.json_kind(reason)}")
+    if reason is not None and len(reason) > MAX_REASON:
+        raise InputError(f"reason is {len(reason)} characters; at most {MAX_REASON} are kept")
+    return reason
+
+
+def _outcome(outcome: Any) -> str | None:
+    if outcome is not None and (not isinstance(outcome, str) or not outcome):
+        raise InputError(f"signal outcome must be a non-empty label, got {outcome!r}")
+    return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """A listing's filters, checked, and how many instances it gives at most (None: all)."""
+
+    status: str | None
+    machine: str | None
+    since: float | None
+    where: dict[str, Any] | None
+    total: int | None = None
+
+    @staticmethod
+    def of(status: str | None, machine: str | None, since: Since, where: dict[str, Any] | None,
+           total: int | None = None) -> _Listing:
+        if status is not None and status not in STATUSES:
+            raise InputError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+        if machine is not None:
+            check_machine_name(machine)
+        return _Listing(status, machine, _since(since, time.time()), _where(where),
+                        None if total is None else _limit(total, most=None))
+
+    def want(self, given: int) -> int:
+        """How many instances to ask for next, `given` having been given."""
+        return index.PAGE if self.total is None else min(index.PAGE, self.total - given)
+
+    def done(self, given: int, cursor: str | None) -> bool:
+        return cursor is None or (self.total is not None and given >= self.total)
+
+
+def _definition_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            files.append(path)
+            continue
+        machines, _ = loader.definitions_in(path)
+        if not machines:
+            raise InputError(f"{path}: no machine definitions in this folder")
+        files.extend(machines)
+    return files
+
+
+# -- the async client ------------------------------------------------------------------------------
+
+class AsyncClient:
+    """dsm's client, its calls as coroutines (see the module docstring; `Client` for plain calls).
+
+    `AsyncClient(etcd=URLS, namespace="dsm", cacert=, cert=, key=, user=, password=, timeout=)`
+    talks to etcd (URLS: one comma-separated string or a list; `password` defaults to
+    DSM_ETCD_PASSWORD; `timeout`: seconds per etcd request). `AsyncClient(api=URL, token=,
+    timeout=)` talks to a `dsm api` server (`timeout`: seconds per HTTP request). It connects on
+    first use (or on `async with`) and belongs to the event loop it first ran on."""
+
+    def __init__(self, etcd: str | Sequence[str] | None = None, namespace: str | None = None, *,
+                 cacert: str | os.PathLike[str] | None = None, cert: str | os.PathLike[str] | None = None,
+                 key: str | os.PathLike[str] | None = None, user: str | None = None, password: str | None = None,
+                 api: str | None = None, token: str | None = None, timeout: float | None = None):
+        if (etcd is None) == (api is None):
+            raise InputError("give dsm's client etcd=URLS (etcd's endpoints) or api=URL (a dsm api server), "
+                             "one of them")
+        if api is not None:
+            etcd_only = {"namespace": namespace, "cacert": cacert, "cert": cert, "key": key, "user": user,
+                         "password": password}
+            given = [name for name, value in etcd_only.items() if value is not None]
+            if given:
+                raise InputError(f"{', '.join(given)}: etcd's options; a client of a dsm api server serves the "
+                                 "server's namespace with the server's credentials")
+            from .apiclient import MISSING, available
+
+            if not available():
+                raise ImportError(MISSING)
+            self._setup(functools.partial(_open_api, _api_url(api), token, timeout), where=f"api={api!r}")
+            return
+        from .store.etcd import EtcdOptions
+
+        assert etcd is not None
+        try:
+            options = EtcdOptions.build(
+                etcd, namespace=namespace if namespace is not None else "dsm",
+                cacert=Path(cacert) if cacert is not None else None, cert=Path(cert) if cert is not None else None,
+                key=Path(key) if key is not None else None, user=user,
+                password=password if password is not None else (os.environ.get("DSM_ETCD_PASSWORD") if user else None),
+                **({"timeout": float(timeout)} if timeout is not None else {}))
+        except InputError as exc:  # said as the command line's options: say it as this call's arguments
+            raise InputError(_OPTION.sub(r"\1", str(exc))) from None
+        self._setup(functools.partial(_open_etcd, options),
+                    where=f"etcd={options.display!r}, namespace={options.namespace!r}")
+
+    def _setup(self, open_: Callable[[], Awaitable[Transport]], *, where: str, imports: bool = False) -> None:
+        self._open = open_
+        self._where = where
+        self._imports = imports  # whether definitions given by file are compiled with their handlers
+        self._transport: Transport | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+        self._compiled: dict[tuple[str, int, int], Graph] = {}
+
+    @classmethod
+    def embedded(cls, *paths: str | os.PathLike[str], workers: int = 4) -> AsyncClient:
+        """A client over an in-process store, with a worker of this process running the instances
+        (`workers` ticks at once): for an application's own tests. PATHs are definition files or
+        folders of them (compiled now, with their handlers); `start` also takes other files, and
+        machines by name. Nothing outlives the client."""
+        graphs = [compiler.load(path) for path in _definition_files(paths)]
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InputError(f"workers: a whole number of at least 1, not {workers!r}")
+        client = cls.__new__(cls)
+        client._setup(functools.partial(_open_embedded, graphs, workers), where="embedded", imports=True)
+        return client
+
+    @classmethod
+    def over(cls, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time) -> AsyncClient:
+        """A client over a store the caller has opened, and closes (dsm's command line, tests)."""
+        transport = StoreTransport(Operations(store, keys, wall=wall))
+        client = cls.__new__(cls)
+        client._setup(functools.partial(_ready, transport), where=f"namespace={transport.namespace!r}")
+        client._transport = transport
+        return client
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where})"
+
+    @property
+    def operations(self) -> Operations:
+        """The store-level operations under a client over etcd or an in-process store, for dsm's
+        own command line (operator views such as `dsm status`); not over the api transport."""
+        if not isinstance(self._transport, StoreTransport):
+            raise InputError(f"{self!r} has no store-level operations: it is not connected to a store")
+        return self._transport.operations
+
+    async def _connected(self) -> Transport:
+        if self._transport is None:
+            if self._closed:
+                raise DsmError(f"{self!r} is closed")
+            if self._connecting is None:
+                self._connecting = asyncio.Lock()
+            async with self._connecting:
+                if self._transport is None:
+                    self._transport = await self._open()
+        self._transport.check()
+        return self._transport
+
+    async def _target(self, definition: Definition) -> tuple[str, Graph | None]:
+        """(the machine, its definition compiled here when given by file; None: by name)."""
+        if isinstance(definition, Graph):
+            return definition.machine, definition
+        if isinstance(definition, str) and MACHINE_NAME.fullmatch(definition):
+            return definition, None
+        if not isinstance(definition, (str, os.PathLike)):
+            raise InputError(f"definition: a YAML file's path or a machine's name, not {definition!r}")
+        path = Path(definition)
+        if self._imports:  # handler modules are imported on the loop's thread, as the worker's are
+            graph = self._compile(path)
+        else:
+            graph = await asyncio.to_thread(self._compile, path)
+        return graph.machine, graph
+
+    def _compile(self, path: Path) -> Graph:
+        """A definition file compiled, once per version of the file (its size and modification time)."""
+        try:
+            stat = path.stat()
+            key: tuple[str, int, int] | None = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = None  # the compiler says what is wrong with it
+        graph = self._compiled.get(key) if key is not None else None
+        if graph is None:
+            graph = compiler.load(path, import_handlers=self._imports)
+            if key is not None:
+                self._compiled[key] = graph
+        return graph
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def start(self, definition: Definition, payload: dict[str, Any] | None = None,
+                    id: str | None = None) -> Record:
+        """Start an instance; return its record. `definition`: a YAML file (registered, then
+        started; any string that is not a machine's name is a path), or a machine's name (its
+        newest registered definition). Starting an id that exists with the same definition and
+        payload returns that instance and creates nothing (safe to retry); with another definition
+        or payload it is refused (InstanceExists)."""
+        checked = _payload(payload)
+        if id is not None:
+            check_instance_id(id)
+        machine, graph = await self._target(definition)
+        record, _ = await (await self._connected()).start(machine, checked, id, graph=graph)
+        return record
+
+    async def start_many(self, definition: Definition, payloads: Sequence[dict[str, Any]],
+                         ids: Sequence[str | None] | None = None) -> builtins.list[str]:
+        """Start one instance per payload (in batches, over etcd); return their ids, in order.
+        `ids` names each (None: generated); an id that exists is handled as `start` does."""
+        checked = [_payload(p) for p in payloads]
+        if ids is not None:
+            check_ids(ids, len(checked))
+        machine, graph = await self._target(definition)
+        return await (await self._connected()).start_many(machine, checked, ids, graph=graph)
+
+    async def get(self, id: str) -> Record:
+        """The instance's whole record, its history included (NotFound for an unknown id)."""
+        check_instance_id(id)
+        return await (await self._connected()).get(id)
+
+    async def wait(self, id: str, timeout: float | timedelta | None = None, *,
+                   on_history: OnHistory | None = None, on_update: OnUpdate | None = None) -> Record:
+        """The whole record once the instance has finished (succeeded, failed or cancelled);
+        `Timeout` when `timeout` seconds pass first (None: wait as long as it takes). Each
+        committed transition goes to `on_history` (a history entry) as it commits, in order, then
+        each new version of the record (without history) to `on_update`. Rides out a store or API
+        that is briefly unreachable."""
+        check_instance_id(id)
+        seconds = _seconds(timeout)
+        transport = await self._connected()
+        try:
+            return await asyncio.wait_for(transport.wait(id, on_history=on_history, on_update=on_update), seconds)
+        except asyncio.TimeoutError:
+            raise Timeout(f"instance {id!r} did not finish within {seconds:g}s") from None
+
+    async def signal(self, id: str, name: str, payload: dict[str, Any] | None = None,
+                     outcome: str | None = None) -> Record:
+        """Send a signal: stored in the record at once (durable), consumed in the order sent by
+        the state that waits for it; `payload` is merged into the instance's payload, `outcome`
+        routes a signal state with `on`. Returns the record (without history). A finished or
+        unknown instance is refused (InputError, NotFound) and nothing is written."""
+        check_instance_id(id)
+        check_signal_name(name)
+        checked = _payload(payload)
+        return await (await self._connected()).signal(id, name, checked, _outcome(outcome))
+
+    async def cancel(self, id: str, reason: str | None = None) -> Record:
+        """Cancel a running instance; the record (returned, without history) keeps who, when and
+        why. An instance that has finished is returned as it is: look at its `status`."""
+        check_instance_id(id)
+        return await (await self._connected()).cancel(id, _reason(reason))
+
+    async def redrive(self, id: str) -> Record:
+        """Continue a failed or cancelled instance from the states that did not finish; returns
+        the record (without history). One that succeeded, or ended in a failure terminal state, is
+        refused (InputError)."""
+        check_instance_id(id)
+        return await (await self._connected()).redrive(id)
+
+    async def delete(self, id: str) -> Record:
+        """Delete a finished instance now (record, history and index entries); returns its
+        summary. A running instance is refused (InputError): cancel it first."""
+        check_instance_id(id)
+        return await (await self._connected()).delete(id)
+
+    async def page(self, status: str | None = None, machine: str | None = None, since: Since = None,
+                   where: dict[str, Any] | None = None, after: str | None = None,
+                   limit: int = index.PAGE) -> Record:
+        """One page of the listing, for a paged view: `{"items": [summaries, newest first],
+        "next": cursor or None}`; give `next` as `after` for the page that follows."""
+        listing = _Listing.of(status, machine, since, where)
+        return await self._page(listing, after, _limit(limit, most=index.MAX_PAGE))
+
+    async def _page(self, listing: _Listing, after: str | None, limit: int) -> Record:
+        if after is not None:
+            if not isinstance(after, str):
+                raise InputError(f"after: a cursor (the `next` of a page), not {after!r}")
+            index.check_cursor(after)
+        return await (await self._connected()).page(status=listing.status, machine=listing.machine,
+                                                     since=listing.since, where=listing.where, after=after,
+                                                     limit=limit)
+
+    def list(self, status: str | None = None, machine: str | None = None, since: Since = None,
+             where: dict[str, Any] | None = None, limit: int | None = None) -> AsyncIterator[Record]:
+        """The summaries of the instances that match (records without history and payload),
+        newest first, read page by page as the iteration goes: `async for s in client.list(...)`.
+        `since`: a datetime, epoch seconds, or text (`2026-11-28T13:00:00Z`, `30m`); `where`:
+        search attributes that must all equal their values; `limit`: at most this many."""
+        return self._listing(_Listing.of(status, machine, since, where, limit))
+
+    async def _listing(self, listing: _Listing) -> AsyncIterator[Record]:
+        given, cursor = 0, None
+        while True:
+            page = await self._page(listing, cursor, listing.want(given))
+            for item in page["items"]:
+                yield item
+                given += 1
+            cursor = page["next"]
+            if listing.done(given, cursor):
+                return
+
+    async def close(self) -> None:
+        """Close the connection (and stop an embedded client's worker); the client is done."""
+        self._closed = True
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        await self._connected()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+async def _ready(transport: Transport) -> Transport:
+    return transport
+
+
+async def _open_etcd(options: Any) -> Transport:
+    from .store.etcd import EtcdStore
+
+    try:
+        store = await EtcdStore.connect(options)
+    except StoreUnavailable as exc:
+        raise StoreUnavailable(f"etcd unreachable at {options.display}: {exc}") from None
+    return StoreTransport(Operations(store, options.keys), owned=True)
+
+
+async def _open_api(url: str, token: str | None, timeout: float | None) -> Transport:
+    from .apiclient import ApiTransport
+
+    return ApiTransport(url, token=token, timeout=timeout)
+
+
+async def _open_embedded(graphs: builtins.list[Graph], workers: int) -> Transport:
+    from .transport import EmbeddedTransport
+
+    return await EmbeddedTransport.open(graphs, workers=workers)
+
+
+def _api_url(url: Any) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InputError(f"api: {url!r} is not a dsm api server's URL like http://127.0.0.1:8080")
+    return url
+
+
+# -- the sync client -------------------------------------------------------------------------------
+
+class _LoopThread:
+    """An event loop running in a daemon thread of its own, and calls into it from any thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="dsm-client", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError("a dsm.Client is called from its own event loop (in a wait callback?): the call "
+                               "would wait for itself; call it from another thread, or use dsm.AsyncClient")
+        if self.loop.is_closed():
+            coro.close()
+            raise DsmError("this dsm.Client is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:  # KeyboardInterrupt and the like: the call stops too
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(30)
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 class Client:
-    def __init__(self, store: Store, keys: Keys | None = None, *, wall: Callable[[], float] = time.time,
-                 definitions: Registry | None = None):
-        """`definitions`: where the definitions instances pinned are read from, compiled without
-        importing their handlers (None: a registry of this client's own, made when first needed)."""
-        self.store = store
-        self.keys = keys or Keys()
-        self.wall = wall
-        self._definitions = definitions
-        self._marked = False  # whether this client looked at the namespace's `meta/indexed` mark
+    """dsm's client, its calls as plain (blocking) calls; the same signatures as `AsyncClient`.
 
-    @property
-    def definitions(self) -> Registry:
-        if self._definitions is None:
-            self._definitions = Registry(self.store, self.keys, import_handlers=False)
-        return self._definitions
+    `Client(etcd=URLS, namespace="dsm", cacert=, cert=, key=, user=, password=, timeout=)` or
+    `Client(api=URL, token=, timeout=)`; `Client.embedded(PATH..., workers=4)` for tests. Runs
+    an AsyncClient on an event loop in a thread of its own (one per Client), so it can be called
+    from any thread, one with a running event loop included; calls from several threads at once
+    share its connection. Use it as a context manager, or `close()` it."""
 
-    async def machine_of(self, inst: Instance) -> Graph:
-        """The definition an instance pinned (by digest), compiled without importing its handlers.
-        NotFound when it cannot be read (not registered, or its content does not match its digest)."""
+    def __init__(self, etcd: str | Sequence[str] | None = None, namespace: str | None = None, *,
+                 cacert: str | os.PathLike[str] | None = None, cert: str | os.PathLike[str] | None = None,
+                 key: str | os.PathLike[str] | None = None, user: str | None = None, password: str | None = None,
+                 api: str | None = None, token: str | None = None, timeout: float | None = None):
+        self._wrap(AsyncClient(etcd, namespace, cacert=cacert, cert=cert, key=key, user=user, password=password,
+                               api=api, token=token, timeout=timeout))
+
+    def _wrap(self, client: AsyncClient) -> None:
+        self._async = client
+        self._loop = _LoopThread()
+        self._stop = weakref.finalize(self, self._loop.stop)  # a client dropped unclosed ends its thread
+
+    @classmethod
+    def embedded(cls, *paths: str | os.PathLike[str], workers: int = 4) -> Client:
+        """A client over an in-process store, with a worker of this process running the instances
+        (see `AsyncClient.embedded`): for an application's own tests."""
+        client = cls.__new__(cls)
+        client._wrap(AsyncClient.embedded(*paths, workers=workers))
+        return client
+
+    def __repr__(self) -> str:
+        return f"Client({self._async._where})"
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run(coro)
+
+    def start(self, definition: Definition, payload: dict[str, Any] | None = None, id: str | None = None) -> Record:
+        return self._run(self._async.start(definition, payload, id))
+
+    def start_many(self, definition: Definition, payloads: Sequence[dict[str, Any]],
+                   ids: Sequence[str | None] | None = None) -> builtins.list[str]:
+        return self._run(self._async.start_many(definition, payloads, ids))
+
+    def get(self, id: str) -> Record:
+        return self._run(self._async.get(id))
+
+    def wait(self, id: str, timeout: float | timedelta | None = None, *, on_history: OnHistory | None = None,
+             on_update: OnUpdate | None = None) -> Record:
+        """As `AsyncClient.wait`; the callbacks run on the client's own thread."""
+        return self._run(self._async.wait(id, timeout, on_history=on_history, on_update=on_update))
+
+    def signal(self, id: str, name: str, payload: dict[str, Any] | None = None, outcome: str | None = None) -> Record:
+        return self._run(self._async.signal(id, name, payload, outcome))
+
+    def cancel(self, id: str, reason: str | None = None) -> Record:
+        return self._run(self._async.cancel(id, reason))
+
+    def redrive(self, id: str) -> Record:
+        return self._run(self._async.redrive(id))
+
+    def delete(self, id: str) -> Record:
+        return self._run(self._async.delete(id))
+
+    def page(self, status: str | None = None, machine: str | None = None, since: Since = None,
+             where: dict[str, Any] | None = None, after: str | None = None, limit: int = index.PAGE) -> Record:
+        return self._run(self._async.page(status, machine, since, where, after, limit))
+
+    def list(self, status: str | None = None, machine: str | None = None, since: Since = None,
+             where: dict[str, Any] | None = None, limit: int | None = None) -> Iterator[Record]:
+        """As `AsyncClient.list`: a plain iterator that reads the next page when it needs it."""
+        return self._listing(_Listing.of(status, machine, since, where, limit))
+
+    def _listing(self, listing: _Listing) -> Iterator[Record]:
+        given, cursor = 0, None
+        while True:
+            page = self._run(self._async._page(listing, cursor, listing.want(given)))
+            for item in page["items"]:
+                yield item
+                given += 1
+            cursor = page["next"]
+            if listing.done(given, cursor):
+                return
+
+    def close(self) -> None:
+        """Close the connection (and stop an embedded client's worker) and end the client's thread."""
+        if not self._stop.alive:
+            return
         try:
-            return await self.definitions.get(inst.digest)
-        except NotFound as exc:
-            raise NotFound(f"instance {inst.id}: its definition cannot be read: {exc}") from None
+            self._run(self._async.close())
+        finally:
+            self._stop()
 
-    async def register(self, graph: Graph) -> None:
-        await register(self.store, self.keys, graph)
-
-    def _create_txn(self, graph: Graph, payload: dict[str, Any], instance_id: str, size: int = 0) -> Txn:
-        now = self.wall()
-        inst = keep_input(transition.start(graph, instance_id, payload, now), size)
-        key = self.keys.instance(instance_id)
-        ops: list = [Put(key, dump_instance(inst))]
-        ops += index.created_ops(self.keys, inst)
-        for token in inst.tokens.values():
-            ops.append(Put(self.keys.work(instance_id, token.id), work_info(inst, token, now).dump()))
-        return Txn([Compare.create(key, "==", 0)], ops, [Get(key)])  # taken: read what holds the id
-
-    async def submit(self, graph: Graph, payload: dict[str, Any] | None = None, *,
-                     instance_id: str | None = None) -> str:
-        """Register the definition (once) and start one instance; return its id.
-
-        Starting an id that exists with the same definition and payload returns it and creates
-        nothing (safe to retry); with another definition or payload raises InstanceExists."""
-        iid, _ = await self.start(graph, payload, instance_id=instance_id)
-        return iid
-
-    async def start(self, graph: Graph, payload: dict[str, Any] | None = None, *,
-                    instance_id: str | None = None) -> tuple[str, bool]:
-        """`submit`, also saying whether the instance was created (False: it existed already)."""
-        ((iid, created),) = await self._submit(graph, [payload or {}],
-                                               [instance_id] if instance_id is not None else None)
-        return iid, created
-
-    async def submit_many(self, graph: Graph, batch: Iterable[dict[str, Any]], *,
-                          ids: list[str | None] | None = None) -> list[str]:
-        """Start many instances, up to SUBMIT_BATCH per transaction. `ids` gives each its id (None:
-        generated); an id that exists is handled as `submit` does."""
-        return [iid for iid, _ in await self._submit(graph, batch, ids)]
-
-    async def _submit(self, graph: Graph, batch: Iterable[dict[str, Any]],
-                      ids: list[str | None] | None) -> list[tuple[str, bool]]:
-        if ids is not None:
-            batch = list(batch)
-            for given in ids:
-                if given is not None:
-                    check_instance_id(given)
-            if len(ids) != len(batch):
-                raise InputError(f"{len(ids)} instance ids for {len(batch)} payloads")
-            seen: set[str] = set()
-            for given in ids:
-                if given in seen:
-                    raise InputError(f"instance id {given!r} is given twice")
-                if given is not None:
-                    seen.add(given)
-        await self.register(graph)
-        await self._mark_indexed()
-        out: list[tuple[str, bool]] = []
-        pending: list[tuple[str, Txn]] = []
-        size = 0
-        for i, payload in enumerate(batch):
-            checked, checked_size = payloads.check(payload)
-            iid = (ids[i] if ids else None) or new_id()
-            txn = self._create_txn(graph, checked, iid, checked_size)
-            cost = _request_bytes(txn)
-            if pending and (len(pending) >= SUBMIT_BATCH or size + cost > SUBMIT_BYTES):
-                out.extend(await self._send(pending))
-                pending, size = [], 0
-            pending.append((iid, txn))
-            size += cost
-        if pending:
-            out.extend(await self._send(pending))
-        return out
-
-    async def _mark_indexed(self) -> None:
-        """Before the first instances of a namespace are written: it holds no record written before
-        the index existed, so say so (`meta/indexed`), or the first housekeeper would read every record
-        there is by then to give it entries it already has (50,000 waiting instances: throughput
-        halved while it did). A namespace that has records and no mark is left to that backfill:
-        they may predate the index. Once per client."""
-        if self._marked:
-            return
-        self._marked = True
-        if await self.store.get(self.keys.indexed) is not None:
-            return
-        records = self.keys.instances
-        if (await self.store.range(records, prefix_end(records), limit=1, keys_only=True)).kvs:
-            return
-        await self.store.txn([Compare.version(self.keys.indexed, "==", 0),
-                              Compare(records, "version", "==", 0, end=prefix_end(records))],  # still none
-                             [Put(self.keys.indexed, b"1")])
-
-    async def _send(self, pending: list[tuple[str, Txn]]) -> list[tuple[str, bool]]:
-        """Create the instances of `pending`; for each, its id and whether it was created here."""
-        if len(pending) == 1:
-            iid, txn = pending[0]
-            results = [await self.store.txn(txn.compare, txn.success, txn.failure)]
-        else:
-            result = await self.store.txn([], [txn for _, txn in pending])
-            results = [result.nested(i) for i in range(len(pending))]
-        out: list[tuple[str, bool]] = []
-        for (iid, txn), result in zip(pending, results):
-            if result.succeeded:
-                out.append((iid, True))
-                continue
-            taken = result.get(0).first
-            if taken is None:  # deleted since: the id is free again
-                out.extend(await self._send([(iid, txn)]))
-                continue
-            same_start(load_instance(taken.value), load_instance(txn.success[0].value))  # type: ignore[union-attr]
-            out.append((iid, False))
-        return out
-
-    async def instance(self, instance_id: str) -> Instance:
-        check_instance_id(instance_id)
-        return (await self._read(instance_id))[1]
-
-    async def _read(self, instance_id: str) -> tuple[KeyValue, Instance]:
-        """The record as stored (for a compare-and-swap on its revision) and as an Instance."""
-        kv = await self.store.get(self.keys.instance(instance_id))
-        if kv is None:
-            raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
-        return kv, load_instance(kv.value)
-
-    async def history(self, instance_id: str, *, after: int = 0) -> list[HistoryEntry]:
-        check_instance_id(instance_id)
-        prefix = self.keys.history_prefix(instance_id)
-        start = self.keys.history(instance_id, after + 1) if after else prefix
-        end = prefix_end(prefix)
-        out: list[HistoryEntry] = []
-        while True:
-            page = await self.store.range(start, end, limit=1000)
-            out.extend(load_history(kv.value) for kv in page.kvs)
-            if not page.more or not page.kvs:
-                return out
-            start = page.kvs[-1].key + "\0"
-
-    async def record(self, instance_id: str, *, history: bool = True) -> dict[str, Any]:
-        inst = await self.instance(instance_id)
-        return public_record(inst, await self.history(instance_id) if history else None)
-
-    async def list(self, *, status: str | None = None, machine: str | None = None,
-                   since: float | None = None) -> list[Instance]:
-        """Every instance that matches, newest first (read from the index, page by page)."""
-        out: list[Instance] = []
-        after = None
-        while True:
-            page = await self.page(status=status, machine=machine, since=since, after=after)
-            out.extend(page.items)
-            if page.next is None:
-                return out
-            after = page.next
-
-    async def cancel(self, instance_id: str, *, reason: str | None = None, by: str | None = None) -> Instance:
-        """Cancel a running instance (a finished one is returned unchanged); the record keeps
-        `reason`, `by` (default: `user@host` of this process) and when. Its running children are
-        cancelled in turn, by it (`cancel.by` is `parent:<id>`).
-
-        The record is written in one transaction with as many marker deletions as fit; any left
-        over (an instance with more live branches than one transaction holds) go right after,
-        and a SYNC marker covers them should this process die in between.
-        """
-        check_instance_id(instance_id)
-        return await self._cancel(instance_id, reason=reason, by=by if by is not None else caller())
-
-    async def _cancel(self, instance_id: str, *, reason: str | None, by: str, wake_parent: bool = True) -> Instance:
-        """`cancel`; `wake_parent`: a child cancelled by a user makes its parent's waiting token due
-        (the parent's call state then fails with ChildFailed); one cancelled by its parent does not."""
-        key = self.keys.instance(instance_id)
-        while True:
-            kv, inst = await self._read(instance_id)
-            if inst.finished:
-                return inst
-            step = transition.cancel(inst, self.wall(), reason=reason, by=by)
-            ops: list = [Put(key, dump_instance(step.instance))]
-            ops += index.status_ops(self.keys, inst, step.instance)
-            if wake_parent:
-                ops += wake_parent_ops(self.keys, inst, step.instance)
-            removed = list(step.removed)
-            while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
-                tok = removed.pop()
-                ops += [Delete(self.keys.work(instance_id, tok)), Delete(self.keys.claim(instance_id, tok))]
-            if removed:
-                ops.append(sync_marker(self.keys, step.instance))
-            result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
-            if result.succeeded:
-                if removed:
-                    await reconcile(self.store, self.keys, instance_id, now=self.wall())
-                await self.cancel_released(inst, step.instance)
-                return step.instance
-
-    async def cancel_released(self, before: Instance, after: Instance, *, ended: Collection[str] = ()) -> None:
-        """Cancel, as their parent, the children `before` waited for and `after` no longer does
-        (`transition.released_children`: a call that timed out, a parent that ended), and theirs in
-        turn. `ended`: children known to have finished already (nothing to do for them)."""
-        for cid, reason in transition.released_children(before, after, self.wall()):
-            if cid in ended:
-                continue
-            try:
-                await self._cancel(cid, reason=reason, by=transition.by_parent(after.id), wake_parent=False)
-            except NotFound:
-                pass  # deleted, or never created (the commit that started it did not apply)
-
-    async def signal(self, instance_id: str, name: str, payload: dict[str, Any] | None = None, *,
-                     outcome: str | None = None) -> Instance:
-        """Send a signal to a running instance: stored in its record (durable, in the order sent)
-        and consumed by the next visit of a signal state that waits for it. Refused before anything
-        is written: InvalidSignal for a name or outcome the instance's machine does not take
-        (`transition.check_signal`), InputError for a finished instance, NotFound for an unknown one."""
-        check_instance_id(instance_id)
-        check_signal_name(name)
-        if outcome is not None and (not isinstance(outcome, str) or not outcome):
-            raise InputError(f"signal outcome must be a non-empty label, got {outcome!r}")
-        checked, _ = payloads.check(payload if payload is not None else {})
-        key = self.keys.instance(instance_id)
-        graph: Graph | None = None
-        while True:
-            kv, inst = await self._read(instance_id)
-            if not inst.finished:  # a finished one is refused as such (below), whatever the signal
-                graph = graph or await self.machine_of(inst)  # pinned: the same on every turn
-                transition.check_signal(graph, inst, name, outcome)
-            now = self.wall()
-            step = transition.signal(inst, name, checked, outcome=outcome, now=now)
-            ops: list = [Put(key, dump_instance(step.instance))]
-            for token in step.upserted:  # the tokens it wakes: their markers say due now
-                ops.append(Put(self.keys.work(instance_id, token.id), work_info(step.instance, token, now).dump()))
-            result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
-            if result.succeeded:
-                return step.instance
-
-    async def wait(self, instance_id: str, *, timeout: float | None = None,
-                   on_history: Callable[[HistoryEntry], None] | None = None,
-                   on_update: Callable[[Instance], None] | None = None) -> Instance:
-        """Wait until the instance finishes; report each committed transition and each new
-        version of the record as they happen. Raises asyncio.TimeoutError when `timeout` passes."""
-        check_instance_id(instance_id)
-        return await asyncio.wait_for(self._wait(instance_id, on_history, on_update), timeout)
-
-    async def _wait(self, instance_id: str, on_history: Callable[[HistoryEntry], None] | None,
-                    on_update: Callable[[Instance], None] | None) -> Instance:
-        key = self.keys.instance(instance_id)
-        seen = 0
-        delay = 0.2
-        while True:
-            try:
-                kv = await self.store.get(key)
-                if kv is None:
-                    raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
-                inst = load_instance(kv.value)
-                seen = await self._report(instance_id, inst, seen, on_history, on_update)
-                if inst.finished:
-                    return inst
-                watch = await self.store.watch(key, start_revision=kv.mod_revision + 1)
-                try:
-                    async for batch in watch:
-                        for event in batch.events:
-                            if not event.kv.value:
-                                raise NotFound(f"instance {instance_id!r} was deleted")
-                            inst = load_instance(event.kv.value)
-                        seen = await self._report(instance_id, inst, seen, on_history, on_update)
-                        if inst.finished:
-                            return inst
-                finally:
-                    await watch.cancel()
-            except Compacted:
-                continue  # re-read the record and watch from its revision
-            except StoreUnavailable as exc:
-                log.warning("waiting for it: %s; retrying", exc, extra=logs.about(instance_id))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _report(self, instance_id: str, inst: Instance, seen: int,
-                      on_history: Callable[[HistoryEntry], None] | None,
-                      on_update: Callable[[Instance], None] | None) -> int:
-        if on_history is None or inst.transitions <= seen:
-            seen = max(seen, inst.transitions)
-        else:
-            for entry in await self.history(instance_id, after=seen):
-                if entry.seq > seen:
-                    on_history(entry)
-                    seen = entry.seq
-        if on_update is not None:  # after the transitions that led to it
-            on_update(inst)
-        return seen
-
-    async def redrive(self, instance_id: str) -> Instance:
-        """Continue a failed or cancelled instance from the states that did not finish (`dsm.redrive`)."""
-        from .redrive import redrive
-
-        check_instance_id(instance_id)
-        return await redrive(self.store, self.keys, instance_id, now=self.wall())
-
-
-    async def workers(self) -> builtins.list[WorkerInfo]:
-        """The live workers of the namespace (`dsm workers`)."""
-        return await live_workers(self.store, self.keys)
-
-    async def serving(self, digest: str) -> tuple[builtins.list[WorkerInfo], builtins.list[WorkerInfo]]:
-        """(the live workers, those of them that serve the definition `digest`)."""
-        return await serving(self.store, self.keys, digest)
-
-    async def page(self, *, status: str | None = None, machine: str | None = None, since: float | None = None,
-                   after: str | None = None, limit: int = index.PAGE) -> index.Page:
-        """One page of the listing, newest first: `limit` instances created at or after `since`
-        (epoch seconds), after the cursor `after`; its `next` resumes after it."""
-        if status is not None and status not in STATUSES:
-            raise InputError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
-        if limit < 1:
-            raise InputError(f"a page holds at least one instance, not {limit}")
-        return await index.page(self.store, self.keys, status=status, machine=machine, since=since, after=after,
-                                limit=limit, now=self.wall())
-
-    async def delete(self, instance_id: str) -> Instance:
-        """Delete a finished instance now, as retention would: its record, history and index
-        entries, in one transaction, after the children its call states started, and theirs
-        (`housekeeping.delete_children`). A running instance is refused (cancel it first)."""
-        from .housekeeping import delete_children, deletion_txn
-
-        check_instance_id(instance_id)
-        key = self.keys.instance(instance_id)
-        while True:
-            kv = await self.store.get(key)
-            if kv is None:
-                raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
-            inst = load_instance(kv.value)
-            if not inst.finished:
-                raise InputError(f"instance {instance_id} is {inst.status}: only a finished instance can be "
-                                 f"deleted (cancel it first: dsm cancel {instance_id})")
-            # looked for whatever the record counts: records written before it counted its children
-            await delete_children(self.store, self.keys, instance_id)
-            txn = deletion_txn(self.keys, inst, kv.mod_revision)
-            if (await self.store.txn(txn.compare, txn.success)).succeeded:
-                return inst
-
-    async def alarms(self) -> builtins.list[str]:
-        """The store's raised alarms ("NOSPACE": etcd refuses writes); [] also when they cannot be read."""
+    def __enter__(self) -> Client:
         try:
-            return await self.store.alarms()
-        except StoreError as exc:
-            log.debug("cannot read the store's alarms: %s", exc)
-            return []
+            self._run(self._async._connected())
+        except BaseException:
+            self._stop()
+            raise
+        return self
 
-
-def caller() -> str:
-    """`user@host` of this process, for the record of who cancelled an instance."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
-        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    return f"{user}@{socket.gethostname()}"
-
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -101,6 +101,10 @@ class NotFound(DsmError):
     """An instance or definition asked for by id does not exist."""
 
 
+class Timeout(DsmError):
+    """A wait for an instance gave up: the time it was given passed before the instance finished."""
+
+
 class HandlerError(DsmError):
     """A tick handler failed an attempt; carries the error type name recorded in the instance."""
 

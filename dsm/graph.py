@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -259,6 +260,9 @@ class Graph:
                     out[child.digest] = child
                     stack.append(child)
         return out
+
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # what digest_of gives
 
 
 def digest_of(source: str, calls: Mapping[str, str] | None = None) -> str:

@@ -19,7 +19,7 @@ election makes that rare.
 
 Compaction: the housekeeper notes the store's revision every tenth of `compaction_retention` and
 compacts to the newest revision noted at least that long ago, so watches that are up to that far
-behind resume where they were; one further behind resyncs (the work feed and `Client.wait` do).
+behind resume where they were; one further behind resyncs (the work feed and `Operations.wait` do).
 Compactions are physical and one at a time, in a task beside deletion: etcd 3.5 reads every
 revision a compaction keeps, seconds on a large database, and compactions sent faster than it
 finishes them queue up while the database grows.

@@ -29,6 +29,7 @@ from .store import Delete, Get, KeyValue, Op, Put, Store, prefix_end
 
 AGE_MAX = 9_999_999_999_999  # milliseconds: the age part of an index key counts down from here
 PAGE = 100  # index entries read at once (their records are read in one transaction of as many gets)
+MAX_PAGE = 1000  # the most instances one page asked for by a client (or the HTTP API) holds
 CURSOR = re.compile(r"([0-9]{13})/(" + INSTANCE_ID.pattern + ")")  # ASCII digits: \d takes any script's
 # What the HTTP API takes as `since` (its OpenAPI document says the same): a duration back from now,
 # seconds or parts with units (1h30m), or an RFC 3339 date or date-time. `dsm list --since` takes

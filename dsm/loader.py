@@ -296,3 +296,12 @@ def read(path: str | Path, *, what: str = "machine definition") -> Document:
         line = raw[: exc.start].count(b"\n") + 1
         raise DefinitionError(Problem(name, line, 1, "file is not valid UTF-8")) from None
     return parse(text, name, what=what)
+
+
+def definitions_in(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the machine definitions, every *.yaml / *.yml file) found in a folder and below it, sorted;
+    hidden files and folders (.git, .venv, ...) are not searched."""
+    found = sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return [p for p in found if looks_like_machine(p)], found
+

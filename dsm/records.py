@@ -400,6 +400,9 @@ def kept_failures(failures: tuple[FailedAttempt, ...]) -> tuple[FailedAttempt, .
     return failures[-MAX_FAILURES:]
 
 
+MAX_REASON = 4096  # characters of a cancel reason that the client and the HTTP API accept
+
+
 @dataclass(frozen=True, slots=True)
 class CancelInfo:
     """Who cancelled an instance (`user@host`), when and why."""

@@ -16,8 +16,8 @@ from clitools import spawn
 
 from dsm import compiler
 from dsm.audit import audit
-from dsm.client import Client
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import FINISHED
 from dsm.store.etcd import EtcdOptions, EtcdStore
 
@@ -28,7 +28,7 @@ async def snapshot(endpoints: str, namespace: str, **credentials: str) -> list[t
     """Every instance of the namespace with its history; `credentials`: an etcd user and password."""
     store = await EtcdStore.connect(EtcdOptions.build(endpoints, namespace=namespace, **credentials))
     try:
-        client = Client(store, Keys(namespace))
+        client = Operations(store, Keys(namespace))
         out = []
         for inst in await client.list():
             out.append((inst, await client.history(inst.id)))

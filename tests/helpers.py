@@ -30,15 +30,15 @@ async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurr
     """Submit `payloads` as instances of `graph`, run one worker on `store` until all finish;
     return (instances, histories, worker). `keys` chooses the namespace (default: dsm)."""
     from dsm import handlers
-    from dsm.client import Client
     from dsm.definitions import Registry
     from dsm.keys import Keys
+    from dsm.operations import Operations
     from dsm.worker import running
 
     keys = keys or Keys()
     registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
     registry.add(graph)
-    client = Client(store, keys)
+    client = Operations(store, keys)
     async with running(store, registry, concurrency=concurrency) as worker:
         ids = await client.submit_many(graph, payloads)
         done = await asyncio.gather(*(client.wait(i, timeout=timeout) for i in ids))

@@ -19,7 +19,7 @@ from clitools import ROOT, dsm, spawn, stop
 from dsm import compiler
 from dsm.api import guard, openapi
 from dsm.api.app import create_app
-from dsm.client import Client
+from dsm.operations import Operations
 from dsm.store.memory import MemoryStore
 
 DEFINITIONS = ROOT / "definitions"
@@ -177,6 +177,29 @@ def test_start_answers_201_and_a_worker_runs_it_to_the_end(server):
     assert again.status_code == 200 and again.json()["status"] == "succeeded"  # the same start: that instance
     generated = start(srv, "order", {"total": 5})
     assert len(generated["id"]) == 36  # a UUIDv7
+
+
+def test_start_by_digest_starts_that_definition_if_the_namespace_holds_it(server):
+    srv = server(graphs=[ORDER, APPROVAL])
+    url = "/api/machines/order/instances"
+    started = srv.post(url, {"payload": {"total": 5}, "digest": ORDER.digest})
+    assert started.status_code == 201 and started.json()["digest"] == ORDER.digest
+    before = srv.snapshot()
+    unknown = "sha256:" + "0" * 64
+    error = error_of(srv.post(url, {"payload": {}, "digest": unknown}), 404)
+    assert error["type"] == "NotFound"
+    assert f"definition {unknown} of machine 'order' is not registered" in error["message"]
+    assert "is a definition of machine 'approval', not 'order'" in error_of(
+        srv.post(url, {"payload": {}, "digest": APPROVAL.digest}), 400)["message"]
+    assert "digest must be a definition's digest" in error_of(srv.post(url, {"digest": "sha1:x"}), 400)["message"]
+    assert srv.snapshot() == before
+
+
+def test_where_is_refused_until_search_attributes_exist(server):
+    srv = server(graphs=[ORDER])
+    error = error_of(srv.get("/api/instances", params={"where": "customer:c7"}), 400)
+    assert "search attributes" in error["message"]
+    assert "where must be NAME:VALUE" in error_of(srv.get("/api/instances", params={"where": "c7"}), 400)["message"]
 
 
 def test_a_signal_wakes_a_waiting_instance(server):
@@ -633,13 +656,13 @@ def test_client_and_api_agree_on_the_namespace(server):
     srv = server(graphs=[APPROVAL])
 
     async def submit(store, keys):
-        return await Client(store, keys).submit(APPROVAL, {"amount": 3}, instance_id="py-1")
+        return await Operations(store, keys).submit(APPROVAL, {"amount": 3}, instance_id="py-1")
 
     srv.call(submit)
     start(srv, "approval", {"amount": 4}, id="http-1")
 
     async def listed(store, keys):
-        return sorted(inst.id for inst in await Client(store, keys).list())
+        return sorted(inst.id for inst in await Operations(store, keys).list())
 
     assert srv.call(listed) == ["http-1", "py-1"]
     assert sorted(i["id"] for i in srv.get("/api/instances").json()["items"]) == ["http-1", "py-1"]

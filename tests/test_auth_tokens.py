@@ -166,8 +166,8 @@ def test_workers_go_on_after_etcd_restarts_and_forgets_their_tokens(auth, write,
     live on doing nothing while instances submitted afterwards wait for ever."""
     from cluster import Workers, audit_all, load_graph, wait_all_finished
 
-    from dsm.client import Client
     from dsm.keys import Keys
+    from dsm.operations import Operations
 
     ns, user, password = auth.user()
     path = write("napper.yaml", NAPPER, napmod="def tick(payload, ctx):\n    payload['n'] = payload.get('n', 0) + 1\n")
@@ -180,7 +180,7 @@ def test_workers_go_on_after_etcd_restarts_and_forgets_their_tokens(auth, write,
     async def submit(count: int) -> None:
         store = await auth.store(ns, user, password)
         try:
-            client = Client(store, Keys(ns))
+            client = Operations(store, Keys(ns))
             for _ in range(count):
                 await client.start(graph, {})
         finally:

@@ -9,10 +9,10 @@ import threading
 import pytest
 
 from dsm import compile_text, compiler
-from dsm.client import Client
 from dsm.definitions import Registry, decode, encode, register
 from dsm.errors import NotFound
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.store.memory import MemoryStore
 from dsm.worker import Worker
 
@@ -91,7 +91,7 @@ def test_an_instance_pinned_to_a_forged_definition_does_not_run_it(namespace, ca
 
     async def main():
         store = MemoryStore()
-        client = Client(store, keys)
+        client = Operations(store, keys)
         iid = await client.submit(graph, {})
         await store.put(keys.definition(graph.digest), encode(forged))  # planted after the submit
         worker = Worker(store, Registry(store, keys, import_handlers=False), keys=keys, concurrency=1)

@@ -10,9 +10,9 @@ import re
 from helpers import run_instances
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import FAILED, RUNNING, SUCCEEDED, public_record
 from dsm.worker import running
 
@@ -91,7 +91,7 @@ def test_a_retry_waiting_shows_its_attempt_last_error_and_when(store_factory, wr
         keys = Keys(namespace)
         registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
-        client = Client(store, keys)
+        client = Operations(store, keys)
         seen: list = []
         try:
             async with running(store, registry, concurrency=2):

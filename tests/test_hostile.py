@@ -196,15 +196,15 @@ def test_private_names_are_refused_even_without_an_allowlist():
 def test_instance_ids_outside_the_contract_are_refused_before_anything_is_written(bad):
     import asyncio
 
-    from dsm.client import Client
     from dsm.errors import InputError
+    from dsm.operations import Operations
     from dsm.store.memory import MemoryStore
 
     graph = compile_text("machine: m\nstart: a\nstates:\n  a: {terminal: true}\n", "m.yaml", import_handlers=False)
 
     async def main():
         store = MemoryStore()
-        client = Client(store)
+        client = Operations(store)
         for attempt in (lambda: client.submit(graph, {}, instance_id=bad), lambda: client.record(bad),
                         lambda: client.cancel(bad), lambda: client.submit_many(graph, [{}, {}], ids=["ok", bad])):
             with pytest.raises(InputError, match="invalid instance id"):
@@ -220,13 +220,13 @@ def test_instance_ids_outside_the_contract_are_refused_before_anything_is_writte
 def test_one_id_given_twice_in_a_batch_is_refused():
     import asyncio
 
-    from dsm.client import Client
     from dsm.errors import InputError
+    from dsm.operations import Operations
     from dsm.store.memory import MemoryStore
 
     graph = compile_text("machine: m\nstart: a\nstates:\n  a: {terminal: true}\n", "m.yaml", import_handlers=False)
     with pytest.raises(InputError, match="'x' is given twice"):
-        asyncio.run(Client(MemoryStore()).submit_many(graph, [{}, {}], ids=["x", "x"]))
+        asyncio.run(Operations(MemoryStore()).submit_many(graph, [{}, {}], ids=["x", "x"]))
 
 
 @pytest.mark.etcd
@@ -259,8 +259,8 @@ def test_a_non_ascii_namespace_runs_its_instances(store_factory, namespace_name,
 
     from helpers import run_instances
 
-    from dsm.client import Client
     from dsm.keys import Keys
+    from dsm.operations import Operations
 
     graph = compile_text("machine: m\nstart: a\nstates:\n  a: {next: done}\n  done: {terminal: true}\n",
                          "m.yaml", import_handlers=False)
@@ -270,7 +270,7 @@ def test_a_non_ascii_namespace_runs_its_instances(store_factory, namespace_name,
         store = await store_factory()
         try:
             done, _, _ = await run_instances(store, graph, [{}, {}], keys=keys, timeout=30)
-            return done, await Client(store, keys).list()
+            return done, await Operations(store, keys).list()
         finally:
             await store.close()
 
@@ -283,8 +283,8 @@ def test_a_non_ascii_namespace_runs_its_instances(store_factory, namespace_name,
 def test_submit_many_splits_large_payloads_into_requests_etcd_accepts(store_factory, namespace):
     import asyncio
 
-    from dsm.client import Client
     from dsm.keys import Keys
+    from dsm.operations import Operations
 
     graph = compile_text("machine: m\nstart: a\nstates:\n  a: {next: done}\n  done: {terminal: true}\n",
                          "m.yaml", import_handlers=False)
@@ -293,7 +293,7 @@ def test_submit_many_splits_large_payloads_into_requests_etcd_accepts(store_fact
     async def main():
         store = await store_factory()
         try:
-            client = Client(store, Keys(namespace))
+            client = Operations(store, Keys(namespace))
             ids = await client.submit_many(graph, bodies)  # one request of 1.8 MB was refused by etcd
             return [(await client.instance(i)).payload for i in ids]
         finally:

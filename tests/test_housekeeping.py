@@ -14,11 +14,11 @@ from helpers import run_instances
 from indexes import inconsistencies, read_all
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import Compacted, InputError, NotFound, StoreUnavailable
 from dsm.housekeeping import Housekeeper, HousekeepingOptions, backfill, delete_expired
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import dump_instance, load_instance, replace
 from dsm.store import Delete, prefix_end
 from dsm.store.memory import ManualClock, MemoryStore
@@ -91,7 +91,7 @@ def test_expired_instances_are_deleted_whole_and_the_others_kept(store_factory):
     zero, hour = line("zero", "0"), line("hour", "1h")
 
     async def body(store, keys):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         gone, _, _ = await run_instances(store, zero, [{}] * 5, keys=keys)
         kept, _, _ = await run_instances(store, hour, [{}] * 3, keys=keys)
         running = await client.submit(text(WAITS), {})
@@ -118,7 +118,7 @@ def test_expired_instances_are_deleted_whole_and_the_others_kept(store_factory):
 
 def test_deletion_goes_in_bounded_batches(store_factory):
     async def body(store, keys):
-        await Client(store, keys).submit_many(text(ENDS), [{}] * 150)
+        await Operations(store, keys).submit_many(text(ENDS), [{}] * 150)
         sizes: list[int] = []
         real = store.txn
 
@@ -141,7 +141,7 @@ def test_deletion_goes_in_bounded_batches(store_factory):
 
 def test_a_round_reads_many_entries_and_deletes_them_in_requests_of_64(store_factory):
     async def body(store, keys):
-        await Client(store, keys).submit_many(text(ENDS), [{}] * 150)
+        await Operations(store, keys).submit_many(text(ENDS), [{}] * 150)
         sizes: list[int] = []
         real = store.txn
 
@@ -163,7 +163,7 @@ def test_an_entry_that_no_longer_describes_its_record_deletes_nothing_else(store
     """A record rewritten as running after it finished (as a redrive does) keeps its life; the
     expiry entry left behind goes. A record rewritten but still finished is deleted all the same."""
     async def body(store, keys):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         revived_id, rewritten_id = await client.submit_many(text(ENDS), [{}, {}])
         for iid, status in ((revived_id, "running"), (rewritten_id, None)):
             kv = await store.get(keys.instance(iid))
@@ -212,7 +212,7 @@ def test_housekeeping_stopped_mid_batch_leaves_nothing_half_deleted(store_factor
         faulty = Faulty(store, 2, applied)
         with pytest.raises(StoreUnavailable):
             await delete_expired(faulty, keys, now=time.time() + 1, max_history=6)  # 3 of 2 transitions a request
-        client = Client(store, keys)
+        client = Operations(store, keys)
         listed = {i.id for i in await client.list()}
         shown = set()
         for inst in done:
@@ -234,7 +234,7 @@ def test_housekeeping_stopped_mid_batch_leaves_nothing_half_deleted(store_factor
 
 def test_delete_removes_a_finished_instance_and_refuses_a_running_one(store_factory):
     async def body(store, keys):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         (done,), _, _ = await run_instances(store, line("hour", "1h"), [{}], keys=keys)
         running = await client.submit(text(WAITS), {})
         await client.delete(done.id)
@@ -254,7 +254,7 @@ def test_delete_removes_a_finished_instance_and_refuses_a_running_one(store_fact
 
 def test_a_redriven_instance_is_listed_as_running_and_no_longer_expires(store_factory):
     async def body(store, keys):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         iid = await client.submit(text(WAITS), {})
         await client.cancel(iid)
         cancelled = [i.id for i in await client.list(status="cancelled")]
@@ -274,7 +274,7 @@ def test_records_written_before_the_index_existed_are_indexed_once(store_factory
     """A namespace written by a dsm without the index: its records get their entries once (so they
     are listed, and deleted in their time), and nothing is written twice."""
     async def body(store, keys):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         done, _, _ = await run_instances(store, line("hour", "1h"), [{}] * 3, keys=keys)
         running_id = await client.submit(text(WAITS), {})
         for prefix in (f"{keys.root}idx/", keys.expiry_prefix):  # as an older dsm left them: no entries
@@ -298,14 +298,14 @@ def test_a_namespace_whose_first_instances_this_client_wrote_needs_no_backfill(s
     predate the index) leaves the mark to the backfill, which then indexes them."""
     async def body(store, keys):
         graph = text(WAITS)
-        await Client(store, keys).submit_many(graph, [{}] * 3)
+        await Operations(store, keys).submit_many(graph, [{}] * 3)
         marked = await store.get(keys.indexed) is not None
         other = Keys(keys.namespace + "-old")
         try:
-            await Client(store, other).submit(graph, {})
+            await Operations(store, other).submit(graph, {})
             for prefix in (f"{other.root}idx/", other.expiry_prefix, other.indexed):  # as an older dsm left it
                 await store.delete(prefix, prefix_end(prefix))
-            await Client(store, other).submit(graph, {})
+            await Operations(store, other).submit(graph, {})
             left_unmarked = await store.get(other.indexed) is None
             return marked, left_unmarked, await backfill(store, keys), await backfill(store, other)
         finally:
@@ -359,7 +359,7 @@ def test_a_worker_with_housekeeping_deletes_expired_instances_on_the_memory_stor
         keys = Keys()
         registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
-        client = Client(store, keys)
+        client = Operations(store, keys)
         async with running(store, registry, housekeeping=HousekeepingOptions(interval=0.05)) as worker:
             ids = await client.submit_many(graph, [{}] * 10)
             deadline = time.monotonic() + 30

@@ -13,11 +13,11 @@ from cluster import Workers
 from indexes import inconsistencies
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import StoreError
 from dsm.housekeeping import HousekeepingOptions
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.testing import make_cluster
 from dsm.worker import running
@@ -51,9 +51,9 @@ states:
 TICKS = "import time\n\ndef nap(payload, ctx):\n    time.sleep(0.02)\n"
 
 
-async def connect(endpoints: str, namespace: str) -> tuple[EtcdStore, Client]:
+async def connect(endpoints: str, namespace: str) -> tuple[EtcdStore, Operations]:
     store = await EtcdStore.connect(EtcdOptions.build(endpoints, namespace=namespace))
-    return store, Client(store, Keys(namespace))
+    return store, Operations(store, Keys(namespace))
 
 
 def poll(check, timeout: float, what: str):
@@ -121,7 +121,7 @@ def test_an_etcd_restart_during_housekeeping_loses_nothing(tmp_path, write):
         registry = Registry(store, keys, allow=handlers.Allowlist(zero.modules()))
         registry.add(zero)
         registry.add(hour)
-        client = Client(store, keys)
+        client = Operations(store, keys)
         options = HousekeepingOptions(compaction_retention=1.0, interval=0.1, batch=8)
         try:
             async with running(store, registry, concurrency=8, lease_ttl=3.0, housekeeping=options) as worker:

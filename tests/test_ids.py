@@ -9,10 +9,10 @@ import asyncio
 import pytest
 
 from dsm import compiler
-from dsm.client import Client
 from dsm.errors import InstanceExists
 from dsm.idempotency import INPUT_KEPT
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.store import prefix_end
 
 MACHINE = """
@@ -38,7 +38,7 @@ def on_store(store_factory, namespace, body):
         store = await store_factory()
         try:
             keys = Keys(namespace)
-            return await body(store, keys, Client(store, keys))
+            return await body(store, keys, Operations(store, keys))
         finally:
             await store.close()
 
@@ -89,7 +89,7 @@ def test_concurrent_submitters_of_one_id_get_one_instance(store_factory, namespa
     graph, _ = graphs(write)
 
     async def body(store, keys, client):
-        clients = [Client(store, keys) for _ in range(8)]
+        clients = [Operations(store, keys) for _ in range(8)]
         started = await asyncio.gather(*(c.start(graph, {"k": "v"}, instance_id="once") for c in clients))
         return started, await count(store, keys.instances), await count(store, keys.work_prefix)
 

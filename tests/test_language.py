@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import DefinitionError, InputError, InvalidSignal, NotFound
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED, public_record
 from dsm.store import prefix_end
 from dsm.worker import running
@@ -27,7 +27,7 @@ class Cluster:
         self.store = store
         self.keys = keys
         self.graph = graph
-        self.client = Client(store, keys)
+        self.client = Operations(store, keys)
 
     async def wait_for(self, iid: str, test, timeout: float = 20.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -446,7 +446,7 @@ def test_a_map_of_the_most_items_a_map_takes_without_a_concurrency_limit_succeed
                 finished.set()
 
         async with running(store, registry, concurrency=64, on_commit=on_commit):
-            client = Client(store, Keys())
+            client = Operations(store, Keys())
             iid = await client.submit(graph, {"xs": list(range(10_000))})
             await asyncio.wait_for(finished.wait(), 300)  # (not client.wait: it would read every version)
             return await client.instance(iid)

@@ -10,9 +10,9 @@ import pytest
 from clitools import dsm
 
 from dsm import compiler, index
-from dsm.client import Client
 from dsm.errors import InputError
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.store import prefix_end
 from dsm.store.memory import MemoryStore
 
@@ -53,7 +53,7 @@ class Clock:
         return self.now
 
 
-async def populate(client: Client) -> dict[str, list[str]]:
+async def populate(client: Operations) -> dict[str, list[str]]:
     """Twelve instances, a second apart: by machine and status, oldest first."""
     waits, other, ends, fails = machines()
     made: dict[str, list[str]] = {"all": []}
@@ -72,7 +72,7 @@ def run_with_store(store_factory, body):
     async def go():
         store = await store_factory()
         keys = Keys("t" + str(id(store)))
-        client = Client(store, keys, wall=Clock())
+        client = Operations(store, keys, wall=Clock())
         try:
             return await body(client)
         finally:
@@ -82,7 +82,7 @@ def run_with_store(store_factory, body):
     return asyncio.run(go())
 
 
-async def everything(client: Client, limit: int, **filters) -> tuple[list[str], int]:
+async def everything(client: Operations, limit: int, **filters) -> tuple[list[str], int]:
     ids: list[str] = []
     pages = 0
     after = None
@@ -189,11 +189,11 @@ def test_a_page_reads_its_entries_and_records_only():
 
     async def go():
         store = MemoryStore()
-        client = Client(store, Keys())
+        client = Operations(store, Keys())
         await client.submit_many(waits, [{} for _ in range(1500)])
         await client.submit_many(ends, [{} for _ in range(1500)])
         counting = Counting(store)
-        reader = Client(counting, Keys())
+        reader = Operations(counting, Keys())
         costs = {}
         for name, filters in {"all": {}, "status": {"status": "succeeded"}, "machine": {"machine": "waits"},
                               "both": {"status": "running", "machine": "waits"}}.items():
@@ -217,10 +217,10 @@ def test_a_page_walks_the_index_near_it_only():
 
     async def go():
         store = MemoryStore()
-        client = Client(store, Keys(), wall=Clock())
+        client = Operations(store, Keys(), wall=Clock())
         await client.submit_many(waits, [{} for _ in range(3000)])
         counting = Counting(store)
-        reader = Client(counting, Keys(), wall=client.wall)
+        reader = Operations(counting, Keys(), wall=client.wall)
         walked = []
         after = None
         for _ in range(3):

@@ -16,9 +16,9 @@ import pytest
 from faults import LateStore, is_claim, is_commit, is_fork_commit, ops_of
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
 from dsm.store import Put
 from dsm.store.memory import MemoryStore
@@ -48,7 +48,7 @@ async def drive(store, graph, *, payloads=({},), registry_has_graph=True, keys=N
     registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
     if registry_has_graph:
         registry.add(graph)
-    client = Client(store, keys)
+    client = Operations(store, keys)
     await client.register(graph)
     options.setdefault("audit_interval", 0.1)
     async with running(store, registry, grace=1, **options) as worker:
@@ -134,7 +134,7 @@ async def hog_and_quick(store, hog, quick, keys):
     registry = Registry(store, keys, allow=handlers.Allowlist(hog.modules()))
     registry.add(hog)
     registry.add(quick)
-    client = Client(store, keys)
+    client = Operations(store, keys)
     async with running(store, registry, concurrency=1, grace=0.5):
         h = await client.submit(hog, {})
         hog_done = await client.wait(h, timeout=BOUND)  # eight attempts, each abandoned at its timeout
@@ -239,7 +239,7 @@ def test_an_instance_with_70_live_branches_can_be_cancelled(write, etcd_url, nam
     async def main():
         store = await EtcdStore.connect(EtcdOptions.build(etcd_url))
         try:
-            client = Client(store, keys)
+            client = Operations(store, keys)
             iid = await client.submit(graph, {})
             registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
             registry.add(graph)
@@ -304,7 +304,7 @@ def test_a_worker_an_hour_fast_does_not_park_a_retry_for_an_hour(write, etcd_url
         try:
             registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
             registry.add(graph)
-            client = Client(store, keys)
+            client = Operations(store, keys)
             fast = lambda: time.time() + 3600  # noqa: E731
             async with running(store, registry, worker_id="fast", wall=fast, clock=lambda: 0.0, grace=1):
                 iid = await client.submit(graph, {})
@@ -373,7 +373,7 @@ def test_a_handler_holding_the_gil_cannot_make_other_ticks_run_twice(write, etcd
             registry = Registry(store, keys, allow=handlers.Allowlist(gil.modules()))
             registry.add(gil)
             registry.add(steady)
-            client = Client(store, keys)
+            client = Operations(store, keys)
             async with running(store, registry, concurrency=4, lease_ttl=2.0, executor=executor, grace=1) as w:
                 hog = await client.submit(gil, {})
                 others = [await client.submit(steady, {}) for _ in range(6)]
@@ -461,7 +461,7 @@ def test_a_claim_lost_in_doubt_does_not_make_the_token_due_when_it_has_moved_on_
         keys = Keys()
         registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
-        client = Client(memory, keys)
+        client = Operations(memory, keys)
         async with running(late, registry, grace=1, worker_id="a", audit_interval=0.1):
             iid = await client.submit(graph, {})
             deadline = time.monotonic() + BOUND
@@ -512,7 +512,7 @@ def test_a_child_started_by_a_commit_in_doubt_is_started_once_and_wakes_its_pare
         keys = Keys()
         registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
-        client = Client(memory, keys)
+        client = Operations(memory, keys)
         async with running(late, registry, grace=1, worker_id="p", serves=lambda iid: iid == "par"), \
                 running(memory, registry, grace=1, worker_id="c", serves=lambda iid: iid != "par"):
             iid = await client.submit(graph, {}, instance_id="par")
@@ -572,7 +572,7 @@ def test_a_candidate_that_moved_on_to_a_timer_before_its_claim_is_not_run_early(
         keys = Keys()
         registry = Registry(memory, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
-        client = Client(memory, keys)
+        client = Operations(memory, keys)
         async with running(late, registry, grace=1, worker_id="b"), running(memory, registry, grace=1, worker_id="a"):
             iid = await client.submit(graph, {}, instance_id="two")
             return await client.wait(iid, timeout=BOUND), await client.history(iid)

@@ -19,9 +19,9 @@ from metricstools import parse, scrape, value, wait_for
 from prometheus_client import generate_latest
 
 from dsm import compiler, handlers, metrics
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.store.memory import MemoryStore
 from dsm.worker import Worker, running
 from dsm.worker.meter import TICK_BUCKETS, Histogram
@@ -186,7 +186,7 @@ def test_several_workers_in_one_process_each_serve_their_own(write):
         store, keys = MemoryStore(), Keys()
         registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
-        client = Client(store, keys)
+        client = Operations(store, keys)
         async with running(store, registry, worker_id="w1", concurrency=2) as w1, \
                 running(store, registry, worker_id="w2", concurrency=2) as w2:
             with metrics.serving(w1) as s1, metrics.serving(w2) as s2:

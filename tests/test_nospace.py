@@ -15,10 +15,10 @@ from metricstools import parse, value
 from prometheus_client import generate_latest
 
 from dsm import compiler, handlers, metrics
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import NoSpace
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.store.memory import MemoryStore
 from dsm.testing import make_cluster
@@ -70,7 +70,7 @@ def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
         keys = Keys()
         registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
-        client = Client(store, keys)
+        client = Operations(store, keys)
         ids = await client.submit_many(graph, [{}] * 8)
         async with running(store, registry, concurrency=4) as worker:
             worker.gate.interval = 0.1

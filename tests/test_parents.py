@@ -12,11 +12,11 @@ import pytest
 from test_language import scenario
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import InputError, NotFound
 from dsm.housekeeping import HousekeepingOptions, deletion_txn
 from dsm.keys import Keys, WorkInfo
+from dsm.operations import Operations
 from dsm.records import load_instance
 from dsm.store import prefix_end
 from dsm.store.etcd import EtcdOptions, EtcdStore
@@ -70,7 +70,7 @@ async def _until(check: Any, what: str, timeout: float = 30.0) -> Any:
         await asyncio.sleep(0.05)
 
 
-async def _gone(client: Client, iid: str) -> bool:
+async def _gone(client: Operations, iid: str) -> bool:
     try:
         await client.instance(iid)
     except NotFound:
@@ -78,7 +78,7 @@ async def _gone(client: Client, iid: str) -> bool:
     return False
 
 
-async def _ended_or_gone(client: Client, iid: str) -> bool:
+async def _ended_or_gone(client: Operations, iid: str) -> bool:
     try:
         return (await client.instance(iid)).finished
     except NotFound:
@@ -103,7 +103,7 @@ def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(ca
             stores = [await EtcdStore.connect(EtcdOptions.build(etcd_url)) for _ in range(3)]
             for store in stores:
                 stack.push_async_callback(store.close)
-            client = Client(stores[0], keys)
+            client = Operations(stores[0], keys)
             for store in stores[1:]:
                 registry = Registry(store, keys, allow=handlers.Allowlist(()))
                 registry.add(leaver)
@@ -150,7 +150,7 @@ def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(ca
     assert written < 20, f"etcd was written {written} times in 2 s by idle workers"
 
 
-async def _child_waits(client: Client, store: Any, keys: Keys, pid: str) -> Any:
+async def _child_waits(client: Operations, store: Any, keys: Keys, pid: str) -> Any:
     try:
         child = await client.record(f"{pid}.c1.1", history=False)
     except NotFound:
@@ -212,12 +212,12 @@ def _worker(store_factory: Any, namespace: str, graph: Any, body: Any) -> Any:
     return scenario(store_factory, namespace, graph, body)
 
 
-async def _children_of(client: Client, pid: str, ids: list[str]) -> dict[str, Any]:
+async def _children_of(client: Operations, pid: str, ids: list[str]) -> dict[str, Any]:
     return {cid: await _until(lambda cid=cid: _finished_record(client, cid), f"child {cid} of {pid} to end")
             for cid in ids}
 
 
-async def _finished_record(client: Client, iid: str) -> Any:
+async def _finished_record(client: Operations, iid: str) -> Any:
     try:
         record = await client.record(iid, history=False)
     except NotFound:  # not started yet
@@ -355,7 +355,7 @@ def test_deleting_a_parent_deletes_its_children_and_theirs(how, store_factory, w
     async def main() -> tuple[list[str], list[str]]:
         store = await store_factory()
         keys = Keys(namespace)
-        client = Client(store, keys)
+        client = Operations(store, keys)
         registry = Registry(store, keys, allow=handlers.Allowlist(()))
         registry.add(graph)
         try:

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import AccessDenied, LeaseLost
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import SUCCEEDED
 from dsm.store import Compare, Put, prefix_end
 from dsm.worker import running
@@ -169,7 +169,7 @@ def test_a_dead_workers_work_comes_back_while_its_lease_is_kept_alive(store_fact
     keys = Keys(namespace)
 
     async def body(store):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         iid = await client.submit(graph, {})
         # a worker claimed the instance's token, said it would beat every so often, and died; its
         # lease lives on: someone keeps it alive (on the memory store, its clock never moves)
@@ -213,7 +213,7 @@ def test_a_stopping_worker_beats_on_while_it_finishes_its_ticks(clock, namespace
 
     async def main():
         store = MemoryStore(clock=clock)  # leases never expire: only heartbeats can tell
-        client = Client(store, keys)
+        client = Operations(store, keys)
         registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
         stop_a = asyncio.Event()

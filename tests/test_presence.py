@@ -11,9 +11,9 @@ import socket
 import time
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import SUCCEEDED
 from dsm.worker import running
 
@@ -63,7 +63,7 @@ def test_a_worker_lists_itself_with_what_it_serves_while_it_lives(store_factory,
     import servedmod
 
     async def body(store, keys):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
         async with running(store, registry, concurrency=3, worker_id="w-1", presence_interval=0.05):
@@ -102,7 +102,7 @@ def test_work_no_worker_can_run_is_skipped_quietly_and_left_for_one_that_can(sto
     caplog.set_level(logging.DEBUG, logger="dsm")
 
     async def body(store, keys):
-        client = Client(store, keys)
+        client = Operations(store, keys)
         ids = await client.submit_many(elsewhere, [{"n": i} for i in range(20)])
         workers = []
         for name in ("a", "b"):  # each serves `served` only: `elsewheremod` is not in its allowlist

@@ -10,10 +10,10 @@ import pytest
 
 from dsm import compiler, handlers
 from dsm.audit import audit
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.errors import InputError
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
 from dsm.store import prefix_end
 from dsm.worker import running
@@ -73,7 +73,7 @@ class Env:
         self.store = store
         self.keys = Keys(namespace)
         self.graph = graph
-        self.client = Client(store, self.keys)
+        self.client = Operations(store, self.keys)
 
     def worker(self, **kw):
         registry = Registry(self.store, self.keys, allow=handlers.Allowlist(self.graph.modules()))

@@ -10,9 +10,9 @@ from helpers import run_instances
 from test_worker_parts import KEYS, fan
 
 from dsm import compiler, index
-from dsm.client import Client
 from dsm.keys import Keys
 from dsm.markers import MAX_TXN_OPS
+from dsm.operations import Operations
 from dsm.records import DEFAULT_RETENTION, public_record
 from dsm.store import Delete, Put, prefix_end
 from dsm.transition import Failure, Outcome, start
@@ -103,7 +103,7 @@ def test_entries_follow_the_records_through_creation_finish_and_cancel(write, st
         keys = Keys("t" + str(id(store)))
         try:
             done, _, _ = await run_instances(store, graph, [{}, {}, {}], keys=keys)
-            client = Client(store, keys)
+            client = Operations(store, keys)
             running = await client.submit(waiting, {})
             cancelled_id = await client.submit(waiting, {})
             cancelled = await client.cancel(cancelled_id)

@@ -9,10 +9,10 @@ import pytest
 from helpers import run_instances
 
 from dsm import compiler, handlers
-from dsm.client import Client
 from dsm.definitions import Registry
 from dsm.embedded import run_graph
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
 from dsm.store.memory import ManualClock, MemoryStore
 from dsm.worker import Worker
@@ -34,7 +34,7 @@ class Harness:
         self.store = MemoryStore(clock=self.clock)
         self.keys = Keys()
         self.graph = graph
-        self.client = Client(self.store, self.keys)
+        self.client = Operations(self.store, self.keys)
         self.running: list[tuple[Worker, asyncio.Event, asyncio.Task]] = []
 
     def worker(self, name: str, **kw) -> Worker:

@@ -1,4 +1,4 @@
-"""The HTTP API: the client's operations as JSON over HTTP, and the dashboard's static files.
+"""The HTTP API: the client's calls as JSON over HTTP, and the dashboard's static files.
 
 `create_app(store, keys)` builds a Starlette application over a store (etcd, or a memory store
 with workers beside it). It runs nothing itself: instances are run by workers, wherever they are.
@@ -8,7 +8,7 @@ Routes (the OpenAPI document, `openapi.py`, describes each):
     GET    /api/instances/{id}                  the whole record, history included
     GET    /api/instances/{id}/graph            its machine drawn, its path and active states marked, and
                                                 the signals it takes
-    POST   /api/machines/{machine}/instances    start the machine's newest definition
+    POST   /api/machines/{machine}/instances    start the machine's newest definition (or one by digest)
     POST   /api/instances/{id}/signals/{name}   send a signal
     POST   /api/instances/{id}/cancel           cancel
     POST   /api/instances/{id}/redrive          redrive
@@ -20,8 +20,13 @@ Routes (the OpenAPI document, `openapi.py`, describes each):
     GET    /api/openapi.json                    the OpenAPI document
     GET    /                                    the dashboard (static/index.html), /static/...
 
-Starting an instance reads the machine's newest definition from the store (`definitions.newest`)
-and compiles it without importing its handler modules: the API runs no handler code, ever.
+Each request is answered by the client's store transport (`transport.StoreTransport`), the code
+that answers the client's calls over etcd, so a client over HTTP (`apiclient.py`) and one over
+etcd meet the same refusals in the same words; the handlers here check the request and choose
+the status. Starting an instance reads the machine's newest definition from the store, or the
+definition named by `digest` (a client starting a file it holds: refused with 404 when the
+namespace does not hold it, as the API stores no definitions sent to it), and compiles it
+without importing its handler modules: the API runs no handler code, ever.
 Every error answers `{"error": {"type", "message"}}`; input is checked before anything is
 written, and each write is one of the client's transactions, so a refused request writes nothing.
 Who may do what: `guard.py`.
@@ -46,13 +51,14 @@ from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import index, payloads, render
-from ..client import Client
-from ..definitions import MachineInfo, Registry, machines, newest
+from ..definitions import machines
 from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, StoreError
-from ..graph import Graph
+from ..graph import DIGEST, Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
-from ..records import CANCELLED, STATUSES, public_record
+from ..operations import Operations
+from ..records import CANCELLED, MAX_REASON, STATUSES
 from ..store import Store
+from ..transport import StoreTransport
 from . import events, openapi
 from .guard import Guard
 
@@ -60,9 +66,8 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_LIMIT = 50  # instances per page when the request does not say
-MAX_LIMIT = 1000
+MAX_LIMIT = index.MAX_PAGE
 BODY_SLACK = 64 * 1024  # bytes a request body may have beyond the payload limit (its other fields, spacing)
-MAX_REASON = 4096  # characters of a cancel reason
 
 
 class ApiError(Exception):
@@ -92,7 +97,7 @@ def _reject_constant(name: str) -> Any:
 
 @dataclass
 class Api:
-    """The routes' state: the store, a client over it, and definitions read (never imported)."""
+    """The routes' state: the store, the client's calls over it, and definitions read (never imported)."""
 
     store: Store
     keys: Keys
@@ -103,8 +108,8 @@ class Api:
     token_required: bool = False  # actions need the bearer token: the document says so
 
     def __post_init__(self) -> None:
-        self.definitions = Registry(self.store, self.keys, import_handlers=False)
-        self.client = Client(self.store, self.keys, wall=self.wall, definitions=self.definitions)
+        self.calls = StoreTransport(Operations(self.store, self.keys, wall=self.wall))
+        self.operations = self.calls.operations  # the reads the client has no call for (graph, events, workers)
 
     def close(self) -> None:
         """End the open event streams (a server that stops waits for open answers)."""
@@ -171,30 +176,16 @@ class Api:
 
     async def graph_of(self, digest: str) -> Graph:
         """A definition by digest, compiled without importing its handlers."""
-        return await self.definitions.get(digest)
-
-    async def newest(self, machine: str) -> tuple[MachineInfo, Graph]:
-        info = await newest(self.store, self.keys, machine)
-        if info is None:
-            raise ApiError(404, "NotFound", f"no machine {machine!r} is registered in namespace "
-                                            f"{self.keys.namespace!r} (GET /api/machines lists those that are)")
-        try:
-            graph = await self.graph_of(info.digest)
-        except NotFound as exc:
-            raise ApiError(404, "NotFound",
-                           f"machine {machine!r}: its newest definition cannot be read: {exc}") from None
-        if graph.machine != machine:
-            raise ApiError(404, "NotFound", f"machine {machine!r}: its pointer names a definition of machine "
-                                            f"{graph.machine!r} ({info.digest})")
-        return info, graph
+        return await self.calls.definitions.get(digest)
 
     # -- reads -------------------------------------------------------------------------------
 
     async def list_instances(self, request: Request) -> Response:
         q = request.query_params
-        unknown = sorted(set(q) - {"status", "machine", "since", "limit", "after"})
+        unknown = sorted(set(q) - {"status", "machine", "since", "limit", "after", "where"})
         if unknown:
-            raise bad_request(f"unknown query parameter {unknown[0]!r} (expected status, machine, since, limit, after)")
+            raise bad_request(f"unknown query parameter {unknown[0]!r} (expected status, machine, since, limit, "
+                              "after, where)")
         status = q.get("status") or None
         if status is not None and status not in STATUSES:
             raise bad_request(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
@@ -212,16 +203,26 @@ class Api:
             if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
                 raise bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
             limit = int(text)
-        page = await self.client.page(status=status, machine=machine, since=since, after=after, limit=limit)
-        return JSONResponse({"items": [index.summary(inst) for inst in page.items], "next": page.next})
+        where: dict[str, str] = {}
+        for given in q.getlist("where"):
+            if not given:
+                continue  # given empty: as if not given
+            name, colon, value = given.partition(":")
+            if not colon or not name:
+                raise bad_request(f"where must be NAME:VALUE (a search attribute and the value it equals), "
+                                  f"got {given!r}")
+            where[name] = value
+        page = await self.calls.page(status=status, machine=machine, since=since, where=where or None, after=after,
+                                     limit=limit)
+        return JSONResponse(page)
 
     async def get_instance(self, request: Request) -> Response:
-        return JSONResponse(await self.client.record(self.instance_id(request)))
+        return JSONResponse(await self.calls.get(self.instance_id(request)))
 
     async def get_graph(self, request: Request) -> Response:
         iid = self.instance_id(request)
-        inst = await self.client.instance(iid)
-        history = await self.client.history(iid)
+        inst = await self.operations.instance(iid)
+        history = await self.operations.history(iid)
         try:
             graph = await self.graph_of(inst.digest)
         except NotFound as exc:
@@ -235,13 +236,13 @@ class Api:
         return JSONResponse({"items": [m.as_dict() for m in await machines(self.store, self.keys)]})
 
     async def get_machine(self, request: Request) -> Response:
-        info, graph = await self.newest(self.machine_name(request))
+        info, graph = await self.calls.newest(self.machine_name(request))
         return JSONResponse({**info.as_dict(), "mermaid": render.mermaid(graph), "graph": render.as_json(graph),
                              "signals": _signals(graph)})
 
     async def list_workers(self, request: Request) -> Response:
-        found = await self.client.workers()
-        return JSONResponse({"items": [w.as_dict() for w in found], "alarms": await self.client.alarms()})
+        found = await self.operations.workers()
+        return JSONResponse({"items": [w.as_dict() for w in found], "alarms": await self.operations.alarms()})
 
     async def get_events(self, request: Request) -> Response:
         unknown = sorted(set(request.query_params) - {"instance"})
@@ -255,9 +256,10 @@ class Api:
         except InputError as exc:  # refused before the stream starts: a 400, not a stream that breaks
             raise bad_request(str(exc)) from None
         if instance is not None:
-            await self.client.instance(instance)  # NotFound: 404 now rather than a silent stream
+            await self.operations.instance(instance)  # NotFound: 404 now rather than a silent stream
         body = events.stream(self.store, self.keys, self.streams, instance=instance, last_id=last_id,
-                             heartbeat=self.heartbeat, history=lambda iid, after: self.client.history(iid, after=after))
+                             heartbeat=self.heartbeat,
+                             history=lambda iid, after: self.operations.history(iid, after=after))
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -268,7 +270,7 @@ class Api:
 
     async def start(self, request: Request) -> Response:
         machine = self.machine_name(request)
-        body = await self.body(request, ("payload", "id"))
+        body = await self.body(request, ("payload", "id", "digest"))
         payload = self.payload(body.get("payload"))
         given = body.get("id")
         if given is not None:
@@ -276,17 +278,14 @@ class Api:
                 check_instance_id(given)
             except InputError as exc:
                 raise bad_request(str(exc)) from None
-        _, graph = await self.newest(machine)
+        digest = body.get("digest")
+        if digest is not None and (not isinstance(digest, str) or DIGEST.fullmatch(digest) is None):
+            raise bad_request(f"digest must be a definition's digest, sha256:<64 hex digits>, got {json.dumps(digest)}")
         try:
-            iid, created = await self.client.start(graph, payload, instance_id=given)
+            record, created = await self.calls.start(machine, payload, given, digest=digest)
         except InstanceExists as exc:
             raise ApiError(409, "InstanceExists", str(exc)) from None
-        if created:
-            log.info("started instance %s of %s (%s)", iid, machine, graph.digest)
-        try:
-            record = await self.client.record(iid)
-        except NotFound:  # it finished and its retention (0) deleted it already
-            record = {"id": iid, "machine": machine, "digest": graph.digest, "status": "deleted"}
+        iid = record["id"]
         return JSONResponse(record, status_code=201 if created else 200, headers={"location": f"/api/instances/{iid}"})
 
     async def signal(self, request: Request) -> Response:
@@ -301,12 +300,12 @@ class Api:
         if outcome is not None and (not isinstance(outcome, str) or not outcome):
             raise bad_request(f"outcome must be a non-empty label (a string), got {json.dumps(outcome)}")
         try:
-            inst = await self.client.signal(iid, name, payload, outcome=outcome)
+            record = await self.calls.signal(iid, name, payload, outcome)
         except InvalidSignal as exc:  # its machine waits for no such signal, or routes on no such outcome
             raise ApiError(422, "InvalidSignal", str(exc)) from None
         except InputError as exc:  # the instance takes no (more) signals: finished, or too many pending
             raise conflict(str(exc)) from None
-        return JSONResponse(public_record(inst), status_code=202)
+        return JSONResponse(record, status_code=202)
 
     async def cancel(self, request: Request) -> Response:
         iid = self.instance_id(request)
@@ -317,27 +316,27 @@ class Api:
         if reason is not None and len(reason) > MAX_REASON:
             raise bad_request(f"reason is {len(reason)} characters; at most {MAX_REASON} are kept")
         peer = request.client.host if request.client else "unknown"
-        inst = await self.client.cancel(iid, reason=reason, by=f"api@{peer}")
-        if inst.status != CANCELLED:
-            raise conflict(f"instance {iid} is {inst.status}: there is nothing to cancel")
-        return JSONResponse(public_record(inst))
+        record = await self.calls.cancel(iid, reason, by=f"api@{peer}")
+        if record["status"] != CANCELLED:
+            raise conflict(f"instance {iid} is {record['status']}: there is nothing to cancel")
+        return JSONResponse(record)
 
     async def redrive(self, request: Request) -> Response:
         iid = self.instance_id(request)
         await self.body(request, ())
         try:
-            inst = await self.client.redrive(iid)
+            record = await self.calls.redrive(iid)
         except InputError as exc:
             raise conflict(str(exc)) from None
-        return JSONResponse(public_record(inst))
+        return JSONResponse(record)
 
     async def delete(self, request: Request) -> Response:
         iid = self.instance_id(request)
         try:
-            inst = await self.client.delete(iid)
+            summary = await self.calls.delete(iid)
         except InputError as exc:  # still running
             raise conflict(str(exc)) from None
-        return JSONResponse(index.summary(inst))
+        return JSONResponse(summary)
 
 
 def _signals(graph: Graph) -> list[dict[str, Any]]:

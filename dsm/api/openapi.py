@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..graph import DIGEST
 from ..index import CURSOR, SINCE_DURATION
 from ..keys import INSTANCE_ID, MACHINE_NAME, SIGNAL_NAME
 from .events import MAX_REVISION
@@ -153,7 +154,7 @@ SCHEMAS: dict[str, Any] = {
 
 RESPONSES: dict[str, Any] = {
     "BadRequest": _json(_ref("Error"), "Invalid input: bad JSON, an unknown field, a bad id, name or value."),
-    "NotFound": _json(_ref("Error"), "No such instance or machine."),
+    "NotFound": _json(_ref("Error"), "No such instance, machine or definition."),
     "Conflict": _json(_ref("Error"), "The instance's state refuses the action (id taken with another payload, "
                                      "redrive of a succeeded instance, signal to a finished one ...)."),
     "TooLarge": _json(_ref("Error"), "The request body or the payload is over the limit."),
@@ -192,7 +193,11 @@ PATHS: dict[str, Any] = {
                    "Created since: a duration back from now (30m, 2h, 7d, 1h30m, or seconds) or an RFC 3339 "
                    "date or date-time."),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),
-            _query("after", _whole(CURSOR), "The `next` cursor of the previous page.")],
+            _query("after", _whole(CURSOR), "The `next` cursor of the previous page."),
+            {**_query("where", {"type": "array", "items": {"type": "string"}, "maxItems": 0},
+                      "Search attributes, NAME:VALUE each (repeatable, all must hold). This dsm keeps none "
+                      "yet: any is refused (400), so that a client that sends one learns it at once."),
+             "style": "form", "explode": True}],
         "responses": {"200": _json(_ref("Page"), "Summaries and the cursor of the next page."),
                       "400": _error("BadRequest")}}},
     "/api/instances/{id}": {
@@ -246,12 +251,18 @@ PATHS: dict[str, Any] = {
             "400": _error("BadRequest"), "404": _error("NotFound")}}},
     "/api/machines/{machine}/instances": {"post": {
         "operationId": "start", "parameters": [MACHINE], "security": ACTION,
-        "summary": "Start an instance of the machine's newest registered definition. Starting an id that "
-                   "exists with the same definition and payload answers that instance (200) and creates nothing.",
+        "summary": "Start an instance of the machine's newest registered definition, or of the definition "
+                   "`digest` names (a client starting a file it holds; 404 when the namespace does not hold it: "
+                   "the API stores no definitions sent to it). Starting an id that exists with the same "
+                   "definition and payload answers that instance (200) and creates nothing.",
         "requestBody": _body({"payload": {"type": ["object", "null"], "default": {}},
                               "id": {**_whole(INSTANCE_ID), "type": ["string", "null"],
-                                     "description": "The instance's id; none (or null): a new one is made."}},
-                             "The payload and, optionally, the instance's id."),
+                                     "description": "The instance's id; none (or null): a new one is made."},
+                              "digest": {**_whole(DIGEST), "type": ["string", "null"],
+                                         "description": "Start this definition of the machine, registered "
+                                                        "already, rather than its newest; none (or null): the "
+                                                        "newest."}},
+                             "The payload and, optionally, the instance's id and the definition's digest."),
         "responses": {"201": _json(_ref("Record"), "Started: its record."),
                       "200": _json(_ref("Record"), "The id existed with this definition and payload."),
                       **ACTION_ERRORS}}},

@@ -122,11 +122,17 @@ class EtcdOptions:
                 f"user={self.user!r})")
 
     @classmethod
-    def build(cls, urls: str, *, namespace: str = "dsm", cacert: Path | None = None, cert: Path | None = None,
-              key: Path | None = None, user: str | None = None, password: str | None = None,
-              timeout: float = 2.0) -> EtcdOptions:
+    def build(cls, urls: str | Sequence[str], *, namespace: str = "dsm", cacert: Path | None = None,
+              cert: Path | None = None, key: Path | None = None, user: str | None = None,
+              password: str | None = None, timeout: float = 2.0) -> EtcdOptions:
+        """Checked options from endpoints given as one comma-separated string (as `--etcd` and
+        DSM_ETCD give them) or as a list of URLs (each may itself be comma-separated)."""
+        if isinstance(urls, str):
+            urls = [urls]
+        elif not isinstance(urls, Sequence) or not all(isinstance(u, str) for u in urls):
+            raise InputError(f"--etcd: endpoints are a string or a list of strings, not {urls!r}")
         endpoints = []
-        for raw in (u.strip() for u in urls.split(",")):
+        for raw in (u.strip() for joined in urls for u in joined.split(",")):
             if not raw:
                 continue
             parts = urlsplit(raw if "://" in raw else f"http://{raw}")

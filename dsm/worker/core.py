@@ -29,13 +29,13 @@ from typing import Any
 
 from .. import logs, payloads, transition
 from ..batching import Batcher
-from ..client import Client
 from ..definitions import Registry
 from ..errors import LeaseLost, NoSpace, NotFound, PartFailed, StoreError, StoreUnavailable
 from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
 from ..markers import MAX_TXN_OPS, SYNC, reconcile, work_info
+from ..operations import Operations
 from ..records import RUNNING, Instance, Token, load_instance
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
 from ..transition import ChildResult, Failure, Outcome, Step
@@ -785,7 +785,7 @@ class Worker:
                  if p.outcome.child is not None and p.outcome.child.status not in (None, RUNNING)}
         if all(cid in ended for cid, _ in transition.released_children(before, after, self.wall())):
             return
-        _background(Client(self.store, self.keys, wall=self.wall).cancel_released(before, after, ended=ended),
+        _background(Operations(self.store, self.keys, wall=self.wall).cancel_released(before, after, ended=ended),
                     "cancelling the children it let go of", logs.about(after.id, after.machine, worker=self.id))
 
     async def _settle_doubt(self, iid: str, batch: list[_Pending], plan: CommitPlan,

@@ -64,9 +64,9 @@ from harness import MACHINES, Chaos, Config, _dsm_command
 
 from dsm import compiler
 from dsm.audit import audit
-from dsm.client import Client
 from dsm.errors import StoreError
 from dsm.keys import Keys
+from dsm.operations import Operations
 from dsm.records import SUCCEEDED, new_id
 from dsm.store import prefix_end
 from dsm.store.etcd import EtcdOptions, EtcdStore
@@ -416,7 +416,7 @@ class AuthChaos(Chaos):
         for ns, count in (("a", n), ("b", c.per_b)):
             if not count:
                 continue
-            client = Client(self.stores[ns], Keys(ns))
+            client = Operations(self.stores[ns], Keys(ns))
             given: list[str | None] = [new_id() for _ in range(count)]  # a retried submission creates nothing twice
             ids = await self.retry(lambda client=client, given=given: client.submit_many(
                 self.graph, [{} for _ in given], ids=given))
@@ -438,7 +438,7 @@ class AuthChaos(Chaos):
     async def send(self, ns: str, iid: str) -> None:
         """The signal `go`, exactly once: after an error that leaves it in doubt, look whether it
         was stored before sending again."""
-        client = Client(self.stores[ns], Keys(ns))
+        client = Operations(self.stores[ns], Keys(ns))
         while True:
             try:
                 await client.signal(iid, "go", {"go": 1})
@@ -795,7 +795,7 @@ class AuthChaos(Chaos):
         finished: dict[str, Any] = {}
         sent = consumed = left = 0
         for ns in ("a", "b"):
-            client = Client(self.stores["root"], Keys(ns))
+            client = Operations(self.stores["root"], Keys(ns))
             instances = await self.retry(client.list)
             r.instances[ns] = len(instances)
             r.statuses[ns] = dict(Counter(i.status for i in instances))

@@ -39,9 +39,9 @@ from harness import MACHINES, Chaos, Config
 
 from dsm import compiler
 from dsm.audit import audit
-from dsm.client import Client
 from dsm.errors import NotFound, StoreError
 from dsm.keys import WorkInfo
+from dsm.operations import Operations
 from dsm.records import FAILED, FINISHED, SUCCEEDED, HistoryEntry, Instance, new_id
 from dsm.store import prefix_end
 from dsm.testing import make_cluster
@@ -157,7 +157,7 @@ class ConstructChaos(Chaos):
             parsed = self.keys.parse_work(kv.key)
             if parsed is not None and parsed[2] and kv.value == worker_id and parsed[1] != "sync":
                 refs.append((parsed[0], parsed[1]))
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         out = {}
         for iid in {r[0] for r in refs}:
             try:
@@ -173,7 +173,7 @@ class ConstructChaos(Chaos):
     async def tokens_moved(self, store: Any, held: dict[tuple[str, str], tuple[int, int]], started: float,
                            limit: float) -> float | None:
         """Seconds until every token in `held` was committed on (gone, or at another visit or attempt)."""
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         waiting = dict(held)
         while waiting and time.monotonic() - started < limit:
             for iid in {r[0] for r in waiting}:
@@ -222,7 +222,7 @@ class ConstructChaos(Chaos):
 
     # -- waiting for work --------------------------------------------------------------------
     async def finished(self, store: Any, ids: list[str], timeout: float) -> bool:
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         pending = set(ids)
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
@@ -255,7 +255,7 @@ class ConstructChaos(Chaos):
         return out
 
     async def start_instances(self, store: Any, path: Any, payloads: list[dict[str, Any]]) -> list[str]:
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         graph = self.machines[path]
         given: list[str | None] = [new_id() for _ in payloads]  # a submission retried creates nothing twice
         ids = await self.retry(lambda: client.submit_many(graph, payloads, ids=given))
@@ -283,7 +283,7 @@ class ConstructChaos(Chaos):
     async def send(self, store: Any, iid: str, n: int, last: bool) -> None:
         """Send signal number `n`, exactly once: after an error that leaves it in doubt, look
         whether it was stored (signals are consumed in order, so counting tells) before sending again."""
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         while True:
             try:
                 await client.signal(iid, "go", {"n": n}, outcome="last" if last else "more")
@@ -394,7 +394,7 @@ class ConstructChaos(Chaos):
 
     # -- the checks --------------------------------------------------------------------------
     async def check(self, store: Any) -> None:
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         r = self.creport
         r.etcd = await self.members_agree()
         if r.etcd.get("agree") is False:  # the checks below read one member's data: say so first

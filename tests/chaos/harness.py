@@ -35,9 +35,9 @@ sys.path.insert(0, str(TESTS))
 
 from dsm import compiler  # noqa: E402
 from dsm.audit import audit  # noqa: E402
-from dsm.client import Client  # noqa: E402
 from dsm.errors import StoreError  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
+from dsm.operations import Operations  # noqa: E402
 from dsm.records import FINISHED, SUCCEEDED  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
@@ -161,7 +161,7 @@ class Chaos:
         worker_id = f"{socket.gethostname()}:{proc.pid}".encode()
         page = await self.retry(lambda: store.range(self.keys.work_prefix, prefix_end(self.keys.work_prefix)))
         held = {kv.key.split("/")[3] for kv in page.kvs if kv.key.endswith("/claim") and kv.value == worker_id}
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         out = {}
         for iid in held:
             inst = await self.retry(lambda iid=iid: client.instance(iid))
@@ -180,7 +180,7 @@ class Chaos:
 
     async def moved(self, store: EtcdStore, before: dict[str, int], started: float, limit: float) -> float | None:
         """Seconds until every instance in `before` committed another transition (or finished)."""
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         waiting = dict(before)
         while waiting and time.monotonic() - started < limit:
             for iid, count in list(waiting.items()):
@@ -317,7 +317,7 @@ class Chaos:
 
     # -- load --------------------------------------------------------------------------------
     async def submit(self, store: EtcdStore, fanout: int, loopfork: int) -> None:
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         fan, loop = compiler.load(FANOUT), compiler.load(LOOPFORK)
         fan_payloads = [{"n": self.random.randrange(1000)} for _ in range(fanout)]
         loop_payloads = [{"target": self.config.rounds} for _ in range(loopfork)]
@@ -384,7 +384,7 @@ class Chaos:
         self.cluster.stop()
 
     async def collect(self, store: EtcdStore) -> None:
-        client = Client(store, self.keys)
+        client = Operations(store, self.keys)
         instances = await self.retry(client.list)
         r = self.report
         r.instances = len(instances)
