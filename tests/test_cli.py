@@ -381,7 +381,7 @@ def test_version():
 
     result = dsm("--version")
     assert result.returncode == 0
-    assert result.stdout == f"dsm {version('dsm')}\n"
+    assert result.stdout == f"dsm {version('dsm-workflow')}\n"
 
 
 # -- input --------------------------------------------------------------------------------------
