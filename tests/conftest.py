@@ -23,6 +23,15 @@ from dsm.testing import EtcdCluster, etcd_binary, make_cluster  # noqa: E402
 DEFINITIONS = ROOT / "definitions"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for the real etcd is marked `etcd` whether or not its file says so, so that
+    `-m "not etcd"` never starts one (tryfirst: before `-m` deselects)."""
+    for item in items:
+        if {"etcd", "etcd_url"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.etcd)
+
+
 def _missing_etcd(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"etcd is required in CI: {reason}")
@@ -60,7 +69,7 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture(params=["memory", "etcd"])
+@pytest.fixture(params=["memory", pytest.param("etcd", marks=pytest.mark.etcd)])
 def store_factory(request: pytest.FixtureRequest, clock: ManualClock) -> Callable[[], Any]:
     """Build a store of each kind inside the test's event loop; etcd ones use a real server."""
     if request.param == "memory":

@@ -55,7 +55,7 @@ def work(payload, ctx):
 """
 
 
-@pytest.fixture(params=["memory", "etcd"])
+@pytest.fixture(params=["memory", pytest.param("etcd", marks=pytest.mark.etcd)])
 def backend(request: pytest.FixtureRequest) -> str | None:
     """None for a memory store, else the endpoint of the suite's real etcd."""
     if request.param == "memory":
@@ -759,6 +759,7 @@ def test_dsm_api_ignores_no_token_when_a_token_is_set():
     assert "note: --no-token is ignored: DSM_API_TOKEN is set" in stderr, stderr
 
 
+@pytest.mark.etcd
 def test_the_api_does_not_import_handlers(write, etcd, namespace):
     """`dsm api --etcd` registers the definitions given and starts them without importing their modules."""
     path = write("loud.yaml", """

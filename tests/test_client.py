@@ -49,7 +49,8 @@ def work(payload, ctx):
     payload["worked"] = True
 """
 
-TRANSPORTS = ["embedded", "etcd", "api"]
+KINDS = ["embedded", "etcd", "api"]
+TRANSPORTS = ["embedded", *(pytest.param(kind, marks=pytest.mark.etcd) for kind in KINDS[1:])]  # etcd under both
 Connect = Callable[..., dsm.Client]
 
 
@@ -284,10 +285,11 @@ def refusals(c: dsm.Client, instant: Path) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.etcd
 def test_every_transport_refuses_in_the_same_words(transports, write):
     instant = write("instant.yaml", INSTANT)
     seen: dict[str, list[tuple[str, str]]] = {}
-    for kind in TRANSPORTS:
+    for kind in KINDS:
         c = transports.connect(kind, APPROVAL, instant)
         c.start(instant, {"n": 1}, id="done-1")
         c.start("approval", {"n": 1}, id="run-1")
