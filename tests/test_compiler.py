@@ -490,6 +490,46 @@ def test_nested_fork_must_join_inside_its_branch():
     assert "state 'j' is the join of two forks" in text or "is not in the same branch" in text
 
 
+MAP_ESCAPE = """
+machine: order
+start: s
+states:
+  s:
+    map: {{items: payload.xs, branch: b}}
+    join: j
+  b:
+    tick: m:f
+{edge}
+  j:
+    next: done
+  done:
+    terminal: true
+"""
+
+
+@pytest.mark.parametrize("edge, state, line, col", [
+    ("    on: {ok: j, gone: done}", "b", 9, 23),
+    ("    choose:\n      - when: payload.item\n        next: j\n      - next: done", "b", 12, 15),
+    ("    next: j\n    catch: done", "b", 10, 12),
+    ("    next: c\n  c:\n    next: done", "c", 11, 11),
+], ids=["on", "choose", "catch", "next"])
+@pytest.mark.xfail(strict=True, reason="reported at the terminal state, not at the edge that leaves the branch")
+def test_map_branch_routing_to_a_terminal_outside_it_is_reported_at_the_edge(edge, state, line, col):
+    found = problems(MAP_ESCAPE.format(edge=edge))
+    escape = (f"malformed map: state {state!r} in branch 'b' of map 's' routes to terminal state 'done' outside "
+              "the branch; branches must end at the join 'j'")
+    assert [(p.line, p.col) for p in found if p.message == escape] == [(line, col)], "\n".join(map(str, found))
+    terminal_line = MAP_ESCAPE.format(edge=edge).lstrip("\n").splitlines().index("  done:") + 1
+    assert not [p for p in found if p.line == terminal_line], "\n".join(map(str, found))
+
+
+def test_terminal_state_only_a_map_branch_reaches_is_inside_it():
+    found = problems(MAP_ESCAPE.format(edge="    on: {ok: j, gone: lost}\n  lost:\n    terminal: true"))
+    assert [(p.line, p.col, p.message) for p in found] == [
+        (10, 3, "malformed map: terminal state 'lost' is inside branch 'b' of map 's'; branches must end at the "
+                "join 'j'")]
+
+
 def test_guard_that_does_not_compile():
     found = problems("""
         machine: order
