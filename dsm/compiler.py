@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import handlers, loader, schema
+from . import graphcheck, handlers, loader, schema
 from .durations import parse_duration, shown
 from .errors import DefinitionError, InputError, Problem
 from .graph import (
@@ -22,8 +21,6 @@ from .graph import (
     DEFAULT_RETENTION,
     Call,
     Choice,
-    Fork,
-    Frame,
     Graph,
     Handler,
     Kind,
@@ -427,9 +424,7 @@ class _Compiler:
             self.check_ref(("start",), start, "start")
         if not isinstance(start, str) or start not in states or len(states) != len(self.raw):
             return None  # structure checks need every state compiled; what is wrong was reported
-        predecessors = self.predecessors(states)
-        forks, frames, join_of = self.structure(states, predecessors)
-        self.reachability(states, start, predecessors)
+        structure = graphcheck.check(states, start, self.report)
         if self.problems:
             return None
         max_transitions = self.data.get("max_transitions", DEFAULT_MAX_TRANSITIONS)
@@ -437,9 +432,9 @@ class _Compiler:
             machine=self.data["machine"],
             start=start,
             states=MappingProxyType(states),
-            forks=MappingProxyType(forks),
-            frames=MappingProxyType(frames),
-            join_of=MappingProxyType(join_of),
+            forks=MappingProxyType(structure.forks),
+            frames=MappingProxyType(structure.frames),
+            join_of=MappingProxyType(structure.join_of),
             version=self.data.get("version"),
             description=self.data.get("description", ""),
             max_transitions=max_transitions,
@@ -448,195 +443,6 @@ class _Compiler:
             source=self.doc.text,
             retention=_or(self.duration(("retention",), self.data.get("retention")), DEFAULT_RETENTION),
         )
-
-    def structure(self, states: dict[str, State], predecessors: dict[str, set[str]]
-                  ) -> tuple[dict[str, Fork], dict[str, tuple[Frame, ...]], dict[str, str]]:
-        forks: dict[str, Fork] = {}
-        join_of: dict[str, str] = {}
-        for name, st in states.items():
-            if st.kind is Kind.MAP and st.map is not None:
-                forks.update(self.map_structure(states, st, join_of))
-                continue
-            if st.kind is not Kind.FORK:
-                continue
-            path = self.state_key(name)
-            join = st.join
-            assert join is not None
-            broken = False
-            if len(st.fork) < 2:
-                self.report(path + ("fork",), f"malformed fork in state {name!r}: a fork needs at least two "
-                            f"branches, got {len(st.fork)}")
-                broken = True
-            dupes = sorted(b for b, n in Counter(st.fork).items() if n > 1)
-            if dupes:
-                self.report(path + ("fork",), f"malformed fork in state {name!r}: branch {dupes[0]!r} is "
-                            "listed twice")
-                broken = True
-            if join == name or join in st.fork:
-                self.report(path + ("join",), f"malformed fork in state {name!r}: the join {join!r} cannot be "
-                            "the fork state or one of its branches")
-                broken = True
-            if name in st.fork:
-                self.report(path + ("fork",), f"malformed fork in state {name!r}: a branch cannot start at "
-                            "the fork state itself")
-                broken = True
-            if join in join_of:
-                self.report(path + ("join",), f"state {join!r} is the join of two forks, {join_of[join]!r} and "
-                            f"{name!r}; give each fork its own join")
-                broken = True
-            else:
-                join_of[join] = name
-            if broken:
-                continue
-            members = {b: self.branch_members(states, b, join) for b in st.fork}
-            forks[name] = Fork(state=name, branches=st.fork, join=join, merge=st.merge,
-                               members=MappingProxyType({b: frozenset(m) for b, m in members.items()}))
-
-        for fk in forks.values():
-            self.check_branches(states, fk, predecessors)
-        # each state's enclosing branches, outermost (largest) first: one pass over every branch
-        enclosing: dict[str, list[tuple[str, str, int]]] = {}
-        for fk in forks.values():
-            for b, m in fk.members.items():
-                for member in m:
-                    enclosing.setdefault(member, []).append((fk.state, b, len(m)))
-        frames: dict[str, tuple[Frame, ...]] = {}
-        for name in states:
-            around = sorted(enclosing.get(name, ()), key=lambda item: -item[2])
-            frames[name] = tuple((f, b) for f, b, _ in around)
-        for name, fk in forks.items():
-            # a nested fork's join must sit in the same branch as the fork itself
-            if frames.get(fk.join, ()) != frames.get(name, ()):
-                what = "map" if fk.map is not None else "fork"
-                self.report(self.state_key(name) + ("join",), f"malformed {what} in state {name!r}: its join "
-                            f"{fk.join!r} is not in the same branch as the {what}")
-        return forks, frames, join_of
-
-    def map_structure(self, states: dict[str, State], st: State, join_of: dict[str, str]) -> dict[str, Fork]:
-        """A map state's one branch, as a fork's: members, and its join (checked like a fork's)."""
-        name, join, spec = st.name, st.join, st.map
-        assert join is not None and spec is not None
-        path = self.state_key(name)
-        if join in (name, spec.branch):
-            self.report(path + ("join",), f"malformed map in state {name!r}: the join {join!r} cannot be the map "
-                        "state or its branch")
-            return {}
-        if spec.branch == name:
-            self.report(path + ("map", "branch"), f"malformed map in state {name!r}: the branch cannot start at "
-                        "the map state itself")
-            return {}
-        if join in join_of:
-            self.report(path + ("join",), f"state {join!r} is the join of two forks or maps, {join_of[join]!r} and "
-                        f"{name!r}; give each its own join")
-            return {}
-        join_of[join] = name
-        members = frozenset(self.branch_members(states, spec.branch, join))
-        return {name: Fork(state=name, branches=(spec.branch,), join=join, merge="map",
-                           members=MappingProxyType({spec.branch: members}), map=spec)}
-
-    @staticmethod
-    def edges(st: State) -> tuple[str, ...]:
-        """Routing edges plus a virtual fork->join (or map->join) edge, for reachability questions."""
-        out = st.targets()
-        if st.kind in (Kind.FORK, Kind.MAP) and st.join:
-            out = out + (st.join,)
-        return out
-
-    def predecessors(self, states: dict[str, State]) -> dict[str, set[str]]:
-        """Who routes to whom, backwards: every check below walks it once instead of iterating to a fixpoint."""
-        out: dict[str, set[str]] = {n: set() for n in states}
-        for name, st in states.items():
-            for target in self.edges(st):
-                out.setdefault(target, set()).add(name)
-        return out
-
-    @staticmethod
-    def backwards(predecessors: dict[str, set[str]], ends: Iterable[str], within: Any = None) -> set[str]:
-        """The states from which one of `ends` can be reached (staying inside `within` when given)."""
-        seen = set(ends)
-        queue = deque(seen)
-        while queue:
-            for p in predecessors.get(queue.popleft(), ()):
-                if p not in seen and (within is None or p in within):
-                    seen.add(p)
-                    queue.append(p)
-        return seen
-
-    def branch_members(self, states: dict[str, State], first: str, join: str) -> set[str]:
-        seen = {first}
-        queue = deque([first])
-        while queue:
-            current = states.get(queue.popleft())
-            if current is None:
-                continue
-            for target in self.edges(current):
-                if target != join and target not in seen and target in states:
-                    seen.add(target)
-                    queue.append(target)
-        return seen
-
-    def check_branches(self, states: dict[str, State], fk: Fork, predecessors: dict[str, set[str]]) -> None:
-        name = fk.state
-        path = self.state_key(name) + (("map", "branch") if fk.map is not None else ())
-        what = "map" if fk.map is not None else "fork"
-        # overlaps, found through who owns each state rather than by comparing every pair of branches
-        owners: dict[str, list[int]] = {}
-        for i, b in enumerate(fk.branches):
-            for m in fk.members[b]:
-                owners.setdefault(m, []).append(i)
-        overlaps: dict[int, dict[int, str]] = {}  # branch index -> later branch index -> first shared state
-        for m, held in owners.items():
-            for x, i in enumerate(held):
-                for j in held[x + 1:]:
-                    shared = overlaps.setdefault(i, {})
-                    if j not in shared or m < shared[j]:
-                        shared[j] = m
-        # every state of a branch must be able to reach the join: one walk back from it for the whole fork
-        reach = self.backwards(predecessors, (fk.join,), within=owners)
-        for i, b in enumerate(fk.branches):
-            members = fk.members[b]
-            where = f"branch {b!r} of {what} {name!r}"
-            at = path if fk.map is not None else path + ("fork", i)
-            if name in members:
-                self.report(at, f"malformed {what}: {where} leads back to the fork state "
-                            f"{name!r} without passing the join {fk.join!r}")
-            for j, state in sorted(overlaps.get(i, {}).items()):
-                self.report(at, f"malformed fork: branches {b!r} and {fk.branches[j]!r} of "
-                            f"fork {name!r} overlap at state {state!r}")
-            for m in sorted(members):
-                st = states[m]
-                if st.terminal:
-                    self.report(self.state_key(m), f"malformed {what}: terminal state {m!r} is inside {where}; "
-                                f"branches must end at the join {fk.join!r}", key=True)
-                outside = sorted(p for p in predecessors.get(m, ()) if p not in members and not (m == b and p == name))
-                if outside and name not in members:
-                    self.report(self.state_key(m), f"malformed {what}: state {m!r} in {where} is also entered "
-                                f"from {outside[0]!r}, outside the branch", key=True)
-            for m in sorted(members - reach):
-                if not states[m].terminal:
-                    self.report(self.state_key(m), f"malformed {what}: state {m!r} in {where} never reaches the "
-                                f"join {fk.join!r}", key=True)
-
-    def reachability(self, states: dict[str, State], start: str, predecessors: dict[str, set[str]]) -> None:
-        seen = {start}
-        queue = deque([start])
-        while queue:
-            for target in self.edges(states[queue.popleft()]):
-                if target in states and target not in seen:
-                    seen.add(target)
-                    queue.append(target)
-        for name in states:
-            if name not in seen:
-                self.report(self.state_key(name), f"state {name!r} is unreachable from start {start!r}", key=True)
-        terminals = [n for n, st in states.items() if st.terminal]
-        if not terminals:
-            self.report(("states",), "the machine has no terminal state (add one with terminal: true)", key=True)
-            return
-        finishing = self.backwards(predecessors, terminals, within=states)
-        for name in states:
-            if name in seen and name not in finishing:
-                self.report(self.state_key(name), f"no terminal state can be reached from state {name!r}",
-                            key=True)
 
 
 def _finite(number: float) -> bool:

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from bench.compile import chain, nested_forks, wide_fork
-from dsm import compile_text, compiler, handlers
+from dsm import compile_text, compiler, graphcheck, handlers
 from dsm.errors import DefinitionError, InputError
 from dsm.graph import Kind
 
@@ -815,10 +815,11 @@ def test_large_machines_compile_with_their_structure():
     assert deep.frames["c99"][-1] == ("f99", "c99") and deep.join_of["j50"] == "f50"
 
 
-def lines_run_in_the_compiler(text: str) -> int:
-    """Lines of compiler.py executed to compile `text`: a measure of work that does not depend on
-    the machine's speed."""
+def lines_run_in_the_compiler(text: str, modules=(compiler,)) -> int:
+    """Lines of compiler.py (or of `modules`) executed to compile `text`: a measure of work that
+    does not depend on the machine's speed."""
     count = 0
+    files = {module.__file__ for module in modules}
 
     def local(frame, event, arg):
         nonlocal count
@@ -826,7 +827,7 @@ def lines_run_in_the_compiler(text: str) -> int:
         return local
 
     def calls(frame, event, arg):
-        return local if frame.f_code.co_filename == compiler.__file__ else None
+        return local if frame.f_code.co_filename in files else None
 
     sys.settrace(calls)
     try:
@@ -839,6 +840,13 @@ def lines_run_in_the_compiler(text: str) -> int:
 @pytest.mark.parametrize("shape,size", [(chain, 400), (wide_fork, 200)], ids=["chain", "wide-fork"])
 def test_compiling_does_work_in_proportion_to_the_states(shape, size):
     small, double = lines_run_in_the_compiler(shape(size)), lines_run_in_the_compiler(shape(2 * size))
+    assert double < 2.3 * small, (small, double)
+
+
+@pytest.mark.parametrize("shape,size", [(chain, 400), (wide_fork, 200)], ids=["chain", "wide-fork"])
+def test_the_graph_checks_do_work_in_proportion_to_the_states(shape, size):
+    small = lines_run_in_the_compiler(shape(size), (graphcheck,))
+    double = lines_run_in_the_compiler(shape(2 * size), (graphcheck,))
     assert double < 2.3 * small, (small, double)
 
 
