@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from bench.compile import chain, nested_forks, wide_fork
-from dsm import compile_text, compiler, graphcheck, handlers
+from dsm import compile_text, compiler, graphcheck, handlers, kinds, schema
 from dsm.errors import DefinitionError, InputError
 from dsm.graph import Kind
 
@@ -844,10 +844,17 @@ def test_compiling_does_work_in_proportion_to_the_states(shape, size):
 
 
 @pytest.mark.parametrize("shape,size", [(chain, 400), (wide_fork, 200)], ids=["chain", "wide-fork"])
-def test_the_graph_checks_do_work_in_proportion_to_the_states(shape, size):
-    small = lines_run_in_the_compiler(shape(size), (graphcheck,))
-    double = lines_run_in_the_compiler(shape(2 * size), (graphcheck,))
+@pytest.mark.parametrize("module", [kinds, graphcheck])
+def test_building_states_and_checking_the_graph_do_work_in_proportion_to_the_states(module, shape, size):
+    small = lines_run_in_the_compiler(shape(size), (module,))
+    double = lines_run_in_the_compiler(shape(2 * size), (module,))
     assert double < 2.3 * small, (small, double)
+
+
+def test_the_kinds_of_state_know_every_key_the_schema_lets_a_state_have():
+    keys = set(schema.schema()["definitions"]["state"]["properties"])
+    known = {"description"} | {key for row in kinds.KINDS for key in (row.key, *row.takes, *row.needs, *row.excludes)}
+    assert known == keys
 
 
 def test_too_many_states_is_a_located_error(monkeypatch):
