@@ -10,7 +10,7 @@ every state records the branches around it.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -47,6 +47,24 @@ def edges(st: State) -> tuple[str, ...]:
     if st.kind in (Kind.FORK, Kind.MAP) and st.join:
         out = out + (st.join,)
     return out
+
+
+def routes(st: State) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Each key of a state that names another state (under the state), with the state it names."""
+    if st.next is not None:
+        yield ("next",), st.next
+    for label, target in st.on.items():
+        yield ("on", label), target
+    for i, choice in enumerate(st.choose):
+        yield ("choose", i, "next"), choice.next
+    for i, target in enumerate(st.fork):
+        yield ("fork", i), target
+    if st.map is not None:
+        yield ("map", "branch"), st.map.branch
+    if st.join is not None:
+        yield ("join",), st.join
+    if st.catch:
+        yield ("catch",), st.catch
 
 
 def backwards(predecessors: Mapping[str, Collection[str]], ends: Iterable[str], within: Any = None) -> set[str]:
@@ -142,9 +160,10 @@ class _GraphCheck:
                         f"{name!r}; give each its own join")
             return {}
         join_of[join] = name
-        members = frozenset(self.branch_members(spec.branch, join))
+        members = self.branch_members(spec.branch, join)
+        members -= self.outside_terminals(members, spec.branch)
         return {name: Fork(state=name, branches=(spec.branch,), join=join, merge="map",
-                           members=MappingProxyType({spec.branch: members}), map=spec)}
+                           members=MappingProxyType({spec.branch: frozenset(members)}), map=spec)}
 
     def branch_members(self, first: str, join: str) -> set[str]:
         """Every state reachable from `first` before the join."""
@@ -159,6 +178,11 @@ class _GraphCheck:
                     seen.add(target)
                     queue.append(target)
         return seen
+
+    def outside_terminals(self, members: set[str], first: str) -> set[str]:
+        """The terminal states a branch routes to that the rest of the machine enters too: not in
+        the branch, which escapes there (reported at the keys that lead out, not at the state)."""
+        return {m for m in members if m != first and self.states[m].terminal and not self.predecessors[m] <= members}
 
     def frames(self, forks: Mapping[str, Fork]) -> dict[str, tuple[Frame, ...]]:
         """Each state's enclosing branches, outermost (largest) first: one pass over every branch."""
@@ -202,6 +226,8 @@ class _GraphCheck:
             members = fk.members[b]
             where = f"branch {b!r} of {what} {name!r}"
             at = path if fk.map is not None else path + ("fork", i)
+            if fk.map is not None:
+                self.check_escapes(fk, members, where)
             if name in members:
                 self.report(at, f"malformed {what}: {where} leads back to the fork state {name!r} without passing "
                             f"the join {fk.join!r}")
@@ -221,6 +247,16 @@ class _GraphCheck:
                 if not self.states[m].terminal:
                     self.report(_at(m), f"malformed {what}: state {m!r} in {where} never reaches the join "
                                 f"{fk.join!r}", key=True)
+
+    def check_escapes(self, fk: Fork, members: frozenset[str], where: str) -> None:
+        """A map's branch that routes to a terminal state outside it, reported at each key that
+        does (the states outside the branch are left out of it when it is built)."""
+        for m in sorted(members):
+            for key, target in routes(self.states[m]):
+                end = self.states.get(target)
+                if end is not None and end.terminal and target not in members and target != fk.join:
+                    self.report(_at(m) + key, f"malformed map: state {m!r} in {where} routes to terminal state "
+                                f"{target!r} outside the branch; branches must end at the join {fk.join!r}")
 
     # -- the whole machine ---------------------------------------------------------------------
     def reachability(self, start: str) -> None:

@@ -513,7 +513,6 @@ states:
     ("    next: j\n    catch: done", "b", 10, 12),
     ("    next: c\n  c:\n    next: done", "c", 11, 11),
 ], ids=["on", "choose", "catch", "next"])
-@pytest.mark.xfail(strict=True, reason="reported at the terminal state, not at the edge that leaves the branch")
 def test_map_branch_routing_to_a_terminal_outside_it_is_reported_at_the_edge(edge, state, line, col):
     found = problems(MAP_ESCAPE.format(edge=edge))
     escape = (f"malformed map: state {state!r} in branch 'b' of map 's' routes to terminal state 'done' outside "
