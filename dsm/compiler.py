@@ -1,5 +1,11 @@
 """From a parsed document to a checked, frozen Graph, reporting every problem with file:line:col.
 
+Three steps, each in its own module: the JSON Schema (schema.py); each state, by the table of the
+kinds of state (kinds.py: the keys each kind takes, needs and excludes, and how it is built); the
+machine as a graph (graphcheck.py). This module runs them in that order and gives the kinds what
+they ask of the file: references to other states, durations, retry policies, handlers and the
+machines a state calls.
+
 Checks run even when the schema already failed somewhere, on whatever parts are well formed, so
 that one run of `dsm validate` shows every problem of a file.
 """
@@ -8,43 +14,24 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import handlers, loader, schema
+from . import graphcheck, handlers, kinds, loader, schema
 from .durations import parse_duration, shown
 from .errors import DefinitionError, InputError, Problem
-from .graph import (
-    DEFAULT_MAX_TRANSITIONS,
-    DEFAULT_RETENTION,
-    Call,
-    Choice,
-    Fork,
-    Frame,
-    Graph,
-    Handler,
-    Kind,
-    MapSpec,
-    RetryPolicy,
-    State,
-    Wait,
-    digest_of,
-)
-from .guards import Guard, GuardError, compile_guard
+from .graph import DEFAULT_MAX_TRANSITIONS, DEFAULT_RETENTION, Call, Graph, Handler, RetryPolicy, State, digest_of
 from .loader import Document
 
-ROUTING = ("next", "on", "choose", "fork", "map", "terminal")
-WAITS = ("wait", "signal", "call")  # what a state may do instead of a tick
 MAX_HINTS = 20  # "did you mean" suggestions per file
-TICK_ONLY = ("timeout", "retry", "catch")
-ALLOWED = {"wait": (), "signal": ("timeout", "catch"), "call": TICK_ONLY}  # of TICK_ONLY, per kind of wait
-MAX_MAP_ITEMS = 10_000
 
 
 class _Compiler:
+    """The compilation of one file: its problems, and what building its states asks of it
+    (kinds.Compiling)."""
+
     def __init__(self, doc: Document, import_handlers: bool, allow: handlers.Allowlist,
                  search_path: tuple[str, ...] = (), calls: Mapping[str, Graph] | None = None,
                  chain: tuple[str, ...] = ()):
@@ -86,7 +73,7 @@ class _Compiler:
         self.report(path, f"{what} refers to unknown state {target!r}{suggestion}")
         return False
 
-    # -- per state ---------------------------------------------------------------------------
+    # -- values the states are built from ---------------------------------------------------
     def defaults(self) -> tuple[float | None, dict[str, Any] | None]:
         raw = self.data.get("defaults")
         if not isinstance(raw, dict):
@@ -149,216 +136,8 @@ class _Compiler:
             self.report(path, f"{loader.dotted(path)}: {exc}")
             return None
 
-    def state(self, name: str, body: dict[str, Any], defaults: tuple) -> State | None:
-        path = self.state_key(name)
-        routing = [k for k in ROUTING if k in body and not (k == "terminal" and body.get("terminal") is not True)]
-        ok = True
-        if "join" in body and "fork" not in body and "map" not in body:
-            self.report(path + ("join",), f"state {name!r} has a join but no fork or map", key=True)
-            ok = False
-        if "fork" in body and "join" not in body:
-            self.report(path + ("fork",), f"malformed fork in state {name!r}: missing join", key=True)
-            ok = False
-        if "map" in body and "join" not in body:
-            self.report(path + ("map",), f"malformed map in state {name!r}: missing join (where the machine "
-                        "continues once every item has finished)", key=True)
-            ok = False
-        waits = [k for k in WAITS if k in body]
-        if len(waits) > 1:
-            self.report(path + (waits[1],), f"state {name!r} has both {waits[0]!r} and {waits[1]!r}: a state "
-                        "waits for one thing", key=True)
-            ok = False
-        if waits and "tick" in body:
-            self.report(path + (waits[0],), f"state {name!r} has a tick and {waits[0]!r}: a {waits[0]} state "
-                        "replaces the tick; move the tick to a state before it", key=True)
-            ok = False
-        waiting = waits[0] if waits else None
-        if not routing:
-            if "terminal" in body:
-                hint = "terminal: false is not a route"
-            else:
-                hint = "no routing key"
-            self.report(path, f"state {name!r} has {hint}: give it one of next, on, choose, fork + join, "
-                              "or terminal: true", key=True)
-            return None
-        if len(routing) > 1:
-            self.report(path + (routing[1],), f"state {name!r} has several routing keys "
-                        f"({', '.join(routing)}): keep exactly one", key=True)
-            return None
-        kind = Kind(routing[0])
-        has_tick = "tick" in body
-        if kind is Kind.TERMINAL:
-            for key in ("tick",) + TICK_ONLY + WAITS:
-                if key in body:
-                    what = "a tick" if key == "tick" else f"{key!r}"
-                    self.report(path + (key,), f"terminal state {name!r} cannot have {what}", key=True)
-                    ok = False
-        else:
-            if "status" in body:
-                self.report(path + ("status",), f"state {name!r} is not terminal: 'status' applies to "
-                            "terminal states only", key=True)
-                ok = False
-            if waiting is not None:
-                for key in TICK_ONLY:
-                    if key in body and key not in ALLOWED[waiting]:
-                        allowed = ", ".join(ALLOWED[waiting]) or "none of timeout, retry, catch"
-                        self.report(path + (key,), f"state {name!r} is a {waiting} state and cannot have {key!r} "
-                                    f"(a {waiting} state takes {allowed})", key=True)
-                        ok = False
-            elif not has_tick:
-                for key in TICK_ONLY:
-                    if key in body:
-                        self.report(path + (key,), f"state {name!r} has {key!r} but no tick to apply it to",
-                                    key=True)
-                        ok = False
-        if kind is Kind.ON and not has_tick and waiting != "signal":
-            self.report(path + ("on",), f"state {name!r} routes with 'on' but has no tick (or signal) to give a "
-                        "label", key=True)
-            ok = False
-        if waiting is not None and kind in (Kind.FORK, Kind.MAP):
-            self.report(path + (waiting,), f"state {name!r}: {waiting!r} routes with next, on or choose, not "
-                        f"with {kind.value}", key=True)
-            ok = False
-        if "merge" in body and kind is not Kind.FORK:
-            self.report(path + ("merge",), f"state {name!r} has 'merge' but is not a fork", key=True)
-            ok = False
-
-        # references
-        refs_ok = True
-        if kind is Kind.NEXT:
-            refs_ok &= self.check_ref(path + ("next",), body.get("next"), f"state {name!r}: next")
-        elif kind is Kind.ON:
-            on = body.get("on")
-            if isinstance(on, dict):
-                for label, target in on.items():
-                    refs_ok &= self.check_ref(path + ("on", label), target, f"state {name!r}: on {label!r}")
-            else:
-                refs_ok = False
-        elif kind is Kind.FORK:
-            fork = body.get("fork")
-            if isinstance(fork, list):
-                for i, target in enumerate(fork):
-                    refs_ok &= self.check_ref(path + ("fork", i), target, f"state {name!r}: fork branch")
-            else:
-                refs_ok = False
-            if "join" in body:
-                refs_ok &= self.check_ref(path + ("join",), body.get("join"), f"state {name!r}: join")
-        elif kind is Kind.MAP:
-            spec = body.get("map")
-            if isinstance(spec, dict) and "branch" in spec:
-                refs_ok &= self.check_ref(path + ("map", "branch"), spec.get("branch"), f"state {name!r}: map branch")
-            else:
-                refs_ok = False
-            if "join" in body:
-                refs_ok &= self.check_ref(path + ("join",), body.get("join"), f"state {name!r}: join")
-        if "catch" in body:
-            refs_ok &= self.check_ref(path + ("catch",), body.get("catch"), f"state {name!r}: catch")
-
-        choices: list[Choice] = []
-        if kind is Kind.CHOOSE:
-            entries = body.get("choose")
-            if isinstance(entries, list):
-                default_at = None
-                for i, entry in enumerate(entries):
-                    if not isinstance(entry, dict):
-                        refs_ok = False
-                        continue
-                    refs_ok &= self.check_ref(path + ("choose", i, "next"), entry.get("next"),
-                                              f"state {name!r}: choose[{i}].next")
-                    when = entry.get("when")
-                    guard = None
-                    if "when" not in entry:
-                        if default_at is not None:
-                            self.report(path + ("choose", i), f"state {name!r}: choose has a second default "
-                                        f"entry (the first is choose[{default_at}])")
-                            ok = False
-                        default_at = i
-                    elif isinstance(when, str):
-                        try:
-                            guard = compile_guard(when)
-                        except GuardError as exc:
-                            self.report(path + ("choose", i, "when"), f"state {name!r}: {exc}")
-                            ok = False
-                    if default_at is not None and default_at < i and "when" in entry:
-                        self.report(path + ("choose", i), f"state {name!r}: choose[{i}] follows the default "
-                                    f"entry choose[{default_at}] and can never be chosen")
-                        ok = False
-                    if isinstance(entry.get("next"), str):
-                        choices.append(Choice(next=entry["next"], guard=guard))
-            else:
-                refs_ok = False
-
-        tick = self.handler(path + ("tick",), body.get("tick")) if has_tick else None
-        if has_tick and tick is None:
-            ok = False
-        wait = self.wait(path + ("wait",), body["wait"]) if waiting == "wait" else None
-        call = self.call(path + ("call",), body["call"]) if waiting == "call" else None
-        spec = self.map_spec(path + ("map",), body.get("map")) if kind is Kind.MAP else None
-        if (waiting == "wait" and wait is None) or (waiting == "call" and call is None) or (
-                kind is Kind.MAP and spec is None):
-            ok = False
-        if not (ok and refs_ok):
-            return None
-        default_timeout, default_retry = defaults
-        timeout = self.duration(path + ("timeout",), body.get("timeout")) if "timeout" in body else None
-        retry_raw = body.get("retry") if isinstance(body.get("retry"), dict) else None
-        line, col = self.doc.where(path, key=True)
-        on = body.get("on") if kind is Kind.ON else {}
-        return State(
-            name=name,
-            kind=kind,
-            line=line,
-            col=col,
-            description=body.get("description", "") if isinstance(body.get("description"), str) else "",
-            tick=tick,
-            next=body.get("next") if kind is Kind.NEXT else None,
-            on=MappingProxyType(dict(on or {})),
-            choose=tuple(choices),
-            fork=tuple(body.get("fork", ())) if kind is Kind.FORK else (),
-            merge=body.get("merge", "keys") if kind is Kind.FORK else "keys",
-            status=body.get("status", "succeeded") if kind is Kind.TERMINAL else "succeeded",
-            timeout=(timeout if timeout is not None else default_timeout) if has_tick else timeout,
-            retry=self.retry_policy(path + ("retry",), retry_raw if retry_raw is not None
-                                    else default_retry if has_tick else None)
-            if has_tick or waiting == "call" else RetryPolicy(),
-            catch=body.get("catch"),
-            join=body.get("join") if kind in (Kind.FORK, Kind.MAP) else None,
-            wait=wait,
-            signal=body.get("signal") if waiting == "signal" else None,
-            call=call,
-            map=spec,
-        )
-
-    def expression(self, path: tuple, source: Any, what: str) -> Guard | None:
-        if not isinstance(source, str):
-            return None  # the schema reported it
-        try:
-            return compile_guard(source)
-        except GuardError as exc:
-            self.report(path, f"{what}: {exc}")
-            return None
-
-    def wait(self, path: tuple, raw: Any) -> Wait | None:
-        if isinstance(raw, dict):
-            until = self.expression(path + ("until",), raw.get("until"), f"{loader.dotted(path)}.until")
-            return Wait(until=until) if until is not None else None
-        seconds = self.duration(path, raw)
-        return Wait(seconds=seconds) if seconds is not None else None
-
-    def map_spec(self, path: tuple, raw: Any) -> MapSpec | None:
-        if not isinstance(raw, dict) or not isinstance(raw.get("branch"), str):
-            return None
-        items = self.expression(path + ("items",), raw.get("items"), f"{loader.dotted(path)}.items")
-        if items is None:
-            return None
-        limit = raw.get("max_concurrency")
-        keys = raw.get("with")
-        collect = raw.get("collect")
-        return MapSpec(items=items, branch=raw["branch"],
-                       max_concurrency=limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
-                       else None,
-                       with_keys=tuple(k for k in keys if isinstance(k, str)) if isinstance(keys, list) else (),
-                       collect=collect if isinstance(collect, str) and collect else "results")
+    def where(self, path: tuple) -> tuple[int, int]:
+        return self.doc.where(path, key=True)
 
     def call(self, path: tuple, target: Any) -> Call | None:
         """The child machine of a `call`: from the store's record of the definition when it was read
@@ -419,7 +198,7 @@ class _Compiler:
         defaults = self.defaults()
         states: dict[str, State] = {}
         for name, body in self.raw.items():
-            built = self.state(name, body, defaults)
+            built = kinds.build(self, name, body, defaults)
             if built is not None:
                 states[name] = built
         start = self.data.get("start")
@@ -427,9 +206,7 @@ class _Compiler:
             self.check_ref(("start",), start, "start")
         if not isinstance(start, str) or start not in states or len(states) != len(self.raw):
             return None  # structure checks need every state compiled; what is wrong was reported
-        predecessors = self.predecessors(states)
-        forks, frames, join_of = self.structure(states, predecessors)
-        self.reachability(states, start, predecessors)
+        structure = graphcheck.check(states, start, self.report)
         if self.problems:
             return None
         max_transitions = self.data.get("max_transitions", DEFAULT_MAX_TRANSITIONS)
@@ -437,9 +214,9 @@ class _Compiler:
             machine=self.data["machine"],
             start=start,
             states=MappingProxyType(states),
-            forks=MappingProxyType(forks),
-            frames=MappingProxyType(frames),
-            join_of=MappingProxyType(join_of),
+            forks=MappingProxyType(structure.forks),
+            frames=MappingProxyType(structure.frames),
+            join_of=MappingProxyType(structure.join_of),
             version=self.data.get("version"),
             description=self.data.get("description", ""),
             max_transitions=max_transitions,
@@ -448,195 +225,6 @@ class _Compiler:
             source=self.doc.text,
             retention=_or(self.duration(("retention",), self.data.get("retention")), DEFAULT_RETENTION),
         )
-
-    def structure(self, states: dict[str, State], predecessors: dict[str, set[str]]
-                  ) -> tuple[dict[str, Fork], dict[str, tuple[Frame, ...]], dict[str, str]]:
-        forks: dict[str, Fork] = {}
-        join_of: dict[str, str] = {}
-        for name, st in states.items():
-            if st.kind is Kind.MAP and st.map is not None:
-                forks.update(self.map_structure(states, st, join_of))
-                continue
-            if st.kind is not Kind.FORK:
-                continue
-            path = self.state_key(name)
-            join = st.join
-            assert join is not None
-            broken = False
-            if len(st.fork) < 2:
-                self.report(path + ("fork",), f"malformed fork in state {name!r}: a fork needs at least two "
-                            f"branches, got {len(st.fork)}")
-                broken = True
-            dupes = sorted(b for b, n in Counter(st.fork).items() if n > 1)
-            if dupes:
-                self.report(path + ("fork",), f"malformed fork in state {name!r}: branch {dupes[0]!r} is "
-                            "listed twice")
-                broken = True
-            if join == name or join in st.fork:
-                self.report(path + ("join",), f"malformed fork in state {name!r}: the join {join!r} cannot be "
-                            "the fork state or one of its branches")
-                broken = True
-            if name in st.fork:
-                self.report(path + ("fork",), f"malformed fork in state {name!r}: a branch cannot start at "
-                            "the fork state itself")
-                broken = True
-            if join in join_of:
-                self.report(path + ("join",), f"state {join!r} is the join of two forks, {join_of[join]!r} and "
-                            f"{name!r}; give each fork its own join")
-                broken = True
-            else:
-                join_of[join] = name
-            if broken:
-                continue
-            members = {b: self.branch_members(states, b, join) for b in st.fork}
-            forks[name] = Fork(state=name, branches=st.fork, join=join, merge=st.merge,
-                               members=MappingProxyType({b: frozenset(m) for b, m in members.items()}))
-
-        for fk in forks.values():
-            self.check_branches(states, fk, predecessors)
-        # each state's enclosing branches, outermost (largest) first: one pass over every branch
-        enclosing: dict[str, list[tuple[str, str, int]]] = {}
-        for fk in forks.values():
-            for b, m in fk.members.items():
-                for member in m:
-                    enclosing.setdefault(member, []).append((fk.state, b, len(m)))
-        frames: dict[str, tuple[Frame, ...]] = {}
-        for name in states:
-            around = sorted(enclosing.get(name, ()), key=lambda item: -item[2])
-            frames[name] = tuple((f, b) for f, b, _ in around)
-        for name, fk in forks.items():
-            # a nested fork's join must sit in the same branch as the fork itself
-            if frames.get(fk.join, ()) != frames.get(name, ()):
-                what = "map" if fk.map is not None else "fork"
-                self.report(self.state_key(name) + ("join",), f"malformed {what} in state {name!r}: its join "
-                            f"{fk.join!r} is not in the same branch as the {what}")
-        return forks, frames, join_of
-
-    def map_structure(self, states: dict[str, State], st: State, join_of: dict[str, str]) -> dict[str, Fork]:
-        """A map state's one branch, as a fork's: members, and its join (checked like a fork's)."""
-        name, join, spec = st.name, st.join, st.map
-        assert join is not None and spec is not None
-        path = self.state_key(name)
-        if join in (name, spec.branch):
-            self.report(path + ("join",), f"malformed map in state {name!r}: the join {join!r} cannot be the map "
-                        "state or its branch")
-            return {}
-        if spec.branch == name:
-            self.report(path + ("map", "branch"), f"malformed map in state {name!r}: the branch cannot start at "
-                        "the map state itself")
-            return {}
-        if join in join_of:
-            self.report(path + ("join",), f"state {join!r} is the join of two forks or maps, {join_of[join]!r} and "
-                        f"{name!r}; give each its own join")
-            return {}
-        join_of[join] = name
-        members = frozenset(self.branch_members(states, spec.branch, join))
-        return {name: Fork(state=name, branches=(spec.branch,), join=join, merge="map",
-                           members=MappingProxyType({spec.branch: members}), map=spec)}
-
-    @staticmethod
-    def edges(st: State) -> tuple[str, ...]:
-        """Routing edges plus a virtual fork->join (or map->join) edge, for reachability questions."""
-        out = st.targets()
-        if st.kind in (Kind.FORK, Kind.MAP) and st.join:
-            out = out + (st.join,)
-        return out
-
-    def predecessors(self, states: dict[str, State]) -> dict[str, set[str]]:
-        """Who routes to whom, backwards: every check below walks it once instead of iterating to a fixpoint."""
-        out: dict[str, set[str]] = {n: set() for n in states}
-        for name, st in states.items():
-            for target in self.edges(st):
-                out.setdefault(target, set()).add(name)
-        return out
-
-    @staticmethod
-    def backwards(predecessors: dict[str, set[str]], ends: Iterable[str], within: Any = None) -> set[str]:
-        """The states from which one of `ends` can be reached (staying inside `within` when given)."""
-        seen = set(ends)
-        queue = deque(seen)
-        while queue:
-            for p in predecessors.get(queue.popleft(), ()):
-                if p not in seen and (within is None or p in within):
-                    seen.add(p)
-                    queue.append(p)
-        return seen
-
-    def branch_members(self, states: dict[str, State], first: str, join: str) -> set[str]:
-        seen = {first}
-        queue = deque([first])
-        while queue:
-            current = states.get(queue.popleft())
-            if current is None:
-                continue
-            for target in self.edges(current):
-                if target != join and target not in seen and target in states:
-                    seen.add(target)
-                    queue.append(target)
-        return seen
-
-    def check_branches(self, states: dict[str, State], fk: Fork, predecessors: dict[str, set[str]]) -> None:
-        name = fk.state
-        path = self.state_key(name) + (("map", "branch") if fk.map is not None else ())
-        what = "map" if fk.map is not None else "fork"
-        # overlaps, found through who owns each state rather than by comparing every pair of branches
-        owners: dict[str, list[int]] = {}
-        for i, b in enumerate(fk.branches):
-            for m in fk.members[b]:
-                owners.setdefault(m, []).append(i)
-        overlaps: dict[int, dict[int, str]] = {}  # branch index -> later branch index -> first shared state
-        for m, held in owners.items():
-            for x, i in enumerate(held):
-                for j in held[x + 1:]:
-                    shared = overlaps.setdefault(i, {})
-                    if j not in shared or m < shared[j]:
-                        shared[j] = m
-        # every state of a branch must be able to reach the join: one walk back from it for the whole fork
-        reach = self.backwards(predecessors, (fk.join,), within=owners)
-        for i, b in enumerate(fk.branches):
-            members = fk.members[b]
-            where = f"branch {b!r} of {what} {name!r}"
-            at = path if fk.map is not None else path + ("fork", i)
-            if name in members:
-                self.report(at, f"malformed {what}: {where} leads back to the fork state "
-                            f"{name!r} without passing the join {fk.join!r}")
-            for j, state in sorted(overlaps.get(i, {}).items()):
-                self.report(at, f"malformed fork: branches {b!r} and {fk.branches[j]!r} of "
-                            f"fork {name!r} overlap at state {state!r}")
-            for m in sorted(members):
-                st = states[m]
-                if st.terminal:
-                    self.report(self.state_key(m), f"malformed {what}: terminal state {m!r} is inside {where}; "
-                                f"branches must end at the join {fk.join!r}", key=True)
-                outside = sorted(p for p in predecessors.get(m, ()) if p not in members and not (m == b and p == name))
-                if outside and name not in members:
-                    self.report(self.state_key(m), f"malformed {what}: state {m!r} in {where} is also entered "
-                                f"from {outside[0]!r}, outside the branch", key=True)
-            for m in sorted(members - reach):
-                if not states[m].terminal:
-                    self.report(self.state_key(m), f"malformed {what}: state {m!r} in {where} never reaches the "
-                                f"join {fk.join!r}", key=True)
-
-    def reachability(self, states: dict[str, State], start: str, predecessors: dict[str, set[str]]) -> None:
-        seen = {start}
-        queue = deque([start])
-        while queue:
-            for target in self.edges(states[queue.popleft()]):
-                if target in states and target not in seen:
-                    seen.add(target)
-                    queue.append(target)
-        for name in states:
-            if name not in seen:
-                self.report(self.state_key(name), f"state {name!r} is unreachable from start {start!r}", key=True)
-        terminals = [n for n, st in states.items() if st.terminal]
-        if not terminals:
-            self.report(("states",), "the machine has no terminal state (add one with terminal: true)", key=True)
-            return
-        finishing = self.backwards(predecessors, terminals, within=states)
-        for name in states:
-            if name in seen and name not in finishing:
-                self.report(self.state_key(name), f"no terminal state can be reached from state {name!r}",
-                            key=True)
 
 
 def _finite(number: float) -> bool:

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from bench.compile import chain, nested_forks, wide_fork
-from dsm import compile_text, compiler, handlers
+from dsm import compile_text, compiler, graphcheck, handlers, kinds, schema
 from dsm.errors import DefinitionError, InputError
 from dsm.graph import Kind
 
@@ -490,6 +490,45 @@ def test_nested_fork_must_join_inside_its_branch():
     assert "state 'j' is the join of two forks" in text or "is not in the same branch" in text
 
 
+MAP_ESCAPE = """
+machine: order
+start: s
+states:
+  s:
+    map: {{items: payload.xs, branch: b}}
+    join: j
+  b:
+    tick: m:f
+{edge}
+  j:
+    next: done
+  done:
+    terminal: true
+"""
+
+
+@pytest.mark.parametrize("edge, state, line, col", [
+    ("    on: {ok: j, gone: done}", "b", 9, 23),
+    ("    choose:\n      - when: payload.item\n        next: j\n      - next: done", "b", 12, 15),
+    ("    next: j\n    catch: done", "b", 10, 12),
+    ("    next: c\n  c:\n    next: done", "c", 11, 11),
+], ids=["on", "choose", "catch", "next"])
+def test_map_branch_routing_to_a_terminal_outside_it_is_reported_at_the_edge(edge, state, line, col):
+    found = problems(MAP_ESCAPE.format(edge=edge))
+    escape = (f"malformed map: state {state!r} in branch 'b' of map 's' routes to terminal state 'done' outside "
+              "the branch; branches must end at the join 'j'")
+    assert [(p.line, p.col) for p in found if p.message == escape] == [(line, col)], "\n".join(map(str, found))
+    terminal_line = MAP_ESCAPE.format(edge=edge).lstrip("\n").splitlines().index("  done:") + 1
+    assert not [p for p in found if p.line == terminal_line], "\n".join(map(str, found))
+
+
+def test_terminal_state_only_a_map_branch_reaches_is_inside_it():
+    found = problems(MAP_ESCAPE.format(edge="    on: {ok: j, gone: lost}\n  lost:\n    terminal: true"))
+    assert [(p.line, p.col, p.message) for p in found] == [
+        (10, 3, "malformed map: terminal state 'lost' is inside branch 'b' of map 's'; branches must end at the "
+                "join 'j'")]
+
+
 def test_guard_that_does_not_compile():
     found = problems("""
         machine: order
@@ -775,10 +814,11 @@ def test_large_machines_compile_with_their_structure():
     assert deep.frames["c99"][-1] == ("f99", "c99") and deep.join_of["j50"] == "f50"
 
 
-def lines_run_in_the_compiler(text: str) -> int:
-    """Lines of compiler.py executed to compile `text`: a measure of work that does not depend on
-    the machine's speed."""
+def lines_run_in_the_compiler(text: str, modules=(compiler,)) -> int:
+    """Lines of compiler.py (or of `modules`) executed to compile `text`: a measure of work that
+    does not depend on the machine's speed."""
     count = 0
+    files = {module.__file__ for module in modules}
 
     def local(frame, event, arg):
         nonlocal count
@@ -786,7 +826,7 @@ def lines_run_in_the_compiler(text: str) -> int:
         return local
 
     def calls(frame, event, arg):
-        return local if frame.f_code.co_filename == compiler.__file__ else None
+        return local if frame.f_code.co_filename in files else None
 
     sys.settrace(calls)
     try:
@@ -800,6 +840,20 @@ def lines_run_in_the_compiler(text: str) -> int:
 def test_compiling_does_work_in_proportion_to_the_states(shape, size):
     small, double = lines_run_in_the_compiler(shape(size)), lines_run_in_the_compiler(shape(2 * size))
     assert double < 2.3 * small, (small, double)
+
+
+@pytest.mark.parametrize("shape,size", [(chain, 400), (wide_fork, 200)], ids=["chain", "wide-fork"])
+@pytest.mark.parametrize("module", [kinds, graphcheck])
+def test_building_states_and_checking_the_graph_do_work_in_proportion_to_the_states(module, shape, size):
+    small = lines_run_in_the_compiler(shape(size), (module,))
+    double = lines_run_in_the_compiler(shape(2 * size), (module,))
+    assert double < 2.3 * small, (small, double)
+
+
+def test_the_kinds_of_state_know_every_key_the_schema_lets_a_state_have():
+    keys = set(schema.schema()["definitions"]["state"]["properties"])
+    known = {"description"} | {key for row in kinds.KINDS for key in (row.key, *row.takes, *row.needs, *row.excludes)}
+    assert known == keys
 
 
 def test_too_many_states_is_a_located_error(monkeypatch):
