@@ -81,12 +81,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .. import codec, logs
-from ..context import Context
-from ..graph import Handler
-from ..handlers import HandlerImportError, import_module, resolve
-from ..transition import Failure, Outcome
-from .executor import TickCall, context_of, failure_of, normalize, past_deadline, timed_out
+from ... import codec, logs
+from ...context import Context
+from ...graph import Handler
+from ...handlers import HandlerImportError, import_module, resolve
+from ...transition import Failure, Outcome
+from ..executor import TickCall, context_of, failure_of, normalize, past_deadline, timed_out
 
 log = logging.getLogger(__name__)
 
