@@ -38,16 +38,12 @@ Design:
 * The timeout is kept by the parent, which only waits: when an attempt's timeout passes, its
   outcome is `timed_out(call)` and its child is SIGKILLed and replaced. Nothing the handler does
   can hold a slot past its timeout, and the worker's loop never runs user code.
-* Protocol: frames on the child's stdin and stdout, each a 4-byte big-endian length and a JSON
-  array (`dsm.codec`). Parent to child: a call (handler module and function, payload, what `ctx`
-  says, and the abandon reason if it was abandoned while waiting), an abandon for a running or
-  queued attempt, or a drop of a queued one. Child to parent: ready (once, after start-up), a
-  result (payload, label) or a failure (type, message, retryable, bases, traceback). The child
-  normalizes with the shared `normalize` / `failure_of`, so an attempt ends the same way as on a
-  thread. Results and failures end with the seconds the handler ran, in all and on the CPU. Before
-  it reads anything, the child moves the protocol pipes to private descriptors and points
-  descriptors 0 and 1 at /dev/null and stderr: what a handler prints cannot corrupt the protocol,
-  and logs go to the worker's stderr.
+* Protocol: typed frames on the child's stdin and stdout (`frames.py`, where the wire format is
+  written down): a call, an abandon or a drop to the child; ready, a result or a failure back. The
+  child normalizes with the shared `normalize` / `failure_of`, so an attempt ends the same way as on
+  a thread. Before it reads anything, the child moves the protocol pipes to private descriptors and
+  points descriptors 0 and 1 at /dev/null and stderr: what a handler prints cannot corrupt the
+  protocol, and logs go to the worker's stderr. A child that breaks the protocol is killed.
 * `ctx.heartbeat()` in the child first reads any frames already waiting (without blocking), so an
   abandon sent by the worker makes it raise `AttemptAbandoned` as on a thread.
 * A child that dies during an attempt (`os._exit`, a crash, the OOM killer) fails that attempt
@@ -81,26 +77,31 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ... import codec, logs
+from ... import logs
 from ...context import Context
 from ...graph import Handler
 from ...handlers import HandlerImportError, import_module, resolve
 from ...transition import Failure, Outcome
 from ..executor import TickCall, context_of, failure_of, normalize, past_deadline, timed_out
+from . import frames
+from .frames import ABANDON as _ABANDON  # noqa: F401 - the names tests write raw frames with
+from .frames import CALL as _CALL  # noqa: F401
+from .frames import DROP as _DROP  # noqa: F401
+from .frames import (
+    AbandonFrame,
+    CallFrame,
+    DropFrame,
+    FailedFrame,
+    ForkNotice,
+    FrameError,
+    ReadyFrame,
+    ResultFrame,
+)
+from .frames import encode as _frame  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOG_FORMAT = logs.TEXT  # the text format; `dsm.logs.current` says whether lines are JSON instead
-
-# Frame kinds, the first item of each frame.
-_CALL = 0  # parent -> child: [_CALL, id, module, function, payload, instance_id, machine, state,
-#            attempt, branch, visit, deadline, payload_limit, abandon reason or None]
-_ABANDON = 1  # parent -> child: [_ABANDON, id, reason]
-_DROP = 2  # parent -> child: [_DROP, id]: a call queued in the child and not started is taken back
-_READY = 0  # child -> parent: [_READY]
-_RESULT = 1  # child -> parent: [_RESULT, id, payload, label, run]
-_FAILED = 2  # child -> parent: [_FAILED, id, type, message, retryable, bases, traceback, run]
-# run: [seconds the handler ran, CPU seconds of them or None when the child did not read the CPU clock]
 
 QUICK = 0.002  # seconds: a handler whose calls run shorter, and mostly on the CPU, is paced (see _ran)
 TINY = 0.0002  # seconds: a call this short is quick, however little of it was on the CPU
@@ -114,29 +115,6 @@ _READ_SIZE = 1 << 16
 _BOOT = ("import json, sys; o = json.loads(sys.argv[1]); "
          "sys.path[:] = o['path'] + [p for p in sys.path if p not in o['path']]; "
          "from dsm.worker.isolation import _child; _child(o)")
-
-
-def _frame(message: list[Any]) -> bytes:
-    """A length-prefixed frame. Strings that are not valid UTF-8 (lone surrogates in an exception
-    message) are written as ASCII escapes by the stdlib, which `codec.loads` reads back exactly."""
-    try:
-        body = codec.dumps(message)
-    except (TypeError, ValueError):
-        body = b" " + json.dumps(message, separators=(",", ":")).encode("ascii")
-    return len(body).to_bytes(4, "big") + body
-
-
-def _split(data: bytes) -> tuple[list[bytes], bytes]:
-    """The complete frame bodies in `data`, and the bytes of an incomplete one after them."""
-    bodies = []
-    pos, end = 0, len(data)
-    while end - pos >= 4:
-        stop = pos + 4 + int.from_bytes(data[pos:pos + 4], "big")
-        if stop > end:
-            break
-        bodies.append(data[pos + 4:stop])
-        pos = stop
-    return bodies, data[pos:]
 
 
 def _exit_status(returncode: int | None) -> str:
@@ -182,7 +160,7 @@ class _ProcessAttempt:
             return
         self.reason = reason
         if self.child is not None:  # a waiting call carries its reason when it is sent
-            self.child.send(_frame([_ABANDON, self.id, reason]))
+            self.child.send(AbandonFrame(self.id, reason).to_frame())
 
     async def outcome(self) -> Outcome:
         return past_deadline(self.call, await self.future, self.reason is not None)
@@ -264,16 +242,17 @@ class _Child:
         self.read(data)
 
     def read(self, data: bytes) -> None:
-        bodies, self.rbuf = _split(self.rbuf + data if self.rbuf else data)
+        bodies, self.rbuf = frames.split(self.rbuf + data if self.rbuf else data)
         for body in bodies:
             if self.gone:
                 return
             try:
-                message = codec.loads(body)
-            except ValueError:
+                frame = frames.read_to_worker(body)
+            except FrameError as exc:
+                log.warning("handler process %d broke the protocol and is killed: %s", self.pid, exc)
                 self._executor._lost(self, "it broke the protocol", kill=True)
                 return
-            self._executor._reply(self, message)
+            self._executor._reply(self, frame)
 
     def detach(self) -> None:
         """Stop watching the pipes and close them; the process is reaped separately."""
@@ -500,10 +479,7 @@ class ProcessExecutor:
         attempt.child = child
         child.attempts.append(attempt)
         attempt.hot = hot
-        call = attempt.call
-        child.wbuf += _frame([_CALL, attempt.id, call.handler.module, call.handler.function, call.payload,
-                              call.instance_id, call.machine, call.state, call.attempt, call.branch, call.visit,
-                              call.deadline, call.payload_limit, attempt.reason])
+        child.wbuf += CallFrame(attempt.id, attempt.call, attempt.reason).to_frame()
         if len(child.attempts) == 1:
             self._running(child, now)
         if not self._unflushed:
@@ -547,7 +523,7 @@ class ProcessExecutor:
         for attempt in reversed(attempts):
             child.attempts.remove(attempt)
             if not child.gone:
-                child.wbuf += _frame([_DROP, attempt.id])
+                child.wbuf += DropFrame(attempt.id).to_frame()
             attempt.child = None
             attempt.hot = False
             if requeue:
@@ -593,25 +569,19 @@ class ProcessExecutor:
         self.started += 1
         log.debug("started handler process %d", proc.pid)
 
-    def _reply(self, child: _Child, message: list[Any]) -> None:
-        kind = message[0]
-        if kind == _READY:
+    def _reply(self, child: _Child, frame: frames.ToWorker) -> None:
+        if isinstance(frame, ReadyFrame):
             if not child.ready:
                 child.ready = True
                 self._starting -= 1
                 self._idle.append(child)
                 self._dispatch()
             return
-        if not child.attempts or message[1] != child.attempts[0].id:
+        if not child.attempts or frame.id != child.attempts[0].id:
             return  # a late reply to an attempt that was let go (taken back, or its child replaced)
         attempt = child.attempts.popleft()
-        if kind == _RESULT:
-            outcome = Outcome(payload=message[2], label=message[3])
-        else:
-            outcome = Outcome(failure=Failure(message[2], message[3], retryable=message[4], bases=tuple(message[5]),
-                                              traceback=message[6]))
-        self._ran(attempt.call.handler.ref, *message[-1])
-        self._finish(attempt, outcome)
+        self._ran(attempt.call.handler.ref, frame.seconds, frame.cpu_seconds)
+        self._finish(attempt, frame.outcome())
         if child.attempts:
             assert self._loop is not None
             self._running(child, self._loop.time())
@@ -822,7 +792,7 @@ class _Copies:
             os._exit(code)
         if self.report is not None:
             try:
-                os.write(self.report, f"{os.getpid()}\n".encode())
+                os.write(self.report, ForkNotice(os.getpid()).to_frame())
             except OSError:
                 pass
         os._exit(0 if exc is None else 1)
@@ -862,7 +832,7 @@ class _Copies:
             data = b""
         self.pending.remove(copy)
         os.close(copy.fd)
-        pids = [int(word) for word in data.split() if word.isdigit()]
+        pids = [notice.pid for notice in ForkNotice.all_in(data)]
         for pid in pids:
             try:
                 os.waitpid(pid, 0)
@@ -880,31 +850,36 @@ class _Server:
         self.wfd = wfd
         self.copies = _Copies((rfd, wfd), lambda: self.current[0] if self.current is not None else None)
         self.rbuf = b""
-        self.calls: collections.deque[list[Any]] = collections.deque()
-        self.current: tuple[int, Context] | None = None
+        self.queued: collections.deque[CallFrame] = collections.deque()  # calls sent here, in order, not started
+        self.current: tuple[int, Context] | None = None  # the call running: its id and its ctx
         self.eof = False
         self.handlers: dict[tuple[str, str], Handler] = {}
         self.timed: dict[tuple[str, str], bool] = {}  # handler -> read the CPU clock on its next call
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lock = threading.Lock()  # a handler's own threads may heartbeat too
 
+    @property
+    def calls(self) -> list[list[Any]]:
+        """The calls queued here, as they were sent (their id second, their abandon reason last)."""
+        return [frame.items() for frame in self.queued]
+
     def serve(self) -> None:
         self.copies.install()
-        self.send([_READY])
+        self.send(ReadyFrame())
         while True:
-            while not self.calls:
+            while not self.queued:
                 if self.eof:
                     return
                 with self.lock:
                     self.fill(block=True)
-            self.send(self.run(self.calls.popleft()))
-            if self.calls:  # before the next queued call starts: was it taken back, or abandoned?
+            self.send(self.run(self.queued.popleft()))
+            if self.queued:  # before the next queued call starts: was it taken back, or abandoned?
                 self.poll()
 
-    def send(self, message: list[Any]) -> None:
+    def send(self, frame: ReadyFrame | ResultFrame | FailedFrame) -> None:
         if self.copies.forked:  # a copy of this process never writes to the worker
             self.copies.back()
-        view = memoryview(_frame(message))
+        view = memoryview(frame.to_frame())
         while view:
             view = view[os.write(self.wfd, view):]
 
@@ -928,21 +903,21 @@ class _Server:
             if self.current is not None:
                 self.current[1].abandon("the worker closed its handler processes")
             return
-        bodies, self.rbuf = _split(self.rbuf + data if self.rbuf else data)
+        bodies, self.rbuf = frames.split(self.rbuf + data if self.rbuf else data)
         for body in bodies:
-            message = codec.loads(body)
-            if message[0] == _CALL:
-                self.calls.append(message)
-            elif message[0] == _ABANDON and self.current is not None and self.current[0] == message[1]:
-                self.current[1].abandon(message[2])
-            elif message[0] == _ABANDON:  # a call queued here starts abandoned, as one abandoned before it was sent
-                for call in self.calls:
-                    if call[1] == message[1] and call[-1] is None:
-                        call[-1] = message[2]
-            elif message[0] == _DROP:  # taken back: the parent sends it elsewhere, or it timed out
-                for call in self.calls:
-                    if call[1] == message[1]:
-                        self.calls.remove(call)
+            frame = frames.read_to_process(body)
+            if isinstance(frame, CallFrame):
+                self.queued.append(frame)
+            elif isinstance(frame, AbandonFrame) and self.current is not None and self.current[0] == frame.id:
+                self.current[1].abandon(frame.reason)
+            elif isinstance(frame, AbandonFrame):  # queued here: it starts abandoned, as one abandoned before sending
+                for i, queued in enumerate(self.queued):
+                    if queued.id == frame.id and queued.abandoned is None:
+                        self.queued[i] = CallFrame(queued.id, queued.call, frame.reason)
+            else:  # a drop: taken back, the parent sends it elsewhere, or it timed out
+                for queued in self.queued:
+                    if queued.id == frame.id:
+                        self.queued.remove(queued)
                         break
             # an abandon for an attempt that already ended: nothing to do
 
@@ -953,17 +928,14 @@ class _Server:
             handler = self.handlers[key] = resolve(f"{module}:{function}", search_path=self.search)
         return handler
 
-    def run(self, message: list[Any]) -> list[Any]:
-        (_, ident, module, function, payload, instance_id, machine, state, attempt, branch, visit, deadline,
-         limit, reason) = message
-        ref = f"{module}:{function}"
-        call = TickCall(handler=Handler(ref=ref, module=module, function=function), payload=payload,
-                        instance_id=instance_id, machine=machine, state=state, attempt=attempt, branch=tuple(branch),
-                        visit=visit, timeout=None, deadline=deadline, payload_limit=limit)
+    def run(self, frame: CallFrame) -> ResultFrame | FailedFrame:
+        call, ident = frame.call, frame.id
+        module, function, ref = call.handler.module, call.handler.function, call.handler.ref
+        payload, state, deadline = call.payload, call.state, call.deadline
         base = context_of(call)
         ctx = _ChildContext(**{name: getattr(base, name) for name in _CONTEXT_FIELDS}, _poll=self.poll)
-        if reason is not None:
-            ctx.abandon(reason)
+        if frame.abandoned is not None:
+            ctx.abandon(frame.abandoned)
         for pid, earlier in self.copies.late():
             log.warning("handler process %d: process %d, forked by the handler of call %s, came back from it "
                         "after the call had ended, and was ended", os.getpid(), pid, earlier)
@@ -984,7 +956,7 @@ class _Server:
             else:
                 result = handler.func(payload, ctx)  # type: ignore[misc]
             self.copies.back()
-            outcome = normalize(result, payload, state, limit)
+            outcome = normalize(result, payload, state, call.payload_limit)
         except HandlerImportError as exc:
             self.copies.back(exc)  # a module that forks as it is imported
             outcome = Outcome(failure=Failure("HandlerUnavailable", f"state {state!r}: handler {ref!r}: {exc}",
@@ -995,7 +967,7 @@ class _Server:
         finally:
             self.current = None
         wall = time.perf_counter() - started if started else 0.0
-        seconds = [wall, time.process_time() - cpu if measured and started else None]
+        cpu_seconds = time.process_time() - cpu if measured and started else None
         self.timed[(module, function)] = wall >= TINY
         if self.copies.pending:
             grace = FORK_GRACE if deadline is None else max(0.0, min(FORK_GRACE, deadline - time.time()))
@@ -1006,11 +978,10 @@ class _Server:
                                                   "have served as this one; it was ended. A handler that forks must "
                                                   "end the new process with os._exit() or replace it with exec",
                                                   retryable=False))
-        failure = outcome.failure
-        if failure is None:
-            return [_RESULT, ident, outcome.payload, outcome.label, seconds]
-        return [_FAILED, ident, failure.type, failure.message, failure.retryable, failure.bases, failure.traceback,
-                seconds]
+        if outcome.failure is None:
+            assert outcome.payload is not None
+            return ResultFrame(ident, outcome.payload, outcome.label, wall, cpu_seconds)
+        return FailedFrame(ident, outcome.failure, wall, cpu_seconds)
 
 
 def _die_with_parent(ppid: int) -> None:
