@@ -14,27 +14,19 @@ Design:
   `fork` unsafe. Each child gets the worker's `sys.path` (plus `search_path`), so it finds the
   handler modules the worker found, imports each handler once (`dsm.handlers.resolve`) and keeps
   it, and runs `async def` handlers on its own event loop.
-* Quick handlers are paced onto a few busy children rather than spread over all of them: waking a
-  sleeping process is most of what a trivial tick costs (about 120 us of children's CPU per tick
-  with 64 children taking turns, 50 us with a handful). A call queues in the least loaded child
-  that runs paced calls (below), or takes an idle child when their queues are full and fewer than
-  `hot` (twice the CPUs) children run paced calls; otherwise it waits in the parent. Handlers
-  whose calls wait (for I/O, a lock, a sleep: a call that ran `QUICK` or longer, or mostly off the
-  CPU) gain from more children than CPUs, so their calls are not paced: they take any idle child,
-  as many at once as there are slots. The child reports how long each call ran and how much of it
-  on the CPU (`_ran`). A paced call still running after `STUCK` stops counting and its handler is
-  no longer paced; a paced call that waited `STUCK` takes any idle child.
-* Paced calls queue in their hot child, up to `DEPTH` of them behind the one it runs; every call
-  is written at the end of the turn of the event loop that sent it, so the calls sent to a child
-  during one turn go in one write, and the child reads them with one wake-up (a pipe write that
-  wakes a sleeping process was most of the parent's cost of a tick). A queued call has not
-  started: the child runs its calls in order, so every call after the first unanswered one is
-  still waiting (unless the one ahead ended at that very moment, its answer on the way: a call
-  taken back then may run twice, as a tick may anyway). Such a call is taken back (a `_DROP`
-  frame, read by the child before it starts its next call) when the call ahead of it runs past
-  `STUCK`, when its own timeout passes (it never runs), when the worker closes its children, and
-  when its child dies or is killed (no frame needed then). Taken back, it waits in the parent,
-  first in line. Timeouts, abandon and the death of a child work as for the call a child runs.
+* Quick handlers are paced onto a few busy children rather than spread over all of them, their
+  calls queued there, up to `QUEUE_DEPTH` a child; handlers whose calls wait (for I/O, a lock, a
+  sleep) are not paced. Which child a call goes to, how many queue behind a busy one, when a
+  queued call is taken back and how many children to start is decided by `pacing.py`, which does
+  no I/O; the executor carries its decisions out. Every call is written at the end of the turn of
+  the event loop that sent it, so the calls sent to a child during one turn go in one write, and
+  the child reads them with one wake-up (a pipe write that wakes a sleeping process was most of
+  the parent's cost of a tick). A queued call has not started: the child runs its calls in order,
+  so every call after the first unanswered one is still waiting (unless the one ahead ended at
+  that very moment, its answer on the way: a call taken back then may run twice, as a tick may
+  anyway). A call taken back is dropped by the child before it would start it, and waits in the
+  parent again, first in line. Timeouts, abandon and the death of a child work for a queued call
+  as for the call a child runs.
 * The timeout is kept by the parent, which only waits: when an attempt's timeout passes, its
   outcome is `timed_out(call)` and its child is SIGKILLed and replaced. Nothing the handler does
   can hold a slot past its timeout, and the worker's loop never runs user code.
@@ -75,7 +67,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ... import logs
 from ...context import Context
@@ -98,15 +90,12 @@ from .frames import (
     ResultFrame,
 )
 from .frames import encode as _frame  # noqa: F401
+from .pacing import IGNORE_CPU_BELOW, Call, Decision, Lane, Pacer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOG_FORMAT = logs.TEXT  # the text format; `dsm.logs.current` says whether lines are JSON instead
 
-QUICK = 0.002  # seconds: a handler whose calls run shorter, and mostly on the CPU, is paced (see _ran)
-TINY = 0.0002  # seconds: a call this short is quick, however little of it was on the CPU
-STUCK = 0.5  # seconds a hot call runs, or a paced call waits, before the pacing lets others through
-DEPTH = 8  # calls of quick handlers queued in one child at most (sent in one write, read in one wake-up)
 FORK_GRACE = 1.0  # seconds a child waits, after a handler that forked returns, for the copy to end (see _Copies)
 
 _READ_SIZE = 1 << 16
@@ -141,38 +130,41 @@ def _died(call: TickCall, returncode: int | None) -> Failure:
 
 # -- parent ----------------------------------------------------------------------------------------
 
-class _ProcessAttempt:
-    __slots__ = ("call", "child", "ended", "future", "hot", "id", "queued_at", "reason", "timer")
+class _ProcessAttempt(Call):
+    """An attempt, as the executor keeps it: its call, its future, and why it was abandoned."""
 
-    def __init__(self, ident: int, call: TickCall, future: asyncio.Future, queued_at: float):
+    __slots__ = ("call", "future", "id", "reason", "timer")
+
+    def __init__(self, ident: int, call: TickCall, future: asyncio.Future):
+        super().__init__(call.handler.ref)
         self.id = ident
         self.call = call
         self.future = future
-        self.child: _Child | None = None  # the child running it
         self.reason: str | None = None  # why it was abandoned
         self.timer: asyncio.TimerHandle | None = None
-        self.ended = False
-        self.queued_at = queued_at  # loop time it was started (or sent, once it is)
-        self.hot = False  # running, paced, not yet seen slow: one of the executor's `hot` calls
+
+    @property
+    def settled(self) -> bool:
+        return self.ended or self.future.done()
 
     def abandon(self, reason: str) -> None:
         if self.reason is not None or self.ended:
             return
         self.reason = reason
-        if self.child is not None:  # a waiting call carries its reason when it is sent
-            self.child.send(AbandonFrame(self.id, reason).to_frame())
+        if self.lane is not None:  # a waiting call carries its reason when it is sent
+            cast(_Child, self.lane).send(AbandonFrame(self.id, reason).to_frame())
 
     async def outcome(self) -> Outcome:
         return past_deadline(self.call, await self.future, self.reason is not None)
 
 
-class _Child:
+class _Child(Lane["_ProcessAttempt"]):
     """One child process: one slot. The event loop reads its replies; it never blocks on it."""
 
-    __slots__ = ("_executor", "_loop", "attempts", "gone", "pid", "proc", "rbuf", "ready", "rfd", "wbuf", "wfd",
-                 "writing")
+    __slots__ = ("_executor", "_loop", "gone", "pid", "proc", "rbuf", "rfd", "wbuf", "wfd", "writing")
 
     def __init__(self, executor: ProcessExecutor, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen):
+        super().__init__()
         self._executor = executor
         self._loop = loop
         self.proc = proc
@@ -184,18 +176,9 @@ class _Child:
         os.set_blocking(self.rfd, False)
         self.rbuf = b""
         self.wbuf = bytearray()
-        self.ready = False
-        # Calls sent and not answered, in the order the child runs them: the first is running (or
-        # about to); more than one only for quick handlers (`DEPTH`).
-        self.attempts: collections.deque[_ProcessAttempt] = collections.deque()
         self.writing = False  # the pipe was full: the loop writes the rest when it drains
         self.gone = False  # detached from the executor: killed, dead or closed
         loop.add_reader(self.rfd, self._readable)
-
-    @property
-    def attempt(self) -> _ProcessAttempt | None:
-        """The call running (or about to), if any."""
-        return self.attempts[0] if self.attempts else None
 
     def send(self, frame: bytes) -> None:
         """Write a frame now, after any not yet written."""
@@ -279,8 +262,8 @@ class ProcessExecutor:
     timeout. `log_level`: level of the children's `dsm.handler` logger (None: the worker's, read
     when a child starts); `log_format` formats their log lines on stderr. `grace`: how long
     `close()` lets children finish their attempt before it kills them. `hot`: how many children
-    run calls of quick handlers at once, each with up to `DEPTH` of them queued, before the next
-    waits (default: twice the CPUs; see the module docstring).
+    run the calls of quick handlers at once, each holding up to `QUEUE_DEPTH` of them, before the
+    next such call waits (default: twice the CPUs; see `pacing.py`).
 
     Like the event loop it serves, it is not thread-safe: call it from the loop's thread. POSIX only
     (pipes watched by the loop, a select on them in the child).
@@ -300,19 +283,12 @@ class ProcessExecutor:
         self.grace = grace
         self.started = 0  # child processes started, replacements included
         self.killed = 0  # children killed because an attempt outlived its timeout
-        self.hot = min(size, hot if hot is not None else max(2, 2 * (os.cpu_count() or 1)))
+        pacing_limit = hot if hot is not None else max(2, 2 * (os.cpu_count() or 1))
+        # the loop's clock from the first call on (`start`)
+        self._pacing: Pacer[_Child, _ProcessAttempt] = Pacer(size, pacing_limit, clock=time.monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: collections.deque[_ProcessAttempt] = collections.deque()  # calls of handlers seen slow
-        self._paced: collections.deque[_ProcessAttempt] = collections.deque()  # calls of the others
-        self._running_hot: collections.deque[_ProcessAttempt] = collections.deque()  # hot calls running, oldest first
-        self._hot_children: set[_Child] = set()  # children running hot calls (all their calls are hot)
+        self._timer: asyncio.TimerHandle | None = None  # the wake-up the pacing asked for
         self._unflushed: set[_Child] = set()  # children with calls to write at the end of this turn of the loop
-        self._slow: set[str] = set()  # handlers whose calls are not paced
-        self._score: dict[str, float] = {}  # handler -> how often its recent calls waited (0 to 1)
-        self._timer: asyncio.TimerHandle | None = None
-        self._children: set[_Child] = set()
-        self._idle: list[_Child] = []
-        self._starting = 0
         self._reaping: dict[subprocess.Popen, Callable[[int | None], None] | None] = {}
         self._serial = 0
         self._closed = False
@@ -325,13 +301,14 @@ class ProcessExecutor:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
+            self._pacing.clock = loop.time
         elif loop is not self._loop:  # its children's pipes are watched by that loop
             raise RuntimeError("a ProcessExecutor serves the event loop of its first call only")
         self._serial += 1
-        attempt = _ProcessAttempt(self._serial, call, loop.create_future(), loop.time())
+        attempt = _ProcessAttempt(self._serial, call, loop.create_future())
         if call.timeout:
             attempt.timer = loop.call_later(call.timeout, self._expire, attempt)
-        (self._queue if call.handler.ref in self._slow else self._paced).append(attempt)
+        self._pacing.wait(attempt)
         self._dispatch()
         return attempt
 
@@ -347,14 +324,12 @@ class ProcessExecutor:
         if self._timer is not None:
             self._timer.cancel()
         self._flush()
-        for child in list(self._children):  # calls queued in a child, not started: they wait no more either
-            self._take_back(child, list(child.attempts)[1:])
-        while self._queue or self._paced:
-            waiting = (self._queue or self._paced).popleft()
+        self._carry_out(self._pacing.close())  # calls queued in a child, not started: they wait no more either
+        while (waiting := self._pacing.next_waiting()) is not None:
             self._finish(waiting, Outcome(failure=Failure(
                 "WorkerProcessDied", f"state {waiting.call.state!r}: attempt {waiting.call.attempt} was not started: "
                 "the worker closed its handler processes", retryable=True, bases=("Exception",))))
-        children = list(self._children)
+        children = list(self._pacing.lanes)
         for child in children:
             # End of input. A frame still half-sent is dropped: the child reads a cut frame, then
             # the end, and exits (blocking here to finish it could wait on a child that never reads).
@@ -364,7 +339,7 @@ class ProcessExecutor:
             except OSError:
                 pass
         deadline = time.monotonic() + self.grace
-        busy = {c.rfd: c for c in children if c.attempts}
+        busy = {c.rfd: c for c in children if c.calls}
         poller = select.poll()  # not select(): a busy worker may hold descriptors beyond FD_SETSIZE
         for fd in busy:
             poller.register(fd, select.POLLIN)
@@ -382,12 +357,11 @@ class ProcessExecutor:
                     data = b""
                 if data:
                     child.read(data)  # its outcome counts: delivered as usual
-                if not data or not child.attempts or child.gone:
+                if not data or not child.calls or child.gone:
                     poller.unregister(fd)
                     del busy[fd]
         for child in children:
-            attempts = list(child.attempts)
-            child.attempts.clear()
+            attempts = list(child.calls)
             self._detach(child)
             returncode = _wait(child.proc, deadline)
             for attempt in attempts:
@@ -398,154 +372,57 @@ class ProcessExecutor:
             if callback is not None:
                 callback(returncode)
 
-    # -- slots
+    # -- children
 
-    def _dispatch(self) -> None:
-        """Give waiting calls to idle children; start children for the calls still waiting."""
-        assert self._loop is not None
-        now = self._loop.time()
-        self._cool(now)
-        queue, paced, idle = self._queue, self._paced, self._idle
-        while queue and idle:  # handlers seen slow: any idle child
-            attempt = queue.popleft()
-            if attempt.ended or attempt.future.done():
-                self._finish(attempt, None)
-                continue
-            self._send(idle.pop(), attempt, now, hot=False)
-        while paced:  # the others: queued on a few hot children, or any idle child after STUCK
-            attempt = paced[0]
-            if attempt.ended or attempt.future.done():
-                self._finish(paced.popleft(), None)
-                continue
-            if attempt.call.handler.ref in self._slow or now - attempt.queued_at >= STUCK:
-                if not idle:
-                    break
-                self._send(idle.pop(), paced.popleft(), now, hot=False)
-                continue
-            child = self._hot_child()
-            if child is None:
-                break
-            self._send(child, paced.popleft(), now, hot=True)
-        for waiting in (queue, paced):
-            while waiting and (waiting[0].ended or waiting[0].future.done()):
-                self._finish(waiting.popleft(), None)
-        need = len(queue)
-        behind = sum(len(c.attempts) - 1 for c in self._hot_children)  # quick calls queued in children
-        if paced or behind:
-            # a paced call waiting while children start waits for them, not for more of them
-            late = bool(paced) and (paced[0].call.handler.ref in self._slow or (now - paced[0].queued_at >= STUCK
-                                                                                 and not self._starting))
-            need += len(paced) if late else min(len(paced) + behind,
-                                                max(0, self.hot - len(self._hot_children) - len(idle)))
-            if self._timer is None and not self._closed:
-                # look again when the oldest waits too long or a hot call runs too long (the calls
-                # queued behind it are taken back then)
-                due = paced[0].queued_at + STUCK if paced and (idle or len(self._children) < self.size) else None
-                if self._running_hot:
-                    due = min(due if due is not None else float("inf"), self._running_hot[0].queued_at + STUCK)
-                if due is not None:
-                    self._timer = self._loop.call_at(max(due, now + 0.0005), self._wake)
-        while need > self._starting and not self._closed and len(self._children) < self.size:
+    def _dispatch(self, *, woken: bool = False) -> None:
+        """Carry out what the pacing decides now: calls to children, children to start."""
+        self._carry_out(self._pacing.dispatch(woken=woken))
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._dispatch(woken=True)
+
+    def _carry_out(self, decision: Decision[_Child, _ProcessAttempt]) -> None:
+        for call in decision.forgotten:
+            self._finish(call, None)
+        if decision.taken_back:
+            dropped = set()
+            for child, call in decision.taken_back:
+                child.wbuf += DropFrame(call.id).to_frame()
+                dropped.add(child)
+            for child in dropped:  # now: the child reads it before it would start that call
+                child.flush()
+        if decision.sent:
+            # at the end of this turn of the loop: in one write with the others sent to that child meanwhile
+            if not self._unflushed:
+                assert self._loop is not None
+                self._loop.call_soon(self._flush)
+            for child, call in decision.sent:
+                attempt = call
+                child.wbuf += CallFrame(attempt.id, attempt.call, attempt.reason).to_frame()
+                self._unflushed.add(child)
+        if decision.kill is not None:
+            self._kill(decision.kill)
+        if decision.wake_at is not None:
+            assert self._loop is not None
+            self._timer = self._loop.call_at(decision.wake_at, self._wake)
+        wanted = decision.start
+        while wanted > 0 and not self._closed and len(self._pacing.lanes) < self.size:
             try:
                 self._spawn()
             except OSError as exc:
                 log.error("cannot start a handler process: %s", exc)
-                attempt = (queue or paced).popleft()
-                self._finish(attempt, Outcome(failure=Failure(
-                    "WorkerProcessDied", f"state {attempt.call.state!r}: attempt {attempt.call.attempt}: cannot start "
-                    f"a handler process: {exc}", retryable=True, bases=("Exception",))))
-                need -= 1
-
-    def _wake(self) -> None:
-        self._timer = None
-        self._dispatch()
-
-    def _hot_child(self) -> _Child | None:
-        """Where the next quick call goes: the least loaded child running quick calls, while its
-        queue has room; else an idle child, while fewer than `hot` run quick calls (None: the call
-        waits). Filling a few children before waking another is what makes their calls share writes
-        and wake-ups; quick calls that keep them busy fill their queues and spread to `hot` of them."""
-        best = None
-        for child in self._hot_children:
-            if len(child.attempts) < DEPTH and (best is None or len(child.attempts) < len(best.attempts)):
-                best = child
-        if best is None and self._idle and len(self._hot_children) < self.hot:
-            return self._idle.pop()
-        return best
-
-    def _send(self, child: _Child, attempt: _ProcessAttempt, now: float, *, hot: bool) -> None:
-        """Send a call to the child, at the end of this turn of the loop: in one write with the
-        others sent to that child meanwhile."""
-        attempt.child = child
-        child.attempts.append(attempt)
-        attempt.hot = hot
-        child.wbuf += CallFrame(attempt.id, attempt.call, attempt.reason).to_frame()
-        if len(child.attempts) == 1:
-            self._running(child, now)
-        if not self._unflushed:
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
-        self._unflushed.add(child)
+                waiting = self._pacing.next_waiting()
+                if waiting is not None:
+                    self._finish(waiting, Outcome(failure=Failure(
+                        "WorkerProcessDied", f"state {waiting.call.state!r}: attempt {waiting.call.attempt}: cannot "
+                        f"start a handler process: {exc}", retryable=True, bases=("Exception",))))
+            wanted -= 1
 
     def _flush(self) -> None:
         for child in self._unflushed:
             child.flush()
         self._unflushed.clear()
-
-    def _running(self, child: _Child, now: float) -> None:
-        """The child's first call starts running (as far as the parent can tell: now)."""
-        attempt = child.attempts[0]
-        attempt.queued_at = now
-        if attempt.hot:
-            self._hot_children.add(child)
-            self._running_hot.append(attempt)
-        else:
-            self._hot_children.discard(child)
-
-    def _cool(self, now: float) -> None:
-        """Hot calls still running after STUCK: they no longer count, their handler is not paced, and
-        the calls queued behind them in the same child are taken back, for other children."""
-        running = self._running_hot
-        while running and (not running[0].hot or now - running[0].queued_at >= STUCK):
-            attempt = running.popleft()
-            if attempt.hot:
-                attempt.hot = False
-                self._seen_slow(attempt.call.handler.ref)
-                child = attempt.child
-                if child is not None:
-                    self._hot_children.discard(child)
-                    self._take_back(child, list(child.attempts)[1:])
-
-    def _take_back(self, child: _Child, attempts: list[_ProcessAttempt], *, requeue: bool = True) -> None:
-        """Calls queued in `child` that it has not started: they wait in the parent again, first in
-        line (unless not `requeue`d: a call whose timeout passed). A child that is alive is told to
-        drop them (it reads that before it would start them)."""
-        for attempt in reversed(attempts):
-            child.attempts.remove(attempt)
-            if not child.gone:
-                child.wbuf += DropFrame(attempt.id).to_frame()
-            attempt.child = None
-            attempt.hot = False
-            if requeue:
-                self._paced.appendleft(attempt)
-        child.flush()
-
-    def _ran(self, ref: str, seconds: float, cpu: float | None) -> None:
-        """What a call's run time (`seconds`, `cpu` of them on the CPU when measured) says of its
-        handler. More children than CPUs only help handlers that wait (for I/O, a lock, a sleep): a
-        handler is paced while most of its recent calls were quick and busy. One call preempted on
-        a loaded machine does not change that; three slow ones in a row do, three quick ones undo it."""
-        waited = seconds >= TINY and (seconds >= QUICK or (cpu is not None and cpu < seconds / 2))
-        score = self._score.get(ref, 0.0) * 0.75 + (0.25 if waited else 0.0)
-        self._score[ref] = score
-        if score >= 0.5:
-            self._slow.add(ref)
-        else:
-            self._slow.discard(ref)
-
-    def _seen_slow(self, ref: str) -> None:
-        self._score[ref] = 1.0
-        self._slow.add(ref)
 
     def _spawn(self) -> None:
         options = {
@@ -564,39 +441,25 @@ class ProcessExecutor:
         proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(options)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env, close_fds=True)
         assert self._loop is not None
-        self._children.add(_Child(self, self._loop, proc))
-        self._starting += 1
+        self._pacing.add(_Child(self, self._loop, proc))
         self.started += 1
         log.debug("started handler process %d", proc.pid)
 
     def _reply(self, child: _Child, frame: frames.ToWorker) -> None:
         if isinstance(frame, ReadyFrame):
-            if not child.ready:
-                child.ready = True
-                self._starting -= 1
-                self._idle.append(child)
+            if self._pacing.ready(child):
                 self._dispatch()
             return
-        if not child.attempts or frame.id != child.attempts[0].id:
+        if not child.calls or frame.id != child.calls[0].id:
             return  # a late reply to an attempt that was let go (taken back, or its child replaced)
-        attempt = child.attempts.popleft()
-        self._ran(attempt.call.handler.ref, frame.seconds, frame.cpu_seconds)
+        attempt = self._pacing.answered(child, frame.seconds, frame.cpu_seconds)
         self._finish(attempt, frame.outcome())
-        if child.attempts:
-            assert self._loop is not None
-            self._running(child, self._loop.time())
-        else:
-            self._hot_children.discard(child)
-            if not self._closed:
-                self._idle.append(child)
         if not self._closed:
             self._dispatch()
 
     def _finish(self, attempt: _ProcessAttempt, outcome: Outcome | None) -> None:
         if not attempt.ended:
-            attempt.ended = True
-            attempt.child = None
-            attempt.hot = False
+            attempt.end()
             if attempt.timer is not None:
                 attempt.timer.cancel()
         if outcome is not None and not attempt.future.done():
@@ -609,30 +472,28 @@ class ProcessExecutor:
         """The attempt's timeout passed: a waiting call is dropped, a running one costs its child."""
         if attempt.ended:
             return
-        child = attempt.child
-        if child is not None and child.attempt is not attempt:  # queued behind another call: it never starts
-            self._take_back(child, [attempt], requeue=False)
-        elif child is not None:
-            self._seen_slow(attempt.call.handler.ref)
-            log.debug("killing handler process %d: state %r attempt %d outlived its timeout", child.pid,
-                      attempt.call.state, attempt.call.attempt, extra=_about(attempt.call))
-            self._detach(child)
-            child.proc.kill()
-            self.killed += 1
-            self._reap(child.proc, None)
-            self._take_back(child, list(child.attempts)[1:])
-            child.attempts.clear()
+        self._carry_out(self._pacing.expired(attempt))
         self._finish(attempt, timed_out(attempt.call))
         self._dispatch()
 
+    def _kill(self, child: _Child) -> None:
+        """Kill a child whose call outlived its timeout; the calls queued behind it wait again."""
+        running = child.calls[0] if child.calls else None
+        if running is not None:
+            call = running.call
+            log.debug("killing handler process %d: state %r attempt %d outlived its timeout", child.pid,
+                      call.state, call.attempt, extra=_about(call))
+        self._detach(child)
+        child.proc.kill()
+        self.killed += 1
+        self._reap(child.proc, None)
+
     def _lost(self, child: _Child, why: str, *, kill: bool = False) -> None:
         """A child ended (or broke the protocol) on its own: fail its attempt once its exit status is known."""
-        attempt, ready = child.attempt, child.ready
-        self._detach(child)
+        ready = child.ready
+        attempt = self._detach(child)  # those queued behind it wait again
         if kill:
             child.proc.kill()
-        self._take_back(child, list(child.attempts)[1:])  # queued behind the call it died in: not started
-        child.attempts.clear()
 
         def exited(returncode: int | None) -> None:
             if attempt is not None:
@@ -642,9 +503,9 @@ class ProcessExecutor:
             elif not ready and not self._closed:
                 log.warning("handler process %d ended before it was ready: %s (%s)", child.pid, why,
                             _exit_status(returncode))
-                while self._queue or self._paced:  # one waiting call learns why, so a broken start-up cannot hang
-                    waiting = (self._queue or self._paced).popleft()
-                    if not (waiting.ended or waiting.future.done()):
+                # one waiting call learns why, so a broken start-up cannot hang
+                while (waiting := self._pacing.next_waiting()) is not None:
+                    if not waiting.settled:
                         self._finish(waiting, Outcome(failure=_died(waiting.call, returncode)))
                         break
                     self._finish(waiting, None)
@@ -653,17 +514,14 @@ class ProcessExecutor:
         self._reap(child.proc, exited)
         self._dispatch()
 
-    def _detach(self, child: _Child) -> None:
+    def _detach(self, child: _Child) -> _ProcessAttempt | None:
+        """Let a child go (killed, dead or closed): the call it was running, if any, is returned."""
         if child.gone:
-            return
-        if not child.ready:
-            self._starting -= 1
-        self._children.discard(child)
-        self._hot_children.discard(child)
+            return None
         self._unflushed.discard(child)
-        if child in self._idle:
-            self._idle.remove(child)
+        running = self._pacing.remove(child)
         child.detach()
+        return running
 
     def _reap(self, proc: subprocess.Popen, then: Callable[[int | None], None] | None, delay: float = 0.001) -> None:
         """Collect the exit status without blocking the loop: a dying process takes a moment to exit."""
@@ -968,7 +826,7 @@ class _Server:
             self.current = None
         wall = time.perf_counter() - started if started else 0.0
         cpu_seconds = time.process_time() - cpu if measured and started else None
-        self.timed[(module, function)] = wall >= TINY
+        self.timed[(module, function)] = wall >= IGNORE_CPU_BELOW
         if self.copies.pending:
             grace = FORK_GRACE if deadline is None else max(0.0, min(FORK_GRACE, deadline - time.time()))
             back = self.copies.came_back(ident, grace)

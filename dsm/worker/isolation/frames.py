@@ -105,28 +105,21 @@ def _refuse(name: str, items: list[Any], why: str) -> NoReturn:
     raise FrameError(f"a malformed {name} frame: {why}: {_shown(items)}")
 
 
-def _count(name: str, items: list[Any], count: int) -> None:
-    if len(items) != count:
-        _refuse(name, items, f"{len(items)} items where it has {count}")
-
-
 def _run_time(name: str, items: list[Any], value: Any) -> tuple[float, float | None]:
-    if (type(value) is not list or len(value) != 2 or not _number(value[0])
-            or not (value[1] is None or _number(value[1]))):
+    if type(value) is not list or len(value) != 2:
         _refuse(name, items, "its run time is not [seconds, CPU seconds or null]")
-    return value[0], value[1]
+    seconds, cpu_seconds = value
+    if not (type(seconds) is float or type(seconds) is int) or not (
+            cpu_seconds is None or type(cpu_seconds) is float or type(cpu_seconds) is int):
+        _refuse(name, items, "its run time is not [seconds, CPU seconds or null]")
+    return seconds, cpu_seconds
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _ints(*values: Any) -> bool:
-    return all(type(v) is int for v in values)
-
-
-def _strings(*values: Any) -> bool:
-    return all(type(v) is str for v in values)
+def _strings(values: list[Any]) -> bool:
+    for value in values:
+        if type(value) is not str:
+            return False
+    return True
 
 
 class _Frame:
@@ -176,18 +169,21 @@ class CallFrame(_Frame):
 
     @classmethod
     def from_items(cls, items: list[Any]) -> CallFrame:
-        _count("call", items, 14)
+        if len(items) != 14:
+            _refuse("call", items, f"{len(items)} items where it has 14")
         (_, ident, module, function, payload, instance_id, machine, state, attempt, branch, visit, deadline, limit,
          abandoned) = items
-        if not _ints(ident, attempt, visit, limit):
+        # (type() rather than isinstance(): a bool is not an integer here)
+        if type(ident) is not int or type(attempt) is not int or type(visit) is not int or type(limit) is not int:
             _refuse("call", items, "its id, attempt, visit and payload limit are not all integers")
-        if not _strings(module, function, instance_id, machine, state):
+        if (type(module) is not str or type(function) is not str or type(instance_id) is not str
+                or type(machine) is not str or type(state) is not str):
             _refuse("call", items, "its module, function, instance, machine and state are not all strings")
         if type(payload) is not dict:
             _refuse("call", items, "its payload is not an object")
-        if type(branch) is not list or not _strings(*branch):
+        if type(branch) is not list or (branch and not _strings(branch)):
             _refuse("call", items, "its branch is not an array of strings")
-        if not (deadline is None or _number(deadline)):
+        if not (deadline is None or type(deadline) is float or type(deadline) is int):
             _refuse("call", items, "its deadline is neither a number nor null")
         if not (abandoned is None or type(abandoned) is str):
             _refuse("call", items, "its abandon reason is neither a string nor null")
@@ -211,7 +207,8 @@ class AbandonFrame(_Frame):
 
     @classmethod
     def from_items(cls, items: list[Any]) -> AbandonFrame:
-        _count("abandon", items, 3)
+        if len(items) != 3:
+            _refuse("abandon", items, f"{len(items)} items where it has 3")
         if type(items[1]) is not int or type(items[2]) is not str:
             _refuse("abandon", items, "it is not [1, integer id, reason]")
         return cls(items[1], items[2])
@@ -229,7 +226,8 @@ class DropFrame(_Frame):
 
     @classmethod
     def from_items(cls, items: list[Any]) -> DropFrame:
-        _count("drop", items, 2)
+        if len(items) != 2:
+            _refuse("drop", items, f"{len(items)} items where it has 2")
         if type(items[1]) is not int:
             _refuse("drop", items, "its id is not an integer")
         return cls(items[1])
@@ -248,7 +246,8 @@ class ReadyFrame(_Frame):
 
     @classmethod
     def from_items(cls, items: list[Any]) -> ReadyFrame:
-        _count("ready", items, 1)
+        if len(items) != 1:
+            _refuse("ready", items, f"{len(items)} items where it has 1")
         return cls()
 
 
@@ -272,7 +271,8 @@ class ResultFrame(_Frame):
 
     @classmethod
     def from_items(cls, items: list[Any]) -> ResultFrame:
-        _count("result", items, 5)
+        if len(items) != 5:
+            _refuse("result", items, f"{len(items)} items where it has 5")
         _, ident, payload, label, run = items
         if type(ident) is not int or type(payload) is not dict or not (label is None or type(label) is str):
             _refuse("result", items, "it is not [1, integer id, payload object, label or null, run time]")
@@ -299,11 +299,11 @@ class FailedFrame(_Frame):
 
     @classmethod
     def from_items(cls, items: list[Any]) -> FailedFrame:
-        _count("failed", items, 8)
+        if len(items) != 8:
+            _refuse("failed", items, f"{len(items)} items where it has 8")
         _, ident, kind, message, retryable, bases, traceback, run = items
-        if (type(ident) is not int or not _strings(kind, message) or type(retryable) is not bool
-                or type(bases) is not list or not _strings(*bases)
-                or not (traceback is None or type(traceback) is str)):
+        if (type(ident) is not int or type(kind) is not str or type(message) is not str or type(retryable) is not bool
+                or type(bases) is not list or not _strings(bases) or not (traceback is None or type(traceback) is str)):
             _refuse("failed", items, "it is not [2, integer id, type, message, retryable, [base names], "
                     "traceback or null, run time]")
         failure = Failure(kind, message, retryable=retryable, bases=tuple(bases), traceback=traceback)
