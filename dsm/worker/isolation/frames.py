@@ -46,6 +46,7 @@ from ...transition import Failure, Outcome
 from ..executor import TickCall
 
 LENGTH_SIZE = 4  # bytes of the length before each body
+READ_SIZE = 1 << 16  # bytes read from a pipe at once
 
 # Kinds, the first item of a body. The two directions number theirs separately.
 CALL, ABANDON, DROP = 0, 1, 2  # worker to handler process
