@@ -10,7 +10,8 @@ attempt at a time each, in the order it was sent them. The parts:
 * `supervisor.py`: the worker's side. `ProcessExecutor` starts the children, writes them calls and
   reads their answers on non-blocking pipes watched by the event loop (at most one write and one
   read per tick, fewer when calls queue, and no thread), keeps each attempt's timeout (a child
-  whose call outlives it is killed and replaced), reaps the dead and fails their attempts.
+  whose call outlives it is killed and replaced; `timeouts.py` watches them all with one timer),
+  reaps the dead and fails their attempts.
 * `pacing.py`: which child a call goes to. Quick handlers are paced onto a few busy children, their
   calls queued there (waking a sleeping process is most of what a trivial tick costs); handlers
   whose calls wait are not. A policy with no I/O and an injected clock; the supervisor carries out

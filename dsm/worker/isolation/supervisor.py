@@ -12,7 +12,7 @@ decision (`pacing.py`); this module carries it out.
 * The timeout of an attempt is kept here, and the parent only waits: when it passes, the outcome
   is `timed_out(call)`; a call that waited (in the parent, or queued in a child) never starts,
   and one that was running costs its child, which is SIGKILLed. Nothing a handler does can hold a
-  slot past its timeout.
+  slot past its timeout. One loop timer watches every attempt's timeout (`timeouts.py`).
 * A child that dies during an attempt (`os._exit`, a crash, the OOM killer) fails that attempt
   with the retryable `WorkerProcessDied`, naming the state and the exit code or signal, once its
   exit status is known (reaped without blocking the loop). A child that breaks the protocol is
@@ -44,10 +44,13 @@ from . import frames
 from .child import BOOT, ChildOptions
 from .frames import READ_SIZE, AbandonFrame, CallFrame, DropFrame, FrameError, ReadyFrame
 from .pacing import Call, Decision, Lane, Pacer
+from .timeouts import Timeouts
 
 log = logging.getLogger(__package__)  # the package's logger, as the handler processes' side of it logs
 
 DEFAULT_LOG_FORMAT = logs.TEXT  # the text format; `dsm.logs.current` says whether lines are JSON instead
+
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution  # a timer this early is due, as for the loop's
 
 
 def _exit_status(returncode: int | None) -> str:
@@ -75,7 +78,7 @@ def _died(call: TickCall, returncode: int | None) -> Failure:
 class ProcessAttempt(Call):
     """An attempt, as the executor keeps it: its call, its future, and why it was abandoned."""
 
-    __slots__ = ("call", "future", "id", "reason", "timer")
+    __slots__ = ("call", "future", "id", "reason")
 
     def __init__(self, ident: int, call: TickCall, future: asyncio.Future):
         Call.__init__(self, call.handler.ref)
@@ -83,7 +86,6 @@ class ProcessAttempt(Call):
         self.call = call
         self.future = future
         self.reason: str | None = None  # why it was abandoned
-        self.timer: asyncio.TimerHandle | None = None
 
     @property
     def settled(self) -> bool:
@@ -235,6 +237,8 @@ class ProcessExecutor:
         self._pacing: Pacer[ChildProcess, ProcessAttempt] = Pacer(size, pacing_limit, clock=time.monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_timer: asyncio.TimerHandle | None = None  # the wake-up the pacing asked for
+        self._timeouts: Timeouts[ProcessAttempt] = Timeouts()
+        self._timeout_timer: asyncio.TimerHandle | None = None  # for the first of them
         self._unflushed: set[ChildProcess] = set()  # children with calls to write at the end of this turn of the loop
         self._reaping: dict[subprocess.Popen, Callable[[int | None], None] | None] = {}
         self._serial = 0
@@ -253,9 +257,11 @@ class ProcessExecutor:
             raise RuntimeError("a ProcessExecutor serves the event loop of its first call only")
         self._serial += 1
         attempt = ProcessAttempt(self._serial, call, loop.create_future())
-        if call.timeout:
-            attempt.timer = loop.call_later(call.timeout, self._expire, attempt)
         self._pacing.wait(attempt)
+        if call.timeout:
+            deadline = attempt.since + call.timeout  # `since`: now, by the loop's clock
+            if self._timeouts.add(deadline, attempt):
+                self._set_timeout_timer(deadline)
         self._dispatch()
         return attempt
 
@@ -318,6 +324,8 @@ class ProcessExecutor:
             returncode = _wait(proc, time.monotonic())
             if callback is not None:
                 callback(returncode)
+        if self._timeout_timer is not None:  # every attempt has ended
+            self._timeout_timer.cancel()
 
     # -- children
 
@@ -405,13 +413,26 @@ class ProcessExecutor:
     def _finish(self, attempt: ProcessAttempt, outcome: Outcome | None) -> None:
         if not attempt.ended:
             attempt.end()
-            if attempt.timer is not None:
-                attempt.timer.cancel()
         if outcome is not None and not attempt.future.done():
             try:
                 attempt.future.set_result(outcome)
             except RuntimeError:  # its event loop is closed: nobody is waiting any more
                 pass
+
+    def _set_timeout_timer(self, when: float) -> None:
+        assert self._loop is not None
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+        self._timeout_timer = self._loop.call_at(when, self._timeouts_passed)
+
+    def _timeouts_passed(self) -> None:
+        assert self._loop is not None
+        self._timeout_timer = None
+        for attempt in self._timeouts.due(self._loop.time() + _CLOCK_RESOLUTION):
+            self._expire(attempt)
+        first = self._timeouts.first()
+        if first is not None and self._timeout_timer is None:
+            self._set_timeout_timer(first)
 
     def _expire(self, attempt: ProcessAttempt) -> None:
         """The attempt's timeout passed: a waiting call is dropped, a running one costs its child."""
