@@ -4,18 +4,18 @@ and a frame that is not one of them is refused with a message that says what is 
 from __future__ import annotations
 
 import json
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
 
 from dsm import handlers
-from dsm.transition import Failure
+from dsm.transition import Failure, Outcome
 from dsm.worker.executor import TickCall
 from dsm.worker.isolation.frames import (
     AbandonFrame,
     CallFrame,
     DropFrame,
-    FailedFrame,
     ForkNotice,
     FrameError,
     ReadyFrame,
@@ -47,10 +47,10 @@ TO_PROCESS = [
 ]
 TO_WORKER = [
     ReadyFrame(),
-    ResultFrame(7, {"n": 2, "big": 2 ** 70}, "approved", 0.00012, 0.0001),
-    ResultFrame(8, {}, None, 0.5, None),
-    FailedFrame(7, FAILURE, 0.25, 0.01),
-    FailedFrame(8, Failure("ValueError", "bad \udc80 byte", retryable=False), 0.0, None),
+    ResultFrame(7, Outcome(payload={"n": 2, "big": 2 ** 70}, label="approved"), 0.00012, 0.0001),
+    ResultFrame(8, Outcome(payload={}), 0.5, None),
+    ResultFrame(7, Outcome(failure=FAILURE), 0.25, 0.01),
+    ResultFrame(8, Outcome(failure=Failure("ValueError", "bad \udc80 byte", retryable=False)), 0.0, None),
 ]
 
 
@@ -68,7 +68,9 @@ def test_the_wire_format_is_a_length_and_a_json_array() -> None:
     assert int.from_bytes(written[:4], "big") == len(written) - 4
     assert json.loads(written[4:]) == [0, 7, "shop.orders", "approve", {"n": 1, "s": "x"}, "inst-1", "orders",
                                        "work", 2, ["a", "b"], 3, 1_700_000_000.5, 1 << 20, None]
-    assert json.loads(FailedFrame(7, FAILURE, 0.25, None).to_frame()[4:]) == [
+    assert json.loads(ResultFrame(7, Outcome(payload={"n": 1}, label="ok"), 0.25, 0.125).to_frame()[4:]) == [
+        1, 7, {"n": 1}, "ok", [0.25, 0.125]]
+    assert json.loads(ResultFrame(7, Outcome(failure=FAILURE), 0.25, None).to_frame()[4:]) == [
         2, 7, "KeyError", "bad thing", True, ["LookupError", "Exception"], FAILURE.traceback, [0.25, None]]
     assert ReadyFrame().to_frame() == b"\x00\x00\x00\x03[0]"
 
@@ -80,10 +82,10 @@ def test_what_a_call_frame_does_not_carry() -> None:
     assert read.call.handler.ref == "shop.orders:approve" and read.call.handler.func is None
 
 
-def test_a_result_and_a_failure_become_the_outcomes_they_carry() -> None:
-    assert TO_WORKER[1].outcome().payload == {"n": 2, "big": 2 ** 70}
-    assert TO_WORKER[1].outcome().label == "approved"
-    assert TO_WORKER[3].outcome().failure == FAILURE
+def test_a_result_carries_only_the_outcome_of_the_handler() -> None:
+    """When the attempt began and how long it took are the worker's to say, not the process's."""
+    sent = ResultFrame(7, Outcome(payload={"n": 1}, label="ok", started_at=1.0, duration=2.0), 0.5, None)
+    assert ResultFrame.from_frame(sent.to_frame()).outcome == Outcome(payload={"n": 1}, label="ok")
 
 
 def test_split_keeps_a_cut_frame_for_the_next_read() -> None:
@@ -128,7 +130,7 @@ def test_the_worker_refuses_a_malformed_frame_and_says_why(body: bytes, words: s
 
 
 def test_a_frame_read_as_another_kind_or_cut_is_refused() -> None:
-    with pytest.raises(FrameError, match="not DropFrame"):
+    with pytest.raises(FrameError, match="not a DropFrame"):
         DropFrame.from_frame(AbandonFrame(1, "why").to_frame())
     with pytest.raises(FrameError, match="not one whole frame"):
         DropFrame.from_frame(DropFrame(1).to_frame()[:-1])
@@ -142,3 +144,9 @@ def test_fork_notices_are_pids_on_lines() -> None:
     assert ForkNotice.all_in(b"") == []
     with pytest.raises(FrameError, match="not one fork notice"):
         ForkNotice.from_frame(b"4242\n4243\n")
+
+
+@pytest.mark.parametrize("frame", TO_PROCESS + TO_WORKER[1:], ids=lambda f: type(f).__name__)
+def test_frames_are_frozen(frame: Any) -> None:
+    with pytest.raises(FrozenInstanceError):
+        frame.id = 99

@@ -46,7 +46,7 @@ from ...transition import Failure, Outcome
 from ..executor import context_of, failure_of, normalize
 from . import frames
 from .forks import FORK_GRACE, ForkGuard
-from .frames import READ_SIZE, AbandonFrame, CallFrame, FailedFrame, ReadyFrame, ResultFrame
+from .frames import READ_SIZE, AbandonFrame, CallFrame, ReadyFrame, ResultFrame
 from .pacing import IGNORE_CPU_BELOW
 
 log = logging.getLogger(__package__)  # the package's logger, as the worker's side of it logs
@@ -133,7 +133,7 @@ class HandlerServer:
             if self.queued:  # before the next queued call starts: was it taken back, or abandoned?
                 self.poll()
 
-    def send(self, frame: ReadyFrame | ResultFrame | FailedFrame) -> None:
+    def send(self, frame: ReadyFrame | ResultFrame) -> None:
         if self.forks.forked:  # a copy of this process never writes to the worker
             self.forks.back()
         view = memoryview(frame.to_frame())
@@ -185,7 +185,7 @@ class HandlerServer:
             handler = self.handlers[key] = resolve(f"{module}:{function}", search_path=self.search)
         return handler
 
-    def run(self, frame: CallFrame) -> ResultFrame | FailedFrame:
+    def run(self, frame: CallFrame) -> ResultFrame:
         call, ident = frame.call, frame.id
         module, function, ref = call.handler.module, call.handler.function, call.handler.ref
         payload, state, deadline = call.payload, call.state, call.deadline
@@ -234,10 +234,7 @@ class HandlerServer:
                                                   "have served as this one; it was ended. A handler that forks must "
                                                   "end the new process with os._exit() or replace it with exec",
                                                   retryable=False))
-        if outcome.failure is None:
-            assert outcome.payload is not None
-            return ResultFrame(ident, outcome.payload, outcome.label, wall, cpu_seconds)
-        return FailedFrame(ident, outcome.failure, wall, cpu_seconds)
+        return ResultFrame(ident, outcome, wall, cpu_seconds)
 
 
 def _die_with_parent(ppid: int) -> None:

@@ -406,7 +406,7 @@ class ProcessExecutor:
         if not child.calls or frame.id != child.calls[0].id:
             return  # a late reply to an attempt that was let go (taken back, or its child replaced)
         attempt = self._pacing.answered(child, frame.seconds, frame.cpu_seconds)
-        self._finish(attempt, frame.outcome())
+        self._finish(attempt, frame.outcome)
         if not self._closed:
             self._dispatch()
 
