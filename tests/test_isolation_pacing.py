@@ -195,7 +195,7 @@ def test_a_running_call_whose_timeout_passes_costs_its_lane(clock: Clock) -> Non
     running, *queued = calls(p, 3)
     p.dispatch()
     decision = p.expired(running)
-    assert decision.kill is lane and decision.taken_back == []
+    assert decision.kill is lane and not decision.taken_back
     assert "m:quick" in p.unpaced_handlers
     assert p.remove(lane) is running  # the supervisor kills it: the calls behind it wait again
     assert list(p.waiting_paced) == queued and not lane.calls and not p.lanes

@@ -40,8 +40,8 @@ ran, first in line. At close, every queued call is taken back.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 QUICK = 0.002  # seconds: a call that runs shorter, and mostly on the CPU, is quick (did not wait)
@@ -95,14 +95,18 @@ LaneT = TypeVar("LaneT", bound=Lane[Any])
 
 @dataclass(slots=True)
 class Decision(Generic[LaneT, CallT]):
-    """What the supervisor does, in this order."""
+    """What the supervisor does, in this order. Made by the pacer for each event and only read after:
+    not frozen, as one is made for nearly every tick and a frozen one costs four times as much."""
 
-    forgotten: list[CallT] = field(default_factory=list)  # settled calls that no longer wait: let go
-    taken_back: list[tuple[LaneT, CallT]] = field(default_factory=list)  # drop these queued calls there
-    sent: list[tuple[LaneT, CallT]] = field(default_factory=list)  # send these calls there, in this order
+    forgotten: Sequence[CallT] = ()  # settled calls that no longer wait: let go
+    taken_back: Sequence[tuple[LaneT, CallT]] = ()  # drop these queued calls there
+    sent: Sequence[tuple[LaneT, CallT]] = ()  # send these calls there, in this order
     kill: LaneT | None = None  # kill this lane's process (a call it ran outlived its timeout)
     start: int = 0  # start this many lanes, while there is room (`slots`)
     wake_at: float | None = None  # dispatch again at this clock time (`dispatch(woken=True)`)
+
+
+NOTHING: Decision[Any, Any] = Decision()  # what many events call for (shared: never changed)
 
 
 class Pacer(Generic[LaneT, CallT]):
@@ -167,17 +171,16 @@ class Pacer(Generic[LaneT, CallT]):
     def expired(self, call: CallT) -> Decision[LaneT, CallT]:
         """The call's timeout passed. Queued behind another, it is taken back and never runs; running,
         it costs its lane (`kill`); waiting in the parent, it is let go at the next dispatch."""
-        decision: Decision[LaneT, CallT] = Decision()
         lane = cast("LaneT | None", call.lane)
-        if lane is None:
-            return decision
-        if lane.calls and lane.calls[0] is call:
+        if lane is not None and lane.calls and lane.calls[0] is call:
             self.seen_slow(call.handler)
-            decision.kill = lane
-        elif call in lane.calls:
-            self._take_back(lane, [call], decision, requeue=False)
-        # else: its lane is gone, its death on the way; the timeout is what the call ends with
-        return decision
+            return Decision(kill=lane)
+        if lane is not None and call in lane.calls:
+            dropped: list[tuple[LaneT, CallT]] = []
+            self._take_back(lane, [call], dropped, requeue=False)
+            return Decision(taken_back=dropped)
+        # waiting in the parent; or its lane is gone, its death on the way: the timeout is what it ends with
+        return NOTHING
 
     def remove(self, lane: LaneT) -> CallT | None:
         """The lane is gone (killed, dead or closed). The calls queued behind its running call wait
@@ -196,10 +199,10 @@ class Pacer(Generic[LaneT, CallT]):
     def close(self) -> Decision[LaneT, CallT]:
         """No more calls run: every queued call is taken back (`next_waiting` hands out the waiting ones)."""
         self.closed = True
-        decision: Decision[LaneT, CallT] = Decision()
+        dropped: list[tuple[LaneT, CallT]] = []
         for lane in list(self.lanes):
-            self._take_back(lane, list(lane.calls)[1:], decision)
-        return decision
+            self._take_back(lane, list(lane.calls)[1:], dropped)
+        return Decision(taken_back=dropped)
 
     def next_waiting(self) -> CallT | None:
         """The first call waiting in the parent, taken out of the line (settled or not)."""
@@ -230,15 +233,19 @@ class Pacer(Generic[LaneT, CallT]):
         if woken:
             self.wake_pending = False
         now = self.clock()
-        decision: Decision[LaneT, CallT] = Decision()
-        self._take_back_from_overrunning(now, decision)
-        unpaced, paced, idle, forgotten = self.waiting_unpaced, self.waiting_paced, self.idle, decision.forgotten
+        forgotten: list[CallT] = []
+        dropped: list[tuple[LaneT, CallT]] = []
+        sent: list[tuple[LaneT, CallT]] = []
+        running = self.running_paced
+        if running and (not running[0].paced or now - running[0].since >= self.patience):
+            self._take_back_from_overrunning(now, dropped)
+        unpaced, paced, idle = self.waiting_unpaced, self.waiting_paced, self.idle
         while unpaced and idle:
             call = unpaced.popleft()
             if call.settled:
                 forgotten.append(call)
                 continue
-            self._send(idle.pop(), call, now, False, decision)
+            self._send(idle.pop(), call, now, False, sent)
         while paced:
             call = paced[0]
             if call.settled:
@@ -247,16 +254,16 @@ class Pacer(Generic[LaneT, CallT]):
             if call.handler in self.unpaced_handlers or now - call.since >= self.patience:
                 if not idle:
                     break
-                self._send(idle.pop(), paced.popleft(), now, False, decision)
+                self._send(idle.pop(), paced.popleft(), now, False, sent)
                 continue
             lane = self._lane_for_paced_call()
             if lane is None:
                 break
-            self._send(lane, paced.popleft(), now, True, decision)
-        for waiting in (unpaced, paced):
-            while waiting and waiting[0].settled:
-                forgotten.append(waiting.popleft())
+            self._send(lane, paced.popleft(), now, True, sent)
+        while unpaced and unpaced[0].settled:  # (the first paced call was just seen not to be)
+            forgotten.append(unpaced.popleft())
         need = len(unpaced)
+        wake_at = None
         queued = 0  # paced calls queued behind a running one
         for lane in self.pacing_lanes:
             queued += len(lane.calls) - 1
@@ -275,27 +282,29 @@ class Pacer(Generic[LaneT, CallT]):
                     due = oldest if due is None else min(due, oldest)
                 if due is not None:
                     self.wake_pending = True
-                    decision.wake_at = max(due, now + SOONEST_WAKE)
-        if need > self.starting and not self.closed:
-            decision.start = need - self.starting
-        return decision
+                    wake_at = max(due, now + SOONEST_WAKE)
+        start = need - self.starting if need > self.starting and not self.closed else 0
+        if not (sent or forgotten or dropped or start) and wake_at is None:
+            return NOTHING
+        return Decision(forgotten, dropped, sent, None, start, wake_at)
 
     def _lane_for_paced_call(self) -> LaneT | None:
         """The least loaded pacing lane while it has room; else an idle lane, while fewer than
         `pacing_limit` lanes pace (None: the call waits)."""
-        best = None
+        best, fewest = None, self.depth
         for lane in self.pacing_lanes:
-            if len(lane.calls) < self.depth and (best is None or len(lane.calls) < len(best.calls)):
-                best = lane
+            held = len(lane.calls)
+            if held < fewest:
+                best, fewest = lane, held
         if best is None and self.idle and len(self.pacing_lanes) < self.pacing_limit:
             return self.idle.pop()
         return best
 
-    def _send(self, lane: LaneT, call: CallT, now: float, paced: bool, decision: Decision[LaneT, CallT]) -> None:
+    def _send(self, lane: LaneT, call: CallT, now: float, paced: bool, sent: list[tuple[LaneT, CallT]]) -> None:
         call.lane = lane
         call.paced = paced
         lane.calls.append(call)
-        decision.sent.append((lane, call))
+        sent.append((lane, call))
         if len(lane.calls) == 1:
             self._starts_running(lane, now)
 
@@ -309,7 +318,7 @@ class Pacer(Generic[LaneT, CallT]):
         else:
             self.pacing_lanes.discard(lane)
 
-    def _take_back_from_overrunning(self, now: float, decision: Decision[LaneT, CallT]) -> None:
+    def _take_back_from_overrunning(self, now: float, dropped: list[tuple[LaneT, CallT]]) -> None:
         running = self.running_paced
         while running and (not running[0].paced or now - running[0].since >= self.patience):
             call = running.popleft()
@@ -319,17 +328,17 @@ class Pacer(Generic[LaneT, CallT]):
                 lane = cast("LaneT | None", call.lane)
                 if lane is not None:
                     self.pacing_lanes.discard(lane)
-                    self._take_back(lane, list(lane.calls)[1:], decision)
+                    self._take_back(lane, list(lane.calls)[1:], dropped)
 
-    def _take_back(self, lane: LaneT, calls: list[CallT], decision: Decision[LaneT, CallT] | None, *,
+    def _take_back(self, lane: LaneT, calls: list[CallT], dropped: list[tuple[LaneT, CallT]] | None, *,
                    requeue: bool = True) -> None:
         """Calls queued in `lane`, not started: they wait in the parent again, first in line (unless
-        not `requeue`d: a call whose timeout passed). A live lane is told to drop them (`decision`);
+        not `requeue`d: a call whose timeout passed). A live lane is told to drop them (`dropped`);
         a lane that is gone needs no telling."""
         for call in reversed(calls):
             lane.calls.remove(call)
-            if decision is not None:
-                decision.taken_back.append((lane, call))
+            if dropped is not None:
+                dropped.append((lane, call))
             call.lane = None
             call.paced = False
             if requeue:

@@ -43,7 +43,7 @@ from ..executor import TickCall, past_deadline, timed_out
 from . import frames
 from .child import BOOT, ChildOptions
 from .frames import READ_SIZE, AbandonFrame, CallFrame, DropFrame, FrameError, ReadyFrame
-from .pacing import Call, Decision, Lane, Pacer
+from .pacing import NOTHING, Call, Decision, Lane, Pacer
 from .timeouts import Timeouts
 
 log = logging.getLogger(__package__)  # the package's logger, as the handler processes' side of it logs
@@ -331,7 +331,9 @@ class ProcessExecutor:
 
     def _dispatch(self, *, woken: bool = False) -> None:
         """Carry out what the pacing decides now: calls to children, children to start."""
-        self._carry_out(self._pacing.dispatch(woken=woken))
+        decision = self._pacing.dispatch(woken=woken)
+        if decision is not NOTHING:
+            self._carry_out(decision)
 
     def _wake(self) -> None:
         self._wake_timer = None
