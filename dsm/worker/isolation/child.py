@@ -39,11 +39,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ... import logs
-from ...context import Context
+from ...context import Context, idempotency_key
 from ...graph import Handler
 from ...handlers import HandlerImportError, import_module, resolve
 from ...transition import Failure, Outcome
-from ..executor import context_of, failure_of, normalize
+from ..executor import TickCall, failure_of, normalize
 from . import frames
 from .forks import FORK_GRACE, ForkGuard
 from .frames import READ_SIZE, AbandonFrame, CallFrame, ReadyFrame, ResultFrame
@@ -87,13 +87,17 @@ class ChildContext(Context):
 
     _poll: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
+    @classmethod
+    def of(cls, call: TickCall, poll: Callable[[], None]) -> ChildContext:
+        """What `dsm.worker.executor.context_of` says of `call`, its heartbeat calling `poll` first."""
+        return cls(instance_id=call.instance_id, machine=call.machine, state=call.state, attempt=call.attempt,
+                   branch=call.branch, idempotency_key=idempotency_key(call.instance_id, call.visit),
+                   deadline=call.deadline, _worker=call.worker, _poll=poll)
+
     def heartbeat(self, details: Any = None) -> None:
         if self._poll is not None:
             self._poll()
         Context.heartbeat(self, details)  # not super(): slots dataclasses break its zero-argument form
-
-
-_CONTEXT_FIELDS = tuple(f.name for f in fields(Context) if f.init)
 
 
 class HandlerServer:
@@ -189,8 +193,7 @@ class HandlerServer:
         call, ident = frame.call, frame.id
         module, function, ref = call.handler.module, call.handler.function, call.handler.ref
         payload, state, deadline = call.payload, call.state, call.deadline
-        base = context_of(call)
-        ctx = ChildContext(**{name: getattr(base, name) for name in _CONTEXT_FIELDS}, _poll=self.poll)
+        ctx = ChildContext.of(call, self.poll)
         if frame.abandoned is not None:
             ctx.abandon(frame.abandoned)
         for pid, earlier in self.forks.late():
