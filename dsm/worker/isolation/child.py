@@ -47,7 +47,6 @@ from ..executor import TickCall, failure_of, normalize
 from . import frames
 from .forks import FORK_GRACE, ForkGuard
 from .frames import READ_SIZE, AbandonFrame, CallFrame, ReadyFrame, ResultFrame
-from .pacing import IGNORE_CPU_BELOW
 
 log = logging.getLogger(__package__)  # the package's logger, as the worker's side of it logs
 
@@ -69,6 +68,9 @@ class ChildOptions:
     text_format: str  # the template of its log lines in the text format
     log: dict[str, Any]  # `dsm.logs.settings()`: text or JSON, and the worker's name
     preload: tuple[str, ...]  # modules imported before it takes calls
+    # seconds: the CPU clock (a system call) is read for a handler whose last call ran at least this
+    # long; a shorter one is too short for its share of the CPU to mean anything to the pacing
+    cpu_clock_from: float
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
@@ -78,7 +80,7 @@ class ChildOptions:
         """From the JSON object `to_json` wrote, as `BOOT` parsed it."""
         return cls(path=tuple(given["path"]), search=tuple(given["search"]), ppid=given["ppid"],
                    level=given["level"], handler_level=given["handler_level"], text_format=given["text_format"],
-                   log=given["log"], preload=tuple(given["preload"]))
+                   log=given["log"], preload=tuple(given["preload"]), cpu_clock_from=given["cpu_clock_from"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +105,9 @@ class ChildContext(Context):
 class HandlerServer:
     """The handler process's side: read calls, run them one at a time in the order sent, write each outcome."""
 
-    def __init__(self, rfd: int, wfd: int, search: tuple[str, ...] = ()):
+    def __init__(self, rfd: int, wfd: int, search: tuple[str, ...] = (), cpu_clock_from: float = 0.0):
         self.search = search
+        self.cpu_clock_from = cpu_clock_from  # (`ChildOptions`; 0: on every call)
         self.rfd = rfd
         self.wfd = wfd
         self.forks = ForkGuard((rfd, wfd), lambda: self.current[0] if self.current is not None else None)
@@ -113,9 +116,7 @@ class HandlerServer:
         self.current: tuple[int, Context] | None = None  # the call running: its id and its ctx
         self.eof = False
         self.handlers: dict[tuple[str, str], Handler] = {}
-        # handler -> read the CPU clock on its next call (a system call: not for handlers whose last call was
-        # too short for its CPU share to mean anything)
-        self.timed: dict[tuple[str, str], bool] = {}
+        self.timed: dict[tuple[str, str], bool] = {}  # handler -> read the CPU clock on its next call
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lock = threading.Lock()  # a handler's own threads may heartbeat too
 
@@ -227,7 +228,7 @@ class HandlerServer:
             self.current = None
         wall = time.perf_counter() - started if started else 0.0
         cpu_seconds = time.process_time() - cpu if measured and started else None
-        self.timed[(module, function)] = wall >= IGNORE_CPU_BELOW
+        self.timed[(module, function)] = wall >= self.cpu_clock_from
         if self.forks.pending:
             grace = FORK_GRACE if deadline is None else max(0.0, min(FORK_GRACE, deadline - time.time()))
             back = self.forks.came_back(ident, grace)
@@ -279,7 +280,7 @@ def main(given: dict[str, Any]) -> None:
             log.warning("handler process %d: cannot preload %s: %s: %s", os.getpid(), module,
                         type(exc).__name__, exc)
     try:
-        HandlerServer(rfd, wfd, options.search).serve()
+        HandlerServer(rfd, wfd, options.search, options.cpu_clock_from).serve()
     except BrokenPipeError:  # the worker is gone
         pass
     sys.stdout.flush()

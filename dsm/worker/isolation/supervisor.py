@@ -43,7 +43,7 @@ from ..executor import TickCall, past_deadline, timed_out
 from . import frames
 from .child import BOOT, ChildOptions
 from .frames import READ_SIZE, AbandonFrame, CallFrame, DropFrame, FrameError, ReadyFrame
-from .pacing import NOTHING, Call, Decision, Lane, Pacer
+from .pacing import IGNORE_CPU_BELOW, NOTHING, Call, Decision, Lane, Pacer
 from .timeouts import Timeouts
 
 log = logging.getLogger(__package__)  # the package's logger, as the handler processes' side of it logs
@@ -390,7 +390,8 @@ class ProcessExecutor:
                            else logging.getLogger("dsm.handler").getEffectiveLevel()),
             text_format=self.log_format,
             log=logs.settings(),  # text or JSON, and the worker's name for lines that cannot know it
-            preload=self.preload)
+            preload=self.preload,
+            cpu_clock_from=IGNORE_CPU_BELOW)  # the pacing does not look at the CPU share of shorter calls
         env = dict(self.env if self.env is not None else os.environ)
         env["DSM_WORKER_PID"] = str(os.getpid())  # which worker a handler runs for, as its own pid did
         proc = subprocess.Popen([sys.executable, "-c", BOOT, options.to_json()], stdin=subprocess.PIPE,
