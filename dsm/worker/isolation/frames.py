@@ -332,22 +332,22 @@ _TO_WORKER: dict[int, Any] = {READY: ReadyFrame, RESULT: ResultFrame, FAILED: Re
 
 def read_to_process(body: bytes) -> ToProcess:
     """A frame the worker sent to a handler process, from its body (as `split` gives it)."""
-    items = _items(body)
-    kind = _TO_PROCESS.get(items[0])
-    if kind is None:
-        raise FrameError(f"a frame of unknown kind {items[0]} sent to a handler process: {_shown(items)}")
-    frame: ToProcess = kind.from_items(items)
+    frame: ToProcess = _read(body, _TO_PROCESS, "sent to a handler process")
     return frame
 
 
 def read_to_worker(body: bytes) -> ToWorker:
     """A frame a handler process sent to the worker, from its body (as `split` gives it)."""
-    items = _items(body)
-    kind = _TO_WORKER.get(items[0])
-    if kind is None:
-        raise FrameError(f"a frame of unknown kind {items[0]} sent by a handler process: {_shown(items)}")
-    frame: ToWorker = kind.from_items(items)
+    frame: ToWorker = _read(body, _TO_WORKER, "sent by a handler process")
     return frame
+
+
+def _read(body: bytes, kinds: dict[int, Any], direction: str) -> Any:
+    items = _items(body)
+    kind = kinds.get(items[0])
+    if kind is None:
+        raise FrameError(f"a frame of unknown kind {items[0]} {direction}: {_shown(items)}")
+    return kind.from_items(items)
 
 
 # -- between a handler process and the processes its handlers fork ----------------------------------
