@@ -10,7 +10,7 @@ quick handlers are paced onto a few busy processes rather than spread over all o
 whose calls wait (for I/O, a lock, a sleep) gain from more processes than CPUs, so their calls are
 not paced. A process is a `Lane` here; a call, a `Call`.
 
-The rules, in the order `dispatch` applies them:
+The rules (the second to the last are `dispatch`'s, in the order it applies them):
 
 * A handler is paced until its calls are seen to wait: each call's run time (how long its handler
   ran, and how much of that on the CPU) moves the handler's wait score a quarter of the way to 1 (it
