@@ -26,9 +26,9 @@ process can take calls. A result or a failure ends a call and says how long its 
 all and on the CPU (`cpu_seconds` is null when the process did not read the CPU clock). There is
 no heartbeat frame: `ctx.heartbeat()` in the process reads the frames waiting for it.
 
-A third, smaller message does not cross between the two: a process a handler forked from the
-handler process tells that process it came back from the handler with a `ForkNotice`, its pid as
-ASCII digits and a newline, on a pipe made for it at the fork (see `forks.py`).
+One more message stays inside a handler process's family: a process a handler forked tells the
+handler process that it came back from the handler with a `ForkNotice`, its pid in ASCII digits
+and a newline, on a pipe made for it at the fork (see `forks.py`).
 
 A frame that is cut, not JSON, of an unknown kind, or with items of the wrong number or type is
 refused with a `FrameError` that says which.
