@@ -78,4 +78,9 @@ class Context:
 def make_context(*, instance_id: str, machine: str, state: str, attempt: int, branch: tuple[str, ...],
                  visit: int, deadline: float | None, worker: str | None = None) -> Context:
     return Context(instance_id=instance_id, machine=machine, state=state, attempt=attempt, branch=branch,
-                   idempotency_key=f"{instance_id}/{visit}", deadline=deadline, _worker=worker)
+                   idempotency_key=idempotency_key(instance_id, visit), deadline=deadline, _worker=worker)
+
+
+def idempotency_key(instance_id: str, visit: int) -> str:
+    """The same for every attempt of one visit of a state, different for the next visit."""
+    return f"{instance_id}/{visit}"

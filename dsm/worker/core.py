@@ -2,7 +2,7 @@
 
 It orchestrates parts that each own one thing: the lease (`lease.py`), the work feed and its
 candidate queue (`feed.py`, `queue.py`), slots (`slots.py`), the record cache (`cache.py`), the
-executor that runs handlers (`executor.py`, `isolation.py`), the commit planner (`planner.py`,
+executor that runs handlers (`executor.py`, `isolation/`), the commit planner (`planner.py`,
 pure), its entry and heartbeat among live workers (`presence.py`) and the watch on the other
 workers' heartbeats (`peers.py`). Whether it works (`health()`) is judged from what its parts say
 of themselves (`health.py`, pure). What it keeps is the life of a job: a claim, attempts, commits,

@@ -131,11 +131,13 @@ def report_failure(logger: logging.Logger, call: TickCall, outcome: Outcome) -> 
     return True
 
 
-_CALLERS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(asyncio.__file__)))
+_CALLERS = (os.path.dirname(os.path.abspath(__file__)),
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "isolation"),  # handler processes
+            os.path.dirname(os.path.abspath(asyncio.__file__)))
 
 
 def _ours(filename: str) -> bool:
-    """A frame of the worker, or of the event loop that awaits an async handler."""
+    """A frame of the worker (or of a handler process), or of the event loop that awaits an async handler."""
     return os.path.dirname(os.path.abspath(filename)) in _CALLERS
 
 
