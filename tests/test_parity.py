@@ -29,7 +29,12 @@ def shape(record: dict) -> dict:
     }
 
 
-@pytest.mark.parametrize("example,payload", [(e, p) for e in EXAMPLES for p in PAYLOADS.get(e, ["{}"])])
+# a poll that runs out of tries (100 polls) takes half a minute: with the long runs
+CASES = [pytest.param(e, p, marks=pytest.mark.long) if p == '{"ready_after": 100}' else (e, p)
+         for e in EXAMPLES for p in PAYLOADS.get(e, ["{}"])]
+
+
+@pytest.mark.parametrize("example,payload", CASES)
 def test_example_on_etcd_matches_embedded(example, payload, etcd, namespace):
     embedded = dsm("run", f"definitions/{example}", "--payload", payload, "--json")
     on_etcd = dsm("run", f"definitions/{example}", "--payload", payload, "--json", "--etcd", etcd.endpoint,

@@ -31,7 +31,7 @@ from dsm.store import prefix_end
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.testing import EtcdCluster, etcd_binary, etcdctl_binary, make_cluster
 
-pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+pytestmark = [pytest.mark.etcd, pytest.mark.slow, pytest.mark.long]  # a minute: with the long runs
 
 FANOUT = MACHINES / "fanout.yaml"
 ROOT = ("root", "root-Pw-5e1d")
