@@ -1014,20 +1014,14 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                     if metrics_port is not None:
                         from dsm import metrics
 
-                        try:
-                            server = serving.enter_context(metrics.serving(w, metrics_host, metrics_port))
-                        except OSError as exc:
-                            where = f"{metrics_host}:{metrics_port}: {exc.strerror or exc}"
-                            raise Fail(ExitCode.INVALID, f"--metrics-port: cannot serve metrics on {where}") from None
+                        server = _side_server(serving, lambda: metrics.serving(w, metrics_host, metrics_port),
+                                              "--metrics-port", "metrics", metrics_host, metrics_port)
                         where += f", metrics on {server.url}"
                     if health_port is not None:
                         from dsm import healthz
 
-                        try:
-                            probe = serving.enter_context(healthz.serving(w, health_host, health_port))
-                        except OSError as exc:
-                            where = f"{health_host}:{health_port}: {exc.strerror or exc}"
-                            raise Fail(ExitCode.INVALID, f"--health-port: cannot serve /healthz on {where}") from None
+                        probe = _side_server(serving, lambda: healthz.serving(w, health_host, health_port),
+                                             "--health-port", "/healthz", health_host, health_port)
                         where += f", health on {probe.url(healthz.PATH)}"
                     info.print(f"worker {w.id} serving namespace {options.namespace!r} at {options.display} "
                                f"(concurrency {concurrency}, handlers in {where}, modules: {allowlist.describe()})",
@@ -1042,6 +1036,15 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
             raise
     if signal.SIGINT in received:
         raise Fail(ExitCode.INTERRUPTED)  # SIGTERM is the ordinary way to stop a worker: exit 0
+
+
+def _side_server(serving: contextlib.ExitStack, open_: Callable[[], Any], option: str, what: str, host: str,
+                 port: int) -> Any:
+    """A worker's small HTTP server (metrics, health) entered on `serving`; exit 2 when it cannot listen."""
+    try:
+        return serving.enter_context(open_())
+    except OSError as exc:
+        raise Fail(ExitCode.INVALID, f"{option}: cannot serve {what} on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @_command(etcd=True)
