@@ -273,29 +273,9 @@ class AuthChaos(Chaos):
                     raise
                 await asyncio.sleep(0.2)
 
-    async def members_agree(self) -> dict[str, Any]:
+    async def members_agree(self, login: tuple[str, str] | None = ROOT_USER) -> dict[str, Any]:
         """As the harness's, with a root token: etcd answers HashKV to root only when auth is on."""
-        import grpc
-        from aetcd import rpc
-
-        channels = {m.name: grpc.aio.insecure_channel(f"127.0.0.1:{m.client_port}") for m in self.cluster.members}
-        try:
-            token = (await rpc.AuthStub(channels[self.cluster.members[0].name]).Authenticate(
-                rpc.AuthenticateRequest(name=ROOT_USER[0], password=ROOT_USER[1]), timeout=5)).token
-            metadata = (("token", token),)
-            status = {name: await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=5, metadata=metadata)
-                      for name, ch in channels.items()}
-            revision = min(s.header.revision for s in status.values())
-            request = rpc.HashKVRequest(revision=revision)
-            hashes = {name: (await rpc.MaintenanceStub(ch).HashKV(request, timeout=30, metadata=metadata)).hash
-                      for name, ch in channels.items()}
-            return {"agree": len(set(hashes.values())) == 1, "revision": revision, "hashes": hashes,
-                    "versions": sorted({s.version for s in status.values()})}
-        except grpc.aio.AioRpcError as exc:
-            return {"agree": None, "error": str(exc.details())}
-        finally:
-            for ch in channels.values():
-                await ch.close()
+        return await super().members_agree(login)
 
     # -- processes -----------------------------------------------------------------------------
     def _spawn(self, role: str, args: list[str], user: tuple[str, str], *, instance: str | None = None,

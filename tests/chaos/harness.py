@@ -223,21 +223,27 @@ class Chaos:
                 await channel.close()
         return None
 
-    async def members_agree(self) -> dict[str, Any]:
+    async def members_agree(self, login: tuple[str, str] | None = None) -> dict[str, Any]:
         """Whether every etcd member holds the same data: each one's hash of its key-value store at
         one revision that all have applied. They may not: etcd 3.5.0 to 3.5.2 can lose writes a
         member had acknowledged when it is killed under load (etcd issue 13766), and the members
-        then disagree, which no client can make up for."""
+        then disagree, which no client can make up for. `login`: root's name and password, when
+        auth is on (etcd answers HashKV to root only)."""
         import grpc
         from aetcd import rpc
 
         channels = {m.name: grpc.aio.insecure_channel(f"127.0.0.1:{m.client_port}") for m in self.cluster.members}
         try:
-            status = {name: await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=5)
+            metadata = None
+            if login is not None:
+                token = (await rpc.AuthStub(channels[self.cluster.members[0].name]).Authenticate(
+                    rpc.AuthenticateRequest(name=login[0], password=login[1]), timeout=5)).token
+                metadata = (("token", token),)
+            status = {name: await rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=5, metadata=metadata)
                       for name, ch in channels.items()}
             revision = min(s.header.revision for s in status.values())
             request = rpc.HashKVRequest(revision=revision)
-            hashes = {name: (await rpc.MaintenanceStub(ch).HashKV(request, timeout=30)).hash
+            hashes = {name: (await rpc.MaintenanceStub(ch).HashKV(request, timeout=30, metadata=metadata)).hash
                       for name, ch in channels.items()}
             return {"agree": len(set(hashes.values())) == 1, "revision": revision, "hashes": hashes,
                     "versions": sorted({s.version for s in status.values()})}
