@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import until_async  # noqa: E402
+
 from dsm.store.memory import ManualClock, MemoryStore  # noqa: E402
 from dsm.testing import EtcdCluster, etcd_binary, make_cluster  # noqa: E402
 
@@ -69,23 +71,47 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture(params=["memory", pytest.param("etcd", marks=pytest.mark.etcd)])
-def store_factory(request: pytest.FixtureRequest, clock: ManualClock) -> Callable[[], Any]:
-    """Build a store of each kind inside the test's event loop; etcd ones use a real server."""
-    if request.param == "memory":
-        return lambda: _async_value(MemoryStore(clock=clock))
-    cluster = request.getfixturevalue("etcd")
+class StoreUnderTest:
+    """One store kind as a test sees it: call it for a new store of that kind (inside the test's
+    event loop), and let time pass for its leases the same way on both kinds."""
 
-    async def connect() -> Any:
+    def __init__(self, kind: str, clock: ManualClock, endpoint: str | None = None):
+        self.kind = kind
+        self.clock = clock
+        self.endpoint = endpoint
+
+    async def __call__(self) -> Any:
+        if self.endpoint is None:
+            return MemoryStore(clock=self.clock)
         from dsm.store.etcd import EtcdOptions, EtcdStore
 
-        return await EtcdStore.connect(EtcdOptions.build(cluster.endpoint))
+        return await EtcdStore.connect(EtcdOptions.build(self.endpoint))
 
-    return connect
+    async def advance(self, seconds: float) -> None:
+        """Let `seconds` pass on the stores' clock: the memory store's moves (its leases expire at
+        once), a real etcd's is the wall's, which only waiting moves."""
+        if self.endpoint is None:
+            self.clock.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)  # the wait is the point: etcd's own timer expires its leases
+
+    async def expire_lease(self, store: Any, lease: int) -> None:
+        """Let `lease` run out unrenewed, and return once the store says it is gone."""
+        if self.endpoint is None:
+            self.clock.advance(await store.lease_ttl(lease) + 1)
+        await until_async(lambda: _gone(store, lease), f"lease {lease:x} expired", timeout=10)
 
 
-async def _async_value(value: Any) -> Any:
-    return value
+async def _gone(store: Any, lease: int) -> bool:
+    return await store.lease_ttl(lease) == -1
+
+
+@pytest.fixture(params=["memory", pytest.param("etcd", marks=pytest.mark.etcd)])
+def store_factory(request: pytest.FixtureRequest, clock: ManualClock) -> StoreUnderTest:
+    """A StoreUnderTest of each kind; etcd ones use a real server."""
+    if request.param == "memory":
+        return StoreUnderTest("memory", clock)
+    return StoreUnderTest("etcd", clock, request.getfixturevalue("etcd").endpoint)
 
 
 @pytest.fixture

@@ -1,11 +1,59 @@
-"""Helpers shared by test modules: small machines and a one-worker runner."""
+"""Helpers shared by test modules: waiting for a condition, small machines and a one-worker runner."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+WAIT = 30.0  # how long a test waits for something that should happen (a slow shared machine included)
+POLL = 0.02  # how often it looks
+
+
+def until(check: Callable[[], Any], what: str = "the condition", *, timeout: float = WAIT,
+          interval: float = POLL, retry_on: tuple[type[BaseException], ...] = ()) -> Any:
+    """Call `check()` until it returns something true, and return that; AssertionError naming
+    `what` once `timeout` passed. `retry_on`: exceptions that mean "not yet" (a page mid-render)."""
+    overdue = _overdue(timeout, what)
+    while True:
+        try:
+            found = check()
+        except retry_on:
+            found = None
+        if found or overdue():
+            return found
+        time.sleep(interval)
+
+
+async def until_async(check: Callable[[], Any], what: str = "the condition", *, timeout: float = WAIT,
+                      interval: float = POLL, retry_on: tuple[type[BaseException], ...] = ()) -> Any:
+    """`until` on the event loop: `check()` may be a plain function or a coroutine function."""
+    overdue = _overdue(timeout, what)
+    while True:
+        try:
+            found = check()
+            found = await found if inspect.isawaitable(found) else found
+        except retry_on:
+            found = None
+        if found or overdue():
+            return found
+        await asyncio.sleep(interval)
+
+
+def _overdue(timeout: float, what: str) -> Callable[[], bool]:
+    """False until `timeout` has passed; then AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+
+    def overdue() -> bool:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        return False
+
+    return overdue
+
 
 ONE_TICK = """
 machine: slow

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
 
 from dsm.errors import Compacted, LeaseLost
 from dsm.store import DELETE, PUT, PUT_RESULT, Compare, Delete, Get, Put, Txn, TxnRejected, prefix_end
-from dsm.store.memory import MemoryStore
+from dsm.store.memory import MemoryStore, whole_seconds
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -24,15 +25,6 @@ def run(store_factory, body, **kw):
             await store.close()
 
     return asyncio.run(main())
-
-
-async def expire(store, seconds: float) -> None:
-    """Let leases run out: advance the memory store's clock, or wait for a real etcd."""
-    if isinstance(store, MemoryStore):
-        store.clock.advance(seconds)
-        store.expire()
-    else:
-        await asyncio.sleep(seconds)
 
 
 def test_revisions_versions_and_get(store_factory):
@@ -179,7 +171,7 @@ def test_leases_expire_and_take_their_keys(store_factory):
         kv = await store.get(p + "claim")
         assert kv.lease == lease
         assert await store.lease_keepalive(lease) >= 1
-        await expire(store, 3.5)
+        await store_factory.expire_lease(store, lease)
         assert await store.get(p + "claim") is None
         with pytest.raises(LeaseLost):
             await store.lease_keepalive(lease)
@@ -218,8 +210,7 @@ def test_watch_from_a_revision_replays_then_follows(store_factory):
                     return
 
         task = asyncio.create_task(collect())
-        await asyncio.sleep(0.1)
-        await store.put(p + "w/c", b"3")
+        await store.put(p + "w/c", b"3")  # after the replay, whenever it is read
         await asyncio.wait_for(task, 5)
         await watch.cancel()
         got = [(e.type, e.kv.key[len(p):], e.kv.value) for e in events]
@@ -230,22 +221,70 @@ def test_watch_from_a_revision_replays_then_follows(store_factory):
     run(store_factory, body)
 
 
-def test_watch_sees_lease_expiry_as_deletes(store_factory):
+def test_a_lease_expires_on_time_with_no_call_to_the_store(store_factory):
+    """Its keys are deleted when its time comes, and watchers see the deletes, though nobody
+    touched the store meanwhile (the memory store's clock moves; etcd's timer runs)."""
     async def body(store, p):
         lease = await store.lease_grant(1)
-        await store.put(p + "claim", b"w", lease)
-        watch = await store.watch(p + "claim")
-        await expire(store, 3.5)
+        await store.txn([], [Put(p + "l/a", b"w", lease), Put(p + "l/b", b"w", lease), Put(p + "l/c", b"kept")])
+        watch = await store.watch(p + "l/", prefix_end(p + "l/"))
+        await store_factory.advance(1)
+        events = []
+
+        async def deletes():
+            async for batch in watch:
+                events.extend(batch.events)
+                if len(events) >= 2:
+                    return
+
+        await asyncio.wait_for(deletes(), 5)
+        await watch.cancel()
+        assert sorted((e.type, e.kv.key[len(p):]) for e in events) == [(DELETE, "l/a"), (DELETE, "l/b")]
+        assert events[0].kv.mod_revision == events[1].kv.mod_revision  # one expiry, one revision
+        assert [kv.key[len(p):] for kv in (await store.range(p, prefix_end(p))).kvs] == ["l/c"]
+        assert await store.lease_ttl(lease) == -1
+
+    run(store_factory, body)
+
+
+def test_lease_ttls_are_whole_seconds(store_factory):
+    """As etcd: a lease lives whole seconds, at least one; a keep-alive answers the TTL granted,
+    the remaining time is truncated to whole seconds."""
+    async def body(store, p):
+        granted = {}
+        for asked in (0.3, 1, 1.5, 2.5, 2.6, 5):
+            lease = await store.lease_grant(asked)
+            remaining = await store.lease_ttl(lease)
+            granted[asked] = await store.lease_keepalive(lease)
+            assert remaining == int(remaining) and granted[asked] - 1 <= remaining <= granted[asked]
+            await store.lease_revoke(lease)
+        return granted
+
+    granted = run(store_factory, body)
+    assert granted == {0.3: 1, 1: 1, 1.5: 2, 2.5: 2, 2.6: 3, 5: 5}
+    assert all(whole_seconds(asked) == ttl for asked, ttl in granted.items())
+
+
+def test_a_memory_store_on_the_real_clock_expires_leases_on_the_event_loop():
+    """No test clock: the store's own timer expires the lease when its second is up."""
+    async def main():
+        store = MemoryStore()
+        lease = await store.lease_grant(1)
+        await store.put("/claim", b"w", lease)
+        watch = await store.watch("/claim")
+        started = time.monotonic()
 
         async def first():
             async for batch in watch:
-                return batch.events[0]
+                return batch.events[0], time.monotonic() - started
 
-        event = await asyncio.wait_for(first(), 5)
+        event, after = await asyncio.wait_for(first(), 5)
         await watch.cancel()
-        assert event.type == DELETE and event.kv.key == p + "claim"
+        await store.close()
+        return event, after
 
-    run(store_factory, body)
+    event, after = asyncio.run(main())
+    assert event.type == DELETE and event.kv.key == "/claim" and after < 3
 
 
 def test_watch_from_a_compacted_revision_raises(store_factory):

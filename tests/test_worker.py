@@ -108,7 +108,6 @@ def test_a_worker_that_lost_its_lease_cannot_commit(write):
         await asyncio.get_running_loop().run_in_executor(None, blockmod.started.wait, 5)
         # The first worker stalls past its lease (as if SIGSTOPped): its claim is deleted by expiry.
         h.clock.advance(11)
-        h.store.expire()
         second = h.worker("second")
         inst = await h.client.wait(iid, timeout=10)
         blockmod.release.set()  # the stalled tick finishes now; its commit must be refused

@@ -1,10 +1,12 @@
 """MemoryStore: a faithful in-process model of etcd v3 with an injectable clock.
 
 It keeps real revisions (one per write transaction), create/mod revisions and versions per key,
-an event log for watches from a revision (with compaction), and leases that delete their keys
-when the clock passes their deadline. It also refuses what etcd refuses: a key written twice in
-one transaction, more operations than `max_txn_ops`, requests over `max_request_bytes`, and puts
-bound to a lease that does not exist. Tests expire a lease by advancing the clock, not sleeping.
+an event log for watches from a revision (with compaction), and leases of whole seconds, as on
+etcd (`whole_seconds`), that delete their keys when the clock passes their deadline: at that
+moment, with no call to the store (a timer on the event loop, or the clock's own word when it is
+a `ManualClock`). It also refuses what etcd refuses: a key written twice in one transaction, more
+operations than `max_txn_ops`, requests over `max_request_bytes`, and puts bound to a lease that
+does not exist. Tests expire a lease by advancing the clock, not sleeping.
 """
 
 from __future__ import annotations
@@ -51,22 +53,37 @@ _OPS = {
 
 
 class ManualClock:
-    """A clock for tests: time moves only when told to."""
+    """A clock for tests: time moves only when told to, and tells who subscribed when it does."""
 
     def __init__(self, start: float = 1_000.0):
         self.now = start
+        self._subscribers: list[Callable[[], None]] = []
 
     def __call__(self) -> float:
         return self.now
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+        for subscriber in list(self._subscribers):
+            subscriber()
+
+    def subscribe(self, subscriber: Callable[[], None]) -> Callable[[], None]:
+        """Call `subscriber` after each advance; return what unsubscribes it."""
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber) if subscriber in self._subscribers else None
+
+
+def whole_seconds(ttl: float) -> int:
+    """The TTL a lease gets: etcd's are whole seconds, and `EtcdStore.lease_grant` asks for
+    `max(1, round(ttl))`; etcd answers that TTL to a keep-alive and truncates the remaining time
+    it reports (`lease_ttl`)."""
+    return max(1, round(ttl))
 
 
 @dataclass
 class _Lease:
     id: int
-    ttl: float
+    ttl: int
     deadline: float
     keys: set[str] = field(default_factory=set)
 
@@ -138,6 +155,9 @@ class MemoryStore:
         self._lease_ids = itertools.count(random.randrange(1 << 40, 1 << 50))
         self._closed = False
         self._alarms: set[str] = set()
+        self._wake: tuple[float, asyncio.AbstractEventLoop] | None = None  # the timer armed for the next expiry
+        subscribe: Callable[[Callable[[], None]], Callable[[], None]] | None = getattr(clock, "subscribe", None)
+        self._unsubscribe = subscribe(self.expire) if subscribe is not None else None
 
     # -- reads ------------------------------------------------------------------------------
     async def get(self, key: str) -> KeyValue | None:
@@ -201,99 +221,13 @@ class MemoryStore:
             self._check()
             if quota and "NOSPACE" in self._alarms and _writes(itertools.chain(success, failure)):
                 raise NoSpace("txn: etcdserver: mvcc: database space exceeded")
-            self._validate(compare, success, failure)
+            _validate(compare, success, failure, max_ops=self.max_txn_ops, max_bytes=self.max_request_bytes)
             changes: dict[str, KeyValue | None] = {}
             events: list[Event] = []
             ok, responses = self._apply(compare, success, failure, changes, events)
             if events:
                 self._commit(changes, events)
             return TxnResult(succeeded=ok, revision=self._rev, responses=responses)
-
-    def _validate(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> None:
-        size = 0
-        self._count_ops(compare, success, failure)
-        for op in itertools.chain(success, failure):
-            size += self._size(op)
-        for c in compare:
-            size += len(c.key) + (len(c.value) if isinstance(c.value, bytes) else 8)
-        if size > self.max_request_bytes:
-            raise TxnRejected(f"request is too large ({size} bytes > {self.max_request_bytes})")
-        self._intervals(success)
-        self._intervals(failure)
-
-    def _count_ops(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> None:
-        count = max(len(compare), len(success), len(failure))
-        if count > self.max_txn_ops:
-            raise TxnRejected(f"too many operations in txn request ({count} > {self.max_txn_ops})")
-        for op in itertools.chain(success, failure):
-            if isinstance(op, Txn):
-                self._count_ops(op.compare, op.success, op.failure)
-
-    def _size(self, op: Op) -> int:
-        if isinstance(op, Put):
-            return len(op.key) + len(op.value) + 8
-        if isinstance(op, Txn):
-            return sum(self._size(o) for o in itertools.chain(op.success, op.failure)) + 16 * len(op.compare)
-        return len(op.key) + 8
-
-    def _intervals(self, ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
-        """etcd's checkIntervals: a key may be written once per transaction, nested ones included
-        (the two branches of one nested transaction exclude each other, so they may share keys)."""
-        puts: set[str] = set()
-        points: set[str] = set()
-        for op in ops:  # the common case first, in one pass: puts and deletes of single keys
-            if type(op) is Put:
-                if op.key in puts:
-                    raise TxnRejected("duplicate key given in txn request")
-                puts.add(op.key)
-            elif type(op) is Delete and op.end is None:
-                points.add(op.key)
-            elif type(op) is not Get:
-                return self._nested_intervals(ops)
-        if not puts.isdisjoint(points):
-            raise TxnRejected("duplicate key given in txn request")
-        return puts, [(k, None) for k in points]
-
-    def _nested_intervals(self, ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
-        """`_intervals` of transactions with nested transactions or range deletes."""
-        dels = [(op.key, op.end) for op in ops if type(op) is Delete]
-        points = {k for k, e in dels if e is None}
-        ranges = [(k, e) for k, e in dels if e is not None]
-        puts: set[str] = set()
-
-        def deleted(key: str) -> bool:
-            if key in points:
-                return True
-            return bool(ranges) and any(s <= key and (e == "\0" or key < e) for s, e in ranges)
-
-        def duplicate() -> TxnRejected:
-            return TxnRejected("duplicate key given in txn request")
-
-        for op in ops:
-            if type(op) is not Txn:
-                continue
-            puts_then, dels_then = self._intervals(op.success)
-            puts_else, dels_else = self._intervals(op.failure)
-            for k in puts_then:
-                if k in puts or deleted(k):
-                    raise duplicate()
-                puts.add(k)
-            for k in puts_else:
-                if (k in puts and k not in puts_then) or deleted(k):
-                    raise duplicate()
-                puts.add(k)
-            for k, e in (*dels_then, *dels_else):
-                if e is None:
-                    points.add(k)
-                else:
-                    ranges.append((k, e))
-        for op in ops:
-            if type(op) is Put:
-                if op.key in puts or deleted(op.key):
-                    raise duplicate()
-                puts.add(op.key)
-        intervals: list[tuple[str, str | None]] = [(k, None) for k in points]
-        return puts, intervals + ranges
 
     def _current(self, key: str, changes: dict[str, KeyValue | None]) -> KeyValue | None:
         return changes[key] if key in changes else self._data.get(key)
@@ -413,17 +347,40 @@ class MemoryStore:
                 self._commit({e.kv.key: None for e in events}, events)
 
     def expire(self) -> None:
-        """Apply lease expiry now (every operation does this first)."""
+        """Apply lease expiry now (the timer, the clock's advance and every operation do this)."""
         with self._lock:
-            self._expire()
+            if not self._closed:
+                self._expire()
+
+    def _arm(self) -> None:
+        """Wake on the running loop when the next lease runs out (a clock that tells of its own
+        advances needs no timer). A wake armed earlier, on a loop still open, is kept."""
+        if self._unsubscribe is not None or not self._leases:
+            return
+        due = min(lease.deadline for lease in self._leases.values())
+        if self._wake is not None and self._wake[0] <= due and not self._wake[1].is_closed():
+            return
+        loop = asyncio.get_running_loop()
+        self._wake = (due, loop)
+        loop.call_later(max(0.0, due - self.clock()), self._woken, due)
+
+    def _woken(self, due: float) -> None:
+        with self._lock:
+            if self._wake is not None and self._wake[0] == due:
+                self._wake = None
+            if not self._closed:
+                self._expire()
+                self._arm()
 
     async def lease_grant(self, ttl: float) -> int:
         with self._lock:
             self._check()
             if "NOSPACE" in self._alarms:
                 raise NoSpace("lease grant: etcdserver: mvcc: database space exceeded")
-            lease = _Lease(next(self._lease_ids), ttl, self.clock() + ttl)
+            seconds = whole_seconds(ttl)
+            lease = _Lease(next(self._lease_ids), seconds, self.clock() + seconds)
             self._leases[lease.id] = lease
+            self._arm()
             return lease.id
 
     async def lease_keepalive(self, lease: int) -> float:
@@ -433,7 +390,8 @@ class MemoryStore:
             if found is None:
                 raise LeaseLost(f"lease {lease:x} expired or was revoked")
             found.deadline = self.clock() + found.ttl
-            return found.ttl
+            self._arm()
+            return float(found.ttl)
 
     async def lease_revoke(self, lease: int) -> None:
         with self._lock:
@@ -443,11 +401,11 @@ class MemoryStore:
                 self._drop_lease(found)
 
     async def lease_ttl(self, lease: int) -> float:
-        """Remaining time of a lease, -1 when it no longer exists (as etcd's TimeToLive)."""
+        """Remaining whole seconds of a lease (truncated), -1 when it no longer exists (as etcd's TimeToLive)."""
         with self._lock:
             self._check()
             found = self._leases.get(lease)
-            return -1 if found is None else max(0.0, found.deadline - self.clock())
+            return -1 if found is None else float(max(0, int(found.deadline - self.clock())))
 
     async def lease_keys(self, lease: int) -> list[str]:
         """The keys attached to a lease (as etcd's TimeToLive with keys); LeaseLost when it is gone."""
@@ -514,6 +472,8 @@ class MemoryStore:
         with self._lock:
             self._closed = True
             watches, self._watches = self._watches, []
+            if self._unsubscribe is not None:
+                self._unsubscribe()
         for watch in watches:
             watch.deliver(None)
 
@@ -525,3 +485,96 @@ def _writes(ops: itertools.chain[Op] | Sequence[Op]) -> bool:
                                                                                               op.failure))):
             return True
     return False
+
+
+def _validate(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *, max_ops: int,
+              max_bytes: int) -> None:
+    """Refuse what etcd refuses: too many operations, a request too large, a key written twice."""
+    size = 0
+    _count_ops(compare, success, failure, max_ops)
+    for op in itertools.chain(success, failure):
+        size += _size(op)
+    for c in compare:
+        size += len(c.key) + (len(c.value) if isinstance(c.value, bytes) else 8)
+    if size > max_bytes:
+        raise TxnRejected(f"request is too large ({size} bytes > {max_bytes})")
+    _intervals(success)
+    _intervals(failure)
+
+
+def _count_ops(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], max_ops: int) -> None:
+    count = max(len(compare), len(success), len(failure))
+    if count > max_ops:
+        raise TxnRejected(f"too many operations in txn request ({count} > {max_ops})")
+    for op in itertools.chain(success, failure):
+        if isinstance(op, Txn):
+            _count_ops(op.compare, op.success, op.failure, max_ops)
+
+
+def _size(op: Op) -> int:
+    if isinstance(op, Put):
+        return len(op.key) + len(op.value) + 8
+    if isinstance(op, Txn):
+        return sum(_size(o) for o in itertools.chain(op.success, op.failure)) + 16 * len(op.compare)
+    return len(op.key) + 8
+
+
+def _intervals(ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
+    """etcd's checkIntervals: a key may be written once per transaction, nested ones included
+    (the two branches of one nested transaction exclude each other, so they may share keys)."""
+    puts: set[str] = set()
+    points: set[str] = set()
+    for op in ops:  # the common case first, in one pass: puts and deletes of single keys
+        if type(op) is Put:
+            if op.key in puts:
+                raise TxnRejected("duplicate key given in txn request")
+            puts.add(op.key)
+        elif type(op) is Delete and op.end is None:
+            points.add(op.key)
+        elif type(op) is not Get:
+            return _nested_intervals(ops)
+    if not puts.isdisjoint(points):
+        raise TxnRejected("duplicate key given in txn request")
+    return puts, [(k, None) for k in points]
+
+
+def _nested_intervals(ops: Sequence[Op]) -> tuple[set[str], list[tuple[str, str | None]]]:
+    """`_intervals` of transactions with nested transactions or range deletes."""
+    dels = [(op.key, op.end) for op in ops if type(op) is Delete]
+    points = {k for k, e in dels if e is None}
+    ranges = [(k, e) for k, e in dels if e is not None]
+    puts: set[str] = set()
+
+    def deleted(key: str) -> bool:
+        if key in points:
+            return True
+        return bool(ranges) and any(s <= key and (e == "\0" or key < e) for s, e in ranges)
+
+    def duplicate() -> TxnRejected:
+        return TxnRejected("duplicate key given in txn request")
+
+    for op in ops:
+        if type(op) is not Txn:
+            continue
+        puts_then, dels_then = _intervals(op.success)
+        puts_else, dels_else = _intervals(op.failure)
+        for k in puts_then:
+            if k in puts or deleted(k):
+                raise duplicate()
+            puts.add(k)
+        for k in puts_else:
+            if (k in puts and k not in puts_then) or deleted(k):
+                raise duplicate()
+            puts.add(k)
+        for k, e in (*dels_then, *dels_else):
+            if e is None:
+                points.add(k)
+            else:
+                ranges.append((k, e))
+    for op in ops:
+        if type(op) is Put:
+            if op.key in puts or deleted(op.key):
+                raise duplicate()
+            puts.add(op.key)
+    intervals: list[tuple[str, str | None]] = [(k, None) for k in points]
+    return puts, intervals + ranges
