@@ -19,6 +19,7 @@ from dsm.audit import audit
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import FINISHED
+from dsm.store import prefix_end
 from dsm.store.etcd import EtcdOptions, EtcdStore
 
 MACHINES = Path(__file__).resolve().parent / "machines"
@@ -52,6 +53,20 @@ def wait_all_finished(endpoints: str, namespace: str, expected: int, timeout: fl
         time.sleep(0.3)
     states = Counter(inst.status for inst, _ in last)
     raise AssertionError(f"instances not finished after {timeout}s: {dict(states)} of {len(last)}")
+
+
+def leased_keys(endpoints: str, namespace: str) -> list[str]:
+    """The keys of the namespace bound to a lease (workers' entries, claims): none once the leases
+    of every worker expired or were revoked."""
+    async def read() -> list[str]:
+        store = await EtcdStore.connect(EtcdOptions.build(endpoints, namespace=namespace))
+        try:
+            root = Keys(namespace).root
+            return [kv.key for kv in (await store.range(root, prefix_end(root), keys_only=True)).kvs if kv.lease]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def audit_all(results: list, graphs: dict[str, Any]) -> dict[str, list[str]]:

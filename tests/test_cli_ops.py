@@ -12,6 +12,7 @@ import time
 
 import pytest
 from clitools import dsm, spawn
+from helpers import until
 
 pytestmark = pytest.mark.etcd
 
@@ -228,13 +229,19 @@ def test_redrive_continues_a_failed_instance_and_refuses_what_cannot_be_redriven
 
 
 def test_workers_list_themselves_and_skip_quietly_what_they_cannot_run(at, tmp_path):
-    procs = [spawn("worker", "definitions/order.yaml", "--isolation", "thread", *at),
-             spawn("worker", "definitions/poll.yaml", "--isolation", "thread", *at)]
+    beats = ("--lease-ttl", "3")  # an entry rewritten every second
+    procs = [spawn("worker", "definitions/order.yaml", "--isolation", "thread", *beats, *at),
+             spawn("worker", "definitions/poll.yaml", "--isolation", "thread", *beats, *at)]
+
+    def listed() -> list:
+        return json.loads(dsm("workers", "--json", *at).stdout)
+
+    def both_refused() -> dict | None:
+        refused = {w["pid"]: w["updated_at"] for w in listed() if "document" in {d["machine"] for d in w["refused"]}}
+        return refused if len(refused) == 2 else None
+
     try:
-        deadline = time.monotonic() + 60
-        workers: list = []
-        while len(workers) < 2 and time.monotonic() < deadline:
-            workers = json.loads(dsm("workers", "--json", *at).stdout)
+        workers = until(lambda: len(found := listed()) == 2 and found, "two workers listed", timeout=60)
         assert sorted(w["pid"] for w in workers) == sorted(p.pid for p in procs)
         for w in workers:
             assert {"id", "host", "pid", "definitions", "concurrency", "in_flight"} <= set(w)
@@ -252,7 +259,10 @@ def test_workers_list_themselves_and_skip_quietly_what_they_cannot_run(at, tmp_p
         assert json.loads(as_json.stdout)["status"] == "running" and "no live worker serves" in as_json.stderr
         order = dsm("run", ORDER, "--workers", "0", "--payload", '{"total": 5}', "--timeout", "60s", *at)
         assert order.returncode == 0, order.stderr  # the worker that can run orders still does
-        time.sleep(2)  # a worker in a busy loop over the documents would log thousands of lines meanwhile
+        # Each worker met the documents and refused them, then beat at least once more: one in a busy
+        # loop over them would have logged line after line meanwhile.
+        refused = until(both_refused, "both workers refused the documents", timeout=60)
+        until(lambda: all(w["updated_at"] != refused[w["pid"]] for w in listed()), "a beat of each since", timeout=60)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

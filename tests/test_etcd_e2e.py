@@ -10,11 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from clitools import dsm
-from cluster import MACHINES, Workers, audit_all, invocations, load_graph, wait_all_finished
-from helpers import one_tick_machine
+from clitools import dsm, line_with
+from cluster import MACHINES, Workers, audit_all, invocations, leased_keys, load_graph, wait_all_finished
+from helpers import one_tick_machine, until
+from metricstools import Samples, scrape
 
-from dsm.testing import make_cluster
+from dsm.testing import free_port, make_cluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
@@ -37,9 +38,7 @@ def test_three_workers_fifty_instances_one_killed(etcd, namespace, tmp_path):
     procs = [workers.start(FANOUT, concurrency=4) for _ in range(3)]
     try:
         ids = submit_jsonl(etcd.endpoint, namespace, FANOUT, 50, tmp_path)
-        deadline = time.monotonic() + 30
-        while len(invocations(log)) < 60 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(lambda: len(invocations(log)) >= 60, "60 ticks", timeout=30)
         killed = procs[0]
         killed.send_signal(signal.SIGKILL)  # mid-run: it holds claims on several instances
         results = wait_all_finished(etcd.endpoint, namespace, 50, timeout=120)
@@ -70,19 +69,20 @@ def test_three_workers_fifty_instances_one_killed(etcd, namespace, tmp_path):
 def test_a_paused_worker_cannot_commit_after_its_lease(etcd, namespace, tmp_path):
     log = tmp_path / "ticks.jsonl"
     workers = Workers(etcd.endpoint, namespace, log, tick=2.0, lease_ttl=2)
-    first = workers.start(FANOUT, concurrency=8)
+    port = free_port()
+    first = workers.start(FANOUT, concurrency=8, extra=("--metrics-port", str(port)))
     try:
         ids = submit_jsonl(etcd.endpoint, namespace, FANOUT, 1, tmp_path)
-        deadline = time.monotonic() + 20
-        while not invocations(log) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        until(lambda: invocations(log), "the first tick", timeout=20)
         first.send_signal(signal.SIGSTOP)  # mid-tick, holding its claim
-        time.sleep(3.5)  # past the 2s lease
+        until(lambda: not leased_keys(etcd.endpoint, namespace), "the paused worker's lease expired", timeout=20)
         workers.env["DSM_TEST_TICK"] = "0.05"
         workers.start(FANOUT, concurrency=8)
-        results = wait_all_finished(etcd.endpoint, namespace, 1, timeout=60)
+        wait_all_finished(etcd.endpoint, namespace, 1, timeout=60)
         first.send_signal(signal.SIGCONT)  # its tick finishes now and tries to commit
-        time.sleep(3.0)
+        until(lambda: gave_up(scrape(f"http://127.0.0.1:{port}/metrics")), "the resumed worker settled its tick",
+              timeout=20, retry_on=(OSError,))
+        results = wait_all_finished(etcd.endpoint, namespace, 1, timeout=60)  # as they are now
     finally:
         outputs = workers.stop_all()
     (inst, history), = results
@@ -96,6 +96,14 @@ def test_a_paused_worker_cannot_commit_after_its_lease(etcd, namespace, tmp_path
     assert "lost" in first_err
 
 
+def gave_up(samples: Samples) -> bool:
+    """Whether the worker ended a tick without committing it: abandoned when it found its lease
+    gone, or its commit refused for a claim that was gone."""
+    return any(value > 0 and ((name == "dsm_ticks_total" and ("outcome", "abandoned") in labels)
+                              or name == "dsm_claims_lost_total")
+               for (name, labels), value in samples.items())
+
+
 def test_etcd_restart_mid_run_loses_nothing(tmp_path):
     cluster = make_cluster(1)
     cluster.start()
@@ -106,12 +114,10 @@ def test_etcd_restart_mid_run_loses_nothing(tmp_path):
         workers.start(FANOUT, concurrency=6)
         workers.start(FANOUT, concurrency=6)
         ids = submit_jsonl(cluster.endpoint, namespace, FANOUT, 20, tmp_path)
-        deadline = time.monotonic() + 30
-        while len(invocations(log)) < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(lambda: len(invocations(log)) >= 20, "20 ticks", timeout=30)
         member = cluster.members[0]
         cluster.kill_member(member)
-        time.sleep(2.0)
+        time.sleep(2.0)  # paces the fault: etcd stays down for two seconds, the workers' calls fail meanwhile
         cluster.start_member(member, new=False)
         cluster.wait_ready()
         results = wait_all_finished(cluster.endpoint, namespace, 20, timeout=120)
@@ -203,10 +209,10 @@ def test_worker_allowlist_refuses_other_modules(etcd, namespace, tmp_path, write
     workers = Workers(url, namespace, log)
     proc = workers.start(FANOUT, extra=("--path", str(evil.parent)))
     try:
-        time.sleep(3)
+        refused = line_with(proc, "not in the worker's allowlist")  # it met the instance, and refused it
         status = json.loads(dsm("status", submitted.stdout.strip(), "--json", *common).stdout)
     finally:
         (_, err), = workers.stop_all()
     assert status["status"] == "running" and status["transitions"] == 0
-    assert "not in the worker's allowlist (fanout_handlers)" in err
+    assert "not in the worker's allowlist (fanout_handlers)" in refused + err
     assert proc.returncode == 0  # SIGTERM: a graceful stop

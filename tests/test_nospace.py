@@ -7,11 +7,11 @@ import asyncio
 import json
 import logging
 import subprocess
-import time
 
 import pytest
 from clitools import dsm, dsm_command, dsm_env
-from metricstools import parse, value
+from helpers import until, until_async
+from metricstools import parse, scrape, value
 from prometheus_client import generate_latest
 
 from dsm import compiler, handlers, metrics
@@ -21,7 +21,7 @@ from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.store.memory import MemoryStore
-from dsm.testing import make_cluster
+from dsm.testing import free_port, make_cluster
 from dsm.worker import running
 
 STEPS = """
@@ -44,11 +44,16 @@ NAP = "import time\n\ndef nap(payload, ctx):\n    time.sleep({seconds})\n"
 
 
 class Refusals:
-    """A memory store that counts the writes it refused."""
+    """A memory store that counts the writes it refused, and the times it was asked for its alarms."""
 
     def __init__(self, store: MemoryStore):
         self.store = store
         self.refused = 0
+        self.probes = 0
+
+    async def alarms(self):
+        self.probes += 1
+        return await self.store.alarms()
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -74,13 +79,12 @@ def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
         ids = await client.submit_many(graph, [{}] * 8)
         async with running(store, registry, concurrency=4) as worker:
             worker.gate.interval = 0.1
-            deadline = time.monotonic() + 20
-            while worker.stats.transitions < 4 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await until_async(lambda: worker.stats.transitions >= 4, "four transitions")
             memory.raise_alarm("NOSPACE")
-            while not worker.gate.closed and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(1.5)  # fifteen probes of the alarm: a worker that retried would refuse hundreds
+            await until_async(lambda: worker.gate.closed, "the gate closed")
+            probed = store.probes
+            # ten probes of the alarm (a second): a worker that retried its writes meanwhile would refuse hundreds
+            await until_async(lambda: store.probes >= probed + 10, "ten probes of the alarm")
             refused, paused = store.refused, [await client.instance(i) for i in ids]
             during = parse(generate_latest(metrics.registry(worker)).decode())
             memory.disarm("NOSPACE")
@@ -102,6 +106,12 @@ def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
     assert value(during, "dsm_etcd_writes_refused_total") >= 1
 
 
+def metric(port: int, sample: str, *labels: tuple[str, str]) -> float:
+    """A sample of a worker's /metrics, summed over the labels not given (the machines)."""
+    return sum(v for (name, have), v in scrape(f"http://127.0.0.1:{port}/metrics").items()
+               if name == sample and set(labels) <= set(have))
+
+
 @pytest.mark.etcd
 @pytest.mark.slow
 def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
@@ -109,9 +119,11 @@ def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
     path = write("steps.yaml", STEPS, nosp=NAP.format(seconds=0.3))
     at = ("--etcd", cluster.endpoint, "--namespace", "full")
     log_path = tmp_path / "worker.log"
+    port = free_port()
     with open(log_path, "w") as log:
         worker = subprocess.Popen([*dsm_command(), "worker", str(path), "--concurrency", "8", "--lease-ttl", "3",
-                                   "--isolation", "thread", *at], stderr=log, env=dsm_env(), start_new_session=True)
+                                   "--isolation", "thread", "--metrics-port", str(port), *at],
+                                  stderr=log, env=dsm_env(), start_new_session=True)
     try:
         ids = dsm("submit", str(path), "--jsonl", "-", *at, input="{}\n" * 16).stdout.split()
         assert len(ids) == 16
@@ -127,11 +139,10 @@ def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
                 await store.close()
             raise AssertionError("etcd never ran out of space")
 
-        time.sleep(0.5)  # the worker is on its first ticks
+        until(lambda: metric(port, "dsm_ticks_total", ("outcome", "ok")), "the worker's first ticks",
+              retry_on=(OSError,))
         asyncio.run(fill())
-        deadline = time.monotonic() + 30
-        while "NOSPACE" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        until(lambda: "NOSPACE" in log_path.read_text(), "the worker said NOSPACE")
         status = dsm("status", ids[0], *at)
         assert status.returncode == 0 and "alarm:" in status.stdout and "NOSPACE" in status.stdout
         as_json = dsm("status", ids[0], "--json", *at)
@@ -140,7 +151,8 @@ def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
         assert workers.returncode == 0 and "NOSPACE" in workers.stderr and workers.stdout.startswith("ID")
         refused = dsm("submit", str(path), *at)
         assert refused.returncode == 3 and "NOSPACE" in refused.stderr and "Traceback" not in refused.stderr
-        time.sleep(2)  # more commits come due and wait
+        # the commits of the ticks in flight come due and wait
+        until(lambda: metric(port, "dsm_ticks_in_flight") == 0, "the ticks in flight ended")
         during = dsm("list", "--json", *at)  # reads pass while writes do not
         assert during.returncode == 0, during.stderr
         assert len(json.loads(during.stdout)) == 16
@@ -151,12 +163,11 @@ def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
         cluster.etcdctl("compact", str(json.loads(revision)[0]["Status"]["header"]["revision"]))
         cluster.etcdctl("defrag")
         cluster.etcdctl("alarm", "disarm")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            listed = json.loads(dsm("list", "--json", *at).stdout)
-            if len(listed) == 16 and all(s["status"] == "succeeded" for s in listed):
-                break
-            time.sleep(0.3)
+        def all_succeeded() -> list | None:
+            found = json.loads(dsm("list", "--json", *at).stdout)
+            return found if len(found) == 16 and all(s["status"] == "succeeded" for s in found) else None
+
+        listed = until(all_succeeded, "all sixteen succeeded", timeout=60, interval=0.3)
         assert sorted(s["id"] for s in listed) == sorted(ids)
         assert all(s["status"] == "succeeded" and s["transitions"] == 3 for s in listed)
     finally:

@@ -8,7 +8,8 @@ import asyncio
 import logging
 import os
 import socket
-import time
+
+from helpers import until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -50,14 +51,6 @@ def on_store(store_factory, namespace, body):
     return asyncio.run(main())
 
 
-async def until(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 def test_a_worker_lists_itself_with_what_it_serves_while_it_lives(store_factory, namespace, write):
     graph = compiler.load(write("served.yaml", SERVED, servedmod=SERVED_PY))
     import servedmod
@@ -67,13 +60,13 @@ def test_a_worker_lists_itself_with_what_it_serves_while_it_lives(store_factory,
         registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
         registry.add(graph)
         async with running(store, registry, concurrency=3, worker_id="w-1", presence_interval=0.05):
-            await until(lambda: _count(client, 1))
+            await until_async(lambda: _count(client, 1))
             (idle,) = await client.workers()
             await client.submit(graph, {"hold": True})
-            await until(lambda: _in_flight(client, 1))
+            await until_async(lambda: _in_flight(client, 1))
             (busy,) = await client.workers()
             servedmod.release.set()
-            await until(lambda: _in_flight(client, 0))
+            await until_async(lambda: _in_flight(client, 0))
         return idle, busy, await client.workers()
 
     idle, busy, after = on_store(store_factory, namespace, body)
@@ -108,10 +101,14 @@ def test_work_no_worker_can_run_is_skipped_quietly_and_left_for_one_that_can(sto
         for name in ("a", "b"):  # each serves `served` only: `elsewheremod` is not in its allowlist
             registry = Registry(store, keys, allow=handlers.Allowlist(served.modules()))
             registry.add(served)
-            workers.append(running(store, registry, concurrency=4, worker_id=name, presence_interval=0.05))
+            workers.append(running(store, registry, concurrency=4, worker_id=name, presence_interval=0.05,
+                                   lease_ttl=1.5))  # a heartbeat every half second
         async with workers[0] as a, workers[1] as b:
-            await until(lambda: _refused_by(client, elsewhere.digest, 2))
-            await asyncio.sleep(2)  # what a busy loop would do meanwhile: claim, refuse, give back, again
+            await until_async(lambda: _refused_by(client, elsewhere.digest, 2))
+            beats = {w.id: w.updated_at for w in await client.workers()}
+            # each worker beats again after it refused: one in a busy loop would have claimed, refused
+            # and given back, again and again, meanwhile
+            await until_async(lambda: _beaten_since(client, beats))
             claims = a.stats.claimed + b.stats.claimed
             live, serving = await client.serving(elsewhere.digest)
             registry = Registry(store, keys, allow=handlers.Allowlist(elsewhere.modules()))
@@ -122,7 +119,7 @@ def test_work_no_worker_can_run_is_skipped_quietly_and_left_for_one_that_can(sto
 
     claims, live, serving, done, serving_after = on_store(store_factory, namespace, body)
     # about once per instance by each worker that cannot run it (a busy loop would claim hundreds of
-    # times in those 2 s); an instance claimed while its definition is still being refused, or whose
+    # times between two beats); an instance claimed while its definition is still being refused, or whose
     # give-back crosses the refusal, may be claimed once more
     assert claims <= 3 * 20
     assert sorted(w.id for w in live) == ["a", "b"] and serving == []
@@ -132,6 +129,10 @@ def test_work_no_worker_can_run_is_skipped_quietly_and_left_for_one_that_can(sto
     assert all("cannot run definition" in r.getMessage() and "elsewhere" in r.getMessage() for r in warnings)
     assert all(inst.status == SUCCEEDED for inst in done)
     assert "c" in serving_after
+
+
+async def _beaten_since(client, beats):
+    return all(w.updated_at > beats[w.id] for w in await client.workers())
 
 
 async def _refused_by(client, digest, n):
