@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from collections.abc import Callable
 
+from helpers import until
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -31,10 +31,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Whether `check()` became true within `timeout` seconds (metrics count an answer after it came)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
+    try:
+        return bool(until(check, "the metrics", timeout=timeout, interval=0.05))
+    except AssertionError:
+        return False

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from apiserver import ApiServer
+from helpers import until
 
 import dsm
 from dsm import compiler
@@ -105,15 +105,13 @@ def connect(kind: str, transports: Transports) -> Connect:
     return lambda *paths, **options: transports.connect(kind, *paths, **options)
 
 
-def until(client: dsm.Client, instance_id: str, predicate: Callable[[dict], bool], timeout: float = 30) -> dict:
+def record_when(client: dsm.Client, instance_id: str, predicate: Callable[[dict], bool]) -> dict:
     """The record once `predicate` holds for it (read again as it changes)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def there() -> dict | None:
         record = client.get(instance_id)
-        if predicate(record):
-            return record
-        assert time.monotonic() < deadline, f"instance {instance_id} never got there: {record}"
-        time.sleep(0.05)
+        return record if predicate(record) else None
+
+    return until(there, f"instance {instance_id} to get there")
 
 
 def waits_for_signal(record: dict) -> bool:
@@ -128,7 +126,7 @@ def test_start_a_file_or_a_machine_signal_and_wait(connect):
     assert started["id"] == "order-42" and started["machine"] == "approval" and started["input"] == {"amount": 120}
     assert started["digest"] == compiler.load(APPROVAL).digest and "history" in started
     assert c.start(str(APPROVAL), {"amount": 120}, "order-42")["id"] == "order-42"  # the same start: that one
-    parked = until(c, "order-42", waits_for_signal)
+    parked = record_when(c, "order-42", waits_for_signal)
     assert parked["status"] == "running" and parked["waiting"][0]["signal"] == "decision"
 
     signalled = c.signal("order-42", "decision", payload={"by": "ann"}, outcome="approve")
@@ -149,7 +147,7 @@ def test_cancel_redrive_and_delete(connect, write, tmp_path):
     flaky = write("flaky.yaml", FLAKY, flaky_client=FLAKY_PY)
     c = connect(APPROVAL, flaky)
     iid = c.start("approval", {"amount": 1})["id"]
-    until(c, iid, waits_for_signal)
+    record_when(c, iid, waits_for_signal)
     cancelled = c.cancel(iid, reason="changed my mind")
     assert cancelled["status"] == "cancelled" and cancelled["cancel"]["reason"] == "changed my mind"
     assert c.cancel(iid)["cancel"] == cancelled["cancel"]  # again: as it is
@@ -157,7 +155,7 @@ def test_cancel_redrive_and_delete(connect, write, tmp_path):
 
     running = c.redrive(iid)
     assert running["status"] == "running" and running["redrives"] == 1
-    until(c, iid, waits_for_signal)
+    record_when(c, iid, waits_for_signal)
     with pytest.raises(dsm.InputError, match="cancel it first"):
         c.delete(iid)
     c.signal(iid, "decision", outcome="reject")

@@ -14,6 +14,7 @@ where they fail.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -21,17 +22,20 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from clitools import spawn
+from helpers import until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 WAIT = 60.0  # seconds a browser check may take on a loaded machine
+# a page between two renders raises: look again
+until_shown = functools.partial(until, timeout=WAIT, interval=0.05, retry_on=(Exception,))
 
 GATE = """
 machine: gate
@@ -217,7 +221,8 @@ def dashboard(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     try:
         board = Dashboard(_served_at(api), folder, machines, at)
         try:
-            _until(lambda: len(board.http.get("/api/workers").json()["items"]) == 1, "the worker to register itself")
+            until_shown(lambda: len(board.http.get("/api/workers").json()["items"]) == 1,
+                        "the worker to register itself")
         except AssertionError:
             raise AssertionError("no worker; its stderr:\n" + "\n".join(worker.lines[-30:])
                                  + "\nthe API's:\n" + "\n".join(api.lines[-30:])) from None
@@ -233,20 +238,6 @@ def _served_at(api: _Process) -> str:
     return api.wait_for_line(r"^dsm api serving (http://127\.0\.0\.1:\d+) ").group(1)
 
 
-def _until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            found = check()
-        except Exception:  # a page between two renders: look again
-            found = None
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _js(browser: Any, script: str, *args: Any) -> Any:
     return browser.execute_script(script, *args)
 
@@ -256,7 +247,7 @@ def _open(browser: Any, url: str, *, live: bool = True) -> None:
     # a mark that only this page load carries: it is gone if the page ever reloads
     _js(browser, "window.dsmTestLoad = 'same page'")
     if live:
-        _until(lambda: _js(browser, "return document.getElementById('live').classList.contains('on')"),
+        until_shown(lambda: _js(browser, "return document.getElementById('live').classList.contains('on')"),
                "the page to follow live events")
 
 
@@ -287,14 +278,14 @@ def test_an_instance_started_through_the_api_appears_and_goes_live_to_succeeded(
         browser: Any, dashboard: Dashboard, artifacts: Path) -> None:
     _open(browser, dashboard.url + "/")
     instance_id = dashboard.start("gate", {"order": 7})
-    _until(lambda: _row_status(browser, instance_id) == "running", "the new instance to appear, running")
-    _until(lambda: "waits for signal go" in _text(browser, f"#instances tr[data-id='{instance_id}']"),
+    until_shown(lambda: _row_status(browser, instance_id) == "running", "the new instance to appear, running")
+    until_shown(lambda: "waits for signal go" in _text(browser, f"#instances tr[data-id='{instance_id}']"),
            "the row to say what it waits for")
     _shoot(browser, artifacts, "list-running")
 
     answer = dashboard.http.post(f"/api/instances/{instance_id}/signals/go", json={"payload": {}})
     assert answer.status_code in (200, 202), answer.text
-    _until(lambda: _row_status(browser, instance_id) == "succeeded", "the row to turn succeeded")
+    until_shown(lambda: _row_status(browser, instance_id) == "succeeded", "the row to turn succeeded")
     assert _same_page(browser), "the list reloaded the page instead of updating in place"
     assert _text(browser, f"#instances tr[data-id='{instance_id}'] td:nth-child(4)").strip() == "done"
     _shoot(browser, artifacts, "list-succeeded")
@@ -303,14 +294,14 @@ def test_an_instance_started_through_the_api_appears_and_goes_live_to_succeeded(
 def test_a_failed_instance_shows_its_traceback(browser: Any, dashboard: Dashboard, artifacts: Path) -> None:
     instance_id = dashboard.start("flaky", {"flag": str(dashboard.folder / "never-made")})
     _open(browser, f"{dashboard.url}/#/instances/{instance_id}")
-    _until(lambda: _page_status(browser) == "failed", "the page to show the instance failed")
-    error = _until(lambda: _text(browser, "#error"), "the error box")
+    until_shown(lambda: _page_status(browser) == "failed", "the page to show the instance failed")
+    error = until_shown(lambda: _text(browser, "#error"), "the error box")
     assert "RuntimeError in state work after 1 attempt: the flag file is missing" in error
     traceback = _text(browser, "#error pre.traceback")
     assert traceback.startswith("Traceback (most recent call last):")
     assert 'raise RuntimeError("the flag file is missing")' in traceback
     assert "in work" in traceback
-    _until(lambda: _js(browser, "return document.querySelector('#drawing svg')"), "the machine's drawing")
+    until_shown(lambda: _js(browser, "return document.querySelector('#drawing svg')"), "the machine's drawing")
     assert _js(browser, "return document.getElementById('act-redrive').disabled") is False
     _shoot(browser, artifacts, "instance-failed")
 
@@ -320,10 +311,10 @@ def test_redrive_from_the_page_brings_a_failed_instance_to_succeeded(
     flag = dashboard.folder / "redrive-flag"
     instance_id = dashboard.start("flaky", {"flag": str(flag)})
     _open(browser, f"{dashboard.url}/#/instances/{instance_id}")
-    _until(lambda: _page_status(browser) == "failed", "the page to show the instance failed")
+    until_shown(lambda: _page_status(browser) == "failed", "the page to show the instance failed")
     flag.touch()  # what was wrong is fixed: the handler passes from now on
     browser.find_element("id", "act-redrive").click()
-    _until(lambda: _page_status(browser) == "succeeded", "the page to show the redriven instance succeeded")
+    until_shown(lambda: _page_status(browser) == "succeeded", "the page to show the redriven instance succeeded")
     assert _same_page(browser)
     assert "work→done" in _text(browser, "#history").replace(" ", "")
     assert dashboard.record(instance_id)["redrives"] == 1
@@ -334,11 +325,12 @@ def test_redrive_from_the_page_brings_a_failed_instance_to_succeeded(
 def test_a_signal_sent_from_the_page_wakes_the_instance(browser: Any, dashboard: Dashboard, artifacts: Path) -> None:
     instance_id = dashboard.start("gate", {})
     _open(browser, f"{dashboard.url}/#/instances/{instance_id}")
-    _until(lambda: "Waits for signal go" in _text(browser, "#facts"), "the page to say what the instance waits for")
+    until_shown(lambda: "Waits for signal go" in _text(browser, "#facts"),
+                "the page to say what the instance waits for")
     browser.find_element("id", "act-signal").click()
     assert browser.find_element("id", "signal-name").get_attribute("value") == "go"  # offered: what it waits for
     browser.find_element("id", "action-ok").click()
-    _until(lambda: _page_status(browser) == "succeeded", "the signalled instance to succeed")
+    until_shown(lambda: _page_status(browser) == "succeeded", "the signalled instance to succeed")
     history = dashboard.record(instance_id)["history"]
     assert [entry["state"] for entry in history] == ["prepare", "hold"]
     assert history[1]["signal"]["name"] == "go"
@@ -358,28 +350,28 @@ def test_the_signal_form_offers_the_names_and_outcomes_the_machine_takes(
 
     instance_id = dashboard.start("vote", {})
     _open(browser, f"{dashboard.url}/#/instances/{instance_id}")
-    _until(lambda: "Waits for signal decision" in _text(browser, "#facts"), "the page to say what it waits for")
+    until_shown(lambda: "Waits for signal decision" in _text(browser, "#facts"), "the page to say what it waits for")
     browser.find_element("id", "act-signal").click()
     assert browser.find_element("id", "signal-name").tag_name == "select", "the signal name is free text"
-    _until(lambda: [v for v, _ in _options(browser, "signal-name")] == ["decision", "note"],
+    until_shown(lambda: [v for v, _ in _options(browser, "signal-name")] == ["decision", "note"],
            "the form to offer the machine's signals")
     assert Select(browser.find_element("id", "signal-name")).first_selected_option.get_attribute("value") == \
         "decision"  # what the instance waits for now
     assert [v for v, _ in _options(browser, "signal-outcome")] == ["approve", "reject"]
     Select(browser.find_element("id", "signal-name")).select_by_value("note")
-    _until(lambda: [v for v, _ in _options(browser, "signal-outcome")] == [""], "no outcome for note")
+    until_shown(lambda: [v for v, _ in _options(browser, "signal-outcome")] == [""], "no outcome for note")
     Select(browser.find_element("id", "signal-name")).select_by_value("decision")
-    _until(lambda: [v for v, _ in _options(browser, "signal-outcome")] == ["approve", "reject"],
+    until_shown(lambda: [v for v, _ in _options(browser, "signal-outcome")] == ["approve", "reject"],
            "the outcomes of decision again")
     Select(browser.find_element("id", "signal-outcome")).select_by_value("approve")
     _shoot(browser, artifacts, "signal-form")
     browser.find_element("id", "action-ok").click()
-    _until(lambda: "Waits for signal note" in _text(browser, "#facts"), "the instance to wait for its note")
+    until_shown(lambda: "Waits for signal note" in _text(browser, "#facts"), "the instance to wait for its note")
     browser.find_element("id", "act-signal").click()
-    _until(lambda: Select(browser.find_element("id", "signal-name")).first_selected_option.get_attribute("value")
+    until_shown(lambda: Select(browser.find_element("id", "signal-name")).first_selected_option.get_attribute("value")
            == "note", "the form to offer what it waits for now")
     browser.find_element("id", "action-ok").click()
-    _until(lambda: _page_status(browser) == "succeeded", "the instance to succeed")
+    until_shown(lambda: _page_status(browser) == "succeeded", "the instance to succeed")
     history = dashboard.record(instance_id)["history"]
     assert [(e["state"], e["signal"]["name"], e["signal"]["outcome"]) for e in history] == [
         ("ask", "decision", "approve"), ("hold", "note", None)]
@@ -393,10 +385,10 @@ def test_an_action_asks_for_the_token_once_and_the_tab_keeps_it(browser: Any, da
         url = _served_at(api)
         flag = dashboard.folder / "token-flag"
         ids = [dashboard.start("flaky", {"flag": str(flag)}) for _ in range(2)]
-        _until(lambda: all(dashboard.record(i)["status"] == "failed" for i in ids), "both instances to fail")
+        until_shown(lambda: all(dashboard.record(i)["status"] == "failed" for i in ids), "both instances to fail")
         flag.touch()
         _open(browser, f"{url}/#/instances/{ids[0]}")
-        _until(lambda: _page_status(browser) == "failed", "the page to show the instance failed")
+        until_shown(lambda: _page_status(browser) == "failed", "the page to show the instance failed")
 
         def asks() -> bool:
             return bool(_js(browser, "return document.getElementById('token-dialog').open"))
@@ -408,17 +400,17 @@ def test_an_action_asks_for_the_token_once_and_the_tab_keeps_it(browser: Any, da
             browser.find_element("css selector", "#token-dialog button[value=ok]").click()
 
         browser.find_element("id", "act-redrive").click()
-        _until(asks, "the page to ask for the token")
+        until_shown(asks, "the page to ask for the token")
         answer("not-the-token")
-        _until(lambda: asks() and "refused" in _text(browser, "#token-dialog p"), "the page to say it was refused")
+        until_shown(lambda: asks() and "refused" in _text(browser, "#token-dialog p"), "the page to say it was refused")
         answer(token)
-        _until(lambda: _page_status(browser) == "succeeded", "the redriven instance to succeed")
+        until_shown(lambda: _page_status(browser) == "succeeded", "the redriven instance to succeed")
         assert _js(browser, "return sessionStorage.getItem('dsm.api.token')") == token
 
         _open(browser, f"{url}/#/instances/{ids[1]}")  # the same tab: the token is not asked for again
-        _until(lambda: _page_status(browser) == "failed", "the second instance's page")
+        until_shown(lambda: _page_status(browser) == "failed", "the second instance's page")
         browser.find_element("id", "act-redrive").click()
-        _until(lambda: _page_status(browser) == "succeeded", "the second redriven instance to succeed")
+        until_shown(lambda: _page_status(browser) == "succeeded", "the second redriven instance to succeed")
         assert not asks()
     finally:
         api.stop()
@@ -426,7 +418,7 @@ def test_an_action_asks_for_the_token_once_and_the_tab_keeps_it(browser: Any, da
 
 def test_the_list_filters_by_status_and_machine_and_pages(browser: Any, dashboard: Dashboard) -> None:
     ids = [dashboard.start("flaky", {"flag": str(dashboard.folder / "never-made")}) for _ in range(3)]
-    _until(lambda: all(dashboard.record(i)["status"] == "failed" for i in ids), "three instances to fail")
+    until_shown(lambda: all(dashboard.record(i)["status"] == "failed" for i in ids), "three instances to fail")
     _open(browser, f"{dashboard.url}/#/?status=failed&machine=flaky&limit=2")
 
     def rows() -> list[tuple[str, str, str]]:
@@ -434,33 +426,33 @@ def test_the_list_filters_by_status_and_machine_and_pages(browser: Any, dashboar
                              ".map(tr => [tr.dataset.id, tr.dataset.status, tr.children[1].textContent])")
         return [tuple(r) for r in found]
 
-    first = _until(lambda: len(rows()) == 2 and rows(), "a first page of two")
+    first = until_shown(lambda: len(rows()) == 2 and rows(), "a first page of two")
     assert [(i, s, m.split()[0]) for i, s, m in first] == [(ids[2], "failed", "flaky"), (ids[1], "failed", "flaky")]
     browser.find_element("id", "page-older").click()
-    second = _until(lambda: rows() and rows()[0][0] == ids[0] and rows(), "the next page")
+    second = until_shown(lambda: rows() and rows()[0][0] == ids[0] and rows(), "the next page")
     assert all(status == "failed" for _, status, _ in second)
     browser.find_element("id", "page-newer").click()
-    _until(lambda: [r[0] for r in rows()] == [ids[2], ids[1]], "the first page again")
+    until_shown(lambda: [r[0] for r in rows()] == [ids[2], ids[1]], "the first page again")
     browser.find_element("css selector", ".chips button[data-status=running]").click()
-    _until(lambda: "status=running" in browser.current_url and all(r[1] == "running" for r in rows()),
+    until_shown(lambda: "status=running" in browser.current_url and all(r[1] == "running" for r in rows()),
            "only running instances of flaky (none)")
-    assert _until(lambda: _text(browser, "#instances .empty"), "the empty list to say so") == \
+    assert until_shown(lambda: _text(browser, "#instances .empty"), "the empty list to say so") == \
         "No running instances of machine flaky."
     assert _same_page(browser)
 
 
 def test_the_start_form_starts_an_instance_and_opens_its_page(browser: Any, dashboard: Dashboard) -> None:
     _open(browser, f"{dashboard.url}/#/start?machine=gate", live=False)
-    _until(lambda: _js(browser, "return document.getElementById('start-machine').value") == "gate",
+    until_shown(lambda: _js(browser, "return document.getElementById('start-machine').value") == "gate",
            "the form to offer the machine named in the address")
     payload = browser.find_element("id", "start-payload")
     payload.clear()
     payload.send_keys('{"order": [1, 2]')  # not JSON: said, and nothing starts
     browser.find_element("id", "start-submit").click()
-    assert "the payload is not JSON" in _until(lambda: _text(browser, ".notice.error"), "the form to refuse it")
+    assert "the payload is not JSON" in until_shown(lambda: _text(browser, ".notice.error"), "the form to refuse it")
     payload.send_keys("}")
     browser.find_element("id", "start-submit").click()
-    _until(lambda: _page_status(browser) == "running", "the new instance's page")
+    until_shown(lambda: _page_status(browser) == "running", "the new instance's page")
     instance_id = _text(browser, "#instance-id")
     assert dashboard.record(instance_id)["input"] == {"order": [1, 2]}
-    _until(lambda: "Waits for signal go" in _text(browser, "#facts"), "the page to say what it waits for")
+    until_shown(lambda: "Waits for signal go" in _text(browser, "#facts"), "the page to say what it waits for")

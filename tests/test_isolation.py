@@ -17,11 +17,11 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import until_async
 
 from dsm import handlers
 from dsm.context import make_context
@@ -274,19 +274,8 @@ async def outcome(attempt: Any) -> Any:
 
 async def appears(path: Path) -> str:
     """Wait for a handler's marker file; its text is the pid of the process that wrote it."""
-    for _ in range(int(WAIT / 0.01)):
-        if path.exists() and path.read_text():
-            return path.read_text()
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{path.name} did not appear: the handler never started")
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(what)
+    return await until_async(lambda: path.exists() and path.read_text(), f"{path.name} to appear (the handler started)",
+                             timeout=WAIT, interval=0.01)
 
 
 def process_state(pid: int) -> str | None:
@@ -435,7 +424,7 @@ def test_a_handler_holding_the_gil_times_out_while_other_slots_keep_working(proc
         hog_pid = int(await appears(marker))
         quick = await record("quick", executor.start(call(mod, "labelled")))
         hogged = await hog
-        await until(lambda: process_state(hog_pid) is None, "the hog's process was not killed and reaped")
+        await until_async(lambda: process_state(hog_pid) is None, "the hog's process was not killed and reaped")
         after = await outcome(executor.start(call(mod, "labelled")))
         return executor, quick, hogged, after
 
@@ -814,7 +803,7 @@ def test_children_end_when_the_worker_dies(mod: str, tmp_path: Path) -> None:
     pids = [int(p) for p in done.stdout.split()]
 
     async def gone() -> None:
-        await until(lambda: all(process_state(pid) in (None, "Z") for pid in pids), f"children {pids} outlived "
+        await until_async(lambda: all(process_state(pid) in (None, "Z") for pid in pids), f"children {pids} outlived "
                     "their worker")
 
     run(gone())

@@ -4,11 +4,11 @@ that ends after its parent is gone writes nothing for the parent."""
 from __future__ import annotations
 
 import asyncio
-import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from helpers import until_async
 from test_language import scenario
 
 from dsm import compiler, handlers
@@ -59,17 +59,6 @@ states:
 """
 
 
-async def _until(check: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
-
-
 async def _gone(client: Operations, iid: str) -> bool:
     try:
         await client.instance(iid)
@@ -116,13 +105,13 @@ def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(ca
                 # the call times out, the parent catches ChildTimeout, ends, and retention deletes it
                 parents = [await client.submit(leaver, {}, instance_id=f"leaver-{i}") for i in range(3)]
                 for pid in parents:
-                    await _until(lambda pid=pid: _gone(client, pid), f"{pid} to be deleted by retention")
+                    await until_async(lambda pid=pid: _gone(client, pid), f"{pid} to be deleted by retention")
             elif case == "parent-removed-under-its-child":
                 # the parent's keys go while it waits for its child (as a deletion that knew nothing
                 # of children left it): its record, markers and entries
                 parents = [await client.submit(holder, {}, instance_id=f"holder-{i}") for i in range(3)]
                 for pid in parents:
-                    kv = await _until(lambda pid=pid: _child_waits(client, stores[0], keys, pid),
+                    kv = await until_async(lambda pid=pid: _child_waits(client, stores[0], keys, pid),
                                       f"{pid}'s child to wait for its signal")
                     txn = deletion_txn(keys, load_instance(kv.value), kv.mod_revision)
                     assert (await stores[0].txn(txn.compare, txn.success)).succeeded
@@ -136,7 +125,7 @@ def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(ca
                     await client.signal(child, "go")
                 except (NotFound, InputError):
                     pass  # no such child, or it has ended already
-                await _until(lambda child=child: _ended_or_gone(client, child), f"{child} to end")
+                await until_async(lambda child=child: _ended_or_gone(client, child), f"{child} to end")
             await asyncio.sleep(0.5)  # what the children's ends set off settles
             left = [kv.key for pid in parents
                     for kv in (await stores[0].range(keys.work_of_instance(pid),
@@ -213,7 +202,7 @@ def _worker(store_factory: Any, namespace: str, graph: Any, body: Any) -> Any:
 
 
 async def _children_of(client: Operations, pid: str, ids: list[str]) -> dict[str, Any]:
-    return {cid: await _until(lambda cid=cid: _finished_record(client, cid), f"child {cid} of {pid} to end")
+    return {cid: await until_async(lambda cid=cid: _finished_record(client, cid), f"child {cid} of {pid} to end")
             for cid in ids}
 
 
@@ -252,7 +241,7 @@ def test_cancelling_a_parent_cancels_its_child_by_the_parent(store_factory, writ
 
     async def body(c: Any) -> dict[str, Any]:
         iid = await c.client.submit(graph, {}, instance_id="p")
-        await _until(lambda: _child_waits(c.client, c.store, c.keys, iid), "the child to wait for its signal")
+        await until_async(lambda: _child_waits(c.client, c.store, c.keys, iid), "the child to wait for its signal")
         await c.client.cancel(iid, reason="not needed", by="ann@host")
         assert (await c.client.record(iid))["cancel"]["by"] == "ann@host"
         return await _children_of(c.client, iid, ["p.c1.1"])
@@ -365,13 +354,13 @@ def test_deleting_a_parent_deletes_its_children_and_theirs(how, store_factory, w
                 family = ["p", "p.c1.1", "p.c1.1.c1.1"]
                 await client.submit(graph, {}, instance_id="p")
                 for iid in family[1:]:  # the children end first, then the parent (then retention 0 may take all)
-                    await _until(lambda iid=iid: _ended_or_gone(client, iid), f"{iid} to end")
+                    await until_async(lambda iid=iid: _ended_or_gone(client, iid), f"{iid} to end")
                 if how == "dsm delete":
-                    await _until(lambda: _finished_record(client, "p"), "the parent to end")
+                    await until_async(lambda: _finished_record(client, "p"), "the parent to end")
                     await client.delete("p")
                 gone = []
                 for iid in family:
-                    await _until(lambda iid=iid: _gone(client, iid), f"{iid} to be deleted")
+                    await until_async(lambda iid=iid: _gone(client, iid), f"{iid} to be deleted")
                     gone.append(iid)
                 assert (await client.instance("p.c9.1")).status == "succeeded"
                 return gone, await inconsistencies(store, keys)

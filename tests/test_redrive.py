@@ -103,7 +103,7 @@ def test_a_branch_that_failed_is_redriven_and_the_join_fires_once(store_factory,
     async def body(env):
         async with env.worker():
             iid = await env.client.submit(graph, {"order": 7})
-            await until(env.client, iid, lambda inst: any(a.arrived for a in inst.activations.values()))
+            await watch_until(env.client, iid, lambda inst: any(a.arrived for a in inst.activations.values()))
             redrivemod.release.set()
             failed = await env.client.wait(iid, timeout=30)
         assert failed.status == FAILED and failed.error.state == "slow"
@@ -253,7 +253,7 @@ class _Waiting(Exception):
     pass
 
 
-async def until(client, iid, predicate):
+async def watch_until(client, iid, predicate):
     """Wait, watching the record, until `predicate(instance)` holds."""
 
     def check(inst):
@@ -268,7 +268,7 @@ async def until(client, iid, predicate):
 
 
 async def until_retry_waits(client, iid):
-    await until(client, iid, lambda inst: any(t.attempt > 1 for t in inst.tokens.values()))
+    await watch_until(client, iid, lambda inst: any(t.attempt > 1 for t in inst.tokens.values()))
 
 
 WIDE = """
@@ -306,7 +306,7 @@ def test_a_redrive_wider_than_one_transaction_writes_every_marker(store_factory,
     async def body(env):
         iid = await env.client.submit(graph, {})
         async with env.worker():  # split runs; every branch is pending when the instance is cancelled
-            await until(env.client, iid, lambda inst: len(inst.tokens) == 4)
+            await watch_until(env.client, iid, lambda inst: len(inst.tokens) == 4)
             await env.client.cancel(iid)
             widemod.release.set()
         again = await redrive(env.store, env.keys, iid, now=0.0, max_ops=3)  # room for one marker at a time

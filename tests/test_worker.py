@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from helpers import run_instances
+from helpers import run_instances, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -57,14 +57,6 @@ class Harness:
         await asyncio.gather(*(t for _, _, t in self.running), return_exceptions=True)
 
 
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
 BLOCKING = """
 import threading
 release = threading.Event()
@@ -111,7 +103,7 @@ def test_a_worker_that_lost_its_lease_cannot_commit(write):
         second = h.worker("second")
         inst = await h.client.wait(iid, timeout=10)
         blockmod.release.set()  # the stalled tick finishes now; its commit must be refused
-        await until(lambda: first.stats.lost >= 1)
+        await until_async(lambda: first.stats.lost >= 1)
         history = await h.client.history(iid)
         await h.close()
         return inst, history, first, second
@@ -339,7 +331,7 @@ def test_cancel_stops_an_instance_and_abandons_its_tick(write):
         iid = await h.client.submit(graph, {})
         await asyncio.get_running_loop().run_in_executor(None, cancelmod.started.wait, 5)
         cancelled = await h.client.cancel(iid)
-        await until(lambda: bool(cancelmod.outcome))
+        await until_async(lambda: bool(cancelmod.outcome))
         await asyncio.sleep(0.1)
         inst = await h.client.instance(iid)
         history = await h.client.history(iid)
