@@ -34,6 +34,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.etcd)
 
 
+@pytest.fixture(autouse=True)
+def _etcd_only_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked `etcd` cannot start one, so that `-m "not etcd"` starts none."""
+    if request.node.get_closest_marker("etcd") is None:
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("this test starts an etcd: mark it `etcd`")
+
+        monkeypatch.setattr(EtcdCluster, "start_member", refuse)
+
+
 def _missing_etcd(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"etcd is required in CI: {reason}")

@@ -57,6 +57,7 @@ def test_dsm_run_and_dsm_api_do_not_live_on_with_a_dead_local_worker(etcd_url, n
     assert lines[-1].startswith("dsm: worker ") and lines[-1].endswith(": watch feed stopped: was cancelled"), lines
 
 
+@pytest.mark.etcd
 def test_a_worker_started_before_etcd_waits_for_it_saying_so(namespace):
     """Compose and Kubernetes start services in any order: a worker whose etcd is not up yet waits."""
     from dsm.testing import make_cluster
