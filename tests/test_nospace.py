@@ -14,15 +14,14 @@ from clitools import dsm, dsm_command, dsm_env
 from metricstools import parse, value
 from prometheus_client import generate_latest
 
-from dsm import compiler, handlers, metrics
-from dsm.definitions import Registry
+from dsm import compiler, metrics
 from dsm.errors import NoSpace
 from dsm.keys import Keys
 from dsm.operations import Operations
+from dsm.service import serving
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.store.memory import MemoryStore
 from dsm.testing import make_cluster
-from dsm.worker import running
 
 STEPS = """
 machine: steps
@@ -68,11 +67,10 @@ def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
         memory = MemoryStore()
         store = Refusals(memory)
         keys = Keys()
-        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
-        registry.add(graph)
         client = Operations(store, keys)
         ids = await client.submit_many(graph, [{}] * 8)
-        async with running(store, registry, concurrency=4) as worker:
+        async with serving(store, keys, [graph], concurrency=4) as service:
+            worker = service.worker
             worker.gate.interval = 0.1
             deadline = time.monotonic() + 20
             while worker.stats.transitions < 4 and time.monotonic() < deadline:
