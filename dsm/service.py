@@ -12,11 +12,11 @@ closed after.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import handlers
 from .definitions import Registry, register
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .wsgi import Address
 
 Isolation = Literal["process", "thread"]
+_Server = TypeVar("_Server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +112,8 @@ async def serving(store: Store, keys: Keys, graphs: Sequence[Graph] = (), *, con
             yield Service(worker, metrics_server, health_server)
 
 
-def _listen(servers: contextlib.ExitStack, open_: Any, what: Literal["metrics", "health"], serves: str,
-            at: Listen) -> Any:
+def _listen(servers: contextlib.ExitStack, open_: Callable[[], contextlib.AbstractContextManager[_Server]],
+            what: Literal["metrics", "health"], serves: str, at: Listen) -> _Server:
     try:
         return servers.enter_context(open_())
     except OSError as exc:
