@@ -36,15 +36,14 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from dsm import compiler, handlers  # noqa: E402
-from dsm.definitions import Registry  # noqa: E402
+from dsm import compiler  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
 from dsm.operations import Operations  # noqa: E402
+from dsm.service import serving  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.store.memory import MemoryStore  # noqa: E402
 from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
-from dsm.worker import running  # noqa: E402
 
 LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
 LOOP = BENCH / "loop.yaml"  # one transition per turn of its loop
@@ -421,8 +420,6 @@ async def embedded_dsm(instances: int) -> dict[str, Any]:
     graph = compiler.load(LINEAR)
     store = MemoryStore()
     keys = Keys()
-    registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
-    registry.add(graph)
     finished = asyncio.Event()
     count = 0
 
@@ -433,7 +430,8 @@ async def embedded_dsm(instances: int) -> dict[str, Any]:
             if count == instances:
                 finished.set()
 
-    async with running(store, registry, concurrency=8, on_commit=on_commit, worker_id="embedded") as worker:
+    async with serving(store, keys, [graph], concurrency=8, on_commit=on_commit, worker_id="embedded") as service:
+        worker = service.worker
         started = time.monotonic()
         await Operations(store, keys).submit_many(graph, ({} for _ in range(instances)))
         await finished.wait()

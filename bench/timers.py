@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
-from dsm import compiler, handlers  # noqa: E402
-from dsm.definitions import Registry  # noqa: E402
+from dsm import compiler  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
 from dsm.operations import Operations  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
@@ -86,15 +85,13 @@ async def measure(settings: Settings, endpoint: str | None = None) -> dict[str, 
         if settings.in_process:
             from contextlib import AsyncExitStack
 
-            from dsm.worker import running
+            from dsm.service import serving
 
             stack = AsyncExitStack()
             for i in range(settings.workers):
                 worker_store = await EtcdStore.connect(EtcdOptions.build(endpoint, namespace=namespace))
                 stack.push_async_callback(worker_store.close)
-                registry = Registry(worker_store, keys, allow=handlers.Allowlist(graph.modules()))
-                registry.add(graph)
-                await stack.enter_async_context(running(worker_store, registry, concurrency=64,
+                await stack.enter_async_context(serving(worker_store, keys, [graph], concurrency=64,
                                                         worker_id=f"timers-{i}", grace=1))
         else:
             from bench.run import start_workers

@@ -19,15 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
-from . import index
-from .definitions import MachineInfo, Registry, newest, register
+from . import handlers, index
+from .definitions import MachineInfo, Registry, newest
 from .errors import InputError, NotFound
 from .graph import Graph
 from .operations import Operations
 from .records import public_record
+from .service import serving
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,9 @@ class EmbeddedTransport(StoreTransport):
     Handlers are the application's own code, so definitions given to `start` by their file are
     compiled with their handlers and served by the worker at once."""
 
-    def __init__(self, operations: Operations, registry: Registry, stop: asyncio.Event):
+    def __init__(self, operations: Operations, stop: asyncio.Event):
         super().__init__(operations, owned=True)
-        self.registry = registry
+        self.registry: Registry | None = None  # the worker's, once it runs
         self._stop = stop
         self._worker: asyncio.Task | None = None
 
@@ -205,21 +205,17 @@ class EmbeddedTransport(StoreTransport):
         from .housekeeping import HousekeepingOptions
         from .keys import Keys
         from .store.memory import MemoryStore
-        from .worker import running
 
         store: Store = MemoryStore()
         keys = Keys()
-        folders = tuple(dict.fromkeys(str(Path(g.file).resolve().parent) for g in graphs))
-        registry = Registry(store, keys, search_path=folders)
-        for graph in graphs:
-            registry.add(graph)
-            await register(store, keys, graph)
-        transport = cls(Operations(store, keys), registry, asyncio.Event())
+        transport = cls(Operations(store, keys), asyncio.Event())
         started = asyncio.get_running_loop().create_future()
 
         async def serve() -> None:
-            async with running(store, registry, concurrency=max(1, workers), grace=5, stop=transport._stop,
-                               housekeeping=HousekeepingOptions(), offload_guards=False):
+            async with serving(store, keys, graphs, concurrency=max(1, workers), allow=handlers.ANY, grace=5,
+                               stop=transport._stop, housekeeping=HousekeepingOptions(),
+                               offload_guards=False) as service:
+                transport.registry = service.registry
                 started.set_result(None)
                 await transport._stop.wait()
 
@@ -231,13 +227,13 @@ class EmbeddedTransport(StoreTransport):
 
     async def start(self, machine: str, payload: dict[str, Any], instance_id: str | None, *,
                     graph: Graph | None = None, digest: str | None = None) -> tuple[Record, bool]:
-        if graph is not None:
+        if graph is not None and self.registry is not None:
             self.registry.add(graph)
         return await super().start(machine, payload, instance_id, graph=graph, digest=digest)
 
     async def start_many(self, machine: str, payloads: Sequence[dict[str, Any]],
                          ids: Sequence[str | None] | None, *, graph: Graph | None = None) -> list[str]:
-        if graph is not None:
+        if graph is not None and self.registry is not None:
             self.registry.add(graph)
         return await super().start_many(machine, payloads, ids, graph=graph)
 

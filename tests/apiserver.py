@@ -15,9 +15,7 @@ from typing import Any
 
 import httpx
 
-from dsm.api.app import create_app
-from dsm.api.serve import bind, local_worker, serve
-from dsm.definitions import register
+from dsm.api.serve import bind, serve_api
 from dsm.graph import Graph
 from dsm.keys import Keys
 from dsm.store import Store, prefix_end
@@ -76,18 +74,14 @@ class ApiServer:
 
             store = await EtcdStore.connect(EtcdOptions.build(self.etcd, namespace=self.keys.namespace))
         self.store = store
+        def started(url: str, workers_here: str) -> None:
+            self.url = url
+            self._ready.set()
+
         try:
-            for graph in self.graphs:
-                await register(store, self.keys, graph)
-            async with local_worker(store, self.keys, self.graphs, self.workers):
-                app = create_app(store, self.keys, token=self.token, allowed_hosts=self.allowed_hosts,
-                                 heartbeat=self.heartbeat)
-
-                def started(url: str) -> None:
-                    self.url = url
-                    self._ready.set()
-
-                await serve(app, bind("127.0.0.1", 0), stop=self._stop, on_started=started)
+            await serve_api(store, self.keys, self.graphs, bind("127.0.0.1", 0), workers=self.workers, stop=self._stop,
+                            on_started=started, token=self.token, allowed_hosts=self.allowed_hosts,
+                            heartbeat=self.heartbeat)
         finally:
             await store.close()
 

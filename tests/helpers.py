@@ -77,18 +77,14 @@ async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurr
                         timeout: float = 60, keys: Any = None) -> tuple[list, list, Any]:
     """Submit `payloads` as instances of `graph`, run one worker on `store` until all finish;
     return (instances, histories, worker). `keys` chooses the namespace (default: dsm)."""
-    from dsm import handlers
-    from dsm.definitions import Registry
     from dsm.keys import Keys
     from dsm.operations import Operations
-    from dsm.worker import running
+    from dsm.service import serving
 
     keys = keys or Keys()
-    registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
-    registry.add(graph)
     client = Operations(store, keys)
-    async with running(store, registry, concurrency=concurrency) as worker:
+    async with serving(store, keys, [graph], concurrency=concurrency) as service:
         ids = await client.submit_many(graph, payloads)
         done = await asyncio.gather(*(client.wait(i, timeout=timeout) for i in ids))
         histories = [await client.history(i) for i in ids]
-    return list(done), histories, worker
+    return list(done), histories, service.worker

@@ -9,12 +9,11 @@ import re
 
 from helpers import run_instances
 
-from dsm import compiler, handlers
-from dsm.definitions import Registry
+from dsm import compiler
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import FAILED, RUNNING, SUCCEEDED, public_record
-from dsm.worker import running
+from dsm.service import serving
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -89,12 +88,10 @@ def test_a_retry_waiting_shows_its_attempt_last_error_and_when(store_factory, wr
     async def main():
         store = await store_factory()
         keys = Keys(namespace)
-        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
-        registry.add(graph)
         client = Operations(store, keys)
         seen: list = []
         try:
-            async with running(store, registry, concurrency=2):
+            async with serving(store, keys, [graph], concurrency=2):
                 iid = await client.submit(graph, {})
 
                 def update(inst):

@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 
-from dsm import compiler, handlers
-from dsm.definitions import Registry
+from dsm import compiler
 from dsm.errors import DefinitionError, InputError, InvalidSignal, NotFound
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED, public_record
+from dsm.service import serving
 from dsm.store import prefix_end
-from dsm.worker import running
 
 
 class Cluster:
@@ -44,11 +43,8 @@ def scenario(store_factory, namespace, graph, body, *, concurrency: int = 8):
     async def main():
         store = await store_factory()
         keys = Keys(namespace)
-        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules() + tuple(
-            m for child in graph.children().values() for m in child.modules())))
-        registry.add(graph)
-        try:
-            async with running(store, registry, concurrency=concurrency):
+        try:  # (the modules allowed are the machine's and those of the machines it calls)
+            async with serving(store, keys, [graph], concurrency=concurrency):
                 return await body(Cluster(store, keys, graph))
         finally:
             await store.close()
@@ -434,9 +430,6 @@ def test_a_map_of_the_most_items_a_map_takes_without_a_concurrency_limit_succeed
 
     async def main():
         store = MemoryStore()
-        registry = Registry(store, Keys(), allow=handlers.Allowlist(graph.modules()))
-        registry.add(graph)
-
         finished = asyncio.Event()
 
         def on_commit(step):
@@ -445,7 +438,7 @@ def test_a_map_of_the_most_items_a_map_takes_without_a_concurrency_limit_succeed
             if step.instance.finished:
                 finished.set()
 
-        async with running(store, registry, concurrency=64, on_commit=on_commit):
+        async with serving(store, Keys(), [graph], concurrency=64, on_commit=on_commit):
             client = Operations(store, Keys())
             iid = await client.submit(graph, {"xs": list(range(10_000))})
             await asyncio.wait_for(finished.wait(), 300)  # (not client.wait: it would read every version)

@@ -14,15 +14,14 @@ from helpers import until, until_async
 from metricstools import parse, scrape, value
 from prometheus_client import generate_latest
 
-from dsm import compiler, handlers, metrics
-from dsm.definitions import Registry
+from dsm import compiler, metrics
 from dsm.errors import NoSpace
 from dsm.keys import Keys
 from dsm.operations import Operations
+from dsm.service import serving
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.store.memory import MemoryStore
 from dsm.testing import free_port, make_cluster
-from dsm.worker import running
 
 STEPS = """
 machine: steps
@@ -73,11 +72,10 @@ def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
         memory = MemoryStore()
         store = Refusals(memory)
         keys = Keys()
-        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
-        registry.add(graph)
         client = Operations(store, keys)
         ids = await client.submit_many(graph, [{}] * 8)
-        async with running(store, registry, concurrency=4) as worker:
+        async with serving(store, keys, [graph], concurrency=4) as service:
+            worker = service.worker
             worker.gate.interval = 0.1
             await until_async(lambda: worker.stats.transitions >= 4, "four transitions")
             memory.raise_alarm("NOSPACE")

@@ -12,15 +12,14 @@ from helpers import until_async
 from test_language import scenario
 
 from dsm import compiler, handlers
-from dsm.definitions import Registry
 from dsm.errors import InputError, NotFound
 from dsm.housekeeping import HousekeepingOptions, deletion_txn
 from dsm.keys import Keys, WorkInfo
 from dsm.operations import Operations
 from dsm.records import load_instance
+from dsm.service import serving
 from dsm.store import prefix_end
 from dsm.store.etcd import EtcdOptions, EtcdStore
-from dsm.worker import running
 
 WAITKID = """
 machine: waitkid
@@ -94,11 +93,8 @@ def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(ca
                 stack.push_async_callback(store.close)
             client = Operations(stores[0], keys)
             for store in stores[1:]:
-                registry = Registry(store, keys, allow=handlers.Allowlist(()))
-                registry.add(leaver)
-                registry.add(holder)
-                await stack.enter_async_context(running(
-                    store, registry, keys=keys, concurrency=4,
+                await stack.enter_async_context(serving(
+                    store, keys, [leaver, holder], allow=handlers.Allowlist(()), concurrency=4,
                     housekeeping=HousekeepingOptions(compaction_retention=0, interval=0.1)))
             parents: list[str] = []
             if case == "timed-out-parent-with-retention-0":
@@ -345,10 +341,8 @@ def test_deleting_a_parent_deletes_its_children_and_theirs(how, store_factory, w
         store = await store_factory()
         keys = Keys(namespace)
         client = Operations(store, keys)
-        registry = Registry(store, keys, allow=handlers.Allowlist(()))
-        registry.add(graph)
         try:
-            async with running(store, registry, keys=keys,
+            async with serving(store, keys, [graph], allow=handlers.Allowlist(()),
                                housekeeping=HousekeepingOptions(compaction_retention=0, interval=0.05)):
                 await client.submit(lookalike, {}, instance_id="p.c9.1")
                 family = ["p", "p.c1.1", "p.c1.1.c1.1"]

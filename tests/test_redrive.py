@@ -8,15 +8,14 @@ import asyncio
 
 import pytest
 
-from dsm import compiler, handlers
+from dsm import compiler
 from dsm.audit import audit
-from dsm.definitions import Registry
 from dsm.errors import InputError
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
+from dsm.service import serving
 from dsm.store import prefix_end
-from dsm.worker import running
 
 FORKED = """
 machine: forked
@@ -76,9 +75,7 @@ class Env:
         self.client = Operations(store, self.keys)
 
     def worker(self, **kw):
-        registry = Registry(self.store, self.keys, allow=handlers.Allowlist(self.graph.modules()))
-        registry.add(self.graph)
-        return running(self.store, registry, concurrency=4, grace=1, **kw)
+        return serving(self.store, self.keys, [self.graph], concurrency=4, grace=1, **kw)
 
     async def markers(self, iid):
         prefix = self.keys.work_of_instance(iid)

@@ -4,6 +4,9 @@ The socket is bound here, before uvicorn starts, so that a port in use is an err
 can report in one line, and port 0 gets a free port whose number is known. Signals are the
 caller's: uvicorn's own handlers would re-raise them once it stopped. Stopping ends the open
 event streams first, since uvicorn waits for open answers before it stops.
+
+`serve_api` is `dsm api` without its options: the definitions given registered, a worker for
+them in this process when asked (`dsm.service`), and the app served until the stop.
 """
 
 from __future__ import annotations
@@ -11,18 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
-from .. import handlers
-from ..definitions import Registry
+from ..definitions import register
 from ..errors import PartFailed
 from ..graph import Graph
+from ..housekeeping import HousekeepingOptions
 from ..keys import Keys
+from ..service import serving
 from ..store import Store
+from .app import create_app
 
 GRACE = 5  # seconds uvicorn waits for answers in progress when it stops
 
@@ -86,18 +91,27 @@ async def serve(app: Starlette, sock: socket.socket, *, stop: asyncio.Event,
 
 
 @contextlib.asynccontextmanager
-async def local_worker(store: Store, keys: Keys, graphs: list[Graph], concurrency: int) -> AsyncIterator[str]:
+async def local_worker(store: Store, keys: Keys, graphs: Sequence[Graph], concurrency: int) -> AsyncIterator[str]:
     """A worker in this process for the definitions given (their modules allowed, their folders on
-    the import path), when `concurrency` > 0; yields what runs here, in words."""
+    the import path), when `concurrency` > 0; yields what runs here, in words. The definitions are
+    registered already (`serve_api`)."""
     if concurrency <= 0 or not graphs:
         yield "none"
         return
-    from ..worker import HousekeepingOptions, running
-
-    modules = tuple(dict.fromkeys(m for g in graphs for m in g.modules()))
-    folders = tuple(dict.fromkeys(str(Path(g.file).resolve().parent) for g in graphs))
-    registry = Registry(store, keys, allow=handlers.Allowlist(modules), search_path=folders)
-    for g in graphs:
-        registry.add(g)
-    async with running(store, registry, concurrency=concurrency, grace=5, housekeeping=HousekeepingOptions()):
+    async with serving(store, keys, graphs, concurrency=concurrency, store_definitions=False, grace=5,
+                       housekeeping=HousekeepingOptions()):
         yield f"{concurrency} ticks at once"
+
+
+async def serve_api(store: Store, keys: Keys, graphs: Sequence[Graph], sock: socket.socket, *, workers: int,
+                    stop: asyncio.Event, on_started: Callable[[str, str], None] | None = None,
+                    **app_options: Any) -> None:
+    """`dsm api`: register the definitions given, run them with a worker here when `workers` > 0,
+    and serve the API over `store` on `sock` until `stop` is set. `on_started(url, workers_here)`
+    once it listens; `app_options` are `create_app`'s."""
+    for graph in graphs:
+        await register(store, keys, graph)
+    async with local_worker(store, keys, graphs, workers) as running_here:
+        app = create_app(store, keys, **app_options)
+        await serve(app, sock, stop=stop,
+                    on_started=None if on_started is None else lambda url: on_started(url, running_here))

@@ -1,7 +1,9 @@
 """Workers: processes (or, embedded, tasks of one process) that claim tokens, tick and commit.
 
-`Worker` orchestrates; its parts live beside it, one job each (see `core.py`). `running()` is
-the one way to run a worker in-process: the CLI, embedded runs, benchmarks and tests use it.
+`Worker` orchestrates; its parts live beside it, one job each (see `core.py`). `running()` runs
+a worker in-process for the duration of a block; `dsm.service.serving` wires one over it (the
+definitions served, their registry, where handlers run), for the CLI, embedded runs, benchmarks
+and tests.
 
 The other names are imported on first use: a handler process imports `dsm.worker.isolation`,
 and must not pay for the worker, the store and the compiler each time one starts.
