@@ -129,7 +129,7 @@ class Claims:
         it: its machine, if its record is cached, and the state and attempt of its token `tok`."""
         machine = state = attempt = None
         if iid in self.records:
-            inst = self.records.get(iid)[0]
+            inst = self.records.get(iid).instance
             machine = inst.machine
             token = inst.tokens.get(tok) if tok is not None else None
             if token is not None:

@@ -40,7 +40,7 @@ from .admission import Admission
 from .cache import RecordCache
 from .claiming import Claimer
 from .claims import Claims
-from .committing import Committer
+from .committing import Committer, HandOn
 from .config import WorkerConfig
 from .executor import Executor, ThreadExecutor
 from .feed import WorkFeed
@@ -101,15 +101,17 @@ class Worker:
         self.executor: Executor = executor or ThreadExecutor(config.concurrency)
         self.claims = Claims(store, keys, name=name, records=self.records, queue=self.queue, feed=self.feed,
                              jobs=self.jobs, wall=wall, max_txn_ops=config.max_txn_ops)
-        commits = functools.partial(Committer, store, keys, self.claims, config=config, name=name,
-                                    records=self.records, slots=self.slots, lease=self.lease, gate=self.gate,
-                                    meter=self.meter, stats=self.stats, wall=wall, clock=clock, on_commit=on_commit)
+
+        def committer(hand_on: HandOn) -> Committer:  # the tick runner's: its commits hand tokens on to it
+            return Committer(store, keys, self.claims, config=config, name=name, hand_on=hand_on,
+                             records=self.records, slots=self.slots, lease=self.lease, gate=self.gate,
+                             meter=self.meter, stats=self.stats, wall=wall, clock=clock, on_commit=on_commit)
+
         limit = config.payload_limit if config.payload_limit is not None else payloads.default_limit()
-        self.runner = TickRunner(store, keys, registry, self.executor, self.claims, name=name,
-                                 commits=lambda hand_on: commits(hand_on=hand_on), jobs=self.jobs,
-                                 admission=self.admission, records=self.records, slots=self.slots, queue=self.queue,
-                                 wake=self.feed.changed, meter=self.meter, stats=self.stats, payload_limit=limit,
-                                 wall=wall, clock=clock)
+        self.runner = TickRunner(store, keys, registry, self.executor, self.claims, name=name, commits=committer,
+                                 jobs=self.jobs, admission=self.admission, records=self.records, slots=self.slots,
+                                 queue=self.queue, wake=self.feed.changed, meter=self.meter, stats=self.stats,
+                                 payload_limit=limit, wall=wall, clock=clock)
         self.claimer = Claimer(store, self.claims, self.runner, config=config, name=name, queue=self.queue,
                                slots=self.slots, feed=self.feed, gate=self.gate, lease=self.lease,
                                records=self.records, meter=self.meter, stats=self.stats, clock=clock)
