@@ -65,7 +65,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import codec
 from .errors import InputError
@@ -105,6 +105,25 @@ def check_signal_name(value: object) -> str:
         raise InputError(f"invalid signal name {value!r}: a name is 1 to 128 letters, digits, '.', '_', ':' or '-', "
                          "starting with a letter or digit")
     return value
+
+
+class TokenRef(NamedTuple):
+    """One token of one instance: what a work marker and its claim are about."""
+
+    instance: str
+    token: str
+
+
+class WorkKey(NamedTuple):
+    """A key under work/, read: a token's marker, or (`is_claim`) its claim."""
+
+    instance: str
+    token: str
+    is_claim: bool
+
+    @property
+    def ref(self) -> TokenRef:
+        return TokenRef(self.instance, self.token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +195,7 @@ class Keys:
     def work_of_instance(self, instance_id: str) -> str:
         return f"{self.root}work/{instance_id}/"
 
-    def parse_work(self, key: str) -> tuple[str, str, bool] | None:
+    def parse_work(self, key: str) -> WorkKey | None:
         """work/<id>/<token>[/claim] -> (id, token, is_claim); None for anything else."""
         if not key.startswith(self.work_prefix):
             return None
@@ -187,7 +206,7 @@ class Keys:
         instance_id, sep, token = rest.partition("/")
         if not sep or not token or "/" in token:
             return None
-        return instance_id, token, is_claim
+        return WorkKey(instance_id, token, is_claim)
 
 
 def range_of(prefix: str) -> tuple[str, str]:

@@ -63,8 +63,8 @@ async def reconcile(store: Store, keys: Keys, iid: str, *, now: float,
         markers = set()
         for kv in kvs:
             parsed = keys.parse_work(kv.key)
-            if parsed is not None and not parsed[2]:
-                markers.add(parsed[1])
+            if parsed is not None and not parsed.is_claim:
+                markers.add(parsed.token)
         inst = load_instance(record.value) if record is not None else None
         rev = record.mod_revision if record is not None else 0
         for txn in reconcile_txns(keys, iid, inst, rev, markers, now=now, max_ops=max_ops):

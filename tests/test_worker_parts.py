@@ -1,5 +1,5 @@
 """The worker's pure parts on their own: the candidate queue and the commit planner (no store,
-no clock, no threads)."""
+no clock, no threads); and its options, taken without running it."""
 
 from __future__ import annotations
 
@@ -296,3 +296,28 @@ def test_a_child_wakes_its_parent_only_while_the_parent_record_exists():
     assert isinstance(marker, Put) and marker.key == keys.work("p", "t1")
     assert WorkInfo.load(marker.value).not_before == 0.0
     assert wake_parent_ops(keys, done, done) == [] and wake_parent_ops(keys, running, running) == []
+
+
+# -- the worker's options and the keys it reads ------------------------------------------------------
+
+def test_a_workers_options_are_one_config_and_keywords_override_it():
+    from dsm.definitions import Registry
+    from dsm.store.memory import MemoryStore
+    from dsm.worker import Worker, WorkerConfig
+
+    store = MemoryStore()
+    registry = Registry(store, KEYS)
+    worker = Worker(store, registry, WorkerConfig(concurrency=2, lease_ttl=4.0), lease_ttl=6.0, worker_id="w")
+    assert (worker.config.concurrency, worker.config.lease_ttl, worker.id) == (2, 6.0, "w")
+    assert worker.config.stale_after == 12.0 and worker.config.audit_every == 6.0
+    assert WorkerConfig(dead_after=0).stale_after is None
+    with pytest.raises(TypeError):
+        Worker(store, registry, concurrenc=2)
+
+
+def test_work_keys_read_as_named_fields():
+    marker, claim = KEYS.parse_work(KEYS.work("i1", "t1")), KEYS.parse_work(KEYS.claim("i1", "t1"))
+    assert marker is not None and claim is not None
+    assert (marker.instance, marker.token, marker.is_claim) == ("i1", "t1", False)
+    assert claim.is_claim and claim.ref == marker.ref == ("i1", "t1")
+    assert KEYS.parse_work(KEYS.instance("i1")) is None

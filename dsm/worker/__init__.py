@@ -21,12 +21,14 @@ if TYPE_CHECKING:
     from ..definitions import Registry
     from ..housekeeping import Housekeeper, HousekeepingOptions
     from ..store import Store
-    from .core import SYNC, Worker, WorkerStats, default_worker_id
+    from .config import WorkerConfig
+    from .core import SYNC, Worker, default_worker_id
     from .executor import Executor, ThreadExecutor, TickCall
+    from .stats import WorkerStats
 
 _WHERE = {"Housekeeper": "..housekeeping", "HousekeepingOptions": "..housekeeping", "SYNC": ".core",
-          "Worker": ".core", "WorkerStats": ".core", "default_worker_id": ".core", "Executor": ".executor",
-          "ThreadExecutor": ".executor", "TickCall": ".executor"}
+          "Worker": ".core", "WorkerConfig": ".config", "WorkerStats": ".stats", "default_worker_id": ".core",
+          "Executor": ".executor", "ThreadExecutor": ".executor", "TickCall": ".executor"}
 
 
 def __getattr__(name: str) -> Any:
@@ -43,8 +45,9 @@ async def running(store: Store, registry: Registry, *, grace: float = 30.0, stop
                   housekeeping: HousekeepingOptions | None = None, **options: Any) -> AsyncIterator[Worker]:
     """A worker running on this event loop for the duration of the block; on leaving it, the
     worker finishes its ticks (up to `grace` seconds), gives back its claims and revokes its
-    lease. `options` are `Worker`'s. Setting `stop` ends the worker early. With `housekeeping`,
-    the worker also stands in the housekeeping election under its lease (`dsm.housekeeping`).
+    lease. `options` are `Worker`'s: fields of `WorkerConfig`, and its collaborators. Setting `stop`
+    ends the worker early. With `housekeeping`, the worker also stands in the housekeeping election
+    under its lease (`dsm.housekeeping`).
 
     A worker never lives on with a part gone: when one ends by itself (the worker's run, or its
     housekeeper), the block is cancelled where it waits, the worker stops, releasing what it
@@ -105,4 +108,4 @@ async def running(store: Store, registry: Registry, *, grace: float = 30.0, stop
 
 
 __all__ = ["Executor", "Housekeeper", "HousekeepingOptions", "SYNC", "ThreadExecutor", "TickCall", "Worker",
-           "WorkerStats", "default_worker_id", "running"]
+           "WorkerConfig", "WorkerStats", "default_worker_id", "running"]

@@ -7,34 +7,41 @@ it read, so a stale cache costs a failed compare, not a wrong commit.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..records import Instance, load_instance
 from ..store import KeyValue
 
 
+class Cached(NamedTuple):
+    instance: Instance
+    revision: int  # the record's mod revision: a commit over it is fenced by it
+
+
 class RecordCache:
     def __init__(self) -> None:
-        self._records: dict[str, tuple[Instance, int]] = {}
+        self._records: dict[str, Cached] = {}
         self._refcount: dict[str, int] = {}
 
     def __contains__(self, iid: object) -> bool:
         return iid in self._records
 
-    def get(self, iid: str) -> tuple[Instance, int]:
+    def get(self, iid: str) -> Cached:
         return self._records[iid]
 
     def remember(self, kv: KeyValue) -> Instance:
         """A record read from the store; kept unless a newer one is cached."""
         cached = self._records.get(_instance_id(kv.key))
-        if cached is not None and cached[1] >= kv.mod_revision:
-            return cached[0]
+        if cached is not None and cached.revision >= kv.mod_revision:
+            return cached.instance
         inst = load_instance(kv.value)
-        self._records[inst.id] = (inst, kv.mod_revision)
+        self._records[inst.id] = Cached(inst, kv.mod_revision)
         return inst
 
     def put(self, inst: Instance, revision: int) -> None:
         cached = self._records.get(inst.id)
-        if cached is None or cached[1] < revision:
-            self._records[inst.id] = (inst, revision)
+        if cached is None or cached.revision < revision:
+            self._records[inst.id] = Cached(inst, revision)
 
     def hold(self, iid: str) -> None:
         self._refcount[iid] = self._refcount.get(iid, 0) + 1

@@ -19,17 +19,15 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..errors import Compacted, StoreUnavailable
-from ..keys import Keys, WorkInfo
+from ..keys import Keys, TokenRef, WorkInfo
 from ..records import PARKED
 from ..store import DELETE, Event, Store, Watch, prefix_end
 from .queue import CandidateQueue
 
 log = logging.getLogger(__name__)
-
-TokenRef = tuple[str, str]  # (instance id, token id)
-
 
 class WorkFeed:
     def __init__(self, store: Store, keys: Keys, queue: CandidateQueue[TokenRef], *, name: str,
@@ -48,19 +46,33 @@ class WorkFeed:
         self.wall = wall
         self.page_size = page_size
         self.cursor: str | None = None  # where paging stopped because the queue was full
-        self.rescan = False  # work was dropped for lack of room: page through everything again
+        self._rescan = False  # work was dropped for lack of room: page through everything again
         self.changed = asyncio.Event()  # set when candidates were added
         self._watch: Watch | None = None  # the watch being read, so that closing can end it
         self._watching = False  # a watch is open: created, and neither broken nor closed since
         # The revision of the marker each candidate was offered on. A claim is fenced by it: along a
         # line a token keeps its id, so a candidate taken while due may meanwhile have been run by
         # another worker and moved on to a timer; claimed then, on what it was, the timer would not wait.
-        self.revisions: dict[TokenRef, int] = {}
+        self._revisions: dict[TokenRef, int] = {}
 
     @property
     def behind(self) -> bool:
         """Work may wait in the store that the queue does not hold."""
-        return self.cursor is not None or self.rescan
+        return self.cursor is not None or self._rescan
+
+    def rescan(self) -> None:
+        """Page through every marker again once the queue has room (a safety net, or work dropped)."""
+        self._rescan = True
+
+    def revision_of(self, ref: TokenRef) -> int | None:
+        """The revision of the marker `ref` was offered on, if known: its claim is fenced by it."""
+        return self._revisions.get(ref)
+
+    def put_back(self, ref: TokenRef, wait: float, revision: int) -> None:
+        """A candidate again, ahead of new work, as its marker is at `revision` (a claim whose answer
+        was lost turned out not to be ours)."""
+        if self.queue.add(ref, wait, first=True):
+            self._revisions[ref] = revision
 
     @property
     def watching(self) -> bool:
@@ -109,8 +121,8 @@ class WorkFeed:
         while True:
             try:
                 self.queue.clear()
-                self.revisions.clear()
-                self.cursor, self.rescan = None, False
+                self._revisions.clear()
+                self.cursor, self._rescan = None, False
                 return await self._scan(self.keys.work_prefix)
             except (StoreUnavailable, Compacted) as exc:
                 log.warning("worker %s: cannot read work (%s); retrying", self.name, exc)
@@ -121,7 +133,7 @@ class WorkFeed:
         """Page on from where the queue filled up (or from the start, after work was dropped)."""
         start = self.cursor
         if start is None:
-            start, self.rescan = self.keys.work_prefix, False
+            start, self._rescan = self.keys.work_prefix, False
         await self._scan(start)
 
     async def _scan(self, start: str) -> int:
@@ -129,7 +141,7 @@ class WorkFeed:
         first page (a watch from there misses nothing that changed while later pages were read)."""
         end = prefix_end(self.keys.work_prefix)
         cursor = start
-        pending: tuple[TokenRef, WorkInfo | None, int] | None = None
+        pending: _Marker | None = None  # a marker seen, offered once the next key shows it unclaimed
         wall = self.wall()
         revision = 0
         while True:
@@ -139,14 +151,13 @@ class WorkFeed:
                 parsed = self.keys.parse_work(kv.key)
                 if parsed is None:
                     continue
-                iid, tok, is_claim = parsed
-                if is_claim:
-                    if pending is not None and pending[0] == (iid, tok):
+                if parsed.is_claim:
+                    if pending is not None and pending.ref == parsed.ref:
                         pending = None
                     continue
                 if pending is not None:
                     self._offer(*pending, wall=wall)
-                pending = ((iid, tok), _load_info(kv.value), kv.mod_revision)
+                pending = _Marker(parsed.ref, _load_info(kv.value), kv.mod_revision)
                 if self.queue.full:
                     self.cursor = kv.key
                     self.changed.set()
@@ -171,15 +182,15 @@ class WorkFeed:
             return
         wait = info.delay(wall, fresh=fresh) if info is not None else 0.0
         if not self.queue.add(ref, wait, first=first):
-            self.rescan = True
+            self._rescan = True
         elif revision is not None:
-            self.revisions[ref] = revision
+            self._revisions[ref] = revision
         elif info is None:
-            self.revisions.pop(ref, None)
+            self._revisions.pop(ref, None)
 
     def discard(self, ref: TokenRef) -> None:
         self.queue.discard(ref)
-        self.revisions.pop(ref, None)
+        self._revisions.pop(ref, None)
 
     def apply(self, events: list[Event], latest: int | None = None) -> None:
         """Events of one watch response; `latest` is the store's revision it was sent at. Events of
@@ -197,8 +208,8 @@ class WorkFeed:
                 parsed = self.keys.parse_work(event.kv.key)
                 if parsed is None:
                     continue
-                ref = (parsed[0], parsed[1])
-                if parsed[2]:
+                ref = parsed.ref
+                if parsed.is_claim:
                     (released if event.type == DELETE else claimed).add(ref)
                 elif event.type == DELETE:
                     gone.add(ref)
@@ -227,6 +238,12 @@ class WorkFeed:
                 added = True
         if added:
             self.changed.set()
+
+
+class _Marker(NamedTuple):
+    ref: TokenRef
+    info: WorkInfo | None
+    revision: int
 
 
 def _load_info(raw: bytes) -> WorkInfo | None:

@@ -53,7 +53,7 @@ class LeaseKeeper:
         self.ready = asyncio.Event()
         self.clock = clock
         self._renewed_at: float | None = None  # when the last grant or keep-alive that went through was sent
-        self.stopping = False
+        self._stopping = False  # the worker stops: a grant that cannot reach the store gives up
         self._renew = asyncio.Event()  # set by `lost()`: the keeper takes a new lease now
         self._abandoned: list[int] = []  # leases given up alive (taken by another user): to release
         self.renewals = 0  # keep-alives that went through
@@ -82,7 +82,7 @@ class LeaseKeeper:
                 log.warning("worker %s: etcd refused to write under a new lease (%s): another etcd user may have "
                             "attached a key to it; taking another", self.name, exc)
             except StoreUnavailable as exc:
-                if self.stopping:
+                if self._stopping:
                     raise
                 log.warning("worker %s: store unavailable (%s); retrying", self.name, exc)
             else:
@@ -149,6 +149,10 @@ class LeaseKeeper:
         self.ready.clear()
         self._renew.set()
         self.on_lost()
+
+    def stop(self) -> None:
+        """The worker stops: from now on a grant gives up when the store is unavailable."""
+        self._stopping = True
 
     async def revoke(self) -> None:
         """The worker stops: every claim still held goes at once."""

@@ -2,8 +2,8 @@
 
 A slot is taken before a claim is sent and given back when its job ends, so a worker never
 holds more running claims than its concurrency. A commit may also claim tokens it created (fork
-branches) for this worker; those wait in `ready`, up to `prefetch` of them, and go first when
-a slot frees.
+branches) for this worker; those wait (`park`), up to `prefetch` of them, and go first when a
+slot frees (`next_ready`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,18 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Ref = TypeVar("Ref", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting(Generic[Ref]):
+    """A token claimed for this worker, waiting for a slot."""
+
+    ref: Ref
+    claim_rev: int  # the claim's create revision: what releasing or committing it is fenced by
 
 
 class Slots(Generic[Ref]):
@@ -23,19 +32,28 @@ class Slots(Generic[Ref]):
         self.capacity = capacity
         self.prefetch = prefetch
         self.busy = 0
-        self.ready: collections.deque[tuple[Ref, int]] = collections.deque()  # (token, claim revision)
+        self._ready: collections.deque[Waiting[Ref]] = collections.deque()
         self.idle = asyncio.Event()
         self.idle.set()
 
     @property
     def free(self) -> int:
         """Slots to fill with new claims now (none while claimed tokens wait for one)."""
-        return 0 if self.ready else max(0, self.capacity - self.busy)
+        return 0 if self._ready else max(0, self.capacity - self.busy)
 
     @property
     def spare(self) -> int:
-        """New tokens a commit may claim for this worker: free slots and room in `ready`."""
-        return max(0, self.capacity - self.busy) + max(0, self.prefetch - len(self.ready))
+        """New tokens a commit may claim for this worker: free slots and room among those waiting."""
+        return max(0, self.capacity - self.busy) + max(0, self.prefetch - len(self._ready))
+
+    @property
+    def waiting(self) -> int:
+        """Claimed tokens waiting for a slot."""
+        return len(self._ready)
+
+    def holds(self, ref: Ref) -> bool:
+        """Whether `ref` waits here for a slot."""
+        return any(w.ref == ref for w in self._ready)
 
     def take(self, n: int = 1) -> None:
         self.busy += n
@@ -43,12 +61,22 @@ class Slots(Generic[Ref]):
 
     def give(self, n: int = 1) -> None:
         self.busy = max(0, self.busy - n)
-        if self.busy == 0 and not self.ready:
+        if self.busy == 0 and not self._ready:
             self.idle.set()
 
-    def next_ready(self) -> tuple[Ref, int] | None:
+    def park(self, ref: Ref, claim_rev: int) -> None:
+        """A claimed token that found no free slot: it waits for one."""
+        self._ready.append(Waiting(ref, claim_rev))
+
+    def next_ready(self) -> Waiting[Ref] | None:
         """A waiting claimed token to start, its slot taken; None when none waits or none is free."""
-        if self.ready and self.busy < self.capacity:
+        if self._ready and self.busy < self.capacity:
             self.take()
-            return self.ready.popleft()
+            return self._ready.popleft()
         return None
+
+    def drop_waiting(self) -> list[Waiting[Ref]]:
+        """Every waiting token, no longer waiting (their claims went with the lease)."""
+        dropped = list(self._ready)
+        self._ready.clear()
+        return dropped
