@@ -4,8 +4,8 @@ On etcd, every transition is a transaction, claimed and fenced, because many wor
 work and any of them may die. Inside one process none of that can happen: nothing outlives the
 process, nobody else takes a token. So the embedded engine keeps the instance in memory and
 drives it with the same pure parts the workers use: `transition.advance` (routing, forks and
-joins, merge, retries, catch, the loop guard) applied by the planner's `apply` and `bounded` (the
-record size limit), and the executors' `normalize` and `failure_of`. A tick-less state moves on
+joins, merge, retries, catch, the loop guard) applied by `dsm.step`'s `apply` and `bounded` (the
+record size limit), and `dsm.ticks`'s `normalize` and `failure_of`. A tick-less state moves on
 in the very next step, before any other tick starts, as a worker folds it into its commit.
 What it leaves out is I/O: a transition costs a tick and a pure step, not round trips.
 
@@ -31,11 +31,12 @@ from typing import Any
 from . import payloads, transition
 from .context import make_context
 from .errors import NotFound
+from .executors import Attempt, Executor, ThreadExecutor
 from .graph import Graph, State
 from .records import HistoryEntry, Instance, Token, new_id
+from .step import Arrival, apply, bounded
+from .ticks import TickCall, failure_of, normalize, report_failure
 from .transition import ChildResult, Failure, Outcome
-from .worker.executor import Attempt, Executor, ThreadExecutor, TickCall, failure_of, normalize, report_failure
-from .worker.planner import Arrival, apply, bounded
 
 log = logging.getLogger(__name__)
 

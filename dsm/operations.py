@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from . import index, logs, payloads, transition
+from .commits import wake_parent_ops
 from .definitions import Registry, register
 from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
@@ -36,7 +37,6 @@ from .records import (
     public_record,
 )
 from .store import Compare, Delete, Get, KeyValue, Put, Store, Txn, prefix_end
-from .worker.planner import wake_parent_ops
 from .workers import WorkerInfo, serving
 from .workers import live as live_workers
 

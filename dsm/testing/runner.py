@@ -1,7 +1,7 @@
 """`dsm test`: run a test file's cases embedded, deterministically, with time skipped.
 
 The driver keeps the instance in memory, as the embedded engine does, and moves it with the same
-pure parts (`transition`, the planner's `apply` and `bounded`, the executors' `normalize` and
+pure parts (`transition`, `dsm.step`'s `apply` and `bounded`, `dsm.ticks`'s `normalize` and
 `failure_of`), but nothing overlaps and no clock is waited on:
 
 - One tick at a time, on this thread (an `async def` handler is awaited here, on a loop of the
@@ -46,9 +46,9 @@ from ..engine import MAX_RECORD_BYTES
 from ..errors import InputError
 from ..graph import Graph, State
 from ..records import HistoryEntry, Instance, Token, public_record
+from ..step import Arrival, apply, bounded
+from ..ticks import failure_of, normalize
 from ..transition import ChildResult, Failure, Outcome
-from ..worker.executor import failure_of, normalize
-from ..worker.planner import Arrival, apply, bounded
 from .cases import Case, MockResult, Signal, TestFile, handler_key, load_test_file
 from .expect import differences, path_of
 

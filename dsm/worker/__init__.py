@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..definitions import Registry
+    from ..executors import Executor, ThreadExecutor
     from ..housekeeping import Housekeeper, HousekeepingOptions
     from ..store import Store
+    from ..ticks import TickCall
     from .core import SYNC, Worker, WorkerStats, default_worker_id
-    from .executor import Executor, ThreadExecutor, TickCall
 
 _WHERE = {"Housekeeper": "..housekeeping", "HousekeepingOptions": "..housekeeping", "SYNC": ".core",
-          "Worker": ".core", "WorkerStats": ".core", "default_worker_id": ".core", "Executor": ".executor",
-          "ThreadExecutor": ".executor", "TickCall": ".executor"}
+          "Worker": ".core", "WorkerStats": ".core", "default_worker_id": ".core", "Executor": "..executors",
+          "ThreadExecutor": "..executors", "TickCall": "..ticks"}
 
 
 def __getattr__(name: str) -> Any:

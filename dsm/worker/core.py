@@ -2,7 +2,7 @@
 
 It orchestrates parts that each own one thing: the lease (`lease.py`), the work feed and its
 candidate queue (`feed.py`, `queue.py`), slots (`slots.py`), the record cache (`cache.py`), the
-executor that runs handlers (`executor.py`, `isolation/`), the commit planner (`planner.py`,
+executor that runs handlers (`dsm.executors`, `isolation/`), the commit planner (`dsm.commits`,
 pure), its entry and heartbeat among live workers (`presence.py`) and the watch on the other
 workers' heartbeats (`peers.py`). Whether it works (`health()`) is judged from what its parts say
 of themselves (`health.py`, pure). What it keeps is the life of a job: a claim, attempts, commits,
@@ -29,25 +29,27 @@ from typing import Any
 
 from .. import logs, payloads, transition
 from ..batching import Batcher
+from ..commits import MAX_ARRIVALS, CommitPlan, commit_txn, plan_commit
 from ..definitions import Registry
 from ..errors import LeaseLost, NoSpace, NotFound, PartFailed, StoreError, StoreUnavailable
+from ..executors import Attempt, Executor, ThreadExecutor
 from ..graph import Graph
 from ..housekeeping import Housekeeper
 from ..keys import Keys, WorkInfo
 from ..markers import MAX_TXN_OPS, SYNC, reconcile, work_info
 from ..operations import Operations
 from ..records import RUNNING, Instance, Token, load_instance
+from ..step import Arrival, tick_call
 from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn, TxnRejected
+from ..ticks import report_failure
 from ..transition import ChildResult, Failure, Outcome, Step
 from .cache import RecordCache
-from .executor import Attempt, Executor, ThreadExecutor, TickCall, report_failure
 from .feed import TokenRef, WorkFeed
 from .health import Health, Signs, judge
 from .lease import LeaseKeeper, keys_under, release
 from .meter import Meter
 from .nospace import WriteGate
 from .peers import Peers
-from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
 from .presence import Presence
 from .queue import CandidateQueue
 from .slots import Slots
@@ -545,11 +547,7 @@ class Worker:
         if handler.func is None:
             return Outcome(failure=Failure("HandlerUnavailable", f"state {state.name!r}: handler {handler.ref!r} "
                                            "was not imported by this worker", retryable=True))
-        timeout = state.timeout
-        call = TickCall(handler=handler, payload=payloads.copy(inst.payload_of(token)), instance_id=inst.id,
-                        machine=inst.machine, state=state.name, attempt=token.attempt, branch=token.branch,
-                        visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
-                        payload_limit=self.payload_limit, worker=self.id)
+        call = tick_call(inst, token, state, now=self.wall(), payload_limit=self.payload_limit, worker=self.id)
         self.stats.ticks += 1
         started_at, started = self.wall(), self.clock()
         self.meter.tick_started(inst.machine)
