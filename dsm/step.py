@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import payloads, transition
+from .context import Context, make_context
 from .graph import Graph, State
 from .records import ErrorInfo, HistoryEntry, Instance, Token, dump_instance
 from .ticks import TickCall
-from .transition import Outcome
+from .transition import Failure, Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,19 @@ def tick_call(inst: Instance, token: Token, state: State, *, now: float, payload
                     deadline=_deadline(state, now), payload_limit=payload_limit, worker=worker)
 
 
+def tick_context(inst: Instance, token: Token, state: State, *, now: float, worker: str | None) -> Context:
+    """The `ctx` of `token`'s tick called right here, without a `TickCall` (the hot path of a
+    driver's inline tick); the same as an executor's `ticks.context_of(tick_call(...))`."""
+    return make_context(instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
+                        branch=token.branch, visit=token.visit, deadline=_deadline(state, now), worker=worker)
+
+
 def _deadline(state: State, now: float) -> float | None:
     return now + state.timeout if state.timeout else None
 
+
+def unavailable(state: State) -> Outcome:
+    """The outcome of a tick whose handler was not imported (it may be, where it is retried)."""
+    ref = state.tick.ref if state.tick else "?"
+    return Outcome(failure=Failure("HandlerUnavailable", f"state {state.name!r}: handler {ref!r} was not imported",
+                                   retryable=True))

@@ -101,9 +101,10 @@ def report_failure(logger: logging.Logger, call: TickCall, outcome: Outcome) -> 
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# Where handlers are called from: the executors' threads, a handler process, the event loop that
-# awaits an async handler. Their frames lead a traceback, not the user's.
-_CALLER_FILES = frozenset((os.path.join(_HERE, "executors.py"),))
+# Where handlers are called from: the executors' threads, the drivers' inline calls, a handler
+# process, the event loop that awaits an async handler. Their frames lead a traceback, not the user's.
+_CALLER_FILES = frozenset(os.path.join(_HERE, *name) for name in (("executors.py",), ("driver.py",),
+                                                                  ("testing", "runner.py")))
 _CALLER_DIRS = frozenset((os.path.join(_HERE, "worker", "isolation"),
                           os.path.dirname(os.path.abspath(asyncio.__file__))))
 
@@ -133,3 +134,7 @@ def context_of(call: TickCall) -> Context:
                         attempt=call.attempt, branch=call.branch, visit=call.visit, deadline=call.deadline,
                         worker=call.worker)
 
+
+def timed(outcome: Outcome, started_at: float, duration: float) -> Outcome:
+    """The outcome with when its attempt began and how long it ran (for the history)."""
+    return Outcome(outcome.payload, outcome.label, outcome.failure, started_at, duration)

@@ -1,7 +1,8 @@
 """Workers: processes (or, embedded, tasks of one process) that claim tokens, tick and commit.
 
 `Worker` orchestrates; its parts live beside it, one job each (see `core.py`). `running()` is
-the one way to run a worker in-process: the CLI, embedded runs, benchmarks and tests use it.
+the one way to run a worker in-process: the CLI, `dsm.Client.embedded`, benchmarks and tests use
+it. An embedded `dsm run` and `dsm test` run no worker (`dsm.driver`).
 
 The other names are imported on first use: a handler process imports `dsm.worker.isolation`,
 and must not pay for the worker, the store and the compiler each time one starts.
