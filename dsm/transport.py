@@ -26,9 +26,13 @@ from . import index
 from .definitions import MachineInfo, Registry, newest, register
 from .errors import InputError, NotFound
 from .graph import Graph
+from .housekeeping import HousekeepingOptions
+from .keys import Keys
 from .operations import Operations
 from .records import public_record
 from .store import Store
+from .store.memory import MemoryStore
+from .worker import running
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +206,6 @@ class EmbeddedTransport(StoreTransport):
 
     @classmethod
     async def open(cls, graphs: Sequence[Graph], *, workers: int = 4) -> EmbeddedTransport:
-        from .housekeeping import HousekeepingOptions
-        from .keys import Keys
-        from .store.memory import MemoryStore
-        from .worker import running
-
         store: Store = MemoryStore()
         keys = Keys()
         folders = tuple(dict.fromkeys(str(Path(g.file).resolve().parent) for g in graphs))
