@@ -124,7 +124,7 @@ class InstanceDriver:
 
     # -- a tick ----------------------------------------------------------------------------------
     def call_of(self, token: Token, state: State) -> TickCall:
-        return tick_call(self.inst, token, state, now=self.wall(), payload_limit=self.payload_limit,
+        return tick_call(self.inst, token, state, wall=self.wall, payload_limit=self.payload_limit,
                          worker=self.handler_worker)
 
     def call_here(self, token: Token, state: State) -> Outcome:
@@ -134,7 +134,7 @@ class InstanceDriver:
         if tick is None or tick.func is None:
             return unavailable(state)
         payload = payloads.copy(self.inst.payload_of(token))
-        ctx = tick_context(self.inst, token, state, now=self.wall(), worker=self.handler_worker)
+        ctx = tick_context(self.inst, token, state, wall=self.wall, worker=self.handler_worker)
         started_at, started = self.clock(), time.perf_counter()
         try:
             result = self.invoke(tick, payload, ctx)

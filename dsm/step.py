@@ -9,6 +9,7 @@ its transaction writes (`dsm.commits`); an in-memory driver keeps the new record
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import payloads, transition
@@ -64,25 +65,26 @@ def bounded(before: Instance, after: Instance, arrivals: list[Arrival], *, now: 
     return failed, dump_instance(failed), True
 
 
-def tick_call(inst: Instance, token: Token, state: State, *, now: float, payload_limit: int,
+def tick_call(inst: Instance, token: Token, state: State, *, wall: Callable[[], float], payload_limit: int,
               worker: str | None) -> TickCall:
     """The call of `token`'s tick, for an executor: its handler, a private copy of the payload, and
-    what `ctx` says (`now` is the wall-clock time its `ctx.deadline` counts from)."""
+    what `ctx` says (its `ctx.deadline` on the `wall` clock)."""
     return TickCall(handler=state.tick, payload=payloads.copy(inst.payload_of(token)),  # type: ignore[arg-type]
                     instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
                     branch=token.branch, visit=token.visit, timeout=state.timeout,
-                    deadline=_deadline(state, now), payload_limit=payload_limit, worker=worker)
+                    deadline=_deadline(state, wall), payload_limit=payload_limit, worker=worker)
 
 
-def tick_context(inst: Instance, token: Token, state: State, *, now: float, worker: str | None) -> Context:
+def tick_context(inst: Instance, token: Token, state: State, *, wall: Callable[[], float],
+                 worker: str | None) -> Context:
     """The `ctx` of `token`'s tick called right here, without a `TickCall` (the hot path of a
     driver's inline tick); the same as an executor's `ticks.context_of(tick_call(...))`."""
     return make_context(instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
-                        branch=token.branch, visit=token.visit, deadline=_deadline(state, now), worker=worker)
+                        branch=token.branch, visit=token.visit, deadline=_deadline(state, wall), worker=worker)
 
 
-def _deadline(state: State, now: float) -> float | None:
-    return now + state.timeout if state.timeout else None
+def _deadline(state: State, wall: Callable[[], float]) -> float | None:
+    return wall() + state.timeout if state.timeout else None
 
 
 def unavailable(state: State) -> Outcome:

@@ -547,7 +547,7 @@ class Worker:
         if handler.func is None:
             return Outcome(failure=Failure("HandlerUnavailable", f"state {state.name!r}: handler {handler.ref!r} "
                                            "was not imported by this worker", retryable=True))
-        call = tick_call(inst, token, state, now=self.wall(), payload_limit=self.payload_limit, worker=self.id)
+        call = tick_call(inst, token, state, wall=self.wall, payload_limit=self.payload_limit, worker=self.id)
         self.stats.ticks += 1
         started_at, started = self.wall(), self.clock()
         self.meter.tick_started(inst.machine)
