@@ -25,7 +25,7 @@ HANDLER = "bench.bench_handlers:noop"
 
 
 def tick(handler: Any, serial: int, timeout: float | None) -> Any:
-    from dsm.worker.executor import TickCall
+    from dsm.ticks import TickCall
 
     return TickCall(handler=handler, payload={"order": serial, "items": [1, 2, 3], "note": "bench"},
                     instance_id=f"i{serial}", machine="bench", state="work", attempt=1, branch=(), visit=1,
@@ -52,7 +52,7 @@ async def measure(executor: Any, ticks: int, in_flight: int, timeout: float | No
 
 
 async def run_one(kind: str, args: argparse.Namespace) -> float:
-    from dsm.worker.executor import ThreadExecutor
+    from dsm.executors import ThreadExecutor
     from dsm.worker.isolation import ProcessExecutor
 
     executor: Any = ThreadExecutor(args.size) if kind == "thread" else ProcessExecutor(args.size)

@@ -48,7 +48,7 @@ from .keys import MACHINE_NAME, Keys, check_instance_id, check_machine_name, che
 from .operations import Operations, check_ids
 from .records import MAX_REASON, STATUSES
 from .store import Store
-from .transport import OnHistory, OnUpdate, Record, StoreTransport, Transport
+from .transport import EmbeddedTransport, OnHistory, OnUpdate, Record, StoreTransport, Transport
 
 Definition = str | os.PathLike[str] | Graph
 Since = str | float | int | datetime | None
@@ -449,8 +449,6 @@ async def _open_api(url: str, token: str | None, timeout: float | None) -> Trans
 
 
 async def _open_embedded(graphs: builtins.list[Graph], workers: int) -> Transport:
-    from .transport import EmbeddedTransport
-
     return await EmbeddedTransport.open(graphs, workers=workers)
 
 

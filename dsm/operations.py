@@ -19,9 +19,11 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from . import index, logs, payloads, transition
+from .commits import wake_parent_ops
 from .definitions import Registry, register
 from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
 from .graph import Graph
+from .housekeeping import delete_children, deletion_txn
 from .idempotency import keep_input, same_start
 from .keys import Keys, check_instance_id, check_signal_name
 from .markers import MAX_TXN_OPS, reconcile, sync_marker, work_info
@@ -35,8 +37,8 @@ from .records import (
     new_id,
     public_record,
 )
+from .redrive import redrive
 from .store import Compare, Delete, Get, KeyValue, Put, Store, Txn, prefix_end
-from .worker.planner import wake_parent_ops
 from .workers import WorkerInfo, serving
 from .workers import live as live_workers
 
@@ -356,8 +358,6 @@ class Operations:
 
     async def redrive(self, instance_id: str) -> Instance:
         """Continue a failed or cancelled instance from the states that did not finish (`dsm.redrive`)."""
-        from .redrive import redrive
-
         check_instance_id(instance_id)
         return await redrive(self.store, self.keys, instance_id, now=self.wall())
 
@@ -385,8 +385,6 @@ class Operations:
         """Delete a finished instance now, as retention would: its record, history and index
         entries, in one transaction, after the children its call states started, and theirs
         (`housekeeping.delete_children`). A running instance is refused (cancel it first)."""
-        from .housekeeping import delete_children, deletion_txn
-
         check_instance_id(instance_id)
         key = self.keys.instance(instance_id)
         while True:

@@ -25,10 +25,13 @@ from . import handlers, index
 from .definitions import MachineInfo, Registry, newest
 from .errors import InputError, NotFound
 from .graph import Graph
+from .housekeeping import HousekeepingOptions
+from .keys import Keys
 from .operations import Operations
 from .records import public_record
 from .service import serving
 from .store import Store
+from .store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +205,6 @@ class EmbeddedTransport(StoreTransport):
 
     @classmethod
     async def open(cls, graphs: Sequence[Graph], *, workers: int = 4) -> EmbeddedTransport:
-        from .housekeeping import HousekeepingOptions
-        from .keys import Keys
-        from .store.memory import MemoryStore
-
         store: Store = MemoryStore()
         keys = Keys()
         transport = cls(Operations(store, keys), asyncio.Event())

@@ -26,7 +26,8 @@ from helpers import until_async
 from dsm import handlers
 from dsm.context import make_context
 from dsm.errors import AttemptAbandoned
-from dsm.worker.executor import ThreadExecutor, TickCall
+from dsm.executors import ThreadExecutor
+from dsm.ticks import TickCall
 from dsm.worker.isolation import _ABANDON, _CALL, _DROP, ProcessExecutor, _frame, _Server
 
 WAIT = 30.0  # how long a test waits for something that should happen soon before it fails
@@ -777,7 +778,7 @@ def test_children_end_when_the_worker_dies(mod: str, tmp_path: Path) -> None:
         import asyncio, os, sys, time
         sys.path.insert(0, {str(tmp_path)!r})
         from dsm import handlers
-        from dsm.worker.executor import TickCall
+        from dsm.ticks import TickCall
         from dsm.worker.isolation import ProcessExecutor
 
         def call(function, payload):

@@ -11,7 +11,7 @@ import pytest
 from dsm import handlers
 from dsm.context import Context
 from dsm.errors import AttemptAbandoned
-from dsm.worker.executor import TickCall, context_of
+from dsm.ticks import TickCall, context_of
 from dsm.worker.isolation.child import ChildContext, ChildOptions
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from dsm import handlers
+from dsm.ticks import TickCall
 from dsm.transition import Failure, Outcome
-from dsm.worker.executor import TickCall
 from dsm.worker.isolation.frames import (
     AbandonFrame,
     CallFrame,

@@ -10,13 +10,14 @@ from helpers import run_instances
 from test_worker_parts import KEYS, fan
 
 from dsm import compiler, index
+from dsm.commits import commit_txn, plan_commit
 from dsm.keys import Keys
 from dsm.markers import MAX_TXN_OPS
 from dsm.operations import Operations
 from dsm.records import DEFAULT_RETENTION, public_record
+from dsm.step import Arrival
 from dsm.store import Delete, Put, prefix_end
 from dsm.transition import Failure, Outcome, start
-from dsm.worker.planner import Arrival, commit_txn, plan_commit
 
 LINE = """
 machine: line

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 
 from dsm import compiler
+from dsm.commits import commit_txn, plan_commit
 from dsm.keys import Keys, WorkInfo
 from dsm.markers import MAX_TXN_OPS, SYNC, reconcile_txns
 from dsm.records import Token
+from dsm.step import Arrival
 from dsm.store import Delete, Put
 from dsm.store.memory import ManualClock
 from dsm.transition import Failure, Outcome, start
-from dsm.worker.planner import Arrival, commit_txn, plan_commit
 from dsm.worker.queue import CandidateQueue
 
 KEYS = Keys()
@@ -201,7 +202,7 @@ def test_a_handler_stopped_by_its_own_deadline_timed_out():
     AttemptAbandoned instead of TimeoutError (so `non_retryable: [TimeoutError]` and catch saw the
     wrong error). Unless the worker itself abandoned it, that is a timeout."""
     from dsm.graph import Handler
-    from dsm.worker.executor import TickCall, past_deadline
+    from dsm.ticks import TickCall, past_deadline
 
     call = TickCall(handler=Handler("m:f", "m", "f"), payload={}, instance_id="i", machine="m", state="s",
                     attempt=1, branch=(), visit=1, timeout=0.1, deadline=0.0, payload_limit=1 << 20)
@@ -281,9 +282,9 @@ states:
 def test_a_child_wakes_its_parent_only_while_the_parent_record_exists():
     """The wake-up is nested in the child's commit and fenced by the parent's record: a parent
     deleted meanwhile gets no marker back (and the child's own commit is not held up by it)."""
+    from dsm.commits import wake_parent_ops
     from dsm.records import SUCCEEDED, Parent, evolve
     from dsm.store import Compare, Txn
-    from dsm.worker.planner import wake_parent_ops
 
     keys = Keys("ns")
     graph = compiler.compile_text("machine: kid\nstart: done\nstates:\n  done:\n    terminal: true\n", "kid.yaml")

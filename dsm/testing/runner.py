@@ -1,8 +1,8 @@
 """`dsm test`: run a test file's cases embedded, deterministically, with time skipped.
 
-The driver keeps the instance in memory, as the embedded engine does, and moves it with the same
-pure parts (`transition`, the planner's `apply` and `bounded`, the executors' `normalize` and
-`failure_of`), but nothing overlaps and no clock is waited on:
+The instance is kept in memory and moved by the same driver as the embedded engine's
+(`dsm.driver.InstanceDriver`: the step, children, signals and handler calls), but nothing overlaps
+and no clock is waited on:
 
 - One tick at a time, on this thread (an `async def` handler is awaited here, on a loop of the
   case's own). Of the work that is due, a tick-less state moves on first, as a worker folds it
@@ -41,14 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import payloads, transition
-from ..context import make_context
-from ..engine import MAX_RECORD_BYTES
+from ..context import Context
+from ..driver import InstanceDriver
 from ..errors import InputError
-from ..graph import Graph, State
+from ..graph import Graph, Handler, State
 from ..records import HistoryEntry, Instance, Token, public_record
-from ..transition import ChildResult, Failure, Outcome
-from ..worker.executor import failure_of, normalize
-from ..worker.planner import Arrival, apply, bounded
+from ..step import Arrival
+from ..ticks import failure_of, normalize, timed
+from ..transition import Outcome
 from .cases import Case, MockResult, Signal, TestFile, handler_key, load_test_file
 from .expect import differences, path_of
 
@@ -170,35 +170,26 @@ class _Shared:
     steps: int = 0
     loop: asyncio.AbstractEventLoop | None = None
 
+    def clock(self) -> float:
+        return self.now
 
-class _Driver:
+
+class _Driver(InstanceDriver):
     """One case's instance, in memory, moved one step at a time on a virtual clock; the children its
     call states start are drivers too, sharing the case's clock, mocks and signals."""
 
-    def __init__(self, graph: Graph, case: Case, max_steps: int, *, parent: _Driver | None = None,
+    def __init__(self, graph: Graph, case: Case, max_steps: int, *, shared: _Shared | None = None,
                  inst: Instance | None = None):
-        self.graph = graph
-        self.case = case
-        self.max_steps = max_steps
-        self.parent = parent
-        self.children: dict[str, _Driver] = {}
-        self.shared: _Shared = parent.shared if parent is not None else _Shared(
+        self.shared = shared if shared is not None else _Shared(
             now=time.time(), limit=payloads.default_limit(),
             results={key: deque(mock.results) for key, mock in case.mocks.items()}, signals=deque(case.signals))
+        super().__init__(graph, inst if inst is not None else transition.start(
+            graph, case.instance_id, payloads.copy(dict(case.payload)), self.shared.now),
+            clock=self.shared.clock, worker=WORKER, payload_limit=self.shared.limit)
+        self.case = case
+        self.max_steps = max_steps
         self.results = self.shared.results
         self.calls = self.shared.calls
-        self.limit = self.shared.limit
-        self.inst = inst if inst is not None else transition.start(
-            graph, case.instance_id, payloads.copy(dict(case.payload)), self.now)
-        self.history: list[HistoryEntry] = []
-
-    @property
-    def now(self) -> float:
-        return self.shared.now
-
-    @now.setter
-    def now(self, value: float) -> None:
-        self.shared.now = value
 
     def run(self) -> str | None:
         """Drive the instance as far as it goes; return why the case broke, or None."""
@@ -216,20 +207,29 @@ class _Driver:
             if shared.steps > self.max_steps:
                 raise _Broken(f"the case did not finish within {self.max_steps} steps (still running at "
                               f"{', '.join(self.inst.active)}); a loop without a way out?")
-            token = self.next_due()
+            token = self.next_due(shared.now)
             if token is not None:
-                self.step(token, self.attempt(token, self.graph.states[token.state]))
+                self.step([Arrival(token, 0, self.attempt(token, self.graph.states[token.state]))], shared.now)
                 continue
             if self.deliver():
                 continue
-            later = [t.not_before for t in self.inst.tokens.values() if t.not_before > self.now and not t.parked]
-            if not later:
+            later = self.next_wake()
+            if later is None:
                 return  # nothing will ever be due: the instance waits (status running)
-            self.now = min(later)  # the time skipped
+            shared.now = later  # the time skipped
 
     def close(self) -> None:
         if self.shared.loop is not None:
             self.shared.loop.close()
+
+    # -- children: driven right there, to their end ------------------------------------------------
+    def spawn(self, graph: Graph, child: Instance) -> InstanceDriver:
+        return _Driver(graph, self.case, self.max_steps, shared=self.shared, inst=child)
+
+    def launch(self, child: InstanceDriver) -> None:
+        assert isinstance(child, _Driver)
+        child.drive()
+        self.child_ended(child)
 
     # -- signals -----------------------------------------------------------------------------
     def deliver(self) -> bool:
@@ -243,81 +243,21 @@ class _Driver:
             return False
         pending.remove(sig)
         try:
-            transition.check_signal(self.graph, self.inst, sig.name, sig.outcome)  # as a cluster refuses it
-            step = transition.signal(self.inst, sig.name, dict(sig.payload), outcome=sig.outcome, now=self.now)
+            self.signal(sig.name, dict(sig.payload), sig.outcome)  # as a cluster refuses it
         except InputError as exc:
             raise _Broken(f"signal {sig.name!r}: {exc}") from None
-        self.inst = step.instance
         return True
-
-    # -- choosing and applying ---------------------------------------------------------------
-    def next_due(self) -> Token | None:
-        due = [t for t in self.inst.tokens.values() if t.not_before <= self.now]
-        if not due:
-            return None
-        return min(due, key=lambda t: (self.graph.states[t.state].tick is not None, t.visit, _number(t.id)))
-
-    def step(self, token: Token, outcome: Outcome) -> None:
-        arrivals = [Arrival(token, 0, outcome)]
-        started: list[Instance] = []
-        after, history = apply(self.graph, self.inst, arrivals, now=self.now, worker=WORKER, started=started)
-        after, _, too_large = bounded(self.inst, after, arrivals, now=self.now, max_record_bytes=MAX_RECORD_BYTES,
-                                      serialize=False)
-        before, self.inst = self.inst, after
-        self.let_go(before)
-        if not too_large:
-            self.history.extend(history)
-            for child in started:
-                self.run_child(child)
-
-    def let_go(self, before: Instance) -> None:
-        """Cancel the children this instance let go of since `before` (a call timed out, the
-        instance ended), as their parent (`transition.released_children`)."""
-        for cid, reason in transition.released_children(before, self.inst, self.now):
-            child = self.children.get(cid)
-            if child is not None and not child.inst.finished:
-                was = child.inst
-                child.inst = transition.cancel(was, self.now, reason=reason,
-                                               by=transition.by_parent(self.inst.id)).instance
-                child.let_go(was)
-
-    def descendants(self) -> list[Instance]:
-        """The children this instance's call states started, and theirs, in the order they started."""
-        return [i for child in self.children.values() for i in (child.inst, *child.descendants())]
-
-    def run_child(self, child: Instance) -> None:
-        """Run a child a call state started, as far as it goes; when it ends, its parent's token is due."""
-        assert child.parent is not None
-        token = self.inst.tokens.get(child.parent.token)
-        if token is None or token.child != child.id:
-            return
-        state = self.graph.states[token.state]
-        assert state.call is not None and state.call.graph is not None
-        driver = _Driver(state.call.graph, self.case, self.max_steps, parent=self, inst=child)
-        self.children[child.id] = driver
-        driver.drive()
-        self.inst = transition.child_ended(self.inst, driver.inst)
 
     # -- one attempt -------------------------------------------------------------------------
     def attempt(self, token: Token, state: State) -> Outcome:
-        # `call` and `signal` states are landing in the language; the driver reads them by name so
-        # that it runs before and after they do. A `wait` state needs nothing of its own: its
-        # token's not_before is the timer, and a due wait moves on as a tick-less state does.
-        if state.call is not None:
-            return self.child(token)
+        # A `wait` state needs nothing of its own: its token's not_before is the timer, and a due
+        # wait moves on as a tick-less state does; so does a `call` state, with its child's result.
         if state.tick is None:
-            return Outcome()  # a tick-less state moves on
+            return self.tickless(token)
         key = handler_key(state.tick)
         if key in self.results:
             return self.mocked(key, token, state)
-        return self.call(token, state)
-
-    def child(self, token: Token) -> Outcome:
-        """A `call` state's token: none yet (the step starts one), or the child as it is now."""
-        if token.child is None:
-            return Outcome()
-        driver = self.children.get(token.child)
-        return Outcome(child=ChildResult.of(token.child, driver.inst if driver is not None else None))
+        return self.call_here(token, state)
 
     def mocked(self, key: str, token: Token, state: State) -> Outcome:
         self.calls[key] += 1
@@ -332,31 +272,15 @@ class _Driver:
         payload = payloads.copy(self.inst.payload_of(token))
         if result.kind == "raise":
             error = _exception(result.error or "Exception", result.message or f"raised by the mock of {mock.ref}")
-            return _at(Outcome(failure=failure_of(error)), self.now, 0.0)
-        return _at(normalize(_returned(result, payload), payload, state.name, self.limit), self.now, 0.0)
+            return timed(Outcome(failure=failure_of(error)), self.shared.now, 0.0)
+        return timed(normalize(_returned(result, payload), payload, state.name, self.payload_limit),
+                     self.shared.now, 0.0)
 
-    def call(self, token: Token, state: State) -> Outcome:
-        """The real handler, here and now."""
-        tick = state.tick
-        assert tick is not None
-        if tick.func is None:
-            return Outcome(failure=Failure("HandlerUnavailable", f"state {state.name!r}: handler {tick.ref!r} was "
-                                           "not imported", retryable=True))
-        inst = self.inst
-        payload = payloads.copy(inst.payload_of(token))
-        ctx = make_context(instance_id=inst.id, machine=inst.machine, state=state.name, attempt=token.attempt,
-                           branch=token.branch, visit=token.visit,
-                           deadline=time.time() + state.timeout if state.timeout else None)
-        started = time.perf_counter()
-        try:
-            result = tick.func(payload, ctx)
-            if tick.is_async or asyncio.iscoroutine(result):
-                result = self.wait(result)
-        except (Exception, SystemExit, asyncio.CancelledError) as exc:
-            outcome = Outcome(failure=failure_of(exc))
-        else:
-            outcome = normalize(result, payload, state.name, self.limit)
-        return _at(outcome, self.now, time.perf_counter() - started)
+    def invoke(self, tick: Handler, payload: dict[str, Any], ctx: Context) -> Any:
+        result = super().invoke(tick, payload, ctx)
+        if tick.is_async or asyncio.iscoroutine(result):
+            result = self.wait(result)
+        return result
 
     def wait(self, coro: Any) -> Any:
         """Await an async handler on this thread; inside a running event loop (a test that is a
@@ -382,10 +306,6 @@ def _returned(result: MockResult, payload: dict[str, Any]) -> Any:
     return value
 
 
-def _at(outcome: Outcome, started_at: float, duration: float) -> Outcome:
-    return Outcome(outcome.payload, outcome.label, outcome.failure, started_at, duration)
-
-
 @cache
 def _error_class(name: str) -> type[Exception]:
     """The exception class a mock raises: the builtin of that name, or a new one (one per name)."""
@@ -401,11 +321,6 @@ def _exception(name: str, message: str) -> Exception:
         return cls(message)
     except Exception:  # a builtin that wants other arguments (UnicodeDecodeError): its name, our message
         return type(name, (cls,), {"__init__": Exception.__init__, "__str__": Exception.__str__})(message)
-
-
-def _number(token_id: str) -> int:
-    digits = token_id.lstrip("t")
-    return int(digits) if digits.isdigit() else 0
 
 
 def _ordinal(n: int) -> str:

@@ -2,8 +2,8 @@
 
 `Worker` orchestrates; its parts live beside it, one job each (see `core.py`). `running()` runs
 a worker in-process for the duration of a block; `dsm.service.serving` wires one over it (the
-definitions served, their registry, where handlers run), for the CLI, embedded runs, benchmarks
-and tests.
+definitions served, their registry, where handlers run), for the CLI, `dsm.Client.embedded`,
+benchmarks and tests. An embedded `dsm run` and `dsm test` run no worker (`dsm.driver`).
 
 The other names are imported on first use: a handler process imports `dsm.worker.isolation`,
 and must not pay for the worker, the store and the compiler each time one starts.
@@ -19,16 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..definitions import Registry
+    from ..executors import Executor, ThreadExecutor
     from ..housekeeping import Housekeeper, HousekeepingOptions
     from ..store import Store
+    from ..ticks import TickCall
     from .config import WorkerConfig
     from .core import SYNC, Worker, default_worker_id
-    from .executor import Executor, ThreadExecutor, TickCall
     from .stats import WorkerStats
 
 _WHERE = {"Housekeeper": "..housekeeping", "HousekeepingOptions": "..housekeeping", "SYNC": ".core",
           "Worker": ".core", "WorkerConfig": ".config", "WorkerStats": ".stats", "default_worker_id": ".core",
-          "Executor": ".executor", "ThreadExecutor": ".executor", "TickCall": ".executor"}
+          "Executor": "..executors", "ThreadExecutor": "..executors", "TickCall": "..ticks"}
 
 
 def __getattr__(name: str) -> Any:

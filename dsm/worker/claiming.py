@@ -2,7 +2,7 @@
 claim under that lease either has a job here or is given back.
 
 `Claimer` is the worker's dispatcher: it fills free slots with claims and hands each claim won
-to the tick runner (`ticks.py`); its audit gives back the claims under our lease that nothing
+to the job runner (`jobrunner.py`); its audit gives back the claims under our lease that nothing
 here uses (a claim or a commit applied after its answer was lost). What a claim is in the store
 is `claims.py`'s.
 """
@@ -22,13 +22,13 @@ from .cache import RecordCache
 from .claims import Claims, says_due_now
 from .config import WorkerConfig
 from .feed import WorkFeed
+from .jobrunner import JobRunner
 from .lease import LeaseKeeper
 from .meter import Meter
 from .nospace import WriteGate
 from .queue import CandidateQueue
 from .slots import Slots
 from .stats import WorkerStats
-from .ticks import TickRunner
 
 log = logging.getLogger("dsm.worker")
 
@@ -36,7 +36,7 @@ log = logging.getLogger("dsm.worker")
 class Claimer:
     """Fills free slots with claims (`dispatch`) and gives back claims nothing here uses (`audit`)."""
 
-    def __init__(self, store: Store, claims: Claims, runner: TickRunner, *, config: WorkerConfig, name: str,
+    def __init__(self, store: Store, claims: Claims, runner: JobRunner, *, config: WorkerConfig, name: str,
                  queue: CandidateQueue[TokenRef], slots: Slots[TokenRef], feed: WorkFeed, gate: WriteGate,
                  lease: LeaseKeeper, records: RecordCache, meter: Meter, stats: WorkerStats,
                  clock: Callable[[], float] = time.monotonic):

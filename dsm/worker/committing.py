@@ -2,7 +2,7 @@
 
 One committer per instance at a time: outcomes that arrive while a commit of their instance is in
 flight go together in the next one (branches arriving at a join cost one round trip, not one
-each). What to commit is decided by `planner.py` (pure); this part reads the children a call
+each). What to commit is decided by `dsm.commits` (pure); this part reads the children a call
 state waits for (their revisions fence the commit), sends the transaction, and settles each
 outcome's waiter: whether its job's token moved on and is still ours to run. When a commit's
 answer is lost, it re-reads and never blindly repeats (`settle_doubt`).
@@ -20,11 +20,13 @@ from typing import Any
 
 from .. import logs, transition
 from ..batching import Batcher
+from ..commits import MAX_ARRIVALS, CommitPlan, commit_txn, plan_commit
 from ..errors import LeaseLost, NoSpace, StoreUnavailable
 from ..graph import Graph
 from ..keys import Keys, TokenRef
 from ..operations import Operations
 from ..records import RUNNING, Instance, Token, load_instance
+from ..step import Arrival
 from ..store import Compare, Get, KeyValue, Store, TxnRejected
 from ..transition import ChildResult, Failure, Outcome, Step
 from .cache import RecordCache
@@ -34,7 +36,6 @@ from .jobs import Job
 from .lease import LeaseKeeper
 from .meter import Meter
 from .nospace import WriteGate
-from .planner import MAX_ARRIVALS, Arrival, CommitPlan, commit_txn, plan_commit
 from .slots import Slots
 from .stats import WorkerStats
 

@@ -3,11 +3,11 @@
 `Worker` is a facade: it builds parts that each own one thing, starts them and stops them. The
 lease (`lease.py`), the work feed and its candidate queue (`feed.py`, `queue.py`), slots
 (`slots.py`), the record cache (`cache.py`), what it admits (`admission.py`), the claims and their
-audit (`claims.py`, `claiming.py`), the jobs that run ticks on the executor (`ticks.py`,
-`executor.py`, `isolation/`), the committer (`committing.py`, over the pure `planner.py`), its
-entry and heartbeat among live workers (`presence.py`) and the watch on the other workers'
-heartbeats (`peers.py`). Whether it works (`health()`) is judged from what its parts say of
-themselves (`health.py`, pure). Its options are one typed value (`WorkerConfig`).
+audit (`claims.py`, `claiming.py`), the jobs that run ticks on the executor (`jobrunner.py`,
+`jobs.py`, `dsm.executors`, `isolation/`), the committer (`committing.py`, over the pure
+`dsm.commits`), its entry and heartbeat among live workers (`presence.py`) and the watch on the
+other workers' heartbeats (`peers.py`). Whether it works (`health()`) is judged from what its
+parts say of themselves (`health.py`, pure). Its options are one typed value (`WorkerConfig`).
 
 Every commit is one transaction (batched with other instances' commits) that compares the
 record's mod revision and the claims' create revisions, so a worker that lost its lease, paused
@@ -31,6 +31,7 @@ from typing import Any
 from .. import payloads
 from ..definitions import Registry
 from ..errors import PartFailed
+from ..executors import Executor, ThreadExecutor
 from ..housekeeping import Housekeeper
 from ..keys import Keys, TokenRef
 from ..markers import SYNC
@@ -42,9 +43,9 @@ from .claiming import Claimer
 from .claims import Claims
 from .committing import Committer, HandOn
 from .config import WorkerConfig
-from .executor import Executor, ThreadExecutor
 from .feed import WorkFeed
 from .health import Health, Signs, judge
+from .jobrunner import JobRunner
 from .jobs import JobTable
 from .lease import LeaseKeeper, release
 from .meter import Meter
@@ -54,7 +55,6 @@ from .presence import Presence
 from .queue import CandidateQueue
 from .slots import Slots
 from .stats import WorkerStats
-from .ticks import TickRunner
 
 log = logging.getLogger("dsm.worker")
 STOP_WAIT = 5.0  # seconds a stopping worker waits for its parts' tasks to end
@@ -108,7 +108,7 @@ class Worker:
                              meter=self.meter, stats=self.stats, wall=wall, clock=clock, on_commit=on_commit)
 
         limit = config.payload_limit if config.payload_limit is not None else payloads.default_limit()
-        self.runner = TickRunner(store, keys, registry, self.executor, self.claims, name=name, commits=committer,
+        self.runner = JobRunner(store, keys, registry, self.executor, self.claims, name=name, commits=committer,
                                  jobs=self.jobs, admission=self.admission, records=self.records, slots=self.slots,
                                  queue=self.queue, wake=self.feed.changed, meter=self.meter, stats=self.stats,
                                  payload_limit=limit, wall=wall, clock=clock)

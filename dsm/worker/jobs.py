@@ -1,6 +1,6 @@
 """The jobs of a worker: each claimed token being worked on here, by the token it holds.
 
-The tick runner (`ticks.py`) adds and ends jobs; the other parts only ask: whether a token has a
+The job runner (`jobrunner.py`) adds and ends jobs; the other parts only ask: whether a token has a
 job here (a claim of ours with none is given back), and tell the job holding a token that its
 attempt no longer counts.
 """
@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..executors import Attempt
 from ..keys import TokenRef
-from .executor import Attempt
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Job:
     claim_rev: int
     attempt: Attempt | None = None
     task: asyncio.Task | None = None
-    woken: bool = False  # claimed through a marker that said "due now" (`TickRunner.stale_wake`)
+    woken: bool = False  # claimed through a marker that said "due now" (`JobRunner.stale_wake`)
 
     def abandon(self, reason: str) -> None:
         """The running attempt, if any, no longer counts."""

@@ -85,9 +85,8 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
                         progress: Progress, instance_id: str | None = None) -> tuple[dict[str, Any], bool]:
     """(the record, whether --timeout passed first) of one instance run in this process."""
     from dsm import embedded
-    from dsm.engine import Engine
 
-    logs.current.worker = Engine.worker_id  # the name the history gives to the worker of an embedded run
+    logs.current.worker = embedded.Engine.worker_id  # the name the history gives to the worker of an embedded run
     if limit is not None:
         # Once --timeout passes, the instance ends with the process. What the embedded worker logs
         # as it stops (ticks still running, claims released) is then nothing for the user to act on.

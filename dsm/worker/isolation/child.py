@@ -42,8 +42,8 @@ from ... import logs
 from ...context import Context, idempotency_key
 from ...graph import Handler
 from ...handlers import HandlerImportError, import_module, resolve
+from ...ticks import TickCall, failure_of, normalize
 from ...transition import Failure, Outcome
-from ..executor import TickCall, failure_of, normalize
 from . import frames
 from .forks import FORK_GRACE, ForkGuard
 from .frames import READ_SIZE, AbandonFrame, CallFrame, ReadyFrame, ResultFrame
@@ -91,7 +91,7 @@ class ChildContext(Context):
 
     @classmethod
     def of(cls, call: TickCall, poll: Callable[[], None]) -> ChildContext:
-        """What `dsm.worker.executor.context_of` says of `call`, its heartbeat calling `poll` first."""
+        """What `dsm.ticks.context_of` says of `call`, its heartbeat calling `poll` first."""
         return cls(instance_id=call.instance_id, machine=call.machine, state=call.state, attempt=call.attempt,
                    branch=call.branch, idempotency_key=idempotency_key(call.instance_id, call.visit),
                    deadline=call.deadline, _worker=call.worker, _poll=poll)

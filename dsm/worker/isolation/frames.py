@@ -43,8 +43,8 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 
 from ... import codec
 from ...graph import Handler
+from ...ticks import TickCall
 from ...transition import Failure, Outcome
-from ..executor import TickCall
 
 LENGTH_SIZE = 4  # bytes of the length before each body
 READ_SIZE = 1 << 16  # bytes read from a pipe at once

@@ -1,6 +1,6 @@
 """The worker's side of handler processes: start them, hand them calls, kill them at timeouts, reap them.
 
-`ProcessExecutor` is the executor (`dsm.worker.executor.Executor`) the worker uses with
+`ProcessExecutor` is the executor (`dsm.executors.Executor`) the worker uses with
 `--isolation process`. It keeps up to one child process per slot; each is a `ChildProcess`: the
 parent's end of its pipes, non-blocking and watched by the event loop (`add_reader`), so the loop
 never blocks on a child. Which child a call goes to, and how many children run, is the pacing's
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from ... import logs
+from ...ticks import TickCall, past_deadline, timed_out
 from ...transition import Failure, Outcome
-from ..executor import TickCall, past_deadline, timed_out
 from . import frames
 from .child import BOOT, ChildOptions
 from .frames import READ_SIZE, AbandonFrame, CallFrame, DropFrame, FrameError, ReadyFrame

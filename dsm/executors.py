@@ -1,7 +1,7 @@
-"""Where tick handlers run, and how what they return becomes an `Outcome`.
+"""Where tick handlers run.
 
-An executor takes a `TickCall` and gives back an `Attempt`: a handle the worker awaits for the
-outcome and can abandon (the token was cancelled, the claim lost). Whatever the handler does,
+An executor takes a `TickCall` and gives back an `Attempt`: a handle the worker (or the embedded
+engine) awaits for the outcome and can abandon (the token was cancelled, the claim lost). Whatever the handler does,
 the attempt ends by its timeout: the executor, not the handler, keeps that promise.
 
 `ThreadExecutor` runs handlers in this process: one thread per slot, each with its own event
@@ -12,46 +12,20 @@ took it is never run. What threads cannot give is protection from a handler that
 (a C extension, a catastrophic regex): `dsm.worker.isolation.ProcessExecutor` runs handlers in
 child processes for that.
 
-The pure parts, `normalize` and `failure_of`, are shared by every executor.
+What a handler's result or exception becomes (`normalize`, `failure_of`) is `dsm.ticks`'s, the
+same for every executor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import logging
-import os
 import queue
 import threading
-import traceback
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from .. import logs, payloads
-from ..context import Context, make_context
-from ..errors import AttemptAbandoned, HandlerError
-from ..graph import Handler
-from ..transition import Failure, Outcome
-
-TRACEBACK_LIMIT = 4096  # characters of a failed attempt's traceback that are kept
-
-
-@dataclass(frozen=True, slots=True)
-class TickCall:
-    """One attempt of one tick: the handler, a private copy of the payload, and what `ctx` says."""
-
-    handler: Handler
-    payload: dict[str, Any]
-    instance_id: str
-    machine: str
-    state: str
-    attempt: int
-    branch: tuple[str, ...]
-    visit: int
-    timeout: float | None
-    deadline: float | None  # wall-clock time, for ctx.deadline only
-    payload_limit: int
-    worker: str | None = None  # who runs it, for the lines ctx.logger writes
+from .ticks import TickCall, context_of, failure_of, normalize, past_deadline, timed_out
+from .transition import Outcome
 
 
 class Attempt(Protocol):
@@ -70,95 +44,6 @@ class Executor(Protocol):
     def close(self) -> None:
         """Stop taking calls; attempts still running end on their own, or (processes) are given a
         short grace and then stopped."""
-
-
-# -- pure parts ------------------------------------------------------------------------------------
-
-def normalize(result: Any, payload: dict[str, Any], state: str, limit: int) -> Outcome:
-    """What a handler returned -> an Outcome: a checked payload and maybe a label, or a failure."""
-    label: str | None = None
-    new: Any
-    if result is None:
-        new = payload
-    elif isinstance(result, dict):
-        new = result
-    elif isinstance(result, str):
-        label, new = result, payload
-    elif (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
-          and isinstance(result[1], dict)):
-        label, new = result
-    else:
-        return Outcome(failure=Failure("InvalidResult", f"state {state!r}: the handler returned "
-                                       f"{type(result).__name__}; expected None, a dict, an outcome label "
-                                       "(str) or a (label, dict) pair", retryable=False))
-    try:
-        checked, _ = payloads.check(new, limit=limit)
-    except payloads.PayloadError as exc:
-        return Outcome(failure=Failure(exc.kind, f"state {state!r}: {exc}", retryable=False))
-    return Outcome(payload=checked, label=label)
-
-
-def failure_of(exc: BaseException) -> Failure:
-    """An exception raised by a handler -> the Failure recorded for its attempt."""
-    tb = format_traceback(exc)
-    if isinstance(exc, HandlerError):
-        return Failure(exc.type_name, str(exc), retryable=exc.retryable, traceback=tb)
-    if isinstance(exc, AttemptAbandoned):
-        return Failure("AttemptAbandoned", str(exc), retryable=True)
-    bases = tuple(c.__name__ for c in type(exc).__mro__[1:] if c not in (object, BaseException))
-    message = str(exc) or repr(exc)
-    return Failure(type(exc).__name__, message, retryable=True, bases=bases, traceback=tb)
-
-
-def format_traceback(exc: BaseException) -> str:
-    """The traceback of a handler's exception, its last TRACEBACK_LIMIT characters."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and _ours(tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next  # the frames that called the handler are the worker's, not the user's
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return text[-TRACEBACK_LIMIT:]
-
-
-def report_failure(logger: logging.Logger, call: TickCall, outcome: Outcome) -> bool:
-    """Log a failed attempt (its traceback at debug level); an abandoned one is nobody's news."""
-    failure = outcome.failure
-    if failure is None or failure.type == "AttemptAbandoned":
-        return False
-    about = logs.about(call.instance_id, call.machine, call.state, call.attempt, call.worker)
-    logger.warning("tick failed: %s: %s", failure.type, failure.message, extra=about)
-    if failure.traceback and logger.isEnabledFor(logging.DEBUG):
-        logger.debug("%s", failure.traceback, extra=about)
-    return True
-
-
-_CALLERS = (os.path.dirname(os.path.abspath(__file__)),
-            os.path.join(os.path.dirname(os.path.abspath(__file__)), "isolation"),  # handler processes
-            os.path.dirname(os.path.abspath(asyncio.__file__)))
-
-
-def _ours(filename: str) -> bool:
-    """A frame of the worker (or of a handler process), or of the event loop that awaits an async handler."""
-    return os.path.dirname(os.path.abspath(filename)) in _CALLERS
-
-
-def timed_out(call: TickCall) -> Outcome:
-    return Outcome(failure=Failure("TimeoutError", f"state {call.state!r}: attempt {call.attempt} timed out after "
-                                   f"{call.timeout:g}s", retryable=True, bases=("Exception",)))
-
-
-def past_deadline(call: TickCall, outcome: Outcome, abandoned: bool) -> Outcome:
-    """A handler that stopped because `ctx.heartbeat()` said its deadline had passed timed out:
-    its attempt fails as one that ran over (TimeoutError), whichever noticed first."""
-    failure = outcome.failure
-    if failure is not None and failure.type == "AttemptAbandoned" and call.timeout and not abandoned:
-        return timed_out(call)
-    return outcome
-
-
-def context_of(call: TickCall) -> Context:
-    return make_context(instance_id=call.instance_id, machine=call.machine, state=call.state,
-                        attempt=call.attempt, branch=call.branch, visit=call.visit, deadline=call.deadline,
-                        worker=call.worker)
 
 
 # -- threads -----------------------------------------------------------------------------------------

@@ -16,20 +16,22 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from .. import logs, payloads
+from .. import logs
 from ..definitions import Registry
 from ..errors import NotFound, StoreError
+from ..executors import Executor
 from ..graph import Graph
 from ..keys import Keys, TokenRef
 from ..markers import work_info
 from ..records import Instance, Token
+from ..step import tick_call
 from ..store import Compare, Delete, Get, Put, Store, Txn
+from ..ticks import report_failure
 from ..transition import Failure, Outcome
 from .admission import Admission
 from .cache import RecordCache
 from .claims import Claims
 from .committing import Committer, HandOn
-from .executor import Executor, TickCall, report_failure
 from .jobs import Job, JobTable
 from .meter import Meter
 from .queue import CandidateQueue
@@ -39,7 +41,7 @@ from .stats import WorkerStats
 log = logging.getLogger("dsm.worker")
 
 
-class TickRunner:
+class JobRunner:
     """Owns the worker's jobs (`jobs`) and the committer they commit through (`committer`)."""
 
     def __init__(self, store: Store, keys: Keys, registry: Registry, executor: Executor, claims: Claims, *,
@@ -171,11 +173,7 @@ class TickRunner:
         if handler.func is None:
             return Outcome(failure=Failure("HandlerUnavailable", f"state {state.name!r}: handler {handler.ref!r} "
                                            "was not imported by this worker", retryable=True))
-        timeout = state.timeout
-        call = TickCall(handler=handler, payload=payloads.copy(inst.payload_of(token)), instance_id=inst.id,
-                        machine=inst.machine, state=state.name, attempt=token.attempt, branch=token.branch,
-                        visit=token.visit, timeout=timeout, deadline=self.wall() + timeout if timeout else None,
-                        payload_limit=self.payload_limit, worker=self.name)
+        call = tick_call(inst, token, state, wall=self.wall, payload_limit=self.payload_limit, worker=self.name)
         self.stats.ticks += 1
         started_at, started = self.wall(), self.clock()
         self.meter.tick_started(inst.machine)

@@ -1,6 +1,7 @@
-"""What a commit writes, decided without I/O: `plan_commit`, then `commit_txn` and `reconcile_txns`.
+"""What a worker's commit writes, decided without I/O: `plan_commit`, then `commit_txn`.
 
-A commit applies the outcomes of one instance's finished attempts (folded into one step), runs
+A commit applies the outcomes of one instance's finished attempts (folded into one step,
+`dsm.step`), runs
 the tick-less states that follow right away, and claims the next tokens this worker will run.
 All of it is one transaction, and a transaction is bounded: etcd refuses more than 128
 operations (`--max-txn-ops`), and the memory store models that. The record is always written
@@ -16,26 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import index, transition
-from ..graph import Graph
-from ..keys import Keys, WorkInfo
-from ..markers import MAX_TXN_OPS, sync_marker, work_info
-from ..records import ErrorInfo, HistoryEntry, Instance, Token, dump_history, dump_instance
-from ..store import Compare, Delete, Op, Put, Txn
-from ..transition import Outcome
+from . import index, transition
+from .graph import Graph
+from .keys import Keys, WorkInfo
+from .markers import MAX_TXN_OPS, sync_marker, work_info
+from .records import HistoryEntry, Instance, Token, dump_history, dump_instance
+from .step import Arrival, apply, bounded
+from .store import Compare, Delete, Op, Put, Txn
+from .transition import Outcome
 
 MAX_ARRIVALS = 60  # outcomes folded into one commit (each adds a compare)
 MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain continues in the next
 CHILD_OPS = 8  # operations creating one child takes, at most (its record, entries and marker)
-
-
-@dataclass(frozen=True, slots=True)
-class Arrival:
-    """An attempt's outcome for a token this worker holds a claim on."""
-
-    token: Token  # the token as the attempt saw it
-    claim_rev: int
-    outcome: Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,42 +114,6 @@ def _rewritten(before: Instance, after: Instance, arrivals: list[Arrival]) -> li
 def _creation_ops(child: Instance) -> int:
     """Operations creating a child instance takes: its record, its entries and its markers."""
     return 1 + len(index.created_ops(Keys(), child)) + len(child.tokens)
-
-
-def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float,
-          worker: str, started: list[Instance] | None = None) -> tuple[Instance, list[HistoryEntry]]:
-    """The arrivals' outcomes, one transition each; stale ones (their token moved on or went away)
-    change nothing. Child instances the steps start are added to `started`."""
-    after = before
-    history: list[HistoryEntry] = []
-    for a in arrivals:
-        current = after.tokens.get(a.token.id)
-        if current is None or current.visit != a.token.visit or current.attempt != a.token.attempt:
-            continue
-        step = transition.advance(graph, after, a.token.id, a.outcome, now=now, worker=worker)
-        after = step.instance
-        history.extend(step.history)
-        if started is not None:
-            started.extend(step.started)
-    return after, history
-
-
-def bounded(before: Instance, after: Instance, arrivals: list[Arrival], *, now: float, max_record_bytes: int,
-            serialize: bool = True) -> tuple[Instance, bytes, bool]:
-    """`after`, unless its record would be larger than the store takes: then `before` failed with
-    PayloadTooLarge. Returns the instance, its record (empty when not `serialize`d and there was
-    nothing to size: only branch payloads together can outgrow the limit each payload is held to)
-    and whether it was too large."""
-    sized = serialize or bool(after.activations) or any(t.payload is not None for t in after.tokens.values())
-    record = dump_instance(after) if sized else b""
-    if len(record) <= max_record_bytes:
-        return after, record, False
-    token = arrivals[0].token
-    error = ErrorInfo(type="PayloadTooLarge", message=f"state {token.state!r}: the instance record would be "
-                      f"{len(record)} bytes (its live payloads together); the store accepts {max_record_bytes}",
-                      state=token.state, attempts=token.attempt)
-    failed = transition.fail(before, error, now).instance
-    return failed, dump_instance(failed), True
 
 
 def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], history: list[HistoryEntry],
