@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .membership import WorkerInfo
 from .records import Instance
-from .workers import WorkerInfo
 
 LABEL = 13  # width of the field names
 

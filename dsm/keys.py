@@ -20,7 +20,7 @@
     /<ns>/exp/<expires>/<id>            expiry index: a finished instance, by when retention deletes it;
                                         value {machine, status, created, transitions}
     /<ns>/housekeeper                   the housekeeping election: the holder's name, under its lease
-    /<ns>/workers/<worker id>           a live worker's entry and heartbeat, under its lease (`workers.py`)
+    /<ns>/workers/<worker id>           a live worker's entry and heartbeat, under its lease (`membership.py`)
     /<ns>/meta/indexed                  present once every record of the namespace has its index entries
                                         (records written before the index existed are indexed once)
 

@@ -27,6 +27,8 @@ from .housekeeping import delete_children, deletion_txn
 from .idempotency import keep_input, same_start
 from .keys import Keys, check_instance_id, check_signal_name
 from .markers import MAX_TXN_OPS, reconcile, sync_marker, work_info
+from .membership import WorkerInfo, serving
+from .membership import live as live_workers
 from .records import (
     STATUSES,
     HistoryEntry,
@@ -39,8 +41,6 @@ from .records import (
 )
 from .redrive import redrive
 from .store import Compare, Delete, Get, KeyValue, Put, Store, Txn, prefix_end
-from .workers import WorkerInfo, serving
-from .workers import live as live_workers
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from apiserver import ApiServer, finished, waits_for_signal
 from clitools import ROOT, dsm, spawn, stop
 
 from dsm import compiler
-from dsm.api import guard, openapi
+from dsm.api import access, openapi
 from dsm.api.app import create_app
 from dsm.operations import Operations
 from dsm.store.memory import MemoryStore
@@ -436,7 +436,7 @@ def test_only_the_hosts_allowed_are_answered(server):
     ("file://", "example.com", False),
 ])
 def test_same_origin(origin, host, same):
-    assert guard.same_origin(origin, host) is same
+    assert access.same_origin(origin, host) is same
 
 
 def test_security_headers_on_every_answer(server):

@@ -16,13 +16,13 @@ from dsm import compiler, handlers
 from dsm.definitions import Registry
 from dsm.errors import AccessDenied, LeaseLost
 from dsm.keys import Keys
+from dsm.membership import WorkerInfo, key
 from dsm.operations import Operations
 from dsm.records import SUCCEEDED
 from dsm.store import Compare, Put, prefix_end
 from dsm.worker import running
 from dsm.worker.lease import LeaseKeeper, release
 from dsm.worker.peers import Entry, Judge
-from dsm.workers import WorkerInfo, key
 
 LONG = """
 machine: long

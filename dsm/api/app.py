@@ -29,7 +29,7 @@ namespace does not hold it, as the API stores no definitions sent to it), and co
 without importing its handler modules: the API runs no handler code, ever.
 Every error answers `{"error": {"type", "message"}}`; input is checked before anything is
 written, and each write is one of the client's transactions, so a refused request writes nothing.
-Who may do what: `guard.py`.
+Who may do what: `access.py`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from ..records import CANCELLED, MAX_REASON, STATUSES
 from ..store import Store
 from ..transport import StoreTransport
 from . import events, openapi
-from .guard import Guard
+from .access import AccessCheck
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ def create_app(store: Store, keys: Keys | None = None, *, token: str | None = No
     api = Api(store, keys or Keys(), wall=wall, heartbeat=heartbeat, token_required=bool(token))
     served = routes(api, static)
     app = Starlette(routes=served,
-                    middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, routes=served)],
+                    middleware=[Middleware(AccessCheck, token=token, allowed_hosts=allowed_hosts, routes=served)],
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.api = api
     return app

@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable
 
 from ..errors import AccessDenied, LeaseLost, StoreError, StoreUnavailable
 from ..keys import Keys
+from ..membership import prefix as workers_prefix
 from ..store import Compare, Delete, Store, Txn, prefix_end
-from ..workers import prefix as workers_prefix
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from .. import codec
 from ..errors import StoreError
 from ..keys import Keys
+from ..membership import prefix
 from ..store import KeyValue, Store, prefix_end
-from ..workers import prefix
 from .lease import release
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The worker's entry in the namespace's list of live workers (`dsm.workers`): who it is, what it
+"""The worker's entry in the namespace's list of live workers (`dsm.membership`): who it is, what it
 serves, and its heartbeat.
 
 The entry is written under the worker's lease: first when a lease is new (`attach`, before the
@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 from ..definitions import Registry
 from ..errors import AccessDenied, LeaseLost, StoreError
 from ..keys import Keys
+from ..membership import Served, WorkerInfo, key
 from ..store import Put, Store
-from ..workers import Served, WorkerInfo, key
 from .lease import LeaseKeeper
 
 log = logging.getLogger(__name__)

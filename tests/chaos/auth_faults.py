@@ -66,12 +66,12 @@ from dsm import compiler
 from dsm.audit import audit
 from dsm.errors import StoreError
 from dsm.keys import Keys
+from dsm.membership import live
 from dsm.operations import Operations
 from dsm.records import SUCCEEDED, new_id
 from dsm.store import prefix_end
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.testing import free_port, make_cluster
-from dsm.workers import live
 
 RELAY = MACHINES / "relay.yaml"
 ROOT_USER = ("root", "root-Pw-3b8e1")

@@ -55,7 +55,7 @@ def api_command(paths: Annotated[list[Path] | None, typer.Argument(
 
     if not api_package.available():
         raise Fail(ExitCode.INVALID, api_package.MISSING)
-    from dsm.api.guard import LOOPBACK_NAMES, is_loopback
+    from dsm.api.access import LOOPBACK_NAMES, is_loopback
 
     token = os.environ.get("DSM_API_TOKEN") or None
     loopback = is_loopback(host)

@@ -1,4 +1,5 @@
-"""Live workers: each worker keeps a key under its lease saying who it is and what it serves.
+"""Membership: the live workers of a namespace. Each worker keeps a key under its lease saying who
+it is and what it serves.
 
     /<ns>/workers/<worker id>    {id, host, pid, definitions, allow, refused, concurrency, in_flight, ...}
 

@@ -21,7 +21,7 @@
   answer there needs.
 
 `refusal` decides, purely, from the method and headers (and whether a route takes the request);
-`Guard` is the ASGI middleware that asks it before anything else runs, so a refused request never
+`AccessCheck` is the ASGI middleware that asks it before anything else runs, so a refused request never
 reaches a route and writes nothing.
 """
 
@@ -121,7 +121,7 @@ def refusal(method: str, headers: Mapping[str, str], *, token: str | None,
     return None
 
 
-class Guard:
+class AccessCheck:
     """ASGI middleware: refuses what `refusal` refuses, adds the security headers to every answer.
     `routes`: the app's, to tell a request that reaches one (None: every request does)."""
 
