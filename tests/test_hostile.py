@@ -8,7 +8,7 @@ import string
 
 import pytest
 from clitools import dsm
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dsm import compile_text
@@ -39,12 +39,15 @@ DOCUMENT = st.fixed_dictionaries(
     optional={"max_transitions": SCALARS, "defaults": values(), "version": SCALARS})
 
 
+YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
 def assert_compiles_or_locates(text: str) -> None:
     try:
         graph = compile_text(text, "m.yaml", import_handlers=False)
     except DefinitionError as exc:
         assert exc.problems, "a DefinitionError must say what is wrong"
-        lines = text.count("\n") + 1
+        lines = len(YAML_LINE_BREAK.split(text))  # YAML breaks lines at \r and NEL too, as editors do
         for problem in exc.problems:
             assert LOCATED.match(str(problem)), str(problem)
             assert 1 <= problem.line <= lines + 1 and problem.col >= 1, str(problem)
@@ -107,6 +110,8 @@ def test_mutated_definitions_compile_or_fail_with_located_problems(data):
 
 
 @given(st.text(max_size=300))
+@example("\r\r\r\rx: [")  # lines broken as YAML breaks them: at a lone \r, NEL, U+2028 and U+2029
+@example("\x85\u2028\u2029x: [")
 @settings(max_examples=200, deadline=None)
 def test_arbitrary_text_never_crashes_the_compiler(text):
     assert_compiles_or_locates(text)
