@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     )
     from .graph import Graph
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _ERRORS = ("AccessDenied", "AttemptAbandoned", "DefinitionError", "DsmError", "HandlerError", "InputError",
            "InstanceExists", "InvalidSignal", "NotFound", "StoreError", "StoreUnavailable", "Timeout")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import codec, handlers
+from .definitions import Registry
 from .errors import NotFound
 from .keys import Keys
 from .records import timestamp
@@ -130,8 +131,6 @@ async def live(store: Store, keys: Keys) -> list[WorkerInfo]:
 async def modules_of(store: Store, keys: Keys, digest: str) -> tuple[str, ...] | None:
     """The handler modules a stored definition names (compiled without importing them); None when
     it is not stored, or does not compile."""
-    from .definitions import Registry
-
     try:  # the registry reads the machines it calls too, and checks every digest
         return (await Registry(store, keys, import_handlers=False).get(digest)).modules()
     except NotFound:

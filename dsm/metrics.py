@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import healthz, wsgi
+from .version import __version__
 from .worker.meter import Histogram
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ class WorkerCollector(Collector):
         self.worker = worker
 
     def collect(self) -> Iterable[Any]:
-        from . import __version__
-
         w, m = self.worker, self.worker.meter
         info = InfoMetricFamily("dsm_worker", "This worker: its id (as `dsm workers` lists it), namespace and "
                                 "dsm's version.")

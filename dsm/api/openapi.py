@@ -15,6 +15,7 @@ from typing import Any
 from ..graph import DIGEST
 from ..index import CURSOR, SINCE_DURATION
 from ..keys import INSTANCE_ID, MACHINE_NAME, SIGNAL_NAME
+from ..version import __version__
 from .events import MAX_REVISION
 
 
@@ -310,8 +311,6 @@ def _without_token(paths: dict[str, Any]) -> dict[str, Any]:
 def document(*, token_required: bool) -> dict[str, Any]:
     """The document of one app: `token_required` when it has a token (DSM_API_TOKEN), so that its
     actions ask for the bearer token only then."""
-    from .. import __version__
-
     if token_required:
         access = ("Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' (the API's DSM_API_TOKEN), and are "
                   "refused from other origins; reads need no token.")

@@ -39,9 +39,6 @@ from .nospace import WriteGate
 from .slots import Slots
 from .stats import WorkerStats
 
-if False:  # pragma: no cover - typing only, without an import cycle at run time
-    from .claiming import Claims
-
 log = logging.getLogger("dsm.worker")
 
 HandOn = Callable[[TokenRef, int], None]  # a token claimed for this worker, by its claim's create revision
