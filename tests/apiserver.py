@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
+from helpers import until
 
 from dsm.api.serve import bind, serve_api
 from dsm.graph import Graph
@@ -123,14 +123,15 @@ class ApiServer:
     def wait_for(self, instance_id: str, predicate: Callable[[dict[str, Any]], bool],
                  timeout: float = 60) -> dict[str, Any]:
         """The record once `predicate` holds for it (read again as it changes, up to `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        record: dict[str, Any] = {}
+
+        def reached() -> dict[str, Any] | None:
+            nonlocal record
             record = self.record(instance_id)
-            if predicate(record):
-                return record
-            if time.monotonic() > deadline:
-                raise AssertionError(f"instance {instance_id} never got there: {record}")
-            time.sleep(0.05)
+            return record if predicate(record) else None
+
+        return until(reached, lambda: f"instance {instance_id} to get there (last read: {record})", timeout=timeout,
+                     interval=0.05)
 
 
 def finished(record: dict[str, Any]) -> bool:

@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from clitools import spawn
+from helpers import until
 
 from dsm import compiler
 from dsm.audit import audit
@@ -40,19 +40,18 @@ async def snapshot(endpoints: str, namespace: str, **credentials: str) -> list[t
 
 def wait_all_finished(endpoints: str, namespace: str, expected: int, timeout: float = 120,
                       **credentials: str) -> list:
-    deadline = time.monotonic() + timeout
     last: list = []
-    while time.monotonic() < deadline:
-        try:
-            last = asyncio.run(snapshot(endpoints, namespace, **credentials))
-        except Exception:  # etcd may be restarting in the middle of a test
-            time.sleep(0.5)
-            continue
-        if len(last) >= expected and all(inst.status in FINISHED for inst, _ in last):
-            return last
-        time.sleep(0.3)
-    states = Counter(inst.status for inst, _ in last)
-    raise AssertionError(f"instances not finished after {timeout}s: {dict(states)} of {len(last)}")
+
+    def finished() -> list | None:
+        nonlocal last
+        last = asyncio.run(snapshot(endpoints, namespace, **credentials))
+        return last if len(last) >= expected and all(inst.status in FINISHED for inst, _ in last) else None
+
+    def seen() -> str:
+        return f"{expected} instances finished (seen: {dict(Counter(inst.status for inst, _ in last))} of {len(last)})"
+
+    # etcd may be restarting in the middle of a test: a failed read means "not yet"
+    return until(finished, seen, timeout=timeout, interval=0.3, retry_on=(Exception,))
 
 
 def leased_keys(endpoints: str, namespace: str) -> list[str]:

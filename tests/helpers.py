@@ -13,10 +13,11 @@ WAIT = 30.0  # how long a test waits for something that should happen (a slow sh
 POLL = 0.02  # how often it looks
 
 
-def until(check: Callable[[], Any], what: str = "the condition", *, timeout: float = WAIT,
+def until(check: Callable[[], Any], what: str | Callable[[], str] = "the condition", *, timeout: float = WAIT,
           interval: float = POLL, retry_on: tuple[type[BaseException], ...] = ()) -> Any:
     """Call `check()` until it returns something true, and return that; AssertionError naming
-    `what` once `timeout` passed. `retry_on`: exceptions that mean "not yet" (a page mid-render)."""
+    `what` once `timeout` passed (a function: called then, to say what was seen last). `retry_on`:
+    exceptions that mean "not yet" (a page mid-render)."""
     overdue = _overdue(timeout, what)
     while True:
         try:
@@ -28,8 +29,9 @@ def until(check: Callable[[], Any], what: str = "the condition", *, timeout: flo
         time.sleep(interval)
 
 
-async def until_async(check: Callable[[], Any], what: str = "the condition", *, timeout: float = WAIT,
-                      interval: float = POLL, retry_on: tuple[type[BaseException], ...] = ()) -> Any:
+async def until_async(check: Callable[[], Any], what: str | Callable[[], str] = "the condition", *,
+                      timeout: float = WAIT, interval: float = POLL,
+                      retry_on: tuple[type[BaseException], ...] = ()) -> Any:
     """`until` on the event loop: `check()` may be a plain function or a coroutine function."""
     overdue = _overdue(timeout, what)
     while True:
@@ -43,13 +45,13 @@ async def until_async(check: Callable[[], Any], what: str = "the condition", *, 
         await asyncio.sleep(interval)
 
 
-def _overdue(timeout: float, what: str) -> Callable[[], bool]:
+def _overdue(timeout: float, what: str | Callable[[], str]) -> Callable[[], bool]:
     """False until `timeout` has passed; then AssertionError naming `what`."""
     deadline = time.monotonic() + timeout
 
     def overdue() -> bool:
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
+            raise AssertionError(f"not within {timeout}s: {what() if callable(what) else what}")
         return False
 
     return overdue

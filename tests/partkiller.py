@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import until_async  # noqa: E402
 
 from dsm import cli  # noqa: E402
 from dsm.worker import core  # noqa: E402
@@ -20,15 +23,16 @@ original = core.Worker.run
 
 
 async def run(self: core.Worker, stop: asyncio.Event | None = None, *, grace: float = 30.0) -> None:
+    def serving() -> list[asyncio.Task]:
+        """The target tasks, once the worker serves with its entry among live workers."""
+        if not (self.lease.ready.is_set() and self.presence.written_at is not None):
+            return []
+        return [t for t in asyncio.all_tasks() if t.get_name().startswith(target) and not t.done()]
+
     async def strike() -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith(target) and not t.done()]
-            if tasks and self.lease.ready.is_set():
-                await asyncio.sleep(1.0)  # serving, with its entry among live workers
-                print(f"partkiller: cancelling {tasks[0].get_name()}", file=sys.stderr, flush=True)
-                tasks[0].cancel()
-                return
+        tasks = await until_async(serving, f"a task {target} of a serving worker", timeout=60)
+        print(f"partkiller: cancelling {tasks[0].get_name()}", file=sys.stderr, flush=True)
+        tasks[0].cancel()
 
     striking = asyncio.get_running_loop().create_task(strike())
     try:

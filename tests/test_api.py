@@ -15,6 +15,7 @@ import httpx
 import pytest
 from apiserver import ApiServer, finished, waits_for_signal
 from clitools import ROOT, dsm, spawn, stop
+from helpers import until
 
 from dsm import compiler
 from dsm.api import access, openapi
@@ -684,14 +685,9 @@ def test_dsm_api_in_memory_runs_the_definitions_given():
         with httpx.Client(base_url=url, timeout=30) as http:
             started = http.post("/api/machines/approval/instances", json={"payload": {"amount": 1}, "id": "m-1"})
             assert started.status_code == 201, started.text
-            deadline = time.monotonic() + 60
-            while not http.get("/api/instances/m-1").json()["waiting"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            until(lambda: http.get("/api/instances/m-1").json()["waiting"], "m-1 waits for its signal", timeout=60)
             assert http.post("/api/instances/m-1/signals/decision", json={"outcome": "approve"}).status_code == 202
-            while http.get("/api/instances/m-1").json()["status"] == "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            until(lambda: http.get("/api/instances/m-1").json()["status"] != "running", "m-1 ended", timeout=60)
             assert http.get("/api/instances/m-1").json()["state"] == "paid"
             assert http.get("/").status_code == 200
             rebound = http.get("/api/instances", headers={"host": "rebound.example"})

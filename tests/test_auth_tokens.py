@@ -11,8 +11,9 @@ import time
 import uuid
 
 import pytest
+from helpers import until
 
-from dsm.errors import AccessDenied
+from dsm.errors import AccessDenied, StoreError
 from dsm.store import Put
 from dsm.store.etcd import EtcdOptions, EtcdStore
 from dsm.testing import EtcdCluster, etcd_binary, etcdctl_binary, make_cluster
@@ -186,13 +187,22 @@ def test_workers_go_on_after_etcd_restarts_and_forgets_their_tokens(auth, write,
         finally:
             await store.close()
 
+    async def timers_waiting() -> bool:
+        store = await auth.store(ns, user, password)
+        try:
+            listed = await Operations(store, Keys(ns)).list()
+        finally:
+            await store.close()
+        return any(token.waits == "timer" for inst in listed for token in inst.tokens.values())
+
     try:
-        asyncio.run(submit(20))
         member = auth.cluster.members[0]
-        for _ in range(2):
-            time.sleep(2)  # paces the faults: work in flight, timers waiting
+        for _ in range(2):  # each fault with work in flight: instances waiting on their timers
+            asyncio.run(submit(10))
+            until(lambda: asyncio.run(timers_waiting()), "an instance waiting on its timer", timeout=60,
+                  interval=0.1, retry_on=(StoreError,))
             auth.cluster.kill_member(member)
-            time.sleep(2)
+            time.sleep(2)  # pacing: etcd stays down for two seconds, the workers' calls fail meanwhile
             auth.cluster.start_member(member, new=False)
             auth.cluster.wait_ready()
         asyncio.run(submit(20))

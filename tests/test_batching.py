@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import until_async
+
 from dsm.batching import Batcher
 from dsm.store import Compare, Get, Put, Txn
 from dsm.store.memory import MemoryStore
@@ -43,8 +45,7 @@ def test_stuck_batches_do_not_hold_up_later_ones():
         first = []
         for i in range(2):  # one at a time, so that both runners are stuck, each on its own batch
             first.append(asyncio.ensure_future(batcher.submit(put(f"/stuck/{i}"))))
-            while store.waiting <= i:
-                await asyncio.sleep(0)
+            await until_async(lambda i=i: store.waiting > i, f"batch {i} stuck in the store")
         later = [await asyncio.wait_for(batcher.submit(put(f"/later/{i}")), 30) for i in range(3)]
         held = not any(f.done() for f in first)
         store.release.set()

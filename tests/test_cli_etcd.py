@@ -7,10 +7,10 @@ import os
 import pty
 import re
 import subprocess
-import time
 
 import pytest
 from clitools import ROOT, dsm, dsm_command, dsm_env, spawn
+from helpers import until
 
 pytestmark = pytest.mark.etcd
 
@@ -196,13 +196,11 @@ def test_signal_from_the_command_line_and_run_with_local_workers_runs_the_child_
     nothing else); `dsm signal` lets the child go on; a signal to the finished instance is refused."""
     run = spawn("run", "definitions/onboarding.yaml", "--payload", '{"amount": 5}', "--workers", "2", "--json", *at)
     try:
-        child = None
-        deadline = time.monotonic() + 60
-        while child is None and time.monotonic() < deadline:
+        def waiting_child() -> str | None:
             listed = json.loads(dsm("list", "--machine", "approval", "--json", *at).stdout)
-            child = next((i["id"] for i in listed if i["waiting"] and i["waiting"][0]["kind"] == "signal"), None)
-            time.sleep(0.2)
-        assert child is not None, "the child never waited for its signal"
+            return next((i["id"] for i in listed if i["waiting"] and i["waiting"][0]["kind"] == "signal"), None)
+
+        child = until(waiting_child, "the child waits for its signal", timeout=60, interval=0.2)
         sent = dsm("signal", child, "decision", "--outcome", "approve", "--payload", '{"by": "ann"}', *at)
         assert sent.returncode == 0 and sent.stdout == "", sent.stderr
         out, errors = run.communicate(timeout=60)

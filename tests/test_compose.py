@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import pytest
 import yaml
 from clitools import ROOT, dsm, spawn, stop
+from helpers import until
 from metricstools import scrape, wait_for
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -255,10 +255,8 @@ def test_the_api_topology_without_docker(etcd, namespace):
             assert "serving namespace" in w.stderr.readline()
         auth = {"authorization": "Bearer t0ken"}
         with httpx.Client(base_url=url, timeout=30) as http:
-            deadline = time.monotonic() + 60
-            while len(http.get("/api/workers").json()["items"]) < 2:  # each registers as it starts
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            until(lambda: len(http.get("/api/workers").json()["items"]) >= 2, "two workers registered (each as it "
+                  "starts)", timeout=60)
             assert {m["machine"] for m in http.get("/api/machines").json()["items"]} >= {"order", "approval"}
             assert http.post("/api/machines/order/instances", json={"payload": {}}).status_code == 401
             with http.stream("GET", "/api/events") as events:
@@ -278,16 +276,12 @@ def test_the_api_topology_without_docker(etcd, namespace):
                             break
             approval = http.post("/api/machines/approval/instances", json={"payload": {"amount": 9}, "id": "ap-1"},
                                  headers=auth).json()["id"]
-            deadline = time.monotonic() + 60
-            while not http.get(f"/api/instances/{approval}").json()["waiting"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            until(lambda: http.get(f"/api/instances/{approval}").json()["waiting"], "the approval waits", timeout=60)
             signalled = http.post(f"/api/instances/{approval}/signals/decision", headers=auth,
                                   json={"outcome": "approve", "payload": {"by": "ann"}})
             assert signalled.status_code == 202, signalled.text
-            while (record := http.get(f"/api/instances/{approval}").json())["status"] == "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            record = until(lambda: (r := http.get(f"/api/instances/{approval}").json())["status"] != "running" and r,
+                           "the approval ended", timeout=60)
             assert record["status"] == "succeeded" and record["payload"]["by"] == "ann"
             listed = http.get("/api/instances", params={"status": "succeeded", "limit": 2}).json()
             assert len(listed["items"]) == 2 and listed["next"]

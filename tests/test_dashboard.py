@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,16 +162,17 @@ class _Process:
             self.lines.append(line.rstrip("\n"))
 
     def wait_for_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                found = re.search(pattern, line)
-                if found:
-                    return found
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r} from dsm; stderr:\n" + "\n".join(self.lines[-40:]))
+        def matched() -> re.Match[str] | None:
+            return next(filter(None, (re.search(pattern, line) for line in list(self.lines))), None)
+
+        def told() -> str:
+            return f"a line matching {pattern!r} from dsm; stderr:\n" + "\n".join(self.lines[-40:])
+
+        until(lambda: matched() or self.proc.poll() is not None, told, timeout=timeout, interval=0.05)
+        found = matched()
+        if found is None:
+            raise AssertionError(f"dsm exited without {told()}")
+        return found
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -7,6 +7,7 @@ import logging
 import threading
 
 import pytest
+from helpers import until_async
 
 from dsm import compile_text, compiler
 from dsm.definitions import Registry, decode, encode, register
@@ -97,11 +98,12 @@ def test_an_instance_pinned_to_a_forged_definition_does_not_run_it(namespace, ca
         worker = Worker(store, Registry(store, keys, import_handlers=False), keys=keys, concurrency=1)
         stop = asyncio.Event()
         task = asyncio.get_running_loop().create_task(worker.run(stop))
-        # until the worker refuses the definition, or (as it did before digests were checked) runs it
-        while not any("refusing to run it" in r.getMessage() for r in caplog.records):
-            if (await client.instance(iid)).finished:
-                break
-            await asyncio.sleep(0.01)
+
+        async def met() -> bool:  # the worker refused the definition, or (as before digests were checked) ran it
+            return (any("refusing to run it" in r.getMessage() for r in caplog.records)
+                    or (await client.instance(iid)).finished)
+
+        await until_async(met, "the worker met the forged definition")
         stop.set()
         await task
         return await client.record(iid)

@@ -7,6 +7,8 @@ import asyncio
 import time
 import uuid
 
+from helpers import until_async
+
 from dsm.keys import Keys, WorkInfo
 from dsm.store import prefix_end
 from dsm.worker.feed import WorkFeed
@@ -97,11 +99,7 @@ def test_a_change_between_pages_of_a_resync_is_not_missed(store_factory):
         feed, queue = feed_on(wrapped, keys, cap=100, page_size=2)
         task = asyncio.get_running_loop().create_task(feed.run())
         try:
-            for _ in range(500):
-                if ("a", "t1") in queue:
-                    return True
-                await asyncio.sleep(0.01)
-            return False
+            return await until_async(lambda: ("a", "t1") in queue, "the token whose claim went between pages queued")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

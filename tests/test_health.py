@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from clitools import dsm, spawn
+from helpers import until_async
 from metricstools import wait_for
 
 from dsm import healthz, metrics
@@ -132,11 +132,11 @@ def test_a_running_worker_is_healthy_until_its_clock_passes_its_lease_ttl():
             with healthz.serving(w) as health, metrics.serving(w) as scraped:
                 answers = []
                 for url in (health.url("/healthz"), scraped.url.replace("/metrics", "/healthz")):
-                    deadline = time.monotonic() + 30
-                    while (answer := await asyncio.to_thread(get, url))[0] != 200:
-                        assert time.monotonic() < deadline, answer
-                        await asyncio.sleep(0.05)
-                    answers.append(answer)
+                    async def healthy(url: str = url) -> Any:
+                        answer = await asyncio.to_thread(get, url)
+                        return answer if answer[0] == 200 else None
+
+                    answers.append(await until_async(healthy, f"{url} answers 200", interval=0.05))
                 clock.advance(61)
                 late = w.health().reasons
         return answers, list(late), list(w.health().reasons)

@@ -10,7 +10,7 @@ import time
 import pytest
 from clitools import dsm
 from faults import ops_of
-from helpers import run_instances
+from helpers import run_instances, until_async
 from indexes import inconsistencies, read_all
 
 from dsm import compiler, handlers
@@ -362,9 +362,11 @@ def test_a_worker_with_housekeeping_deletes_expired_instances_on_the_memory_stor
         client = Operations(store, keys)
         async with running(store, registry, housekeeping=HousekeepingOptions(interval=0.05)) as worker:
             ids = await client.submit_many(graph, [{}] * 10)
-            deadline = time.monotonic() + 30
-            while await client.list() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+
+            async def emptied() -> bool:
+                return not await client.list()
+
+            await until_async(emptied, "every expired instance deleted", interval=0.05)
             elected = worker.housekeeper.stats.elected
             deleted = worker.housekeeper.stats.deleted
         return ids, await client.list(), elected, deleted, await inconsistencies(store, keys)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import time
 
 import pytest
 from cluster import Workers
+from helpers import until, until_async
 from indexes import inconsistencies
 
 from dsm import compiler, handlers
@@ -57,17 +57,8 @@ async def connect(endpoints: str, namespace: str) -> tuple[EtcdStore, Operations
 
 
 def poll(check, timeout: float, what: str):
-    """Call `check()` until it returns something true; fail after `timeout` seconds saying `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = check()
-        except StoreError:
-            found = None
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout}s: {what}")
+    """`until`, on a store that may be restarting: a StoreError means "not yet"."""
+    return until(check, what, timeout=timeout, interval=0.2, retry_on=(StoreError,))
 
 
 def test_the_election_passes_on_when_its_holder_dies(etcd, namespace, tmp_path, write):
@@ -127,27 +118,20 @@ def test_an_etcd_restart_during_housekeeping_loses_nothing(tmp_path, write):
             async with running(store, registry, concurrency=8, lease_ttl=3.0, housekeeping=options) as worker:
                 short = await client.submit_many(zero, [{}] * 60)
                 kept = await client.submit_many(hour, [{}] * 30)
-                deadline = time.monotonic() + 30
-                while worker.housekeeper.stats.deleted < 10 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
+                await until_async(lambda: worker.housekeeper.stats.deleted >= 10, "ten instances deleted",
+                                  interval=0.05)
                 deleted_before = worker.housekeeper.stats.deleted
                 await asyncio.to_thread(cluster.restart_member, cluster.members[0])
-                while True:  # more to delete after the restart
-                    try:
-                        short += await client.submit_many(zero, [{}] * 20)
-                        break
-                    except StoreError:
-                        await asyncio.sleep(0.2)
-                deadline = time.monotonic() + 90
-                while time.monotonic() < deadline:
-                    try:
-                        listed = await client.list()
-                    except StoreError:
-                        await asyncio.sleep(0.2)
-                        continue
-                    if len(listed) == len(kept) and all(i.status == "succeeded" for i in listed):
-                        break
-                    await asyncio.sleep(0.2)
+                # more to delete after the restart
+                short += await until_async(lambda: client.submit_many(zero, [{}] * 20), "twenty more submitted",
+                                           interval=0.2, retry_on=(StoreError,))
+
+                async def only_kept() -> bool:
+                    listed = await client.list()
+                    return len(listed) == len(kept) and all(i.status == "succeeded" for i in listed)
+
+                await until_async(only_kept, "only the kept instances left, succeeded", timeout=90, interval=0.2,
+                                  retry_on=(StoreError,))
                 compacted = worker.housekeeper.stats.compacted_to
             listed = await client.list()
             histories = {i.id: await client.history(i.id) for i in listed}

@@ -775,8 +775,10 @@ def test_children_end_when_the_worker_dies(mod: str, tmp_path: Path) -> None:
     """An idle child sees the end of its input; one stuck in a handler gets the parent-death signal."""
     marker = tmp_path / "stuck-started"
     script = textwrap.dedent(f"""
-        import asyncio, os, sys, time
+        import asyncio, os, sys
         sys.path.insert(0, {str(tmp_path)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from helpers import until_async
         from dsm import handlers
         from dsm.ticks import TickCall
         from dsm.worker.isolation import ProcessExecutor
@@ -789,12 +791,9 @@ def test_children_end_when_the_worker_dies(mod: str, tmp_path: Path) -> None:
             executor = ProcessExecutor(2)
             idle = (await executor.start(call("pid", {{}})).outcome()).payload["pid"]
             executor.start(call("stuck", {{"gate": "/nonexistent", "patience": 600, "marker": {str(marker)!r}}}))
-            await asyncio.sleep(0)  # calls are written when the loop turns
-            for _ in range(3000):
-                if os.path.exists({str(marker)!r}) and open({str(marker)!r}).read():
-                    break
-                time.sleep(0.01)
-            print(idle, open({str(marker)!r}).read(), flush=True)
+            marker = {str(marker)!r}
+            stuck = await until_async(lambda: os.path.exists(marker) and open(marker).read(), "stuck started")
+            print(idle, stuck, flush=True)
             os._exit(0)  # no close(): the worker dies
 
         asyncio.run(main())

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from helpers import until_async
 
 from dsm import compiler
 from dsm.errors import DefinitionError, InputError, InvalidSignal, NotFound
@@ -29,14 +30,15 @@ class Cluster:
         self.client = Operations(store, keys)
 
     async def wait_for(self, iid: str, test, timeout: float = 20.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
+        record: dict[str, Any] = {}
+
+        async def reached() -> dict[str, Any] | None:
+            nonlocal record
             record = await self.client.record(iid)
-            if test(record):
-                return record
-            if time.monotonic() > deadline:
-                raise AssertionError(f"instance {iid} never got there: {record}")
-            await asyncio.sleep(0.02)
+            return record if test(record) else None
+
+        return await until_async(reached, lambda: f"instance {iid} to get there (last read: {record})",
+                                 timeout=timeout)
 
 
 def scenario(store_factory, namespace, graph, body, *, concurrency: int = 8):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from faults import LateStore, is_claim, is_commit, is_fork_commit, ops_of
+from helpers import until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -244,23 +245,23 @@ def test_an_instance_with_70_live_branches_can_be_cancelled(write, etcd_url, nam
             registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
             registry.add(graph)
             async with running(store, registry, concurrency=4, grace=1):
-                while len((await client.instance(iid)).tokens) < 70:
-                    await asyncio.sleep(0.02)
+                async def forked() -> bool:
+                    return len((await client.instance(iid)).tokens) >= 70
+
+                async def swept() -> bool:
+                    return await store.count(*keys_range(keys, iid)) == 0
+
+                await until_async(forked, "70 live branches", timeout=BOUND)
                 cancelled = await client.cancel(iid)
                 final = await client.wait(iid, timeout=BOUND)
                 # every marker of the instance goes, deferred ones included
-                for _ in range(500):
-                    if await store.count(*keys_range(keys, iid)) == 0:
-                        break
-                    await asyncio.sleep(0.02)
-                left = await store.count(*keys_range(keys, iid))
-            return cancelled, final, left
+                await until_async(swept, "every marker of the instance gone", timeout=BOUND)
+            return cancelled, final
         finally:
             await store.close()
 
-    cancelled, final, left = asyncio.run(main())
+    cancelled, final = asyncio.run(main())
     assert cancelled.status == CANCELLED and final.status == CANCELLED
-    assert left == 0
 
 
 def keys_range(keys, iid):
@@ -308,8 +309,10 @@ def test_a_worker_an_hour_fast_does_not_park_a_retry_for_an_hour(write, etcd_url
             fast = lambda: time.time() + 3600  # noqa: E731
             async with running(store, registry, worker_id="fast", wall=fast, clock=lambda: 0.0, grace=1):
                 iid = await client.submit(graph, {})
-                while (await client.instance(iid)).tokens["t1"].attempt < 2:
-                    await asyncio.sleep(0.01)
+                async def retried() -> bool:
+                    return (await client.instance(iid)).tokens["t1"].attempt >= 2
+
+                await until_async(retried, "the fast worker's second attempt", timeout=BOUND)
                 async with running(store, registry, worker_id="true", grace=1):
                     return await client.wait(iid, timeout=BOUND), await client.history(iid)
         finally:
@@ -409,7 +412,7 @@ def test_a_worker_stopped_right_after_it_started_always_stops(etcd_url, namespac
 
                 async def once(registry=registry, pause=0.001 * (i % 20)):
                     async with running(store, registry, concurrency=4, grace=5, serves="none".__eq__):
-                        await asyncio.sleep(pause)
+                        await asyncio.sleep(pause)  # pacing: each stop lands at another point of the start-up
 
                 await asyncio.wait_for(once(), 30)
                 if time.monotonic() - started > 8:
@@ -464,9 +467,7 @@ def test_a_claim_lost_in_doubt_does_not_make_the_token_due_when_it_has_moved_on_
         client = Operations(memory, keys)
         async with running(late, registry, grace=1, worker_id="a", audit_interval=0.1):
             iid = await client.submit(graph, {})
-            deadline = time.monotonic() + BOUND
-            while late.injected < 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await until_async(lambda: late.injected >= 1, "worker A's claim lost", timeout=BOUND)
             async with running(memory, registry, grace=1, worker_id="b", audit_interval=0.1):
                 done = await client.wait(iid, timeout=BOUND)
                 return done, await client.history(iid)
@@ -552,11 +553,11 @@ class _LateClaims:
 
         if is_claim(compare, success) and any(op.key.endswith(f"/work/{self.iid}/t1/claim") for op in ops_of(success)):
             self.delayed += 1
-            while True:
+            async def moved_on() -> bool:
                 kv = await self.memory.get(Keys().instance(self.iid))
-                if kv is not None and load_instance(kv.value).transitions >= 1:
-                    break
-                await asyncio.sleep(0.01)
+                return kv is not None and load_instance(kv.value).transitions >= 1
+
+            await until_async(moved_on, "the other worker committed the token on", timeout=BOUND)
         return await self.store.txn(compare, success, failure)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from clitools import dsm, spawn
+from helpers import until_async
 from metricstools import parse, scrape, value, wait_for
 from prometheus_client import generate_latest
 
@@ -193,11 +194,11 @@ def test_several_workers_in_one_process_each_serve_their_own(write):
                 ids = await client.submit_many(graph, [{} for _ in range(20)])
                 for iid in ids:
                     await client.wait(iid, timeout=30)
-                for _ in range(200):  # a commit is counted once its answer is in
+                async def counted() -> Any:  # a commit is counted once its answer is in
                     scraped = await asyncio.gather(*(asyncio.to_thread(scrape, s.url) for s in (s1, s2)))
-                    if sum(value(s, "dsm_transitions_total", machine="good") for s in scraped) >= 40:
-                        break
-                    await asyncio.sleep(0.05)
+                    return sum(value(s, "dsm_transitions_total", machine="good") for s in scraped) >= 40 and scraped
+
+                scraped = await until_async(counted, "40 transitions counted", interval=0.05)
                 texts = [generate_latest(metrics.registry(w)).decode() for w in (w1, w2)]
         return scraped, texts
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from clitools import dsm, spawn
 from cluster import MACHINES, audit_all, invocations, load_graph, wait_all_finished
+from helpers import until
 
 from dsm.keys import Keys
 from dsm.store import prefix_end
@@ -153,7 +154,7 @@ class HostileTenant:
                     if await self._hit(lease):
                         self.done[lease] = time.monotonic()
                 self.rounds += 1
-                await asyncio.sleep(self.period or 0.002)
+                await asyncio.sleep(self.period or 0.002)  # pacing: the hostile tenant's load
         finally:
             await self.client.close()
 
@@ -220,13 +221,6 @@ def submit(tenants: Tenants, namespace: str, credentials: dict[str, str], count:
     return result.stdout.split()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def stop(*procs) -> list[str]:
     """SIGTERM each worker still running (SIGKILL if it lingers); their stderr."""
     out = []
@@ -261,11 +255,11 @@ def test_a_dead_worker_whose_lease_another_tenant_keeps_alive_loses_its_work(ten
     second = None
     try:
         ids = submit(tenants, namespace, credentials, 3, tmp_path)
-        wait_for(lambda: len(invocations(log)) >= 3)  # it holds a claim on each instance
+        until(lambda: len(invocations(log)) >= 3, "three ticks", timeout=20)  # it holds a claim on each instance
         ((first_id, lease),) = asyncio.run(worker_leases(tenants.endpoint, namespace, credentials)).items()
         assert asyncio.run(housekeeper(tenants.endpoint, namespace, credentials)) == first_id
         with HostileTenant(tenants.endpoint, attack, period=0.2) as hostile:
-            wait_for(lambda: lease in hostile.done)
+            until(lambda: lease in hostile.done, "the hostile tenant hit the lease", timeout=20)
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
             killed_at = time.monotonic()
@@ -274,7 +268,8 @@ def test_a_dead_worker_whose_lease_another_tenant_keeps_alive_loses_its_work(ten
             workers = asyncio.run(worker_leases(tenants.endpoint, namespace, credentials))
             (second_id,) = workers
             # housekeeping passed to the living worker too: the dead one's election key went with its lease
-            wait_for(lambda: asyncio.run(housekeeper(tenants.endpoint, namespace, credentials)) == second_id)
+            until(lambda: asyncio.run(housekeeper(tenants.endpoint, namespace, credentials)) == second_id,
+                  "the second worker elected housekeeper", timeout=20)
         kept_for = hostile.done[lease] - killed_at
     finally:
         errors = stop(*(p for p in (first, second) if p is not None))
@@ -312,7 +307,7 @@ def test_a_worker_keeps_working_while_another_tenant_revokes_or_takes_its_fresh_
 
     try:
         with HostileTenant(tenants.endpoint, attack) as hostile:
-            wait_for(lambda: hostile.rounds > 0)
+            until(lambda: hostile.rounds > 0, "a round of the hostile tenant", timeout=20)
             ids = submit(tenants, namespace, credentials, 8, tmp_path)
             with Background(lose_leases):
                 results = wait_all_finished(tenants.endpoint, namespace, 8, timeout=BOUND, **credentials)

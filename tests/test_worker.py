@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from helpers import run_instances, until_async
+from helpers import run_instances, until, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -213,10 +212,8 @@ def test_timeout_fails_the_attempt_then_catch(write):
     error = result.instance.payload["error"]
     assert error["type"] == "TimeoutError" and error["attempts"] == 2 and error["state"] == "s"
     assert "timed out after 0.1s" in error["message"]
-    deadline = time.monotonic() + 30  # the abandoned attempts learn it through heartbeat(), on their own threads
-    while not sleepy.beats and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sleepy.beats
+    # the abandoned attempts learn it through heartbeat(), on their own threads
+    until(lambda: sleepy.beats, "an abandoned attempt told so by heartbeat()")
 
 
 @pytest.mark.parametrize("body,kind,words", [
@@ -327,12 +324,12 @@ def test_cancel_stops_an_instance_and_abandons_its_tick(write):
 
     async def main():
         h = Harness(graph)
-        h.worker("w")
+        worker = h.worker("w")
         iid = await h.client.submit(graph, {})
         await asyncio.get_running_loop().run_in_executor(None, cancelmod.started.wait, 5)
         cancelled = await h.client.cancel(iid)
-        await until_async(lambda: bool(cancelmod.outcome))
-        await asyncio.sleep(0.1)
+        await until_async(lambda: bool(cancelmod.outcome), "the tick told it was abandoned")
+        await until_async(worker.slots.idle.is_set, "the worker settled the abandoned tick")
         inst = await h.client.instance(iid)
         history = await h.client.history(iid)
         work = await h.store.range(h.keys.work_prefix, h.keys.work_prefix + "\xff")
