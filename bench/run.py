@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -131,6 +132,19 @@ def cpu_per(before: dict[str, float], after: dict[str, float], count: float) -> 
     out = {k: round((after[k] - before[k]) / max(count, 1) * 1e6, 1) for k in before}
     out["total"] = round(sum(out.values()), 1)
     return out
+
+
+def etcd_writes(env: EtcdCluster) -> int:
+    """Keys etcd has written or deleted since it started, by its own counters
+    (`etcd_mvcc_put_total` + `etcd_mvcc_delete_total`, read from its /metrics; every member applies
+    every write, so one member's count is the cluster's)."""
+    total = 0.0
+    with urllib.request.urlopen(f"{env.members[0].url}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("etcd_mvcc_put_total", "etcd_mvcc_delete_total"):
+                total += float(value)
+    return round(total)
 
 
 async def settle(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
@@ -263,16 +277,19 @@ async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instan
         await settle(procs)
         probe = CpuProbe(env, procs)
         sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total, probe=probe))
-        started = time.monotonic()
+        started, written = time.monotonic(), etcd_writes(env)
         await client.submit_many(graph, ({} for _ in range(instances)))
         samples = await sampler
         measured = total - warm
+        # every key the measured instances wrote or deleted, from their submission to their last
+        # commit (the workers' heartbeats in the same time are counted too: a few keys a second)
+        keys_per_transition = (etcd_writes(env) - written) / measured
         lo, hi = warm + measured // 10, warm + measured * 9 // 10
         rate = window_rate(samples, lo, hi)
         first, last = window(samples, lo, hi)
         return {"instances": instances, "transitions": measured, "workers": workers, "isolation": isolation,
                 "transitions_per_s": rate, "wall_s": samples[-1][0] - started,
-                "worker_rss_mb": max(rss_mb(p.pid) for p in procs),
+                "worker_rss_mb": max(rss_mb(p.pid) for p in procs), "etcd_keys_per_transition": keys_per_transition,
                 "cpu_us_per_transition": cpu_per(first[2], last[2], last[1] - first[1])}
     finally:
         stop_workers(procs)
@@ -575,6 +592,9 @@ def table(results: dict[str, Any]) -> str:
             rows.append((f"  CPU us per transition: worker{' + handlers' if handlers else ''} + etcd + driver",
                          f"{cpu['total']:,.0f}", f"{cpu['workers']:.0f}{handlers} + {cpu['etcd']:.0f} + "
                          f"{cpu['driver']:.0f}"))
+        if "etcd_keys_per_transition" in r:
+            rows.append(("  etcd keys written or deleted per transition (submit included)",
+                         f"{r['etcd_keys_per_transition']:.2f}", "etcd's own counters"))
     if "naive" in results:
         r = results["naive"]
         best = results.get("throughput", {}).get("linear_w1", {}).get("transitions_per_s")
