@@ -544,10 +544,12 @@ def run_loop_cli(turns: int, *flags: str) -> dict[str, Any]:
     """`dsm run bench/loop.yaml --json` in its own process, stderr to a pipe that this process reads,
     as a user's `2>&1 | tee` would. The rate counts from the record's own timestamps (created_at to
     finished_at): the process's start-up (imports, loading the definition) and the --json output
-    are not in it; `wall_s` is the whole process."""
+    are not in it; `wall_s` is the whole process. PYTHONUNBUFFERED is left out of its environment,
+    as a user's shell has it: with it, Python writes stderr a line at a time however dsm asks."""
     command = [*dsm_command(), "run", str(LOOP), "--payload", json.dumps({"n": 0, "until": turns}), "--json", *flags]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(done.stdout)
