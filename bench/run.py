@@ -1,7 +1,8 @@
 """dsm benchmarks: where dsm stands against the limit of its coordination layer.
 
-    python bench/run.py                 # all seven, one etcd, one run: a table and bench/results/latest.json
+    python bench/run.py                 # all eight, one etcd, one run: a table and bench/results/latest.json
     python bench/run.py throughput      # one of: reference throughput naive scale recovery embedded embedded_loop
+                                        # run_loop
     python bench/run.py --quick         # smaller sizes, for a smoke run
 
 Every ratio compares numbers measured in this run, against this etcd, on this machine.
@@ -12,6 +13,7 @@ Every ratio compares numbers measured in this run, against this etcd, on this ma
 5 recovery    SIGKILL of a worker holding claims -> its instances moving again (vs the lease TTL)
 6 embedded    embedded transitions/s of many instances vs the `transitions` library, same machine
 7 embedded_loop  one embedded instance looping through a tick and a guard 20,000 times vs `transitions`
+8 run_loop    the same loop as `dsm run` runs it in its own process, stderr to a pipe (and with -q), vs `transitions`
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -547,12 +550,55 @@ async def embedded_loop(env: EtcdCluster | None, quick: bool) -> dict[str, Any]:
             "dsm_over_transitions": dsm_run["transitions_per_s"] / library["transitions_per_s"]}
 
 
+# -- 8 run_loop --------------------------------------------------------------------------------
+
+def moment(stamp: str) -> float:
+    """Seconds since the epoch of a record's timestamp (`2026-11-28T13:00:00.123Z`)."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def run_loop_cli(turns: int, *flags: str) -> dict[str, Any]:
+    """`dsm run bench/loop.yaml --json` in its own process, stderr to a pipe that this process reads,
+    as a user's `2>&1 | tee` would. The rate counts from the record's own timestamps (created_at to
+    finished_at): the process's start-up (imports, loading the definition) and the --json output
+    are not in it; `wall_s` is the whole process. PYTHONUNBUFFERED is left out of its environment,
+    as a user's shell has it: with it, Python writes stderr a line at a time however dsm asks."""
+    command = [*dsm_command(), "run", str(LOOP), "--payload", json.dumps({"n": 0, "until": turns}), "--json", *flags]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    wall = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout)
+    assert record["status"] == "succeeded" and record["transitions"] == turns, record["status"]
+    took = moment(record["finished_at"]) - moment(record["created_at"])
+    return {"turns": turns, "flags": list(flags), "transitions": turns, "transitions_per_s": turns / took,
+            "instance_s": took, "wall_s": wall, "stderr_lines": done.stderr.count("\n")}
+
+
+async def run_loop(env: EtcdCluster | None, quick: bool) -> dict[str, Any]:
+    turns = 20_000
+    piped: list[dict[str, Any]] = []
+    quiet: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    for _ in range(REPEAT[quick]):  # interleaved, so that drift in the machine affects all three alike
+        piped.append(run_loop_cli(turns))
+        quiet.append(run_loop_cli(turns, "-q"))
+        theirs.append(transitions_loop(turns))
+    library = median_run(theirs)
+    out: dict[str, Any] = {"rate_from": "the record's created_at to finished_at", "transitions_library": library}
+    for name, runs in (("pipe", piped), ("quiet", quiet)):
+        out[name] = median_run(runs)
+        out[f"{name}_over_transitions"] = out[name]["transitions_per_s"] / library["transitions_per_s"]
+    return out
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {"reference": reference, "throughput": throughput, "naive": naive,
                                              "scale": scale, "recovery": recovery, "embedded": embedded,
-                                             "embedded_loop": embedded_loop}
-IN_PROCESS = {"embedded", "embedded_loop"}  # need no etcd
+                                             "embedded_loop": embedded_loop, "run_loop": run_loop}
+IN_PROCESS = {"embedded", "embedded_loop", "run_loop"}  # need no etcd
 
 
 def machine() -> dict[str, Any]:
@@ -623,6 +669,15 @@ def table(results: dict[str, Any]) -> str:
         turns = e["dsm"]["turns"]
         rows.append((f"embedded dsm, one instance looping {turns:,} times, transitions/s",
                      f"{e['dsm']['transitions_per_s']:,.0f}", f"{e['dsm_over_transitions']:.3f}x transitions lib"))
+        rows.append(("`transitions` library, same loop", f"{e['transitions_library']['transitions_per_s']:,.0f}", ""))
+    if "run_loop" in results:
+        e = results["run_loop"]
+        turns = e["pipe"]["turns"]
+        for name, how in (("pipe", "stderr to a pipe"), ("quiet", "-q")):
+            ratio = e[f"{name}_over_transitions"]
+            rows.append((f"dsm run, {turns:,} turns, {how}, transitions/s (created_at to finished_at)",
+                         f"{e[name]['transitions_per_s']:,.0f}",
+                         f"{ratio:.3f}x transitions lib, process {e[name]['wall_s']:.2f}s"))
         rows.append(("`transitions` library, same loop", f"{e['transitions_library']['transitions_per_s']:,.0f}", ""))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'benchmark':<{width}}  {'value':>12}  note", "-" * (width + 30)]

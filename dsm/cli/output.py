@@ -84,6 +84,16 @@ class StderrConsole(Console):
         except BrokenPipeError:
             self.on_broken_pipe()
 
+    def write_line(self, text: str) -> None:
+        """One line of plain text as it is, without rich's rendering (markup, emoji codes, wrapping):
+        for text with nothing to render, too many lines to render each (progress on a pipe)."""
+        if self.quiet:
+            return
+        try:
+            self.file.write(text + "\n")
+        except BrokenPipeError:
+            self.on_broken_pipe()
+
     def on_broken_pipe(self) -> None:
         self.quiet = True
         drop(sys.stderr)

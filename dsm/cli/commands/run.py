@@ -96,6 +96,8 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
     def update(inst: records.Instance) -> None:  # of the instance and of its children
         if inst.parent is None:
             progress.update(inst.transitions, inst.active)
+        if not any(t.waits is not None and t.waits.startswith("signal:") for t in inst.tokens.values()):
+            return  # (called on every transition: what it waits for is worked out only when it may be a signal)
         for wait in records.waiting(inst):
             if wait["kind"] == "signal" and wait["signal"] not in hinted:  # nobody can send it here
                 hinted.add(wait["signal"])
@@ -106,7 +108,7 @@ async def _run_embedded(graph_: Graph, body: dict, workers: int, limit: float | 
 
     try:
         result = await embedded.run_graph(graph_, body, workers=workers, timeout=limit,
-                                          on_history=lambda entry: progress.history(entry.as_dict()),
+                                          on_history=None if progress.silent else progress.committed,
                                           on_update=update,
                                           on_start=lambda iid: progress.note(iid, f"instance {iid} started"),
                                           instance_id=instance_id)
