@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import codec
@@ -129,10 +129,13 @@ class WorkKey(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class Keys:
     namespace: str = "dsm"
+    # `/<namespace>/` and its `work/`, made once: every key a worker writes or a watch event it reads starts so
+    root: str = field(init=False, repr=False, compare=False)
+    work_prefix: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def root(self) -> str:
-        return f"/{self.namespace}/"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", f"/{self.namespace}/")
+        object.__setattr__(self, "work_prefix", f"/{self.namespace}/work/")
 
     def definition(self, digest: str) -> str:
         return f"{self.root}def/{digest}"
@@ -182,10 +185,6 @@ class Keys:
     def indexed(self) -> str:
         return f"{self.root}meta/indexed"
 
-    @property
-    def work_prefix(self) -> str:
-        return f"{self.root}work/"
-
     def work(self, instance_id: str, token: str) -> str:
         return f"{self.root}work/{instance_id}/{token}"
 
@@ -197,9 +196,10 @@ class Keys:
 
     def parse_work(self, key: str) -> WorkKey | None:
         """work/<id>/<token>[/claim] -> (id, token, is_claim); None for anything else."""
-        if not key.startswith(self.work_prefix):
+        prefix = self.work_prefix
+        if not key.startswith(prefix):
             return None
-        rest = key[len(self.work_prefix):]
+        rest = key[len(prefix):]
         is_claim = rest.endswith(CLAIM)
         if is_claim:
             rest = rest[: -len(CLAIM)]
