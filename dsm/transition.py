@@ -18,6 +18,7 @@ from typing import Any
 from . import payloads
 from .durations import format_duration
 from .errors import InputError, InvalidSignal
+from .frozen import fast_init
 from .graph import Graph, Kind, SignalRoutes, State
 from .guards import GuardError
 from .records import (
@@ -60,6 +61,7 @@ class Failure:
     traceback: str | None = None  # the handler's traceback, its last 4 KiB
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one attempt of a tick produced: a payload and maybe a label, or a failure."""
@@ -95,6 +97,7 @@ class ChildResult:
         return ChildResult(inst.id, inst.status, inst.payload if inst.finished else None, inst.error)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Step:
     """The result of a transition: the new instance and what changed in its set of tokens.

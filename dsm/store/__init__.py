@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
 from ..errors import StoreError
+from ..frozen import fast_init
 
 PUT: Literal["put"] = "put"
 DELETE: Literal["delete"] = "delete"
@@ -21,6 +22,7 @@ Target = Literal["version", "create", "mod", "value", "lease"]
 Operator = Literal["==", "!=", "<", ">"]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class KeyValue:
     key: str
@@ -31,6 +33,7 @@ class KeyValue:
     lease: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Compare:
     """One condition of a transaction, on a key or (with `end`) on every key of a range.
@@ -66,6 +69,7 @@ class Compare:
         return Compare(key, "lease", op, value)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Put:
     key: str
@@ -73,12 +77,14 @@ class Put:
     lease: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Delete:
     key: str
     end: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Get:
     key: str
