@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import index, transition
+from .frozen import fast_init
 from .graph import Graph
 from .keys import Keys, WorkInfo
 from .markers import MAX_TXN_OPS, sync_marker, work_info
@@ -31,6 +32,7 @@ MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain contin
 CHILD_OPS = 8  # operations creating one child takes, at most (its record, entries and marker)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CommitPlan:
     before: Instance

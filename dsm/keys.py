@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 
 from . import codec
 from .errors import InputError
+from .frozen import fast_init
 from .store import prefix_end
 
 CLAIM = "/claim"
@@ -213,6 +214,7 @@ def range_of(prefix: str) -> tuple[str, str]:
     return prefix, prefix_end(prefix)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class WorkInfo:
     """The value of a work marker: enough to decide whether and when to claim, without the record.

@@ -92,6 +92,7 @@ class Get:
     limit: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Txn:
     """A nested transaction: its own compares and branches, applied within the outer one."""
@@ -114,6 +115,7 @@ class DeleteResult:
     deleted: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GetResult:
     kvs: list[KeyValue]
@@ -126,6 +128,7 @@ class GetResult:
 PUT_RESULT = PutResult()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TxnResult:
     """`responses` follow the ops of the branch taken, one typed result each. Read them with the
@@ -166,6 +169,7 @@ class RangeResult:
     revision: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Event:
     type: EventType
