@@ -23,9 +23,15 @@ T = TypeVar("T")
 _NO_DEFAULT = object()
 
 
+def slot_setters(cls: Any) -> tuple[Callable[[Any, Any], None], ...]:
+    """Setters of the fields of a frozen slotted dataclass through its slots, in the order of its
+    fields (for an `__init__` written by hand)."""
+    return tuple(cls.__dict__[f.name].__set__ for f in dataclasses.fields(cls))
+
+
 def _setters(cls: Any) -> dict[str, Any]:
     """Each field's slot setter, by the names the generated code uses."""
-    return {f"_set_{f.name}": cls.__dict__[f.name].__set__ for f in dataclasses.fields(cls)}
+    return {f"_set_{f.name}": setter for f, setter in zip(dataclasses.fields(cls), slot_setters(cls))}
 
 
 def _check(cls: Any) -> None:
