@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import index, transition
+from .frozen import fast_init
 from .graph import Graph
 from .keys import Keys, WorkInfo
 from .markers import MAX_TXN_OPS, sync_marker, work_info
@@ -31,6 +32,7 @@ MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain contin
 CHILD_OPS = 8  # operations creating one child takes, at most (its record, entries and marker)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CommitPlan:
     before: Instance
@@ -86,7 +88,7 @@ def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
     changed_ids = {t.id for t in changed}
     changed += tuple(t for t in _rewritten(before, after, arrivals) if t.id not in changed_ids)
     entries = len(history) + index.status_op_count(before, after) + sum(_creation_ops(c) for c in started)
-    entries += len(wake_parent_ops(Keys(), before, after))
+    entries += _wakes_parent(before, after)
     keep, deferred, required = _fit(own, removed, changed, keep, entries, max_ops)
     return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record,
                       tuple(started), len(arrivals), required)
@@ -133,12 +135,17 @@ def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], 
         budget = max(slots, 0) + sum(1 for tid in own if tid not in after.tokens)
         mine = [t for tid, t in after.tokens.items() if t.not_before <= now and t.attempt == 1 and (
             (tid in own and before.tokens.get(tid) != t) or tid not in before.tokens)]
-        mine.sort(key=lambda t: t.id not in own)
-        keep = [t for t in mine if t.id in own] + [t for t in mine if t.id not in own][:budget]
-        # (a call state's token folds only to start its child: the child's result is read by a job)
-        room = max_ops // 2 - sum(_creation_ops(c) for c in started) >= CHILD_OPS
-        tickless = next((t for t in keep if graph.states[t.state].tick is None and t.child is None
-                         and (room or graph.states[t.state].call is None)), None)
+        if len(mine) == 1 and (mine[0].id in own or budget > 0):  # along a line: the usual case
+            keep = mine
+        else:
+            keep = [t for t in mine if t.id in own] + [t for t in mine if t.id not in own][:budget]
+        states = graph.states
+        tickless = None
+        for t in keep:
+            state = states[t.state]
+            if state.tick is None and t.child is None and (state.call is None or _room_for_child(started, max_ops)):
+                tickless = t
+                break
         if tickless is None or len(history) >= MAX_FOLDED:
             return keep, after
         step = transition.advance(graph, after, tickless.id, Outcome(), now=now, worker=worker)
@@ -146,6 +153,13 @@ def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], 
         history.extend(step.history)
         started.extend(step.started)
     return keep, after
+
+
+def _room_for_child(started: list[Instance], max_ops: int) -> bool:
+    """Whether a call state may fold into the commit: the children it starts take at most half
+    the transaction (a call state's token folds only to start its child: the child's result is
+    read by a job)."""
+    return max_ops // 2 - sum(_creation_ops(c) for c in started) >= CHILD_OPS
 
 
 def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ...], keep: list[Token],
@@ -248,9 +262,15 @@ def wake_parent_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
     transaction nested in the child's, fenced by the parent's record existing. A parent that is
     gone (retention or `dsm delete` took it) gets nothing: a marker without a record has nothing
     to run, and was claimed and given back by every worker, for ever."""
-    parent = after.parent
-    if parent is None or not after.finished or before.finished:
+    if not _wakes_parent(before, after):
         return []
+    parent = after.parent
+    assert parent is not None
     marker = Put(keys.work(parent.id, parent.token), WorkInfo(parent.machine, parent.digest, parent.state, 0.0,
                                                               None, wait=0.0).dump())
     return [Txn([Compare.version(keys.instance(parent.id), ">", 0)], [marker])]
+
+
+def _wakes_parent(before: Instance, after: Instance) -> bool:
+    """Whether this commit finishes a child instance, whose parent it wakes (`wake_parent_ops`)."""
+    return after.parent is not None and after.finished and not before.finished

@@ -64,11 +64,12 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import codec
 from .errors import InputError
+from .frozen import fast_init
 from .store import prefix_end
 
 CLAIM = "/claim"
@@ -129,10 +130,13 @@ class WorkKey(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class Keys:
     namespace: str = "dsm"
+    # `/<namespace>/` and its `work/`, made once: every key a worker writes or a watch event it reads starts so
+    root: str = field(init=False, repr=False, compare=False)
+    work_prefix: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def root(self) -> str:
-        return f"/{self.namespace}/"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", f"/{self.namespace}/")
+        object.__setattr__(self, "work_prefix", f"/{self.namespace}/work/")
 
     def definition(self, digest: str) -> str:
         return f"{self.root}def/{digest}"
@@ -182,10 +186,6 @@ class Keys:
     def indexed(self) -> str:
         return f"{self.root}meta/indexed"
 
-    @property
-    def work_prefix(self) -> str:
-        return f"{self.root}work/"
-
     def work(self, instance_id: str, token: str) -> str:
         return f"{self.root}work/{instance_id}/{token}"
 
@@ -197,9 +197,10 @@ class Keys:
 
     def parse_work(self, key: str) -> WorkKey | None:
         """work/<id>/<token>[/claim] -> (id, token, is_claim); None for anything else."""
-        if not key.startswith(self.work_prefix):
+        prefix = self.work_prefix
+        if not key.startswith(prefix):
             return None
-        rest = key[len(self.work_prefix):]
+        rest = key[len(prefix):]
         is_claim = rest.endswith(CLAIM)
         if is_claim:
             rest = rest[: -len(CLAIM)]
@@ -213,6 +214,7 @@ def range_of(prefix: str) -> tuple[str, str]:
     return prefix, prefix_end(prefix)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class WorkInfo:
     """The value of a work marker: enough to decide whether and when to claim, without the record.

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
 from . import codec
+from .frozen import evolver, fast_init
 
 RUNNING = "running"
 SUCCEEDED = "succeeded"
@@ -49,6 +50,7 @@ class ErrorInfo:
         return {**self.as_dict(), "traceback": self.traceback}
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Token:
     """A unit of pending work: one line of execution, at one state, possibly inside fork branches.
@@ -95,6 +97,7 @@ class Activation:
     started: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
     seq: int
@@ -163,6 +166,7 @@ class Parent:
         return Parent(d["id"], d["state"], d["token"], d["machine"], d["digest"])
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Instance:
     id: str
@@ -212,28 +216,16 @@ class Instance:
         return self.payload if token.payload is None else token.payload
 
 
-def _evolver(cls: type) -> Callable[..., Any]:
-    """`dataclasses.replace` for one frozen dataclass, about three times faster: it sets the fields
-    of a new object directly instead of calling __init__ through a dict of every field. A step of
-    an instance makes one new record; this is that cost. The class must have no __post_init__ and
-    no init-only fields (these records have neither)."""
-    names = [f.name for f in fields(cls)]
-    body = "".join(f"    _set(new, {n!r}, changes[{n!r}] if {n!r} in changes else self.{n})\n" for n in names)
-    source = f"def evolve(self, **changes):\n    new = _new(_cls)\n{body}    return new\n"
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_set": object.__setattr__}
-    exec(source, namespace)  # the same technique dataclasses uses to write __init__
-    return namespace["evolve"]
-
-
 def evolve(inst: Instance, **changes: Any) -> Instance:
-    """A copy of `inst` with some fields changed (see `_evolver`)."""
+    """A copy of `inst` with some fields changed (`dsm.frozen.evolver`: a step of an instance makes
+    one new record; this is that cost)."""
     unknown = changes.keys() - _INSTANCE_FIELDS
     if unknown:
         raise TypeError(f"Instance has no field {sorted(unknown)[0]!r}")
     return _evolve_instance(inst, **changes)
 
 
-_evolve_instance = _evolver(Instance)
+_evolve_instance = evolver(Instance)
 _INSTANCE_FIELDS = frozenset(f.name for f in fields(Instance))
 
 

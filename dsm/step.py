@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 from . import payloads, transition
 from .context import Context, make_context
+from .frozen import fast_init
 from .graph import Graph, State
 from .records import ErrorInfo, HistoryEntry, Instance, Token, dump_instance
 from .ticks import TickCall
 from .transition import Failure, Outcome
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Arrival:
     """An attempt's outcome for a token (on a worker: one it holds a claim on, read at `claim_rev`)."""

@@ -19,12 +19,14 @@ from typing import Any
 from . import logs, payloads
 from .context import Context, make_context
 from .errors import AttemptAbandoned, HandlerError
+from .frozen import fast_init
 from .graph import Handler
 from .transition import Failure, Outcome
 
 TRACEBACK_LIMIT = 4096  # characters of a failed attempt's traceback that are kept
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TickCall:
     """One attempt of one tick: the handler, a private copy of the payload, and what `ctx` says."""

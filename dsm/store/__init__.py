@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
 from ..errors import StoreError
+from ..frozen import fast_init
 
 PUT: Literal["put"] = "put"
 DELETE: Literal["delete"] = "delete"
@@ -21,6 +22,7 @@ Target = Literal["version", "create", "mod", "value", "lease"]
 Operator = Literal["==", "!=", "<", ">"]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class KeyValue:
     key: str
@@ -31,6 +33,7 @@ class KeyValue:
     lease: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Compare:
     """One condition of a transaction, on a key or (with `end`) on every key of a range.
@@ -66,6 +69,7 @@ class Compare:
         return Compare(key, "lease", op, value)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Put:
     key: str
@@ -73,12 +77,14 @@ class Put:
     lease: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Delete:
     key: str
     end: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Get:
     key: str
@@ -86,6 +92,7 @@ class Get:
     limit: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Txn:
     """A nested transaction: its own compares and branches, applied within the outer one."""
@@ -108,6 +115,7 @@ class DeleteResult:
     deleted: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GetResult:
     kvs: list[KeyValue]
@@ -120,6 +128,7 @@ class GetResult:
 PUT_RESULT = PutResult()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TxnResult:
     """`responses` follow the ops of the branch taken, one typed result each. Read them with the
@@ -160,6 +169,7 @@ class RangeResult:
     revision: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Event:
     type: EventType

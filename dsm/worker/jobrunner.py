@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 from .. import logs
 from ..definitions import Registry
@@ -180,7 +179,7 @@ class JobRunner:
         failed: str | None = "AttemptAbandoned"  # unless it ends (shutting down cancels the wait)
         try:
             job.attempt = self.executor.start(call)
-            outcome = replace(await job.attempt.outcome(), started_at=started_at, duration=self.clock() - started)
+            outcome = (await job.attempt.outcome()).timed(started_at, self.clock() - started)
             failed = outcome.failure.type if outcome.failure is not None else None
         finally:
             self.meter.tick_ended(inst.machine, failed, self.clock() - started)

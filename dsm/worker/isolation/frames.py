@@ -37,11 +37,11 @@ refused with a `FrameError` that says which.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, TypeVar
 
 from ... import codec
+from ...frozen import slot_setters
 from ...graph import Handler
 from ...ticks import TickCall
 from ...transition import Failure, Outcome
@@ -314,14 +314,9 @@ class ResultFrame(_Frame):
         return cls(ident, outcome, seconds, cpu_seconds)
 
 
-def _slot_setters(cls: type) -> tuple[Callable[[Any, Any], None], ...]:
-    """Setters of the fields of frozen dataclass `cls` through its slots, in the order of its fields."""
-    return tuple(cls.__dict__[f.name].__set__ for f in fields(cls))
-
-
-_set_call_frame_id, _set_call_frame_call, _set_call_frame_abandoned = _slot_setters(CallFrame)
+_set_call_frame_id, _set_call_frame_call, _set_call_frame_abandoned = slot_setters(CallFrame)
 (_set_result_frame_id, _set_result_frame_outcome, _set_result_frame_seconds,
- _set_result_frame_cpu_seconds) = _slot_setters(ResultFrame)
+ _set_result_frame_cpu_seconds) = slot_setters(ResultFrame)
 
 ToProcess = CallFrame | AbandonFrame | DropFrame
 ToWorker = ReadyFrame | ResultFrame
