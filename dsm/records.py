@@ -212,28 +212,35 @@ class Instance:
         return self.payload if token.payload is None else token.payload
 
 
-def _evolver(cls: type) -> Callable[..., Any]:
-    """`dataclasses.replace` for one frozen dataclass, about three times faster: it sets the fields
-    of a new object directly instead of calling __init__ through a dict of every field. A step of
-    an instance makes one new record; this is that cost. The class must have no __post_init__ and
-    no init-only fields (these records have neither)."""
+def _evolver(cls: type, changed: tuple[str, ...]) -> Callable[[Any, dict[str, Any]], Any]:
+    """`dataclasses.replace` for one frozen dataclass and one set of changed fields, about four
+    times faster: it sets the fields of a new object directly, each from the changes or the old
+    object as written in its source, instead of calling __init__ through a dict of every field. A
+    step of an instance makes one new record; this is that cost. The class must have no
+    __post_init__ and no init-only fields (these records have neither)."""
     names = [f.name for f in fields(cls)]
-    body = "".join(f"    _set(new, {n!r}, changes[{n!r}] if {n!r} in changes else self.{n})\n" for n in names)
-    source = f"def evolve(self, **changes):\n    new = _new(_cls)\n{body}    return new\n"
+    body = "".join(f"    _set(new, {n!r}, changes[{n!r}])\n" if n in changed else f"    _set(new, {n!r}, self.{n})\n"
+                   for n in names)
+    source = f"def evolve(self, changes):\n    new = _new(_cls)\n{body}    return new\n"
     namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_set": object.__setattr__}
     exec(source, namespace)  # the same technique dataclasses uses to write __init__
     return namespace["evolve"]
 
 
 def evolve(inst: Instance, **changes: Any) -> Instance:
-    """A copy of `inst` with some fields changed (see `_evolver`)."""
-    unknown = changes.keys() - _INSTANCE_FIELDS
-    if unknown:
-        raise TypeError(f"Instance has no field {sorted(unknown)[0]!r}")
-    return _evolve_instance(inst, **changes)
+    """A copy of `inst` with some fields changed (see `_evolver`; one is made for each set of
+    field names a caller changes, the first time)."""
+    changed = tuple(changes)
+    evolver = _INSTANCE_EVOLVERS.get(changed)
+    if evolver is None:
+        unknown = changes.keys() - _INSTANCE_FIELDS
+        if unknown:
+            raise TypeError(f"Instance has no field {sorted(unknown)[0]!r}")
+        evolver = _INSTANCE_EVOLVERS.setdefault(changed, _evolver(Instance, changed))
+    return evolver(inst, changes)
 
 
-_evolve_instance = _evolver(Instance)
+_INSTANCE_EVOLVERS: dict[tuple[str, ...], Callable[[Any, dict[str, Any]], Any]] = {}  # by the names changed
 _INSTANCE_FIELDS = frozenset(f.name for f in fields(Instance))
 
 
