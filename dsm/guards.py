@@ -761,6 +761,7 @@ def compile_guard(source: str, limits: GuardLimits | None = None) -> Guard:
         body = nodes.Template([nodes.Assign(nodes.Name("result", "store"), tree, lineno=1)], lineno=1)
         body.set_environment(_ENV)
         template = _ENV.from_string(body)
+        template.globals = {}  # the environment has none: each evaluation's context need not list a chain of them
     except TemplateSyntaxError as exc:
         raise GuardError(f"guard {source!r} does not compile: {exc.message}") from None
     except (ValueError, OverflowError) as exc:  # a number literal Python will not read
