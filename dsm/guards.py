@@ -36,7 +36,7 @@ from functools import update_wrapper
 from types import BuiltinFunctionType, MethodType
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 from jinja2.filters import make_attrgetter
@@ -157,6 +157,7 @@ def _leaf(value: Any) -> int | None:
 
 
 _VIEWS: tuple[type, ...] = (type({}.keys()), type({}.values()), type({}.items()))
+_DICT_ATTRIBUTES = frozenset(name for cls in dict.__mro__ for name in vars(cls))  # what getattr finds on a dict
 
 
 def _children(value: Any) -> Iterator[Any]:
@@ -458,6 +459,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         _budget()
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            # what Jinja's getattr does for a plain dict's key, without its failed attribute lookup
+            # (an exception each time): a name no dict has as an attribute can only be a key
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
         return super().getattr(obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
@@ -695,7 +703,7 @@ class Guard:
     costs more than its limits."""
 
     source: str
-    _fn: Callable[..., Any] = field(repr=False, compare=False)
+    _template: Template = field(repr=False, compare=False)  # `{% set result = <source> %}`
     limits: GuardLimits = field(default_factory=GuardLimits, repr=False, compare=False)
 
     def __call__(self, payload: dict, instance: dict, state: str) -> bool:
@@ -708,7 +716,13 @@ class Guard:
     def _evaluate(self, payload: dict, instance: dict, state: str, result: Callable[[Any], Any]) -> Any:
         token = _CURRENT.set(_Budget(self.limits))
         try:
-            return result(self._fn(payload=payload, instance=instance, state=state))
+            # what Jinja's TemplateExpression does, with the three names as the context's own
+            # variables (`shared`: the environment has no globals to merge them into)
+            template = self._template
+            context = template.new_context({"payload": payload, "instance": instance, "state": state}, shared=True)
+            for _ in template.root_render_func(context):
+                pass
+            return result(context.vars["result"])
         except _OutOfTime as exc:
             raise GuardError(f"guard {self.source!r} {exc}") from None
         except SecurityError as exc:
@@ -743,7 +757,11 @@ def compile_guard(source: str, limits: GuardLimits | None = None) -> Guard:
         tree = parser.parse_expression()
         if not parser.stream.eos:
             parser.fail(f"unexpected {parser.stream.current.value!r} after the expression")
-        expression = _ENV.compile_expression(source, undefined_to_none=False)
+        # as Environment.compile_expression builds it, from the tree parsed above
+        body = nodes.Template([nodes.Assign(nodes.Name("result", "store"), tree, lineno=1)], lineno=1)
+        body.set_environment(_ENV)
+        template = _ENV.from_string(body)
+        template.globals = {}  # the environment has none: each evaluation's context need not list a chain of them
     except TemplateSyntaxError as exc:
         raise GuardError(f"guard {source!r} does not compile: {exc.message}") from None
     except (ValueError, OverflowError) as exc:  # a number literal Python will not read
@@ -754,4 +772,4 @@ def compile_guard(source: str, limits: GuardLimits | None = None) -> Guard:
     if unknown:
         names = ", ".join(repr(n) for n in unknown)
         raise GuardError(f"guard {source!r} uses unknown name {names}; guards see payload, instance and state")
-    return Guard(source, expression, limits or GuardLimits.from_env())
+    return Guard(source, template, limits or GuardLimits.from_env())

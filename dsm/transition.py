@@ -554,9 +554,10 @@ def _move(graph: Graph, inst: Instance, token: Token, targets: tuple[str, ...], 
                           f"at state {state.name!r}", state=state.name, attempts=token.attempt)
         return fail(inst, error, now)
     started_at, duration_ms = _timing(outcome, now)
-    entry = HistoryEntry(seq=inst.transitions + 1, state=state.name, next=targets, branch=token.branch,
-                         attempt=token.attempt, outcome=label, worker=worker, at=now, started_at=started_at,
-                         duration_ms=duration_ms, failures=token.failures, signal=signal, child=child)
+    # every field by position (seq, state, next, branch, attempt, outcome, worker, at, started_at,
+    # duration_ms, failures, signal, child): one entry a transition, and keywords would make it slower
+    entry = HistoryEntry(inst.transitions + 1, state.name, targets, token.branch, token.attempt, label, worker, now,
+                         started_at, duration_ms, token.failures, signal, child)
     move = _Move(graph, inst, now)
     del move.tokens[token.id]
     try:
