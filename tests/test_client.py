@@ -301,6 +301,7 @@ def test_every_transport_refuses_in_the_same_words(transports, write):
 
 # -- what only one transport has -------------------------------------------------------------------
 
+@pytest.mark.etcd  # the API server it starts serves a namespace on etcd
 def test_the_api_transport_needs_the_token_and_starts_only_registered_definitions(transports, write):
     instant = write("instant.yaml", INSTANT)
     c = transports.connect("api", APPROVAL, token="s3cret")
