@@ -55,7 +55,7 @@ A waiting token (a timer, a retry, a signal with a timeout) has a marker saying 
 One that only something else can wake (a signal without a timeout, a child) is *parked*: its
 `not_before` is `records.PARKED`, and workers keep no candidate for it. What wakes it rewrites
 its marker as due now: `dsm signal` in the transaction that stores the signal (with the record),
-a child's last commit for its parent's token (`planner.wake_parent_ops`; the parent's commit is
+a child's last commit for its parent's token (`commits.wake_parent_ops`; the parent's commit is
 fenced by the child record's revision, so a wake-up that crosses it is never lost; the wake-up is
 fenced by the parent's record existing, so a parent that is gone gets no marker back).
 """
