@@ -34,7 +34,7 @@ INSTANCES = {  # id -> (machine file, what it is left doing)
     "L-pending": ("legacy.yaml", "running, submitted while no worker ran"),
     "S-timer": ("sleeper.yaml", "running, waiting on a 20s timer"),
     "B-failed": ("broken.yaml", "failed"),
-    "Q-brief": ("brief.yaml", "succeeded, retention 5s: expired by the time it is loaded"),
+    "Q-brief": ("brief.yaml", "succeeded, retention 1m: expired by the time it is loaded, not yet deleted"),
     "P-parent": ("parent.yaml", "running, waiting for its child (which waits for the signal finish)"),
 }
 
