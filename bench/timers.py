@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
+from bench.run import committed  # noqa: E402
 from dsm import compiler  # noqa: E402
 from dsm.keys import Keys  # noqa: E402
 from dsm.operations import Operations  # noqa: E402
-from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
 
@@ -64,8 +64,6 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def committed(store: EtcdStore, keys: Keys) -> int:
-    return await store.count(f"{keys.root}hist/", prefix_end(f"{keys.root}hist/"))
 
 
 async def measure(settings: Settings, endpoint: str | None = None) -> dict[str, Any]:

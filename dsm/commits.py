@@ -5,7 +5,8 @@ A commit applies the outcomes of one instance's finished attempts (folded into o
 the tick-less states that follow right away, and claims the next tokens this worker will run.
 All of it is one transaction, and a transaction is bounded: etcd refuses more than 128
 operations (`--max-txn-ops`), and the memory store models that. The record is always written
-whole in the commit; so are the history entries and everything about the committing worker's own
+whole in the commit, with the newest history entries in it (older ones are spilled, a chunk at a
+time, into a key of their own: `_recorded`); so is everything about the committing worker's own
 tokens. Work markers of other tokens (fork branches, siblings removed by a failure or a join)
 go in the same transaction while they fit; the rest is deferred: the commit puts the `SYNC`
 marker instead, and whichever worker claims it makes the markers match the record
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import index, transition
+from . import codec, index, transition
 from .frozen import fast_init
 from .graph import Graph
 from .keys import Keys, WorkInfo
 from .markers import MAX_TXN_OPS, sync_marker, work_info
-from .records import HistoryEntry, Instance, Token, dump_history, dump_instance
+from .records import HistoryEntry, Instance, Token, dump_instance, evolve, history_to_dict
 from .step import Arrival, apply, bounded
 from .store import Compare, Delete, Op, Put, Txn
 from .transition import Outcome
@@ -30,6 +31,8 @@ from .transition import Outcome
 MAX_ARRIVALS = 60  # outcomes folded into one commit (each adds a compare)
 MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain continues in the next
 CHILD_OPS = 8  # operations creating one child takes, at most (its record, entries and marker)
+RECENT = 16  # history entries a record holds: the commit that would make it hold more spills them
+RECENT_FAILURES = 8  # failed attempts (each with up to 4 KiB of traceback) the entries a record holds may carry
 
 
 @fast_init
@@ -47,6 +50,7 @@ class CommitPlan:
     started: tuple[Instance, ...] = ()  # child instances this commit creates (`call` states)
     applied: int = 0  # how many of the arrivals it applies (the first ones); the rest wait for the next commit
     required: int = 0  # operations it cannot do without (record, history, entries, its own tokens)
+    spill: tuple[int, bytes] | None = None  # a history chunk to write: (its last seq, its entries)
 
     @property
     def sync(self) -> bool:
@@ -80,18 +84,37 @@ def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
     after, history = apply(graph, before, arrivals, now=now, worker=worker, started=started)
     own = frozenset(a.token.id for a in arrivals)
     keep, after = _keep(graph, before, after, own, history, now, worker, slots, started, max_ops)
-    after, record, too_large = bounded(before, after, arrivals, now=now, max_record_bytes=max_record_bytes)
+    recorded, spill = _recorded(after, history)
+    recorded, record, too_large = bounded(before, recorded, arrivals, now=now, max_record_bytes=max_record_bytes)
+    if too_large and spill is None and history:  # the entries kept in it tipped it over: spill them
+        recorded, spill = _recorded(after, history, spill=True)
+        recorded, record, too_large = bounded(before, recorded, arrivals, now=now, max_record_bytes=max_record_bytes)
+    after = recorded
     if too_large:
-        history, keep, started = [], [], []
+        history, keep, started, spill = [], [], [], None
     started = [c for c in started if c.parent is not None and _waits_for(after, c)]
     removed, changed = transition.changes(before, after)
     changed_ids = {t.id for t in changed}
     changed += tuple(t for t in _rewritten(before, after, arrivals) if t.id not in changed_ids)
-    entries = len(history) + index.status_op_count(before, after) + sum(_creation_ops(c) for c in started)
+    entries = (spill is not None) + index.status_op_count(before, after) + sum(_creation_ops(c) for c in started)
     entries += _wakes_parent(before, after)
     keep, deferred, required = _fit(own, removed, changed, keep, entries, max_ops)
     return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record,
-                      tuple(started), len(arrivals), required)
+                      tuple(started), len(arrivals), required, spill)
+
+
+def _recorded(after: Instance, history: list[HistoryEntry], *,
+              spill: bool = False) -> tuple[Instance, tuple[int, bytes] | None]:
+    """`after` with the new history entries kept in its record, and the chunk to write when they
+    are too many (or carry too many failures' tracebacks, or `spill`): then every entry the record
+    held goes into one key, `hist/<id>/<seq of its last entry>`, and the record holds none. A
+    transition costs no key of its own; one in RECENT writes a chunk."""
+    if not history:
+        return after, None
+    recent = after.recent + tuple(history_to_dict(entry) for entry in history)
+    if spill or len(recent) >= RECENT or sum(len(d["failures"]) for d in recent) > RECENT_FAILURES:
+        return evolve(after, recent=()), (recent[-1]["seq"], codec.dumps(list(recent)))
+    return evolve(after, recent=recent), None
 
 
 def _waits_for(inst: Instance, child: Instance) -> bool:
@@ -168,7 +191,7 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
     Also returns the operations that cannot be trimmed (when they are `max_ops` or more, the
     commit has too many arrivals)."""
     changed_ids = {t.id for t in changed}
-    required = 1 + entries  # the record, the history and the index entries
+    required = 1 + entries  # the record, a history chunk and the index entries
     for tid in own:
         if tid in removed:
             required += 2
@@ -210,8 +233,8 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
     inst = plan.after
     iid = inst.id
     ops: list[Op] = [Put(keys.instance(iid), plan.record)]
-    for entry in plan.history:
-        ops.append(Put(keys.history(iid, entry.seq), dump_history(entry)))
+    if plan.spill is not None:
+        ops.append(Put(keys.history(iid, plan.spill[0]), plan.spill[1]))
     ops += index.status_ops(keys, plan.before, plan.after)  # the listing and expiry entries follow the status
     for child in plan.started:
         ops += creation_ops(keys, child, now)

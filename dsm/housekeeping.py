@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import layout
 from .errors import Compacted, ConflictError, LeaseLost, NoSpace, StoreError, StoreUnavailable
 from .index import Expiry, created_ms, created_ops, expires_ms, listing_keys, removal_ops
 from .keys import Keys
@@ -335,6 +336,7 @@ class Housekeeper:
         """One round of deletion; True when more is due at once."""
         if not self._backfilled:  # once, before anything relies on the index
             await backfill(self.store, self.keys)
+            await layout.upgrade(self.store, self.keys)
             self._backfilled = True
         deleted, more = await delete_expired(self.store, self.keys, now=self.wall(), batch=self.options.batch)
         self.stats.deleted += deleted

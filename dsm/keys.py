@@ -6,7 +6,10 @@
                                         definition of that machine (`definitions.py`), so it names the
                                         one stored last; what `dsm api` starts for a machine's name
     /<ns>/inst/<id>                     instance record: status, payload, tokens, fork activations
-    /<ns>/hist/<id>/<seq>               one committed transition (seq zero-padded, commit order)
+    /<ns>/hist/<id>/<seq>               a chunk of committed transitions, named by the seq of its last
+                                        (zero-padded, commit order): a JSON list of entries, spilled
+                                        from the record, which keeps the newest (`commits._recorded`);
+                                        the first layout wrote one entry (a JSON object) a key
     /<ns>/work/<id>/<token>             work marker: exists exactly while the token is pending;
                                         value {machine, digest, state, not_before}
     /<ns>/work/<id>/<token>/claim       claim on that token, bound to the claiming worker's lease
@@ -23,6 +26,7 @@
     /<ns>/workers/<worker id>           a live worker's entry and heartbeat, under its lease (`membership.py`)
     /<ns>/meta/indexed                  present once every record of the namespace has its index entries
                                         (records written before the index existed are indexed once)
+    /<ns>/meta/layout                   the key layout the namespace is written in (`layout.py`); absent: 1
 
 `<age>` is 9999999999999 minus the creation time in milliseconds (13 digits), so a range read
 ascending yields the newest first, ties broken by id; `<expires>` is the expiry time in
@@ -48,8 +52,8 @@ without its marker is work orphaned by a dead or departing worker. Markers and c
 token change in the same revision, so one watch stream tells the cases apart. A token moving
 along a line keeps its id, its marker and its claim: while the worker holding the claim
 continues it, the marker is not rewritten (it says where the token was when it was last
-written), so a linear transition writes the record and its history and makes no watch event
-on work/ at all.
+written), so a linear transition writes the record alone (its history entry in it) and makes no
+watch event on work/ at all.
 
 A waiting token (a timer, a retry, a signal with a timeout) has a marker saying when it is due.
 One that only something else can wake (a signal without a timeout, a child) is *parked*: its
@@ -73,6 +77,7 @@ from .frozen import fast_init
 from .store import prefix_end
 
 CLAIM = "/claim"
+LAYOUT = 2  # the key layout this release writes (`dsm.layout` upgrades a namespace written in an earlier one)
 # An id becomes part of keys: a '/' would put an instance's record, history or work where another
 # key layout expects something else. The contract's pattern, matched whole.
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -185,6 +190,10 @@ class Keys:
     @property
     def indexed(self) -> str:
         return f"{self.root}meta/indexed"
+
+    @property
+    def layout(self) -> str:
+        return f"{self.root}meta/layout"
 
     def work(self, instance_id: str, token: str) -> str:
         return f"{self.root}work/{instance_id}/{token}"

@@ -64,6 +64,7 @@ class WorkerInfo:
     started_at: float
     updated_at: float
     stale_after: float | None = None  # seconds unwritten after which others take it for dead; None: never
+    layout: int = 1  # the key layout it writes (`dsm.layout`); entries of releases before there was one: 1
 
     def as_dict(self) -> dict[str, Any]:
         """The `dsm workers --json` entry."""
@@ -78,6 +79,7 @@ class WorkerInfo:
         raw = self.as_dict()
         raw["started_at"], raw["updated_at"] = self.started_at, self.updated_at
         raw["stale_after"] = self.stale_after
+        raw["layout"] = self.layout
         return codec.dumps(raw)
 
     @staticmethod
@@ -92,7 +94,7 @@ class WorkerInfo:
                           allow=tuple(allow) if allow is not None else None, functions=tuple(d.get("functions", ())),
                           refused=served(d.get("refused", ())), concurrency=d["concurrency"],
                           in_flight=d["in_flight"], started_at=d["started_at"], updated_at=d["updated_at"],
-                          stale_after=d.get("stale_after"))
+                          stale_after=d.get("stale_after"), layout=d.get("layout", 1))
 
     def same_as(self, other: WorkerInfo | None) -> bool:
         """Equal but for when it was written: nothing to tell readers."""

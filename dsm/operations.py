@@ -34,6 +34,7 @@ from .records import (
     HistoryEntry,
     Instance,
     dump_instance,
+    history_from_dict,
     load_history,
     load_instance,
     new_id,
@@ -195,22 +196,35 @@ class Operations:
             raise NotFound(f"no instance {instance_id!r} in namespace {self.keys.namespace!r}")
         return kv, load_instance(kv.value)
 
-    async def history(self, instance_id: str, *, after: int = 0) -> list[HistoryEntry]:
+    async def history(self, instance_id: str, *, after: int = 0, record: Instance | None = None) -> list[HistoryEntry]:
+        """The instance's history entries after seq `after`, in commit order: the chunks under hist/
+        (and the one-entry keys of the first layout), then the newest, kept in the record. `record`:
+        the record already read (the entries returned end where it does); else it is read first,
+        so an entry a commit spills meanwhile is found in its chunk, not lost between the reads."""
         check_instance_id(instance_id)
-        prefix = self.keys.history_prefix(instance_id)
-        start = self.keys.history(instance_id, after + 1) if after else prefix
-        end = prefix_end(prefix)
+        if record is None:
+            kv = await self.store.get(self.keys.instance(instance_id))
+            record = load_instance(kv.value) if kv is not None else None
+        recent = [history_from_dict(d) for d in record.recent if d["seq"] > after] if record is not None else []
+        if record is not None and (record.transitions <= after or (recent and recent[0].seq == after + 1)):
+            return recent  # all of it is in the record
+        # a chunk is named by its last entry: every one holding entries after `after` sorts from here
+        start, end = self.keys.history(instance_id, after + 1), prefix_end(self.keys.history_prefix(instance_id))
         out: list[HistoryEntry] = []
         while True:
-            page = await self.store.range(start, end, limit=1000)
-            out.extend(load_history(kv.value) for kv in page.kvs)
+            page = await self.store.range(start, end, limit=100)
+            for kv in page.kvs:
+                out.extend(entry for entry in load_history(kv.value) if entry.seq > after)
             if not page.more or not page.kvs:
-                return out
+                break
             start = page.kvs[-1].key + "\0"
+        last = out[-1].seq if out else after
+        out.extend(entry for entry in recent if entry.seq > last)
+        return out if record is None else [entry for entry in out if entry.seq <= record.transitions]
 
     async def record(self, instance_id: str, *, history: bool = True) -> dict[str, Any]:
         inst = await self.instance(instance_id)
-        return public_record(inst, await self.history(instance_id) if history else None)
+        return public_record(inst, await self.history(instance_id, record=inst) if history else None)
 
     async def list(self, *, status: str | None = None, machine: str | None = None,
                    since: float | None = None) -> list[Instance]:
@@ -348,7 +362,7 @@ class Operations:
         if on_history is None or inst.transitions <= seen:
             seen = max(seen, inst.transitions)
         else:
-            for entry in await self.history(instance_id, after=seen):
+            for entry in await self.history(instance_id, after=seen, record=inst):
                 if entry.seq > seen:
                     on_history(entry)
                     seen = entry.seq

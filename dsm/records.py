@@ -196,6 +196,9 @@ class Instance:
     # child instances its call states started: retention deletes them with it (None of them: no
     # need to look for any). 0 in records written before it was counted
     children: int = 0
+    # the newest history entries, kept in the record in their stored form (`history_to_dict`) until
+    # a commit spills them into a history chunk (`commits.py`); the older ones are under hist/
+    recent: tuple[dict[str, Any], ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -265,6 +268,7 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
         **({"signals": [sig.dump() for sig in inst.signals]} if inst.signals else {}),
         **({"parent": inst.parent.dump()} if inst.parent is not None else {}),
         **({"children": inst.children} if inst.children else {}),
+        **({"history": inst.recent} if inst.recent else {}),
     }
 
 
@@ -286,6 +290,7 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         signals=tuple(Signal.load(d) for d in raw.get("signals", ())),
         parent=Parent.load(raw["parent"]) if raw.get("parent") else None,
         children=raw.get("children", 0),
+        recent=tuple(raw.get("history", ())),
     )
 
 
@@ -297,7 +302,8 @@ def load_instance(raw: bytes) -> Instance:
     return instance_from_dict(codec.loads(raw))
 
 
-def dump_history(entry: HistoryEntry) -> bytes:
+def history_to_dict(entry: HistoryEntry) -> dict[str, Any]:
+    """A history entry in its stored form (in a record's `history`, or in a chunk under hist/)."""
     raw = {"seq": entry.seq, "state": entry.state, "next": entry.next, "branch": entry.branch,
            "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker, "at": entry.at,
            "started_at": entry.started_at, "duration_ms": entry.duration_ms,
@@ -306,16 +312,22 @@ def dump_history(entry: HistoryEntry) -> bytes:
         raw["signal"] = entry.signal.dump()
     if entry.child is not None:
         raw["child"] = entry.child
-    return codec.dumps(raw)
+    return raw
 
 
-def load_history(raw: bytes) -> HistoryEntry:
-    d = codec.loads(raw)
+def history_from_dict(d: dict[str, Any]) -> HistoryEntry:
     return HistoryEntry(seq=d["seq"], state=d["state"], next=tuple(d["next"]), branch=tuple(d["branch"]),
                         attempt=d["attempt"], outcome=d["outcome"], worker=d["worker"], at=d["at"],
                         started_at=d.get("started_at"), duration_ms=d.get("duration_ms"),
                         failures=tuple(FailedAttempt.load(f) for f in d.get("failures", ())),
                         signal=Signal.load(d["signal"]) if d.get("signal") else None, child=d.get("child"))
+
+
+def load_history(raw: bytes) -> list[HistoryEntry]:
+    """The entries of a key under hist/: a chunk (a list, as commits spill them), or one entry (a
+    dict, as the first key layout wrote one key a transition)."""
+    value = codec.loads(raw)
+    return [history_from_dict(d) for d in (value if isinstance(value, list) else [value])]
 
 
 def public_record(inst: Instance, history: list[HistoryEntry] | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from . import handlers
+from . import handlers, layout
 from .definitions import Registry, register
 from .errors import DsmError
 from .graph import Graph
@@ -83,6 +83,7 @@ async def serving(store: Store, keys: Keys, graphs: Sequence[Graph] = (), *, con
     the definitions' modules ahead; 'thread' in the worker. `metrics` / `health`: serve them there
     while the worker runs (`CannotListen` when the address cannot be bound). `options` are
     `dsm.worker.running`'s and `Worker`'s, passed as they are."""
+    await layout.check_workers(store, keys)  # OlderRelease: this release must not run beside an earlier one
     path = (*search_path, *folders_of(graphs))
     if allow is None:
         allow = handlers.Allowlist(tuple(dict.fromkeys(m for g in graphs for m in g.modules())))

@@ -162,7 +162,7 @@ class StoreTransport:
         inst = await self.operations.wait(
             instance_id, on_history=(lambda entry: on_history(entry.as_dict())) if on_history else None,
             on_update=(lambda now: on_update(public_record(now))) if on_update else None)
-        return public_record(inst, await self.operations.history(instance_id))
+        return public_record(inst, await self.operations.history(instance_id, record=inst))
 
     async def signal(self, instance_id: str, name: str, payload: dict[str, Any], outcome: str | None) -> Record:
         return public_record(await self.operations.signal(instance_id, name, payload, outcome=outcome))

@@ -38,6 +38,17 @@ async def snapshot(endpoints: str, namespace: str, **credentials: str) -> list[t
         await store.close()
 
 
+async def transitions_committed(store: Any, keys: Keys) -> int:
+    """Transitions committed in a namespace, summed over its records (each counts its own)."""
+    start, end, total = keys.instances, prefix_end(keys.instances), 0
+    while True:
+        page = await store.range(start, end, limit=500)
+        total += sum(json.loads(kv.value)["transitions"] for kv in page.kvs)
+        if not page.more or not page.kvs:
+            return total
+        start = page.kvs[-1].key + "\0"
+
+
 def wait_all_finished(endpoints: str, namespace: str, expected: int, timeout: float = 120,
                       **credentials: str) -> list:
     last: list = []

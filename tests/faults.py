@@ -106,4 +106,6 @@ def is_fork_commit(compare: Sequence[Any], success: Sequence[Any]) -> bool:
 
 
 def is_commit(compare: Sequence[Any], success: Sequence[Any]) -> bool:
-    return any(isinstance(op, Put) and "/hist/" in op.key for op in ops_of(success))
+    """A worker's commit: it writes a record, fenced by the claims of the tokens it moves."""
+    return any(isinstance(op, Put) and "/inst/" in op.key for op in ops_of(success)) and any(
+        c.key.endswith("/claim") for c in compare)

@@ -6,7 +6,7 @@ from typing import Any
 
 from dsm import index
 from dsm.keys import Keys
-from dsm.records import load_instance
+from dsm.records import load_history, load_instance
 from dsm.store import prefix_end
 
 
@@ -38,10 +38,13 @@ async def inconsistencies(store: Any, keys: Keys) -> list[str]:
     problems += [f"entry without its record {k}" for k in sorted(have_idx - want_idx)]
     problems += [f"missing expiry {k}" for k in sorted(want_exp - have_exp)]
     problems += [f"expiry without its record {k}" for k in sorted(have_exp - want_exp)]
-    history: dict[str, int] = {}
+    history: dict[str, int] = {}  # entries stored, in chunks (or one-entry keys) and in records
     for kv in await read_all(store, f"{keys.root}hist/"):
         iid = kv.key[len(f"{keys.root}hist/"):].rpartition("/")[0]
-        history[iid] = history.get(iid, 0) + 1
+        history[iid] = history.get(iid, 0) + len(load_history(kv.value))
+    for iid, inst in records.items():
+        if inst.recent:
+            history[iid] = history.get(iid, 0) + len(inst.recent)
     for iid, count in history.items():
         if iid not in records:
             problems.append(f"history without its record: {iid} ({count} entries)")

@@ -24,6 +24,7 @@ from dsm.definitions import Registry
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.store.memory import MemoryStore
+from dsm.version import __version__
 from dsm.worker import Worker, running
 from dsm.worker.meter import TICK_BUCKETS, Histogram
 
@@ -120,7 +121,7 @@ def test_a_worker_serves_its_numbers_on_metrics(etcd, namespace, write, tmp_path
         stop(proc)
 
     assert expected["good"] == 6
-    assert value(samples, "dsm_worker_info", worker=worker_id, namespace=namespace, version="0.1.0") == 1
+    assert value(samples, "dsm_worker_info", worker=worker_id, namespace=namespace, version=__version__) == 1
     assert value(samples, "dsm_worker_slots") == 4
     # ticks by outcome, by machine: good 3 x 2 ok; bad: flaky error+ok (x2), broken error, slow timeout x2
     assert value(samples, "dsm_ticks_total", machine="good", outcome="ok") == 6
@@ -203,11 +204,11 @@ def test_several_workers_in_one_process_each_serve_their_own(write):
         return scraped, texts
 
     scraped, texts = asyncio.run(main())
-    assert [value(s, "dsm_worker_info", worker=w, namespace="dsm", version="0.1.0")
+    assert [value(s, "dsm_worker_info", worker=w, namespace="dsm", version=__version__)
             for s, w in zip(scraped, ("w1", "w2"))] == [1, 1]
     assert sum(value(s, "dsm_transitions_total", machine="good") for s in scraped) == 40
     assert sum(value(s, "dsm_instances_finished_total", machine="good", status="succeeded") for s in scraped) == 20
-    assert [parse(t)[("dsm_worker_info", (("namespace", "dsm"), ("version", "0.1.0"), ("worker", w)))]
+    assert [parse(t)[("dsm_worker_info", (("namespace", "dsm"), ("version", __version__), ("worker", w)))]
             for t, w in zip(texts, ("w1", "w2"))] == [1, 1]
 
 

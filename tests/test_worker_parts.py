@@ -229,8 +229,9 @@ def test_the_count_of_index_operations_matches_the_operations():
 
 
 def test_arrivals_that_need_more_than_a_transaction_are_applied_in_turns():
-    """Sixty map items finish while a commit is in flight: each needs a history entry, its marker and
-    its claim, 180 operations in all. The plan applies the first ones that fit; the rest wait."""
+    """A hundred map items finish while a commit is in flight: each needs its marker and its claim
+    deleted, 200 operations in all (their history entries go in the record). The plan applies the
+    first ones that fit; the rest wait."""
     graph = compiler.compile_text("""
 machine: m
 max_transitions: 1000
@@ -241,19 +242,19 @@ states:
   done: {terminal: true}
 """, "m.yaml", import_handlers=False)
     inst = start(graph, "i1", {"xs": list(range(300))}, 0.0)
-    for _ in range(2):  # two rounds of 32 starts: 64 items in flight
+    for _ in range(4):  # four rounds of 32 starts: 128 items in flight
         arrivals = [Arrival(t, 5, Outcome()) for t in inst.tokens.values()][:1]
         inst = plan_commit(graph, inst, arrivals, now=1.0, worker="w", slots=0, max_record_bytes=10**7).after
     items = [t for t in inst.tokens.values() if t.state == "b"]
-    arrivals = [Arrival(t, 5, Outcome(payload={"y": 1})) for t in items[:60]]
+    arrivals = [Arrival(t, 5, Outcome(payload={"y": 1})) for t in items[:100]]
     plan = plan_commit(graph, inst, arrivals, now=2.0, worker="w", slots=8, max_record_bytes=10**7)
-    assert 1 <= plan.applied < 60 and plan.required < MAX_TXN_OPS
+    assert 1 <= plan.applied < 100 and plan.required < MAX_TXN_OPS
     assert len(plan.history) == plan.applied
     txn = commit_txn(KEYS, plan, 7, {a.token.id: 5 for a in arrivals}, worker="w", lease=9, now=2.0)
     assert max(ops_of(txn)) <= MAX_TXN_OPS
     rest = plan_commit(graph, plan.after, arrivals[plan.applied:], now=2.0, worker="w", slots=8,
                        max_record_bytes=10**7)
-    assert rest.applied + plan.applied <= 60 and len(rest.history) == rest.applied
+    assert rest.applied + plan.applied <= 100 and len(rest.history) == rest.applied
 
 
 def test_call_states_fold_only_as_many_children_as_half_a_transaction_holds():

@@ -222,7 +222,7 @@ class Api:
     async def get_graph(self, request: Request) -> Response:
         iid = self.instance_id(request)
         inst = await self.operations.instance(iid)
-        history = await self.operations.history(iid)
+        history = await self.operations.history(iid, record=inst)
         try:
             graph = await self.graph_of(inst.digest)
         except NotFound as exc:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 
 from ..definitions import Registry
 from ..errors import AccessDenied, LeaseLost, StoreError
-from ..keys import Keys
+from ..keys import LAYOUT, Keys
 from ..membership import Served, WorkerInfo, key
 from ..store import Put, Store
 from .lease import LeaseKeeper
@@ -68,7 +68,7 @@ class Presence:
             allow=allow.prefixes, functions=allow.functions,
             refused=tuple(Served(machine or "?", None, digest) for digest, machine in sorted(refused.items())),
             concurrency=self.concurrency, in_flight=self.in_flight(), started_at=self.started_at,
-            updated_at=self.wall(), stale_after=self.stale_after)
+            updated_at=self.wall(), stale_after=self.stale_after, layout=LAYOUT)
 
     async def attach(self, lease: int) -> None:
         """Write the entry under a new lease, before the lease is used: a plain put, which etcd

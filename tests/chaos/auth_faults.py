@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cluster import transitions_committed
 from harness import MACHINES, Chaos, Config, _dsm_command
 
 from dsm import compiler
@@ -435,8 +436,7 @@ class AuthChaos(Chaos):
         root = self.stores["root"]
         total = 0
         for ns in ("a", "b"):
-            hist = f"{Keys(ns).root}hist/"
-            total += await self.retry(lambda hist=hist: root.count(hist, prefix_end(hist)))
+            total += await self.retry(lambda ns=ns: transitions_committed(root, Keys(ns)))
         return total
 
     async def all_finished(self, store: Any = None) -> bool:

@@ -33,6 +33,8 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TESTS))
 
+from cluster import transitions_committed  # noqa: E402
+
 from dsm import compiler  # noqa: E402
 from dsm.audit import audit  # noqa: E402
 from dsm.errors import StoreError  # noqa: E402
@@ -153,8 +155,7 @@ class Chaos:
                 await asyncio.sleep(0.2)
 
     async def committed(self, store: EtcdStore) -> int:
-        root = f"{self.keys.root}hist/"
-        return await self.retry(lambda: store.count(root, prefix_end(root)))
+        return await self.retry(lambda: transitions_committed(store, self.keys))
 
     async def claims_of(self, store: EtcdStore, proc: subprocess.Popen) -> dict[str, int]:
         """Instances the worker holds claims on, with their transition counts now."""

@@ -38,7 +38,7 @@ def status(instance_id: InstanceId,
     async def look(client: AsyncClient) -> tuple[dict, list, list, list, list[str]]:
         ops = client.operations  # what an operator sees besides the record: workers, alarms, earlier failures
         inst = await ops.instance(instance_id)
-        record = records.public_record(inst, await ops.history(instance_id))
+        record = records.public_record(inst, await ops.history(instance_id, record=inst))
         alarms = await ops.alarms()
         if record["status"] != records.RUNNING:
             return record, [], [], earlier_failures(inst), alarms

@@ -1,0 +1,153 @@
+"""A namespace written by release 0.1 (the first key layout) keeps working under this release.
+
+tests/upgrade/layout1.json holds every key of a namespace that release 0.1.0 wrote
+(tests/upgrade/make_namespace.py made it): instances finished, failed, cancelled, one past its
+retention, and running ones waiting for a signal, a timer and a child, one never started. It is
+loaded as it was into a store; this release then lists, shows and finishes them all, its
+housekeeper deletes what the new layout no longer reads, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from helpers import until_async
+from indexes import inconsistencies, read_all
+
+from dsm import compiler
+from dsm.housekeeping import HousekeepingOptions
+from dsm.keys import LAYOUT, Keys
+from dsm.layout import OlderRelease, legacy_prefixes, written
+from dsm.membership import WorkerInfo
+from dsm.operations import Operations
+from dsm.service import serving
+from dsm.store import Put, prefix_end
+
+HERE = Path(__file__).resolve().parent / "upgrade"
+SAVED = json.loads((HERE / "layout1.json").read_text())
+
+
+async def load_saved(store, namespace: str) -> dict[str, bytes]:
+    """The saved namespace's keys put into `namespace` of `store`, as release 0.1 left them."""
+    old = f"/{SAVED['namespace']}/"
+    loaded = {f"/{namespace}/" + key[len(old):]: base64.b64decode(value) for key, value, _ in SAVED["keys"]}
+    for key, value in loaded.items():
+        await store.put(key, value)
+    return loaded
+
+
+def graphs() -> list:
+    return [compiler.load(HERE / name) for name in ("legacy.yaml", "sleeper.yaml", "broken.yaml", "brief.yaml",
+                                                    "parent.yaml")]
+
+
+def test_a_namespace_of_the_first_layout_carries_on(store_factory, namespace):
+    async def body():
+        store = await store_factory()
+        keys = Keys(namespace)
+        client = Operations(store, keys)
+        try:
+            await load_saved(store, namespace)
+            old_history = {iid: [h.as_dict() for h in await client.history(iid)] for iid in SAVED["instances"]}
+            assert [h["seq"] for h in old_history["L-done"]] == list(range(1, 9))  # a to c, through the fork
+            # listed as release 0.1 listed them, before anything was migrated (Q-brief is past its
+            # retention: not listed, though not deleted yet)
+            listed = {i.id: i.status for i in await client.list()}
+            assert listed == {"L-done": "succeeded", "L-gate": "running", "L-cancel": "cancelled",
+                              "L-pending": "running", "S-timer": "running", "B-failed": "failed",
+                              "P-parent": "running", "P-parent.c2.1": "running"}
+            assert [i.id for i in await client.list(status="running", machine="legacy")] == ["L-pending", "L-gate"]
+            assert await written(store, keys) == 1
+
+            options = HousekeepingOptions(interval=0.2, compaction_retention=0)
+            async with serving(store, keys, graphs(), concurrency=4, housekeeping=options):
+                await client.signal("L-gate", "go")
+                await client.signal("L-pending", "go")
+                await client.signal("P-parent.c2.1", "finish")
+                for iid in ("L-gate", "L-pending", "S-timer", "P-parent"):
+                    inst = await client.wait(iid, timeout=60)
+                    assert inst.status == "succeeded", (iid, inst.error)
+                await until_async(lambda: written(store, keys), "the namespace upgraded", timeout=30)
+                await until_async(lambda: _gone(client, "Q-brief"), "Q-brief deleted by retention", timeout=30)
+
+            assert await written(store, keys) == LAYOUT
+            for prefix in legacy_prefixes(keys):
+                assert await read_all(store, prefix) == []
+            assert not [kv.key for kv in await read_all(store, keys.root) if "Q-brief" in kv.key]
+            assert await inconsistencies(store, keys) == []
+            # nothing lost: the history of every instance, old entries and new, once each, in order
+            for iid, before in old_history.items():
+                if iid == "Q-brief":
+                    continue
+                after = [h.as_dict() for h in await client.history(iid)]
+                inst = await client.instance(iid)
+                assert after[:len(before)] == before, iid
+                assert [h["seq"] for h in after] == list(range(1, inst.transitions + 1)), iid
+            record = await client.record("L-gate")  # two transitions then, eight now
+            assert [h["state"] for h in record["history"]][:4] == ["a", "b", "gate", "split"]
+            assert sorted(h["state"] for h in record["history"][4:6]) == ["left", "right"]
+            assert [h["state"] for h in record["history"]][6:] == ["nap", "c"]
+            assert record["payload"] == {"a": 1, "b": 1, "left": 1, "right": 1, "c": 1}
+            finished = {i.id: i.status for i in await client.list()}
+            assert finished == {**{iid: "succeeded" for iid in ("L-done", "L-gate", "L-pending", "S-timer",
+                                                                "P-parent", "P-parent.c2.1")},
+                                "L-cancel": "cancelled", "B-failed": "failed"}
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+async def _gone(client: Operations, iid: str) -> bool:
+    return not await read_all(client.store, client.keys.instance(iid))
+
+
+def test_a_worker_of_this_release_does_not_start_beside_one_of_an_earlier_release(store_factory, namespace):
+    async def body():
+        store = await store_factory()
+        keys = Keys(namespace)
+        try:
+            lease = await store.lease_grant(30)
+            old = WorkerInfo(id="old:1", host="old", pid=1, definitions=(), allow=None, functions=(), refused=(),
+                             concurrency=1, in_flight=0, started_at=0.0, updated_at=0.0)
+            raw = json.loads(old.dump())
+            del raw["layout"]  # as release 0.1 wrote its entry
+            await store.txn([], [Put(f"{keys.root}workers/old:1", json.dumps(raw).encode(), lease)])
+            with pytest.raises(OlderRelease, match=r"old:1.*stop them"):
+                async with serving(store, keys, graphs()):
+                    pass
+            await store.lease_revoke(lease)
+            async with serving(store, keys, graphs()) as service:  # gone: this release starts
+                assert service.worker is not None
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_the_upgrade_deletes_the_earlier_entries_in_batches_and_twice_does_no_harm(store_factory, namespace,
+                                                                                     monkeypatch):
+    from dsm import layout
+
+    async def body():
+        store = await store_factory()
+        keys = Keys(namespace)
+        try:
+            loaded = await load_saved(store, namespace)
+            legacy = [k for k in loaded if any(k.startswith(p) for p in legacy_prefixes(keys))]
+            assert len(legacy) == 27  # three of the four entries of each of 9 instances
+            monkeypatch.setattr(layout, "BATCH", 4)
+            assert await layout.upgrade(store, keys) == 27
+            assert await layout.upgrade(store, keys) == 0
+            left = {kv.key for kv in await read_all(store, keys.root)}
+            assert left == set(loaded) - set(legacy) | {keys.layout}
+            assert await read_all(store, f"{keys.root}idx/sm/") != []
+            assert prefix_end(keys.root) not in left
+        finally:
+            await store.close()
+
+    asyncio.run(body())
