@@ -4,7 +4,9 @@
     /<ns>/machines/<machine>            the machine's newest definition: {digest, version, description,
                                         registered_at}; written in the transaction that first stores a
                                         definition of that machine (`definitions.py`), so it names the
-                                        one stored last; what `dsm api` starts for a machine's name
+                                        one stored last; what `dsm api` starts for a machine's name.
+                                        Not written with instances: a listing reads these names but
+                                        looks for machines they miss too (`index.py`)
     /<ns>/inst/<id>                     instance record: status, payload, tokens, fork activations
     /<ns>/hist/<id>/<seq>               one committed transition (seq zero-padded, commit order)
     /<ns>/work/<id>/<token>             work marker: exists exactly while the token is pending;
