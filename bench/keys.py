@@ -9,7 +9,7 @@ deleted is one, however many share a transaction); `bench/run.py` reads those co
 throughput run. This bench says which keys they are: one worker over the memory store (which
 writes exactly the transactions a worker writes to etcd) runs the instances to their end while
 a watch on the whole namespace sees every put and delete, each sorted by the kind of key
-(`dsm.keys`: the record, history, work markers, claims, the listing and expiry indexes ...).
+(`dsm.keys`: the record, history, work markers, claims, the listing and expiry entries ...).
 The definitions registered and the worker's own entry are left out: they are not the
 instances'. Nothing here depends on the machine's speed or load.
 """
@@ -45,8 +45,8 @@ def kind(keys: Keys, key: str) -> str:
         if key.endswith(CLAIM):
             return "claim"
         return "sync marker" if parts[-1] == "sync" else "work marker"
-    if head == "idx":
-        return f"index {parts[1]}"
+    if head == "idx":  # idx/sm/ holds the listing entries; idx/all/, status/, machine/ only an earlier release's
+        return "listing" if parts[1] == "sm" else f"listing ({parts[1]}, legacy)"
     return {"inst": "record", "hist": "history", "exp": "expiry"}.get(head, head)
 
 

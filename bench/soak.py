@@ -8,7 +8,7 @@ coming so that `--backlog` of them always wait; worker processes (`dsm worker`, 
 threads) run them, and one of them keeps house: it deletes instances past their retention and
 compacts etcd's history. Every `--sample` seconds the run records etcd's database size (and the
 part in use), instances finished, worker memory and etcd's alarms. Successes are counted exactly,
-by watching the index entries that a finish writes (`idx/status/succeeded/`), so every instance
+by watching the listing entries that a finish writes (`idx/sm/succeeded/`), so every instance
 submitted is accounted for even after retention deleted it.
 
 Targets (issue 9): no NOSPACE alarm; the database flat once the first retention period has
@@ -170,7 +170,7 @@ def stop_workers(procs: list[subprocess.Popen]) -> None:
 
 
 class Outcomes:
-    """Every instance that finished, by watching the status entries a finish writes."""
+    """Every instance that finished, by watching the listing entries a finish writes (under its status)."""
 
     def __init__(self, store: EtcdStore, keys: Keys):
         self.store = store
@@ -180,15 +180,15 @@ class Outcomes:
         self.error: BaseException | None = None
 
     async def run(self, revision: int) -> None:
-        prefix = f"{self.keys.root}idx/status/"
+        prefix = self.keys.listings()
         try:
             watch = await self.store.watch(prefix, prefix_end(prefix), start_revision=revision)
             async for batch in watch:
                 for event in batch.events:
                     if event.type != PUT:
                         continue
-                    status, _, rest = event.kv.key[len(prefix):].partition("/")
-                    iid = rest.partition("/")[2]
+                    status, _, rest = event.kv.key[len(prefix):].partition("/")  # <status>/<machine>/<age>/<id>
+                    iid = rest.rpartition("/")[2]
                     if status == "succeeded":
                         self.succeeded.add(iid)
                     elif status != "running":
@@ -205,7 +205,7 @@ async def sample(store: EtcdStore, env: EtcdCluster, keys: Keys, started: float,
 
     maintenance = rpc.MaintenanceStub(store._channel)
     status = await maintenance.Status(rpc.StatusRequest(), timeout=5)
-    running = await store.count(keys.index_prefix(status="running"), prefix_end(keys.index_prefix(status="running")))
+    running = await store.count(keys.listings("running"), prefix_end(keys.listings("running")))
     stored = await store.count(keys.instances, prefix_end(keys.instances))
     return Sample(t=time.monotonic() - started, db_bytes=status.dbSize, db_in_use_bytes=status.dbSizeInUse,
                   succeeded=len(outcomes.succeeded), submitted=submitted, running=running, stored=stored,
@@ -268,8 +268,7 @@ async def soak(settings: Settings, *, progress: bool = True) -> Soak:
         result.failed_or_cancelled = len(outcomes.other)
         result.unaccounted = len(set(submitted) - outcomes.succeeded - outcomes.other)
         try:
-            result.left_running = await store.count(keys.index_prefix(status="running"),
-                                                    prefix_end(keys.index_prefix(status="running")))
+            result.left_running = await store.count(keys.listings("running"), prefix_end(keys.listings("running")))
         except StoreError:
             result.left_running = -1
     finally:

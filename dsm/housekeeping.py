@@ -37,7 +37,7 @@ from typing import Protocol
 
 from . import layout
 from .errors import Compacted, ConflictError, LeaseLost, NoSpace, StoreError, StoreUnavailable
-from .index import Expiry, created_ms, created_ops, expires_ms, listing_keys, removal_ops
+from .index import Expiry, created_ms, created_ops, expires_ms, listing_key, removal_ops
 from .keys import Keys
 from .records import Instance, load_instance
 from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
@@ -197,10 +197,10 @@ async def backfill(store: Store, keys: Keys, *, page: int = 100) -> int:
         while pending:
             txns = []
             for inst in pending:
-                first = listing_keys(keys, inst.id, inst.status, inst.machine, created_ms(inst))[0]
+                listed = listing_key(keys, inst.id, inst.status, inst.machine, created_ms(inst))
                 name = keys.instance(inst.id)
-                txns.append(Txn([Compare.mod(name, "==", revisions[name]), Compare.version(first, "==", 0)],
-                                created_ops(keys, inst), [Get(name), Get(first)]))
+                txns.append(Txn([Compare.mod(name, "==", revisions[name]), Compare.version(listed, "==", 0)],
+                                created_ops(keys, inst), [Get(name), Get(listed)]))
             result = await store.txn([], txns)
             moved = []
             for i in range(len(pending)):

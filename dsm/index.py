@@ -1,11 +1,31 @@
 """The listing index and the expiry index: what `dsm list` and retention read instead of every record.
 
-Every instance has four listing entries (all, by status, by machine, by status and machine; see
-`keys.py`), named by its creation time so that a range read ascending yields the newest first.
-A finished instance also has one expiry entry, named by when retention deletes it. They are
-written in the same transaction as the record change that affects them: creation, a status
-change (finish, cancel, a redrive), deletion. So the index never disagrees with the records it
-lists; a page reads its index entries, then only the records of that page.
+Every instance has one listing entry, `idx/sm/<status>/<machine>/<age>/<id>` (see `keys.py`), named
+by its creation time so that a range read ascending yields the newest first. A finished instance
+also has one expiry entry, named by when retention deletes it. They are written in the same
+transaction as the record change that affects them: creation, a status change (finish, cancel, a
+redrive: the listing entry moves to the new status), deletion. So the index never disagrees with
+the records it lists; a page reads its index entries, then only the records of that page.
+
+A listing by status and machine reads one range. The others merge several, newest first, by the
+part of the key after the range's prefix (`sort_key`: age, then id), which orders them as one
+range would: by status, the ranges of every machine; by machine, those of the four statuses;
+unfiltered, all of them. A page costs the page times the ranges merged, whatever else is stored.
+
+Which machines have entries: the registry (`/<ns>/machines/<name>`, written by
+`definitions.register`) names most, but not surely all of them. Its pointers are written in
+transactions of their own, before instances start, not with the instances: a namespace whose
+definitions were stored before pointers existed has none for a machine until a definition of it is
+registered again, yet its workers start children of that machine meanwhile (a call state's child is
+created by the parent's commit, `commits.creation_ops`, from the definition the parent pinned by
+digest, registering nothing); a pointer that etcd refused while over its quota waits for a later
+registration too. So machines are found by a skip-scan of `idx/sm/<status>/` (the first key from
+where the scan stands, keys only; then from the end of that key's machine, and so on), and the
+registry's names serve as the bounds of that scan: a listing reads every named machine's range, and
+the scan probes only the gaps between them. etcd 3.5 walks every key of a range that it answers
+with a limit (to count them), so a probe to the end of the status would walk the entries of every
+machine after it; a probe of a gap walks only the entries of machines that the registry does not
+name, none when it names them all.
 
 The functions here build operations and read pages; they decide nothing about when to write.
 """
@@ -23,8 +43,9 @@ from typing import Any
 from . import codec
 from .durations import parse_duration
 from .errors import InputError, NoSpace
-from .keys import INSTANCE_ID, Keys
-from .records import Instance, load_instance, public_record
+from .keys import INSTANCE_ID, MACHINE_NAME, Keys
+from .markers import MAX_TXN_OPS
+from .records import STATUSES, Instance, load_instance, public_record
 from .store import Delete, Get, KeyValue, Op, Put, Store, prefix_end
 
 AGE_MAX = 9_999_999_999_999  # milliseconds: the age part of an index key counts down from here
@@ -55,17 +76,15 @@ def sort_key(created: int, instance_id: str) -> str:
     return f"{AGE_MAX - min(max(created, 0), AGE_MAX):013d}/{instance_id}"
 
 
-def listing_keys(keys: Keys, instance_id: str, status: str, machine: str, created: int) -> list[str]:
-    """The four listing entries of an instance with this status."""
-    tail = sort_key(created, instance_id)
-    return [keys.index_prefix() + tail, keys.index_prefix(machine=machine) + tail,
-            *status_keys(keys, instance_id, status, machine, created)]
+def listing_key(keys: Keys, instance_id: str, status: str, machine: str, created: int) -> str:
+    """An instance's listing entry while it has this status (it moves when the status changes)."""
+    return keys.listing(status, machine) + sort_key(created, instance_id)
 
 
-def status_keys(keys: Keys, instance_id: str, status: str, machine: str, created: int) -> list[str]:
-    """The two listing entries that name the status (they move when it changes)."""
-    tail = sort_key(created, instance_id)
-    return [keys.index_prefix(status=status) + tail, keys.index_prefix(status=status, machine=machine) + tail]
+def legacy_prefixes(keys: Keys) -> list[str]:
+    """Where the three listing entries that earlier releases also wrote for every instance lie (all,
+    by status, by machine): nothing reads or writes them any more; upgrading deletes them once."""
+    return [f"{keys.root}idx/all/", f"{keys.root}idx/status/", f"{keys.root}idx/machine/"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +120,7 @@ def expiry_put(keys: Keys, inst: Instance) -> Put | None:
 
 def created_ops(keys: Keys, inst: Instance) -> list[Op]:
     """The entries of a new instance (in the transaction that creates its record)."""
-    ops: list[Op] = [Put(k, b"") for k in listing_keys(keys, inst.id, inst.status, inst.machine, created_ms(inst))]
+    ops: list[Op] = [Put(listing_key(keys, inst.id, inst.status, inst.machine, created_ms(inst)), b"")]
     exp = expiry_put(keys, inst)
     if exp is not None:
         ops.append(exp)
@@ -110,14 +129,14 @@ def created_ops(keys: Keys, inst: Instance) -> list[Op]:
 
 def status_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
     """What a change from `before` to `after` does to the entries: nothing unless the status or
-    the expiry changed; then the status entries move and the expiry entry follows."""
+    the expiry changed; then the listing entry moves and the expiry entry follows."""
     if before.status == after.status and before.expires_at == after.expires_at:
         return []
     created = created_ms(before)
     ops: list[Op] = []
     if before.status != after.status:
-        ops += [Delete(k) for k in status_keys(keys, before.id, before.status, before.machine, created)]
-        ops += [Put(k, b"") for k in status_keys(keys, after.id, after.status, after.machine, created)]
+        ops.append(Delete(listing_key(keys, before.id, before.status, before.machine, created)))
+        ops.append(Put(listing_key(keys, after.id, after.status, after.machine, created), b""))
     old, new = expires_ms(before), expiry_put(keys, after)
     if old is not None and (new is None or new.key != keys.expiry(old, before.id)):
         ops.append(Delete(keys.expiry(old, before.id)))
@@ -132,7 +151,7 @@ def status_op_count(before: Instance, after: Instance) -> int:
     if before.status == after.status and before.expires_at == after.expires_at:
         return 0
     old, new = expires_ms(before), expires_ms(after)
-    moved = 4 if before.status != after.status else 0  # the two status entries deleted, and put anew
+    moved = 2 if before.status != after.status else 0  # the listing entry deleted, and put under the new status
     return moved + (old is not None and old != new) + (new is not None)
 
 
@@ -140,7 +159,7 @@ def removal_ops(keys: Keys, instance_id: str, expiry: Expiry, expires: int | Non
     """Deleting an instance's record, entries, history and leftover work markers: one transaction,
     so nothing is ever half deleted (range deletes are one operation each, whatever they hold)."""
     ops: list[Op] = [Delete(keys.instance(instance_id))]
-    ops += [Delete(k) for k in listing_keys(keys, instance_id, expiry.status, expiry.machine, expiry.created)]
+    ops.append(Delete(listing_key(keys, instance_id, expiry.status, expiry.machine, expiry.created)))
     if expires is not None:
         ops.append(Delete(keys.expiry(expires, instance_id)))
     history = keys.history_prefix(instance_id)
@@ -210,55 +229,154 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
                now: float | None = None) -> Page:
     """Up to `limit` instances, newest first, created at or after `since`, after the cursor `after`.
 
-    Reads the index entries of the page and the records they name. An entry whose record changed
-    status or went away between the two reads is skipped (it is listed under its new status).
+    Reads the index entries of the page, from every range the filter merges, and the records they
+    name. An entry whose record went away between the two reads is skipped, and so is one whose
+    record changed status when the listing is by status (it is listed under its new status). The
+    ranges of one machine are read in one transaction, so an instance whose status changes while a
+    page is read is found once, under one status; the cursor is its sort key, the same under every
+    status, so a later page neither lists it again nor passes it by.
 
     etcd 3.5 answers a range with a limit after walking every key of the range (to count them),
-    so the index is read in windows of creation time that grow fourfold from a second (from `now`,
-    or from the cursor): a page walks the keys near it, not every instance stored."""
-    prefix = keys.index_prefix(status, machine)
-    end = prefix_end(prefix)
-    if since is not None:
-        end = prefix_end(prefix + sort_key(int(since * 1000), ""))  # ages up to since's: created since
+    so every range is read in windows of creation time that grow fourfold from a second (from
+    `now`, or from the cursor): a page walks the keys near it, not every instance stored."""
+    ranges = await _ranges(store, keys, status, machine)
+    end = None if since is None else prefix_end(sort_key(int(since * 1000), ""))  # ages up to since's: created since
     if after is None:
-        start = prefix
+        low = ""
         origin = int(sort_key(int(((time.time() if now is None else now) + 1.0) * 1000), "")[:13])
-        windows = [prefix + f"{origin:013d}"]  # before it: what writers whose clocks run ahead made
+        bounds = [f"{origin:013d}"]  # before it: what writers whose clocks run ahead made
     else:
-        start = prefix + check_cursor(after) + "\0"
+        low = check_cursor(after) + "\0"
         origin = int(after[:13])
-        windows = []
+        bounds = []
     step = 1000
     while origin + step <= AGE_MAX:
-        windows.append(prefix + f"{origin + step:013d}")
+        bounds.append(f"{origin + step:013d}")
         step *= 4
-    ends = iter([w for w in windows if w < end] + [end])
-    window = next(ends)
+    windows: list[str | None] = [b for b in bounds if end is None or b < end]
+    windows.append(end)
     items: list[Instance] = []
     last: str | None = None
-    while True:
-        want = limit - len(items)
-        found = await store.range(start, window, limit=min(max(want, 1), PAGE), keys_only=True)
-        if found.kvs and want <= 0:
-            return Page(items, last)  # full, and more follow
-        if found.kvs:
-            tails = [kv.key[len(prefix):] for kv in found.kvs]
-            for tail, kv in zip(tails, await _records(store, [keys.instance(t.partition("/")[2]) for t in tails])):
-                last = tail
+    for high in windows:
+        while True:
+            want = limit - len(items)
+            take = min(want, PAGE)
+            tails, more = await _entries(store, ranges, low, high, take)
+            if not tails:
+                break
+            if want <= 0:
+                return Page(items, last)  # full, and more follow
+            chosen = tails[:take]
+            for kv in await _records(store, [keys.instance(tail.partition("/")[2]) for tail in chosen]):
                 if kv is None:
                     continue
                 inst = load_instance(kv.value)
                 if status is not None and inst.status != status:
                     continue
                 items.append(inst)
-            if found.more:
-                if len(items) >= limit:
-                    return Page(items, last)
-                start = found.kvs[-1].key + "\0"
-                continue
-        if window == end:
-            return Page(items, None)
-        start, window = window, next(ends)
+            last = chosen[-1]
+            low = last + "\0"
+            if not more:
+                break  # the window holds nothing more
+            if len(items) >= limit:
+                return Page(items, last)
+        if high is not None:
+            low = high
+    return Page(items, None)
+
+
+async def _ranges(store: Store, keys: Keys, status: str | None, machine: str | None) -> list[list[str]]:
+    """The prefixes of the listing ranges a filter merges, those of one machine together."""
+    statuses = list(STATUSES) if status is None else [status]
+    if machine is not None:
+        return [[keys.listing(s, machine) for s in statuses]]
+    return [[keys.listing(s, name) for s in statuses] for name in await listed_machines(store, keys, statuses)]
+
+
+async def listed_machines(store: Store, keys: Keys, statuses: list[str]) -> list[str]:
+    """The machines the registry names, and any other that has listing entries under `statuses`:
+    a skip-scan of the gaps the registry's names leave (see the module's docstring)."""
+    named = await _registered(store, keys)
+    found = set(named)
+    gaps: list[tuple[str, str, str]] = []  # (status prefix, start, end)
+    for status in statuses:
+        prefix = keys.listings(status)
+        start = prefix
+        for name in sorted(named, key=lambda n: n + "/"):  # as their ranges lie: "a-b/" before "a/"
+            gaps.append((prefix, start, prefix + name + "/"))
+            start = prefix_end(prefix + name + "/")
+        gaps.append((prefix, start, prefix_end(prefix)))
+    while gaps:
+        answers = await _read(store, [[Get(start, end, limit=1, keys_only=True)] for _, start, end in gaps])
+        following = []
+        for (prefix, _, end), (kvs,) in zip(gaps, answers):
+            if kvs:
+                name = kvs[0].key[len(prefix):].partition("/")[0]
+                if MACHINE_NAME.fullmatch(name):
+                    found.add(name)
+                following.append((prefix, prefix_end(prefix + name + "/"), end))
+        gaps = [(prefix, start, end) for prefix, start, end in following if start < end]
+    return sorted(found)
+
+
+async def _registered(store: Store, keys: Keys) -> list[str]:
+    """The machines the registry names (keys only: the definitions they point to are not needed)."""
+    start, end = keys.machines, prefix_end(keys.machines)
+    names: list[str] = []
+    while True:
+        found = await store.range(start, end, limit=500, keys_only=True)
+        names += [kv.key[len(keys.machines):] for kv in found.kvs]
+        if not found.more or not found.kvs:
+            return [name for name in names if MACHINE_NAME.fullmatch(name)]
+        start = found.kvs[-1].key + "\0"
+
+
+async def _entries(store: Store, ranges: list[list[str]], low: str, high: str | None,
+                   take: int) -> tuple[list[str], bool]:
+    """The sort keys from `low` up to `high` (None: the end) of every range, merged, newest first
+    and each once, at most `take` + 1 of each range (at least one: whether any follows); and
+    whether more than `take` follow `low` in the window."""
+    limit = take + 1
+    reads = [[Get(prefix + low, prefix_end(prefix) if high is None else prefix + high, limit=limit, keys_only=True)
+              for prefix in group] for group in ranges]
+    tails: set[str] = set()
+    cut = False
+    for group, answers in zip(ranges, await _read(store, reads)):
+        for prefix, kvs in zip(group, answers):
+            tails.update(kv.key[len(prefix):] for kv in kvs)
+            cut = cut or len(kvs) >= limit
+    merged = sorted(tails)
+    return merged, cut or len(merged) > take
+
+
+async def _read(store: Store, groups: list[list[Get]]) -> list[list[list[KeyValue]]]:
+    """What each read of each group finds. A group's reads go in one transaction (groups share
+    one, up to etcd's MAX_TXN_OPS operations), so they see one revision; the transactions go at
+    once. While etcd is over its quota (it refuses every transaction then, read-only ones too) each
+    read goes alone."""
+    batches: list[list[list[Get]]] = []
+    room = 0
+    for group in groups:
+        if len(group) > room:
+            batches.append([])
+            room = MAX_TXN_OPS
+        batches[-1].append(group)
+        room -= len(group)
+
+    async def one(batch: list[list[Get]]) -> list[list[list[KeyValue]]]:
+        gets = [get for group in batch for get in group]
+        try:
+            found = [answer.kvs for answer in (await store.txn([], gets)).gets()]
+        except NoSpace:
+            found = [result.kvs for result in await asyncio.gather(*(
+                store.range(get.key, get.end, limit=get.limit, keys_only=get.keys_only) for get in gets))]
+        out = []
+        for group in batch:
+            out.append(found[:len(group)])
+            found = found[len(group):]
+        return out
+
+    return [group for answers in await asyncio.gather(*(one(batch) for batch in batches)) for group in answers]
 
 
 async def _records(store: Store, names: list[str]) -> list[KeyValue | None]:

@@ -4,7 +4,9 @@
     /<ns>/machines/<machine>            the machine's newest definition: {digest, version, description,
                                         registered_at}; written in the transaction that first stores a
                                         definition of that machine (`definitions.py`), so it names the
-                                        one stored last; what `dsm api` starts for a machine's name
+                                        one stored last; what `dsm api` starts for a machine's name.
+                                        Not written with instances: a listing reads these names but
+                                        looks for machines they miss too (`index.py`)
     /<ns>/inst/<id>                     instance record: status, payload, tokens, fork activations
     /<ns>/hist/<id>/<seq>               a chunk of committed transitions, named by the seq of its last
                                         (zero-padded, commit order): a JSON list of entries, spilled
@@ -16,10 +18,10 @@
 
     /<ns>/work/<id>/sync                the SYNC marker: this instance's markers lag its record
 
-    /<ns>/idx/all/<age>/<id>                      listing index: every instance, newest first
-    /<ns>/idx/status/<status>/<age>/<id>          ... by status
-    /<ns>/idx/machine/<machine>/<age>/<id>        ... by machine
-    /<ns>/idx/sm/<status>/<machine>/<age>/<id>    ... by status and machine (values empty)
+    /<ns>/idx/sm/<status>/<machine>/<age>/<id>    listing index: one entry an instance, under its
+                                                  status and machine (values empty); a listing by
+                                                  status, by machine or of everything merges these
+                                                  ranges, newest first (`index.py`)
     /<ns>/exp/<expires>/<id>            expiry index: a finished instance, by when retention deletes it;
                                         value {machine, status, created, transitions}
     /<ns>/housekeeper                   the housekeeping election: the holder's name, under its lease
@@ -31,6 +33,9 @@
 `<age>` is 9999999999999 minus the creation time in milliseconds (13 digits), so a range read
 ascending yields the newest first, ties broken by id; `<expires>` is the expiry time in
 milliseconds, 13 digits, so a range from the start up to now yields exactly what has expired.
+Namespaces written by earlier releases also hold `idx/all/`, `idx/status/<status>/` and
+`idx/machine/<machine>/` (three more entries an instance, `index.legacy_prefixes`): nothing reads
+or writes them any more, and upgrading a namespace deletes them.
 
 Invariants, kept because every change is one transaction:
 - a running instance's record lists token T  <=>  work/<id>/T exists, unless work/<id>/sync
@@ -41,9 +46,9 @@ Invariants, kept because every change is one transaction:
 - a claim exists only beside its work marker, and only while its worker's lease lives;
 - a commit for token T compares the record's mod revision and the claim's create revision, so a
   worker whose lease expired (its claim deleted by etcd) or who was overtaken can never commit;
-- an instance has its four index entries exactly while its record exists, under its current
-  status, and its expiry entry exactly while it is finished: every transaction that creates a
-  record, changes its status or deletes it writes them too (`index.py`). An expiry entry is
+- an instance has its listing entry exactly while its record exists, under its current status,
+  and its expiry entry exactly while it is finished: every transaction that creates a record,
+  changes its status or deletes it writes them too (`index.py`). An expiry entry is
   written in the same transaction as the record, so its mod revision is the record's: deletion
   compares it, and never deletes a record that changed since (`housekeeping.py`).
 
@@ -166,15 +171,15 @@ class Keys:
     def history_prefix(self, instance_id: str) -> str:
         return f"{self.root}hist/{instance_id}/"
 
-    def index_prefix(self, status: str | None = None, machine: str | None = None) -> str:
-        """The listing index that answers a filter: by status and machine, by either, or all."""
-        if status is not None and machine is not None:
-            return f"{self.root}idx/sm/{status}/{machine}/"
-        if status is not None:
-            return f"{self.root}idx/status/{status}/"
-        if machine is not None:
-            return f"{self.root}idx/machine/{machine}/"
-        return f"{self.root}idx/all/"
+    def listing(self, status: str, machine: str) -> str:
+        """The listing entries of one status and one machine, newest first (`index.page` merges
+        these ranges for a listing by status, by machine or of everything)."""
+        return f"{self.root}idx/sm/{status}/{machine}/"
+
+    def listings(self, status: str | None = None) -> str:
+        """Every listing entry, or every one of a status: for counting and watching them. Read as
+        a range, it gives one machine's entries after another's, not the newest first."""
+        return f"{self.root}idx/sm/" if status is None else f"{self.root}idx/sm/{status}/"
 
     @property
     def expiry_prefix(self) -> str:

@@ -28,7 +28,7 @@ async def inconsistencies(store: Any, keys: Keys) -> list[str]:
     want_idx: set[str] = set()
     want_exp: set[str] = set()
     for inst in records.values():
-        want_idx |= set(index.listing_keys(keys, inst.id, inst.status, inst.machine, index.created_ms(inst)))
+        want_idx.add(index.listing_key(keys, inst.id, inst.status, inst.machine, index.created_ms(inst)))
         ms = index.expires_ms(inst)
         if ms is not None:
             want_exp.add(keys.expiry(ms, inst.id))

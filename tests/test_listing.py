@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from collections import Counter
 from datetime import datetime, timezone
 
 import pytest
 from clitools import dsm
+from indexes import read_all
 
 from dsm import compiler, index
 from dsm.errors import InputError
 from dsm.keys import Keys
 from dsm.operations import Operations
-from dsm.store import prefix_end
+from dsm.records import load_instance
+from dsm.store import Get, prefix_end
 from dsm.store.memory import MemoryStore
 
 WAITS = """
@@ -82,10 +86,10 @@ def run_with_store(store_factory, body):
     return asyncio.run(go())
 
 
-async def everything(client: Operations, limit: int, **filters) -> tuple[list[str], int]:
+async def everything(client: Operations, limit: int, *, after: str | None = None,
+                     **filters) -> tuple[list[str], int]:
     ids: list[str] = []
     pages = 0
-    after = None
     while True:
         page = await client.page(limit=limit, after=after, **filters)
         pages += 1
@@ -156,35 +160,58 @@ def test_bad_cursor_and_status_are_refused(store_factory):
 
 
 class Counting:
-    """A store that counts the keys it hands out: what a listing costs, whatever the clock says."""
+    """A store that counts the keys it hands out, by kind (`idx`, `inst`, `machines` ...), and the
+    requests: what a listing costs, whatever the clock says."""
 
-    def __init__(self, store):
+    def __init__(self, store, keys: Keys | None = None):
         self.store = store
-        self.keys_read = 0
+        self.keys = keys or Keys()
+        self.read: Counter[str] = Counter()
+        self.requests = 0
         self.keys_walked = 0  # what etcd 3.5 walks to answer the ranges: every key in them, whatever the limit
+
+    @property
+    def keys_read(self) -> int:
+        return sum(self.read.values())
+
+    def reset(self) -> None:
+        self.read.clear()
+        self.requests = self.keys_walked = 0
 
     def __getattr__(self, name):
         return getattr(self.store, name)
 
+    def _count(self, kvs) -> None:
+        self.read.update(kv.key[len(self.keys.root):].partition("/")[0] for kv in kvs)
+
     async def range(self, start, end=None, **kwargs):
         result = await self.store.range(start, end, **kwargs)
-        self.keys_read += len(result.kvs)
+        self.requests += 1
+        self._count(result.kvs)
         self.keys_walked += await self.store.count(start, end)
         return result
 
     async def get(self, key):
-        self.keys_read += 1
-        return await self.store.get(key)
+        kv = await self.store.get(key)
+        self.requests += 1
+        self._count([kv] if kv is not None else [])
+        return kv
 
     async def txn(self, compare, success=(), failure=()):
         result = await self.store.txn(compare, success, failure)
-        self.keys_read += sum(len(r.kvs) for r in result.responses if hasattr(r, "kvs"))
+        self.requests += 1
+        for op in success if result.succeeded else failure:
+            if isinstance(op, Get) and op.end is not None:
+                self.keys_walked += await self.store.count(op.key, op.end)
+        for answer in result.responses:
+            self._count(getattr(answer, "kvs", ()))
         return result
 
 
 def test_a_page_reads_its_entries_and_records_only():
-    """With 3,000 instances stored, a page of 20 reads 20 index entries and 20 records, whichever
-    filter: never a scan of every record or entry."""
+    """With 3,000 instances stored, a page of 20 reads the records of its 20 instances and, of each
+    range it merges, at most 21 index entries (the 21st says whether more follow), whichever filter:
+    never a scan of every record or entry."""
     waits, _, ends, _ = machines()
 
     async def go():
@@ -197,17 +224,21 @@ def test_a_page_reads_its_entries_and_records_only():
         costs = {}
         for name, filters in {"all": {}, "status": {"status": "succeeded"}, "machine": {"machine": "waits"},
                               "both": {"status": "running", "machine": "waits"}}.items():
-            counting.keys_read = 0
+            counting.reset()
             page = await reader.page(limit=20, **filters)
             assert len(page.items) == 20 and page.next is not None
-            costs[name] = counting.keys_read
-            counting.keys_read = 0
+            costs[name] = dict(counting.read)
+            counting.reset()
             await reader.page(limit=20, after=page.next, **filters)
-            costs[name + " next"] = counting.keys_read
+            costs[name + " next"] = dict(counting.read)
         return costs
 
     costs = asyncio.run(go())
-    assert all(cost == 40 for cost in costs.values()), costs
+    assert all(cost["inst"] == 20 for cost in costs.values()), costs
+    # entries: one range holds them all (both filters given, or by machine) or one each of the two machines
+    assert costs["both"]["idx"] == costs["machine"]["idx"] == 21 and costs["status"]["idx"] == 21, costs
+    assert costs["all"]["idx"] == 2 * 21, costs
+    assert all(cost.get("machines", 0) <= 2 for cost in costs.values()), costs  # the registry's names
 
 
 def test_a_page_walks_the_index_near_it_only():
@@ -222,16 +253,55 @@ def test_a_page_walks_the_index_near_it_only():
         counting = Counting(store)
         reader = Operations(counting, Keys(), wall=client.wall)
         walked = []
-        after = None
-        for _ in range(3):
-            counting.keys_walked = 0
-            page = await reader.page(limit=20, after=after)
-            walked.append(counting.keys_walked)
-            after = page.next
+        for filters in ({}, {"status": "running"}, {"machine": "waits"}, {"status": "running", "machine": "waits"}):
+            after = None
+            for _ in range(3):
+                counting.reset()
+                page = await reader.page(limit=20, after=after, **filters)
+                walked.append(counting.keys_walked)
+                after = page.next
         return walked
 
     walked = asyncio.run(go())
     assert all(w <= 100 for w in walked), walked  # with one range to the end: 3,000 each
+
+
+def test_a_page_costs_the_same_among_400_or_2000_instances():
+    """A page of 10 among instances of 5 machines in every status: the entries it reads are bounded
+    by the ranges it merges times the page (plus one), its records are the page's, and neither,
+    nor the number of requests, grows with the instances stored."""
+    graphs = [compiler.compile_text(WAITS.format(name=f"m{i}"), f"m{i}.yaml", import_handlers=False) for i in range(3)]
+    graphs += [compiler.compile_text(ENDS.format(name="ends", status="succeeded"), "e.yaml", import_handlers=False),
+               compiler.compile_text(ENDS.format(name="fails", status="failed"), "f.yaml", import_handlers=False)]
+    filters = {"all": {}, "running": {"status": "running"}, "cancelled": {"status": "cancelled"},
+               "succeeded": {"status": "succeeded"}, "m0": {"machine": "m0"}, "ends": {"machine": "ends"},
+               "both": {"status": "cancelled", "machine": "m1"}}
+
+    async def costs(count: int) -> dict[str, tuple[int, int, int]]:
+        store = MemoryStore()
+        client = Operations(store, Keys())
+        for graph in graphs:
+            ids = await client.submit_many(graph, [{} for _ in range(count // len(graphs))])
+            if graph.machine.startswith("m"):
+                for iid in ids[::3]:
+                    await client.cancel(iid)
+        counting = Counting(store)
+        reader = Operations(counting, Keys())
+        out = {}
+        for name, kwargs in filters.items():
+            counting.reset()
+            page = await reader.page(limit=10, **kwargs)
+            page = await reader.page(limit=10, after=page.next, **kwargs)
+            assert len(page.items) == 10 and page.next is not None, name
+            out[name] = (counting.read["idx"], counting.read["inst"], counting.requests)
+        return out
+
+    small, large = asyncio.run(costs(400)), asyncio.run(costs(2000))
+    assert small == large, (small, large)
+    ranges = {"all": 5 * 4, "running": 5, "cancelled": 5, "succeeded": 5, "m0": 4, "ends": 4, "both": 1}
+    for name, (entries, records, requests) in large.items():
+        assert entries <= 2 * ranges[name] * 11, (name, large)  # two pages
+        assert records == 20 and requests <= 12, (name, large)
 
 
 def test_since_takes_times_and_durations():
@@ -293,3 +363,192 @@ def test_list_filters_and_refuses_bad_input(at, write):
         result = dsm("list", *args, *at)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+# -- merging the ranges of several machines and statuses -------------------------------------------
+
+class TiedClock(Clock):
+    """Instances two by two in the same millisecond (their ids break the tie), pairs 1.5 s apart."""
+
+    def __init__(self, now: float = 1_700_000_000.0):
+        super().__init__(now)
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls % 2:
+            self.now += 1.5
+        return self.now
+
+
+MERGED = ("order", "order-x", "order0", "billing", "zeta")  # names whose prefixes nest: "order-x/" < "order/"
+
+
+async def populate_merged(client: Operations) -> None:
+    """Forty instances of five machines in every status: running, succeeded, failed and cancelled."""
+    for i in range(40):
+        name = MERGED[i % len(MERGED)]
+        if i % 2 == 0:
+            graph = compiler.compile_text(WAITS.format(name=name), f"{name}.yaml", import_handlers=False)
+        else:
+            status = "succeeded" if i % 4 == 1 else "failed"
+            graph = compiler.compile_text(ENDS.format(name=name, status=status), f"{name}.yaml",
+                                          import_handlers=False)
+        iid = await client.submit(graph, {"i": i})
+        if i % 8 == 0:
+            await client.cancel(iid)
+
+
+async def by_full_sort(client: Operations, *, status: str | None = None, machine: str | None = None,
+                       since: float | None = None) -> list[str]:
+    """What a listing must give: every record that matches, sorted as the index sorts them."""
+    found = [load_instance(kv.value) for kv in await read_all(client.store, client.keys.instances)]
+    found = [i for i in found if (status is None or i.status == status) and (machine is None or i.machine == machine)
+             and (since is None or index.created_ms(i) >= int(since * 1000))]
+    return [i.id for i in sorted(found, key=lambda i: index.sort_key(index.created_ms(i), i.id))]
+
+
+def run_merged(store_factory, body):
+    async def go():
+        store = await store_factory()
+        keys = Keys("t" + str(id(store)))
+        client = Operations(store, keys, wall=TiedClock())
+        try:
+            await populate_merged(client)
+            return await body(client)
+        finally:
+            await store.delete(keys.root, prefix_end(keys.root))
+            await store.close()
+
+    return asyncio.run(go())
+
+
+FILTERS = {"status running": {"status": "running"}, "status succeeded": {"status": "succeeded"},
+           "status cancelled": {"status": "cancelled"}, "machine order": {"machine": "order"},
+           "machine order-x": {"machine": "order-x"}, "everything": {},
+           "since": {"since": 1_700_000_000.0 + 20}, "since and status": {"since": 1_700_000_000.0 + 12,
+                                                                        "status": "failed"},
+           "since and machine": {"since": 1_700_000_000.0 + 9, "machine": "zeta"},
+           "status and machine": {"status": "succeeded", "machine": "order0"}}
+
+
+def test_merged_listings_page_as_a_full_sort_of_the_records(store_factory):
+    """By status across machines, by machine across statuses, unfiltered, with `since`: pages of 1,
+    2 and 3 with cursors give the records' own order (newest first, ties by id), each once."""
+
+    async def body(client):
+        out = {}
+        for name, filters in FILTERS.items():
+            want = await by_full_sort(client, **filters)
+            got = {size: (await everything(client, size, **filters))[0] for size in (1, 2, 3)}
+            whole = (await everything(client, 1000, **filters))[0]
+            out[name] = (want, got, whole)
+        return out
+
+    for name, (want, got, whole) in run_merged(store_factory, body).items():
+        assert want, name
+        assert got[1] == got[2] == got[3] == whole == want, name
+    assert len(want) == len(set(want))
+
+
+def test_an_instance_that_finishes_between_two_pages_is_listed_once(store_factory):
+    """Two running instances are cancelled after the first page, one behind its cursor and one
+    ahead of it: a listing of everything or by machine still lists each instance once, in order;
+    one by status lists none twice, the one ahead under its new status, and loses no other."""
+
+    async def body(client, filters):
+        before = await by_full_sort(client, **filters)
+        first = await client.page(limit=4, **filters)
+        records = [load_instance(kv.value) for kv in await read_all(client.store, client.keys.instances)]
+        running = sorted((index.sort_key(index.created_ms(i), i.id), i.id) for i in records
+                         if i.status == "running" and i.machine == filters.get("machine", i.machine))
+        behind = [iid for key, iid in running if key <= first.next][-1]
+        ahead = [iid for key, iid in running if key > first.next][0]
+        for iid in (behind, ahead):
+            await client.cancel(iid)
+        rest = (await everything(client, 2, after=first.next, **filters))[0]
+        return before, [i.id for i in first.items], rest, ahead
+
+    for name, filters in {"everything": {}, "machine": {"machine": "order"}, "running": {"status": "running"},
+                          "cancelled": {"status": "cancelled"}}.items():
+        before, listed, rest, ahead = run_merged(store_factory, functools.partial(body, filters=filters))
+        seen = listed + rest
+        assert len(seen) == len(set(seen)), name
+        if name in ("everything", "machine"):
+            assert seen == before, name
+        elif name == "running":
+            assert seen == [i for i in before if i != ahead], name
+        else:
+            assert ahead in rest and set(seen) == set(before) | {ahead} and len(seen) == len(before) + 1, name
+
+
+def test_every_instance_has_one_listing_entry_and_a_finished_one_its_expiry(store_factory):
+    async def body(client):
+        records = [load_instance(kv.value) for kv in await read_all(client.store, client.keys.instances)]
+        entries = [kv.key for kv in await read_all(client.store, f"{client.keys.root}idx/")]
+        expiries = [kv.key for kv in await read_all(client.store, client.keys.expiry_prefix)]
+        return records, entries, expiries, client.keys
+
+    records, entries, expiries, keys = run_merged(store_factory, body)
+    assert sorted(entries) == sorted(index.listing_key(keys, i.id, i.status, i.machine, index.created_ms(i))
+                                     for i in records)
+    assert len(entries) == len(records) == 40
+    assert sorted(expiries) == sorted(keys.expiry(index.expires_ms(i), i.id) for i in records if i.finished)
+    assert not any(e.startswith(tuple(index.legacy_prefixes(keys))) for e in entries)
+
+
+def test_machines_the_registry_does_not_name_are_listed(store_factory):
+    """A machine without a pointer in the registry (definitions stored before pointers existed)
+    is found by the skip-scan of the listing entries, between and around the names it has."""
+
+    async def body(client):
+        for name in ("order0", "billing", "zeta", "order-x"):
+            await client.store.delete(client.keys.machine(name))
+        out = {}
+        for name, filters in FILTERS.items():
+            out[name] = ((await everything(client, 3, **filters))[0], await by_full_sort(client, **filters))
+        return out
+
+    for name, (got, want) in run_merged(store_factory, body).items():
+        assert got == want, name
+
+
+def test_instances_that_finish_while_a_page_is_read_are_listed_once():
+    """Forty machines: an unfiltered listing merges 160 ranges, more than one transaction reads. An
+    instance finishes after every read of the index; each machine's ranges are read in one
+    transaction, so whatever moved in between, every instance is listed once."""
+    graphs = [compiler.compile_text(WAITS.format(name=f"m{i:02d}"), f"m{i}.yaml", import_handlers=False)
+              for i in range(40)]
+
+    class Meddling:
+        def __init__(self, store, finish):
+            self.store, self.finish = store, finish
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+        async def txn(self, compare, success=(), failure=()):
+            result = await self.store.txn(compare, success, failure)
+            if any(isinstance(op, Get) and op.keys_only and "/idx/sm/" in op.key for op in success):
+                await self.finish()
+            return result
+
+    async def go():
+        store = MemoryStore()
+        client = Operations(store, Keys())
+        ids = [iid for graph in graphs for iid in await client.submit_many(graph, [{}, {}, {}])]
+        victims = ids[::2]
+
+        async def finish():
+            if victims:
+                await client.cancel(victims.pop())
+
+        reader = Operations(Meddling(store, finish), Keys())
+        listed = {name: (await everything(reader, 7, **filters))[0]
+                  for name, filters in {"everything": {}, "m07": {"machine": "m07"}}.items()}
+        return ids, listed, victims
+
+    ids, listed, victims = asyncio.run(go())
+    assert len(victims) < len(ids) // 2  # some finished while pages were read
+    assert sorted(listed["everything"]) == sorted(ids)
+    assert sorted(listed["m07"]) == sorted(ids[21:24])

@@ -343,6 +343,17 @@ def test_a_transaction_reads_its_own_writes(store_factory):
     assert run(store_factory, body) == ([b"2"], [], ["new"])
 
 
+def test_a_transaction_reads_ranges_with_a_limit_and_keys_only(store_factory):
+    async def body(store, p):
+        for name in ("a", "b", "c", "d"):
+            await store.put(p + name, name.encode() * 3)
+        result = await store.txn([], [Get(p + "b", prefix_end(p), limit=2, keys_only=True), Get(p, p + "b"),
+                                      Get(p + "a", keys_only=True)])
+        return [[(kv.key[len(p):], kv.value) for kv in result.get(i).kvs] for i in range(3)]
+
+    assert run(store_factory, body) == [[("b", b""), ("c", b"")], [("a", b"aaa")], [("a", b"")]]
+
+
 def test_the_keys_of_a_lease(store_factory):
     async def body(store, p):
         lease = await store.lease_grant(10)

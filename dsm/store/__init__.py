@@ -87,9 +87,13 @@ class Delete:
 @fast_init
 @dataclass(frozen=True, slots=True)
 class Get:
+    """A read in a transaction: one key, or (with `end`) a range of up to `limit` keys (0: all);
+    `keys_only` leaves the values out, as a range read's does."""
+
     key: str
     end: str | None = None
     limit: int = 0
+    keys_only: bool = False
 
 
 @fast_init

@@ -281,6 +281,8 @@ def _fill_ops(repeated: Any, ops: Sequence[Op]) -> None:
                 get.range_end = _encode(op.end)
             if op.limit:
                 get.limit = op.limit
+            if op.keys_only:
+                get.keys_only = True
         elif isinstance(op, Txn):
             _fill_txn(msg.request_txn, op.compare, op.success, op.failure)
         else:

@@ -278,7 +278,8 @@ class MemoryStore:
                         count += 1
                 responses.append(DeleteResult(count))
             elif isinstance(op, Get):  # reads see this transaction's earlier writes, as in etcd
-                responses.append(GetResult(self._read_own(op, changes)))
+                found = self._read_own(op, changes)
+                responses.append(GetResult([replace(kv, value=b"") for kv in found] if op.keys_only else found))
             elif isinstance(op, Txn):
                 sub_ok, sub_responses = self._apply(op.compare, op.success, op.failure, changes, events)
                 responses.append(TxnResult(sub_ok, rev, sub_responses))
