@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 from .errors import InputError
+from .index import legacy_prefixes
 from .keys import LAYOUT, Keys
 from .membership import live
 from .store import Delete, Put, Store, prefix_end
@@ -32,11 +33,6 @@ log = logging.getLogger("dsm.layout")
 
 class OlderRelease(InputError):
     """A live worker of an earlier release holds the namespace."""
-
-
-def legacy_prefixes(keys: Keys) -> list[str]:
-    """What layout 1 wrote and layout 2 neither writes nor reads."""
-    return [f"{keys.root}idx/all/", f"{keys.root}idx/status/", f"{keys.root}idx/machine/"]
 
 
 async def written(store: Store, keys: Keys) -> int:

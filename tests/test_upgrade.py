@@ -20,8 +20,9 @@ from indexes import inconsistencies, read_all
 
 from dsm import compiler
 from dsm.housekeeping import HousekeepingOptions
+from dsm.index import legacy_prefixes
 from dsm.keys import LAYOUT, Keys
-from dsm.layout import OlderRelease, legacy_prefixes, written
+from dsm.layout import OlderRelease, written
 from dsm.membership import WorkerInfo
 from dsm.operations import Operations
 from dsm.service import serving
@@ -54,12 +55,11 @@ def test_a_namespace_of_the_first_layout_carries_on(store_factory, namespace):
             await load_saved(store, namespace)
             old_history = {iid: [h.as_dict() for h in await client.history(iid)] for iid in SAVED["instances"]}
             assert [h["seq"] for h in old_history["L-done"]] == list(range(1, 9))  # a to c, through the fork
-            # listed as release 0.1 listed them, before anything was migrated (Q-brief is past its
-            # retention: not listed, though not deleted yet)
+            # listed as release 0.1 listed them, before anything was migrated
             listed = {i.id: i.status for i in await client.list()}
             assert listed == {"L-done": "succeeded", "L-gate": "running", "L-cancel": "cancelled",
                               "L-pending": "running", "S-timer": "running", "B-failed": "failed",
-                              "P-parent": "running", "P-parent.c2.1": "running"}
+                              "Q-brief": "succeeded", "P-parent": "running", "P-parent.c2.1": "running"}
             assert [i.id for i in await client.list(status="running", machine="legacy")] == ["L-pending", "L-gate"]
             assert await written(store, keys) == 1
 
