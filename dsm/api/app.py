@@ -259,7 +259,8 @@ class Api:
             await self.operations.instance(instance)  # NotFound: 404 now rather than a silent stream
         body = events.stream(self.store, self.keys, self.streams, instance=instance, last_id=last_id,
                              heartbeat=self.heartbeat,
-                             history=lambda iid, after: self.operations.history(iid, after=after))
+                             history=lambda iid, after, record: self.operations.history(iid, after=after,
+                                                                                       record=record))
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 

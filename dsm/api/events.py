@@ -75,7 +75,8 @@ def parse_last_id(text: str | None) -> int | None:
 
 
 _CLOSED = object()
-History = Callable[[str, int], Awaitable[list[HistoryEntry]]]  # (instance id, after seq) -> entries
+# (instance id, after seq, its record as the stream saw it) -> the entries up to that record
+History = Callable[[str, int, Instance], Awaitable[list[HistoryEntry]]]
 
 
 @dataclass
@@ -109,7 +110,7 @@ async def _pump(watch: Watch, queue: asyncio.Queue) -> None:
 async def stream(store: Store, keys: Keys, streams: Streams, *, instance: str | None = None,
                  last_id: int | None = None, heartbeat: float = HEARTBEAT,
                  history: History | None = None) -> AsyncIterator[str]:
-    """The event stream (see the module docstring). `history(id, after)` reads an instance's
+    """The event stream (see the module docstring). `history(id, after, record)` reads an instance's
     history entries after a sequence number (for `?instance=`)."""
     if instance is not None:
         start, end = keys.instance(instance), None
@@ -216,7 +217,7 @@ async def _history_frames(history: History | None, instance: str, seen: int,
     """`history` events for the entries committed after `seen` (each with its sequence number)."""
     if history is None or inst.transitions <= seen:
         return []
-    entries = await history(instance, seen)
+    entries = await history(instance, seen, inst)
     return [(frame("history", {"id": instance, **entry.as_dict()}), entry.seq)
             for entry in entries if entry.seq > seen]
 
