@@ -104,7 +104,9 @@ class Soak:
             "db_mb_middle": middle.db_bytes / 2**20, "db_mb_end": end.db_bytes / 2**20,
             "db_end_over_middle": end.db_bytes / max(middle.db_bytes, 1),
             "db_mb_max": max(s.db_bytes for s in self.samples) / 2**20,
-            "db_in_use_mb_end": end.db_in_use_bytes / 2**20,
+            "db_in_use_mb_middle": middle.db_in_use_bytes / 2**20, "db_in_use_mb_end": end.db_in_use_bytes / 2**20,
+            "db_in_use_end_over_middle": end.db_in_use_bytes / max(middle.db_in_use_bytes, 1),
+            "db_in_use_mb_max": max(s.db_in_use_bytes for s in self.samples) / 2**20,
             "transitions_per_s_first_tenth": self.rate(0.0, 0.1),
             "transitions_per_s_start": start_rate, "transitions_per_s_end": end_rate,
             "throughput_end_over_start": end_rate / max(start_rate, 1e-9),
@@ -282,7 +284,10 @@ def table(figures: dict[str, Any], settings: Settings) -> str:
     rows = [
         ("NOSPACE alarm", "raised" if figures["nospace"] else "never", ""),
         ("etcd database, middle -> end", f"{figures['db_mb_middle']:.1f} -> {figures['db_mb_end']:.1f} MB",
-         f"{figures['db_end_over_middle']:.2f}x (target <= 1.2x); max {figures['db_mb_max']:.1f} MB"),
+         f"{figures['db_end_over_middle']:.2f}x; max {figures['db_mb_max']:.1f} MB"),
+        ("etcd database in use, middle -> end",
+         f"{figures['db_in_use_mb_middle']:.1f} -> {figures['db_in_use_mb_end']:.1f} MB",
+         f"{figures['db_in_use_end_over_middle']:.2f}x (target <= 1.2x); max {figures['db_in_use_mb_max']:.1f} MB"),
         ("throughput, start -> end (transitions/s)",
          f"{figures['transitions_per_s_start']:,.0f} -> {figures['transitions_per_s_end']:,.0f}",
          f"{figures['throughput_end_over_start']:.2f}x (target >= 0.9x); first tenth "

@@ -23,7 +23,7 @@ from .frozen import fast_init
 from .graph import Graph
 from .keys import Keys, WorkInfo
 from .markers import MAX_TXN_OPS, sync_marker, work_info
-from .records import HistoryEntry, Instance, Token, dump_instance, evolve, history_to_dict
+from .records import HistoryEntry, Instance, Token, dump_instance, evolve, history_to_row, row_failures, row_seq
 from .step import Arrival, apply, bounded
 from .store import Compare, Delete, Op, Put, Txn
 from .transition import Outcome
@@ -31,7 +31,7 @@ from .transition import Outcome
 MAX_ARRIVALS = 60  # outcomes folded into one commit (each adds a compare)
 MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain continues in the next
 CHILD_OPS = 8  # operations creating one child takes, at most (its record, entries and marker)
-RECENT = 16  # history entries a record holds: the commit that would make it hold more spills them
+RECENT = 8  # history entries a record holds: the commit that would make it hold more spills them
 RECENT_FAILURES = 8  # failed attempts (each with up to 4 KiB of traceback) the entries a record holds may carry
 
 
@@ -111,9 +111,9 @@ def _recorded(after: Instance, history: list[HistoryEntry], *,
     transition costs no key of its own; one in RECENT writes a chunk."""
     if not history:
         return after, None
-    recent = after.recent + tuple(history_to_dict(entry) for entry in history)
-    if spill or len(recent) >= RECENT or sum(len(d["failures"]) for d in recent) > RECENT_FAILURES:
-        return evolve(after, recent=()), (recent[-1]["seq"], codec.dumps(list(recent)))
+    recent = after.recent + tuple(history_to_row(entry) for entry in history)
+    if spill or len(recent) >= RECENT or sum(row_failures(row) for row in recent) > RECENT_FAILURES:
+        return evolve(after, recent=()), (row_seq(recent[-1]), codec.dumps(list(recent)))
     return evolve(after, recent=recent), None
 
 

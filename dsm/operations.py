@@ -34,11 +34,12 @@ from .records import (
     HistoryEntry,
     Instance,
     dump_instance,
-    history_from_dict,
+    history_from_stored,
     load_history,
     load_instance,
     new_id,
     public_record,
+    row_seq,
 )
 from .redrive import redrive
 from .store import Compare, Delete, Get, KeyValue, Put, Store, Txn, prefix_end
@@ -205,7 +206,7 @@ class Operations:
         if record is None:
             kv = await self.store.get(self.keys.instance(instance_id))
             record = load_instance(kv.value) if kv is not None else None
-        recent = [history_from_dict(d) for d in record.recent if d["seq"] > after] if record is not None else []
+        recent = [] if record is None else [history_from_stored(row) for row in record.recent if row_seq(row) > after]
         if record is not None and (record.transitions <= after or (recent and recent[0].seq == after + 1)):
             return recent  # all of it is in the record
         # a chunk is named by its last entry: every one holding entries after `after` sorts from here

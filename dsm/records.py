@@ -196,9 +196,9 @@ class Instance:
     # child instances its call states started: retention deletes them with it (None of them: no
     # need to look for any). 0 in records written before it was counted
     children: int = 0
-    # the newest history entries, kept in the record in their stored form (`history_to_dict`) until
+    # the newest history entries, kept in the record in their stored form (`history_to_row`) until
     # a commit spills them into a history chunk (`commits.py`); the older ones are under hist/
-    recent: tuple[dict[str, Any], ...] = ()
+    recent: tuple[list[Any], ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -302,32 +302,49 @@ def load_instance(raw: bytes) -> Instance:
     return instance_from_dict(codec.loads(raw))
 
 
-def history_to_dict(entry: HistoryEntry) -> dict[str, Any]:
-    """A history entry in its stored form (in a record's `history`, or in a chunk under hist/)."""
-    raw = {"seq": entry.seq, "state": entry.state, "next": entry.next, "branch": entry.branch,
-           "attempt": entry.attempt, "outcome": entry.outcome, "worker": entry.worker, "at": entry.at,
-           "started_at": entry.started_at, "duration_ms": entry.duration_ms,
-           "failures": [f.dump() for f in entry.failures]}
-    if entry.signal is not None:
-        raw["signal"] = entry.signal.dump()
-    if entry.child is not None:
-        raw["child"] = entry.child
-    return raw
+def history_to_row(entry: HistoryEntry) -> list[Any]:
+    """A history entry in its stored form (in a record's `history`, or in a chunk under hist/): a
+    row by position, `[seq, state, next, branch, attempt, outcome, worker, at, started_at,
+    duration_ms, failures, signal, child]` without the empty ones at its end. A record holds a few
+    and writes them again with every commit until they are spilled: a third of the bytes of the
+    same entry with its keys named."""
+    row = [entry.seq, entry.state, entry.next, entry.branch, entry.attempt, entry.outcome, entry.worker, entry.at,
+           entry.started_at, entry.duration_ms, [f.dump() for f in entry.failures] if entry.failures else None,
+           entry.signal.dump() if entry.signal is not None else None, entry.child]
+    while row[-1] is None:
+        row.pop()
+    return row
 
 
-def history_from_dict(d: dict[str, Any]) -> HistoryEntry:
-    return HistoryEntry(seq=d["seq"], state=d["state"], next=tuple(d["next"]), branch=tuple(d["branch"]),
-                        attempt=d["attempt"], outcome=d["outcome"], worker=d["worker"], at=d["at"],
-                        started_at=d.get("started_at"), duration_ms=d.get("duration_ms"),
-                        failures=tuple(FailedAttempt.load(f) for f in d.get("failures", ())),
-                        signal=Signal.load(d["signal"]) if d.get("signal") else None, child=d.get("child"))
+def row_seq(row: list[Any]) -> int:
+    return int(row[0])
+
+
+def row_failures(row: list[Any]) -> int:
+    """How many failed attempts a stored entry carries (each with up to 4 KiB of traceback)."""
+    return len(row[10]) if len(row) > 10 and row[10] else 0
+
+
+def history_from_stored(value: list[Any] | dict[str, Any]) -> HistoryEntry:
+    """A history entry from its stored form: a row, or (as the first key layout wrote it) an object."""
+    if isinstance(value, dict):
+        d = value
+        return HistoryEntry(seq=d["seq"], state=d["state"], next=tuple(d["next"]), branch=tuple(d["branch"]),
+                            attempt=d["attempt"], outcome=d["outcome"], worker=d["worker"], at=d["at"],
+                            started_at=d.get("started_at"), duration_ms=d.get("duration_ms"),
+                            failures=tuple(FailedAttempt.load(f) for f in d.get("failures", ())),
+                            signal=Signal.load(d["signal"]) if d.get("signal") else None, child=d.get("child"))
+    row = value + [None] * (13 - len(value))
+    return HistoryEntry(row[0], row[1], tuple(row[2]), tuple(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
+                        tuple(FailedAttempt.load(f) for f in row[10]) if row[10] else (),
+                        Signal.load(row[11]) if row[11] else None, row[12])
 
 
 def load_history(raw: bytes) -> list[HistoryEntry]:
-    """The entries of a key under hist/: a chunk (a list, as commits spill them), or one entry (a
-    dict, as the first key layout wrote one key a transition)."""
+    """The entries of a key under hist/: a chunk (a list of rows, as commits spill them), or one
+    entry (an object, as the first key layout wrote one key a transition)."""
     value = codec.loads(raw)
-    return [history_from_dict(d) for d in (value if isinstance(value, list) else [value])]
+    return [history_from_stored(v) for v in (value if isinstance(value, list) else [value])]
 
 
 def public_record(inst: Instance, history: list[HistoryEntry] | None = None) -> dict[str, Any]:

@@ -574,7 +574,7 @@ def test_redrive_of_a_cancelled_instance_and_what_is_refused():
 
 
 def test_records_round_trip_the_later_fields():
-    from dsm.records import dump_instance, history_from_dict, history_to_dict, load_instance, public_record
+    from dsm.records import dump_instance, history_from_stored, history_to_row, load_instance, public_record
 
     inst = step(RETRY, start(RETRY, "i", {"n": 1}, NOW), "s", failed()).instance
     assert load_instance(dump_instance(inst)) == inst
@@ -582,7 +582,7 @@ def test_records_round_trip_the_later_fields():
     assert load_instance(dump_instance(cancelled)) == cancelled
     assert public_record(inst)["input"] == {"n": 1}
     entry = step(RETRY, inst, "s", ok()).history[0]
-    assert history_from_dict(codec.loads(codec.dumps(history_to_dict(entry)))) == entry
+    assert history_from_stored(codec.loads(codec.dumps(history_to_row(entry)))) == entry
 
 
 def test_a_join_at_a_terminal_state_ends_the_instance():
