@@ -9,7 +9,8 @@ deleted is one, however many share a transaction); `bench/run.py` reads those co
 throughput run. This bench says which keys they are: one worker over the memory store (which
 writes exactly the transactions a worker writes to etcd) runs the instances to their end while
 a watch on the whole namespace sees every put and delete, each sorted by the kind of key
-(`dsm.keys`: the record, history, work markers, claims, the listing and expiry entries ...).
+(`dsm.keys`: the record, history, work markers (claims live in them), the listing and expiry
+entries ...).
 The definitions registered and the worker's own entry are left out: they are not the
 instances'. Nothing here depends on the machine's speed or load.
 """
@@ -27,7 +28,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from dsm import compiler  # noqa: E402
-from dsm.keys import CLAIM, Keys  # noqa: E402
+from dsm.keys import Keys  # noqa: E402
 from dsm.operations import Operations  # noqa: E402
 from dsm.service import serving  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
@@ -41,9 +42,9 @@ def kind(keys: Keys, key: str) -> str:
     """The kind of a namespace key, as `dsm.keys` lays them out."""
     parts = key[len(keys.root):].split("/")
     head = parts[0]
-    if head == "work":
-        if key.endswith(CLAIM):
-            return "claim"
+    if head == "work":  # a claim is in its marker's value; work/<id>/<token>/claim only an earlier release's
+        if len(parts) > 3:
+            return "claim (legacy)"
         return "sync marker" if parts[-1] == "sync" else "work marker"
     if head == "idx":  # idx/sm/ holds the listing entries; idx/all/, status/, machine/ only an earlier release's
         return "listing" if parts[1] == "sm" else f"listing ({parts[1]}, legacy)"

@@ -43,7 +43,7 @@ class CommitPlan:
     history: tuple[HistoryEntry, ...]
     removed: tuple[str, ...]  # tokens gone
     changed: tuple[Token, ...]  # tokens new or changed
-    own: frozenset[str]  # tokens of the arrivals (their claims are compared)
+    own: frozenset[str]  # tokens of the arrivals (their claims, in their markers, are compared)
     keep: tuple[Token, ...]  # tokens claimed by this commit for this worker to run next
     deferred: frozenset[str]  # tokens whose marker change waits for the SYNC marker
     record: bytes
@@ -64,7 +64,7 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     `slots`: how many new tokens this worker may take on (besides its own that move along); 0 when
     it is stopping, which also gives back its own tokens.
 
-    Every arrival needs operations of its own (a history entry, its marker and claim, a child it
+    Every arrival needs operations of its own (a history entry, its marker, a child it
     starts): when the arrivals together need more than a transaction holds (dozens of map items
     finishing at once), the plan applies the first of them that fit (`applied`) and the rest wait
     for the next commit.
@@ -190,23 +190,18 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
     """Trim what does not fit in one transaction: keep fewer new tokens, defer other markers.
     Also returns the operations that cannot be trimmed (when they are `max_ops` or more, the
     commit has too many arrivals)."""
-    changed_ids = {t.id for t in changed}
-    required = 1 + entries  # the record, a history chunk and the index entries
-    for tid in own:
-        if tid in removed:
-            required += 2
-        elif tid in changed_ids:
-            required += 2  # the marker, and maybe the claim given back
-        else:
-            required += 1  # a stale outcome: its claim goes
+    # the record, a history chunk and the index entries; then each own token's marker: deleted
+    # (gone), put (given back: a retry waiting, no slot here, a stale outcome) or left alone
+    # (moving along a line), one operation at most
+    required = 1 + entries + len(own)
     room = max_ops - required - 1  # one op stays free for the SYNC marker
     fitted: list[Token] = []
     for token in keep:
         if token.id in own:
             fitted.append(token)
-        elif room >= 2:
+        elif room >= 1:  # its marker, claimed for us: one put
             fitted.append(token)
-            room -= 2
+            room -= 1
     kept = {t.id for t in fitted}
     deferred: set[str] = set()
     for token in changed:
@@ -219,8 +214,8 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
     for tid in removed:
         if tid in own:
             continue
-        if room >= 2:
-            room -= 2
+        if room >= 1:
+            room -= 1
         else:
             deferred.add(tid)
     return fitted, frozenset(deferred), required
@@ -228,8 +223,13 @@ def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ..
 
 def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *, worker: str, lease: int,
                now: float, fences: tuple[Compare, ...] = ()) -> Txn:
-    """The transaction of a plan, fenced by the record's revision and the claims of its arrivals
-    (and by `fences`: the revisions of the child records its outcomes were read from)."""
+    """The transaction of a plan, fenced by the record's revision, the claims of its arrivals (each
+    marker's mod revision as this worker claimed or last wrote it, and the worker's entry under
+    `lease`) and `fences` (the revisions of the child records its outcomes were read from).
+
+    A claim is the marker's value (`keys.py`): a token this worker keeps is a marker put with
+    `owner: worker, lease: lease` (one put; one kept along a line is left alone), a token given
+    back is a marker put without an owner, a token that goes is its marker deleted."""
     inst = plan.after
     iid = inst.id
     ops: list[Op] = [Put(keys.instance(iid), plan.record)]
@@ -244,30 +244,28 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
     for gone in plan.removed:
         if gone not in plan.deferred:
             ops.append(Delete(keys.work(iid, gone)))
-            ops.append(Delete(keys.claim(iid, gone)))
     for token in plan.changed:
         touched.add(token.id)
         if token.id in plan.deferred:
             continue
         owner = worker if token.id in kept else None
         if owner is not None and token.id in plan.own and token.id in plan.before.tokens:
-            # Along a line, under our claim, due now: its marker and claim stay as they are.
-            # Nobody reads a claimed token's marker, so a rewrite would only make a watch event
+            # Along a line, under our claim, due now: its marker (and the claim in it) stays as
+            # it is. Nobody runs a claimed token, so a rewrite would only make a watch event
             # that every worker decodes and drops.
             continue
-        ops.append(Put(keys.work(iid, token.id), work_info(inst, token, now, owner).dump()))
-        if token.id in plan.own:
-            if owner is None:  # a retry waiting, or no slot for it here: give it back
-                ops.append(Delete(keys.claim(iid, token.id)))
-        elif owner is not None:
-            ops.append(Put(keys.claim(iid, token.id), worker.encode(), lease))
-    for tok in plan.own - touched:  # stale outcomes: let their claims go
-        ops.append(Delete(keys.claim(iid, tok)))
+        # kept: claimed for us in the same put; else given back (a retry waiting, no slot) or new
+        ops.append(Put(keys.work(iid, token.id), work_info(inst, token, now, owner, lease if owner else None).dump()))
+    for tok in sorted(plan.own - touched):  # stale outcomes: give their claims back
+        stale = inst.tokens.get(tok)
+        if stale is not None and not inst.finished:
+            ops.append(Put(keys.work(iid, tok), work_info(inst, stale, now).dump()))
     if plan.sync:
         ops.append(sync_marker(keys, inst))
     compare = [Compare.mod(keys.instance(iid), "==", rev), *fences]
     for tid in sorted(plan.own):
-        compare.append(Compare.create(keys.claim(iid, tid), "==", claims[tid]))
+        compare.append(Compare.mod(keys.work(iid, tid), "==", claims[tid]))
+    compare.append(Compare.lease_of(keys.worker(worker), "==", lease))
     return Txn(compare, ops)
 
 

@@ -13,8 +13,8 @@
                                         from the record, which keeps the newest (`commits._recorded`);
                                         the first layout wrote one entry (a JSON object) a key
     /<ns>/work/<id>/<token>             work marker: exists exactly while the token is pending;
-                                        value {machine, digest, state, not_before}
-    /<ns>/work/<id>/<token>/claim       claim on that token, bound to the claiming worker's lease
+                                        value {machine, digest, state, not_before, wait, owner, lease}:
+                                        `owner` and `lease` say which worker claimed it, under which lease
 
     /<ns>/work/<id>/sync                the SYNC marker: this instance's markers lag its record
 
@@ -43,22 +43,36 @@ Invariants, kept because every change is one transaction:
   and the markers that fit, and SYNC; whoever claims SYNC makes the markers match the record
   (`markers.py`). A marker whose token the record does not list, or whose instance has no record,
   is deleted by whoever meets it;
-- a claim exists only beside its work marker, and only while its worker's lease lives;
-- a commit for token T compares the record's mod revision and the claim's create revision, so a
-  worker whose lease expired (its claim deleted by etcd) or who was overtaken can never commit;
+- token T is claimed by worker W exactly while its marker says `owner: W, lease: L` and W's entry
+  workers/<W> exists under lease L. Nothing else holds a claim: a claim is the marker's value, so
+  claiming, handing on and giving back are puts of the marker, and a claim dies with its
+  worker's entry (its lease expired or revoked, or the entry deleted by a peer that took the
+  worker for dead, `worker/peers.py`) without a write to the marker. A marker whose owner has no
+  entry, or one under another lease, or that names no lease (written by release 0.1), is claimed
+  by nobody;
+- a claim compares the marker's mod revision as the claimer saw it, the claimer's own entry's
+  lease (its entry exists: nobody can see its claim while it looks dead), and, when the marker
+  named an owner, that owner's entry's lease as not the one named (a missing key's lease is 0);
+  the claim's revision is the marker's new mod revision;
+- a commit for token T compares the record's mod revision, T's marker's mod revision (the claim's
+  revision: any other claim rewrites the marker) and the committer's entry's lease, so a worker
+  whose lease expired or whose entry was deleted, or who was overtaken, can never commit;
 - an instance has its listing entry exactly while its record exists, under its current status,
   and its expiry entry exactly while it is finished: every transaction that creates a record,
   changes its status or deletes it writes them too (`index.py`). An expiry entry is
   written in the same transaction as the record, so its mod revision is the record's: deletion
   compares it, and never deletes a record that changed since (`housekeeping.py`).
 
-Workers watch /<ns>/work/ only: a work marker put without an owner is new work, a claim deleted
-without its marker is work orphaned by a dead or departing worker. Markers and claims of one
-token change in the same revision, so one watch stream tells the cases apart. A token moving
-along a line keeps its id, its marker and its claim: while the worker holding the claim
-continues it, the marker is not rewritten (it says where the token was when it was last
-written), so a linear transition writes the record alone (its history entry in it) and makes no
-watch event on work/ at all.
+Workers watch /<ns>/work/ and /<ns>/workers/, which are neighbours, in one stream (`watch_range`):
+a work marker put without an owner is new work; a marker whose owner's entry is deleted or put
+under another lease is work orphaned by a dead or departing worker. Each worker keeps an index
+of the markers' owners from that stream, so an entry's deletion names the work it orphaned; a
+resync reads the entries and then the markers again, with their owners. A token moving along a
+line keeps its id, its marker and its claim: while the worker holding the claim continues it,
+the marker is not rewritten (it says where the token was when it was last written), so a
+linear transition writes the record alone (its history entry in it) and makes no watch event on
+work/ at all. Namespaces written by release 0.1 may hold `work/<id>/<token>/claim` keys (under a
+lease, gone with it): nothing reads them, and `parse_work` does not take them for markers.
 
 A waiting token (a timer, a retry, a signal with a timeout) has a marker saying when it is due.
 One that only something else can wake (a signal without a timeout, a child) is *parked*: its
@@ -81,7 +95,6 @@ from .errors import InputError
 from .frozen import fast_init
 from .store import prefix_end
 
-CLAIM = "/claim"
 LAYOUT = 2  # the key layout this release writes (`dsm.layout` upgrades a namespace written in an earlier one)
 # An id becomes part of keys: a '/' would put an instance's record, history or work where another
 # key layout expects something else. The contract's pattern, matched whole.
@@ -119,18 +132,17 @@ def check_signal_name(value: object) -> str:
 
 
 class TokenRef(NamedTuple):
-    """One token of one instance: what a work marker and its claim are about."""
+    """One token of one instance: what a work marker (and the claim in it) is about."""
 
     instance: str
     token: str
 
 
 class WorkKey(NamedTuple):
-    """A key under work/, read: a token's marker, or (`is_claim`) its claim."""
+    """A key under work/, read: a token's marker."""
 
     instance: str
     token: str
-    is_claim: bool
 
     @property
     def ref(self) -> TokenRef:
@@ -203,25 +215,39 @@ class Keys:
     def work(self, instance_id: str, token: str) -> str:
         return f"{self.root}work/{instance_id}/{token}"
 
-    def claim(self, instance_id: str, token: str) -> str:
-        return f"{self.root}work/{instance_id}/{token}{CLAIM}"
+    @property
+    def workers(self) -> str:
+        return f"{self.root}workers/"
+
+    def worker(self, worker_id: str) -> str:
+        """A live worker's entry, under its lease (`membership.py`): what holds its claims."""
+        return f"{self.root}workers/{worker_id}"
+
+    @property
+    def watch_range(self) -> tuple[str, str]:
+        """work/ and workers/ in one range (nothing else lies between them): what workers watch."""
+        return self.work_prefix, prefix_end(self.workers)
+
+    def parse_worker(self, key: str) -> str | None:
+        """workers/<id> -> id; None for anything else."""
+        prefix = self.workers
+        if not key.startswith(prefix) or len(key) == len(prefix):
+            return None
+        return key[len(prefix):]
 
     def work_of_instance(self, instance_id: str) -> str:
         return f"{self.root}work/{instance_id}/"
 
     def parse_work(self, key: str) -> WorkKey | None:
-        """work/<id>/<token>[/claim] -> (id, token, is_claim); None for anything else."""
+        """work/<id>/<token> -> (id, token); None for anything else (a release 0.1 claim,
+        work/<id>/<token>/claim, among them)."""
         prefix = self.work_prefix
         if not key.startswith(prefix):
             return None
-        rest = key[len(prefix):]
-        is_claim = rest.endswith(CLAIM)
-        if is_claim:
-            rest = rest[: -len(CLAIM)]
-        instance_id, sep, token = rest.partition("/")
+        instance_id, sep, token = key[len(prefix):].partition("/")
         if not sep or not token or "/" in token:
             return None
-        return WorkKey(instance_id, token, is_claim)
+        return WorkKey(instance_id, token)
 
 
 def range_of(prefix: str) -> tuple[str, str]:
@@ -233,8 +259,9 @@ def range_of(prefix: str) -> tuple[str, str]:
 class WorkInfo:
     """The value of a work marker: enough to decide whether and when to claim, without the record.
 
-    `owner` names the worker that claimed the token in the same transaction that wrote the
-    marker (it continues the line itself); watchers skip such markers instead of racing for them.
+    `owner` and `lease` name the worker that claimed the token and the lease it claimed under: the
+    claim holds while that worker's entry lives under that lease (the layout's invariants, above).
+    An owner without a lease (a marker written by release 0.1) holds nothing.
     `wait` is how long the token had to wait when the marker was written (`not_before` minus the
     writer's clock): a worker that learns of it counts that long on its own clock, so machines
     whose clocks disagree never lengthen or cut a wait. None in markers written before it existed.
@@ -246,10 +273,27 @@ class WorkInfo:
     not_before: float = 0.0
     owner: str | None = None
     wait: float | None = None
+    lease: int | None = None
 
     def dump(self) -> bytes:
-        return codec.dumps({"machine": self.machine, "digest": self.digest, "state": self.state,
-                            "not_before": self.not_before, "owner": self.owner, "wait": self.wait})
+        d = {"machine": self.machine, "digest": self.digest, "state": self.state, "not_before": self.not_before,
+             "owner": self.owner, "wait": self.wait}
+        if self.lease is not None:
+            d["lease"] = self.lease
+        return codec.dumps(d)
+
+    @property
+    def claimant(self) -> tuple[str, int] | None:
+        """(owner, lease) the marker names as holding its claim; None when it names none (or an
+        owner without a lease: release 0.1's, which holds nothing)."""
+        if self.owner is None or not self.lease:
+            return None
+        return self.owner, self.lease
+
+    def claimed(self, owner: str | None, lease: int | None) -> WorkInfo:
+        """The same marker, claimed by `owner` under `lease` (None, None: given back)."""
+        return WorkInfo(self.machine, self.digest, self.state, self.not_before, owner, self.wait,
+                        lease if owner is not None else None)
 
     @staticmethod
     def load(raw: bytes) -> WorkInfo:
@@ -258,7 +302,7 @@ class WorkInfo:
         owner = d.get("owner")
         return WorkInfo(machine=sys.intern(d["machine"]), digest=sys.intern(d["digest"]),
                         state=sys.intern(d["state"]), not_before=d.get("not_before", 0.0),
-                        owner=sys.intern(owner) if owner else None, wait=d.get("wait"))
+                        owner=sys.intern(owner) if owner else None, wait=d.get("wait"), lease=d.get("lease"))
 
     def delay(self, wall: float, *, fresh: bool) -> float:
         """Seconds from now until the token may run. `fresh`: the marker was just written (a live

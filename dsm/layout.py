@@ -3,12 +3,14 @@
 Layout 1 (releases up to 0.1) wrote a history key per transition and four listing entries per
 instance. Layout 2 keeps the newest history entries in the record and spills them in chunks, and
 lists from one entry per instance (`idx/sm/`, merged across statuses and machines when a listing
-does not name both). Every record, history key and `idx/sm/` entry of layout 1 reads as layout 2
-reads its own, so running, waiting and finished instances carry on as they are; what layout 2 no
-longer reads (the `idx/all/`, `idx/status/` and `idx/machine/` entries) is deleted once, in
-batches, by the housekeeper of the first worker of this release elected in the namespace, which
-then writes `meta/layout`. Deleting them twice does no harm, so a housekeeper that dies halfway
-leaves its successor the rest.
+does not name both), and holds no claim keys (a claim is the work marker's `owner` and `lease`:
+`keys.py`; a 0.1 marker's owner without a lease holds nothing, and 0.1's claim keys, under their
+worker's lease, are read by nobody and go with it). Every record, history key and `idx/sm/`
+entry of layout 1 reads as layout 2 reads its own, so running, waiting and finished instances
+carry on as they are; what layout 2 no longer reads (the `idx/all/`, `idx/status/` and
+`idx/machine/` entries) is deleted once, in batches, by the housekeeper of the first worker of
+this release elected in the namespace, which then writes `meta/layout`. Deleting them twice does
+no harm, so a housekeeper that dies halfway leaves its successor the rest.
 
 Processes of an earlier release must not run beside this one: their commits would write records
 without the history entries kept in them. A worker of this release refuses to start while a live

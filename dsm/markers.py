@@ -18,9 +18,11 @@ MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: operations, and compares, per
 SYNC = "sync"  # the pseudo-token whose marker asks a worker to reconcile an instance's markers
 
 
-def work_info(inst: Instance, token: Token, now: float, owner: str | None = None) -> WorkInfo:
+def work_info(inst: Instance, token: Token, now: float, owner: str | None = None,
+              lease: int | None = None) -> WorkInfo:
+    """A token's marker; with `owner` and `lease`, claimed by that worker under that lease."""
     return WorkInfo(inst.machine, inst.digest, token.state, token.not_before, owner,
-                    wait=max(0.0, token.not_before - now))
+                    wait=max(0.0, token.not_before - now), lease=lease if owner is not None else None)
 
 
 def sync_marker(keys: Keys, inst: Instance) -> Put:
@@ -33,14 +35,14 @@ def reconcile_txns(keys: Keys, iid: str, inst: Instance | None, rev: int, marker
     when the record is gone): markers for tokens that have none, none for tokens that are gone.
     Each is fenced by the record's revision; the last one also removes the SYNC marker."""
     tokens = inst.tokens if inst is not None and not inst.finished else {}
-    units: list[list[Op]] = []  # a marker and its claim go in the same transaction
+    units: list[list[Op]] = []
     for tid, token in tokens.items():
         if tid not in markers:
             units.append([Put(keys.work(iid, tid), work_info(inst, token, now).dump())])  # type: ignore[arg-type]
     for tid in sorted(markers - set(tokens)):
         if tid != SYNC:
-            units.append([Delete(keys.work(iid, tid)), Delete(keys.claim(iid, tid))])
-    units.append([Delete(keys.work(iid, SYNC)), Delete(keys.claim(iid, SYNC))])
+            units.append([Delete(keys.work(iid, tid))])  # a claim in it goes with it
+    units.append([Delete(keys.work(iid, SYNC))])
     fence = (Compare.mod(keys.instance(iid), "==", rev) if inst is not None
              else Compare.version(keys.instance(iid), "==", 0))
     txns: list[Txn] = []
@@ -63,7 +65,7 @@ async def reconcile(store: Store, keys: Keys, iid: str, *, now: float,
         markers = set()
         for kv in kvs:
             parsed = keys.parse_work(kv.key)
-            if parsed is not None and not parsed.is_claim:
+            if parsed is not None:
                 markers.add(parsed.token)
         inst = load_instance(record.value) if record is not None else None
         rev = record.mod_revision if record is not None else 0

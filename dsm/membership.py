@@ -31,11 +31,11 @@ from .store import Store, prefix_end
 
 
 def prefix(keys: Keys) -> str:
-    return f"{keys.root}workers/"
+    return keys.workers
 
 
 def key(keys: Keys, worker_id: str) -> str:
-    return f"{prefix(keys)}{worker_id}"
+    return keys.worker(worker_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -265,9 +265,9 @@ class Operations:
             if wake_parent:
                 ops += wake_parent_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
-            while removed and len(ops) + 3 <= MAX_TXN_OPS:  # room for a pair and the SYNC marker
+            while removed and len(ops) + 2 <= MAX_TXN_OPS:  # room for a marker and the SYNC marker
                 tok = removed.pop()
-                ops += [Delete(self.keys.work(instance_id, tok)), Delete(self.keys.claim(instance_id, tok))]
+                ops.append(Delete(self.keys.work(instance_id, tok)))  # a claim in it goes with it
             if removed:
                 ops.append(sync_marker(self.keys, step.instance))
             result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)

@@ -66,7 +66,7 @@ def wait_all_finished(endpoints: str, namespace: str, expected: int, timeout: fl
 
 
 def leased_keys(endpoints: str, namespace: str) -> list[str]:
-    """The keys of the namespace bound to a lease (workers' entries, claims): none once the leases
+    """The keys of the namespace bound to a lease (workers' entries, the election): none once the leases
     of every worker expired or were revoked."""
     async def read() -> list[str]:
         store = await EtcdStore.connect(EtcdOptions.build(endpoints, namespace=namespace))

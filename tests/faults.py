@@ -95,17 +95,20 @@ class LateStore:
 
 
 def is_claim(compare: Sequence[Any], success: Sequence[Any]) -> bool:
+    """A worker's claim: it puts a work marker (naming itself) and reads the record, writing none."""
     ops = ops_of(success)
-    return any(isinstance(op, Put) and op.key.endswith("/claim") for op in ops) and any(
-        isinstance(op, Get) and "/inst/" in op.key for op in ops)
+    return any(isinstance(op, Put) and "/work/" in op.key for op in ops) and any(
+        isinstance(op, Get) and "/inst/" in op.key for op in ops) and not any(
+        isinstance(op, Put) and "/inst/" in op.key for op in ops)
 
 
 def is_fork_commit(compare: Sequence[Any], success: Sequence[Any]) -> bool:
     ops = ops_of(success)
-    return sum(1 for op in ops if isinstance(op, Put) and "/work/" in op.key and not op.key.endswith("/claim")) >= 2
+    return sum(1 for op in ops if isinstance(op, Put) and "/work/" in op.key) >= 2
 
 
 def is_commit(compare: Sequence[Any], success: Sequence[Any]) -> bool:
-    """A worker's commit: it writes a record, fenced by the claims of the tokens it moves."""
+    """A worker's commit: it writes a record, fenced by its claims (its tokens' markers and its
+    own entry among live workers)."""
     return any(isinstance(op, Put) and "/inst/" in op.key for op in ops_of(success)) and any(
-        c.key.endswith("/claim") for c in compare)
+        "/workers/" in c.key for c in compare)

@@ -17,6 +17,18 @@ from dsm.worker.queue import CandidateQueue
 INFO = WorkInfo("m", "sha256:x", "s").dump()
 
 
+def claimed(owner, lease):
+    """A marker claimed by worker `owner` under `lease` (the claim is the marker's value)."""
+    return WorkInfo("m", "sha256:x", "s", owner=owner, lease=lease).dump()
+
+
+async def live_worker(store, keys, name):
+    """A worker's entry under a lease of its own: its claims hold while it lives."""
+    lease = await store.lease_grant(30)
+    await store.put(keys.worker(name), b"{}", lease)
+    return lease
+
+
 def feed_on(store, keys, cap, page_size=1000):
     queue = CandidateQueue(time.monotonic, cap)
     feed = WorkFeed(store, keys, queue, name="test", admits=lambda ref, info: True, held=lambda *a: None,
@@ -37,17 +49,16 @@ def run(store_factory, body):
 
 def test_work_dropped_while_the_queue_is_full_comes_back(store_factory):
     async def body(store, keys):
-        lease = await store.lease_grant(30)
-        await store.put(keys.work("i0", "t1"), INFO)
-        await store.put(keys.claim("i0", "t1"), b"other", lease)  # held elsewhere while we resync
+        lease = await live_worker(store, keys, "other")
+        await store.put(keys.work("i0", "t1"), claimed("other", lease))  # held elsewhere while we resync
         for i in range(1, 6):
             await store.put(keys.work(f"i{i}", "t1"), INFO)
         feed, queue = feed_on(store, keys, cap=2)
         revision = await feed.resync()
         taken = queue.take(10)
-        # the other worker dies: its claim goes while our queue is full again
+        # the other worker dies: its entry goes while our queue is full again
         assert queue.add(("x", "1")) and queue.add(("x", "2"))
-        watch = await store.watch(keys.work_prefix, prefix_end(keys.work_prefix), start_revision=revision + 1)
+        watch = await store.watch(*keys.watch_range, start_revision=revision + 1)
         await store.lease_revoke(lease)
         async for batch in watch:
             feed.apply(batch.events)
@@ -66,36 +77,37 @@ def test_work_dropped_while_the_queue_is_full_comes_back(store_factory):
 
 
 class _ChangeBetweenPages:
-    """A store whose first range answer is followed, before the next page, by another write."""
+    """A store whose first page of work markers is followed, before the next page, by another write."""
 
-    def __init__(self, store, change):
+    def __init__(self, store, keys, change):
         self.store = store
+        self.keys = keys
         self.change = change
         self.pages = 0
 
     def __getattr__(self, name):
         return getattr(self.store, name)
 
-    async def range(self, *args, **kwargs):
-        result = await self.store.range(*args, **kwargs)
-        self.pages += 1
-        if self.pages == 1:
-            await self.change()
+    async def range(self, start, *args, **kwargs):
+        result = await self.store.range(start, *args, **kwargs)
+        if start.startswith(self.keys.work_prefix):
+            self.pages += 1
+            if self.pages == 1:
+                await self.change()
         return result
 
 
 def test_a_change_between_pages_of_a_resync_is_not_missed(store_factory):
     async def body(store, keys):
-        lease = await store.lease_grant(30)
-        await store.put(keys.work("a", "t1"), INFO)
-        await store.put(keys.claim("a", "t1"), b"other", lease)  # page 1 sees it claimed
+        lease = await live_worker(store, keys, "other")
+        await store.put(keys.work("a", "t1"), claimed("other", lease))  # page 1 sees it claimed
         for i in range(6):
             await store.put(keys.work(f"z{i}", "t1"), INFO)
 
         async def release():
-            await store.lease_revoke(lease)  # ... and then its claim goes, before page 2
+            await store.lease_revoke(lease)  # ... and then its owner's entry goes, before page 2
 
-        wrapped = _ChangeBetweenPages(store, release)
+        wrapped = _ChangeBetweenPages(store, keys, release)
         feed, queue = feed_on(wrapped, keys, cap=100, page_size=2)
         task = asyncio.get_running_loop().create_task(feed.run())
         try:
@@ -114,15 +126,14 @@ def test_a_claim_lost_under_a_running_job_comes_back_when_the_job_ends(store_fac
 
     async def body(store, keys):
         ref = ("i1", "t1")
-        lease = await store.lease_grant(30)
-        await store.put(keys.work(*ref), INFO)
-        await store.put(keys.claim(*ref), b"us", lease)
+        lease = await live_worker(store, keys, "test")
+        await store.put(keys.work(*ref), claimed("test", lease))
         told = []
         queue = CandidateQueue(time.monotonic)
         feed = WorkFeed(store, keys, queue, name="test", admits=lambda ref, info: True,
                         held=lambda ref, revision, why: told.append(why))
         revision = await feed.resync()
-        watch = await store.watch(keys.work_prefix, prefix_end(keys.work_prefix), start_revision=revision + 1)
+        watch = await store.watch(*keys.watch_range, start_revision=revision + 1)
         await store.lease_revoke(lease)
         async for batch in watch:
             feed.apply(batch.events)

@@ -404,7 +404,7 @@ def work(payload, ctx):
 def test_items_that_finish_together_commit_within_the_operations_a_transaction_takes(
         store_factory, write, namespace):
     """Dozens of items of one map finish while its commit is in flight: they fold into the next
-    commit, which must still fit in etcd's 128 operations (a history entry, a marker and a claim
+    commit, which must still fit in etcd's 128 operations (a history entry and a marker
     each), not be refused and fail the instance."""
     graph = compiler.load(write("quick.yaml", QUICK_MAP, quickmod=QUICK_PY))
 

@@ -445,7 +445,8 @@ def _adopt_read(compare, success) -> bool:
     """The read after an ambiguous claim: is the claim ours?"""
     from dsm.store import Get
 
-    return not compare and len(success) >= 2 and isinstance(success[0], Get) and success[0].key.endswith("/claim")
+    return (not compare and len(success) == 2 and all(isinstance(op, Get) for op in success)
+            and "/inst/" in success[0].key and "/work/" in success[1].key)
 
 
 def test_a_claim_lost_in_doubt_does_not_make_the_token_due_when_it_has_moved_on_to_a_timer(write):
@@ -551,7 +552,8 @@ class _LateClaims:
     async def txn(self, compare, success=(), failure=()):
         from dsm.records import load_instance
 
-        if is_claim(compare, success) and any(op.key.endswith(f"/work/{self.iid}/t1/claim") for op in ops_of(success)):
+        if is_claim(compare, success) and any(isinstance(op, Put) and op.key.endswith(f"/work/{self.iid}/t1")
+                                              for op in ops_of(success)):
             self.delayed += 1
             async def moved_on() -> bool:
                 kv = await self.memory.get(Keys().instance(self.iid))

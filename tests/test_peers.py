@@ -16,7 +16,7 @@ from helpers import until_async
 from dsm import compiler, handlers
 from dsm.definitions import Registry
 from dsm.errors import AccessDenied, LeaseLost
-from dsm.keys import Keys
+from dsm.keys import Keys, WorkInfo
 from dsm.membership import WorkerInfo, key
 from dsm.operations import Operations
 from dsm.records import SUCCEEDED
@@ -130,19 +130,19 @@ def test_release_revokes_or_deletes_the_namespaces_keys_of_the_lease_each_while_
 
     async def body(store):
         lease, other = await store.lease_grant(30), await store.lease_grant(30)
-        mine = [keys.claim("i1", "t1"), keys.claim("i2", "t1"), key(keys, "w"), keys.housekeeper]
+        mine = [key(keys, "w"), key(keys, "w2"), keys.housekeeper]
         for name in mine:
             await store.put(name, b"x", lease)
         await store.put(keys.work("i1", "t1"), b"marker")  # no lease: not the lease's
-        await store.put(keys.claim("i3", "t1"), b"y", other)
+        await store.put(key(keys, "w3"), b"y", other)
         target = store if refused is None else Refusing(store, keys_too=refused == "revoke and keys")
         deleted = await release(target, keys, lease)
         left = {kv.key for kv in (await store.range(keys.root, prefix_end(keys.root))).kvs}
         return deleted, left
 
     deleted, left = on_store(store_factory, body)
-    assert deleted == (0 if refused is None else 4)
-    assert left == {keys.work("i1", "t1"), keys.claim("i3", "t1")}
+    assert deleted == (0 if refused is None else 3)
+    assert left == {keys.work("i1", "t1"), key(keys, "w3")}
 
 
 def test_a_new_lease_revoked_or_taken_before_it_is_ours_is_dropped_for_another(store_factory):
@@ -176,10 +176,11 @@ def test_a_dead_workers_work_comes_back_while_its_lease_is_kept_alive(store_fact
         # lease lives on: someone keeps it alive (on the memory store, its clock never moves)
         lease = await store.lease_grant(2)
         (marker,) = (await store.range(keys.work_of_instance(iid), prefix_end(keys.work_of_instance(iid)))).kvs
-        await store.txn([Compare.create(marker.key + "/claim", "==", 0)], [Put(marker.key + "/claim", b"ghost", lease)])
         ghost = WorkerInfo(id="ghost", host="h", pid=1, definitions=(), allow=None, functions=(), refused=(),
                            concurrency=1, in_flight=1, started_at=time.time(), updated_at=time.time(), stale_after=0.5)
         await store.put(key(keys, "ghost"), ghost.dump(), lease)
+        claimed = WorkInfo.load(marker.value).claimed("ghost", lease)  # its claim: the marker names it
+        await store.txn([Compare.mod(marker.key, "==", marker.mod_revision)], [Put(marker.key, claimed.dump())])
 
         async def keep_alive():
             while True:
@@ -200,7 +201,8 @@ def test_a_dead_workers_work_comes_back_while_its_lease_is_kept_alive(store_fact
 
     done, taken, alive, history, ttl = on_store(store_factory, body)
     assert done.status == SUCCEEDED and [h.worker for h in history] == ["living"]
-    assert taken == 1 and alive == ["living"] and ttl == -1  # its lease was revoked, entry and claim with it
+    # its lease was revoked, and its entry (what held its claim) with it
+    assert taken == 1 and alive == ["living"] and ttl == -1
 
 
 def test_a_stopping_worker_beats_on_while_it_finishes_its_ticks(clock, namespace, write):

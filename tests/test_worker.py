@@ -97,7 +97,7 @@ def test_a_worker_that_lost_its_lease_cannot_commit(write):
         first = h.worker("first")
         iid = await h.client.submit(graph, {})
         await asyncio.get_running_loop().run_in_executor(None, blockmod.started.wait, 5)
-        # The first worker stalls past its lease (as if SIGSTOPped): its claim is deleted by expiry.
+        # The first worker stalls past its lease (as if SIGSTOPped): its entry, and so its claim, expires.
         h.clock.advance(11)
         second = h.worker("second")
         inst = await h.client.wait(iid, timeout=10)

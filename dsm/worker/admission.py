@@ -1,7 +1,8 @@
 """Which work a worker takes: what it serves, minus instances whose definition it cannot run.
 
-A claim given back says nothing of the definition, so instances met with one (`unservable`) are
-remembered, the oldest forgotten first, and their claims given back are not retaken here.
+A marker whose value cannot be read says nothing of the definition, so instances met with one
+this worker cannot run (`unservable`) are remembered, the oldest forgotten first, and such markers
+of theirs are not taken here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from ..definitions import Registry
 from ..keys import TokenRef, WorkInfo
 
-UNSERVABLE_KEPT = 100_000  # instances remembered as unservable here, so their claims given back are not retaken
+UNSERVABLE_KEPT = 100_000  # instances remembered as unservable here, so their unreadable markers are not retaken
 
 
 class Admission:

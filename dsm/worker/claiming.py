@@ -2,9 +2,10 @@
 claim under that lease either has a job here or is given back.
 
 `Claimer` is the worker's dispatcher: it fills free slots with claims and hands each claim won
-to the job runner (`jobrunner.py`); its audit gives back the claims under our lease that nothing
-here uses (a claim or a commit applied after its answer was lost). What a claim is in the store
-is `claims.py`'s.
+to the job runner (`jobrunner.py`); its audit gives back the claims of ours, under our lease,
+that nothing here uses (a claim or a commit applied after its answer was lost): the markers
+that name us, as the work feed's index of owners knows them. What a claim is in the store is
+`claims.py`'s.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import time
 from collections.abc import Callable
 
 from ..batching import Batcher
-from ..errors import LeaseLost, NoSpace, StoreError, StoreUnavailable
+from ..errors import LeaseLost, NoSpace, StoreUnavailable
 from ..keys import TokenRef
 from ..store import Store
 from .cache import RecordCache
 from .claims import Claims, says_due_now
 from .config import WorkerConfig
-from .feed import WorkFeed
+from .feed import Seen, WorkFeed
 from .jobrunner import JobRunner
 from .lease import LeaseKeeper
 from .meter import Meter
@@ -31,6 +32,7 @@ from .slots import Slots
 from .stats import WorkerStats
 
 log = logging.getLogger("dsm.worker")
+ENTRY_WAIT = 1.0  # seconds a candidate waits when a claim found our own entry missing
 
 
 class Claimer:
@@ -79,7 +81,7 @@ class Claimer:
                 self.slots.take(len(picked))
                 # the markers they were offered on, as they are now: by the time the claims go out
                 # the feed may have heard that another worker claimed one
-                seen = {ref: self.feed.revision_of(ref) for ref in picked}
+                seen = {ref: self.feed.seen(ref) for ref in picked}
                 asyncio.get_running_loop().create_task(self.claim(picked, seen))
                 continue
             if free and self.feed.behind and not self.queue.has_due():
@@ -101,18 +103,20 @@ class Claimer:
             except asyncio.TimeoutError:
                 pass
 
-    async def claim(self, refs: list[TokenRef], seen: dict[TokenRef, int | None]) -> None:
-        """Claim `refs` (their slots are taken) as their markers were at `seen` revisions; start a
-        job on each claim won."""
+    async def claim(self, refs: list[TokenRef], seen: dict[TokenRef, Seen | None]) -> None:
+        """Claim `refs` (their slots are taken) as their markers were `seen`; start a job on each
+        claim won."""
         await self.lease.ready.wait()
         lease = self.lease.id
         started = 0
+        # every candidate was offered by the feed with its marker; one it no longer knows is let be
+        known = [(ref, marker) for ref, marker in seen.items() if marker is not None]
         self._claiming.update(refs)
         try:
-            results = await asyncio.gather(*(self._batcher.submit(self.claims.txn(ref, lease, seen.get(ref)))
-                                             for ref in refs),
+            results = await asyncio.gather(*(self._batcher.submit(self.claims.txn(ref, lease, marker))
+                                             for ref, marker in known),
                                            return_exceptions=True)
-            for ref, result in zip(refs, results):
+            for (ref, _), result in zip(known, results):
                 if isinstance(result, BaseException):
                     if isinstance(result, NoSpace):  # refused, not applied: it waits for room
                         self.gate.refused(result)
@@ -122,7 +126,7 @@ class Claimer:
                         # later still, the claim audit gives it back.
                         claim_rev = await self.claims.adopt(ref, lease, requeue=True)
                         if claim_rev is not None:
-                            self.runner.start(ref, claim_rev)
+                            self.runner.start(ref, claim_rev, lease)
                             started += 1
                     elif isinstance(result, LeaseLost):
                         await self.lease.verify()
@@ -132,6 +136,14 @@ class Claimer:
                                   extra=self.claims.about(ref.instance))
                     continue
                 if not result.succeeded:
+                    entry = result.get(0).first
+                    if entry is None or entry.lease != lease:
+                        # Not a race lost: our own entry is not under our lease (it was deleted by a
+                        # worker that took us for dead, or the lease is gone). The presence puts it
+                        # back, or the keeper takes a new lease; the candidate waits a moment.
+                        self.queue.add(ref, ENTRY_WAIT, first=True)
+                        if entry is None:
+                            await self.lease.verify()
                     continue
                 record, work = result.get(1).first, result.get(2).first
                 if record is None and work is not None:
@@ -142,7 +154,7 @@ class Claimer:
                     continue
                 self.meter.claims[self.records.remember(record).machine] += 1
                 self.stats.claimed += 1
-                self.runner.start(ref, result.revision, woken=says_due_now(work))
+                self.runner.start(ref, result.revision, lease, woken=says_due_now(work))
                 started += 1
         finally:
             self._claiming.difference_update(refs)
@@ -154,7 +166,8 @@ class Claimer:
 
         A claim or commit applied after its answer was lost (a slow fsync, a leader change) can
         leave a claim of ours with no job: nothing else would ever free it while we live. A claim
-        seen idle by two audits in a row is released (fenced by its create revision).
+        seen idle by two audits in a row, at the same marker revision, is given back (fenced by
+        that revision).
         """
         suspects: dict[TokenRef, int] = {}
         while True:
@@ -162,15 +175,7 @@ class Claimer:
             if not self.lease.ready.is_set() or self.lease.id is None:
                 suspects.clear()
                 continue
-            lease = self.lease.id
-            try:
-                held = await self.claims.idle(lease, self.busy)
-            except LeaseLost:
-                self.lease.lost(lease)
-                continue
-            except StoreError as exc:
-                log.debug("worker %s: claim audit skipped (%s)", self.name, exc)
-                continue
+            held = self.claims.idle(self.lease.id, self.busy)
             for ref, rev in held.items():
                 if suspects.get(ref) == rev and not self.busy(ref):
                     log.warning("worker %s: claim on token %s has no job here; giving it back", self.name, ref.token,

@@ -1,9 +1,12 @@
 """The store's side of a worker's claims, shared by every part that meets one.
 
-The claim transaction (fenced by the revision of the marker the candidate was offered on),
-giving a claim back (fenced by its create revision), finding out after a lost answer whether a
-claim is ours (`adopt`), removing the markers of an instance that has no record, and the claims
-under our lease that nothing here uses (for the claim audit).
+A claim is the work marker's value (`keys.py`): `owner` and `lease` name the worker and the lease
+it claimed under, and the claim holds while that worker's entry lives under that lease. Here:
+the claim transaction (fenced by the revision of the marker the candidate was offered on, by our
+own entry, and by the previous owner's entry being gone or under another lease), giving a claim
+back (the marker put again without an owner, fenced by its mod revision), finding out after a
+lost answer whether a claim is ours (`adopt`), removing the markers of an instance that has no
+record, and the claims of ours that nothing here uses (for the claim audit).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from .. import logs
 from ..errors import StoreError, StoreUnavailable
 from ..keys import Keys, TokenRef, WorkInfo
 from ..markers import MAX_TXN_OPS, reconcile
-from ..store import Compare, Delete, Get, KeyValue, Put, Store, Txn
+from ..store import Compare, Get, KeyValue, Put, Store, Txn
 from .cache import RecordCache
-from .feed import WorkFeed
+from .feed import Seen, WorkFeed
 from .jobs import JobTable
-from .lease import keys_under
 from .queue import CandidateQueue
 
 log = logging.getLogger("dsm.worker")
+
+UNKNOWN = WorkInfo("", "", "")  # what a claim writes over a marker whose value it could not read
 
 
 class Claims:
@@ -37,6 +41,7 @@ class Claims:
         self.store = store
         self.keys = keys
         self.name = name
+        self.own_key = keys.worker(name)
         self.records = records
         self.queue = queue
         self.feed = feed
@@ -49,47 +54,57 @@ class Claims:
         """The worker stops: reads after a lost answer give up instead of retrying."""
         self._stopping = True
 
-    def txn(self, ref: TokenRef, lease: int | None, revision: int | None = None) -> Txn:
-        """Claim a candidate as its marker was at `revision` (any marker, when that is unknown)."""
-        work, claim = self.keys.work(*ref), self.keys.claim(*ref)
-        seen = Compare.mod(work, "==", revision) if revision is not None else Compare.version(work, ">", 0)
-        return Txn([seen, Compare.create(claim, "==", 0)],
-                   [Put(claim, self.name.encode(), lease or 0), Get(self.keys.instance(ref.instance)), Get(work)])
+    def txn(self, ref: TokenRef, lease: int | None, seen: Seen) -> Txn:
+        """Claim a candidate as its marker was seen: at that mod revision, claimed by nobody or by
+        a worker whose entry must now be gone or under another lease. Our own entry must live
+        under `lease`: nobody may see our claim while we look dead. Answers the record and the
+        marker (as claimed); when refused, our entry (so the claimer tells a lost entry from a
+        lost race)."""
+        work = self.keys.work(*ref)
+        compare = [Compare.mod(work, "==", seen.revision), Compare.lease_of(self.own_key, "==", lease or 0)]
+        if seen.claimant is not None:
+            owner, owner_lease = seen.claimant
+            compare.append(Compare.lease_of(self.keys.worker(owner), "!=", owner_lease))
+        info = (seen.info or UNKNOWN).claimed(self.name, lease or 0)
+        return Txn(compare, [Put(work, info.dump()), Get(self.keys.instance(ref.instance)), Get(work)],
+                   [Get(self.own_key)])
+
+    def ours(self, work: KeyValue | None, lease: int | None) -> bool:
+        """Whether a marker as read holds a claim of ours under `lease`."""
+        info = marker(work) if work is not None else None
+        return info is not None and lease is not None and info.claimant == (self.name, lease)
 
     async def adopt(self, ref: TokenRef, lease: int | None, *, requeue: bool = False) -> int | None:
-        """After an ambiguous claim or commit: the claim's create revision when the claim on `ref`
-        is ours and no job holds it (its record is cached: the caller runs it); else None, and it
-        is let be. `requeue`: when nobody holds it, it is a candidate again, due when its marker
-        says: meanwhile another worker may have run it and moved it on, under the same id, to a
-        timer (not due now)."""
+        """After an ambiguous claim or commit: the claim's revision (its marker's mod revision)
+        when the marker of `ref` says it is ours and no job holds it (its record is cached: the
+        caller runs it); else None, and it is let be. `requeue`: when it is not ours, it is a
+        candidate again if nobody live holds it, due when its marker says: meanwhile another
+        worker may have run it and moved it on, under the same id, to a timer (not due now)."""
         while True:
             try:
-                result = await self.store.txn([], [Get(self.keys.claim(*ref)), Get(self.keys.instance(ref.instance)),
-                                                   Get(self.keys.work(*ref))])
+                result = await self.store.txn([], [Get(self.keys.instance(ref.instance)), Get(self.keys.work(*ref))])
                 break
             except StoreUnavailable:
                 if self._stopping:
                     return None
                 await asyncio.sleep(0.5)
-        claim, record, work = result.get(0).first, result.get(1).first, result.get(2).first
-        if record is None and work is not None and claim is not None and claim.lease == lease \
-                and ref not in self.jobs:  # our claim on a marker without a record
-            await self.remove_stray(ref, claim.create_revision)
+        record, work = result.get(0).first, result.get(1).first
+        ours = self.ours(work, lease)
+        if record is None and work is not None and ours and ref not in self.jobs:  # our claim, no record
+            await self.remove_stray(ref, work.mod_revision)
             return None
-        if claim is None or record is None or lease is None or claim.lease != lease or ref in self.jobs:
-            if requeue and claim is None and work is not None:
-                info = marker(work)
-                self.feed.put_back(ref, info.delay(self.wall(), fresh=False) if info is not None else 0.0,
-                                   work.mod_revision)
+        if not ours or record is None or work is None or ref in self.jobs:
+            if requeue and not ours and work is not None:
+                self.feed.put_back(ref, work)
             return None
         self.records.remember(record)
-        return claim.create_revision
+        return work.mod_revision
 
     async def remove_stray(self, ref: TokenRef, claim_rev: int) -> None:
         """We claimed a marker whose instance has no record (a writer that did not know it was
         gone, or a version of dsm that left one): nothing will ever run it, and given back it would
         be claimed again at once, by every worker, for ever. Whoever meets one removes it, with the
-        instance's other markers and their claims, fenced by the record's absence."""
+        instance's other markers, fenced by the record's absence."""
         try:
             await self.reconcile(ref.instance)
             log.info("worker %s: removed work marker %s of instance %s, which has no record", self.name, ref.token,
@@ -100,9 +115,15 @@ class Claims:
             await self.release(ref, claim_rev)
 
     async def release(self, ref: TokenRef, claim_rev: int) -> None:
-        claim = self.keys.claim(*ref)
+        """Give a claim back: its marker put again without an owner, if it is still as we claimed
+        or last wrote it (`claim_rev`); a new marker is new work to every worker."""
+        work = self.keys.work(*ref)
         try:
-            await self.store.txn([Compare.create(claim, "==", claim_rev)], [Delete(claim)])
+            kv = await self.store.get(work)
+            if kv is None or kv.mod_revision != claim_rev:
+                return  # gone, or claimed by another since: not ours to give back
+            info = marker(kv) or UNKNOWN
+            await self.store.txn([Compare.mod(work, "==", claim_rev)], [Put(work, info.claimed(None, None).dump())])
         except StoreError as exc:
             log.warning("worker %s: could not release token %s (%s); it frees when the lease ends", self.name,
                         ref.token, exc, extra=self.about(*ref))
@@ -111,18 +132,10 @@ class Claims:
         """Make the instance's work markers match its record (deferred marker changes, stale markers)."""
         await reconcile(self.store, self.keys, iid, now=self.wall(), max_ops=self.max_txn_ops)
 
-    async def idle(self, lease: int, busy: Callable[[TokenRef], bool]) -> dict[TokenRef, int]:
-        """Claims under `lease` that nothing of ours is using (`busy`): ref -> create revision."""
-        refs = []
-        for key in await keys_under(self.store, self.keys, lease):
-            parsed = self.keys.parse_work(key)
-            if parsed is not None and parsed.is_claim and not busy(parsed.ref):
-                refs.append(parsed.ref)
-        if not refs:
-            return {}
-        result = await self.store.txn([], [Get(self.keys.claim(*ref)) for ref in refs[:MAX_TXN_OPS]])
-        claims = (got.first for got in result.gets())
-        return {ref: kv.create_revision for ref, kv in zip(refs, claims) if kv is not None and kv.lease == lease}
+    def idle(self, lease: int, busy: Callable[[TokenRef], bool]) -> dict[TokenRef, int]:
+        """Markers claimed by us under `lease` (as the feed last heard of them) that nothing of ours
+        is using (`busy`): ref -> the marker's mod revision."""
+        return {ref: rev for ref, rev in self.feed.claimed_by(self.name, lease).items() if not busy(ref)}
 
     def about(self, iid: str, tok: str | None = None) -> dict[str, Any]:
         """The `extra=` of a log line about instance `iid` (`dsm.logs`), with what this worker knows of

@@ -41,7 +41,8 @@ from .stats import WorkerStats
 
 log = logging.getLogger("dsm.worker")
 
-HandOn = Callable[[TokenRef, int], None]  # a token claimed for this worker, by its claim's create revision
+# a token claimed for this worker: its claim's revision (its marker's) and the lease it was claimed under
+HandOn = Callable[[TokenRef, int, int | None], None]
 
 
 @dataclass
@@ -56,10 +57,18 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class _Read:
-    """A record and the claims of a batch, as one round trip found them."""
+    """A record and the markers of a batch's tokens, as one round trip found them."""
 
     record: KeyValue | None
-    claims: list[KeyValue | None]
+    markers: list[KeyValue | None]
+    entry: KeyValue | None  # our own entry among live workers: our claims hold while it is under our lease
+
+    def holds(self, i: int, claim_rev: int, lease: int) -> bool:
+        """Whether the claim on the batch's `i`th token still holds: its marker as we claimed or
+        last wrote it (`claim_rev`), and our entry under `lease`."""
+        work = self.markers[i]
+        return (work is not None and work.mod_revision == claim_rev and self.entry is not None
+                and self.entry.lease == lease)
 
 
 class Committer:
@@ -69,8 +78,8 @@ class Committer:
                  hand_on: HandOn, records: RecordCache, slots: Slots[TokenRef], lease: LeaseKeeper, gate: WriteGate,
                  meter: Meter, stats: WorkerStats, wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, on_commit: Callable[[Step], None] | None = None):
-        """`hand_on(ref, claim revision)`: run a token that a commit claimed for this worker, now or
-        when a slot frees."""
+        """`hand_on(ref, claim revision, lease)`: run a token that a commit claimed for this worker,
+        now or when a slot frees."""
         self.store = store
         self.keys = keys
         self.claims = claims
@@ -164,9 +173,12 @@ class Committer:
                 continue
             now = self.wall()
             plan, rev = await self._plan(graph, iid, batch, now)
+            lease = self.lease.id or 0
+            batch = self._under(lease, batch, graph)
+            if not batch:
+                return
             claims = {p.job.ref.token: p.job.claim_rev for p in batch}
-            txn = commit_txn(self.keys, plan, rev, claims, worker=self.name, lease=self.lease.id or 0, now=now,
-                             fences=fences)
+            txn = commit_txn(self.keys, plan, rev, claims, worker=self.name, lease=lease, now=now, fences=fences)
             sent = self.clock()
             try:
                 result = await self._batcher.submit(txn)
@@ -179,7 +191,7 @@ class Committer:
                     await self.lease.verify()
                 log.warning("worker %s: commit in doubt (%s); re-reading", self.name, exc,
                             extra=_about_batch(iid, graph, batch, self.name))
-                batch = await self._settle_doubt(iid, batch, plan, now)
+                batch = await self._settle_doubt(iid, batch, plan, now, lease)
                 continue
             except TxnRejected as exc:
                 rejected += 1
@@ -195,7 +207,7 @@ class Committer:
             self.meter.commit_answered(graph.machine, self.clock() - sent, result.succeeded)
             if result.succeeded:
                 # the outcomes that did not fit in this transaction go in the next one
-                self._committed(plan, result.revision, batch[:plan.applied])
+                self._committed(plan, result.revision, batch[:plan.applied], lease)
                 batch = batch[plan.applied:]
                 continue
             try:
@@ -204,8 +216,8 @@ class Committer:
                 await asyncio.sleep(0.2)
                 continue
             still: list[_Pending] = []
-            for p, claim in zip(batch, read.claims):
-                if claim is not None and claim.create_revision == p.job.claim_rev:
+            for i, p in enumerate(batch):
+                if read.holds(i, p.job.claim_rev, lease):
                     still.append(p)
                 else:
                     self.stats.lost += 1
@@ -245,13 +257,30 @@ class Committer:
         return out, tuple(fences)
 
     async def _read(self, iid: str, batch: list[_Pending]) -> _Read:
-        """The record and the claims of a batch, in one round trip."""
-        ops: list = [Get(self.keys.instance(iid))] + [Get(self.keys.claim(*p.job.ref)) for p in batch]
+        """The record, the markers of a batch's tokens and our own entry, in one round trip."""
+        ops: list = [Get(self.keys.instance(iid)), Get(self.keys.worker(self.name))]
+        ops += [Get(self.keys.work(*p.job.ref)) for p in batch]
         result = await self.store.txn([], ops)
-        record, *claims = (got.first for got in result.gets())
-        return _Read(record, claims)
+        record, entry, *markers = (got.first for got in result.gets())
+        return _Read(record, markers, entry)
 
-    def _committed(self, plan: CommitPlan, revision: int, batch: list[_Pending]) -> None:
+    def _under(self, lease: int, batch: list[_Pending], graph: Graph) -> list[_Pending]:
+        """The outcomes whose claims were taken under `lease`, our lease now; the others' claims
+        ended with the lease they named (a worker back under a new lease commits none of them)."""
+        still = []
+        for p in batch:
+            if p.job.lease == lease:
+                still.append(p)
+                continue
+            self.stats.lost += 1
+            self.meter.lost[graph.machine] += 1
+            log.info("worker %s: claim on token %s ended with its lease; another worker takes over", self.name,
+                     p.job.ref.token,
+                     extra=logs.about(p.job.ref.instance, graph.machine, p.token.state, p.token.attempt, self.name))
+            _settle(p.future, False)
+        return still
+
+    def _committed(self, plan: CommitPlan, revision: int, batch: list[_Pending], lease: int) -> None:
         inst = plan.after
         self.records.put(inst, revision)
         self.stats.committed += 1
@@ -276,7 +305,7 @@ class Committer:
             _settle(p.future, p.job.ref.token in kept)
         for token in plan.keep:
             if token.id not in plan.own:
-                self.hand_on(TokenRef(inst.id, token.id), revision)
+                self.hand_on(TokenRef(inst.id, token.id), revision, lease)
 
     def _let_go(self, before: Instance, after: Instance, batch: list[_Pending]) -> None:
         """A commit whose instance let go of children it waited for (a call timed out, the instance
@@ -292,13 +321,15 @@ class Committer:
                     "cancelling the children it let go of", logs.about(after.id, after.machine, worker=self.name))
 
     async def _settle_doubt(self, iid: str, batch: list[_Pending], plan: CommitPlan,
-                            now: float) -> list[_Pending]:
+                            now: float, lease: int) -> list[_Pending]:
         """A commit's answer was lost: find out what applied, never blindly repeat it.
 
-        Only this worker touches a token it holds a claim on, so: a claim gone means our commit
-        released it (or our lease ended); a claim still ours on a token that moved on means our
-        commit applied and kept it; a claim still ours on an unmoved token means nothing applied
-        (yet: if it applies later, the claims it took are given back by the claim audit).
+        Only this worker writes a marker it holds a claim in, but for deleting it or waking it (a
+        cancel, a signal, a child's end), which also ends the claim: so a marker rewritten since
+        we claimed it means our commit gave it back or deleted it (or someone else ended our
+        claim, or our lease ended); a marker unchanged on a token that moved on means our commit
+        applied and kept it along its line; a marker unchanged on an unmoved token means nothing
+        applied (yet: if it applies later, the claims it took are given back by the claim audit).
         Returns the outcomes still to commit.
         """
         while True:
@@ -314,8 +345,8 @@ class Committer:
         inst = self.records.remember(read.record)
         self._let_go(plan.before, inst, batch)  # if it applied, or whoever moved the instance on
         retry: list[_Pending] = []
-        for p, claim in zip(batch, read.claims):
-            if claim is None or claim.create_revision != p.job.claim_rev:
+        for i, p in enumerate(batch):
+            if not read.holds(i, p.job.claim_rev, lease):
                 _settle(p.future, False)
                 continue
             current = inst.tokens.get(p.job.ref.token)
@@ -327,9 +358,9 @@ class Committer:
         for token in plan.keep:  # new tokens the commit claimed, if it applied: run them
             if token.id not in plan.own:
                 ref = TokenRef(iid, token.id)
-                claim_rev = await self.claims.adopt(ref, self.lease.id)
+                claim_rev = await self.claims.adopt(ref, lease)
                 if claim_rev is not None:
-                    self.hand_on(ref, claim_rev)
+                    self.hand_on(ref, claim_rev, lease)
         return retry
 
 

@@ -10,10 +10,13 @@ other workers' heartbeats (`peers.py`). Whether it works (`health()`) is judged 
 parts say of themselves (`health.py`, pure). Its options are one typed value (`WorkerConfig`).
 
 Every commit is one transaction (batched with other instances' commits) that compares the
-record's mod revision and the claims' create revisions, so a worker that lost its lease, paused
-past it, or was overtaken never commits. When a claim or commit's answer is lost, the worker
-re-reads and never blindly repeats; a claim applied after that re-read, with no job here, is
-found by the claim audit (the keys under our lease) and given back.
+record's mod revision, its tokens' markers' mod revisions (a claim is the marker's value: any
+other claim rewrites it) and the worker's own entry's lease, so a worker that lost its lease,
+paused past it, or was overtaken never commits. When a claim or commit's answer is lost, the
+worker re-reads and never blindly repeats; a claim applied after that re-read, with no job here,
+is found by the claim audit (the markers that name us, from the feed's index) and given back. A
+worker that stops revokes its lease, and its entry goes with it: the markers it still held are
+orphaned work for the others at once.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from ..keys import Keys, TokenRef
 from ..markers import work_info
 from ..records import Instance, Token
 from ..step import tick_call
-from ..store import Compare, Delete, Get, Put, Store, Txn
+from ..store import Compare, Get, Put, Store, Txn
 from ..ticks import report_failure
 from ..transition import Failure, Outcome
 from .admission import Admission
@@ -99,22 +99,24 @@ class JobRunner:
             waiting = self.slots.next_ready()
             if waiting is None:
                 break
-            self.start(waiting.ref, waiting.claim_rev, held=True)
+            self.start(waiting.ref, waiting.claim_rev, waiting.lease, held=True)
         self.wake.set()
 
-    def hand_on(self, ref: TokenRef, claim_rev: int) -> None:
-        """A token this worker claimed in a commit: run it now if a slot is free, else queue it."""
+    def hand_on(self, ref: TokenRef, claim_rev: int, lease: int | None) -> None:
+        """A token this worker claimed in a commit (under `lease`): run it now if a slot is free,
+        else queue it."""
         if self.slots.busy < self.slots.capacity and not self._stopping:
             self.slots.take()
-            self.start(ref, claim_rev)
+            self.start(ref, claim_rev, lease)
         else:
             self.records.hold(ref.instance)
-            self.slots.park(ref, claim_rev)
+            self.slots.park(ref, claim_rev, lease)
 
-    def start(self, ref: TokenRef, claim_rev: int, *, held: bool = False, woken: bool = False) -> None:
-        """Start a job on a claimed token; its slot is taken. `held`: the record is already held
-        for it (it waited for a slot). `woken`: its marker said due now."""
-        job = Job(ref, claim_rev, woken=woken)
+    def start(self, ref: TokenRef, claim_rev: int, lease: int | None, *, held: bool = False,
+              woken: bool = False) -> None:
+        """Start a job on a token claimed at `claim_rev` under `lease`; its slot is taken. `held`:
+        the record is already held for it (it waited for a slot). `woken`: its marker said due now."""
+        job = Job(ref, claim_rev, lease, woken=woken)
         self.jobs.add(job)
         if not held:
             self.records.hold(ref.instance)
@@ -199,10 +201,10 @@ class JobRunner:
             current = inst.tokens.get(tok)
             if current is None:
                 break
+            # the marker as the record has it, claimed by nobody: the claim is given back with it
             txn = Txn([Compare.mod(self.keys.instance(iid), "==", rev),
-                       Compare.create(self.keys.claim(iid, tok), "==", job.claim_rev)],
-                      [Put(self.keys.work(iid, tok), work_info(inst, current, self.wall()).dump()),
-                       Delete(self.keys.claim(iid, tok))])
+                       Compare.mod(self.keys.work(iid, tok), "==", job.claim_rev)],
+                      [Put(self.keys.work(iid, tok), work_info(inst, current, self.wall()).dump())])
             try:
                 result = await self.store.txn(txn.compare, txn.success, [Get(self.keys.instance(iid))])
             except StoreError:

@@ -20,7 +20,8 @@ class Job:
     """One claimed token being worked on by this worker."""
 
     ref: TokenRef
-    claim_rev: int
+    claim_rev: int  # the claim's revision (its marker's mod revision): what committing it is fenced by
+    lease: int | None = None  # the lease it was claimed under: it commits only while that is ours
     attempt: Attempt | None = None
     task: asyncio.Task | None = None
     woken: bool = False  # claimed through a marker that said "due now" (`JobRunner.stale_wake`)

@@ -1,6 +1,7 @@
 """The worker's lease: granted, marked as ours, kept alive, replaced when lost.
 
-Every claim a worker takes is bound to its lease. The keeper refreshes it at a third of its TTL;
+Every claim a worker takes is bound to its lease: a claim names the lease, and holds while the
+worker's entry lives under it (`dsm.keys`). The keeper refreshes it at a third of its TTL;
 when the store says it is gone (the keep-alive, a commit, anything else that used it), `lost()`
 calls `on_lost` (the worker abandons what it held) and the keeper takes a new one at once.
 `ready` is set while a lease is believed alive; claims wait on it. `renewed_at` says when the
@@ -173,7 +174,8 @@ class LeaseKeeper:
 async def release(store: Store, keys: Keys, lease: int) -> int:
     """End `lease` and every key of the namespace bound to it: revoke it, or, where etcd refuses
     (another user attached a key of its own to it), delete those keys, each only while it is still
-    bound to the lease. Claims deleted so are work orphaned, which workers take up. Returns how many
+    bound to the lease. The worker's entry deleted so ends its claims: its markers are work
+    orphaned, which workers take up. Returns how many
     keys were deleted one by one (0 when the lease was revoked)."""
     try:
         await store.lease_revoke(lease)
@@ -197,13 +199,14 @@ async def keys_under(store: Store, keys: Keys, lease: int) -> list[str]:
 
     etcd lists a lease's keys; from 3.5.9 only to a user who may read all of them, so a lease that
     another user attached a key to has its keys looked for instead, where dsm puts keys under a
-    lease: claims, workers' entries and the housekeeping election."""
+    lease: workers' entries and the housekeeping election (a claim is no key of its own: it holds
+    while its worker's entry does; release 0.1's claim keys go with their lease)."""
     try:
         return [key for key in await store.lease_keys(lease) if key.startswith(keys.root)]
     except AccessDenied:
         pass
     found: list[str] = []
-    for prefix in (keys.work_prefix, workers_prefix(keys), keys.housekeeper):
+    for prefix in (workers_prefix(keys), keys.housekeeper):
         start, end = prefix, prefix_end(prefix)
         while True:
             page = await store.range(start, end, limit=1000, keys_only=True)

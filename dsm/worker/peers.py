@@ -14,11 +14,14 @@ revision `stale_after` seconds later, counted only over a span in which this wor
 heartbeat went through without a gap (an etcd that is slow, unreachable or out of space delays
 everyone's writes, and a pause of this process or its machine stops this worker's own eyes: both
 condemn nobody), belongs to a worker that died or hangs: its lease is released (revoked, or
-where etcd refuses, its keys in the namespace deleted: `lease.release`). Its claims go with it,
-and the ordinary path, a claim deleted without its marker being work orphaned, hands its tokens
-to the living; its entry and any housekeeping election it held go too. A worker wrongly taken
-for dead (one that hung past `stale_after`) finds its lease gone, as if it had expired, and
-carries on under a new one: its commits were fenced by its claims and cannot land.
+where etcd refuses, its keys in the namespace deleted: `lease.release`). Its entry goes with it,
+and so do its claims, which hold only while its entry lives under the lease they name
+(`dsm.keys`): the work feed of every worker hears the entry deleted and offers the markers that
+named it, as orphaned work, to the living; any housekeeping election it held goes too. A worker
+wrongly taken for dead (one that hung past `stale_after`) finds its lease gone, as if it had
+expired, and carries on under a new one (or, where only its keys were deleted, puts its entry
+back): its commits compare each marker's revision as it claimed it, so none whose token
+another worker claimed meanwhile can land.
 
 Clocks of different machines are never compared: revisions are etcd's, durations are ours.
 """
@@ -126,7 +129,7 @@ class Peers:
                                   self.healthy())
         for entry in dead:
             log.warning("worker %s: worker %s has not written its heartbeat for %gs though its lease %x lives; "
-                        "taken for dead: releasing its lease, its claims go back to work", self.name,
+                        "taken for dead: releasing its lease, its work goes to the living", self.name,
                         entry.key[len(prefix(self.keys)):], entry.stale_after, entry.lease)
             deleted = await release(self.store, self.keys, entry.lease)
             if deleted:

@@ -22,7 +22,8 @@ class Waiting(Generic[Ref]):
     """A token claimed for this worker, waiting for a slot."""
 
     ref: Ref
-    claim_rev: int  # the claim's create revision: what releasing or committing it is fenced by
+    claim_rev: int  # the claim's revision (its marker's): what releasing or committing it is fenced by
+    lease: int | None = None  # the lease it was claimed under
 
 
 class Slots(Generic[Ref]):
@@ -64,9 +65,9 @@ class Slots(Generic[Ref]):
         if self.busy == 0 and not self._ready:
             self.idle.set()
 
-    def park(self, ref: Ref, claim_rev: int) -> None:
+    def park(self, ref: Ref, claim_rev: int, lease: int | None = None) -> None:
         """A claimed token that found no free slot: it waits for one."""
-        self._ready.append(Waiting(ref, claim_rev))
+        self._ready.append(Waiting(ref, claim_rev, lease))
 
     def next_ready(self) -> Waiting[Ref] | None:
         """A waiting claimed token to start, its slot taken; None when none waits or none is free."""

@@ -15,5 +15,5 @@ class WorkerStats:
     lost: int = 0
     ticks: int = 0
     failures: int = 0
-    given_back: int = 0  # claims under our lease found with no job and released
+    given_back: int = 0  # claims of ours (markers naming us) found with no job and given back
     started_at: float = field(default_factory=time.monotonic)

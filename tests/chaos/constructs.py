@@ -35,7 +35,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import MACHINES, Chaos, Config
+from harness import MACHINES, Chaos, Config, owner_of
 
 from dsm import compiler
 from dsm.audit import audit
@@ -149,13 +149,13 @@ class ConstructChaos(Chaos):
     # -- faults ------------------------------------------------------------------------------
     async def held_tokens(self, store: Any, proc: Any) -> dict[tuple[str, str], tuple[int, int]]:
         """Tokens the worker holds claims on, with their (visit, attempt) now."""
-        worker_id = f"{socket.gethostname()}:{proc.pid}".encode()
+        worker_id = f"{socket.gethostname()}:{proc.pid}"
         work = self.keys.work_prefix
         page = await self.retry(lambda: store.range(work, prefix_end(work)))
         refs = []
         for kv in page.kvs:
             parsed = self.keys.parse_work(kv.key)
-            if parsed is not None and parsed[2] and kv.value == worker_id and parsed[1] != "sync":
+            if parsed is not None and owner_of(kv) == worker_id and parsed[1] != "sync":
                 refs.append((parsed[0], parsed[1]))
         client = Operations(store, self.keys)
         out = {}
@@ -188,7 +188,7 @@ class ConstructChaos(Chaos):
     async def kill(self, store: Any, phase: str, mine: Any, *, pause: bool = False) -> None:
         """SIGKILL (or SIGSTOP past the lease, then SIGCONT) a worker holding claims, preferably on
         instances `mine(iid)` says belong to this phase; a killed one is replaced. Recovery: until
-        every token it held when it stopped (its claims outlive it, until its lease expires) was
+        every token it held when it stopped (its markers name it until another worker takes them) was
         committed on by another worker."""
         c = self.config
         deadline = time.monotonic() + 5.0
@@ -246,7 +246,7 @@ class ConstructChaos(Chaos):
         out = []
         for kv in page.kvs:
             parsed = self.keys.parse_work(kv.key)
-            if parsed is not None and not parsed[2]:
+            if parsed is not None:
                 try:
                     info: WorkInfo | None = WorkInfo.load(kv.value)
                 except (ValueError, KeyError, TypeError):

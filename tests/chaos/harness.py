@@ -38,7 +38,7 @@ from cluster import transitions_committed  # noqa: E402
 from dsm import compiler  # noqa: E402
 from dsm.audit import audit  # noqa: E402
 from dsm.errors import StoreError  # noqa: E402
-from dsm.keys import Keys  # noqa: E402
+from dsm.keys import Keys, WorkInfo  # noqa: E402
 from dsm.operations import Operations  # noqa: E402
 from dsm.records import FINISHED, SUCCEEDED  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
@@ -49,6 +49,15 @@ MACHINES = TESTS / "machines"
 FANOUT = MACHINES / "fanout.yaml"
 LOOPFORK = MACHINES / "loopfork.yaml"
 FAULTS = ("kill_worker", "pause_worker", "restart_member", "restart_leader", "compact", "restart_cluster")
+
+
+def owner_of(kv: Any) -> str | None:
+    """The worker a work marker names as holding its claim (the claim is the marker's value)."""
+    try:
+        claimant = WorkInfo.load(kv.value).claimant
+    except (ValueError, KeyError, TypeError):
+        return None
+    return claimant[0] if claimant is not None else None
 
 
 @dataclass
@@ -159,9 +168,9 @@ class Chaos:
 
     async def claims_of(self, store: EtcdStore, proc: subprocess.Popen) -> dict[str, int]:
         """Instances the worker holds claims on, with their transition counts now."""
-        worker_id = f"{socket.gethostname()}:{proc.pid}".encode()
+        worker_id = f"{socket.gethostname()}:{proc.pid}"
         page = await self.retry(lambda: store.range(self.keys.work_prefix, prefix_end(self.keys.work_prefix)))
-        held = {kv.key.split("/")[3] for kv in page.kvs if kv.key.endswith("/claim") and kv.value == worker_id}
+        held = {kv.key.split("/")[3] for kv in page.kvs if owner_of(kv) == worker_id}
         client = Operations(store, self.keys)
         out = {}
         for iid in held:
@@ -174,8 +183,8 @@ class Chaos:
         work = self.keys.work_prefix
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            page = await self.retry(lambda: store.range(work, prefix_end(work), keys_only=True))
-            if sum(1 for kv in page.kvs if kv.key.endswith("/claim")) >= self.config.workers:
+            page = await self.retry(lambda: store.range(work, prefix_end(work)))
+            if sum(1 for kv in page.kvs if owner_of(kv) is not None) >= self.config.workers:
                 return
             await asyncio.sleep(0.05)
 
