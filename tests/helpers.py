@@ -90,3 +90,15 @@ async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurr
         done = await asyncio.gather(*(client.wait(i, timeout=timeout) for i in ids))
         histories = [await client.history(i) for i in ids]
     return list(done), histories, service.worker
+
+
+def on_store(store_factory: Any, body: Callable[[Any], Any]) -> Any:
+    """`body(store)` on a store made by the `store_factory` fixture, which is closed after."""
+    async def main() -> Any:
+        store = await store_factory()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())

@@ -9,7 +9,7 @@ import asyncio
 import time
 
 from faults import is_claim, ops_of
-from helpers import until_async
+from helpers import on_store, until_async
 
 from dsm import compiler, handlers
 from dsm.commits import commit_txn, plan_commit
@@ -57,17 +57,6 @@ states:
   j: {next: done}
   done: {terminal: true}
 """
-
-
-def on_store(store_factory, body):
-    async def main():
-        store = await store_factory()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 class Recording:

@@ -11,7 +11,7 @@ import asyncio
 import time
 
 import pytest
-from helpers import until_async
+from helpers import on_store, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -91,17 +91,6 @@ def test_entry_reads_its_stale_after_and_ignores_what_is_not_one():
     assert Entry.of(KeyValue("k", info.dump(), 1, 3, 1, 9)) == Entry("k", 3, 9, 4.0)
     for raw in (b"not json", b"[1]", b'{"stale_after": "soon"}', b'{"stale_after": true}', b'{"stale_after": -1}'):
         assert Entry.of(KeyValue("k", raw, 1, 3, 1, 9)).stale_after is None
-
-
-def on_store(store_factory, body):
-    async def main():
-        store = await store_factory()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 class Refusing:
