@@ -8,6 +8,8 @@ every key of the namespace. The instances it leaves (ids fixed, see INSTANCES) a
 upgrade must keep: finished ones (succeeded, failed, cancelled, one already past its retention),
 running ones waiting for a signal, a timer or a child, and one never started. `layout1.json` was
 made so by release 0.1.0, the last to write the first key layout (test_upgrade.py loads it).
+Every machine here keeps its finished instances for a century but `brief` (a minute): what
+test_upgrade.py finds expired does not depend on when it runs, once the namespace is a minute old.
 """
 
 from __future__ import annotations
