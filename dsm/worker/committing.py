@@ -171,12 +171,14 @@ class Committer:
             except StoreUnavailable:
                 await asyncio.sleep(0.2)
                 continue
-            now = self.wall()
-            plan, rev = await self._plan(graph, iid, batch, now)
+            # only outcomes claimed under our lease now are planned: the plan's own tokens are
+            # exactly those whose claims the transaction compares
             lease = self.lease.id or 0
             batch = self._under(lease, batch, graph)
             if not batch:
                 return
+            now = self.wall()
+            plan, rev = await self._plan(graph, iid, batch, now)
             claims = {p.job.ref.token: p.job.claim_rev for p in batch}
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.name, lease=lease, now=now, fences=fences)
             sent = self.clock()
