@@ -42,10 +42,11 @@ def kind(keys: Keys, key: str) -> str:
     """The kind of a namespace key, as `dsm.keys` lays them out."""
     parts = key[len(keys.root):].split("/")
     head = parts[0]
-    if head == "work":  # a claim is in its marker's value; work/<id>/<token>/claim only an earlier release's
-        if len(parts) > 3:
-            return "claim (legacy)"
-        return "sync marker" if parts[-1] == "sync" else "work marker"
+    if head == "work":  # a claim is in its marker's value; earlier releases' markers are work/<id>/<token>[/claim]
+        ref = keys.parse_work(key)
+        if ref is None:
+            return "work (legacy)"
+        return "sync marker" if ref.token == "sync" else "work marker"
     if head == "idx":  # idx/sm/ holds the listing entries; idx/all/, status/, machine/ only an earlier release's
         return "listing" if parts[1] == "sm" else f"listing ({parts[1]}, legacy)"
     return {"inst": "record", "hist": "history", "exp": "expiry"}.get(head, head)

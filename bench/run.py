@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 from dsm import codec, compiler  # noqa: E402
-from dsm.keys import Keys  # noqa: E402
+from dsm.keys import Keys, WorkInfo  # noqa: E402
 from dsm.operations import Operations  # noqa: E402
 from dsm.service import serving  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
@@ -433,11 +433,12 @@ async def recovery(env: EtcdCluster, quick: bool) -> dict[str, Any]:
     try:
         client = Operations(store, keys)
         await client.submit_many(graph, ({} for _ in range(60)))
-        victim_id = f"{socket.gethostname()}:{victim.pid}".encode()
+        victim_id = f"{socket.gethostname()}:{victim.pid}"
 
         async def held_by_victim() -> dict[str, int]:
             page = await store.range(keys.work_prefix, prefix_end(keys.work_prefix))
-            held = {kv.key.split("/")[3] for kv in page.kvs if kv.key.endswith("/claim") and kv.value == victim_id}
+            held = {ref.instance for kv in page.kvs if (ref := keys.parse_work(kv.key)) is not None
+                    and WorkInfo.load(kv.value).owner == victim_id}
             return {iid: (await client.instance(iid)).transitions for iid in held}
 
         deadline = time.monotonic() + 10

@@ -201,13 +201,25 @@ class Outcomes:
             self.error = exc
 
 
+async def count_running(store: EtcdStore, keys: Keys) -> int:
+    """Running instances: those with work markers (an instance's markers lie together, `keys.py`)."""
+    places: set[str] = set()
+    start, end = keys.work_prefix, prefix_end(keys.work_prefix)
+    while True:
+        page = await store.range(start, end, limit=1000, keys_only=True)
+        places.update(ref.place for kv in page.kvs if (ref := keys.parse_work(kv.key)) is not None)
+        if not page.more or not page.kvs:
+            return len(places)
+        start = page.kvs[-1].key + "\0"
+
+
 async def sample(store: EtcdStore, env: EtcdCluster, keys: Keys, started: float, outcomes: Outcomes,
                  submitted: int, procs: list[subprocess.Popen]) -> Sample:
     from aetcd import rpc
 
     maintenance = rpc.MaintenanceStub(store._channel)
     status = await maintenance.Status(rpc.StatusRequest(), timeout=5)
-    running = await store.count(keys.listings("running"), prefix_end(keys.listings("running")))
+    running = await count_running(store, keys)
     stored = await store.count(keys.instances, prefix_end(keys.instances))
     return Sample(t=time.monotonic() - started, db_bytes=status.dbSize, db_in_use_bytes=status.dbSizeInUse,
                   succeeded=len(outcomes.succeeded), submitted=submitted, running=running, stored=stored,
@@ -270,7 +282,7 @@ async def soak(settings: Settings, *, progress: bool = True) -> Soak:
         result.failed_or_cancelled = len(outcomes.other)
         result.unaccounted = len(set(submitted) - outcomes.succeeded - outcomes.other)
         try:
-            result.left_running = await store.count(keys.listings("running"), prefix_end(keys.listings("running")))
+            result.left_running = await count_running(store, keys)
         except StoreError:
             result.left_running = -1
     finally:

@@ -232,6 +232,7 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
     back is a marker put without an owner, a token that goes is its marker deleted."""
     inst = plan.after
     iid = inst.id
+    place = keys.place_of(inst)
     ops: list[Op] = [Put(keys.instance(iid), plan.record)]
     if plan.spill is not None:
         ops.append(Put(keys.history(iid, plan.spill[0]), plan.spill[1]))
@@ -243,7 +244,7 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
     touched = set(plan.removed)
     for gone in plan.removed:
         if gone not in plan.deferred:
-            ops.append(Delete(keys.work(iid, gone)))
+            ops.append(Delete(keys.work(place, gone)))
     for token in plan.changed:
         touched.add(token.id)
         if token.id in plan.deferred:
@@ -255,16 +256,16 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
             # that every worker decodes and drops.
             continue
         # kept: claimed for us in the same put; else given back (a retry waiting, no slot) or new
-        ops.append(Put(keys.work(iid, token.id), work_info(inst, token, now, owner, lease if owner else None).dump()))
+        ops.append(Put(keys.work(place, token.id), work_info(inst, token, now, owner, lease if owner else None).dump()))
     for tok in sorted(plan.own - touched):  # stale outcomes: give their claims back
         stale = inst.tokens.get(tok)
         if stale is not None and not inst.finished:
-            ops.append(Put(keys.work(iid, tok), work_info(inst, stale, now).dump()))
+            ops.append(Put(keys.work(place, tok), work_info(inst, stale, now).dump()))
     if plan.sync:
         ops.append(sync_marker(keys, inst))
     compare = [Compare.mod(keys.instance(iid), "==", rev), *fences]
     for tid in sorted(plan.own):
-        compare.append(Compare.mod(keys.work(iid, tid), "==", claims[tid]))
+        compare.append(Compare.mod(keys.work(place, tid), "==", claims[tid]))
     compare.append(Compare.lease_of(keys.worker(worker), "==", lease))
     return Txn(compare, ops)
 
@@ -273,8 +274,9 @@ def creation_ops(keys: Keys, child: Instance, now: float) -> list[Op]:
     """Create an instance: its record, its listing entries and its work markers."""
     ops: list[Op] = [Put(keys.instance(child.id), dump_instance(child))]
     ops += index.created_ops(keys, child)
+    place = keys.place_of(child)
     for token in child.tokens.values():
-        ops.append(Put(keys.work(child.id, token.id), work_info(child, token, now).dump()))
+        ops.append(Put(keys.work(place, token.id), work_info(child, token, now).dump()))
     return ops
 
 
@@ -287,8 +289,9 @@ def wake_parent_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
         return []
     parent = after.parent
     assert parent is not None
-    marker = Put(keys.work(parent.id, parent.token), WorkInfo(parent.machine, parent.digest, parent.state, 0.0,
-                                                              None, wait=0.0).dump())
+    place = keys.place(parent.machine, parent.created, parent.id)
+    marker = Put(keys.work(place, parent.token),
+                 WorkInfo(parent.machine, parent.digest, parent.state, 0.0, None, wait=0.0).dump())
     return [Txn([Compare.version(keys.instance(parent.id), ">", 0)], [marker])]
 
 

@@ -109,7 +109,8 @@ def _expired_txn(keys: Keys, instance_id: str, expires: int, entry_revision: int
     return Txn([Compare.mod(key, "==", entry_revision)], removal_ops(keys, instance_id, expiry, expires), [Get(key)])
 
 
-def _repair_txn(keys: Keys, instance_id: str, expires: int, record: Instance | None, revision: int) -> Txn:
+def _repair_txn(keys: Keys, instance_id: str, expires: int, expiry: Expiry, record: Instance | None,
+                revision: int) -> Txn:
     """For an expiry entry whose record moved on since it was written: delete the instance if it
     is still finished with this expiry, else only the entry that no longer describes it. An entry
     whose record is gone (nothing writes that, but a store restored from a backup might hold one)
@@ -117,7 +118,8 @@ def _repair_txn(keys: Keys, instance_id: str, expires: int, record: Instance | N
     key = keys.instance(instance_id)
     entry = keys.expiry(expires, instance_id)
     if record is None:
-        history, work = keys.history_prefix(instance_id), keys.work_of_instance(instance_id)
+        history = keys.history_prefix(instance_id)
+        work = keys.work_of_instance(keys.place(expiry.machine, expiry.created, instance_id))
         return Txn([Compare.version(key, "==", 0)],
                    [Delete(entry), Delete(history, prefix_end(history)), Delete(work, prefix_end(work))])
     if record.finished and expires_ms(record) == expires:
@@ -148,13 +150,13 @@ async def delete_expired(store: Store, keys: Keys, *, now: float, batch: int = B
     prefix = keys.expiry_prefix
     found = await store.range(prefix, keys.expiry(int(now * 1000) + 1, ""), limit=batch)
     due: list[tuple[Txn, int]] = []
-    names: list[tuple[str, int]] = []
+    names: list[tuple[str, int, Expiry]] = []
     for kv in found.kvs:
         digits, _, instance_id = kv.key[len(prefix):].partition("/")
         expiry = Expiry.load(kv.value)
         if expiry.children:  # they go first: deleting a parent deletes its children
             await delete_children(store, keys, instance_id, max_history=max_history)
-        names.append((instance_id, int(digits)))
+        names.append((instance_id, int(digits), expiry))
         due.append((_expired_txn(keys, instance_id, int(digits), kv.mod_revision, expiry), expiry.transitions))
     deleted = 0
     repairs: list[tuple[Txn, int]] = []
@@ -164,13 +166,13 @@ async def delete_expired(store: Store, keys: Keys, *, now: float, batch: int = B
         result = await store.txn([], chunk)
         for i in range(len(chunk)):
             answer = result.nested(i)
-            instance_id, expires = names[done + i]
+            instance_id, expires, expiry = names[done + i]
             if answer.succeeded:
                 deleted += 1
                 continue
             record = answer.get(0).first
             inst = load_instance(record.value) if record is not None else None
-            repair = _repair_txn(keys, instance_id, expires, inst, record.mod_revision if record else 0)
+            repair = _repair_txn(keys, instance_id, expires, expiry, inst, record.mod_revision if record else 0)
             if inst is not None and inst.finished and expires_ms(inst) == expires:
                 removals.add(id(repair))
             repairs.append((repair, inst.transitions if inst is not None else 1))
@@ -192,7 +194,7 @@ async def backfill(store: Store, keys: Keys, *, page: int = 100) -> int:
     added = 0
     while True:
         found = await store.range(start, end, limit=page)
-        pending = [load_instance(kv.value) for kv in found.kvs]
+        pending = [inst for inst in map(load_instance, (kv.value for kv in found.kvs)) if inst.finished]
         revisions = {kv.key: kv.mod_revision for kv in found.kvs}
         while pending:
             txns = []

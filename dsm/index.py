@@ -1,16 +1,20 @@
 """The listing index and the expiry index: what `dsm list` and retention read instead of every record.
 
-Every instance has one listing entry, `idx/sm/<status>/<machine>/<age>/<id>` (see `keys.py`), named
-by its creation time so that a range read ascending yields the newest first. A finished instance
-also has one expiry entry, named by when retention deletes it. They are written in the same
-transaction as the record change that affects them: creation, a status change (finish, cancel, a
-redrive: the listing entry moves to the new status), deletion. So the index never disagrees with
+A finished instance has one listing entry, `idx/sm/<status>/<machine>/<age>/<id>` (see `keys.py`),
+named by its creation time so that a range read ascending yields the newest first, and one expiry
+entry, named by when retention deletes it. A running instance has neither: its work markers,
+`work/<machine>/<age>/<id>#<token>`, lie in the same order and list it (a range of them holds an
+instance's markers together; a listing takes each instance once). The entries are written in the
+same transaction as the record change that affects them: a finish or cancel (the listing entry
+put), a redrive (deleted), deletion. So the index never disagrees with
 the records it lists; a page reads its index entries, then only the records of that page.
 
-A listing by status and machine reads one range. The others merge several, newest first, by the
-part of the key after the range's prefix (`sort_key`: age, then id), which orders them as one
-range would: by status, the ranges of every machine; by machine, those of the four statuses;
-unfiltered, all of them. A page costs the page times the ranges merged, whatever else is stored.
+A listing by status and machine reads one range (two for running in a namespace that an upgrade
+has not yet finished with: its markers and the earlier layout's entries, `layout.py`). The others
+merge several, newest first, by the part of the key after the range's prefix up to MARK
+(`sort_key`: age, then id), which orders them as one range would: by status, the ranges of every
+machine; by machine, those of the four statuses; unfiltered, all of them. A page costs the page
+times the ranges merged, whatever else is stored.
 
 Which machines have entries: the registry (`/<ns>/machines/<name>`, written by
 `definitions.register`) names most, but not surely all of them. Its pointers are written in
@@ -19,13 +23,13 @@ definitions were stored before pointers existed has none for a machine until a d
 registered again, yet its workers start children of that machine meanwhile (a call state's child is
 created by the parent's commit, `commits.creation_ops`, from the definition the parent pinned by
 digest, registering nothing); a pointer that etcd refused while over its quota waits for a later
-registration too. So machines are found by a skip-scan of `idx/sm/<status>/` (the first key from
-where the scan stands, keys only; then from the end of that key's machine, and so on), and the
-registry's names serve as the bounds of that scan: a listing reads every named machine's range, and
-the scan probes only the gaps between them. etcd 3.5 walks every key of a range that it answers
-with a limit (to count them), so a probe to the end of the status would walk the entries of every
-machine after it; a probe of a gap walks only the entries of machines that the registry does not
-name, none when it names them all.
+registration too. So machines are found by a skip-scan of `idx/sm/<status>/` (of `work/` for the
+running; the first key from where the scan stands, keys only; then from the end of that key's
+machine, and so on), and the registry's names serve as the bounds of that scan: a listing reads
+every named machine's range, and the scan probes only the gaps between them. etcd 3.5 walks every
+key of a range that it answers with a limit (to count them), so a probe to the end of the status
+would walk the entries of every machine after it; a probe of a gap walks only the entries of
+machines that the registry does not name, none when it names them all.
 
 The functions here build operations and read pages; they decide nothing about when to write.
 """
@@ -43,14 +47,14 @@ from typing import Any
 from . import codec
 from .durations import parse_duration
 from .errors import InputError, NoSpace
-from .keys import INSTANCE_ID, MACHINE_NAME, Keys
+from .keys import AGE_MAX, INSTANCE_ID, MACHINE_NAME, MARK, Keys, millis, sort_key
 from .markers import MAX_TXN_OPS
-from .records import STATUSES, Instance, load_instance, public_record
+from .records import RUNNING, STATUSES, Instance, load_instance, public_record
 from .store import Delete, Get, KeyValue, Op, Put, Store, prefix_end
 
-AGE_MAX = 9_999_999_999_999  # milliseconds: the age part of an index key counts down from here
 PAGE = 100  # index entries read at once (their records are read in one transaction of as many gets)
 MAX_PAGE = 1000  # the most instances one page asked for by a client (or the HTTP API) holds
+AFTER = chr(ord(MARK) + 1)  # after a sort key: past its listing entry and its instance's markers, before any other
 CURSOR = re.compile(r"([0-9]{13})/(" + INSTANCE_ID.pattern + ")")  # ASCII digits: \d takes any script's
 # What the HTTP API takes as `since` (its OpenAPI document says the same): a duration back from now,
 # seconds or parts with units (1h30m), or an RFC 3339 date or date-time. `dsm list --since` takes
@@ -62,7 +66,7 @@ _RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
 
 
 def created_ms(inst: Instance) -> int:
-    return int(inst.created_at * 1000)
+    return millis(inst.created_at)
 
 
 def expires_ms(inst: Instance) -> int | None:
@@ -71,14 +75,15 @@ def expires_ms(inst: Instance) -> int | None:
     return None if at is None else math.ceil(at * 1000)
 
 
-def sort_key(created: int, instance_id: str) -> str:
-    """The part of an index key after its prefix; also the cursor that resumes after it."""
-    return f"{AGE_MAX - min(max(created, 0), AGE_MAX):013d}/{instance_id}"
-
-
 def listing_key(keys: Keys, instance_id: str, status: str, machine: str, created: int) -> str:
-    """An instance's listing entry while it has this status (it moves when the status changes)."""
+    """An instance's listing entry while it has this finished status (it moves when the status
+    changes). A running instance has none: its work markers list it."""
     return keys.listing(status, machine) + sort_key(created, instance_id)
+
+
+def _entry(keys: Keys, inst: Instance) -> list[str]:
+    """The listing entry an instance has: one when finished, none while running."""
+    return [] if inst.status == RUNNING else [listing_key(keys, inst.id, inst.status, inst.machine, created_ms(inst))]
 
 
 def legacy_prefixes(keys: Keys) -> list[str]:
@@ -120,7 +125,7 @@ def expiry_put(keys: Keys, inst: Instance) -> Put | None:
 
 def created_ops(keys: Keys, inst: Instance) -> list[Op]:
     """The entries of a new instance (in the transaction that creates its record)."""
-    ops: list[Op] = [Put(listing_key(keys, inst.id, inst.status, inst.machine, created_ms(inst)), b"")]
+    ops: list[Op] = [Put(key, b"") for key in _entry(keys, inst)]
     exp = expiry_put(keys, inst)
     if exp is not None:
         ops.append(exp)
@@ -132,11 +137,10 @@ def status_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
     the expiry changed; then the listing entry moves and the expiry entry follows."""
     if before.status == after.status and before.expires_at == after.expires_at:
         return []
-    created = created_ms(before)
     ops: list[Op] = []
     if before.status != after.status:
-        ops.append(Delete(listing_key(keys, before.id, before.status, before.machine, created)))
-        ops.append(Put(listing_key(keys, after.id, after.status, after.machine, created), b""))
+        ops += [Delete(key) for key in _entry(keys, before)]
+        ops += [Put(key, b"") for key in _entry(keys, after)]
     old, new = expires_ms(before), expiry_put(keys, after)
     if old is not None and (new is None or new.key != keys.expiry(old, before.id)):
         ops.append(Delete(keys.expiry(old, before.id)))
@@ -151,7 +155,7 @@ def status_op_count(before: Instance, after: Instance) -> int:
     if before.status == after.status and before.expires_at == after.expires_at:
         return 0
     old, new = expires_ms(before), expires_ms(after)
-    moved = 2 if before.status != after.status else 0  # the listing entry deleted, and put under the new status
+    moved = (before.status != RUNNING) + (after.status != RUNNING) if before.status != after.status else 0
     return moved + (old is not None and old != new) + (new is not None)
 
 
@@ -159,11 +163,12 @@ def removal_ops(keys: Keys, instance_id: str, expiry: Expiry, expires: int | Non
     """Deleting an instance's record, entries, history and leftover work markers: one transaction,
     so nothing is ever half deleted (range deletes are one operation each, whatever they hold)."""
     ops: list[Op] = [Delete(keys.instance(instance_id))]
-    ops.append(Delete(listing_key(keys, instance_id, expiry.status, expiry.machine, expiry.created)))
+    if expiry.status != RUNNING:
+        ops.append(Delete(listing_key(keys, instance_id, expiry.status, expiry.machine, expiry.created)))
     if expires is not None:
         ops.append(Delete(keys.expiry(expires, instance_id)))
     history = keys.history_prefix(instance_id)
-    work = keys.work_of_instance(instance_id)
+    work = keys.work_of_instance(keys.place(expiry.machine, expiry.created, instance_id))
     ops += [Delete(history, prefix_end(history)), Delete(work, prefix_end(work))]
     return ops
 
@@ -246,7 +251,7 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
         origin = int(sort_key(int(((time.time() if now is None else now) + 1.0) * 1000), "")[:13])
         bounds = [f"{origin:013d}"]  # before it: what writers whose clocks run ahead made
     else:
-        low = check_cursor(after) + "\0"
+        low = check_cursor(after) + AFTER
         origin = int(after[:13])
         bounds = []
     step = 1000
@@ -261,8 +266,11 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
         while True:
             want = limit - len(items)
             take = min(want, PAGE)
-            tails, more = await _entries(store, ranges, low, high, take)
+            tails, more, horizon = await _entries(store, ranges, low, high, take)
             if not tails:
+                if more and horizon is not None:  # read only keys that name no instance: on past them
+                    low = horizon + AFTER
+                    continue
                 break
             if want <= 0:
                 return Page(items, last)  # full, and more follow
@@ -275,7 +283,7 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
                     continue
                 items.append(inst)
             last = chosen[-1]
-            low = last + "\0"
+            low = last + AFTER
             if not more:
                 break  # the window holds nothing more
             if len(items) >= limit:
@@ -285,22 +293,29 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
     return Page(items, None)
 
 
+def _roots(keys: Keys, status: str) -> list[str]:
+    """Where the ranges of a status lie, one under each of these for each machine (`<root><machine>/`):
+    a finished status's listing entries; the running instances' work markers (and, in a namespace
+    not yet upgraded from layout 2, its running listing entries, `layout.py`)."""
+    if status == RUNNING:
+        return [keys.work_prefix, keys.listings(RUNNING)]
+    return [keys.listings(status)]
+
+
 async def _ranges(store: Store, keys: Keys, status: str | None, machine: str | None) -> list[list[str]]:
     """The prefixes of the listing ranges a filter merges, those of one machine together."""
-    statuses = list(STATUSES) if status is None else [status]
-    if machine is not None:
-        return [[keys.listing(s, machine) for s in statuses]]
-    return [[keys.listing(s, name) for s in statuses] for name in await listed_machines(store, keys, statuses)]
+    roots = [root for s in (STATUSES if status is None else [status]) for root in _roots(keys, s)]
+    machines = [machine] if machine is not None else await listed_machines(store, keys, roots)
+    return [[root + name + "/" for root in roots] for name in machines]
 
 
-async def listed_machines(store: Store, keys: Keys, statuses: list[str]) -> list[str]:
-    """The machines the registry names, and any other that has listing entries under `statuses`:
+async def listed_machines(store: Store, keys: Keys, roots: list[str]) -> list[str]:
+    """The machines the registry names, and any other that has listing entries under `roots`:
     a skip-scan of the gaps the registry's names leave (see the module's docstring)."""
     named = await _registered(store, keys)
     found = set(named)
-    gaps: list[tuple[str, str, str]] = []  # (status prefix, start, end)
-    for status in statuses:
-        prefix = keys.listings(status)
+    gaps: list[tuple[str, str, str]] = []  # (root, start, end)
+    for prefix in roots:
         start = prefix
         for name in sorted(named, key=lambda n: n + "/"):  # as their ranges lie: "a-b/" before "a/"
             gaps.append((prefix, start, prefix + name + "/"))
@@ -332,21 +347,28 @@ async def _registered(store: Store, keys: Keys) -> list[str]:
 
 
 async def _entries(store: Store, ranges: list[list[str]], low: str, high: str | None,
-                   take: int) -> tuple[list[str], bool]:
+                   take: int) -> tuple[list[str], bool, str | None]:
     """The sort keys from `low` up to `high` (None: the end) of every range, merged, newest first
-    and each once, at most `take` + 1 of each range (at least one: whether any follows); and
-    whether more than `take` follow `low` in the window."""
+    and each once (an instance's markers give its sort key once), at most `take` + 1 keys of each
+    range (at least one: whether any follows); whether more than `take` follow `low` in the
+    window; and the horizon: the least of the last sort keys read from ranges that had more.
+
+    Only sort keys up to the horizon are answered: a range that had more may hold others up to it
+    but none before it. Keys that name no instance (an earlier layout's markers under a prefix
+    that looks like a machine's) are passed over."""
     limit = take + 1
     reads = [[Get(prefix + low, prefix_end(prefix) if high is None else prefix + high, limit=limit, keys_only=True)
               for prefix in group] for group in ranges]
     tails: set[str] = set()
-    cut = False
+    horizon: str | None = None
     for group, answers in zip(ranges, await _read(store, reads)):
         for prefix, kvs in zip(group, answers):
-            tails.update(kv.key[len(prefix):] for kv in kvs)
-            cut = cut or len(kvs) >= limit
-    merged = sorted(tails)
-    return merged, cut or len(merged) > take
+            read = [kv.key[len(prefix):].partition(MARK)[0] for kv in kvs]
+            tails.update(tail for tail in read if CURSOR.fullmatch(tail))
+            if len(kvs) >= limit and (horizon is None or read[-1] < horizon):
+                horizon = read[-1]
+    merged = sorted(tail for tail in tails if horizon is None or tail <= horizon)
+    return merged, horizon is not None or len(merged) > take, horizon
 
 
 async def _read(store: Store, groups: list[list[Get]]) -> list[list[list[KeyValue]]]:

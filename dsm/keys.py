@@ -12,16 +12,20 @@
                                         (zero-padded, commit order): a JSON list of entries, spilled
                                         from the record, which keeps the newest (`commits._recorded`);
                                         the first layout wrote one entry (a JSON object) a key
-    /<ns>/work/<id>/<token>             work marker: exists exactly while the token is pending;
+    /<ns>/work/<machine>/<age>/<id>#<token>   work marker: exists exactly while the token is pending;
                                         value {machine, digest, state, not_before, wait, owner, lease}:
-                                        `owner` and `lease` say which worker claimed it, under which lease
+                                        `owner` and `lease` say which worker claimed it, under which
+                                        lease. `work/<machine>/<age>/<id>` is the instance's *place*,
+                                        fixed for its life; its markers lie together there, and
+                                        together they list the running instances, newest first
 
-    /<ns>/work/<id>/sync                the SYNC marker: this instance's markers lag its record
+    /<ns>/work/<machine>/<age>/<id>#sync      the SYNC marker: this instance's markers lag its record
 
-    /<ns>/idx/sm/<status>/<machine>/<age>/<id>    listing index: one entry an instance, under its
-                                                  status and machine (values empty); a listing by
+    /<ns>/idx/sm/<status>/<machine>/<age>/<id>    listing index: one entry a finished instance, under
+                                                  its status and machine (values empty); a listing by
                                                   status, by machine or of everything merges these
-                                                  ranges, newest first (`index.py`)
+                                                  ranges and the markers' (running), newest first,
+                                                  each instance once (`index.py`)
     /<ns>/exp/<expires>/<id>            expiry index: a finished instance, by when retention deletes it;
                                         value {machine, status, created, transitions}
     /<ns>/housekeeper                   the housekeeping election: the holder's name, under its lease
@@ -33,12 +37,15 @@
 `<age>` is 9999999999999 minus the creation time in milliseconds (13 digits), so a range read
 ascending yields the newest first, ties broken by id; `<expires>` is the expiry time in
 milliseconds, 13 digits, so a range from the start up to now yields exactly what has expired.
-Namespaces written by earlier releases also hold `idx/all/`, `idx/status/<status>/` and
-`idx/machine/<machine>/` (three more entries an instance, `index.legacy_prefixes`): nothing reads
-or writes them any more, and upgrading a namespace deletes them.
+MARK (`#`) sorts below every character an id may hold, so an instance's markers lie where its
+listing entry would, in the same order among other instances' (an id that is a prefix of
+another's sorts first either way). Namespaces written by earlier releases hold markers at
+`work/<id>/<token>` and running instances' listing entries, and release 0.1's also `idx/all/`,
+`idx/status/<status>/` and `idx/machine/<machine>/`: upgrading a namespace moves the markers and
+deletes the rest (`layout.py`).
 
 Invariants, kept because every change is one transaction:
-- a running instance's record lists token T  <=>  work/<id>/T exists, unless work/<id>/sync
+- a running instance's record lists token T  <=>  <place>#T exists, unless <place>#sync
   exists: a change too wide for one transaction (etcd takes 128 operations) writes the record
   and the markers that fit, and SYNC; whoever claims SYNC makes the markers match the record
   (`markers.py`). A marker whose token the record does not list, or whose instance has no record,
@@ -57,9 +64,9 @@ Invariants, kept because every change is one transaction:
 - a commit for token T compares the record's mod revision, T's marker's mod revision (the claim's
   revision: any other claim rewrites the marker) and the committer's entry's lease, so a worker
   whose lease expired or whose entry was deleted, or who was overtaken, can never commit;
-- an instance has its listing entry exactly while its record exists, under its current status,
-  and its expiry entry exactly while it is finished: every transaction that creates a record,
-  changes its status or deletes it writes them too (`index.py`). An expiry entry is
+- a finished instance has its listing entry, under its status, and its expiry entry; a running
+  one has neither, and at least one marker (a token's or SYNC), which lists it: every transaction
+  that creates a record, changes its status or deletes it writes them too (`index.py`). An expiry entry is
   written in the same transaction as the record, so its mod revision is the record's: deletion
   compares it, and never deletes a record that changed since (`housekeeping.py`).
 
@@ -71,8 +78,7 @@ resync reads the entries and then the markers again, with their owners. A token 
 line keeps its id, its marker and its claim: while the worker holding the claim continues it,
 the marker is not rewritten (it says where the token was when it was last written), so a
 linear transition writes the record alone (its history entry in it) and makes no watch event on
-work/ at all. Namespaces written by release 0.1 may hold `work/<id>/<token>/claim` keys (under a
-lease, gone with it): nothing reads them, and `parse_work` does not take them for markers.
+work/ at all. Markers and claim keys of earlier layouts are not taken for markers (`parse_work`).
 
 A waiting token (a timer, a retry, a signal with a timeout) has a marker saying when it is due.
 One that only something else can wake (a signal without a timeout, a child) is *parked*: its
@@ -88,14 +94,15 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from . import codec
 from .errors import InputError
 from .frozen import fast_init
+from .records import millis
 from .store import prefix_end
 
-LAYOUT = 2  # the key layout this release writes (`dsm.layout` upgrades a namespace written in an earlier one)
+LAYOUT = 3  # the key layout this release writes (`dsm.layout` upgrades a namespace written in an earlier one)
 # An id becomes part of keys: a '/' would put an instance's record, history or work where another
 # key layout expects something else. The contract's pattern, matched whole.
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -131,22 +138,41 @@ def check_signal_name(value: object) -> str:
     return value
 
 
-class TokenRef(NamedTuple):
-    """One token of one instance: what a work marker (and the claim in it) is about."""
-
-    instance: str
-    token: str
+AGE_MAX = 9_999_999_999_999  # milliseconds: the age part of a listing or marker key counts down from here
+MARK = "#"  # between an instance's place and a token in a marker's key: below every character of an id
 
 
-class WorkKey(NamedTuple):
-    """A key under work/, read: a token's marker."""
+def sort_key(created: int, instance_id: str) -> str:
+    """The part of a listing or marker key that orders instances, newest first (`<age>/<id>`);
+    also the cursor that resumes a listing after it."""
+    return f"{AGE_MAX - min(max(created, 0), AGE_MAX):013d}/{instance_id}"
 
-    instance: str
-    token: str
+
+class Placed(Protocol):
+    """What names an instance's place among the markers: a record, or an expiry entry's content."""
 
     @property
-    def ref(self) -> TokenRef:
-        return TokenRef(self.instance, self.token)
+    def id(self) -> str: ...
+
+    @property
+    def machine(self) -> str: ...
+
+    @property
+    def created_at(self) -> float: ...
+
+
+class TokenRef(NamedTuple):
+    """One token of one instance: what a work marker (and the claim in it) is about. `place` is
+    the start of its marker's key, `work/<machine>/<age>/<id>`: fixed for the instance's life."""
+
+    instance: str
+    token: str
+    place: str
+
+    @property
+    def key(self) -> str:
+        """The token's work marker."""
+        return self.place + MARK + self.token
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +238,24 @@ class Keys:
     def layout(self) -> str:
         return f"{self.root}meta/layout"
 
-    def work(self, instance_id: str, token: str) -> str:
-        return f"{self.root}work/{instance_id}/{token}"
+    def place(self, machine: str, created: int, instance_id: str) -> str:
+        """Where an instance's work markers lie: `work/<machine>/<age>/<id>`, each followed by
+        MARK and its token; `created` in milliseconds."""
+        return f"{self.work_prefix}{machine}/{sort_key(created, instance_id)}"
+
+    def place_of(self, inst: Placed) -> str:
+        return self.place(inst.machine, millis(inst.created_at), inst.id)
+
+    def ref(self, inst: Placed, token: str) -> TokenRef:
+        return TokenRef(inst.id, token, self.place_of(inst))
+
+    def work(self, place: str, token: str) -> str:
+        """A token's marker, at the instance's `place`."""
+        return place + MARK + token
+
+    def running(self, machine: str) -> str:
+        """The markers of one machine's running instances, newest first: its running listing."""
+        return f"{self.work_prefix}{machine}/"
 
     @property
     def workers(self) -> str:
@@ -235,19 +277,30 @@ class Keys:
             return None
         return key[len(prefix):]
 
-    def work_of_instance(self, instance_id: str) -> str:
-        return f"{self.root}work/{instance_id}/"
+    @staticmethod
+    def work_of_instance(place: str) -> str:
+        """The prefix of every marker of the instance at `place`."""
+        return place + MARK
 
-    def parse_work(self, key: str) -> WorkKey | None:
-        """work/<id>/<token> -> (id, token); None for anything else (a release 0.1 claim,
-        work/<id>/<token>/claim, among them)."""
-        prefix = self.work_prefix
-        if not key.startswith(prefix):
+    def parse_work(self, key: str) -> TokenRef | None:
+        """work/<machine>/<age>/<id>#<token> -> (id, token, place); None for anything else (the
+        markers and claims of earlier layouts, `work/<id>/<token>[/claim]`, among them)."""
+        if not key.startswith(self.work_prefix):
             return None
-        instance_id, sep, token = key[len(prefix):].partition("/")
-        if not sep or not token or "/" in token:
+        place, sep, token = key.rpartition(MARK)
+        parts = key[len(self.work_prefix):len(place)].split("/")
+        if not sep or not token or len(parts) != 3 or len(parts[1]) != 13 or not parts[2]:
             return None
-        return WorkKey(instance_id, token)
+        return TokenRef(parts[2], token, place)
+
+    def parse_legacy_work(self, key: str) -> tuple[str, str] | None:
+        """work/<id>/<token>, a marker of layouts 1 and 2 -> (id, token); None for anything else."""
+        if not key.startswith(self.work_prefix):
+            return None
+        instance_id, sep, token = key[len(self.work_prefix):].partition("/")
+        if not sep or not token or "/" in token or MARK in token:
+            return None
+        return instance_id, token
 
 
 def range_of(prefix: str) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """Work markers are an index of instance records; this makes them match when they may not.
 
-A record lists its pending tokens; `work/<id>/<token>` markers are what workers watch and claim.
+A record lists its pending tokens; their markers (`work/<machine>/<age>/<id>#<token>`, `keys.py`) are
+what workers watch and claim.
 Every transaction keeps the two in step while it fits in one transaction. When it would not
 (a fork or a cancel wider than etcd's 128 operations), the writer puts the `SYNC` marker and
 defers the rest: whoever claims SYNC, or meets a marker the record no longer lists, reconciles:
@@ -26,23 +27,23 @@ def work_info(inst: Instance, token: Token, now: float, owner: str | None = None
 
 
 def sync_marker(keys: Keys, inst: Instance) -> Put:
-    return Put(keys.work(inst.id, SYNC), WorkInfo(inst.machine, inst.digest, SYNC).dump())
+    return Put(keys.work(keys.place_of(inst), SYNC), WorkInfo(inst.machine, inst.digest, SYNC).dump())
 
 
-def reconcile_txns(keys: Keys, iid: str, inst: Instance | None, rev: int, markers: set[str], *, now: float,
-                   max_ops: int = MAX_TXN_OPS) -> list[Txn]:
-    """Transactions that make an instance's work markers match its record (`inst` at `rev`; None
-    when the record is gone): markers for tokens that have none, none for tokens that are gone.
-    Each is fenced by the record's revision; the last one also removes the SYNC marker."""
+def reconcile_txns(keys: Keys, iid: str, place: str, inst: Instance | None, rev: int, markers: set[str], *,
+                   now: float, max_ops: int = MAX_TXN_OPS) -> list[Txn]:
+    """Transactions that make the work markers at `place` match the instance's record (`inst` at
+    `rev`; None when the record is gone): markers for tokens that have none, none for tokens that
+    are gone. Each is fenced by the record's revision; the last one also removes the SYNC marker."""
     tokens = inst.tokens if inst is not None and not inst.finished else {}
     units: list[list[Op]] = []
     for tid, token in tokens.items():
         if tid not in markers:
-            units.append([Put(keys.work(iid, tid), work_info(inst, token, now).dump())])  # type: ignore[arg-type]
+            units.append([Put(keys.work(place, tid), work_info(inst, token, now).dump())])  # type: ignore[arg-type]
     for tid in sorted(markers - set(tokens)):
         if tid != SYNC:
-            units.append([Delete(keys.work(iid, tid))])  # a claim in it goes with it
-    units.append([Delete(keys.work(iid, SYNC))])
+            units.append([Delete(keys.work(place, tid))])  # a claim in it goes with it
+    units.append([Delete(keys.work(place, SYNC))])
     fence = (Compare.mod(keys.instance(iid), "==", rev) if inst is not None
              else Compare.version(keys.instance(iid), "==", 0))
     txns: list[Txn] = []
@@ -56,11 +57,11 @@ def reconcile_txns(keys: Keys, iid: str, inst: Instance | None, rev: int, marker
     return txns
 
 
-async def reconcile(store: Store, keys: Keys, iid: str, *, now: float,
+async def reconcile(store: Store, keys: Keys, iid: str, place: str, *, now: float,
                     max_ops: int = MAX_TXN_OPS) -> Instance | None:
-    """Make the instance's markers match its record; return the record as last read."""
+    """Make the instance's markers (at `place`) match its record; return the record as last read."""
     while True:
-        result = await store.txn([], [Get(keys.instance(iid)), Get(*range_of(keys.work_of_instance(iid)))])
+        result = await store.txn([], [Get(keys.instance(iid)), Get(*range_of(keys.work_of_instance(place)))])
         record, kvs = result.get(0).first, result.get(1).kvs
         markers = set()
         for kv in kvs:
@@ -69,7 +70,7 @@ async def reconcile(store: Store, keys: Keys, iid: str, *, now: float,
                 markers.add(parsed.token)
         inst = load_instance(record.value) if record is not None else None
         rev = record.mod_revision if record is not None else 0
-        for txn in reconcile_txns(keys, iid, inst, rev, markers, now=now, max_ops=max_ops):
+        for txn in reconcile_txns(keys, iid, place, inst, rev, markers, now=now, max_ops=max_ops):
             if not (await store.txn(txn.compare, txn.success)).succeeded:
                 break  # the record moved on: look again
         else:

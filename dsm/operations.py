@@ -26,6 +26,7 @@ from .graph import Graph
 from .housekeeping import delete_children, deletion_txn
 from .idempotency import keep_input, same_start
 from .keys import Keys, check_instance_id, check_signal_name
+from .layout import with_parent_placed
 from .markers import MAX_TXN_OPS, reconcile, sync_marker, work_info
 from .membership import WorkerInfo, serving
 from .membership import live as live_workers
@@ -97,8 +98,9 @@ class Operations:
         key = self.keys.instance(instance_id)
         ops: list = [Put(key, dump_instance(inst))]
         ops += index.created_ops(self.keys, inst)
+        place = self.keys.place_of(inst)
         for token in inst.tokens.values():
-            ops.append(Put(self.keys.work(instance_id, token.id), work_info(inst, token, now).dump()))
+            ops.append(Put(self.keys.work(place, token.id), work_info(inst, token, now).dump()))
         return Txn([Compare.create(key, "==", 0)], ops, [Get(key)])  # taken: read what holds the id
 
     async def submit(self, graph: Graph, payload: dict[str, Any] | None = None, *,
@@ -259,21 +261,24 @@ class Operations:
             kv, inst = await self._read(instance_id)
             if inst.finished:
                 return inst
+            if wake_parent:
+                inst = await with_parent_placed(self.store, self.keys, inst)  # a child of release 0.2's
             step = transition.cancel(inst, self.wall(), reason=reason, by=by)
             ops: list = [Put(key, dump_instance(step.instance))]
             ops += index.status_ops(self.keys, inst, step.instance)
             if wake_parent:
                 ops += wake_parent_ops(self.keys, inst, step.instance)
             removed = list(step.removed)
+            place = self.keys.place_of(inst)
             while removed and len(ops) + 2 <= MAX_TXN_OPS:  # room for a marker and the SYNC marker
                 tok = removed.pop()
-                ops.append(Delete(self.keys.work(instance_id, tok)))  # a claim in it goes with it
+                ops.append(Delete(self.keys.work(place, tok)))  # a claim in it goes with it
             if removed:
                 ops.append(sync_marker(self.keys, step.instance))
             result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
             if result.succeeded:
                 if removed:
-                    await reconcile(self.store, self.keys, instance_id, now=self.wall())
+                    await reconcile(self.store, self.keys, instance_id, place, now=self.wall())
                 await self.cancel_released(inst, step.instance)
                 return step.instance
 
@@ -311,7 +316,8 @@ class Operations:
             step = transition.signal(inst, name, checked, outcome=outcome, now=now)
             ops: list = [Put(key, dump_instance(step.instance))]
             for token in step.upserted:  # the tokens it wakes: their markers say due now
-                ops.append(Put(self.keys.work(instance_id, token.id), work_info(step.instance, token, now).dump()))
+                ops.append(Put(self.keys.work(self.keys.place_of(inst), token.id),
+                               work_info(step.instance, token, now).dump()))
             result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
             if result.succeeded:
                 return step.instance

@@ -156,14 +156,16 @@ class Parent:
     token: str
     machine: str
     digest: str
+    created: int = 0  # ms: with `machine` and `id`, where the parent's work markers lie (`keys.place`)
 
     def dump(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "token": self.token, "machine": self.machine,
-                "digest": self.digest}
+                "digest": self.digest, "created": self.created}
 
     @staticmethod
     def load(d: dict[str, Any]) -> Parent:
-        return Parent(d["id"], d["state"], d["token"], d["machine"], d["digest"])
+        # `created` is absent from records written before key layout 3; upgrading adds it (`layout.py`)
+        return Parent(d["id"], d["state"], d["token"], d["machine"], d["digest"], d.get("created", 0))
 
 
 @fast_init
@@ -226,6 +228,11 @@ def evolve(inst: Instance, **changes: Any) -> Instance:
 
 
 _evolve_instance = evolver(Instance)
+
+
+def millis(at: float) -> int:
+    """A time in whole milliseconds, as creation times are in keys (`keys.sort_key`)."""
+    return int(at * 1000)
 
 
 def new_id() -> str:

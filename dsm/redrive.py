@@ -36,9 +36,10 @@ async def redrive(store: Store, keys: Keys, instance_id: str, *, now: float,
         ops: list[Op] = [Put(key, dump_instance(again))]
         ops += index.status_ops(keys, before, again)  # listed as running again, and no longer expiring
         tokens = list(step.upserted)
+        place = keys.place_of(again)
         room = max_ops - len(ops) - 1  # the SYNC marker should the tokens not fit
         for token in tokens[:room]:
-            ops.append(Put(keys.work(instance_id, token.id), work_info(again, token, now).dump()))
+            ops.append(Put(keys.work(place, token.id), work_info(again, token, now).dump()))
         deferred = len(tokens) > room
         if deferred:
             ops.append(sync_marker(keys, again))
@@ -46,5 +47,5 @@ async def redrive(store: Store, keys: Keys, instance_id: str, *, now: float,
         if not result.succeeded:
             continue  # the record changed under us: decide again on what it is now
         if deferred:
-            await reconcile(store, keys, instance_id, now=now, max_ops=max_ops)
+            await reconcile(store, keys, instance_id, place, now=now, max_ops=max_ops)
         return again

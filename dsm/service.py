@@ -84,6 +84,7 @@ async def serving(store: Store, keys: Keys, graphs: Sequence[Graph] = (), *, con
     while the worker runs (`CannotListen` when the address cannot be bound). `options` are
     `dsm.worker.running`'s and `Worker`'s, passed as they are."""
     await layout.check_workers(store, keys)  # OlderRelease: this release must not run beside an earlier one
+    await layout.upgrade(store, keys)  # before its first claim: nothing runs on a marker out of its place
     path = (*search_path, *folders_of(graphs))
     if allow is None:
         allow = handlers.Allowlist(tuple(dict.fromkeys(m for g in graphs for m in g.modules())))

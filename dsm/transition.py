@@ -39,6 +39,7 @@ from .records import (
     Token,
     evolve,
     kept_failures,
+    millis,
 )
 
 _MISSING = object()
@@ -292,7 +293,8 @@ def _on_child(graph: Graph, inst: Instance, token: Token, state: State, outcome:
             return _failed_attempt(graph, inst, token, state, failure, outcome, now, worker)
         cid = child_id(inst, token)
         child = start(child_graph, cid, inst.payload_of(token), now)
-        child = evolve(child, parent=Parent(inst.id, state.name, token.id, inst.machine, inst.digest))
+        child = evolve(child, parent=Parent(inst.id, state.name, token.id, inst.machine, inst.digest,
+                                           millis(inst.created_at)))
         inst = evolve(inst, children=inst.children + 1)
         deadline = now + state.timeout if state.timeout is not None else None
         # a child that ends as it starts (its start state is terminal) makes no commit that would

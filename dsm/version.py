@@ -1,3 +1,3 @@
 """The version of dsm, one place for the package, its metrics and its OpenAPI document."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -102,3 +102,20 @@ def on_store(store_factory: Any, body: Callable[[Any], Any]) -> Any:
             await store.close()
 
     return asyncio.run(main())
+
+
+async def token_ref(store: Any, keys: Any, iid: str, token: str = "t1") -> Any:
+    """The TokenRef of an instance's token (its marker's place read from its record)."""
+    from dsm.records import load_instance
+
+    kv = await store.get(keys.instance(iid))
+    assert kv is not None, f"no record of instance {iid!r}"
+    return keys.ref(load_instance(kv.value), token)
+
+
+async def markers_of(store: Any, keys: Any, iid: str) -> list[Any]:
+    """The work markers of an instance (found from its record), as key-values."""
+    from dsm.store import prefix_end
+
+    prefix = keys.work_of_instance((await token_ref(store, keys, iid)).place)
+    return list((await store.range(prefix, prefix_end(prefix))).kvs)

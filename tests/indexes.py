@@ -23,12 +23,14 @@ async def read_all(store: Any, prefix: str) -> list[Any]:
 
 async def inconsistencies(store: Any, keys: Keys) -> list[str]:
     """What `dsm status` or `dsm list` would show wrongly: a record without its entries or its
-    history, an entry or a history key without its record. Empty when all agree."""
+    history, an entry or a history key without its record, a running record without a work marker
+    (which lists it) or a marker away from its instance's place. Empty when all agree."""
     records = {load_instance(kv.value).id: load_instance(kv.value) for kv in await read_all(store, keys.instances)}
     want_idx: set[str] = set()
     want_exp: set[str] = set()
     for inst in records.values():
-        want_idx.add(index.listing_key(keys, inst.id, inst.status, inst.machine, index.created_ms(inst)))
+        if inst.finished:
+            want_idx.add(index.listing_key(keys, inst.id, inst.status, inst.machine, index.created_ms(inst)))
         ms = index.expires_ms(inst)
         if ms is not None:
             want_exp.add(keys.expiry(ms, inst.id))
@@ -38,6 +40,17 @@ async def inconsistencies(store: Any, keys: Keys) -> list[str]:
     problems += [f"entry without its record {k}" for k in sorted(have_idx - want_idx)]
     problems += [f"missing expiry {k}" for k in sorted(want_exp - have_exp)]
     problems += [f"expiry without its record {k}" for k in sorted(have_exp - want_exp)]
+    placed: set[str] = set()
+    for kv in await read_all(store, keys.work_prefix):
+        ref = keys.parse_work(kv.key)
+        if ref is None:
+            problems.append(f"work key of no layout: {kv.key}")
+        elif ref.instance in records and ref.place != keys.place_of(records[ref.instance]):
+            problems.append(f"marker away from its instance's place: {kv.key}")
+        else:
+            placed.add(ref.instance)
+    problems += [f"running record without a marker: {iid}" for iid, inst in records.items()
+                 if not inst.finished and iid not in placed]
     history: dict[str, int] = {}  # entries stored, in chunks (or one-entry keys) and in records
     for kv in await read_all(store, f"{keys.root}hist/"):
         iid = kv.key[len(f"{keys.root}hist/"):].rpartition("/")[0]

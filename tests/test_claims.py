@@ -9,7 +9,7 @@ import asyncio
 import time
 
 from faults import is_claim, ops_of
-from helpers import on_store, until_async
+from helpers import on_store, token_ref, until_async
 
 from dsm import compiler, handlers
 from dsm.commits import commit_txn, plan_commit
@@ -97,13 +97,13 @@ def test_a_claim_is_one_marker_put_naming_the_worker_and_its_lease(store_factory
                 break
         await watch.cancel()
         claims = [ops_of(success) for compare, success in recording.txns if is_claim(compare, success)]
-        return done, lease, iid, claims, events
+        return done, lease, await token_ref(store, keys, iid), claims, events
 
-    done, lease, iid, claims, events = on_store(store_factory, body)
+    done, lease, ref, claims, events = on_store(store_factory, body)
     assert done.status == SUCCEEDED
     assert len(claims) == 1  # the line moves on under that one claim
     (puts,) = [[op for op in ops if isinstance(op, Put)] for ops in claims]
-    assert [op.key for op in puts] == [Keys(namespace).work(iid, "t1")]
+    assert [op.key for op in puts] == [ref.key]
     claimed = WorkInfo.load(puts[0].value)
     assert (claimed.owner, claimed.lease) == ("w1", lease)
     assert not [e.kv.key for e in events if e.kv.key.endswith("/claim")]  # no claim keys at all
@@ -115,20 +115,21 @@ def test_a_forks_branches_kept_by_the_committing_worker_cost_one_put_each():
     from dsm.transition import start
 
     inst = start(graph, "i1", {}, 0.0)
+    place = keys.place_of(inst)
     plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=1,
                        max_record_bytes=10**7)
     txn = commit_txn(keys, plan, 7, {"t1": 5}, worker="w", lease=9, now=1.0)
     kept = {t.id for t in plan.keep}
     assert len(kept) == 2  # the fork's own slot passes to a branch, plus one free slot
     for tid in plan.after.tokens:
-        ops = [op for op in txn.success if getattr(op, "key", None) == keys.work("i1", tid)]
+        ops = [op for op in txn.success if getattr(op, "key", None) == keys.work(place, tid)]
         assert len(ops) == 1 and isinstance(ops[0], Put)
         info = WorkInfo.load(ops[0].value)
         assert (info.owner, info.lease) == (("w", 9) if tid in kept else (None, None))
-    assert [op.key for op in txn.success if isinstance(op, Delete)] == [keys.work("i1", "t1")]
+    assert [op.key for op in txn.success if isinstance(op, Delete)] == [keys.work(place, "t1")]
     assert not [op for op in txn.success if getattr(op, "key", "").endswith("/claim")]
     # fenced by the forking token's marker as claimed, and by the worker's entry under its lease
-    assert Compare.mod(keys.work("i1", "t1"), "==", 5) in txn.compare
+    assert Compare.mod(keys.work(place, "t1"), "==", 5) in txn.compare
     assert Compare.lease_of(keys.worker("w"), "==", 9) in txn.compare
 
 
@@ -136,7 +137,7 @@ async def _claimed_by(store, keys, client, graph, owner, lease):
     """An instance whose token worker `owner` claimed under `lease` (its entry lives under it)."""
     iid = await client.submit(graph, {})
     await store.put(keys.worker(owner), b"{}", lease)
-    kv = await store.get(keys.work(iid, "t1"))
+    kv = await store.get((await token_ref(store, keys, iid)).key)
     claimed = WorkInfo.load(kv.value).claimed(owner, lease)
     assert (await store.txn([Compare.mod(kv.key, "==", kv.mod_revision)], [Put(kv.key, claimed.dump())])).succeeded
     return iid
@@ -158,7 +159,7 @@ def test_a_dead_workers_markers_are_taken_by_another_worker(store_factory, names
         async with running(store, registry, worker_id="living") as worker:
             await until_async(lambda: worker.feed.watching, "the worker watching")
             # claimed by live workers: no candidates
-            queued = [TokenRef(iid, "t1") in worker.queue for iid in (first, second)]
+            queued = [await token_ref(store, keys, iid) in worker.queue for iid in (first, second)]
             await store.lease_revoke(revoked)
             await store.delete(keys.worker("ghost2"))
             done = [await client.wait(iid, timeout=20) for iid in (first, second)]
@@ -179,12 +180,12 @@ def test_a_paused_workers_commit_is_refused_once_its_work_was_taken(store_factor
     async def body(store):
         client = Operations(store, keys)
         iid = await client.submit(graph, {})
-        ref = TokenRef(iid, "t1")
+        ref = await token_ref(store, keys, iid)
         la, lb = await store.lease_grant(30), await store.lease_grant(30)
         await store.put(keys.worker("a"), b"{}", la)
         await store.put(keys.worker("b"), b"{}", lb)
         a, b = claims_of(store, keys, "a"), claims_of(store, keys, "b")
-        marker = await store.get(keys.work(*ref))
+        marker = await store.get(ref.key)
         won = await store.txn(*txn_of(a.txn(ref, la, Seen(marker.mod_revision, WorkInfo.load(marker.value)))))
         assert won.succeeded
         claimed = won.get(2).first
@@ -221,11 +222,11 @@ def test_a_worker_back_under_a_new_lease_cannot_commit_with_its_old_claims(store
     async def body(store):
         client = Operations(store, keys)
         iid = await client.submit(graph, {})
-        ref = TokenRef(iid, "t1")
+        ref = await token_ref(store, keys, iid)
         old = await store.lease_grant(30)
         await store.put(keys.worker("a"), b"{}", old)
         a = claims_of(store, keys, "a")
-        marker = await store.get(keys.work(*ref))
+        marker = await store.get(ref.key)
         won = await store.txn(*txn_of(a.txn(ref, old, Seen(marker.mod_revision, WorkInfo.load(marker.value)))))
         await store.lease_revoke(old)
         new = await store.lease_grant(30)
@@ -339,14 +340,15 @@ def test_an_orphan_is_found_after_a_resync(store_factory, namespace):
         lease = await store.lease_grant(30)
         await store.put(keys.worker("ghost"), b"{}", lease)
         info = WorkInfo("m", "sha256:x", "s", owner="ghost", lease=lease)
-        await store.put(keys.work("i1", "t1"), info.dump())
+        ref = TokenRef("i1", "t1", keys.place("m", 0, "i1"))
+        await store.put(ref.key, info.dump())
         wrapped = _Breakable(store, keys)
         queue = CandidateQueue(time.monotonic)
         feed = WorkFeed(wrapped, keys, queue, name="me", admits=lambda ref, info: True, held=lambda *a: None)
         task = asyncio.get_running_loop().create_task(feed.run())
         try:
             await until_async(lambda: feed.watching, "the feed watching")
-            claimed_then = ("i1", "t1") in queue
+            claimed_then = ref in queue
             wrapped.may_watch.clear()
             wrapped.broken.set()  # the watch breaks; it resumes from where it was, once it may
             await until_async(lambda: not feed.watching, "the watch broken")
@@ -354,7 +356,7 @@ def test_an_orphan_is_found_after_a_resync(store_factory, namespace):
             await store.put(keys.root + "filler", b"x")
             await store.compact(await store.revision())
             wrapped.may_watch.set()
-            await until_async(lambda: ("i1", "t1") in queue, "the orphan queued")
+            await until_async(lambda: ref in queue, "the orphan queued")
             return claimed_then, wrapped.resyncs
         finally:
             task.cancel()

@@ -9,12 +9,21 @@ import uuid
 
 from helpers import until_async
 
-from dsm.keys import Keys, WorkInfo
+from dsm.keys import Keys, TokenRef, WorkInfo
 from dsm.store import prefix_end
 from dsm.worker.feed import WorkFeed
 from dsm.worker.queue import CandidateQueue
 
 INFO = WorkInfo("m", "sha256:x", "s").dump()
+
+
+def token(keys, iid):
+    """Token t1 of instance `iid` of machine m, created at 0."""
+    return TokenRef(iid, "t1", keys.place("m", 0, iid))
+
+
+def marker(keys, iid):
+    return token(keys, iid).key
 
 
 def claimed(owner, lease):
@@ -50,9 +59,9 @@ def run(store_factory, body):
 def test_work_dropped_while_the_queue_is_full_comes_back(store_factory):
     async def body(store, keys):
         lease = await live_worker(store, keys, "other")
-        await store.put(keys.work("i0", "t1"), claimed("other", lease))  # held elsewhere while we resync
+        await store.put(marker(keys, "i0"), claimed("other", lease))  # held elsewhere while we resync
         for i in range(1, 6):
-            await store.put(keys.work(f"i{i}", "t1"), INFO)
+            await store.put(marker(keys, f"i{i}"), INFO)
         feed, queue = feed_on(store, keys, cap=2)
         revision = await feed.resync()
         taken = queue.take(10)
@@ -71,7 +80,7 @@ def test_work_dropped_while_the_queue_is_full_comes_back(store_factory):
             if not feed.behind:
                 break
             await feed.page()
-        return sorted({iid for iid, _ in taken})  # unclaimed here, so a later pass may offer some again
+        return sorted({ref[0] for ref in taken})  # unclaimed here, so a later pass may offer some again
 
     assert run(store_factory, body) == [f"i{i}" for i in range(6)]
 
@@ -100,9 +109,9 @@ class _ChangeBetweenPages:
 def test_a_change_between_pages_of_a_resync_is_not_missed(store_factory):
     async def body(store, keys):
         lease = await live_worker(store, keys, "other")
-        await store.put(keys.work("a", "t1"), claimed("other", lease))  # page 1 sees it claimed
+        await store.put(marker(keys, "a"), claimed("other", lease))  # page 1 sees it claimed
         for i in range(6):
-            await store.put(keys.work(f"z{i}", "t1"), INFO)
+            await store.put(marker(keys, f"z{i}"), INFO)
 
         async def release():
             await store.lease_revoke(lease)  # ... and then its owner's entry goes, before page 2
@@ -111,7 +120,7 @@ def test_a_change_between_pages_of_a_resync_is_not_missed(store_factory):
         feed, queue = feed_on(wrapped, keys, cap=100, page_size=2)
         task = asyncio.get_running_loop().create_task(feed.run())
         try:
-            return await until_async(lambda: ("a", "t1") in queue, "the token whose claim went between pages queued")
+            return await until_async(lambda: token(keys, "a") in queue, "the token freed between pages queued")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -125,9 +134,9 @@ def test_a_claim_lost_under_a_running_job_comes_back_when_the_job_ends(store_fac
     could no longer commit it, and waited for the idle sweep."""
 
     async def body(store, keys):
-        ref = ("i1", "t1")
+        ref = token(keys, "i1")
         lease = await live_worker(store, keys, "test")
-        await store.put(keys.work(*ref), claimed("test", lease))
+        await store.put(ref.key, claimed("test", lease))
         told = []
         queue = CandidateQueue(time.monotonic)
         feed = WorkFeed(store, keys, queue, name="test", admits=lambda ref, info: True,
@@ -141,7 +150,7 @@ def test_a_claim_lost_under_a_running_job_comes_back_when_the_job_ends(store_fac
         await watch.cancel()
         while_running = queue.take(10, busy={ref})
         queue.requeue(ref)  # the job ends
-        return told, while_running, queue.take(10)
+        return told, while_running, [r[:2] for r in queue.take(10)]
 
     told, while_running, after = run(store_factory, body)
     assert len(told) == 1 and "claim was lost" in told[0]
@@ -158,7 +167,7 @@ def test_a_wait_replayed_by_a_resumed_watch_counts_from_when_it_was_written(stor
         feed.wall = lambda: 1003.0  # three seconds after the markers below were written
         armed = WorkInfo("m", "sha256:x", "nap", not_before=1005.0, wait=5.0).dump()
         start = await store.revision()
-        await store.put(keys.work("old", "t1"), armed)
+        await store.put(marker(keys, "old"), armed)
         await store.put(keys.instance("other"), b"{}")  # the store moves on while the worker is away
         replay = await store.watch(keys.work_prefix, prefix_end(keys.work_prefix), start_revision=start + 1)
         async for batch in replay:
@@ -166,9 +175,9 @@ def test_a_wait_replayed_by_a_resumed_watch_counts_from_when_it_was_written(stor
             break
         await replay.cancel()
         replayed = queue.next_delay()
-        queue.discard(("old", "t1"))
+        queue.discard(token(keys, "old"))
         live = await store.watch(keys.work_prefix, prefix_end(keys.work_prefix))
-        await store.put(keys.work("new", "t1"), armed)
+        await store.put(marker(keys, "new"), armed)
         async for batch in live:
             feed.apply(batch.events, batch.revision)
             break

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import token_ref
 
 from dsm import compiler
 from dsm.errors import InstanceExists
@@ -119,8 +120,9 @@ def test_a_deleted_id_may_be_used_again(store_factory, namespace, write):
 
     async def body(store, keys, client):
         await client.submit(graph, {"n": 1}, instance_id="reused")
+        markers = keys.work_of_instance((await token_ref(store, keys, "reused")).place)
         await store.delete(keys.instance("reused"))
-        await store.delete(keys.work_of_instance("reused"), prefix_end(keys.work_of_instance("reused")))
+        await store.delete(markers, prefix_end(markers))
         return await client.start(graph, {"n": 2}, instance_id="reused"), await client.record("reused")
 
     started, record = on_store(store_factory, namespace, body)

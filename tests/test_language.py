@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from helpers import until_async
+from helpers import token_ref, until_async
 
 from dsm import compiler
 from dsm.errors import DefinitionError, InputError, InvalidSignal, NotFound
@@ -639,8 +639,8 @@ def test_a_child_its_parent_gave_up_on_is_cancelled_and_a_late_wake_does_not_cut
         waiting = await c.wait_for(iid, lambda r: r["waiting"] and r["waiting"][0]["kind"] == "timer")
         child = await c.wait_for(f"{iid}.c1.1", lambda r: r["status"] != "running")
         token = next(iter((await c.client.instance(iid)).tokens))
-        await c.store.put(c.keys.work(iid, token), WorkInfo(graph.machine, graph.digest, "nap", 0.0, None,
-                                                             wait=0.0).dump())
+        due = WorkInfo(graph.machine, graph.digest, "nap", 0.0, None, wait=0.0)
+        await c.store.put((await token_ref(c.store, c.keys, iid, token)).key, due.dump())
         done = await c.client.wait(iid, timeout=20)
         return waiting, child, public_record(done, await c.client.history(iid))
 

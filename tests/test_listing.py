@@ -235,9 +235,11 @@ def test_a_page_reads_its_entries_and_records_only():
 
     costs = asyncio.run(go())
     assert all(cost["inst"] == 20 for cost in costs.values()), costs
+    entries = {name: cost.get("idx", 0) + cost.get("work", 0) for name, cost in costs.items()}  # work: running
     # entries: one range holds them all (both filters given, or by machine) or one each of the two machines
-    assert costs["both"]["idx"] == costs["machine"]["idx"] == 21 and costs["status"]["idx"] == 21, costs
-    assert costs["all"]["idx"] == 2 * 21, costs
+    assert entries["both"] == entries["machine"] == 21 and entries["status"] == 21, costs
+    assert entries["all"] == 2 * 21, costs
+    assert costs["both"].get("idx", 0) == 0  # the running ones are listed by their markers
     assert all(cost.get("machines", 0) <= 2 for cost in costs.values()), costs  # the registry's names
 
 
@@ -482,17 +484,20 @@ def test_an_instance_that_finishes_between_two_pages_is_listed_once(store_factor
             assert ahead in rest and set(seen) == set(before) | {ahead} and len(seen) == len(before) + 1, name
 
 
-def test_every_instance_has_one_listing_entry_and_a_finished_one_its_expiry(store_factory):
+def test_a_finished_instance_has_one_listing_entry_and_its_expiry_a_running_one_its_markers(store_factory):
     async def body(client):
         records = [load_instance(kv.value) for kv in await read_all(client.store, client.keys.instances)]
         entries = [kv.key for kv in await read_all(client.store, f"{client.keys.root}idx/")]
         expiries = [kv.key for kv in await read_all(client.store, client.keys.expiry_prefix)]
-        return records, entries, expiries, client.keys
+        markers = [client.keys.parse_work(kv.key) for kv in await read_all(client.store, client.keys.work_prefix)]
+        return records, entries, expiries, markers, client.keys
 
-    records, entries, expiries, keys = run_merged(store_factory, body)
+    records, entries, expiries, markers, keys = run_merged(store_factory, body)
+    finished = [i for i in records if i.finished]
     assert sorted(entries) == sorted(index.listing_key(keys, i.id, i.status, i.machine, index.created_ms(i))
-                                     for i in records)
-    assert len(entries) == len(records) == 40
+                                     for i in finished)
+    assert len(records) == 40 and 0 < len(finished) < 40
+    assert {m.place for m in markers} == {keys.place_of(i) for i in records if not i.finished}
     assert sorted(expiries) == sorted(keys.expiry(index.expires_ms(i), i.id) for i in records if i.finished)
     assert not any(e.startswith(tuple(index.legacy_prefixes(keys))) for e in entries)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from faults import LateStore, is_claim, is_commit, is_fork_commit, ops_of
-from helpers import until_async
+from helpers import markers_of, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -249,7 +249,7 @@ def test_an_instance_with_70_live_branches_can_be_cancelled(write, etcd_url, nam
                     return len((await client.instance(iid)).tokens) >= 70
 
                 async def swept() -> bool:
-                    return await store.count(*keys_range(keys, iid)) == 0
+                    return not await markers_of(store, keys, iid)
 
                 await until_async(forked, "70 live branches", timeout=BOUND)
                 cancelled = await client.cancel(iid)
@@ -262,13 +262,6 @@ def test_an_instance_with_70_live_branches_can_be_cancelled(write, etcd_url, nam
 
     cancelled, final = asyncio.run(main())
     assert cancelled.status == CANCELLED and final.status == CANCELLED
-
-
-def keys_range(keys, iid):
-    from dsm.store import prefix_end
-
-    prefix = keys.work_of_instance(iid)
-    return prefix, prefix_end(prefix)
 
 
 SKEW = """
@@ -552,7 +545,7 @@ class _LateClaims:
     async def txn(self, compare, success=(), failure=()):
         from dsm.records import load_instance
 
-        if is_claim(compare, success) and any(isinstance(op, Put) and op.key.endswith(f"/work/{self.iid}/t1")
+        if is_claim(compare, success) and any(isinstance(op, Put) and op.key.endswith(f"/{self.iid}#t1")
                                               for op in ops_of(success)):
             self.delayed += 1
             async def moved_on() -> bool:

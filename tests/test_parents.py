@@ -116,7 +116,8 @@ def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(ca
             else:
                 parents = ["ghost-1", "ghost-2", "ghost-3"]
                 for pid in parents:  # a marker whose instance has no record
-                    await stores[0].put(keys.work(pid, "t1"), WorkInfo(holder.machine, holder.digest, "sub").dump())
+                    await stores[0].put(keys.work(keys.place(holder.machine, 0, pid), "t1"),
+                                        WorkInfo(holder.machine, holder.digest, "sub").dump())
             for pid in parents:  # the children end now, after their parents are gone
                 child = f"{pid}.c1.1"
                 try:
@@ -126,9 +127,8 @@ def test_nothing_is_left_for_a_parent_that_is_gone_and_idle_workers_stay_idle(ca
                 await until_async(lambda child=child: _ended_or_gone(client, child), f"{child} to end")
 
             async def markers_left() -> list[str]:
-                return [kv.key for pid in parents
-                        for kv in (await stores[0].range(keys.work_of_instance(pid),
-                                                          prefix_end(keys.work_of_instance(pid)))).kvs]
+                work = await stores[0].range(keys.work_prefix, prefix_end(keys.work_prefix))
+                return [kv.key for kv in work.kvs if (ref := keys.parse_work(kv.key)) and ref.instance in parents]
 
             async def settled() -> bool:
                 return not await markers_left()

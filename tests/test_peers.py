@@ -11,7 +11,7 @@ import asyncio
 import time
 
 import pytest
-from helpers import on_store, until_async
+from helpers import markers_of, on_store, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -122,7 +122,7 @@ def test_release_revokes_or_deletes_the_namespaces_keys_of_the_lease_each_while_
         mine = [key(keys, "w"), key(keys, "w2"), keys.housekeeper]
         for name in mine:
             await store.put(name, b"x", lease)
-        await store.put(keys.work("i1", "t1"), b"marker")  # no lease: not the lease's
+        await store.put(keys.work(keys.place("m", 0, "i1"), "t1"), b"marker")  # no lease: not the lease's
         await store.put(key(keys, "w3"), b"y", other)
         target = store if refused is None else Refusing(store, keys_too=refused == "revoke and keys")
         deleted = await release(target, keys, lease)
@@ -131,7 +131,7 @@ def test_release_revokes_or_deletes_the_namespaces_keys_of_the_lease_each_while_
 
     deleted, left = on_store(store_factory, body)
     assert deleted == (0 if refused is None else 3)
-    assert left == {keys.work("i1", "t1"), key(keys, "w3")}
+    assert left == {keys.work(keys.place("m", 0, "i1"), "t1"), key(keys, "w3")}
 
 
 def test_a_new_lease_revoked_or_taken_before_it_is_ours_is_dropped_for_another(store_factory):
@@ -164,7 +164,7 @@ def test_a_dead_workers_work_comes_back_while_its_lease_is_kept_alive(store_fact
         # a worker claimed the instance's token, said it would beat every so often, and died; its
         # lease lives on: someone keeps it alive (on the memory store, its clock never moves)
         lease = await store.lease_grant(2)
-        (marker,) = (await store.range(keys.work_of_instance(iid), prefix_end(keys.work_of_instance(iid)))).kvs
+        (marker,) = await markers_of(store, keys, iid)
         ghost = WorkerInfo(id="ghost", host="h", pid=1, definitions=(), allow=None, functions=(), refused=(),
                            concurrency=1, in_flight=1, started_at=time.time(), updated_at=time.time(), stale_after=0.5)
         await store.put(key(keys, "ghost"), ghost.dump(), lease)

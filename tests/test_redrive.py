@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import markers_of
 
 from dsm import compiler
 from dsm.audit import audit
@@ -15,7 +16,6 @@ from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
 from dsm.service import serving
-from dsm.store import prefix_end
 
 FORKED = """
 machine: forked
@@ -78,8 +78,7 @@ class Env:
         return serving(self.store, self.keys, [self.graph], concurrency=4, grace=1, **kw)
 
     async def markers(self, iid):
-        prefix = self.keys.work_of_instance(iid)
-        return [kv.key for kv in (await self.store.range(prefix, prefix_end(prefix))).kvs]
+        return [kv.key for kv in await markers_of(self.store, self.keys, iid)]
 
 
 def on_both(store_factory, graph, namespace, body):
@@ -314,5 +313,5 @@ def test_a_redrive_wider_than_one_transaction_writes_every_marker(store_factory,
 
     again, markers, done = on_both(store_factory, graph, namespace, body)
     assert len(again.tokens) == 4
-    assert sorted(m.rsplit("/", 1)[1] for m in markers) == sorted(again.tokens) and SYNC not in markers
+    assert sorted(m.rpartition("#")[2] for m in markers) == sorted(again.tokens) and SYNC not in markers
     assert done.status == SUCCEEDED

@@ -1,10 +1,11 @@
-"""A namespace written by release 0.1 (the first key layout) keeps working under this release.
+"""Namespaces written by earlier releases (key layouts 1 and 2) keep working under this release.
 
-tests/upgrade/layout1.json holds every key of a namespace that release 0.1.0 wrote
-(tests/upgrade/make_namespace.py made it): instances finished, failed, cancelled, one past its
-retention, and running ones waiting for a signal, a timer and a child, one never started. It is
-loaded as it was into a store; this release then lists, shows and finishes them all, its
-housekeeper deletes what the new layout no longer reads, and nothing is lost.
+tests/upgrade/layout1.json and layout2.json hold every key of a namespace that release 0.1.0 and
+0.2.0 wrote (tests/upgrade/make_namespace.py made them): instances finished, failed, cancelled, one
+past its retention, and running ones waiting for a signal, a timer and a child, one never started.
+Each is loaded as it was into a store; this release then lists, shows and finishes them all, its
+housekeeper moves the work markers to their place and deletes what this layout no longer reads,
+and nothing is lost.
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ from dsm.layout import OlderRelease, written
 from dsm.membership import WorkerInfo
 from dsm.operations import Operations
 from dsm.service import serving
-from dsm.store import Put, prefix_end
+from dsm.store import Put
 
 HERE = Path(__file__).resolve().parent / "upgrade"
-SAVED = json.loads((HERE / "layout1.json").read_text())
+SAVED = {layout: json.loads((HERE / f"layout{layout}.json").read_text()) for layout in (1, 2)}
+EARLIER = pytest.mark.parametrize("earlier", [1, 2], ids=["layout1", "layout2"])
 
 
-async def load_saved(store, namespace: str) -> dict[str, bytes]:
-    """The saved namespace's keys put into `namespace` of `store`, as release 0.1 left them."""
-    old = f"/{SAVED['namespace']}/"
-    loaded = {f"/{namespace}/" + key[len(old):]: base64.b64decode(value) for key, value, _ in SAVED["keys"]}
+async def load_saved(store, namespace: str, earlier: int) -> dict[str, bytes]:
+    """The saved namespace's keys put into `namespace` of `store`, as the release of key layout
+    `earlier` left them."""
+    saved = SAVED[earlier]
+    old = f"/{saved['namespace']}/"
+    loaded = {f"/{namespace}/" + key[len(old):]: base64.b64decode(value) for key, value, _ in saved["keys"]}
     for key, value in loaded.items():
         await store.put(key, value)
     return loaded
@@ -46,22 +50,23 @@ def graphs() -> list:
                                                     "parent.yaml")]
 
 
-def test_a_namespace_of_the_first_layout_carries_on(store_factory, namespace):
+@EARLIER
+def test_a_namespace_of_an_earlier_layout_carries_on(store_factory, namespace, earlier):
     async def body():
         store = await store_factory()
         keys = Keys(namespace)
         client = Operations(store, keys)
         try:
-            await load_saved(store, namespace)
-            old_history = {iid: [h.as_dict() for h in await client.history(iid)] for iid in SAVED["instances"]}
+            await load_saved(store, namespace, earlier)
+            old_history = {iid: [h.as_dict() for h in await client.history(iid)] for iid in SAVED[earlier]["instances"]}
             assert [h["seq"] for h in old_history["L-done"]] == list(range(1, 9))  # a to c, through the fork
-            # listed as release 0.1 listed them, before anything was migrated
+            # listed as the earlier release listed them, before anything was migrated
             listed = {i.id: i.status for i in await client.list()}
             assert listed == {"L-done": "succeeded", "L-gate": "running", "L-cancel": "cancelled",
                               "L-pending": "running", "S-timer": "running", "B-failed": "failed",
                               "Q-brief": "succeeded", "P-parent": "running", "P-parent.c2.1": "running"}
             assert [i.id for i in await client.list(status="running", machine="legacy")] == ["L-pending", "L-gate"]
-            assert await written(store, keys) == 1
+            assert await written(store, keys) == earlier
 
             options = HousekeepingOptions(interval=0.2, compaction_retention=0)
             async with serving(store, keys, graphs(), concurrency=4, housekeeping=options):
@@ -75,10 +80,11 @@ def test_a_namespace_of_the_first_layout_carries_on(store_factory, namespace):
                 await until_async(lambda: _gone(client, "Q-brief"), "Q-brief deleted by retention", timeout=30)
 
             assert await written(store, keys) == LAYOUT
-            for prefix in legacy_prefixes(keys):
+            for prefix in [*legacy_prefixes(keys), keys.listings("running")]:
                 assert await read_all(store, prefix) == []
+            assert [kv.key for kv in await read_all(store, keys.work_prefix)] == []  # all finished
             assert not [kv.key for kv in await read_all(store, keys.root) if "Q-brief" in kv.key]
-            assert await inconsistencies(store, keys) == []
+            assert await inconsistencies(store, keys) == []  # a marker of an earlier layout among them
             # nothing lost: the history of every instance, old entries and new, once each, in order
             for iid, before in old_history.items():
                 if iid == "Q-brief":
@@ -129,24 +135,39 @@ def test_a_worker_of_this_release_does_not_start_beside_one_of_an_earlier_releas
     asyncio.run(body())
 
 
-def test_the_upgrade_deletes_the_earlier_entries_in_batches_and_twice_does_no_harm(store_factory, namespace,
-                                                                                     monkeypatch):
+@EARLIER
+def test_the_upgrade_moves_markers_and_deletes_entries_in_batches_and_twice_does_no_harm(store_factory, namespace,
+                                                                                       monkeypatch, earlier):
+    """Half done (one instance's markers moved), the namespace lists as before; done, its markers
+    are in their place, the entries this layout does not read are gone, and all agree; done
+    again, nothing changes."""
     from dsm import layout
 
     async def body():
         store = await store_factory()
         keys = Keys(namespace)
+        client = Operations(store, keys)
         try:
-            loaded = await load_saved(store, namespace)
+            loaded = await load_saved(store, namespace, earlier)
+            listed = [(i.id, i.status) for i in await client.list()]
             legacy = [k for k in loaded if any(k.startswith(p) for p in legacy_prefixes(keys))]
-            assert len(legacy) == 27  # three of the four entries of each of 9 instances
+            assert len(legacy) == (27 if earlier == 1 else 0)  # three of the four entries of each of 9 instances
+            old_markers = [k for k in loaded if keys.parse_legacy_work(k)]
+            running = [k for k in loaded if k.startswith(keys.listings("running"))]
+            assert len(old_markers) == len(running) == 5
+            await layout._move(store, keys, "L-gate")
+            assert [(i.id, i.status) for i in await client.list()] == listed
             monkeypatch.setattr(layout, "BATCH", 4)
-            assert await layout.upgrade(store, keys) == 27
+            assert await layout.upgrade(store, keys) == 4 + len(legacy)  # the instances of the markers left
             assert await layout.upgrade(store, keys) == 0
+            assert [(i.id, i.status) for i in await client.list()] == listed
             left = {kv.key for kv in await read_all(store, keys.root)}
-            assert left == set(loaded) - set(legacy) | {keys.layout}
-            assert await read_all(store, f"{keys.root}idx/sm/") != []
-            assert prefix_end(keys.root) not in left
+            placed = {keys.work(keys.place_of(await client.instance(k.split("/")[-2])), "t1") for k in old_markers}
+            assert left == set(loaded) - set(legacy) - set(old_markers) - set(running) | placed | {keys.layout}
+            assert await inconsistencies(store, keys) == []
+            child = await client.instance("P-parent.c2.1")  # where its parent's markers lie
+            assert child.parent is not None and child.parent.created == int(
+                (await client.instance("P-parent")).created_at * 1000)
         finally:
             await store.close()
 

@@ -137,8 +137,9 @@ def test_a_fork_wider_than_a_transaction_defers_markers_to_sync():
     txn = commit_txn(KEYS, plan, 7, {"t1": 5}, worker="w", lease=9, now=1.0)
     n_ops, n_compares = ops_of(txn)
     assert n_ops <= MAX_TXN_OPS and n_compares <= MAX_TXN_OPS
-    assert plan.sync and any(isinstance(op, Put) and op.key == KEYS.work("i1", SYNC) for op in txn.success)
-    written = {op.key.rsplit("/", 1)[1] for op in txn.success if isinstance(op, Put) and "/work/" in op.key}
+    assert plan.sync and any(isinstance(op, Put) and op.key == KEYS.work(KEYS.place_of(inst), SYNC)
+                             for op in txn.success)
+    written = {KEYS.parse_work(op.key).token for op in txn.success if isinstance(op, Put) and "/work/" in op.key}
     assert written | plan.deferred == set(plan.after.tokens) | {SYNC}
 
 
@@ -175,15 +176,16 @@ def test_reconcile_creates_missing_markers_and_deletes_stale_ones_in_bounded_txn
     forked = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=0,
                          max_record_bytes=10**7).after
     markers = {"t1", SYNC, "gone1", "gone2"}
-    txns = reconcile_txns(KEYS, "i1", forked, 42, markers, now=1.0)
+    place = KEYS.place_of(forked)
+    txns = reconcile_txns(KEYS, "i1", place, forked, 42, markers, now=1.0)
     assert all(len(t.success) <= MAX_TXN_OPS for t in txns) and len(txns) >= 3
     puts = {op.key for t in txns for op in t.success if isinstance(op, Put)}
     deletes = {op.key for t in txns for op in t.success if isinstance(op, Delete)}
-    assert puts == {KEYS.work("i1", tid) for tid in forked.tokens}
-    assert {KEYS.work("i1", "gone1"), KEYS.work("i1", "gone2"), KEYS.work("i1", SYNC),
-            KEYS.work("i1", "t1")} <= deletes
+    assert puts == {KEYS.work(place, tid) for tid in forked.tokens}
+    assert {KEYS.work(place, "gone1"), KEYS.work(place, "gone2"), KEYS.work(place, SYNC),
+            KEYS.work(place, "t1")} <= deletes
     assert all(t.compare[0].key == KEYS.instance("i1") and t.compare[0].value == 42 for t in txns)
-    assert any(op.key == KEYS.work("i1", SYNC) for op in txns[-1].success)  # SYNC goes last
+    assert any(op.key == KEYS.work(place, SYNC) for op in txns[-1].success)  # SYNC goes last
 
 
 def test_keep_never_exceeds_the_free_slots():
@@ -290,12 +292,13 @@ def test_a_child_wakes_its_parent_only_while_the_parent_record_exists():
     keys = Keys("ns")
     graph = compiler.compile_text("machine: kid\nstart: done\nstates:\n  done:\n    terminal: true\n", "kid.yaml")
     running = evolve(start(graph, "p.c1.1", {}, 0.0), status="running",
-                     parent=Parent("p", "sub", "t1", "parent", "sha256:p"))
+                     parent=Parent("p", "sub", "t1", "parent", "sha256:p", 1_700_000_000_123))
     done = evolve(running, status=SUCCEEDED, finished_at=1.0)
     (wake,) = wake_parent_ops(keys, running, done)
     assert isinstance(wake, Txn) and wake.compare == [Compare.version(keys.instance("p"), ">", 0)]
     (marker,) = wake.success
-    assert isinstance(marker, Put) and marker.key == keys.work("p", "t1")
+    assert isinstance(marker, Put) and marker.key == keys.work(keys.place("parent", 1_700_000_000_123, "p"), "t1")
+    assert marker.key == "/ns/work/parent/8299999999876/p#t1"
     assert WorkInfo.load(marker.value).not_before == 0.0
     assert wake_parent_ops(keys, done, done) == [] and wake_parent_ops(keys, running, running) == []
 
@@ -318,10 +321,26 @@ def test_a_workers_options_are_one_config_and_keywords_override_it():
 
 
 def test_work_keys_read_as_named_fields():
-    marker = KEYS.parse_work(KEYS.work("i1", "t1"))
+    place = KEYS.place("m-1", 1_700_000_000_000, "i1")
+    marker = KEYS.parse_work(KEYS.work(place, "t1"))
     assert marker is not None
-    assert (marker.instance, marker.token) == ("i1", "t1") and marker.ref == ("i1", "t1")
+    assert (marker.instance, marker.token, marker.place) == ("i1", "t1", place)
+    assert marker.key == KEYS.work(place, "t1")
     assert KEYS.parse_work(KEYS.instance("i1")) is None
-    # a claim key left by release 0.1 is not a marker
-    assert KEYS.parse_work(KEYS.work("i1", "t1") + "/claim") is None
-    assert KEYS.parse_worker(KEYS.worker("w1")) == "w1" and KEYS.parse_worker(KEYS.work("i1", "t1")) is None
+    # markers of earlier layouts, and a claim key left by release 0.1, are none of this layout's
+    legacy = f"{KEYS.work_prefix}i1/t1"
+    assert KEYS.parse_work(legacy) is None and KEYS.parse_work(legacy + "/claim") is None
+    assert KEYS.parse_legacy_work(legacy) == ("i1", "t1") and KEYS.parse_legacy_work(legacy + "/claim") is None
+    assert KEYS.parse_legacy_work(KEYS.work(place, "t1")) is None
+    assert KEYS.parse_worker(KEYS.worker("w1")) == "w1" and KEYS.parse_worker(KEYS.work(place, "t1")) is None
+
+
+def test_an_instances_markers_lie_in_the_order_of_its_listing_whatever_its_id():
+    """Ids that are prefixes of one another, or differ by a character below '/', keep the same
+    order as markers (id, MARK, token) as they have as listing entries (id alone)."""
+    from dsm.index import listing_key
+
+    ids = ["a", "a-", "a.", "a.b", "a0", "a:", "a_", "aa", "A", "0", "a-b", "a--"]
+    markers = sorted(KEYS.work(KEYS.place("m", 5, iid), "tok") for iid in ids)
+    entries = sorted(listing_key(KEYS, iid, "succeeded", "m", 5) for iid in ids)
+    assert [KEYS.parse_work(k).instance for k in markers] == [e.rsplit("/", 1)[1] for e in entries]

@@ -60,7 +60,7 @@ class Claims:
         under `lease`: nobody may see our claim while we look dead. Answers the record and the
         marker (as claimed); when refused, our entry (so the claimer tells a lost entry from a
         lost race)."""
-        work = self.keys.work(*ref)
+        work = ref.key
         compare = [Compare.mod(work, "==", seen.revision), Compare.lease_of(self.own_key, "==", lease or 0)]
         if seen.claimant is not None:
             owner, owner_lease = seen.claimant
@@ -82,7 +82,7 @@ class Claims:
         worker may have run it and moved it on, under the same id, to a timer (not due now)."""
         while True:
             try:
-                result = await self.store.txn([], [Get(self.keys.instance(ref.instance)), Get(self.keys.work(*ref))])
+                result = await self.store.txn([], [Get(self.keys.instance(ref.instance)), Get(ref.key)])
                 break
             except StoreUnavailable:
                 if self._stopping:
@@ -106,7 +106,7 @@ class Claims:
         be claimed again at once, by every worker, for ever. Whoever meets one removes it, with the
         instance's other markers, fenced by the record's absence."""
         try:
-            await self.reconcile(ref.instance)
+            await self.reconcile(ref)
             log.info("worker %s: removed work marker %s of instance %s, which has no record", self.name, ref.token,
                      ref.instance, extra=self.about(ref.instance))
         except StoreError as exc:
@@ -117,7 +117,7 @@ class Claims:
     async def release(self, ref: TokenRef, claim_rev: int) -> None:
         """Give a claim back: its marker put again without an owner, if it is still as we claimed
         or last wrote it (`claim_rev`); a new marker is new work to every worker."""
-        work = self.keys.work(*ref)
+        work = ref.key
         try:
             kv = await self.store.get(work)
             if kv is None or kv.mod_revision != claim_rev:
@@ -126,11 +126,11 @@ class Claims:
             await self.store.txn([Compare.mod(work, "==", claim_rev)], [Put(work, info.claimed(None, None).dump())])
         except StoreError as exc:
             log.warning("worker %s: could not release token %s (%s); it frees when the lease ends", self.name,
-                        ref.token, exc, extra=self.about(*ref))
+                        ref.token, exc, extra=self.about(ref.instance, ref.token))
 
-    async def reconcile(self, iid: str) -> None:
-        """Make the instance's work markers match its record (deferred marker changes, stale markers)."""
-        await reconcile(self.store, self.keys, iid, now=self.wall(), max_ops=self.max_txn_ops)
+    async def reconcile(self, ref: TokenRef) -> None:
+        """Make the work markers of `ref`'s instance match its record (deferred marker changes, stale markers)."""
+        await reconcile(self.store, self.keys, ref.instance, ref.place, now=self.wall(), max_ops=self.max_txn_ops)
 
     def idle(self, lease: int, busy: Callable[[TokenRef], bool]) -> dict[TokenRef, int]:
         """Markers claimed by us under `lease` (as the feed last heard of them) that nothing of ours

@@ -261,7 +261,7 @@ class Committer:
     async def _read(self, iid: str, batch: list[_Pending]) -> _Read:
         """The record, the markers of a batch's tokens and our own entry, in one round trip."""
         ops: list = [Get(self.keys.instance(iid)), Get(self.keys.worker(self.name))]
-        ops += [Get(self.keys.work(*p.job.ref)) for p in batch]
+        ops += [Get(p.job.ref.key) for p in batch]
         result = await self.store.txn([], ops)
         record, entry, *markers = (got.first for got in result.gets())
         return _Read(record, markers, entry)
@@ -307,7 +307,7 @@ class Committer:
             _settle(p.future, p.job.ref.token in kept)
         for token in plan.keep:
             if token.id not in plan.own:
-                self.hand_on(TokenRef(inst.id, token.id), revision, lease)
+                self.hand_on(self.keys.ref(inst, token.id), revision, lease)
 
     def _let_go(self, before: Instance, after: Instance, batch: list[_Pending]) -> None:
         """A commit whose instance let go of children it waited for (a call timed out, the instance
@@ -359,7 +359,7 @@ class Committer:
         await self.lease.ready.wait()
         for token in plan.keep:  # new tokens the commit claimed, if it applied: run them
             if token.id not in plan.own:
-                ref = TokenRef(iid, token.id)
+                ref = self.keys.ref(inst, token.id)
                 claim_rev = await self.claims.adopt(ref, lease)
                 if claim_rev is not None:
                     self.hand_on(ref, claim_rev, lease)

@@ -198,7 +198,7 @@ class WorkFeed:
                 parsed = self.keys.parse_work(kv.key)
                 if parsed is None:
                     continue
-                self._marker(parsed.ref, _load_info(kv.value), kv.mod_revision, wall=wall, fresh=False)
+                self._marker(parsed, _load_info(kv.value), kv.mod_revision, wall=wall, fresh=False)
                 if self.queue.full:
                     self.cursor = kv.key + "\0"
                     self.changed.set()
@@ -292,7 +292,7 @@ class WorkFeed:
                 if worker is not None:
                     added = self._entry(worker, None if event.type == DELETE else kv.lease, revision, wall) or added
                 continue
-            ref = parsed.ref
+            ref = parsed
             if event.type == DELETE:
                 self._unindex(ref)
                 self.discard(ref)

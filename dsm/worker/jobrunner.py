@@ -123,7 +123,7 @@ class JobRunner:
         job.task = asyncio.get_running_loop().create_task(self._run_job(job))
 
     async def _run_job(self, job: Job) -> None:
-        iid, tok = job.ref
+        iid, tok, _ = job.ref
         try:
             await self._work_on(job)
         except asyncio.CancelledError:
@@ -140,13 +140,13 @@ class JobRunner:
 
     async def _work_on(self, job: Job) -> None:
         """Run the job's token, and keep running it while it moves along a line and stays ours."""
-        iid, tok = job.ref
+        iid, tok, _ = job.ref
         while True:
             inst, _ = self.records.get(iid)
             token = inst.tokens.get(tok)
             if token is None or inst.finished:
                 # the SYNC marker, or one the record no longer lists (its removal was deferred)
-                await self.claims.reconcile(iid)
+                await self.claims.reconcile(job.ref)
                 return
             if job.woken and token.not_before > 0.0 and token.child is None:
                 await self._stale_wake(job)
@@ -195,7 +195,7 @@ class JobRunner:
         parent) after the parent had stopped waiting for that child (the call timed out, and the
         token retries after a backoff or went on by `catch`, to a timer say). Running it would cut
         that wait short: put its marker back as the record has it, and give the claim back."""
-        iid, tok = job.ref
+        iid, tok, _ = job.ref
         for _ in range(3):
             inst, rev = self.records.get(iid)
             current = inst.tokens.get(tok)
@@ -203,8 +203,8 @@ class JobRunner:
                 break
             # the marker as the record has it, claimed by nobody: the claim is given back with it
             txn = Txn([Compare.mod(self.keys.instance(iid), "==", rev),
-                       Compare.mod(self.keys.work(iid, tok), "==", job.claim_rev)],
-                      [Put(self.keys.work(iid, tok), work_info(inst, current, self.wall()).dump())])
+                       Compare.mod(job.ref.key, "==", job.claim_rev)],
+                      [Put(job.ref.key, work_info(inst, current, self.wall()).dump())])
             try:
                 result = await self.store.txn(txn.compare, txn.success, [Get(self.keys.instance(iid))])
             except StoreError:

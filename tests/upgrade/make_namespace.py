@@ -7,7 +7,8 @@ Starts its own etcd on loopback, runs the machines of this folder with `dsm subm
 every key of the namespace. The instances it leaves (ids fixed, see INSTANCES) are the cases an
 upgrade must keep: finished ones (succeeded, failed, cancelled, one already past its retention),
 running ones waiting for a signal, a timer or a child, and one never started. `layout1.json` was
-made so by release 0.1.0, the last to write the first key layout (test_upgrade.py loads it).
+made so by release 0.1.0, the last to write the first key layout (test_upgrade.py loads it), and
+`layout2.json` by release 0.2.0, the last to write key layout 2.
 Every machine here keeps its finished instances for a century but `brief` (a minute): what
 test_upgrade.py finds expired does not depend on when it runs, once the namespace is a minute old.
 """
