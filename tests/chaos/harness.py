@@ -170,7 +170,8 @@ class Chaos:
         """Instances the worker holds claims on, with their transition counts now."""
         worker_id = f"{socket.gethostname()}:{proc.pid}"
         page = await self.retry(lambda: store.range(self.keys.work_prefix, prefix_end(self.keys.work_prefix)))
-        held = {kv.key.split("/")[3] for kv in page.kvs if owner_of(kv) == worker_id}
+        held = {ref.instance for kv in page.kvs
+                if (ref := self.keys.parse_work(kv.key)) is not None and owner_of(kv) == worker_id}
         client = Operations(store, self.keys)
         out = {}
         for iid in held:
