@@ -34,8 +34,10 @@ def reconcile_txns(keys: Keys, iid: str, place: str, inst: Instance | None, rev:
                    now: float, max_ops: int = MAX_TXN_OPS) -> list[Txn]:
     """Transactions that make the work markers at `place` match the instance's record (`inst` at
     `rev`; None when the record is gone): markers for tokens that have none, none for tokens that
-    are gone. Each is fenced by the record's revision; the last one also removes the SYNC marker."""
-    tokens = inst.tokens if inst is not None and not inst.finished else {}
+    are gone. Each is fenced by the record's revision; the last one also removes the SYNC marker.
+    A place that is not the record's (a marker written where it should not be) keeps none."""
+    placed = inst is not None and not inst.finished and keys.place_of(inst) == place
+    tokens = inst.tokens if placed else {}  # type: ignore[union-attr]
     units: list[list[Op]] = []
     for tid, token in tokens.items():
         if tid not in markers:

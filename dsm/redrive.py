@@ -15,6 +15,7 @@ from __future__ import annotations
 from . import index
 from .errors import NotFound
 from .keys import Keys
+from .layout import with_parent_placed
 from .markers import MAX_TXN_OPS, reconcile, sync_marker, work_info
 from .records import Instance, dump_instance, load_instance
 from .store import Compare, Op, Put, Store
@@ -30,7 +31,7 @@ async def redrive(store: Store, keys: Keys, instance_id: str, *, now: float,
         kv = await store.get(key)
         if kv is None:
             raise NotFound(f"no instance {instance_id!r} in namespace {keys.namespace!r}")
-        before = load_instance(kv.value)
+        before = await with_parent_placed(store, keys, load_instance(kv.value))  # a child of release 0.2
         step = restored(before)
         again = step.instance
         ops: list[Op] = [Put(key, dump_instance(again))]

@@ -172,3 +172,84 @@ def test_the_upgrade_moves_markers_and_deletes_entries_in_batches_and_twice_does
             await store.close()
 
     asyncio.run(body())
+
+
+WAITKID = ("machine: waitkid\nstart: hold\nstates:\n  hold:\n    signal: go\n    next: done\n"
+           "  done:\n    terminal: true\n")
+RETRIER = ("machine: retrier\nstart: sub\nstates:\n  sub:\n    call: waitkid.yaml\n"
+           "    retry: {max_attempts: 3, backoff: 10ms}\n    next: done\n  done:\n    terminal: true\n")
+
+
+def test_a_finished_child_of_release_02_redriven_wakes_its_parent_where_its_markers_lie(tmp_path):
+    """A child whose record release 0.2 wrote does not say when its parent was created; one that
+    had finished before the upgrade has no marker to move, so the upgrade leaves its record as it
+    is. Redriven and finished now, it must wake its parent at the parent's place: once listed, no
+    marker away from its place, and no worker claiming one that no commit can compare."""
+    from dsm.records import load_instance
+    from dsm.store.memory import MemoryStore
+
+    (tmp_path / "waitkid.yaml").write_text(WAITKID)
+    (tmp_path / "retrier.yaml").write_text(RETRIER)
+    graph = compiler.load(tmp_path / "retrier.yaml")
+
+    async def body():
+        store, keys = MemoryStore(), Keys("rp")
+        client = Operations(store, keys)
+
+        async def children():
+            return [i for i in (load_instance(kv.value) for kv in await read_all(store, keys.instances)) if i.parent]
+
+        async def count(n):
+            return len(await children()) >= n
+
+        async with serving(store, keys, [graph], concurrency=2):
+            pid = await client.submit(graph, {})
+            await until_async(lambda: count(1), "child 1", timeout=10)
+            (first,) = await children()
+            await client.cancel(first.id)  # the parent's call fails (ChildFailed) and retries: child 2
+            await until_async(lambda: count(2), "child 2", timeout=10)
+            raw = json.loads((await store.get(keys.instance(first.id))).value)
+            del raw["parent"]["created"]  # as release 0.2 wrote it
+            await store.put(keys.instance(first.id), json.dumps(raw).encode())
+            await client.redrive(first.id)
+            await client.signal(first.id, "go")  # child 1 ends: it wakes the parent's token
+            await client.wait(first.id, timeout=10)
+            await asyncio.sleep(0.5)
+            calls = [0]
+            txn = store.txn
+
+            async def counting(*args, **kwargs):
+                calls[0] += 1
+                return await txn(*args, **kwargs)
+
+            store.txn = counting
+            await asyncio.sleep(0.5)  # nothing to do: the parent waits for child 2
+            store.txn = txn
+            listed = [i.id for i in await client.list()]
+            return pid, listed, await inconsistencies(store, keys), calls[0]
+
+    pid, listed, problems, idle_txns = asyncio.run(body())
+    assert listed.count(pid) == 1 and problems == []
+    assert idle_txns < 100  # a worker claiming a marker it can never commit retried thousands of times
+
+
+def test_markers_away_from_their_instances_place_are_removed_not_copied(tmp_path):
+    """Reconciling at a place that is not the record's deletes the markers there, and writes none."""
+    from dsm.markers import reconcile
+    from dsm.store.memory import MemoryStore
+
+    (tmp_path / "waitkid.yaml").write_text(WAITKID)
+    graph = compiler.load(tmp_path / "waitkid.yaml")
+
+    async def body():
+        store, keys = MemoryStore(), Keys("rc")
+        client = Operations(store, keys)
+        iid = await client.submit(graph, {})
+        inst = await client.instance(iid)
+        stray = keys.place(inst.machine, 0, iid)
+        await store.put(keys.work(stray, "t1"), b'{"machine":"waitkid","digest":"x","state":"hold"}')
+        await reconcile(store, keys, iid, stray, now=0.0)
+        return [kv.key for kv in await read_all(store, keys.work_prefix)], keys.work(keys.place_of(inst), "t1")
+
+    work, real = asyncio.run(body())
+    assert work == [real]

@@ -140,12 +140,13 @@ class JobRunner:
 
     async def _work_on(self, job: Job) -> None:
         """Run the job's token, and keep running it while it moves along a line and stays ours."""
-        iid, tok, _ = job.ref
+        iid, tok, place = job.ref
         while True:
             inst, _ = self.records.get(iid)
             token = inst.tokens.get(tok)
-            if token is None or inst.finished:
-                # the SYNC marker, or one the record no longer lists (its removal was deferred)
+            if token is None or inst.finished or place != self.keys.place_of(inst):
+                # the SYNC marker, or one the record no longer lists (its removal was deferred), or
+                # one away from the instance's place (no commit could compare it): reconcile
                 await self.claims.reconcile(job.ref)
                 return
             if job.woken and token.not_before > 0.0 and token.child is None:
