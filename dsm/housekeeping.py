@@ -32,14 +32,15 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import layout
-from .errors import Compacted, ConflictError, LeaseLost, NoSpace, StoreError, StoreUnavailable
+from .errors import Compacted, ConflictError, LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
+from .histogram import Histogram
 from .index import Expiry, created_ms, created_ops, expires_ms, listing_key, removal_ops
 from .keys import Keys
-from .records import Instance, load_instance
+from .records import Instance, load_instance, timestamp
 from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
 from .transition import child_prefix
 
@@ -53,6 +54,7 @@ NESTED = 64
 MAX_HISTORY = 20_000  # history keys one request may delete (an instance counts at least one)
 PAGE = 500  # records read per request when looking for an instance's children
 CHILD_PASSES = 20  # reads of an instance's children, while some keep changing under their deletion
+LATENESS_BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds a schedule's start was late
 
 
 def deletion_txn(keys: Keys, inst: Instance, revision: int) -> Txn:
@@ -239,6 +241,11 @@ class HousekeepingStats:
     deleted: int = 0
     compacted_to: int = 0
     elected: int = 0  # times this housekeeper took the election
+    # what schedules did while this housekeeper fired them, by schedule: started, skipped (by
+    # overlap), buffered, missed (beyond the catch-up window); and how late the starts were
+    schedules: collections.defaultdict[tuple[str, str], int] = field(
+        default_factory=lambda: collections.defaultdict(int))
+    lateness: Histogram = field(default_factory=lambda: Histogram(LATENESS_BOUNDS))
 
 
 class LeaseHolder(Protocol):
@@ -274,7 +281,9 @@ class Housekeeper:
     async def run(self) -> None:
         """Campaign and keep house until cancelled: deletion here, compaction beside it (a
         compaction takes seconds on a large database, and must not hold deletion up)."""
-        compacting = asyncio.get_running_loop().create_task(self._compacting(), name=f"dsm-compaction-{self.name}")
+        loop = asyncio.get_running_loop()
+        compacting = loop.create_task(self._compacting(), name=f"dsm-compaction-{self.name}")
+        scheduling = loop.create_task(self._scheduling(), name=f"dsm-schedules-{self.name}")
         try:
             while True:
                 busy = False
@@ -287,7 +296,37 @@ class Housekeeper:
                 await asyncio.sleep(0 if busy else self.options.interval)
         finally:
             compacting.cancel()
-            await asyncio.gather(compacting, return_exceptions=True)
+            scheduling.cancel()
+            await asyncio.gather(compacting, scheduling, return_exceptions=True)
+
+    async def _scheduling(self) -> None:
+        """Fire the schedules that are due, while this housekeeper holds the election: a round as
+        soon as the next due entry says (`Schedules.round`), at least every second."""
+        from .operations import Operations  # it imports this module
+        from .schedules import POLL, Schedules
+
+        schedules = Schedules(Operations(self.store, self.keys, wall=self.wall), wall=self.wall)
+        while True:
+            wait = self.options.interval
+            if self.leader:
+                try:
+                    events, wait = await schedules.round()
+                    self._count(events)
+                except (StoreError, NotFound) as exc:
+                    self._complain(exc)
+                    wait = max(POLL, self.options.interval)
+            await asyncio.sleep(wait)
+
+    def _count(self, events: list[dict]) -> None:
+        for event in events:
+            self.stats.schedules[(event["schedule"], event["action"])] += event.get("count", 1)
+            if event["action"] == "started":
+                self.stats.lateness.observe(max(0.0, event["late"]))
+            log.log(logging.WARNING if event["action"] == "missed" else logging.INFO,
+                    "housekeeping %s: schedule %s, due %s: %s%s", self.name, event["schedule"],
+                    timestamp(event["due"]), event["action"],
+                    f" ({event['count']} due times beyond the catch-up window)" if event["action"] == "missed"
+                    else f" {event['id']}" if event["action"] == "started" else f" (overlap {event.get('overlap')})")
 
     async def _compacting(self) -> None:
         keep = self.options.compaction_retention

@@ -24,8 +24,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import healthz, wsgi
+from .histogram import Histogram
 from .version import __version__
-from .worker.meter import Histogram
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -103,6 +103,16 @@ class WorkerCollector(Collector):
                                 "(retention and compaction), else 0.", value=1 if keeper and keeper.leader else 0)
         yield CounterMetricFamily("dsm_instances_expired", "Finished instances this worker deleted past their "
                                   "retention.", value=keeper.stats.deleted if keeper else 0)
+        runs = CounterMetricFamily("dsm_schedule_runs", "Due times of schedules this worker handled as "
+                                   "housekeeper, by what was done: started (fires), skipped (by the overlap "
+                                   "policy), buffered, missed (beyond the catch-up window, while no worker ran).",
+                                   labels=["schedule", "action"])
+        for (schedule, action), count in sorted(list(keeper.stats.schedules.items()) if keeper else []):
+            runs.add_metric([schedule, action], count)
+        yield runs
+        if keeper is not None:
+            yield _histogram("dsm_schedule_lateness_seconds", "How late schedules' runs started after their due "
+                             "time (jitter included).", {"": keeper.stats.lateness}, label=None)
 
 
 def _by_machine(kind: Any, name: str, documentation: str, counts: dict[str, int]) -> Any:
@@ -112,15 +122,16 @@ def _by_machine(kind: Any, name: str, documentation: str, counts: dict[str, int]
     return family
 
 
-def _histogram(name: str, documentation: str, histograms: dict[str, Histogram]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=["machine"])
+def _histogram(name: str, documentation: str, histograms: dict[str, Histogram],
+               label: str | None = "machine") -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label] if label else [])
     for machine, histogram in sorted(list(histograms.items())):
         counts, total = list(histogram.counts), histogram.sum
         buckets, seen = [], 0
         for bound, count in zip((*histogram.bounds, float("inf")), counts):
             seen += count
             buckets.append((floatToGoString(bound), seen))
-        family.add_metric([machine], buckets, sum_value=total)
+        family.add_metric([machine] if label else [], buckets, sum_value=total)
     return family
 
 

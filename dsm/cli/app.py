@@ -89,10 +89,21 @@ def _root(verbose: Verbose = False, quiet: Quiet = False,
     set_verbosity(verbose, quiet, log_format)  # --version is handled by its eager callback
 
 
-def command(name: str | None = None, *, etcd: bool = False) -> Callable[[Callable[..., Any]], Any]:
+def group(name: str, help: str) -> typer.Typer:
+    """A group of commands under `dsm NAME` (`dsm schedule create`, ...): register them with
+    `command(..., on=group)`."""
+    sub = typer.Typer(name=name, cls=_Group, help=help, no_args_is_help=True, pretty_exceptions_enable=False,
+                      context_settings={"help_option_names": ["-h", "--help"]})
+    app.add_typer(sub)
+    return sub
+
+
+def command(name: str | None = None, *, etcd: bool = False,
+            on: typer.Typer | None = None) -> Callable[[Callable[..., Any]], Any]:
     """Register a command with the options every command shares: -v / -q (also accepted after the
     command's name) and, with `etcd=True`, the etcd connection options, collected into one `EtcdArgs`
-    passed as its `etcd` parameter, so every etcd command spells them the same way."""
+    passed as its `etcd` parameter, so every etcd command spells them the same way. `on`: the
+    group it belongs to (`group`); the root by default."""
 
     def decorate(func: Callable[..., Any]) -> Any:
         signature = inspect.signature(func, eval_str=True)
@@ -109,6 +120,6 @@ def command(name: str | None = None, *, etcd: bool = False) -> Callable[[Callabl
         parameters = own + extra
         run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in parameters}
-        return app.command(name, cls=_Command)(run)
+        return (on or app).command(name, cls=_Command)(run)
 
     return decorate

@@ -8,9 +8,10 @@ iterates, what the loop changes, and an increment it misses shows in the next sc
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import defaultdict
 from typing import Literal
+
+from ..histogram import Histogram
 
 TickOutcome = Literal["ok", "error", "timeout", "abandoned"]
 
@@ -19,22 +20,6 @@ TickOutcome = Literal["ok", "error", "timeout", "abandoned"]
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 300.0)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class Histogram:
-    """Observations counted into buckets (`counts[i]`: those in (bounds[i-1], bounds[i]]; the last
-    entry: those above every bound) and summed."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
 
 
 class Meter:
