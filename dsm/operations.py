@@ -315,9 +315,13 @@ class Operations:
             now = self.wall()
             step = transition.signal(inst, name, checked, outcome=outcome, now=now)
             ops: list = [Put(key, dump_instance(step.instance))]
-            for token in step.upserted:  # the tokens it wakes: their markers say due now
-                ops.append(Put(self.keys.work(self.keys.place_of(inst), token.id),
-                               work_info(step.instance, token, now).dump()))
+            woken = list(step.upserted)  # the tokens it wakes: their markers say due now
+            place = self.keys.place_of(inst)
+            while woken and len(ops) + 2 <= MAX_TXN_OPS:  # room for a marker and the SYNC marker
+                token = woken.pop()
+                ops.append(Put(self.keys.work(place, token.id), work_info(step.instance, token, now).dump()))
+            if woken:  # more than a transaction holds: whoever claims SYNC writes the rest
+                ops.append(sync_marker(self.keys, step.instance))
             result = await self.store.txn([Compare.mod(key, "==", kv.mod_revision)], ops)
             if result.succeeded:
                 return step.instance

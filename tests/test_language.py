@@ -837,3 +837,24 @@ def test_a_finished_child_makes_only_the_token_waiting_for_it_due(write):
     assert transition.child_ended(waiting, stranger) is waiting  # not the child that token waits for
     assert transition.ChildResult.of(done.id, done).payload == done.payload
     assert transition.ChildResult.of("gone", None) == transition.ChildResult("gone", None)
+
+
+def test_a_signal_that_wakes_more_tokens_than_a_transaction_holds_wakes_them_all(store_factory, namespace, write):
+    """150 branches wait for the same signal: a signal wakes them all (the first to run takes it,
+    the others wait again), though their markers do not fit in one transaction (etcd takes 128
+    operations): the rest are woken by whoever claims the SYNC marker."""
+    names = [f"b{i}" for i in range(150)]
+    branches = "".join(f"  {n}:\n    signal: go\n    next: j\n" for n in names)
+    graph = compiler.load(write("wide.yaml", f"machine: widewait\nstart: s\nstates:\n  s:\n"
+                                             f"    fork: [{', '.join(names)}]\n    join: j\n{branches}"
+                                             "  j:\n    next: done\n  done:\n    terminal: true\n"))
+
+    async def body(c: Cluster):
+        iid = await c.client.submit(graph, {})
+        await c.wait_for(iid, lambda r: len(r["waiting"]) == 150, timeout=30)
+        for _ in range(150):
+            await c.client.signal(iid, "go")
+        return await c.client.wait(iid, timeout=60)
+
+    done = scenario(store_factory, namespace, graph, body)
+    assert done.status == SUCCEEDED
