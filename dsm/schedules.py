@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cronsim import CronSim, CronSimError
+from cronsim import CronSim
 
 from . import codec, payloads
 from .durations import format_duration, parse_duration
@@ -54,6 +54,10 @@ RUNS_KEPT = 10  # runs a schedule remembers (`describe`)
 MAX_STARTS = 16  # instances one fire transaction starts at most (each takes a few operations)
 MAX_COUNTED = 100_000  # due times a catch-up counts one by one; beyond, the count says "at least"
 MAX_BACKFILL = 1000  # due times one backfill starts
+LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: times beyond are refused (and no due time passes it)
+MAX_EVERY = 10 * 366 * 86400.0  # the longest interval
+MAX_WAIT = 366 * 86400.0  # the longest catch-up window, and the longest jitter
+MAX_NOTE = 4096  # characters of a pause's note
 SPEC_FIELDS = ("machine", "cron", "every", "timezone", "payload", "overlap", "catchup_window", "jitter",
                "start_at", "end_at", "paused", "note")
 
@@ -117,15 +121,15 @@ class Spec:
         zone = field_of("timezone", lambda v: check_timezone(v, what=""), "UTC")
         payload = field_of("payload", _payload, {})
         overlap = field_of("overlap", _overlap, "skip")
-        window = field_of("catchup_window", _duration, CATCHUP_WINDOW)
-        jitter = field_of("jitter", _duration, 0.0)
+        window = field_of("catchup_window", _bounded, CATCHUP_WINDOW)
+        jitter = field_of("jitter", _bounded, 0.0)
         now = time.time()
         start_at = field_of("start_at", lambda v: _time(v, now))
         end_at = field_of("end_at", lambda v: _time(v, now))
         if start_at is not None and end_at is not None and end_at <= start_at:
             problems.append(("end_at", "end_at must be after start_at"))
         paused = field_of("paused", _flag, False)
-        note = field_of("note", lambda v: v if v is None or isinstance(v, str) else _refuse(f"must be text, got {v!r}"))
+        note = field_of("note", _note)
         if problems:
             raise FieldError([(key, f"schedule {name!r}: {message}") for key, message in problems])
         return Spec(name, machine, cron, every, zone, payload, overlap, window, jitter, start_at, end_at, paused, note)
@@ -161,19 +165,25 @@ class Spec:
             k = math.floor((start - anchor) / self.every) + 1
             while True:
                 due = anchor + k * self.every
-                if self.end_at is not None and due > self.end_at:
+                if due > LATEST or (self.end_at is not None and due > self.end_at):
                     return
                 yield due
                 k += 1
         assert self.cron is not None
+        if start >= LATEST:
+            return
         zone = ZoneInfo(self.timezone)
         # cronsim yields times after the one it starts from, to the second: start from the whole second
         moment = datetime.fromtimestamp(math.floor(start), zone)
-        for at in CronSim(ALIASES.get(self.cron, self.cron), moment):
-            due = at.timestamp()
+        times = iter(CronSim(ALIASES.get(self.cron, self.cron), moment))
+        while True:
+            try:
+                due = next(times).timestamp()
+            except (OverflowError, ValueError, StopIteration):  # past the year 9999
+                return
             if due <= start:
                 continue
-            if self.end_at is not None and due > self.end_at:
+            if due > LATEST or (self.end_at is not None and due > self.end_at):
                 return
             yield due
 
@@ -218,11 +228,28 @@ def _duration(value: object) -> float:
         raise InputError(str(exc).removeprefix(": ")) from None
 
 
+def _bounded(value: object) -> float:
+    seconds = _duration(value)
+    if seconds > MAX_WAIT:
+        raise InputError(f"must be at most 366d, got {format_duration(seconds)}")
+    return seconds
+
+
 def _every(value: object) -> float:
     every = _duration(value)
     if every < 1:
         raise InputError(f"must be at least 1s (runs are named by the second), got {format_duration(every)}")
+    if every > MAX_EVERY:
+        raise InputError(f"must be at most 3660d, got {format_duration(every)}")
     return every
+
+
+def _note(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InputError(f"must be text, got {value!r}")
+    if value is not None and len(value) > MAX_NOTE:
+        raise InputError(f"is {len(value)} characters; at most {MAX_NOTE} are kept")
+    return value
 
 
 def _payload(value: object) -> dict[str, Any]:
@@ -251,7 +278,7 @@ def check_cron(value: object, *, what: str = "cron") -> str:
     text = " ".join(value.split())
     try:
         CronSim(ALIASES.get(text, text), datetime(2000, 1, 1, tzinfo=timezone.utc))
-    except CronSimError as exc:
+    except Exception as exc:  # CronSimError, and whatever else odd text makes the parser raise
         raise InputError(f"{what}{text!r} is not a cron expression ({exc}); five fields: minute hour "
                          f"day-of-month month day-of-week, or @hourly, @daily, @weekly, @monthly, @yearly") from None
     return text
@@ -263,7 +290,7 @@ def check_timezone(value: object, *, what: str = "timezone") -> str:
         raise InputError(f"{what}expected an IANA time zone such as Europe/Berlin, got {value!r}")
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError, TypeError, UnicodeError):
         raise InputError(f"{what}unknown time zone {value!r} (an IANA name such as UTC or Europe/Berlin)") from None
     return value
 
@@ -274,12 +301,16 @@ def _time(value: object, now: float) -> float | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, datetime):  # YAML reads an unquoted timestamp as one
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
-    if not isinstance(value, str):
+        at = float(value)
+    elif isinstance(value, datetime):  # YAML reads an unquoted timestamp as one
+        at = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    elif isinstance(value, str):
+        at = parse_since(value, now)
+    else:
         raise InputError(f"expected a time such as 2026-12-01T00:00:00Z, got {value!r}")
-    return parse_since(value, now)
+    if not 0 <= at <= LATEST:  # NaN included
+        raise InputError("must be a time between 1970-01-01 and 9999-12-31")
+    return at
 
 
 @dataclass(frozen=True, slots=True)

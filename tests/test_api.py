@@ -484,7 +484,7 @@ def test_the_openapi_document_is_valid_and_lists_every_route():
     assert secured == openapi.document(token_required=True)
     # the bearer token is asked for on the actions, and only when the API has one
     for (_, method), operation in operations(secured).items():
-        action = method in ("post", "delete")
+        action = method in ("post", "put", "delete")
         assert (operation.get("security") == [{"bearer": []}]) is action and ("401" in operation["responses"]) is action
     assert not any("security" in op or "401" in op["responses"] for op in operations(document).values())
     assert "securitySchemes" not in document["components"] and "bearer" in secured["components"]["securitySchemes"]
@@ -813,3 +813,40 @@ def test_the_drawing_follows_forks_and_joins():
     assert drawing["path"][-1] == "done" and drawing["active"] == []
     assert {n["id"] for n in drawing["nodes"]} >= {e["source"] for e in drawing["edges"]} | {
         e["target"] for e in drawing["edges"]}
+
+
+def test_schedules_through_the_api(server):
+    srv = server(graphs=[ORDER])
+    body = {"name": "nightly", "machine": "order", "cron": "30 2 * * *", "timezone": "Europe/Berlin",
+            "payload": {"total": 5}, "overlap": "buffer_one"}
+    created = srv.post("/api/schedules", body)
+    assert created.status_code == 201, created.text
+    assert created.headers["location"] == "/api/schedules/nightly"
+    schedule = created.json()
+    assert schedule["next"] and schedule["next"][0].endswith(("T01:30:00.000Z", "T00:30:00.000Z"))
+    assert error_of(srv.post("/api/schedules", body), 409)["type"] == "ScheduleExists"
+    bad = error_of(srv.post("/api/schedules", {**body, "name": "b", "cron": "61 * * * *", "timezone": "Mars/X"}),
+                   422)
+    assert bad["type"] == "InvalidSchedule" and "cron" in bad["message"] and "timezone" in bad["message"]
+    assert error_of(srv.post("/api/schedules", {**body, "name": "c", "machine": "nope"}), 404)["type"] == "NotFound"
+    assert error_of(srv.post("/api/schedules", {**body, "name": "d", "cadence": 1}), 400)["type"] == "BadRequest"
+    listed = srv.get("/api/schedules").json()["items"]
+    assert [s["name"] for s in listed] == ["nightly"]
+    updated = srv.http.put("/api/schedules/nightly", json={"machine": "order", "every": "1h"})
+    assert updated.status_code == 200 and updated.json()["every"] == 3600 and updated.json()["cron"] is None
+    assert srv.http.put("/api/schedules/hourly", json={"machine": "order", "cron": "@hourly"}).status_code == 201
+    paused = srv.post("/api/schedules/nightly/pause", {"note": "quiet week"})
+    assert paused.status_code == 200 and paused.json()["paused"] and paused.json()["note"] == "quiet week"
+    assert srv.post("/api/schedules/nightly/unpause").json()["paused"] is False
+    triggered = srv.post("/api/schedules/nightly/trigger")
+    assert triggered.status_code == 201 and triggered.json()["id"].startswith("nightly-")
+    filled = srv.post("/api/schedules/nightly/backfill", {"from": "2026-11-01T00:00:00Z", "to": "2026-11-01T02:00:00Z"})
+    assert filled.json() == {"ids": ["nightly-20261101T000000Z", "nightly-20261101T010000Z",
+                                     "nightly-20261101T020000Z"]}
+    span = error_of(srv.post("/api/schedules/nightly/backfill", {"from": "2026-11-02", "to": "2026-11-01"}), 422)
+    assert span["type"] == "InvalidSpan"
+    described = srv.get("/api/schedules/nightly").json()
+    assert [r["action"] for r in described["runs"]] == ["triggered", "backfilled", "backfilled", "backfilled"]
+    assert srv.delete("/api/schedules/nightly").status_code == 200
+    assert error_of(srv.get("/api/schedules/nightly"), 404)["type"] == "NotFound"
+    assert error_of(srv.get("/api/schedules/no%20such"), 400)["type"] == "BadRequest"

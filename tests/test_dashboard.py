@@ -456,3 +456,36 @@ def test_the_start_form_starts_an_instance_and_opens_its_page(browser: Any, dash
     instance_id = _text(browser, "#instance-id")
     assert dashboard.record(instance_id)["input"] == {"order": [1, 2]}
     until_shown(lambda: "Waits for signal go" in _text(browser, "#facts"), "the page to say what it waits for")
+
+
+def _schedule_text(browser: Any, name: str, selector: str = "") -> str:
+    return _text(browser, f".schedule[data-name='{name}'] {selector}".strip())
+
+
+def test_the_schedules_page_shows_next_due_times_runs_and_pauses(
+        browser: Any, dashboard: Dashboard, artifacts: Path) -> None:
+    body = {"name": "nightly", "machine": "gate", "cron": "30 2 * * *", "timezone": "Europe/Berlin",
+            "payload": {"order": 1}}
+    created = dashboard.http.post("/api/schedules", json=body)
+    assert created.status_code == 201, created.text
+    _open(browser, f"{dashboard.url}/#/schedules", live=False)
+    until_shown(lambda: "nightly" in _schedule_text(browser, "nightly", "h2"), "the schedule's panel")
+    assert "cron 30 2 * * * (Europe/Berlin)" in _schedule_text(browser, "nightly")
+    assert _js(browser, "return document.querySelectorAll(\".schedule[data-name='nightly'] .next .tag\").length") == 5
+
+    browser.find_element("css selector", ".schedule[data-name='nightly'] button.trigger").click()
+    until_shown(lambda: "triggered" in _schedule_text(browser, "nightly", ".runs"), "the run started from the page")
+    run_id = _schedule_text(browser, "nightly", ".runs tbody tr td:nth-child(3)").strip()
+    assert run_id.startswith("nightly-")
+    assert dashboard.record(run_id)["machine"] == "gate"
+    _shoot(browser, artifacts, "schedules")
+
+    paused = dashboard.http.post("/api/schedules/nightly/pause", json={"note": "quiet week"})
+    assert paused.status_code == 200, paused.text
+    until_shown(lambda: "Paused: quiet week" in _schedule_text(browser, "nightly"), "the pause and its note")
+    assert "none while paused" in _schedule_text(browser, "nightly", ".next")
+    browser.find_element("css selector", ".schedule[data-name='nightly'] button.unpause").click()
+    until_shown(lambda: "paused" not in _schedule_text(browser, "nightly", ".title"), "the schedule unpaused")
+    browser.find_element("css selector", ".schedule[data-name='nightly'] .runs a").click()
+    until_shown(lambda: _page_status(browser) in ("running", "succeeded"), "the run's instance page")
+    _shoot(browser, artifacts, "schedule-run")

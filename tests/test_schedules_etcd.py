@@ -145,3 +145,39 @@ def test_apply_reports_a_schedule_files_errors_at_their_line_and_creates_nothing
     second = dsm("schedule", "apply", str(good), *conn)
     assert "schedule hourly created" in first.stderr and "schedule often created" in first.stderr
     assert "schedule hourly unchanged" in second.stderr and "schedule often unchanged" in second.stderr
+
+
+def test_a_stopped_cluster_catches_up_within_the_window_and_counts_the_rest_as_missed(write, etcd_url, namespace):
+    path = write("beat.yaml", MACHINE, beatmod="def tick(payload, ctx):\n    return {}\n")
+    conn = ["--etcd", etcd_url, "--namespace", namespace]
+    assert dsm("schedule", "create", "beat", "--file", str(path), "--every", "1s", "--overlap", "allow_all",
+               "--catchup-window", "3s", *conn).returncode == 0
+    worker = spawn("worker", str(path), "--lease-ttl", "2", *conn)
+    try:
+        deadline = time.monotonic() + 30
+        while len(listed(etcd_url, namespace)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        stop(worker)  # no worker runs: due times pass
+        stopped = time.time()
+        time.sleep(8)
+        worker = spawn("worker", str(path), "--lease-ttl", "2", *conn)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            described = json.loads(dsm("schedule", "describe", "beat", "--json", *conn).stdout)
+            if described["misses"] and any(due_of(r["id"]) > stopped + 5 for r in listed(etcd_url, namespace)):
+                break
+            time.sleep(0.3)
+        assert dsm("schedule", "pause", "beat", *conn).returncode == 0
+        time.sleep(1)
+        described = json.loads(dsm("schedule", "describe", "beat", "--json", *conn).stdout)
+        runs = listed(etcd_url, namespace)
+    finally:
+        if worker.poll() is None:
+            stop(worker)
+    dues = sorted(due_of(r["id"]) for r in runs)
+    assert len(dues) == len(set(dues)) == described["fires"]
+    assert described["misses"] >= 3  # the due times more than 3 s old when a worker came back
+    gap = [b - a for a, b in zip(dues, dues[1:]) if b - a > 1]
+    assert len(gap) == 1 and gap[0] == described["misses"] + 1  # one hole, exactly the missed due times
+    caught_up = [d for d in dues if d > dues[0] + 1 and d > stopped]
+    assert len(caught_up) >= 3  # the ones within the window started when it came back

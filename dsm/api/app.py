@@ -16,6 +16,10 @@ Routes (the OpenAPI document, `openapi.py`, describes each):
     GET    /api/machines                        registered machines
     GET    /api/machines/{machine}              one machine with its drawing
     GET    /api/workers                         live workers
+    GET    /api/schedules                       schedules (`dsm.schedules`); POST creates one
+    GET    /api/schedules/{name}                one, with its next due times and last runs; PUT creates or
+                                                updates it to match (as `dsm schedule apply`); DELETE
+    POST   /api/schedules/{name}/pause|unpause|trigger|backfill
     GET    /api/events                          server-sent events (`events.py`)
     GET    /api/openapi.json                    the OpenAPI document
     GET    /                                    the dashboard (static/index.html), /static/...
@@ -57,6 +61,8 @@ from ..graph import DIGEST, Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
 from ..operations import Operations
 from ..records import CANCELLED, MAX_REASON, STATUSES
+from ..schedules import MAX_NOTE, SPEC_FIELDS, FieldError, Schedules, Spec
+from ..schedules import check_name as check_schedule_name
 from ..store import Store
 from ..transport import StoreTransport
 from . import events, openapi
@@ -110,6 +116,7 @@ class Api:
     def __post_init__(self) -> None:
         self.calls = StoreTransport(Operations(self.store, self.keys, wall=self.wall))
         self.operations = self.calls.operations  # the reads the client has no call for (graph, events, workers)
+        self.schedules = Schedules(self.operations, wall=self.wall)
 
     def close(self) -> None:
         """End the open event streams (a server that stops waits for open answers)."""
@@ -161,18 +168,18 @@ class Api:
             raise bad_request(f"{what}: {exc}") from None
 
     @staticmethod
-    def instance_id(request: Request) -> str:
+    def path_param(request: Request, name: str, check: Callable[[object], str]) -> str:
+        """A path parameter as `check` takes it; 400 saying what it may be otherwise."""
         try:
-            return check_instance_id(request.path_params["id"])
+            return check(request.path_params[name])
         except InputError as exc:
             raise bad_request(str(exc)) from None
 
-    @staticmethod
-    def machine_name(request: Request) -> str:
-        try:
-            return check_machine_name(request.path_params["machine"])
-        except InputError as exc:
-            raise bad_request(str(exc)) from None
+    def instance_id(self, request: Request) -> str:
+        return self.path_param(request, "id", check_instance_id)
+
+    def machine_name(self, request: Request) -> str:
+        return self.path_param(request, "machine", check_machine_name)
 
     async def graph_of(self, digest: str) -> Graph:
         """A definition by digest, compiled without importing its handlers."""
@@ -339,6 +346,88 @@ class Api:
             raise conflict(str(exc)) from None
         return JSONResponse(summary)
 
+    # -- schedules ---------------------------------------------------------------------------
+
+    def schedule_name(self, request: Request) -> str:
+        return self.path_param(request, "name", check_schedule_name)
+
+    def spec(self, name: object, fields: dict[str, Any]) -> Spec:
+        """The schedule a body asks for; its fields' content wrong (a cron expression, a time zone, a
+        duration or time, a bound) is 422, as the document says: JSON of the right shape may still say
+        something that is no schedule."""
+        try:
+            return Spec.of(name, fields)
+        except FieldError as exc:
+            raise ApiError(422, "InvalidSchedule", str(exc)) from None
+
+    async def list_schedules(self, request: Request) -> Response:
+        now = self.wall()
+        return JSONResponse({"items": [s.public(now) for s in await self.schedules.all()]})
+
+    async def create_schedule(self, request: Request) -> Response:
+        body = await self.body(request, ("name", *SPEC_FIELDS))
+        spec = self.spec(body.pop("name", None), body)
+        try:
+            await self.schedules.create(spec)
+        except NotFound:
+            raise
+        except InputError as exc:  # one of that name exists
+            raise ApiError(409, "ScheduleExists", str(exc)) from None
+        return JSONResponse(await self.schedules.describe(spec.name), status_code=201,
+                            headers={"location": f"/api/schedules/{spec.name}"})
+
+    async def put_schedule(self, request: Request) -> Response:
+        name = self.schedule_name(request)
+        spec = self.spec(name, await self.body(request, SPEC_FIELDS))
+        done = await self.schedules.apply([spec])
+        return JSONResponse(await self.schedules.describe(name), status_code=201 if done["created"] else 200)
+
+    async def get_schedule(self, request: Request) -> Response:
+        return JSONResponse(await self.schedules.describe(self.schedule_name(request)))
+
+    async def delete_schedule(self, request: Request) -> Response:
+        deleted = await self.schedules.delete(self.schedule_name(request))
+        return JSONResponse(deleted.public(self.wall(), upcoming=0))
+
+    async def pause_schedule(self, request: Request) -> Response:
+        name = self.schedule_name(request)
+        note = (await self.body(request, ("note",))).get("note")
+        if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
+            raise bad_request(f"note must be a string of at most {MAX_NOTE} characters")
+        await self.schedules.pause(name, note)
+        return JSONResponse(await self.schedules.describe(name))
+
+    async def unpause_schedule(self, request: Request) -> Response:
+        name = self.schedule_name(request)
+        await self.body(request, ())
+        await self.schedules.unpause(name)
+        return JSONResponse(await self.schedules.describe(name))
+
+    async def trigger_schedule(self, request: Request) -> Response:
+        name = self.schedule_name(request)
+        await self.body(request, ())
+        iid = await self.schedules.trigger(name)
+        return JSONResponse({"id": iid}, status_code=201, headers={"location": f"/api/instances/{iid}"})
+
+    async def backfill_schedule(self, request: Request) -> Response:
+        name = self.schedule_name(request)
+        body = await self.body(request, ("from", "to"))
+        now = self.wall()
+        span = []
+        for key in ("from", "to"):
+            value = body.get(key)
+            if not isinstance(value, str):
+                raise bad_request(f"{key} is required: an RFC 3339 date or date-time, or a duration back from now")
+            try:
+                span.append(index.check_since(value, now))
+            except InputError as exc:
+                raise ApiError(422, "InvalidSpan", f"{key}: {exc}") from None
+        await self.schedules.get(name)  # 404 first
+        try:
+            return JSONResponse({"ids": await self.schedules.backfill(name, span[0], span[1])})
+        except InputError as exc:  # backwards, or too many due times
+            raise ApiError(422, "InvalidSpan", str(exc)) from None
+
 
 def _signals(graph: Graph) -> list[dict[str, Any]]:
     """The signals a machine's own states wait for, with the outcomes they route on: what a signal
@@ -383,6 +472,18 @@ def routes(api: Api, static: Path | None) -> list[BaseRoute]:
         Route("/api/machines/{machine}", _answers(api.get_machine), methods=["GET"], name="get_machine"),
         Route("/api/machines/{machine}/instances", _answers(api.start), methods=["POST"], name="start"),
         Route("/api/workers", _answers(api.list_workers), methods=["GET"], name="list_workers"),
+        Route("/api/schedules", _answers(api.list_schedules), methods=["GET"], name="list_schedules"),
+        Route("/api/schedules", _answers(api.create_schedule), methods=["POST"], name="create_schedule"),
+        Route("/api/schedules/{name}", _answers(api.get_schedule), methods=["GET"], name="get_schedule"),
+        Route("/api/schedules/{name}", _answers(api.put_schedule), methods=["PUT"], name="put_schedule"),
+        Route("/api/schedules/{name}", _answers(api.delete_schedule), methods=["DELETE"], name="delete_schedule"),
+        Route("/api/schedules/{name}/pause", _answers(api.pause_schedule), methods=["POST"], name="pause_schedule"),
+        Route("/api/schedules/{name}/unpause", _answers(api.unpause_schedule), methods=["POST"],
+              name="unpause_schedule"),
+        Route("/api/schedules/{name}/trigger", _answers(api.trigger_schedule), methods=["POST"],
+              name="trigger_schedule"),
+        Route("/api/schedules/{name}/backfill", _answers(api.backfill_schedule), methods=["POST"],
+              name="backfill_schedule"),
         Route("/api/events", _answers(api.get_events), methods=["GET"], name="events"),
         Route("/api/openapi.json", _answers(api.get_openapi), methods=["GET"], name="openapi"),
     ]

@@ -15,6 +15,8 @@ from typing import Any
 from ..graph import DIGEST
 from ..index import CURSOR, SINCE_DURATION
 from ..keys import INSTANCE_ID, MACHINE_NAME, SIGNAL_NAME
+from ..schedules import MAX_NOTE, OVERLAPS
+from ..schedules import NAME as SCHEDULE_NAME
 from ..version import __version__
 from .events import MAX_REVISION
 
@@ -41,6 +43,8 @@ MACHINE = {"name": "machine", "in": "path", "required": True, "description": "Ma
            "schema": _whole(MACHINE_NAME)}
 SIGNAL = {"name": "name", "in": "path", "required": True, "description": "Signal name.",
           "schema": _whole(SIGNAL_NAME)}
+SCHEDULE = {"name": "name", "in": "path", "required": True, "description": "Schedule name.",
+            "schema": _whole(SCHEDULE_NAME)}
 ACTION: list[dict[str, list[str]]] = [{"bearer": []}]  # actions need the token when the API has one
 NULLABLE_STRING = {"type": ["string", "null"]}
 TIME = {"type": ["string", "null"], "format": "date-time", "description": "ISO 8601 UTC with milliseconds."}
@@ -137,6 +141,24 @@ SCHEMAS: dict[str, Any] = {
                        "outcome_required": {"type": "boolean",
                                             "description": "Every state waiting for it routes with `on`."}},
     },
+    "Schedule": {
+        "type": "object", "description": "A schedule as `dsm schedule describe --json` shows it: what it is, its "
+                                         "next due times, its last runs (with their instances' statuses) and counts.",
+        "required": ["name", "machine", "overlap", "paused", "next", "runs", "fires", "skips", "misses"],
+        "properties": {
+            "name": {"type": "string"}, "machine": {"type": "string"}, "cron": NULLABLE_STRING,
+            "every": {"type": ["number", "null"], "description": "Seconds."}, "timezone": {"type": "string"},
+            "payload": {"type": "object"}, "overlap": {"enum": list(OVERLAPS)},
+            "catchup_window": {"type": "number"}, "jitter": {"type": "number"}, "start_at": TIME, "end_at": TIME,
+            "paused": {"type": "boolean"}, "note": NULLABLE_STRING,
+            "next": {"type": "array", "items": {"type": "string", "format": "date-time"}},
+            "runs": {"type": "array", "items": {"type": "object", "properties": {
+                "due": TIME, "id": NULLABLE_STRING, "at": TIME, "count": {"type": "integer"},
+                "action": {"enum": ["started", "skipped", "buffered", "missed", "triggered", "backfilled"]},
+                "status": NULLABLE_STRING}}},
+            "buffered": TIME, "fires": {"type": "integer"}, "skips": {"type": "integer"},
+            "misses": {"type": "integer"}, "created_at": TIME, "updated_at": TIME},
+    },
     "Drawing": {
         "type": "object", "description": "A machine as nodes and edges; the ids are the Mermaid text's.",
         "properties": {
@@ -163,8 +185,28 @@ RESPONSES: dict[str, Any] = {
                                           "the name, or none that waits for it routes on the outcome (or one is "
                                           "needed). The message names the signals and outcomes it takes; "
                                           "nothing was stored."),
+    "InvalidSchedule": _json(_ref("Error"), "The schedule's fields are of the right shape but say no schedule: "
+                                            "a cron expression, time zone, duration or time that is not one, or "
+                                            "out of bounds. The message names each field; nothing was stored."),
+    "InvalidSpan": _json(_ref("Error"), "`from` or `to` is no time, `to` is before `from`, or the span holds "
+                                        "more than 1,000 due times; nothing was started."),
     "Unauthorized": _json(_ref("Error"), "A token is set (DSM_API_TOKEN) and the request has not sent it."),
     "Forbidden": _json(_ref("Error"), "An action from another origin, or a Host this API does not answer to."),
+}
+
+DURATION = {"type": ["string", "number"], "description": "Seconds, or text such as 90s, 10m, 1h30m."}
+SPEC_PROPERTIES: dict[str, Any] = {
+    "machine": _whole(MACHINE_NAME),
+    "cron": {"type": ["string", "null"], "description": "Five cron fields, or @hourly, @daily, @weekly, @monthly, "
+                                                        "@yearly; one of cron and every."},
+    "every": {**DURATION, "type": ["string", "number", "null"], "description": "An interval, at least 1s."},
+    "timezone": {"type": ["string", "null"], "description": "IANA time zone cron is read in (default UTC)."},
+    "payload": {"type": ["object", "null"]}, "overlap": {"enum": [*OVERLAPS, None]},
+    "catchup_window": {**DURATION, "type": ["string", "number", "null"]},
+    "jitter": {**DURATION, "type": ["string", "number", "null"]},
+    "start_at": {"type": ["string", "number", "null"], "description": "ISO 8601 time, or seconds since the epoch."},
+    "end_at": {"type": ["string", "number", "null"]}, "paused": {"type": ["boolean", "null"]},
+    "note": {"type": ["string", "null"], "maxLength": MAX_NOTE},
 }
 
 ACTION_ERRORS = {"400": _error("BadRequest"), "401": _error("Unauthorized"), "403": _error("Forbidden"),
@@ -180,6 +222,11 @@ def _query(name: str, schema: dict[str, Any], description: str | None = None) ->
 def _body(properties: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
     return {"required": required, "description": description, "content": {"application/json": {"schema": {
         "type": "object", "additionalProperties": False, "properties": properties}}}}
+
+
+def _required_fields(body: dict[str, Any], fields: list[str]) -> dict[str, Any]:
+    body["content"]["application/json"]["schema"]["required"] = fields
+    return body
 
 
 PATHS: dict[str, Any] = {
@@ -291,6 +338,55 @@ PATHS: dict[str, Any] = {
         "responses": {"200": {"description": "The event stream, one event after another, until the client goes.",
                               "content": {"text/event-stream": {"schema": _ref("Event")}}},
                       "400": _error("BadRequest"), "404": _error("NotFound")}}},
+    "/api/schedules": {
+        "get": {"operationId": "list_schedules", "summary": "Schedules, by name, each with its next due time.",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "items": {"type": "array", "items": _ref("Schedule")}}}, "The schedules.")}},
+        "post": {"operationId": "create_schedule", "security": ACTION,
+                 "summary": "Create a schedule of a registered machine (409 when one of the name exists).",
+                 "requestBody": _body({"name": _whole(SCHEDULE_NAME), **SPEC_PROPERTIES},
+                                      "The schedule: its name, machine, cron or every, and the rest.", required=True),
+                 "responses": {"201": _json(_ref("Schedule"), "Created."), **ACTION_ERRORS,
+                               "422": _error("InvalidSchedule")}}},
+    "/api/schedules/{name}": {
+        "parameters": [SCHEDULE],
+        "get": {"operationId": "get_schedule", "summary": "One schedule: its next 5 due times, its last 10 runs.",
+                "responses": {"200": _json(_ref("Schedule"), "The schedule."), "400": _error("BadRequest"),
+                              "404": _error("NotFound")}},
+        "put": {"operationId": "put_schedule", "security": ACTION,
+                "summary": "Create the schedule, or update it to match (as `dsm schedule apply`): its runs and "
+                           "counts kept, its due times afresh from now when its timing changed.",
+                "requestBody": _body(SPEC_PROPERTIES, "The schedule's fields.", required=True),
+                "responses": {"200": _json(_ref("Schedule"), "Updated, or unchanged."),
+                              "201": _json(_ref("Schedule"), "Created."), **ACTION_ERRORS,
+                              "422": _error("InvalidSchedule")}},
+        "delete": {"operationId": "delete_schedule", "security": ACTION,
+                   "summary": "Delete the schedule (the instances it started stay).",
+                   "responses": {"200": _json(_ref("Schedule"), "The schedule deleted."), **ACTION_ERRORS}}},
+    "/api/schedules/{name}/pause": {"post": {
+        "operationId": "pause_schedule", "parameters": [SCHEDULE], "security": ACTION,
+        "summary": "Pause: nothing fires until unpaused (the due times between are not run).",
+        "requestBody": _body({"note": {"type": ["string", "null"], "maxLength": MAX_NOTE}}, "Why, shown with it."),
+        "responses": {"200": _json(_ref("Schedule"), "Paused."), **ACTION_ERRORS}}},
+    "/api/schedules/{name}/unpause": {"post": {
+        "operationId": "unpause_schedule", "parameters": [SCHEDULE], "security": ACTION,
+        "summary": "Unpause: it goes on from its next due time after now.",
+        "responses": {"200": _json(_ref("Schedule"), "Unpaused."), **ACTION_ERRORS}}},
+    "/api/schedules/{name}/trigger": {"post": {
+        "operationId": "trigger_schedule", "parameters": [SCHEDULE], "security": ACTION,
+        "summary": "Start one run now, whatever runs already; its id is named by now.",
+        "responses": {"201": _json({"type": "object", "properties": {"id": {"type": "string"}}}, "Started."),
+                      **ACTION_ERRORS}}},
+    "/api/schedules/{name}/backfill": {"post": {
+        "operationId": "backfill_schedule", "parameters": [SCHEDULE], "security": ACTION,
+        "summary": "Start now a run for every due time from `from` to `to` (at most 1,000); one whose run exists "
+                   "starts nothing.",
+        "requestBody": _required_fields(_body({"from": {"type": "string"}, "to": {"type": "string"}},
+                                              "RFC 3339 dates or date-times, or durations back from now.",
+                                              required=True), ["from", "to"]),
+        "responses": {"200": _json({"type": "object", "properties": {
+            "ids": {"type": "array", "items": {"type": "string"}}}}, "The runs, started now or before."),
+            **ACTION_ERRORS, "422": _error("InvalidSpan")}}},
     "/api/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document.",
         "responses": {"200": _json({"type": "object"}, "The OpenAPI document.")}}},
@@ -312,18 +408,19 @@ def document(*, token_required: bool) -> dict[str, Any]:
     """The document of one app: `token_required` when it has a token (DSM_API_TOKEN), so that its
     actions ask for the bearer token only then."""
     if token_required:
-        access = ("Actions (POST, DELETE) need 'Authorization: Bearer TOKEN' (the API's DSM_API_TOKEN), and are "
+        access = ("Actions (POST, PUT, DELETE) need 'Authorization: Bearer TOKEN' (the API's DSM_API_TOKEN), and are "
                   "refused from other origins; reads need no token.")
         components = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
     else:
-        access = ("This API has no token (DSM_API_TOKEN): actions (POST, DELETE) need none, and are refused from "
+        access = ("This API has no token (DSM_API_TOKEN): actions (POST, PUT, DELETE) need none, and are refused from "
                   "other origins.")
         components = {}
     return {
         "openapi": "3.1.0",
         "info": {"title": "dsm", "version": __version__,
                  "description": "Instances of dsm state machines: list, read, start, signal, cancel, redrive, "
-                                "delete, and follow them live. Errors answer {\"error\": {\"type\", \"message\"}}. "
+                                "delete, and follow them live; schedules that start them. "
+                                "Errors answer {\"error\": {\"type\", \"message\"}}. "
                                 + access},
         "paths": PATHS if token_required else _without_token(PATHS),
         "components": {"schemas": SCHEMAS, "responses": RESPONSES, **components},

@@ -1,6 +1,6 @@
 // dsm dashboard: plain modern JavaScript, no build step. It reads the JSON API of `dsm api` and
 // follows its server-sent events; routes live in the URL's hash (#/, #/instances/ID, #/workers,
-// #/start), so the server serves one page.
+// #/schedules, #/start), so the server serves one page.
 
 const TOKEN_KEY = "dsm.api.token";
 const STATUSES = ["running", "succeeded", "failed", "cancelled"];
@@ -929,9 +929,12 @@ function dialog(title, body, okLabel, submit) {
 
 // -- workers --------------------------------------------------------------------------------------
 
-class WorkersView {
-  constructor(root) {
+class PolledView {
+  // A page read from one route and read again every 5 s (and when asked, at most every 2 s).
+  constructor(root, path, what) {
     this.root = root;
+    this.path = path;
+    this.what = what;
     this.refresh = throttled(() => this.load(), 2000);
     this.timer = setInterval(() => this.refresh(), 5000);
     showLive("on", "refreshed every 5 s");
@@ -942,12 +945,27 @@ class WorkersView {
   async load() {
     let data;
     try {
-      data = await api("GET", "/api/workers");
+      data = await api("GET", this.path);
     } catch (err) {
-      if (!this.disposed) fill(this.root, h("div", { class: "notice error" }, `Cannot list workers: ${err.message}`));
+      if (!this.disposed) fill(this.root, h("div", { class: "notice error" }, `Cannot list ${this.what}: ${err.message}`));
       return;
     }
-    if (this.disposed) return;
+    if (!this.disposed) this.render(data);
+  }
+
+  dispose() {
+    this.disposed = true;
+    this.refresh.cancel();
+    clearInterval(this.timer);
+  }
+}
+
+class WorkersView extends PolledView {
+  constructor(root) {
+    super(root, "/api/workers", "workers");
+  }
+
+  render(data) {
     const workers = Array.isArray(data) ? data : (data && (data.items || data.workers)) || [];
     const alarms = (data && data.alarms) || [];
     const total = workers.reduce((n, w) => n + (w.concurrency || 0), 0);
@@ -975,11 +993,63 @@ class WorkersView {
           h("td", {}, when(w.updated_at))))))
         : h("div", { class: "empty" }, "No live worker in this namespace. Start one with ", h("code", {}, "dsm worker PATH --etcd URL"), ".")));
   }
+}
 
-  dispose() {
-    this.disposed = true;
-    this.refresh.cancel();
-    clearInterval(this.timer);
+// -- schedules ------------------------------------------------------------------------------------
+
+function scheduleWhen(s) {
+  if (s.cron !== null && s.cron !== undefined) return `cron ${s.cron} (${s.timezone})`;
+  return `every ${span(s.every * 1000)}`;
+}
+
+class SchedulesView extends PolledView {
+  constructor(root) {
+    super(root, "/api/schedules", "schedules");
+  }
+
+  async act(method, path, body) {
+    try {
+      await api(method, path, body);
+    } catch (err) {
+      if (!this.disposed) this.root.prepend(h("div", { class: "notice error" }, `${err.type ? `${err.type}: ` : ""}${err.message}`));
+      return;
+    }
+    this.load();
+  }
+
+  render(data) {
+    const schedules = (data && data.items) || [];
+    const path = (s, action) => `/api/schedules/${encodeURIComponent(s.name)}/${action}`;
+    const panel = (s) => h("div", { class: "panel schedule", dataset: { name: s.name } },
+      h("div", { class: "title" }, h("h2", {}, s.name),
+        h("a", { href: `#/?machine=${encodeURIComponent(s.machine)}`, class: "tag" }, s.machine),
+        h("span", { class: "muted" }, `${scheduleWhen(s)} · overlap ${s.overlap}`),
+        s.paused ? h("span", { class: "badge waiting paused" }, "paused") : null,
+        h("span", { class: "spacer" }),
+        h("button", { class: "trigger", onclick: () => this.act("POST", path(s, "trigger"), {}) }, "Run now"),
+        s.paused
+          ? h("button", { class: "unpause", onclick: () => this.act("POST", path(s, "unpause"), {}) }, "Unpause")
+          : h("button", { class: "pause", onclick: () => this.act("POST", path(s, "pause"), {}) }, "Pause")),
+      s.paused && s.note ? h("div", { class: "notice note" }, `Paused: ${s.note}`) : null,
+      h("div", { class: "muted counts" }, `${s.fires} started · ${s.skips} skipped by overlap · ${s.misses} missed`
+        + (s.buffered ? ` · one buffered (due ${new Date(s.buffered).toLocaleString()})` : "")),
+      h("div", { class: "next" }, h("strong", {}, "Next: "), s.paused || !s.next.length
+        ? h("span", { class: "muted" }, s.paused ? "none while paused" : "none")
+        : s.next.map((iso) => h("span", { class: "tag" }, when(iso), " ", new Date(iso).toLocaleString()))),
+      s.runs.length ? h("table", { class: "list runs" },
+        h("thead", {}, h("tr", {}, ["Due", "What", "Instance"].map((t) => h("th", {}, t)))),
+        h("tbody", {}, [...s.runs].reverse().map((r) => h("tr", {},
+          h("td", {}, when(r.due)),
+          h("td", {}, r.action + (r.count ? ` ×${r.count}` : "")),
+          h("td", { class: "mono" }, r.id ? h("a", { href: `#/instances/${encodeURIComponent(r.id)}` }, r.id)
+            : h("span", { class: "muted" }, "—"))))))
+        : h("div", { class: "muted" }, "No run yet."));
+    fill(this.root,
+      h("div", { class: "title" }, h("h1", {}, "Schedules"),
+        h("span", { class: "muted" }, schedules.length ? `${schedules.length} in this namespace` : "")),
+      schedules.length ? schedules.map(panel)
+        : h("div", { class: "empty" }, "No schedule in this namespace. Create one with ",
+          h("code", {}, "dsm schedule create NAME --machine M --cron \"0 * * * *\""), "."));
   }
 }
 
@@ -1057,6 +1127,10 @@ function route() {
     view = new WorkersView(root);
     nav = "workers";
     document.title = "workers · dsm";
+  } else if (path === "/schedules") {
+    view = new SchedulesView(root);
+    nav = "schedules";
+    document.title = "schedules · dsm";
   } else if (path === "/start") {
     view = new StartView(root, params);
     nav = "start";
