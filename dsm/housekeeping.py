@@ -41,7 +41,7 @@ from .histogram import Histogram
 from .index import Expiry, created_ms, created_ops, expires_ms, listing_key, removal_ops
 from .keys import Keys
 from .records import Instance, load_instance, timestamp
-from .store import Compare, Delete, Get, Put, Store, Txn, prefix_end
+from .store import PUT, Compare, Delete, Get, Put, Store, Txn, prefix_end
 from .transition import child_prefix
 
 log = logging.getLogger(__name__)
@@ -300,22 +300,55 @@ class Housekeeper:
             await asyncio.gather(compacting, scheduling, return_exceptions=True)
 
     async def _scheduling(self) -> None:
-        """Fire the schedules that are due, while this housekeeper holds the election: a round as
-        soon as the next due entry says (`Schedules.round`), at least every second."""
+        """Fire the schedules that are due, while this housekeeper holds the election: a round when
+        the next due entry says (`Schedules.round`), or when one is written (a schedule created,
+        changed, unpaused: a watch on the due entries says so), and at least every IDLE seconds.
+        Idle schedules cost no read."""
         from .operations import Operations  # it imports this module
-        from .schedules import POLL, Schedules
+        from .schedules import IDLE, POLL, Schedules
 
         schedules = Schedules(Operations(self.store, self.keys, wall=self.wall), wall=self.wall)
-        while True:
-            wait = self.options.interval
-            if self.leader:
+        written = asyncio.Event()
+        watching = asyncio.get_running_loop().create_task(self._watch_due(written),
+                                                          name=f"dsm-schedule-watch-{self.name}")
+        try:
+            while True:
+                wait = self.options.interval
+                written.clear()
+                if self.leader:
+                    try:
+                        events, wait = await schedules.round(idle=IDLE)
+                        self._count(events)
+                    except (StoreError, NotFound) as exc:
+                        self._complain(exc)
+                        wait = max(POLL, self.options.interval)
                 try:
-                    events, wait = await schedules.round()
-                    self._count(events)
-                except (StoreError, NotFound) as exc:
-                    self._complain(exc)
-                    wait = max(POLL, self.options.interval)
-            await asyncio.sleep(wait)
+                    await asyncio.wait_for(written.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+
+    async def _watch_due(self, written: asyncio.Event) -> None:
+        """Set `written` whenever a due entry is put; while the watch is down, every POLL seconds."""
+        from .schedules import POLL
+
+        prefix = f"{self.keys.root}sched-due/"
+        while True:
+            try:
+                watch = await self.store.watch(prefix, prefix_end(prefix))
+                try:
+                    async for batch in watch:
+                        if any(event.type == PUT for event in batch.events):
+                            written.set()
+                finally:
+                    await watch.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # etcd away, a compaction, a lost stream: look again soon
+                written.set()
+                await asyncio.sleep(POLL)
 
     def _count(self, events: list[dict]) -> None:
         for event in events:

@@ -25,6 +25,7 @@ that an autumn change repeats runs once, and a wildcard hour runs in both.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -43,7 +44,7 @@ from .durations import format_duration, parse_duration
 from .errors import InputError, NotFound
 from .keys import Keys, check_machine_name
 from .records import timestamp
-from .store import Compare, Delete, Op, Put, Store, Txn, prefix_end
+from .store import Compare, Delete, Get, Op, Put, Store, Txn, prefix_end
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # with `-YYYYMMDDTHHMMSSZ`, an instance id
 OVERLAPS = ("skip", "buffer_one", "allow_all", "cancel_other")
@@ -52,6 +53,8 @@ ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 
 CATCHUP_WINDOW = 60.0  # seconds: a due time missed by longer (no worker ran) is skipped, and counted
 RUNS_KEPT = 10  # runs a schedule remembers (`describe`)
 MAX_STARTS = 16  # instances one fire transaction starts at most (each takes a few operations)
+FIRING = 64  # schedules a leader fires together (their reads, and their fires nested in one transaction)
+BATCHES = 4  # such batches in flight at once
 MAX_COUNTED = 100_000  # due times a catch-up counts one by one; beyond, the count says "at least"
 MAX_BACKFILL = 1000  # due times one backfill starts
 LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: times beyond are refused (and no due time passes it)
@@ -385,6 +388,7 @@ class Schedule:
 
 
 POLL = 1.0  # seconds between looks at a schedule whose buffered run waits for the one before it
+IDLE = 30.0  # seconds between the leader's looks when nothing is due and no due entry is written
 
 
 def due_key(keys: Keys, at: float, name: str) -> str:
@@ -458,6 +462,7 @@ class Schedules:
         self.store: Store = operations.store
         self.keys: Keys = operations.keys
         self.wall = wall
+        self._newest: dict[str, tuple[float, Any]] = {}  # machine -> (when read, its newest graph)
 
     # -- what users do -----------------------------------------------------------------------------
 
@@ -599,24 +604,85 @@ class Schedules:
 
     # -- the leader --------------------------------------------------------------------------------
 
-    async def round(self, *, batch: int = 256) -> tuple[list[dict[str, Any]], float]:
+    async def round(self, *, batch: int = 256, idle: float = POLL) -> tuple[list[dict[str, Any]], float]:
         """Fire what is due now. Returns what was done (one event per due time handled: started,
         skipped, buffered, missed, with the schedule's name and the lateness) and how long until
-        the next due entry (capped at POLL: a schedule created meanwhile is seen within it)."""
+        the next due entry, at most `idle` (without a watch on the due entries, POLL: a schedule
+        created meanwhile is seen within it)."""
         prefix = f"{self.keys.root}sched-due/"
         now = self.wall()
         upto = f"{prefix}{math.floor(now * 1000) + 1:013d}"  # every entry due at or before now
         found = await self.store.range(prefix, upto, limit=batch, keys_only=True)
+        entries = [kv.key for kv in found.kvs]
         events: list[dict[str, Any]] = []
-        for kv in found.kvs:
-            events += await self._fire(kv.key[len(prefix):].partition("/")[2], kv.key)
+        alone: list[str] = []  # what a batch left: a stale entry, a cancel_other, a schedule changed meanwhile
+        batches = asyncio.Semaphore(BATCHES)
+
+        async def together(chunk: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+            async with batches:
+                return await self._fire_together(chunk)
+
+        for fired, left in await asyncio.gather(*(together(entries[start:start + FIRING])
+                                                  for start in range(0, len(entries), FIRING))):
+            events += fired
+            alone += left
+        room = asyncio.Semaphore(FIRING)
+
+        async def fire(entry: str) -> list[dict[str, Any]]:
+            async with room:
+                return await self._fire(entry[len(prefix):].partition("/")[2], entry)
+
+        events += [event for fired in await asyncio.gather(*(fire(entry) for entry in alone)) for event in fired]
         if found.more:
             return events, 0.0
         following = await self.store.range(upto, prefix_end(prefix), limit=1, keys_only=True)
         if not following.kvs:
-            return events, POLL
+            return events, idle
         at = int(following.kvs[0].key[len(prefix):].partition("/")[0]) / 1000
-        return events, min(POLL, max(0.0, at - self.wall()))
+        return events, min(idle, max(0.0, at - self.wall()))
+
+    async def _fire_together(self, entries: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Fire the schedules of due entries in three round trips whatever their number: their
+        schedules read in one transaction, their last runs' records in another, and their fires
+        nested in a third (each fenced by its schedule's revision). Returns the events, and the
+        entries left to `_fire` one by one."""
+        prefix = f"{self.keys.root}sched-due/"
+        names = [entry[len(prefix):].partition("/")[2] for entry in entries]
+        read = await self.store.txn([], [Get(schedule_key(self.keys, name)) for name in names])
+        pending: list[tuple[str, str, int, Schedule]] = []
+        left: list[str] = []
+        for entry, name, got in zip(entries, names, read.gets()):
+            kv = got.first
+            sched = Schedule.load(kv.value) if kv is not None else None
+            if sched is None or sched.state.entry is None or due_key(self.keys, sched.state.entry, name) != entry:
+                left.append(entry)
+            else:
+                pending.append((entry, name, kv.mod_revision, sched))  # type: ignore[union-attr]
+        last = sorted({s.state.last_id for *_, s in pending if s.state.last_id is not None})
+        statuses = await self.store.txn([], [Get(self.keys.instance(iid)) for iid in last]) if last else None
+        running = {iid for iid, got in zip(last, statuses.gets() if statuses else ())
+                   if got.first is not None and _status(got.first.value) == "running"}
+        fires: list[tuple[str, list[dict[str, Any]], Txn]] = []
+        now = self.wall()
+        for entry, name, revision, before in pending:
+            events, after, starts, cancel = await self._decide(before, running=before.state.last_id in running)
+            if cancel is not None or len(starts) > 1:
+                left.append(entry)  # it cancels first, or catches up: alone (a request stays small)
+                continue
+            key = schedule_key(self.keys, name)
+            fires.append((entry, events, Txn([Compare.mod(key, "==", revision)],
+                                             [*(_nested(t) for t in starts), *write_ops(self.keys, name, before,
+                                                                                      after, now)])))
+        if not fires:
+            return [], left
+        result = await self.store.txn([], [txn for *_, txn in fires])
+        events_out: list[dict[str, Any]] = []
+        for i, (entry, events, _) in enumerate(fires):
+            if result.nested(i).succeeded:
+                events_out += events
+            else:
+                left.append(entry)
+        return events_out, left
 
     async def _fire(self, name: str, entry: str) -> list[dict[str, Any]]:
         key = schedule_key(self.keys, name)
@@ -633,15 +699,17 @@ class Schedules:
             if await self._swap(name, kv.mod_revision, before, after, [_nested(t) for t in starts]):  # type: ignore[union-attr]
                 return events
 
-    async def _decide(self, sched: Schedule) -> tuple[list[dict[str, Any]], Schedule, list[Txn], str | None]:
+    async def _decide(self, sched: Schedule, *, running: bool | None = None) -> tuple[
+            list[dict[str, Any]], Schedule, list[Txn], str | None]:
         """What the due times passed ask: the events, the schedule after, the starts, and the run
-        to cancel first (cancel_other)."""
+        to cancel first (cancel_other). `running`: whether its last run runs (None: read it)."""
         spec, state = sched.spec, sched.state
         now = self.wall()
         events: list[dict[str, Any]] = []
         starts: list[Txn] = []
         cancel: str | None = None
-        running = await self._running(state.last_id)
+        if running is None:
+            running = await self._running(state.last_id)
         graph = None
         if state.buffered is not None and not running:  # the run it waited for ended: start it now
             graph = graph or await self._graph(spec.machine)
@@ -700,6 +768,16 @@ class Schedules:
             pass
 
     async def _graph(self, machine: str) -> Any:
+        """The machine's newest definition, compiled; read again at most every POLL seconds (a
+        leader firing a thousand runs of one machine reads its pointer once)."""
+        known = self._newest.get(machine)
+        if known is not None and self.wall() - known[0] < POLL:
+            return known[1]
+        graph = await self._read_graph(machine)
+        self._newest[machine] = (self.wall(), graph)
+        return graph
+
+    async def _read_graph(self, machine: str) -> Any:
         from .definitions import newest
 
         info = await newest(self.store, self.keys, machine)
