@@ -334,7 +334,7 @@ class Housekeeper:
         """Set `written` whenever a due entry is put; while the watch is down, every POLL seconds."""
         from .schedules import POLL
 
-        prefix = f"{self.keys.root}sched-due/"
+        prefix = self.keys.schedules_due
         while True:
             try:
                 watch = await self.store.watch(prefix, prefix_end(prefix))

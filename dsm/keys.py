@@ -28,6 +28,9 @@
                                                   each instance once (`index.py`)
     /<ns>/exp/<expires>/<id>            expiry index: a finished instance, by when retention deletes it;
                                         value {machine, status, created, transitions}
+    /<ns>/sched/<name>                  a schedule: what it is and where it stands (`schedules.py`)
+    /<ns>/sched-due/<when>/<name>       a schedule's due entry: when the housekeeping leader looks at it
+                                        next (ms, 13 digits), written with the schedule
     /<ns>/housekeeper                   the housekeeping election: the holder's name, under its lease
     /<ns>/workers/<worker id>           a live worker's entry and heartbeat, under its lease (`membership.py`)
     /<ns>/meta/indexed                  present once every record of the namespace has its index entries
@@ -225,6 +228,18 @@ class Keys:
 
     def expiry(self, expires_ms: int, instance_id: str) -> str:
         return f"{self.root}exp/{expires_ms:013d}/{instance_id}"
+
+    def schedule(self, name: str) -> str:
+        return f"{self.root}sched/{name}"
+
+    @property
+    def schedules(self) -> str:
+        return f"{self.root}sched/"
+
+    @property
+    def schedules_due(self) -> str:
+        """The schedules' due entries, `<when, ms>/<name>`: earliest first."""
+        return f"{self.root}sched-due/"
 
     @property
     def housekeeper(self) -> str:

@@ -392,11 +392,11 @@ IDLE = 30.0  # seconds between the leader's looks when nothing is due and no due
 
 
 def due_key(keys: Keys, at: float, name: str) -> str:
-    return f"{keys.root}sched-due/{math.ceil(at * 1000):013d}/{name}"
+    return f"{keys.schedules_due}{math.ceil(at * 1000):013d}/{name}"
 
 
 def schedule_key(keys: Keys, name: str) -> str:
-    return f"{keys.root}sched/{name}"
+    return keys.schedule(name)
 
 
 def write_ops(keys: Keys, name: str, before: Schedule | None, after: Schedule | None, now: float) -> list[Op]:
@@ -422,7 +422,7 @@ async def read(store: Store, keys: Keys, name: str) -> tuple[Schedule, int]:
 
 
 async def all_schedules(store: Store, keys: Keys) -> list[Schedule]:
-    prefix = f"{keys.root}sched/"
+    prefix = keys.schedules
     start, end = prefix, prefix_end(prefix)
     out: list[Schedule] = []
     while True:
@@ -523,11 +523,7 @@ class Schedules:
         """The schedule as users read it, its runs with their instances' statuses."""
         sched = await self.get(name)
         out = sched.public(self.wall())
-        ids = [r["id"] for r in out["runs"] if r.get("id")]
-        statuses = {}
-        for iid in ids:
-            kv = await self.store.get(self.keys.instance(iid))
-            statuses[iid] = _status(kv.value) if kv is not None else None
+        statuses = await self._statuses([r["id"] for r in out["runs"] if r.get("id")])
         for run in out["runs"]:
             if run.get("id"):
                 run["status"] = statuses.get(run["id"])
@@ -609,7 +605,7 @@ class Schedules:
         skipped, buffered, missed, with the schedule's name and the lateness) and how long until
         the next due entry, at most `idle` (without a watch on the due entries, POLL: a schedule
         created meanwhile is seen within it)."""
-        prefix = f"{self.keys.root}sched-due/"
+        prefix = self.keys.schedules_due
         now = self.wall()
         upto = f"{prefix}{math.floor(now * 1000) + 1:013d}"  # every entry due at or before now
         found = await self.store.range(prefix, upto, limit=batch, keys_only=True)
@@ -646,7 +642,7 @@ class Schedules:
         schedules read in one transaction, their last runs' records in another, and their fires
         nested in a third (each fenced by its schedule's revision). Returns the events, and the
         entries left to `_fire` one by one."""
-        prefix = f"{self.keys.root}sched-due/"
+        prefix = self.keys.schedules_due
         names = [entry[len(prefix):].partition("/")[2] for entry in entries]
         read = await self.store.txn([], [Get(schedule_key(self.keys, name)) for name in names])
         pending: list[tuple[str, str, int, Schedule]] = []
@@ -658,10 +654,8 @@ class Schedules:
                 left.append(entry)
             else:
                 pending.append((entry, name, kv.mod_revision, sched))  # type: ignore[union-attr]
-        last = sorted({s.state.last_id for *_, s in pending if s.state.last_id is not None})
-        statuses = await self.store.txn([], [Get(self.keys.instance(iid)) for iid in last]) if last else None
-        running = {iid for iid, got in zip(last, statuses.gets() if statuses else ())
-                   if got.first is not None and _status(got.first.value) == "running"}
+        statuses = await self._statuses([s.state.last_id for *_, s in pending if s.state.last_id is not None])
+        running = {iid for iid, status in statuses.items() if status == "running"}
         fires: list[tuple[str, list[dict[str, Any]], Txn]] = []
         now = self.wall()
         for entry, name, revision, before in pending:
@@ -755,10 +749,16 @@ class Schedules:
         return events, Schedule(spec, replace(state, next_due=due), sched.created_at, sched.updated_at), starts, cancel
 
     async def _running(self, iid: str | None) -> bool:
-        if iid is None:
-            return False
-        kv = await self.store.get(self.keys.instance(iid))
-        return kv is not None and _status(kv.value) == "running"
+        return iid is not None and (await self._statuses([iid]))[iid] == "running"
+
+    async def _statuses(self, ids: list[str]) -> dict[str, str | None]:
+        """The statuses of instances (None: gone), their records read in one transaction."""
+        unique = sorted(set(ids))
+        if not unique:
+            return {}
+        read = await self.store.txn([], [Get(self.keys.instance(iid)) for iid in unique])
+        return {iid: _status(got.first.value) if got.first is not None else None
+                for iid, got in zip(unique, read.gets())}
 
     async def _cancel_other(self, iid: str, name: str) -> None:
         try:

@@ -143,6 +143,13 @@ async def _claimed_by(store, keys, client, graph, owner, lease):
     return iid
 
 
+async def _claim(store, claims, ref, lease, *, seen=None):
+    """Claim `ref` through `claims` under `lease`, its marker as `seen` (a key-value read before),
+    else as it is now."""
+    kv = seen if seen is not None else await store.get(ref.key)
+    return await store.txn(*txn_of(claims.txn(ref, lease, Seen(kv.mod_revision, WorkInfo.load(kv.value)))))
+
+
 def test_a_dead_workers_markers_are_taken_by_another_worker(store_factory, namespace, write):
     """One dead worker's lease ends (expired, or revoked); another's entry is deleted, as a peer
     that takes it for dead does where etcd will not revoke its lease."""
@@ -185,14 +192,11 @@ def test_a_paused_workers_commit_is_refused_once_its_work_was_taken(store_factor
         await store.put(keys.worker("a"), b"{}", la)
         await store.put(keys.worker("b"), b"{}", lb)
         a, b = claims_of(store, keys, "a"), claims_of(store, keys, "b")
-        marker = await store.get(ref.key)
-        won = await store.txn(*txn_of(a.txn(ref, la, Seen(marker.mod_revision, WorkInfo.load(marker.value)))))
+        won = await _claim(store, a, ref, la)
         assert won.succeeded
-        claimed = won.get(2).first
-        seen = Seen(claimed.mod_revision, WorkInfo.load(claimed.value))
-        early = await store.txn(*txn_of(b.txn(ref, lb, seen)))  # a lives: its claim holds
+        early = await _claim(store, b, ref, lb, seen=won.get(2).first)  # a lives: its claim holds
         await store.lease_revoke(la)  # a's lease ends while it is paused
-        taken = await store.txn(*txn_of(b.txn(ref, lb, seen)))
+        taken = await _claim(store, b, ref, lb, seen=won.get(2).first)
         record = await store.get(keys.instance(iid))
         inst = load_instance(record.value)
         plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], won.revision, Outcome())], now=time.time(),
@@ -226,8 +230,7 @@ def test_a_worker_back_under_a_new_lease_cannot_commit_with_its_old_claims(store
         old = await store.lease_grant(30)
         await store.put(keys.worker("a"), b"{}", old)
         a = claims_of(store, keys, "a")
-        marker = await store.get(ref.key)
-        won = await store.txn(*txn_of(a.txn(ref, old, Seen(marker.mod_revision, WorkInfo.load(marker.value)))))
+        won = await _claim(store, a, ref, old)
         await store.lease_revoke(old)
         new = await store.lease_grant(30)
         await store.put(keys.worker("a"), b"{}", new)
@@ -237,8 +240,7 @@ def test_a_worker_back_under_a_new_lease_cannot_commit_with_its_old_claims(store
                            worker="a", slots=1, max_record_bytes=10**7)
         stale = await store.txn(*txn_of(commit_txn(keys, plan, record.mod_revision, {"t1": won.revision},
                                                    worker="a", lease=old, now=time.time())))
-        claimed = won.get(2).first
-        again = await store.txn(*txn_of(a.txn(ref, new, Seen(claimed.mod_revision, WorkInfo.load(claimed.value)))))
+        again = await _claim(store, a, ref, new, seen=won.get(2).first)
         return won.succeeded, stale.succeeded, again.succeeded
 
     assert on_store(store_factory, body) == (True, False, True)

@@ -557,3 +557,33 @@ def test_instances_that_finish_while_a_page_is_read_are_listed_once():
     assert len(victims) < len(ids) // 2  # some finished while pages were read
     assert sorted(listed["everything"]) == sorted(ids)
     assert sorted(listed["m07"]) == sorted(ids[21:24])
+
+
+def test_an_instance_with_many_markers_never_makes_a_page_skip_the_instances_after_it():
+    """A running instance is listed by its markers, as many as its tokens: a read of a page's size
+    may end inside one instance's markers. The instances after them (here Y, running, between X's
+    markers and the cancelled B) must still come before B, on this page or the next."""
+    waits, _, _, _ = machines()
+
+    async def go():
+        store, keys = MemoryStore(), Keys()
+        at = [1_800_000_000.0]
+        client = Operations(store, keys, wall=lambda: at[0])
+        ids = {}
+        for name in ("C", "B", "Y", "X", "A"):  # oldest first, within one window of a page's reads
+            at[0] += 0.2
+            ids[name] = await client.submit(waits, {}, instance_id=name)
+        await client.cancel("B")
+        place = keys.place_of(await client.instance("X"))
+        for i in range(50):  # X has 51 tokens' markers (the record lists one: a listing reads keys only)
+            await store.put(keys.work(place, f"extra{i:02d}"), b"{}")
+        pages, cursor = [], None
+        while True:
+            page = await index.page(store, keys, machine=waits.machine, limit=3, after=cursor, now=at[0])
+            pages.append([i.id for i in page.items])
+            cursor = page.next
+            if cursor is None:
+                return pages
+
+    pages = asyncio.run(go())
+    assert [iid for page in pages for iid in page] == ["A", "X", "Y", "B", "C"]
