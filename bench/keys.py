@@ -9,8 +9,10 @@ deleted is one, however many share a transaction); `bench/run.py` reads those co
 throughput run. This bench says which keys they are: one worker over the memory store (which
 writes exactly the transactions a worker writes to etcd) runs the instances to their end while
 a watch on the whole namespace sees every put and delete, each sorted by the kind of key
-(`dsm.keys`: the record, history, work markers (claims live in them), the listing and expiry
-entries ...).
+(`dsm.keys`: the record, history, work markers (claims live in them), the listing, expiry and
+search entries ...). searched.yaml is linear.yaml with two search attributes set at submission
+and changed by no transition: what it writes beyond linear.yaml is what search costs (its
+entries, put when an instance is created; none by its transitions).
 The definitions registered and the worker's own entry are left out: they are not the
 instances'. Nothing here depends on the machine's speed or load.
 """
@@ -34,7 +36,8 @@ from dsm.service import serving  # noqa: E402
 from dsm.store import prefix_end  # noqa: E402
 from dsm.store.memory import MemoryStore  # noqa: E402
 
-MACHINES = {BENCH / "linear.yaml": 4, BENCH / "forkjoin.yaml": 6}  # transitions per instance
+# transitions per instance; searched.yaml is linear.yaml with two search attributes no transition changes
+MACHINES = {BENCH / "linear.yaml": 4, BENCH / "searched.yaml": 4, BENCH / "forkjoin.yaml": 6}
 NOT_THE_INSTANCES = ("def", "machines", "workers", "housekeeper", "meta")
 
 
@@ -48,6 +51,8 @@ def kind(keys: Keys, key: str) -> str:
             return "work (legacy)"
         return "sync marker" if ref.token == "sync" else "work marker"
     if head == "idx":  # idx/sm/ holds the listing entries; idx/all/, status/, machine/ only an earlier release's
+        if parts[1] == "attr":
+            return "search entry"
         return "listing" if parts[1] == "sm" else f"listing ({parts[1]}, legacy)"
     return {"inst": "record", "hist": "history", "exp": "expiry"}.get(head, head)
 
@@ -61,7 +66,7 @@ async def measure(definition: Path, instances: int) -> tuple[Counter[str], int]:
     async with serving(store, keys, [graph], concurrency=16):
         start = await store.revision() + 1
         watch = await store.watch(keys.root, prefix_end(keys.root), start_revision=start)
-        ids = await client.submit_many(graph, ({} for _ in range(instances)))
+        ids = await client.submit_many(graph, ({"customer": f"c{i % 100}", "order": i} for i in range(instances)))
         for iid in ids:
             await client.wait(iid, timeout=120)
         end = await store.revision()

@@ -176,7 +176,7 @@ class ApiTransport:
         if after is not None:
             params.append(("after", after))
         for name, value in (where or {}).items():
-            params.append(("where", f"{name}:{json.dumps(value) if not isinstance(value, str) else value}"))
+            params.append(("where", f"{name}:{value}"))  # texts already (`search.check_where`)
         return await self._call("GET", "/api/instances", params=params)
 
     async def wait(self, instance_id: str, *, on_history: OnHistory | None = None,

@@ -41,7 +41,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import compiler, index, loader, payloads
+from . import compiler, index, loader, payloads, search
 from .errors import DsmError, InputError, StoreUnavailable, Timeout
 from .graph import Graph
 from .keys import MACHINE_NAME, Keys, check_instance_id, check_machine_name, check_signal_name
@@ -86,17 +86,13 @@ def _since(since: Since, now: float) -> float | None:
     raise InputError(f"since: a datetime, epoch seconds or text like 30m, not {since!r}")
 
 
-def _where(where: dict[str, Any] | None) -> dict[str, Any] | None:
+def _where(where: dict[str, Any] | None) -> dict[str, str] | None:
+    """Search attributes and the values they equal, as the texts the index holds (`dsm.search`)."""
     if where is None:
         return None
     if not isinstance(where, dict):
         raise InputError(f"where: a dict of search attributes (name -> value), not {where!r}")
-    for name, value in where.items():
-        if not isinstance(name, str) or not name:
-            raise InputError(f"where: an attribute's name is a non-empty string, not {name!r}")
-        if not isinstance(value, (str, int, float, bool)):
-            raise InputError(f"where: {name}: a value is a string, a number or a boolean, not {value!r}")
-    return dict(where) or None
+    return search.check_where(where) or None
 
 
 def _limit(limit: Any, *, most: int | None) -> int:

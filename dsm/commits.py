@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import codec, index, transition
+from . import codec, index, search, transition
 from .frozen import fast_init
 from .graph import Graph
 from .keys import Keys, WorkInfo
@@ -84,6 +84,7 @@ def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
     after, history = apply(graph, before, arrivals, now=now, worker=worker, started=started)
     own = frozenset(a.token.id for a in arrivals)
     keep, after = _keep(graph, before, after, own, history, now, worker, slots, started, max_ops)
+    after = search.indexed(graph, after)  # their entries move in this transaction (`index.status_ops`)
     recorded, spill = _recorded(after, history)
     recorded, record, too_large = bounded(before, recorded, arrivals, now=now, max_record_bytes=max_record_bytes)
     if too_large and spill is None and history:  # the entries kept in it tipped it over: spill them

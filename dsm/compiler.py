@@ -23,6 +23,7 @@ from . import graphcheck, handlers, kinds, loader, schema
 from .durations import parse_duration, shown
 from .errors import DefinitionError, InputError, Problem
 from .graph import DEFAULT_MAX_TRANSITIONS, DEFAULT_RETENTION, Call, Graph, Handler, RetryPolicy, State, digest_of
+from .guards import Guard, GuardError, compile_guard
 from .loader import Document
 
 MAX_HINTS = 20  # "did you mean" suggestions per file
@@ -195,6 +196,7 @@ class _Compiler:
                         f"limit is {limit} (set DSM_MAX_STATES to raise it)", key=True)
             return None  # checking a machine this large is the cost the limit is there to avoid
         self.problems.extend(schema.validate(self.doc))
+        search = self.search()
         defaults = self.defaults()
         states: dict[str, State] = {}
         for name, body in self.raw.items():
@@ -224,7 +226,23 @@ class _Compiler:
             file=self.doc.file,
             source=self.doc.text,
             retention=_or(self.duration(("retention",), self.data.get("retention")), DEFAULT_RETENTION),
+            search=search,
         )
+
+    def search(self) -> Mapping[str, Guard]:
+        """The search attributes' expressions (the schema checked their names and how many)."""
+        declared = self.data.get("search")
+        if not isinstance(declared, dict):
+            return MappingProxyType({})
+        out: dict[str, Guard] = {}
+        for name, source in declared.items():
+            if not isinstance(name, str) or not isinstance(source, str):
+                continue
+            try:
+                out[name] = compile_guard(source)
+            except GuardError as exc:
+                self.report(("search", name), f"search.{name}: {exc}")
+        return MappingProxyType(out)
 
 
 def _finite(number: float) -> bool:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import payloads, transition
+from . import payloads, search, transition
 from .context import Context
 from .executors import Attempt
 from .graph import Graph, Handler, State
@@ -81,6 +81,7 @@ class InstanceDriver:
         """Apply the arrivals' outcomes, as a worker's commit does, and start the children they start."""
         started: list[Instance] = []
         after, history = apply(self.graph, self.inst, arrivals, now=now, worker=self.worker, started=started)
+        after = search.indexed(self.graph, after)
         after, _, too_large = bounded(self.inst, after, arrivals, now=now, max_record_bytes=self.max_record_bytes,
                                       serialize=False)
         if too_large:

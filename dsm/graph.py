@@ -216,6 +216,8 @@ class Graph:
     file: str = ""
     source: str = field(default="", repr=False, compare=False)
     retention: float = DEFAULT_RETENTION
+    # search attributes: name -> expression over the payload (`search.py`), in the file's order
+    search: Mapping[str, Guard] = field(default_factory=lambda: EMPTY)
 
     def state(self, name: str) -> State:
         return self.states[name]

@@ -38,7 +38,7 @@ from typing import Protocol
 from . import layout
 from .errors import Compacted, ConflictError, LeaseLost, NoSpace, NotFound, StoreError, StoreUnavailable
 from .histogram import Histogram
-from .index import Expiry, created_ms, created_ops, expires_ms, listing_key, removal_ops
+from .index import Expiry, created_ms, created_ops, expires_ms, listing_key, removal_ops, search_deletes
 from .keys import Keys
 from .records import Instance, load_instance, timestamp
 from .store import PUT, Compare, Delete, Get, Put, Store, Txn, prefix_end
@@ -123,7 +123,8 @@ def _repair_txn(keys: Keys, instance_id: str, expires: int, expiry: Expiry, reco
         history = keys.history_prefix(instance_id)
         work = keys.work_of_instance(keys.place(expiry.machine, expiry.created, instance_id))
         return Txn([Compare.version(key, "==", 0)],
-                   [Delete(entry), Delete(history, prefix_end(history)), Delete(work, prefix_end(work))])
+                   [Delete(entry), Delete(history, prefix_end(history)), Delete(work, prefix_end(work)),
+                    *search_deletes(keys, instance_id, expiry)])
     if record.finished and expires_ms(record) == expires:
         return Txn([Compare.mod(key, "==", revision)], removal_ops(keys, instance_id, Expiry.of(record), expires))
     return Txn([Compare.mod(key, "==", revision)], [Delete(entry)])

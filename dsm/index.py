@@ -40,16 +40,18 @@ import asyncio
 import math
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from . import codec
+from . import codec, search
 from .durations import parse_duration
 from .errors import InputError, NoSpace
 from .keys import AGE_MAX, INSTANCE_ID, MACHINE_NAME, MARK, Keys, millis, sort_key
 from .markers import MAX_TXN_OPS
 from .records import RUNNING, STATUSES, Instance, load_instance, public_record
+from .search import NONE
 from .store import Delete, Get, KeyValue, Op, Put, Store, prefix_end
 
 PAGE = 100  # index entries read at once (their records are read in one transaction of as many gets)
@@ -103,19 +105,23 @@ class Expiry:
     created: int  # ms, as in the listing keys
     transitions: int
     children: bool = False
+    # its search attributes' texts: their entries go with it
+    search: Mapping[str, str] = field(default_factory=lambda: NONE)
 
     def dump(self) -> bytes:
         return codec.dumps({"machine": self.machine, "status": self.status, "created": self.created,
-                            "transitions": self.transitions, **({"children": True} if self.children else {})})
+                            "transitions": self.transitions, **({"children": True} if self.children else {}),
+                            **({"search": dict(self.search)} if self.search else {})})
 
     @staticmethod
     def load(raw: bytes) -> Expiry:
         d: dict[str, Any] = codec.loads(raw)
-        return Expiry(d["machine"], d["status"], d["created"], d.get("transitions", 0), bool(d.get("children")))
+        return Expiry(d["machine"], d["status"], d["created"], d.get("transitions", 0), bool(d.get("children")),
+                      d.get("search") or NONE)
 
     @staticmethod
     def of(inst: Instance) -> Expiry:
-        return Expiry(inst.machine, inst.status, created_ms(inst), inst.transitions, inst.children > 0)
+        return Expiry(inst.machine, inst.status, created_ms(inst), inst.transitions, inst.children > 0, inst.search)
 
 
 def expiry_put(keys: Keys, inst: Instance) -> Put | None:
@@ -123,9 +129,39 @@ def expiry_put(keys: Keys, inst: Instance) -> Put | None:
     return None if ms is None else Put(keys.expiry(ms, inst.id), Expiry.of(inst).dump())
 
 
+def search_key(keys: Keys, instance_id: str, name: str, text: str, created: int) -> str:
+    """An instance's search entry for attribute `name` while its value's text is `text`."""
+    return keys.attribute(name, text) + sort_key(created, instance_id)
+
+
+def search_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
+    """What a change from `before` to `after` does to the search entries: an attribute whose
+    text changed moves its entry (deleted under the old text, put under the new); none when no
+    attribute changed, which is every transition that leaves them alone."""
+    if before.search is after.search:
+        return []
+    created = created_ms(after)
+    ops: list[Op] = []
+    for name, old, new in search.changed(before.search, after.search):
+        if old is not None:
+            ops.append(Delete(search_key(keys, after.id, name, old, created)))
+        if new is not None:
+            ops.append(Put(search_key(keys, after.id, name, new, created), b""))
+    return ops
+
+
+def search_op_count(before: Instance, after: Instance) -> int:
+    """How many operations `search_ops` adds, without building them."""
+    if before.search is after.search:
+        return 0
+    return sum((old is not None) + (new is not None) for _, old, new in search.changed(before.search, after.search))
+
+
 def created_ops(keys: Keys, inst: Instance) -> list[Op]:
     """The entries of a new instance (in the transaction that creates its record)."""
     ops: list[Op] = [Put(key, b"") for key in _entry(keys, inst)]
+    created = created_ms(inst)
+    ops += [Put(search_key(keys, inst.id, name, text, created), b"") for name, text in inst.search.items()]
     exp = expiry_put(keys, inst)
     if exp is not None:
         ops.append(exp)
@@ -133,11 +169,13 @@ def created_ops(keys: Keys, inst: Instance) -> list[Op]:
 
 
 def status_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
-    """What a change from `before` to `after` does to the entries: nothing unless the status or
-    the expiry changed; then the listing entry moves and the expiry entry follows."""
+    """What a change from `before` to `after` does to the entries: nothing unless the status, the
+    expiry or a search attribute changed; then the listing entry moves and the expiry entry
+    follows (it names the attributes), and so do the search entries that changed."""
+    ops = search_ops(keys, before, after)
     if before.status == after.status and before.expires_at == after.expires_at:
-        return []
-    ops: list[Op] = []
+        exp = expiry_put(keys, after) if ops else None
+        return ops if exp is None else [*ops, exp]  # the expiry entry names the attributes
     if before.status != after.status:
         ops += [Delete(key) for key in _entry(keys, before)]
         ops += [Put(key, b"") for key in _entry(keys, after)]
@@ -152,11 +190,12 @@ def status_ops(keys: Keys, before: Instance, after: Instance) -> list[Op]:
 def status_op_count(before: Instance, after: Instance) -> int:
     """How many operations `status_ops` adds (for a transaction's budget), without building them:
     every commit asks, and most change neither the status nor the expiry."""
+    count = search_op_count(before, after)
     if before.status == after.status and before.expires_at == after.expires_at:
-        return 0
+        return count + (count > 0 and after.expires_at is not None)
     old, new = expires_ms(before), expires_ms(after)
     moved = (before.status != RUNNING) + (after.status != RUNNING) if before.status != after.status else 0
-    return moved + (old is not None and old != new) + (new is not None)
+    return count + moved + (old is not None and old != new) + (new is not None)
 
 
 def removal_ops(keys: Keys, instance_id: str, expiry: Expiry, expires: int | None) -> list[Op]:
@@ -167,10 +206,16 @@ def removal_ops(keys: Keys, instance_id: str, expiry: Expiry, expires: int | Non
         ops.append(Delete(listing_key(keys, instance_id, expiry.status, expiry.machine, expiry.created)))
     if expires is not None:
         ops.append(Delete(keys.expiry(expires, instance_id)))
+    ops += search_deletes(keys, instance_id, expiry)
     history = keys.history_prefix(instance_id)
     work = keys.work_of_instance(keys.place(expiry.machine, expiry.created, instance_id))
     ops += [Delete(history, prefix_end(history)), Delete(work, prefix_end(work))]
     return ops
+
+
+def search_deletes(keys: Keys, instance_id: str, expiry: Expiry) -> list[Op]:
+    """Deleting the search entries of an instance going away."""
+    return [Delete(search_key(keys, instance_id, name, text, expiry.created)) for name, text in expiry.search.items()]
 
 
 # -- listing ---------------------------------------------------------------------------------------
@@ -230,8 +275,8 @@ def check_since(value: str, now: float) -> float:
 
 
 async def page(store: Store, keys: Keys, *, status: str | None = None, machine: str | None = None,
-               since: float | None = None, after: str | None = None, limit: int = PAGE,
-               now: float | None = None) -> Page:
+               since: float | None = None, where: Mapping[str, str] | None = None, after: str | None = None,
+               limit: int = PAGE, now: float | None = None) -> Page:
     """Up to `limit` instances, newest first, created at or after `since`, after the cursor `after`.
 
     Reads the index entries of the page, from every range the filter merges, and the records they
@@ -243,8 +288,17 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
 
     etcd 3.5 answers a range with a limit after walking every key of the range (to count them),
     so every range is read in windows of creation time that grow fourfold from a second (from
-    `now`, or from the cursor): a page walks the keys near it, not every instance stored."""
-    ranges = await _ranges(store, keys, status, machine)
+    `now`, or from the cursor): a page walks the keys near it, not every instance stored.
+
+    `where` (attribute name -> text, as `search.check_where` gives them): the page reads the
+    search entries of its first pair, one range, and keeps the instances whose records have every
+    pair and the status and machine asked for (those are checked on the records the page reads)."""
+    if where:
+        name, text = next(iter(where.items()))
+        ranges = [[keys.attribute(name, text)]]
+    else:
+        ranges = await _ranges(store, keys, status, machine)
+    wanted = dict(where or {})
     end = None if since is None else prefix_end(sort_key(int(since * 1000), ""))  # ages up to since's: created since
     if after is None:
         low = ""
@@ -280,6 +334,9 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
                     continue
                 inst = load_instance(kv.value)
                 if status is not None and inst.status != status:
+                    continue
+                if wanted and (inst.machine != (machine or inst.machine)
+                               or any(inst.search.get(k) != v for k, v in wanted.items())):
                     continue
                 items.append(inst)
             last = chosen[-1]

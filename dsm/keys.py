@@ -26,8 +26,11 @@
                                                   status, by machine or of everything merges these
                                                   ranges and the markers' (running), newest first,
                                                   each instance once (`index.py`)
+    /<ns>/idx/attr/<name>/<text>/<age>/<id>       search index: one entry an instance's search
+                                                  attribute that has a value (`search.py`), the
+                                                  text percent-encoded (no '/' in it); values empty
     /<ns>/exp/<expires>/<id>            expiry index: a finished instance, by when retention deletes it;
-                                        value {machine, status, created, transitions}
+                                        value {machine, status, created, transitions, search}
     /<ns>/sched/<name>                  a schedule: what it is and where it stands (`schedules.py`)
     /<ns>/sched-due/<when>/<name>       a schedule's due entry: when the housekeeping leader looks at it
                                         next (ms, 13 digits), written with the schedule
@@ -67,6 +70,8 @@ Invariants, kept because every change is one transaction:
 - a commit for token T compares the record's mod revision, T's marker's mod revision (the claim's
   revision: any other claim rewrites the marker) and the committer's entry's lease, so a worker
   whose lease expired or whose entry was deleted, or who was overtaken, can never commit;
+- an instance has one search entry for each attribute its record's `search` names, under that
+  text, written and deleted in the transactions that change them (`index.search_ops`);
 - a finished instance has its listing entry, under its status, and its expiry entry; a running
   one has neither, and at least one marker (a token's or SYNC), which lists it: every transaction
   that creates a record, changes its status or deletes it writes them too (`index.py`). An expiry entry is
@@ -98,6 +103,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import quote
 
 from . import codec
 from .errors import InputError
@@ -216,6 +222,11 @@ class Keys:
         """The listing entries of one status and one machine, newest first (`index.page` merges
         these ranges for a listing by status, by machine or of everything)."""
         return f"{self.root}idx/sm/{status}/{machine}/"
+
+    def attribute(self, name: str, text: str) -> str:
+        """The search entries of the instances whose attribute `name` has the text `text`, newest
+        first (a page by `where` reads this range)."""
+        return f"{self.root}idx/attr/{name}/{quote(text, safe='')}/"
 
     def listings(self, status: str | None = None) -> str:
         """Every listing entry, or every one of a status: for counting and watching them. Read as

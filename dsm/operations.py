@@ -15,10 +15,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-from . import index, logs, payloads, transition
+from . import index, logs, payloads, search, transition
 from .commits import wake_parent_ops
 from .definitions import Registry, register
 from .errors import Compacted, InputError, NotFound, StoreError, StoreUnavailable
@@ -396,15 +396,17 @@ class Operations:
         return await serving(self.store, self.keys, digest)
 
     async def page(self, *, status: str | None = None, machine: str | None = None, since: float | None = None,
-                   after: str | None = None, limit: int = index.PAGE) -> index.Page:
+                   where: Mapping[str, Any] | None = None, after: str | None = None,
+                   limit: int = index.PAGE) -> index.Page:
         """One page of the listing, newest first: `limit` instances created at or after `since`
-        (epoch seconds), after the cursor `after`; its `next` resumes after it."""
+        (epoch seconds), whose search attributes equal `where`'s values, after the cursor `after`;
+        its `next` resumes after it."""
         if status is not None and status not in STATUSES:
             raise InputError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
         if limit < 1:
             raise InputError(f"a page holds at least one instance, not {limit}")
-        return await index.page(self.store, self.keys, status=status, machine=machine, since=since, after=after,
-                                limit=limit, now=self.wall())
+        return await index.page(self.store, self.keys, status=status, machine=machine, since=since,
+                                where=search.check_where(where), after=after, limit=limit, now=self.wall())
 
     async def delete(self, instance_id: str) -> Instance:
         """Delete a finished instance now, as retention would: its record, history and index

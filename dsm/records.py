@@ -168,6 +168,9 @@ class Parent:
         return Parent(d["id"], d["state"], d["token"], d["machine"], d["digest"], d.get("created", 0))
 
 
+NO_SEARCH: Mapping[str, str] = MappingProxyType({})  # an instance without search attribute values
+
+
 @fast_init
 @dataclass(frozen=True, slots=True)
 class Instance:
@@ -201,6 +204,8 @@ class Instance:
     # the newest history entries, kept in the record in their stored form (`history_to_row`) until
     # a commit spills them into a history chunk (`commits.py`); the older ones are under hist/
     recent: tuple[list[Any], ...] = ()
+    # its search attributes' values, as the texts the index holds them by (`search.py`): name -> text
+    search: Mapping[str, str] = field(default_factory=lambda: NO_SEARCH)
 
     @property
     def finished(self) -> bool:
@@ -276,6 +281,7 @@ def instance_to_dict(inst: Instance) -> dict[str, Any]:
         **({"parent": inst.parent.dump()} if inst.parent is not None else {}),
         **({"children": inst.children} if inst.children else {}),
         **({"history": inst.recent} if inst.recent else {}),
+        **({"search": dict(inst.search)} if inst.search else {}),
     }
 
 
@@ -298,6 +304,7 @@ def instance_from_dict(raw: dict[str, Any]) -> Instance:
         parent=Parent.load(raw["parent"]) if raw.get("parent") else None,
         children=raw.get("children", 0),
         recent=tuple(raw.get("history", ())),
+        search=MappingProxyType(raw["search"]) if raw.get("search") else NO_SEARCH,
     )
 
 

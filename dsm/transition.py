@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
-from . import payloads
+from . import payloads, search
 from .durations import format_duration
 from .errors import InputError, InvalidSignal
 from .frozen import fast_init
@@ -120,6 +120,7 @@ def start(graph: Graph, instance_id: str, payload: dict[str, Any], now: float) -
     inst = Instance(id=instance_id, machine=graph.machine, digest=graph.digest, version=graph.version,
                     created_at=now, payload=payload, seq=1, input=payload,
                     retention=graph.retention)  # pinned, as the digest is
+    inst = search.indexed(graph, inst)
     token = Token(id="t1", state=graph.start)
     if graph.states[graph.start].terminal:
         return _finish(inst, graph.states[graph.start], now)

@@ -39,9 +39,6 @@ Record = dict[str, Any]
 OnHistory = Callable[[Record], None]
 OnUpdate = Callable[[Record], None]
 
-NO_SEARCH = ("where: this dsm keeps no search attributes to list instances by (a later feature); filter by "
-             "status, machine and since")
-
 
 class Transport(Protocol):
     """What a client asks of dsm, in the public JSON. Inputs arrive checked (`dsm.client`)."""
@@ -178,9 +175,8 @@ class StoreTransport:
 
     async def page(self, *, status: str | None = None, machine: str | None = None, since: float | None = None,
                    where: dict[str, Any] | None = None, after: str | None = None, limit: int = index.PAGE) -> Record:
-        if where:
-            raise InputError(NO_SEARCH)
-        page = await self.operations.page(status=status, machine=machine, since=since, after=after, limit=limit)
+        page = await self.operations.page(status=status, machine=machine, since=since, where=where, after=after,
+                                          limit=limit)
         return {"items": [index.summary(inst) for inst in page.items], "next": page.next}
 
     def check(self) -> None:

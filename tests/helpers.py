@@ -104,6 +104,24 @@ def on_store(store_factory: Any, body: Callable[[Any], Any]) -> Any:
     return asyncio.run(main())
 
 
+def in_namespace(store_factory: Any, body: Callable[[Any, Any], Any]) -> Any:
+    """`body(store, keys)` in a namespace of its own on a store made by the `store_factory`
+    fixture; the namespace is deleted and the store closed after."""
+    from dsm.keys import Keys
+    from dsm.store import prefix_end
+
+    async def main() -> Any:
+        store = await store_factory()
+        keys = Keys("t" + str(id(store)))
+        try:
+            return await body(store, keys)
+        finally:
+            await store.delete(keys.root, prefix_end(keys.root))
+            await store.close()
+
+    return asyncio.run(main())
+
+
 async def token_ref(store: Any, keys: Any, iid: str, token: str = "t1") -> Any:
     """The TokenRef of an instance's token (its marker's place read from its record)."""
     from dsm.records import load_instance

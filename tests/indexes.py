@@ -24,22 +24,29 @@ async def read_all(store: Any, prefix: str) -> list[Any]:
 async def inconsistencies(store: Any, keys: Keys) -> list[str]:
     """What `dsm status` or `dsm list` would show wrongly: a record without its entries or its
     history, an entry or a history key without its record, a running record without a work marker
-    (which lists it) or a marker away from its instance's place. Empty when all agree."""
+    (which lists it) or a marker away from its instance's place, a search entry that is not its
+    record's attribute's, an expiry entry naming other attributes. Empty when all agree."""
     records = {load_instance(kv.value).id: load_instance(kv.value) for kv in await read_all(store, keys.instances)}
     want_idx: set[str] = set()
     want_exp: set[str] = set()
     for inst in records.values():
         if inst.finished:
             want_idx.add(index.listing_key(keys, inst.id, inst.status, inst.machine, index.created_ms(inst)))
+        want_idx.update(index.search_key(keys, inst.id, name, text, index.created_ms(inst))
+                        for name, text in inst.search.items())
         ms = index.expires_ms(inst)
         if ms is not None:
             want_exp.add(keys.expiry(ms, inst.id))
     have_idx = {kv.key for kv in await read_all(store, f"{keys.root}idx/")}
-    have_exp = {kv.key for kv in await read_all(store, keys.expiry_prefix)}
+    expiries = await read_all(store, keys.expiry_prefix)
+    have_exp = {kv.key for kv in expiries}
+    named = [kv.key for kv in expiries if kv.key.rpartition("/")[2] in records
+             and dict(index.Expiry.load(kv.value).search) != dict(records[kv.key.rpartition("/")[2]].search)]
     problems = [f"missing entry {k}" for k in sorted(want_idx - have_idx)]
     problems += [f"entry without its record {k}" for k in sorted(have_idx - want_idx)]
     problems += [f"missing expiry {k}" for k in sorted(want_exp - have_exp)]
     problems += [f"expiry without its record {k}" for k in sorted(have_exp - want_exp)]
+    problems += [f"expiry naming other search attributes than its record {k}" for k in named]
     placed: set[str] = set()
     for kv in await read_all(store, keys.work_prefix):
         ref = keys.parse_work(kv.key)

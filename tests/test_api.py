@@ -196,11 +196,17 @@ def test_start_by_digest_starts_that_definition_if_the_namespace_holds_it(server
     assert srv.snapshot() == before
 
 
-def test_where_is_refused_until_search_attributes_exist(server):
+def test_where_lists_instances_by_their_search_attributes(server):
     srv = server(graphs=[ORDER])
-    error = error_of(srv.get("/api/instances", params={"where": "customer:c7"}), 400)
-    assert "search attributes" in error["message"]
-    assert "where must be NAME:VALUE" in error_of(srv.get("/api/instances", params={"where": "c7"}), 400)["message"]
+    ids = {customer: start(srv, "order", {"customer": customer, "order_id": f"o-{customer}"})["id"]
+           for customer in ("c7", "c8")}
+    found = srv.get("/api/instances", params={"where": "customer:c7"}).json()
+    assert [item["id"] for item in found["items"]] == [ids["c7"]] and found["next"] is None
+    both = srv.get("/api/instances", params=[("where", "customer:c8"), ("where", "order:o-c8"), ("machine", "order")])
+    assert [item["id"] for item in both.json()["items"]] == [ids["c8"]]
+    assert srv.get("/api/instances", params=[("where", "customer:c8"), ("where", "order:o-c7")]).json()["items"] == []
+    assert "where: expected NAME:VALUE" in error_of(srv.get("/api/instances", params={"where": "c7"}), 400)["message"]
+    assert "not an attribute's name" in error_of(srv.get("/api/instances", params={"where": "a b:c"}), 400)["message"]
 
 
 def test_a_signal_wakes_a_waiting_instance(server):

@@ -24,6 +24,9 @@ APPROVAL = ROOT / "definitions" / "approval.yaml"
 INSTANT = """
 machine: instant
 start: done
+search:
+  n: payload.n
+  even: payload.n % 2 == 0
 states:
   done:
     terminal: true
@@ -201,8 +204,11 @@ def test_the_listing_pages_by_itself(connect, write):
         if cursor is None:
             break
     assert ids == [s["id"] for s in everything] and pages == 4
-    with pytest.raises(dsm.InputError, match="search attributes"):
-        list(c.list(where={"customer": "c7"}))
+    # by search attributes: a value as the payload has it, or its text
+    assert [s["id"] for s in c.list(where={"n": 3})] == ["done-3"] == [s["id"] for s in c.list(where={"n": "3"})]
+    assert sorted(s["id"] for s in c.list(where={"even": True}, machine="instant")) == ["done-0", "done-2", "done-4"]
+    assert [s["id"] for s in c.list(where={"even": True, "n": 2})] == ["done-2"]
+    assert c.page(where={"n": 1}, status="running")["items"] == [] and list(c.list(where={"customer": "c7"})) == []
 
 
 def test_refusals(connect, write):
@@ -270,7 +276,7 @@ def refusals(c: dsm.Client, instant: Path) -> list[tuple[str, str]]:
         lambda: c.signal("run-1", "decision", outcome="maybe"), lambda: c.cancel("run-1", reason="x" * 5000),
         lambda: c.redrive("done-1"), lambda: c.redrive("run-1"), lambda: c.delete("run-1"),
         lambda: list(c.list(status="sleeping")), lambda: list(c.list(since="yesterday")),
-        lambda: list(c.list(machine="Bad!")), lambda: list(c.list(where={"customer": "c7"})),
+        lambda: list(c.list(machine="Bad!")), lambda: list(c.list(where={"bad name": "c7"})),
         lambda: list(c.list(since=float("nan"))), lambda: list(c.list(where={"customer": ["c7"]})),
         lambda: c.page(after="junk"), lambda: c.page(limit=0),
         lambda: c.wait("run-1", timeout=0.1), lambda: c.wait("run-1", timeout=-1),

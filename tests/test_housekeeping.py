@@ -10,7 +10,7 @@ import time
 import pytest
 from clitools import dsm
 from faults import ops_of
-from helpers import run_instances, until_async
+from helpers import in_namespace, run_instances, until_async
 from indexes import inconsistencies, read_all
 
 from dsm import compiler, handlers
@@ -65,19 +65,6 @@ def text(source: str):
     return compiler.compile_text(source, "m.yaml", import_handlers=False)
 
 
-def with_store(store_factory, body):
-    async def go():
-        store = await store_factory()
-        keys = Keys("t" + str(id(store)))
-        try:
-            return await body(store, keys)
-        finally:
-            await store.delete(keys.root, prefix_end(keys.root))
-            await store.close()
-
-    return asyncio.run(go())
-
-
 async def drain(store, keys, now, **kw) -> list[tuple[int, bool]]:
     rounds = []
     while True:
@@ -110,7 +97,7 @@ def test_expired_instances_are_deleted_whole_and_the_others_kept(store_factory):
         left = [i.id for i in await client.list()]
         return gone, kept, running, first, missing, listed, problems, later, left, await inconsistencies(store, keys)
 
-    gone, kept, running, first, missing, listed, problems, later, left, after = with_store(store_factory, body)
+    gone, kept, running, first, missing, listed, problems, later, left, after = in_namespace(store_factory, body)
     assert first == [(5, False)] and sorted(missing) == sorted(i.id for i in gone)
     assert sorted(listed) == sorted([running] + [i.id for i in kept]) and problems == []
     assert later == [(3, False)] and left == [running] and after == []  # running: never deleted
@@ -132,7 +119,7 @@ def test_deletion_goes_in_bounded_batches(store_factory):
         store.txn = real
         return rounds, sizes, await read_all(store, keys.root)
 
-    rounds, sizes, left = with_store(store_factory, body)
+    rounds, sizes, left = in_namespace(store_factory, body)
     assert rounds == [(64, True), (64, True), (22, False)]
     assert max(sizes) == 20 and sum(sizes) == 150  # each request: at most 20 history keys (one per instance here)
     assert [kv.key for kv in left if "/def/" not in kv.key and "/machines/" not in kv.key
@@ -155,7 +142,7 @@ def test_a_round_reads_many_entries_and_deletes_them_in_requests_of_64(store_fac
         store.txn = real
         return rounds, sizes
 
-    rounds, sizes = with_store(store_factory, body)
+    rounds, sizes = in_namespace(store_factory, body)
     assert rounds == [(100, True), (50, False)] and sizes == [64, 36, 50]
 
 
@@ -179,7 +166,7 @@ def test_an_entry_that_no_longer_describes_its_record_deletes_nothing_else(store
             rewritten = False
         return rounds, revived, rewritten, await read_all(store, keys.expiry_prefix)
 
-    rounds, revived, rewritten, expiries = with_store(store_factory, body)
+    rounds, revived, rewritten, expiries = in_namespace(store_factory, body)
     assert revived.status == "running" and not rewritten
     assert rounds == [(1, False)] and expiries == []
 
@@ -226,7 +213,7 @@ def test_housekeeping_stopped_mid_batch_leaves_nothing_half_deleted(store_factor
         rounds = await drain(store, keys, time.time() + 1)
         return listed, shown, problems, rounds, await client.list(), await inconsistencies(store, keys)
 
-    listed, shown, problems, rounds, left, after = with_store(store_factory, body)
+    listed, shown, problems, rounds, left, after = in_namespace(store_factory, body)
     assert problems == [] and listed == shown
     assert len(listed) == (12 - 6 if applied else 12 - 3)  # whole requests applied, or not at all
     assert sum(d for d, _ in rounds) == len(listed) and left == [] and after == []
@@ -246,7 +233,7 @@ def test_delete_removes_a_finished_instance_and_refuses_a_running_one(store_fact
                 errors.append((type(exc).__name__, str(exc)))
         return errors, [i.id for i in await client.list()], running, await inconsistencies(store, keys)
 
-    errors, listed, running, problems = with_store(store_factory, body)
+    errors, listed, running, problems = in_namespace(store_factory, body)
     assert [e[0] for e in errors] == ["NotFound", "InputError", "NotFound"]
     assert "running" in errors[1][1] and "cancel" in errors[1][1]
     assert listed == [running] and problems == []
@@ -264,7 +251,7 @@ def test_a_redriven_instance_is_listed_as_running_and_no_longer_expires(store_fa
         return iid, cancelled, again.status, listed, rounds, (await client.instance(iid)).status, \
             await inconsistencies(store, keys)
 
-    iid, cancelled, status, listed, rounds, after, problems = with_store(store_factory, body)
+    iid, cancelled, status, listed, rounds, after, problems = in_namespace(store_factory, body)
     assert cancelled == [iid] and status == "running"
     assert listed == {"running": [iid], "cancelled": []} and problems == []
     assert rounds == [(0, False)] and after == "running"  # its expiry went with its finish
@@ -289,7 +276,7 @@ def test_records_written_before_the_index_existed_are_indexed_once(store_factory
         ids = sorted([running_id] + [i.id for i in done])
         return [i.id for i in unlisted], running_id, added, again, listed, ids, problems, rounds
 
-    unlisted, running_id, added, again, listed, ids, problems, rounds = with_store(store_factory, body)
+    unlisted, running_id, added, again, listed, ids, problems, rounds = in_namespace(store_factory, body)
     assert unlisted == [running_id] and (added, again) == (3, 0) and listed == ids and problems == []
     assert rounds == [(3, False)]  # the finished ones expire in their time; the running one stays
 
@@ -314,7 +301,7 @@ def test_a_namespace_whose_first_instances_this_client_wrote_needs_no_backfill(s
         finally:
             await store.delete(other.root, prefix_end(other.root))
 
-    marked, left_unmarked, backfilled, backfilled_old = with_store(store_factory, body)
+    marked, left_unmarked, backfilled, backfilled_old = in_namespace(store_factory, body)
     assert marked and left_unmarked
     assert (backfilled, backfilled_old) == (0, 1)  # the old record only: the new one has its entries
 

@@ -54,7 +54,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import index, payloads, render
+from .. import index, payloads, render, search
 from ..definitions import machines
 from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, StoreError
 from ..graph import DIGEST, Graph
@@ -210,15 +210,10 @@ class Api:
             if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
                 raise bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
             limit = int(text)
-        where: dict[str, str] = {}
-        for given in q.getlist("where"):
-            if not given:
-                continue  # given empty: as if not given
-            name, colon, value = given.partition(":")
-            if not colon or not name:
-                raise bad_request(f"where must be NAME:VALUE (a search attribute and the value it equals), "
-                                  f"got {given!r}")
-            where[name] = value
+        try:
+            where = search.parse_where([given for given in q.getlist("where") if given], ":", "where")
+        except InputError as exc:
+            raise bad_request(str(exc)) from None
         page = await self.calls.page(status=status, machine=machine, since=since, where=where or None, after=after,
                                      limit=limit)
         return JSONResponse(page)

@@ -140,6 +140,9 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
                  since: Annotated[str | None, typer.Option(
                      "--since", metavar="T", help="Only instances started at or after T: an ISO 8601 time "
                      "(2026-11-28T13:00:00Z) or a duration back from now (30m, 2h, 7d).")] = None,
+                 where: Annotated[list[str] | None, typer.Option(
+                     "--where", metavar="NAME=VALUE", help="Only instances whose search attribute NAME equals "
+                     "VALUE (repeat: all must hold).")] = None,
                  limit: Annotated[int | None, typer.Option("--limit", min=1, metavar="N", show_default="all",
                                                            help="At most N instances; when more follow, "
                                                                 "'next: CURSOR' on stderr.")] = None,
@@ -149,7 +152,7 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
                                                        help="Print a JSON array of summaries.")] = False,
                  etcd: EtcdArgs = EtcdArgs()) -> None:
     """List instances, newest first, from the index (summaries: records without history and payload)."""
-    from dsm import index
+    from dsm import index, search
 
     if status_ is not None and status_ not in records.STATUSES:
         raise Fail(ExitCode.INVALID, f"--status must be one of {', '.join(records.STATUSES)}, got {status_!r}")
@@ -157,6 +160,7 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
         start = index.parse_since(since, time.time()) if since is not None else None
         if after is not None:
             index.check_cursor(after)
+        wanted = search.parse_where(where or [], "=", "--where")
     except InputError as exc:
         raise Fail(ExitCode.INVALID, str(exc)) from None
     rows = [["ID", "MACHINE", "STATUS", "STATE", "TRANSITIONS", "CREATED"]]
@@ -177,7 +181,8 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
         cursor = after
         while True:
             want = index.PAGE if limit is None else min(index.PAGE, limit - shown)
-            page = await client.page(status=status_, machine=machine, since=start, after=cursor, limit=want)
+            page = await client.page(status=status_, machine=machine, since=start, where=wanted or None,
+                                     after=cursor, limit=want)
             for summary in page["items"]:
                 show(summary)
             cursor = page["next"]
@@ -190,9 +195,11 @@ def list_command(status_: Annotated[str | None, typer.Option("--status", metavar
     elif shown:
         emit(table(rows, right=frozenset({4})))
     else:
-        where = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
-        info.print(f"no instances {where}" + (f" of machine {machine!r}" if machine else "")
-                   + (f" started since {since}" if since else "") + (" after the cursor" if after else ""),
+        scope = f"in namespace {etcd.namespace!r}" + (f" with status {status_}" if status_ else "")
+        info.print(f"no instances {scope}" + (f" of machine {machine!r}" if machine else "")
+                   + (f" started since {since}" if since else "")
+                   + "".join(f" where {name}={text}" for name, text in wanted.items())
+                   + (" after the cursor" if after else ""),
                    markup=False)
     if following is not None:
         err.print(f"next: {following}", markup=False)  # data for the next call, so -q keeps it
