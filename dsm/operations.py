@@ -229,13 +229,13 @@ class Operations:
         inst = await self.instance(instance_id)
         return public_record(inst, await self.history(instance_id, record=inst) if history else None)
 
-    async def list(self, *, status: str | None = None, machine: str | None = None,
-                   since: float | None = None) -> list[Instance]:
+    async def list(self, *, status: str | None = None, machine: str | None = None, since: float | None = None,
+                   where: Mapping[str, Any] | None = None) -> list[Instance]:
         """Every instance that matches, newest first (read from the index, page by page)."""
         out: list[Instance] = []
         after = None
         while True:
-            page = await self.page(status=status, machine=machine, since=since, after=after)
+            page = await self.page(status=status, machine=machine, since=since, where=where, after=after)
             out.extend(page.items)
             if page.next is None:
                 return out

@@ -100,14 +100,16 @@ def check_where(where: Mapping[str, Any] | None) -> dict[str, str]:
 
 def parse_where(items: Iterable[str], separator: str, what: str) -> dict[str, str]:
     """`NAME<separator>VALUE` pairs (`--where customer=c7`, `?where=customer:c7`) as `check_where`
-    gives them; a name given twice must equal both, which no instance does, so it is refused."""
+    gives them. A name given twice with two values would have to equal both, which no instance
+    does: refused, as a mistake."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition(separator)
         if not sep or not name:
             raise InputError(f"{what}: expected NAME{separator}VALUE (a search attribute and the value it equals), "
                              f"got {item!r}")
-        if name in out:
-            raise InputError(f"{what}: {name} is given twice")
-        out.update(check_where({name: value}))
+        pair = check_where({name: value})
+        if out.get(name, value) != value:
+            raise InputError(f"{what}: {name} is given twice, {out[name]!r} and {value!r}: no instance has both")
+        out.update(pair)
     return out

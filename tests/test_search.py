@@ -108,8 +108,9 @@ def test_where_names_the_attribute_and_the_pair_that_is_wrong():
     assert search.check_where({"total": 120.0, "vip": True}) == {"total": "120", "vip": "true"}
     with pytest.raises(InputError, match="--where: expected NAME=VALUE"):
         search.parse_where(["customer"], "=", "--where")
-    with pytest.raises(InputError, match="customer is given twice"):
+    with pytest.raises(InputError, match="customer is given twice, 'a' and 'b': no instance has both"):
         search.parse_where(["customer=a", "customer=b"], "=", "--where")
+    assert search.parse_where(["customer=a", "customer=a"], "=", "--where") == {"customer": "a"}
     with pytest.raises(InputError, match="not an attribute's name"):
         search.check_where({"a/b": "x"})
     with pytest.raises(InputError, match="a value is a string, a number or a boolean"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .. import search
 from ..graph import DIGEST
 from ..index import CURSOR, SINCE_DURATION
 from ..keys import INSTANCE_ID, MACHINE_NAME, SIGNAL_NAME
@@ -46,6 +47,8 @@ SIGNAL = {"name": "name", "in": "path", "required": True, "description": "Signal
 SCHEDULE = {"name": "name", "in": "path", "required": True, "description": "Schedule name.",
             "schema": _whole(SCHEDULE_NAME)}
 ACTION: list[dict[str, list[str]]] = [{"bearer": []}]  # actions need the token when the API has one
+# a `where` pair as the API takes it: empty (ignored), or an attribute's name, ':' and a text
+WHERE_PAIR = f"^(|(?:{search.NAME.pattern}):[\\s\\S]{{0,{search.MAX_TEXT}}})$"
 NULLABLE_STRING = {"type": ["string", "null"]}
 TIME = {"type": ["string", "null"], "format": "date-time", "description": "ISO 8601 UTC with milliseconds."}
 
@@ -242,9 +245,11 @@ PATHS: dict[str, Any] = {
                    "date or date-time."),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),
             _query("after", _whole(CURSOR), "The `next` cursor of the previous page."),
-            {**_query("where", {"type": "array", "items": {"type": "string"}, "maxItems": 0},
-                      "Search attributes, NAME:VALUE each (repeatable, all must hold). This dsm keeps none "
-                      "yet: any is refused (400), so that a client that sends one learns it at once."),
+            {**_query("where", {"type": "array", "items": {"type": "string", "pattern": WHERE_PAIR}},
+                      "Search attributes, NAME:VALUE each (repeatable, all must hold): instances whose attribute "
+                      "NAME has the text VALUE (a number as JSON writes it, whole ones without a fraction; a "
+                      "boolean true or false). One given empty is as if not given; a NAME given twice with two "
+                      "values is refused (400)."),
              "style": "form", "explode": True}],
         "responses": {"200": _json(_ref("Page"), "Summaries and the cursor of the next page."),
                       "400": _error("BadRequest")}}},

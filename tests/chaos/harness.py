@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TESTS))
 
 from cluster import transitions_committed  # noqa: E402
+from indexes import inconsistencies  # noqa: E402
 
 from dsm import compiler  # noqa: E402
 from dsm.audit import audit  # noqa: E402
@@ -84,6 +85,7 @@ class Report:
     statuses: dict[str, int] = field(default_factory=dict)
     invalid_histories: dict[str, list[str]] = field(default_factory=dict)
     payload_problems: dict[str, str] = field(default_factory=dict)
+    index_problems: list[str] = field(default_factory=list)  # listing, expiry and search entries vs records
     tick_executions: int = 0
     duplicate_tick_executions: int = 0
     seconds: float = 0.0
@@ -91,7 +93,7 @@ class Report:
     @property
     def ok(self) -> bool:
         return (self.instances > 0 and self.statuses == {SUCCEEDED: self.instances}
-                and not self.invalid_histories and not self.payload_problems)
+                and not self.invalid_histories and not self.payload_problems and not self.index_problems)
 
     def as_dict(self) -> dict[str, Any]:
         by_kind: dict[str, list[float]] = {}
@@ -103,6 +105,7 @@ class Report:
                 "recovery_s": {k: {"max": round(max(v), 2), "median": round(sorted(v)[len(v) // 2], 2),
                                    "n": len(v)} for k, v in by_kind.items()},
                 "invalid_histories": len(self.invalid_histories), "payload_problems": len(self.payload_problems),
+                "index_problems": self.index_problems[:5],
                 "tick_executions": self.tick_executions,
                 "duplicate_tick_executions": self.duplicate_tick_executions,
                 "seconds": round(self.seconds, 1), "examples": dict(list(self.invalid_histories.items())[:3]),
@@ -416,6 +419,12 @@ class Chaos:
                 bad = self.check_payload(inst)
                 if bad:
                     r.payload_problems[inst.id] = bad
+        r.index_problems = await self.retry(lambda: inconsistencies(store, self.keys))
+        for target in sorted({i.payload.get("target") for i in instances if i.machine == "loopfork"}):
+            want = sorted(i.id for i in instances if i.machine == "loopfork" and i.payload.get("rounds") == target)
+            found = sorted(i.id for i in await self.retry(lambda t=target: client.list(where={"rounds": t})))
+            if found != want:
+                r.index_problems.append(f"where rounds={target}: {len(found)} listed, {len(want)} have it")
         ticks = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()] \
             if self.log.exists() else []
         per_visit = Counter(t["key"] for t in ticks)

@@ -33,6 +33,7 @@ def test_every_fault_under_load_loses_nothing_and_commits_nothing_twice(request)
     assert report.statuses == {"succeeded": submitted}, summary
     assert report.invalid_histories == {}, summary["examples"]
     assert report.payload_problems == {}, summary["payload_examples"]
+    assert report.index_problems == [], summary["index_problems"]
     kinds = [f["fault"] for f in report.faults]
     assert sorted(kinds) == sorted(["kill_worker", "pause_worker", "restart_member", "restart_leader", "compact",
                                     "restart_cluster"])
