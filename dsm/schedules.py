@@ -16,6 +16,8 @@ id is the schedule's name and the due time in UTC, `NAME-YYYYMMDDTHHMMSSZ`: a le
 after its transaction leaves nothing to redo, one that dies before it leaves its successor the same
 decision, and a start retried under the same id creates nothing twice. Jitter delays a fire by an
 amount derived from the name and the due time, the same on every leader, and never changes its id.
+A run started by hand (`trigger`) is named by the time and numbered, `NAME-YYYYMMDDTHHMMSSZ-manual-N`
+(`trigger_id`), so it never takes a due time's id, and two in one second are two runs.
 
 Cron expressions are the five fields of cron (and `@hourly`, `@daily`, `@weekly`, `@monthly`,
 `@yearly`), evaluated by cronsim in the schedule's time zone, with daylight-saving changes as
@@ -75,6 +77,13 @@ def check_name(value: object) -> str:
 def run_id(name: str, due: float) -> str:
     """The id of the run a schedule starts for a due time: its name and the due time in UTC."""
     return f"{name}-{datetime.fromtimestamp(due, timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
+def trigger_id(name: str, now: float, n: int) -> str:
+    """The id of a schedule's `n`th triggered run, started at `now`: named by now to the second, as
+    a due time's run is, and numbered, so that two triggers in one second start two runs and none
+    takes a due time's id (those end in `Z`)."""
+    return f"{run_id(name, now)}-manual-{n}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,16 +337,17 @@ class State:
     skips: int = 0
     misses: int = 0
     entry: float | None = None  # the time of its due entry, as written (None: it has none)
+    triggers: int = 0  # runs started by `trigger` (the last one's number is in its id)
 
     def dump(self) -> dict[str, Any]:
         return {"next_due": self.next_due, "buffered": self.buffered, "last_id": self.last_id,
                 "runs": list(self.runs), "fires": self.fires, "skips": self.skips, "misses": self.misses,
-                "entry": self.entry}
+                "entry": self.entry, "triggers": self.triggers}
 
     @staticmethod
     def load(d: dict[str, Any]) -> State:
         return State(d.get("next_due"), d.get("buffered"), d.get("last_id"), tuple(d.get("runs") or ()),
-                     d.get("fires", 0), d.get("skips", 0), d.get("misses", 0), d.get("entry"))
+                     d.get("fires", 0), d.get("skips", 0), d.get("misses", 0), d.get("entry"), d.get("triggers", 0))
 
     def ran(self, *runs: dict[str, Any]) -> State:
         return replace(self, runs=(*self.runs, *runs)[-RUNS_KEPT:])
@@ -382,7 +392,7 @@ class Schedule:
         out.update({"next": [timestamp(d) for d in nxt[:upcoming]],
                     "runs": [{**r, "due": timestamp(r["due"]), "at": timestamp(r["at"])} for r in self.state.runs],
                     "buffered": timestamp(self.state.buffered), "fires": self.state.fires,
-                    "skips": self.state.skips, "misses": self.state.misses,
+                    "skips": self.state.skips, "misses": self.state.misses, "triggers": self.state.triggers,
                     "created_at": timestamp(self.created_at), "updated_at": timestamp(self.updated_at)})
         return out
 
@@ -440,12 +450,13 @@ def fresh_state(spec: Spec, now: float, state: State | None = None) -> State:
 
 
 async def swap(store: Store, keys: Keys, name: str, revision: int, before: Schedule | None,
-               after: Schedule | None, now: float, extra: Sequence[Op] = ()) -> bool:
-    """Write `after` in place of `before`, read at `revision` (0: absent), with `extra`; False
-    when the schedule changed meanwhile."""
+               after: Schedule | None, now: float, extra: Sequence[Op] = (),
+               require: Sequence[Compare] = ()) -> bool:
+    """Write `after` in place of `before`, read at `revision` (0: absent), with `extra`, if
+    `require` holds too; False when the schedule changed meanwhile (or `require` failed)."""
     key = schedule_key(keys, name)
     compare = [Compare.mod(key, "==", revision)] if revision else [Compare.version(key, "==", 0)]
-    return (await store.txn(compare, [*extra, *write_ops(keys, name, before, after, now)])).succeeded
+    return (await store.txn([*compare, *require], [*extra, *write_ops(keys, name, before, after, now)])).succeeded
 
 
 def _nested(txn: Txn) -> Txn:
@@ -540,8 +551,8 @@ class Schedules:
                                   if s.spec.paused else s)
 
     async def _swap(self, name: str, revision: int, before: Schedule | None, after: Schedule | None,
-                    extra: Sequence[Op] = ()) -> bool:
-        return await swap(self.store, self.keys, name, revision, before, after, self.wall(), extra)
+                    extra: Sequence[Op] = (), require: Sequence[Compare] = ()) -> bool:
+        return await swap(self.store, self.keys, name, revision, before, after, self.wall(), extra, require)
 
     async def _change(self, name: str, change: Callable[[Schedule, float], Schedule]) -> Schedule:
         while True:
@@ -558,16 +569,24 @@ class Schedules:
                 return sched
 
     async def trigger(self, name: str) -> str:
-        """Start one run now, whatever runs already (as allow_all): its id is named by now."""
+        """Start one run now, whatever runs already (as allow_all); return its id, named by now and
+        numbered (`trigger_id`): every trigger starts a run of its own, and never under the id of
+        a due time, which stays its fire's."""
+        taken = 0  # numbers found taken: by the runs of a schedule of this name deleted and created again
         while True:
             sched, revision = await read(self.store, self.keys, name)
             now = self.wall()
             graph = await self._graph(sched.spec.machine)
-            iid = run_id(name, now)
+            n = sched.state.triggers + 1 + taken
+            iid = trigger_id(name, now, n)
             start = self.ops._create_txn(graph, dict(sched.spec.payload), iid)
-            after = replace(sched, state=sched.state.ran({"due": now, "id": iid, "action": "triggered", "at": now}))
-            if await self._swap(name, revision, sched, after, [_nested(start)]):
+            ran = sched.state.ran({"due": now, "id": iid, "action": "triggered", "at": now})
+            after = replace(sched, state=replace(ran, triggers=n))
+            # the run is started only with the schedule's count, and the count moves only with the run
+            if await self._swap(name, revision, sched, after, start.success, require=start.compare):
                 return iid
+            if (await read(self.store, self.keys, name))[1] == revision:
+                taken += 1
 
     async def backfill(self, name: str, start: float, end: float) -> list[str]:
         """Start a run for every due time from `start` to `end` (both included), now, whatever runs

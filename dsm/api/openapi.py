@@ -157,7 +157,8 @@ SCHEMAS: dict[str, Any] = {
                 "action": {"enum": ["started", "skipped", "buffered", "missed", "triggered", "backfilled"]},
                 "status": NULLABLE_STRING}}},
             "buffered": TIME, "fires": {"type": "integer"}, "skips": {"type": "integer"},
-            "misses": {"type": "integer"}, "created_at": TIME, "updated_at": TIME},
+            "misses": {"type": "integer"}, "triggers": {"type": "integer", "description": "Runs started by trigger."},
+            "created_at": TIME, "updated_at": TIME},
     },
     "Drawing": {
         "type": "object", "description": "A machine as nodes and edges; the ids are the Mermaid text's.",
@@ -374,7 +375,8 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json(_ref("Schedule"), "Unpaused."), **ACTION_ERRORS}}},
     "/api/schedules/{name}/trigger": {"post": {
         "operationId": "trigger_schedule", "parameters": [SCHEDULE], "security": ACTION,
-        "summary": "Start one run now, whatever runs already; its id is named by now.",
+        "summary": "Start one run now, whatever runs already; its id is named by now and numbered "
+                   "(NAME-YYYYMMDDTHHMMSSZ-manual-N), never a due time's.",
         "responses": {"201": _json({"type": "object", "properties": {"id": {"type": "string"}}}, "Started."),
                       **ACTION_ERRORS}}},
     "/api/schedules/{name}/backfill": {"post": {
