@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -43,7 +43,7 @@ from cronsim import CronSim
 
 from . import codec, payloads
 from .durations import format_duration, parse_duration
-from .errors import InputError, NotFound
+from .errors import InputError, NotFound, ScheduleExists
 from .keys import Keys, check_machine_name
 from .records import timestamp
 from .store import Compare, Delete, Get, Op, Put, Store, Txn, prefix_end
@@ -234,6 +234,8 @@ def _required(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _duration(value: object) -> float:
+    if isinstance(value, timedelta):  # from Python (dsm's client)
+        value = value.total_seconds()
     try:
         return parse_duration(value, what="")
     except InputError as exc:
@@ -262,6 +264,36 @@ def _note(value: object) -> str | None:
     if value is not None and len(value) > MAX_NOTE:
         raise InputError(f"is {len(value)} characters; at most {MAX_NOTE} are kept")
     return value
+
+
+def check_note(value: object) -> str | None:
+    """A pause's note: text of at most MAX_NOTE characters, or None."""
+    try:
+        return _note(value)
+    except InputError as exc:
+        raise InputError(f"note: {exc}") from None
+
+
+def specs_of(entries: object) -> list[Spec]:
+    """The schedules of a list of mappings, each a schedule's `name` and its fields as `create`
+    takes them (what `apply` is given by dsm's client and by PUT /api/schedules; a file's entries
+    are read by `read_file`, which says where each problem is)."""
+    if not isinstance(entries, (list, tuple)):
+        raise InputError(f"schedules: a list of schedules (each a mapping of name, machine, cron or every, ...), "
+                         f"not {type(entries).__name__}")
+    specs: list[Spec] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InputError(f"schedules[{i}]: a schedule is a mapping of name, machine, cron or every, ..., "
+                             f"not {type(entry).__name__}")
+        spec = Spec.of(entry.get("name"), {k: v for k, v in entry.items() if k != "name"})
+        if spec.name in seen:
+            raise InputError(f"schedules[{i}]: schedule {spec.name!r} is given twice (first as "
+                             f"schedules[{seen[spec.name]}])")
+        seen[spec.name] = i
+        specs.append(spec)
+    return specs
 
 
 def _payload(value: object) -> dict[str, Any]:
@@ -484,8 +516,8 @@ class Schedules:
         now = self.wall()
         sched = Schedule(spec, fresh_state(spec, now), now, now)
         if not await self._swap(spec.name, 0, None, sched):
-            raise InputError(f"schedule {spec.name!r} exists in namespace {self.keys.namespace!r}: change it with "
-                             f"'dsm schedule apply', or delete it first")
+            raise ScheduleExists(f"schedule {spec.name!r} exists in namespace {self.keys.namespace!r}: apply it to "
+                                 f"change it, or delete it first")
         return sched
 
     async def apply(self, specs: list[Spec], *, prune: bool = False) -> dict[str, list[str]]:

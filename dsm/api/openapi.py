@@ -348,7 +348,21 @@ PATHS: dict[str, Any] = {
                  "requestBody": _body({"name": _whole(SCHEDULE_NAME), **SPEC_PROPERTIES},
                                       "The schedule: its name, machine, cron or every, and the rest.", required=True),
                  "responses": {"201": _json(_ref("Schedule"), "Created."), **ACTION_ERRORS,
-                               "422": _error("InvalidSchedule")}}},
+                               "422": _error("InvalidSchedule")}},
+        "put": {"operationId": "apply_schedules", "security": ACTION,
+                "summary": "Create or update schedules to match a list (as `dsm schedule apply`): every entry is "
+                           "checked, and every machine found, before any is written; with `prune`, the namespace's "
+                           "schedules the list does not name are deleted.",
+                "requestBody": _required_fields(_body({
+                    "schedules": {"type": "array", "items": {
+                        "type": "object", "additionalProperties": False, "required": ["name", "machine"],
+                        "properties": {"name": _whole(SCHEDULE_NAME), **SPEC_PROPERTIES}}},
+                    "prune": {"type": "boolean", "default": False}},
+                    "The schedules, each its name and the fields create takes.", required=True), ["schedules"]),
+                "responses": {"200": _json({"type": "object", "properties": {
+                    what: {"type": "array", "items": {"type": "string"}}
+                    for what in ("created", "updated", "unchanged", "deleted")}}, "The names, by what was done."),
+                    **ACTION_ERRORS, "422": _error("InvalidSchedule")}}},
     "/api/schedules/{name}": {
         "parameters": [SCHEDULE],
         "get": {"operationId": "get_schedule", "summary": "One schedule: its next 5 due times, its last 10 runs.",
