@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         InstanceExists,
         InvalidSignal,
         NotFound,
+        ScheduleExists,
         StoreError,
         StoreUnavailable,
         Timeout,
@@ -33,14 +34,14 @@ if TYPE_CHECKING:
 from .version import __version__
 
 _ERRORS = ("AccessDenied", "AttemptAbandoned", "DefinitionError", "DsmError", "HandlerError", "InputError",
-           "InstanceExists", "InvalidSignal", "NotFound", "StoreError", "StoreUnavailable", "Timeout")
+           "InstanceExists", "InvalidSignal", "NotFound", "ScheduleExists", "StoreError", "StoreUnavailable", "Timeout")
 _WHERE = {"AsyncClient": "client", "Client": "client", "compile_text": "compiler", "load": "compiler",
           "Context": "context", "run": "embedded", "Graph": "graph", **{name: "errors" for name in _ERRORS}}
 
 __all__ = [
     "AccessDenied", "AsyncClient", "AttemptAbandoned", "Client", "Context", "DefinitionError", "DsmError", "Graph",
-    "HandlerError", "InputError", "InstanceExists", "InvalidSignal", "NotFound", "StoreError", "StoreUnavailable",
-    "Timeout", "compile_text", "load", "run", "__version__",
+    "HandlerError", "InputError", "InstanceExists", "InvalidSignal", "NotFound", "ScheduleExists", "StoreError",
+    "StoreUnavailable", "Timeout", "compile_text", "load", "run", "__version__",
 ]
 
 

@@ -7,7 +7,8 @@ holds at most the API's token. Each call is one request to the route the API doc
 exceptions that code raises, with their messages:
 
     404                   NotFound
-    400, 409, 413, 422    InputError (409 InstanceExists: InstanceExists; 422 InvalidSignal: InvalidSignal)
+    400, 409, 413, 422    InputError (409 InstanceExists: InstanceExists; 409 ScheduleExists: ScheduleExists;
+                          422 InvalidSignal: InvalidSignal)
     401, 403              AccessDenied (no token, a wrong one, or a Host or origin refused)
     502, 503, 504         StoreUnavailable (the server's store, or the server, is unreachable)
 
@@ -34,9 +35,19 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
-from .errors import AccessDenied, DsmError, InputError, InstanceExists, InvalidSignal, NotFound, StoreUnavailable
+from .errors import (
+    AccessDenied,
+    DsmError,
+    InputError,
+    InstanceExists,
+    InvalidSignal,
+    NotFound,
+    ScheduleExists,
+    StoreUnavailable,
+)
 from .graph import Graph
-from .records import FINISHED
+from .records import FINISHED, timestamp
+from .schedules import Spec
 from .transport import OnHistory, OnUpdate, Record
 
 try:
@@ -103,6 +114,8 @@ class ApiTransport:
             return NotFound(message)
         if status == 409 and kind == "InstanceExists":
             return InstanceExists(message)
+        if status == 409 and kind == "ScheduleExists":
+            return ScheduleExists(message)
         if status == 422 and kind == "InvalidSignal":
             return InvalidSignal(message)
         if status in (400, 409, 413, 422):
@@ -178,6 +191,39 @@ class ApiTransport:
         for name, value in (where or {}).items():
             params.append(("where", f"{name}:{value}"))  # texts already (`search.check_where`)
         return await self._call("GET", "/api/instances", params=params)
+
+    # -- schedules: a spec is sent as its fields (`Spec.dump`, durations in seconds, times in epoch
+    # seconds), which the server reads back into the same spec
+
+    async def create_schedule(self, spec: Spec) -> Record:
+        return await self._call("POST", "/api/schedules", body=spec.dump())
+
+    async def apply_schedules(self, specs: Sequence[Spec], prune: bool) -> dict[str, list[str]]:
+        return await self._call("PUT", "/api/schedules", body={"schedules": [spec.dump() for spec in specs],
+                                                               "prune": prune})
+
+    async def list_schedules(self) -> list[Record]:
+        return (await self._call("GET", "/api/schedules"))["items"]
+
+    async def describe_schedule(self, name: str) -> Record:
+        return await self._call("GET", f"/api/schedules/{_path(name)}")
+
+    async def pause_schedule(self, name: str, note: str | None) -> Record:
+        return await self._call("POST", f"/api/schedules/{_path(name)}/pause",
+                                body={"note": note} if note is not None else {})
+
+    async def unpause_schedule(self, name: str) -> Record:
+        return await self._call("POST", f"/api/schedules/{_path(name)}/unpause", body={})
+
+    async def trigger_schedule(self, name: str) -> str:
+        return (await self._call("POST", f"/api/schedules/{_path(name)}/trigger", body={}))["id"]
+
+    async def backfill_schedule(self, name: str, start: float, end: float) -> list[str]:
+        return (await self._call("POST", f"/api/schedules/{_path(name)}/backfill",
+                                 body={"from": timestamp(start), "to": timestamp(end)}))["ids"]
+
+    async def delete_schedule(self, name: str) -> Record:
+        return await self._call("DELETE", f"/api/schedules/{_path(name)}")
 
     async def wait(self, instance_id: str, *, on_history: OnHistory | None = None,
                    on_update: OnUpdate | None = None) -> Record:

@@ -1,4 +1,5 @@
-"""The client: how an application starts, reads, signals, cancels and waits for instances.
+"""The client: how an application starts, reads, signals, cancels and waits for instances, and
+keeps the schedules that start them.
 
     import dsm
 
@@ -23,6 +24,11 @@ refused id, payload, signal or action; `InstanceExists` for an id taken by anoth
 `InvalidSignal` for a signal the instance's machine does not take),
 `StoreUnavailable` (etcd or the API unreachable), `AccessDenied` (etcd's user or the API's token
 refused), `Timeout` (`wait`).
+
+Schedules (`dsm.schedules`) are plain dicts too, the JSON `/api/schedules` answers. A schedule is
+checked here whole (`Spec.of`, as `dsm schedule create` and the API check it), so a bad one is
+refused before anything is sent, with a `FieldError` (an InputError) naming the field;
+`ScheduleExists` for a name taken, `NotFound` for an unknown schedule or machine.
 """
 
 from __future__ import annotations
@@ -47,11 +53,15 @@ from .graph import Graph
 from .keys import MACHINE_NAME, Keys, check_instance_id, check_machine_name, check_signal_name
 from .operations import Operations, check_ids
 from .records import MAX_REASON, STATUSES
+from .schedules import CATCHUP_WINDOW, Spec, check_note, specs_of
+from .schedules import check_name as check_schedule_name
 from .store import Store
 from .transport import EmbeddedTransport, OnHistory, OnUpdate, Record, StoreTransport, Transport
 
 Definition = str | os.PathLike[str] | Graph
 Since = str | float | int | datetime | None
+Duration = str | float | int | timedelta  # seconds, text as the command line takes it (90s, 10m), or a timedelta
+When = str | float | int | datetime  # an aware datetime (naive: UTC), epoch seconds, or text as `since` takes it
 T = TypeVar("T")
 _OPTION = re.compile(r"--(etcd|namespace|cacert|cert|key|user)\b")
 
@@ -65,9 +75,10 @@ def _payload(payload: Any) -> dict[str, Any]:
         raise InputError(str(exc)) from None
 
 
-def _since(since: Since, now: float) -> float | None:
+def _since(since: Since, now: float, *, what: str = "since") -> float | None:
     """Epoch seconds from a time (an aware datetime; a naive one is UTC), epoch seconds, or text
-    as `dsm list --since` takes it (ISO 8601, or a duration back from now such as 30m)."""
+    as `dsm list --since` takes it (ISO 8601, or a duration back from now such as 30m). `what`:
+    the argument, as messages name it."""
     if since is None:
         return None
     if isinstance(since, datetime):
@@ -76,14 +87,14 @@ def _since(since: Since, now: float) -> float | None:
         try:
             datetime.fromtimestamp(since, timezone.utc)  # a time every transport can say
         except (OverflowError, ValueError, OSError):
-            raise InputError(f"since: {since!r} is not a time (epoch seconds)") from None
+            raise InputError(f"{what}: {since!r} is not a time (epoch seconds)") from None
         return float(since)
     if isinstance(since, str):
         try:
             return index.parse_since(since, now)
         except InputError as exc:
-            raise InputError(str(exc).replace("--since", "since")) from None
-    raise InputError(f"since: a datetime, epoch seconds or text like 30m, not {since!r}")
+            raise InputError(str(exc).replace("--since", what)) from None
+    raise InputError(f"{what}: a datetime, epoch seconds or text like 30m, not {since!r}")
 
 
 def _where(where: dict[str, Any] | None) -> dict[str, str] | None:
@@ -409,6 +420,81 @@ class AsyncClient:
             if listing.done(given, cursor):
                 return
 
+    # -- schedules ---------------------------------------------------------------------------
+
+    async def create_schedule(self, name: str, machine: str, *, cron: str | None = None,
+                              every: Duration | None = None, timezone: str = "UTC",
+                              payload: dict[str, Any] | None = None, overlap: str = "skip",
+                              catchup_window: Duration = CATCHUP_WINDOW, jitter: Duration = 0,
+                              start_at: When | None = None, end_at: When | None = None, paused: bool = False,
+                              note: str | None = None) -> Record:
+        """Create a schedule that starts `machine` (its newest registered definition) at each due
+        time: `cron` (five fields or @daily and the like, read in `timezone`) or `every` (an
+        interval), with `payload`, under the `overlap` policy (skip, buffer_one, allow_all,
+        cancel_other); see the README's Schedules. Returns it as `describe_schedule` does.
+        ScheduleExists when the name is taken, NotFound when the machine is not registered."""
+        spec = Spec.of(name, {
+            "machine": machine, "cron": cron, "every": every, "timezone": timezone, "payload": payload,
+            "overlap": overlap, "catchup_window": catchup_window, "jitter": jitter, "start_at": start_at,
+            "end_at": end_at, "paused": paused, "note": note})
+        return await (await self._connected()).create_schedule(spec)
+
+    async def apply_schedules(self, schedules: Sequence[dict[str, Any]], *,
+                              prune: bool = False) -> dict[str, builtins.list[str]]:
+        """Make the namespace's schedules match a list (as `dsm schedule apply`): each a dict of
+        `name` and the fields `create_schedule` takes. All are checked, and their machines found,
+        before any is written; then each is created, updated (its runs and counts kept) or left
+        alone, and with `prune` the schedules the list does not name are deleted. Returns the
+        names by what was done: {"created", "updated", "unchanged", "deleted"}."""
+        checked = specs_of(schedules)
+        if not isinstance(prune, bool):
+            raise InputError(f"prune: True or False, not {prune!r}")
+        return await (await self._connected()).apply_schedules(checked, prune)
+
+    async def list_schedules(self) -> builtins.list[Record]:
+        """The namespace's schedules, by name, each with its next due times and last runs."""
+        return await (await self._connected()).list_schedules()
+
+    async def describe_schedule(self, name: str) -> Record:
+        """A schedule: what it is, its next 5 due times, its last 10 runs with their instances'
+        statuses, and its counts (fires, skips, misses, triggers). NotFound for an unknown name."""
+        check_schedule_name(name)
+        return await (await self._connected()).describe_schedule(name)
+
+    async def pause_schedule(self, name: str, note: str | None = None) -> Record:
+        """Stop firing until unpaused (the due times between are not run); `note` says why.
+        Returns the schedule as `describe_schedule` does."""
+        check_schedule_name(name)
+        return await (await self._connected()).pause_schedule(name, check_note(note))
+
+    async def unpause_schedule(self, name: str) -> Record:
+        """Fire again, from the next due time after now. Returns the schedule as described."""
+        check_schedule_name(name)
+        return await (await self._connected()).unpause_schedule(name)
+
+    async def trigger_schedule(self, name: str) -> str:
+        """Start one run now, whatever runs already; returns its instance id
+        (`NAME-YYYYMMDDTHHMMSSZ-manual-N`: its own, never a due time's)."""
+        check_schedule_name(name)
+        return await (await self._connected()).trigger_schedule(name)
+
+    async def backfill_schedule(self, name: str, start: When, end: When) -> builtins.list[str]:
+        """Start now a run for every due time from `start` to `end` (both included; at most
+        1,000); a due time whose run exists starts nothing. Returns the runs' ids, in order."""
+        check_schedule_name(name)
+        now = time.time()
+        first, last = _since(start, now, what="start"), _since(end, now, what="end")
+        if first is None or last is None:
+            raise InputError("backfill: give start and end, the span of due times to run")
+        if last < first:
+            raise InputError(f"backfill of {name!r}: end is before start")
+        return await (await self._connected()).backfill_schedule(name, first, last)
+
+    async def delete_schedule(self, name: str) -> Record:
+        """Delete a schedule (the instances it started stay); returns it as it was."""
+        check_schedule_name(name)
+        return await (await self._connected()).delete_schedule(name)
+
     async def close(self) -> None:
         """Close the connection (and stop an embedded client's worker); the client is done."""
         self._closed = True
@@ -577,6 +663,40 @@ class Client:
             cursor = page["next"]
             if listing.done(given, cursor):
                 return
+
+    def create_schedule(self, name: str, machine: str, *, cron: str | None = None, every: Duration | None = None,
+                        timezone: str = "UTC", payload: dict[str, Any] | None = None, overlap: str = "skip",
+                        catchup_window: Duration = CATCHUP_WINDOW, jitter: Duration = 0,
+                        start_at: When | None = None, end_at: When | None = None, paused: bool = False,
+                        note: str | None = None) -> Record:
+        return self._run(self._async.create_schedule(
+            name, machine, cron=cron, every=every, timezone=timezone, payload=payload, overlap=overlap,
+            catchup_window=catchup_window, jitter=jitter, start_at=start_at, end_at=end_at, paused=paused, note=note))
+
+    def apply_schedules(self, schedules: Sequence[dict[str, Any]], *,
+                        prune: bool = False) -> dict[str, builtins.list[str]]:
+        return self._run(self._async.apply_schedules(schedules, prune=prune))
+
+    def list_schedules(self) -> builtins.list[Record]:
+        return self._run(self._async.list_schedules())
+
+    def describe_schedule(self, name: str) -> Record:
+        return self._run(self._async.describe_schedule(name))
+
+    def pause_schedule(self, name: str, note: str | None = None) -> Record:
+        return self._run(self._async.pause_schedule(name, note))
+
+    def unpause_schedule(self, name: str) -> Record:
+        return self._run(self._async.unpause_schedule(name))
+
+    def trigger_schedule(self, name: str) -> str:
+        return self._run(self._async.trigger_schedule(name))
+
+    def backfill_schedule(self, name: str, start: When, end: When) -> builtins.list[str]:
+        return self._run(self._async.backfill_schedule(name, start, end))
+
+    def delete_schedule(self, name: str) -> Record:
+        return self._run(self._async.delete_schedule(name))
 
     def close(self) -> None:
         """Close the connection (and stop an embedded client's worker) and end the client's thread."""

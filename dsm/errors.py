@@ -125,3 +125,7 @@ class InvalidSignal(InputError):
 
 class InstanceExists(InputError):
     """An instance id is taken by an instance started with another definition or payload."""
+
+
+class ScheduleExists(InputError):
+    """A schedule of that name exists: creating it again is refused (`apply` updates it)."""

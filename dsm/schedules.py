@@ -16,6 +16,8 @@ id is the schedule's name and the due time in UTC, `NAME-YYYYMMDDTHHMMSSZ`: a le
 after its transaction leaves nothing to redo, one that dies before it leaves its successor the same
 decision, and a start retried under the same id creates nothing twice. Jitter delays a fire by an
 amount derived from the name and the due time, the same on every leader, and never changes its id.
+A run started by hand (`trigger`) is named by the time and numbered, `NAME-YYYYMMDDTHHMMSSZ-manual-N`
+(`trigger_id`), so it never takes a due time's id, and two in one second are two runs.
 
 Cron expressions are the five fields of cron (and `@hourly`, `@daily`, `@weekly`, `@monthly`,
 `@yearly`), evaluated by cronsim in the schedule's time zone, with daylight-saving changes as
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -41,7 +43,7 @@ from cronsim import CronSim
 
 from . import codec, payloads
 from .durations import format_duration, parse_duration
-from .errors import InputError, NotFound
+from .errors import InputError, NotFound, ScheduleExists
 from .keys import Keys, check_machine_name
 from .records import timestamp
 from .store import Compare, Delete, Get, Op, Put, Store, Txn, prefix_end
@@ -75,6 +77,13 @@ def check_name(value: object) -> str:
 def run_id(name: str, due: float) -> str:
     """The id of the run a schedule starts for a due time: its name and the due time in UTC."""
     return f"{name}-{datetime.fromtimestamp(due, timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
+def trigger_id(name: str, now: float, n: int) -> str:
+    """The id of a schedule's `n`th triggered run, started at `now`: named by now to the second, as
+    a due time's run is, and numbered, so that two triggers in one second start two runs and none
+    takes a due time's id (those end in `Z`)."""
+    return f"{run_id(name, now)}-manual-{n}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +234,8 @@ def _required(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _duration(value: object) -> float:
+    if isinstance(value, timedelta):  # from Python (dsm's client)
+        value = value.total_seconds()
     try:
         return parse_duration(value, what="")
     except InputError as exc:
@@ -253,6 +264,36 @@ def _note(value: object) -> str | None:
     if value is not None and len(value) > MAX_NOTE:
         raise InputError(f"is {len(value)} characters; at most {MAX_NOTE} are kept")
     return value
+
+
+def check_note(value: object) -> str | None:
+    """A pause's note: text of at most MAX_NOTE characters, or None."""
+    try:
+        return _note(value)
+    except InputError as exc:
+        raise InputError(f"note: {exc}") from None
+
+
+def specs_of(entries: object) -> list[Spec]:
+    """The schedules of a list of mappings, each a schedule's `name` and its fields as `create`
+    takes them (what `apply` is given by dsm's client and by PUT /api/schedules; a file's entries
+    are read by `read_file`, which says where each problem is)."""
+    if not isinstance(entries, (list, tuple)):
+        raise InputError(f"schedules: a list of schedules (each a mapping of name, machine, cron or every, ...), "
+                         f"not {type(entries).__name__}")
+    specs: list[Spec] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InputError(f"schedules[{i}]: a schedule is a mapping of name, machine, cron or every, ..., "
+                             f"not {type(entry).__name__}")
+        spec = Spec.of(entry.get("name"), {k: v for k, v in entry.items() if k != "name"})
+        if spec.name in seen:
+            raise InputError(f"schedules[{i}]: schedule {spec.name!r} is given twice (first as "
+                             f"schedules[{seen[spec.name]}])")
+        seen[spec.name] = i
+        specs.append(spec)
+    return specs
 
 
 def _payload(value: object) -> dict[str, Any]:
@@ -328,16 +369,17 @@ class State:
     skips: int = 0
     misses: int = 0
     entry: float | None = None  # the time of its due entry, as written (None: it has none)
+    triggers: int = 0  # runs started by `trigger` (the last one's number is in its id)
 
     def dump(self) -> dict[str, Any]:
         return {"next_due": self.next_due, "buffered": self.buffered, "last_id": self.last_id,
                 "runs": list(self.runs), "fires": self.fires, "skips": self.skips, "misses": self.misses,
-                "entry": self.entry}
+                "entry": self.entry, "triggers": self.triggers}
 
     @staticmethod
     def load(d: dict[str, Any]) -> State:
         return State(d.get("next_due"), d.get("buffered"), d.get("last_id"), tuple(d.get("runs") or ()),
-                     d.get("fires", 0), d.get("skips", 0), d.get("misses", 0), d.get("entry"))
+                     d.get("fires", 0), d.get("skips", 0), d.get("misses", 0), d.get("entry"), d.get("triggers", 0))
 
     def ran(self, *runs: dict[str, Any]) -> State:
         return replace(self, runs=(*self.runs, *runs)[-RUNS_KEPT:])
@@ -382,7 +424,7 @@ class Schedule:
         out.update({"next": [timestamp(d) for d in nxt[:upcoming]],
                     "runs": [{**r, "due": timestamp(r["due"]), "at": timestamp(r["at"])} for r in self.state.runs],
                     "buffered": timestamp(self.state.buffered), "fires": self.state.fires,
-                    "skips": self.state.skips, "misses": self.state.misses,
+                    "skips": self.state.skips, "misses": self.state.misses, "triggers": self.state.triggers,
                     "created_at": timestamp(self.created_at), "updated_at": timestamp(self.updated_at)})
         return out
 
@@ -440,12 +482,13 @@ def fresh_state(spec: Spec, now: float, state: State | None = None) -> State:
 
 
 async def swap(store: Store, keys: Keys, name: str, revision: int, before: Schedule | None,
-               after: Schedule | None, now: float, extra: Sequence[Op] = ()) -> bool:
-    """Write `after` in place of `before`, read at `revision` (0: absent), with `extra`; False
-    when the schedule changed meanwhile."""
+               after: Schedule | None, now: float, extra: Sequence[Op] = (),
+               require: Sequence[Compare] = ()) -> bool:
+    """Write `after` in place of `before`, read at `revision` (0: absent), with `extra`, if
+    `require` holds too; False when the schedule changed meanwhile (or `require` failed)."""
     key = schedule_key(keys, name)
     compare = [Compare.mod(key, "==", revision)] if revision else [Compare.version(key, "==", 0)]
-    return (await store.txn(compare, [*extra, *write_ops(keys, name, before, after, now)])).succeeded
+    return (await store.txn([*compare, *require], [*extra, *write_ops(keys, name, before, after, now)])).succeeded
 
 
 def _nested(txn: Txn) -> Txn:
@@ -473,8 +516,8 @@ class Schedules:
         now = self.wall()
         sched = Schedule(spec, fresh_state(spec, now), now, now)
         if not await self._swap(spec.name, 0, None, sched):
-            raise InputError(f"schedule {spec.name!r} exists in namespace {self.keys.namespace!r}: change it with "
-                             f"'dsm schedule apply', or delete it first")
+            raise ScheduleExists(f"schedule {spec.name!r} exists in namespace {self.keys.namespace!r}: apply it to "
+                                 f"change it, or delete it first")
         return sched
 
     async def apply(self, specs: list[Spec], *, prune: bool = False) -> dict[str, list[str]]:
@@ -540,8 +583,8 @@ class Schedules:
                                   if s.spec.paused else s)
 
     async def _swap(self, name: str, revision: int, before: Schedule | None, after: Schedule | None,
-                    extra: Sequence[Op] = ()) -> bool:
-        return await swap(self.store, self.keys, name, revision, before, after, self.wall(), extra)
+                    extra: Sequence[Op] = (), require: Sequence[Compare] = ()) -> bool:
+        return await swap(self.store, self.keys, name, revision, before, after, self.wall(), extra, require)
 
     async def _change(self, name: str, change: Callable[[Schedule, float], Schedule]) -> Schedule:
         while True:
@@ -558,16 +601,24 @@ class Schedules:
                 return sched
 
     async def trigger(self, name: str) -> str:
-        """Start one run now, whatever runs already (as allow_all): its id is named by now."""
+        """Start one run now, whatever runs already (as allow_all); return its id, named by now and
+        numbered (`trigger_id`): every trigger starts a run of its own, and never under the id of
+        a due time, which stays its fire's."""
+        taken = 0  # numbers found taken: by the runs of a schedule of this name deleted and created again
         while True:
             sched, revision = await read(self.store, self.keys, name)
             now = self.wall()
             graph = await self._graph(sched.spec.machine)
-            iid = run_id(name, now)
+            n = sched.state.triggers + 1 + taken
+            iid = trigger_id(name, now, n)
             start = self.ops._create_txn(graph, dict(sched.spec.payload), iid)
-            after = replace(sched, state=sched.state.ran({"due": now, "id": iid, "action": "triggered", "at": now}))
-            if await self._swap(name, revision, sched, after, [_nested(start)]):
+            ran = sched.state.ran({"due": now, "id": iid, "action": "triggered", "at": now})
+            after = replace(sched, state=replace(ran, triggers=n))
+            # the run is started only with the schedule's count, and the count moves only with the run
+            if await self._swap(name, revision, sched, after, start.success, require=start.compare):
                 return iid
+            if (await read(self.store, self.keys, name))[1] == revision:
+                taken += 1
 
     async def backfill(self, name: str, start: float, end: float) -> list[str]:
         """Start a run for every due time from `start` to `end` (both included), now, whatever runs

@@ -2,16 +2,19 @@
 
 A client (`dsm.client`) sends each call over one of two transports, which behave as one:
 
-- `StoreTransport`: the instance operations (`dsm.operations`) over a store, etcd directly or the
-  in-process store of an embedded client (`EmbeddedTransport`, which also runs a worker).
+- `StoreTransport`: the instance operations (`dsm.operations`) and the schedules
+  (`dsm.schedules`) over a store, etcd directly or the in-process store of an embedded client
+  (`EmbeddedTransport`, which also runs a worker).
 - `ApiTransport` (`apiclient.py`): HTTP requests to a `dsm api` server. The server answers each
   request with a `StoreTransport` of its own, and the client turns its error answers back into
   the exceptions that class raises, with their messages. So a call refused over HTTP is refused
   by the very code, in the very words, that refuse it over etcd.
 
 Both speak the public JSON of the instance record (`records.public_record`): records, summaries
-and history entries are plain dicts. Input is checked by the client before either transport
-sees it (`dsm.client`), so a refused id, payload or name costs no round trip and reads the same.
+and history entries are plain dicts; a schedule is the JSON `/api/schedules` answers
+(`Schedule.public`, with its runs' statuses where it is described). Input is checked by the
+client before either transport sees it (`dsm.client`), so a refused id, payload, name or schedule
+costs no round trip and reads the same.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .housekeeping import HousekeepingOptions
 from .keys import Keys
 from .operations import Operations
 from .records import public_record
+from .schedules import Schedules, Spec
 from .service import serving
 from .store import Store
 from .store.memory import MemoryStore
@@ -72,6 +76,36 @@ class Transport(Protocol):
     async def page(self, *, status: str | None, machine: str | None, since: float | None,
                    where: dict[str, Any] | None, after: str | None, limit: int) -> Record: ...
 
+    # schedules (`dsm.schedules`): described as `describe_schedule` answers, unless said otherwise
+
+    async def create_schedule(self, spec: Spec) -> Record: ...
+
+    async def apply_schedules(self, specs: Sequence[Spec], prune: bool) -> dict[str, list[str]]:
+        """The names by what was done: created, updated, unchanged, deleted (`prune`)."""
+        ...
+
+    async def list_schedules(self) -> list[Record]:
+        """Every schedule of the namespace, by name (without its runs' statuses)."""
+        ...
+
+    async def describe_schedule(self, name: str) -> Record: ...
+
+    async def pause_schedule(self, name: str, note: str | None) -> Record: ...
+
+    async def unpause_schedule(self, name: str) -> Record: ...
+
+    async def trigger_schedule(self, name: str) -> str:
+        """The id of the run started."""
+        ...
+
+    async def backfill_schedule(self, name: str, start: float, end: float) -> list[str]:
+        """The ids of the runs of the due times from `start` to `end`, started now or before."""
+        ...
+
+    async def delete_schedule(self, name: str) -> Record:
+        """The schedule deleted, without next due times or runs' statuses."""
+        ...
+
     def check(self) -> None:
         """Raise what stopped this transport for good (an embedded worker that failed)."""
         ...
@@ -89,6 +123,7 @@ class StoreTransport:
         # definitions read from the store are compiled without importing their handlers: starting
         # an instance runs no handler code (only workers import handlers)
         self.definitions = operations.definitions
+        self.schedules = Schedules(operations, wall=operations.wall)
 
     @property
     def namespace(self) -> str:
@@ -178,6 +213,37 @@ class StoreTransport:
         page = await self.operations.page(status=status, machine=machine, since=since, where=where, after=after,
                                           limit=limit)
         return {"items": [index.summary(inst) for inst in page.items], "next": page.next}
+
+    async def create_schedule(self, spec: Spec) -> Record:
+        await self.schedules.create(spec)
+        return await self.schedules.describe(spec.name)
+
+    async def apply_schedules(self, specs: Sequence[Spec], prune: bool) -> dict[str, list[str]]:
+        return await self.schedules.apply(list(specs), prune=prune)
+
+    async def list_schedules(self) -> list[Record]:
+        now = self.operations.wall()
+        return [sched.public(now) for sched in await self.schedules.all()]
+
+    async def describe_schedule(self, name: str) -> Record:
+        return await self.schedules.describe(name)
+
+    async def pause_schedule(self, name: str, note: str | None) -> Record:
+        await self.schedules.pause(name, note)
+        return await self.schedules.describe(name)
+
+    async def unpause_schedule(self, name: str) -> Record:
+        await self.schedules.unpause(name)
+        return await self.schedules.describe(name)
+
+    async def trigger_schedule(self, name: str) -> str:
+        return await self.schedules.trigger(name)
+
+    async def backfill_schedule(self, name: str, start: float, end: float) -> list[str]:
+        return await self.schedules.backfill(name, start, end)
+
+    async def delete_schedule(self, name: str) -> Record:
+        return (await self.schedules.delete(name)).public(self.operations.wall(), upcoming=0)
 
     def check(self) -> None:
         pass

@@ -856,3 +856,14 @@ def test_schedules_through_the_api(server):
     assert srv.delete("/api/schedules/nightly").status_code == 200
     assert error_of(srv.get("/api/schedules/nightly"), 404)["type"] == "NotFound"
     assert error_of(srv.get("/api/schedules/no%20such"), 400)["type"] == "BadRequest"
+
+    listing = [{"name": "hourly", "machine": "order", "every": "1h"}, {"name": "daily", "machine": "order",
+                                                                      "cron": "@daily"}]
+    applied = srv.http.put("/api/schedules", json={"schedules": listing, "prune": True})
+    assert applied.status_code == 200, applied.text
+    assert applied.json() == {"created": ["daily"], "updated": ["hourly"], "unchanged": [], "deleted": []}
+    twice = error_of(srv.http.put("/api/schedules", json={"schedules": [{"name": "x", "machine": "order",
+                                                                         "every": "1m"}] * 2}), 422)
+    assert twice["type"] == "InvalidSchedule" and "given twice" in twice["message"]
+    assert error_of(srv.http.put("/api/schedules", json={"schedules": {"name": "x"}}), 400)["type"] == "BadRequest"
+    assert [s["name"] for s in srv.get("/api/schedules").json()["items"]] == ["daily", "hourly"]

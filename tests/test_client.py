@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,74 @@ def test_refusals(connect, write):
         c.wait(iid, timeout=0.3)
 
 
+def test_schedules_create_pause_trigger_backfill_and_delete(connect):
+    c = connect(APPROVAL)
+    created = c.create_schedule("nightly", "approval", cron="30 2 * * *", timezone="Europe/Berlin",
+                                payload={"amount": 5}, catchup_window=timedelta(minutes=10), jitter="30s")
+    assert (created["name"], created["machine"], created["cron"], created["catchup_window"], created["jitter"]) == (
+        "nightly", "approval", "30 2 * * *", 600, 30)
+    assert len(created["next"]) == 5 and created["runs"] == [] and created["paused"] is False
+    beat = c.create_schedule("beat", "approval", every=timedelta(hours=1), paused=True, note="not yet",
+                             start_at=datetime(2026, 1, 1, tzinfo=timezone.utc), end_at="2099-01-01T00:00:00Z")
+    assert beat["every"] == 3600 and beat["start_at"] == "2026-01-01T00:00:00.000Z" and beat["note"] == "not yet"
+    assert [(s["name"], s["paused"]) for s in c.list_schedules()] == [("beat", True), ("nightly", False)]
+
+    paused = c.pause_schedule("nightly", note="maintenance")
+    assert paused["paused"] is True and paused["note"] == "maintenance" and paused["next"] == []
+    unpaused = c.unpause_schedule("nightly")
+    assert unpaused["paused"] is False and unpaused["note"] is None and len(unpaused["next"]) == 5
+
+    first, second = c.trigger_schedule("nightly"), c.trigger_schedule("nightly")
+    assert first.startswith("nightly-") and first.endswith("-manual-1") and second.endswith("-manual-2")
+    assert c.get(first)["input"] == {"amount": 5}
+    filled = c.backfill_schedule("nightly", "2026-11-01T00:00:00Z", datetime(2026, 11, 3, tzinfo=timezone.utc))
+    assert filled == ["nightly-20261101T013000Z", "nightly-20261102T013000Z"]  # 02:30 in Berlin, in UTC
+    described = c.describe_schedule("nightly")
+    assert [(r["action"], r["id"]) for r in described["runs"]] == [
+        ("triggered", first), ("triggered", second), ("backfilled", filled[0]), ("backfilled", filled[1])]
+    assert {r["status"] for r in described["runs"]} <= {"running"} and described["triggers"] == 2
+    assert record_when(c, filled[1], waits_for_signal)["input"] == {"amount": 5}
+
+    deleted = c.delete_schedule("nightly")
+    assert deleted["name"] == "nightly" and deleted["triggers"] == 2
+    with pytest.raises(dsm.NotFound, match="no schedule 'nightly'"):
+        c.describe_schedule("nightly")
+    assert c.get(first)["status"] == "running"  # its runs stay
+    assert [s["name"] for s in c.list_schedules()] == ["beat"]
+
+
+def test_apply_schedules_creates_updates_and_prunes(connect):
+    c = connect(APPROVAL)
+    c.create_schedule("old", "approval", every="1h")
+    a = {"name": "a", "machine": "approval", "every": "10m"}
+    b = {"name": "b", "machine": "approval", "cron": "@daily", "payload": {"amount": 1},
+         "start_at": datetime(2026, 1, 1, tzinfo=timezone.utc), "catchup_window": timedelta(minutes=5)}
+    assert c.apply_schedules([a, b]) == {"created": ["a", "b"], "updated": [], "unchanged": [], "deleted": []}
+    changed = c.apply_schedules([{**a, "every": "20m"}, b], prune=True)
+    assert changed == {"created": [], "updated": ["a"], "unchanged": ["b"], "deleted": ["old"]}
+    listed = [(s["name"], s["every"], s["cron"]) for s in c.list_schedules()]
+    assert listed == [("a", 1200, None), ("b", None, "@daily")]
+    with pytest.raises(dsm.NotFound, match="no machine 'nope'"):
+        c.apply_schedules([{**a, "name": "c"}, {"name": "d", "machine": "nope", "every": "1m"}], prune=True)
+    assert [s["name"] for s in c.list_schedules()] == ["a", "b"]  # nothing was written
+
+
+def test_a_bad_schedule_is_refused_naming_its_field(connect):
+    c = connect(APPROVAL)
+    with pytest.raises(dsm.InputError, match="cron: '61 \\* \\* \\* \\*' is not a cron expression") as caught:
+        c.create_schedule("s", "approval", cron="61 * * * *")
+    assert caught.value.field == "cron"  # type: ignore[attr-defined]
+    with pytest.raises(dsm.InputError, match="catchup_window: must be at most 366d") as caught:
+        c.apply_schedules([{"name": "s", "machine": "approval", "every": "1m", "catchup_window": timedelta(days=400)}])
+    assert caught.value.field == "catchup_window"  # type: ignore[attr-defined]
+    for call in (lambda: c.describe_schedule("ghost"), lambda: c.pause_schedule("ghost"),
+                 lambda: c.unpause_schedule("ghost"), lambda: c.trigger_schedule("ghost"),
+                 lambda: c.backfill_schedule("ghost", "1h", "0s"), lambda: c.delete_schedule("ghost")):
+        with pytest.raises(dsm.NotFound, match="no schedule 'ghost'"):
+            call()
+    assert c.list_schedules() == []
+
+
 def test_the_sync_client_works_in_a_thread_whose_event_loop_runs(connect, write):
     c = connect(write("instant.yaml", INSTANT))
 
@@ -280,6 +349,22 @@ def refusals(c: dsm.Client, instant: Path) -> list[tuple[str, str]]:
         lambda: list(c.list(since=float("nan"))), lambda: list(c.list(where={"customer": ["c7"]})),
         lambda: c.page(after="junk"), lambda: c.page(limit=0),
         lambda: c.wait("run-1", timeout=0.1), lambda: c.wait("run-1", timeout=-1),
+        # schedules
+        lambda: c.create_schedule("s", "approval", cron="61 * * * *"),
+        lambda: c.create_schedule("s", "approval", every="1m", timezone="Mars/Base", overlap="sometimes"),
+        lambda: c.create_schedule("bad name", "approval", every="1m"),
+        lambda: c.create_schedule("s", "nothing", every="1m"),
+        lambda: c.create_schedule("sched-1", "approval", every="1m"),
+        lambda: c.describe_schedule("ghost"), lambda: c.pause_schedule("ghost"), lambda: c.unpause_schedule("ghost"),
+        lambda: c.trigger_schedule("ghost"), lambda: c.delete_schedule("ghost"),
+        lambda: c.backfill_schedule("ghost", "2026-11-01", "2026-11-02"),
+        lambda: c.pause_schedule("sched-1", note=5),  # type: ignore[arg-type]
+        lambda: c.backfill_schedule("sched-1", "2026-11-02", "2026-11-01"),
+        lambda: c.backfill_schedule("sched-1", "2026-01-01", "yesterday"),
+        lambda: c.backfill_schedule("sched-1", "2026-01-01", "2026-12-31"),  # more than 1,000 hours
+        lambda: c.apply_schedules([{"name": "x", "machine": "approval", "every": "1m"}] * 2),
+        lambda: c.apply_schedules("schedules.yaml"),  # type: ignore[arg-type]
+        lambda: c.apply_schedules([{"name": "x", "machine": "nothing", "every": "1m"}]),
     ]
     out = []
     for call in calls:
@@ -297,12 +382,14 @@ def test_every_transport_refuses_in_the_same_words(transports, write):
         c = transports.connect(kind, APPROVAL, instant)
         c.start(instant, {"n": 1}, id="done-1")
         c.start("approval", {"n": 1}, id="run-1")
+        # etcd and api share a namespace: apply, not create
+        c.apply_schedules([{"name": "sched-1", "machine": "approval", "every": "1h", "paused": True}])
         namespace = repr(transports.namespace_of(kind))
         seen[kind] = [(name, message.replace(namespace, "NS")) for name, message in refusals(c, instant)]
     assert seen["etcd"] == seen["embedded"]
     assert seen["api"] == seen["embedded"]
     assert {name for name, _ in seen["embedded"]} == {"NotFound", "InputError", "InstanceExists", "InvalidSignal",
-                                                      "Timeout"}
+                                                      "Timeout", "FieldError", "ScheduleExists"}
 
 
 # -- what only one transport has -------------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_pause_trigger_unpause_and_backfill(store_factory, namespace):
 
     paused, triggered, after_unpause, backfilled, again, ids = on_store(store_factory, body)
     assert paused == []  # nothing fires while paused, nor after for the time it was
-    assert triggered == "nightly-20261207T100030Z"
+    assert triggered == "nightly-20261207T100030Z-manual-1"  # named by now, and numbered
     assert after_unpause == "2026-12-07T10:05:00.000Z"
     assert backfilled == again == [f"nightly-20261207T09{m:02d}00Z" for m in (5, 10, 15, 20)]
     assert ids == sorted([triggered, *backfilled])  # the second backfill started nothing
@@ -200,3 +200,27 @@ def test_apply_creates_updates_and_leaves_alone(store_factory, namespace):
     first, second, third, names = on_store(store_factory, body)
     assert first["created"] == ["a", "b"] and second["updated"] == ["a"] and second["unchanged"] == ["b"]
     assert third["deleted"] == ["b"] and names == ["a"]
+
+
+def test_every_trigger_starts_its_own_run_and_leaves_the_due_times_their_ids(store_factory, namespace):
+    async def body(store):
+        clock = Clock(T0 + 30)  # 09:01:00
+        ops, schedules = await world(store, namespace, clock)
+        await schedules.create(spec(cron="* * * * *", overlap="allow_all"))
+        clock.at = T0 + 90  # 09:02:00 exactly, due and not yet fired; the clock stays there
+        triggered = [await schedules.trigger("nightly") for _ in range(3)]
+        fired, _ = await schedules.round()
+        described = await schedules.describe("nightly")
+        await schedules.delete("nightly")  # created again, its count starts afresh: its first numbers are taken
+        await schedules.create(spec(cron="* * * * *"))
+        again = await schedules.trigger("nightly")
+        return triggered, fired, described, again, sorted(i.id for i in await ops.list())
+
+    triggered, fired, described, again, ids = on_store(store_factory, body)
+    due = "nightly-20261207T090200Z"
+    assert triggered == [f"{due}-manual-{n}" for n in (1, 2, 3)]  # three runs, none under the due time's id
+    assert [(e["action"], e["id"]) for e in fired] == [("started", due)]  # the due time fires, once
+    assert [(r["action"], r["id"], r["status"]) for r in described["runs"]] == [
+        *(("triggered", iid, "running") for iid in triggered), ("started", due, "running")]
+    assert described["triggers"] == 3 and described["fires"] == 1
+    assert again == f"{due}-manual-4" and ids == sorted([*triggered, due, again])

@@ -16,7 +16,8 @@ Routes (the OpenAPI document, `openapi.py`, describes each):
     GET    /api/machines                        registered machines
     GET    /api/machines/{machine}              one machine with its drawing
     GET    /api/workers                         live workers
-    GET    /api/schedules                       schedules (`dsm.schedules`); POST creates one
+    GET    /api/schedules                       schedules (`dsm.schedules`); POST creates one; PUT applies a list
+                                                of them (created or updated to match, as `dsm schedule apply`)
     GET    /api/schedules/{name}                one, with its next due times and last runs; PUT creates or
                                                 updates it to match (as `dsm schedule apply`); DELETE
     POST   /api/schedules/{name}/pause|unpause|trigger|backfill
@@ -56,12 +57,12 @@ from starlette.staticfiles import StaticFiles
 
 from .. import index, payloads, render, search
 from ..definitions import machines
-from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, StoreError
+from ..errors import InputError, InstanceExists, InvalidSignal, NotFound, ScheduleExists, StoreError
 from ..graph import DIGEST, Graph
 from ..keys import Keys, check_instance_id, check_machine_name, check_signal_name
 from ..operations import Operations
 from ..records import CANCELLED, MAX_REASON, STATUSES
-from ..schedules import MAX_NOTE, SPEC_FIELDS, FieldError, Schedules, Spec
+from ..schedules import MAX_NOTE, SPEC_FIELDS, FieldError, Spec, specs_of
 from ..schedules import check_name as check_schedule_name
 from ..store import Store
 from ..transport import StoreTransport
@@ -116,7 +117,6 @@ class Api:
     def __post_init__(self) -> None:
         self.calls = StoreTransport(Operations(self.store, self.keys, wall=self.wall))
         self.operations = self.calls.operations  # the reads the client has no call for (graph, events, workers)
-        self.schedules = Schedules(self.operations, wall=self.wall)
 
     def close(self) -> None:
         """End the open event streams (a server that stops waits for open answers)."""
@@ -356,52 +356,57 @@ class Api:
             raise ApiError(422, "InvalidSchedule", str(exc)) from None
 
     async def list_schedules(self, request: Request) -> Response:
-        now = self.wall()
-        return JSONResponse({"items": [s.public(now) for s in await self.schedules.all()]})
+        return JSONResponse({"items": await self.calls.list_schedules()})
 
     async def create_schedule(self, request: Request) -> Response:
         body = await self.body(request, ("name", *SPEC_FIELDS))
         spec = self.spec(body.pop("name", None), body)
         try:
-            await self.schedules.create(spec)
-        except NotFound:
-            raise
-        except InputError as exc:  # one of that name exists
+            described = await self.calls.create_schedule(spec)
+        except ScheduleExists as exc:
             raise ApiError(409, "ScheduleExists", str(exc)) from None
-        return JSONResponse(await self.schedules.describe(spec.name), status_code=201,
-                            headers={"location": f"/api/schedules/{spec.name}"})
+        return JSONResponse(described, status_code=201, headers={"location": f"/api/schedules/{spec.name}"})
+
+    async def apply_schedules(self, request: Request) -> Response:
+        body = await self.body(request, ("schedules", "prune"))
+        prune = body.get("prune", False)
+        if not isinstance(body.get("schedules"), list) or not isinstance(prune, bool):
+            raise bad_request("schedules is required: a list of schedules, each an object of name and the fields "
+                              "create takes; prune: true or false")
+        try:
+            specs = specs_of(body["schedules"])
+        except InputError as exc:
+            raise ApiError(422, "InvalidSchedule", str(exc)) from None
+        return JSONResponse(await self.calls.apply_schedules(specs, prune))
 
     async def put_schedule(self, request: Request) -> Response:
         name = self.schedule_name(request)
         spec = self.spec(name, await self.body(request, SPEC_FIELDS))
-        done = await self.schedules.apply([spec])
-        return JSONResponse(await self.schedules.describe(name), status_code=201 if done["created"] else 200)
+        done = await self.calls.apply_schedules([spec], False)
+        return JSONResponse(await self.calls.describe_schedule(name), status_code=201 if done["created"] else 200)
 
     async def get_schedule(self, request: Request) -> Response:
-        return JSONResponse(await self.schedules.describe(self.schedule_name(request)))
+        return JSONResponse(await self.calls.describe_schedule(self.schedule_name(request)))
 
     async def delete_schedule(self, request: Request) -> Response:
-        deleted = await self.schedules.delete(self.schedule_name(request))
-        return JSONResponse(deleted.public(self.wall(), upcoming=0))
+        return JSONResponse(await self.calls.delete_schedule(self.schedule_name(request)))
 
     async def pause_schedule(self, request: Request) -> Response:
         name = self.schedule_name(request)
         note = (await self.body(request, ("note",))).get("note")
         if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
             raise bad_request(f"note must be a string of at most {MAX_NOTE} characters")
-        await self.schedules.pause(name, note)
-        return JSONResponse(await self.schedules.describe(name))
+        return JSONResponse(await self.calls.pause_schedule(name, note))
 
     async def unpause_schedule(self, request: Request) -> Response:
         name = self.schedule_name(request)
         await self.body(request, ())
-        await self.schedules.unpause(name)
-        return JSONResponse(await self.schedules.describe(name))
+        return JSONResponse(await self.calls.unpause_schedule(name))
 
     async def trigger_schedule(self, request: Request) -> Response:
         name = self.schedule_name(request)
         await self.body(request, ())
-        iid = await self.schedules.trigger(name)
+        iid = await self.calls.trigger_schedule(name)
         return JSONResponse({"id": iid}, status_code=201, headers={"location": f"/api/instances/{iid}"})
 
     async def backfill_schedule(self, request: Request) -> Response:
@@ -417,9 +422,9 @@ class Api:
                 span.append(index.check_since(value, now))
             except InputError as exc:
                 raise ApiError(422, "InvalidSpan", f"{key}: {exc}") from None
-        await self.schedules.get(name)  # 404 first
+        await self.calls.schedules.get(name)  # 404 first
         try:
-            return JSONResponse({"ids": await self.schedules.backfill(name, span[0], span[1])})
+            return JSONResponse({"ids": await self.calls.backfill_schedule(name, span[0], span[1])})
         except InputError as exc:  # backwards, or too many due times
             raise ApiError(422, "InvalidSpan", str(exc)) from None
 
@@ -469,6 +474,7 @@ def routes(api: Api, static: Path | None) -> list[BaseRoute]:
         Route("/api/workers", _answers(api.list_workers), methods=["GET"], name="list_workers"),
         Route("/api/schedules", _answers(api.list_schedules), methods=["GET"], name="list_schedules"),
         Route("/api/schedules", _answers(api.create_schedule), methods=["POST"], name="create_schedule"),
+        Route("/api/schedules", _answers(api.apply_schedules), methods=["PUT"], name="apply_schedules"),
         Route("/api/schedules/{name}", _answers(api.get_schedule), methods=["GET"], name="get_schedule"),
         Route("/api/schedules/{name}", _answers(api.put_schedule), methods=["PUT"], name="put_schedule"),
         Route("/api/schedules/{name}", _answers(api.delete_schedule), methods=["DELETE"], name="delete_schedule"),

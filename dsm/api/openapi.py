@@ -160,7 +160,8 @@ SCHEMAS: dict[str, Any] = {
                 "action": {"enum": ["started", "skipped", "buffered", "missed", "triggered", "backfilled"]},
                 "status": NULLABLE_STRING}}},
             "buffered": TIME, "fires": {"type": "integer"}, "skips": {"type": "integer"},
-            "misses": {"type": "integer"}, "created_at": TIME, "updated_at": TIME},
+            "misses": {"type": "integer"}, "triggers": {"type": "integer", "description": "Runs started by trigger."},
+            "created_at": TIME, "updated_at": TIME},
     },
     "Drawing": {
         "type": "object", "description": "A machine as nodes and edges; the ids are the Mermaid text's.",
@@ -352,7 +353,21 @@ PATHS: dict[str, Any] = {
                  "requestBody": _body({"name": _whole(SCHEDULE_NAME), **SPEC_PROPERTIES},
                                       "The schedule: its name, machine, cron or every, and the rest.", required=True),
                  "responses": {"201": _json(_ref("Schedule"), "Created."), **ACTION_ERRORS,
-                               "422": _error("InvalidSchedule")}}},
+                               "422": _error("InvalidSchedule")}},
+        "put": {"operationId": "apply_schedules", "security": ACTION,
+                "summary": "Create or update schedules to match a list (as `dsm schedule apply`): every entry is "
+                           "checked, and every machine found, before any is written; with `prune`, the namespace's "
+                           "schedules the list does not name are deleted.",
+                "requestBody": _required_fields(_body({
+                    "schedules": {"type": "array", "items": {
+                        "type": "object", "additionalProperties": False, "required": ["name", "machine"],
+                        "properties": {"name": _whole(SCHEDULE_NAME), **SPEC_PROPERTIES}}},
+                    "prune": {"type": "boolean", "default": False}},
+                    "The schedules, each its name and the fields create takes.", required=True), ["schedules"]),
+                "responses": {"200": _json({"type": "object", "properties": {
+                    what: {"type": "array", "items": {"type": "string"}}
+                    for what in ("created", "updated", "unchanged", "deleted")}}, "The names, by what was done."),
+                    **ACTION_ERRORS, "422": _error("InvalidSchedule")}}},
     "/api/schedules/{name}": {
         "parameters": [SCHEDULE],
         "get": {"operationId": "get_schedule", "summary": "One schedule: its next 5 due times, its last 10 runs.",
@@ -379,7 +394,8 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json(_ref("Schedule"), "Unpaused."), **ACTION_ERRORS}}},
     "/api/schedules/{name}/trigger": {"post": {
         "operationId": "trigger_schedule", "parameters": [SCHEDULE], "security": ACTION,
-        "summary": "Start one run now, whatever runs already; its id is named by now.",
+        "summary": "Start one run now, whatever runs already; its id is named by now and numbered "
+                   "(NAME-YYYYMMDDTHHMMSSZ-manual-N), never a due time's.",
         "responses": {"201": _json({"type": "object", "properties": {"id": {"type": "string"}}}, "Started."),
                       **ACTION_ERRORS}}},
     "/api/schedules/{name}/backfill": {"post": {
