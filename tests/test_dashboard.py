@@ -574,6 +574,9 @@ def test_the_search_box_lists_instances_by_attribute_and_opens_one_by_id(
     _search(browser, "customer=c7, order=A-1")  # several attributes: all must hold
     until_shown(lambda: _address(browser).get("where") == ["customer:c7", "order:A-1"], "both in the address")
     until_shown(lambda: ids() == [c7[1]], "c7's order A-1")
+    browser.find_element("css selector", "#search-active .tag[data-name=order] button").click()  # one tag cleared
+    until_shown(lambda: _address(browser) == {"status": ["failed"], "where": ["customer:c7"]}, "order no more")
+    assert browser.find_element("id", "search").get_attribute("value") == "customer=c7"
     _search(browser, "customer=c7 order=A-2")
     assert until_shown(lambda: _text(browser, "#instances .empty"), "the empty list to say so") == \
         "No failed instances with customer = c7 and order = A-2."
