@@ -24,10 +24,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from clitools import spawn
+from clitools import ROOT, spawn
 from helpers import until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
@@ -215,7 +216,8 @@ def dashboard(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     (folder / "dashflaky.py").write_text(FLAKY_PY.lstrip(), encoding="utf-8")
     (folder / "vote.yaml").write_text(VOTE.lstrip(), encoding="utf-8")
     at = ("--etcd", etcd.endpoint, "--namespace", "dash" + os.urandom(4).hex())
-    machines = (str(folder / "gate.yaml"), str(folder / "flaky.yaml"), str(folder / "vote.yaml"))
+    machines = (str(folder / "gate.yaml"), str(folder / "flaky.yaml"), str(folder / "vote.yaml"),
+                str(ROOT / "definitions" / "order.yaml"))  # search attributes: customer, order
     worker = _Process("worker", *machines, *at, "--concurrency", "4", "--lease-ttl", "3", "--isolation", "thread")
     api = _Process("api", *machines, *at, "--host", "127.0.0.1", "--port", "0")
     try:
@@ -244,6 +246,11 @@ def _js(browser: Any, script: str, *args: Any) -> Any:
 
 def _open(browser: Any, url: str, *, live: bool = True) -> None:
     browser.get(url)
+    _loaded(browser, live=live)
+
+
+def _loaded(browser: Any, *, live: bool = True) -> None:
+    """Waits for a page just loaded to follow live events (when `live`), after marking it."""
     # a mark that only this page load carries: it is gone if the page ever reloads
     _js(browser, "window.dsmTestLoad = 'same page'")
     if live:
@@ -266,6 +273,13 @@ def _page_status(browser: Any) -> str:
 
 def _text(browser: Any, selector: str) -> str:
     return str(_js(browser, "const e = document.querySelector(arguments[0]); return e ? e.textContent : '';", selector))
+
+
+def _rows(browser: Any) -> list[tuple[str, str, str]]:
+    """(id, status, machine cell) of each row of the instance list, top to bottom."""
+    found = _js(browser, "return [...document.querySelectorAll('#instances tr[data-id]')]"
+                         ".map(tr => [tr.dataset.id, tr.dataset.status, tr.children[1].textContent])")
+    return [tuple(r) for r in found]
 
 
 def _shoot(browser: Any, artifacts: Path, name: str) -> Path:
@@ -420,12 +434,7 @@ def test_the_list_filters_by_status_and_machine_and_pages(browser: Any, dashboar
     ids = [dashboard.start("flaky", {"flag": str(dashboard.folder / "never-made")}) for _ in range(3)]
     until_shown(lambda: all(dashboard.record(i)["status"] == "failed" for i in ids), "three instances to fail")
     _open(browser, f"{dashboard.url}/#/?status=failed&machine=flaky&limit=2")
-
-    def rows() -> list[tuple[str, str, str]]:
-        found = _js(browser, "return [...document.querySelectorAll('#instances tr[data-id]')]"
-                             ".map(tr => [tr.dataset.id, tr.dataset.status, tr.children[1].textContent])")
-        return [tuple(r) for r in found]
-
+    rows = functools.partial(_rows, browser)
     first = until_shown(lambda: len(rows()) == 2 and rows(), "a first page of two")
     assert [(i, s, m.split()[0]) for i, s, m in first] == [(ids[2], "failed", "flaky"), (ids[1], "failed", "flaky")]
     browser.find_element("id", "page-older").click()
@@ -489,3 +498,89 @@ def test_the_schedules_page_shows_next_due_times_runs_and_pauses(
     browser.find_element("css selector", ".schedule[data-name='nightly'] .runs a").click()
     until_shown(lambda: _page_status(browser) in ("running", "succeeded"), "the run's instance page")
     _shoot(browser, artifacts, "schedule-run")
+
+
+def _address(browser: Any) -> dict[str, list[str]]:
+    """The list's filters as the page's address keeps them (the query after `#/`)."""
+    return parse_qs(urlsplit(browser.current_url).fragment.partition("?")[2])
+
+
+def _search(browser: Any, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = browser.find_element("id", "search")
+    box.clear()
+    box.send_keys(text + Keys.ENTER)
+
+
+def test_the_search_box_lists_instances_by_attribute_and_opens_one_by_id(
+        browser: Any, dashboard: Dashboard, artifacts: Path) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    c7 = [dashboard.start("order", {"customer": "c7", "order_id": f"A-{n}", "total": total})
+          for n, total in enumerate((120, 0, 40))]
+    others = [dashboard.start("order", {"customer": "c8", "total": 120}), dashboard.start("order", {"total": 40})]
+    until_shown(lambda: all(dashboard.record(i)["status"] != "running" for i in c7 + others), "the orders to finish")
+    assert [dashboard.record(i)["status"] for i in c7] == ["succeeded", "failed", "succeeded"]  # a total of 0 fails
+
+    def ids() -> list[str]:
+        return [row[0] for row in _rows(browser)]
+
+    _open(browser, f"{dashboard.url}/#/")
+    _search(browser, "customer=c7")
+    until_shown(lambda: ids() == c7[::-1], lambda: f"exactly c7's orders, newest first; shown: {ids()}")
+    assert _address(browser) == {"where": ["customer:c7"]}
+    assert _text(browser, "#search-active").startswith("customer = c7")
+    assert _same_page(browser)
+    _shoot(browser, artifacts, "search")
+
+    browser.find_element("css selector", ".chips button[data-status=failed]").click()
+    until_shown(lambda: ids() == [c7[1]], lambda: f"c7's failed order only; shown: {ids()}")
+    assert _address(browser) == {"status": ["failed"], "where": ["customer:c7"]}
+
+    browser.refresh()  # the address keeps the search
+    _loaded(browser)
+    until_shown(lambda: ids() == [c7[1]], lambda: f"c7's failed order after the reload; shown: {ids()}")
+    assert browser.find_element("id", "search").get_attribute("value") == "customer=c7"
+    _shoot(browser, artifacts, "search-failed")
+
+    # Live: an order of another customer does not come into the list; one of c7's does.
+    browser.find_element("css selector", ".chips button[data-status='']").click()
+    until_shown(lambda: ids() == c7[::-1], "c7's orders of every status")
+    other = dashboard.start("order", {"customer": "c8", "total": 40})
+    until_shown(lambda: dashboard.record(other)["status"] == "succeeded", "c8's new order to finish")
+    late = dashboard.start("order", {"customer": "c7", "total": 40})
+    until_shown(lambda: _row_status(browser, late) == "succeeded", "c7's new order to come in and succeed")
+    assert ids() == [late, *c7[::-1]]
+    assert _same_page(browser), "the list reloaded the page instead of reading the API again"
+
+    browser.find_element("id", "search").send_keys(Keys.ESCAPE)  # clears the search, the other filters kept
+    until_shown(lambda: other in ids(), "every instance listed again")
+    assert "where" not in _address(browser)
+    assert browser.find_element("id", "search").get_attribute("value") == ""
+
+    _search(browser, c7[0])  # an id: its page
+    until_shown(lambda: _page_status(browser) == "succeeded", "the instance's page")
+    assert _text(browser, "#instance-id") == c7[0]
+
+    _open(browser, f"{dashboard.url}/#/?status=failed&where=customer:c7")
+    until_shown(lambda: ids() == [c7[1]], "c7's failed order")
+    _search(browser, "no-such-order")
+    note = until_shown(lambda: _text(browser, "#search-note"), "the page to say there is no such instance")
+    assert note.startswith("No instance no-such-order.")
+    assert _address(browser) == {"status": ["failed"], "where": ["customer:c7"]} and ids() == [c7[1]]
+    _shoot(browser, artifacts, "search-unknown-id")
+
+    _search(browser, "customer=c7, order=A-1")  # several attributes: all must hold
+    until_shown(lambda: _address(browser).get("where") == ["customer:c7", "order:A-1"], "both in the address")
+    until_shown(lambda: ids() == [c7[1]], "c7's order A-1")
+    browser.find_element("css selector", "#search-active .tag[data-name=order] button").click()  # one tag cleared
+    until_shown(lambda: _address(browser) == {"status": ["failed"], "where": ["customer:c7"]}, "order no more")
+    assert browser.find_element("id", "search").get_attribute("value") == "customer=c7"
+    _search(browser, "customer=c7 order=A-2")
+    assert until_shown(lambda: _text(browser, "#instances .empty"), "the empty list to say so") == \
+        "No failed instances with customer = c7 and order = A-2."
+    _search(browser, "customer=" + "x" * 300)  # refused by the API: its message
+    error = until_shown(lambda: _text(browser, ".notice.error"), "the API's refusal")
+    assert "where: customer: a value is a string, a number or a boolean of up to 256 characters" in error
+    assert _same_page(browser)

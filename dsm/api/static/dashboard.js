@@ -144,9 +144,13 @@ async function api(method, path, body) {
   }
 }
 
+// A query string of the parameters given (none for "", null or undefined); an array is the
+// parameter repeated, once a value.
 function query(params) {
   const q = new URLSearchParams();
-  for (const [key, value] of Object.entries(params)) if (value !== "" && value !== null && value !== undefined) q.set(key, value);
+  for (const [key, given] of Object.entries(params)) {
+    for (const value of [given].flat()) if (value !== "" && value !== null && value !== undefined) q.append(key, value);
+  }
   const text = q.toString();
   return text ? `?${text}` : "";
 }
@@ -281,15 +285,36 @@ function throttled(task, gap) {
 
 // -- the instance list ----------------------------------------------------------------------------
 
+// What the search box asks for: search attributes, `name=value` (several, separated by spaces or
+// commas, must all hold; a pair ends where the next `name=` starts, so a value may hold spaces),
+// as the API's `where` takes them (`name:value`); or else an instance id.
+function parseSearch(text) {
+  const trimmed = text.trim();
+  const where = [];
+  for (const pair of trimmed ? trimmed.split(/[\s,]+(?=[A-Za-z_][A-Za-z0-9_]*\s*=)/) : []) {
+    const found = pair.match(/^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/); // a name as `search:` has them
+    if (!found) return { id: trimmed };
+    where.push(`${found[1]}:${found[2]}`);
+  }
+  return { where };
+}
+
+// A `where` item (`name:value`) as [name, value]: the name holds no ':', the value may.
+function wherePair(item) {
+  const cut = item.indexOf(":");
+  return [item.slice(0, cut), item.slice(cut + 1)];
+}
+
 class ListView {
   constructor(root, params) {
     this.root = root;
     this.filters = {
       status: params.get("status") || "", machine: params.get("machine") || "", since: params.get("since") || "",
       limit: Math.min(Math.max(Math.floor(Number(params.get("limit"))) || 50, 1), 1000), // as the API takes
+      where: params.getAll("where").filter(Boolean), // search attributes, `name:value` as the API takes them
     };
     this.after = params.get("after") || "";
-    this.back = ListView.pages.get(this.key()) || [];
+    this.back = ListView.pages.get(ListView.key(this.filters, this.after)) || [];
     this.rows = new Map();
     this.latest = new Map(); // id -> the last event's summary and when it came (until the next page)
     this.refresh = throttled(() => this.load(false), 1000);
@@ -299,17 +324,43 @@ class ListView {
   }
 
   static pages = new Map(); // filters -> cursors of the pages before this one, for "Newer"
+  static searching = false; // the search box had the focus when this page was asked for: it keeps it
 
-  key() {
-    const f = this.filters;
-    return `${f.status}|${f.machine}|${f.since}|${f.limit}|${this.after}`;
+  static key(f, after) {
+    return JSON.stringify([f.status, f.machine, f.since, f.limit, f.where, after]);
   }
 
   go(changes, after = "", back = []) {
     const f = { ...this.filters, ...changes };
     const next = { ...f, after, limit: f.limit === 50 ? "" : f.limit };
-    ListView.pages.set(`${f.status}|${f.machine}|${f.since}|${f.limit}|${after}`, back);
-    location.hash = `#/${query(next)}`;
+    ListView.pages.set(ListView.key(f, after), back);
+    const hash = `#/${query(next)}`;
+    if ((location.hash || "#/") !== hash) location.hash = hash;
+    else { ListView.searching = false; this.refresh(); } // the same page: read it again
+  }
+
+  // The search box: attributes filter the list (kept in the address as `where`); an id opens that
+  // instance's page when there is one, and says so here otherwise, the list and its filters kept.
+  async find(text) {
+    fill(this.found);
+    const asked = parseSearch(text);
+    if (asked.where) { ListView.searching = true; this.go({ where: asked.where }); return; }
+    try {
+      await api("GET", `/api/instances/${encodeURIComponent(asked.id)}`);
+    } catch (err) {
+      if (this.disposed) return;
+      fill(this.found, h("div", { class: "notice note", id: "search-note" }, err.status === 404
+        ? `No instance ${asked.id}. To search by attribute, type name=value (customer=c7).`
+        : `${err.type ? `${err.type}: ` : ""}${err.message}`));
+      return;
+    }
+    if (!this.disposed) location.hash = `#/instances/${encodeURIComponent(asked.id)}`;
+  }
+
+  clearSearch() {
+    this.search.value = "";
+    fill(this.found);
+    if (this.filters.where.length) { ListView.searching = true; this.go({ where: [] }); }
   }
 
   build() {
@@ -334,6 +385,21 @@ class ListView {
     const limit = h("select", { id: "filter-limit", onchange: (e) => this.go({ limit: Number(e.target.value) }) },
       [...new Set([...PAGE_SIZES, this.filters.limit])].sort((a, b) => a - b)
         .map((n) => h("option", { value: n, selected: n === this.filters.limit }, `${n} a page`)));
+    const where = this.filters.where;
+    this.search = h("input", { id: "search", type: "search", placeholder: "instance id or name=value",
+                               autocomplete: "off", spellcheck: "false",
+                               value: where.map((w) => wherePair(w).join("=")).join(" "),
+                               onkeydown: (e) => { if (e.key === "Escape") { e.preventDefault(); this.clearSearch(); } } });
+    const search = h("form", { class: "search", role: "search", onsubmit: (e) => { e.preventDefault(); this.find(this.search.value); } },
+      h("label", { class: "field" }, "Search", this.search));
+    const searched = where.length ? h("div", { class: "searched", id: "search-active", "aria-label": "search attributes" },
+      where.map((w) => {
+        const [name, value] = wherePair(w);
+        return h("span", { class: "tag", dataset: { name } }, `${name} = ${value}`,
+          h("button", { type: "button", title: `Stop filtering on ${name}`, "aria-label": `Stop filtering on ${name}`,
+                        onclick: () => this.go({ where: where.filter((x) => x !== w) }) }, "×"));
+      })) : null;
+    this.found = h("div");
     this.notice = h("div");
     this.body = h("tbody");
     this.table = h("table", { class: "list", id: "instances" },
@@ -352,13 +418,16 @@ class ListView {
                                onclick: () => this.go({}, this.next, [...this.back, this.after]) }, "Older →");
     this.pager = h("div", { class: "pager" }, this.shown, this.newest, this.newer, this.older);
     fill(this.root,
-      h("div", { class: "filters" }, chips,
+      h("div", { class: "filters" }, search, chips,
         h("label", { class: "field" }, "Machine", this.machineSelect),
         h("label", { class: "field" }, "Started", since),
-        h("label", { class: "field" }, "Page", limit)),
+        h("label", { class: "field" }, "Page", limit), searched),
+      this.found,
       this.notice,
       h("div", { class: "panel", style: "padding: 0 0 2px" }, this.table),
       this.pager);
+    if (ListView.searching) this.search.focus();
+    ListView.searching = false;
   }
 
   async load(first) {
@@ -367,7 +436,7 @@ class ListView {
     let page;
     try {
       page = await api("GET", `/api/instances${query({ status: f.status, machine: f.machine, since: f.since,
-                                                         limit: f.limit, after: this.after })}`);
+                                                         where: f.where, limit: f.limit, after: this.after })}`);
     } catch (err) {
       fill(this.notice, h("div", { class: "notice error" }, `Cannot list instances: ${err.message}`));
       return;
@@ -402,8 +471,9 @@ class ListView {
       const f = this.filters;
       const named = SINCE.find(([v]) => v && v === f.since);
       const since = f.since && (named ? `started in the ${named[1]}` : `started since ${f.since}`);
+      const where = f.where.length && `with ${f.where.map((w) => wherePair(w).join(" = ")).join(" and ")}`;
       const text = [`No ${f.status ? `${f.status} ` : ""}instances`, f.machine && `of machine ${f.machine}`,
-                    since, this.after && "on this page"].filter(Boolean).join(" ");
+                    since, where, this.after && "on this page"].filter(Boolean).join(" ");
       fill(this.body, h("tr", {}, h("td", { colspan: 7, class: "empty" }, `${text}.`)));
     } else {
       fill(this.body, ...order);
@@ -435,6 +505,8 @@ class ListView {
       h("td", { class: "muted" }, item.finished_at ? elapsed(item.created_at, item.finished_at) : ""));
   }
 
+  // Whether a summary may belong in this list. Summaries carry no search attributes, so with a
+  // `where` filter this is only a first sieve: the page is read again, never added to from an event.
   matches(item) {
     const f = this.filters;
     return (!f.status || item.status === f.status) && (!f.machine || item.machine === f.machine);
@@ -455,7 +527,8 @@ class ListView {
       tr.classList.add("flash");
       shown.tr.replaceWith(tr);
       this.rows.set(data.id, { tr, item, sig: this.sig(item) });
-      if (!this.matches(item)) this.refresh(); // it left the filter: the page is read again
+      // it left the filter, or may have (its attributes are not in the event): the page is read again
+      if (!this.matches(item) || this.filters.where.length) this.refresh();
     } else if (!this.after && this.matches(data)) {
       const oldest = [...this.rows.values()].at(-1);
       const full = this.rows.size >= this.filters.limit;
