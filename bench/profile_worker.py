@@ -41,6 +41,7 @@ from dsm.operations import Operations  # noqa: E402
 from dsm.service import serving  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
+from dsm.worker.collector import pace_collector  # noqa: E402
 
 LINEAR = ROOT / "bench" / "linear.yaml"
 PER_INSTANCE = 4
@@ -94,6 +95,7 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
 
     rounds = []
     profiler = cProfile.Profile() if args.profile else None
+    pace_collector()  # as `dsm worker` does
     async with serving(store, keys, [graph], concurrency=CONCURRENCY, isolation=args.isolation,
                        on_commit=on_commit, worker_id="profile") as service:
         await run_round(WARM_UP)
