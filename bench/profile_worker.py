@@ -6,12 +6,13 @@
     python bench/profile_worker.py --rounds 3           # three measured rounds on the same worker
 
 A worker (`dsm.service.serving`, concurrency 64, `bench/linear.yaml`: 4 no-op ticks per instance)
-runs in this process against an etcd started for the run; it first runs 128 instances (its
-handler processes started), then each round submits `-n` instances from a separate process, so
-that the CPU this process spends (`time.process_time`: its event loop and gRPC's threads) is the
-worker's own. Reported per transition: the worker's CPU, less what it spends idle (heartbeats,
-measured for a second after each round), its handler processes' and etcd's (from `/proc`). CPU
-time is what this code controls and holds better than rates on a busy machine; with
+runs in this process (its garbage collector paced as `dsm worker` paces it) against an etcd
+started for the run; it first runs 128 instances (its handler processes started), then each
+round submits `-n` instances from a separate process, so that the CPU this process spends
+(`time.process_time`: its event loop and gRPC's threads) is the worker's own. Reported per
+transition: the worker's CPU, less what it spends idle (heartbeats, measured for a second after
+each round), its handler processes' and etcd's (from `/proc`). CPU time is what this code
+controls and holds better than rates on a busy machine; with
 `--profile`, cProfile's figures are the wall time of the worker's event loop thread (its wait in
 `epoll` is idle time), about twice what the code costs unprofiled (compare rankings, not sums,
 with the unprofiled figure); `--cumulative` ranks by time under each function.
@@ -41,6 +42,7 @@ from dsm.operations import Operations  # noqa: E402
 from dsm.service import serving  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
+from dsm.worker.collector import pace_collector  # noqa: E402
 
 LINEAR = ROOT / "bench" / "linear.yaml"
 PER_INSTANCE = 4
@@ -94,6 +96,7 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
 
     rounds = []
     profiler = cProfile.Profile() if args.profile else None
+    pace_collector()  # as `dsm worker` does
     async with serving(store, keys, [graph], concurrency=CONCURRENCY, isolation=args.isolation,
                        on_commit=on_commit, worker_id="profile") as service:
         await run_round(WARM_UP)

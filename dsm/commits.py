@@ -58,7 +58,7 @@ class CommitPlan:
 
 
 def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float, worker: str,
-                slots: int, max_record_bytes: int, max_ops: int = MAX_TXN_OPS) -> CommitPlan:
+                slots: int, max_record_bytes: int, max_ops: int = MAX_TXN_OPS, shortcut: bool = True) -> CommitPlan:
     """Apply `arrivals` to `before` and choose what this worker claims next.
 
     `slots`: how many new tokens this worker may take on (besides its own that move along); 0 when
@@ -68,21 +68,28 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     starts): when the arrivals together need more than a transaction holds (dozens of map items
     finishing at once), the plan applies the first of them that fit (`applied`) and the rest wait
     for the next commit.
+
+    `shortcut`: a commit along a line is planned without the general planning (`_along_line`);
+    False plans it the general way too, which finds the same plan (the tests compare them).
     """
     count = len(arrivals)
     while True:
         plan = _plan(graph, before, arrivals[:count], now=now, worker=worker, slots=slots,
-                     max_record_bytes=max_record_bytes, max_ops=max_ops)
+                     max_record_bytes=max_record_bytes, max_ops=max_ops, shortcut=shortcut)
         if plan.required < max_ops or count <= 1:
             return plan
         count = max(1, min(count - 1, count * (max_ops * 3 // 4) // plan.required))
 
 
 def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float, worker: str, slots: int,
-          max_record_bytes: int, max_ops: int) -> CommitPlan:
+          max_record_bytes: int, max_ops: int, shortcut: bool = True) -> CommitPlan:
     started: list[Instance] = []
     after, history = apply(graph, before, arrivals, now=now, worker=worker, started=started)
     own = frozenset(a.token.id for a in arrivals)
+    if shortcut and len(history) == 1 and not started and len(arrivals) == 1:
+        line = _along_line(graph, before, after, history, arrivals, own, now=now, max_record_bytes=max_record_bytes)
+        if line is not None:
+            return line
     keep, after = _keep(graph, before, after, own, history, now, worker, slots, started, max_ops)
     after = search.indexed(graph, after)  # their entries move in this transaction (`index.status_ops`)
     recorded, spill = _recorded(after, history)
@@ -102,6 +109,30 @@ def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
     keep, deferred, required = _fit(own, removed, changed, keep, entries, max_ops)
     return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record,
                       tuple(started), len(arrivals), required, spill)
+
+
+def _along_line(graph: Graph, before: Instance, after: Instance, history: list[HistoryEntry],
+                arrivals: list[Arrival], own: frozenset[str], *, now: float,
+                max_record_bytes: int) -> CommitPlan | None:
+    """The plan of the usual commit, made without the general planning: the one token of a running
+    instance moved along a line to a state with a tick, due now, and nothing else changed. The
+    general planning finds the same (`tests/test_commits_line.py` compares them): the token kept
+    for this worker, its marker left alone, no other marker, no index entry, no child, nothing
+    folded (a state with a tick does not fold). None for any other commit, or a record too large."""
+    if len(after.tokens) != 1 or len(before.tokens) != 1 or after.finished:
+        return None
+    (tid,) = own
+    moved, was = after.tokens.get(tid), before.tokens.get(tid)
+    if (moved is None or was is None or moved.visit == was.visit or moved.attempt != 1 or moved.not_before > now
+            or graph.states[moved.state].tick is None):
+        return None
+    recorded, spill = _recorded(after, history)
+    recorded, record, too_large = bounded(before, recorded, arrivals, now=now, max_record_bytes=max_record_bytes)
+    if too_large:
+        return None
+    # required: the record, the history chunk if any, and the token's own marker (left alone)
+    return CommitPlan(before, recorded, tuple(history), (), (moved,), own, (moved,), frozenset(), record,
+                      applied=1, required=2 + (spill is not None), spill=spill)
 
 
 def _recorded(after: Instance, history: list[HistoryEntry], *,

@@ -143,10 +143,12 @@ async def _serve(etcd: EtcdArgs, served: _Served, settings: _Settings, received:
     """Wait for etcd, then serve until a signal sets the stop."""
     from dsm.service import CannotListen, Listen, serving
     from dsm.worker import HousekeepingOptions, default_worker_id
+    from dsm.worker.collector import pace_collector
 
     stop = stop_on_signals(received)
     if received:
         return
+    pace_collector()  # this process is the worker's
     options = etcd.options()
     worker_id = default_worker_id()
     logs.current.worker = worker_id  # named on its log lines, and on those of its handler processes
