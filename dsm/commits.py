@@ -117,8 +117,9 @@ def _along_line(graph: Graph, before: Instance, after: Instance, history: list[H
     """The plan of the usual commit, made without the general planning: the one token of a running
     instance moved along a line to a state with a tick, due now, and nothing else changed. The
     general planning finds the same (`tests/test_commits_line.py` compares them): the token kept
-    for this worker, its marker left alone, no other marker, no index entry, no child, nothing
-    folded (a state with a tick does not fold). None for any other commit, or a record too large."""
+    for this worker, its marker left alone, no other marker, no listing or expiry entry (only the
+    search entries of attributes the step changed), no child, nothing folded (a state with a tick
+    does not fold). None for any other commit, or a record too large."""
     if len(after.tokens) != 1 or len(before.tokens) != 1 or after.finished:
         return None
     (tid,) = own
@@ -126,13 +127,16 @@ def _along_line(graph: Graph, before: Instance, after: Instance, history: list[H
     if (moved is None or was is None or moved.visit == was.visit or moved.attempt != 1 or moved.not_before > now
             or graph.states[moved.state].tick is None):
         return None
+    after = search.indexed(graph, after)
     recorded, spill = _recorded(after, history)
     recorded, record, too_large = bounded(before, recorded, arrivals, now=now, max_record_bytes=max_record_bytes)
     if too_large:
         return None
-    # required: the record, the history chunk if any, and the token's own marker (left alone)
+    # required: the record, the history chunk if any, the search entries that move, and the
+    # token's own marker (left alone)
     return CommitPlan(before, recorded, tuple(history), (), (moved,), own, (moved,), frozenset(), record,
-                      applied=1, required=2 + (spill is not None), spill=spill)
+                      applied=1, required=2 + (spill is not None) + index.search_op_count(before, recorded),
+                      spill=spill)
 
 
 def _recorded(after: Instance, history: list[HistoryEntry], *,
