@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from . import codec, index, search, transition
 from .frozen import fast_init
-from .graph import Graph
+from .graph import Graph, State
 from .keys import Keys, WorkInfo
 from .markers import MAX_TXN_OPS, sync_marker, work_info
 from .records import HistoryEntry, Instance, Token, dump_instance, evolve, history_to_row, row_failures, row_seq
@@ -202,7 +202,8 @@ def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], 
         tickless = None
         for t in keep:
             state = states[t.state]
-            if state.tick is None and t.child is None and (state.call is None or _room_for_child(started, max_ops)):
+            if state.tick is None and t.child is None and (
+                    state.call is None or _room_for_child(graph, state, started, max_ops)):
                 tickless = t
                 break
         if tickless is None or len(history) >= MAX_FOLDED:
@@ -214,11 +215,15 @@ def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], 
     return keep, after
 
 
-def _room_for_child(started: list[Instance], max_ops: int) -> bool:
-    """Whether a call state may fold into the commit: the children it starts take at most half
+def _room_for_child(graph: Graph, state: State, started: list[Instance], max_ops: int) -> bool:
+    """Whether a call state may fold into the commit: the children it starts, and the moves of
+    the instance's own search entries (two operations an attribute, at most), take at most half
     the transaction (a call state's token folds only to start its child: the child's result is
-    read by a job)."""
-    return max_ops // 2 - sum(_creation_ops(c) for c in started) >= CHILD_OPS
+    read by a job). A child costs CHILD_OPS and one entry for each of its search attributes."""
+    assert state.call is not None
+    child = state.call.graph
+    cost = CHILD_OPS + (len(child.search) if child is not None else 0)
+    return max_ops // 2 - 2 * len(graph.search) - sum(_creation_ops(c) for c in started) >= cost
 
 
 def _fit(own: frozenset[str], removed: tuple[str, ...], changed: tuple[Token, ...], keep: list[Token],

@@ -32,6 +32,7 @@ from .records import Instance, evolve
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # as the schema says of a `search:` key
 MAX_ATTRIBUTES = 32  # per definition: each changed one takes two operations of a commit's transaction
 MAX_TEXT = 256  # characters: a longer value indexes nothing (it would make a key of its own size)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (a guard's '\ud800', argv bytes that are not UTF-8)
 
 
 def text(value: Any) -> str | None:
@@ -39,6 +40,8 @@ def text(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        if not value.isascii() and _SURROGATE.search(value):
+            return None  # not text: no key (etcd's are UTF-8) and no record (JSON) can hold it
         found = value
     elif isinstance(value, int):
         found = str(value)
@@ -93,7 +96,7 @@ def check_where(where: Mapping[str, Any] | None) -> dict[str, str]:
         found = text(value)
         if found is None:
             raise InputError(f"where: {name}: a value is a string, a number or a boolean of up to {MAX_TEXT} "
-                             f"characters, not {value!r}")
+                             f"characters (no lone surrogate), not {value!r}")
         out[name] = found
     return out
 

@@ -320,3 +320,84 @@ def test_dsm_list_where(etcd_url, namespace, write):
     assert none.returncode == 0 and "where customer=zz" in none.stderr
     bad = dsm("list", "--where", "customer", *at)
     assert bad.returncode == 2 and "--where: expected NAME=VALUE" in bad.stderr
+
+
+# -- what a commit holds ---------------------------------------------------------------------------
+
+def _wide(name: str) -> str:
+    attributes = "".join(f"  p{i}: payload.p{i}\n" for i in range(32))
+    return f"machine: {name}\nstart: a\nsearch:\n{attributes}"
+
+
+WIDE_HANDLERS = """
+def bump(payload, ctx):
+    return {key: value + 1 for key, value in payload.items()}
+
+def same(payload, ctx):
+    return payload
+"""
+
+
+def test_a_commit_that_moves_every_attribute_and_starts_children_with_as_many_fits_in_one_transaction(
+        store_factory, write):
+    """A parent whose tick changes its 32 attributes (64 operations) and forks into two call
+    states, whose children have 32 attributes each (34 operations to create one): the children
+    folded into the commit must leave room for the parent's own entries, else etcd refuses the
+    transaction (more than 128 operations) and the instance fails with StoreRejected."""
+    write("kid.yaml", _wide("kid") + "states:\n  a: {tick: widehandlers:same, next: done}\n  done: {terminal: true}\n")
+    graph = compiler.load(write("wide.yaml", _wide("wide") + """states:
+  a: {tick: widehandlers:bump, fork: [c1, c2], join: j}
+  c1: {call: kid.yaml, next: j}
+  c2: {call: kid.yaml, next: j}
+  j: {tick: widehandlers:same, next: done}
+  done: {terminal: true}
+""", widehandlers=WIDE_HANDLERS))
+
+    async def body(store, keys):
+        done, _, _ = await run_instances(store, graph, [{f"p{i}": i for i in range(32)}], keys=keys)
+        ops = Operations(store, keys)
+        return done[0], await _ids(ops, where={"p0": "1", "p31": "32"}), await inconsistencies(store, keys)
+
+    inst, found, problems = in_namespace(store_factory, body)
+    assert inst.status == "succeeded", inst.error
+    assert inst.id in found and len(found) == 3  # the parent and its two children (a copy of its payload)
+    assert problems == []
+
+
+# -- values that are no text -------------------------------------------------------------------------
+
+SURROGATE = r"""
+machine: odd
+start: a
+search:
+  odd: "'\\ud800' ~ payload.stage if payload.stage else 'none'"
+  customer: payload.customer
+states:
+  a: {tick: shophandlers:take, next: done}
+  done: {terminal: true}
+"""
+
+
+def test_a_value_with_a_lone_surrogate_indexes_nothing_and_a_where_with_one_is_refused(store_factory, write):
+    """A lone surrogate is not a character: no key, no record can hold it (etcd keys and JSON are
+    UTF-8). An attribute whose expression gives one indexes nothing, as any other value that is no
+    text; the instance runs on. A `where` holding one (`dsm list --where` given bytes that are not
+    UTF-8 reads them so) is refused as the input error it is."""
+    graph = shop(write, SURROGATE, "odd.yaml")
+    assert search.text("\ud800") is None and search.text("a\udcffb") is None
+
+    async def body(store, keys):
+        done, _, _ = await run_instances(store, graph, [{"customer": "c1"}], keys=keys, timeout=10)
+        ops = Operations(store, keys)
+        refused = []
+        for value in ("\udcff", "x\ud800"):
+            with pytest.raises(InputError, match="where: odd"):
+                await ops.page(where={"odd": value})
+            refused.append(value)
+        return done[0], await _ids(ops, where={"customer": "c1"}), refused, await inconsistencies(store, keys)
+
+    inst, found, refused, problems = in_namespace(store_factory, body)
+    assert inst.status == "succeeded" and dict(inst.search) == {"customer": "c1"}
+    assert found == [inst.id] and len(refused) == 2 and problems == []
+    with pytest.raises(InputError, match="where: odd"):
+        search.parse_where(["odd=\udcff"], "=", "--where")
