@@ -1,8 +1,8 @@
 """dsm benchmarks: where dsm stands against the limit of its coordination layer.
 
-    python bench/run.py                 # all eight, one etcd, one run: a table and bench/results/latest.json
+    python bench/run.py                 # all nine, one etcd, one run: a table and bench/results/latest.json
     python bench/run.py throughput      # one of: reference throughput naive scale recovery embedded embedded_loop
-                                        # run_loop
+                                        # run_loop search
     python bench/run.py --quick         # smaller sizes, for a smoke run
 
 Every ratio compares numbers measured in this run, against this etcd, on this machine.
@@ -14,6 +14,8 @@ Every ratio compares numbers measured in this run, against this etcd, on this ma
 6 embedded    embedded transitions/s of many instances vs the `transitions` library, same machine
 7 embedded_loop  one embedded instance looping through a tick and a guard 20,000 times vs `transitions`
 8 run_loop    the same loop as `dsm run` runs it in its own process, stderr to a pipe (and with -q), vs `transitions`
+9 search      etcd keys per transition of LINEAR with and without two search attributes that no transition
+              changes: what their transitions write for them (their entries are put when an instance starts)
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
 LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
 LOOP = BENCH / "loop.yaml"  # one transition per turn of its loop
 FORKJOIN = BENCH / "forkjoin.yaml"  # 6 transitions per instance
-PER_INSTANCE = {LINEAR: 4, FORKJOIN: 6}
+SEARCHED = BENCH / "searched.yaml"  # LINEAR with two search attributes, set at submission, that no transition changes
+PER_INSTANCE = {LINEAR: 4, FORKJOIN: 6, SEARCHED: 4}
 CONCURRENCY = 64
 WARM_UP = 2 * CONCURRENCY  # instances per worker run before a throughput measurement starts
 ISOLATIONS = ("process", "thread")  # `dsm worker --isolation`: the default first
@@ -295,7 +298,8 @@ async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
 # -- 2 throughput ------------------------------------------------------------------------------
 
 async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instances: int, namespace: str,
-                        isolation: str = "process", **worker_kw: Any) -> dict[str, Any]:
+                        isolation: str = "process", payload: Callable[[int], dict[str, Any]] = lambda i: {},
+                        **worker_kw: Any) -> dict[str, Any]:
     """Steady-state transitions/s: the workers first run WARM_UP instances each (their handler
     processes started, their connections busy) and wait until they are quiet, then the measured
     instances are submitted."""
@@ -314,7 +318,7 @@ async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instan
         probe = CpuProbe(env, procs)
         sampler = asyncio.get_running_loop().create_task(sample_until(store, keys, total, probe=probe))
         started, written = time.monotonic(), etcd_writes(env)
-        await client.submit_many(graph, ({} for _ in range(instances)))
+        await client.submit_many(graph, (payload(i) for i in range(instances)))
         samples = await sampler
         measured = total - warm
         # every key the measured instances wrote or deleted, from their submission to their last
@@ -629,9 +633,30 @@ async def run_loop(env: EtcdCluster | None, quick: bool) -> dict[str, Any]:
 
 # -- the run -----------------------------------------------------------------------------------
 
+async def search(env: EtcdCluster, quick: bool) -> dict[str, Any]:
+    """etcd keys per transition (its own counters, submit included) of LINEAR and of SEARCHED, one
+    worker each: SEARCHED's instances start with their two attributes' entries (2 keys an
+    instance, 0.5 a transition); what remains beyond LINEAR's is what its transitions write for
+    them, which is nothing while no attribute changes."""
+    instances = 1000 if quick else 3000
+    out: dict[str, Any] = {}
+    for definition in (LINEAR, SEARCHED):
+        r = await throughput_of(env, definition, 1, instances, f"search-{definition.stem}",
+                                payload=lambda i: {"customer": f"c{i % 100}", "order": i})
+        out[definition.stem] = {k: r[k] for k in ("transitions_per_s", "etcd_keys_per_transition",
+                                                  "cpu_us_per_transition")}
+    attributes = len(compiler.load(SEARCHED, import_handlers=False).search)
+    at_start = attributes / PER_INSTANCE[SEARCHED]
+    extra = out[SEARCHED.stem]["etcd_keys_per_transition"] - out[LINEAR.stem]["etcd_keys_per_transition"]
+    out |= {"extra_keys_per_transition": extra, "entries_at_start_per_transition": at_start,
+            "extra_keys_per_transition_by_transitions": extra - at_start}
+    return out
+
+
 BENCHMARKS: dict[str, Callable[..., Any]] = {"reference": reference, "throughput": throughput, "naive": naive,
                                              "scale": scale, "recovery": recovery, "embedded": embedded,
-                                             "embedded_loop": embedded_loop, "run_loop": run_loop}
+                                             "embedded_loop": embedded_loop, "run_loop": run_loop,
+                                             "search": search}
 IN_PROCESS = {"embedded", "embedded_loop", "run_loop"}  # need no etcd
 
 
@@ -713,6 +738,15 @@ def table(results: dict[str, Any]) -> str:
                          f"{e[name]['transitions_per_s']:,.0f}",
                          f"{ratio:.3f}x transitions lib, process {e[name]['wall_s']:.2f}s"))
         rows.append(("`transitions` library, same loop", f"{e['transitions_library']['transitions_per_s']:,.0f}", ""))
+    if "search" in results:
+        r = results["search"]
+        for stem in (LINEAR.stem, SEARCHED.stem):
+            rows.append((f"etcd keys per transition, {stem} (1 worker)", f"{r[stem]['etcd_keys_per_transition']:.2f}",
+                         "etcd's own counters, submit included"))
+        rows.append(("  search entries put at start, per transition", f"{r['entries_at_start_per_transition']:.2f}",
+                     "2 attributes / 4 transitions"))
+        rows.append(("  keys the transitions write for unchanged attributes",
+                     f"{r['extra_keys_per_transition_by_transitions']:.2f}", "searched - linear - put at start"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'benchmark':<{width}}  {'value':>12}  note", "-" * (width + 30)]
     lines += [f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
