@@ -1,4 +1,4 @@
-"""The listing index and the expiry index: what `dsm list` and retention read instead of every record.
+"""The listing, search and expiry indexes: what `dsm list` and retention read instead of every record.
 
 A finished instance has one listing entry, `idx/sm/<status>/<machine>/<age>/<id>` (see `keys.py`),
 named by its creation time so that a range read ascending yields the newest first, and one expiry
@@ -8,6 +8,12 @@ instance's markers together; a listing takes each instance once). The entries ar
 same transaction as the record change that affects them: a finish or cancel (the listing entry
 put), a redrive (deleted), deletion. So the index never disagrees with
 the records it lists; a page reads its index entries, then only the records of that page.
+
+An instance whose machine has search attributes also has a search entry for each attribute that
+has a value, `idx/attr/<name>/<text>/<age>/<id>` (`search.py`), put when it is created, moved by
+the commit that changes the value (`search_ops`, in `status_ops`), deleted with it (its expiry
+entry names them, so retention deletes them without reading the record). A listing by `where`
+reads the range of its first pair, in the same order, and checks the rest on the page's records.
 
 A listing by status and machine reads one range (two for running in a namespace that an upgrade
 has not yet finished with: its markers and the earlier layout's entries, `layout.py`). The others
