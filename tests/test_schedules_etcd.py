@@ -38,6 +38,7 @@ def listed(etcd_url: str, namespace: str) -> list[dict]:
     return json.loads(out.stdout)
 
 
+@pytest.mark.long  # seconds of real time pass, due time by due time: with the chaos runs
 def test_runs_fire_once_per_due_time_across_a_kill_of_the_leader(write, etcd_url, namespace):
     path = write("beat.yaml", MACHINE, beatmod="def tick(payload, ctx):\n    return {}\n")
     conn = ["--etcd", etcd_url, "--namespace", namespace]
@@ -148,6 +149,7 @@ def test_apply_reports_a_schedule_files_errors_at_their_line_and_creates_nothing
     assert "schedule hourly unchanged" in second.stderr and "schedule often unchanged" in second.stderr
 
 
+@pytest.mark.long  # seconds of real time pass, due time by due time: with the chaos runs
 def test_a_stopped_cluster_catches_up_within_the_window_and_counts_the_rest_as_missed(write, etcd_url, namespace):
     path = write("beat.yaml", MACHINE, beatmod="def tick(payload, ctx):\n    return {}\n")
     conn = ["--etcd", etcd_url, "--namespace", namespace]
