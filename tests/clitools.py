@@ -35,9 +35,16 @@ def dsm(*args: str, timeout: float = 120, input: str | None = None, cwd: Path | 
                           input=input, cwd=cwd or ROOT, env=dsm_env(**env))
 
 
-def spawn(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([*dsm_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd or ROOT, env=dsm_env(**env), start_new_session=True)
+def spawn(*args: str, cwd: Path | None = None, stderr: Path | None = None, **env: str) -> subprocess.Popen:
+    """`stderr`: a file the process writes its stderr to, for a process that may write more than a
+    pipe holds (64 KiB on Linux) before the test reads it: one writing to a full pipe that nobody
+    reads blocks in its next log line, event loop and all."""
+    if stderr is None:
+        return subprocess.Popen([*dsm_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=cwd or ROOT, env=dsm_env(**env), start_new_session=True)
+    with stderr.open("w", encoding="utf-8") as err:
+        return subprocess.Popen([*dsm_command(), *args], stdout=subprocess.PIPE, stderr=err, text=True,
+                                cwd=cwd or ROOT, env=dsm_env(**env), start_new_session=True)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 60) -> str:

@@ -206,10 +206,16 @@ async def housekeeper(endpoint: str, namespace: str, credentials: dict[str, str]
 
 
 def start_worker(tenants: Tenants, namespace: str, credentials: dict[str, str], log: Path, tick: float):
-    return spawn("-v", "worker", str(FANOUT), "--etcd", tenants.endpoint, "--namespace", namespace,
+    """A worker logging everything (-v) to a file beside `log`: in a pipe that nobody reads before
+    it stops, its log would fill the pipe within seconds of lost leases, and the worker would block
+    in its next line, living on and doing nothing."""
+    err = log.with_name(f"worker-{len(list(log.parent.glob('worker-*.err')))}.err")
+    proc = spawn("-v", "worker", str(FANOUT), "--etcd", tenants.endpoint, "--namespace", namespace,
                  "--user", credentials["user"], "--lease-ttl", str(LEASE_TTL), "--isolation", "thread",
-                 "--concurrency", "4", "--grace", "1", DSM_ETCD_PASSWORD=credentials["password"],
+                 "--concurrency", "4", "--grace", "1", stderr=err, DSM_ETCD_PASSWORD=credentials["password"],
                  DSM_TEST_LOG=str(log), DSM_TEST_TICK=str(tick))
+    proc.err_path = err  # type: ignore[attr-defined]
+    return proc
 
 
 def submit(tenants: Tenants, namespace: str, credentials: dict[str, str], count: int, tmp_path: Path) -> list[str]:
@@ -228,11 +234,11 @@ def stop(*procs) -> list[str]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            _, err = proc.communicate(timeout=30)
+            proc.communicate(timeout=30)
         except Exception:
             os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-        out.append(err)
+            proc.communicate()
+        out.append(proc.err_path.read_text(encoding="utf-8", errors="replace"))
     return out
 
 
