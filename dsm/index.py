@@ -341,8 +341,7 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
                 inst = load_instance(kv.value)
                 if status is not None and inst.status != status:
                     continue
-                if wanted and (inst.machine != (machine or inst.machine)
-                               or any(inst.search.get(k) != v for k, v in wanted.items())):
+                if wanted and not _matches(inst, machine, wanted):
                     continue
                 items.append(inst)
             last = chosen[-1]
@@ -354,6 +353,12 @@ async def page(store: Store, keys: Keys, *, status: str | None = None, machine: 
         if high is not None:
             low = high
     return Page(items, None)
+
+
+def _matches(inst: Instance, machine: str | None, where: Mapping[str, str]) -> bool:
+    """Whether a record read for a page by `where` is of the machine asked for (its range did not
+    say) and has every pair (its range said only the first, as it stood when read)."""
+    return (machine is None or inst.machine == machine) and all(inst.search.get(k) == v for k, v in where.items())
 
 
 def _roots(keys: Keys, status: str) -> list[str]:
