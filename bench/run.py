@@ -7,7 +7,8 @@
 
 Every ratio compares numbers measured in this run, against this etcd, on this machine.
 1 reference   raw etcd compare-and-swap transactions/s from one Python process at dsm's concurrency
-2 throughput  dsm transitions/s with 1 and 2 worker processes (linear and fork/join machines), / (1)
+2 throughput  dsm transitions/s with 1 and 2 worker processes (linear and fork/join machines; concurrency
+              64, and the linear machine with `dsm worker`'s default), / (1)
 3 naive       the seed design (poll all, etcd lock, tick, put, unlock) on the same machine; dsm / naive
 4 scale       throughput with 500 vs 50,000 instances waiting in etcd, and worker memory
 5 recovery    SIGKILL of a worker holding claims -> its instances moving again (vs the lease TTL)
@@ -78,15 +79,16 @@ async def connect(env: EtcdCluster, namespace: str, timeout: float = 2.0) -> Etc
     return await EtcdStore.connect(EtcdOptions.build(env.endpoint, namespace=namespace, timeout=timeout))
 
 
-def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *, concurrency: int = CONCURRENCY,
-                  lease_ttl: int = 10, extra_env: dict[str, str] | None = None,
+def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *,
+                  concurrency: int | None = CONCURRENCY, lease_ttl: int = 10, extra_env: dict[str, str] | None = None,
                   isolation: str = "process") -> list[subprocess.Popen]:
+    """`concurrency` None: `dsm worker`'s default."""
     procs = []
+    flags = [] if concurrency is None else ["--concurrency", str(concurrency)]
     for _ in range(count):
         procs.append(subprocess.Popen(
             [*dsm_command(), "worker", str(definition), "--etcd", env.endpoint, "--namespace", namespace,
-             "--concurrency", str(concurrency), "--lease-ttl", str(lease_ttl), "--grace", "2",
-             "--isolation", isolation],
+             *flags, "--lease-ttl", str(lease_ttl), "--grace", "2", "--isolation", isolation],
             stderr=subprocess.PIPE, text=True, env={**os.environ, **(extra_env or {})}, start_new_session=True))
     for p in procs:  # wait until each is serving: start-up is not throughput
         while "serving namespace" not in (line := p.stderr.readline()):
@@ -355,6 +357,11 @@ async def throughput(env: EtcdCluster, quick: bool) -> dict[str, Any]:
                 runs = [await throughput_of(env, definition, workers, instances[definition], f"tp-{name}-{i}",
                                             isolation) for i in range(REPEAT[quick])]
                 out[name] = median_run(runs) | {"definition": definition.stem}
+    for workers in (1, 2):  # `dsm worker` as it starts without options (its default concurrency)
+        name = f"linear_w{workers}_default"
+        runs = [await throughput_of(env, LINEAR, workers, instances[LINEAR], f"tp-{name}-{i}", concurrency=None)
+                for i in range(REPEAT[quick])]
+        out[name] = median_run(runs) | {"definition": LINEAR.stem, "concurrency": "default"}
     return out
 
 

@@ -13,6 +13,7 @@ from dsm.embedded import run_graph
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
+from dsm.store import Put, Txn
 from dsm.store.memory import ManualClock, MemoryStore
 from dsm.worker import Worker
 
@@ -407,3 +408,62 @@ def test_integers_beyond_64_bits_survive_the_store_exactly(write):
     assert result.instance.payload == {"big": 2 ** 70 + 1, "small": -(2 ** 70), "list": [2 ** 64, 1.5],
                                        "grown": 2 ** 71 + 2}
     assert type(result.instance.payload["grown"]) is int
+
+
+class HeldCommits(MemoryStore):
+    """A memory store that holds back the commits writing one instance's record until let through."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.key: str | None = None
+        self.held = asyncio.Event()  # a commit of that instance waits
+        self.through = asyncio.Event()
+
+    def _writes(self, ops) -> bool:
+        return any((isinstance(op, Put) and op.key == self.key) or (isinstance(op, Txn) and self._writes(op.success))
+                   for op in ops)
+
+    async def txn(self, compare, success=(), failure=()):
+        if self.key is not None and not self.through.is_set() and self._writes(success):
+            self.held.set()
+            await self.through.wait()
+        return await super().txn(compare, success, failure)
+
+
+def test_a_commit_lends_its_slot_to_the_next_tick(write):
+    """A tick's slot is not held while its outcome commits: with --concurrency 1, another
+    instance's tick runs while the first instance's commit waits for the store."""
+    graph = load(write, """
+        machine: lend
+        start: a
+        states:
+          a: {tick: lendmod:tick, next: b}
+          b: {tick: lendmod:tick, next: done}
+          done: {terminal: true}
+        """, lendmod="""
+        calls = []
+
+        def tick(payload, ctx):
+            calls.append((ctx.instance_id, ctx.state))
+        """)
+    import lendmod
+
+    async def main():
+        h = Harness(graph)
+        h.store = store = HeldCommits(clock=h.clock)
+        h.client = Operations(store, h.keys)
+        first = await h.client.submit(graph, {}, instance_id="first")
+        store.key = h.keys.instance(first)
+        worker = h.worker("w", concurrency=1)
+        await asyncio.wait_for(store.held.wait(), 10)  # first's commit of `a` waits
+        second = await h.client.submit(graph, {}, instance_id="second")
+        await until_async(lambda: ("second", "a") in lendmod.calls, "second's tick ran while first's commit waited")
+        store.through.set()
+        done = [await h.client.wait(iid, timeout=10) for iid in (first, second)]
+        await h.close()
+        return done, worker
+
+    done, worker = asyncio.run(main())
+    assert [inst.status for inst in done] == [SUCCEEDED, SUCCEEDED]
+    assert sorted(lendmod.calls) == [("first", "a"), ("first", "b"), ("second", "a"), ("second", "b")]
+    assert worker.slots.busy == 0 and worker.slots.lent == 0 and not worker.slots.waiting

@@ -1,8 +1,10 @@
 """Running ticks: a job on each claimed token, its attempts, and the claim given back on every path
 that does not hand it on.
 
-A job runs its token's tick on the executor, commits the outcome (`committing.py`) and, while
-the token moves along a line and stays ours, runs the next tick without another claim. A token
+A job runs its token's tick on the executor, commits the outcome (`committing.py`; its slot
+runs another tick meanwhile) and, while the token moves along a line and stays ours, runs the
+next tick without another claim, in a slot taken back (or, with none free, its token waits for
+one with its claim held). A token
 claimed for this worker by a commit (a fork's branches) starts at once if a slot is free, or
 waits for one (`hand_on`). A job that ends, however it ends, gives its slot back, and the slot
 goes first to a claimed token waiting for one.
@@ -134,9 +136,12 @@ class JobRunner:
             await self.claims.release(job.ref, job.claim_rev)
         finally:
             self.jobs.remove(job.ref)
-            self.queue.requeue(job.ref)
+            if not job.parked:
+                self.queue.requeue(job.ref)
             self.records.release(iid)
-            self.free(1)
+            if job.lent:  # its commit did not end (an internal error; shutting down)
+                self.slots.take_back(False)
+            self.free(1 if job.slot else 0)
 
     async def _work_on(self, job: Job) -> None:
         """Run the job's token, and keep running it while it moves along a line and stays ours."""
@@ -163,9 +168,22 @@ class JobRunner:
                 await self.claims.release(job.ref, job.claim_rev)
                 return
             outcome = await self._attempt(graph, inst, token, job)
-            if not await self.committer.commit(graph, job, token, outcome):
-                return
+            job.slot, job.lent = False, True  # while it commits, its slot runs another tick
+            self.slots.lend()
+            self.free(0)
+            go_on = await self.committer.commit(graph, job, token, outcome)
+            job.lent = False
             job.attempt = None
+            if self.slots.take_back(go_on and not self._stopping):
+                job.slot = True
+                continue
+            if go_on and self._stopping:  # no tick starts any more: its claim goes back
+                await self.claims.release(job.ref, job.claim_rev)
+            elif go_on:  # no slot free: it waits for one, its claim held
+                job.parked = True
+                self.records.hold(iid)
+                self.slots.park(job.ref, job.claim_rev, job.lease)
+            return
 
     async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: Job) -> Outcome:
         state = graph.states[token.state]
