@@ -4,6 +4,7 @@
     python bench/profile_worker.py -n 4000 --isolation thread
     python bench/profile_worker.py --profile 25         # and cProfile's top 25 (by own time, per transition)
     python bench/profile_worker.py --rounds 3           # three measured rounds on the same worker
+    python bench/profile_worker.py --concurrency 8      # as `dsm worker` runs without options
 
 A worker (`dsm.service.serving`, concurrency 64, `bench/linear.yaml`: 4 no-op ticks per instance)
 runs in this process (its garbage collector paced as `dsm worker` paces it) against an etcd
@@ -97,7 +98,7 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
     rounds = []
     profiler = cProfile.Profile() if args.profile else None
     pace_collector()  # as `dsm worker` does
-    async with serving(store, keys, [graph], concurrency=CONCURRENCY, isolation=args.isolation,
+    async with serving(store, keys, [graph], concurrency=args.concurrency, isolation=args.isolation,
                        on_commit=on_commit, worker_id="profile") as service:
         await run_round(WARM_UP)
         await asyncio.sleep(1.0)
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="instances per measured round")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--isolation", choices=("process", "thread"), default="process")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="the worker's slots (`dsm worker`'s "
+                        "default is 8)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP", help="cProfile's top TOP functions")
     parser.add_argument("--cumulative", action="store_true", help="rank by cumulative time, not own time")
     parser.add_argument("--submit", nargs=3, metavar=("ENDPOINT", "NAMESPACE", "COUNT"), help=argparse.SUPPRESS)
