@@ -71,11 +71,24 @@ class JobRunner:
         self.clock = clock
         self.committer = commits(self.hand_on)
         self._stopping = False
+        self._giving_back: set[asyncio.Task] = set()
 
     def stop(self) -> None:
-        """The worker stops: no job starts any more, and commits claim no new tokens."""
+        """The worker stops: no job starts any more, and commits claim no new tokens. Tokens
+        waiting for a slot would never get one: their claims go back now, for other workers to
+        run them while the ticks running here finish."""
         self._stopping = True
         self.committer.stop()
+        for waiting in self.slots.drop_waiting():
+            self.records.release(waiting.ref.instance)
+            self._give_back(waiting.ref, waiting.claim_rev)
+
+    def _give_back(self, ref: TokenRef, claim_rev: int) -> None:
+        """Give a claim back, beside the work (a stopping worker's: the lease's revocation frees it
+        if this does not get there first)."""
+        task = asyncio.get_running_loop().create_task(self.claims.release(ref, claim_rev))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     def busy(self, ref: TokenRef) -> bool:
         """Whether a job, a commit or a wait for a slot of ours uses `ref`."""
@@ -107,7 +120,9 @@ class JobRunner:
     def hand_on(self, ref: TokenRef, claim_rev: int, lease: int | None) -> None:
         """A token this worker claimed in a commit (under `lease`): run it now if a slot is free,
         else queue it."""
-        if self.slots.busy < self.slots.capacity and not self._stopping:
+        if self._stopping:  # no tick starts any more: its claim goes back
+            self._give_back(ref, claim_rev)
+        elif self.slots.busy < self.slots.capacity:
             self.slots.take()
             self.start(ref, claim_rev, lease)
         else:

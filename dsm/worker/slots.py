@@ -100,7 +100,9 @@ class Slots(Generic[Ref]):
         return None
 
     def drop_waiting(self) -> list[Waiting[Ref]]:
-        """Every waiting token, no longer waiting (their claims went with the lease)."""
+        """Every waiting token, no longer waiting (their claims went with the lease, or the worker
+        stops and gives them back)."""
         dropped = list(self._ready)
         self._ready.clear()
+        self._maybe_idle()
         return dropped
