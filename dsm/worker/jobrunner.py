@@ -94,6 +94,16 @@ class JobRunner:
         """Whether a job, a commit or a wait for a slot of ours uses `ref`."""
         return ref in self.jobs or self.committer.committing(ref.instance) or self.slots.holds(ref)
 
+    def held(self, ref: TokenRef, revision: int, why: str) -> None:
+        """The token's marker changed at `revision`, not by us (`feed.py`): a job holding it is told;
+        a token waiting for a slot under an older claim waits no more (its claim is gone)."""
+        self.jobs.held(ref, revision, why)
+        if self.slots.forget(ref, revision) is not None:
+            log.debug("worker %s: token %s no longer waits for a slot: %s", self.name, ref.token, why,
+                      extra=self.claims.about(ref.instance, ref.token))
+            self.records.release(ref.instance)
+            self.queue.requeue(ref)
+
     def lose_all(self) -> None:
         """The lease is gone, and every claim with it."""
         for waiting in self.slots.drop_waiting():

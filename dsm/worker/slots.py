@@ -92,6 +92,16 @@ class Slots(Generic[Ref]):
         """A claimed token that found no free slot: it waits for one."""
         self._ready.append(Waiting(ref, claim_rev, lease))
 
+    def forget(self, ref: Ref, revision: int) -> Waiting[Ref] | None:
+        """`ref`'s marker changed at `revision` (deleted, or rewritten by someone else): if it waits
+        here under an older claim, that claim is gone and so is its wait."""
+        for waiting in self._ready:
+            if waiting.ref == ref and waiting.claim_rev < revision:
+                self._ready.remove(waiting)
+                self._maybe_idle()
+                return waiting
+        return None
+
     def next_ready(self) -> Waiting[Ref] | None:
         """A waiting claimed token to start, its slot taken; None when none waits or none is free."""
         if self._ready and self.busy < self.capacity:
