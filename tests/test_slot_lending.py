@@ -134,3 +134,65 @@ def test_a_token_waiting_for_a_slot_whose_instance_is_cancelled_runs_no_tick(wri
     assert cancelled.status == CANCELLED and second.status == SUCCEEDED
     assert ("first", "b") not in scene.mod.calls, "a tick of a cancelled instance ran"
     assert counters == (0, 0, 0, 0)
+
+
+FORK = """
+machine: fan
+start: s
+states:
+  s: {{tick: {module}:go, next: f}}
+  f: {{fork: [b0, b1, b2, b3], join: j}}
+  b0: {{tick: {module}:branch, next: j}}
+  b1: {{tick: {module}:branch, next: j}}
+  b2: {{tick: {module}:branch, next: j}}
+  b3: {{tick: {module}:branch, next: j}}
+  j: {{next: done}}
+  done: {{terminal: true}}
+"""
+
+FORK_MODULE = """
+import threading
+started = threading.Event()
+gate = threading.Event()
+
+def go(payload, ctx):
+    pass
+
+def branch(payload, ctx):
+    started.set()
+    gate.wait(10)
+"""
+
+
+def test_a_fork_claims_no_more_branches_than_free_slots_and_the_waiting_room(write):
+    """The forking tick's slot is lent while its commit runs, and counted free by then: it is not
+    handed to a branch a second time. One slot, a waiting room of one: at most one branch runs and
+    one waits, claimed; the others are left in the store for any worker."""
+    graph = compiler.load(write("fan.yaml", FORK.format(module="fanwaitmod"), fanwaitmod=FORK_MODULE))
+    mod = importlib.import_module("fanwaitmod")
+
+    async def main():
+        store = MemoryStore(clock=ManualClock())
+        keys = Keys()
+        client = Operations(store, keys)
+        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        worker = Worker(store, registry, worker_id="w", concurrency=1, prefetch=1, lease_ttl=10.0)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(worker.run(stop, grace=1))
+        iid = await client.submit(graph, {})
+        await asyncio.get_running_loop().run_in_executor(None, mod.started.wait, 10)
+        await asyncio.sleep(0.3)  # the fork's commit has settled
+        waiting = worker.slots.waiting
+        work = await store.range(keys.work_prefix, keys.work_prefix + "\xff")
+        claimed = sum(1 for kv in work.kvs if b'"w"' in kv.value)
+        mod.gate.set()
+        inst = await client.wait(iid, timeout=20)
+        stop.set()
+        await task
+        return waiting, claimed, inst
+
+    waiting, claimed, inst = asyncio.run(main())
+    assert inst.status == SUCCEEDED
+    assert waiting <= 1, f"{waiting} branches wait for the one slot, the waiting room holds 1"
+    assert claimed <= 2, f"{claimed} branches claimed by a worker of one slot and a waiting room of 1"
