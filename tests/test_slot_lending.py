@@ -8,11 +8,11 @@ import asyncio
 import importlib
 import time
 
-from helpers import until_async
+from helpers import markers_of, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
-from dsm.keys import Keys
+from dsm.keys import Keys, WorkInfo
 from dsm.operations import Operations
 from dsm.records import CANCELLED, SUCCEEDED
 from dsm.store import Put, Txn
@@ -107,10 +107,14 @@ def test_a_worker_stopping_with_a_token_waiting_for_a_slot_does_not_wait_its_who
         await asyncio.sleep(0.2)
         scene.mod.gate.set()
         await asyncio.wait_for(scene.task, 20)
-        return worker, time.monotonic() - began
+        took = time.monotonic() - began
+        markers = [WorkInfo.load(kv.value) for kv in await markers_of(scene.store, scene.keys, "first")]
+        return worker, took, markers
 
-    worker, took = asyncio.run(main())
+    worker, took, markers = asyncio.run(main())
     assert took < 4.0, f"the stop took {took:.1f}s of its 8s grace"
+    # its claim was given back, not left to the lease's end
+    assert [(m.owner, m.lease) for m in markers] == [(None, None)]
     assert worker.slots.busy == 0 and worker.slots.lent == 0 and not worker.slots.waiting
     assert ("first", "b") not in scene.mod.calls
 
