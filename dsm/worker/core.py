@@ -184,6 +184,7 @@ class Worker:
             except asyncio.TimeoutError:
                 log.warning("worker %s: %d tick(s) still running after %.0fs; releasing their claims",
                             self.id, len(self.jobs), grace)
+        await self.runner.given_back(STOP_WAIT)  # tokens that waited for a slot, handed to the others
         self.runner.cancel_all()
         await self.feed.close()  # a gRPC read may not pass a cancellation on: its stream is closed first
         for task in self._tasks:

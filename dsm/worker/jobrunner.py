@@ -94,6 +94,11 @@ class JobRunner:
         """Whether a job, a commit or a wait for a slot of ours uses `ref`."""
         return ref in self.jobs or self.committer.committing(ref.instance) or self.slots.holds(ref)
 
+    async def given_back(self, timeout: float) -> None:
+        """Wait, up to `timeout` seconds, for the claims being given back (`stop`) to go."""
+        if self._giving_back:
+            await asyncio.wait(list(self._giving_back), timeout=timeout)
+
     def held(self, ref: TokenRef, revision: int, why: str) -> None:
         """The token's marker changed at `revision`, not by us (`feed.py`): a job holding it is told;
         a token waiting for a slot under an older claim waits no more (its claim is gone)."""
