@@ -108,6 +108,7 @@ class JobRunner:
                       extra=self.claims.about(ref.instance, ref.token))
             self.records.release(ref.instance)
             self.queue.requeue(ref)
+            self.wake.set()  # with no token waiting, free slots take new claims again
 
     def lose_all(self) -> None:
         """The lease is gone, and every claim with it."""
