@@ -8,14 +8,13 @@ import asyncio
 import importlib
 import time
 
-from helpers import markers_of, until_async
+from helpers import HeldCommits, markers_of, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
 from dsm.keys import Keys, WorkInfo
 from dsm.operations import Operations
 from dsm.records import CANCELLED, SUCCEEDED
-from dsm.store import Put, Txn
 from dsm.store.memory import ManualClock, MemoryStore
 from dsm.worker import Worker
 
@@ -40,26 +39,6 @@ def tick(payload, ctx):
         started.set()
         gate.wait(10)
 """
-
-
-class HeldCommits(MemoryStore):
-    """A memory store that holds back the commits writing one instance's record until let through."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.key: str | None = None
-        self.held = asyncio.Event()
-        self.through = asyncio.Event()
-
-    def _writes(self, ops) -> bool:
-        return any((isinstance(op, Put) and op.key == self.key) or (isinstance(op, Txn) and self._writes(op.success))
-                   for op in ops)
-
-    async def txn(self, compare, success=(), failure=()):
-        if self.key is not None and not self.through.is_set() and self._writes(success):
-            self.held.set()
-            await self.through.wait()
-        return await super().txn(compare, success, failure)
 
 
 class Scene:

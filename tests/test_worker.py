@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from helpers import run_instances, until, until_async
+from helpers import HeldCommits, run_instances, until, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -13,7 +13,6 @@ from dsm.embedded import run_graph
 from dsm.keys import Keys
 from dsm.operations import Operations
 from dsm.records import CANCELLED, FAILED, SUCCEEDED
-from dsm.store import Put, Txn
 from dsm.store.memory import ManualClock, MemoryStore
 from dsm.worker import Worker
 
@@ -408,26 +407,6 @@ def test_integers_beyond_64_bits_survive_the_store_exactly(write):
     assert result.instance.payload == {"big": 2 ** 70 + 1, "small": -(2 ** 70), "list": [2 ** 64, 1.5],
                                        "grown": 2 ** 71 + 2}
     assert type(result.instance.payload["grown"]) is int
-
-
-class HeldCommits(MemoryStore):
-    """A memory store that holds back the commits writing one instance's record until let through."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.key: str | None = None
-        self.held = asyncio.Event()  # a commit of that instance waits
-        self.through = asyncio.Event()
-
-    def _writes(self, ops) -> bool:
-        return any((isinstance(op, Put) and op.key == self.key) or (isinstance(op, Txn) and self._writes(op.success))
-                   for op in ops)
-
-    async def txn(self, compare, success=(), failure=()):
-        if self.key is not None and not self.through.is_set() and self._writes(success):
-            self.held.set()
-            await self.through.wait()
-        return await super().txn(compare, success, failure)
 
 
 def test_a_commit_lends_its_slot_to_the_next_tick(write):
