@@ -180,17 +180,18 @@ def _creation_ops(child: Instance) -> int:
 def _keep(graph: Graph, before: Instance, after: Instance, own: frozenset[str], history: list[HistoryEntry],
           now: float, worker: str, slots: int, started: list[Instance],
           max_ops: int = MAX_TXN_OPS) -> tuple[list[Token], Instance]:
-    """The tokens this worker runs next: its own that moved on, and new ones up to `slots`. An
-    arrival holds no slot while it commits (the worker lent it to another tick, and counts it in
-    `slots` if it is still free), so a fork has no slot of its own to hand a branch. Tick-less
-    states among them run right here, folded into the same commit; call states only while the
-    children they start take at most half the transaction (the others run as jobs of their own)."""
+    """The tokens this worker runs next: its own that moved on keep their slots, new ones take free
+    slots. Tick-less states among them run right here, folded into the same commit; call states
+    only while the children they start take at most half the transaction (the others run as jobs
+    of their own)."""
     if slots <= 0 and not any(tid in after.tokens for tid in own):
         return [], after
     for _ in range(MAX_FOLDED + 1):
         if after.finished:
             return [], after
-        budget = max(slots, 0)
+        # free slots, plus those of our own tokens this commit consumes (a fork hands its token's
+        # slot to a branch)
+        budget = max(slots, 0) + sum(1 for tid in own if tid not in after.tokens)
         mine = [t for tid, t in after.tokens.items() if t.not_before <= now and t.attempt == 1 and (
             (tid in own and before.tokens.get(tid) != t) or tid not in before.tokens)]
         if len(mine) == 1 and (mine[0].id in own or budget > 0):  # along a line: the usual case

@@ -71,9 +71,8 @@ class WorkerCollector(Collector):
         yield _by_machine(GaugeMetricFamily, "dsm_ticks_in_flight", "Tick attempts running now.", m.in_flight)
         yield GaugeMetricFamily("dsm_queue_depth", "Runnable tokens this worker knows of and has not claimed "
                                 "(due now, or waiting for a timer or a retry's backoff).", value=len(w.queue))
-        yield GaugeMetricFamily("dsm_claimed_waiting", "Tokens claimed by this worker (kept by its own commits: fork "
-                                "branches, map items, a token going on) that wait for a free slot.",
-                                value=w.slots.waiting)
+        yield GaugeMetricFamily("dsm_claimed_waiting", "Tokens claimed by this worker (kept from its own "
+                                "commits) that wait for a free slot.", value=w.slots.waiting)
         yield _by_machine(CounterMetricFamily, "dsm_instances_started",
                           "Instances that started here: the first commit of their first attempt (succeeded or "
                           "not) was this worker's.", m.started)

@@ -160,6 +160,7 @@ states:
 """
 
 
+@pytest.mark.long  # real seconds: run by the long step
 @pytest.mark.slow
 def test_workers_go_on_after_etcd_restarts_and_forgets_their_tokens(auth, write, tmp_path):
     """As a review found: with auth on, etcd killed -9 and started again (twice, with instances

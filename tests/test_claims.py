@@ -116,11 +116,11 @@ def test_a_forks_branches_kept_by_the_committing_worker_cost_one_put_each():
 
     inst = start(graph, "i1", {}, 0.0)
     place = keys.place_of(inst)
-    plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=2,
+    plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=1,
                        max_record_bytes=10**7)
     txn = commit_txn(keys, plan, 7, {"t1": 5}, worker="w", lease=9, now=1.0)
     kept = {t.id for t in plan.keep}
-    assert len(kept) == 2  # two free slots (the fork's own, lent while it commits, among them)
+    assert len(kept) == 2  # the fork's own slot passes to a branch, plus one free slot
     for tid in plan.after.tokens:
         ops = [op for op in txn.success if getattr(op, "key", None) == keys.work(place, tid)]
         assert len(ops) == 1 and isinstance(ops[0], Put)

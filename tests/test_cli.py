@@ -179,6 +179,7 @@ def test_run_failed_instance_exits_1():
     assert (record["status"], record["state"]) == ("failed", "cancelled")
 
 
+@pytest.mark.long  # real seconds: run by the long step
 def test_run_loop_guard_exits_1_with_error():
     result = dsm("run", "definitions/poll.yaml", "--json", "--payload", '{"ready_after": 1000}')
     assert result.returncode == 1

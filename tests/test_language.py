@@ -418,6 +418,7 @@ def test_items_that_finish_together_commit_within_the_operations_a_transaction_t
     assert record["transitions"] == 501
 
 
+@pytest.mark.long  # real seconds: run by the long step
 def test_a_map_of_the_most_items_a_map_takes_without_a_concurrency_limit_succeeds(write):
     """10,000 items and no max_concurrency: items start as others finish, a bounded window of them
     in flight, so the record never holds thousands of live items (it would outgrow what the store

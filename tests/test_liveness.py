@@ -385,6 +385,7 @@ def test_a_handler_holding_the_gil_cannot_make_other_ticks_run_twice(write, etcd
     assert sorted(lines) == sorted(f"{i} {s}" for i in others for s in "abc")  # each tick once
 
 
+@pytest.mark.long  # real seconds: run by the long step
 def test_a_worker_stopped_right_after_it_started_always_stops(etcd_url, namespace):
     """Regression: a worker stopped while its work feed was just opening its etcd watch could
     wait for ever on a feed task that never saw its cancellation (1 to 2 times in 150 starts and

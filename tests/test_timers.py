@@ -14,6 +14,7 @@ from bench import timers
 pytestmark = [pytest.mark.etcd]
 
 
+@pytest.mark.long  # real seconds: run by the long step
 def test_an_instance_waiting_2s_continues_within_1s_of_its_due_time_with_1000_others_waiting(etcd):
     settings = timers.Settings(waiting=1000, probes=20, idle=1.0, workers=2, in_process=True)
     result = asyncio.run(timers.measure(settings, endpoint=etcd.endpoint))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from helpers import HeldCommits, run_instances, until, until_async
+from helpers import run_instances, until, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -407,42 +407,3 @@ def test_integers_beyond_64_bits_survive_the_store_exactly(write):
     assert result.instance.payload == {"big": 2 ** 70 + 1, "small": -(2 ** 70), "list": [2 ** 64, 1.5],
                                        "grown": 2 ** 71 + 2}
     assert type(result.instance.payload["grown"]) is int
-
-
-def test_a_commit_lends_its_slot_to_the_next_tick(write):
-    """A tick's slot is not held while its outcome commits: with --concurrency 1, another
-    instance's tick runs while the first instance's commit waits for the store."""
-    graph = load(write, """
-        machine: lend
-        start: a
-        states:
-          a: {tick: lendmod:tick, next: b}
-          b: {tick: lendmod:tick, next: done}
-          done: {terminal: true}
-        """, lendmod="""
-        calls = []
-
-        def tick(payload, ctx):
-            calls.append((ctx.instance_id, ctx.state))
-        """)
-    import lendmod
-
-    async def main():
-        h = Harness(graph)
-        h.store = store = HeldCommits(clock=h.clock)
-        h.client = Operations(store, h.keys)
-        first = await h.client.submit(graph, {}, instance_id="first")
-        store.key = h.keys.instance(first)
-        worker = h.worker("w", concurrency=1)
-        await asyncio.wait_for(store.held.wait(), 10)  # first's commit of `a` waits
-        second = await h.client.submit(graph, {}, instance_id="second")
-        await until_async(lambda: ("second", "a") in lendmod.calls, "second's tick ran while first's commit waited")
-        store.through.set()
-        done = [await h.client.wait(iid, timeout=10) for iid in (first, second)]
-        await h.close()
-        return done, worker
-
-    done, worker = asyncio.run(main())
-    assert [inst.status for inst in done] == [SUCCEEDED, SUCCEEDED]
-    assert sorted(lendmod.calls) == [("first", "a"), ("first", "b"), ("second", "a"), ("second", "b")]
-    assert worker.slots.busy == 0 and worker.slots.lent == 0 and not worker.slots.waiting

@@ -193,8 +193,8 @@ def test_keep_never_exceeds_the_free_slots():
     inst = start(graph, "i1", {}, 0.0)
     plan = plan_commit(graph, inst, [Arrival(inst.tokens["t1"], 5, Outcome())], now=1.0, worker="w", slots=3,
                        max_record_bytes=10**7)
-    # three free slots (the fork's own, lent while it commits, is counted among them if free)
-    assert len(plan.keep) == 3
+    # the fork's own slot passes to a branch, plus three free slots
+    assert len(plan.keep) == 4
     assert all(isinstance(t, Token) for t in plan.keep)
 
 

@@ -98,7 +98,7 @@ class Worker:
         self.records = RecordCache()
         self.jobs = JobTable()
         self.admission = Admission(registry, serves)
-        self.feed = WorkFeed(store, keys, self.queue, name=name, admits=self.admission.admits, held=self._held,
+        self.feed = WorkFeed(store, keys, self.queue, name=name, admits=self.admission.admits, held=self.jobs.held,
                              wall=wall, page_size=config.page_size)
         self.gate = WriteGate(store, name=name)  # closed while etcd refuses writes (NOSPACE)
         self.executor: Executor = executor or ThreadExecutor(config.concurrency)
@@ -184,7 +184,6 @@ class Worker:
             except asyncio.TimeoutError:
                 log.warning("worker %s: %d tick(s) still running after %.0fs; releasing their claims",
                             self.id, len(self.jobs), grace)
-        await self.runner.given_back(STOP_WAIT)  # tokens that waited for a slot, handed to the others
         self.runner.cancel_all()
         await self.feed.close()  # a gRPC read may not pass a cancellation on: its stream is closed first
         for task in self._tasks:
@@ -198,10 +197,6 @@ class Worker:
         self.executor.close()
 
     # -- what the lease asks of parts built after it ---------------------------------------------
-    def _held(self, ref: TokenRef, revision: int, why: str) -> None:
-        """A token of ours changed under us (`feed.py`): its job, or its wait for a slot, is told."""
-        self.runner.held(ref, revision, why)
-
     def _lose_all(self) -> None:
         """The lease is gone, and every claim with it."""
         self.runner.lose_all()

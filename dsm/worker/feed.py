@@ -54,8 +54,8 @@ class WorkFeed:
                  wall: Callable[[], float] = time.time, page_size: int = 1000):
         """`admits(ref, info)`: whether this worker may run the work at all (`info`, the marker's value,
         is None when it cannot be read). `held(ref, revision, why)`: tells a job of ours that holds
-        the token by a claim older than `revision` (or the token's wait for a slot) why its token
-        changed under it (a replayed event older than its claim is not its business)."""
+        the token by a claim older than `revision` why its token changed under it (a replayed event
+        older than its claim is not its business)."""
         self.store = store
         self.keys = keys
         self.queue = queue

@@ -1,10 +1,8 @@
 """Running ticks: a job on each claimed token, its attempts, and the claim given back on every path
 that does not hand it on.
 
-A job runs its token's tick on the executor, commits the outcome (`committing.py`; its slot
-runs another tick meanwhile) and, while the token moves along a line and stays ours, runs the
-next tick without another claim, in a slot taken back (or, with none free, its token waits for
-one with its claim held). A token
+A job runs its token's tick on the executor, commits the outcome (`committing.py`) and, while
+the token moves along a line and stays ours, runs the next tick without another claim. A token
 claimed for this worker by a commit (a fork's branches) starts at once if a slot is free, or
 waits for one (`hand_on`). A job that ends, however it ends, gives its slot back, and the slot
 goes first to a claimed token waiting for one.
@@ -71,44 +69,15 @@ class JobRunner:
         self.clock = clock
         self.committer = commits(self.hand_on)
         self._stopping = False
-        self._giving_back: set[asyncio.Task] = set()
 
     def stop(self) -> None:
-        """The worker stops: no job starts any more, and commits claim no new tokens. Tokens
-        waiting for a slot would never get one: their claims go back now, for other workers to
-        run them while the ticks running here finish."""
+        """The worker stops: no job starts any more, and commits claim no new tokens."""
         self._stopping = True
         self.committer.stop()
-        for waiting in self.slots.drop_waiting():
-            self.records.release(waiting.ref.instance)
-            self._give_back(waiting.ref, waiting.claim_rev)
-
-    def _give_back(self, ref: TokenRef, claim_rev: int) -> None:
-        """Give a claim back, beside the work (a stopping worker's: the lease's revocation frees it
-        if this does not get there first)."""
-        task = asyncio.get_running_loop().create_task(self.claims.release(ref, claim_rev))
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
 
     def busy(self, ref: TokenRef) -> bool:
         """Whether a job, a commit or a wait for a slot of ours uses `ref`."""
         return ref in self.jobs or self.committer.committing(ref.instance) or self.slots.holds(ref)
-
-    async def given_back(self, timeout: float) -> None:
-        """Wait, up to `timeout` seconds, for the claims being given back (`stop`) to go."""
-        if self._giving_back:
-            await asyncio.wait(list(self._giving_back), timeout=timeout)
-
-    def held(self, ref: TokenRef, revision: int, why: str) -> None:
-        """The token's marker changed at `revision`, not by us (`feed.py`): a job holding it is told;
-        a token waiting for a slot under an older claim waits no more (its claim is gone)."""
-        self.jobs.held(ref, revision, why)
-        if self.slots.forget(ref, revision) is not None:
-            log.debug("worker %s: token %s no longer waits for a slot: %s", self.name, ref.token, why,
-                      extra=self.claims.about(ref.instance, ref.token))
-            self.records.release(ref.instance)
-            self.queue.requeue(ref)
-            self.wake.set()  # with no token waiting, free slots take new claims again
 
     def lose_all(self) -> None:
         """The lease is gone, and every claim with it."""
@@ -136,9 +105,7 @@ class JobRunner:
     def hand_on(self, ref: TokenRef, claim_rev: int, lease: int | None) -> None:
         """A token this worker claimed in a commit (under `lease`): run it now if a slot is free,
         else queue it."""
-        if self._stopping:  # no tick starts any more: its claim goes back
-            self._give_back(ref, claim_rev)
-        elif self.slots.busy < self.slots.capacity:
+        if self.slots.busy < self.slots.capacity and not self._stopping:
             self.slots.take()
             self.start(ref, claim_rev, lease)
         else:
@@ -167,12 +134,9 @@ class JobRunner:
             await self.claims.release(job.ref, job.claim_rev)
         finally:
             self.jobs.remove(job.ref)
-            if not job.parked:
-                self.queue.requeue(job.ref)
+            self.queue.requeue(job.ref)
             self.records.release(iid)
-            if job.lent:  # its commit did not end (an internal error; shutting down)
-                self.slots.take_back(False)
-            self.free(1 if job.slot else 0)
+            self.free(1)
 
     async def _work_on(self, job: Job) -> None:
         """Run the job's token, and keep running it while it moves along a line and stays ours."""
@@ -199,22 +163,9 @@ class JobRunner:
                 await self.claims.release(job.ref, job.claim_rev)
                 return
             outcome = await self._attempt(graph, inst, token, job)
-            job.slot, job.lent = False, True  # while it commits, its slot runs another tick
-            self.slots.lend()
-            self.free(0)
-            go_on = await self.committer.commit(graph, job, token, outcome)
-            job.lent = False
+            if not await self.committer.commit(graph, job, token, outcome):
+                return
             job.attempt = None
-            if self.slots.take_back(go_on and not self._stopping):
-                job.slot = True
-                continue
-            if go_on and self._stopping:  # no tick starts any more: its claim goes back
-                await self.claims.release(job.ref, job.claim_rev)
-            elif go_on:  # no slot free: it waits for one, its claim held
-                job.parked = True
-                self.records.hold(iid)
-                self.slots.park(job.ref, job.claim_rev, job.lease)
-            return
 
     async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: Job) -> Outcome:
         state = graph.states[token.state]

@@ -25,9 +25,6 @@ class Job:
     attempt: Attempt | None = None
     task: asyncio.Task | None = None
     woken: bool = False  # claimed through a marker that said "due now" (`JobRunner.stale_wake`)
-    slot: bool = True  # it holds one of the worker's slots (`slots.py`): not while it commits
-    lent: bool = False  # it commits, its slot lent to another tick
-    parked: bool = False  # it ended with its token claimed and waiting for a slot
 
     def abandon(self, reason: str) -> None:
         """The running attempt, if any, no longer counts."""
