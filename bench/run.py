@@ -696,6 +696,7 @@ def table(results: dict[str, Any]) -> str:
                          "what every process together may spend"))
     for r in results.get("throughput", {}).values():
         where = "threads" if r["isolation"] == "thread" else "processes"
+        where += ", default concurrency" if r.get("concurrency") == "default" else f", concurrency {CONCURRENCY}"
         rows.append((f"dsm {r['definition']}, workers={r['workers']} ({where}) transitions/s",
                      f"{r['transitions_per_s']:,.0f}", ratio(r["transitions_per_s"])))
         cpu = r.get("cpu_us_per_transition")
