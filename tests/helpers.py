@@ -9,6 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dsm.store import Put, Txn
+from dsm.store.memory import MemoryStore
+
 WAIT = 30.0  # how long a test waits for something that should happen (a slow shared machine included)
 POLL = 0.02  # how often it looks
 
@@ -137,3 +140,28 @@ async def markers_of(store: Any, keys: Any, iid: str) -> list[Any]:
 
     prefix = keys.work_of_instance((await token_ref(store, keys, iid)).place)
     return list((await store.range(prefix, prefix_end(prefix))).kvs)
+
+
+class HeldCommits(MemoryStore):
+    """A memory store that holds back the commits writing one instance's record (`key`), or any of
+    several (`keys`), until let through."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.key: str | None = None
+        self.keys: set[str] = set()
+        self.held = asyncio.Event()  # a commit of that instance waits
+        self.waiting = 0  # commits held now
+        self.through = asyncio.Event()
+
+    def _writes(self, ops) -> bool:
+        return any((isinstance(op, Put) and (op.key == self.key or op.key in self.keys))
+                   or (isinstance(op, Txn) and self._writes(op.success)) for op in ops)
+
+    async def txn(self, compare, success=(), failure=()):
+        if (self.key is not None or self.keys) and not self.through.is_set() and self._writes(success):
+            self.held.set()
+            self.waiting += 1
+            await self.through.wait()
+            self.waiting -= 1
+        return await super().txn(compare, success, failure)

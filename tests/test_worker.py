@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from helpers import run_instances, until, until_async
+from helpers import HeldCommits, run_instances, until, until_async
 
 from dsm import compiler, handlers
 from dsm.definitions import Registry
@@ -407,3 +407,72 @@ def test_integers_beyond_64_bits_survive_the_store_exactly(write):
     assert result.instance.payload == {"big": 2 ** 70 + 1, "small": -(2 ** 70), "list": [2 ** 64, 1.5],
                                        "grown": 2 ** 71 + 2}
     assert type(result.instance.payload["grown"]) is int
+
+
+FANNED = """
+machine: fan
+start: s
+states:
+  s: {tick: fanmod:go, next: f}
+  f: {fork: [b0, b1, b2, b3], join: j}
+  b0: {tick: fanmod:branch, next: j}
+  b1: {tick: fanmod:branch, next: j}
+  b2: {tick: fanmod:branch, next: j}
+  b3: {tick: fanmod:branch, next: j}
+  j: {next: done}
+  done: {terminal: true}
+"""
+
+FANNED_PY = """
+import threading
+started = threading.Event()
+gate = threading.Event()
+
+def go(payload, ctx):
+    pass
+
+def branch(payload, ctx):
+    started.set()
+    gate.wait(10)
+"""
+
+
+def test_forks_committing_together_claim_no_more_branches_than_the_slots_and_waiting_room(write):
+    """Commits in flight are planned before any of them is answered: each fork would count the
+    same free slots and waiting room, and claim that many branches. Four forks of four branches
+    on a worker of 4 slots and a waiting room of 4 claim at most 8 branches between them; the
+    others wait in the store for any worker."""
+    graph = compiler.load(write("fan.yaml", FANNED, fanmod=FANNED_PY))
+    import fanmod
+
+    async def main():
+        store = HeldCommits(clock=ManualClock())
+        keys = Keys()
+        client = Operations(store, keys)
+        ids = [f"f{n}" for n in range(4)]
+        for iid in ids:
+            await client.submit(graph, {}, instance_id=iid)
+        store.keys = {keys.instance(iid) for iid in ids}  # their commits wait until let through
+        registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
+        registry.add(graph)
+        worker = Worker(store, registry, worker_id="w", concurrency=4, prefetch=4, lease_ttl=10.0)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(worker.run(stop, grace=1))
+        await asyncio.wait_for(store.held.wait(), 10)
+        await asyncio.sleep(0.3)  # the four forks' ticks end and their commits are planned, in flight together
+        store.through.set()
+        await asyncio.get_running_loop().run_in_executor(None, fanmod.started.wait, 10)
+        await asyncio.sleep(0.3)  # the forks' commits have settled
+        work = await store.range(keys.work_prefix, keys.work_prefix + "\xff")
+        claimed = sum(1 for kv in work.kvs if b'"w"' in kv.value)
+        waiting = worker.slots.waiting
+        fanmod.gate.set()
+        done = [await client.wait(iid, timeout=20) for iid in ids]
+        stop.set()
+        await task
+        return claimed, waiting, done
+
+    claimed, waiting, done = asyncio.run(main())
+    assert [inst.status for inst in done] == [SUCCEEDED] * 4
+    assert claimed <= 8, f"{claimed} branches claimed by a worker of 4 slots and a waiting room of 4"
+    assert waiting <= 4, waiting

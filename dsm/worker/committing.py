@@ -27,7 +27,7 @@ from ..keys import Keys, TokenRef
 from ..operations import Operations
 from ..records import RUNNING, Instance, Token, load_instance
 from ..step import Arrival
-from ..store import Compare, Get, KeyValue, Store, TxnRejected
+from ..store import Compare, Get, KeyValue, Store, Txn, TxnRejected, TxnResult
 from ..transition import ChildResult, Failure, Outcome, Step
 from .cache import RecordCache
 from .claims import Claims
@@ -101,6 +101,7 @@ class Committer:
         self._guarded: dict[str, bool] = {}  # definition digest -> whether its machine has guards
         self._pending: dict[str, list[_Pending]] = {}
         self._committing: set[str] = set()  # instances with a commit in flight
+        self._promised = 0  # new tokens that commits in flight claim for this worker (not yet handed on)
         self._stopping = False
 
     def stop(self) -> None:
@@ -154,7 +155,7 @@ class Committer:
         inst, rev = self.records.get(iid)
         arrivals = [Arrival(p.token, p.job.claim_rev, p.outcome) for p in batch]
         plan = functools.partial(plan_commit, graph, inst, arrivals, now=now, worker=self.name,
-                                 slots=0 if self._stopping else self.slots.spare,
+                                 slots=0 if self._stopping else max(0, self.slots.spare - self._promised),
                                  max_record_bytes=self.max_record_bytes, max_ops=self.max_txn_ops)
         guarded = self._guarded.get(graph.digest)
         if guarded is None:
@@ -183,7 +184,7 @@ class Committer:
             txn = commit_txn(self.keys, plan, rev, claims, worker=self.name, lease=lease, now=now, fences=fences)
             sent = self.clock()
             try:
-                result = await self._batcher.submit(txn)
+                result = await self._send(txn, sum(1 for t in plan.keep if t.id not in plan.own))
             except NoSpace as exc:  # refused, not applied: the claims hold while it waits for room
                 self.gate.refused(exc)
                 await self.gate.wait()
@@ -233,6 +234,16 @@ class Committer:
             self.stats.conflicts += 1
             self.records.remember(read.record)
             batch = still
+
+    async def _send(self, txn: Txn, promised: int) -> TxnResult:
+        """Send a commit that claims `promised` new tokens for this worker: while it is in flight,
+        other commits plan with that many fewer spare slots (each would otherwise count the same
+        free slots and waiting room, and together claim more than the worker can run soon)."""
+        self._promised += promised
+        try:
+            return await self._batcher.submit(txn)
+        finally:
+            self._promised -= promised
 
     async def _children(self, graph: Graph, batch: list[_Pending]) -> tuple[list[_Pending], tuple[Compare, ...]]:
         """Read the children that call states of the batch wait for, as they are now: their results
