@@ -73,6 +73,7 @@ def api_without_token() -> Iterator[Any]:
         yield _served(srv, None)
 
 
+@pytest.mark.long  # the same fuzzing as without a token, with one: 16 s
 @pytest.mark.etcd
 @schemathesis.pytest.from_fixture("api_with_token").parametrize()
 @EXAMPLES

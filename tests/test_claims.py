@@ -9,7 +9,7 @@ import asyncio
 import time
 
 from faults import is_claim, ops_of
-from helpers import on_store, token_ref, until_async
+from helpers import WAIT, on_store, token_ref, until_async
 
 from dsm import compiler, handlers
 from dsm.commits import commit_txn, plan_commit
@@ -361,8 +361,9 @@ def test_an_orphan_is_found_after_a_resync(store_factory, namespace):
             await until_async(lambda: ref in queue, "the orphan queued")
             return claimed_then, wrapped.resyncs
         finally:
+            await feed.close()  # a gRPC read may not pass a cancellation on: its stream is closed first
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), WAIT)
 
     claimed_then, resyncs = on_store(store_factory, body)
     assert not claimed_then and resyncs >= 2

@@ -32,6 +32,7 @@ def submit_jsonl(url: str, namespace: str, path: Path, count: int, tmp_path: Pat
     return ids
 
 
+@pytest.mark.long  # chaos: a worker killed mid-run
 def test_three_workers_fifty_instances_one_killed(etcd, namespace, tmp_path):
     log = tmp_path / "ticks.jsonl"
     workers = Workers(etcd.endpoint, namespace, log, tick=0.1)
@@ -66,6 +67,7 @@ def test_three_workers_fifty_instances_one_killed(etcd, namespace, tmp_path):
         assert killed.pid in {t["pid"] for t in ticks if t["key"] == key}, key
 
 
+@pytest.mark.long  # chaos: a worker paused past its lease
 def test_a_paused_worker_cannot_commit_after_its_lease(etcd, namespace, tmp_path):
     log = tmp_path / "ticks.jsonl"
     workers = Workers(etcd.endpoint, namespace, log, tick=2.0, lease_ttl=2)
@@ -104,6 +106,7 @@ def gave_up(samples: Samples) -> bool:
                for (name, labels), value in samples.items())
 
 
+@pytest.mark.long  # chaos: etcd restarted mid-run
 def test_etcd_restart_mid_run_loses_nothing(tmp_path):
     cluster = make_cluster(1)
     cluster.start()

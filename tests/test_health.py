@@ -174,6 +174,7 @@ def test_a_bad_health_port_is_a_usage_error():
 
 @pytest.mark.etcd
 @pytest.mark.slow
+@pytest.mark.long  # etcd stopped and started again
 def test_healthz_follows_etcd_going_away_and_coming_back():
     ttl = 3
     cluster = make_cluster(1).start()

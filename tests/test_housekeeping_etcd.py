@@ -61,6 +61,7 @@ def poll(check, timeout: float, what: str):
     return until(check, what, timeout=timeout, interval=0.2, retry_on=(StoreError,))
 
 
+@pytest.mark.long  # chaos: the election's holder killed
 def test_the_election_passes_on_when_its_holder_dies(etcd, namespace, tmp_path, write):
     path = write("zero.yaml", ZERO)
     workers = Workers(etcd.endpoint, namespace, tmp_path / "ticks.jsonl", lease_ttl=2)

@@ -112,6 +112,7 @@ def metric(port: int, sample: str, *labels: tuple[str, str]) -> float:
 
 @pytest.mark.etcd
 @pytest.mark.slow
+@pytest.mark.long  # a real etcd filled to its quota (the memory store's NOSPACE tests stay in the default run)
 def test_nospace_on_a_real_etcd_with_a_tiny_quota(tmp_path, write):
     cluster = make_cluster(1, extra_args=["--quota-backend-bytes", str(8 * 1024 * 1024)]).start()
     path = write("steps.yaml", STEPS, nosp=NAP.format(seconds=0.3))

@@ -58,6 +58,7 @@ def test_dsm_run_and_dsm_api_do_not_live_on_with_a_dead_local_worker(etcd_url, n
 
 
 @pytest.mark.etcd
+@pytest.mark.long  # etcd started after the worker
 def test_a_worker_started_before_etcd_waits_for_it_saying_so(namespace):
     """Compose and Kubernetes start services in any order: a worker whose etcd is not up yet waits."""
     from dsm.testing import make_cluster
