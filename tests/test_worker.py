@@ -437,12 +437,16 @@ def branch(payload, ctx):
 """
 
 
-def test_forks_committing_together_claim_no_more_branches_than_the_slots_and_waiting_room(write):
+@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "guarded"])
+def test_forks_committing_together_claim_no_more_branches_than_the_slots_and_waiting_room(write, guarded):
     """Commits in flight are planned before any of them is answered: each fork would count the
     same free slots and waiting room, and claim that many branches. Four forks of four branches
     on a worker of 4 slots and a waiting room of 4 claim at most 8 branches between them; the
-    others wait in the store for any worker."""
-    graph = compiler.load(write("fan.yaml", FANNED, fanmod=FANNED_PY))
+    others wait in the store for any worker. A machine with guards has its commits planned on a
+    thread: those plans are made side by side too."""
+    text = FANNED.replace("{tick: fanmod:go, next: f}", '{tick: fanmod:go, choose: [{when: "true", next: f}]}')
+    graph = compiler.load(write("fan.yaml", text if guarded else FANNED, fanmod=FANNED_PY))
+    assert graph.has_guards() is guarded
     import fanmod
 
     async def main():

@@ -101,7 +101,7 @@ class Committer:
         self._guarded: dict[str, bool] = {}  # definition digest -> whether its machine has guards
         self._pending: dict[str, list[_Pending]] = {}
         self._committing: set[str] = set()  # instances with a commit in flight
-        self._promised = 0  # new tokens that commits in flight claim for this worker (not yet handed on)
+        self._promised = 0  # new tokens that commits planned or in flight may claim for this worker
         self._stopping = False
 
     def stop(self) -> None:
@@ -154,15 +154,21 @@ class Committer:
     async def _plan(self, graph: Graph, iid: str, batch: list[_Pending], now: float) -> tuple[CommitPlan, int]:
         inst, rev = self.records.get(iid)
         arrivals = [Arrival(p.token, p.job.claim_rev, p.outcome) for p in batch]
-        plan = functools.partial(plan_commit, graph, inst, arrivals, now=now, worker=self.name,
-                                 slots=0 if self._stopping else max(0, self.slots.spare - self._promised),
+        spare = 0 if self._stopping else max(0, self.slots.spare - self._promised)
+        plan = functools.partial(plan_commit, graph, inst, arrivals, now=now, worker=self.name, slots=spare,
                                  max_record_bytes=self.max_record_bytes, max_ops=self.max_txn_ops)
         guarded = self._guarded.get(graph.digest)
         if guarded is None:
             guarded = self._guarded[graph.digest] = graph.has_guards()
-        if guarded and self.offload_guards:
+        if not (guarded and self.offload_guards):
+            return plan(), rev
+        # planned on a thread: the spare slots it was given are held back from the plans made
+        # meanwhile, until `_send` holds back what it claimed
+        self._promised += spare
+        try:
             return await asyncio.to_thread(plan), rev
-        return plan(), rev
+        finally:
+            self._promised -= spare
 
     async def _commit_batch(self, iid: str, graph: Graph, batch: list[_Pending]) -> None:
         rejected = 0
