@@ -44,10 +44,11 @@ from dsm.service import serving  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
 from dsm.worker.collector import pace_collector  # noqa: E402
+from dsm.worker.config import DEFAULT_CONCURRENCY  # noqa: E402
 
 LINEAR = ROOT / "bench" / "linear.yaml"
 PER_INSTANCE = 4
-CONCURRENCY = 64
+CONCURRENCY = DEFAULT_CONCURRENCY
 WARM_UP = 2 * CONCURRENCY
 
 
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--isolation", choices=("process", "thread"), default="process")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="the worker's slots (`dsm worker`'s "
-                        "default is 8)")
+                        "default)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP", help="cProfile's top TOP functions")
     parser.add_argument("--cumulative", action="store_true", help="rank by cumulative time, not own time")
     parser.add_argument("--submit", nargs=3, metavar=("ENDPOINT", "NAMESPACE", "COUNT"), help=argparse.SUPPRESS)

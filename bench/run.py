@@ -7,8 +7,8 @@
 
 Every ratio compares numbers measured in this run, against this etcd, on this machine.
 1 reference   raw etcd compare-and-swap transactions/s from one Python process at dsm's concurrency
-2 throughput  dsm transitions/s with 1 and 2 worker processes (linear and fork/join machines; concurrency
-              64, and the linear machine with `dsm worker`'s default), / (1)
+2 throughput  dsm transitions/s with 1 and 2 worker processes as `dsm worker` runs without options (linear
+              and fork/join machines; handlers in processes and in threads), / (1)
 3 naive       the seed design (poll all, etcd lock, tick, put, unlock) on the same machine; dsm / naive
 4 scale       throughput with 500 vs 50,000 instances waiting in etcd, and worker memory
 5 recovery    SIGKILL of a worker holding claims -> its instances moving again (vs the lease TTL)
@@ -51,13 +51,14 @@ from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.store.memory import MemoryStore  # noqa: E402
 from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
+from dsm.worker.config import DEFAULT_CONCURRENCY  # noqa: E402
 
 LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
 LOOP = BENCH / "loop.yaml"  # one transition per turn of its loop
 FORKJOIN = BENCH / "forkjoin.yaml"  # 6 transitions per instance
 SEARCHED = BENCH / "searched.yaml"  # LINEAR with two search attributes, set at submission, that no transition changes
 PER_INSTANCE = {LINEAR: 4, FORKJOIN: 6, SEARCHED: 4}
-CONCURRENCY = 64
+CONCURRENCY = DEFAULT_CONCURRENCY  # `dsm worker`'s, which the throughput runs use (no `--concurrency`)
 WARM_UP = 2 * CONCURRENCY  # instances per worker run before a throughput measurement starts
 ISOLATIONS = ("process", "thread")  # `dsm worker --isolation`: the default first
 REPEAT = {True: 1, False: 3}  # runs per measurement (quick, full); tables show the median
@@ -80,7 +81,7 @@ async def connect(env: EtcdCluster, namespace: str, timeout: float = 2.0) -> Etc
 
 
 def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *,
-                  concurrency: int | None = CONCURRENCY, lease_ttl: int = 10, extra_env: dict[str, str] | None = None,
+                  concurrency: int | None = None, lease_ttl: int = 10, extra_env: dict[str, str] | None = None,
                   isolation: str = "process") -> list[subprocess.Popen]:
     """`concurrency` None: `dsm worker`'s default."""
     procs = []
@@ -357,11 +358,6 @@ async def throughput(env: EtcdCluster, quick: bool) -> dict[str, Any]:
                 runs = [await throughput_of(env, definition, workers, instances[definition], f"tp-{name}-{i}",
                                             isolation) for i in range(REPEAT[quick])]
                 out[name] = median_run(runs) | {"definition": definition.stem}
-    for workers in (1, 2):  # `dsm worker` as it starts without options (its default concurrency)
-        name = f"linear_w{workers}_default"
-        runs = [await throughput_of(env, LINEAR, workers, instances[LINEAR], f"tp-{name}-{i}", concurrency=None)
-                for i in range(REPEAT[quick])]
-        out[name] = median_run(runs) | {"definition": LINEAR.stem, "concurrency": "default"}
     return out
 
 
@@ -696,7 +692,7 @@ def table(results: dict[str, Any]) -> str:
                          "what every process together may spend"))
     for r in results.get("throughput", {}).values():
         where = "threads" if r["isolation"] == "thread" else "processes"
-        where += ", default concurrency" if r.get("concurrency") == "default" else f", concurrency {CONCURRENCY}"
+        where += f", concurrency {r.get('concurrency', CONCURRENCY)}"
         rows.append((f"dsm {r['definition']}, workers={r['workers']} ({where}) transitions/s",
                      f"{r['transitions_per_s']:,.0f}", ratio(r["transitions_per_s"])))
         cpu = r.get("cpu_us_per_transition")

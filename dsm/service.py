@@ -25,6 +25,7 @@ from .graph import Graph
 from .keys import Keys
 from .store import Store
 from .worker import running
+from .worker.config import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer
@@ -70,7 +71,7 @@ def folders_of(graphs: Sequence[Graph]) -> tuple[str, ...]:
 
 
 @asynccontextmanager
-async def serving(store: Store, keys: Keys, graphs: Sequence[Graph] = (), *, concurrency: int = 8,
+async def serving(store: Store, keys: Keys, graphs: Sequence[Graph] = (), *, concurrency: int = DEFAULT_CONCURRENCY,
                   allow: handlers.Allowlist | None = None, search_path: Sequence[str] = (),
                   store_definitions: bool = True, isolation: Isolation = "thread", metrics: Listen | None = None,
                   health: Listen | None = None, **options: Any) -> AsyncIterator[Service]:

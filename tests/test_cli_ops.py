@@ -14,6 +14,8 @@ import pytest
 from clitools import dsm, spawn
 from helpers import until
 
+from dsm.worker.config import DEFAULT_CONCURRENCY
+
 pytestmark = pytest.mark.etcd
 
 ORDER = "definitions/order.yaml"
@@ -245,7 +247,7 @@ def test_workers_list_themselves_and_skip_quietly_what_they_cannot_run(at, tmp_p
         assert sorted(w["pid"] for w in workers) == sorted(p.pid for p in procs)
         for w in workers:
             assert {"id", "host", "pid", "definitions", "concurrency", "in_flight"} <= set(w)
-            assert w["host"] == socket.gethostname() and w["concurrency"] == 8 and w["in_flight"] == 0
+            assert w["host"] == socket.gethostname() and w["concurrency"] == DEFAULT_CONCURRENCY and w["in_flight"] == 0
         assert sorted(d["machine"] for w in workers for d in w["definitions"]) == ["order", "poll"]
         table = dsm("workers", *at).stdout.splitlines()
         assert table[0].split()[:3] == ["ID", "HOST", "PID"] and len(table) == 3

@@ -11,10 +11,15 @@ from dataclasses import dataclass
 
 from ..markers import MAX_TXN_OPS
 
+# Ticks a worker has in flight at once, each from its claim to its commit, when not told. A job
+# holds its slot through its commit's round trip, so this is how deep the worker's pipeline to etcd
+# is: with 8, commits went in batches of a few and a transition cost twice the CPU (docs/benchmarks.md).
+DEFAULT_CONCURRENCY = 64
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    concurrency: int = 8  # ticks run at once
+    concurrency: int = DEFAULT_CONCURRENCY  # ticks in flight at once
     lease_ttl: float = 10.0  # seconds: the lease every claim is bound to
     worker_id: str | None = None  # default: host:pid
     payload_limit: int | None = None  # bytes of a tick's payload (default: `payloads.default_limit()`)

@@ -12,6 +12,7 @@ import typer
 
 from dsm import handlers, logs
 from dsm.graph import Graph
+from dsm.worker.config import DEFAULT_CONCURRENCY
 
 from .. import inputs
 from ..app import command
@@ -53,8 +54,10 @@ class _Settings:
 def worker(paths: Annotated[list[Path] | None, typer.Argument(
                metavar="PATH", show_default=False,
                help="Definitions this worker serves (and whose modules it may import).")] = None,
-           concurrency: Annotated[int, typer.Option("--concurrency", min=1, metavar="N",
-                                                    help="Ticks run at once.")] = 8,
+           concurrency: Annotated[int, typer.Option(
+               "--concurrency", min=1, metavar="N",
+               help="Ticks in flight at once, each from its claim to its commit; with --isolation process, "
+                    "handlers that wait (I/O, sleeps) take a handler process each.")] = DEFAULT_CONCURRENCY,
            allow: Annotated[list[str] | None, typer.Option(
                "--allow", metavar="PREFIX", show_default=False,
                help="Module prefix handlers may come from (repeatable; default: the modules of PATHs); "
@@ -73,7 +76,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                                                 help="Seconds to finish running ticks on SIGTERM.")] = 30.0,
            isolation: Annotated[str, typer.Option(
                "--isolation", metavar="process|thread",
-               help="Where handlers run: 'process' (one child process per slot, killed at a tick's "
+               help="Where handlers run: 'process' (child processes, up to one per slot, killed at a tick's "
                     "timeout; a handler cannot stall the worker) or 'thread' (in the worker, faster for "
                     "trusted, quick handlers).")] = "process",
            compaction_retention: Annotated[str, typer.Option(
