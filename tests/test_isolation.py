@@ -555,6 +555,30 @@ def test_handlers_that_wait_get_a_child_for_each_call(processes: Any, mod: str, 
     assert [o.label for o in stuck] == ["released"] * 8
 
 
+
+def test_children_idle_too_long_end_while_more_than_the_pacing_keeps_live(processes: Any, mod: str, gate: Path,
+                                                                          tmp_path: Path) -> None:
+    """A burst of calls that wait starts a child for each; once idle for `idle_exit`, the children
+    beyond those the pacing keeps busy (`hot`) end, and a later call still runs."""
+    async def main() -> Any:
+        executor = processes(8, hot=1, idle_exit=0.5)
+        for _ in range(3):  # the handler is seen to wait: its calls take a child each
+            await outcome(executor.start(call(mod, "stuck", {"gate": str(gate), "patience": 0.02})))
+        markers = [tmp_path / f"stuck{i}" for i in range(4)]
+        stuck = [executor.start(call(mod, "stuck", {"gate": str(gate), "marker": str(m)})) for m in markers]
+        pids = {int(await appears(m)) for m in markers}
+        gate.touch()
+        for attempt in stuck:
+            await outcome(attempt)
+        await until_async(lambda: sum(process_state(pid) is None for pid in pids) >= 3,
+                          "three of the four children to end", timeout=WAIT)
+        alive = [pid for pid in pids if process_state(pid) is not None]
+        return executor, pids, alive, await outcome(executor.start(call(mod, "labelled")))
+
+    executor, pids, alive, after = run(main())
+    assert len(pids) == 4 and len(alive) == 1 and executor.retired == 3
+    assert after.label == "approved"
+
 def test_a_quick_handler_that_hangs_does_not_hold_up_the_others(processes: Any, mod: str, gate: Path,
                                                                 tmp_path: Path) -> None:
     async def main() -> Any:

@@ -303,3 +303,35 @@ def test_a_lane_is_ready_once(clock: Clock) -> None:
     assert p.starting == 1
     assert p.ready(lane) and not p.ready(lane)
     assert p.starting == 0 and p.idle == [lane]
+
+
+def test_lanes_idle_too_long_beyond_the_pacing_limit_are_let_go_longest_idle_first(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    lanes = ready_lanes(p, 5)  # idle since 100
+    clock.now = 130.0
+    p.seen_slow("m:wait")
+    calls(p, 2, "m:wait")
+    sent = p.dispatch().sent
+    busy = [lane for lane, _ in sent]
+    assert len(busy) == 2
+    for lane in busy:
+        p.answered(lane, *WAITING_CALL)  # idle since 130
+    clock.now = 150.0
+    assert p.idle_too_long(60.0) == ([], 160.0)  # the longest idle will have been idle 60 s at 160
+    clock.now = 160.0
+    idle, again = p.idle_too_long(60.0)
+    # five live, the pacing keeps two: the three idle since 100 go, the two used at 130 stay
+    assert idle == [lane for lane in lanes if lane not in busy] and again is None
+    for lane in idle:
+        p.remove(lane)
+    clock.now = 500.0
+    assert p.idle_too_long(60.0) == ([], None)  # no more than the pacing limit live
+    assert p.idle_too_long(60.0) == ([], None)
+
+
+def test_only_lanes_beyond_the_pacing_limit_are_let_go(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    lanes = ready_lanes(p, 3)
+    clock.now = 1000.0
+    idle, again = p.idle_too_long(60.0)
+    assert idle == lanes[:1] and again is None  # the one idle longest (first to become idle)

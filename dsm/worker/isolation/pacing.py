@@ -34,7 +34,9 @@ The rules (the second to the last are `dispatch`'s, in the order it applies them
 Outside `dispatch`: a queued call whose timeout passes is taken back and never runs; one whose
 timeout passes while it runs costs its lane, which is killed, and its handler is not paced from
 then on. A lane that is gone (killed, dead, closed) gives back the calls queued behind the one it
-ran, first in line. At close, every queued call is taken back.
+ran, first in line. At close, every queued call is taken back. Lanes idle for long are let go
+while more than `pacing_limit` live (`idle_too_long`): a burst of calls that wait may have started
+a process for each slot, and each holds its memory until it ends.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any, Generic, TypeVar, cast
 QUICK = 0.002  # seconds: a call that runs shorter, and mostly on the CPU, is quick (did not wait)
 IGNORE_CPU_BELOW = 0.0002  # seconds: a call this short is quick whatever its share of the CPU, too short to say
 PATIENCE = 0.5  # seconds a paced call runs, or waits, before the pacing lets other calls past it
+IDLE_EXIT = 60.0  # seconds a lane beyond the pacing limit may stay idle before it is let go
 QUEUE_DEPTH = 8  # calls a pacing lane holds at most, the running one included (sent in one write)
 SOONEST_WAKE = 0.0005  # seconds: a wake-up is never asked for sooner than this from now
 
@@ -81,13 +84,14 @@ CallT = TypeVar("CallT", bound=Call)
 class Lane(Generic[CallT]):
     """A handler process as the pacing sees it: the calls it holds, in the order it runs them."""
 
-    __slots__ = ("calls", "ready")
+    __slots__ = ("calls", "idle_since", "ready")
 
     def __init__(self) -> None:
         # The first is running (or about to: the process has been sent it); the others are queued
         # behind it and not started.
         self.calls: collections.deque[CallT] = collections.deque()
         self.ready = False  # it said it takes calls
+        self.idle_since = 0.0  # clock time it last became idle
 
 
 LaneT = TypeVar("LaneT", bound=Lane[Any])
@@ -152,6 +156,7 @@ class Pacer(Generic[LaneT, CallT]):
             return False
         lane.ready = True
         self.starting -= 1
+        lane.idle_since = self.clock()
         self.idle.append(lane)
         return True
 
@@ -165,6 +170,7 @@ class Pacer(Generic[LaneT, CallT]):
         else:
             self.pacing_lanes.discard(lane)
             if not self.closed:
+                lane.idle_since = self.clock()
                 self.idle.append(lane)
         return call
 
@@ -203,6 +209,24 @@ class Pacer(Generic[LaneT, CallT]):
         for lane in list(self.lanes):
             self._take_back(lane, list(lane.calls)[1:], dropped)
         return Decision(taken_back=dropped)
+
+    def idle_too_long(self, seconds: float) -> tuple[list[LaneT], float | None]:
+        """Lanes idle for `seconds` or more, the longest idle first, as many as live beyond
+        `pacing_limit` (the caller lets them go: `remove`); and the clock time at which the next
+        idle lane will have been idle that long, if lanes beyond the limit would still live then
+        (None: nothing to look at until a lane becomes idle again)."""
+        spare = len(self.lanes) - self.pacing_limit
+        if spare <= 0 or self.closed:
+            return [], None
+        now = self.clock()
+        out: list[LaneT] = []
+        for lane in self.idle:  # in the order they became idle (a lane is taken from the end)
+            if len(out) == spare:
+                return out, None
+            if now - lane.idle_since < seconds:
+                return out, lane.idle_since + seconds
+            out.append(lane)
+        return out, None
 
     def next_waiting(self) -> CallT | None:
         """The first call waiting in the parent, taken out of the line (settled or not)."""

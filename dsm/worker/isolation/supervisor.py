@@ -43,7 +43,7 @@ from ...transition import Failure, Outcome
 from . import frames
 from .child import BOOT, ChildOptions
 from .frames import READ_SIZE, AbandonFrame, CallFrame, DropFrame, FrameError, ReadyFrame
-from .pacing import IGNORE_CPU_BELOW, NOTHING, Call, Decision, Lane, Pacer
+from .pacing import IDLE_EXIT, IGNORE_CPU_BELOW, NOTHING, Call, Decision, Lane, Pacer
 from .timeouts import Timeouts
 
 log = logging.getLogger(__package__)  # the package's logger, as the handler processes' side of it logs
@@ -212,7 +212,9 @@ class ProcessExecutor:
     when a child starts); `log_format` formats their log lines on stderr. `grace`: how long
     `close()` lets children finish their attempt before it kills them. `hot`: how many children
     run the calls of quick handlers at once, each holding up to `QUEUE_DEPTH` of them, before the
-    next such call waits (default: twice the CPUs; see `pacing.py`).
+    next such call waits (default: twice the CPUs; see `pacing.py`). `idle_exit`: seconds a child
+    may stay idle before it ends, while more than `hot` children live (children started for a burst
+    of calls that wait, one per slot, do not hold their memory for good).
 
     Like the event loop it serves, it is not thread-safe: call it from the loop's thread. POSIX only
     (pipes watched by the loop, a select on them in the child).
@@ -220,7 +222,8 @@ class ProcessExecutor:
 
     def __init__(self, size: int, *, search_path: Iterable[str | os.PathLike[str]] = (),
                  env: Mapping[str, str] | None = None, preload: Iterable[str] = (), log_level: int | None = None,
-                 log_format: str = DEFAULT_LOG_FORMAT, grace: float = 2.0, hot: int | None = None):
+                 log_format: str = DEFAULT_LOG_FORMAT, grace: float = 2.0, hot: int | None = None,
+                 idle_exit: float = IDLE_EXIT):
         if size < 1:
             raise ValueError("size must be at least 1")
         self.size = size
@@ -232,6 +235,9 @@ class ProcessExecutor:
         self.grace = grace
         self.started = 0  # child processes started, replacements included
         self.killed = 0  # children killed because an attempt outlived its timeout
+        self.retired = 0  # children ended after they stayed idle `idle_exit` seconds
+        self.idle_exit = idle_exit
+        self._retire_timer: asyncio.TimerHandle | None = None  # when to look for children idle too long
         pacing_limit = hot if hot is not None else max(2, 2 * (os.cpu_count() or 1))
         # the loop's clock from the first call on (`start`)
         self._pacing: Pacer[ChildProcess, ProcessAttempt] = Pacer(size, pacing_limit, clock=time.monotonic)
@@ -274,8 +280,9 @@ class ProcessExecutor:
         if self._closed:
             return
         self._closed = True
-        if self._wake_timer is not None:
-            self._wake_timer.cancel()
+        for timer in (self._wake_timer, self._retire_timer):
+            if timer is not None:
+                timer.cancel()
         self._flush()
         self._carry_out(self._pacing.close())  # calls queued in a child, not started: they wait no more either
         while (waiting := self._pacing.next_waiting()) is not None:
@@ -405,6 +412,7 @@ class ProcessExecutor:
         if isinstance(frame, ReadyFrame):
             if self._pacing.ready(child):
                 self._dispatch()
+                self._retire_later()
             return
         if not child.calls or frame.id != child.calls[0].id:
             return  # a late reply to an attempt that was let go (taken back, or its child replaced)
@@ -412,6 +420,30 @@ class ProcessExecutor:
         self._finish(attempt, frame.outcome)
         if not self._closed:
             self._dispatch()
+            self._retire_later()
+
+    def _retire_later(self) -> None:
+        """A child became idle: if more children live than the pacing keeps busy, look for those
+        idle too long once one could be."""
+        if self._retire_timer is None and len(self._pacing.lanes) > self._pacing.pacing_limit and not self._closed:
+            assert self._loop is not None
+            self._retire_timer = self._loop.call_later(self.idle_exit, self._retire)
+
+    def _retire(self) -> None:
+        """End the children idle for `idle_exit` seconds while more than the pacing's live; look
+        again when the next would have been idle that long."""
+        self._retire_timer = None
+        if self._closed:
+            return
+        idle, again = self._pacing.idle_too_long(self.idle_exit)
+        for child in idle:
+            log.debug("handler process %d idle for %gs: ended", child.pid, self.idle_exit)
+            self._detach(child)  # its input closed: it ends
+            self._reap(child.proc, None)
+            self.retired += 1
+        if again is not None:
+            assert self._loop is not None
+            self._retire_timer = self._loop.call_at(again, self._retire)
 
     def _finish(self, attempt: ProcessAttempt, outcome: Outcome | None) -> None:
         if not attempt.ended:
