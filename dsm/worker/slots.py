@@ -1,4 +1,4 @@
-"""Slots: how many ticks a worker runs at once, and claimed tokens waiting for one.
+"""Slots: how many ticks a worker has in flight at once, and claimed tokens waiting for one.
 
 A slot is taken before a claim is sent and given back when its job ends, so a worker never
 holds more running claims than its concurrency. A commit may also claim tokens it created (fork
