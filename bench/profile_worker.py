@@ -44,7 +44,7 @@ from dsm.service import serving  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
 from dsm.worker.collector import pace_collector  # noqa: E402
-from dsm.worker.config import DEFAULT_CONCURRENCY  # noqa: E402
+from dsm.worker.defaults import DEFAULT_CONCURRENCY  # noqa: E402
 
 LINEAR = ROOT / "bench" / "linear.yaml"
 PER_INSTANCE = 4

@@ -51,7 +51,7 @@ from dsm.store import prefix_end  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.store.memory import MemoryStore  # noqa: E402
 from dsm.testing import EtcdCluster, make_cluster  # noqa: E402
-from dsm.worker.config import DEFAULT_CONCURRENCY  # noqa: E402
+from dsm.worker.defaults import DEFAULT_CONCURRENCY  # noqa: E402
 
 LINEAR = BENCH / "linear.yaml"  # 4 transitions per instance
 LOOP = BENCH / "loop.yaml"  # one transition per turn of its loop

@@ -25,7 +25,7 @@ from .graph import Graph
 from .keys import Keys
 from .store import Store
 from .worker import running
-from .worker.config import DEFAULT_CONCURRENCY
+from .worker.defaults import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer

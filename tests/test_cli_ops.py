@@ -14,7 +14,7 @@ import pytest
 from clitools import dsm, spawn
 from helpers import until
 
-from dsm.worker.config import DEFAULT_CONCURRENCY
+from dsm.worker.defaults import DEFAULT_CONCURRENCY
 
 pytestmark = pytest.mark.etcd
 

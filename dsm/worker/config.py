@@ -10,11 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..markers import MAX_TXN_OPS
-
-# Ticks a worker has in flight at once, each from its claim to its commit, when not told. A job
-# holds its slot through its commit's round trip, so this is how deep the worker's pipeline to etcd
-# is: with 8, commits went in batches of a few and a transition cost twice the CPU (docs/benchmarks.md).
-DEFAULT_CONCURRENCY = 64
+from .defaults import DEFAULT_CONCURRENCY
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import typer
 
 from dsm import handlers, logs
 from dsm.graph import Graph
-from dsm.worker.config import DEFAULT_CONCURRENCY
+from dsm.worker.defaults import DEFAULT_CONCURRENCY
 
 from .. import inputs
 from ..app import command
