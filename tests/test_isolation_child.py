@@ -23,7 +23,8 @@ def test_a_handler_process_reads_back_the_options_it_is_started_with() -> None:
     assert json.loads(options.to_json())["path"] == ["/srv/app", "/usr/lib/python3"]  # what BOOT reads first
 
 
-@pytest.mark.parametrize("deadline, worker", [(None, None), (time.time() + 3600, "w-1")], ids=["no-deadline", "deadline"])
+@pytest.mark.parametrize("deadline, worker", [(None, None), (time.time() + 3600, "w-1")],
+                         ids=["no-deadline", "deadline"])  # ids without the clock: xdist's processes collect alike
 def test_ctx_in_a_handler_process_says_what_it_says_on_a_thread(deadline: float | None, worker: str | None) -> None:
     call = TickCall(handler=handlers.unresolved("m:f"), payload={}, instance_id="inst-1", machine="orders",
                     state="work", attempt=2, branch=("a", "b"), visit=3, timeout=None, deadline=deadline,
