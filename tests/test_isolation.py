@@ -52,6 +52,11 @@ def _wait_gate(payload):
 def keep(payload, ctx):
     return None
 
+def spin(payload, ctx):
+    end = time.process_time() + payload.get("cpu", 0.02)
+    while time.process_time() < end:
+        pass
+
 def labelled(payload, ctx):
     return "approved"
 
@@ -578,6 +583,22 @@ def test_children_idle_too_long_end_while_more_than_the_pacing_keeps_live(proces
     executor, pids, alive, after = run(main())
     assert len(pids) == 4 and len(alive) == 1 and executor.retired == 3
     assert after.label == "approved"
+
+
+def test_handlers_busy_on_the_cpu_run_on_as_many_children_as_the_pacing_keeps(processes: Any, mod: str) -> None:
+    """Calls that compute for 20 ms each are neither queued behind each other nor given a child
+    each: two run at once (`hot`), the others wait in the parent."""
+    async def main() -> Any:
+        executor = processes(16, hot=2)
+        for _ in range(3):  # its calls are seen to run long, on the CPU
+            await outcome(executor.start(call(mod, "spin")))
+        results = await asyncio.gather(*(outcome(executor.start(call(mod, "spin"))) for _ in range(16)))
+        return executor, results
+
+    executor, results = run(main())
+    assert all(r.failure is None for r in results)
+    # two at a time, so two children; one or two more if a loaded machine made a call look idle
+    assert executor.started <= 4, executor.started
 
 def test_a_quick_handler_that_hangs_does_not_hold_up_the_others(processes: Any, mod: str, gate: Path,
                                                                 tmp_path: Path) -> None:

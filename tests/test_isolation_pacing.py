@@ -335,3 +335,64 @@ def test_only_lanes_beyond_the_pacing_limit_are_let_go(clock: Clock) -> None:
     clock.now = 1000.0
     idle, again = p.idle_too_long(60.0)
     assert idle == lanes[:1] and again is None  # the one idle longest (first to become idle)
+
+
+BUSY_CALL = (0.05, 0.05)  # run time of a call that kept the CPU busy for 50 ms
+
+
+def busy_handler(p: Pacer[Process, Call], handler: str = "m:busy") -> str:
+    for _ in range(3):
+        p.note_run_time(handler, *BUSY_CALL)
+    assert handler in p.unpaced_handlers and handler in p.busy_handlers
+    return handler
+
+
+def test_calls_of_a_handler_busy_on_the_cpu_run_no_more_than_the_pacing_limit_at_once(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    ready_lanes(p, 6)
+    waiting = calls(p, 4, busy_handler(p))
+    sent = p.dispatch().sent
+    assert [c for _, c in sent] == waiting[:2]  # two CPUs' worth; the others wait, in order
+    lane = sent[0][0]
+    p.answered(lane, *BUSY_CALL)
+    assert [c for _, c in p.dispatch().sent] == [waiting[2]]
+
+
+def test_calls_of_busy_handlers_held_back_do_not_hold_up_calls_that_wait(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    ready_lanes(p, 6)
+    p.seen_slow("m:wait")
+    busy = calls(p, 3, busy_handler(p))
+    waits = calls(p, 2, "m:wait")
+    sent = [c for _, c in p.dispatch().sent]
+    assert sent == [*busy[:2], *waits]
+    assert list(p.waiting_unpaced) == [busy[2]]
+
+
+def test_lanes_are_not_started_for_calls_of_busy_handlers_beyond_the_pacing_limit(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    calls(p, 5, busy_handler(p))
+    assert p.dispatch().start == 2
+    for name in ("p0", "p1"):
+        p.add(Process(name))  # the supervisor starts them
+    p.seen_slow("m:wait")
+    calls(p, 3, "m:wait")
+    assert p.dispatch().start == 3  # two lanes are starting already: three more for the calls that wait
+
+
+def test_a_handler_no_longer_busy_on_the_cpu_is_not_held_back(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    handler = busy_handler(p)
+    for _ in range(3):
+        p.note_run_time(handler, *WAITING_CALL)  # its calls now wait (for I/O) more than they compute
+    assert handler in p.unpaced_handlers and handler not in p.busy_handlers
+
+
+def test_a_call_that_computes_counts_as_busy_when_a_loaded_machine_preempted_it(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    for _ in range(3):
+        p.note_run_time("m:busy", 0.2, 0.06)  # 60 ms on the CPU over 200 ms: it shared the CPU
+    assert "m:busy" in p.busy_handlers
+    for _ in range(3):
+        p.note_run_time("m:io", 0.2, 0.02)  # 20 ms of 200: it waited, mostly
+    assert "m:io" in p.unpaced_handlers and "m:io" not in p.busy_handlers

@@ -20,7 +20,13 @@ The rules (the second to the last are `dispatch`'s, in the order it applies them
 * A paced call running `patience` or longer is overrunning: its handler is not paced from then on,
   its lane stops pacing, and the calls queued behind it there are taken back: they wait in the
   parent again, first in line (a drop, which the process reads before it would start them).
-* A call of a handler that is not paced takes any idle lane, as many at once as there are lanes.
+* A call of a handler that is not paced takes any idle lane, as many at once as there are lanes;
+  but calls of handlers that are busy on the CPU (most of their recent calls used `QUICK` or more
+  of it, a quarter of their run time or more) run no more than `pacing_limit` at once: more
+  processes would only share the CPUs, each call slower, and a process started for each (the
+  others wait in the parent, first in line). A quarter, not a half: a call that computes is
+  preempted on a loaded machine, and would look like one that waits, which more processes load
+  further.
 * A paced call queues in the least loaded pacing lane that holds fewer than `depth` calls (the
   running one included); with none, it takes an idle lane while fewer than `pacing_limit` lanes pace;
   otherwise it waits. Filling a few lanes before waking another is what makes their calls share
@@ -135,6 +141,8 @@ class Pacer(Generic[LaneT, CallT]):
         self.waiting_paced: collections.deque[CallT] = collections.deque()  # the others
         self.unpaced_handlers: set[str] = set()
         self.wait_scores: dict[str, float] = {}  # handler -> how often its recent calls waited (0 to 1)
+        self.busy_handlers: set[str] = set()  # unpaced handlers whose calls keep the CPU busy
+        self.busy_scores: dict[str, float] = {}  # handler -> how often its recent calls ran long on the CPU
         self.wake_pending = False  # a wake-up was asked for and has not come
         self.closed = False
 
@@ -234,15 +242,14 @@ class Pacer(Generic[LaneT, CallT]):
         return waiting.popleft() if waiting else None
 
     def note_run_time(self, handler: str, seconds: float, cpu_seconds: float | None) -> None:
-        """What a call's run time says of its handler: whether its calls are paced (module docstring)."""
+        """What a call's run time says of its handler: whether its calls are paced, and whether
+        they keep the CPU busy (module docstring)."""
         waited = seconds >= IGNORE_CPU_BELOW and (
             seconds >= QUICK or (cpu_seconds is not None and cpu_seconds < seconds / 2))
-        score = self.wait_scores.get(handler, 0.0) * 0.75 + (0.25 if waited else 0.0)
-        self.wait_scores[handler] = score
-        if score >= 0.5:
-            self.unpaced_handlers.add(handler)
-        else:
-            self.unpaced_handlers.discard(handler)
+        _moved(self.wait_scores, self.unpaced_handlers, handler, waited)
+        busy = cpu_seconds is not None and cpu_seconds >= QUICK and cpu_seconds >= seconds / 4
+        if busy or handler in self.busy_scores:  # (most handlers never are: no score kept for them)
+            _moved(self.busy_scores, self.busy_handlers, handler, busy)
 
     def seen_slow(self, handler: str) -> None:
         """A call of the handler overran or timed out: its calls are not paced until quick ones undo it."""
@@ -264,11 +271,20 @@ class Pacer(Generic[LaneT, CallT]):
         if running and (not running[0].paced or now - running[0].since >= self.patience):
             self._take_back_from_overrunning(now, dropped)
         unpaced, paced, idle = self.waiting_unpaced, self.waiting_paced, self.idle
-        while unpaced and idle:
-            call = unpaced.popleft()
+        busy, held = self.busy_handlers, 0  # held: calls of busy handlers left waiting, first in line
+        cpu_room = self.pacing_limit - self._running_busy() if busy else 0
+        while len(unpaced) > held and idle:
+            call = unpaced[held]
             if call.settled:
+                del unpaced[held]
                 forgotten.append(call)
                 continue
+            if call.handler in busy:
+                if cpu_room <= 0:
+                    held += 1
+                    continue
+                cpu_room -= 1
+            del unpaced[held]
             self._send(idle.pop(), call, now, False, sent)
         while paced:
             call = paced[0]
@@ -286,7 +302,9 @@ class Pacer(Generic[LaneT, CallT]):
             self._send(lane, paced.popleft(), now, True, sent)
         while unpaced and unpaced[0].settled:  # (the first paced call was just seen not to be)
             forgotten.append(unpaced.popleft())
-        need = len(unpaced)
+        # a lane for each waiting call, but for the calls of busy handlers beyond the CPU room
+        need = len(unpaced) if not busy else sum(1 for c in unpaced if c.handler not in busy) + min(
+            max(0, cpu_room), sum(1 for c in unpaced if c.handler in busy))
         wake_at = None
         queued = 0  # paced calls queued behind a running one
         for lane in self.pacing_lanes:
@@ -311,6 +329,11 @@ class Pacer(Generic[LaneT, CallT]):
         if not (sent or forgotten or dropped or start) and wake_at is None:
             return NOTHING
         return Decision(forgotten, dropped, sent, None, start, wake_at)
+
+    def _running_busy(self) -> int:
+        """Calls of busy handlers running now (unpaced: each alone in its lane)."""
+        busy = self.busy_handlers
+        return sum(1 for lane in self.lanes if lane.calls and lane.calls[0].handler in busy)
 
     def _lane_for_paced_call(self) -> LaneT | None:
         """The least loaded pacing lane while it has room; else an idle lane, while fewer than
@@ -367,3 +390,14 @@ class Pacer(Generic[LaneT, CallT]):
             call.paced = False
             if requeue:
                 self.waiting_paced.appendleft(call)
+
+
+def _moved(scores: dict[str, float], members: set[str], handler: str, seen: bool) -> None:
+    """Move the handler's score a quarter of the way to 1 (`seen`) or to 0: from 1/2 on, it is
+    one of `members`."""
+    score = scores.get(handler, 0.0) * 0.75 + (0.25 if seen else 0.0)
+    scores[handler] = score
+    if score >= 0.5:
+        members.add(handler)
+    else:
+        members.discard(handler)
