@@ -396,3 +396,13 @@ def test_a_call_that_computes_counts_as_busy_when_a_loaded_machine_preempted_it(
     for _ in range(3):
         p.note_run_time("m:io", 0.2, 0.02)  # 20 ms of 200: it waited, mostly
     assert "m:io" in p.unpaced_handlers and "m:io" not in p.busy_handlers
+
+
+def test_calls_queued_as_paced_before_their_handler_was_seen_busy_keep_to_the_bound(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    ready_lanes(p, 6)
+    early = calls(p, 3, "m:busy")  # paced: nothing is known of the handler yet
+    assert list(p.waiting_paced) == early
+    busy_handler(p)  # then its calls elsewhere are seen to compute
+    sent = [c for _, c in p.dispatch().sent]
+    assert sent == early[:2] and list(p.waiting_paced) == [early[2]]

@@ -294,6 +294,10 @@ class Pacer(Generic[LaneT, CallT]):
             if call.handler in self.unpaced_handlers or now - call.since >= self.patience:
                 if not idle:
                     break
+                if call.handler in busy:  # queued here before its handler was seen to be busy
+                    if cpu_room <= 0:
+                        break
+                    cpu_room -= 1
                 self._send(idle.pop(), paced.popleft(), now, False, sent)
                 continue
             lane = self._lane_for_paced_call()
