@@ -5,7 +5,8 @@ the GIL (a catastrophic regex, a C extension) freezes the worker's own loop, its
 other instances' ticks run twice. `ProcessExecutor` moves handlers out of the worker's process.
 
 Up to one child process per slot (`size` of them, the worker's concurrency) runs handlers, one
-attempt at a time each, in the order it was sent them. The parts:
+attempt at a time each, in the order it was sent them; handlers busy on the CPU run on no more
+than twice the CPUs at once, and children beyond those end once idle for a minute. The parts:
 
 * `supervisor.py`: the worker's side. `ProcessExecutor` starts the children, writes them calls and
   reads their answers on non-blocking pipes watched by the event loop (at most one write and one
@@ -14,8 +15,8 @@ attempt at a time each, in the order it was sent them. The parts:
   reaps the dead and fails their attempts.
 * `pacing.py`: which child a call goes to. Quick handlers are paced onto a few busy children, their
   calls queued there (waking a sleeping process is most of what a trivial tick costs); handlers
-  whose calls wait are not. A policy with no I/O and an injected clock; the supervisor carries out
-  its decisions.
+  whose calls wait are not; which children have been idle too long. A policy with no I/O and an
+  injected clock; the supervisor carries out its decisions.
 * `frames.py`: the protocol, typed frames on the child's stdin and stdout (call, abandon, drop; ready,
   result, failure), and the wire format written down.
 * `child.py`: the child's side, what a handler process imports (and nothing heavier: not the
