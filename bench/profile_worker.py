@@ -105,6 +105,8 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
         await asyncio.sleep(1.0)
         for _ in range(args.rounds):
             transitions = service.worker.stats.transitions
+            batchers = (service.worker.runner.committer._batcher, service.worker.claimer._batcher)
+            sent = [(b.batches, b.sent) for b in batchers]
             cpu, kids, etcd = time.process_time(), children_cpu({etcd_pid}), own_cpu(etcd_pid)
             if profiler is not None:
                 profiler.enable()
@@ -115,12 +117,14 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
                 profiler.disable()
             cpu, kids, etcd = time.process_time() - cpu, children_cpu({etcd_pid}) - kids, own_cpu(etcd_pid) - etcd
             count = service.worker.stats.transitions - transitions
+            sent = [((b.sent - s) / max(1, b.batches - n), (b.batches - n) / count)
+                    for b, (n, s) in zip(batchers, sent, strict=True)]
             idle = time.process_time()
             await asyncio.sleep(1.0)
             idle = time.process_time() - idle  # per second, with nothing to do
             rounds.append({"transitions": count, "rate": count / took, "idle_us_per_s": idle * 1e6,
                            "worker_us": (cpu - idle * took) / count * 1e6, "handlers_us": kids / count * 1e6,
-                           "etcd_us": etcd / count * 1e6})
+                           "etcd_us": etcd / count * 1e6, "batches": sent})
     await store.close()
     if profiler is not None:
         stats = pstats.Stats(profiler)
@@ -161,7 +165,8 @@ def main() -> None:
     for r in rounds:
         print(f"{r['transitions']} transitions, {r['rate']:,.0f}/s; CPU µs per transition: worker "
               f"{r['worker_us']:.1f} (idle {r['idle_us_per_s']:.0f} µs/s taken off), handler processes "
-              f"{r['handlers_us']:.1f}, etcd {r['etcd_us']:.1f}")
+              f"{r['handlers_us']:.1f}, etcd {r['etcd_us']:.1f}; commits {r['batches'][0][0]:.1f} per request "
+              f"({r['batches'][0][1]:.2f} requests per transition), claims {r['batches'][1][0]:.1f} per request")
 
 
 if __name__ == "__main__":
