@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from dsm.worker.isolation.pacing import PATIENCE, QUEUE_DEPTH, SOONEST_WAKE, Call, Decision, Lane, Pacer
+from dsm.worker.isolation.pacing import (
+    CALL_COST,
+    PATIENCE,
+    QUEUE_DEPTH,
+    QUEUE_TIME,
+    SOONEST_WAKE,
+    Call,
+    Decision,
+    Lane,
+    Pacer,
+)
 
 
 class Clock:
@@ -113,6 +123,37 @@ def test_a_call_answered_makes_room_for_the_next_one(clock: Clock) -> None:
     first.end()
     decision = p.dispatch()
     assert [call for _, call in decision.sent] == others[-1:] and len(lane.calls) == QUEUE_DEPTH
+
+
+def test_a_pacing_lane_holds_a_millisecond_of_a_handlers_calls_by_their_run_time(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    lanes = ready_lanes(p, 4)
+    for _ in range(4):
+        p.note_run_time("m:noop", 0.000005, 0.000005)  # 5 us each: a millisecond holds 40 of them
+    depth = int(QUEUE_TIME / (0.000005 + CALL_COST))
+    assert depth == 40 > QUEUE_DEPTH
+    calls(p, depth + 1, "m:noop")
+    p.dispatch()
+    assert sorted(held(lanes).values()) == [0, 0, 1, depth]  # one write, one wake-up for 40 calls
+    half = pacer(clock, slots=8, pacing_limit=3)
+    for _ in range(4):
+        half.note_run_time("m:half", 0.0005, 0.0005)  # half a millisecond on the CPU: still quick, paced
+    assert "m:half" not in half.unpaced_handlers
+    lanes = ready_lanes(half, 4)
+    made = calls(half, 7, "m:half")
+    half.dispatch()
+    # two each (the running one and the next, so no process waits for its next call), over the
+    # pacing lanes, rather than seven behind each other in one
+    assert sorted(held(lanes).values()) == [0, 2, 2, 2] and list(half.waiting_paced) == made[-1:]
+
+
+def test_a_pacing_lane_holds_no_more_than_the_most_calls_however_short(clock: Clock) -> None:
+    p = pacer(clock, slots=4, pacing_limit=1, max_depth=16)
+    (lane,) = ready_lanes(p, 1)
+    p.note_run_time("m:noop", 0.0, 0.0)
+    calls(p, 20, "m:noop")
+    p.dispatch()
+    assert len(lane.calls) == 16 and len(p.waiting_paced) == 4
 
 
 def test_calls_of_a_handler_that_waits_take_any_idle_lane_one_each(clock: Clock) -> None:

@@ -27,10 +27,14 @@ The rules (the second to the last are `dispatch`'s, in the order it applies them
   others wait in the parent, first in line). A quarter, not a half: a call that computes is
   preempted on a loaded machine, and would look like one that waits, which more processes load
   further.
-* A paced call queues in the least loaded pacing lane that holds fewer than `depth` calls (the
-  running one included); with none, it takes an idle lane while fewer than `pacing_limit` lanes pace;
-  otherwise it waits. Filling a few lanes before waking another is what makes their calls share
-  writes and wake-ups. A paced call that waited `patience` takes any idle lane, unpaced.
+* A paced call queues in the least loaded pacing lane that holds fewer calls than its handler's
+  depth (the running one included); with none, it takes an idle lane while fewer than
+  `pacing_limit` lanes pace; otherwise it waits. Filling a few lanes before waking another is what
+  makes their calls share writes and wake-ups. A handler's depth is as many of its calls as fill
+  `QUEUE_TIME` of a process's time, by their mean run time (plus `CALL_COST` each), between 2 and
+  `max_depth`: a no-op handler's calls queue 40 deep, a handler of half a millisecond's only 2, so
+  its calls spread over the pacing lanes rather than wait behind each other in one; a handler
+  not seen yet has `depth`. A paced call that waited `patience` takes any idle lane, unpaced.
 * Lanes are started for the calls that wait: one for each unpaced call, and for paced calls as many
   as would make `pacing_limit` lanes pace, or one for each when the first waited `patience` (unless
   lanes are starting already; those are waited for), as room allows (`slots` lanes at most).
@@ -56,7 +60,10 @@ QUICK = 0.002  # seconds: a call that runs shorter, and mostly on the CPU, is qu
 IGNORE_CPU_BELOW = 0.0002  # seconds: a call this short is quick whatever its share of the CPU, too short to say
 PATIENCE = 0.5  # seconds a paced call runs, or waits, before the pacing lets other calls past it
 IDLE_EXIT = 60.0  # seconds a lane beyond the pacing limit may stay idle before it is let go
-QUEUE_DEPTH = 8  # calls a pacing lane holds at most, the running one included (sent in one write)
+QUEUE_DEPTH = 8  # calls of a handler not seen yet a pacing lane holds at most, the running one included
+MAX_QUEUE_DEPTH = 64  # calls of any handler a pacing lane holds at most
+QUEUE_TIME = 0.001  # seconds of a process's time the calls queued in a pacing lane fill, by their handlers' run time
+CALL_COST = 0.00002  # seconds a call costs its process besides its handler's run (reading, writing, the outcome)
 SOONEST_WAKE = 0.0005  # seconds: a wake-up is never asked for sooner than this from now
 
 
@@ -126,11 +133,12 @@ class Pacer(Generic[LaneT, CallT]):
     monotonic (the event loop's). See the module docstring for the rules."""
 
     def __init__(self, slots: int, pacing_limit: int, *, clock: Callable[[], float], depth: int = QUEUE_DEPTH,
-                 patience: float = PATIENCE):
+                 max_depth: int = MAX_QUEUE_DEPTH, patience: float = PATIENCE):
         self.slots = slots
         self.pacing_limit = min(slots, pacing_limit)
         self.clock = clock
-        self.depth = depth
+        self.depth = depth  # of a handler not seen yet
+        self.max_depth = max_depth
         self.patience = patience
         self.lanes: set[LaneT] = set()
         self.idle: list[LaneT] = []  # ready lanes holding no call
@@ -143,6 +151,8 @@ class Pacer(Generic[LaneT, CallT]):
         self.wait_scores: dict[str, float] = {}  # handler -> how often its recent calls waited (0 to 1)
         self.busy_handlers: set[str] = set()  # unpaced handlers whose calls keep the CPU busy
         self.busy_scores: dict[str, float] = {}  # handler -> how often its recent calls ran long on the CPU
+        self.depths: dict[str, int] = {}  # handler -> calls of it a pacing lane holds (`QUEUE_TIME`)
+        self.run_means: dict[str, float] = {}  # handler -> the mean run time of its recent calls, seconds
         self.wake_pending = False  # a wake-up was asked for and has not come
         self.closed = False
 
@@ -250,6 +260,10 @@ class Pacer(Generic[LaneT, CallT]):
         busy = cpu_seconds is not None and cpu_seconds >= QUICK and cpu_seconds >= seconds / 4
         if busy or handler in self.busy_scores:  # (most handlers never are: no score kept for them)
             _moved(self.busy_scores, self.busy_handlers, handler, busy)
+        mean = self.run_means.get(handler)
+        mean = seconds if mean is None else mean * 0.75 + seconds * 0.25
+        self.run_means[handler] = mean
+        self.depths[handler] = max(2, min(self.max_depth, int(QUEUE_TIME / (mean + CALL_COST))))
 
     def seen_slow(self, handler: str) -> None:
         """A call of the handler overran or timed out: its calls are not paced until quick ones undo it."""
@@ -300,7 +314,7 @@ class Pacer(Generic[LaneT, CallT]):
                     cpu_room -= 1
                 self._send(idle.pop(), paced.popleft(), now, False, sent)
                 continue
-            lane = self._lane_for_paced_call()
+            lane = self._lane_for_paced_call(self.depths.get(call.handler, self.depth))
             if lane is None:
                 break
             self._send(lane, paced.popleft(), now, True, sent)
@@ -339,10 +353,10 @@ class Pacer(Generic[LaneT, CallT]):
         busy = self.busy_handlers
         return sum(1 for lane in self.lanes if lane.calls and lane.calls[0].handler in busy)
 
-    def _lane_for_paced_call(self) -> LaneT | None:
-        """The least loaded pacing lane while it has room; else an idle lane, while fewer than
-        `pacing_limit` lanes pace (None: the call waits)."""
-        best, fewest = None, self.depth
+    def _lane_for_paced_call(self, depth: int) -> LaneT | None:
+        """The least loaded pacing lane while it holds fewer than `depth` calls; else an idle lane,
+        while fewer than `pacing_limit` lanes pace (None: the call waits)."""
+        best, fewest = None, depth
         for lane in self.pacing_lanes:
             held = len(lane.calls)
             if held < fewest:

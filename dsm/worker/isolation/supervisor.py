@@ -211,10 +211,11 @@ class ProcessExecutor:
     timeout. `log_level`: level of the children's `dsm.handler` logger (None: the worker's, read
     when a child starts); `log_format` formats their log lines on stderr. `grace`: how long
     `close()` lets children finish their attempt before it kills them. `hot`: how many children
-    run the calls of quick handlers at once, each holding up to `QUEUE_DEPTH` of them, before the
-    next such call waits (default: twice the CPUs; see `pacing.py`). `idle_exit`: seconds a child
-    may stay idle before it ends, while more than `hot` children live (children started for a burst
-    of calls that wait, one per slot, do not hold their memory for good).
+    run the calls of quick handlers at once, each holding a millisecond's worth of them (by their
+    run time, 2 to 64), before the next such call waits (default: twice the CPUs; see
+    `pacing.py`). `idle_exit`: seconds a child may stay idle before it ends, while more than `hot`
+    children live (children started for a burst of calls that wait, one per slot, do not hold
+    their memory for good).
 
     Like the event loop it serves, it is not thread-safe: call it from the loop's thread. POSIX only
     (pipes watched by the loop, a select on them in the child).
