@@ -16,7 +16,7 @@ the truth, so a deferred marker is never lost: at worst it is late by one claim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import codec, index, search, transition
 from .frozen import fast_init
@@ -51,6 +51,9 @@ class CommitPlan:
     applied: int = 0  # how many of the arrivals it applies (the first ones); the rest wait for the next commit
     required: int = 0  # operations it cannot do without (record, history, entries, its own tokens)
     spill: tuple[int, bytes] | None = None  # a history chunk to write: (its last seq, its entries)
+    # planned by `_along_line` (its one token moved on, kept, its marker left alone): the same plan as
+    # the general planning makes, which `commit_txn` writes without looking at it again
+    line: bool = field(default=False, compare=False)
 
     @property
     def sync(self) -> bool:
@@ -136,7 +139,7 @@ def _along_line(graph: Graph, before: Instance, after: Instance, history: list[H
     # token's own marker (left alone)
     return CommitPlan(before, recorded, tuple(history), (), (moved,), own, (moved,), frozenset(), record,
                       applied=1, required=2 + (spill is not None) + index.search_op_count(before, recorded),
-                      spill=spill)
+                      spill=spill, line=True)
 
 
 def _recorded(after: Instance, history: list[HistoryEntry], *,
@@ -273,6 +276,16 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
     back is a marker put without an owner, a token that goes is its marker deleted."""
     inst = plan.after
     iid = inst.id
+    if plan.line and not fences:  # the usual commit: the record, and what moves of the search entries
+        (tid,) = plan.own
+        written: list[Op] = [Put(keys.instance(iid), plan.record)]
+        if plan.spill is not None:
+            written.append(Put(keys.history(iid, plan.spill[0]), plan.spill[1]))
+        if plan.before.search is not inst.search:
+            written += index.status_ops(keys, plan.before, inst)
+        return Txn([Compare.mod(keys.instance(iid), "==", rev),
+                    Compare.mod(keys.work(keys.place_of(inst), tid), "==", claims[tid]),
+                    Compare.lease_of(keys.worker(worker), "==", lease)], written)
     place = keys.place_of(inst)
     ops: list[Op] = [Put(keys.instance(iid), plan.record)]
     if plan.spill is not None:
