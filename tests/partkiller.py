@@ -32,7 +32,11 @@ async def run(self: core.Worker, stop: asyncio.Event | None = None, *, grace: fl
     async def strike() -> None:
         tasks = await until_async(serving, f"a task {target} of a serving worker", timeout=60)
         print(f"partkiller: cancelling {tasks[0].get_name()}", file=sys.stderr, flush=True)
-        tasks[0].cancel()
+        # Until it ends: on Python 3.11, asyncio.wait_for loses a cancellation that arrives as what
+        # it waits for completes (a watch's first answer, say), and the task goes on as if none came.
+        while not tasks[0].done():
+            tasks[0].cancel()
+            await asyncio.wait([tasks[0]], timeout=1.0)
 
     striking = asyncio.get_running_loop().create_task(strike())
     try:
