@@ -281,8 +281,7 @@ def commit_txn(keys: Keys, plan: CommitPlan, rev: int, claims: dict[str, int], *
         written: list[Op] = [Put(keys.instance(iid), plan.record)]
         if plan.spill is not None:
             written.append(Put(keys.history(iid, plan.spill[0]), plan.spill[1]))
-        if plan.before.search is not inst.search:
-            written += index.status_ops(keys, plan.before, inst)
+        written += index.status_ops(keys, plan.before, inst)  # none, unless a search attribute moved
         return Txn([Compare.mod(keys.instance(iid), "==", rev),
                     Compare.mod(keys.work(keys.place_of(inst), tid), "==", claims[tid]),
                     Compare.lease_of(keys.worker(worker), "==", lease)], written)
