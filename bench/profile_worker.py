@@ -12,7 +12,9 @@ started for the run; it first runs 128 instances (its handler processes started)
 round submits `-n` instances from a separate process, so that the CPU this process spends
 (`time.process_time`: its event loop and gRPC's threads) is the worker's own. Reported per
 transition: the worker's CPU, less what it spends idle (heartbeats, measured for a second after
-each round), its handler processes' and etcd's (from `/proc`). CPU time is what this code
+each round), its handler processes' and etcd's (from `/proc`); the commits and claims each request
+to etcd carried; and the context switches of each per transition (every thread's, from `/proc`:
+a process woken for a few calls pays for the wake-up). CPU time is what this code
 controls and holds better than rates on a busy machine; with
 `--profile`, cProfile's figures are the wall time of the worker's event loop thread (its wait in
 `epoll` is idle time), about twice what the code costs unprofiled (compare rankings, not sums,
@@ -50,6 +52,30 @@ LINEAR = ROOT / "bench" / "linear.yaml"
 PER_INSTANCE = 4
 CONCURRENCY = DEFAULT_CONCURRENCY
 WARM_UP = 2 * CONCURRENCY
+
+
+def switches(pid: int) -> int:
+    """Context switches of every thread of a process so far (voluntary and not); 0 once it is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches:" in line)
+    return total
+
+
+def kids_of(exclude: set[int]) -> list[int]:
+    pid = os.getpid()
+    try:
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if int(k) not in exclude]
+    except OSError:
+        return []
 
 
 def children_cpu(exclude: set[int]) -> float:
@@ -108,6 +134,7 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
             batchers = (service.worker.runner.committer._batcher, service.worker.claimer._batcher)
             sent = [(b.batches, b.sent) for b in batchers]
             cpu, kids, etcd = time.process_time(), children_cpu({etcd_pid}), own_cpu(etcd_pid)
+            before = [switches(os.getpid()), sum(switches(k) for k in kids_of({etcd_pid})), switches(etcd_pid)]
             if profiler is not None:
                 profiler.enable()
             started = time.monotonic()
@@ -116,6 +143,7 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
             if profiler is not None:
                 profiler.disable()
             cpu, kids, etcd = time.process_time() - cpu, children_cpu({etcd_pid}) - kids, own_cpu(etcd_pid) - etcd
+            after = [switches(os.getpid()), sum(switches(k) for k in kids_of({etcd_pid})), switches(etcd_pid)]
             count = service.worker.stats.transitions - transitions
             sent = [((b.sent - s) / max(1, b.batches - n), (b.batches - n) / count)
                     for b, (n, s) in zip(batchers, sent, strict=True)]
@@ -124,7 +152,8 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
             idle = time.process_time() - idle  # per second, with nothing to do
             rounds.append({"transitions": count, "rate": count / took, "idle_us_per_s": idle * 1e6,
                            "worker_us": (cpu - idle * took) / count * 1e6, "handlers_us": kids / count * 1e6,
-                           "etcd_us": etcd / count * 1e6, "batches": sent})
+                           "etcd_us": etcd / count * 1e6, "batches": sent,
+                           "switches": [(a - b) / count for a, b in zip(after, before, strict=True)]})
     await store.close()
     if profiler is not None:
         stats = pstats.Stats(profiler)
@@ -166,7 +195,9 @@ def main() -> None:
         print(f"{r['transitions']} transitions, {r['rate']:,.0f}/s; CPU µs per transition: worker "
               f"{r['worker_us']:.1f} (idle {r['idle_us_per_s']:.0f} µs/s taken off), handler processes "
               f"{r['handlers_us']:.1f}, etcd {r['etcd_us']:.1f}; commits {r['batches'][0][0]:.1f} per request "
-              f"({r['batches'][0][1]:.2f} requests per transition), claims {r['batches'][1][0]:.1f} per request")
+              f"({r['batches'][0][1]:.2f} requests per transition), claims {r['batches'][1][0]:.1f} per request; "
+              f"context switches per transition: worker {r['switches'][0]:.2f}, handler processes "
+              f"{r['switches'][1]:.2f}, etcd {r['switches'][2]:.2f}")
 
 
 if __name__ == "__main__":
