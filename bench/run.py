@@ -62,6 +62,7 @@ CONCURRENCY = DEFAULT_CONCURRENCY  # `dsm worker`'s, which the throughput runs u
 WARM_UP = 2 * CONCURRENCY  # instances per worker run before a throughput measurement starts
 ISOLATIONS = ("process", "thread")  # `dsm worker --isolation`: the default first
 REPEAT = {True: 1, False: 3}  # runs per measurement (quick, full); tables show the median
+OWN_REFERENCE_S = 2.0  # seconds of the reference run again before each throughput run
 
 
 def dsm_command() -> list[str]:
@@ -263,10 +264,20 @@ async def clear(env: EtcdCluster, namespace: str) -> None:
 
 async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
     """Raw CAS transactions through aetcd's generated gRPC stubs: no dsm code in the loop."""
+    seconds = 2.0 if quick else 5.0
+    out: dict[str, Any] = {}
+    for concurrency in (1, CONCURRENCY):
+        out[f"cas_per_s_c{concurrency}"], out[f"cpu_us_per_cas_c{concurrency}"] = await cas_rate(
+            env, concurrency, seconds)
+    out["cas_per_s"] = out[f"cas_per_s_c{CONCURRENCY}"]
+    return out
+
+
+async def cas_rate(env: EtcdCluster, concurrency: int, seconds: float) -> tuple[float, dict[str, float]]:
+    """`concurrency` loops of raw CAS transactions for `seconds`: the rate, and the CPU a CAS cost."""
     import grpc
     from aetcd import rpc
 
-    seconds = 2.0 if quick else 5.0
     channel = grpc.aio.insecure_channel(env.endpoint.split("://")[1])
     kv = rpc.KVStub(channel)
     value = b"x" * 300
@@ -285,17 +296,12 @@ async def reference(env: EtcdCluster, quick: bool) -> dict[str, Any]:
             rev = resp.header.revision
             count += 1
 
-    out: dict[str, Any] = {}
     probe = CpuProbe(env)
-    for concurrency in (1, CONCURRENCY):
-        count = 0
-        started, cpu = time.monotonic(), probe.read()
-        await asyncio.gather(*(loop(i, started + seconds) for i in range(concurrency)))
-        out[f"cas_per_s_c{concurrency}"] = count / (time.monotonic() - started)
-        out[f"cpu_us_per_cas_c{concurrency}"] = cpu_per(cpu, probe.read(), count)
+    started, cpu = time.monotonic(), probe.read()
+    await asyncio.gather(*(loop(i, started + seconds) for i in range(concurrency)))
+    rate, cost = count / (time.monotonic() - started), cpu_per(cpu, probe.read(), count)
     await channel.close()
-    out["cas_per_s"] = out[f"cas_per_s_c{CONCURRENCY}"]
-    return out
+    return rate, cost
 
 
 # -- 2 throughput ------------------------------------------------------------------------------
@@ -341,10 +347,16 @@ async def throughput_of(env: EtcdCluster, definition: Path, workers: int, instan
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median rate, with every rate kept: one 2-core machine is a noisy place."""
+    """The run with the median rate, with every rate kept: one 2-core machine is a noisy place.
+    Runs measured with a reference of their own (`own_reference_cas_per_s`) also give their rates
+    over it, and the median of those."""
     ordered = sorted(runs, key=lambda r: r["transitions_per_s"])
     chosen = dict(ordered[len(ordered) // 2])
     chosen["runs_transitions_per_s"] = [round(r["transitions_per_s"]) for r in runs]
+    if all("own_reference_cas_per_s" in r for r in runs):
+        ratios = [r["transitions_per_s"] / r["own_reference_cas_per_s"] for r in runs]
+        chosen["ratios_to_own_reference"] = [round(x, 3) for x in ratios]
+        chosen["ratio_to_own_reference"] = sorted(ratios)[len(ratios) // 2]
     return chosen
 
 
@@ -355,8 +367,14 @@ async def throughput(env: EtcdCluster, quick: bool) -> dict[str, Any]:
         for isolation in ISOLATIONS:
             for workers in (1, 2):
                 name = f"{definition.stem}_w{workers}" + ("" if isolation == ISOLATIONS[0] else f"_{isolation}")
-                runs = [await throughput_of(env, definition, workers, instances[definition], f"tp-{name}-{i}",
-                                            isolation) for i in range(REPEAT[quick])]
+                runs = []
+                for i in range(REPEAT[quick]):
+                    # a reference of its own just before: the machine's speed drifts over the minutes
+                    # of this benchmark, and a ratio to the reference at the start drifts with it
+                    own, _ = await cas_rate(env, CONCURRENCY, OWN_REFERENCE_S)
+                    run = await throughput_of(env, definition, workers, instances[definition], f"tp-{name}-{i}",
+                                              isolation)
+                    runs.append(run | {"own_reference_cas_per_s": own})
                 out[name] = median_run(runs) | {"definition": definition.stem}
     return out
 
@@ -693,8 +711,9 @@ def table(results: dict[str, Any]) -> str:
     for r in results.get("throughput", {}).values():
         where = "threads" if r["isolation"] == "thread" else "processes"
         where += f", concurrency {r.get('concurrency', CONCURRENCY)}"
+        own = f" ({r['ratio_to_own_reference']:.2f}x its own)" if "ratio_to_own_reference" in r else ""
         rows.append((f"dsm {r['definition']}, workers={r['workers']} ({where}) transitions/s",
-                     f"{r['transitions_per_s']:,.0f}", ratio(r["transitions_per_s"])))
+                     f"{r['transitions_per_s']:,.0f}", ratio(r["transitions_per_s"]) + own))
         cpu = r.get("cpu_us_per_transition")
         if cpu:
             handlers = f" + {cpu['handler_processes']:.0f}" if r["isolation"] != "thread" else ""
