@@ -71,6 +71,7 @@ def switches(pid: int) -> int:
 
 
 def kids_of(exclude: set[int]) -> list[int]:
+    """This process's children alive now but `exclude` (etcd): the handler processes."""
     pid = os.getpid()
     try:
         return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if int(k) not in exclude]
@@ -79,13 +80,8 @@ def kids_of(exclude: set[int]) -> list[int]:
 
 
 def children_cpu(exclude: set[int]) -> float:
-    """CPU seconds of this process's children alive now but `exclude` (etcd): the handler processes."""
-    pid = os.getpid()
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0.0
-    return sum(own_cpu(int(k)) for k in kids if int(k) not in exclude)
+    """CPU seconds of the handler processes (`kids_of`)."""
+    return sum(own_cpu(k) for k in kids_of(exclude))
 
 
 async def submit(endpoint: str, namespace: str, count: int) -> None:

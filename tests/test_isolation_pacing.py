@@ -147,6 +147,19 @@ def test_a_pacing_lane_holds_a_millisecond_of_a_handlers_calls_by_their_run_time
     assert sorted(held(lanes).values()) == [0, 2, 2, 2] and list(half.waiting_paced) == made[-1:]
 
 
+def test_one_slow_call_makes_its_handlers_calls_queue_shallow_at_once(clock: Clock) -> None:
+    p = pacer(clock, slots=8, pacing_limit=2)
+    lanes = ready_lanes(p, 4)
+    for _ in range(4):
+        p.note_run_time("m:cache", 0.000005, 0.000005)  # hits: 40 to a lane
+    p.note_run_time("m:cache", 0.3, 0.001)  # a miss that waited: one such call does not unpace it
+    assert "m:cache" not in p.unpaced_handlers
+    made = calls(p, 5, "m:cache")
+    p.dispatch()
+    # its mean run time is now 75 ms: two to a lane, not 40 behind the next slow one
+    assert sorted(held(lanes).values()) == [0, 0, 2, 2] and list(p.waiting_paced) == made[-1:]
+
+
 def test_a_pacing_lane_holds_no_more_than_the_most_calls_however_short(clock: Clock) -> None:
     p = pacer(clock, slots=4, pacing_limit=1, max_depth=16)
     (lane,) = ready_lanes(p, 1)
