@@ -4,7 +4,8 @@
     python bench/profile_worker.py -n 4000 --isolation thread
     python bench/profile_worker.py --profile 25         # and cProfile's top 25 (by own time, per transition)
     python bench/profile_worker.py --rounds 3           # three measured rounds on the same worker
-    python bench/profile_worker.py --concurrency 8      # as `dsm worker` runs without options
+    python bench/profile_worker.py --concurrency 8      # with 8 slots
+    python bench/profile_worker.py --run-ahead 1        # a commit per tick
 
 A worker (`dsm.service.serving`, concurrency 64, `bench/linear.yaml`: 4 no-op ticks per instance)
 runs in this process (its garbage collector paced as `dsm worker` paces it) against an etcd
@@ -46,7 +47,7 @@ from dsm.service import serving  # noqa: E402
 from dsm.store.etcd import EtcdOptions, EtcdStore  # noqa: E402
 from dsm.testing import make_cluster  # noqa: E402
 from dsm.worker.collector import pace_collector  # noqa: E402
-from dsm.worker.defaults import DEFAULT_CONCURRENCY  # noqa: E402
+from dsm.worker.defaults import DEFAULT_CONCURRENCY, DEFAULT_RUN_AHEAD  # noqa: E402
 
 LINEAR = ROOT / "bench" / "linear.yaml"
 PER_INSTANCE = 4
@@ -122,11 +123,11 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
     profiler = cProfile.Profile() if args.profile else None
     pace_collector()  # as `dsm worker` does
     async with serving(store, keys, [graph], concurrency=args.concurrency, isolation=args.isolation,
-                       on_commit=on_commit, worker_id="profile") as service:
+                       on_commit=on_commit, worker_id="profile", run_ahead=args.run_ahead) as service:
         await run_round(WARM_UP)
         await asyncio.sleep(1.0)
         for _ in range(args.rounds):
-            transitions = service.worker.stats.transitions
+            transitions, commits = service.worker.stats.transitions, service.worker.stats.committed
             batchers = (service.worker.runner.committer._batcher, service.worker.claimer._batcher)
             sent = [(b.batches, b.sent) for b in batchers]
             cpu, kids, etcd = time.process_time(), children_cpu({etcd_pid}), own_cpu(etcd_pid)
@@ -141,6 +142,7 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
             cpu, kids, etcd = time.process_time() - cpu, children_cpu({etcd_pid}) - kids, own_cpu(etcd_pid) - etcd
             after = [switches(os.getpid()), sum(switches(k) for k in kids_of({etcd_pid})), switches(etcd_pid)]
             count = service.worker.stats.transitions - transitions
+            commits = service.worker.stats.committed - commits
             sent = [((b.sent - s) / max(1, b.batches - n), (b.batches - n) / count)
                     for b, (n, s) in zip(batchers, sent, strict=True)]
             idle = time.process_time()
@@ -148,7 +150,7 @@ async def measure(endpoint: str, etcd_pid: int, args: argparse.Namespace) -> lis
             idle = time.process_time() - idle  # per second, with nothing to do
             rounds.append({"transitions": count, "rate": count / took, "idle_us_per_s": idle * 1e6,
                            "worker_us": (cpu - idle * took) / count * 1e6, "handlers_us": kids / count * 1e6,
-                           "etcd_us": etcd / count * 1e6, "batches": sent,
+                           "etcd_us": etcd / count * 1e6, "batches": sent, "per_commit": count / max(1, commits),
                            "switches": [(a - b) / count for a, b in zip(after, before, strict=True)]})
     await store.close()
     if profiler is not None:
@@ -172,6 +174,8 @@ def main() -> None:
     parser.add_argument("--isolation", choices=("process", "thread"), default="process")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="the worker's slots (`dsm worker`'s "
                         "default)")
+    parser.add_argument("--run-ahead", type=int, default=DEFAULT_RUN_AHEAD, metavar="N",
+                        help="ticks along a line in one commit (`dsm worker --run-ahead`; 1: a commit each)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP", help="cProfile's top TOP functions")
     parser.add_argument("--cumulative", action="store_true", help="rank by cumulative time, not own time")
     parser.add_argument("--submit", nargs=3, metavar=("ENDPOINT", "NAMESPACE", "COUNT"), help=argparse.SUPPRESS)
@@ -190,7 +194,8 @@ def main() -> None:
     for r in rounds:
         print(f"{r['transitions']} transitions, {r['rate']:,.0f}/s; CPU µs per transition: worker "
               f"{r['worker_us']:.1f} (idle {r['idle_us_per_s']:.0f} µs/s taken off), handler processes "
-              f"{r['handlers_us']:.1f}, etcd {r['etcd_us']:.1f}; commits {r['batches'][0][0]:.1f} per request "
+              f"{r['handlers_us']:.1f}, etcd {r['etcd_us']:.1f}; {r['per_commit']:.2f} transitions per commit, "
+              f"commits {r['batches'][0][0]:.1f} per request "
               f"({r['batches'][0][1]:.2f} requests per transition), claims {r['batches'][1][0]:.1f} per request; "
               f"context switches per transition: worker {r['switches'][0]:.2f}, handler processes "
               f"{r['switches'][1]:.2f}, etcd {r['switches'][2]:.2f}")

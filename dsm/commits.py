@@ -26,7 +26,7 @@ from .markers import MAX_TXN_OPS, sync_marker, work_info
 from .records import HistoryEntry, Instance, Token, dump_instance, evolve, history_to_row, row_failures, row_seq
 from .step import Arrival, apply, bounded
 from .store import Compare, Delete, Op, Put, Txn
-from .transition import Outcome
+from .transition import Outcome, Step
 
 MAX_ARRIVALS = 60  # outcomes folded into one commit (each adds a compare)
 MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain continues in the next
@@ -54,6 +54,7 @@ class CommitPlan:
     # planned by `_along_line` (its one token moved on, kept, its marker left alone): the same plan as
     # the general planning makes, which `commit_txn` writes without looking at it again
     line: bool = field(default=False, compare=False)
+    too_large: bool = field(default=False, compare=False)  # the record would outgrow the store: it fails instead
 
     @property
     def sync(self) -> bool:
@@ -72,6 +73,11 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     finishing at once), the plan applies the first of them that fit (`applied`) and the rest wait
     for the next commit.
 
+    The arrivals may be one token's run along a line (`step_on_line`: its later visits after its
+    earlier ones), applied in order. When such a run's record would outgrow the store, its first
+    step is committed alone, and the rest after it: the step that makes the record too large
+    fails the instance, as it does committed on its own.
+
     `shortcut`: a commit along a line is planned without the general planning (`_along_line`);
     False plans it the general way too, which finds the same plan (the tests compare them).
     """
@@ -79,6 +85,9 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     while True:
         plan = _plan(graph, before, arrivals[:count], now=now, worker=worker, slots=slots,
                      max_record_bytes=max_record_bytes, max_ops=max_ops, shortcut=shortcut)
+        if plan.too_large and count > 1 and len({a.token.id for a in arrivals[:count]}) == 1:
+            count = 1
+            continue
         if plan.required < max_ops or count <= 1:
             return plan
         count = max(1, min(count - 1, count * (max_ops * 3 // 4) // plan.required))
@@ -89,7 +98,7 @@ def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
     started: list[Instance] = []
     after, history = apply(graph, before, arrivals, now=now, worker=worker, started=started)
     own = frozenset(a.token.id for a in arrivals)
-    if shortcut and len(history) == 1 and not started and len(arrivals) == 1:
+    if shortcut and len(history) == len(arrivals) and not started and len(own) == 1:
         line = _along_line(graph, before, after, history, arrivals, own, now=now, max_record_bytes=max_record_bytes)
         if line is not None:
             return line
@@ -111,18 +120,19 @@ def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
     entries += _wakes_parent(before, after)
     keep, deferred, required = _fit(own, removed, changed, keep, entries, max_ops)
     return CommitPlan(before, after, tuple(history), removed, changed, own, tuple(keep), deferred, record,
-                      tuple(started), len(arrivals), required, spill)
+                      tuple(started), len(arrivals), required, spill, too_large=too_large)
 
 
 def _along_line(graph: Graph, before: Instance, after: Instance, history: list[HistoryEntry],
                 arrivals: list[Arrival], own: frozenset[str], *, now: float,
                 max_record_bytes: int) -> CommitPlan | None:
     """The plan of the usual commit, made without the general planning: the one token of a running
-    instance moved along a line to a state with a tick, due now, and nothing else changed. The
-    general planning finds the same (`tests/test_commits_line.py` compares them): the token kept
-    for this worker, its marker left alone, no other marker, no listing or expiry entry (only the
-    search entries of attributes the step changed), no child, nothing folded (a state with a tick
-    does not fold). None for any other commit, or a record too large."""
+    instance moved along a line (one step, or a run of them, `step_on_line`) to a state with a
+    tick, due now, and nothing else changed. The general planning finds the same
+    (`tests/test_commits_line.py` compares them): the token kept for this worker, its marker left
+    alone, no other marker, no listing or expiry entry (only the search entries of attributes the
+    steps changed), no child, nothing folded (a state with a tick does not fold). None for any
+    other commit, or a record too large."""
     if len(after.tokens) != 1 or len(before.tokens) != 1 or after.finished:
         return None
     (tid,) = own
@@ -138,8 +148,30 @@ def _along_line(graph: Graph, before: Instance, after: Instance, history: list[H
     # required: the record, the history chunk if any, the search entries that move, and the
     # token's own marker (left alone)
     return CommitPlan(before, recorded, tuple(history), (), (moved,), own, (moved,), frozenset(), record,
-                      applied=1, required=2 + (spill is not None) + index.search_op_count(before, recorded),
+                      applied=len(arrivals), required=2 + (spill is not None) + index.search_op_count(before, recorded),
                       spill=spill, line=True)
+
+
+def step_on_line(graph: Graph, inst: Instance, token: Token, outcome: Outcome, *, now: float,
+                 worker: str) -> tuple[Step | None, Token | None]:
+    """The step an attempt's outcome makes from `inst` when it may be a commit along a line (the
+    instance's one token, a success), computed where the attempt ran: the commit applies it as
+    it is while the record is still `inst` (`step.apply`). And the token, when the step moved it
+    along a line to a state with a tick, due now, its first attempt, nothing started, nothing
+    folded: a worker may run that tick before it commits (the outcomes then go in one commit,
+    applied in order). (None, None) for a failure, a child's result or an instance of several
+    tokens; (step, None) for a step to anything else: a fork, a join, a timer, a state without a
+    tick, the end."""
+    if outcome.failure is not None or outcome.child is not None or len(inst.tokens) != 1:
+        return None, None
+    step = transition.advance(graph, inst, token.id, outcome, now=now, worker=worker)
+    after = step.instance
+    moved = after.tokens.get(token.id)
+    if (moved is None or step.started or len(step.history) != 1 or len(after.tokens) != 1 or after.finished
+            or moved.visit == token.visit or moved.attempt != 1 or moved.not_before > now or moved.child is not None
+            or graph.states[moved.state].tick is None):
+        return step, None
+    return step, moved
 
 
 def _recorded(after: Instance, history: list[HistoryEntry], *,

@@ -29,19 +29,29 @@ class Arrival:
     token: Token  # the token as the attempt saw it
     claim_rev: int
     outcome: Outcome
+    # the step the outcome makes from `base`, computed where the attempt ran (`commits.step_on_line`):
+    # applied as it is when the instance is that very one still
+    base: Instance | None = None
+    step: transition.Step | None = None
 
 
 def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float,
           worker: str, started: list[Instance] | None = None) -> tuple[Instance, list[HistoryEntry]]:
-    """The arrivals' outcomes, one transition each; stale ones (their token moved on or went away)
-    change nothing. Child instances the steps start are added to `started`."""
+    """The arrivals' outcomes, one transition each, in order (a token's later visits after its
+    earlier ones: a worker's run along a line); stale ones (their token moved on, went away, or is
+    at another state than the attempt saw) change nothing. Child instances the steps start are
+    added to `started`."""
     after = before
     history: list[HistoryEntry] = []
     for a in arrivals:
         current = after.tokens.get(a.token.id)
-        if current is None or current.visit != a.token.visit or current.attempt != a.token.attempt:
+        if (current is None or current.visit != a.token.visit or current.attempt != a.token.attempt
+                or current.state != a.token.state):
             continue
-        step = transition.advance(graph, after, a.token.id, a.outcome, now=now, worker=worker)
+        if a.step is not None and a.base is after:
+            step = a.step
+        else:
+            step = transition.advance(graph, after, a.token.id, a.outcome, now=now, worker=worker)
         after = step.instance
         history.extend(step.history)
         if started is not None:

@@ -79,16 +79,17 @@ def one_tick_machine(write: Callable[..., Path], module: str, body: str) -> Path
 
 
 async def run_instances(store: Any, graph: Any, payloads: list[dict], *, concurrency: int = 8,
-                        timeout: float = 60, keys: Any = None) -> tuple[list, list, Any]:
+                        timeout: float = 60, keys: Any = None, **options: Any) -> tuple[list, list, Any]:
     """Submit `payloads` as instances of `graph`, run one worker on `store` until all finish;
-    return (instances, histories, worker). `keys` chooses the namespace (default: dsm)."""
+    return (instances, histories, worker). `keys` chooses the namespace (default: dsm); `options`
+    are the worker's (`WorkerConfig` fields)."""
     from dsm.keys import Keys
     from dsm.operations import Operations
     from dsm.service import serving
 
     keys = keys or Keys()
     client = Operations(store, keys)
-    async with serving(store, keys, [graph], concurrency=concurrency) as service:
+    async with serving(store, keys, [graph], concurrency=concurrency, **options) as service:
         ids = await client.submit_many(graph, payloads)
         done = await asyncio.gather(*(client.wait(i, timeout=timeout) for i in ids))
         histories = [await client.history(i) for i in ids]

@@ -74,7 +74,7 @@ def test_a_worker_waits_out_nospace_without_spinning_and_goes_on(write, caplog):
         keys = Keys()
         client = Operations(store, keys)
         ids = await client.submit_many(graph, [{}] * 8)
-        async with serving(store, keys, [graph], concurrency=4) as service:
+        async with serving(store, keys, [graph], concurrency=4, run_ahead=1) as service:  # a commit a tick
             worker = service.worker
             worker.gate.interval = 0.1
             await until_async(lambda: worker.stats.transitions >= 4, "four transitions")

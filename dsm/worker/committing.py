@@ -53,6 +53,9 @@ class _Pending:
     token: Token
     outcome: Outcome
     future: asyncio.Future = field(repr=False)
+    last: bool = True  # its job's last outcome in this commit (the earlier ones of a run along a line are not)
+    base: Instance | None = None  # the instance `step` was computed from, where the attempt ran
+    step: Step | None = None  # the step its outcome makes from `base` (`dsm.step.Arrival`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,19 +115,23 @@ class Committer:
         """Whether a commit of instance `iid` is in flight."""
         return iid in self._committing
 
-    async def commit(self, graph: Graph, job: Job, token: Token, outcome: Outcome) -> bool:
-        """Commit one attempt's outcome, folded with whatever else of this instance is ready.
+    async def commit(self, graph: Graph, job: Job, arrivals: list[Arrival]) -> bool:
+        """Commit a job's attempts' outcomes: one, or its token's run along a line (in order),
+        folded with whatever else of this instance is ready.
 
         True when the job's own token moved on and is still ours to run (the caller continues it
         without another claim); False when the job is done with it.
         """
         iid = job.ref.instance
-        pending = _Pending(job, token, outcome, asyncio.get_running_loop().create_future())
-        self._pending.setdefault(iid, []).append(pending)
+        loop = asyncio.get_running_loop()
+        last = len(arrivals) - 1
+        pending = [_Pending(job, a.token, a.outcome, loop.create_future(), i == last, a.base, a.step)
+                   for i, a in enumerate(arrivals)]
+        self._pending.setdefault(iid, []).extend(pending)
         if iid not in self._committing:  # nobody commits for this instance: this job does, inline
             self._committing.add(iid)
             await self._loop(iid, graph)
-        return await pending.future
+        return await pending[-1].future
 
     async def _loop(self, iid: str, graph: Graph) -> None:
         """One committer per instance: outcomes that arrive while a commit is in flight go together
@@ -153,7 +160,7 @@ class Committer:
 
     async def _plan(self, graph: Graph, iid: str, batch: list[_Pending], now: float) -> tuple[CommitPlan, int]:
         inst, rev = self.records.get(iid)
-        arrivals = [Arrival(p.token, p.job.claim_rev, p.outcome) for p in batch]
+        arrivals = [Arrival(p.token, p.job.claim_rev, p.outcome, p.base, p.step) for p in batch]
         spare = 0 if self._stopping else max(0, self.slots.spare - self._promised)
         plan = functools.partial(plan_commit, graph, inst, arrivals, now=now, worker=self.name, slots=spare,
                                  max_record_bytes=self.max_record_bytes, max_ops=self.max_txn_ops)
@@ -211,7 +218,7 @@ class Committer:
                         await self.claims.release(p.job.ref, p.job.claim_rev)
                     return
                 failure = Failure("StoreRejected", f"the store refused the commit: {exc}", retryable=False)
-                batch = [_Pending(p.job, p.token, Outcome(failure=failure), p.future) for p in batch]
+                batch = [_Pending(p.job, p.token, Outcome(failure=failure), p.future, p.last) for p in batch]
                 continue
             self.meter.commit_answered(graph.machine, self.clock() - sent, result.succeeded)
             if result.succeeded:
@@ -228,6 +235,8 @@ class Committer:
             for i, p in enumerate(batch):
                 if read.holds(i, p.job.claim_rev, lease):
                     still.append(p)
+                elif not p.last:  # its job's claim is counted once, with its last outcome
+                    _settle(p.future, False)
                 else:
                     self.stats.lost += 1
                     self.meter.lost[graph.machine] += 1
@@ -272,7 +281,7 @@ class Committer:
                 continue
             fences.append(Compare.mod(self.keys.instance(cid), "==", kv.mod_revision))
             results[id(p)] = ChildResult.of(cid, load_instance(kv.value))
-        out = [replace(p, outcome=Outcome(child=results[id(p)])) if id(p) in results else p for p in batch]
+        out = [replace(p, outcome=Outcome(child=results[id(p)]), step=None) if id(p) in results else p for p in batch]
         return out, tuple(fences)
 
     async def _read(self, iid: str, batch: list[_Pending]) -> _Read:
@@ -290,6 +299,9 @@ class Committer:
         for p in batch:
             if p.job.lease == lease:
                 still.append(p)
+                continue
+            _settle(p.future, False)
+            if not p.last:  # its job's claim is counted once, with its last outcome
                 continue
             self.stats.lost += 1
             self.meter.lost[graph.machine] += 1
@@ -369,7 +381,9 @@ class Committer:
                 _settle(p.future, False)
                 continue
             current = inst.tokens.get(p.job.ref.token)
-            if current is not None and (current.visit, current.attempt) != (p.token.visit, p.token.attempt):
+            # a later step of a run along a line is ahead of a record its first step did not apply to
+            if current is not None and current.visit >= p.token.visit and (
+                    (current.visit, current.attempt) != (p.token.visit, p.token.attempt)):
                 _settle(p.future, current.not_before <= now and current.attempt == 1)
             else:
                 retry.append(p)

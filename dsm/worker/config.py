@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..markers import MAX_TXN_OPS
-from .defaults import DEFAULT_CONCURRENCY
+from .defaults import DEFAULT_CONCURRENCY, DEFAULT_RUN_AHEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,7 @@ class WorkerConfig:
     candidate_cap: int = 10_000  # candidates the queue holds; the rest wait in the store (`queue.py`)
     page_size: int = 1000  # markers read a page when the feed scans the store
     sweep_interval: float = 30.0  # seconds idle before a look over every marker (a safety net)
+    run_ahead: int = DEFAULT_RUN_AHEAD  # ticks a token runs along a line before one commit (1: a commit each)
     batch_ops: int = 64  # operations of claims, or of commits, sent in one batch (`batching.py`)
     prefetch: int | None = None  # tokens claimed by commits that may wait for a slot (default: concurrency)
     audit_interval: float | None = None  # seconds between claim audits (default: lease_ttl)

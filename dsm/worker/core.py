@@ -114,7 +114,8 @@ class Worker:
         self.runner = JobRunner(store, keys, registry, self.executor, self.claims, name=name, commits=committer,
                                  jobs=self.jobs, admission=self.admission, records=self.records, slots=self.slots,
                                  queue=self.queue, wake=self.feed.changed, meter=self.meter, stats=self.stats,
-                                 payload_limit=limit, wall=wall, clock=clock)
+                                 payload_limit=limit, run_ahead=config.run_ahead,
+                                 offload_guards=config.offload_guards, wall=wall, clock=clock)
         self.claimer = Claimer(store, self.claims, self.runner, config=config, name=name, queue=self.queue,
                                slots=self.slots, feed=self.feed, gate=self.gate, lease=self.lease,
                                records=self.records, meter=self.meter, stats=self.stats, clock=clock)

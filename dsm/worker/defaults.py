@@ -5,3 +5,10 @@ worker (nor the store and the keys that `config.py` imports) to print its help."
 # through its commit's round trip, so this is how deep the worker's pipeline to etcd is: with 8,
 # commits went in batches of a few and a transition cost twice the CPU (docs/benchmarks.md).
 DEFAULT_CONCURRENCY = 64
+
+# Ticks a token runs along a line (one token, moving to a state with a tick, due now) before it
+# commits them in one transaction, applied in order, within 20 ms (`jobrunner.RUN_AHEAD_TIME`).
+# Each commit is a transaction, a round trip, a watch event and a record written: a run of 8
+# quick ticks pays for one. A worker that dies loses at most a run, whose ticks run again (as any
+# tick whose commit did not apply: a tick runs at least once). 1: a commit per tick.
+DEFAULT_RUN_AHEAD = 8

@@ -2,7 +2,12 @@
 that does not hand it on.
 
 A job runs its token's tick on the executor, commits the outcome (`committing.py`) and, while
-the token moves along a line and stays ours, runs the next tick without another claim. A token
+the token moves along a line and stays ours, runs the next tick without another claim. Along a
+line it runs ahead of its commits: up to `run_ahead` ticks go in one commit, applied in order (a
+transaction and its round trip per run instead of per tick), and no outcome waits for its commit
+longer than RUN_AHEAD_TIME (a slow tick has those before it committed while it runs). A worker
+that dies meanwhile loses the run's ticks, which run again, as any tick whose commit did not
+apply (docs/worker.md, "Running ahead along a line"). A token
 claimed for this worker by a commit (a fork's branches) starts at once if a slot is free, or
 waits for one (`hand_on`). A job that ends, however it ends, gives its slot back, and the slot
 goes first to a claimed token waiting for one.
@@ -16,14 +21,15 @@ import time
 from collections.abc import Callable
 
 from .. import logs
+from ..commits import step_on_line
 from ..definitions import Registry
 from ..errors import NotFound, StoreError
-from ..executors import Executor
+from ..executors import Attempt, Executor
 from ..graph import Graph
 from ..keys import Keys, TokenRef
 from ..markers import work_info
 from ..records import Instance, Token
-from ..step import tick_call
+from ..step import Arrival, tick_call
 from ..store import Compare, Get, Put, Store, Txn
 from ..ticks import report_failure
 from ..transition import Failure, Outcome
@@ -39,6 +45,8 @@ from .stats import WorkerStats
 
 log = logging.getLogger("dsm.worker")
 
+RUN_AHEAD_TIME = 0.1  # seconds an outcome run ahead along a line waits for its commit, at most
+
 
 class JobRunner:
     """Owns the worker's jobs (`jobs`) and the committer they commit through (`committer`)."""
@@ -46,10 +54,13 @@ class JobRunner:
     def __init__(self, store: Store, keys: Keys, registry: Registry, executor: Executor, claims: Claims, *,
                  name: str, commits: Callable[[HandOn], Committer], jobs: JobTable, admission: Admission,
                  records: RecordCache, slots: Slots[TokenRef], queue: CandidateQueue[TokenRef], wake: asyncio.Event,
-                 meter: Meter, stats: WorkerStats, payload_limit: int, wall: Callable[[], float] = time.time,
+                 meter: Meter, stats: WorkerStats, payload_limit: int, run_ahead: int = 1,
+                 offload_guards: bool = True, wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic):
         """`commits(hand_on)`: the committer, given how to run the tokens its commits claim.
-        `wake`: set when a slot frees (the dispatcher fills it)."""
+        `wake`: set when a slot frees (the dispatcher fills it). `run_ahead`: ticks along a line
+        in one commit (1: a commit each); not for machines with guards when `offload_guards` (their
+        routing runs on a thread, in the commit, off the loop)."""
         self.store = store
         self.keys = keys
         self.registry = registry
@@ -65,6 +76,9 @@ class JobRunner:
         self.meter = meter
         self.stats = stats
         self.payload_limit = payload_limit
+        self.run_ahead = run_ahead
+        self.offload_guards = offload_guards
+        self._limits: dict[str, int] = {}  # definition digest -> ticks along a line in one commit
         self.wall = wall
         self.clock = clock
         self.committer = commits(self.hand_on)
@@ -162,12 +176,44 @@ class JobRunner:
                 self.admission.unservable(iid, inst.digest)
                 await self.claims.release(job.ref, job.claim_rev)
                 return
-            outcome = await self._attempt(graph, inst, token, job)
-            if not await self.committer.commit(graph, job, token, outcome):
+            arrivals = await self._run_line(graph, inst, token, job)
+            if arrivals is None or not await self.committer.commit(graph, job, arrivals):
                 return
             job.attempt = None
 
-    async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: Job) -> Outcome:
+    async def _run_line(self, graph: Graph, inst: Instance, token: Token, job: Job) -> list[Arrival] | None:
+        """Run the token's tick and, while its outcome moves it along a line (`step_on_line`), the
+        next ones: the outcomes for one commit, each with the token as its attempt saw it and the
+        step it makes (which the commit applies as it is while the record is unchanged). At most
+        `run_ahead` of them, and an outcome waits for its commit RUN_AHEAD_TIME at most: a tick
+        that runs past that has the outcomes before it committed meanwhile. None when such a
+        commit found the token no longer ours (the job is done with it)."""
+        limit = self._limits.get(graph.digest)
+        if limit is None:
+            limit = self._limits[graph.digest] = 1 if self.offload_guards and graph.has_guards() else self.run_ahead
+        if limit == 1:
+            outcome = await self._attempt(graph, inst, token, job)
+            return [Arrival(token, job.claim_rev, outcome)] if outcome is not None else None
+        arrivals: list[Arrival] = []
+        due = 0.0  # when the outcomes so far are committed, however long the tick after them runs
+        while True:
+            outcome = await self._attempt(graph, inst, token, job, arrivals, due)
+            if outcome is None:
+                return None
+            step, ahead = step_on_line(graph, inst, token, outcome, now=self.wall(), worker=self.name)
+            if not arrivals:
+                due = self.clock() + RUN_AHEAD_TIME
+            arrivals.append(Arrival(token, job.claim_rev, outcome, inst, step))
+            if (ahead is None or step is None or len(arrivals) >= limit or self._stopping or job.abandoned
+                    or self.clock() >= due):
+                return arrivals
+            inst, token = step.instance, ahead
+
+    async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: Job, run: list[Arrival] | None = None,
+                       due: float = 0.0) -> Outcome | None:
+        """The outcome of the token's tick. `run`: the outcomes of the line run so far, to commit
+        if the tick runs past `due` (`_commit_meanwhile`); None when that commit found the token no
+        longer ours (the attempt is abandoned)."""
         state = graph.states[token.state]
         if state.tick is None:
             return Outcome()
@@ -181,14 +227,31 @@ class JobRunner:
         self.meter.tick_started(inst.machine)
         failed: str | None = "AttemptAbandoned"  # unless it ends (shutting down cancels the wait)
         try:
-            job.attempt = self.executor.start(call)
-            outcome = (await job.attempt.outcome()).timed(started_at, self.clock() - started)
+            attempt = job.attempt = self.executor.start(call)
+            if run and not await self._commit_meanwhile(graph, job, attempt, run, due):
+                attempt.abandon("its token is no longer this worker's")
+                await attempt.outcome()
+                return None
+            outcome = (await attempt.outcome()).timed(started_at, self.clock() - started)
             failed = outcome.failure.type if outcome.failure is not None else None
         finally:
             self.meter.tick_ended(inst.machine, failed, self.clock() - started)
         if report_failure(log, call, outcome):
             self.stats.failures += 1
         return outcome
+
+    async def _commit_meanwhile(self, graph: Graph, job: Job, attempt: Attempt, run: list[Arrival],
+                                due: float) -> bool:
+        """If the attempt runs past `due`, commit the outcomes of the `run` before it (emptied) while
+        it runs: a quick tick's transition is not held back by a slow one after it. False when
+        that commit found the token no longer ours."""
+        if not attempt.future.done():
+            await asyncio.wait((attempt.future,), timeout=max(0.0, due - self.clock()))
+        if attempt.future.done():
+            return True
+        arrivals = run[:]
+        run.clear()
+        return await self.committer.commit(graph, job, arrivals)
 
     async def _stale_wake(self, job: Job) -> None:
         """The marker said due now, the record says the token waits for a time and for no child:

@@ -25,9 +25,11 @@ class Job:
     attempt: Attempt | None = None
     task: asyncio.Task | None = None
     woken: bool = False  # claimed through a marker that said "due now" (`JobRunner.stale_wake`)
+    abandoned: bool = False  # told its attempt no longer counts: it runs no tick ahead of its commit
 
     def abandon(self, reason: str) -> None:
         """The running attempt, if any, no longer counts."""
+        self.abandoned = True
         if self.attempt is not None:
             self.attempt.abandon(reason)
 

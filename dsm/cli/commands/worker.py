@@ -12,7 +12,7 @@ import typer
 
 from dsm import handlers, logs
 from dsm.graph import Graph
-from dsm.worker.defaults import DEFAULT_CONCURRENCY
+from dsm.worker.defaults import DEFAULT_CONCURRENCY, DEFAULT_RUN_AHEAD
 
 from .. import inputs
 from ..app import command
@@ -41,6 +41,7 @@ class _Settings:
     """How the worker runs, checked: the options of `dsm worker` but the definitions and etcd's."""
 
     concurrency: int
+    run_ahead: int
     isolation: Literal["process", "thread"]
     lease_ttl: int
     dead_after: float | None
@@ -58,6 +59,11 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
                "--concurrency", min=1, metavar="N",
                help="Ticks in flight at once, each from its claim to its commit; with --isolation process, "
                     "handlers that wait (I/O, sleeps) take a handler process each.")] = DEFAULT_CONCURRENCY,
+           run_ahead: Annotated[int, typer.Option(
+               "--run-ahead", min=1, metavar="N",
+               help="Ticks a token may run along a line (one token, to a state with a tick) before they are "
+                    "committed together, within 20 ms; a worker that dies loses at most those, which run "
+                    "again. 1: a commit per tick.")] = DEFAULT_RUN_AHEAD,
            allow: Annotated[list[str] | None, typer.Option(
                "--allow", metavar="PREFIX", show_default=False,
                help="Module prefix handlers may come from (repeatable; default: the modules of PATHs); "
@@ -113,7 +119,7 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
         raise Fail(ExitCode.INVALID, f"--dead-after must be 0 or at least --lease-ttl ({lease_ttl}s): the heartbeat "
                                      "is written every third of it")
     where: Literal["process", "thread"] = "process" if isolation == "process" else "thread"
-    settings = _Settings(concurrency, where, lease_ttl, silence, grace, keep_history or 0.0,
+    settings = _Settings(concurrency, run_ahead, where, lease_ttl, silence, grace, keep_history or 0.0,
                          (metrics_host, metrics_port), (health_host, health_port))
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop asked for during start-up still counts
@@ -164,7 +170,7 @@ async def _serve(etcd: EtcdArgs, served: _Served, settings: _Settings, received:
                     metrics=Listen(metrics_host, metrics_port) if metrics_port is not None else None,
                     health=Listen(health_host, health_port) if health_port is not None else None,
                     lease_ttl=float(settings.lease_ttl), grace=settings.grace, stop=stop,
-                    dead_after=settings.dead_after, worker_id=worker_id,
+                    dead_after=settings.dead_after, worker_id=worker_id, run_ahead=settings.run_ahead,
                     housekeeping=HousekeepingOptions(compaction_retention=settings.compaction_retention)) as service:
                 where = "processes" if settings.isolation == "process" else "threads"
                 if service.metrics is not None:
