@@ -1,8 +1,10 @@
-"""`dsm worker --concurrency` against the reference: rounds that alternate the given values.
+"""`dsm worker --concurrency` (or `--run-ahead`) against the reference: rounds that alternate
+the given values.
 
     python bench/concurrency.py                        # 8 and the default, 2 workers, 3 rounds
     python bench/concurrency.py 8,16,32,64,128 --workers 1 --rounds 2
     python bench/concurrency.py 8,default --isolation thread
+    python bench/concurrency.py 1,default --option run-ahead   # a commit per tick, and the default
 
 Each round runs `bench/run.py`'s reference (raw CAS at 64 in flight) and then, for each value,
 `throughput_of` (the linear machine, 5,000 instances after the workers' warm-up) in that order,
@@ -35,7 +37,7 @@ def parse_values(text: str) -> list[int | None]:
 
 
 async def sweep(values: list[int | None], workers: int, rounds: int, isolation: str,
-                instances: int) -> list[dict[str, Any]]:
+                instances: int, option: str = "concurrency") -> list[dict[str, Any]]:
     env = make_cluster(1)
     env.start()
     runs: list[dict[str, Any]] = []
@@ -47,14 +49,14 @@ async def sweep(values: list[int | None], workers: int, rounds: int, isolation: 
                   f"{ref['cpu_us_per_cas_c64']['total']:,.0f} µs of CPU per CAS, load {load:.1f}", flush=True)
             for value in values:
                 out = await throughput_of(env, LINEAR, workers, instances, f"cc-{r}-{value}", isolation,
-                                          concurrency=value)
+                                          **{option.replace("-", "_"): value})
                 cpu = out["cpu_us_per_transition"]
                 ratio = out["transitions_per_s"] / ref["cas_per_s"]
-                print(f"  --concurrency {value or 'default'}: {out['transitions_per_s']:,.0f}/s = {ratio:.2f}x; "
+                print(f"  --{option} {value or 'default'}: {out['transitions_per_s']:,.0f}/s = {ratio:.2f}x; "
                       f"CPU µs per transition {cpu['total']:,.0f} (worker {cpu['workers']:.0f}, handler processes "
                       f"{cpu['handler_processes']:.0f}, etcd {cpu['etcd']:.0f}, driver {cpu['driver']:.0f})",
                       flush=True)
-                runs.append({"round": r + 1, "concurrency": value, "ratio": ratio, "load": load,
+                runs.append({"round": r + 1, option.replace("-", "_"): value, "ratio": ratio, "load": load,
                              "reference": ref, **out})
     finally:
         env.stop()
@@ -68,9 +70,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--isolation", choices=("process", "thread"), default="process")
     parser.add_argument("-n", type=int, default=5000, help="instances per run")
+    parser.add_argument("--option", choices=("concurrency", "run-ahead"), default="concurrency",
+                        help="the `dsm worker` option the values are for")
     parser.add_argument("--json", type=Path, help="where to write every run's figures")
     args = parser.parse_args()
-    runs = asyncio.run(sweep(parse_values(args.values), args.workers, args.rounds, args.isolation, args.n))
+    runs = asyncio.run(sweep(parse_values(args.values), args.workers, args.rounds, args.isolation, args.n,
+                             args.option))
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2))
 

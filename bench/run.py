@@ -83,10 +83,11 @@ async def connect(env: EtcdCluster, namespace: str, timeout: float = 2.0) -> Etc
 
 def start_workers(env: EtcdCluster, count: int, definition: Path, namespace: str, *,
                   concurrency: int | None = None, lease_ttl: int = 10, extra_env: dict[str, str] | None = None,
-                  isolation: str = "process") -> list[subprocess.Popen]:
-    """`concurrency` None: `dsm worker`'s default."""
+                  isolation: str = "process", run_ahead: int | None = None) -> list[subprocess.Popen]:
+    """`concurrency`, `run_ahead` None: `dsm worker`'s default."""
     procs = []
     flags = [] if concurrency is None else ["--concurrency", str(concurrency)]
+    flags += [] if run_ahead is None else ["--run-ahead", str(run_ahead)]
     for _ in range(count):
         procs.append(subprocess.Popen(
             [*dsm_command(), "worker", str(definition), "--etcd", env.endpoint, "--namespace", namespace,
