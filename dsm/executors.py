@@ -31,8 +31,6 @@ from .transition import Outcome
 class Attempt(Protocol):
     """A running attempt."""
 
-    future: asyncio.Future  # done when the attempt ends (`outcome` reads it)
-
     def abandon(self, reason: str) -> None:
         """The attempt no longer counts: ctx.heartbeat() raises from now on; its result is ignored."""
 

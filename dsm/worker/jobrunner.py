@@ -24,7 +24,7 @@ from .. import logs
 from ..commits import step_on_line
 from ..definitions import Registry
 from ..errors import NotFound, StoreError
-from ..executors import Attempt, Executor
+from ..executors import Executor
 from ..graph import Graph
 from ..keys import Keys, TokenRef
 from ..markers import work_info
@@ -192,28 +192,38 @@ class JobRunner:
         if limit is None:
             limit = self._limits[graph.digest] = 1 if self.offload_guards and graph.has_guards() else self.run_ahead
         if limit == 1:
-            outcome = await self._attempt(graph, inst, token, job)
-            return [Arrival(token, job.claim_rev, outcome)] if outcome is not None else None
+            return [Arrival(token, job.claim_rev, await self._attempt(graph, inst, token, job))]
         arrivals: list[Arrival] = []
-        due = 0.0  # when the outcomes so far are committed, however long the tick after them runs
-        while True:
-            outcome = await self._attempt(graph, inst, token, job, arrivals, due)
-            if outcome is None:
-                return None
-            step, ahead = step_on_line(graph, inst, token, outcome, now=self.wall(), worker=self.name)
-            if not arrivals:
-                due = self.clock() + RUN_AHEAD_TIME
-            arrivals.append(Arrival(token, job.claim_rev, outcome, inst, step))
-            if (ahead is None or step is None or len(arrivals) >= limit or self._stopping or job.abandoned
-                    or self.clock() >= due):
-                return arrivals
-            inst, token = step.instance, ahead
+        meanwhile: list[asyncio.Task[bool]] = []  # the commit of those made while a tick ran too long
+        timer: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
 
-    async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: Job, run: list[Arrival] | None = None,
-                       due: float = 0.0) -> Outcome | None:
-        """The outcome of the token's tick. `run`: the outcomes of the line run so far, to commit
-        if the tick runs past `due` (`_commit_meanwhile`); None when that commit found the token no
-        longer ours (the attempt is abandoned)."""
+        def overdue() -> None:  # a tick runs past the time the outcomes before it may wait
+            nonlocal timer
+            timer = None
+            task = loop.create_task(self.committer.commit(graph, job, arrivals[:]))
+            task.add_done_callback(lambda done: _abandon_unless_kept(done, job))
+            meanwhile.append(task)
+            arrivals.clear()
+
+        try:
+            while True:
+                outcome = await self._attempt(graph, inst, token, job)
+                if meanwhile and not await meanwhile.pop():
+                    return None
+                step, ahead = step_on_line(graph, inst, token, outcome, now=self.wall(), worker=self.name)
+                arrivals.append(Arrival(token, job.claim_rev, outcome, inst, step))
+                if (ahead is None or step is None or len(arrivals) >= limit or self._stopping or job.abandoned
+                        or (timer is not None and timer.when() <= loop.time())):
+                    return arrivals
+                if timer is None:
+                    timer = loop.call_later(RUN_AHEAD_TIME, overdue)
+                inst, token = step.instance, ahead
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: Job) -> Outcome:
         state = graph.states[token.state]
         if state.tick is None:
             return Outcome()
@@ -227,31 +237,14 @@ class JobRunner:
         self.meter.tick_started(inst.machine)
         failed: str | None = "AttemptAbandoned"  # unless it ends (shutting down cancels the wait)
         try:
-            attempt = job.attempt = self.executor.start(call)
-            if run and not await self._commit_meanwhile(graph, job, attempt, run, due):
-                attempt.abandon("its token is no longer this worker's")
-                await attempt.outcome()
-                return None
-            outcome = (await attempt.outcome()).timed(started_at, self.clock() - started)
+            job.attempt = self.executor.start(call)
+            outcome = (await job.attempt.outcome()).timed(started_at, self.clock() - started)
             failed = outcome.failure.type if outcome.failure is not None else None
         finally:
             self.meter.tick_ended(inst.machine, failed, self.clock() - started)
         if report_failure(log, call, outcome):
             self.stats.failures += 1
         return outcome
-
-    async def _commit_meanwhile(self, graph: Graph, job: Job, attempt: Attempt, run: list[Arrival],
-                                due: float) -> bool:
-        """If the attempt runs past `due`, commit the outcomes of the `run` before it (emptied) while
-        it runs: a quick tick's transition is not held back by a slow one after it. False when
-        that commit found the token no longer ours."""
-        if not attempt.future.done():
-            await asyncio.wait((attempt.future,), timeout=max(0.0, due - self.clock()))
-        if attempt.future.done():
-            return True
-        arrivals = run[:]
-        run.clear()
-        return await self.committer.commit(graph, job, arrivals)
 
     async def _stale_wake(self, job: Job) -> None:
         """The marker said due now, the record says the token waits for a time and for no child:
@@ -282,3 +275,10 @@ class JobRunner:
                 return
             self.records.remember(record)
         await self.claims.release(job.ref, job.claim_rev)
+
+
+def _abandon_unless_kept(commit: asyncio.Task[bool], job: Job) -> None:
+    """A commit made while the job's next tick ran is done: if it did not keep the token for this
+    worker, that tick no longer counts."""
+    if commit.cancelled() or commit.exception() is not None or not commit.result():
+        job.abandon("its token is no longer this worker's")
