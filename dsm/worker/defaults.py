@@ -7,8 +7,11 @@ worker (nor the store and the keys that `config.py` imports) to print its help."
 DEFAULT_CONCURRENCY = 64
 
 # Ticks a token runs along a line (one token, moving to a state with a tick, due now) before it
-# commits them in one transaction, applied in order, within 20 ms (`jobrunner.RUN_AHEAD_TIME`).
-# Each commit is a transaction, a round trip, a watch event and a record written: a run of 8
-# quick ticks pays for one. A worker that dies loses at most a run, whose ticks run again (as any
-# tick whose commit did not apply: a tick runs at least once). 1: a commit per tick.
+# commits them in one transaction, applied in order. Each commit is a transaction, a round trip, a
+# watch event and a record written: a run of quick ticks pays for one. A worker that dies loses at
+# most a run, whose ticks run again (as any tick whose commit did not apply: a tick runs at least
+# once). 1: a commit per tick.
 DEFAULT_RUN_AHEAD = 8
+# Seconds an outcome of a run waits for its commit at most: a tick that runs past it has the
+# outcomes before it committed while it runs (`jobrunner.py`).
+RUN_AHEAD_TIME = 0.1

@@ -37,6 +37,7 @@ from .admission import Admission
 from .cache import RecordCache
 from .claims import Claims
 from .committing import Committer, HandOn
+from .defaults import RUN_AHEAD_TIME
 from .jobs import Job, JobTable
 from .meter import Meter
 from .queue import CandidateQueue
@@ -44,8 +45,6 @@ from .slots import Slots
 from .stats import WorkerStats
 
 log = logging.getLogger("dsm.worker")
-
-RUN_AHEAD_TIME = 0.1  # seconds an outcome run ahead along a line waits for its commit, at most
 
 
 class JobRunner:

@@ -12,7 +12,7 @@ import typer
 
 from dsm import handlers, logs
 from dsm.graph import Graph
-from dsm.worker.defaults import DEFAULT_CONCURRENCY, DEFAULT_RUN_AHEAD
+from dsm.worker.defaults import DEFAULT_CONCURRENCY, DEFAULT_RUN_AHEAD, RUN_AHEAD_TIME
 
 from .. import inputs
 from ..app import command
@@ -62,8 +62,8 @@ def worker(paths: Annotated[list[Path] | None, typer.Argument(
            run_ahead: Annotated[int, typer.Option(
                "--run-ahead", min=1, metavar="N",
                help="Ticks a token may run along a line (one token, to a state with a tick) before they are "
-                    "committed together, within 20 ms; a worker that dies loses at most those, which run "
-                    "again. 1: a commit per tick.")] = DEFAULT_RUN_AHEAD,
+                    f"committed together; none waits for its commit more than {RUN_AHEAD_TIME:g}s. A worker that "
+                    "dies loses at most those, which run again. 1: a commit per tick.")] = DEFAULT_RUN_AHEAD,
            allow: Annotated[list[str] | None, typer.Option(
                "--allow", metavar="PREFIX", show_default=False,
                help="Module prefix handlers may come from (repeatable; default: the modules of PATHs); "
