@@ -200,8 +200,9 @@ class JobRunner:
         def overdue() -> None:  # a tick runs past the time the outcomes before it may wait
             nonlocal timer
             timer = None
+            self.records.hold(job.ref.instance)  # for the commit, however the job ends meanwhile
             task = loop.create_task(self.committer.commit(graph, job, arrivals[:]))
-            task.add_done_callback(lambda done: _abandon_unless_kept(done, job))
+            task.add_done_callback(lambda done: self._committed_meanwhile(done, job))
             meanwhile.append(task)
             arrivals.clear()
 
@@ -221,6 +222,13 @@ class JobRunner:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _committed_meanwhile(self, commit: asyncio.Task[bool], job: Job) -> None:
+        """A commit made while the job's next tick ran is done: if it did not keep the token for
+        this worker, that tick no longer counts."""
+        self.records.release(job.ref.instance)
+        if commit.cancelled() or commit.exception() is not None or not commit.result():
+            job.abandon("its token is no longer this worker's")
 
     async def _attempt(self, graph: Graph, inst: Instance, token: Token, job: Job) -> Outcome:
         state = graph.states[token.state]
@@ -275,9 +283,3 @@ class JobRunner:
             self.records.remember(record)
         await self.claims.release(job.ref, job.claim_rev)
 
-
-def _abandon_unless_kept(commit: asyncio.Task[bool], job: Job) -> None:
-    """A commit made while the job's next tick ran is done: if it did not keep the token for this
-    worker, that tick no longer counts."""
-    if commit.cancelled() or commit.exception() is not None or not commit.result():
-        job.abandon("its token is no longer this worker's")
