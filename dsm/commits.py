@@ -33,6 +33,7 @@ MAX_FOLDED = 32  # tick-less states run inside one commit; a longer chain contin
 CHILD_OPS = 8  # operations creating one child takes, at most (its record, entries and marker)
 RECENT = 8  # history entries a record holds: the commit that would make it hold more spills them
 RECENT_FAILURES = 8  # failed attempts (each with up to 4 KiB of traceback) the entries a record holds may carry
+RECORD_SLACK = 4096  # bytes a record before a run's last step may differ by, besides its payload and entries
 
 
 @fast_init
@@ -74,23 +75,54 @@ def plan_commit(graph: Graph, before: Instance, arrivals: list[Arrival], *, now:
     for the next commit.
 
     The arrivals may be one token's run along a line (`step_on_line`: its later visits after its
-    earlier ones), applied in order. When such a run's record would outgrow the store, its first
-    step is committed alone, and the rest after it: the step that makes the record too large
-    fails the instance, as it does committed on its own.
+    earlier ones), applied in order. When a step of such a run would make the record outgrow the
+    store (even if a later one shrinks it again), the steps before it are committed, and then it
+    alone, which fails the instance as it does committed on its own.
 
     `shortcut`: a commit along a line is planned without the general planning (`_along_line`);
     False plans it the general way too, which finds the same plan (the tests compare them).
     """
     count = len(arrivals)
+    run = count > 1 and len({a.token.id for a in arrivals}) == 1
     while True:
         plan = _plan(graph, before, arrivals[:count], now=now, worker=worker, slots=slots,
                      max_record_bytes=max_record_bytes, max_ops=max_ops, shortcut=shortcut)
-        if plan.too_large and count > 1 and len({a.token.id for a in arrivals[:count]}) == 1:
-            count = 1
+        if run and count > 1 and not plan.too_large and _may_outgrow(plan, arrivals[:count - 1], max_record_bytes):
+            outgrown = _first_outgrown(graph, before, arrivals[:count], now=now, worker=worker,
+                                       max_record_bytes=max_record_bytes)
+            if outgrown is not None:
+                count = max(1, outgrown)
+                continue
+        if plan.too_large and count > 1 and run:  # its last step outgrows the store: the others first
+            count -= 1
             continue
         if plan.required < max_ops or count <= 1:
             return plan
         count = max(1, min(count - 1, count * (max_ops * 3 // 4) // plan.required))
+
+
+def _may_outgrow(plan: CommitPlan, earlier: list[Arrival], max_record_bytes: int) -> bool:
+    """Whether a record before the last step of a run might have been larger than the store takes,
+    though the plan's own fits: bounded without serializing those records, by the plan's record,
+    the largest payload an earlier step left, the history rows the plan spilled (an earlier record
+    may still have held them) and RECORD_SLACK for the rest (a token's state and counters)."""
+    biggest = max((len(codec.dumps(a.outcome.payload)) for a in earlier if a.outcome.payload is not None), default=0)
+    spilled = len(plan.spill[1]) if plan.spill is not None else 0
+    return len(plan.record) + biggest + spilled + RECORD_SLACK > max_record_bytes
+
+
+def _first_outgrown(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float, worker: str,
+                    max_record_bytes: int) -> int | None:
+    """In a run along a line, the first step but the last (whose record the plan bounds itself)
+    after which the record, with its history entries, would be larger than the store takes: its
+    index. None when none would be."""
+    steps: list[tuple[int, Instance, int]] = []
+    _, history = apply(graph, before, arrivals[:-1], now=now, worker=worker, steps=steps)
+    for i, inst, entries in steps:
+        recorded, _ = _recorded(inst, history[:entries])
+        if len(dump_instance(recorded)) > max_record_bytes:
+            return i
+    return None
 
 
 def _plan(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float, worker: str, slots: int,

@@ -35,15 +35,17 @@ class Arrival:
     step: transition.Step | None = None
 
 
-def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float,
-          worker: str, started: list[Instance] | None = None) -> tuple[Instance, list[HistoryEntry]]:
+def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float, worker: str,
+          started: list[Instance] | None = None,
+          steps: list[tuple[int, Instance, int]] | None = None) -> tuple[Instance, list[HistoryEntry]]:
     """The arrivals' outcomes, one transition each, in order (a token's later visits after its
     earlier ones: a worker's run along a line); stale ones (their token moved on, went away, or is
     at another state than the attempt saw) change nothing. Child instances the steps start are
-    added to `started`."""
+    added to `started`; with `steps`, each arrival applied adds (its index, the instance after it,
+    the history entries so far)."""
     after = before
     history: list[HistoryEntry] = []
-    for a in arrivals:
+    for i, a in enumerate(arrivals):
         current = after.tokens.get(a.token.id)
         if (current is None or current.visit != a.token.visit or current.attempt != a.token.attempt
                 or current.state != a.token.state):
@@ -56,6 +58,8 @@ def apply(graph: Graph, before: Instance, arrivals: list[Arrival], *, now: float
         history.extend(step.history)
         if started is not None:
             started.extend(step.started)
+        if steps is not None:
+            steps.append((i, after, len(history)))
     return after, history
 
 

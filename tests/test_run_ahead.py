@@ -161,12 +161,31 @@ def test_a_run_whose_record_outgrows_the_store_commits_its_steps_until_the_one_t
         inst, token = ahead(graph, inst, token, outcome)
     before = start(graph, "i", {}, 1.0)
     kw = dict(now=2.0, worker="w", slots=8, max_record_bytes=3000)
-    plan = plan_commit(graph, before, arrivals, **kw)
-    assert plan.applied == 1 and [e.state for e in plan.history] == ["a"] and not plan.after.finished
-    rest = plan_commit(graph, plan.after, arrivals[1:], **kw)
-    assert rest.applied == 1 and [e.state for e in rest.history] == ["b"]
-    last = plan_commit(graph, rest.after, arrivals[2:], **kw)
+    plan = plan_commit(graph, before, arrivals, **kw)  # the steps before it, then it alone
+    assert plan.applied == 2 and [e.state for e in plan.history] == ["a", "b"] and not plan.after.finished
+    last = plan_commit(graph, plan.after, arrivals[2:], **kw)
     assert last.after.finished and last.after.error.type == "PayloadTooLarge" and last.after.error.state == "c"
+
+
+def test_a_run_whose_record_outgrows_the_store_only_midway_fails_at_the_step_that_did(write):
+    """A step that makes the record too large fails the instance at its state, even when a later
+    step of the run would shrink it again (the record after the run alone would fit), as it does
+    with a commit a tick."""
+    graph = line(write)
+    inst = start(graph, "i", {}, 1.0)
+    token, arrivals = inst.tokens["t1"], []
+    for payload in ({"p": 1}, {"p": 1, "blob": "x" * 5000}, {"p": 1}):  # b's makes it too large, c's not
+        outcome = Outcome(payload=payload)
+        step, moved = step_on_line(graph, inst, token, outcome, now=2.0, worker="w")
+        arrivals.append(Arrival(token, 5, outcome, inst, step))
+        inst, token = step.instance, moved
+    kw = dict(now=2.0, worker="w", slots=8, max_record_bytes=3000)
+    before, plans = start(graph, "i", {}, 1.0), []
+    while arrivals and not before.finished:
+        plan = plan_commit(graph, before, arrivals, **kw)
+        plans.append([e.state for e in plan.history])
+        before, arrivals = plan.after, arrivals[plan.applied:]
+    assert plans == [["a"], []] and before.error.type == "PayloadTooLarge" and before.error.state == "b"
 
 
 # -- a worker over the memory store ------------------------------------------------------------------
