@@ -6,6 +6,7 @@ lost answer, a cancel or a record too large."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import random
 from types import MappingProxyType
@@ -259,14 +260,26 @@ states:
 """
 
 
-async def serve(store, graph):
+@contextlib.asynccontextmanager
+async def serving(store, graph, module):
+    """A worker on `store` for the block, and an instance of `graph` submitted, whose held tick
+    (`module`'s, SIGMOD) has started: (client, worker, instance id)."""
     keys = Keys()
     registry = Registry(store, keys, allow=handlers.Allowlist(graph.modules()))
     registry.add(graph)
     worker = Worker(store, registry, worker_id="w")
     stop = asyncio.Event()
     task = asyncio.get_running_loop().create_task(worker.run(stop, grace=1))
-    return Operations(store, keys), worker, stop, task
+    client = Operations(store, keys)
+    try:
+        iid = await client.submit(graph, {})
+        if isinstance(store, HeldCommits):
+            store.key = keys.instance(iid)  # its next commit waits
+        await asyncio.get_running_loop().run_in_executor(None, module.started.wait, 10)
+        yield client, worker, iid
+    finally:
+        stop.set()
+        await task
 
 
 def test_a_run_whose_record_changed_meanwhile_is_applied_again_on_the_record_as_it_is(write, untimed):
@@ -276,16 +289,10 @@ def test_a_run_whose_record_changed_meanwhile_is_applied_again_on_the_record_as_
     import sigmod
 
     async def main():
-        client, worker, stop, task = await serve(MemoryStore(), graph)
-        iid = await client.submit(graph, {})
-        await asyncio.get_running_loop().run_in_executor(None, sigmod.started.wait, 10)
-        await client.signal(iid, "approve", {"by": "ann"})
-        sigmod.release.set()
-        inst = await client.wait(iid, timeout=10)
-        history = await client.history(iid)
-        stop.set()
-        await task
-        return inst, history, worker
+        async with serving(MemoryStore(), graph, sigmod) as (client, worker, iid):
+            await client.signal(iid, "approve", {"by": "ann"})
+            sigmod.release.set()
+            return await client.wait(iid, timeout=10), await client.history(iid), worker
 
     inst, history, worker = asyncio.run(main())
     assert inst.status == SUCCEEDED and inst.payload == {"held": True, "by": "ann"}
@@ -301,23 +308,18 @@ def test_a_run_stops_at_the_tick_running_when_its_claim_ends(write, untimed):
     import cancelmod
 
     async def main():
-        client, worker, stop, task = await serve(MemoryStore(), graph)
-        iid = await client.submit(graph, {})
-        await asyncio.get_running_loop().run_in_executor(None, cancelmod.started.wait, 10)
-        await client.cancel(iid, reason="enough")
-        job = next(iter(worker.jobs))
-        await until_async(lambda: job.abandoned)  # the worker saw its marker go
-        cancelmod.release.set()
-        await until_async(lambda: len(worker.jobs) == 0)
-        inst = await client.instance(iid)
-        history = await client.history(iid)
-        stop.set()
-        await task
-        return inst, history
+        async with serving(MemoryStore(), graph, cancelmod) as (client, worker, iid):
+            await client.cancel(iid, reason="enough")
+            job = next(iter(worker.jobs))
+            await until_async(lambda: job.abandoned)  # the worker saw its marker go
+            cancelmod.release.set()
+            await until_async(lambda: len(worker.jobs) == 0)
+            return await client.instance(iid), await client.history(iid), worker
 
-    inst, history = asyncio.run(main())
+    inst, history, worker = asyncio.run(main())
     assert inst.status == CANCELLED and history == []
     assert cancelmod.calls == ["a", "b"]
+    assert worker.stats.lost == 1  # one claim lost, however many outcomes its run held
 
 
 def ends_a_run(compare, success):
@@ -351,17 +353,11 @@ def test_a_quick_ticks_transition_is_committed_while_a_slow_tick_after_it_runs(w
     import slowmod1
 
     async def main():
-        client, worker, stop, task = await serve(MemoryStore(), graph)
-        iid = await client.submit(graph, {})
-        await asyncio.get_running_loop().run_in_executor(None, slowmod1.started.wait, 10)
-        await until_async(lambda: worker.stats.transitions == 1)  # a, while b runs
-        while_b_runs = [e.state for e in await client.history(iid)]
-        slowmod1.release.set()
-        inst = await client.wait(iid, timeout=10)
-        history = await client.history(iid)
-        stop.set()
-        await task
-        return while_b_runs, inst, history
+        async with serving(MemoryStore(), graph, slowmod1) as (client, worker, iid):
+            await until_async(lambda: worker.stats.transitions == 1)  # a, while b runs
+            while_b_runs = [e.state for e in await client.history(iid)]
+            slowmod1.release.set()
+            return while_b_runs, await client.wait(iid, timeout=10), await client.history(iid)
 
     while_b_runs, inst, history = asyncio.run(main())
     assert while_b_runs == ["a"]
@@ -377,23 +373,17 @@ def test_a_run_whose_commit_made_meanwhile_finds_the_token_gone_runs_no_more(wri
 
     async def main():
         store = HeldCommits()
-        client, worker, stop, task = await serve(store, graph)
-        iid = await client.submit(graph, {})
-        store.key = Keys().instance(iid)  # its next commit waits
-        await asyncio.get_running_loop().run_in_executor(None, slowmod2.started.wait, 10)
-        await store.held.wait()  # a's commit, made while b runs
-        b_running = not slowmod2.ended.is_set()
-        store.key = None
-        await client.cancel(iid, reason="enough")
-        store.through.set()
-        await until_async(lambda: worker.stats.lost == 1)
-        abandoned = all(job.abandoned for job in worker.jobs)
-        slowmod2.release.set()
-        await until_async(lambda: len(worker.jobs) == 0)
-        inst, history = await client.instance(iid), await client.history(iid)
-        stop.set()
-        await task
-        return b_running, abandoned, inst, history
+        async with serving(store, graph, slowmod2) as (client, worker, iid):
+            await store.held.wait()  # a's commit, made while b runs
+            b_running = not slowmod2.ended.is_set()
+            store.key = None
+            await client.cancel(iid, reason="enough")
+            store.through.set()
+            await until_async(lambda: worker.stats.lost == 1)
+            abandoned = all(job.abandoned for job in worker.jobs)
+            slowmod2.release.set()
+            await until_async(lambda: len(worker.jobs) == 0)
+            return b_running, abandoned, await client.instance(iid), await client.history(iid)
 
     b_running, abandoned, inst, history = asyncio.run(main())
     assert b_running and abandoned and inst.status == CANCELLED and history == []

@@ -308,7 +308,6 @@ class Committer:
             log.info("worker %s: claim on token %s ended with its lease; another worker takes over", self.name,
                      p.job.ref.token,
                      extra=logs.about(p.job.ref.instance, graph.machine, p.token.state, p.token.attempt, self.name))
-            _settle(p.future, False)
         return still
 
     def _committed(self, plan: CommitPlan, revision: int, batch: list[_Pending], lease: int) -> None:

@@ -193,24 +193,25 @@ class JobRunner:
         if limit == 1:
             return [Arrival(token, job.claim_rev, await self._attempt(graph, inst, token, job))]
         arrivals: list[Arrival] = []
-        meanwhile: list[asyncio.Task[bool]] = []  # the commit of those made while a tick ran too long
+        meanwhile: asyncio.Task[bool] | None = None  # the commit of those made while a tick ran too long
         timer: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
 
         def overdue() -> None:  # a tick runs past the time the outcomes before it may wait
-            nonlocal timer
+            nonlocal timer, meanwhile
             timer = None
             self.records.hold(job.ref.instance)  # for the commit, however the job ends meanwhile
-            task = loop.create_task(self.committer.commit(graph, job, arrivals[:]))
-            task.add_done_callback(lambda done: self._committed_meanwhile(done, job))
-            meanwhile.append(task)
+            meanwhile = loop.create_task(self.committer.commit(graph, job, arrivals[:]))
+            meanwhile.add_done_callback(lambda done: self._committed_meanwhile(done, job))
             arrivals.clear()
 
         try:
             while True:
                 outcome = await self._attempt(graph, inst, token, job)
-                if meanwhile and not await meanwhile.pop():
-                    return None
+                if meanwhile is not None:
+                    kept, meanwhile = await meanwhile, None
+                    if not kept:
+                        return None
                 step, ahead = step_on_line(graph, inst, token, outcome, now=self.wall(), worker=self.name)
                 arrivals.append(Arrival(token, job.claim_rev, outcome, inst, step))
                 if (ahead is None or step is None or len(arrivals) >= limit or self._stopping or job.abandoned
@@ -282,4 +283,3 @@ class JobRunner:
                 return
             self.records.remember(record)
         await self.claims.release(job.ref, job.claim_rev)
-
